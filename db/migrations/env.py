@@ -1,0 +1,42 @@
+"""Alembic environment: runs migrations on the engine handed over by ``db.store``.
+
+Used programmatically (``db.store.upgrade_schema``) and from the command line
+(``alembic -c db/alembic.ini upgrade head``, with ``GRIT_STORE_URL`` or the ini's URL).
+"""
+
+from __future__ import annotations
+
+import os
+
+from alembic import context
+
+from db.models import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def _engine():
+    engine = config.attributes.get("engine")
+    if engine is not None:
+        return engine
+    from db.store import create_store_engine
+
+    url = os.environ.get("GRIT_STORE_URL") or config.get_main_option("sqlalchemy.url")
+    return create_store_engine(url)
+
+
+def run_migrations_online() -> None:
+    with _engine().connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=True,  # SQLite cannot ALTER most things; batch mode copies the table
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline SQL generation is not supported; run against a database")
+run_migrations_online()

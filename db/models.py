@@ -1,0 +1,154 @@
+"""ORM models of the results store (SQLAlchemy 2.0 typed declarative).
+
+A *run* is one parameter set of the pipeline (its id derives from the validated params), so
+re-running a stage for the same params replaces that stage's rows instead of adding new ones.
+Every row below a run is deleted with it (ON DELETE CASCADE), so a run is replaced as a whole.
+Schema changes go through Alembic (``db/migrations``); never edit a table without a revision.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+RUN_STATUSES = ("running", "complete", "failed")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _run_fk() -> Mapped[str]:
+    return mapped_column(String(64), ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    git_revision: Mapped[str | None] = mapped_column(String(64))
+    params_hash: Mapped[str] = mapped_column(String(64))
+    params_json: Mapped[str] = mapped_column(Text)
+    profile: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(255))
+    device: Mapped[str] = mapped_column(String(255))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+
+
+class StageRun(Base):
+    """One execution of one DVC stage within a run (the latest one wins)."""
+
+    __tablename__ = "stage_runs"
+
+    run_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True
+    )
+    stage: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Variant(Base):
+    """A trained model of a run (``baseline_lora``, ``pure_grit``, ...) or the base model."""
+
+    __tablename__ = "variants"
+    __table_args__ = (UniqueConstraint("run_id", "name", "seed"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = _run_fk()
+    name: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    engine: Mapped[str] = mapped_column(String(32))
+    base_model: Mapped[str] = mapped_column(String(512))
+    adapter_path: Mapped[str | None] = mapped_column(String(1024))
+    details_json: Mapped[str | None] = mapped_column(Text)
+
+
+class TrainMetric(Base):
+    """Per-optimizer-step training log of one variant and seed."""
+
+    __tablename__ = "train_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "variant", "seed", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = _run_fk()
+    variant: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    step: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float)
+    grad_norm_raw: Mapped[float | None] = mapped_column(Float)
+    grad_norm_preconditioned: Mapped[float | None] = mapped_column(Float)
+    learning_rate: Mapped[float | None] = mapped_column(Float)
+    tokens_per_second: Mapped[float | None] = mapped_column(Float)
+    rows_captured: Mapped[int | None] = mapped_column(Integer)
+
+
+class ProbeResult(Base):
+    """One gradient-divergence probe measurement (per module, or ``*`` for a verdict)."""
+
+    __tablename__ = "probe_results"
+    __table_args__ = (UniqueConstraint("run_id", "variant", "module", "metric", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = _run_fk()
+    variant: Mapped[str] = mapped_column(String(64))
+    module: Mapped[str] = mapped_column(String(255))
+    metric: Mapped[str] = mapped_column(String(64))
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    value: Mapped[float | None] = mapped_column(Float)
+    text: Mapped[str | None] = mapped_column(Text)
+
+
+class EvalMetric(Base):
+    """An evaluation figure with its confidence interval and sample size."""
+
+    __tablename__ = "eval_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "variant", "seed", "metric"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = _run_fk()
+    variant: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    metric: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    ci_low: Mapped[float | None] = mapped_column(Float)
+    ci_high: Mapped[float | None] = mapped_column(Float)
+    n: Mapped[int | None] = mapped_column(Integer)
+
+
+class SpeedMetric(Base):
+    """Throughput measured by a backend's own timers (new tokens only for decode)."""
+
+    __tablename__ = "speed_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "variant", "seed", "backend", "metric"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = _run_fk()
+    variant: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    backend: Mapped[str] = mapped_column(String(32))
+    metric: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    n: Mapped[int | None] = mapped_column(Integer)
+
+
+class Artifact(Base):
+    """A file a stage produced, with its content hash for provenance."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("run_id", "stage", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = _run_fk()
+    stage: Mapped[str] = mapped_column(String(64))
+    name: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)

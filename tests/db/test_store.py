@@ -1,0 +1,141 @@
+"""Results store: schema via Alembic, idempotent replacement, concurrent writers, killed writers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from sqlalchemy import func, inspect, select
+
+from db.models import EvalMetric, Run, TrainMetric
+from db.store import open_store, utcnow
+
+WRITERS, ROWS_PER_WRITER = 8, 100
+
+
+def _run(run_id: str) -> Run:
+    return Run(id=run_id, git_revision=None, params_hash="h", params_json="{}", profile="test",
+               host="host", device="cpu", started_at=utcnow())
+
+
+def test_schema_is_created_by_alembic_and_migration_is_idempotent(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = open_store(url)
+    open_store(url)  # a second open is a no-op migration
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"runs", "stage_runs", "variants", "train_metrics", "probe_results", "eval_metrics",
+            "speed_metrics", "artifacts", "alembic_version"} <= tables
+    with sqlite3.connect(tmp_path / "store.db") as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert raw.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+
+
+def test_replace_rows_is_idempotent_and_scoped(tmp_path: Path):
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.start_run(_run("r1"))
+    rows = [{"metric": "aqi", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 150}]
+    for _ in range(3):
+        with store.transaction() as session:
+            store.replace_rows(session, EvalMetric, "r1", rows, variant="pure_grit", seed=0)
+    with store.transaction() as session:
+        store.replace_rows(session, EvalMetric, "r1", rows, variant="base", seed=0)
+    with store.reader() as session:
+        variants = session.scalars(select(EvalMetric.variant).order_by(EvalMetric.variant)).all()
+    assert variants == ["base", "pure_grit"]
+
+
+def _writer(url: str, worker: int, barrier) -> None:
+    store = open_store(url)
+    barrier.wait()
+    for step in range(ROWS_PER_WRITER):
+        with store.transaction() as session:
+            session.add(TrainMetric(run_id="shared", variant=f"w{worker}", seed=0, step=step, loss=1.0))
+
+
+def test_eight_concurrent_writers_lose_no_row(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    open_store(url).start_run(_run("shared"))
+    context = mp.get_context("spawn")
+    barrier = context.Barrier(WRITERS)
+    workers = [context.Process(target=_writer, args=(url, i, barrier)) for i in range(WRITERS)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0] * WRITERS, "a writer failed (database is locked?)"
+    store = open_store(url)
+    with store.reader() as session:
+        total = session.scalar(select(func.count()).select_from(TrainMetric))
+        per_worker = dict(session.execute(
+            select(TrainMetric.variant, func.count()).group_by(TrainMetric.variant)).all())
+    assert total == WRITERS * ROWS_PER_WRITER
+    assert per_worker == {f"w{i}": ROWS_PER_WRITER for i in range(WRITERS)}
+
+
+def test_concurrent_first_open_migrates_once(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    context = mp.get_context("spawn")
+    openers = [context.Process(target=open_store, args=(url,)) for _ in range(4)]
+    for opener in openers:
+        opener.start()
+    for opener in openers:
+        opener.join(timeout=120)
+    assert [o.exitcode for o in openers] == [0] * 4
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time
+    from db.models import Run, TrainMetric
+    from db.store import open_store, utcnow
+    store = open_store(sys.argv[1])
+    with store.transaction() as session:
+        session.add(Run(id="partial", git_revision=None, params_hash="h", params_json="{}",
+                        profile="t", host="h", device="cpu", started_at=utcnow()))
+        session.flush()
+        session.add_all([TrainMetric(run_id="partial", variant="v", seed=0, step=i, loss=1.0)
+                         for i in range(1000)])
+        session.flush()
+        print("IN-TRANSACTION", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_killed_writer_leaves_no_partial_run(tmp_path: Path, repo_root: Path):
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    store = open_store(url)
+    store.start_run(_run("kept"))
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, url], cwd=repo_root, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+    )
+    assert writer.stdout.readline().strip() == "IN-TRANSACTION"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    time.sleep(0.2)
+    reopened = open_store(url)
+    with reopened.reader() as session:
+        run_ids = session.scalars(select(Run.id)).all()
+        metrics = session.scalar(select(func.count()).select_from(TrainMetric))
+    assert run_ids == ["kept"] and metrics == 0
+    with sqlite3.connect(tmp_path / "store.db") as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    reopened.start_run(_run("after-kill"))  # the lock was released: writing works again
+
+
+def test_migrations_match_the_orm_models(tmp_path: Path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from db.models import Base
+
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    with store.engine.connect() as connection:
+        diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+    assert diff == [], f"models changed without an Alembic revision: {diff}"

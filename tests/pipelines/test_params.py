@@ -1,0 +1,80 @@
+"""Typed params: defaults validate, every bad case gives one line that names the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.params import ParamsError, Params, load_params, params_hash, parse_params
+
+BAD_CASES = [
+    ({"lora": {"r": 0}}, "lora.r", "greater than 0"),
+    ({"lora": {"r": -4}}, "lora.r", "greater than 0"),
+    ({"train": {"learning_rate": 0}}, "train.learning_rate", "greater than 0"),
+    ({"train": {"learning_rate": -1e-4}}, "train.learning_rate", "greater than 0"),
+    ({"lora": {"target_modules": []}}, "lora.target_modules", "at least 1"),
+    ({"lora": {"target_modules": ["q_proj", " "]}}, "lora", "empty names"),
+    ({"train": {"learning_rte": 1e-4}}, "train.learning_rte", "unknown key"),
+    ({"modle": {}}, "modle", "unknown key"),
+    ({"train": {"max_steps": "many"}}, "train.max_steps", "valid integer"),
+    ({"model": {"source": "ollama"}}, "model.source", "'embedded', 'hf' or 'tiny'"),
+    ({"model": {"source": "hf"}}, "model", "needs model_id"),
+    ({"model": {"tiny": {"hidden_size": 10, "num_attention_heads": 4}}}, "model.tiny", "multiple"),
+    ({"store": {"url": "outputs/centralized.db"}}, "store", "SQLAlchemy URL"),
+]
+
+
+def test_defaults_validate_and_hash_is_stable():
+    first, second = parse_params({}), parse_params({"lora": {"r": 16}})
+    assert first == second == Params()
+    assert params_hash(first) == params_hash(second)
+    assert params_hash(parse_params({"lora": {"r": 8}})) != params_hash(first)
+
+
+@pytest.mark.parametrize(("payload", "key", "fragment"), BAD_CASES)
+def test_bad_params_give_one_line_naming_the_key(payload, key, fragment):
+    with pytest.raises(ParamsError) as caught:
+        parse_params(payload, "params.yaml")
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"params.yaml: {key}"), message
+    assert fragment in message
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path, write_params):
+    with pytest.raises(ParamsError, match="not valid YAML at line"):
+        load_params(write_params("model: [unclosed\n"))
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "absent.yaml")
+
+
+def test_shipped_params_and_profiles_validate(repo_root: Path):
+    params = load_params(repo_root / "params.yaml")
+    assert params.profile == "default" and params.model.source == "embedded"
+
+
+@pytest.mark.parametrize(("payload", "key"), [
+    ({"lora": {"r": 0}}, "lora.r"),
+    ({"train": {"learning_rate": 0}}, "train.learning_rate"),
+    ({"lora": {"target_modules": []}}, "lora.target_modules"),
+    ({"model": {"source": "tiny", "load_in_4bit": True}}, "model.load_in_4bit"),
+])
+def test_stage_rejects_bad_params_before_touching_the_store(tmp_path: Path, repo_root: Path, payload, key):
+    db = tmp_path / "store.db"
+    payload = {**payload, "store": {"url": f"sqlite:///{db}"}}
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(payload))
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.prepare_model", "--params", str(params)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PYTHONPATH": str(repo_root), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], result.stderr
+    assert not db.exists(), "a rejected run must not create or write the results store"
+    assert not (tmp_path / "artifacts").exists()
