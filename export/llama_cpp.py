@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Literal
 
 from pipelines.errors import UserError
-from pipelines.files import cache_dir
+from pipelines.files import cache_dir, sha256_file
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 _VENDOR = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
 _CONVERTER_FILES = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py")
 _CONVERTER_DIRS = ("conversion/", "gguf-py/")
@@ -82,17 +83,22 @@ def converter(name: Literal["lora", "hf"]) -> ConverterCommand:
 
 
 def download_sdist() -> Path:
+    """The pinned sdist in the cache, downloaded once and checked against its sha256."""
     target = sdist_path()
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-         "-d", str(target.parent), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"],
-        check=True,
-    )
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # --no-binary for this package only: its build dependencies may come as wheels
+        # (a global --no-binary would compile cmake and friends from source).
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+             "-d", str(target.parent), f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}"],
+            check=True,
+        )
     if not target.is_file():
         raise LlamaCppSetupError(f"pip did not produce {target}")
+    if sha256_file(target) != SDIST_SHA256:
+        target.unlink()
+        raise LlamaCppSetupError(f"{target} does not match the pinned sha256; removed it, run `make setup` again")
     return target
 
 

@@ -90,6 +90,59 @@ class LoraParams(_Section):
         return self
 
 
+HarmfulSource = Literal["harmbench", "donotanswer"]
+BenignSource = Literal["chatterbot", "lmdoctor_harmless"]
+
+
+class HubDataset(_Section):
+    """An optional dataset for users with internet: a hub id, or a local file/directory in the
+    same format (``.json``, ``.jsonl``, ``.csv``, ``.parquet``), loaded with ``datasets``."""
+
+    path: Annotated[str, Field(min_length=1)]
+    split: str = "train"
+    limit: Annotated[int, Field(gt=0)] | None = None
+
+
+class SafetyLabelledDataset(HubDataset):
+    """Safe/unsafe prompts for AQI (for example LITMUS/ACCD): one prompt and one label per row."""
+
+    prompt_field: str = "prompt"
+    label_field: str = "label"
+    unsafe_labels: Annotated[list[str | int | bool], Field(min_length=1)] = ["unsafe", 1]
+
+
+class DataParams(_Section):
+    """Training and held-out evaluation sets (see ``trainers/data``).
+
+    ``task: safety`` (default) teaches refusals of harmful requests while keeping benign answers;
+    ``task: instruction`` fine-tunes on an Alpaca-format dataset (``instruction``). Evaluation
+    sets are always the held-out package-shipped ones (or ``aqi_dataset`` for AQI).
+    """
+
+    task: Literal["safety", "instruction"] = "safety"
+    seed: int = 42
+    max_seq_length: Annotated[int, Field(gt=0)] = 256
+    overlong: Literal["drop", "truncate_prompt"] = "drop"
+    validation_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
+    near_duplicate_threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
+    harmful_sources: Annotated[list[HarmfulSource], Field(min_length=1)] = ["harmbench", "donotanswer"]
+    benign_sources: Annotated[list[BenignSource], Field(min_length=1)] = ["chatterbot", "lmdoctor_harmless"]
+    max_harmful: Annotated[int, Field(gt=0)] = 150
+    max_benign: Annotated[int, Field(gt=0)] = 150
+    benign_answers: Literal["base_model", "corpus"] = "base_model"
+    answer_max_new_tokens: Annotated[int, Field(gt=0)] = 128
+    instruction: HubDataset | None = None
+    aqi_dataset: SafetyLabelledDataset | None = None
+
+    @model_validator(mode="after")
+    def _task_needs(self) -> DataParams:
+        if self.task == "instruction" and self.instruction is None:
+            raise ValueError("task 'instruction' needs instruction.path (an Alpaca-format dataset)")
+        if self.benign_answers == "corpus" and "lmdoctor_harmless" in self.benign_sources:
+            raise ValueError("benign_answers 'corpus' needs sources with answers; lmdoctor_harmless has none")
+        return self
+
+
 class TrainParams(_Section):
     """Optimisation budget shared by every variant (fairness: one budget, one schedule)."""
 
@@ -98,7 +151,6 @@ class TrainParams(_Section):
     max_steps: Annotated[int, Field(gt=0)] = 60
     per_device_batch_size: Annotated[int, Field(gt=0)] = 4
     gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
-    max_seq_length: Annotated[int, Field(gt=0)] = 256
     warmup_steps: Annotated[int, Field(ge=0)] = 5
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
@@ -122,6 +174,7 @@ class Params(_Section):
 
     profile: str = "default"
     model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams()
     store: StoreParams = StoreParams()

@@ -29,7 +29,7 @@ def preflight(params: Params) -> None:
     check_runtime(params.model)
 
 
-def prepare_model(ctx: StageContext) -> dict[str, Path]:
+def prepare_model(ctx: StageContext, _checked: None) -> dict[str, Path]:
     files = resolve_base_model(ctx.params.model)
     manifest = {
         **files.to_json(),

@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -95,12 +96,14 @@ def _fail(message: str) -> int:
 
 def run_stage(
     name: str,
-    work: Callable[[StageContext], Mapping[str, Path] | None],
-    preflight: Callable[[Params], None] | None = None,
+    work: Callable[[StageContext, Any], Mapping[str, Path] | None],
+    preflight: Callable[[Params], Any] | None = None,
     argv: list[str] | None = None,
 ) -> int:
     """Run one stage's ``work`` with validation, run bookkeeping and one-line errors.
 
+    ``preflight`` checks cheap things (packages present, input files well formed) before the
+    store is opened; whatever it returns is handed to ``work`` so nothing is read twice.
     ``work`` returns the files it produced (name -> path); they are recorded as artifacts.
     """
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}")
@@ -109,8 +112,7 @@ def run_stage(
     root = Path.cwd()
     try:
         params = load_params(args.params)
-        if preflight is not None:
-            preflight(params)
+        checked = preflight(params) if preflight is not None else None
         store = open_store(params.store.url, root)
     except UserError as error:
         return _fail(str(error))
@@ -124,7 +126,7 @@ def run_stage(
     ))
     context = StageContext(name=name, params=params, run_id=run_id, store=store, root=root)
     try:
-        produced = work(context) or {}
+        produced = work(context, checked) or {}
         store.record_artifacts(run_id, name, produced)
     except BaseException as error:
         is_user_error = isinstance(error, UserError)

