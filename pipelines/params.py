@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipelines.errors import UserError
+from trainers.grit.config import GritConfig
+from trainers.grit.layer_selection import LayerSelection
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -73,7 +75,11 @@ class ModelParams(_Section):
 
 
 class LoraParams(_Section):
-    """LoRA adapter shape, identical for every variant."""
+    """LoRA adapter shape and placement, identical for every variant.
+
+    ``target_modules`` are module names (``q_proj``) or globs (``*.layers.*.mlp.*``); ``layers``
+    picks which transformer blocks among them (see ``trainers/grit/layer_selection.py``).
+    """
 
     r: Annotated[int, Field(gt=0)] = 16
     alpha: Annotated[float, Field(gt=0)] = 32.0
@@ -82,6 +88,7 @@ class LoraParams(_Section):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     ]
     use_rslora: bool = False
+    layers: LayerSelection = LayerSelection()
 
     @model_validator(mode="after")
     def _no_blank_modules(self) -> LoraParams:
@@ -177,6 +184,7 @@ class Params(_Section):
     data: DataParams = DataParams()
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams()
+    grit: GritConfig = GritConfig()
     store: StoreParams = StoreParams()
 
 

@@ -83,6 +83,8 @@ def _counts_by(rows: list[dict], key: str) -> dict[str, int]:
 
 def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
     data, report = ctx.params.data, SelectionReport()
+    for always_reported in ("dropped_overlong", "truncated_prompt", "dropped_empty_response"):
+        report.add(always_reported, 0)
     held_out = loaded.eval_sets.prompts()
     files = resolve_base_model(ctx.params.model)
     tokenizer = load_tokenizer(files, ctx.params.model)

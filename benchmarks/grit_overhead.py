@@ -1,0 +1,135 @@
+"""GRIT's overhead over plain LoRA, measured side by side in one run.
+
+Embedded SmolLM2-135M, LoRA r=16 on all 7 projections, fp32 on CPU, capture and
+preconditioning (inversion) on *every* step — the most expensive GRIT setting.
+
+- Step time: the two models train in the same process, steps interleaved (LoRA, GRIT, LoRA,
+  GRIT, ...) on the same batches, so machine noise hits both alike; the ratio of medians is
+  printed. Target: <= 1.05.
+- Peak memory: each variant runs in its own fresh subprocess (peak RSS cannot be reset inside
+  one); printed as the ratio of peak RSS and of the training part of it (peak minus the RSS
+  after loading). Target: <= 1.02.
+
+    python benchmarks/grit_overhead.py [--steps 8] [--batch 4] [--seq 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build(grit: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from pipelines.params import ModelParams
+    from trainers.base_model import load_causal_lm, resolve_base_model
+    from trainers.grit import GritConfig, GritManager
+
+    params = ModelParams()
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(resolve_base_model(params), params),
+                           LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if grit:
+        manager = GritManager(model, GritConfig(capture_every=1, update_freq=1, min_samples=16))
+        return model, manager.wrap_optimizer(optimizer, max_grad_norm=1.0), manager
+    return model, optimizer, None
+
+
+def batch(step: int, size: int, length: int):
+    import torch
+
+    generator = torch.Generator().manual_seed(step)
+    ids = torch.randint(0, 49152, (size, length), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def train_step(model, optimizer, manager, inputs) -> float:
+    import torch
+
+    started = time.perf_counter()
+    loss = model(**inputs).loss
+    loss.backward()
+    if manager is None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_child(grit: bool, steps: int, size: int, length: int) -> None:
+    model, optimizer, manager = build(grit)
+    after_load = rss_mib()
+    for step in range(steps):
+        train_step(model, optimizer, manager, batch(step, size, length))
+    print(json.dumps({"after_load_mib": after_load, "peak_mib": rss_mib()}))
+
+
+def measure_memory(grit: bool, steps: int, size: int, length: int) -> dict[str, float]:
+    output = subprocess.run(
+        [sys.executable, __file__, "--memory-child", "grit" if grit else "lora", "--steps", str(steps),
+         "--batch", str(size), "--seq", str(length)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--memory-child", choices=["lora", "grit"])
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child == "grit", 3, args.batch, args.seq)
+        return 0
+
+    lora = build(grit=False)
+    grit = build(grit=True)
+    times: dict[str, list[float]] = {"lora": [], "grit": []}
+    for step in range(args.warmup + args.steps):
+        inputs = batch(step, args.batch, args.seq)
+        for name, (model, optimizer, manager) in (("lora", lora), ("grit", grit)):
+            elapsed = train_step(model, optimizer, manager, inputs)
+            if step >= args.warmup:
+                times[name].append(elapsed)
+    manager = grit[2]
+    ready = sum(d["inverse_ready_A"] and d["inverse_ready_B"] for d in manager.diagnostics().values())
+    lora_median, grit_median = statistics.median(times["lora"]), statistics.median(times["grit"])
+    del lora, grit
+
+    memory = {name: measure_memory(name == "grit", 3, args.batch, args.seq) for name in ("lora", "grit")}
+    train_part = {n: m["peak_mib"] - m["after_load_mib"] for n, m in memory.items()}
+    time_ratio = grit_median / lora_median
+    memory_ratio = memory["grit"]["peak_mib"] / memory["lora"]["peak_mib"]
+    print(f"GRIT overhead on SmolLM2-135M, r=16, 7 projections, batch {args.batch}x{args.seq}, "
+          f"{args.steps} interleaved steps (capture + inversion + preconditioning every step)")
+    print(f"  modules preconditioned on both sides at the end: {ready}/{len(manager.modules)}")
+    print(f"  step time  LoRA {lora_median:.3f} s   GRIT {grit_median:.3f} s   ratio {time_ratio:.3f}  (target <= 1.05)")
+    print(f"  peak RSS   LoRA {memory['lora']['peak_mib']:.0f} MiB   GRIT {memory['grit']['peak_mib']:.0f} MiB   "
+          f"ratio {memory_ratio:.3f}  (target <= 1.02)")
+    print(f"  training part of peak RSS: LoRA {train_part['lora']:.0f} MiB   GRIT {train_part['grit']:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""GRIT math on small matrices."""
+
+from __future__ import annotations
+
+import torch
+
+from trainers.grit import math as gm
+
+
+def test_damped_inverse_escalates_until_cholesky_succeeds():
+    singular = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    inverse, used = gm.damped_inverse(singular, 1e-3, [1, 3, 10])
+    assert used == 1e-3
+    assert torch.allclose(inverse @ (singular + used * torch.eye(2)), torch.eye(2), atol=1e-4)
+    indefinite = torch.tensor([[1.0, 0.0], [0.0, -0.002]])
+    _, used = gm.damped_inverse(indefinite, 1e-3, [1, 3, 10])
+    assert used == 3e-3  # lambda and 1e-3 fail (eigenvalue -0.001 and -0.002 + 1e-3 <= 0)
+    assert gm.damped_inverse(torch.tensor([[-1.0]]), 1e-3, [1, 3]) is None
+
+
+def test_preconditioning_sides_and_shapes():
+    grad_B, grad_A = torch.randn(5, 3), torch.randn(3, 4)
+    inverse = torch.linalg.inv(torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 3.0]]))
+    assert torch.allclose(gm.precondition_B(grad_B, inverse), grad_B @ inverse)
+    assert torch.allclose(gm.precondition_A(grad_A, inverse), inverse @ grad_A)
+
+
+def test_diagonal_and_block_diagonal_inverses():
+    sigma = torch.tensor([[4.0, 1.0, 0.0, 0.5], [1.0, 3.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.3], [0.5, 0.0, 0.3, 1.0]])
+    assert torch.allclose(gm.diagonal_inverse(sigma, 0.0), torch.diag(1 / torch.diagonal(sigma)))
+    blocks = gm.block_diagonal_inverse(sigma, 1e-6, 2, [1])
+    assert torch.allclose(blocks[:2, :2], torch.linalg.inv(sigma[:2, :2]), atol=1e-4)
+    assert torch.all(blocks[:2, 2:] == 0) and torch.all(blocks[2:, :2] == 0)
+
+
+def test_scalar_distance_and_condition_number():
+    assert gm.distance_from_scalar(3 * torch.eye(4)) == 0.0
+    assert gm.distance_from_scalar(torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0]))) > 0.3
+    assert abs(gm.condition_number(torch.diag(torch.tensor([1.0, 10.0]))) - 10) < 1e-5
+
+
+def test_rank_by_energy_and_budget_schedules():
+    eigenvalues = torch.tensor([10.0, 5.0, 1.0, 0.1, 0.0])
+    assert gm.rank_by_energy(eigenvalues, 0.9, 1, 5) == 2
+    assert gm.rank_by_energy(eigenvalues, 0.999, 1, 5) == 4
+    assert gm.rank_by_energy(eigenvalues, 0.5, 3, 5) == 3  # clamped to min_rank
+    assert [gm.budget_at("linear", s, 10, 2, 8) for s in (0, 5, 10)] == [2, 5, 8]
+    assert gm.budget_at("cosine", 5, 10, 2, 8) == 5 and gm.budget_at("cosine", 1, 10, 2, 8) < 3
+
+
+def test_reprojection_with_full_basis_is_identity_and_truncation_is_exact():
+    torch.manual_seed(0)
+    A, B = torch.randn(4, 6), torch.randn(5, 4)
+    sigma = torch.randn(4, 4)
+    sigma = sigma @ sigma.T
+    _, full = gm.top_eigenvectors(sigma, 4)
+    assert torch.allclose(gm.reproject_A(A, full), A, atol=1e-5)
+    assert torch.allclose(gm.reproject_B(B, full), B, atol=1e-5)
+    _, basis = gm.top_eigenvectors(sigma, 2)
+    A_projected = gm.reproject_A(A, basis)
+    A_small, B_small = gm.truncate_factors(A_projected, B, basis)
+    assert A_small.shape == (2, 6) and B_small.shape == (5, 2)
+    assert torch.allclose(B_small @ A_small, B @ A_projected, atol=1e-5)

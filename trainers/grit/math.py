@@ -1,0 +1,147 @@
+"""GRIT's math as small pure-tensor functions (testable on a 4x3 matrix).
+
+Notation for one LoRA layer with rank r and scaling s (``y = W x + s * B A x``):
+
+- ``A``: [r, d_in], ``B``: [d_out, r], ``u = A x``: [N, r] (rows = tokens),
+  ``v = B^T g``: [N, r] with ``g = dL/dy`` per token.
+- Gradients: ``dL/dB = s * sum_t g_t u_t^T`` and ``dL/dA = s * sum_t v_t x_t^T``.
+- K-FAC for ``dW = s B A`` gives B's rank-side factor ``Sigma_u = E[u u^T]`` and A's rank-side
+  factor ``Sigma_v = E[v v^T]`` (for one token the exact Fisher of vec(B) is
+  ``(u u^T) kron (g g^T)``), hence ``grad_B <- grad_B (Sigma_u + lambda I)^-1`` and
+  ``grad_A <- (Sigma_v + lambda I)^-1 grad_A``. The paper code swaps the sides ("reference").
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def outer_sum(rows: torch.Tensor) -> torch.Tensor:
+    """``sum_t z_t z_t^T`` of rows ``z``: [N, r] -> [r, r], in fp32."""
+    rows = rows.reshape(-1, rows.shape[-1]).float()
+    return rows.T @ rows
+
+
+def ema_update(current: torch.Tensor | None, batch_mean: torch.Tensor, decay: float) -> torch.Tensor:
+    """Exponential moving average; the first batch initialises it."""
+    return batch_mean.clone() if current is None else decay * current + (1 - decay) * batch_mean
+
+
+def effective_damping(sigma: torch.Tensor, damping: float, mode: str) -> float:
+    """``lambda`` itself (absolute) or ``lambda * tr(Sigma) / r`` (relative to the factor's scale)."""
+    if mode == "absolute":
+        return damping
+    return damping * float(torch.trace(sigma)) / sigma.shape[0]
+
+
+def damped_inverse(
+    sigma: torch.Tensor, damping: float, escalation: list[float],
+) -> tuple[torch.Tensor, float] | None:
+    """``(Sigma + lambda * s * I)^-1`` by Cholesky, for the first s in ``escalation`` that works.
+
+    Returns (inverse, lambda * s) or None when every attempt fails (or lambda is 0).
+    """
+    if damping <= 0 or not torch.isfinite(sigma).all():
+        return None
+    eye = torch.eye(sigma.shape[0], dtype=sigma.dtype, device=sigma.device)
+    for scale in escalation:
+        chol, info = torch.linalg.cholesky_ex(sigma + damping * scale * eye)
+        if int(info) == 0:
+            return torch.cholesky_inverse(chol), damping * scale
+    return None
+
+
+def diagonal_inverse(sigma: torch.Tensor, damping: float) -> torch.Tensor:
+    """``diag(Sigma + lambda I)^-1``: the diagonal Fisher approximation in rank space."""
+    return torch.diag(1.0 / (torch.diagonal(sigma) + damping))
+
+
+def block_diagonal_inverse(
+    sigma: torch.Tensor, damping: float, block_size: int, escalation: list[float],
+) -> torch.Tensor | None:
+    """Inverse of the block-diagonal part of ``Sigma + lambda I`` (blocks of ``block_size``)."""
+    r = sigma.shape[0]
+    inverse = torch.zeros_like(sigma)
+    for start in range(0, r, block_size):
+        block = slice(start, min(start + block_size, r))
+        solved = damped_inverse(sigma[block, block], damping, escalation)
+        if solved is None:
+            return None
+        inverse[block, block] = solved[0]
+    return inverse
+
+
+def precondition_B(grad_B: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``grad_B (Sigma + lambda I)^-1``: [d_out, r] @ [r, r]."""
+    return grad_B @ inverse.to(grad_B.dtype)
+
+
+def precondition_A(grad_A: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``(Sigma + lambda I)^-1 grad_A``: [r, r] @ [r, d_in]."""
+    return inverse.to(grad_A.dtype) @ grad_A
+
+
+def condition_number(matrix: torch.Tensor) -> float:
+    eigenvalues = torch.linalg.eigvalsh(0.5 * (matrix + matrix.T)).abs()
+    smallest = float(eigenvalues.min())
+    return float("inf") if smallest == 0 else float(eigenvalues.max()) / smallest
+
+
+def distance_from_scalar(matrix: torch.Tensor) -> float:
+    """``||P - c I||_F / ||P||_F`` with c = tr(P)/r: 0 for a multiple of I, which Adam cancels."""
+    norm = torch.linalg.matrix_norm(matrix)
+    if norm == 0:
+        return 0.0
+    c = torch.trace(matrix) / matrix.shape[0]
+    eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
+    return float(torch.linalg.matrix_norm(matrix - c * eye) / norm)
+
+
+def top_eigenvectors(sigma: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues descending [r], the top-k eigenvectors as columns [r, k])."""
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (sigma + sigma.T))
+    order = torch.argsort(eigenvalues, descending=True)
+    return eigenvalues[order], eigenvectors[:, order[:k]]
+
+
+def rank_by_energy(eigenvalues: torch.Tensor, tau: float, min_rank: int, max_rank: int) -> int:
+    """Smallest k whose top eigenvalues hold at least ``tau`` of the energy, clamped."""
+    positive = eigenvalues.clamp(min=0)
+    total = float(positive.sum())
+    if total == 0:
+        return max_rank
+    cumulative = torch.cumsum(positive, 0) / total
+    k = int(torch.searchsorted(cumulative, torch.tensor(tau, dtype=cumulative.dtype)).item()) + 1
+    return max(min_rank, min(max_rank, k))
+
+
+def reproject_A(A: torch.Tensor, basis_u: torch.Tensor) -> torch.Tensor:
+    """``V_u V_u^T A``: keep A's rows in the span of the top-k u-directions. [r, d_in]."""
+    return basis_u @ (basis_u.T @ A)
+
+
+def reproject_B(B: torch.Tensor, basis_v: torch.Tensor) -> torch.Tensor:
+    """``B V_v V_v^T``: [d_out, r]."""
+    return (B @ basis_v) @ basis_v.T
+
+
+def truncate_factors(A: torch.Tensor, B: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-k factors ``(V^T A, B V)`` with ``B' A' = B V V^T A``: exact when A already lies in
+    span(V) (i.e. right after reprojection), so the layer's function does not change."""
+    return basis.T @ A, B @ basis
+
+
+def budget_at(schedule: str, step: int, total_steps: int, start: int, end: int) -> int:
+    """Projection budget k at ``step`` of ``total_steps`` for the linear or cosine schedule."""
+    import math
+
+    progress = min(1.0, max(0.0, step / max(1, total_steps)))
+    if schedule == "cosine":
+        progress = 0.5 * (1 - math.cos(math.pi * progress))
+    return int(round(start + (end - start) * progress))
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    denominator = a.norm() * b.norm()
+    return 1.0 if denominator == 0 else float(a @ b / denominator)
