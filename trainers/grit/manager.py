@@ -70,6 +70,11 @@ class FactorStats:
         self.pending.zero_()
         self.pending_count = 0
 
+    def to(self, device: torch.device) -> None:
+        self.total, self.pending = self.total.to(device), self.pending.to(device)
+        if self.ema is not None:
+            self.ema = self.ema.to(device)
+
     def transform(self, basis: torch.Tensor) -> None:
         """Express the statistics in a truncated basis: Sigma' = V^T Sigma V."""
         self.rank = basis.shape[1]
@@ -137,6 +142,7 @@ class GritManager:
         self.optimizer: torch.optim.Optimizer | None = None
         self.last_report: dict[str, float] = {}
         self._row_mask: torch.Tensor | None = None
+        self._row_count: int | None = None
         self._handles: list[Any] = []
         layers = lora_layers(peft_model)
         if not layers:
@@ -162,7 +168,11 @@ class GritManager:
 
     def _remember_mask(self, _module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask")
-        self._row_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            self._row_mask = mask.to(torch.float32)
+            self._row_count = int(mask.sum())  # once per forward, not once per layer
+        else:
+            self._row_mask, self._row_count = None, None
 
     def _capture_hook(self, state: ModuleState):
         def hook(_module, _inputs, output: torch.Tensor) -> None:
@@ -171,27 +181,28 @@ class GritManager:
             if not (self.capturing and torch.is_grad_enabled() and output.requires_grad):
                 return
             u = output.detach()
-            mask = self._row_mask
-            if mask is not None and tuple(mask.shape) != tuple(u.shape[:-1]):
-                mask = None  # packed or reshaped inputs: no per-row mask available
+            mask, rows = self._row_mask, self._row_count
+            if mask is None or tuple(mask.shape) != tuple(u.shape[:-1]):
+                # no attention mask, or packed/reshaped inputs: every row counts
+                mask, rows = None, u.numel() // u.shape[-1]
 
             def on_grad(grad_u: torch.Tensor) -> None:
-                # dL/du = s * B^T g, so v = B^T g = (dL/du) / s.
-                v = grad_u.detach() / state.scaling
-                rows_u, rows_v = (u[mask], v[mask]) if mask is not None else (u, v)
-                self._accumulate(state, rows_u, rows_v)
+                # dL/du = s * B^T g, so v = B^T g = (dL/du) / s and v v^T = (dL/du)(dL/du)^T / s^2.
+                self._accumulate(state, gm.masked_outer_sum(u, mask),
+                                 gm.masked_outer_sum(grad_u.detach(), mask) / state.scaling**2, rows)
 
             output.register_hook(on_grad)
 
         return hook
 
     @staticmethod
-    def _accumulate(state: ModuleState, rows_u: torch.Tensor, rows_v: torch.Tensor) -> None:
-        n = rows_u.reshape(-1, rows_u.shape[-1]).shape[0]
-        state.u.pending += gm.outer_sum(rows_u).cpu()
-        state.v.pending += gm.outer_sum(rows_v).cpu()
-        state.u.pending_count += n
-        state.v.pending_count += n
+    def _accumulate(state: ModuleState, outer_u: torch.Tensor, outer_v: torch.Tensor, rows: int) -> None:
+        # Statistics live on the layer's device: no host sync per layer on a GPU.
+        for stats, outer in ((state.u, outer_u), (state.v, outer_v)):
+            if stats.pending.device != outer.device:
+                stats.to(outer.device)
+            stats.pending += outer
+            stats.pending_count += rows
 
     # ------------------------------------------------------------------------- factors
 
@@ -201,7 +212,7 @@ class GritManager:
         if self.config.allreduce:
             tensors = [t for s in states for t in (s.u.pending, s.v.pending)]
             counts = torch.tensor([c for s in states for c in (s.u.pending_count, s.v.pending_count)],
-                                  dtype=torch.float64)
+                                  dtype=torch.float64, device=tensors[0].device)
             allreduce_sum_([*tensors, counts])
             for i, s in enumerate(states):
                 s.u.pending_count, s.v.pending_count = int(counts[2 * i]), int(counts[2 * i + 1])
@@ -237,15 +248,36 @@ class GritManager:
         """Invert every side whose statistics are gated in; due every ``update_freq`` steps, and
         at once for a side that has become eligible but has no inverse yet."""
         due = force or self.step % self.config.update_freq == 0
+        wanted: list[tuple[ModuleState, str, torch.Tensor]] = []
         for state in self.modules.values():
             for side in ("A", "B"):
                 stats = self._factor_for(state, side)
-                if stats.count < self.config.min_samples:
+                if stats.count < self.config.min_samples or (not due and state.inverse[side] is not None):
                     continue
-                if not due and state.inverse[side] is not None:
-                    continue
-                solved = self._invert(stats.covariance(self.config.statistics))
+                wanted.append((state, side, stats.covariance(self.config.statistics)))
+        if self.config.fisher != "rank_kfac":
+            for state, side, sigma in wanted:
+                solved = self._invert(sigma)
                 state.inverse[side], state.damping_used[side] = solved if solved else (None, None)
+            return
+        # rank_kfac: one batched Cholesky per (rank, device) group instead of one per matrix
+        groups: dict[tuple[int, torch.device], list[tuple[ModuleState, str, torch.Tensor]]] = {}
+        for item in wanted:
+            groups.setdefault((item[2].shape[0], item[2].device), []).append(item)
+        for items in groups.values():
+            sigmas = torch.stack([sigma for _, _, sigma in items])
+            dampings = self._dampings(sigmas)
+            inverses, used = gm.damped_inverse_batched(sigmas, dampings, self.config.damping_escalation)
+            for (state, side, _), inverse, damping in zip(items, inverses, used.tolist(), strict=True):
+                ok = damping > 0
+                state.inverse[side], state.damping_used[side] = (inverse, damping) if ok else (None, None)
+
+    def _dampings(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """Per-matrix lambda for a stack [M, r, r] (see ``math.effective_damping``)."""
+        if self.config.damping_mode == "absolute":
+            return torch.full((sigmas.shape[0],), self.config.damping, dtype=sigmas.dtype, device=sigmas.device)
+        traces = torch.diagonal(sigmas, dim1=-2, dim2=-1).sum(-1)
+        return self.config.damping * traces / sigmas.shape[-1]
 
     # -------------------------------------------------------------------- the GRIT step
 
@@ -385,11 +417,10 @@ class GritManager:
         if self.optimizer is not None:
             remap_optimizer_state(self.optimizer, old_A, new_A, lambda t: basis.T @ t, lambda t: (basis.T ** 2) @ t)
             remap_optimizer_state(self.optimizer, old_B, new_B, lambda t: t @ basis, lambda t: t @ basis ** 2)
-        basis_cpu = basis.cpu().float()
-        state.u.transform(basis_cpu)
-        state.v.transform(basis_cpu)
+        state.u.transform(basis.to(state.u.total.device, torch.float32))
+        state.v.transform(basis.to(state.v.total.device, torch.float32))
         state.inverse = {"A": None, "B": None}
-        state.basis_u = state.basis_v = torch.eye(k)
+        state.basis_u = state.basis_v = torch.eye(k, device=basis.device, dtype=basis.dtype)
 
     def truncate(self) -> dict[str, int]:
         """Shrink every module to the rank of its current u-basis (set by :meth:`reproject`)."""

@@ -16,10 +16,16 @@ from __future__ import annotations
 import torch
 
 
-def outer_sum(rows: torch.Tensor) -> torch.Tensor:
-    """``sum_t z_t z_t^T`` of rows ``z``: [N, r] -> [r, r], in fp32."""
-    rows = rows.reshape(-1, rows.shape[-1]).float()
-    return rows.T @ rows
+def masked_outer_sum(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``sum_t w_t z_t z_t^T`` in fp32, with 0/1 row weights (padding rows weigh 0; None: all
+    rows count): rows [..., r] -> [r, r].
+
+    Multiplying by the mask instead of indexing with it avoids a data-dependent gather (and a
+    device sync) per layer."""
+    flat = rows.reshape(-1, rows.shape[-1]).float()
+    if weight is None:
+        return flat.T @ flat
+    return (flat * weight.reshape(-1, 1)).T @ flat
 
 
 def ema_update(current: torch.Tensor | None, batch_mean: torch.Tensor, decay: float) -> torch.Tensor:
@@ -49,6 +55,31 @@ def damped_inverse(
         if int(info) == 0:
             return torch.cholesky_inverse(chol), damping * scale
     return None
+
+
+def damped_inverse_batched(
+    sigmas: torch.Tensor, dampings: torch.Tensor, escalation: list[float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`damped_inverse` for a stack ``[M, r, r]`` in one batched Cholesky per escalation
+    level. Returns (inverses [M, r, r], damping used [M]); a matrix that never factorises, or
+    whose damping is 0, gets damping 0 and must be treated as not invertible."""
+    eye = torch.eye(sigmas.shape[-1], dtype=sigmas.dtype, device=sigmas.device)
+    inverses = torch.zeros_like(sigmas)
+    used = torch.zeros_like(dampings)
+    pending = (dampings > 0) & torch.isfinite(sigmas).flatten(1).all(dim=1)
+    for scale in escalation:
+        if not bool(pending.any()):
+            break
+        index = pending.nonzero().flatten()
+        damped = sigmas[index] + (dampings[index] * scale)[:, None, None] * eye
+        chol, info = torch.linalg.cholesky_ex(damped)
+        solved = info == 0
+        if bool(solved.any()):
+            done = index[solved]
+            inverses[done] = torch.cholesky_inverse(chol[solved])
+            used[done] = dampings[done] * scale
+            pending[done] = False
+    return inverses, used
 
 
 def diagonal_inverse(sigma: torch.Tensor, damping: float) -> torch.Tensor:

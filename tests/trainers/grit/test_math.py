@@ -18,6 +18,26 @@ def test_damped_inverse_escalates_until_cholesky_succeeds():
     assert gm.damped_inverse(torch.tensor([[-1.0]]), 1e-3, [1, 3]) is None
 
 
+def test_masked_outer_sum_skips_padding_rows():
+    rows = torch.randn(2, 3, 4)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    kept = rows[mask.bool()]
+    assert torch.allclose(gm.masked_outer_sum(rows, mask), kept.T @ kept, atol=1e-6)
+    flat = rows.reshape(-1, 4)
+    assert torch.allclose(gm.masked_outer_sum(rows, None), flat.T @ flat, atol=1e-6)
+
+
+def test_batched_inverse_matches_one_by_one_and_flags_failures():
+    torch.manual_seed(0)
+    sigmas = torch.stack([m @ m.T for m in torch.randn(5, 3, 3)] + [torch.zeros(3, 3), -torch.eye(3)])
+    dampings = torch.tensor([1e-3] * 5 + [0.0, 1e-3])
+    inverses, used = gm.damped_inverse_batched(sigmas, dampings, [1, 3, 10])
+    for i in range(5):
+        single, single_damping = gm.damped_inverse(sigmas[i], 1e-3, [1, 3, 10])
+        assert torch.allclose(inverses[i], single, rtol=1e-4) and used[i] == single_damping
+    assert used[5] == 0 and used[6] == 0  # zero damping (all-zero factor) and never positive definite
+
+
 def test_preconditioning_sides_and_shapes():
     grad_B, grad_A = torch.randn(5, 3), torch.randn(3, 4)
     inverse = torch.linalg.inv(torch.tensor([[2.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 3.0]]))
