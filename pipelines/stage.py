@@ -29,7 +29,6 @@ from db.store import ResultsStore, open_store, utcnow
 from pipelines.errors import UserError
 from pipelines.params import DEFAULT_PARAMS_PATH, Params, load_params, params_hash
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 EXIT_USER_ERROR = 2
 
 

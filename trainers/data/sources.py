@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -293,7 +293,3 @@ def labelled_safety_pairs(dataset: SafetyLabelledDataset) -> tuple[list[Prompt],
     if not unsafe or not safe:
         raise DataSourceError(f"dataset {dataset.path!r}: needs both safe and unsafe prompts for AQI")
     return unsafe, safe
-
-
-def texts(prompts: Iterable[Prompt]) -> list[str]:
-    return [p.text for p in prompts]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -31,6 +31,10 @@ from torch import nn
 from trainers.grit import math as gm
 from trainers.grit.config import GritConfig
 from trainers.grit.distributed import allreduce_sum_
+
+if TYPE_CHECKING:
+    from trainers.grit.callback import GritCallback
+    from trainers.grit.optim import GritOptimizer
 
 
 class GritError(RuntimeError):
@@ -463,7 +467,7 @@ class GritManager:
         self.optimizer = optimizer
         return GritOptimizer(optimizer, self, max_grad_norm)
 
-    def callback(self):
+    def callback(self) -> GritCallback:
         from trainers.grit.callback import GritCallback
 
         return GritCallback(self)
