@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -162,6 +163,25 @@ class TrainParams(_Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    save_steps: Annotated[int, Field(gt=0)] = 10      # checkpoint interval (resume after a kill)
+    gradient_checkpointing: bool = False
+
+
+class VariantParams(_Section):
+    """One trained variant. ``engine: unsloth`` trains through Unsloth's FastLanguageModel (GRIT
+    enters as a Trainer callback: the hybrid); ``engine: peft`` through plain PEFT, never
+    importing Unsloth (GRIT enters as the optimizer wrapper: pure GRIT)."""
+
+    engine: Literal["unsloth", "peft"]
+    grit: bool = False
+
+
+DEFAULT_VARIANTS = {
+    "baseline_lora": VariantParams(engine="unsloth", grit=False),
+    "hybrid_grit": VariantParams(engine="unsloth", grit=True),
+    "pure_grit": VariantParams(engine="peft", grit=True),
+    "peft_lora": VariantParams(engine="peft", grit=False),
+}
 
 
 class StoreParams(_Section):
@@ -179,12 +199,22 @@ class StoreParams(_Section):
 class Params(_Section):
     """The whole of ``params.yaml``; a section missing from the file takes its defaults."""
 
+    @model_validator(mode="after")
+    def _variant_names(self) -> Params:
+        if not self.variants:
+            raise ValueError("variants: declare at least one variant")
+        bad = [name for name in self.variants if not re.fullmatch(r"[a-z][a-z0-9_]*", name)]
+        if bad:
+            raise ValueError(f"variants: names must be lowercase identifiers (got {bad[0]!r})")
+        return self
+
     profile: str = "default"
     model: ModelParams = ModelParams()
     data: DataParams = DataParams()
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams()
     grit: GritConfig = GritConfig()
+    variants: dict[str, VariantParams] = DEFAULT_VARIANTS
     store: StoreParams = StoreParams()
 
 

@@ -67,17 +67,27 @@ def device_description() -> str:
     return f"cpu ({os.cpu_count()} cores, torch {torch.__version__})"
 
 
-def pipeline_stage_names(root: Path) -> list[str]:
-    """Stage names declared in ``dvc.yaml``: a run is complete when all of them succeeded."""
+def pipeline_stage_names(root: Path, params: Params | None = None) -> list[str]:
+    """Stage names declared in ``dvc.yaml``, with ``foreach`` stages expanded over the params
+    mapping they iterate (``train`` -> ``train@baseline_lora``, ...): a run is complete when all
+    of them succeeded."""
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.is_file():
         return []
-    return list((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}))
+    names = []
+    for name, stage in ((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}).items():
+        source = stage.get("foreach") if isinstance(stage, dict) else None
+        if isinstance(source, str) and source.startswith("${") and params is not None:
+            items = params.model_dump().get(source[2:-1].strip(), {})
+            names += [f"{name}@{key}" for key in items]
+        else:
+            names.append(name)
+    return names
 
 
-def _refresh_run_status(store: ResultsStore, run_id: str, root: Path) -> None:
+def _refresh_run_status(store: ResultsStore, run_id: str, root: Path, params: Params) -> None:
     stages = store.stages(run_id)
-    wanted = pipeline_stage_names(root)
+    wanted = pipeline_stage_names(root, params)
     complete = bool(wanted) and all(
         stages.get(s) is not None and stages[s].status == "succeeded" for s in wanted
     )
@@ -131,12 +141,12 @@ def run_stage(
         is_user_error = isinstance(error, UserError)
         message = str(error) if is_user_error else f"{type(error).__name__}: {error}"
         store.record_stage(run_id, name, "failed", started, error=message.splitlines()[0] if message else None)
-        _refresh_run_status(store, run_id, root)
+        _refresh_run_status(store, run_id, root, params)
         if is_user_error:
             return _fail(message)
         traceback.print_exc()
         return 1
     store.record_stage(run_id, name, "succeeded", started)
-    _refresh_run_status(store, run_id, root)
+    _refresh_run_status(store, run_id, root, params)
     print(f"[{name}] done for run {run_id} ({params.profile} profile)")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sqlalchemy import select
 
+from db.models import TrainMetric
 from db.store import open_store
+from pipelines.params import load_params
+from pipelines.stage import pipeline_stage_names
 
 
 def _sh(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 1200) -> subprocess.CompletedProcess[str]:
@@ -47,7 +52,10 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     repo, env = smoke_repo
     _sh(["dvc", "repro"], repo, env)
 
-    declared = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
+    params = load_params(repo / "params.yaml")
+    declared = pipeline_stage_names(repo, params)
+    assert {"prepare_model", "prepare_data", "train@baseline_lora", "train@hybrid_grit", "train@pure_grit",
+            "train@peft_lora"} <= set(declared)
     locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(declared) <= set(locked), f"stages that did not run: {set(declared) - set(locked)}"
 
@@ -56,6 +64,17 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert run.profile == "smoke" and run.status == "complete"
     stages = store.stages(run.id)
     assert {name: s.status for name, s in stages.items()} == {name: "succeeded" for name in declared}
+
+    # Fairness: all variants trained on the same batches; both GRIT variants ended fully ready.
+    metrics = {v: json.loads((repo / "metrics/train" / f"{v}.json").read_text()) for v in params.variants}
+    assert len({m["batch_order_hash"] for m in metrics.values()}) == 1
+    assert metrics["hybrid_grit"]["grit_all_ready"] and metrics["pure_grit"]["grit_all_ready"]
+    with store.reader() as session:
+        for variant in params.variants:
+            steps = session.scalars(select(TrainMetric.step).where(
+                TrainMetric.run_id == run.id, TrainMetric.variant == variant).order_by(TrainMetric.step)).all()
+            assert steps == list(range(1, params.train.max_steps + 1)), variant
+    assert (repo / "artifacts/adapters/pure_grit/adapter_model.safetensors").is_file()
 
     # A second repro with nothing changed runs no stage and leaves the store as it was.
     second = _sh(["dvc", "repro"], repo, env)

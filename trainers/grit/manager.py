@@ -224,6 +224,17 @@ class GritManager:
             s.u.fold(self.config.statistics, self.config.ema_decay)
             s.v.fold(self.config.statistics, self.config.ema_decay)
 
+    def check_capture_coverage(self) -> None:
+        """Fail loudly when a targeted module captured nothing in a captured step: its LoRA
+        forward was bypassed (e.g. by fused kernels), and GRIT would silently be inert there."""
+        blind = [name for name, s in self.modules.items() if s.u.count == 0]
+        if blind:
+            raise GritError(
+                f"GRIT captured 0 token rows on {len(blind)}/{len(self.modules)} LoRA modules "
+                f"(first: {blind[0]}); their LoRA forward was bypassed (fused kernels?), so GRIT "
+                "would be inert there. Use the unfused path or disable those modules."
+            )
+
     def covariances(self, module_name: str) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
         """(Sigma_u, Sigma_v, token rows) of one module, by its PEFT name."""
         state = self.modules[module_name]
@@ -343,6 +354,8 @@ class GritManager:
         """Everything between backward and ``optimizer.step()``, in order (module docstring)."""
         parameters = [p for p in self.lora_parameters() if p.grad is not None]
         self.sync_factors()
+        if self.step == 0:
+            self.check_capture_coverage()
         self.refresh_inverses()
         regularizer = self.add_regularizer_gradients()
         raw_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))) if parameters else 0.0

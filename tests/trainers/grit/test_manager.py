@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tiny_lora import batches, tiny_lora_model
-from trainers.grit import GritConfig, GritManager
+from trainers.grit import GritConfig, GritError, GritManager
 from trainers.grit import math as gm
 
 MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -205,3 +205,15 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
         reference = full_manager.modules[name]
         assert torch.equal(state.lora_A.weight, reference.lora_A.weight)
         assert torch.equal(state.lora_B.weight, reference.lora_B.weight)
+
+
+def test_bypassed_capture_fails_loudly_at_the_first_step():
+    model = tiny_lora_model()
+    manager = GritManager(model, GritConfig())
+    bypassed = manager.modules[MODULE]
+    # what a fused kernel does: read the LoRA weights directly, never calling lora_A's forward
+    bypassed.layer.forward = lambda x, *a, **k: bypassed.layer.base_layer(x) + (
+        x @ bypassed.lora_A.weight.T @ bypassed.lora_B.weight.T) * bypassed.scaling
+    model(**batches(1)[0]).loss.backward()
+    with pytest.raises(GritError, match=r"captured 0 token rows on 1/14 LoRA modules"):
+        manager.before_step(1.0)

@@ -1,0 +1,101 @@
+"""The two training engines, built on the same base model and the same LoRA placement.
+
+- ``peft``: transformers + PEFT; never imports Unsloth (pure GRIT and its control).
+- ``unsloth``: Unsloth's ``FastLanguageModel`` (baseline and hybrid). Importing Unsloth patches
+  transformers and TRL for the whole process, so a process builds one engine only.
+
+On CUDA, Unsloth replaces the LoRA MLP/QKV/O forwards with fused kernels that read the LoRA
+weights directly, so per-layer hooks (GRIT's capture) never run. For a GRIT variant this
+engine puts PEFT's forwards back and records it; GRIT's own coverage check then fails the run
+loudly if any module still captures nothing. On CPU Unsloth uses the plain path already.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from pipelines.params import Params, VariantParams
+from trainers.base_model import BaseModelFiles, load_causal_lm, load_tokenizer, torch_dtype
+from trainers.grit.layer_selection import select_target_modules
+
+
+@dataclass
+class EngineModel:
+    model: object
+    tokenizer: object
+    target_modules: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def target_regex(module_names: list[str]) -> str:
+    """One PEFT regex (full match on module names) for exactly these modules.
+
+    Module names are relative to the base model (``model.layers.0.self_attn.q_proj``)."""
+    return "^(?:" + "|".join(re.escape(name) for name in module_names) + ")$"
+
+
+def _selected_modules(model, params: Params) -> list[str]:
+    return select_target_modules(model, params.lora.target_modules, params.lora.layers)
+
+
+def build_peft(files: BaseModelFiles, params: Params) -> EngineModel:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = load_causal_lm(files, params.model)
+    if params.model.load_in_4bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=params.train.gradient_checkpointing)
+    targets = _selected_modules(model, params)
+    lora = params.lora
+    peft_model = get_peft_model(model, LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", use_rslora=lora.use_rslora,
+        target_modules=target_regex(targets), task_type="CAUSAL_LM",
+    ))
+    if params.train.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        peft_model.enable_input_require_grads()
+    return EngineModel(peft_model, load_tokenizer(files, params.model), targets)
+
+
+def build_unsloth(files: BaseModelFiles, params: Params, variant: VariantParams) -> EngineModel:
+    import torch
+    import unsloth  # noqa: F401  (patches transformers/TRL: this process trains one variant)
+    from unsloth import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=str(files.hf_dir), max_seq_length=params.data.max_seq_length,
+        dtype=torch_dtype(params.model.dtype), load_in_4bit=params.model.load_in_4bit,
+        trust_remote_code=params.model.trust_remote_code,
+    )
+    targets = _selected_modules(model, params)
+    lora = params.lora
+    peft_model = FastLanguageModel.get_peft_model(
+        model, r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+        target_modules=target_regex(targets), use_rslora=lora.use_rslora, random_state=params.train.seed,
+        use_gradient_checkpointing="unsloth" if params.train.gradient_checkpointing else False,
+    )
+    notes = [f"unsloth on {'cuda' if torch.cuda.is_available() else 'cpu'}"]
+    if variant.grit:
+        restored = restore_unfused_lora(peft_model)
+        if restored:
+            notes.append(f"restored PEFT forwards on {restored} fused Unsloth LoRA modules so GRIT can capture")
+    return EngineModel(peft_model, load_tokenizer(files, params.model), targets, notes)
+
+
+def restore_unfused_lora(model) -> int:
+    """Put PEFT's LoRA forwards back where Unsloth installed fused kernels; returns how many."""
+    try:
+        from unsloth.models import llama as unsloth_llama
+    except ImportError:
+        return 0
+    fused = getattr(unsloth_llama, "_fused_lora_modules", None)
+    restore = getattr(unsloth_llama, "_decline_fused_lora_for_fsdp", None)
+    if fused is None or restore is None or not fused(model):
+        return 0
+    return int(restore(model))
+
+
+def build_engine(files: BaseModelFiles, params: Params, variant: VariantParams) -> EngineModel:
+    if variant.engine == "unsloth":
+        return build_unsloth(files, params, variant)
+    return build_peft(files, params)

@@ -1,0 +1,157 @@
+"""Train one variant: engine -> ordered data -> (GRIT) -> TRL SFTTrainer -> adapter + metadata.
+
+Every variant runs this same recipe; only the engine (Unsloth or PEFT) and the GRIT door
+(callback for Unsloth, optimizer wrapper for PEFT) differ. A killed run resumes from the last
+checkpoint in ``checkpoint_dir`` (adapter, optimizer, scheduler, RNG, GRIT state and the batch
+digests so far) when that checkpoint was made with the same parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.params import Params, VariantParams, params_hash
+from trainers.base_model import BaseModelFiles
+from trainers.engines import build_engine
+from trainers.sft import PaddingCollator, StepLog, fair_trainer_class, order_hash, ordered_examples, read_jsonl
+
+GRIT_STATE = "grit_state.pt"
+RESUME_KEY = "resume.json"
+
+
+@dataclass
+class TrainResult:
+    variant: str
+    engine: str
+    adapter_dir: Path
+    metadata: dict[str, Any]
+    steps: list[dict[str, Any]]
+
+
+def _latest_checkpoint(checkpoint_dir: Path, key: str) -> Path | None:
+    marker = checkpoint_dir / RESUME_KEY
+    if not marker.is_file() or json.loads(marker.read_text()).get("key") != key:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # another configuration's checkpoints
+        return None
+    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return checkpoints[-1] if checkpoints else None
+
+
+class _SaveExtraState:
+    """Trainer callback: GRIT state and batch digests go into every checkpoint folder."""
+
+    def __init__(self, trainer_ref: list, manager) -> None:
+        self.trainer_ref, self.manager = trainer_ref, manager
+
+    def __call__(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"grit": self.manager.state_dict() if self.manager else None,
+                    "batch_digests": list(self.trainer_ref[0].batch_digests)}, folder / GRIT_STATE)
+
+
+def train_variant(
+    name: str, variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
+    adapter_dir: Path, checkpoint_dir: Path, live=None,
+) -> TrainResult:
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    torch.manual_seed(params.train.seed)
+    engine = build_engine(files, params, variant)
+    model, tokenizer = engine.model, engine.tokenizer
+    train = params.train
+    n_needed = train.max_steps * train.per_device_batch_size * train.gradient_accumulation_steps
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(ordered_examples(read_jsonl(data_dir / "train.jsonl"), tokenizer, n_needed, train.seed))
+
+    manager = None
+    callbacks: list[Any] = []
+    if variant.grit:
+        from trainers.grit import GritManager
+
+        manager = GritManager(model, params.grit, total_steps=train.max_steps)
+        if variant.engine == "unsloth":
+            callbacks.append(manager.callback())  # the hybrid: GRIT as a Trainer callback
+    door = manager if (manager is not None and variant.engine == "peft") else None
+
+    config = SFTConfig(
+        output_dir=str(checkpoint_dir), max_steps=train.max_steps, per_device_train_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps, learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler, warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
+        max_grad_norm=0.0 if door is not None else train.max_grad_norm, optim="adamw_torch", seed=train.seed,
+        data_seed=train.seed, logging_steps=1, save_strategy="steps", save_steps=train.save_steps, save_total_limit=1,
+        report_to=[], remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
+        use_cpu=not torch.cuda.is_available(), bf16=params.model.dtype == "bfloat16", fp16=False,
+        dataloader_num_workers=0, disable_tqdm=False, gradient_checkpointing=False,
+    )
+    trainer_ref: list = []
+    step_log = StepLog(trainer_ref, manager, live)
+    save_extra = _SaveExtraState(trainer_ref, manager)
+
+    class SaveHook(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            save_extra(args, state, control, **kwargs)
+
+    trainer = fair_trainer_class(SFTTrainer)(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+        data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[*callbacks, step_log, SaveHook()],
+        grit_optimizer_door=door, grit_max_grad_norm=train.max_grad_norm,
+    )
+    trainer_ref.append(trainer)
+
+    key = params_hash(params) + ":" + name
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = _latest_checkpoint(checkpoint_dir, key)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir / RESUME_KEY).write_text(json.dumps({"key": key}))
+    if resume_from is not None:
+        extra = torch.load(resume_from / GRIT_STATE, weights_only=False)
+        trainer.batch_digests = list(extra["batch_digests"])
+        if manager is not None:
+            manager.load_state_dict(extra["grit"])
+        print(f"[train] {name}: resuming from {resume_from.name}")
+
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    trainer.model.save_pretrained(adapter_dir)
+    ranks = manager.effective_ranks() if manager else {}
+    scalings = {}
+    for module_name, module in trainer.model.named_modules():
+        if hasattr(module, "scaling") and isinstance(getattr(module, "scaling"), dict) and "default" in module.scaling:
+            scalings[module_name] = float(module.scaling["default"])
+            ranks.setdefault(module_name, int(module.r["default"]))
+    throughputs = [r["tokens_per_second"] for r in step_log.rows if r["tokens_per_second"] is not None]
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metadata = {
+        "variant": name, "engine": variant.engine, "grit": variant.grit,
+        "grit_door": ("callback" if variant.engine == "unsloth" else "optimizer") if variant.grit else None,
+        "engine_notes": engine.notes, "target_modules": engine.target_modules,
+        "lora": params.lora.model_dump(mode="json"), "effective_ranks": ranks, "scalings": scalings,
+        "batch_order_hash": order_hash(trainer.batch_digests), "batches_trained": len(trainer.batch_digests),
+        "train_seconds": seconds, "final_loss": step_log.rows[-1]["loss"] if step_log.rows else None,
+        "train_loss": output.training_loss, "steps": trainer.state.global_step,
+        "tokens_per_second": sum(throughputs) / len(throughputs) if throughputs else None,
+        "peak_rss_mib": peak_rss_mib,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "grit_all_ready": manager.all_ready() if manager else None,
+        "grit_diagnostics": manager.diagnostics() if manager else None,
+        "resumed_from": resume_from.name if resume_from else None,
+    }
+    (adapter_dir / "grit_metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if manager is not None:
+        manager.detach()
+    return TrainResult(name, variant.engine, adapter_dir, metadata, step_log.rows)

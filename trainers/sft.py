@@ -1,0 +1,147 @@
+"""What every variant's training shares: the ordered data, the fair trainer and the step log.
+
+Fairness is enforced here, not hoped for: the training examples are put in one seeded order
+(whole shuffled epochs, cut to exactly ``max_steps * batch * accumulation``) and read
+sequentially, so every variant sees the same batches; ``FairSFTTrainer`` hashes the token ids
+of every batch it actually trains on (``batch_order_hash``), and the stage compares those hashes
+across variants.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from trainers.data.formatting import TokenizedExample, pad_batch, tokenize_chat
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def training_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
+    """Indices of ``n_needed`` examples: consecutive epochs, each a fresh seeded shuffle."""
+    if n_examples == 0:
+        raise ValueError("no training examples")
+    order: list[int] = []
+    epoch = 0
+    while len(order) < n_needed:
+        indices = list(range(n_examples))
+        random.Random(f"{seed}:epoch:{epoch}").shuffle(indices)
+        order += indices
+        epoch += 1
+    return order[:n_needed]
+
+
+def ordered_examples(rows: Sequence[dict], tokenizer, n_needed: int, seed: int) -> list[dict]:
+    """Tokenized examples (input_ids, labels) in the one training order shared by all variants."""
+    tokenized = [tokenize_chat(tokenizer, row["prompt"], row["response"]) for row in rows]
+    return [{"input_ids": tokenized[i].input_ids, "labels": tokenized[i].labels}
+            for i in training_order(len(tokenized), n_needed, seed)]
+
+
+class PaddingCollator:
+    """Dynamic padding of pre-tokenized examples (see ``trainers/data/formatting.py``)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return pad_batch([TokenizedExample(list(f["input_ids"]), list(f["labels"])) for f in features], self.pad_id)
+
+
+def batch_digest(input_ids: torch.Tensor) -> str:
+    return hashlib.sha256(input_ids.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def order_hash(digests: Sequence[str]) -> str:
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def fair_trainer_class(base: type) -> type:
+    """A subclass of ``base`` (TRL's SFTTrainer, as patched or not by Unsloth) that reads the
+    data in order, records what it trains on, and can hand the optimizer to GRIT."""
+
+    class FairSFTTrainer(base):
+        def __init__(self, *args, grit_optimizer_door=None, grit_max_grad_norm: float | None = None, **kwargs):
+            self.batch_digests: list[str] = []
+            self.step_tokens = 0
+            self._grit_manager = grit_optimizer_door
+            self._grit_max_grad_norm = grit_max_grad_norm
+            super().__init__(*args, **kwargs)
+
+        def _get_train_sampler(self, *args, **kwargs):
+            # The data is already in the shared seeded order; no trainer may reshuffle it.
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            self.batch_digests.append(batch_digest(inputs["input_ids"]))
+            self.step_tokens += int(inputs["attention_mask"].sum())
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # The model's own causal-LM loss (mean over response tokens) for every variant. TRL's
+            # default routes the loss through a fused Triton LM head that needs a GPU, and one
+            # loss definition for all engines is what a fair comparison needs anyway.
+            return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+        def create_optimizer(self, *args, **kwargs):
+            optimizer = super().create_optimizer(*args, **kwargs)
+            if self._grit_manager is not None and not hasattr(self.optimizer, "manager"):
+                # Pure GRIT: the wrapper clips after preconditioning; the Trainer must not clip first.
+                self.optimizer = self._grit_manager.wrap_optimizer(optimizer, self._grit_max_grad_norm)
+            return self.optimizer
+
+    return FairSFTTrainer
+
+
+class StepLog(TrainerCallback):
+    """Per optimizer step: loss, gradient norms, learning rate, tokens/s, rows captured."""
+
+    def __init__(self, trainer_ref: list, manager=None, live=None) -> None:
+        self.trainer_ref, self.manager, self.live = trainer_ref, manager, live
+        self.rows: list[dict[str, float | int | None]] = []
+        self._started = time.perf_counter()
+        self._pending: dict[str, float | int | None] = {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._started = time.perf_counter()
+        self.trainer_ref[0].step_tokens = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = time.perf_counter() - self._started
+        trainer = self.trainer_ref[0]
+        scheduler = kwargs.get("lr_scheduler")
+        report = self.manager.last_report if self.manager is not None else {}
+        self._pending = {
+            "step": state.global_step,
+            "learning_rate": float(scheduler.get_last_lr()[0]) if scheduler is not None else None,
+            "tokens_per_second": trainer.step_tokens / elapsed if elapsed > 0 else None,
+            "grad_norm_raw": report.get("grad_norm_raw"),
+            "grad_norm_preconditioned": report.get("grad_norm_preconditioned"),
+            "rows_captured": int(report["rows_captured"]) if "rows_captured" in report else None,
+        }
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending or logs is None or "loss" not in logs:
+            return
+        row = {**self._pending, "loss": float(logs["loss"])}
+        if row["grad_norm_raw"] is None and logs.get("grad_norm") is not None:
+            row["grad_norm_raw"] = float(logs["grad_norm"])
+        self.rows.append(row)
+        self._pending = {}
+        if self.live is not None:
+            self.live.step = int(row["step"])
+            for key, value in row.items():
+                if key != "step" and value is not None:
+                    self.live.log_metric(f"train/{key}", value)
+            self.live.next_step()
