@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from pipelines.params import Params, VariantParams, params_hash
 from trainers.base_model import BaseModelFiles
 from trainers.engines import build_engine
+from trainers.grit.manager import lora_layers
 from trainers.sft import PaddingCollator, StepLog, fair_trainer_class, order_hash, ordered_examples, read_jsonl
 
 GRIT_STATE = "grit_state.pt"
@@ -45,13 +47,13 @@ def _latest_checkpoint(checkpoint_dir: Path, key: str) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-class _SaveExtraState:
-    """Trainer callback: GRIT state and batch digests go into every checkpoint folder."""
+class SaveExtraState(TrainerCallback):
+    """GRIT state and the batch digests so far go into every checkpoint folder."""
 
     def __init__(self, trainer_ref: list, manager) -> None:
         self.trainer_ref, self.manager = trainer_ref, manager
 
-    def __call__(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         torch.save({"grit": self.manager.state_dict() if self.manager else None,
@@ -62,16 +64,15 @@ def train_variant(
     name: str, variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
     adapter_dir: Path, checkpoint_dir: Path, live=None,
 ) -> TrainResult:
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
+
+    from datasets import Dataset
 
     torch.manual_seed(params.train.seed)
     engine = build_engine(files, params, variant)
     model, tokenizer = engine.model, engine.tokenizer
     train = params.train
     n_needed = train.max_steps * train.per_device_batch_size * train.gradient_accumulation_steps
-    from datasets import Dataset
-
     dataset = Dataset.from_list(ordered_examples(read_jsonl(data_dir / "train.jsonl"), tokenizer, n_needed, train.seed))
 
     manager = None
@@ -96,21 +97,14 @@ def train_variant(
     )
     trainer_ref: list = []
     step_log = StepLog(trainer_ref, manager, live)
-    save_extra = _SaveExtraState(trainer_ref, manager)
-
-    class SaveHook(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            save_extra(args, state, control, **kwargs)
-
     trainer = fair_trainer_class(SFTTrainer)(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[*callbacks, step_log, SaveHook()],
+        data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[*callbacks, step_log, SaveExtraState(trainer_ref, manager)],
         grit_optimizer_door=door, grit_max_grad_norm=train.max_grad_norm,
     )
     trainer_ref.append(trainer)
 
     key = params_hash(params) + ":" + name
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
     resume_from = _latest_checkpoint(checkpoint_dir, key)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     (checkpoint_dir / RESUME_KEY).write_text(json.dumps({"key": key}))
@@ -127,12 +121,9 @@ def train_variant(
 
     adapter_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(adapter_dir)
-    ranks = manager.effective_ranks() if manager else {}
-    scalings = {}
-    for module_name, module in trainer.model.named_modules():
-        if hasattr(module, "scaling") and isinstance(getattr(module, "scaling"), dict) and "default" in module.scaling:
-            scalings[module_name] = float(module.scaling["default"])
-            ranks.setdefault(module_name, int(module.r["default"]))
+    layers = lora_layers(trainer.model)
+    ranks = {name: int(layer.r[adapter]) for name, layer, adapter in layers}  # after any truncation
+    scalings = {name: float(layer.scaling[adapter]) for name, layer, adapter in layers}
     throughputs = [r["tokens_per_second"] for r in step_log.rows if r["tokens_per_second"] is not None]
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metadata = {
