@@ -9,6 +9,7 @@ digests so far) when that checkpoint was made with the same parameters.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import time
@@ -43,12 +44,15 @@ def _latest_checkpoint(checkpoint_dir: Path, key: str) -> Path | None:
     if not marker.is_file() or json.loads(marker.read_text()).get("key") != key:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)  # another configuration's checkpoints
         return None
-    checkpoints = sorted(checkpoint_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return checkpoints[-1] if checkpoints else None
+    # GRIT_STATE is written last and atomically (on_save runs after the Trainer's own files), so
+    # a checkpoint without it was interrupted while saving and is skipped.
+    complete = [p for p in checkpoint_dir.glob("checkpoint-*") if (p / GRIT_STATE).is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
 class SaveExtraState(TrainerCallback):
-    """GRIT state and the batch digests so far go into every checkpoint folder."""
+    """GRIT state and the batch digests so far go into every checkpoint folder; two checkpoints
+    are kept, so a kill while the newest is being written leaves the previous one complete."""
 
     def __init__(self, trainer_ref: list, manager) -> None:
         self.trainer_ref, self.manager = trainer_ref, manager
@@ -56,8 +60,10 @@ class SaveExtraState(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
+        partial = folder / f".{GRIT_STATE}.partial"
         torch.save({"grit": self.manager.state_dict() if self.manager else None,
-                    "batch_digests": list(self.trainer_ref[0].batch_digests)}, folder / GRIT_STATE)
+                    "batch_digests": list(self.trainer_ref[0].batch_digests)}, partial)
+        os.replace(partial, folder / GRIT_STATE)  # the checkpoint counts as complete only now
 
 
 def train_variant(
@@ -90,7 +96,7 @@ def train_variant(
         gradient_accumulation_steps=train.gradient_accumulation_steps, learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler, warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
         max_grad_norm=0.0 if door is not None else train.max_grad_norm, optim="adamw_torch", seed=train.seed,
-        data_seed=train.seed, logging_steps=1, save_strategy="steps", save_steps=train.save_steps, save_total_limit=1,
+        data_seed=train.seed, logging_steps=1, save_strategy="steps", save_steps=train.save_steps, save_total_limit=2,
         report_to=[], remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
         use_cpu=not torch.cuda.is_available(), bf16=params.model.dtype == "bfloat16", fp16=False,
         dataloader_num_workers=0, disable_tqdm=False, gradient_checkpointing=False,
