@@ -39,6 +39,10 @@ class GritConfig(BaseModel):
     damping_mode: Literal["relative", "absolute"] = "relative"
     damping_escalation: Annotated[list[float], Field(min_length=1)] = [1, 3, 10, 30, 100, 300]
     update_freq: Annotated[int, Field(gt=0)] = 10            # optimizer steps between inversions
+    # graft_norm: keep each tensor's raw gradient norm and take only the direction from the
+    # natural gradient. The inverse of a small rank-space factor inflates the gradient by orders
+    # of magnitude that vary step to step; clipped and fed to Adam that mostly shrinks updates.
+    graft_norm: bool = False
 
     # --- reprojection and rank adaptation
     reprojection: bool = False

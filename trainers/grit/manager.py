@@ -300,7 +300,9 @@ class GritManager:
         return [p for s in self.modules.values() for p in (s.lora_A.weight, s.lora_B.weight)]
 
     def precondition(self) -> int:
-        """Rewrite ``.grad`` of every lora_A / lora_B whose side has an inverse; returns how many."""
+        """Rewrite ``.grad`` of every lora_A / lora_B whose side has an inverse; returns how many.
+        With ``graft_norm`` each natural gradient keeps its raw gradient's norm (direction from
+        GRIT, magnitude from the gradient), as Shampoo grafts onto a base optimizer."""
         applied = 0
         with torch.no_grad():
             for state in self.modules.values():
@@ -309,7 +311,10 @@ class GritManager:
                     inverse = state.inverse[side]
                     if inverse is None or weight.grad is None:
                         continue
-                    weight.grad.copy_(apply(weight.grad, inverse.to(weight.grad.device)))
+                    natural = apply(weight.grad, inverse.to(weight.grad.device))
+                    if self.config.graft_norm:
+                        natural = gm.graft(natural, weight.grad)
+                    weight.grad.copy_(natural)
                     applied += 1
         return applied
 

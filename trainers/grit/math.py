@@ -112,6 +112,12 @@ def precondition_A(grad_A: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     return inverse.to(grad_A.dtype) @ grad_A
 
 
+def graft(direction: torch.Tensor, magnitude_from: torch.Tensor) -> torch.Tensor:
+    """``direction`` rescaled to the Frobenius norm of ``magnitude_from`` (0 stays 0)."""
+    norm = direction.norm()
+    return direction if norm == 0 else direction * (magnitude_from.norm() / norm)
+
+
 def condition_number(matrix: torch.Tensor) -> float:
     eigenvalues = torch.linalg.eigvalsh(0.5 * (matrix + matrix.T)).abs()
     smallest = float(eigenvalues.min())

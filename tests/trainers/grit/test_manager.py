@@ -217,3 +217,17 @@ def test_bypassed_capture_fails_loudly_at_the_first_step():
     model(**batches(1)[0]).loss.backward()
     with pytest.raises(GritError, match=r"captured 0 token rows on 1/14 LoRA modules"):
         manager.before_step(1.0)
+
+
+def test_graft_norm_keeps_each_raw_gradient_norm():
+    model = tiny_lora_model(random_B=True)
+    manager = GritManager(model, GritConfig(min_samples=1, graft_norm=True))
+    model(**batches(1)[0]).loss.backward()
+    raw = {id(p): p.grad.norm().item() for p in manager.lora_parameters()}
+    before = {id(p): p.grad.clone() for p in manager.lora_parameters()}
+    manager.sync_factors()
+    manager.refresh_inverses(force=True)
+    assert manager.precondition() == 2 * len(manager.modules)
+    for parameter in manager.lora_parameters():
+        assert parameter.grad.norm().item() == pytest.approx(raw[id(parameter)], rel=1e-5)
+    assert any(gm.cosine(p.grad, before[id(p)]) < 0.999 for p in manager.lora_parameters())

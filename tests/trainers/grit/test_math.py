@@ -81,3 +81,10 @@ def test_reprojection_with_full_basis_is_identity_and_truncation_is_exact():
     A_small, B_small = gm.truncate_factors(A_projected, B, basis)
     assert A_small.shape == (2, 6) and B_small.shape == (5, 2)
     assert torch.allclose(B_small @ A_small, B @ A_projected, atol=1e-5)
+
+
+def test_graft_keeps_the_direction_and_takes_the_norm():
+    direction, raw = torch.tensor([[3.0, 4.0]]), torch.tensor([[0.0, 10.0]])
+    grafted = gm.graft(direction, raw)
+    assert torch.allclose(grafted, torch.tensor([[6.0, 8.0]]))
+    assert torch.equal(gm.graft(torch.zeros(1, 2), raw), torch.zeros(1, 2))
