@@ -70,9 +70,8 @@ def train_variant(
     name: str, variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
     adapter_dir: Path, checkpoint_dir: Path, live=None,
 ) -> TrainResult:
-    from trl import SFTConfig, SFTTrainer
-
     from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
 
     torch.manual_seed(params.train.seed)
     engine = build_engine(files, params, variant)
@@ -128,8 +127,8 @@ def train_variant(
     adapter_dir.mkdir(parents=True, exist_ok=True)
     trainer.model.save_pretrained(adapter_dir)
     layers = lora_layers(trainer.model)
-    ranks = {name: int(layer.r[adapter]) for name, layer, adapter in layers}  # after any truncation
-    scalings = {name: float(layer.scaling[adapter]) for name, layer, adapter in layers}
+    ranks = {module: int(layer.r[adapter]) for module, layer, adapter in layers}  # after any truncation
+    scalings = {module: float(layer.scaling[adapter]) for module, layer, adapter in layers}
     throughputs = [r["tokens_per_second"] for r in step_log.rows if r["tokens_per_second"] is not None]
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metadata = {
