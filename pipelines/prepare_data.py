@@ -10,13 +10,11 @@ previous outputs untouched.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.errors import UserError
-from pipelines.files import atomic_write_json, sha256_file
+from pipelines.files import atomic_write_json, fresh_staging_dir, publish_directory, sha256_file
 from pipelines.params import Params
 from pipelines.stage import StageContext, run_stage
 from trainers.base_model import check_runtime, load_tokenizer, resolve_base_model
@@ -124,9 +122,7 @@ def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
         "eval_facts.jsonl": loaded.eval_sets.facts,
     }
     final = ctx.root / OUT_DIR
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_staging_dir(final)
     for name, payload in outputs.items():
         _write_jsonl(tmp / name, payload)
     manifest = {
@@ -149,16 +145,7 @@ def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
         "files": {name: sha256_file(tmp / name) for name in outputs},
     }
     atomic_write_json(tmp / "manifest.json", manifest)
-    # Swap directories by rename only after every file is written: a failure before this point
-    # leaves the previous outputs as they were.
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(final)
+    publish_directory(tmp, final)  # only now, after every file is written
     metrics = {"train_examples": len(train), "validation_examples": len(validation),
                "train_tokens": sum(r["n_tokens"] for r in train),
                **{k: v for k, v in sorted(report.counts.items())}}

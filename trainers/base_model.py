@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipelines.errors import UserError
-from pipelines.files import cache_dir, sha256_file
+from pipelines.files import cache_dir, fresh_staging_dir, publish_directory, sha256_file
 from pipelines.params import ModelParams, TinyModelParams
 
 if TYPE_CHECKING:
@@ -120,24 +118,13 @@ def tokenizer_from_gguf(gguf_path: Path) -> PreTrainedTokenizerBase:
 
 
 def _publish(tmp: Path, final: Path) -> Path:
-    """Move a fully written directory into place; a crash before this leaves no half cache."""
+    """Mark a fully written cache directory complete and put it in place."""
     (tmp / _COMPLETE_MARK).write_text("ok\n")
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    return final
+    return publish_directory(tmp, final)
 
 
 def _is_complete(path: Path) -> bool:
     return (path / _COMPLETE_MARK).is_file()
-
-
-def _fresh_tmp(final: Path) -> Path:
-    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
 
 
 def dequantize_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
@@ -172,7 +159,7 @@ def embedded_tokenizer_dir() -> Path:
     final = cache_dir() / "tokenizers" / f"smollm2-{sha256_file(gguf)[:16]}-{CACHE_FORMAT}"
     if _is_complete(final):
         return final
-    tmp = _fresh_tmp(final)
+    tmp = fresh_staging_dir(final)
     tokenizer_from_gguf(gguf).save_pretrained(tmp)
     return _publish(tmp, final)
 
@@ -212,7 +199,7 @@ def _resolve_embedded() -> BaseModelFiles:
     digest = sha256_file(gguf)
     final = cache_dir() / "models" / f"smollm2-135m-instruct-{digest[:16]}-{CACHE_FORMAT}"
     if not _is_complete(final):
-        tmp = _fresh_tmp(final)
+        tmp = fresh_staging_dir(final)
         dequantize_gguf_to_hf(gguf, tmp)
         _publish(tmp, final)
     return BaseModelFiles("embedded", EMBEDDED_NAME, final, gguf, digest)
@@ -223,7 +210,7 @@ def _resolve_tiny(tiny: TinyModelParams) -> BaseModelFiles:
     digest = tiny_config_digest(tiny, tokenizer_dir)
     final = cache_dir() / "models" / f"tiny-llama-{digest}"
     if not _is_complete(final):
-        tmp = _fresh_tmp(final)
+        tmp = fresh_staging_dir(final)
         build_tiny_llama(tiny, tmp, tokenizer_dir)
         _publish(tmp, final)
     return BaseModelFiles("tiny", f"tiny-llama-{digest}", final, None, None)
