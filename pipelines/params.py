@@ -16,9 +16,11 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from export.config import ExportParams, ServeParams
 from pipelines.errors import UserError
 from trainers.grit.config import GritConfig
 from trainers.grit.layer_selection import LayerSelection
+from trainers.probe.config import ProbeParams
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
 
@@ -206,6 +208,8 @@ class Params(_Section):
         bad = [name for name in self.variants if not re.fullmatch(r"[a-z][a-z0-9_]*", name)]
         if bad:
             raise ValueError(f"variants: names must be lowercase identifiers (got {bad[0]!r})")
+        if self.probe.steps > self.train.max_steps:
+            raise ValueError(f"probe.steps ({self.probe.steps}) must not exceed train.max_steps ({self.train.max_steps})")
         return self
 
     profile: str = "default"
@@ -215,6 +219,9 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     grit: GritConfig = GritConfig()
     variants: dict[str, VariantParams] = DEFAULT_VARIANTS
+    probe: ProbeParams = ProbeParams()
+    export: ExportParams = ExportParams()
+    serve: ServeParams = ServeParams()
     store: StoreParams = StoreParams()
 
 
@@ -225,7 +232,7 @@ def _key_path(loc: tuple) -> str:
 def _one_line(error: ValidationError, source: str) -> str:
     """Turn pydantic's multi-line report into one sentence naming the first bad key."""
     first = error.errors()[0]
-    key = _key_path(first["loc"]) or "<root>"
+    key = _key_path(first["loc"])
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     else:
@@ -234,7 +241,7 @@ def _one_line(error: ValidationError, source: str) -> str:
             message += f" (got {first['input']!r})"
     more = len(error.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    return f"{source}: {key}: {message}{suffix}"
+    return f"{source}: {key + ': ' if key else ''}{message}{suffix}"
 
 
 def parse_params(raw: object, source: str = "params") -> Params:

@@ -38,7 +38,9 @@ def smoke_repo(tmp_path_factory, repo_root: Path = Path(__file__).resolve().pare
         if source.is_file():
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, copy / name)
+    # OLLAMA_HOST: a port nothing listens on, so a developer's own Ollama is never written to.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OLLAMA_HOST": "http://127.0.0.1:9",
            "PYTHONPATH": str(copy)}
     git = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
     _sh(["git", "init", "-q"], copy, env)
@@ -55,7 +57,7 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     params = load_params(repo / "params.yaml")
     declared = pipeline_stage_names(repo, params)
     assert {"prepare_model", "prepare_data", "train@baseline_lora", "train@hybrid_grit", "train@pure_grit",
-            "train@peft_lora"} <= set(declared)
+            "train@peft_lora", "probe", "export@pure_grit", "export@hybrid_grit", "serve"} <= set(declared)
     locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(declared) <= set(locked), f"stages that did not run: {set(declared) - set(locked)}"
 
@@ -75,6 +77,22 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
                 TrainMetric.run_id == run.id, TrainMetric.variant == variant).order_by(TrainMetric.step)).all()
             assert steps == list(range(1, params.train.max_steps + 1)), variant
     assert (repo / "artifacts/adapters/pure_grit/adapter_model.safetensors").is_file()
+
+    # The probe ran both GRIT variants against their same-engine controls: GRIT changed the updates.
+    probes = json.loads((repo / "metrics/probes.json").read_text())["variants"]
+    assert set(probes) == {"hybrid_grit", "pure_grit"}
+    for name, probe in probes.items():
+        assert probe["verdict"] == "effective", (name, probe["checks"])
+        assert probe["update_cosine_median"] < 0.99 and probe["loss_max_abs_difference"] > 0
+    assert (repo / "plots/probe_update_divergence.png").is_file()
+
+    # Every variant exported with proven parity; served by llama.cpp (no Ollama server in the test).
+    for variant in params.variants:
+        export = json.loads((repo / "artifacts/export" / variant / "export.json").read_text())
+        assert export["parity"]["adapter"]["agreement"] >= params.export.min_agreement, variant
+    manifest = json.loads((repo / "artifacts/serve/manifest.json").read_text())
+    assert manifest["backend"] == "llama.cpp" and set(manifest["models"]) == {"base", *params.variants}
+
 
     # A second repro with nothing changed runs no stage and leaves the store as it was.
     second = _sh(["dvc", "repro"], repo, env)

@@ -13,16 +13,17 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from pipelines.params import Params, VariantParams, params_hash
+from pipelines.params import Params, TrainParams, VariantParams, params_hash
 from trainers.base_model import BaseModelFiles
 from trainers.engines import build_engine
+from trainers.grit.config import GritConfig
 from trainers.grit.manager import lora_layers
 from trainers.sft import PaddingCollator, StepLog, fair_trainer_class, order_hash, ordered_examples, read_jsonl
 
@@ -39,6 +40,11 @@ class TrainResult:
     steps: list[dict[str, Any]]
 
 
+def examples_needed(train: TrainParams, steps: int | None = None) -> int:
+    """Examples for ``steps`` optimizer steps (all of training by default), in the shared order."""
+    return (steps or train.max_steps) * train.per_device_batch_size * train.gradient_accumulation_steps
+
+
 def _latest_checkpoint(checkpoint_dir: Path, key: str) -> Path | None:
     marker = checkpoint_dir / RESUME_KEY
     if not marker.is_file() or json.loads(marker.read_text()).get("key") != key:
@@ -51,62 +57,97 @@ def _latest_checkpoint(checkpoint_dir: Path, key: str) -> Path | None:
 
 
 class SaveExtraState(TrainerCallback):
-    """GRIT state and the batch digests so far go into every checkpoint folder; two checkpoints
-    are kept, so a kill while the newest is being written leaves the previous one complete."""
+    """GRIT state, the batch digests and the step log so far go into every checkpoint folder; two
+    checkpoints are kept, so a kill while the newest is being written leaves the previous one
+    complete."""
 
-    def __init__(self, trainer_ref: list, manager) -> None:
-        self.trainer_ref, self.manager = trainer_ref, manager
+    def __init__(self, trainer_ref: list, manager, step_log: StepLog) -> None:
+        self.trainer_ref, self.manager, self.step_log = trainer_ref, manager, step_log
 
     def on_save(self, args, state, control, **kwargs):
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         partial = folder / f".{GRIT_STATE}.partial"
         torch.save({"grit": self.manager.state_dict() if self.manager else None,
-                    "batch_digests": list(self.trainer_ref[0].batch_digests)}, partial)
+                    "batch_digests": list(self.trainer_ref[0].batch_digests),
+                    "step_rows": list(self.step_log.rows)}, partial)
         os.replace(partial, folder / GRIT_STATE)  # the checkpoint counts as complete only now
+
+
+@dataclass
+class GritAttachment:
+    """How GRIT enters one Trainer: its manager, Trainer callbacks, and the optimizer door."""
+
+    manager: Any = None
+    callbacks: list[Any] = field(default_factory=list)
+    optimizer_door: Any = None          # a manager whose ``wrap_optimizer`` takes the optimizer
+
+
+def grit_door(variant: VariantParams) -> str | None:
+    """The hybrid enters Unsloth's loop as a callback; pure GRIT owns the optimizer."""
+    if not variant.grit:
+        return None
+    return "callback" if variant.engine == "unsloth" else "optimizer"
+
+
+def attach_grit(model, config: GritConfig, door: str | None, total_steps: int) -> GritAttachment:
+    """The one way training wires GRIT onto a PEFT model (the probe measures this same wiring)."""
+    if door is None:
+        return GritAttachment()
+    from trainers.grit import GritManager
+
+    manager = GritManager(model, config, total_steps=total_steps)
+    if door == "callback":
+        return GritAttachment(manager, [manager.callback()])
+    return GritAttachment(manager, optimizer_door=manager)
+
+
+def build_trainer(
+    model, tokenizer, examples: list[dict], train: TrainParams, output_dir: Path, grit: GritAttachment,
+    callbacks: list[Any], bf16: bool = False, max_steps: int | None = None, checkpoints: bool = True,
+    progress: bool = True,
+):
+    """TRL's SFTTrainer (as patched by Unsloth when the engine imported it) in the fair form:
+    sequential batches, one loss, GRIT's door. ``callbacks`` run before GRIT's own."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    door = grit.optimizer_door
+    config = SFTConfig(
+        output_dir=str(output_dir), max_steps=max_steps or train.max_steps,
+        per_device_train_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps, learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler, warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
+        # Pure GRIT: the optimizer wrapper clips after preconditioning; the Trainer must not clip first.
+        max_grad_norm=0.0 if door is not None else train.max_grad_norm, optim="adamw_torch", seed=train.seed,
+        data_seed=train.seed, logging_steps=1, save_strategy="steps" if checkpoints else "no",
+        save_steps=train.save_steps, save_total_limit=2, report_to=[], remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, use_cpu=not torch.cuda.is_available(),
+        bf16=bf16, fp16=False, dataloader_num_workers=0, disable_tqdm=not progress, gradient_checkpointing=False,
+    )
+    return fair_trainer_class(SFTTrainer)(
+        model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
+        data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[*callbacks, *grit.callbacks],
+        grit_optimizer_door=door, grit_max_grad_norm=train.max_grad_norm,
+    )
 
 
 def train_variant(
     name: str, variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
     adapter_dir: Path, checkpoint_dir: Path, live=None,
 ) -> TrainResult:
-    from datasets import Dataset
-    from trl import SFTConfig, SFTTrainer
-
     torch.manual_seed(params.train.seed)
     engine = build_engine(files, params, variant)
     model, tokenizer = engine.model, engine.tokenizer
     train = params.train
-    n_needed = train.max_steps * train.per_device_batch_size * train.gradient_accumulation_steps
-    dataset = Dataset.from_list(ordered_examples(read_jsonl(data_dir / "train.jsonl"), tokenizer, n_needed, train.seed))
+    examples = ordered_examples(read_jsonl(data_dir / "train.jsonl"), tokenizer, examples_needed(train), train.seed)
+    grit = attach_grit(model, params.grit, grit_door(variant), train.max_steps)
+    manager = grit.manager
 
-    manager = None
-    callbacks: list[Any] = []
-    if variant.grit:
-        from trainers.grit import GritManager
-
-        manager = GritManager(model, params.grit, total_steps=train.max_steps)
-        if variant.engine == "unsloth":
-            callbacks.append(manager.callback())  # the hybrid: GRIT as a Trainer callback
-    door = manager if (manager is not None and variant.engine == "peft") else None
-
-    config = SFTConfig(
-        output_dir=str(checkpoint_dir), max_steps=train.max_steps, per_device_train_batch_size=train.per_device_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps, learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler, warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
-        max_grad_norm=0.0 if door is not None else train.max_grad_norm, optim="adamw_torch", seed=train.seed,
-        data_seed=train.seed, logging_steps=1, save_strategy="steps", save_steps=train.save_steps, save_total_limit=2,
-        report_to=[], remove_unused_columns=False, dataset_kwargs={"skip_prepare_dataset": True}, max_length=None,
-        use_cpu=not torch.cuda.is_available(), bf16=params.model.dtype == "bfloat16", fp16=False,
-        dataloader_num_workers=0, disable_tqdm=False, gradient_checkpointing=False,
-    )
     trainer_ref: list = []
     step_log = StepLog(trainer_ref, manager, live)
-    trainer = fair_trainer_class(SFTTrainer)(
-        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[*callbacks, step_log, SaveExtraState(trainer_ref, manager)],
-        grit_optimizer_door=door, grit_max_grad_norm=train.max_grad_norm,
-    )
+    trainer = build_trainer(model, tokenizer, examples, train, checkpoint_dir, grit,
+                            [step_log, SaveExtraState(trainer_ref, manager, step_log)], bf16=params.model.dtype == "bfloat16")
     trainer_ref.append(trainer)
 
     key = params_hash(params) + ":" + name
@@ -116,6 +157,7 @@ def train_variant(
     if resume_from is not None:
         extra = torch.load(resume_from / GRIT_STATE, weights_only=False)
         trainer.batch_digests = list(extra["batch_digests"])
+        step_log.replay(extra.get("step_rows", []))   # the log restarts complete, not at the checkpoint
         if manager is not None:
             manager.load_state_dict(extra["grit"])
         print(f"[train] {name}: resuming from {resume_from.name}")
@@ -133,7 +175,7 @@ def train_variant(
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metadata = {
         "variant": name, "engine": variant.engine, "grit": variant.grit,
-        "grit_door": ("callback" if variant.engine == "unsloth" else "optimizer") if variant.grit else None,
+        "grit_door": grit_door(variant),
         "engine_notes": engine.notes, "target_modules": engine.target_modules,
         "lora": params.lora.model_dump(mode="json"), "effective_ranks": ranks, "scalings": scalings,
         "batch_order_hash": order_hash(trainer.batch_digests), "batches_trained": len(trainer.batch_digests),

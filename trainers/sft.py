@@ -113,6 +113,21 @@ class StepLog(TrainerCallback):
         self._started = time.perf_counter()
         self._pending: dict[str, float | int | None] = {}
 
+    def replay(self, rows: list[dict[str, float | int | None]]) -> None:
+        """Start from the rows of a checkpoint (a resumed run logs every step exactly once)."""
+        self.rows = []
+        for row in rows:
+            self._record(dict(row))
+
+    def _record(self, row: dict[str, float | int | None]) -> None:
+        self.rows.append(row)
+        if self.live is not None:
+            self.live.step = int(row["step"])
+            for key, value in row.items():
+                if key != "step" and value is not None:
+                    self.live.log_metric(f"train/{key}", value)
+            self.live.next_step()
+
     def on_step_begin(self, args, state, control, **kwargs):
         self._started = time.perf_counter()
         self.trainer_ref[0].step_tokens = 0
@@ -137,11 +152,5 @@ class StepLog(TrainerCallback):
         row = {**self._pending, "loss": float(logs["loss"])}
         if row["grad_norm_raw"] is None and logs.get("grad_norm") is not None:
             row["grad_norm_raw"] = float(logs["grad_norm"])
-        self.rows.append(row)
         self._pending = {}
-        if self.live is not None:
-            self.live.step = int(row["step"])
-            for key, value in row.items():
-                if key != "step" and value is not None:
-                    self.live.log_metric(f"train/{key}", value)
-            self.live.next_step()
+        self._record(row)

@@ -77,6 +77,14 @@ def test_killed_training_resumes_to_the_uninterrupted_adapter(prepared: Path, tm
         assert (expected[name] - actual[name]).abs().max() <= 1e-6, name
     assert not checkpoints.exists(), "checkpoints are removed once the variant is trained"
 
+    # The step log of the resumed run is whole: every step once, the same losses as uninterrupted.
+    def losses(workdir: Path) -> list[tuple[int, float]]:
+        rows = (workdir / "dvclive/train/pure_grit/plots/metrics/train/loss.tsv").read_text().split("\n")[1:]
+        return [(int(r.split("\t")[0]), float(r.split("\t")[1])) for r in rows if r]
+
+    assert [step for step, _ in losses(killed)] == list(range(1, 41))
+    assert [x for _, x in losses(killed)] == pytest.approx([x for _, x in losses(straight)], abs=1e-5)
+
 
 def test_a_variant_trained_on_other_batches_fails_the_run(prepared: Path, tmp_path: Path):
     workdir = copy_of(prepared, tmp_path / "unfair")

@@ -1,0 +1,93 @@
+"""The embedded serving backend: llama.cpp (the engine Ollama runs) through llama-cpp-python.
+
+It loads exactly the files a Modelfile names (``FROM`` base GGUF, optional ``ADAPTER`` GGUF, or a
+merged GGUF), renders prompts with the same chat format as the Modelfile's ``TEMPLATE`` and stops
+at the same end-of-turn tokens. Decoding is greedy; speed comes from llama.cpp's own timers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.chat_format import ChatFormat
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    stopped_at_end_of_turn: bool      # False: ran into max_new_tokens (run-on text)
+    prompt_tokens: int
+    new_tokens: int
+    prefill_tokens_per_second: float | None
+    decode_tokens_per_second: float | None
+
+
+class LlamaCppModel:
+    def __init__(self, model_path: Path, chat: ChatFormat, adapter_path: Path | None = None, n_ctx: int = 2048,
+                 n_threads: int | None = None) -> None:
+        import os
+
+        from llama_cpp import Llama
+
+        # llama-cpp-python defaults to half the cores; a server uses them all.
+        n_threads = n_threads or os.cpu_count() or 1
+        self.chat = chat
+        self.llm = Llama(model_path=str(model_path), lora_path=str(adapter_path) if adapter_path else None,
+                         n_ctx=n_ctx, logits_all=False, seed=0, verbose=False, n_threads=n_threads,
+                         n_threads_batch=n_threads)
+        self.stop_ids = {self._single_token(stop) for stop in chat.stops} | {self.llm.token_eos()}
+
+    def _single_token(self, text: str) -> int:
+        ids = self.llm.tokenize(text.encode(), add_bos=False, special=True)
+        if len(ids) != 1:
+            raise ValueError(f"end-of-turn marker {text!r} is not one token in this model's vocabulary")
+        return ids[0]
+
+    def prompt_tokens(self, prompt: str, system: str | None = None) -> list[int]:
+        """The prompt as the Modelfile's TEMPLATE renders it, tokenized by llama.cpp."""
+        rendered = self.chat.render(prompt, system)
+        has_bos = bool(self.chat.bos) and rendered.startswith(self.chat.bos)
+        return self.llm.tokenize(rendered.encode(), add_bos=not has_bos, special=True)
+
+    def next_token_logits(self, prompt: str) -> np.ndarray:
+        tokens = self.prompt_tokens(prompt)
+        self.llm.reset()
+        self.llm.eval(tokens)
+        # Only the last position's logits are computed (logits_all would copy a vocabulary-wide
+        # row per decoded token, slowing generation by a third).
+        row = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+        return np.array(row, dtype=np.float64)
+
+    def generate(self, prompt: str, max_new_tokens: int) -> Generation:
+        import llama_cpp
+
+        tokens = self.prompt_tokens(prompt)
+        self.llm.reset()
+        context = self.llm._ctx.ctx
+        llama_cpp.llama_perf_context_reset(context)
+        out: list[int] = []
+        stopped = False
+        for token in self.llm.generate(tokens, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            if token in self.stop_ids:
+                stopped = True
+                break
+            out.append(token)
+            if len(out) >= max_new_tokens:
+                break
+        perf = llama_cpp.llama_perf_context(context)
+        return Generation(
+            text=self.llm.detokenize(out).decode("utf-8", errors="replace").strip(),
+            stopped_at_end_of_turn=stopped, prompt_tokens=len(tokens), new_tokens=len(out),
+            prefill_tokens_per_second=_rate(perf.n_p_eval, perf.t_p_eval_ms),
+            decode_tokens_per_second=_rate(perf.n_eval, perf.t_eval_ms),
+        )
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _rate(count: int, milliseconds: float) -> float | None:
+    return count / milliseconds * 1000 if count > 0 and milliseconds > 0 else None

@@ -1,0 +1,43 @@
+"""The ``export`` and ``serve`` params sections."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Quantization = Literal["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
+
+
+class ExportParams(BaseModel):
+    """Adapters -> GGUF, merged GGUFs, Modelfiles, and the parity check that proves them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # base GGUF for source hf/tiny (the embedded default always serves its package Q4_1 file)
+    quantization: Quantization = "Q4_1"
+    merged: bool = True
+    # merged GGUFs: quantising W + s B A anew adds a full 4-bit rounding on top of the base's;
+    # measured on SmolLM2-135M, Q4_1 misses parity (KL 0.15 nats) where Q8_0 keeps it
+    merged_quantization: Quantization = "Q8_0"
+    # parity of the served files with the PEFT model on held-out prompts; failing it fails the stage
+    parity_prompts: Annotated[int, Field(gt=0)] = 20
+    min_agreement: Annotated[float, Field(ge=0, le=1)] = 0.95
+    max_mean_kl: Annotated[float, Field(gt=0)] = 0.02
+    # deterministic Modelfile defaults, so that evaluation through Ollama is reproducible
+    temperature: Annotated[float, Field(ge=0)] = 0.0
+    seed: int = 0
+    num_predict: Annotated[int, Field(gt=0)] = 256
+    num_ctx: Annotated[int, Field(gt=0)] = 2048
+
+
+class ServeParams(BaseModel):
+    """Registration with Ollama when a server is reachable; llama.cpp serves otherwise."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ollama_host: str | None = None     # null: $OLLAMA_HOST, else http://127.0.0.1:11434
+    weights: Literal["adapter", "merged"] = "adapter"   # merged is used when Ollama refuses adapters
+    check_prompt: str = "What is the capital of France? Answer in one sentence."
+    max_new_tokens: Annotated[int, Field(gt=0)] = 64
+    timeout_s: Annotated[float, Field(gt=0)] = 5.0

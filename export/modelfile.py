@@ -1,0 +1,55 @@
+"""Ollama Modelfiles and the ``ollama create`` payload, from one description of a served model."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.chat_format import ChatFormat, modelfile_escape
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What Ollama (or llama.cpp) serves for one variant: files, template, stops, defaults."""
+
+    name: str                              # the Ollama model name, e.g. pure_grit_model
+    variant: str                           # "base" or a variant of params.yaml
+    base_gguf: Path
+    chat: ChatFormat
+    adapter_gguf: Path | None = None
+    merged_gguf: Path | None = None
+    parameters: dict[str, float | int] = field(default_factory=dict)
+
+    def weights(self, prefer: str) -> tuple[Path, Path | None]:
+        """(FROM file, ADAPTER file or None) for ``prefer`` = adapter | merged."""
+        if prefer == "merged" and self.merged_gguf is not None:
+            return self.merged_gguf, None
+        return self.base_gguf, self.adapter_gguf
+
+    def modelfile(self, prefer: str = "adapter") -> str:
+        model, adapter = self.weights(prefer)
+        form = "base + adapter" if adapter else ("merged weights" if model == self.merged_gguf else "base")
+        lines = [f"# {self.name}: {self.variant} ({form})", f"FROM {model}"]
+        if adapter is not None:
+            lines.append(f"ADAPTER {adapter}")
+        lines.append(f"TEMPLATE {modelfile_escape(self.chat.ollama_template)}")
+        if self.chat.default_system:
+            lines.append(f"SYSTEM {modelfile_escape(self.chat.default_system)}")
+        lines += [f'PARAMETER stop "{stop}"' for stop in self.chat.stops]
+        lines += [f"PARAMETER {key} {value}" for key, value in self.parameters.items()]
+        return "\n".join(lines) + "\n"
+
+    def create_command(self, modelfile_path: Path) -> str:
+        return f"ollama create {shlex.quote(self.name)} -f {shlex.quote(str(modelfile_path))}"
+
+    def create_payload(self, digests: dict[Path, str], prefer: str) -> dict:
+        """Keyword arguments of ``ollama.Client.create`` (blobs uploaded beforehand)."""
+        model, adapter = self.weights(prefer)
+        payload = {"model": self.name, "files": {model.name: digests[model]}, "template": self.chat.ollama_template,
+                   "parameters": {"stop": list(self.chat.stops), **self.parameters}}
+        if adapter is not None:
+            payload["adapters"] = {adapter.name: digests[adapter]}
+        if self.chat.default_system:
+            payload["system"] = self.chat.default_system
+        return payload

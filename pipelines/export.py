@@ -1,0 +1,154 @@
+"""DVC stage ``export@<variant>``: the trained adapter as GGUF files and Ollama Modelfiles.
+
+Writes ``artifacts/export/<variant>/``: ``adapter.gguf`` (scaling folded into B, llama.cpp's own
+converter), ``merged.gguf`` (adapter merged into the fp32 base, quantised per
+``export.quantization``), ``Modelfile`` (FROM base + ADAPTER) and ``Modelfile.merged``, and
+``export.json`` (files, sha256, chat format, parity figures). Before publishing, the served files
+are compared with the PEFT model on held-out prompts (``export/parity.py``); an export that
+computes something else fails the stage and leaves the previous export as it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from db.models import EvalMetric
+from pipelines.errors import UserError
+from pipelines.files import fresh_staging_dir, publish_directory, sha256_file
+from pipelines.params import Params
+from pipelines.stage import StageContext, run_stage
+
+ADAPTERS = Path("artifacts/adapters")
+EXPORTS = Path("artifacts/export")
+PARITY_SOURCE = Path("artifacts/data/eval_aqi.jsonl")
+
+
+def export_dir(variant: str) -> Path:
+    return EXPORTS / variant
+
+
+def ollama_name(variant: str) -> str:
+    return f"{variant}_model"
+
+
+def parity_prompts(root: Path, n: int) -> list[str]:
+    """The first ``n`` held-out prompts (harmful and benign alternate), never trained on."""
+    rows = [json.loads(line) for line in (root / PARITY_SOURCE).read_text().splitlines() if line.strip()]
+    return [row["prompt"] for row in rows[:n]]
+
+
+def export_variant(ctx: StageContext, variant: str, staging: Path) -> dict[str, Any]:
+    from peft import PeftModel
+
+    from export.adapter import convert_adapter, folded_adapter
+    from export.backend import LlamaCppModel
+    from export.chat_format import chat_format
+    from export.gguf import base_gguf, merged_gguf
+    from export.modelfile import ServedModel
+    from export.parity import next_token_parity, peft_next_token_logits
+    from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+
+    params, settings = ctx.params, ctx.params.export
+    files = resolve_base_model(params.model)
+    chat = chat_format(load_tokenizer(files, params.model))
+    adapter_dir = ctx.root / ADAPTERS / variant
+    metadata = json.loads((adapter_dir / "grit_metadata.json").read_text())
+    base = base_gguf(files, settings.quantization)
+
+    with tempfile.TemporaryDirectory(prefix=f"export-{variant}-") as scratch:
+        folded = folded_adapter(adapter_dir, Path(scratch) / "folded", metadata.get("scalings"))
+        adapter = convert_adapter(folded, files.hf_dir, staging / "adapter.gguf")
+    merged = merged_gguf(files, adapter, staging / "merged.gguf", settings.merged_quantization) if settings.merged else None
+    served = ServedModel(
+        name=ollama_name(variant), variant=variant, base_gguf=base, chat=chat, adapter_gguf=adapter,
+        merged_gguf=merged, parameters={"temperature": settings.temperature, "seed": settings.seed,
+                                        "num_predict": settings.num_predict, "num_ctx": settings.num_ctx})
+
+    # Parity: the PEFT model (what was trained) against each served form of it.
+    prompts = parity_prompts(ctx.root, settings.parity_prompts)
+    fp32 = params.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
+    reference_model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(adapter_dir))
+    reference = peft_next_token_logits(reference_model, load_tokenizer(files, params.model), prompts, chat)
+    del reference_model
+    parity = {}
+    for form, (model_file, adapter_file) in {"adapter": (base, adapter), "merged": (merged, None)}.items():
+        if model_file is None:
+            continue
+        llm = LlamaCppModel(model_file, chat, adapter_file, n_ctx=settings.num_ctx)
+        parity[form] = next_token_parity(reference, [llm.next_token_logits(p) for p in prompts])
+        llm.close()
+        print(f"[export] {variant} ({form}): {parity[form].describe()}")
+    failed = {form: p for form, p in parity.items() if not p.passes(settings.min_agreement, settings.max_mean_kl)}
+    if failed:
+        raise UserError(f"{variant}: the exported GGUF does not compute what the PEFT model computes ("
+                        + "; ".join(f"{form}: {p.describe()}" for form, p in failed.items())
+                        + f"; need >= {settings.min_agreement:.0%} and <= {settings.max_mean_kl} nats)")
+
+    (staging / "Modelfile").write_text(_relative(served.modelfile("adapter"), staging))
+    if merged is not None:
+        (staging / "Modelfile.merged").write_text(_relative(served.modelfile("merged"), staging))
+    return {
+        "variant": variant, "ollama_name": served.name, "chat_family": chat.family, "stops": list(chat.stops),
+        "system": chat.default_system, "template": chat.ollama_template, "parameters": served.parameters,
+        "base_gguf": str(base), "base_gguf_sha256": sha256_file(base),
+        "adapter_gguf": adapter.name, "adapter_gguf_sha256": sha256_file(adapter),
+        "merged_gguf": merged.name if merged else None,
+        "merged_gguf_sha256": sha256_file(merged) if merged else None,
+        "quantization": "Q4_1 (package file)" if files.source == "embedded" else settings.quantization,
+        "merged_quantization": settings.merged_quantization if merged else None,
+        "parity": {form: vars(p) for form, p in parity.items()},
+    }
+
+
+def _relative(modelfile: str, folder: Path) -> str:
+    """Files inside the export folder are named relative to the Modelfile (``ollama create -f``
+    resolves them from its folder), so the folder can move; the base stays absolute."""
+    return modelfile.replace(f" {folder}/", " ./")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--variant", required=True)
+    known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
+    variant = known.variant
+
+    def preflight(params: Params) -> None:
+        from export.llama_cpp import converter
+
+        if variant not in params.variants:
+            raise UserError(f"variants: no variant named {variant!r}; declared: {', '.join(params.variants)}")
+        if not (ADAPTERS / variant / "adapter_model.safetensors").is_file():
+            raise UserError(f"{ADAPTERS / variant} holds no adapter; run `dvc repro train@{variant}` first")
+        if not PARITY_SOURCE.is_file():
+            raise UserError(f"{PARITY_SOURCE} is missing; run `dvc repro prepare_data` first")
+        converter("lora"), converter("hf")   # one-line setup hint when the converters are missing
+
+    def export(ctx: StageContext, _checked) -> dict[str, Path]:
+        final = ctx.root / export_dir(variant)
+        staging = fresh_staging_dir(final)
+        try:
+            manifest = export_variant(ctx, variant, staging)
+            (staging / "export.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        publish_directory(staging, final)
+        with ctx.store.transaction() as session:
+            for form, figures in manifest["parity"].items():
+                for key in ("agreement", "mean_kl", "max_kl"):
+                    ctx.store.replace_rows(session, EvalMetric, ctx.run_id, [{"value": figures[key], "n": figures["prompts"]}],
+                                           variant=variant, seed=0, metric=f"export_parity_{form}_{key}")
+        return {p.name: p for p in sorted(final.iterdir()) if p.is_file()}
+
+    return run_stage(f"export@{variant}", export, preflight=preflight, argv=rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,235 @@
+"""DVC stage ``probe``: does GRIT's preconditioning change the updates? (REFERENCE.md section 4)
+
+For every variant with ``grit: true``, in its own process (Unsloth patches libraries globally):
+build the variant's model as training does, run the first ``probe.steps`` training steps twice
+from the same initial adapter on the same batches, GRIT off (control) and GRIT attached as the
+variant attaches it, and measure what GRIT captured, inverted and changed
+(``trainers/probe``). The trained loss curves are compared with the same-engine control variant.
+
+Writes ``metrics/probes.json`` (verdicts, reasons, headline figures), ``artifacts/probes/<variant>.json``
+(every module), ``plots/probe_update_divergence.png`` and the store's ``probe_results``. Exits
+non-zero when a GRIT variant is inert, unless ``probe.allow_inert: true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from db.models import ProbeResult
+from pipelines.errors import UserError
+from pipelines.files import atomic_write_json
+from pipelines.params import Params, VariantParams, load_params
+from pipelines.stage import StageContext, run_stage
+
+DATA_DIR = Path("artifacts/data")
+DETAILS = Path("artifacts/probes")
+METRICS = Path("metrics/probes.json")
+PLOT = Path("plots/probe_update_divergence.png")
+LOSS_CURVE = "dvclive/train/{variant}/plots/metrics/train/loss.tsv"
+
+
+def grit_variants(params: Params) -> list[str]:
+    return [name for name, variant in params.variants.items() if variant.grit]
+
+
+def same_engine_control(variants: dict[str, VariantParams], name: str) -> str | None:
+    """The declared variant that differs from ``name`` only by having GRIT off."""
+    engine = variants[name].engine
+    return next((other for other, v in variants.items() if v.engine == engine and not v.grit), None)
+
+
+def read_loss_curve(root: Path, variant: str) -> dict[int, float] | None:
+    """step -> training loss from the variant's dvclive log (None when it was not trained)."""
+    path = root / LOSS_CURVE.format(variant=variant)
+    if not path.is_file():
+        return None
+    with path.open(newline="") as handle:
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(handle, delimiter="\t")}
+
+
+def common_steps(first: dict[int, float], second: dict[int, float]) -> tuple[list[float], list[float]]:
+    """Both curves on the steps they share, in step order."""
+    steps = sorted(first.keys() & second.keys())
+    return [first[s] for s in steps], [second[s] for s in steps]
+
+
+# ---------------------------------------------------------------------------------- worker
+
+def probe_variant(root: Path, params: Params, name: str) -> dict[str, Any]:
+    """Both arms for one GRIT variant, and its verdict (runs in the worker process)."""
+    import torch
+
+    from trainers.base_model import resolve_base_model
+    from trainers.engines import build_engine
+    from trainers.probe.math import compare_curves
+    from trainers.probe.measure import probe_setup
+    from trainers.probe.verdict import as_json, decide
+    from trainers.recipe import examples_needed, grit_door
+    from trainers.sft import ordered_examples, read_jsonl
+
+    variant, settings, train = params.variants[name], params.probe, params.train
+    control_name = same_engine_control(params.variants, name)
+    trajectory = None
+    if control_name is not None:
+        curves = read_loss_curve(root, name), read_loss_curve(root, control_name)
+        if all(curves) and curves[0].keys() & curves[1].keys():
+            trajectory = compare_curves(*common_steps(*curves))
+
+    torch.manual_seed(train.seed)  # the same initial adapter as the trained variant
+    engine = build_engine(resolve_base_model(params.model), params, variant)
+    examples = ordered_examples(read_jsonl(root / DATA_DIR / "train.jsonl"), engine.tokenizer,
+                                examples_needed(train, settings.steps), train.seed)
+    with tempfile.TemporaryDirectory(prefix=f"probe-{name}-") as workdir:
+        measured, control, grit = probe_setup(
+            name, engine.model, engine.tokenizer, examples, train, params.grit, grit_door(variant), settings,
+            Path(workdir), bf16=params.model.dtype == "bfloat16", trajectory=trajectory,
+            trajectory_control=control_name if trajectory else None)
+    verdict, checks = decide(measured, settings)
+    result = as_json(measured, verdict, checks)
+    result.update(engine=variant.engine, engine_notes=engine.notes, control_losses=control.losses,
+                  grit_losses=grit.losses)
+    return result
+
+
+def _worker(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.probe --worker")
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--params", type=Path, required=True)
+    args = parser.parse_args(argv)
+    result = probe_variant(Path.cwd(), load_params(args.params), args.variant)
+    atomic_write_json(args.output, result)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- stage
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of one variant for ``metrics/probes.json``."""
+    from trainers.probe.math import median
+
+    modules = result["measurements"]["modules"]
+    updates = [m["update"] for m in modules if m["update"]]
+    gradients = [m["gradient"] for m in modules if m["gradient"]]
+    trajectory = result["measurements"]["trajectory"] or {}
+    return {
+        "verdict": result["verdict"], "reasons": result["reasons"],
+        "checks": {c["name"]: c["detail"] for c in result["checks"]},
+        "modules": len(modules),
+        "modules_ready": sum(m["usable_A"] and m["usable_B"] for m in modules),
+        "update_cosine_median": median([u["cosine"] for u in updates]),
+        "update_cosine_min": min((u["cosine"] for u in updates if u["cosine"] is not None), default=None),
+        "update_relative_difference_median": median([u["relative_difference"] for u in updates]),
+        "gradient_cosine_median": median([g["cosine"] for g in gradients]),
+        "gradient_norm_ratio_median": median([g["norm_ratio"] for g in gradients]),
+        "scalar_distance_median": median([m["scalar_distance"] for m in modules]),
+        "condition_number_median": median([m["condition"] for m in modules]),
+        "loss_correlation": trajectory.get("correlation"),
+        "loss_max_abs_difference": trajectory.get("max_abs_difference"),
+        "trajectory_control": result["measurements"]["trajectory_control"],
+    }
+
+
+def store_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """ProbeResult rows: per module (step = K, per-step cosines at their step) and the verdict
+    and checks under module ``*``."""
+    m = result["measurements"]
+    rows: list[dict[str, Any]] = [{"module": "*", "metric": "verdict", "step": 0,
+                                   "value": 1.0 if result["verdict"] == "effective" else 0.0,
+                                   "text": ", ".join(result["reasons"]) or "every check passed"}]
+    rows += [{"module": "*", "metric": f"check:{c['name']}", "step": 0,
+              "value": None if c["passed"] is None else float(c["passed"]), "text": c["detail"]}
+             for c in result["checks"]]
+    trajectory = m["trajectory"] or {}
+    for key in ("correlation", "max_abs_difference"):
+        if trajectory.get(key) is not None:
+            rows.append({"module": "*", "metric": f"loss_{key}", "step": 0, "value": trajectory[key],
+                         "text": m["trajectory_control"]})
+    for module in m["modules"]:
+        figures = {"rows_captured": module["rows_captured"], "ready": float(module["usable_A"] and module["usable_B"]),
+                   "scalar_distance": module["scalar_distance"], "condition_number": module["condition"]}
+        for kind in ("update", "gradient"):
+            for key, value in (module[kind] or {}).items():
+                figures[f"{kind}_{key}"] = value
+        rows += [{"module": module["name"], "metric": key, "step": m["steps"], "value": value, "text": None}
+                 for key, value in figures.items() if value is not None]
+        rows += [{"module": module["name"], "metric": "step_update_cosine", "step": k, "value": cosine, "text": None}
+                 for k, cosine in enumerate(module["step_update_cosines"], start=1) if cosine is not None]
+    return rows
+
+
+def _run_worker(ctx: StageContext, params_path: Path, name: str, output: Path) -> dict[str, Any]:
+    command = [sys.executable, "-m", "pipelines.probe", "--worker", "--variant", name, "--output", str(output),
+               "--params", str(params_path)]
+    completed = subprocess.run(command, cwd=ctx.root)
+    if completed.returncode != 0 or not output.is_file():
+        raise RuntimeError(f"the probe of {name} failed (exit {completed.returncode}); see its output above")
+    return json.loads(output.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--worker" in argv:
+        return _worker(argv)
+    params_path = Path(argv[argv.index("--params") + 1]) if "--params" in argv else Path("params.yaml")
+
+    def preflight(params: Params) -> list[str]:
+        if not (DATA_DIR / "train.jsonl").is_file():
+            raise UserError(f"{DATA_DIR}/train.jsonl is missing; run `dvc repro prepare_data` first")
+        return grit_variants(params)
+
+    def probe(ctx: StageContext, names: list[str]) -> dict[str, Path]:
+        from trainers.probe.plot import plot_update_divergence
+
+        results = []
+        with tempfile.TemporaryDirectory(prefix="probe-") as scratch:
+            for name in names:
+                print(f"[probe] {name}: {ctx.params.probe.steps} steps with and without GRIT")
+                results.append(_run_worker(ctx, params_path.resolve(), name, Path(scratch) / f"{name}.json"))
+        produced: dict[str, Path] = {}
+        for result in results:
+            path = ctx.root / DETAILS / f"{result['variant']}.json"
+            atomic_write_json(path, result)
+            produced[f"details/{result['variant']}"] = path
+        summaries = {r["variant"]: summary(r) for r in results}
+        atomic_write_json(ctx.root / METRICS, {"steps": ctx.params.probe.steps, "variants": summaries})
+        produced["metrics"] = ctx.root / METRICS
+        if results:
+            produced["plot"] = plot_update_divergence(results, ctx.params.probe.min_update_change, ctx.root / PLOT)
+        with ctx.store.transaction() as session:
+            ctx.store.replace_rows(session, ProbeResult, ctx.run_id, [])   # variants no longer declared
+            for result in results:
+                ctx.store.replace_rows(session, ProbeResult, ctx.run_id, store_rows(result), variant=result["variant"])
+        for name, s in summaries.items():
+            print(f"[probe] {name}: {s['verdict'].upper()}"
+                  + (f" ({', '.join(s['reasons'])})" if s["reasons"] else "")
+                  + f"; update cosine vs control median {_fmt(s['update_cosine_median'])}, "
+                  f"loss-curve correlation {_fmt(s['loss_correlation'])}")
+            for detail in s["checks"].values():
+                print(f"[probe]   - {detail}")
+        if not names:
+            print("[probe] no variant has grit: true; nothing to probe")
+        inert = [name for name, s in summaries.items() if s["verdict"] != "effective"]
+        if inert and not ctx.params.probe.allow_inert:
+            raise UserError(f"GRIT is inert in {', '.join(inert)} (reasons: "
+                            f"{'; '.join(', '.join(summaries[n]['reasons']) for n in inert)}); "
+                            "see metrics/probes.json, or set probe.allow_inert: true to go on")
+        return produced
+
+    return run_stage("probe", probe, preflight=preflight, argv=argv)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,130 @@
+"""DVC stage ``serve``: register the exported models with Ollama, or serve them with llama.cpp.
+
+When an Ollama server answers at ``serve.ollama_host`` (default ``$OLLAMA_HOST``, else loopback),
+every variant is registered as ``<variant>_model`` (and the base as ``base_model``) through the
+official client: blobs, create, ``show`` to check what the server holds, one short generation.
+Otherwise the stage records ``skipped: no Ollama server at <url>`` with the exact
+``ollama create`` commands to run later, checks every model with llama.cpp instead, and goes on.
+Either way it writes ``artifacts/serve/manifest.json``, which evaluation reads (backend, model
+names, GGUF paths, chat format). Whether a server is up is not a DVC dependency: after starting
+one, run ``dvc repro -f serve`` (or ``python -m pipelines.serve``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from pipelines.errors import UserError
+from pipelines.export import EXPORTS, export_dir
+from pipelines.files import atomic_write_json, atomic_write_text
+from pipelines.params import Params
+from pipelines.stage import StageContext, run_stage
+
+SERVE_DIR = Path("artifacts/serve")
+MANIFEST = SERVE_DIR / "manifest.json"
+
+
+def served_models(root: Path, params: Params) -> list:
+    """The base model and every exported variant, as ``ServedModel`` descriptions."""
+    from dataclasses import replace
+
+    from export.chat_format import FAMILIES
+    from export.modelfile import ServedModel
+
+    models = []
+    for variant in params.variants:
+        folder = root / export_dir(variant)
+        manifest = json.loads((folder / "export.json").read_text())
+        chat = replace(FAMILIES[manifest["chat_family"]][0], default_system=manifest["system"])
+        models.append(ServedModel(
+            name=manifest["ollama_name"], variant=variant, base_gguf=Path(manifest["base_gguf"]), chat=chat,
+            adapter_gguf=folder / manifest["adapter_gguf"],
+            merged_gguf=folder / manifest["merged_gguf"] if manifest["merged_gguf"] else None,
+            parameters=manifest["parameters"]))
+    first = models[0]
+    base = ServedModel(name="base_model", variant="base", base_gguf=first.base_gguf, chat=first.chat,
+                       parameters=first.parameters)
+    return [base, *models]
+
+
+def entry(model, modelfile: Path) -> dict[str, Any]:
+    return {"ollama_name": model.name, "base_gguf": str(model.base_gguf),
+            "adapter_gguf": str(model.adapter_gguf) if model.adapter_gguf else None,
+            "merged_gguf": str(model.merged_gguf) if model.merged_gguf else None,
+            "modelfile": str(modelfile), "chat_family": model.chat.family, "system": model.chat.default_system,
+            "stops": list(model.chat.stops), "parameters": model.parameters}
+
+
+def check_with_llama_cpp(model, prompt: str, max_new_tokens: int) -> dict[str, Any]:
+    """One greedy generation per served form (base + adapter, merged) through llama.cpp."""
+    from export.backend import LlamaCppModel
+
+    checks = {}
+    forms = {"adapter": model.weights("adapter"), "merged": model.weights("merged")} if model.merged_gguf \
+        else {"adapter": model.weights("adapter")}
+    for form, (weights, adapter) in forms.items():
+        llm = LlamaCppModel(weights, model.chat, adapter)
+        generation = llm.generate(prompt, max_new_tokens)
+        llm.close()
+        checks[form if model.adapter_gguf else "base"] = asdict(generation)
+    return checks
+
+
+def main(argv: list[str] | None = None) -> int:
+    def preflight(params: Params) -> None:
+        missing = [v for v in params.variants if not (export_dir(v) / "export.json").is_file()]
+        if missing:
+            raise UserError(f"{EXPORTS}/{missing[0]}/export.json is missing; run `dvc repro export@{missing[0]}` first")
+
+    def serve(ctx: StageContext, _checked) -> dict[str, Path]:
+        import ollama
+
+        from export.ollama import ollama_host, reachable, register
+
+        settings = ctx.params.serve
+        models = served_models(ctx.root, ctx.params)
+        base_modelfile = ctx.root / SERVE_DIR / "base" / "Modelfile"
+        atomic_write_text(base_modelfile, models[0].modelfile())
+        modelfiles = {m.name: (base_modelfile if m.variant == "base" else ctx.root / export_dir(m.variant) /
+                               ("Modelfile.merged" if settings.weights == "merged" and m.merged_gguf else "Modelfile"))
+                      for m in models}
+        host = ollama_host(settings.ollama_host)
+        version = reachable(host, settings.timeout_s)
+        entries = {m.variant: entry(m, modelfiles[m.name]) for m in models}
+        if version is not None:
+            client = ollama.Client(host=host, timeout=max(settings.timeout_s, 600))
+            digests: dict[Path, str] = {}
+            for m in models:
+                registration = register(client, m, settings.weights, settings.check_prompt,
+                                        settings.max_new_tokens, digests)
+                entries[m.variant]["ollama"] = asdict(registration)
+                print(f"[serve] {m.name}: registered ({registration.weights}); {registration.show_check}; "
+                      f"reply {registration.reply[:60]!r}")
+            ollama_state = {"host": host, "version": version, "registered": True}
+            backend = "ollama"
+        else:
+            commands = [m.create_command(modelfiles[m.name]) for m in models]
+            ollama_state = {"host": host, "registered": False,
+                            "skipped": f"skipped: no Ollama server at {host}", "commands": commands}
+            print(f"[serve] skipped: no Ollama server at {host}; serving with llama.cpp. To register later:")
+            for command in commands:
+                print(f"[serve]   {command}")
+            for m in models:
+                entries[m.variant]["llama_cpp_check"] = check_with_llama_cpp(m, settings.check_prompt,
+                                                                             settings.max_new_tokens)
+                for form, check in entries[m.variant]["llama_cpp_check"].items():
+                    status = "stopped at end of turn" if check["stopped_at_end_of_turn"] else "RAN ON (no end of turn)"
+                    print(f"[serve] {m.name} ({form}, llama.cpp): {status}; {check['text'][:60]!r}")
+            backend = "llama.cpp"
+        atomic_write_json(ctx.root / MANIFEST, {"backend": backend, "weights": settings.weights,
+                                                "ollama": ollama_state, "models": entries})
+        return {"manifest": ctx.root / MANIFEST, "base_modelfile": base_modelfile}
+
+    return run_stage("serve", serve, preflight=preflight, argv=argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""A tiny exported model: base GGUF, adapter GGUF and merged GGUF of the tiny Llama."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from export.adapter import convert_adapter, folded_adapter
+from export.chat_format import chat_format
+from export.gguf import base_gguf, merged_gguf
+from export.modelfile import ServedModel
+from pipelines.params import ModelParams
+from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> ServedModel:
+    folder = tmp_path_factory.mktemp("tiny-export")
+    params = ModelParams(source="tiny")
+    files = resolve_base_model(params)
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(files, params), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    model.save_pretrained(folder / "adapter")
+    adapter = convert_adapter(folded_adapter(folder / "adapter", folder / "folded"), files.hf_dir, folder / "adapter.gguf")
+    merged = merged_gguf(files, adapter, folder / "merged.gguf", "F32")
+    return ServedModel(name="tiny_model", variant="tiny", base_gguf=base_gguf(files, "F32"),
+                       chat=chat_format(load_tokenizer(files, params)), adapter_gguf=adapter, merged_gguf=merged,
+                       parameters={"temperature": 0.0, "seed": 0, "num_predict": 8})

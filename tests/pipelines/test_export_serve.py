@@ -1,0 +1,84 @@
+"""Stages ``export@<variant>`` and ``serve`` on the smoke model: GGUF files, Modelfiles, parity,
+registration against the Ollama STAND-IN server, and the no-server path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from ollama_standin import OllamaStandIn
+
+from pipelines.profile import compose_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(workdir: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *args], cwd=workdir, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("export")
+    compose_params("smoke", workdir / "params.yaml")
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["variants"] = {"pure_grit": {"engine": "peft", "grit": True}}
+    (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    for stage in (["pipelines.prepare_data"], ["pipelines.train", "--variant", "pure_grit"],
+                  ["pipelines.export", "--variant", "pure_grit"]):
+        result = run(workdir, *stage)
+        assert result.returncode == 0, (stage, result.stdout[-2000:], result.stderr[-3000:])
+    return workdir
+
+
+def test_export_writes_gguf_files_modelfiles_and_proven_parity(exported: Path):
+    folder = exported / "artifacts/export/pure_grit"
+    manifest = json.loads((folder / "export.json").read_text())
+    for name in ("adapter.gguf", "merged.gguf"):
+        assert (folder / name).read_bytes()[:4] == b"GGUF"
+    assert manifest["chat_family"] == "chatml" and manifest["stops"][0] == "<|im_end|>"
+    for form in ("adapter", "merged"):
+        assert manifest["parity"][form]["agreement"] >= 0.95 and manifest["parity"][form]["mean_kl"] <= 0.02
+    modelfile = (folder / "Modelfile").read_text()
+    assert f"FROM {manifest['base_gguf']}" in modelfile and "ADAPTER ./adapter.gguf" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "TEMPLATE \"\"\"{{ if .System }}" in modelfile
+    assert "FROM ./merged.gguf" in (folder / "Modelfile.merged").read_text()
+
+
+def test_serve_registers_with_an_ollama_server(exported: Path, tmp_path: Path):
+    with OllamaStandIn(tmp_path / "blobs") as server:
+        result = run(exported, "pipelines.serve", env={"OLLAMA_HOST": server.url})
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert set(server.models) == {"base_model", "pure_grit_model"}
+    manifest = json.loads((exported / "artifacts/serve/manifest.json").read_text())
+    assert manifest["backend"] == "ollama" and manifest["ollama"]["registered"]
+    assert manifest["models"]["pure_grit"]["ollama"]["weights"] == "adapter"
+    assert "ADAPTER attached" in manifest["models"]["pure_grit"]["ollama"]["show_check"]
+
+
+def test_serve_without_a_server_records_the_commands_and_uses_llama_cpp(exported: Path):
+    result = run(exported, "pipelines.serve", env={"OLLAMA_HOST": "http://127.0.0.1:9"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped: no Ollama server at http://127.0.0.1:9" in result.stdout
+    manifest = json.loads((exported / "artifacts/serve/manifest.json").read_text())
+    assert manifest["backend"] == "llama.cpp" and not manifest["ollama"]["registered"]
+    assert any(c.startswith("ollama create pure_grit_model -f ") for c in manifest["ollama"]["commands"])
+    checks = manifest["models"]["pure_grit"]["llama_cpp_check"]
+    assert set(checks) == {"adapter", "merged"} and all(c["new_tokens"] > 0 for c in checks.values())
+
+
+def test_export_of_an_untrained_variant_is_a_one_line_error(exported: Path, tmp_path: Path):
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((exported / "params.yaml").read_text())
+    raw["variants"]["peft_lora"] = {"engine": "peft", "grit": False}
+    params.write_text(yaml.safe_dump(raw))
+    result = run(exported, "pipelines.export", "--variant", "peft_lora", "--params", str(params))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: artifacts/adapters/peft_lora holds no adapter; run `dvc repro train@peft_lora` first"]

@@ -1,0 +1,59 @@
+"""The probe's math against dense computations on small matrices."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from trainers.probe.math import compare_curves, compare_updates, compare_vectors, frobenius_inner, lora_update
+
+
+def _factors(seed: int, r: int = 3, d_in: int = 5, d_out: int = 4):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(r, d_in, generator=g, dtype=torch.float64), torch.randn(d_out, r, generator=g, dtype=torch.float64)
+
+
+def test_low_rank_inner_product_equals_the_dense_one():
+    (A0, B0), (A1, B1), (A2, B2) = _factors(0), _factors(1), _factors(2)
+    x, y = lora_update(A0, B0, A1, B1, 2.0), lora_update(A0, B0, A2, B2, 0.5)
+    dense_x = 2.0 * (B1 @ A1 - B0 @ A0)
+    dense_y = 0.5 * (B2 @ A2 - B0 @ A0)
+    assert frobenius_inner(x, y) == pytest.approx(float((dense_x.double() * dense_y.double()).sum()), rel=1e-10)
+
+
+def test_compare_updates_matches_dense_cosine_norm_and_difference():
+    (A0, B0), (A1, B1), (A2, B2) = _factors(3), _factors(4), _factors(5)
+    x, y = lora_update(A0, B0, A1, B1, 1.0), lora_update(A0, B0, A2, B2, 1.0)
+    dx, dy = (B1 @ A1 - B0 @ A0).double(), (B2 @ A2 - B0 @ A0).double()
+    c = compare_updates(x, y)
+    assert c.cosine == pytest.approx(float((dx * dy).sum() / (dx.norm() * dy.norm())), rel=1e-10)
+    assert c.norm_ratio == pytest.approx(float(dx.norm() / dy.norm()), rel=1e-10)
+    assert c.relative_difference == pytest.approx(float((dx - dy).norm() / dy.norm()), rel=1e-8)
+
+
+def test_identical_and_rescaled_updates():
+    (A0, B0), (A1, B1) = _factors(6), _factors(7)
+    same = compare_updates(lora_update(A0, B0, A1, B1, 1.0), lora_update(A0, B0, A1, B1, 1.0))
+    assert same.relative_difference == pytest.approx(0.0, abs=1e-7) and same.direction_change == pytest.approx(0, abs=1e-6)
+    # A rescaled update (what Adam leaves of a scalar preconditioner) keeps its direction.
+    scaled = compare_updates(lora_update(A0 * 0, B0 * 0, A1, 3 * B1, 1.0), lora_update(A0 * 0, B0 * 0, A1, B1, 1.0))
+    assert scaled.norm_ratio == pytest.approx(3.0) and scaled.relative_difference == pytest.approx(2.0)
+    assert scaled.direction_change == pytest.approx(0.0, abs=1e-6)
+
+
+def test_zero_control_update_has_no_cosine():
+    A, B = _factors(8)
+    none = compare_updates(lora_update(A, B, A, B, 1.0), lora_update(A, B, A, B, 1.0))
+    assert none.cosine is None and none.relative_difference is None
+    assert compare_vectors(torch.ones(3), torch.zeros(3)).relative_difference == math.inf
+
+
+def test_compare_curves():
+    same = compare_curves([3.0, 2.0, 1.5, 1.0], [3.0, 2.0, 1.5, 1.0, 0.9])
+    assert same.steps == 4 and same.correlation == pytest.approx(1.0) and same.max_abs_difference == 0
+    different = compare_curves([3.0, 2.0, 1.0], [3.0, 2.5, 2.9])
+    assert different.max_abs_difference == pytest.approx(1.9) and different.correlation < 0.5
+    with pytest.raises(ValueError):
+        compare_curves([], [1.0])

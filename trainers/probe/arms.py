@@ -1,0 +1,186 @@
+"""One probe arm: K real training steps with instruments around the optimizer step.
+
+HF's order within one optimizer step, and what the instruments read at each point::
+
+    backward                      # GRIT's hooks capture rows
+    (Trainer clips)
+    on_pre_optimizer_step         # Lead (first callback): the raw gradients
+      ... GRIT callback (hybrid)
+    optimizer.step()
+      GritOptimizer (pure GRIT)   # sync, invert, precondition, clip
+      inner optimizer pre-hook    # the gradients the optimizer *consumes*
+    on_optimizer_step             # Tail (last callback): the gradients after the step
+    zero_grad
+    on_step_end                   # Lead: the adapter after the step, GRIT's report
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from pipelines.params import TrainParams
+from trainers.grit.manager import GritError, lora_layers
+from trainers.probe.math import UpdateComparison, compare_vectors
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]   # module -> (A [r, d_in], B [d_out, r])
+
+
+def lora_modules(model) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter, float]]:
+    """module name -> (A, B, scaling), named like GRIT's manager names them."""
+    layers = lora_layers(model)
+    several = len({adapter for _, _, adapter in layers}) > 1
+    return {(f"{name}[{adapter}]" if several else name):
+            (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]))
+            for name, layer, adapter in layers}
+
+
+def snapshot_factors(model) -> Factors:
+    return {name: (A.detach().float().cpu().clone(), B.detach().float().cpu().clone())
+            for name, (A, B, _) in lora_modules(model).items()}
+
+
+def restore_factors(model, factors: Factors) -> None:
+    """Put every adapter back to ``factors`` (the shared initial adapter of both arms)."""
+    with torch.no_grad():
+        for name, (A, B, _) in lora_modules(model).items():
+            A.copy_(factors[name][0].to(A))
+            B.copy_(factors[name][1].to(B))
+            A.grad = B.grad = None
+
+
+def _module_gradients(model) -> dict[str, torch.Tensor]:
+    """[grad_A, grad_B] flattened per module (a missing gradient counts as zero)."""
+    gradients = {}
+    for name, (A, B, _) in lora_modules(model).items():
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().float()
+                 for p in (A, B)]
+        gradients[name] = torch.cat(parts)
+    return gradients
+
+
+def innermost_optimizer(optimizer):
+    """The torch optimizer under accelerate's and GRIT's wrappers: the one that updates weights."""
+    while True:
+        inner = getattr(optimizer, "inner", None) or getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            return optimizer
+        optimizer = inner
+
+
+@dataclass
+class ArmTrace:
+    """What one arm did, step by step (index 0 of ``factors`` is the initial adapter)."""
+
+    scalings: dict[str, float]
+    factors: list[Factors]
+    losses: list[float] = field(default_factory=list)
+    consumed_vs_raw: list[dict[str, UpdateComparison]] = field(default_factory=list)
+    changed_after_step: list[float] = field(default_factory=list)   # max relative change per step
+    grit_reports: list[dict[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def steps(self) -> int:
+        return len(self.factors) - 1
+
+
+class _Lead(TrainerCallback):
+    """First callback: raw gradients, then the adapter after each step; stops at K steps."""
+
+    def __init__(self, trace: ArmTrace, model, manager, steps: int) -> None:
+        self.trace, self.model, self.manager, self.steps = trace, model, manager, steps
+        self.trainer = None
+        self.raw: dict[str, torch.Tensor] = {}
+        self.consumed: dict[str, torch.Tensor] = {}
+        self._handle = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        optimizer = innermost_optimizer(self.trainer.optimizer)
+        self._handle = optimizer.register_step_pre_hook(self._on_consume)
+
+    def _on_consume(self, _optimizer, _args, _kwargs) -> None:
+        self.consumed = _module_gradients(self.model)
+        self.trace.consumed_vs_raw.append(
+            {name: compare_vectors(self.consumed[name], self.raw[name]) for name in self.consumed})
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.raw = _module_gradients(self.model)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trace.factors.append(snapshot_factors(self.model))
+        if self.manager is not None:
+            self.trace.grit_reports.append(dict(self.manager.last_report))
+        if state.global_step >= self.steps:
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.trace.losses.append(float(logs["loss"]))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._handle is not None:
+            self._handle.remove()
+
+
+class _Tail(TrainerCallback):
+    """Last callback: did anything rewrite the gradients after the optimizer consumed them?"""
+
+    def __init__(self, lead: _Lead) -> None:
+        self.lead = lead
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        after = _module_gradients(self.lead.model)
+        changes = [compare_vectors(after[name], consumed).relative_difference or 0.0
+                   for name, consumed in self.lead.consumed.items()]
+        self.lead.trace.changed_after_step.append(max(changes, default=0.0))
+
+
+def run_arm(model, tokenizer, examples: list[dict], train: TrainParams, steps: int, attachment, workdir: Path,
+            bf16: bool = False) -> ArmTrace:
+    """Train ``steps`` optimizer steps of the real schedule (``train.max_steps`` long) with GRIT
+    attached as ``attachment`` says (``recipe.GritAttachment``; empty for the control arm).
+    A ``GritError`` raised by GRIT ends the arm and is recorded, not raised: it is a finding."""
+    from trainers.recipe import build_trainer
+
+    trace = ArmTrace({name: s for name, (_, _, s) in lora_modules(model).items()}, [snapshot_factors(model)])
+    lead = _Lead(trace, model, attachment.manager, steps)
+    trainer = build_trainer(model, tokenizer, examples, train, workdir, attachment, [lead], bf16=bf16,
+                            checkpoints=False, progress=False)
+    trainer.add_callback(_Tail(lead))
+    trainer.remove_callback(PrinterCallback)   # the stage prints one summary per arm instead
+    lead.trainer = trainer
+    try:
+        trainer.train()
+    except GritError as error:
+        trace.error = f"GritError: {error}"
+    finally:
+        if attachment.manager is not None:
+            attachment.manager.detach()
+    return trace
+
+
+def grit_state(manager) -> dict[str, Any]:
+    """What the GRIT arm's manager holds after K steps, read from its modules directly (not from
+    its own flags): rows captured, usable inverses per side and their shape."""
+    from trainers.grit import math as gm
+
+    if manager is None:
+        return {"present": False}
+    modules = {}
+    for name, state in manager.modules.items():
+        # pending rows count too: captured, just not yet folded in by a GRIT step
+        entry: dict[str, Any] = {"rows_captured": int(state.u.count + state.u.pending_count)}
+        for side in ("A", "B"):
+            inverse = state.inverse[side]
+            usable = inverse is not None and bool(torch.isfinite(inverse).all())
+            entry[f"usable_{side}"] = usable
+            entry[f"condition_{side}"] = gm.condition_number(inverse.float().cpu()) if usable else None
+            entry[f"scalar_distance_{side}"] = gm.distance_from_scalar(inverse.float().cpu()) if usable else None
+        modules[name] = entry
+    return {"present": True, "steps_run": int(manager.step), "claimed_ready": bool(manager.all_ready()),
+            "modules": modules}

@@ -1,0 +1,81 @@
+"""Both arms of one GRIT set-up, and their measurements.
+
+``probe_setup`` is what the ``probe`` stage runs per GRIT variant and what the failure-mode
+tests run on broken set-ups: the control arm (GRIT off) and the GRIT arm (``attach``: by default
+the training recipe's own ``attach_grit``) start from the same initial adapter on one model and
+train the same first K steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from pipelines.params import TrainParams
+from trainers.grit.config import GritConfig
+from trainers.probe.arms import ArmTrace, grit_state, restore_factors, run_arm, snapshot_factors
+from trainers.probe.config import ProbeParams
+from trainers.probe.math import CurveComparison, UpdateComparison, compare_updates, lora_update, median
+from trainers.probe.verdict import ModuleMeasurement, ProbeMeasurements
+
+
+def update_between(trace: ArmTrace, module: str, start: int, end: int):
+    A0, B0 = trace.factors[start][module]
+    A1, B1 = trace.factors[end][module]
+    return lora_update(A0, B0, A1, B1, trace.scalings[module])
+
+
+def _mean_gradient_change(trace: ArmTrace, module: str) -> UpdateComparison | None:
+    rows = [step[module] for step in trace.consumed_vs_raw if module in step]
+    if not rows:
+        return None
+    return UpdateComparison(median([r.cosine for r in rows]), median([r.norm_ratio for r in rows]),
+                            median([r.relative_difference for r in rows]))
+
+
+def measurements(variant: str, door: str | None, control: ArmTrace, grit: ArmTrace, state: dict, steps: int,
+                 trajectory: CurveComparison | None = None, trajectory_control: str | None = None) -> ProbeMeasurements:
+    """Per-module figures of one probe (``state`` from ``arms.grit_state``)."""
+    modules = []
+    compared_steps = min(control.steps, grit.steps)
+    for name in control.scalings:
+        info = state.get("modules", {}).get(name, {})
+        distances = [info.get(f"scalar_distance_{s}") for s in ("A", "B") if info.get(f"usable_{s}")]
+        conditions = [info.get(f"condition_{s}") for s in ("A", "B") if info.get(f"usable_{s}")]
+        update = compare_updates(update_between(grit, name, 0, steps), update_between(control, name, 0, steps)) \
+            if compared_steps >= steps else None
+        per_step = [compare_updates(update_between(grit, name, k - 1, k), update_between(control, name, k - 1, k)).cosine
+                    for k in range(1, compared_steps + 1)]
+        modules.append(ModuleMeasurement(
+            name=name, rows_captured=info.get("rows_captured"), usable_A=bool(info.get("usable_A")),
+            usable_B=bool(info.get("usable_B")), scalar_distance=max(distances) if distances else None,
+            condition=max(conditions) if conditions else None, gradient=_mean_gradient_change(grit, name),
+            update=update, step_update_cosines=per_step,
+        ))
+    return ProbeMeasurements(
+        variant=variant, door=door, grit_present=state.get("present", False),
+        grit_steps_run=state.get("steps_run", 0), claimed_ready=state.get("claimed_ready"),
+        arm_steps=grit.steps, steps=steps, error=grit.error,
+        max_changed_after_step=max(grit.changed_after_step, default=0.0), modules=modules,
+        trajectory=trajectory, trajectory_control=trajectory_control,
+    )
+
+
+def probe_setup(
+    variant: str, model, tokenizer, examples: list[dict], train: TrainParams, grit_config: GritConfig,
+    door: str | None, settings: ProbeParams, workdir: Path, attach: Callable | None = None, bf16: bool = False,
+    trajectory: CurveComparison | None = None, trajectory_control: str | None = None,
+) -> tuple[ProbeMeasurements, ArmTrace, ArmTrace]:
+    """Run the control arm, reset the adapter, run the GRIT arm (the model keeps the GRIT arm's
+    adapter afterwards); returns the measurements and both traces. ``attach(model, grit_config, door, total_steps) -> GritAttachment``."""
+    from trainers.recipe import GritAttachment, attach_grit
+
+    attach = attach or attach_grit
+    initial = snapshot_factors(model)
+    control = run_arm(model, tokenizer, examples, train, settings.steps, GritAttachment(), workdir / "control", bf16)
+    restore_factors(model, initial)
+    attachment = attach(model, grit_config, door, train.max_steps)
+    grit = run_arm(model, tokenizer, examples, train, settings.steps, attachment, workdir / "grit", bf16)
+    state = grit_state(attachment.manager)
+    return (measurements(variant, door, control, grit, state, settings.steps, trajectory, trajectory_control),
+            control, grit)

@@ -1,0 +1,172 @@
+"""Measurements of one GRIT variant -> checks -> ``effective`` or ``inert`` (pure functions).
+
+Each check answers one way GRIT was silently inert in the original experiment (REFERENCE.md
+section 4) and carries the figures that decided it:
+
+- ``not_attached``: GRIT configured but its step never ran (no callback, no optimizer door);
+- ``capture_bypassed``: a targeted module captured no rows (fused kernels skip the LoRA forward);
+- ``vacuous_readiness`` / ``not_ready``: modules without a usable inverse, counted from the
+  inverses themselves, not from a readiness flag;
+- ``after_optimizer_step``: gradients rewritten after ``optimizer.step()`` consumed them;
+- ``scalar_preconditioner``: inverses that are multiples of I, which Adam cancels;
+- ``update_unchanged`` (decisive): the K-step update dW = s B A equals the control's;
+- ``identical_trajectory``: the trained loss curve equals the same-engine control's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from trainers.probe.config import ProbeParams
+from trainers.probe.math import CurveComparison, UpdateComparison, median
+
+EFFECTIVE, INERT = "effective", "inert"
+
+
+@dataclass(frozen=True)
+class ModuleMeasurement:
+    name: str
+    rows_captured: int | None
+    usable_A: bool
+    usable_B: bool
+    scalar_distance: float | None          # the larger of the usable sides' distances from c*I
+    condition: float | None                # the larger of the usable sides' condition numbers
+    gradient: UpdateComparison | None      # consumed vs raw gradient in the GRIT arm (mean over steps)
+    update: UpdateComparison | None        # K-step update, GRIT arm vs control arm
+    step_update_cosines: list[float | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ProbeMeasurements:
+    variant: str
+    door: str | None
+    grit_present: bool                     # a GRIT manager exists on the model
+    grit_steps_run: int                    # optimizer steps GRIT's own sequence ran
+    claimed_ready: bool | None             # the manager's own readiness flag
+    arm_steps: int                         # optimizer steps the GRIT arm completed
+    steps: int                             # K
+    error: str | None
+    max_changed_after_step: float          # gradients rewritten after optimizer.step()
+    modules: list[ModuleMeasurement]
+    trajectory: CurveComparison | None = None
+    trajectory_control: str | None = None
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool | None                    # None: could not be evaluated (reported, not failed)
+    reason: str | None                     # the failure's code, when it failed
+    detail: str
+
+
+def _fraction(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
+def check_attached(m: ProbeMeasurements) -> Check:
+    if not m.grit_present:
+        return Check("attached", False, "not_attached", "the variant is configured with GRIT but no GRIT "
+                     "manager is on the model: no natural gradient at all")
+    if m.grit_steps_run == 0 and m.arm_steps > 0:
+        return Check("attached", False, "not_attached", f"GRIT's step never ran in {m.arm_steps} optimizer "
+                     "steps: it is attached to no callback and no optimizer door")
+    return Check("attached", True, None, f"GRIT's step ran {m.grit_steps_run} times in {m.arm_steps} steps "
+                 f"({m.door or 'unknown door'})")
+
+
+def check_capture(m: ProbeMeasurements, p: ProbeParams) -> Check:
+    if not m.grit_present:
+        return Check("capture", None, None, "no GRIT manager, nothing captured")
+    blind = [x.name for x in m.modules if (x.rows_captured or 0) < p.min_rows_per_module]
+    if blind:
+        return Check("capture", False, "capture_bypassed", f"{len(blind)}/{len(m.modules)} targeted modules "
+                     f"captured fewer than {p.min_rows_per_module} token rows (first: {blind[0]}): their LoRA "
+                     "forward was bypassed, as by fused kernels")
+    rows = [x.rows_captured or 0 for x in m.modules]
+    return Check("capture", True, None, f"all {len(m.modules)} modules captured rows (min {min(rows, default=0)})")
+
+
+def check_readiness(m: ProbeMeasurements, p: ProbeParams) -> Check:
+    if not m.grit_present:
+        return Check("readiness", None, None, "no GRIT manager, no inverses")
+    ready = sum(x.usable_A and x.usable_B for x in m.modules)
+    total = len(m.modules)
+    figures = f"{ready}/{total} modules have a usable inverse on both sides"
+    if m.claimed_ready and ready < total:
+        return Check("readiness", False, "vacuous_readiness", f"GRIT's readiness flag says ready but {figures}")
+    if _fraction(ready, total) < p.min_ready_fraction:
+        return Check("readiness", False, "not_ready", f"{figures} (need {p.min_ready_fraction:.0%})")
+    return Check("readiness", True, None, figures)
+
+
+def check_optimizer_window(m: ProbeMeasurements, p: ProbeParams) -> Check:
+    if m.max_changed_after_step > p.post_step_tolerance:
+        return Check("optimizer_window", False, "after_optimizer_step", "gradients were rewritten after "
+                     f"optimizer.step() had consumed them (relative change up to {m.max_changed_after_step:.3g}): "
+                     "preconditioning that late never reaches an update")
+    return Check("optimizer_window", True, None, "no gradient changed after the optimizer consumed it")
+
+
+def check_shape(m: ProbeMeasurements, p: ProbeParams) -> Check:
+    ready = [x for x in m.modules if x.scalar_distance is not None]
+    if not ready:
+        return Check("preconditioner_shape", None, None, "no usable inverse to inspect")
+    scalar = [x for x in ready if x.scalar_distance <= p.scalar_tolerance]
+    distance = median([x.scalar_distance for x in ready])
+    condition = median([x.condition for x in ready if x.condition is not None])
+    figures = (f"{len(scalar)}/{len(ready)} ready modules are within {p.scalar_tolerance:g} of c*I "
+               f"(median distance {distance:.3g}, median condition number {condition:.3g})")
+    if _fraction(len(scalar), len(ready)) > p.max_scalar_fraction:
+        return Check("preconditioner_shape", False, "scalar_preconditioner",
+                     f"{figures}: a scalar preconditioner only rescales the gradient, which Adam cancels")
+    return Check("preconditioner_shape", True, None, figures)
+
+
+def check_update(m: ProbeMeasurements, p: ProbeParams) -> Check:
+    if m.arm_steps < m.steps:
+        stopped = f" ({m.error})" if m.error else ""
+        return Check("update", False, "update_unchanged", f"the GRIT arm completed {m.arm_steps}/{m.steps} "
+                     f"steps{stopped}: no update to compare")
+    compared = [x for x in m.modules if x.update is not None and x.update.direction_change is not None]
+    changed = [x for x in compared if x.update.direction_change >= p.min_update_change]
+    cosine = median([x.update.cosine for x in compared])
+    difference = median([x.update.relative_difference for x in compared])
+    figures = (f"{len(changed)}/{len(m.modules)} modules' {m.steps}-step update changed direction by >= "
+               f"{p.min_update_change:g} (median cosine {_fmt(cosine)}, median relative difference {_fmt(difference)})")
+    if _fraction(len(changed), len(m.modules)) < p.min_changed_fraction:
+        return Check("update", False, "update_unchanged", f"{figures}: the optimizer made the same updates "
+                     "with and without GRIT")
+    return Check("update", True, None, figures)
+
+
+def check_trajectory(m: ProbeMeasurements, p: ProbeParams) -> Check:
+    if m.trajectory is None:
+        return Check("trajectory", None, None, "no trained same-engine control to compare loss curves with")
+    t = m.trajectory
+    figures = (f"loss curve vs {m.trajectory_control} over {t.steps} steps: correlation {_fmt(t.correlation)}, "
+               f"max |difference| {t.max_abs_difference:.3g}")
+    if t.max_abs_difference <= p.trajectory_tolerance:
+        return Check("trajectory", False, "identical_trajectory", f"{figures}: the trained runs are identical")
+    return Check("trajectory", True, None, figures)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def decide(m: ProbeMeasurements, p: ProbeParams) -> tuple[str, list[Check]]:
+    """``effective`` only when no check failed; the checks are the reasons either way."""
+    checks = [check_attached(m), check_capture(m, p), check_readiness(m, p), check_optimizer_window(m, p),
+              check_shape(m, p), check_update(m, p), check_trajectory(m, p)]
+    return (INERT if any(c.passed is False for c in checks) else EFFECTIVE), checks
+
+
+def reasons(checks: list[Check]) -> list[str]:
+    return [c.reason for c in checks if c.passed is False and c.reason]
+
+
+def as_json(m: ProbeMeasurements, verdict: str, checks: list[Check]) -> dict[str, Any]:
+    return {"variant": m.variant, "verdict": verdict, "reasons": reasons(checks),
+            "checks": [asdict(c) for c in checks], "measurements": asdict(m)}
