@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from evaluation.config import EvalParams
 from export.config import ExportParams, ServeParams
 from pipelines.errors import UserError
 from trainers.grit.config import GritConfig
@@ -222,6 +223,7 @@ class Params(_Section):
     probe: ProbeParams = ProbeParams()
     export: ExportParams = ExportParams()
     serve: ServeParams = ServeParams()
+    eval: EvalParams = EvalParams()
     store: StoreParams = StoreParams()
 
 

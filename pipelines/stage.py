@@ -13,6 +13,7 @@ while ``dvc exp run -S key=value`` makes a new one.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -85,11 +86,55 @@ def pipeline_stage_names(root: Path, params: Params | None = None) -> list[str]:
     return names
 
 
+def stage_params(root: Path, params: Params) -> dict[str, list[str]]:
+    """Stage name (``foreach`` expanded) -> the params keys it declares in ``dvc.yaml``."""
+    dvc_yaml = root / "dvc.yaml"
+    declared: dict[str, list[str]] = {}
+    for name, stage in ((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}).items():
+        source = stage.get("foreach") if isinstance(stage, dict) else None
+        if isinstance(source, str) and source.startswith("${"):
+            for key in params.model_dump().get(source[2:-1].strip(), {}):
+                keys = (stage.get("do") or {}).get("params") or []
+                declared[f"{name}@{key}"] = [str(k).replace("${key}", key) for k in keys]
+        else:
+            declared[name] = [str(k) for k in (stage.get("params") or [])]
+    return declared
+
+
+def _value_at(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _carried_over(store: ResultsStore, run_id: str, stage: str, keys: list[str], params: Params) -> bool:
+    """Did ``stage`` succeed in an earlier run with the same values of its own params? ``dvc
+    repro`` skips such a stage (its deps and params are unchanged), so its outputs are this
+    run's too, and the run can be complete without running it again."""
+    mine = params.model_dump(mode="json")
+    wanted = {key: _value_at(mine, key) for key in keys}
+    for run in store.runs():
+        if run.id == run_id:
+            continue
+        record = store.stages(run.id).get(stage)
+        if record is None or record.status != "succeeded":
+            continue
+        theirs = json.loads(run.params_json)
+        if all(_value_at(theirs, key) == value for key, value in wanted.items()):
+            return True
+    return False
+
+
 def _refresh_run_status(store: ResultsStore, run_id: str, root: Path, params: Params) -> None:
     stages = store.stages(run_id)
     wanted = pipeline_stage_names(root, params)
+    declared = stage_params(root, params) if wanted else {}
     complete = bool(wanted) and all(
-        stages.get(s) is not None and stages[s].status == "succeeded" for s in wanted
+        (stages.get(s) is not None and stages[s].status == "succeeded")
+        or (s not in stages and _carried_over(store, run_id, s, declared.get(s, []), params))
+        for s in wanted
     )
     failed = any(s.status == "failed" for s in stages.values())
     with store.transaction() as session:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from db.models import TrainMetric
+from db.models import Comparison, EvalMetric, TrainMetric
 from db.store import open_store
 from pipelines.params import load_params
 from pipelines.stage import pipeline_stage_names
@@ -93,6 +93,25 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     manifest = json.loads((repo / "artifacts/serve/manifest.json").read_text())
     assert manifest["backend"] == "llama.cpp" and set(manifest["models"]) == {"base", *params.variants}
 
+    # compare_all prints the store's figures: every (model, metric) cell starts with the stored value.
+    from evaluation.compare_all import QUALITY, _number
+
+    result = _sh([sys.executable, "-m", "evaluation.compare_all", "--csv", "reports/compare.csv"], repo, env)
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in result.stdout.splitlines() if line.startswith("| ")}
+    models = lines["metric"]
+    assert models == ["base", *params.variants]
+    with store.reader() as session:
+        stored = {(m.variant, m.metric): m for m in session.scalars(select(EvalMetric).where(EvalMetric.run_id == run.id))}
+        comparisons = session.scalars(select(Comparison).where(Comparison.run_id == run.id)).all()
+    for metric, label, _ in QUALITY:
+        for model, printed in zip(models, lines[label], strict=True):
+            row = stored[(model, metric)]
+            assert printed.startswith(f"{_number(row.value)} [{_number(row.ci_low)}, {_number(row.ci_high)}]"), (metric, model)
+    assert {(c.variant, c.reference) for c in comparisons} >= {("hybrid_grit", "baseline_lora"), ("pure_grit", "peft_lora")}
+    assert "GRIT" in result.stdout.split("## GRIT vs its same-engine control")[1]
+    assert (repo / "reports/compare.md").is_file() and (repo / "reports/compare.csv").is_file()
+    assert (repo / "reports/compare_aqi.png").is_file()
 
     # A second repro with nothing changed runs no stage and leaves the store as it was.
     second = _sh(["dvc", "repro"], repo, env)

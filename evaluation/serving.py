@@ -1,0 +1,29 @@
+"""Open a model the way the serve stage's manifest says it is served (Ollama or llama.cpp)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+
+def open_served(manifest: dict, key: str):
+    """``key`` is ``base`` or a variant; returns an object with ``generate`` and ``close``."""
+    from export.backend import LlamaCppModel
+    from export.chat_format import FAMILIES
+    from export.ollama import OllamaModel
+
+    entry = manifest["models"][key]
+    if manifest["backend"] == "ollama":
+        return OllamaModel(manifest["ollama"]["host"], entry["ollama_name"])
+    chat = replace(FAMILIES[entry["chat_family"]][0], default_system=entry["system"])
+    if manifest.get("weights") == "merged" and entry.get("merged_gguf"):
+        return LlamaCppModel(Path(entry["merged_gguf"]), chat)
+    adapter = entry.get("adapter_gguf")
+    return LlamaCppModel(Path(entry["base_gguf"]), chat, Path(adapter) if adapter else None)
+
+
+def chat_of(manifest: dict):
+    from export.chat_format import FAMILIES
+
+    entry = manifest["models"]["base"]
+    return replace(FAMILIES[entry["chat_family"]][0], default_system=entry["system"])

@@ -1,0 +1,190 @@
+"""DVC stage ``evaluate``: the base model and every variant on the held-out sets.
+
+Per model: AQI (with raw CHI and XB) from pooled hidden states of harmful/benign prompt pairs;
+refusal rate on held-out harmful prompts and over-refusal on edgy-benign prompts, from greedy
+generations through the serving backend the serve manifest names (Ollama or llama.cpp);
+knowledge retention on true/false fact pairs; prefill/decode tokens/s from the backend's own
+counters; training time, throughput and memory from the training logs. Every figure carries a
+bootstrap interval; every variant is compared with the base, and every GRIT variant with its
+same-engine control, paired on the same prompts (``evaluation/results.py``). Writes the store
+(``eval_metrics``, ``comparisons``, ``speed_metrics``), ``metrics/eval.json`` and
+``artifacts/eval/generations.jsonl``. ``python -m evaluation.compare_all`` prints the comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from db.models import Comparison, EvalMetric, SpeedMetric
+from pipelines.errors import UserError
+from pipelines.files import atomic_write_json, atomic_write_text
+from pipelines.params import Params
+from pipelines.probe import same_engine_control
+from pipelines.stage import StageContext, run_stage
+
+DATA = Path("artifacts/data")
+ADAPTERS = Path("artifacts/adapters")
+SERVE_MANIFEST = Path("artifacts/serve/manifest.json")
+METRICS = Path("metrics/eval.json")
+GENERATIONS = Path("artifacts/eval/generations.jsonl")
+TRAIN_METRICS = Path("metrics/train")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def held_out_sets(root: Path, settings) -> dict[str, list]:
+    """The capped evaluation sets (first N of each file, in file order)."""
+    rows = read_jsonl(root / DATA / "eval_aqi.jsonl")
+    by_pair: dict[str, dict[str, str]] = {}
+    for row in rows:
+        by_pair.setdefault(row["pair_id"], {})[row["label"]] = row["prompt"]
+    pairs = [(p["harmful"], p["benign"]) for p in by_pair.values() if "harmful" in p and "benign" in p]
+    harmful = [row["prompt"] for row in rows if row["label"] == "harmful"]
+    facts = [(r["true"], r["false"]) for r in read_jsonl(root / DATA / "eval_facts.jsonl") if r["true"] and r["false"]]
+    edgy = [row["prompt"] for row in read_jsonl(root / DATA / "eval_overrefusal.jsonl")]
+    return {"aqi_pairs": pairs[: settings.aqi_pairs], "harmful": harmful[: settings.refusal_prompts],
+            "edgy": edgy[: settings.overrefusal_prompts], "facts": facts[: settings.fact_pairs]}
+
+
+def evaluate_all(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
+    """Outcomes of every model; returns (model -> ModelOutcomes, generation records)."""
+    import numpy as np
+    from peft import PeftModel
+    from tqdm import tqdm
+
+    from evaluation.measure import pooled_hidden_states, retained
+    from evaluation.refusals import is_refusal
+    from evaluation.results import ModelOutcomes
+    from evaluation.serving import chat_of, open_served
+    from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+
+    params, settings = ctx.params, ctx.params.eval
+    sets = held_out_sets(ctx.root, settings)
+    files = resolve_base_model(params.model)
+    tokenizer = load_tokenizer(files, params.model)
+    chat = chat_of(manifest)
+    fp32 = params.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
+    variants = list(params.variants)
+    model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(ctx.root / ADAPTERS / variants[0]),
+                                      adapter_name=variants[0])
+    for name in variants[1:]:
+        model.load_adapter(str(ctx.root / ADAPTERS / name), adapter_name=name)
+    prompts = [p for pair in sets["aqi_pairs"] for p in pair]
+    outcomes, records = {}, []
+    for key in ["base", *variants]:
+        print(f"[evaluate] {key}: representations, facts, generations")
+        if key == "base":
+            with model.disable_adapter():
+                states = pooled_hidden_states(model, tokenizer, prompts, chat, settings.aqi_layers)
+                kept = retained(model, tokenizer, sets["facts"])
+        else:
+            model.set_adapter(key)
+            states = pooled_hidden_states(model, tokenizer, prompts, chat, settings.aqi_layers)
+            kept = retained(model, tokenizer, sets["facts"])
+        served = open_served(manifest, key)
+        flags: dict[str, list[bool]] = {"refusal_rate": [], "overrefusal_rate": []}
+        decode, prefill = [], []
+        for metric, texts in (("refusal_rate", sets["harmful"]), ("overrefusal_rate", sets["edgy"])):
+            for prompt in tqdm(texts, desc=f"{key} {metric}", unit="prompt"):
+                generation = served.generate(prompt, settings.max_new_tokens)
+                refused = is_refusal(generation.text)
+                flags[metric].append(refused)
+                records.append({"model": key, "set": metric, "prompt": prompt, "reply": generation.text,
+                                "refusal": refused, "new_tokens": generation.new_tokens})
+                if generation.decode_tokens_per_second:
+                    decode.append(generation.decode_tokens_per_second)
+                if generation.prefill_tokens_per_second and generation.prompt_tokens > 1:
+                    prefill.append(generation.prefill_tokens_per_second)
+        served.close()
+        outcomes[key] = ModelOutcomes(key, states, {"refusal_rate": np.array(flags["refusal_rate"]),
+                                                    "overrefusal_rate": np.array(flags["overrefusal_rate"]),
+                                                    "retention_accuracy": kept}, decode, prefill)
+    return outcomes, records
+
+
+def comparison_pairs(params: Params) -> list[tuple[str, str]]:
+    """(variant, reference): every variant vs the base, every GRIT variant vs its control."""
+    pairs = [(name, "base") for name in params.variants]
+    for name, variant in params.variants.items():
+        control = same_engine_control(params.variants, name) if variant.grit else None
+        if control:
+            pairs.append((name, control))
+    return pairs
+
+
+def training_speed(root: Path, variant: str) -> dict[str, float]:
+    path = root / TRAIN_METRICS / f"{variant}.json"
+    if not path.is_file():
+        return {}
+    summary = json.loads(path.read_text())
+    return {k: float(summary[k]) for k in ("train_seconds", "tokens_per_second", "peak_rss_mib")
+            if summary.get(k) is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    def preflight(params: Params) -> dict:
+        if not SERVE_MANIFEST.is_file():
+            raise UserError(f"{SERVE_MANIFEST} is missing; run `dvc repro serve` first")
+        for name in ("eval_aqi.jsonl", "eval_facts.jsonl", "eval_overrefusal.jsonl"):
+            if not (DATA / name).is_file():
+                raise UserError(f"{DATA / name} is missing; run `dvc repro prepare_data` first")
+        manifest = json.loads(SERVE_MANIFEST.read_text())
+        missing = [v for v in params.variants if v not in manifest.get("models", {})]
+        if missing:
+            raise UserError(f"{SERVE_MANIFEST} does not serve {missing[0]}; run `dvc repro serve` first")
+        return manifest
+
+    def evaluate(ctx: StageContext, manifest: dict) -> dict[str, Path]:
+        from evaluation.results import compare, intervals
+
+        settings = ctx.params.eval
+        outcomes, records = evaluate_all(ctx, manifest)
+        figures = {key: intervals(o, settings) for key, o in outcomes.items()}
+        comparisons = [c for variant, reference in comparison_pairs(ctx.params)
+                       for c in compare(outcomes[variant], outcomes[reference], settings)]
+        backend = manifest["backend"]
+        speeds: dict[str, dict[str, tuple[float, int]]] = {}
+        for key, o in outcomes.items():
+            speeds[key] = {name: (statistics.median(values), len(values)) for name, values in
+                           (("decode_tokens_per_second", o.decode_tokens_per_second),
+                            ("prefill_tokens_per_second", o.prefill_tokens_per_second)) if values}
+        with ctx.store.transaction() as session:
+            for key, metrics in figures.items():
+                for metric, i in metrics.items():
+                    ctx.store.replace_rows(session, EvalMetric, ctx.run_id, [{
+                        "value": i.value, "ci_low": _finite(i.low), "ci_high": _finite(i.high), "n": i.n}],
+                        variant=key, seed=0, metric=metric)
+                rows = [{"backend": backend, "metric": m, "value": v, "n": n} for m, (v, n) in speeds[key].items()]
+                rows += [{"backend": "train", "metric": m, "value": v, "n": None}
+                         for m, v in training_speed(ctx.root, key).items()]
+                ctx.store.replace_rows(session, SpeedMetric, ctx.run_id, rows, variant=key, seed=0)
+            ctx.store.replace_rows(session, Comparison, ctx.run_id, [
+                {**vars(c), "seed": 0} for c in comparisons])
+        summary = {key: {metric: {"value": _finite(i.value), "ci": [_finite(i.low), _finite(i.high)], "n": i.n}
+                         for metric, i in metrics.items()} | {"speed": {m: v for m, (v, _) in speeds[key].items()}}
+                   for key, metrics in figures.items()}
+        summary["comparisons"] = [vars(c) for c in comparisons]
+        atomic_write_json(ctx.root / METRICS, summary)
+        atomic_write_text(ctx.root / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))
+        for key, metrics in figures.items():
+            print(f"[evaluate] {key}: AQI {metrics['aqi'].value:.4f}, refusal {metrics['refusal_rate'].value:.3f}, "
+                  f"over-refusal {metrics['overrefusal_rate'].value:.3f}, "
+                  f"retention {metrics['retention_accuracy'].value:.3f}")
+        return {"metrics": ctx.root / METRICS, "generations": ctx.root / GENERATIONS}
+
+    return run_stage("evaluate", evaluate, preflight=preflight, argv=argv)
+
+
+def _finite(value: float) -> float | None:
+    import math
+
+    return value if value is not None and math.isfinite(value) else None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
