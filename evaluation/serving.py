@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
+
+from export.chat_format import served_chat_format
 
 
 def open_served(manifest: dict, key: str):
     """``key`` is ``base`` or a variant; returns an object with ``generate`` and ``close``."""
     from export.backend import LlamaCppModel
-    from export.chat_format import FAMILIES
     from export.ollama import OllamaModel
 
     entry = manifest["models"][key]
     if manifest["backend"] == "ollama":
         return OllamaModel(manifest["ollama"]["host"], entry["ollama_name"])
-    chat = replace(FAMILIES[entry["chat_family"]][0], default_system=entry["system"])
+    chat = served_chat_format(entry["chat_family"], entry["system"])
     if manifest.get("weights") == "merged" and entry.get("merged_gguf"):
         return LlamaCppModel(Path(entry["merged_gguf"]), chat)
     adapter = entry.get("adapter_gguf")
@@ -23,7 +23,5 @@ def open_served(manifest: dict, key: str):
 
 
 def chat_of(manifest: dict):
-    from export.chat_format import FAMILIES
-
     entry = manifest["models"]["base"]
-    return replace(FAMILIES[entry["chat_family"]][0], default_system=entry["system"])
+    return served_chat_format(entry["chat_family"], entry["system"])

@@ -68,6 +68,13 @@ FAMILIES = {"chatml": (CHATML, "<|im_start|>"), "llama3": (LLAMA3, "<|start_head
 _PROBE_PROMPT = "Probe prompt 17: is this rendered the same way?"
 
 
+def served_chat_format(family: str, default_system: str | None) -> ChatFormat:
+    """The chat format an export manifest recorded (family name and default system prompt)."""
+    from dataclasses import replace
+
+    return replace(FAMILIES[family][0], default_system=default_system)
+
+
 def _default_system(family: ChatFormat, rendered: str) -> str | None:
     """The system text the tokenizer's template inserts when the conversation has none."""
     body = rendered.removeprefix(family.bos)

@@ -13,6 +13,7 @@ same-engine control, paired on the same prompts (``evaluation/results.py``). Wri
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 from pathlib import Path
@@ -33,12 +34,10 @@ GENERATIONS = Path("artifacts/eval/generations.jsonl")
 TRAIN_METRICS = Path("metrics/train")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def held_out_sets(root: Path, settings) -> dict[str, list]:
     """The capped evaluation sets (first N of each file, in file order)."""
+    from trainers.sft import read_jsonl  # (torch-heavy module: not at import, before params are checked)
+
     rows = read_jsonl(root / DATA / "eval_aqi.jsonl")
     by_pair: dict[str, dict[str, str]] = {}
     for row in rows:
@@ -78,12 +77,9 @@ def evaluate_all(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
     outcomes, records = {}, []
     for key in ["base", *variants]:
         print(f"[evaluate] {key}: representations, facts, generations")
-        if key == "base":
-            with model.disable_adapter():
-                states = pooled_hidden_states(model, tokenizer, prompts, chat, settings.aqi_layers)
-                kept = retained(model, tokenizer, sets["facts"])
-        else:
+        if key != "base":
             model.set_adapter(key)
+        with model.disable_adapter() if key == "base" else contextlib.nullcontext():
             states = pooled_hidden_states(model, tokenizer, prompts, chat, settings.aqi_layers)
             kept = retained(model, tokenizer, sets["facts"])
         served = open_served(manifest, key)

@@ -38,8 +38,9 @@ def ollama_name(variant: str) -> str:
 
 def parity_prompts(root: Path, n: int) -> list[str]:
     """The first ``n`` held-out prompts (harmful and benign alternate), never trained on."""
-    rows = [json.loads(line) for line in (root / PARITY_SOURCE).read_text().splitlines() if line.strip()]
-    return [row["prompt"] for row in rows[:n]]
+    from trainers.sft import read_jsonl  # (torch-heavy module: not at import, before params are checked)
+
+    return [row["prompt"] for row in read_jsonl(root / PARITY_SOURCE)[:n]]
 
 
 def export_variant(ctx: StageContext, variant: str, staging: Path) -> dict[str, Any]:
@@ -55,7 +56,8 @@ def export_variant(ctx: StageContext, variant: str, staging: Path) -> dict[str, 
 
     params, settings = ctx.params, ctx.params.export
     files = resolve_base_model(params.model)
-    chat = chat_format(load_tokenizer(files, params.model))
+    tokenizer = load_tokenizer(files, params.model)
+    chat = chat_format(tokenizer)
     adapter_dir = ctx.root / ADAPTERS / variant
     metadata = json.loads((adapter_dir / "grit_metadata.json").read_text())
     base = base_gguf(files, settings.quantization)
@@ -73,7 +75,7 @@ def export_variant(ctx: StageContext, variant: str, staging: Path) -> dict[str, 
     prompts = parity_prompts(ctx.root, settings.parity_prompts)
     fp32 = params.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
     reference_model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(adapter_dir))
-    reference = peft_next_token_logits(reference_model, load_tokenizer(files, params.model), prompts, chat)
+    reference = peft_next_token_logits(reference_model, tokenizer, prompts, chat)
     del reference_model
     parity = {}
     for form, (model_file, adapter_file) in {"adapter": (base, adapter), "merged": (merged, None)}.items():
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{ADAPTERS / variant} holds no adapter; run `dvc repro train@{variant}` first")
         if not PARITY_SOURCE.is_file():
             raise UserError(f"{PARITY_SOURCE} is missing; run `dvc repro prepare_data` first")
-        converter("lora"), converter("hf")   # one-line setup hint when the converters are missing
+        for name in ("lora", "hf"):   # a one-line setup hint when a converter is missing
+            converter(name)
 
     def export(ctx: StageContext, _checked) -> dict[str, Path]:
         final = ctx.root / export_dir(variant)

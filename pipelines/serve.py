@@ -29,16 +29,14 @@ MANIFEST = SERVE_DIR / "manifest.json"
 
 def served_models(root: Path, params: Params) -> list:
     """The base model and every exported variant, as ``ServedModel`` descriptions."""
-    from dataclasses import replace
-
-    from export.chat_format import FAMILIES
+    from export.chat_format import served_chat_format
     from export.modelfile import ServedModel
 
     models = []
     for variant in params.variants:
         folder = root / export_dir(variant)
         manifest = json.loads((folder / "export.json").read_text())
-        chat = replace(FAMILIES[manifest["chat_family"]][0], default_system=manifest["system"])
+        chat = served_chat_format(manifest["chat_family"], manifest["system"])
         models.append(ServedModel(
             name=manifest["ollama_name"], variant=variant, base_gguf=Path(manifest["base_gguf"]), chat=chat,
             adapter_gguf=folder / manifest["adapter_gguf"],
