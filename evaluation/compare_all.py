@@ -6,7 +6,12 @@ notes). A second table pairs every GRIT variant with its same-engine control and
 whether GRIT beat plain LoRA. Writes ``reports/compare.md`` and one PNG per metric; ``--csv``
 exports every figure. Exit 2 with one line when the store is missing or holds no complete run.
 
+With several training seeds (``train.n_seeds``) a cell is the mean over seeds with a Student-t
+95% interval across seeds, and differences are judged by a paired t-test over seeds (seed s of
+a variant against seed s of its reference); with one seed, by the per-prompt tests.
+
     python -m evaluation.compare_all [--run RUN_ID] [--csv reports/compare.csv] [--store URL]
+    python -m evaluation.compare_all --list      # every run (experiment) in the store
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,7 @@ from sqlalchemy import select
 
 from db.models import Comparison, EvalMetric, Run, SpeedMetric
 from db.store import open_store
+from evaluation.stats import mean_over_seeds, paired_t_over_seeds
 from pipelines.errors import UserError
 
 QUALITY = [("aqi", "AQI (higher: harmful and benign better separated)", True),
@@ -36,12 +43,71 @@ REPORTS = Path("reports")
 
 
 @dataclass(frozen=True)
+class Figure:
+    """One cell: a single seed's figure with its bootstrap interval, or a mean over seeds."""
+
+    value: float
+    low: float | None
+    high: float | None
+    n_seeds: int
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One paired difference (variant - reference) on one metric, over one or several seeds."""
+
+    variant: str
+    reference: str
+    metric: str
+    delta: float
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    test: str
+    significant: bool
+    n_seeds: int
+
+
+@dataclass(frozen=True)
 class RunTables:
     run: Run
     models: list[str]
-    metrics: dict[tuple[str, str], EvalMetric]        # (model, metric)
-    speeds: dict[tuple[str, str], SpeedMetric]
+    metrics: dict[tuple[str, str], list[EvalMetric]]        # (model, metric) -> one row per seed
+    speeds: dict[tuple[str, str], list[SpeedMetric]]
     comparisons: list[Comparison]
+    confidence: float = 0.95
+    significance: float = 0.05
+
+    def figure(self, model: str, metric: str) -> Figure | None:
+        rows = self.metrics.get((model, metric))
+        if not rows:
+            return None
+        if len(rows) == 1:
+            return Figure(rows[0].value, rows[0].ci_low, rows[0].ci_high, 1)
+        i = mean_over_seeds([r.value for r in rows], self.confidence)
+        return Figure(i.value, i.low, i.high, i.n)
+
+    def differences(self) -> list[Difference]:
+        """Per (variant, reference, metric): the stored per-prompt test for one seed, a paired
+        t-test over seeds for several."""
+        groups: dict[tuple[str, str, str], list[Comparison]] = {}
+        for c in sorted(self.comparisons, key=lambda c: c.seed):
+            groups.setdefault((c.variant, c.reference, c.metric), []).append(c)
+        out = []
+        for (variant, reference, metric), rows in groups.items():
+            if len(rows) == 1:
+                c = rows[0]
+                out.append(Difference(variant, reference, metric, c.delta, c.ci_low, c.ci_high, c.p_value, c.test,
+                                      c.significant, 1))
+                continue
+            i, p = mean_over_seeds([c.delta for c in rows], self.confidence), paired_t_over_seeds([c.delta for c in rows])
+            out.append(Difference(variant, reference, metric, i.value, i.low, i.high, p,
+                                  f"paired t over {len(rows)} seeds", bool(p < self.significance), len(rows)))
+        return out
+
+    @property
+    def n_seeds(self) -> int:
+        return max((len(rows) for rows in self.metrics.values()), default=1)
 
 
 def default_store_url(root: Path) -> str:
@@ -66,14 +132,24 @@ def load_run(url: str, root: Path, run_id: str | None) -> RunTables:
                                   .order_by(Run.finished_at.desc())).first()
             if run is None:
                 raise UserError("the results store holds no complete run; finish `make run` (dvc repro) first")
-        metrics = {(m.variant, m.metric): m for m in session.scalars(select(EvalMetric).where(EvalMetric.run_id == run.id))}
-        speeds = {(s.variant, s.metric): s for s in session.scalars(select(SpeedMetric).where(SpeedMetric.run_id == run.id))}
+        metrics: dict[tuple[str, str], list[EvalMetric]] = {}
+        for m in session.scalars(select(EvalMetric).where(EvalMetric.run_id == run.id).order_by(EvalMetric.seed)):
+            metrics.setdefault((m.variant, m.metric), []).append(m)
+        speeds: dict[tuple[str, str], list[SpeedMetric]] = {}
+        for s in session.scalars(select(SpeedMetric).where(SpeedMetric.run_id == run.id).order_by(SpeedMetric.seed)):
+            speeds.setdefault((s.variant, s.metric), []).append(s)
         comparisons = list(session.scalars(select(Comparison).where(Comparison.run_id == run.id)))
         session.expunge_all()
     if not any(metric == "aqi" for _, metric in metrics):
         raise UserError(f"run {run.id} has no evaluation results; run `dvc repro evaluate`")
-    variants = list(json.loads(run.params_json)["variants"])
-    return RunTables(run, ["base", *variants], metrics, speeds, comparisons)
+    params = json.loads(run.params_json)
+    settings = params.get("eval", {})
+    return RunTables(run, ["base", *params["variants"]], metrics, speeds, comparisons,
+                     settings.get("confidence", 0.95), settings.get("significance", 0.05))
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _number(value: float | None) -> str:
@@ -83,12 +159,12 @@ def _number(value: float | None) -> str:
 
 
 def cell(tables: RunTables, model: str, metric: str) -> str:
-    row = tables.metrics.get((model, metric))
+    row = tables.figure(model, metric)
     if row is None:
         return "n/a"
-    text = f"{_number(row.value)} [{_number(row.ci_low)}, {_number(row.ci_high)}]"
-    delta = next((c for c in tables.comparisons if c.variant == model and c.reference == "base" and c.metric == metric),
-                 None)
+    text = f"{_number(row.value)} [{_number(_finite(row.low))}, {_number(_finite(row.high))}]"
+    delta = next((c for c in tables.differences() if c.variant == model and c.reference == "base"
+                  and c.metric == metric), None)
     if delta is not None:
         text += f" Δ {delta.delta:+.4f}{'*' if delta.significant else ''}"
     return text
@@ -103,18 +179,19 @@ def speed_table(tables: RunTables) -> list[list[str]]:
     for metric, label in SPEED:
         values = [tables.speeds.get((model, metric)) for model in tables.models]
         if any(values):
-            rows.append([label, *(_number(v.value) if v else "n/a" for v in values)])
+            # mean over seeds (speeds are medians of one run each; no interval)
+            rows.append([label, *(_number(sum(r.value for r in v) / len(v)) if v else "n/a" for v in values)])
     return rows
 
 
 def grit_rows(tables: RunTables) -> list[list[str]]:
     rows = []
-    for c in tables.comparisons:
+    for c in tables.differences():
         if c.reference == "base":
             continue
         better = QUALITY_DIRECTION[c.metric]
         verdict = ("GRIT better" if (c.delta > 0) == better else "GRIT worse") if c.significant else "no significant difference"
-        p = f"p={c.p_value:.3g}" if c.p_value is not None else "CI"
+        p = f"p={c.p_value:.3g}" if _finite(c.p_value) is not None else "CI"
         rows.append([f"{c.variant} vs {c.reference}", c.metric, f"{c.delta:+.4f}",
                      f"[{_number(c.ci_low)}, {_number(c.ci_high)}]", f"{c.test} ({p})", verdict])
     return rows
@@ -142,13 +219,21 @@ def summary_line(tables: RunTables) -> str:
     return f"{head} (run {tables.run.id}): " + "; ".join(p for p in parts if p) + "."
 
 
+def legend(tables: RunTables) -> str:
+    if tables.n_seeds > 1:
+        return (f"Cells: mean over {tables.n_seeds} training seeds [95% Student-t interval across seeds] and Δ vs "
+                f"base; `*` = significant (paired t-test over seeds, p < {tables.significance:g}).")
+    return ("Cells: value [95% bootstrap CI] and Δ vs base; `*` = significant (AQI: paired bootstrap CI excludes 0; "
+            f"rates: exact McNemar p < {tables.significance:g}). One training seed: differences between "
+            "variants do not include seed-to-seed variation (set train.n_seeds).")
+
+
 def report(tables: RunTables) -> str:
     quality = markdown(["metric", *tables.models], quality_table(tables))
     speed = markdown(["speed", *tables.models], speed_table(tables))
     grit = markdown(["pair", "metric", "delta", "95% CI", "test", "verdict"], grit_rows(tables))
     return (f"# Comparison of run {tables.run.id} ({tables.run.profile} profile, {tables.run.device})\n\n"
-            f"{quality}\n\nCells: value [95% bootstrap CI] and Δ vs base; `*` = significant (AQI: paired "
-            "bootstrap CI excludes 0; rates: exact McNemar p < 0.05).\n\n"
+            f"{quality}\n\n{legend(tables)}\n\n"
             f"{speed}\n\n## GRIT vs its same-engine control\n\n{grit}\n\n**{summary_line(tables)}**\n")
 
 
@@ -160,17 +245,17 @@ def plots(tables: RunTables, folder: Path) -> list[Path]:
 
     written = []
     for metric, label, _ in QUALITY:
-        rows = [(m, tables.metrics.get((m, metric))) for m in tables.models]
-        rows = [(m, r) for m, r in rows if r is not None and r.ci_low is not None]
+        rows = [(m, tables.figure(m, metric)) for m in tables.models]
+        rows = [(m, r) for m, r in rows if r is not None and _finite(r.low) is not None]
         if not rows:
             continue
         figure, axis = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.2))
         values = [r.value for _, r in rows]
         # a percentile interval need not contain the point estimate (biased statistics such as CHI)
-        errors = [[max(0.0, r.value - r.ci_low) for _, r in rows], [max(0.0, r.ci_high - r.value) for _, r in rows]]
+        errors = [[max(0.0, r.value - r.low) for _, r in rows], [max(0.0, r.high - r.value) for _, r in rows]]
         axis.bar([m for m, _ in rows], values, yerr=errors, capsize=4,
                  color=["grey" if m == "base" else "tab:blue" for m, _ in rows])
-        axis.set_title(f"{label} (95% CI)", fontsize=10)
+        axis.set_title(f"{label} (95% CI{' over seeds' if tables.n_seeds > 1 else ''})", fontsize=10)
         axis.tick_params(axis="x", labelsize=8)
         figure.tight_layout()
         path = folder / f"compare_{metric}.png"
@@ -184,37 +269,90 @@ def write_csv(tables: RunTables, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["run", "kind", "model", "metric", "value", "ci_low", "ci_high", "n", "reference", "p_value",
-                         "test", "significant"])
-        for (model, metric), m in sorted(tables.metrics.items()):
-            writer.writerow([tables.run.id, "figure", model, metric, m.value, m.ci_low, m.ci_high, m.n, "", "", "", ""])
-        for (model, metric), s in sorted(tables.speeds.items()):
-            writer.writerow([tables.run.id, f"speed:{s.backend}", model, metric, s.value, "", "", s.n, "", "", "", ""])
+        writer.writerow(["run", "kind", "model", "seed", "metric", "value", "ci_low", "ci_high", "n", "reference",
+                         "p_value", "test", "significant"])
+        for (model, metric), rows in sorted(tables.metrics.items()):
+            for m in rows:
+                writer.writerow([tables.run.id, "figure", model, m.seed, metric, m.value, m.ci_low, m.ci_high, m.n,
+                                 "", "", "", ""])
+        for (model, metric), rows in sorted(tables.speeds.items()):
+            for s in rows:
+                writer.writerow([tables.run.id, f"speed:{s.backend}", model, s.seed, metric, s.value, "", "", s.n,
+                                 "", "", "", ""])
         for c in tables.comparisons:
-            writer.writerow([tables.run.id, "comparison", c.variant, c.metric, c.delta, c.ci_low, c.ci_high, c.n,
-                             c.reference, c.p_value, c.test, c.significant])
+            writer.writerow([tables.run.id, "comparison", c.variant, c.seed, c.metric, c.delta, c.ci_low, c.ci_high,
+                             c.n, c.reference, c.p_value, c.test, c.significant])
+        if tables.n_seeds > 1:
+            for c in tables.differences():
+                writer.writerow([tables.run.id, "comparison over seeds", c.variant, "all", c.metric, c.delta,
+                                 c.ci_low, c.ci_high, c.n_seeds, c.reference, c.p_value, c.test, c.significant])
+
+
+def write_outputs(tables: RunTables, root: Path, csv_path: Path | None = None) -> dict[str, Path]:
+    """``reports/compare.md``, one PNG per metric and optionally the CSV; returns what it wrote."""
+    text = report(tables)
+    (root / REPORTS).mkdir(parents=True, exist_ok=True)
+    (root / REPORTS / "compare.md").write_text(text)
+    written = {"compare.md": root / REPORTS / "compare.md"}
+    written |= {path.name: path for path in plots(tables, root / REPORTS)}
+    if csv_path is not None:
+        write_csv(tables, csv_path)
+        written[csv_path.name] = csv_path
+    return written
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_listing(url: str, root: Path) -> str:
+    """Every run in the store (newest first) with the params where it differs from the newest
+    complete run: experiments (``dvc exp run -S key=value``) are runs of their own."""
+    if url.startswith("sqlite:///") and not (root / url.removeprefix("sqlite:///")).is_file():
+        raise UserError(f"no results store at {url.removeprefix('sqlite:///')}; run `make run` first")
+    with open_store(url, root).reader() as session:
+        runs = list(session.scalars(select(Run).order_by(Run.started_at.desc())))
+        session.expunge_all()
+    if not runs:
+        raise UserError("the results store holds no run; run `make run` (dvc repro) first")
+    reference = next((r for r in runs if r.status == "complete"), runs[0])
+    mine = _flat(json.loads(reference.params_json or "{}"))
+    rows = []
+    for run in runs:
+        theirs = _flat(json.loads(run.params_json or "{}"))
+        changed = [f"{k}={theirs.get(k)}" for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+        rows.append([run.id, run.status, run.profile, str(run.started_at)[:19],
+                     "(reference)" if run is reference else (", ".join(changed)[:120] or "same params")])
+    return markdown(["run", "status", "profile", "started", "params vs newest complete run"], rows)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.compare_all", description=__doc__.splitlines()[0])
     parser.add_argument("--run", help="run id (default: the latest complete run)")
+    parser.add_argument("--list", action="store_true", help="list the runs in the store and exit")
     parser.add_argument("--csv", type=Path, help="also write every figure to this CSV file")
     parser.add_argument("--store", help="SQLAlchemy URL (default: store.url of params.yaml)")
     args = parser.parse_args(argv)
     root = Path.cwd()
     try:
-        tables = load_run(args.store or default_store_url(root), root, args.run)
+        url = args.store or default_store_url(root)
+        if args.list:
+            print(run_listing(url, root))
+            return 0
+        tables = load_run(url, root, args.run)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    text = report(tables)
-    print(text)
-    REPORTS.mkdir(exist_ok=True)
-    (root / REPORTS / "compare.md").write_text(text)
-    written = plots(tables, root / REPORTS)
-    if args.csv:
-        write_csv(tables, args.csv)
-    print(f"wrote {REPORTS / 'compare.md'} and {len(written)} plots" + (f", {args.csv}" if args.csv else ""))
+    print(report(tables))
+    written = write_outputs(tables, root, args.csv)
+    print(f"wrote {REPORTS / 'compare.md'} and {sum(p.suffix == '.png' for p in written.values())} plots"
+          + (f", {args.csv}" if args.csv else ""))
     return 0
 
 

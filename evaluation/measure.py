@@ -4,7 +4,7 @@
   hidden states of the last ``layers`` layers (HF ``hidden_states[-layers:]``, the last one after
   the final norm) are averaged, then mean-pooled over the tokens after the (identical) system
   block: the user turn and the assistant header, the state from which the model answers.
-- ``statement_logprob``: for retention. Mean log-probability per token of a statement as plain
+- ``statement_logprobs``: for retention. Mean log-probability per token of a statement as plain
   text; a fact pair counts as retained when the true statement scores higher than the false one.
 - ``generations``: greedy replies through a serving backend (refusals, speed).
 """
@@ -24,30 +24,54 @@ def _system_prefix_length(tokenizer, chat) -> int:
     return len(tokenizer(head, add_special_tokens=False).input_ids) if head else 0
 
 
+BATCH = 16
+
+
+def _right_padded(tokenizer, texts: Sequence[str], add_special_tokens: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding: under a causal mask the real tokens never attend to the pads after them,
+    so every real position computes what it computes alone (positions start at 0 as unbatched)."""
+    encoded = [tokenizer(t, add_special_tokens=add_special_tokens).input_ids for t in texts]
+    width = max(len(ids) for ids in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in encoded], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in encoded], device=device)
+    return ids, mask
+
+
+def _batches(items: Sequence, size: int = BATCH):
+    return (items[i:i + size] for i in range(0, len(items), size))
+
+
 @torch.no_grad()
 def pooled_hidden_states(model, tokenizer, prompts: Sequence[str], chat, layers: int) -> np.ndarray:
     """[n, hidden] float64 (module docstring)."""
     model.eval()
     skip = _system_prefix_length(tokenizer, chat)
     rows = []
-    for prompt in prompts:
-        ids = tokenizer(chat.render(prompt), add_special_tokens=False, return_tensors="pt").input_ids.to(model.device)
-        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
-        states = torch.stack(hidden[-layers:]).float().mean(dim=0)[0]    # [tokens, hidden]
-        start = skip if skip < states.shape[0] else 0
-        rows.append(states[start:].mean(dim=0).double().cpu().numpy())
+    for batch in _batches(list(prompts)):
+        ids, mask = _right_padded(tokenizer, [chat.render(p) for p in batch], False, model.device)
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        states = torch.stack(hidden[-layers:]).float().mean(dim=0)              # [batch, tokens, hidden]
+        for row, length in zip(states, mask.sum(dim=1).tolist(), strict=True):
+            start = skip if skip < length else 0
+            rows.append(row[start:length].mean(dim=0).double().cpu().numpy())
     return np.stack(rows)
 
 
 @torch.no_grad()
-def statement_logprob(model, tokenizer, statement: str) -> float:
-    ids = tokenizer(statement, return_tensors="pt").input_ids.to(model.device)
-    logits = model(input_ids=ids).logits[0, :-1].float()
-    logprobs = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-    return float(logprobs.mean())
+def statement_logprobs(model, tokenizer, statements: Sequence[str]) -> np.ndarray:
+    """Mean log-probability per predicted token of each statement (plain text, BOS if any)."""
+    out = []
+    for batch in _batches(list(statements)):
+        ids, mask = _right_padded(tokenizer, batch, True, model.device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        logprobs = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None])[..., 0]
+        real = mask[:, 1:].float()
+        out.extend(((logprobs * real).sum(dim=1) / real.sum(dim=1)).tolist())
+    return np.array(out)
 
 
 def retained(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
     """One bool per (true, false) pair: does the true statement score higher?"""
-    return np.array([statement_logprob(model, tokenizer, t) > statement_logprob(model, tokenizer, f)
-                     for t, f in pairs])
+    scores = statement_logprobs(model, tokenizer, [s for pair in pairs for s in pair])
+    return scores[0::2] > scores[1::2]

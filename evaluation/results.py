@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evaluation.config import EvalParams
-from evaluation.stats import Interval, aqi, bootstrap_ci, calinski_harabasz, mcnemar_exact, xie_beni
+from evaluation.stats import (
+    Interval,
+    aqi_from_arrays,
+    bootstrap_ci,
+    interval_from_replicates,
+    mcnemar_exact,
+    resample_counts,
+    weighted_cluster_indices,
+)
 
 RATE_METRICS = ("refusal_rate", "overrefusal_rate", "retention_accuracy")
 
@@ -30,25 +38,24 @@ class ModelOutcomes:
     decode_tokens_per_second: list[float] = field(default_factory=list)
     prefill_tokens_per_second: list[float] = field(default_factory=list)
 
-    @property
-    def labels(self) -> np.ndarray:
-        return np.tile([1, 0], len(self.states) // 2)    # 1 = harmful
-
-    def rows(self, pairs: np.ndarray) -> np.ndarray:
-        return np.stack([2 * pairs, 2 * pairs + 1], axis=1).reshape(-1)
+    def separation(self, weights: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
+        """CHI, XB and AQI for each row of pair weights (``weights[r, i]``: copies of pair i)."""
+        chi, xb = weighted_cluster_indices(self.states[0::2], self.states[1::2], weights)
+        return {"chi": chi, "xb": xb, "aqi": aqi_from_arrays(chi, xb, gamma)}
 
 
-def _aqi_on(m: ModelOutcomes, gamma: float):
-    return lambda pairs: aqi(m.states[m.rows(pairs)], m.labels[m.rows(pairs)], gamma)
+def _pair_weights(pairs: int, p: EvalParams) -> tuple[np.ndarray, np.ndarray]:
+    """(all pairs once, the bootstrap resamples): the same draws for every model (paired)."""
+    return np.ones((1, pairs)), resample_counts(pairs, p.bootstrap_resamples, p.seed)
 
 
 def intervals(m: ModelOutcomes, p: EvalParams) -> dict[str, Interval]:
     """Every figure of one model with its bootstrap interval."""
     pairs = len(m.states) // 2
-    out = {"aqi": bootstrap_ci(_aqi_on(m, p.gamma), pairs, p.bootstrap_resamples, p.confidence, p.seed, "basic")}
-    for name, index in (("chi", calinski_harabasz), ("xb", xie_beni)):
-        out[name] = bootstrap_ci(lambda idx, f=index: f(m.states[m.rows(idx)], m.labels[m.rows(idx)]), pairs,
-                                 p.bootstrap_resamples, p.confidence, p.seed, "basic")
+    full, resampled = _pair_weights(pairs, p)
+    estimates, replicates = m.separation(full, p.gamma), m.separation(resampled, p.gamma)
+    out = {name: interval_from_replicates(float(estimates[name][0]), replicates[name], pairs, p.confidence, "basic")
+           for name in ("aqi", "chi", "xb")}
     for metric, values in m.outcomes.items():
         values = values.astype(float)
         out[metric] = bootstrap_ci(lambda idx, v=values: float(v[idx].mean()), len(values),
@@ -73,8 +80,10 @@ class PairedComparison:
 def compare(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams) -> list[PairedComparison]:
     """``variant - reference`` for AQI and every rate, paired on the same prompts."""
     pairs = len(variant.states) // 2
-    a, b = _aqi_on(variant, p.gamma), _aqi_on(reference, p.gamma)
-    delta = bootstrap_ci(lambda idx: a(idx) - b(idx), pairs, p.bootstrap_resamples, p.confidence, p.seed, "basic")
+    full, resampled = _pair_weights(pairs, p)
+    estimate = variant.separation(full, p.gamma)["aqi"][0] - reference.separation(full, p.gamma)["aqi"][0]
+    replicates = variant.separation(resampled, p.gamma)["aqi"] - reference.separation(resampled, p.gamma)["aqi"]
+    delta = interval_from_replicates(float(estimate), replicates, pairs, p.confidence, "basic")
     out = [PairedComparison("aqi", variant.name, reference.name, delta.value, delta.low, delta.high, None,
                             "paired bootstrap over prompt pairs", not (delta.low <= 0 <= delta.high), pairs)]
     for metric in RATE_METRICS:

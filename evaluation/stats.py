@@ -77,27 +77,74 @@ class Interval:
     n: int
 
 
-def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, resamples: int = 1000, level: float = 0.95,
-                 seed: int = 0, method: str = "percentile") -> Interval:
-    """Bootstrap interval of ``statistic(indices)`` over ``n`` units (prompts or prompt pairs)
-    resampled with replacement; ``statistic(np.arange(n))`` is the point estimate. Pass the
-    same seed to two statistics to resample them with the same units (paired).
+def resample_counts(n: int, resamples: int, seed: int) -> np.ndarray:
+    """[resamples, n] how often each unit is drawn in each bootstrap resample; the draws are
+    those of ``bootstrap_ci`` with the same seed, so both resample the same units."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)])
 
-    ``percentile``: the quantiles of the resampled statistic (means and rates). ``basic``:
+
+def weighted_cluster_indices(harmful: np.ndarray, benign: np.ndarray,
+                             weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(CHI, XB) for every row of ``weights`` [R, pairs] at once: prompt pair i enters with
+    multiplicity ``weights[r, i]`` (its harmful row in one cluster, its benign row in the other).
+    Equal to ``calinski_harabasz`` / ``xie_beni`` on the repeated rows, without materialising
+    them: per cluster only the weighted count, sum and sum of squared norms are needed. Rows are
+    centred first (both indices are translation invariant), which keeps W = Q - |S|^2/N exact
+    in float64 even when hidden states carry large constant components."""
+    centre = np.concatenate([harmful, benign]).mean(axis=0)
+    weights = np.asarray(weights, dtype=np.float64)
+    sums, counts, within = [], weights.sum(axis=1), np.zeros(len(weights))
+    for group in (np.asarray(harmful, np.float64) - centre, np.asarray(benign, np.float64) - centre):
+        total = weights @ group                                       # [R, d]
+        squares = weights @ (group ** 2).sum(axis=1)                  # [R]
+        within += squares - (total ** 2).sum(axis=1) / counts
+        sums.append(total)
+    n = 2 * counts
+    overall = (sums[0] + sums[1]) / n[:, None]
+    centroids = [s / counts[:, None] for s in sums]
+    between = sum(counts * ((c - overall) ** 2).sum(axis=1) for c in centroids)
+    separation = ((centroids[0] - centroids[1]) ** 2).sum(axis=1)
+    within = np.maximum(within, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chi = np.where(within > 0, between / (within / (n - 2)), np.where(between > 0, np.inf, 0.0))
+        xb = np.where(separation > 0, within / (n * separation), np.inf)
+    return chi, xb
+
+
+def aqi_from_arrays(chi: np.ndarray, xb: np.ndarray, gamma: float = 0.5) -> np.ndarray:
+    """Vectorised ``aqi_from_indices`` (same limits for infinite CHI or XB)."""
+    chi_term = np.where(np.isinf(chi), 1.0, chi / (1.0 + np.where(np.isinf(chi), 0.0, chi)))
+    xb_term = np.where(np.isinf(xb), 0.0, 1.0 / (1.0 + np.where(np.isinf(xb), 0.0, xb)))
+    return gamma * chi_term + (1.0 - gamma) * xb_term
+
+
+def interval_from_replicates(estimate: float, replicates: np.ndarray, n: int, level: float = 0.95,
+                             method: str = "percentile") -> Interval:
+    """``percentile``: the quantiles of the resampled statistic (means and rates). ``basic``:
     ``[2 t - q_high, 2 t - q_low]``, which corrects a resampling bias to first order: cluster
     indices on resampled points are biased upwards (duplicated points, centroid noise in a high
     dimension), so their percentile interval can sit entirely above the estimate."""
-    rng = np.random.default_rng(seed)
-    values = [statistic(rng.integers(0, n, n)) for _ in range(resamples)]
-    values = [v for v in values if np.isfinite(v)]
+    values = np.asarray(replicates, dtype=np.float64)
+    values = values[np.isfinite(values)]
     alpha = (1 - level) / 2
-    estimate = statistic(np.arange(n))
     low, high = float(np.quantile(values, alpha)), float(np.quantile(values, 1 - alpha))
     if method == "basic":
         low, high = 2 * estimate - high, 2 * estimate - low
     elif method != "percentile":
         raise ValueError(f"unknown bootstrap method {method!r}")
-    return Interval(estimate, low, high, n)
+    return Interval(float(estimate), low, high, n)
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, resamples: int = 1000, level: float = 0.95,
+                 seed: int = 0, method: str = "percentile") -> Interval:
+    """Bootstrap interval of ``statistic(indices)`` over ``n`` units (prompts or prompt pairs)
+    resampled with replacement; ``statistic(np.arange(n))`` is the point estimate. Pass the
+    same seed to two statistics to resample them with the same units (paired). Methods: see
+    ``interval_from_replicates``."""
+    rng = np.random.default_rng(seed)
+    values = np.array([statistic(rng.integers(0, n, n)) for _ in range(resamples)], dtype=np.float64)
+    return interval_from_replicates(statistic(np.arange(n)), values, n, level, method)
 
 
 def mcnemar_exact(first: np.ndarray, second: np.ndarray) -> float:
@@ -111,3 +158,31 @@ def mcnemar_exact(first: np.ndarray, second: np.ndarray) -> float:
     k = min(only_first, only_second)
     tail = sum(math.comb(discordant, i) for i in range(k + 1)) / 2 ** discordant
     return min(1.0, 2 * tail)
+
+
+def mean_over_seeds(values, level: float = 0.95) -> Interval:
+    """Mean of one figure over training seeds with a Student-t interval (n - 1 degrees of
+    freedom): seeds are the unit of replication of the training procedure. One seed: no
+    interval (NaN bounds)."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=np.float64)
+    n, mean = len(values), float(values.mean())
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, n)
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def paired_t_over_seeds(deltas) -> float:
+    """Two-sided p-value of a one-sample t-test that the per-seed paired differences (variant
+    seed s minus reference seed s: same initial adapter and batches) have mean 0. NaN below
+    two seeds; 1.0 when every difference is exactly 0."""
+    from scipy import stats
+
+    deltas = np.asarray(deltas, dtype=np.float64)
+    if len(deltas) < 2:
+        return math.nan
+    if np.all(deltas == deltas[0]):
+        return 1.0 if deltas[0] == 0 else 0.0
+    return float(stats.ttest_1samp(deltas, 0.0).pvalue)

@@ -14,7 +14,7 @@ class ServedModel:
     """What Ollama (or llama.cpp) serves for one variant: files, template, stops, defaults."""
 
     name: str                              # the Ollama model name, e.g. pure_grit_model
-    variant: str                           # "base" or a variant of params.yaml
+    variant: str                           # "base", a variant, or a seed replicate (<variant>_seed<s>)
     base_gguf: Path
     chat: ChatFormat
     adapter_gguf: Path | None = None

@@ -9,11 +9,18 @@ bootstrap interval; every variant is compared with the base, and every GRIT vari
 same-engine control, paired on the same prompts (``evaluation/results.py``). Writes the store
 (``eval_metrics``, ``comparisons``, ``speed_metrics``), ``metrics/eval.json`` and
 ``artifacts/eval/generations.jsonl``. ``python -m evaluation.compare_all`` prints the comparison.
+
+Seed replicates (``train.n_seeds > 1``): every replicate is measured like a variant and recorded
+under its training seed; comparisons pair replicates of the same seed (same initial adapter,
+same batches). ``metrics/eval.json`` adds ``across_seeds``: each figure's mean over seeds with a
+Student-t 95% interval, and each paired difference with a t-test over seeds. The base model is
+not trained: its rows carry the primary seed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -24,6 +31,7 @@ from pipelines.errors import UserError
 from pipelines.files import atomic_write_json, atomic_write_text
 from pipelines.params import Params
 from pipelines.probe import same_engine_control
+from pipelines.replicates import model_key, replicate_path
 from pipelines.stage import StageContext, run_stage
 
 DATA = Path("artifacts/data")
@@ -68,14 +76,17 @@ def evaluate_all(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
     tokenizer = load_tokenizer(files, params.model)
     chat = chat_of(manifest)
     fp32 = params.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
-    variants = list(params.variants)
-    model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(ctx.root / ADAPTERS / variants[0]),
-                                      adapter_name=variants[0])
-    for name in variants[1:]:
-        model.load_adapter(str(ctx.root / ADAPTERS / name), adapter_name=name)
+    replicates = {model_key(v, params, s): replicate_path(ADAPTERS / v, params, s)
+                  for v in params.variants for s in params.train.seeds}
+    model = None
+    for key, folder in replicates.items():
+        if model is None:
+            model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(ctx.root / folder), adapter_name=key)
+        else:
+            model.load_adapter(str(ctx.root / folder), adapter_name=key)
     prompts = [p for pair in sets["aqi_pairs"] for p in pair]
     outcomes, records = {}, []
-    for key in ["base", *variants]:
+    for key in ["base", *replicates]:
         print(f"[evaluate] {key}: representations, facts, generations")
         if key != "base":
             model.set_adapter(key)
@@ -113,13 +124,44 @@ def comparison_pairs(params: Params) -> list[tuple[str, str]]:
     return pairs
 
 
-def training_speed(root: Path, variant: str) -> dict[str, float]:
+def model_rows(params: Params) -> dict[str, tuple[str, int]]:
+    """Model key -> (variant as recorded in the store, seed): the base and every replicate."""
+    rows = {"base": ("base", params.train.seed)}
+    rows.update({model_key(v, params, s): (v, s) for v in params.variants for s in params.train.seeds})
+    return rows
+
+
+def training_speed(root: Path, variant: str, seed: int) -> dict[str, float]:
     path = root / TRAIN_METRICS / f"{variant}.json"
     if not path.is_file():
         return {}
     summary = json.loads(path.read_text())
+    summary = summary.get("seeds", {}).get(str(seed), summary)
     return {k: float(summary[k]) for k in ("train_seconds", "tokens_per_second", "peak_rss_mib")
             if summary.get(k) is not None}
+
+
+def across_seeds(params: Params, figures: dict, comparisons: list) -> dict[str, Any]:
+    """Mean and t-interval over seeds of every figure, and t-tests over seeds of every paired
+    difference (``evaluation.stats``)."""
+    from evaluation.stats import mean_over_seeds, paired_t_over_seeds
+
+    level, keys = params.eval.confidence, model_rows(params)
+    out: dict[str, Any] = {"n_seeds": params.train.n_seeds, "figures": {}, "comparisons": []}
+    for variant in params.variants:
+        members = [k for k, (v, _) in keys.items() if v == variant]
+        out["figures"][variant] = {}
+        for metric in figures[members[0]]:
+            i = mean_over_seeds([figures[k][metric].value for k in members], level)
+            out["figures"][variant][metric] = {"mean": i.value, "ci": [_finite(i.low), _finite(i.high)], "n_seeds": i.n}
+    for variant, reference in comparison_pairs(params):
+        for metric in sorted({c.metric for c in comparisons}):
+            deltas = [c.delta for c in comparisons if (c.variant, c.reference, c.metric) == (variant, reference, metric)]
+            i, p = mean_over_seeds(deltas, level), paired_t_over_seeds(deltas)
+            out["comparisons"].append({"variant": variant, "reference": reference, "metric": metric, "delta": i.value,
+                                       "ci": [_finite(i.low), _finite(i.high)], "p_value": _finite(p),
+                                       "test": "paired t over seeds", "n_seeds": i.n})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (DATA / name).is_file():
                 raise UserError(f"{DATA / name} is missing; run `dvc repro prepare_data` first")
         manifest = json.loads(SERVE_MANIFEST.read_text())
-        missing = [v for v in params.variants if v not in manifest.get("models", {})]
+        missing = [k for k in model_rows(params) if k not in manifest.get("models", {})]
         if missing:
             raise UserError(f"{SERVE_MANIFEST} does not serve {missing[0]}; run `dvc repro serve` first")
         return manifest
@@ -138,11 +180,17 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate(ctx: StageContext, manifest: dict) -> dict[str, Path]:
         from evaluation.results import compare, intervals
 
-        settings = ctx.params.eval
+        params, settings = ctx.params, ctx.params.eval
         outcomes, records = evaluate_all(ctx, manifest)
         figures = {key: intervals(o, settings) for key, o in outcomes.items()}
-        comparisons = [c for variant, reference in comparison_pairs(ctx.params)
-                       for c in compare(outcomes[variant], outcomes[reference], settings)]
+        keys = model_rows(params)
+        comparisons = []        # (seed, PairedComparison with store names: variant, not replicate key)
+        for seed in params.train.seeds:
+            for variant, reference in comparison_pairs(params):
+                ours = outcomes[model_key(variant, params, seed)]
+                theirs = outcomes["base" if reference == "base" else model_key(reference, params, seed)]
+                comparisons += [(seed, dataclasses.replace(c, variant=variant, reference=reference))
+                                for c in compare(ours, theirs, settings)]
         backend = manifest["backend"]
         speeds: dict[str, dict[str, tuple[float, int]]] = {}
         for key, o in outcomes.items():
@@ -151,20 +199,24 @@ def main(argv: list[str] | None = None) -> int:
                             ("prefill_tokens_per_second", o.prefill_tokens_per_second)) if values}
         with ctx.store.transaction() as session:
             for key, metrics in figures.items():
+                variant, seed = keys[key]
                 for metric, i in metrics.items():
                     ctx.store.replace_rows(session, EvalMetric, ctx.run_id, [{
                         "value": i.value, "ci_low": _finite(i.low), "ci_high": _finite(i.high), "n": i.n}],
-                        variant=key, seed=0, metric=metric)
+                        variant=variant, seed=seed, metric=metric)
                 rows = [{"backend": backend, "metric": m, "value": v, "n": n} for m, (v, n) in speeds[key].items()]
                 rows += [{"backend": "train", "metric": m, "value": v, "n": None}
-                         for m, v in training_speed(ctx.root, key).items()]
-                ctx.store.replace_rows(session, SpeedMetric, ctx.run_id, rows, variant=key, seed=0)
+                         for m, v in training_speed(ctx.root, variant, seed).items()]
+                ctx.store.replace_rows(session, SpeedMetric, ctx.run_id, rows, variant=variant, seed=seed)
             ctx.store.replace_rows(session, Comparison, ctx.run_id, [
-                {**vars(c), "seed": 0} for c in comparisons])
-        summary = {key: {metric: {"value": _finite(i.value), "ci": [_finite(i.low), _finite(i.high)], "n": i.n}
-                         for metric, i in metrics.items()} | {"speed": {m: v for m, (v, _) in speeds[key].items()}}
-                   for key, metrics in figures.items()}
-        summary["comparisons"] = [vars(c) for c in comparisons]
+                {**vars(c), "seed": seed} for seed, c in comparisons])
+        summary: dict[str, Any] = {
+            key: {metric: {"value": _finite(i.value), "ci": [_finite(i.low), _finite(i.high)], "n": i.n}
+                  for metric, i in metrics.items()} | {"speed": {m: v for m, (v, _) in speeds[key].items()}}
+            for key, metrics in figures.items()}
+        summary["comparisons"] = [vars(c) | {"seed": seed} for seed, c in comparisons]
+        if params.train.n_seeds > 1:
+            summary["across_seeds"] = across_seeds(params, figures, [c for _, c in comparisons])
         atomic_write_json(ctx.root / METRICS, summary)
         atomic_write_text(ctx.root / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))
         for key, metrics in figures.items():

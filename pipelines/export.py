@@ -5,7 +5,8 @@ converter), ``merged.gguf`` (adapter merged into the fp32 base, quantised per
 ``export.quantization``), ``Modelfile`` (FROM base + ADAPTER) and ``Modelfile.merged``, and
 ``export.json`` (files, sha256, chat format, parity figures). Before publishing, the served files
 are compared with the PEFT model on held-out prompts (``export/parity.py``); an export that
-computes something else fails the stage and leaves the previous export as it was.
+computes something else fails the stage and leaves the previous export as it was. Seed
+replicates (``train.n_seeds > 1``) are exported the same way into ``seed-<s>/`` subfolders.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from db.models import EvalMetric
 from pipelines.errors import UserError
 from pipelines.files import fresh_staging_dir, publish_directory, sha256_file
 from pipelines.params import Params
+from pipelines.replicates import model_key, replicate_path
 from pipelines.stage import StageContext, run_stage
 
 ADAPTERS = Path("artifacts/adapters")
@@ -43,7 +45,7 @@ def parity_prompts(root: Path, n: int) -> list[str]:
     return [row["prompt"] for row in read_jsonl(root / PARITY_SOURCE)[:n]]
 
 
-def export_variant(ctx: StageContext, variant: str, staging: Path) -> dict[str, Any]:
+def export_variant(ctx: StageContext, variant: str, seed: int, staging: Path) -> dict[str, Any]:
     from peft import PeftModel
 
     from export.adapter import convert_adapter, folded_adapter
@@ -58,16 +60,18 @@ def export_variant(ctx: StageContext, variant: str, staging: Path) -> dict[str, 
     files = resolve_base_model(params.model)
     tokenizer = load_tokenizer(files, params.model)
     chat = chat_format(tokenizer)
-    adapter_dir = ctx.root / ADAPTERS / variant
+    adapter_dir = ctx.root / replicate_path(ADAPTERS / variant, params, seed)
+    label = model_key(variant, params, seed)
     metadata = json.loads((adapter_dir / "grit_metadata.json").read_text())
     base = base_gguf(files, settings.quantization)
 
-    with tempfile.TemporaryDirectory(prefix=f"export-{variant}-") as scratch:
+    staging.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"export-{label}-") as scratch:
         folded = folded_adapter(adapter_dir, Path(scratch) / "folded", metadata.get("scalings"))
         adapter = convert_adapter(folded, files.hf_dir, staging / "adapter.gguf")
     merged = merged_gguf(files, adapter, staging / "merged.gguf", settings.merged_quantization) if settings.merged else None
     served = ServedModel(
-        name=ollama_name(variant), variant=variant, base_gguf=base, chat=chat, adapter_gguf=adapter,
+        name=ollama_name(label), variant=variant, base_gguf=base, chat=chat, adapter_gguf=adapter,
         merged_gguf=merged, parameters={"temperature": settings.temperature, "seed": settings.seed,
                                         "num_predict": settings.num_predict, "num_ctx": settings.num_ctx})
 
@@ -84,10 +88,10 @@ def export_variant(ctx: StageContext, variant: str, staging: Path) -> dict[str, 
         llm = LlamaCppModel(model_file, chat, adapter_file, n_ctx=settings.num_ctx)
         parity[form] = next_token_parity(reference, [llm.next_token_logits(p) for p in prompts])
         llm.close()
-        print(f"[export] {variant} ({form}): {parity[form].describe()}")
+        print(f"[export] {label} ({form}): {parity[form].describe()}")
     failed = {form: p for form, p in parity.items() if not p.passes(settings.min_agreement, settings.max_mean_kl)}
     if failed:
-        raise UserError(f"{variant}: the exported GGUF does not compute what the PEFT model computes ("
+        raise UserError(f"{label}: the exported GGUF does not compute what the PEFT model computes ("
                         + "; ".join(f"{form}: {p.describe()}" for form, p in failed.items())
                         + f"; need >= {settings.min_agreement:.0%} and <= {settings.max_mean_kl} nats)")
 
@@ -95,7 +99,7 @@ def export_variant(ctx: StageContext, variant: str, staging: Path) -> dict[str, 
     if merged is not None:
         (staging / "Modelfile.merged").write_text(_relative(served.modelfile("merged"), staging))
     return {
-        "variant": variant, "ollama_name": served.name, "chat_family": chat.family, "stops": list(chat.stops),
+        "variant": variant, "seed": seed, "ollama_name": served.name, "chat_family": chat.family, "stops": list(chat.stops),
         "system": chat.default_system, "template": chat.ollama_template, "parameters": served.parameters,
         "base_gguf": str(base), "base_gguf_sha256": sha256_file(base),
         "adapter_gguf": adapter.name, "adapter_gguf_sha256": sha256_file(adapter),
@@ -134,9 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     def export(ctx: StageContext, _checked) -> dict[str, Path]:
         final = ctx.root / export_dir(variant)
         staging = fresh_staging_dir(final)
+        manifests = {}
         try:
-            manifest = export_variant(ctx, variant, staging)
-            (staging / "export.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            for seed in ctx.params.train.seeds:    # primary first: replicates nest in its folder
+                folder = replicate_path(staging, ctx.params, seed)
+                manifests[seed] = export_variant(ctx, variant, seed, folder)
+                (folder / "export.json").write_text(json.dumps(manifests[seed], indent=2, sort_keys=True) + "\n")
         except BaseException:
             import shutil
 
@@ -144,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         publish_directory(staging, final)
         with ctx.store.transaction() as session:
-            for form, figures in manifest["parity"].items():
-                for key in ("agreement", "mean_kl", "max_kl"):
-                    ctx.store.replace_rows(session, EvalMetric, ctx.run_id, [{"value": figures[key], "n": figures["prompts"]}],
-                                           variant=variant, seed=0, metric=f"export_parity_{form}_{key}")
-        return {p.name: p for p in sorted(final.iterdir()) if p.is_file()}
+            for seed, manifest in manifests.items():
+                for form, figures in manifest["parity"].items():
+                    for key in ("agreement", "mean_kl", "max_kl"):
+                        ctx.store.replace_rows(session, EvalMetric, ctx.run_id,
+                                               [{"value": figures[key], "n": figures["prompts"]}],
+                                               variant=variant, seed=seed, metric=f"export_parity_{form}_{key}")
+        return {str(p.relative_to(final)): p for p in sorted(final.rglob("*")) if p.is_file()}
 
     return run_stage(f"export@{variant}", export, preflight=preflight, argv=rest)
 

@@ -158,6 +158,12 @@ class TrainParams(_Section):
     """Optimisation budget shared by every variant (fairness: one budget, one schedule)."""
 
     seed: int = 42
+    # Replicates: every variant is trained (and exported, evaluated) with seeds seed, seed+1, ...,
+    # seed+n_seeds-1; results aggregate to the mean and a 95% interval across seeds.
+    n_seeds: Annotated[int, Field(ge=1, le=20)] = 1
+    # Data-parallel processes per variant: >1 launches training under torchrun (one per GPU;
+    # on CPU, gloo processes sharing the cores). Global batch = per_device x accumulation x this.
+    nproc_per_node: Annotated[int, Field(ge=1, le=64)] = 1
     learning_rate: Annotated[float, Field(gt=0)] = 2e-4
     max_steps: Annotated[int, Field(gt=0)] = 60
     per_device_batch_size: Annotated[int, Field(gt=0)] = 4
@@ -168,6 +174,10 @@ class TrainParams(_Section):
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     save_steps: Annotated[int, Field(gt=0)] = 10      # checkpoint interval (resume after a kill)
     gradient_checkpointing: bool = False
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + k for k in range(self.n_seeds)]
 
 
 class VariantParams(_Section):

@@ -21,6 +21,7 @@ from pipelines.errors import UserError
 from pipelines.export import EXPORTS, export_dir
 from pipelines.files import atomic_write_json, atomic_write_text
 from pipelines.params import Params
+from pipelines.replicates import model_key, replicate_path
 from pipelines.stage import StageContext, run_stage
 
 SERVE_DIR = Path("artifacts/serve")
@@ -28,17 +29,18 @@ MANIFEST = SERVE_DIR / "manifest.json"
 
 
 def served_models(root: Path, params: Params) -> list:
-    """The base model and every exported variant, as ``ServedModel`` descriptions."""
+    """The base model and every exported variant (each seed replicate), as ``ServedModel``
+    descriptions; ``ServedModel.variant`` is the replicate's model key (``pipelines/replicates``)."""
     from export.chat_format import served_chat_format
     from export.modelfile import ServedModel
 
     models = []
-    for variant in params.variants:
-        folder = root / export_dir(variant)
+    for variant, seed in ((v, s) for v in params.variants for s in params.train.seeds):
+        folder = root / replicate_path(export_dir(variant), params, seed)
         manifest = json.loads((folder / "export.json").read_text())
         chat = served_chat_format(manifest["chat_family"], manifest["system"])
         models.append(ServedModel(
-            name=manifest["ollama_name"], variant=variant, base_gguf=Path(manifest["base_gguf"]), chat=chat,
+            name=manifest["ollama_name"], variant=model_key(variant, params, seed), base_gguf=Path(manifest["base_gguf"]), chat=chat,
             adapter_gguf=folder / manifest["adapter_gguf"],
             merged_gguf=folder / manifest["merged_gguf"] if manifest["merged_gguf"] else None,
             parameters=manifest["parameters"]))
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         models = served_models(ctx.root, ctx.params)
         base_modelfile = ctx.root / SERVE_DIR / "base" / "Modelfile"
         atomic_write_text(base_modelfile, models[0].modelfile())
-        modelfiles = {m.name: (base_modelfile if m.variant == "base" else ctx.root / export_dir(m.variant) /
+        modelfiles = {m.name: (base_modelfile if m.variant == "base" else m.adapter_gguf.parent /
                                ("Modelfile.merged" if settings.weights == "merged" and m.merged_gguf else "Modelfile"))
                       for m in models}
         host = ollama_host(settings.ollama_host)

@@ -3,7 +3,9 @@
 Reads params sections ``train``, ``lora``, ``grit``, ``variants``, ``model`` and ``data``
 (sequence length). Writes ``artifacts/adapters/<variant>/`` (PEFT adapter + grit_metadata.json),
 ``metrics/train/<variant>.json`` and the dvclive log ``dvclive/train/<variant>/``; per-step rows
-go to the results store. A killed run resumes from ``outputs/checkpoints/<variant>``.
+go to the results store. A killed run resumes from ``outputs/checkpoints/<variant>``. With
+``train.n_seeds > 1`` the variant is trained once per seed, replicate seed ``s`` under
+``seed-<s>/`` of each of those folders (``pipelines/replicates.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from db.models import TrainMetric, Variant
 from pipelines.errors import UserError
 from pipelines.files import atomic_write_json
 from pipelines.params import Params
+from pipelines.replicates import replicate_path, with_seed
 from pipelines.stage import StageContext, run_stage
 from trainers.base_model import check_runtime, resolve_base_model
 
@@ -33,11 +36,11 @@ def adapter_dir(variant: str) -> Path:
     return ADAPTERS / variant
 
 
-def check_same_batches(ctx: StageContext, variant_name: str, batch_hash: str) -> None:
-    """Fairness: every variant of a run must have trained on exactly the same batches."""
+def check_same_batches(ctx: StageContext, variant_name: str, seed: int, batch_hash: str) -> None:
+    """Fairness: every variant of a run must have trained on exactly the same batches (per seed)."""
     with ctx.store.reader() as session:
         others = session.scalars(select(Variant).where(Variant.run_id == ctx.run_id, Variant.name != variant_name,
-                                                       Variant.name != "base")).all()
+                                                       Variant.name != "base", Variant.seed == seed)).all()
     for other in others:
         recorded = json.loads(other.details_json or "{}").get("batch_order_hash")
         if recorded and recorded != batch_hash:
@@ -63,32 +66,68 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{DATA_DIR}/train.jsonl is missing; run `dvc repro prepare_data` first")
         return params.variants[variant_name]
 
-    def train(ctx: StageContext, variant) -> dict[str, Path]:
-        from dvclive import Live
+    def train_replicate(ctx: StageContext, variant, seed: int) -> dict:
+        params = with_seed(ctx.params, seed)
+        files = resolve_base_model(params.model)
+        adapter = replicate_path(adapter_dir(variant_name), ctx.params, seed)
+        live_dir = ctx.root / replicate_path(LIVE / variant_name, ctx.params, seed)
+        checkpoints = ctx.root / replicate_path(CHECKPOINTS / variant_name, ctx.params, seed)
+        if ctx.params.train.nproc_per_node > 1:
+            meta, steps = launch_data_parallel(ctx, seed, ctx.root / adapter, checkpoints, live_dir)
+        else:
+            from dvclive import Live
 
-        from trainers.recipe import train_variant
+            from trainers.recipe import train_variant
 
-        files = resolve_base_model(ctx.params.model)
-        live_dir = ctx.root / LIVE / variant_name
-        with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=False) as live:
-            result = train_variant(variant_name, variant, ctx.params, files, ctx.root / DATA_DIR,
-                                   ctx.root / adapter_dir(variant_name), ctx.root / CHECKPOINTS / variant_name, live)
-        meta = result.metadata
-        check_same_batches(ctx, variant_name, meta["batch_order_hash"])
+            with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=False) as live:
+                result = train_variant(variant_name, variant, params, files, ctx.root / DATA_DIR, ctx.root / adapter,
+                                       checkpoints, live)
+            meta, steps = result.metadata, result.steps
+        check_same_batches(ctx, variant_name, seed, meta["batch_order_hash"])
         with ctx.store.transaction() as session:
-            ctx.store.replace_rows(session, TrainMetric, ctx.run_id, result.steps, variant=variant_name, seed=0)
+            ctx.store.replace_rows(session, TrainMetric, ctx.run_id, steps, variant=variant_name, seed=seed)
             ctx.store.replace_rows(session, Variant, ctx.run_id, [{
-                "engine": variant.engine, "base_model": files.name, "adapter_path": str(adapter_dir(variant_name)),
+                "engine": variant.engine, "base_model": files.name, "adapter_path": str(adapter),
                 "details_json": json.dumps({k: meta[k] for k in (
                     "grit", "grit_door", "batch_order_hash", "train_seconds", "final_loss", "tokens_per_second",
                     "peak_rss_mib", "engine_notes", "grit_all_ready")}, default=str),
-            }], name=variant_name, seed=0)
-        summary = {k: meta[k] for k in ("final_loss", "train_loss", "train_seconds", "tokens_per_second",
-                                        "peak_rss_mib", "steps", "batch_order_hash", "grit_all_ready")}
-        atomic_write_json(ctx.root / METRICS / f"{variant_name}.json", summary)
-        print(f"[train] {variant_name}: {meta['steps']} steps in {meta['train_seconds']:.0f} s, "
+            }], name=variant_name, seed=seed)
+        print(f"[train] {variant_name} (seed {seed}): {meta['steps']} steps in {meta['train_seconds']:.0f} s, "
               f"final loss {meta['final_loss']:.4f}, {meta['tokens_per_second']:.0f} tokens/s")
-        produced = {f"adapter/{p.name}": p for p in sorted(result.adapter_dir.iterdir()) if p.is_file()}
+        return {k: meta[k] for k in ("final_loss", "train_loss", "train_seconds", "tokens_per_second",
+                                     "peak_rss_mib", "steps", "batch_order_hash", "grit_all_ready")}
+
+    def launch_data_parallel(ctx: StageContext, seed: int, adapter: Path, checkpoints: Path,
+                             live_dir: Path) -> tuple[dict, list[dict]]:
+        """Train one replicate under torchrun (``pipelines/train_worker.py``); rank 0's results."""
+        import subprocess
+        import tempfile
+
+        import yaml
+
+        with tempfile.TemporaryDirectory(prefix=f"train-{variant_name}-") as scratch:
+            params_file, result_file = Path(scratch) / "params.yaml", Path(scratch) / "result.json"
+            params_file.write_text(yaml.safe_dump(ctx.params.model_dump(mode="json"), sort_keys=False))
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc_per_node={ctx.params.train.nproc_per_node}", "-m", "pipelines.train_worker",
+                       "--variant", variant_name, "--seed", str(seed), "--params", str(params_file),
+                       "--result", str(result_file), "--adapter", str(adapter), "--checkpoints", str(checkpoints),
+                       "--live", str(live_dir)]
+            print(f"[train] {variant_name} (seed {seed}): {' '.join(command[1:6])} ...", flush=True)
+            if subprocess.run(command, cwd=ctx.root).returncode != 0 or not result_file.is_file():
+                raise RuntimeError(f"data-parallel training of {variant_name} (seed {seed}) failed; see the log above")
+            result = json.loads(result_file.read_text())
+        return result["metadata"], result["steps"]
+
+    def train(ctx: StageContext, variant) -> dict[str, Path]:
+        # The primary seed first: it replaces the variant's folders, the replicates nest inside.
+        summaries = {seed: train_replicate(ctx, variant, seed) for seed in ctx.params.train.seeds}
+        summary = dict(summaries[ctx.params.train.seed])
+        if len(summaries) > 1:
+            summary["seeds"] = {str(seed): s for seed, s in summaries.items()}
+        atomic_write_json(ctx.root / METRICS / f"{variant_name}.json", summary)
+        folder = ctx.root / adapter_dir(variant_name)
+        produced = {f"adapter/{p.relative_to(folder)}": p for p in sorted(folder.rglob("*")) if p.is_file()}
         return {**produced, "metrics": ctx.root / METRICS / f"{variant_name}.json"}
 
     return run_stage(f"train@{variant_name}", train, preflight=preflight, argv=rest)

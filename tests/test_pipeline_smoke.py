@@ -46,7 +46,8 @@ def smoke_repo(tmp_path_factory, repo_root: Path = Path(__file__).resolve().pare
     _sh(["git", "init", "-q"], copy, env)
     _sh([*git, "add", "-A"], copy, env)
     _sh([*git, "commit", "-qm", "snapshot"], copy, env)
-    _sh([sys.executable, "-m", "pipelines.profile", "smoke"], copy, env)
+    # Two seed replicates: every stage handles them, and compare_all aggregates over seeds.
+    _sh([sys.executable, "-m", "pipelines.profile", "smoke", "train.n_seeds=2"], copy, env)
     return copy, env
 
 
@@ -57,7 +58,8 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     params = load_params(repo / "params.yaml")
     declared = pipeline_stage_names(repo, params)
     assert {"prepare_model", "prepare_data", "train@baseline_lora", "train@hybrid_grit", "train@pure_grit",
-            "train@peft_lora", "probe", "export@pure_grit", "export@hybrid_grit", "serve"} <= set(declared)
+            "train@peft_lora", "probe", "export@pure_grit", "export@hybrid_grit", "serve", "evaluate",
+            "compare"} <= set(declared)
     locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(declared) <= set(locked), f"stages that did not run: {set(declared) - set(locked)}"
 
@@ -67,16 +69,26 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     stages = store.stages(run.id)
     assert {name: s.status for name, s in stages.items()} == {name: "succeeded" for name in declared}
 
-    # Fairness: all variants trained on the same batches; both GRIT variants ended fully ready.
+    # Fairness: all variants trained on the same batches (per seed); both GRIT variants ended fully
+    # ready. The smoke profile trains two seed replicates of every variant.
+    seeds = params.train.seeds
+    assert len(seeds) == 2
     metrics = {v: json.loads((repo / "metrics/train" / f"{v}.json").read_text()) for v in params.variants}
-    assert len({m["batch_order_hash"] for m in metrics.values()}) == 1
+    for seed in seeds:
+        hashes = {m["seeds"][str(seed)]["batch_order_hash"] for m in metrics.values()}
+        assert len(hashes) == 1, seed
+    assert metrics["pure_grit"]["seeds"][str(seeds[0])]["batch_order_hash"] != \
+        metrics["pure_grit"]["seeds"][str(seeds[1])]["batch_order_hash"]         # another seed, another order
     assert metrics["hybrid_grit"]["grit_all_ready"] and metrics["pure_grit"]["grit_all_ready"]
     with store.reader() as session:
         for variant in params.variants:
-            steps = session.scalars(select(TrainMetric.step).where(
-                TrainMetric.run_id == run.id, TrainMetric.variant == variant).order_by(TrainMetric.step)).all()
-            assert steps == list(range(1, params.train.max_steps + 1)), variant
+            for seed in seeds:
+                steps = session.scalars(select(TrainMetric.step).where(
+                    TrainMetric.run_id == run.id, TrainMetric.variant == variant, TrainMetric.seed == seed)
+                    .order_by(TrainMetric.step)).all()
+                assert steps == list(range(1, params.train.max_steps + 1)), (variant, seed)
     assert (repo / "artifacts/adapters/pure_grit/adapter_model.safetensors").is_file()
+    assert (repo / f"artifacts/adapters/pure_grit/seed-{seeds[1]}/adapter_model.safetensors").is_file()
 
     # The probe ran both GRIT variants against their same-engine controls: GRIT changed the updates.
     probes = json.loads((repo / "metrics/probes.json").read_text())["variants"]
@@ -86,15 +98,20 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
         assert probe["update_cosine_median"] < 0.99 and probe["loss_max_abs_difference"] > 0
     assert (repo / "plots/probe_update_divergence.png").is_file()
 
-    # Every variant exported with proven parity; served by llama.cpp (no Ollama server in the test).
+    # Every replicate exported with proven parity; served by llama.cpp (no Ollama server in the test).
     for variant in params.variants:
-        export = json.loads((repo / "artifacts/export" / variant / "export.json").read_text())
-        assert export["parity"]["adapter"]["agreement"] >= params.export.min_agreement, variant
+        for folder in (f"artifacts/export/{variant}", f"artifacts/export/{variant}/seed-{seeds[1]}"):
+            export = json.loads((repo / folder / "export.json").read_text())
+            assert export["parity"]["adapter"]["agreement"] >= params.export.min_agreement, folder
     manifest = json.loads((repo / "artifacts/serve/manifest.json").read_text())
-    assert manifest["backend"] == "llama.cpp" and set(manifest["models"]) == {"base", *params.variants}
+    assert manifest["backend"] == "llama.cpp"
+    assert set(manifest["models"]) == {"base", *params.variants, *(f"{v}_seed{seeds[1]}" for v in params.variants)}
+    assert f"ollama create pure_grit_seed{seeds[1]}_model" in " ".join(manifest["ollama"]["commands"])
 
-    # compare_all prints the store's figures: every (model, metric) cell starts with the stored value.
+    # compare_all prints the store's figures: with two seeds every (model, metric) cell is the mean
+    # of the stored per-seed rows with a t-interval across seeds; the base (not trained) has one row.
     from evaluation.compare_all import QUALITY, _number
+    from evaluation.stats import mean_over_seeds
 
     result = _sh([sys.executable, "-m", "evaluation.compare_all", "--csv", "reports/compare.csv"], repo, env)
     lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
@@ -102,14 +119,28 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     models = lines["metric"]
     assert models == ["base", *params.variants]
     with store.reader() as session:
-        stored = {(m.variant, m.metric): m for m in session.scalars(select(EvalMetric).where(EvalMetric.run_id == run.id))}
+        stored: dict[tuple[str, str], list] = {}
+        for m in session.scalars(select(EvalMetric).where(EvalMetric.run_id == run.id)):
+            stored.setdefault((m.variant, m.metric), []).append(m)
         comparisons = session.scalars(select(Comparison).where(Comparison.run_id == run.id)).all()
     for metric, label, _ in QUALITY:
         for model, printed in zip(models, lines[label], strict=True):
-            row = stored[(model, metric)]
-            assert printed.startswith(f"{_number(row.value)} [{_number(row.ci_low)}, {_number(row.ci_high)}]"), (metric, model)
-    assert {(c.variant, c.reference) for c in comparisons} >= {("hybrid_grit", "baseline_lora"), ("pure_grit", "peft_lora")}
-    assert "GRIT" in result.stdout.split("## GRIT vs its same-engine control")[1]
+            rows = stored[(model, metric)]
+            if model == "base":
+                (row,) = rows
+                expected = f"{_number(row.value)} [{_number(row.ci_low)}, {_number(row.ci_high)}]"
+            else:
+                assert sorted(r.seed for r in rows) == seeds, (metric, model)
+                i = mean_over_seeds([r.value for r in rows])
+                expected = f"{_number(i.value)} [{_number(i.low)}, {_number(i.high)}]"
+            assert printed.startswith(expected), (metric, model, printed, expected)
+    assert {(c.variant, c.reference, c.seed) for c in comparisons} >= {
+        (g, c, s) for g, c in (("hybrid_grit", "baseline_lora"), ("pure_grit", "peft_lora")) for s in seeds}
+    grit_table = result.stdout.split("## GRIT vs its same-engine control")[1]
+    assert "paired t over 2 seeds" in grit_table and "GRIT" in grit_table
+    eval_summary = json.loads((repo / "metrics/eval.json").read_text())
+    assert eval_summary["across_seeds"]["n_seeds"] == 2
+    assert (repo / "reports/compare.md").read_text().startswith(f"# Comparison of run {run.id}")   # stage compare
     assert (repo / "reports/compare.md").is_file() and (repo / "reports/compare.csv").is_file()
     assert (repo / "reports/compare_aqi.png").is_file()
 
@@ -118,3 +149,19 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert "didn't change, skipping" in second.stdout or "up to date" in second.stdout
     assert {n: s.finished_at for n, s in store.stages(run.id).items()} == {
         n: s.finished_at for n, s in stages.items()}
+
+    # An experiment with another learning rate (and, recomposed from the smoke profile, one seed)
+    # is a second run: `dvc exp show` and `compare_all --list` both list it, and compare_all
+    # reports it by id with the single-seed (per-prompt) tests.
+    _sh(["dvc", "exp", "run", "-n", "lr-up", "-S", "profile=smoke", "-S", "train.learning_rate=0.001"], repo, env,
+        timeout=2400)
+    shown = _sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
+    assert "lr-up" in shown and "0.001" in shown
+    runs = store.runs()
+    assert len(runs) == 2 and all(r.status == "complete" for r in runs)
+    (experiment,) = [r for r in runs if r.id != run.id]
+    assert json.loads(experiment.params_json)["train"]["learning_rate"] == 0.001
+    listing = _sh([sys.executable, "-m", "evaluation.compare_all", "--list"], repo, env).stdout
+    assert run.id in listing and experiment.id in listing and "train.learning_rate=0.0005" in listing
+    report = _sh([sys.executable, "-m", "evaluation.compare_all", "--run", experiment.id], repo, env).stdout
+    assert report.startswith(f"# Comparison of run {experiment.id}") and "exact McNemar" in report

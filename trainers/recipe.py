@@ -132,15 +132,23 @@ def build_trainer(
     )
 
 
+def world_size() -> int:
+    """Data-parallel processes of this run (``torchrun`` sets WORLD_SIZE); 1 without a launcher."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def train_variant(
     name: str, variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
-    adapter_dir: Path, checkpoint_dir: Path, live=None,
+    adapter_dir: Path, checkpoint_dir: Path, live=None, on_trained=None,
 ) -> TrainResult:
+    """``on_trained(model, manager)`` runs on every rank right after training (before saving)."""
     torch.manual_seed(params.train.seed)
     engine = build_engine(files, params, variant)
     model, tokenizer = engine.model, engine.tokenizer
     train = params.train
-    examples = ordered_examples(read_jsonl(data_dir / "train.jsonl"), tokenizer, examples_needed(train), train.seed)
+    # Under data parallelism every optimizer step consumes a batch per rank, from the same order.
+    examples = ordered_examples(read_jsonl(data_dir / "train.jsonl"), tokenizer,
+                                examples_needed(train) * world_size(), train.seed)
     grit = attach_grit(model, params.grit, grit_door(variant), train.max_steps)
     manager = grit.manager
 
@@ -165,9 +173,13 @@ def train_variant(
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
+    if on_trained is not None:
+        on_trained(trainer.model, manager)
+    main_process = trainer.is_world_process_zero()
 
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    trainer.model.save_pretrained(adapter_dir)
+    if main_process:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(adapter_dir)
     layers = lora_layers(trainer.model)
     ranks = {module: int(layer.r[adapter]) for module, layer, adapter in layers}  # after any truncation
     scalings = {module: float(layer.scaling[adapter]) for module, layer, adapter in layers}
@@ -186,10 +198,11 @@ def train_variant(
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "grit_all_ready": manager.all_ready() if manager else None,
         "grit_diagnostics": manager.diagnostics() if manager else None,
-        "resumed_from": resume_from.name if resume_from else None,
+        "resumed_from": resume_from.name if resume_from else None, "world_size": world_size(),
     }
-    (adapter_dir / "grit_metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    if main_process:
+        (adapter_dir / "grit_metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if manager is not None:
         manager.detach()
     return TrainResult(name, variant.engine, adapter_dir, metadata, step_log.rows)

@@ -7,7 +7,18 @@ import math
 import numpy as np
 import pytest
 
-from evaluation.stats import aqi, bootstrap_ci, calinski_harabasz, mcnemar_exact, xie_beni
+from evaluation.stats import (
+    aqi,
+    aqi_from_arrays,
+    bootstrap_ci,
+    calinski_harabasz,
+    mcnemar_exact,
+    mean_over_seeds,
+    paired_t_over_seeds,
+    resample_counts,
+    weighted_cluster_indices,
+    xie_beni,
+)
 
 
 def clusters(separation: float, n: int = 200, d: int = 32, seed: int = 0):
@@ -63,3 +74,37 @@ def test_mcnemar_exact():
     assert mcnemar_exact(a, b) == pytest.approx(2 / 2 ** 10)
     c = np.array([False] * 5 + [True] * 5 + [True] * 5 + [False] * 5)   # 5 vs 5: no evidence
     assert mcnemar_exact(a, c) == 1.0
+
+
+def test_weighted_indices_equal_the_direct_ones_on_repeated_rows():
+    """The vectorised bootstrap path (pair multiplicities) must reproduce CHI, XB and AQI
+    computed on the explicitly resampled rows, including a large constant offset that would
+    cancel badly without centring."""
+    rng = np.random.default_rng(3)
+    harmful = rng.normal(size=(30, 16)) + 0.7 + 1e4
+    benign = rng.normal(size=(30, 16)) + 1e4
+    counts = resample_counts(30, 5, seed=1)
+    chi, xb = weighted_cluster_indices(harmful, benign, counts)
+    draws = np.random.default_rng(1)
+    for r in range(5):
+        idx = draws.integers(0, 30, 30)
+        assert np.array_equal(np.bincount(idx, minlength=30), counts[r])
+        X = np.concatenate([harmful[idx], benign[idx]])
+        labels = np.r_[np.ones(30), np.zeros(30)]
+        assert chi[r] == pytest.approx(calinski_harabasz(X, labels), rel=1e-9)
+        assert xb[r] == pytest.approx(xie_beni(X, labels), rel=1e-9)
+        assert aqi_from_arrays(chi, xb)[r] == pytest.approx(aqi(X, labels), rel=1e-12)
+    same_chi, same_xb = weighted_cluster_indices(harmful, harmful, np.ones((1, 30)))
+    assert same_chi[0] == pytest.approx(0.0, abs=1e-9) and math.isinf(same_xb[0])
+    assert aqi_from_arrays(same_chi, same_xb)[0] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_mean_over_seeds_t_interval_and_paired_t():
+    interval = mean_over_seeds([1.0, 2.0, 3.0], level=0.95)
+    # mean 2, sd 1, t_{0.975, 2} = 4.303: half width 4.303 / sqrt(3)
+    assert interval.value == pytest.approx(2.0) and interval.n == 3
+    assert interval.high - interval.value == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert math.isnan(mean_over_seeds([0.5]).low)
+    assert paired_t_over_seeds([0.1, 0.12, 0.09, 0.11]) < 0.001
+    assert paired_t_over_seeds([0.1, -0.1, 0.05, -0.05]) > 0.5
+    assert paired_t_over_seeds([0.0, 0.0]) == 1.0 and math.isnan(paired_t_over_seeds([0.2]))

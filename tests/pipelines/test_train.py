@@ -94,7 +94,7 @@ def test_a_variant_trained_on_other_batches_fails_the_run(prepared: Path, tmp_pa
     store.start_run(Run(id=run_id, git_revision=None, params_hash="h", params_json="{}", profile="smoke",
                         host="h", device="cpu", started_at=utcnow()))
     with store.transaction() as session:
-        session.add(Variant(run_id=run_id, name="peft_lora", seed=0, engine="peft", base_model="tiny",
+        session.add(Variant(run_id=run_id, name="peft_lora", seed=params.train.seed, engine="peft", base_model="tiny",
                             details_json=json.dumps({"batch_order_hash": "0" * 64})))
     process = stage(workdir, "pipelines.train", "--variant", "pure_grit")
     output = process.communicate(timeout=900)[0]

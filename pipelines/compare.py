@@ -1,0 +1,32 @@
+"""DVC stage ``compare``: the comparison report of this run (``python -m evaluation.compare_all``).
+
+Writes ``reports/compare.md``, ``reports/compare.csv`` and ``reports/compare_<metric>.png`` for
+the run the current params define, from the results store; the last stage of the pipeline, so
+recording it is what makes the run complete. ``python -m evaluation.compare_all`` prints the same
+report for the latest complete run (or ``--run ID``) at any time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.stage import StageContext, run_stage
+
+CSV = Path("reports/compare.csv")
+
+
+def main(argv: list[str] | None = None) -> int:
+    def compare(ctx: StageContext, _checked) -> dict[str, Path]:
+        from evaluation.compare_all import load_run, report, summary_line, write_outputs
+
+        tables = load_run(ctx.params.store.url, ctx.root, ctx.run_id)
+        written = write_outputs(tables, ctx.root, ctx.root / CSV)
+        print(report(tables).split("## GRIT vs its same-engine control")[0])
+        print(f"[compare] {summary_line(tables)}")
+        return written
+
+    return run_stage("compare", compare, argv=argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
