@@ -38,8 +38,14 @@ def _right_padded(tokenizer, texts: Sequence[str], add_special_tokens: bool, dev
     return ids, mask
 
 
-def _batches(items: Sequence, size: int = BATCH):
-    return (items[i:i + size] for i in range(0, len(items), size))
+def _by_length(texts: Sequence[str], tokenizer, add_special_tokens: bool):
+    """Batches of similar length (longest first: padding costs little, memory peaks early), as
+    (original indices, texts); the callers put results back in input order."""
+    lengths = [len(tokenizer(t, add_special_tokens=add_special_tokens).input_ids) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    for start in range(0, len(order), BATCH):
+        chunk = order[start:start + BATCH]
+        yield chunk, [texts[i] for i in chunk]
 
 
 @torch.no_grad()
@@ -47,28 +53,28 @@ def pooled_hidden_states(model, tokenizer, prompts: Sequence[str], chat, layers:
     """[n, hidden] float64 (module docstring)."""
     model.eval()
     skip = _system_prefix_length(tokenizer, chat)
-    rows = []
-    for batch in _batches(list(prompts)):
-        ids, mask = _right_padded(tokenizer, [chat.render(p) for p in batch], False, model.device)
+    rows: list[np.ndarray | None] = [None] * len(prompts)
+    for indices, batch in _by_length([chat.render(p) for p in prompts], tokenizer, False):
+        ids, mask = _right_padded(tokenizer, batch, False, model.device)
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         states = torch.stack(hidden[-layers:]).float().mean(dim=0)              # [batch, tokens, hidden]
-        for row, length in zip(states, mask.sum(dim=1).tolist(), strict=True):
+        for index, row, length in zip(indices, states, mask.sum(dim=1).tolist(), strict=True):
             start = skip if skip < length else 0
-            rows.append(row[start:length].mean(dim=0).double().cpu().numpy())
+            rows[index] = row[start:length].mean(dim=0).double().cpu().numpy()
     return np.stack(rows)
 
 
 @torch.no_grad()
 def statement_logprobs(model, tokenizer, statements: Sequence[str]) -> np.ndarray:
     """Mean log-probability per predicted token of each statement (plain text, BOS if any)."""
-    out = []
-    for batch in _batches(list(statements)):
+    out = np.zeros(len(statements))
+    for indices, batch in _by_length(list(statements), tokenizer, True):
         ids, mask = _right_padded(tokenizer, batch, True, model.device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None])[..., 0]
         real = mask[:, 1:].float()
-        out.extend(((logprobs * real).sum(dim=1) / real.sum(dim=1)).tolist())
-    return np.array(out)
+        out[indices] = ((logprobs * real).sum(dim=1) / real.sum(dim=1)).cpu().numpy()
+    return out
 
 
 def retained(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> np.ndarray:

@@ -24,6 +24,8 @@ class ExportParams(BaseModel):
     parity_prompts: Annotated[int, Field(gt=0)] = 20
     min_agreement: Annotated[float, Field(ge=0, le=1)] = 0.95
     max_mean_kl: Annotated[float, Field(gt=0)] = 0.02
+    # a served greedy token within this many nats of the reference's best is a near-tie, not a miss
+    tie_margin: Annotated[float, Field(ge=0)] = 0.1
     # deterministic Modelfile defaults, so that evaluation through Ollama is reproducible
     temperature: Annotated[float, Field(ge=0)] = 0.0
     seed: int = 0

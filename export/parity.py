@@ -4,6 +4,12 @@ For each prompt (rendered by the chat template both sides share), compare the ne
 distribution of the PEFT model (reference) and of llama.cpp (served): the greedy token must
 agree and ``KL(reference || served)`` in nats must stay small. Quantisation of the base weights
 is the expected difference; a wrong LoRA scale or template is not.
+
+Agreement is tie-aware: where the reference's two best tokens are nearly tied, 4-bit rounding of
+the base can legitimately flip the greedy choice, so a served token counts as agreeing when the
+reference gives it a log-probability within ``tie_margin`` nats of its own best (measured on the
+default run: the only flips were 0.05-0.06 nats; a wrong scale moves the whole distribution,
+KL 0.15 nats, and fails on KL regardless). The exact agreement is reported too.
 """
 
 from __future__ import annotations
@@ -17,16 +23,17 @@ import numpy as np
 @dataclass(frozen=True)
 class Parity:
     prompts: int
-    agreement: float          # fraction of prompts with the same greedy next token
+    agreement: float          # fraction of prompts whose served greedy token is the reference's, up to a near-tie
     mean_kl: float            # nats
     max_kl: float
+    exact_agreement: float    # fraction with exactly the same greedy token
 
     def passes(self, min_agreement: float, max_mean_kl: float) -> bool:
         return self.agreement >= min_agreement and self.mean_kl <= max_mean_kl
 
     def describe(self) -> str:
-        return (f"greedy next token agrees on {self.agreement:.0%} of {self.prompts} prompts, "
-                f"mean KL {self.mean_kl:.4f} nats (max {self.max_kl:.4f})")
+        return (f"greedy next token agrees on {self.agreement:.0%} of {self.prompts} prompts "
+                f"({self.exact_agreement:.0%} exactly), mean KL {self.mean_kl:.4f} nats (max {self.max_kl:.4f})")
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -40,12 +47,22 @@ def kl_divergence(reference_logits: np.ndarray, served_logits: np.ndarray) -> fl
     return float(np.sum(np.exp(log_p) * (log_p - log_q)))
 
 
-def next_token_parity(reference: Sequence[np.ndarray], served: Sequence[np.ndarray]) -> Parity:
+def greedy_agrees(reference_logits: np.ndarray, served_logits: np.ndarray, tie_margin: float) -> bool:
+    """The served greedy token is the reference's, or within ``tie_margin`` nats of it under the
+    reference (a near-tie)."""
+    log_p = log_softmax(reference_logits)
+    return bool(log_p.max() - log_p[int(np.argmax(served_logits))] <= tie_margin)
+
+
+def next_token_parity(reference: Sequence[np.ndarray], served: Sequence[np.ndarray],
+                      tie_margin: float = 0.1) -> Parity:
     if len(reference) != len(served) or not reference:
         raise ValueError("parity needs the same, non-zero number of reference and served distributions")
-    kls = [kl_divergence(r, s) for r, s in zip(reference, served, strict=True)]
-    agree = [int(np.argmax(r)) == int(np.argmax(s)) for r, s in zip(reference, served, strict=True)]
-    return Parity(len(kls), sum(agree) / len(agree), float(np.mean(kls)), float(np.max(kls)))
+    pairs = list(zip(reference, served, strict=True))
+    kls = [kl_divergence(r, s) for r, s in pairs]
+    agree = [greedy_agrees(r, s, tie_margin) for r, s in pairs]
+    exact = [int(np.argmax(r)) == int(np.argmax(s)) for r, s in pairs]
+    return Parity(len(kls), sum(agree) / len(agree), float(np.mean(kls)), float(np.max(kls)), sum(exact) / len(exact))
 
 
 def peft_next_token_logits(model, tokenizer, prompts: Sequence[str], chat) -> list[np.ndarray]:

@@ -86,7 +86,7 @@ def export_variant(ctx: StageContext, variant: str, seed: int, staging: Path) ->
         if model_file is None:
             continue
         llm = LlamaCppModel(model_file, chat, adapter_file, n_ctx=settings.num_ctx)
-        parity[form] = next_token_parity(reference, [llm.next_token_logits(p) for p in prompts])
+        parity[form] = next_token_parity(reference, [llm.next_token_logits(p) for p in prompts], settings.tie_margin)
         llm.close()
         print(f"[export] {label} ({form}): {parity[form].describe()}")
     failed = {form: p for form, p in parity.items() if not p.passes(settings.min_agreement, settings.max_mean_kl)}
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         with ctx.store.transaction() as session:
             for seed, manifest in manifests.items():
                 for form, figures in manifest["parity"].items():
-                    for key in ("agreement", "mean_kl", "max_kl"):
+                    for key in ("agreement", "exact_agreement", "mean_kl", "max_kl"):
                         ctx.store.replace_rows(session, EvalMetric, ctx.run_id,
                                                [{"value": figures[key], "n": figures["prompts"]}],
                                                variant=variant, seed=seed, metric=f"export_parity_{form}_{key}")

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                        "--variant", variant_name, "--seed", str(seed), "--params", str(params_file),
                        "--result", str(result_file), "--adapter", str(adapter), "--checkpoints", str(checkpoints),
                        "--live", str(live_dir)]
-            print(f"[train] {variant_name} (seed {seed}): {' '.join(command[1:6])} ...", flush=True)
+            print(f"[train] {variant_name} (seed {seed}): {' '.join(command)}", flush=True)
             if subprocess.run(command, cwd=ctx.root).returncode != 0 or not result_file.is_file():
                 raise RuntimeError(f"data-parallel training of {variant_name} (seed {seed}) failed; see the log above")
             result = json.loads(result_file.read_text())

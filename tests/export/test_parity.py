@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -17,7 +18,7 @@ from export.adapter import convert_adapter, folded_adapter
 from export.backend import LlamaCppModel
 from export.chat_format import chat_format
 from export.gguf import merged_gguf
-from export.parity import next_token_parity, peft_next_token_logits
+from export.parity import greedy_agrees, next_token_parity, peft_next_token_logits
 from export.config import ExportParams
 from pipelines.params import ModelParams
 from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
@@ -101,3 +102,16 @@ def test_served_prompts_are_the_training_tokens_and_generation_stops_at_end_of_t
         generation = llm.generate(prompt, 96)
         llm.close()
         assert generation.stopped_at_end_of_turn and "<|im_" not in generation.text, generation
+
+
+def test_a_near_tie_flip_agrees_and_a_real_flip_does_not():
+    reference = np.log(np.array([0.50, 0.48, 0.02]))           # top two 0.04 nats apart
+    near_tie = np.log(np.array([0.48, 0.50, 0.02]))            # served flips them
+    real_flip = np.log(np.array([0.20, 0.78, 0.02]))
+    far = np.log(np.array([0.70, 0.10, 0.20]))
+    lopsided = np.log(np.array([0.90, 0.05, 0.05]))
+    assert greedy_agrees(reference, near_tie, tie_margin=0.1)
+    assert not greedy_agrees(reference, near_tie, tie_margin=0.0)   # exact agreement
+    assert not greedy_agrees(lopsided, real_flip, tie_margin=0.1)    # 2.9 nats below the best
+    parity = next_token_parity([reference, lopsided, far], [near_tie, real_flip, far], tie_margin=0.1)
+    assert parity.agreement == pytest.approx(2 / 3) and parity.exact_agreement == pytest.approx(1 / 3)
