@@ -215,7 +215,8 @@ def summary_line(tables: RunTables) -> str:
     better, worse, same = metrics("GRIT better"), metrics("GRIT worse"), metrics("no significant difference")
     parts = [f"better on {better}" if better else "better on no metric",
              f"worse on {worse}" if worse else None, f"no significant difference on {same}" if same else None]
-    head = "GRIT beats plain LoRA only where marked" if better else "GRIT does not beat plain LoRA"
+    head = ("Mixed result: GRIT beats plain LoRA on some metrics and loses on others" if better and worse
+            else "GRIT beats plain LoRA only where marked" if better else "GRIT does not beat plain LoRA")
     return f"{head} (run {tables.run.id}): " + "; ".join(p for p in parts if p) + "."
 
 
