@@ -19,16 +19,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from sqlalchemy import select
 
 from db.models import Comparison, EvalMetric, Run, SpeedMetric
 from db.store import open_store
-from evaluation.stats import mean_over_seeds, paired_t_over_seeds
+from evaluation.stats import finite_or_none, mean_over_seeds, paired_t_over_seeds
 from pipelines.errors import UserError
 
 QUALITY = [("aqi", "AQI (higher: harmful and benign better separated)", True),
@@ -87,6 +87,7 @@ class RunTables:
         i = mean_over_seeds([r.value for r in rows], self.confidence)
         return Figure(i.value, i.low, i.high, i.n)
 
+    @cached_property
     def differences(self) -> list[Difference]:
         """Per (variant, reference, metric): the stored per-prompt test for one seed, a paired
         t-test over seeds for several."""
@@ -117,11 +118,15 @@ def default_store_url(root: Path) -> str:
     return load_params(params).store.url if params.is_file() else "sqlite:///outputs/centralized.db"
 
 
-def load_run(url: str, root: Path, run_id: str | None) -> RunTables:
+def existing_store(url: str, root: Path):
+    """The results store at ``url``; a missing SQLite file is a one-line error, never created."""
     if url.startswith("sqlite:///") and not (root / url.removeprefix("sqlite:///")).is_file():
         raise UserError(f"no results store at {url.removeprefix('sqlite:///')}; run `make run` first")
-    store = open_store(url, root)
-    with store.reader() as session:
+    return open_store(url, root)
+
+
+def load_run(url: str, root: Path, run_id: str | None) -> RunTables:
+    with existing_store(url, root).reader() as session:
         if run_id:
             run = session.get(Run, run_id)
             if run is None:
@@ -148,10 +153,6 @@ def load_run(url: str, root: Path, run_id: str | None) -> RunTables:
                      settings.get("confidence", 0.95), settings.get("significance", 0.05))
 
 
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
-
 def _number(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -162,8 +163,8 @@ def cell(tables: RunTables, model: str, metric: str) -> str:
     row = tables.figure(model, metric)
     if row is None:
         return "n/a"
-    text = f"{_number(row.value)} [{_number(_finite(row.low))}, {_number(_finite(row.high))}]"
-    delta = next((c for c in tables.differences() if c.variant == model and c.reference == "base"
+    text = f"{_number(row.value)} [{_number(finite_or_none(row.low))}, {_number(finite_or_none(row.high))}]"
+    delta = next((c for c in tables.differences if c.variant == model and c.reference == "base"
                   and c.metric == metric), None)
     if delta is not None:
         text += f" Δ {delta.delta:+.4f}{'*' if delta.significant else ''}"
@@ -186,12 +187,12 @@ def speed_table(tables: RunTables) -> list[list[str]]:
 
 def grit_rows(tables: RunTables) -> list[list[str]]:
     rows = []
-    for c in tables.differences():
+    for c in tables.differences:
         if c.reference == "base":
             continue
         better = QUALITY_DIRECTION[c.metric]
         verdict = ("GRIT better" if (c.delta > 0) == better else "GRIT worse") if c.significant else "no significant difference"
-        p = f"p={c.p_value:.3g}" if _finite(c.p_value) is not None else "CI"
+        p = f"p={c.p_value:.3g}" if finite_or_none(c.p_value) is not None else "CI"
         rows.append([f"{c.variant} vs {c.reference}", c.metric, f"{c.delta:+.4f}",
                      f"[{_number(c.ci_low)}, {_number(c.ci_high)}]", f"{c.test} ({p})", verdict])
     return rows
@@ -247,7 +248,7 @@ def plots(tables: RunTables, folder: Path) -> list[Path]:
     written = []
     for metric, label, _ in QUALITY:
         rows = [(m, tables.figure(m, metric)) for m in tables.models]
-        rows = [(m, r) for m, r in rows if r is not None and _finite(r.low) is not None]
+        rows = [(m, r) for m, r in rows if r is not None and finite_or_none(r.low) is not None]
         if not rows:
             continue
         figure, axis = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.2))
@@ -284,13 +285,14 @@ def write_csv(tables: RunTables, path: Path) -> None:
             writer.writerow([tables.run.id, "comparison", c.variant, c.seed, c.metric, c.delta, c.ci_low, c.ci_high,
                              c.n, c.reference, c.p_value, c.test, c.significant])
         if tables.n_seeds > 1:
-            for c in tables.differences():
+            for c in tables.differences:
                 writer.writerow([tables.run.id, "comparison over seeds", c.variant, "all", c.metric, c.delta,
                                  c.ci_low, c.ci_high, c.n_seeds, c.reference, c.p_value, c.test, c.significant])
 
 
-def write_outputs(tables: RunTables, root: Path, csv_path: Path | None = None) -> dict[str, Path]:
-    """``reports/compare.md``, one PNG per metric and optionally the CSV; returns what it wrote."""
+def write_outputs(tables: RunTables, root: Path, csv_path: Path | None = None) -> tuple[str, dict[str, Path]]:
+    """``reports/compare.md``, one PNG per metric and optionally the CSV; returns the report's
+    text and the files written."""
     text = report(tables)
     (root / REPORTS).mkdir(parents=True, exist_ok=True)
     (root / REPORTS / "compare.md").write_text(text)
@@ -299,7 +301,7 @@ def write_outputs(tables: RunTables, root: Path, csv_path: Path | None = None) -
     if csv_path is not None:
         write_csv(tables, csv_path)
         written[csv_path.name] = csv_path
-    return written
+    return text, written
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -315,9 +317,7 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
 def run_listing(url: str, root: Path) -> str:
     """Every run in the store (newest first) with the params where it differs from the newest
     complete run: experiments (``dvc exp run -S key=value``) are runs of their own."""
-    if url.startswith("sqlite:///") and not (root / url.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no results store at {url.removeprefix('sqlite:///')}; run `make run` first")
-    with open_store(url, root).reader() as session:
+    with existing_store(url, root).reader() as session:
         runs = list(session.scalars(select(Run).order_by(Run.started_at.desc())))
         session.expunge_all()
     if not runs:
@@ -350,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(report(tables))
-    written = write_outputs(tables, root, args.csv)
+    text, written = write_outputs(tables, root, args.csv)
+    print(text)
     print(f"wrote {REPORTS / 'compare.md'} and {sum(p.suffix == '.png' for p in written.values())} plots"
           + (f", {args.csv}" if args.csv else ""))
     return 0

@@ -27,25 +27,25 @@ def _system_prefix_length(tokenizer, chat) -> int:
 BATCH = 16
 
 
-def _right_padded(tokenizer, texts: Sequence[str], add_special_tokens: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_padded(encoded: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Right padding: under a causal mask the real tokens never attend to the pads after them,
     so every real position computes what it computes alone (positions start at 0 as unbatched)."""
-    encoded = [tokenizer(t, add_special_tokens=add_special_tokens).input_ids for t in texts]
     width = max(len(ids) for ids in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([row + [pad] * (width - len(row)) for row in encoded], device=device)
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in encoded], device=device)
     return ids, mask
 
 
-def _by_length(texts: Sequence[str], tokenizer, add_special_tokens: bool):
-    """Batches of similar length (longest first: padding costs little, memory peaks early), as
-    (original indices, texts); the callers put results back in input order."""
-    lengths = [len(tokenizer(t, add_special_tokens=add_special_tokens).input_ids) for t in texts]
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+def _batches_by_length(texts: Sequence[str], tokenizer, add_special_tokens: bool, device):
+    """Each text tokenized once, then right-padded batches of similar length (longest first:
+    little padding, memory peaks early), as (original indices, ids, mask); the callers put
+    results back in input order."""
+    encoded = [tokenizer(t, add_special_tokens=add_special_tokens).input_ids for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     for start in range(0, len(order), BATCH):
         chunk = order[start:start + BATCH]
-        yield chunk, [texts[i] for i in chunk]
+        yield (chunk, *_right_padded([encoded[i] for i in chunk], pad, device))
 
 
 @torch.no_grad()
@@ -54,8 +54,7 @@ def pooled_hidden_states(model, tokenizer, prompts: Sequence[str], chat, layers:
     model.eval()
     skip = _system_prefix_length(tokenizer, chat)
     rows: list[np.ndarray | None] = [None] * len(prompts)
-    for indices, batch in _by_length([chat.render(p) for p in prompts], tokenizer, False):
-        ids, mask = _right_padded(tokenizer, batch, False, model.device)
+    for indices, ids, mask in _batches_by_length([chat.render(p) for p in prompts], tokenizer, False, model.device):
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         states = torch.stack(hidden[-layers:]).float().mean(dim=0)              # [batch, tokens, hidden]
         for index, row, length in zip(indices, states, mask.sum(dim=1).tolist(), strict=True):
@@ -68,8 +67,7 @@ def pooled_hidden_states(model, tokenizer, prompts: Sequence[str], chat, layers:
 def statement_logprobs(model, tokenizer, statements: Sequence[str]) -> np.ndarray:
     """Mean log-probability per predicted token of each statement (plain text, BOS if any)."""
     out = np.zeros(len(statements))
-    for indices, batch in _by_length(list(statements), tokenizer, True):
-        ids, mask = _right_padded(tokenizer, batch, True, model.device)
+    for indices, ids, mask in _batches_by_length(list(statements), tokenizer, True, model.device):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None])[..., 0]
         real = mask[:, 1:].float()

@@ -60,13 +60,16 @@ def xie_beni(X: np.ndarray, labels: np.ndarray) -> float:
 
 
 def aqi_from_indices(chi: float, xb: float, gamma: float = 0.5) -> float:
-    chi_term = 1.0 if math.isinf(chi) else chi / (1.0 + chi)
-    xb_term = 0.0 if math.isinf(xb) else 1.0 / (1.0 + xb)
-    return gamma * chi_term + (1.0 - gamma) * xb_term
+    return float(aqi_from_arrays(np.array([chi]), np.array([xb]), gamma)[0])
 
 
 def aqi(X: np.ndarray, labels: np.ndarray, gamma: float = 0.5) -> float:
     return aqi_from_indices(calinski_harabasz(X, labels), xie_beni(X, labels), gamma)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON and the store hold no NaN or infinity: such a figure is recorded as missing."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 @dataclass(frozen=True)
@@ -113,10 +116,12 @@ def weighted_cluster_indices(harmful: np.ndarray, benign: np.ndarray,
 
 
 def aqi_from_arrays(chi: np.ndarray, xb: np.ndarray, gamma: float = 0.5) -> np.ndarray:
-    """Vectorised ``aqi_from_indices`` (same limits for infinite CHI or XB)."""
-    chi_term = np.where(np.isinf(chi), 1.0, chi / (1.0 + np.where(np.isinf(chi), 0.0, chi)))
-    xb_term = np.where(np.isinf(xb), 0.0, 1.0 / (1.0 + np.where(np.isinf(xb), 0.0, xb)))
-    return gamma * chi_term + (1.0 - gamma) * xb_term
+    """``gamma CHI/(1+CHI) + (1-gamma)/(1+XB)`` elementwise; infinite CHI gives its term 1,
+    infinite XB gives its term 0 (the limits)."""
+    chi, xb = np.asarray(chi, dtype=np.float64), np.asarray(xb, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        chi_term = np.where(np.isinf(chi), 1.0, chi / (1.0 + chi))
+    return gamma * chi_term + (1.0 - gamma) / (1.0 + xb)
 
 
 def interval_from_replicates(estimate: float, replicates: np.ndarray, n: int, level: float = 0.95,

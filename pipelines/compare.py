@@ -17,12 +17,10 @@ CSV = Path("reports/compare.csv")
 
 def main(argv: list[str] | None = None) -> int:
     def compare(ctx: StageContext, _checked) -> dict[str, Path]:
-        from evaluation.compare_all import load_run, report, summary_line, write_outputs
+        from evaluation.compare_all import load_run, write_outputs
 
-        tables = load_run(ctx.params.store.url, ctx.root, ctx.run_id)
-        written = write_outputs(tables, ctx.root, ctx.root / CSV)
-        print(report(tables).split("## GRIT vs its same-engine control")[0])
-        print(f"[compare] {summary_line(tables)}")
+        text, written = write_outputs(load_run(ctx.params.store.url, ctx.root, ctx.run_id), ctx.root, ctx.root / CSV)
+        print(text)
         return written
 
     return run_stage("compare", compare, argv=argv)

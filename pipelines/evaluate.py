@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from db.models import Comparison, EvalMetric, SpeedMetric
+from evaluation.stats import finite_or_none
 from pipelines.errors import UserError
 from pipelines.files import atomic_write_json, atomic_write_text
 from pipelines.params import Params
 from pipelines.probe import same_engine_control
-from pipelines.replicates import model_key, replicate_path
+from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
 
 DATA = Path("artifacts/data")
@@ -76,17 +77,16 @@ def evaluate_all(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
     tokenizer = load_tokenizer(files, params.model)
     chat = chat_of(manifest)
     fp32 = params.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
-    replicates = {model_key(v, params, s): replicate_path(ADAPTERS / v, params, s)
-                  for v in params.variants for s in params.train.seeds}
+    adapters = {model_key(v, params, s): replicate_path(ADAPTERS / v, params, s) for v, s in replicates(params)}
     model = None
-    for key, folder in replicates.items():
+    for key, folder in adapters.items():
         if model is None:
             model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(ctx.root / folder), adapter_name=key)
         else:
             model.load_adapter(str(ctx.root / folder), adapter_name=key)
     prompts = [p for pair in sets["aqi_pairs"] for p in pair]
     outcomes, records = {}, []
-    for key in ["base", *replicates]:
+    for key in ["base", *adapters]:
         print(f"[evaluate] {key}: representations, facts, generations")
         if key != "base":
             model.set_adapter(key)
@@ -127,7 +127,7 @@ def comparison_pairs(params: Params) -> list[tuple[str, str]]:
 def model_rows(params: Params) -> dict[str, tuple[str, int]]:
     """Model key -> (variant as recorded in the store, seed): the base and every replicate."""
     rows = {"base": ("base", params.train.seed)}
-    rows.update({model_key(v, params, s): (v, s) for v in params.variants for s in params.train.seeds})
+    rows.update({model_key(v, params, s): (v, s) for v, s in replicates(params)})
     return rows
 
 
@@ -139,6 +139,10 @@ def training_speed(root: Path, variant: str, seed: int) -> dict[str, float]:
     summary = summary.get("seeds", {}).get(str(seed), summary)
     return {k: float(summary[k]) for k in ("train_seconds", "tokens_per_second", "peak_rss_mib")
             if summary.get(k) is not None}
+
+
+def _bounds(interval) -> list[float | None]:
+    return [finite_or_none(interval.low), finite_or_none(interval.high)]
 
 
 def across_seeds(params: Params, figures: dict, comparisons: list) -> dict[str, Any]:
@@ -153,13 +157,13 @@ def across_seeds(params: Params, figures: dict, comparisons: list) -> dict[str, 
         out["figures"][variant] = {}
         for metric in figures[members[0]]:
             i = mean_over_seeds([figures[k][metric].value for k in members], level)
-            out["figures"][variant][metric] = {"mean": i.value, "ci": [_finite(i.low), _finite(i.high)], "n_seeds": i.n}
+            out["figures"][variant][metric] = {"mean": i.value, "ci": _bounds(i), "n_seeds": i.n}
     for variant, reference in comparison_pairs(params):
         for metric in sorted({c.metric for c in comparisons}):
             deltas = [c.delta for c in comparisons if (c.variant, c.reference, c.metric) == (variant, reference, metric)]
             i, p = mean_over_seeds(deltas, level), paired_t_over_seeds(deltas)
             out["comparisons"].append({"variant": variant, "reference": reference, "metric": metric, "delta": i.value,
-                                       "ci": [_finite(i.low), _finite(i.high)], "p_value": _finite(p),
+                                       "ci": _bounds(i), "p_value": finite_or_none(p),
                                        "test": "paired t over seeds", "n_seeds": i.n})
     return out
 
@@ -202,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 variant, seed = keys[key]
                 for metric, i in metrics.items():
                     ctx.store.replace_rows(session, EvalMetric, ctx.run_id, [{
-                        "value": i.value, "ci_low": _finite(i.low), "ci_high": _finite(i.high), "n": i.n}],
+                        "value": i.value, "ci_low": finite_or_none(i.low), "ci_high": finite_or_none(i.high),
+                        "n": i.n}],
                         variant=variant, seed=seed, metric=metric)
                 rows = [{"backend": backend, "metric": m, "value": v, "n": n} for m, (v, n) in speeds[key].items()]
                 rows += [{"backend": "train", "metric": m, "value": v, "n": None}
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.store.replace_rows(session, Comparison, ctx.run_id, [
                 {**vars(c), "seed": seed} for seed, c in comparisons])
         summary: dict[str, Any] = {
-            key: {metric: {"value": _finite(i.value), "ci": [_finite(i.low), _finite(i.high)], "n": i.n}
+            key: {metric: {"value": finite_or_none(i.value), "ci": _bounds(i), "n": i.n}
                   for metric, i in metrics.items()} | {"speed": {m: v for m, (v, _) in speeds[key].items()}}
             for key, metrics in figures.items()}
         summary["comparisons"] = [vars(c) | {"seed": seed} for seed, c in comparisons]
@@ -226,12 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         return {"metrics": ctx.root / METRICS, "generations": ctx.root / GENERATIONS}
 
     return run_stage("evaluate", evaluate, preflight=preflight, argv=argv)
-
-
-def _finite(value: float) -> float | None:
-    import math
-
-    return value if value is not None and math.isfinite(value) else None
 
 
 if __name__ == "__main__":

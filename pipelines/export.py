@@ -20,7 +20,7 @@ from typing import Any
 
 from db.models import EvalMetric
 from pipelines.errors import UserError
-from pipelines.files import fresh_staging_dir, publish_directory, sha256_file
+from pipelines.files import files_under, fresh_staging_dir, publish_directory, sha256_file
 from pipelines.params import Params
 from pipelines.replicates import model_key, replicate_path
 from pipelines.stage import StageContext, run_stage
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         ctx.store.replace_rows(session, EvalMetric, ctx.run_id,
                                                [{"value": figures[key], "n": figures["prompts"]}],
                                                variant=variant, seed=seed, metric=f"export_parity_{form}_{key}")
-        return {str(p.relative_to(final)): p for p in sorted(final.rglob("*")) if p.is_file()}
+        return files_under(final)
 
     return run_stage(f"export@{variant}", export, preflight=preflight, argv=rest)
 

@@ -59,3 +59,8 @@ def publish_directory(staging: Path, final: Path) -> Path:
     else:
         staging.rename(final)
     return final
+
+
+def files_under(folder: Path, prefix: str = "") -> dict[str, Path]:
+    """Every file below ``folder`` by its relative path (with ``prefix``): a stage's artifacts."""
+    return {f"{prefix}{p.relative_to(folder)}": p for p in sorted(folder.rglob("*")) if p.is_file()}

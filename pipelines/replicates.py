@@ -13,6 +13,11 @@ from pathlib import Path
 from pipelines.params import Params
 
 
+def replicates(params: Params) -> list[tuple[str, int]]:
+    """(variant, seed) of every trained model of a run, variant by variant, primary seed first."""
+    return [(variant, seed) for variant in params.variants for seed in params.train.seeds]
+
+
 def replicate_path(folder: Path, params: Params, seed: int) -> Path:
     return folder if seed == params.train.seed else folder / f"seed-{seed}"
 

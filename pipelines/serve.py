@@ -21,7 +21,7 @@ from pipelines.errors import UserError
 from pipelines.export import EXPORTS, export_dir
 from pipelines.files import atomic_write_json, atomic_write_text
 from pipelines.params import Params
-from pipelines.replicates import model_key, replicate_path
+from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
 
 SERVE_DIR = Path("artifacts/serve")
@@ -35,7 +35,7 @@ def served_models(root: Path, params: Params) -> list:
     from export.modelfile import ServedModel
 
     models = []
-    for variant, seed in ((v, s) for v in params.variants for s in params.train.seeds):
+    for variant, seed in replicates(params):
         folder = root / replicate_path(export_dir(variant), params, seed)
         manifest = json.loads((folder / "export.json").read_text())
         chat = served_chat_format(manifest["chat_family"], manifest["system"])

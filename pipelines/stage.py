@@ -68,37 +68,28 @@ def device_description() -> str:
     return f"cpu ({os.cpu_count()} cores, torch {torch.__version__})"
 
 
-def pipeline_stage_names(root: Path, params: Params | None = None) -> list[str]:
-    """Stage names declared in ``dvc.yaml``, with ``foreach`` stages expanded over the params
-    mapping they iterate (``train`` -> ``train@baseline_lora``, ...): a run is complete when all
-    of them succeeded."""
+def stage_params(root: Path, params: Params | None = None) -> dict[str, list[str]]:
+    """Stage name -> the params keys it declares in ``dvc.yaml``, in file order; ``foreach``
+    stages are expanded over the params mapping they iterate (``train`` -> ``train@baseline_lora``,
+    ...) when ``params`` is given."""
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.is_file():
-        return []
-    names = []
-    for name, stage in ((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}).items():
-        source = stage.get("foreach") if isinstance(stage, dict) else None
-        if isinstance(source, str) and source.startswith("${") and params is not None:
-            items = params.model_dump().get(source[2:-1].strip(), {})
-            names += [f"{name}@{key}" for key in items]
-        else:
-            names.append(name)
-    return names
-
-
-def stage_params(root: Path, params: Params) -> dict[str, list[str]]:
-    """Stage name (``foreach`` expanded) -> the params keys it declares in ``dvc.yaml``."""
-    dvc_yaml = root / "dvc.yaml"
+        return {}
     declared: dict[str, list[str]] = {}
     for name, stage in ((yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages") or {}).items():
         source = stage.get("foreach") if isinstance(stage, dict) else None
-        if isinstance(source, str) and source.startswith("${"):
-            for key in params.model_dump().get(source[2:-1].strip(), {}):
-                keys = (stage.get("do") or {}).get("params") or []
-                declared[f"{name}@{key}"] = [str(k).replace("${key}", key) for k in keys]
+        if isinstance(source, str) and source.startswith("${") and params is not None:
+            keys = (stage.get("do") or {}).get("params") or []
+            for item in params.model_dump().get(source[2:-1].strip(), {}):
+                declared[f"{name}@{item}"] = [str(k).replace("${key}", item) for k in keys]
         else:
-            declared[name] = [str(k) for k in (stage.get("params") or [])]
+            declared[name] = [str(k) for k in ((stage.get("params") if isinstance(stage, dict) else None) or [])]
     return declared
+
+
+def pipeline_stage_names(root: Path, params: Params | None = None) -> list[str]:
+    """Every stage of ``dvc.yaml`` (``foreach`` expanded): a run is complete when all succeeded."""
+    return list(stage_params(root, params))
 
 
 def _value_at(tree: dict, dotted: str) -> Any:
@@ -129,8 +120,8 @@ def _carried_over(store: ResultsStore, run_id: str, stage: str, keys: list[str],
 
 def _refresh_run_status(store: ResultsStore, run_id: str, root: Path, params: Params) -> None:
     stages = store.stages(run_id)
-    wanted = pipeline_stage_names(root, params)
-    declared = stage_params(root, params) if wanted else {}
+    declared = stage_params(root, params)
+    wanted = list(declared)
     complete = bool(wanted) and all(
         (stages.get(s) is not None and stages[s].status == "succeeded")
         or (s not in stages and _carried_over(store, run_id, s, declared.get(s, []), params))

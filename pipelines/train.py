@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from db.models import TrainMetric, Variant
 from pipelines.errors import UserError
-from pipelines.files import atomic_write_json
+from pipelines.files import atomic_write_json, files_under
 from pipelines.params import Params
 from pipelines.replicates import replicate_path, with_seed
 from pipelines.stage import StageContext, run_stage
@@ -34,6 +34,13 @@ LIVE = Path("dvclive/train")
 
 def adapter_dir(variant: str) -> Path:
     return ADAPTERS / variant
+
+
+def training_log(directory: Path):
+    """The dvclive log of one replicate's training (steps, losses, GRIT figures)."""
+    from dvclive import Live
+
+    return Live(dir=str(directory), dvcyaml=None, save_dvc_exp=False, report=None, resume=False)
 
 
 def check_same_batches(ctx: StageContext, variant_name: str, seed: int, batch_hash: str) -> None:
@@ -75,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.params.train.nproc_per_node > 1:
             meta, steps = launch_data_parallel(ctx, seed, ctx.root / adapter, checkpoints, live_dir)
         else:
-            from dvclive import Live
-
             from trainers.recipe import train_variant
 
-            with Live(dir=str(live_dir), dvcyaml=None, save_dvc_exp=False, report=None, resume=False) as live:
+            with training_log(live_dir) as live:
                 result = train_variant(variant_name, variant, params, files, ctx.root / DATA_DIR, ctx.root / adapter,
                                        checkpoints, live)
             meta, steps = result.metadata, result.steps
@@ -126,9 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(summaries) > 1:
             summary["seeds"] = {str(seed): s for seed, s in summaries.items()}
         atomic_write_json(ctx.root / METRICS / f"{variant_name}.json", summary)
-        folder = ctx.root / adapter_dir(variant_name)
-        produced = {f"adapter/{p.relative_to(folder)}": p for p in sorted(folder.rglob("*")) if p.is_file()}
-        return {**produced, "metrics": ctx.root / METRICS / f"{variant_name}.json"}
+        return {**files_under(ctx.root / adapter_dir(variant_name), "adapter/"), "metrics": ctx.root / METRICS / f"{variant_name}.json"}
 
     return run_stage(f"train@{variant_name}", train, preflight=preflight, argv=rest)
 

@@ -17,6 +17,7 @@ stayed in step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -45,8 +46,8 @@ def state_digest(model, manager) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
-    from dvclive import Live
 
+    from pipelines.train import training_log
     from trainers.base_model import resolve_base_model
     from trainers.recipe import train_variant
 
@@ -58,27 +59,18 @@ def main(argv: list[str] | None = None) -> int:
 
     params = with_seed(load_params(Path(args.params)), args.seed)
     files = resolve_base_model(params.model)
-    digests: list[str] = []
 
-    def report(model, manager) -> None:
+    def rank_digests(model, manager) -> dict[str, list[str]]:
         gathered: list[str | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, state_digest(model, manager))
-        digests.extend(str(d) for d in gathered)
+        return {"rank_state_digests": [str(d) for d in gathered]}
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    live = Live(dir=args.live, dvcyaml=None, save_dvc_exp=False, report=None, resume=False) if main_rank else None
-    try:
-        result = train_variant(args.variant, params.variants[args.variant], params, files,
-                               Path("artifacts/data"), Path(args.adapter), Path(args.checkpoints), live,
-                               on_trained=report)
-    finally:
-        if live is not None:
-            live.end()
+    with training_log(Path(args.live)) if main_rank else contextlib.nullcontext() as live:
+        result = train_variant(args.variant, params.variants[args.variant], params, files, Path("artifacts/data"),
+                               Path(args.adapter), Path(args.checkpoints), live, on_trained=rank_digests)
     if main_rank:
-        metadata = {**result.metadata, "rank_state_digests": digests}
-        (Path(args.adapter) / "grit_metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True,
-                                                                          default=str))
-        Path(args.result).write_text(json.dumps({"metadata": metadata, "steps": result.steps}, default=str))
+        Path(args.result).write_text(json.dumps({"metadata": result.metadata, "steps": result.steps}, default=str))
     return 0
 
 

@@ -141,7 +141,8 @@ def train_variant(
     name: str, variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
     adapter_dir: Path, checkpoint_dir: Path, live=None, on_trained=None,
 ) -> TrainResult:
-    """``on_trained(model, manager)`` runs on every rank right after training (before saving)."""
+    """``on_trained(model, manager)`` runs on every rank right after training, before saving; what
+    it returns (a dict) is added to the metadata."""
     torch.manual_seed(params.train.seed)
     engine = build_engine(files, params, variant)
     model, tokenizer = engine.model, engine.tokenizer
@@ -173,8 +174,7 @@ def train_variant(
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started
-    if on_trained is not None:
-        on_trained(trainer.model, manager)
+    extra = (on_trained(trainer.model, manager) or {}) if on_trained is not None else {}
     main_process = trainer.is_world_process_zero()
 
     if main_process:
@@ -198,7 +198,7 @@ def train_variant(
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "grit_all_ready": manager.all_ready() if manager else None,
         "grit_diagnostics": manager.diagnostics() if manager else None,
-        "resumed_from": resume_from.name if resume_from else None, "world_size": world_size(),
+        "resumed_from": resume_from.name if resume_from else None, "world_size": world_size(), **extra,
     }
     if main_process:
         (adapter_dir / "grit_metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
