@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.params import Params, require_text_model
 from pipelines.stage import StageContext, run_stage
 
 CSV = Path("reports/compare.csv")
@@ -23,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         return written
 
-    return run_stage("compare", compare, argv=argv)
+    def preflight(params: Params) -> None:
+        require_text_model(params, "compare")
+
+    return run_stage("compare", compare, preflight=preflight, argv=argv)
 
 
 if __name__ == "__main__":

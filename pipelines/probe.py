@@ -82,6 +82,8 @@ def probe_variant(root: Path, params: Params, name: str) -> dict[str, Any]:
         if all(curves) and curves[0].keys() & curves[1].keys():
             trajectory = compare_curves(*common_steps(*curves))
 
+    if params.model.kind == "vlm":
+        return _probe_vlm_variant(root, params, name, trajectory, control_name)
     torch.manual_seed(train.seed)  # the same initial adapter as the trained variant
     engine = build_engine(resolve_base_model(params.model), params, variant)
     examples = ordered_examples(read_jsonl(root / DATA_DIR / "train.jsonl"), engine.tokenizer,
@@ -95,6 +97,28 @@ def probe_variant(root: Path, params: Params, name: str) -> dict[str, Any]:
     result = as_json(measured, verdict, checks)
     result.update(engine=variant.engine, engine_notes=engine.notes, control_losses=control.losses,
                   grit_losses=grit.losses)
+    return result
+
+
+def _probe_vlm_variant(root: Path, params: Params, name: str, trajectory, control_name: str | None) -> dict[str, Any]:
+    """A VLM's GRIT variant: the same two arms, a verdict for the whole adapter and one per
+    modality; the variant is effective only when every modality is."""
+    from trainers.base_model import resolve_base_model
+    from trainers.grit_vlm.recipe import probe_vlm
+    from trainers.probe.verdict import EFFECTIVE, INERT, as_json, decide
+
+    with tempfile.TemporaryDirectory(prefix=f"probe-{name}-") as workdir:
+        measured, modalities, control, grit = probe_vlm(
+            name, params.variants[name], params, resolve_base_model(params.model), root / DATA_DIR, Path(workdir),
+            trajectory, control_name if trajectory else None)
+    verdict, checks = decide(measured, params.probe)
+    result = as_json(measured, verdict, checks)
+    inert = [modality for modality, r in modalities.items() if r["verdict"] != EFFECTIVE and r["natural_gradient"]]
+    if inert:
+        result["verdict"] = INERT
+        result["reasons"] = [*result["reasons"], *(f"{m}:{reason}" for m in inert for reason in modalities[m]["reasons"])]
+    result.update(engine=params.variants[name].engine, engine_notes=[], control_losses=control.losses,
+                  grit_losses=grit.losses, modalities=modalities)
     return result
 
 
@@ -135,6 +159,9 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "loss_correlation": trajectory.get("correlation"),
         "loss_max_abs_difference": trajectory.get("max_abs_difference"),
         "trajectory_control": result["measurements"]["trajectory_control"],
+        **({"modalities": {m: {"verdict": r["verdict"], "reasons": r["reasons"],
+                               "modules": len(r["measurements"]["modules"]), "natural_gradient": r["natural_gradient"]}
+                           for m, r in result["modalities"].items()}} if "modalities" in result else {}),
     }
 
 
@@ -182,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     params_path = Path(argv[argv.index("--params") + 1]) if "--params" in argv else Path("params.yaml")
 
     def preflight(params: Params) -> list[str]:
-        if not (DATA_DIR / "train.jsonl").is_file():
-            raise UserError(f"{DATA_DIR}/train.jsonl is missing; run `dvc repro prepare_data` first")
+        data_file = DATA_DIR / ("train_pairs.jsonl" if params.model.kind == "vlm" else "train.jsonl")
+        if not data_file.is_file():
+            raise UserError(f"{data_file} is missing; run `dvc repro prepare_data` first")
         return grit_variants(params)
 
     def probe(ctx: StageContext, names: list[str]) -> dict[str, Path]:
@@ -215,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"loss-curve correlation {_fmt(s['loss_correlation'])}")
             for detail in s["checks"].values():
                 print(f"[probe]   - {detail}")
+            for modality, m in s.get("modalities", {}).items():
+                print(f"[probe]   {modality} ({m['modules']} modules): {m['verdict'].upper()}"
+                      + (f" ({', '.join(m['reasons'])})" if m["reasons"] else ""))
         if not names:
             print("[probe] no variant has grit: true; nothing to probe")
         inert = [name for name, s in summaries.items() if s["verdict"] != "effective"]

@@ -20,7 +20,7 @@ from typing import Any
 from pipelines.errors import UserError
 from pipelines.export import EXPORTS, export_dir
 from pipelines.files import atomic_write_json, atomic_write_text
-from pipelines.params import Params
+from pipelines.params import Params, require_text_model
 from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
 
@@ -75,6 +75,7 @@ def check_with_llama_cpp(model, prompt: str, max_new_tokens: int) -> dict[str, A
 
 def main(argv: list[str] | None = None) -> int:
     def preflight(params: Params) -> None:
+        require_text_model(params, "serve")
         missing = [v for v in params.variants if not (export_dir(v) / "export.json").is_file()]
         if missing:
             raise UserError(f"{EXPORTS}/{missing[0]}/export.json is missing; run `dvc repro export@{missing[0]}` first")

@@ -69,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         if variant_name not in params.variants:
             raise UserError(f"variants: no variant named {variant_name!r}; declared: {', '.join(params.variants)}")
         check_runtime(params.model)
-        if not (DATA_DIR / "train.jsonl").is_file():
-            raise UserError(f"{DATA_DIR}/train.jsonl is missing; run `dvc repro prepare_data` first")
+        data_file = DATA_DIR / ("train_pairs.jsonl" if params.model.kind == "vlm" else "train.jsonl")
+        if not data_file.is_file():
+            raise UserError(f"{data_file} is missing; run `dvc repro prepare_data` first")
+        if params.model.kind == "vlm" and params.train.nproc_per_node > 1:
+            raise UserError("train.nproc_per_node: data-parallel training is built for language models only; "
+                            "set it to 1 for model.kind: vlm")
         return params.variants[variant_name]
 
     def train_replicate(ctx: StageContext, variant, seed: int) -> dict:
@@ -82,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.params.train.nproc_per_node > 1:
             meta, steps = launch_data_parallel(ctx, seed, ctx.root / adapter, checkpoints, live_dir)
         else:
-            from trainers.recipe import train_variant
+            if params.model.kind == "vlm":
+                from trainers.grit_vlm.recipe import train_vlm_variant as train_variant
+            else:
+                from trainers.recipe import train_variant
 
             with training_log(live_dir) as live:
                 result = train_variant(variant_name, variant, params, files, ctx.root / DATA_DIR, ctx.root / adapter,

@@ -25,9 +25,8 @@ def _sh(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 1200) ->
     return result
 
 
-@pytest.fixture(scope="module")
-def smoke_repo(tmp_path_factory, repo_root: Path = Path(__file__).resolve().parent.parent):
-    """A git copy of the working tree (tracked + untracked, not ignored) with params.yaml = smoke."""
+def repo_copy(tmp_path_factory, profile: list[str], repo_root: Path = Path(__file__).resolve().parent.parent):
+    """A git copy of the working tree (tracked + untracked, not ignored) with params.yaml = profile."""
     copy = tmp_path_factory.mktemp("pipeline") / "repo"
     listed = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
@@ -46,9 +45,41 @@ def smoke_repo(tmp_path_factory, repo_root: Path = Path(__file__).resolve().pare
     _sh(["git", "init", "-q"], copy, env)
     _sh([*git, "add", "-A"], copy, env)
     _sh([*git, "commit", "-qm", "snapshot"], copy, env)
-    # Two seed replicates: every stage handles them, and compare_all aggregates over seeds.
-    _sh([sys.executable, "-m", "pipelines.profile", "smoke", "train.n_seeds=2"], copy, env)
+    _sh([sys.executable, "-m", "pipelines.profile", *profile], copy, env)
     return copy, env
+
+
+@pytest.fixture(scope="module")
+def smoke_repo(tmp_path_factory):
+    # Two seed replicates: every stage handles them, and compare_all aggregates over seeds.
+    return repo_copy(tmp_path_factory, ["smoke", "train.n_seeds=2"])
+
+
+def test_vlm_smoke_trains_every_variant_and_probes_each_modality(tmp_path_factory):
+    """model.kind: vlm (a tiny Idefics3, GRIT-VLM preset smolvlm_fast, synthetic image-text pairs)
+    through prepare_model, prepare_data, train@* and the per-modality probe; the text-only stages
+    refuse it in one line."""
+    repo, env = repo_copy(tmp_path_factory, ["vlm_smoke"])
+    _sh(["dvc", "repro", "probe"], repo, env)
+    params = load_params(repo / "params.yaml")
+    assert params.model.kind == "vlm"
+    metrics = {v: json.loads((repo / "metrics/train" / f"{v}.json").read_text()) for v in params.variants}
+    assert len({m["batch_order_hash"] for m in metrics.values()}) == 1          # the same image-text batches
+    for name in params.variants:
+        meta = json.loads((repo / "artifacts/adapters" / name / "grit_metadata.json").read_text())
+        assert meta["model_kind"] == "vlm" and meta["steps"] == params.train.max_steps
+        assert meta["final_loss"] < meta["first_loss"]
+        assert set(meta["modality_modules"]) == {"vision", "language", "connector"}
+    probes = json.loads((repo / "metrics/probes.json").read_text())["variants"]
+    assert set(probes) == {"hybrid_grit", "pure_grit"}
+    for summary in probes.values():
+        assert summary["verdict"] == "effective"
+        assert {m: s["verdict"] for m, s in summary["modalities"].items()} == {
+            "vision": "effective", "language": "effective", "connector": "effective"}
+    refused = subprocess.run([sys.executable, "-m", "pipelines.export", "--variant", "pure_grit"], cwd=repo, env=env,
+                             capture_output=True, text=True)
+    assert refused.returncode != 0
+    assert "model.kind is 'vlm'" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):

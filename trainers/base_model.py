@@ -216,6 +216,22 @@ def _resolve_tiny(tiny: TinyModelParams) -> BaseModelFiles:
     return BaseModelFiles("tiny", f"tiny-llama-{digest}", final, None, None)
 
 
+def _resolve_tiny_vlm(model: ModelParams) -> BaseModelFiles:
+    from trainers.grit_vlm.models import build_tiny_vlm
+
+    tokenizer_dir = embedded_tokenizer_dir()
+    payload = json.dumps({"tiny": model.tiny.model_dump(), "vision": model.vision.model_dump(),
+                          "tokenizer": tokenizer_dir.name}, sort_keys=True)
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    final = cache_dir() / "models" / f"tiny-{model.vision.architecture}-{digest}"
+    if not _is_complete(final):
+        tmp = fresh_staging_dir(final)
+        text = model.tiny.model_dump(exclude={"seed"})
+        build_tiny_vlm(text, model.vision, tokenizer_dir, tmp, seed=model.tiny.seed)
+        _publish(tmp, final)
+    return BaseModelFiles("tiny", final.name, final, None, None)
+
+
 def _resolve_hf(model: ModelParams) -> BaseModelFiles:
     assert model.model_id is not None  # guaranteed by ModelParams validation
     local = Path(model.model_id).expanduser()
@@ -231,6 +247,7 @@ def _resolve_hf(model: ModelParams) -> BaseModelFiles:
     try:
         path = snapshot_download(
             model.model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+            + (["*.py"] if model.trust_remote_code else [])
         )
     except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as error:
         first = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -262,7 +279,7 @@ def resolve_base_model(model: ModelParams) -> BaseModelFiles:
     if model.source == "embedded":
         return _resolve_embedded()
     if model.source == "tiny":
-        return _resolve_tiny(model.tiny)
+        return _resolve_tiny_vlm(model) if model.kind == "vlm" else _resolve_tiny(model.tiny)
     return _resolve_hf(model)
 
 

@@ -90,13 +90,15 @@ def grit_door(variant: VariantParams) -> str | None:
     return "callback" if variant.engine == "unsloth" else "optimizer"
 
 
-def attach_grit(model, config: GritConfig, door: str | None, total_steps: int) -> GritAttachment:
-    """The one way training wires GRIT onto a PEFT model (the probe measures this same wiring)."""
+def attach_grit(model, config: GritConfig, door: str | None, total_steps: int, manager_factory=None) -> GritAttachment:
+    """The one way training wires GRIT onto a PEFT model (the probe measures this same wiring).
+    ``manager_factory(model, config, total_steps)`` builds something with GritManager's
+    interface (a VLM's per-modality adapter); a GritManager by default."""
     if door is None:
         return GritAttachment()
     from trainers.grit import GritManager
 
-    manager = GritManager(model, config, total_steps=total_steps)
+    manager = (manager_factory or GritManager)(model, config, total_steps=total_steps)
     if door == "callback":
         return GritAttachment(manager, [manager.callback()])
     return GritAttachment(manager, optimizer_door=manager)
@@ -105,11 +107,16 @@ def attach_grit(model, config: GritConfig, door: str | None, total_steps: int) -
 def build_trainer(
     model, tokenizer, examples: list[dict], train: TrainParams, output_dir: Path, grit: GritAttachment,
     callbacks: list[Any], bf16: bool = False, max_steps: int | None = None, checkpoints: bool = True,
-    progress: bool = True,
+    progress: bool = True, collator=None,
 ):
     """TRL's SFTTrainer (as patched by Unsloth when the engine imported it) in the fair form:
-    sequential batches, one loss, GRIT's door. ``callbacks`` run before GRIT's own."""
+    sequential batches, one loss, GRIT's door. ``callbacks`` run before GRIT's own.
+
+    ``collator``: examples that are not pre-tokenized text (a VLM's image-text pairs) are kept
+    as they are and batched by it, in a plain ``transformers.Trainer`` (TRL's SFT preparation
+    is for text)."""
     from datasets import Dataset
+    from transformers import Trainer
     from trl import SFTConfig, SFTTrainer
 
     door = grit.optimizer_door
@@ -125,9 +132,13 @@ def build_trainer(
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, use_cpu=not torch.cuda.is_available(),
         bf16=bf16, fp16=False, dataloader_num_workers=0, disable_tqdm=not progress, gradient_checkpointing=False,
     )
-    return fair_trainer_class(SFTTrainer)(
-        model=model, args=config, train_dataset=Dataset.from_list(examples), processing_class=tokenizer,
-        data_collator=PaddingCollator(tokenizer.pad_token_id), callbacks=[*callbacks, *grit.callbacks],
+    if collator is None:
+        base, dataset, collator = SFTTrainer, Dataset.from_list(examples), PaddingCollator(tokenizer.pad_token_id)
+    else:
+        base, dataset = Trainer, examples
+    return fair_trainer_class(base)(
+        model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+        data_collator=collator, callbacks=[*callbacks, *grit.callbacks],
         grit_optimizer_door=door, grit_max_grad_norm=train.max_grad_norm,
     )
 

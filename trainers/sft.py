@@ -58,8 +58,12 @@ class PaddingCollator:
         return pad_batch([TokenizedExample(list(f["input_ids"]), list(f["labels"])) for f in features], self.pad_id)
 
 
-def batch_digest(input_ids: torch.Tensor) -> str:
-    return hashlib.sha256(input_ids.detach().cpu().to(torch.int64).numpy().tobytes()).hexdigest()
+def batch_digest(inputs: dict[str, torch.Tensor]) -> str:
+    """sha256 of the batch's token ids (and its pixels, for image-text batches)."""
+    digest = hashlib.sha256(inputs["input_ids"].detach().cpu().to(torch.int64).numpy().tobytes())
+    if isinstance(inputs.get("pixel_values"), torch.Tensor):
+        digest.update(inputs["pixel_values"].detach().cpu().float().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def order_hash(digests: Sequence[str]) -> str:
@@ -83,7 +87,7 @@ def fair_trainer_class(base: type) -> type:
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
         def training_step(self, model, inputs, *args, **kwargs):
-            self.batch_digests.append(batch_digest(inputs["input_ids"]))
+            self.batch_digests.append(batch_digest(inputs))
             self.step_tokens += int(inputs["attention_mask"].sum())
             return super().training_step(model, inputs, *args, **kwargs)
 

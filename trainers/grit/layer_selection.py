@@ -7,8 +7,11 @@ bare name such as ``q_proj`` means "any module whose last component is q_proj". 
     all, first_n (n_layers), last_n (n_layers), every_nth (step_size: 0, n, 2n, ...),
     specific (indices), skip_first_last
 
-then at most ``max_layers`` blocks are kept (the per-modality cap). Every variant uses the same
-function, so baseline, hybrid and pure GRIT adapt exactly the same modules.
+after dropping the last ``skip_last`` blocks (a VLM that reads its image features from the
+second-to-last vision block, as LLaVA and Phi-3.5-vision do, never sends a gradient through the
+last one: LoRA there would learn nothing and GRIT would capture nothing); then at most
+``max_layers`` blocks are kept (the per-modality cap; the last ones for last_n). Every variant
+uses the same function, so baseline, hybrid and pure GRIT adapt exactly the same modules.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class LayerSelection(BaseModel):
     step_size: Annotated[int, Field(gt=0)] = 2
     indices: list[Annotated[int, Field(ge=0)]] = []
     max_layers: Annotated[int, Field(gt=0)] | None = None
+    skip_last: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
     def _strategy_needs(self) -> LayerSelection:
@@ -74,6 +78,7 @@ def candidate_linear_layers(model: nn.Module) -> list[str]:
 def select_blocks(indices: Sequence[int], selection: LayerSelection) -> list[int]:
     """Apply the strategy and the cap to sorted block indices (pure)."""
     blocks = sorted(set(indices))
+    blocks = blocks[: len(blocks) - selection.skip_last]
     strategy = selection.strategy
     if strategy == "first_n":
         chosen = blocks[: selection.n_layers]
@@ -90,7 +95,10 @@ def select_blocks(indices: Sequence[int], selection: LayerSelection) -> list[int
         chosen = blocks[1:-1]
     else:
         chosen = blocks
-    return chosen[: selection.max_layers] if selection.max_layers else chosen
+    if not selection.max_layers:
+        return chosen
+    # the cap keeps the blocks the strategy is about: the last ones for last_n, else the first
+    return chosen[-selection.max_layers:] if strategy == "last_n" else chosen[: selection.max_layers]
 
 
 def select_target_modules(model: nn.Module, patterns: Sequence[str], selection: LayerSelection) -> list[str]:
@@ -103,8 +111,8 @@ def select_target_modules(model: nn.Module, patterns: Sequence[str], selection: 
             f"target patterns {list(patterns)} match 0 linear layers; candidates end in {suffixes[:20]}"
         )
     indexed = [name for name in matched if block_index(name) is not None]
-    if selection.strategy == "all" and selection.max_layers is None:
-        return matched
+    if selection.strategy == "all" and ((selection.max_layers is None and not selection.skip_last) or not indexed):
+        return matched  # a cap counts blocks; unnumbered modules (a VLM's connector) have none
     if not indexed:
         raise LayerSelectionError(f"strategy '{selection.strategy}' needs numbered blocks (layers.N.*) in {matched[:3]}")
     keep = set(select_blocks([block_index(n) for n in indexed], selection))

@@ -22,6 +22,7 @@ preconditioning).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +118,12 @@ class ModuleState:
         return self.lora_A.weight.shape[0]
 
 
+def base_module_name(peft_name: str) -> str:
+    """``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj`` (the name in the
+    base model, which layer selection and configurations use)."""
+    return peft_name.removeprefix("base_model.model.")
+
+
 def lora_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, nn.Module, str]]:
     """(PEFT module name, layer, adapter) of every LoRA linear layer with a trainable adapter."""
     from peft.tuners.lora import LoraLayer
@@ -137,7 +144,10 @@ def lora_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str,
 class GritManager:
     """Attaches GRIT to every LoRA layer of ``peft_model`` (see the module docstring)."""
 
-    def __init__(self, peft_model: nn.Module, config: GritConfig | None = None, total_steps: int | None = None):
+    def __init__(self, peft_model: nn.Module, config: GritConfig | None = None, total_steps: int | None = None,
+                 modules: Collection[str] | None = None):
+        """``modules``: only these LoRA modules (names relative to the base model, e.g.
+        ``model.vision_model.encoder.layers.0.self_attn.q_proj``); all of them by default."""
         self.model = peft_model
         self.config = config or GritConfig()
         self.total_steps = total_steps
@@ -149,6 +159,9 @@ class GritManager:
         self._row_count: int | None = None
         self._handles: list[Any] = []
         layers = lora_layers(peft_model)
+        if modules is not None:
+            wanted = set(modules)
+            layers = [layer for layer in layers if base_module_name(layer[0]) in wanted]
         if not layers:
             raise GritError("GRIT found no trainable LoRA layer in the model: applied to 0 layers")
         self.modules: OrderedDict[str, ModuleState] = OrderedDict()
@@ -357,22 +370,25 @@ class GritManager:
 
     def before_step(self, max_grad_norm: float | None) -> dict[str, float]:
         """Everything between backward and ``optimizer.step()``, in order (module docstring)."""
+        report = self.precondition_step()
+        clip_gradients(self.lora_parameters(), max_grad_norm)
+        return report
+
+    def precondition_step(self) -> dict[str, float]:
+        """The GRIT part of :meth:`before_step` (everything but clipping): sync, invert,
+        regularise, precondition. Several managers sharing one optimizer (one per modality of a
+        VLM) each run this, then one clip bounds all their gradients together."""
         parameters = [p for p in self.lora_parameters() if p.grad is not None]
         self.sync_factors()
         if self.step == 0:
             self.check_capture_coverage()
         self.refresh_inverses()
         regularizer = self.add_regularizer_gradients()
-        raw_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))) if parameters else 0.0
+        raw_norm = gradient_norm(parameters)
         applied = self.precondition() if self.config.precondition else 0
-        preconditioned_norm = (
-            float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters]))) if parameters else 0.0
-        )
-        if max_grad_norm and max_grad_norm > 0 and parameters:
-            torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
         rows = sum(s.u.count for s in self.modules.values())
         self.last_report = {
-            "grad_norm_raw": raw_norm, "grad_norm_preconditioned": preconditioned_norm,
+            "grad_norm_raw": raw_norm, "grad_norm_preconditioned": gradient_norm(parameters),
             "preconditioned_tensors": float(applied), "regularizer": regularizer, "rows_captured": float(rows),
         }
         return self.last_report
@@ -516,6 +532,19 @@ class GritManager:
             s.inverse = {k: _clone(v) for k, v in saved["inverse"].items()}
             s.damping_used = dict(saved["damping_used"])
             s.basis_u, s.basis_v = _clone(saved["basis_u"]), _clone(saved["basis_v"])
+
+
+def gradient_norm(parameters: list[torch.nn.Parameter]) -> float:
+    """L2 norm of all these gradients together (0 when there are none)."""
+    norms = [p.grad.norm() for p in parameters if p.grad is not None]
+    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+
+
+def clip_gradients(parameters: list[torch.nn.Parameter], max_grad_norm: float | None) -> None:
+    """The trust region: bound the (preconditioned) gradients' joint norm; 0/None: no clipping."""
+    with_grad = [p for p in parameters if p.grad is not None]
+    if max_grad_norm and max_grad_norm > 0 and with_grad:
+        torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm)
 
 
 def remap_optimizer_state(optimizer, old: torch.Tensor, new: torch.Tensor, first_moment, second_moment) -> None:

@@ -140,8 +140,8 @@ class _Tail(TrainerCallback):
         self.lead.trace.changed_after_step.append(max(changes, default=0.0))
 
 
-def run_arm(model, tokenizer, examples: list[dict], train: TrainParams, steps: int, attachment, workdir: Path,
-            bf16: bool = False) -> ArmTrace:
+def run_arm(model, tokenizer, examples: list, train: TrainParams, steps: int, attachment, workdir: Path,
+            bf16: bool = False, collator=None) -> ArmTrace:
     """Train ``steps`` optimizer steps of the real schedule (``train.max_steps`` long) with GRIT
     attached as ``attachment`` says (``recipe.GritAttachment``; empty for the control arm).
     A ``GritError`` raised by GRIT ends the arm and is recorded, not raised: it is a finding."""
@@ -150,7 +150,7 @@ def run_arm(model, tokenizer, examples: list[dict], train: TrainParams, steps: i
     trace = ArmTrace({name: s for name, (_, _, s) in lora_modules(model).items()}, [snapshot_factors(model)])
     lead = _Lead(trace, model, attachment.manager, steps)
     trainer = build_trainer(model, tokenizer, examples, train, workdir, attachment, [lead], bf16=bf16,
-                            checkpoints=False, progress=False)
+                            checkpoints=False, progress=False, collator=collator)
     trainer.add_callback(_Tail(lead))
     trainer.remove_callback(PrinterCallback)   # the stage prints one summary per arm instead
     lead.trainer = trainer

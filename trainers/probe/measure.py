@@ -64,18 +64,20 @@ def measurements(variant: str, door: str | None, control: ArmTrace, grit: ArmTra
 def probe_setup(
     variant: str, model, tokenizer, examples: list[dict], train: TrainParams, grit_config: GritConfig,
     door: str | None, settings: ProbeParams, workdir: Path, attach: Callable | None = None, bf16: bool = False,
-    trajectory: CurveComparison | None = None, trajectory_control: str | None = None,
+    trajectory: CurveComparison | None = None, trajectory_control: str | None = None, collator=None,
 ) -> tuple[ProbeMeasurements, ArmTrace, ArmTrace]:
     """Run the control arm, reset the adapter, run the GRIT arm (the model keeps the GRIT arm's
-    adapter afterwards); returns the measurements and both traces. ``attach(model, grit_config, door, total_steps) -> GritAttachment``."""
+    adapter afterwards); returns the measurements and both traces. ``attach(model, grit_config, door, total_steps) -> GritAttachment``;
+    ``collator`` batches examples that are not pre-tokenized text (``recipe.build_trainer``)."""
     from trainers.recipe import GritAttachment, attach_grit
 
     attach = attach or attach_grit
     initial = snapshot_factors(model)
-    control = run_arm(model, tokenizer, examples, train, settings.steps, GritAttachment(), workdir / "control", bf16)
+    control = run_arm(model, tokenizer, examples, train, settings.steps, GritAttachment(), workdir / "control", bf16,
+                      collator)
     restore_factors(model, initial)
     attachment = attach(model, grit_config, door, train.max_steps)
-    grit = run_arm(model, tokenizer, examples, train, settings.steps, attachment, workdir / "grit", bf16)
+    grit = run_arm(model, tokenizer, examples, train, settings.steps, attachment, workdir / "grit", bf16, collator)
     state = grit_state(attachment.manager)
     return (measurements(variant, door, control, grit, state, settings.steps, trajectory, trajectory_control),
             control, grit)

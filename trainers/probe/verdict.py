@@ -9,6 +9,8 @@ section 4) and carries the figures that decided it:
   inverses themselves, not from a readiness flag;
 - ``after_optimizer_step``: gradients rewritten after ``optimizer.step()`` consumed them;
 - ``scalar_preconditioner``: inverses that are multiples of I, which Adam cancels;
+- ``gradients_not_preconditioned`` (for one part of a model, a VLM modality): the optimizer
+  consumed that part's raw gradients;
 - ``update_unchanged`` (decisive): the K-step update dW = s B A equals the control's;
 - ``identical_trajectory``: the trained loss curve equals the same-engine control's.
 """
@@ -141,6 +143,26 @@ def check_update(m: ProbeMeasurements, p: ProbeParams) -> Check:
     return Check("update", True, None, figures)
 
 
+def check_gradients_rewritten(m: ProbeMeasurements, p: ProbeParams) -> Check:
+    """Did preconditioning turn *these* modules' gradients (consumed vs raw, in the GRIT arm)?
+
+    Used for one part of a model (a VLM's modality): its K-step update also moves when only
+    *other* parts are preconditioned, since their changed weights change its gradients, so the
+    update check alone cannot tell whether this part was preconditioned."""
+    measured = [x for x in m.modules if x.gradient is not None and x.gradient.cosine is not None]
+    if not measured:
+        return Check("gradients", None, None, "no consumed gradient was measured")
+    # direction change sqrt(2 - 2 cos), as for updates: clipping rescales but does not turn
+    turned = [x for x in measured if (2 - 2 * min(1.0, x.gradient.cosine)) ** 0.5 >= p.min_update_change]
+    cosine = median([x.gradient.cosine for x in measured])
+    figures = (f"{len(turned)}/{len(m.modules)} modules' consumed gradient turned by >= {p.min_update_change:g} "
+               f"from the raw gradient (median cosine {_fmt(cosine)})")
+    if _fraction(len(turned), len(m.modules)) < p.min_changed_fraction:
+        return Check("gradients", False, "gradients_not_preconditioned", f"{figures}: the optimizer consumed "
+                     "these modules' raw gradients")
+    return Check("gradients", True, None, figures)
+
+
 def check_trajectory(m: ProbeMeasurements, p: ProbeParams) -> Check:
     if m.trajectory is None:
         return Check("trajectory", None, None, "no trained same-engine control to compare loss curves with")
@@ -156,10 +178,13 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def decide(m: ProbeMeasurements, p: ProbeParams) -> tuple[str, list[Check]]:
-    """``effective`` only when no check failed; the checks are the reasons either way."""
+def decide(m: ProbeMeasurements, p: ProbeParams, part: bool = False) -> tuple[str, list[Check]]:
+    """``effective`` only when no check failed; the checks are the reasons either way. ``part``:
+    ``m`` holds the modules of one part of the model (a VLM modality), so the part's own
+    gradients must have been rewritten too (``check_gradients_rewritten``)."""
     checks = [check_attached(m), check_capture(m, p), check_readiness(m, p), check_optimizer_window(m, p),
-              check_shape(m, p), check_update(m, p), check_trajectory(m, p)]
+              check_shape(m, p), *([check_gradients_rewritten(m, p)] if part else []), check_update(m, p),
+              check_trajectory(m, p)]
     return (INERT if any(c.passed is False for c in checks) else EFFECTIVE), checks
 
 

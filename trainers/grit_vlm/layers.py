@@ -1,0 +1,84 @@
+"""Which linear layers of a VLM each modality adapts, and what there is to choose from.
+
+``select_modality_modules`` applies every modality's patterns and strategy separately (block
+indices count within the modality: vision block 0 is not decoder block 0). A modality whose
+patterns match nothing is an error that lists the model's candidate linear layers, collapsed
+to patterns with counts (``model.text_model.layers.*.self_attn.q_proj  x30``), so the fix can be
+copied from the message. A layer claimed by two modalities is an error too.
+
+Run ``python -m trainers.grit_vlm.layers <model dir | tiny:idefics3 | tiny:qwen2_vl | tiny:llava>
+[--preset NAME]`` to print the candidates, and what a preset selects per modality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from trainers.grit.layer_selection import LayerSelectionError, candidate_linear_layers, select_target_modules
+from trainers.grit_vlm.config import Modality, VlmGritConfig, modality_selection
+
+if TYPE_CHECKING:
+    from torch import nn
+
+_NUMBERED = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+def collapse_name(name: str) -> str:
+    """``a.layers.3.q_proj`` -> ``a.layers.*.q_proj`` (block numbers become wildcards)."""
+    return _NUMBERED.sub("*", name)
+
+
+def linear_layer_patterns(model: nn.Module) -> list[tuple[str, int]]:
+    """Every distinct collapsed linear-layer name with how many layers it stands for, in model order."""
+    return list(Counter(collapse_name(name) for name in candidate_linear_layers(model)).items())
+
+
+def describe_candidates(model: nn.Module) -> str:
+    return "; ".join(f"{pattern} x{count}" for pattern, count in linear_layer_patterns(model))
+
+
+def select_modality_modules(model: nn.Module, config: VlmGritConfig) -> dict[Modality, list[str]]:
+    """modality -> the full names (in the base model) of the linear layers it adapts."""
+    chosen: dict[Modality, list[str]] = {}
+    for name, modality in config.modalities().items():
+        try:
+            chosen[name] = select_target_modules(model, modality.patterns, modality_selection(config, modality))
+        except LayerSelectionError as error:
+            raise LayerSelectionError(
+                f"GRIT-VLM {name}: {error}. GRIT would be applied to 0 layers of the {name} modality; "
+                f"the model's linear layers are: {describe_candidates(model)}"
+            ) from None
+    owners: dict[str, Modality] = {}
+    for name, modules in chosen.items():
+        for module in modules:
+            if module in owners:
+                raise LayerSelectionError(f"GRIT-VLM: {module} is selected by both {owners[module]} and {name}; "
+                                          "make the modality patterns disjoint")
+            owners[module] = name
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainers.grit_vlm.models import load_for_inspection
+    from trainers.grit_vlm.presets import PRESETS, preset
+
+    parser = argparse.ArgumentParser(description="List a VLM's candidate linear layers and a preset's selection")
+    parser.add_argument("model", help="an HF model directory, or tiny:<architecture> for a random tiny VLM")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="also show what this preset selects")
+    args = parser.parse_args(argv)
+    model = load_for_inspection(args.model)
+    for pattern, count in linear_layer_patterns(model):
+        print(f"{pattern}  x{count}")
+    if args.preset:
+        for modality, modules in select_modality_modules(model, preset(args.preset)).items():
+            print(f"\n[{args.preset}] {modality}: {len(modules)} layers")
+            for module in modules:
+                print(f"  {module}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
