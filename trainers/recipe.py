@@ -194,7 +194,6 @@ def train_variant(
     layers = lora_layers(trainer.model)
     ranks = {module: int(layer.r[adapter]) for module, layer, adapter in layers}  # after any truncation
     scalings = {module: float(layer.scaling[adapter]) for module, layer, adapter in layers}
-    throughputs = [r["tokens_per_second"] for r in step_log.rows if r["tokens_per_second"] is not None]
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metadata = {
         "variant": name, "engine": variant.engine, "grit": variant.grit,
@@ -204,7 +203,7 @@ def train_variant(
         "batch_order_hash": order_hash(trainer.batch_digests), "batches_trained": len(trainer.batch_digests),
         "train_seconds": seconds, "final_loss": step_log.rows[-1]["loss"] if step_log.rows else None,
         "train_loss": output.training_loss, "steps": trainer.state.global_step,
-        "tokens_per_second": sum(throughputs) / len(throughputs) if throughputs else None,
+        "tokens_per_second": step_log.mean_tokens_per_second(),
         "peak_rss_mib": peak_rss_mib,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "grit_all_ready": manager.all_ready() if manager else None,

@@ -132,6 +132,11 @@ class StepLog(TrainerCallback):
                     self.live.log_metric(f"train/{key}", value)
             self.live.next_step()
 
+    def mean_tokens_per_second(self) -> float | None:
+        """Training throughput over the logged steps (None when no step measured it)."""
+        measured = [r["tokens_per_second"] for r in self.rows if r["tokens_per_second"] is not None]
+        return sum(measured) / len(measured) if measured else None
+
     def on_step_begin(self, args, state, control, **kwargs):
         self._started = time.perf_counter()
         self.trainer_ref[0].step_tokens = 0

@@ -27,7 +27,9 @@ from typing import Any
 import torch
 
 from trainers.grit.config import GritConfig
-from trainers.grit.manager import GritManager, ModuleState, clip_gradients, gradient_norm
+from trainers.grit.manager import (
+    GritManager, ModuleState, base_module_name, clip_gradients, gradient_norm, lora_layers,
+)
 from trainers.grit_vlm.config import Modality, VlmGritConfig, modality_grit_config, modality_lora_shape
 from trainers.grit_vlm.layers import select_modality_modules
 
@@ -56,8 +58,6 @@ def build_vlm_peft(model, config: VlmGritConfig):
 
 def set_lora_dropout(peft_model, dropouts: dict[str, float]) -> None:
     """Per-module LoRA dropout (PEFT's config has one value for all), built as PEFT builds it."""
-    from trainers.grit.manager import base_module_name, lora_layers
-
     for name, layer, adapter in lora_layers(peft_model):
         p = dropouts.get(base_module_name(name), 0.0)
         layer.lora_dropout[adapter] = torch.nn.Dropout(p=p) if p > 0 else torch.nn.Identity()

@@ -22,6 +22,7 @@ import torch
 from pipelines.params import Params, TrainParams, VariantParams
 from trainers.base_model import BaseModelFiles, torch_dtype
 from trainers.grit.config import GritConfig
+from trainers.grit.manager import base_module_name
 from trainers.grit_vlm.adapter import VlmGritAdapter, build_vlm_peft
 from trainers.grit_vlm.config import Modality, VlmGritConfig
 from trainers.grit_vlm.data import read_pairs
@@ -96,7 +97,7 @@ def train_vlm_variant(
         "train_seconds": seconds, "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None, "train_loss": output.training_loss,
         "steps": trainer.state.global_step,
-        "tokens_per_second": _mean([r["tokens_per_second"] for r in step_log.rows]),
+        "tokens_per_second": step_log.mean_tokens_per_second(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "grit_all_ready": manager.all_ready() if manager else None,
         "grit_modality_stats": manager.modality_stats() if manager else None,
@@ -109,11 +110,6 @@ def train_vlm_variant(
     return TrainResult(name, variant.engine, adapter_dir, metadata, step_log.rows)
 
 
-def _mean(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
 def modality_verdicts(measured: ProbeMeasurements, selected: dict[Modality, list[str]], config: VlmGritConfig,
                       settings: ProbeParams) -> dict[Modality, dict[str, Any]]:
     """The probe's verdict per modality: the same checks on each modality's modules alone (a
@@ -121,8 +117,8 @@ def modality_verdicts(measured: ProbeMeasurements, selected: dict[Modality, list
     configured with ``natural_gradient: false`` is reported but expected to be inert."""
     verdicts = {}
     for modality, modules in selected.items():
-        own = {f"base_model.model.{m}" for m in modules}
-        subset = replace(measured, modules=[m for m in measured.modules if m.name in own])
+        own = set(modules)
+        subset = replace(measured, modules=[m for m in measured.modules if base_module_name(m.name) in own])
         verdict, checks = decide(subset, settings, part=True)
         verdicts[modality] = {**as_json(subset, verdict, checks),
                               "natural_gradient": config.modalities()[modality].natural_gradient}

@@ -126,18 +126,23 @@ def check_shape(m: ProbeMeasurements, p: ProbeParams) -> Check:
     return Check("preconditioner_shape", True, None, figures)
 
 
+def _turned(comparisons: list[UpdateComparison | None], p: ProbeParams) -> tuple[list[UpdateComparison], int]:
+    """(the comparisons with a direction, how many of them turned by >= min_update_change)."""
+    compared = [c for c in comparisons if c is not None and c.direction_change is not None]
+    return compared, sum(c.direction_change >= p.min_update_change for c in compared)
+
+
 def check_update(m: ProbeMeasurements, p: ProbeParams) -> Check:
     if m.arm_steps < m.steps:
         stopped = f" ({m.error})" if m.error else ""
         return Check("update", False, "update_unchanged", f"the GRIT arm completed {m.arm_steps}/{m.steps} "
                      f"steps{stopped}: no update to compare")
-    compared = [x for x in m.modules if x.update is not None and x.update.direction_change is not None]
-    changed = [x for x in compared if x.update.direction_change >= p.min_update_change]
-    cosine = median([x.update.cosine for x in compared])
-    difference = median([x.update.relative_difference for x in compared])
-    figures = (f"{len(changed)}/{len(m.modules)} modules' {m.steps}-step update changed direction by >= "
+    compared, changed = _turned([x.update for x in m.modules], p)
+    cosine = median([c.cosine for c in compared])
+    difference = median([c.relative_difference for c in compared])
+    figures = (f"{changed}/{len(m.modules)} modules' {m.steps}-step update changed direction by >= "
                f"{p.min_update_change:g} (median cosine {_fmt(cosine)}, median relative difference {_fmt(difference)})")
-    if _fraction(len(changed), len(m.modules)) < p.min_changed_fraction:
+    if _fraction(changed, len(m.modules)) < p.min_changed_fraction:
         return Check("update", False, "update_unchanged", f"{figures}: the optimizer made the same updates "
                      "with and without GRIT")
     return Check("update", True, None, figures)
@@ -149,15 +154,14 @@ def check_gradients_rewritten(m: ProbeMeasurements, p: ProbeParams) -> Check:
     Used for one part of a model (a VLM's modality): its K-step update also moves when only
     *other* parts are preconditioned, since their changed weights change its gradients, so the
     update check alone cannot tell whether this part was preconditioned."""
-    measured = [x for x in m.modules if x.gradient is not None and x.gradient.cosine is not None]
+    # the same direction change as for updates: clipping rescales a gradient but does not turn it
+    measured, turned = _turned([x.gradient for x in m.modules], p)
     if not measured:
         return Check("gradients", None, None, "no consumed gradient was measured")
-    # direction change sqrt(2 - 2 cos), as for updates: clipping rescales but does not turn
-    turned = [x for x in measured if (2 - 2 * min(1.0, x.gradient.cosine)) ** 0.5 >= p.min_update_change]
-    cosine = median([x.gradient.cosine for x in measured])
-    figures = (f"{len(turned)}/{len(m.modules)} modules' consumed gradient turned by >= {p.min_update_change:g} "
+    cosine = median([c.cosine for c in measured])
+    figures = (f"{turned}/{len(m.modules)} modules' consumed gradient turned by >= {p.min_update_change:g} "
                f"from the raw gradient (median cosine {_fmt(cosine)})")
-    if _fraction(len(turned), len(m.modules)) < p.min_changed_fraction:
+    if _fraction(turned, len(m.modules)) < p.min_changed_fraction:
         return Check("gradients", False, "gradients_not_preconditioned", f"{figures}: the optimizer consumed "
                      "these modules' raw gradients")
     return Check("gradients", True, None, figures)
