@@ -28,6 +28,7 @@ from typing import Any
 
 from db.models import Comparison, EvalMetric, SpeedMetric
 from evaluation.stats import finite_or_none
+from export.llama_cpp import require_working_runtime
 from pipelines.errors import UserError
 from pipelines.files import atomic_write_json, atomic_write_text
 from pipelines.params import Params, require_text_model
@@ -171,6 +172,7 @@ def across_seeds(params: Params, figures: dict, comparisons: list) -> dict[str, 
 def main(argv: list[str] | None = None) -> int:
     def preflight(params: Params) -> dict:
         require_text_model(params, "evaluate")
+        require_working_runtime()  # every served model is decoded by llama.cpp in-process
         if not SERVE_MANIFEST.is_file():
             raise UserError(f"{SERVE_MANIFEST} is missing; run `dvc repro serve` first")
         for name in ("eval_aqi.jsonl", "eval_facts.jsonl", "eval_overrefusal.jsonl"):

@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def preflight(params: Params) -> None:
         require_text_model(params, "export")
-        from export.llama_cpp import converter
+        from export.llama_cpp import converter, require_working_runtime
+
+        require_working_runtime()  # quantize and parity run llama.cpp in this process
 
         if variant not in params.variants:
             raise UserError(f"variants: no variant named {variant!r}; declared: {', '.join(params.variants)}")

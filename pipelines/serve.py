@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from export.llama_cpp import require_working_runtime
 from pipelines.errors import UserError
 from pipelines.export import EXPORTS, export_dir
 from pipelines.files import atomic_write_json, atomic_write_text
@@ -76,6 +77,7 @@ def check_with_llama_cpp(model, prompt: str, max_new_tokens: int) -> dict[str, A
 def main(argv: list[str] | None = None) -> int:
     def preflight(params: Params) -> None:
         require_text_model(params, "serve")
+        require_working_runtime()  # the llama.cpp check of each registered model runs in-process
         missing = [v for v in params.variants if not (export_dir(v) / "export.json").is_file()]
         if missing:
             raise UserError(f"{EXPORTS}/{missing[0]}/export.json is missing; run `dvc repro export@{missing[0]}` first")

