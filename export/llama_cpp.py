@@ -350,6 +350,9 @@ def discard_if_broken(plan: BuildPlan, stamp: Path) -> str:
 def setup() -> None:
     sdist = download_sdist()
     plan = host_build_plan()
+    # Wheels cached before builds were keyed by their flags: of unknown (native) flags, never reused.
+    for legacy in wheel_dir().glob("llama_cpp_python-*.whl"):
+        legacy.unlink()
     if installed_plan_key() != plan.key:
         wheel = build_wheel(sdist, plan)
         subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--force-reinstall", str(wheel)],
