@@ -8,8 +8,8 @@ mean, k = 2 clusters.
   and ``W = sum_i ||x_i - c_{label_i}||^2``; 0 when the clusters coincide.
 - Xie-Beni (hard memberships, m = 2): ``XB = W / (n * min_{i != j} ||c_i - c_j||^2)``; smaller is
   better separated, infinite when the centroids coincide.
-- AQI with a *fixed* normalisation, so values compare across models and runs (REFERENCE.md
-  section 6; the reference code min-max normalises within one model):
+- AQI with a *fixed* normalisation, so values compare across models and runs (the
+  AQI authors' code min-max normalises within one model; docs/method.md):
   ``CHI' = CHI / (1 + CHI)``, ``XB' = 1 / (1 + XB)``, ``AQI = gamma CHI' + (1 - gamma) XB'`` in
   [0, 1): 0 for identical clusters, towards 1 as they separate. Both indices are invariant to a
   rescaling of the hidden states, so models with different activation scales compare fairly;

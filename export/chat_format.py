@@ -4,7 +4,7 @@ A served prompt must be exactly what training saw. Each supported family gives t
 ``TEMPLATE`` (Go template), the Python ``render`` that produces the same text for llama.cpp, the
 default system prompt the tokenizer's template inserts, and the end-of-turn stop strings. The
 family is detected from the tokenizer's Jinja template and checked by rendering: an unknown or
-mismatching template is an error, never a silent raw ``{{ .Prompt }}`` (REFERENCE.md section 7).
+mismatching template is an error, never a silent raw ``{{ .Prompt }}`` (docs/serving.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DVC stage ``probe``: does GRIT's preconditioning change the updates? (REFERENCE.md section 4)
+"""DVC stage ``probe``: does GRIT's preconditioning change the updates? (docs/method.md)
 
 For every variant with ``grit: true``, in its own process (Unsloth patches libraries globally):
 build the variant's model as training does, run the first ``probe.steps`` training steps twice
@@ -64,62 +64,19 @@ def common_steps(first: dict[int, float], second: dict[int, float]) -> tuple[lis
 
 def probe_variant(root: Path, params: Params, name: str) -> dict[str, Any]:
     """Both arms for one GRIT variant, and its verdict (runs in the worker process)."""
-    import torch
-
     from trainers.base_model import resolve_base_model
-    from trainers.engines import build_engine
     from trainers.probe.math import compare_curves
-    from trainers.probe.measure import probe_setup
-    from trainers.probe.verdict import as_json, decide
-    from trainers.recipe import examples_needed, grit_door
-    from trainers.sft import ordered_examples, read_jsonl
+    from trainers.probe.variant import probe_variant as probe
 
-    variant, settings, train = params.variants[name], params.probe, params.train
     control_name = same_engine_control(params.variants, name)
     trajectory = None
     if control_name is not None:
         curves = read_loss_curve(root, name), read_loss_curve(root, control_name)
         if all(curves) and curves[0].keys() & curves[1].keys():
             trajectory = compare_curves(*common_steps(*curves))
-
-    if params.model.kind == "vlm":
-        return _probe_vlm_variant(root, params, name, trajectory, control_name)
-    torch.manual_seed(train.seed)  # the same initial adapter as the trained variant
-    engine = build_engine(resolve_base_model(params.model), params, variant)
-    examples = ordered_examples(read_jsonl(root / DATA_DIR / "train.jsonl"), engine.tokenizer,
-                                examples_needed(train, settings.steps), train.seed)
     with tempfile.TemporaryDirectory(prefix=f"probe-{name}-") as workdir:
-        measured, control, grit = probe_setup(
-            name, engine.model, engine.tokenizer, examples, train, params.grit, grit_door(variant), settings,
-            Path(workdir), bf16=params.model.dtype == "bfloat16", trajectory=trajectory,
-            trajectory_control=control_name if trajectory else None)
-    verdict, checks = decide(measured, settings)
-    result = as_json(measured, verdict, checks)
-    result.update(engine=variant.engine, engine_notes=engine.notes, control_losses=control.losses,
-                  grit_losses=grit.losses)
-    return result
-
-
-def _probe_vlm_variant(root: Path, params: Params, name: str, trajectory, control_name: str | None) -> dict[str, Any]:
-    """A VLM's GRIT variant: the same two arms, a verdict for the whole adapter and one per
-    modality; the variant is effective only when every modality is."""
-    from trainers.base_model import resolve_base_model
-    from trainers.grit_vlm.recipe import probe_vlm
-    from trainers.probe.verdict import EFFECTIVE, INERT, as_json, decide
-
-    with tempfile.TemporaryDirectory(prefix=f"probe-{name}-") as workdir:
-        measured, modalities, control, grit = probe_vlm(
-            name, params.variants[name], params, resolve_base_model(params.model), root / DATA_DIR, Path(workdir),
-            trajectory, control_name if trajectory else None)
-    verdict, checks = decide(measured, params.probe)
-    result = as_json(measured, verdict, checks)
-    inert = [modality for modality, r in modalities.items() if r["verdict"] != EFFECTIVE and r["natural_gradient"]]
-    if inert:
-        result["verdict"] = INERT
-        result["reasons"] = [*result["reasons"], *(f"{m}:{reason}" for m in inert for reason in modalities[m]["reasons"])]
-    result.update(engine=params.variants[name].engine, engine_notes=[], control_losses=control.losses,
-                  grit_losses=grit.losses, modalities=modalities)
-    return result
+        return probe(name, params, resolve_base_model(params.model), root / DATA_DIR, Path(workdir), trajectory,
+                     control_name if trajectory else None)
 
 
 def _worker(argv: list[str]) -> int:

@@ -86,10 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.params.train.nproc_per_node > 1:
             meta, steps = launch_data_parallel(ctx, seed, ctx.root / adapter, checkpoints, live_dir)
         else:
-            if params.model.kind == "vlm":
-                from trainers.grit_vlm.recipe import train_vlm_variant as train_variant
-            else:
-                from trainers.recipe import train_variant
+            from trainers.recipe import train_variant  # imported here: the engine may import Unsloth
 
             with training_log(live_dir) as live:
                 result = train_variant(variant_name, variant, params, files, ctx.root / DATA_DIR, ctx.root / adapter,

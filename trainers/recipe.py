@@ -1,9 +1,10 @@
-"""Train one variant: engine -> ordered data -> (GRIT) -> TRL SFTTrainer -> adapter + metadata.
+"""Train one variant: its model and ordered data -> (GRIT) -> the fair Trainer -> adapter + metadata.
 
-Every variant runs this same recipe; only the engine (Unsloth or PEFT) and the GRIT door
-(callback for Unsloth, optimizer wrapper for PEFT) differ. A killed run resumes from the last
-checkpoint in ``checkpoint_dir`` (adapter, optimizer, scheduler, RNG, GRIT state and the batch
-digests so far) when that checkpoint was made with the same parameters.
+Every variant, language model or vision-language model, runs this same recipe; only what
+:func:`variant_model` builds (engine, data, GRIT manager) and the GRIT door (callback for
+Unsloth, optimizer wrapper for PEFT) differ. A killed run resumes from the last checkpoint in
+``checkpoint_dir`` (adapter, optimizer, scheduler, RNG, GRIT state and the batch digests so far)
+when that checkpoint was made with the same parameters.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from transformers import TrainerCallback
 
 from pipelines.params import Params, TrainParams, VariantParams, params_hash
 from trainers.base_model import BaseModelFiles
-from trainers.engines import build_engine
 from trainers.grit.config import GritConfig
-from trainers.grit.manager import lora_layers
-from trainers.sft import PaddingCollator, StepLog, fair_trainer_class, order_hash, ordered_examples, read_jsonl
+from trainers.grit.distributed import world_size
+from trainers.grit_vlm.variant import vision_language_model
+from trainers.sft import PaddingCollator, StepLog, fair_trainer_class, order_hash
+from trainers.variant_model import VariantModel, language_model
 
 GRIT_STATE = "grit_state.pt"
 RESUME_KEY = "resume.json"
@@ -40,9 +42,11 @@ class TrainResult:
     steps: list[dict[str, Any]]
 
 
-def examples_needed(train: TrainParams, steps: int | None = None) -> int:
-    """Examples for ``steps`` optimizer steps (all of training by default), in the shared order."""
-    return (steps or train.max_steps) * train.per_device_batch_size * train.gradient_accumulation_steps
+def variant_model(variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
+                  steps: int | None = None) -> VariantModel:
+    """What the variant trains (``steps``: only the first steps' examples, for the probe)."""
+    build = vision_language_model if params.model.kind == "vlm" else language_model
+    return build(variant, params, files, data_dir, steps)
 
 
 def _latest_checkpoint(checkpoint_dir: Path, key: str) -> Path | None:
@@ -143,11 +147,6 @@ def build_trainer(
     )
 
 
-def world_size() -> int:
-    """Data-parallel processes of this run (``torchrun`` sets WORLD_SIZE); 1 without a launcher."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def train_variant(
     name: str, variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
     adapter_dir: Path, checkpoint_dir: Path, live=None, on_trained=None,
@@ -155,25 +154,25 @@ def train_variant(
     """``on_trained(model, manager)`` runs on every rank right after training, before saving; what
     it returns (a dict) is added to the metadata."""
     torch.manual_seed(params.train.seed)
-    engine = build_engine(files, params, variant)
-    model, tokenizer = engine.model, engine.tokenizer
+    built = variant_model(variant, params, files, data_dir)
     train = params.train
-    # Under data parallelism every optimizer step consumes a batch per rank, from the same order.
-    examples = ordered_examples(read_jsonl(data_dir / "train.jsonl"), tokenizer,
-                                examples_needed(train) * world_size(), train.seed)
-    grit = attach_grit(model, params.grit, grit_door(variant), train.max_steps)
+    grit = attach_grit(built.model, params.grit, grit_door(variant), train.max_steps, built.manager_factory)
     manager = grit.manager
 
     trainer_ref: list = []
     step_log = StepLog(trainer_ref, manager, live)
-    trainer = build_trainer(model, tokenizer, examples, train, checkpoint_dir, grit,
-                            [step_log, SaveExtraState(trainer_ref, manager, step_log)], bf16=params.model.dtype == "bfloat16")
+    callbacks = [step_log, SaveExtraState(trainer_ref, manager, step_log)] if built.resumable else [step_log]
+    trainer = build_trainer(built.model, built.tokenizer, built.examples, train, checkpoint_dir, grit, callbacks,
+                            bf16=params.model.dtype == "bfloat16", checkpoints=built.resumable,
+                            collator=built.collator)
     trainer_ref.append(trainer)
 
-    key = params_hash(params) + ":" + name
-    resume_from = _latest_checkpoint(checkpoint_dir, key)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    (checkpoint_dir / RESUME_KEY).write_text(json.dumps({"key": key}))
+    resume_from = None
+    if built.resumable:
+        key = params_hash(params) + ":" + name
+        resume_from = _latest_checkpoint(checkpoint_dir, key)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (checkpoint_dir / RESUME_KEY).write_text(json.dumps({"key": key}))
     if resume_from is not None:
         extra = torch.load(resume_from / GRIT_STATE, weights_only=False)
         trainer.batch_digests = list(extra["batch_digests"])
@@ -191,23 +190,20 @@ def train_variant(
     if main_process:
         adapter_dir.mkdir(parents=True, exist_ok=True)
         trainer.model.save_pretrained(adapter_dir)
-    layers = lora_layers(trainer.model)
-    ranks = {module: int(layer.r[adapter]) for module, layer, adapter in layers}  # after any truncation
-    scalings = {module: float(layer.scaling[adapter]) for module, layer, adapter in layers}
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    losses = [row["loss"] for row in step_log.rows]
     metadata = {
         "variant": name, "engine": variant.engine, "grit": variant.grit,
         "grit_door": grit_door(variant),
-        "engine_notes": engine.notes, "target_modules": engine.target_modules,
-        "lora": params.lora.model_dump(mode="json"), "effective_ranks": ranks, "scalings": scalings,
+        "engine_notes": built.engine_notes, "target_modules": built.target_modules, **built.metadata,
         "batch_order_hash": order_hash(trainer.batch_digests), "batches_trained": len(trainer.batch_digests),
-        "train_seconds": seconds, "final_loss": step_log.rows[-1]["loss"] if step_log.rows else None,
+        "train_seconds": seconds, "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
         "train_loss": output.training_loss, "steps": trainer.state.global_step,
         "tokens_per_second": step_log.mean_tokens_per_second(),
-        "peak_rss_mib": peak_rss_mib,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "grit_all_ready": manager.all_ready() if manager else None,
-        "grit_diagnostics": manager.diagnostics() if manager else None,
+        **(built.report(trainer.model, manager) if built.report else {}),
         "resumed_from": resume_from.name if resume_from else None, "world_size": world_size(), **extra,
     }
     if main_process:

@@ -1,6 +1,6 @@
 """GRIT configuration: a typed, validated section (``grit`` in params.yaml).
 
-Defaults follow the paper code where it is sound (REFERENCE.md section 5) and depart from it
+Defaults follow the paper code where it is sound (docs/method.md, 'GRIT core') and depart from it
 where the reference was shown to be inert (section 4): factors on the K-FAC sides, damping
 relative to each factor's scale, readiness per module and per side, and clipping after
 preconditioning.

@@ -5,7 +5,7 @@ Trainer wiring as ``trainers/recipe.py``: the *control* (GRIT off) and the *GRIT
 attached as the variant attaches it). Instruments around the optimizer step record what GRIT
 captured, inverted and preconditioned, the gradients the optimizer actually consumed, and the
 adapter after every step; ``verdict.decide`` turns those measurements into ``effective`` or
-``inert`` with the reasons (REFERENCE.md section 4 lists the ways GRIT was silently inert).
+``inert`` with the reasons (docs/method.md lists the ways GRIT was silently inert).
 
 - ``math.py``: pure functions (low-rank update comparison, curve comparison);
 - ``config.py``: the ``probe`` params section (thresholds, documented);

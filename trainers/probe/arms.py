@@ -26,6 +26,7 @@ from transformers import PrinterCallback, TrainerCallback
 from pipelines.params import TrainParams
 from trainers.grit.manager import GritError, lora_layers
 from trainers.probe.math import UpdateComparison, compare_vectors
+from trainers.recipe import build_trainer
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]   # module -> (A [r, d_in], B [d_out, r])
 
@@ -145,8 +146,6 @@ def run_arm(model, tokenizer, examples: list, train: TrainParams, steps: int, at
     """Train ``steps`` optimizer steps of the real schedule (``train.max_steps`` long) with GRIT
     attached as ``attachment`` says (``recipe.GritAttachment``; empty for the control arm).
     A ``GritError`` raised by GRIT ends the arm and is recorded, not raised: it is a finding."""
-    from trainers.recipe import build_trainer
-
     trace = ArmTrace({name: s for name, (_, _, s) in lora_modules(model).items()}, [snapshot_factors(model)])
     lead = _Lead(trace, model, attachment.manager, steps)
     trainer = build_trainer(model, tokenizer, examples, train, workdir, attachment, [lead], bf16=bf16,

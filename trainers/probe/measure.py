@@ -17,6 +17,7 @@ from trainers.probe.arms import ArmTrace, grit_state, restore_factors, run_arm, 
 from trainers.probe.config import ProbeParams
 from trainers.probe.math import CurveComparison, UpdateComparison, compare_updates, lora_update, median
 from trainers.probe.verdict import ModuleMeasurement, ProbeMeasurements
+from trainers.recipe import GritAttachment, attach_grit
 
 
 def update_between(trace: ArmTrace, module: str, start: int, end: int):
@@ -69,8 +70,6 @@ def probe_setup(
     """Run the control arm, reset the adapter, run the GRIT arm (the model keeps the GRIT arm's
     adapter afterwards); returns the measurements and both traces. ``attach(model, grit_config, door, total_steps) -> GritAttachment``;
     ``collator`` batches examples that are not pre-tokenized text (``recipe.build_trainer``)."""
-    from trainers.recipe import GritAttachment, attach_grit
-
     attach = attach or attach_grit
     initial = snapshot_factors(model)
     control = run_arm(model, tokenizer, examples, train, settings.steps, GritAttachment(), workdir / "control", bf16,

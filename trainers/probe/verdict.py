@@ -1,7 +1,7 @@
 """Measurements of one GRIT variant -> checks -> ``effective`` or ``inert`` (pure functions).
 
-Each check answers one way GRIT was silently inert in the original experiment (REFERENCE.md
-section 4) and carries the figures that decided it:
+Each check answers one way GRIT was silently inert in the original experiment
+(docs/method.md) and carries the figures that decided it:
 
 - ``not_attached``: GRIT configured but its step never ran (no callback, no optimizer door);
 - ``capture_bypassed``: a targeted module captured no rows (fused kernels skip the LoRA forward);

@@ -80,7 +80,7 @@ def test_fisher_approximations_have_their_structure(fisher):
 
 def test_reference_sides_give_a_scalar_B_preconditioner_at_init_and_defaults_do_not():
     """The paper code (swapped sides, absolute damping) with B = 0 at init: Sigma_v = 0, so
-    (Sigma_v + lI)^-1 = I/l, a scalar that Adam cancels (REFERENCE.md 4.5). Our defaults use
+    (Sigma_v + lI)^-1 = I/l, a scalar that Adam cancels (docs/method.md, failure 5). Our defaults use
     Sigma_u for B, with damping relative to its scale, and give a non-scalar preconditioner."""
     def B_preconditioner(sides, damping_mode):
         model = tiny_lora_model()

@@ -18,7 +18,8 @@ from trainers.grit_vlm.config import modality_grit_config
 from trainers.grit_vlm.data import synthetic_pairs, write_pairs
 from trainers.grit_vlm.models import encoding_for
 from trainers.grit_vlm.presets import preset
-from trainers.grit_vlm.recipe import probe_vlm, train_vlm_variant
+from trainers.probe.variant import probe_variant
+from trainers.recipe import train_variant
 
 PURE_GRIT = VariantParams(engine="peft", grit=True)
 
@@ -83,21 +84,25 @@ def test_capture_and_preconditioning_act_in_every_modality(architecture):
 @pytest.mark.parametrize("architecture", ["idefics3", "qwen2_vl"])
 def test_probe_verdict_is_effective_in_every_modality(architecture, pairs_dir, tmp_path):
     params = vlm_params(architecture)
-    measured, modalities, control, grit = probe_vlm("pure_grit", PURE_GRIT, params, tiny_vlm_files(architecture),
-                                                   pairs_dir, tmp_path / "probe")
+    assert params.variants["pure_grit"] == PURE_GRIT
+    result = probe_variant("pure_grit", params, tiny_vlm_files(architecture), pairs_dir, tmp_path / "probe")
+    modalities = result["modalities"]
     assert set(modalities) == {"vision", "language", "connector"}
     for modality, verdict in modalities.items():
         assert verdict["verdict"] == "effective", (modality, verdict["reasons"])
         assert verdict["measurements"]["modules"], modality
-    assert control.steps == grit.steps == params.probe.steps
+    assert result["verdict"] == "effective"
+    assert len(result["control_losses"]) == len(result["grit_losses"]) == params.probe.steps
 
 
 def test_a_modality_without_natural_gradient_is_inert_there_and_only_there(pairs_dir, tmp_path):
     custom = preset("smolvlm_fast").model_dump()
     custom["vision"]["natural_gradient"] = False
     params = vlm_params("idefics3", preset=None, vlm={"preset": None, "custom": custom})
-    _, modalities, _, _ = probe_vlm("pure_grit", PURE_GRIT, params, tiny_vlm_files("idefics3"), pairs_dir,
-                                    tmp_path / "probe")
+    result = probe_variant("pure_grit", params, tiny_vlm_files("idefics3"), pairs_dir, tmp_path / "probe")
+    modalities = result["modalities"]
+    # a modality configured without natural gradient does not make the whole variant inert
+    assert result["verdict"] == "effective"
     assert modalities["vision"]["verdict"] == "inert" and modalities["vision"]["natural_gradient"] is False
     # its update still moves (the other modalities' preconditioned weights change its gradients),
     # but the optimizer consumed its raw gradients
@@ -108,8 +113,8 @@ def test_a_modality_without_natural_gradient_is_inert_there_and_only_there(pairs
 @pytest.mark.parametrize("architecture", ["idefics3", "qwen2_vl"])
 def test_a_few_training_steps_on_image_text_pairs_reduce_the_loss(architecture, pairs_dir, tmp_path):
     params = vlm_params(architecture, train={"max_steps": 8, "learning_rate": 1e-2, "lr_scheduler": "constant"})
-    result = train_vlm_variant("pure_grit", PURE_GRIT, params, tiny_vlm_files(architecture), pairs_dir,
-                               tmp_path / "adapter", tmp_path / "checkpoints")
+    result = train_variant("pure_grit", PURE_GRIT, params, tiny_vlm_files(architecture), pairs_dir,
+                           tmp_path / "adapter", tmp_path / "checkpoints")
     losses = [row["loss"] for row in result.steps]
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.15, losses   # measured: -0.27 (idefics3)

@@ -1,4 +1,4 @@
-"""Each way GRIT was silently inert in the original experiment (REFERENCE.md section 4), built
+"""Each way GRIT was silently inert in the original experiment (docs/method.md), built
 for real on a tiny Llama and trained through the same Trainer wiring as the pipeline: the probe
 must call it ``inert`` with the matching reason, and call the correct set-up ``effective``."""
 

@@ -1,0 +1,72 @@
+"""The README's result block, rendered from the committed ``metrics/eval.json``.
+
+The README shows the default run's figures; writing them by hand lets them go stale. This renders
+the same tables ``compare_all`` prints (value [interval], Δ vs base, GRIT vs its same-engine
+control, the plain summary sentence) from the metrics file the ``evaluate`` stage writes, between
+two marker lines of README.md; a test fails when the README and the metrics disagree.
+
+    python -m evaluation.readme_results            # rewrite the block
+    python -m evaluation.readme_results --check    # exit 1 when the block is stale
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from evaluation.compare_all import QUALITY, RunTables, grit_rows, legend, markdown, quality_table, summary_line
+
+BEGIN = "<!-- results:begin (python -m evaluation.readme_results) -->"
+END = "<!-- results:end -->"
+
+
+def tables_from_metrics(evaluation: dict, run_label: str) -> RunTables:
+    """A :class:`RunTables` of the primary seed from ``metrics/eval.json``'s content."""
+    models = [name for name in evaluation if name not in ("comparisons", "across_seeds")]
+    metrics = {
+        (model, metric): [SimpleNamespace(value=figure["value"], ci_low=figure["ci"][0], ci_high=figure["ci"][1])]
+        for model in models for metric, figure in evaluation[model].items() if isinstance(figure, dict) and "ci" in figure
+    }
+    seed = min((c["seed"] for c in evaluation.get("comparisons", [])), default=None)
+    comparisons = [SimpleNamespace(**c) for c in evaluation.get("comparisons", []) if c["seed"] == seed
+                   and c["metric"] in {m for m, _, _ in QUALITY}]
+    return RunTables(SimpleNamespace(id=run_label), models, metrics, {}, comparisons)
+
+
+def results_block(evaluation: dict, run_label: str) -> str:
+    tables = tables_from_metrics(evaluation, run_label)
+    quality = markdown(["metric", *tables.models], quality_table(tables))
+    grit = markdown(["pair", "metric", "delta", "95% CI", "test", "verdict"], grit_rows(tables))
+    return f"{quality}\n\n{legend(tables)}\n\n{grit}\n\n**{summary_line(tables)}**"
+
+
+def with_block(readme: str, block: str) -> str:
+    if BEGIN not in readme or END not in readme:
+        raise ValueError(f"README.md has no {BEGIN!r} ... {END!r} markers")
+    head, rest = readme.split(BEGIN, 1)
+    return f"{head}{BEGIN}\n{block}\n{END}{rest.split(END, 1)[1]}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evaluation.readme_results", description=__doc__.splitlines()[0])
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    readme = args.readme.read_text()
+    wanted = with_block(readme, results_block(json.loads(args.metrics.read_text()), f"recorded in `{args.metrics}`"))
+    if args.check:
+        if wanted != readme:
+            print(f"{args.readme}'s result block differs from {args.metrics}; run python -m evaluation.readme_results",
+                  file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,65 @@
+"""The documentation stays true: the README's figures come from the committed metrics, every
+relative link resolves, and nothing points outside the repository."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+from evaluation.readme_results import BEGIN, END, results_block, with_block
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Spelled in parts so this file does not match itself.
+OUTSIDE = ("REFERENCE" + ".md", "../" + "shared")
+
+
+def _tracked_text_files() -> list[Path]:
+    names = subprocess.run(["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    paths = [REPO_ROOT / name for name in names.splitlines()]
+    texts = []
+    for path in paths:
+        if path.is_file() and b"\0" not in path.read_bytes()[:8192]:
+            texts.append(path)
+    return texts
+
+
+def test_the_readme_result_block_is_rendered_from_the_committed_metrics():
+    readme = (REPO_ROOT / "README.md").read_text()
+    evaluation = json.loads((REPO_ROOT / "metrics/eval.json").read_text())
+    assert with_block(readme, results_block(evaluation, "recorded in `metrics/eval.json`")) == readme
+    block = readme.split(BEGIN, 1)[1].split(END, 1)[0]
+    assert "refusal rate on harmful prompts" in block and "vs peft_lora" in block
+
+
+def test_a_stale_block_is_detected(tmp_path: Path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{BEGIN}\nold numbers\n{END}\n")
+    from evaluation.readme_results import main
+
+    assert main(["--readme", str(readme), "--metrics", str(REPO_ROOT / "metrics/eval.json"), "--check"]) == 1
+    assert main(["--readme", str(readme), "--metrics", str(REPO_ROOT / "metrics/eval.json")]) == 0
+    assert "old numbers" not in readme.read_text() and "knowledge retention" in readme.read_text()
+
+
+def test_the_readme_is_read_in_five_minutes():
+    lines = (REPO_ROOT / "README.md").read_text().splitlines()
+    assert len(lines) < 250
+    assert lines[3].startswith("make run") and lines[4].startswith("make test")  # the two commands come first
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    pages = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md")), REPO_ROOT / "benchmarks/README.md"]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(REPO_ROOT)} -> {target}")
+    assert not broken, broken
+
+
+def test_nothing_in_the_repository_points_outside_it():
+    offending = [f"{path.relative_to(REPO_ROOT)}: {needle}" for path in _tracked_text_files()
+                 for needle in OUTSIDE if needle in path.read_text(errors="replace")]
+    assert not offending, offending

@@ -1,0 +1,49 @@
+"""The probe of one GRIT variant, built exactly as training builds it (``recipe.variant_model``).
+
+Both arms start from the variant's initial adapter on its first ``probe.steps`` batches; the
+verdict covers the whole adapter and, for a model with parts (a VLM's modalities), each part: the
+variant is effective only when every part that should precondition does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipelines.params import Params
+from trainers.base_model import BaseModelFiles
+from trainers.probe.math import CurveComparison
+from trainers.probe.measure import probe_setup
+from trainers.probe.verdict import EFFECTIVE, INERT, as_json, decide
+from trainers.recipe import attach_grit, grit_door, variant_model
+
+
+def probe_variant(name: str, params: Params, files: BaseModelFiles, data_dir: Path, workdir: Path,
+                  trajectory: CurveComparison | None = None, trajectory_control: str | None = None) -> dict[str, Any]:
+    """Control arm vs GRIT arm for variant ``name``: its measurements and verdict as JSON, with
+    both arms' losses and (for a model with parts) a verdict per part under ``modalities``."""
+    variant, settings = params.variants[name], params.probe
+    torch.manual_seed(params.train.seed)  # the same initial adapter as the trained variant
+    built = variant_model(variant, params, files, data_dir, settings.steps)
+
+    def attach(model, config, door, total_steps):
+        return attach_grit(model, config, door, total_steps, built.manager_factory)
+
+    measured, control, grit = probe_setup(
+        name, built.model, built.tokenizer, built.examples, params.train, params.grit, grit_door(variant), settings,
+        workdir, attach=attach, bf16=params.model.dtype == "bfloat16", trajectory=trajectory,
+        trajectory_control=trajectory_control, collator=built.collator)
+    verdict, checks = decide(measured, settings)
+    result = as_json(measured, verdict, checks)
+    result.update(engine=variant.engine, engine_notes=built.engine_notes, control_losses=control.losses,
+                  grit_losses=grit.losses)
+    if built.judge_parts is not None:
+        parts = built.judge_parts(measured, settings)
+        inert = [part for part, r in parts.items() if r["verdict"] != EFFECTIVE and r["natural_gradient"]]
+        if inert:
+            result["verdict"] = INERT
+            result["reasons"] = [*result["reasons"], *(f"{p}:{reason}" for p in inert for reason in parts[p]["reasons"])]
+        result["modalities"] = parts
+    return result
