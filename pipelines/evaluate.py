@@ -31,31 +31,27 @@ from evaluation.stats import finite_or_none
 from export.llama_cpp import require_working_runtime
 from pipelines.errors import UserError
 from pipelines.files import atomic_write_json, atomic_write_text
-from pipelines.params import Params, require_text_model
-from pipelines.probe import same_engine_control
+from pipelines.params import Params, require_text_model, same_engine_control
+from pipelines.paths import ADAPTERS, DATA_DIR, SERVE_MANIFEST, TRAIN_METRICS
 from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
 
-DATA = Path("artifacts/data")
-ADAPTERS = Path("artifacts/adapters")
-SERVE_MANIFEST = Path("artifacts/serve/manifest.json")
 METRICS = Path("metrics/eval.json")
 GENERATIONS = Path("artifacts/eval/generations.jsonl")
-TRAIN_METRICS = Path("metrics/train")
 
 
 def held_out_sets(root: Path, settings) -> dict[str, list]:
     """The capped evaluation sets (first N of each file, in file order)."""
     from trainers.sft import read_jsonl  # (torch-heavy module: not at import, before params are checked)
 
-    rows = read_jsonl(root / DATA / "eval_aqi.jsonl")
+    rows = read_jsonl(root / DATA_DIR / "eval_aqi.jsonl")
     by_pair: dict[str, dict[str, str]] = {}
     for row in rows:
         by_pair.setdefault(row["pair_id"], {})[row["label"]] = row["prompt"]
     pairs = [(p["harmful"], p["benign"]) for p in by_pair.values() if "harmful" in p and "benign" in p]
     harmful = [row["prompt"] for row in rows if row["label"] == "harmful"]
-    facts = [(r["true"], r["false"]) for r in read_jsonl(root / DATA / "eval_facts.jsonl") if r["true"] and r["false"]]
-    edgy = [row["prompt"] for row in read_jsonl(root / DATA / "eval_overrefusal.jsonl")]
+    facts = [(r["true"], r["false"]) for r in read_jsonl(root / DATA_DIR / "eval_facts.jsonl") if r["true"] and r["false"]]
+    edgy = [row["prompt"] for row in read_jsonl(root / DATA_DIR / "eval_overrefusal.jsonl")]
     return {"aqi_pairs": pairs[: settings.aqi_pairs], "harmful": harmful[: settings.refusal_prompts],
             "edgy": edgy[: settings.overrefusal_prompts], "facts": facts[: settings.fact_pairs]}
 
@@ -176,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         if not SERVE_MANIFEST.is_file():
             raise UserError(f"{SERVE_MANIFEST} is missing; run `dvc repro serve` first")
         for name in ("eval_aqi.jsonl", "eval_facts.jsonl", "eval_overrefusal.jsonl"):
-            if not (DATA / name).is_file():
-                raise UserError(f"{DATA / name} is missing; run `dvc repro prepare_data` first")
+            if not (DATA_DIR / name).is_file():
+                raise UserError(f"{DATA_DIR / name} is missing; run `dvc repro prepare_data` first")
         manifest = json.loads(SERVE_MANIFEST.read_text())
         missing = [k for k in model_rows(params) if k not in manifest.get("models", {})]
         if missing:

@@ -22,16 +22,11 @@ from db.models import EvalMetric
 from pipelines.errors import UserError
 from pipelines.files import files_under, fresh_staging_dir, publish_directory, sha256_file
 from pipelines.params import Params, require_text_model
+from pipelines.paths import ADAPTERS, DATA_DIR, export_dir
 from pipelines.replicates import model_key, replicate_path
 from pipelines.stage import StageContext, run_stage
 
-ADAPTERS = Path("artifacts/adapters")
-EXPORTS = Path("artifacts/export")
-PARITY_SOURCE = Path("artifacts/data/eval_aqi.jsonl")
-
-
-def export_dir(variant: str) -> Path:
-    return EXPORTS / variant
+PARITY_SOURCE = DATA_DIR / "eval_aqi.jsonl"
 
 
 def ollama_name(variant: str) -> str:

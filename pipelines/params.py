@@ -198,6 +198,12 @@ class VariantParams(_Section):
     grit: bool = False
 
 
+def same_engine_control(variants: dict[str, VariantParams], name: str) -> str | None:
+    """The declared variant that differs from ``name`` only by having GRIT off."""
+    engine = variants[name].engine
+    return next((other for other, v in variants.items() if v.engine == engine and not v.grit), None)
+
+
 DEFAULT_VARIANTS = {
     "baseline_lora": VariantParams(engine="unsloth", grit=False),
     "hybrid_grit": VariantParams(engine="unsloth", grit=True),

@@ -17,6 +17,7 @@ from export.llama_cpp import require_working_runtime
 from pipelines.errors import UserError
 from pipelines.files import atomic_write_json, fresh_staging_dir, publish_directory, sha256_file
 from pipelines.params import Params
+from pipelines.paths import DATA_DIR
 from pipelines.stage import StageContext, run_stage
 from trainers.base_model import check_runtime, load_tokenizer, resolve_base_model
 from trainers.data import sources
@@ -34,7 +35,6 @@ from trainers.data.assemble import (
     split,
 )
 
-OUT_DIR = Path("artifacts/data")
 METRICS = Path("metrics/data.json")
 
 
@@ -122,7 +122,7 @@ def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
         "eval_overrefusal.jsonl": loaded.eval_sets.overrefusal,
         "eval_facts.jsonl": loaded.eval_sets.facts,
     }
-    final = ctx.root / OUT_DIR
+    final = ctx.root / DATA_DIR
     tmp = fresh_staging_dir(final)
     for name, payload in outputs.items():
         _write_jsonl(tmp / name, payload)
@@ -167,7 +167,7 @@ def prepare_image_text(ctx: StageContext) -> dict[str, Path]:
         pairs = read_pairs(Path(vlm.path).expanduser())
     else:
         pairs = synthetic_pairs(vlm.n_train, vlm.seed, vlm.image_size)
-    final = ctx.root / OUT_DIR
+    final = ctx.root / DATA_DIR
     tmp = fresh_staging_dir(final)
     write_pairs(pairs, tmp / "train_pairs.jsonl")
     captions = _counts_by([{"caption": p.caption} for p in pairs], "caption")

@@ -12,10 +12,10 @@ from pathlib import Path
 from db.models import Variant
 from pipelines.files import atomic_write_json
 from pipelines.params import Params
+from pipelines.paths import BASE_MODEL_MANIFEST
 from pipelines.stage import StageContext, run_stage
 from trainers.base_model import check_runtime, resolve_base_model
 
-MANIFEST = Path("artifacts/base_model.json")
 
 
 def architecture_summary(hf_dir: Path) -> dict[str, object]:
@@ -36,14 +36,14 @@ def prepare_model(ctx: StageContext, _checked: None) -> dict[str, Path]:
         "architecture": architecture_summary(files.hf_dir),
         "model_params": ctx.params.model.model_dump(mode="json"),
     }
-    atomic_write_json(ctx.root / MANIFEST, manifest)
+    atomic_write_json(ctx.root / BASE_MODEL_MANIFEST, manifest)
     with ctx.store.transaction() as session:
         ctx.store.replace_rows(session, Variant, ctx.run_id, [{
             "engine": "none", "base_model": files.name, "adapter_path": None,
             "details_json": json.dumps(manifest["architecture"]),
         }], name="base", seed=0)
     print(f"[prepare_model] {files.source} base model {files.name} -> {files.hf_dir}")
-    return {"base_model_manifest": ctx.root / MANIFEST}
+    return {"base_model_manifest": ctx.root / BASE_MODEL_MANIFEST}
 
 
 def main(argv: list[str] | None = None) -> int:

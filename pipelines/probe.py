@@ -25,29 +25,22 @@ from typing import Any
 from db.models import ProbeResult
 from pipelines.errors import UserError
 from pipelines.files import atomic_write_json
-from pipelines.params import Params, VariantParams, load_params
+from pipelines.params import Params, load_params, same_engine_control
+from pipelines.paths import DATA_DIR, loss_curve
 from pipelines.stage import StageContext, run_stage
 
-DATA_DIR = Path("artifacts/data")
 DETAILS = Path("artifacts/probes")
 METRICS = Path("metrics/probes.json")
 PLOT = Path("plots/probe_update_divergence.png")
-LOSS_CURVE = "dvclive/train/{variant}/plots/metrics/train/loss.tsv"
 
 
 def grit_variants(params: Params) -> list[str]:
     return [name for name, variant in params.variants.items() if variant.grit]
 
 
-def same_engine_control(variants: dict[str, VariantParams], name: str) -> str | None:
-    """The declared variant that differs from ``name`` only by having GRIT off."""
-    engine = variants[name].engine
-    return next((other for other, v in variants.items() if v.engine == engine and not v.grit), None)
-
-
 def read_loss_curve(root: Path, variant: str) -> dict[int, float] | None:
     """step -> training loss from the variant's dvclive log (None when it was not trained)."""
-    path = root / LOSS_CURVE.format(variant=variant)
+    path = root / loss_curve(variant)
     if not path.is_file():
         return None
     with path.open(newline="") as handle:

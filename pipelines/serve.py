@@ -19,14 +19,12 @@ from typing import Any
 
 from export.llama_cpp import require_working_runtime
 from pipelines.errors import UserError
-from pipelines.export import EXPORTS, export_dir
 from pipelines.files import atomic_write_json, atomic_write_text
 from pipelines.params import Params, require_text_model
+from pipelines.paths import EXPORTS, SERVE_DIR, SERVE_MANIFEST, export_dir
 from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
 
-SERVE_DIR = Path("artifacts/serve")
-MANIFEST = SERVE_DIR / "manifest.json"
 
 
 def served_models(root: Path, params: Params) -> list:
@@ -122,9 +120,9 @@ def main(argv: list[str] | None = None) -> int:
                     status = "stopped at end of turn" if check["stopped_at_end_of_turn"] else "RAN ON (no end of turn)"
                     print(f"[serve] {m.name} ({form}, llama.cpp): {status}; {check['text'][:60]!r}")
             backend = "llama.cpp"
-        atomic_write_json(ctx.root / MANIFEST, {"backend": backend, "weights": settings.weights,
+        atomic_write_json(ctx.root / SERVE_MANIFEST, {"backend": backend, "weights": settings.weights,
                                                 "ollama": ollama_state, "models": entries})
-        return {"manifest": ctx.root / MANIFEST, "base_modelfile": base_modelfile}
+        return {"manifest": ctx.root / SERVE_MANIFEST, "base_modelfile": base_modelfile}
 
     return run_stage("serve", serve, preflight=preflight, argv=argv)
 

@@ -21,19 +21,11 @@ from db.models import TrainMetric, Variant
 from pipelines.errors import UserError
 from pipelines.files import atomic_write_json, files_under
 from pipelines.params import Params
+from pipelines.paths import CHECKPOINTS, DATA_DIR, TRAIN_LIVE, TRAIN_METRICS, adapter_dir
 from pipelines.replicates import replicate_path, with_seed
 from pipelines.stage import StageContext, run_stage
 from trainers.base_model import check_runtime, resolve_base_model
 
-DATA_DIR = Path("artifacts/data")
-ADAPTERS = Path("artifacts/adapters")
-CHECKPOINTS = Path("outputs/checkpoints")
-METRICS = Path("metrics/train")
-LIVE = Path("dvclive/train")
-
-
-def adapter_dir(variant: str) -> Path:
-    return ADAPTERS / variant
 
 
 def training_log(directory: Path):
@@ -81,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         params = with_seed(ctx.params, seed)
         files = resolve_base_model(params.model)
         adapter = replicate_path(adapter_dir(variant_name), ctx.params, seed)
-        live_dir = ctx.root / replicate_path(LIVE / variant_name, ctx.params, seed)
+        live_dir = ctx.root / replicate_path(TRAIN_LIVE / variant_name, ctx.params, seed)
         checkpoints = ctx.root / replicate_path(CHECKPOINTS / variant_name, ctx.params, seed)
         if ctx.params.train.nproc_per_node > 1:
             meta, steps = launch_data_parallel(ctx, seed, ctx.root / adapter, checkpoints, live_dir)
@@ -134,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = dict(summaries[ctx.params.train.seed])
         if len(summaries) > 1:
             summary["seeds"] = {str(seed): s for seed, s in summaries.items()}
-        atomic_write_json(ctx.root / METRICS / f"{variant_name}.json", summary)
-        return {**files_under(ctx.root / adapter_dir(variant_name), "adapter/"), "metrics": ctx.root / METRICS / f"{variant_name}.json"}
+        atomic_write_json(ctx.root / TRAIN_METRICS / f"{variant_name}.json", summary)
+        return {**files_under(ctx.root / adapter_dir(variant_name), "adapter/"), "metrics": ctx.root / TRAIN_METRICS / f"{variant_name}.json"}
 
     return run_stage(f"train@{variant_name}", train, preflight=preflight, argv=rest)
 
