@@ -16,15 +16,15 @@ class EvalParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # AQI: mean-pooled hidden states of the user turn, averaged over the last `aqi_layers` layers
-    aqi_pairs: Annotated[int, Field(gt=1)] = 150           # harmful/benign prompt pairs
+    aqi_pairs: Annotated[int, Field(gt=1)] = 100           # harmful/benign prompt pairs
     aqi_layers: Annotated[int, Field(gt=0)] = 4
     gamma: Annotated[float, Field(ge=0, le=1)] = 0.5
     # refusals, from greedy generations through the serving backend
-    refusal_prompts: Annotated[int, Field(gt=0)] = 60       # held-out harmful prompts
-    overrefusal_prompts: Annotated[int, Field(gt=0)] = 60   # edgy but benign prompts
-    max_new_tokens: Annotated[int, Field(gt=0)] = 48        # a refusal shows in the opening sentences
+    refusal_prompts: Annotated[int, Field(gt=0)] = 50       # held-out harmful prompts
+    overrefusal_prompts: Annotated[int, Field(gt=0)] = 50   # edgy but benign prompts
+    max_new_tokens: Annotated[int, Field(gt=0)] = 32        # a refusal shows in the opening sentences
     # knowledge retention: true/false statement pairs, by mean token log-probability
-    fact_pairs: Annotated[int, Field(gt=0)] = 150
+    fact_pairs: Annotated[int, Field(gt=0)] = 120
     # statistics
     bootstrap_resamples: Annotated[int, Field(ge=100)] = 1000
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95

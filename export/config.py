@@ -39,7 +39,7 @@ class ServeParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     ollama_host: str | None = None     # null: $OLLAMA_HOST, else http://127.0.0.1:11434
-    weights: Literal["adapter", "merged"] = "adapter"   # merged is used when Ollama refuses adapters
+    weights: Literal["adapter", "merged"] = "merged"   # merged: decodes at the base speed; Ollama may refuse adapters
     check_prompt: str = "What is the capital of France? Answer in one sentence."
     max_new_tokens: Annotated[int, Field(gt=0)] = 64
     timeout_s: Annotated[float, Field(gt=0)] = 5.0

@@ -147,8 +147,8 @@ class DataParams(_Section):
     near_duplicate_threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
     harmful_sources: Annotated[list[HarmfulSource], Field(min_length=1)] = ["harmbench", "donotanswer"]
     benign_sources: Annotated[list[BenignSource], Field(min_length=1)] = ["chatterbot", "lmdoctor_harmless"]
-    max_harmful: Annotated[int, Field(gt=0)] = 150
-    max_benign: Annotated[int, Field(gt=0)] = 150
+    max_harmful: Annotated[int, Field(gt=0)] = 100
+    max_benign: Annotated[int, Field(gt=0)] = 100
     benign_answers: Literal["base_model", "corpus"] = "base_model"
     answer_max_new_tokens: Annotated[int, Field(gt=0)] = 128
     instruction: HubDataset | None = None
@@ -173,8 +173,8 @@ class TrainParams(_Section):
     # Data-parallel processes per variant: >1 launches training under torchrun (one per GPU;
     # on CPU, gloo processes sharing the cores). Global batch = per_device x accumulation x this.
     nproc_per_node: Annotated[int, Field(ge=1, le=64)] = 1
-    learning_rate: Annotated[float, Field(gt=0)] = 2e-4
-    max_steps: Annotated[int, Field(gt=0)] = 60
+    learning_rate: Annotated[float, Field(gt=0)] = 5e-4
+    max_steps: Annotated[int, Field(gt=0)] = 32
     per_device_batch_size: Annotated[int, Field(gt=0)] = 4
     gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
     warmup_steps: Annotated[int, Field(ge=0)] = 5

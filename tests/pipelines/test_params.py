@@ -78,3 +78,14 @@ def test_stage_rejects_bad_params_before_touching_the_store(tmp_path: Path, repo
     assert len(lines) == 1 and lines[0].startswith("error: ") and key in lines[0], result.stderr
     assert not db.exists(), "a rejected run must not create or write the results store"
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_one_source_of_defaults_the_config_classes_are_the_default_profile(repo_root, tmp_path):
+    """Every setting the code has is in conf/profile/default.yaml with the same default, and
+    nothing is there that the code lacks; the committed params.yaml is that profile composed."""
+    from pipelines.profile import compose_params
+
+    composed = tmp_path / "params.yaml"
+    compose_params("default", composed)
+    assert yaml.safe_load(composed.read_text()) == Params().model_dump(mode="json")
+    assert yaml.safe_load((repo_root / "params.yaml").read_text()) == yaml.safe_load(composed.read_text())

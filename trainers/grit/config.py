@@ -42,7 +42,7 @@ class GritConfig(BaseModel):
     # graft_norm: keep each tensor's raw gradient norm and take only the direction from the
     # natural gradient. The inverse of a small rank-space factor inflates the gradient by orders
     # of magnitude that vary step to step; clipped and fed to Adam that mostly shrinks updates.
-    graft_norm: bool = False
+    graft_norm: bool = True
 
     # --- reprojection and rank adaptation
     reprojection: bool = False

@@ -17,7 +17,7 @@ class ProbeParams(BaseModel):
 
     # K optimizer steps per arm (the first K steps of training: same batches, same LR schedule).
     # At least 2: at LoRA init B = 0, so A's side has nothing to invert before the second step.
-    steps: Annotated[int, Field(ge=2)] = 10
+    steps: Annotated[int, Field(ge=2)] = 5
     # capture coverage: every targeted module must capture at least this many token rows.
     min_rows_per_module: Annotated[int, Field(gt=0)] = 1
     # readiness: fraction of targeted modules with a usable (finite) inverse on both sides.

@@ -64,7 +64,8 @@ def test_capture_and_preconditioning_act_in_every_modality(architecture):
     files = tiny_vlm_files(architecture)
     model, selected = build_vlm_peft(tiny_vlm(architecture), config)
     encoding = encoding_for(files.hf_dir, model)
-    adapter = VlmGritAdapter(model, config, selected, params.grit)
+    # ungrafted natural gradient, so the norm shows that preconditioning acted
+    adapter = VlmGritAdapter(model, config, selected, params.grit.model_copy(update={"graft_norm": False}))
     optimizer = adapter.wrap_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-3), 1.0)
     pairs = synthetic_pairs(8, seed=1)
     for step in range(3):
