@@ -34,7 +34,7 @@ def build(grit: bool):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from pipelines.params import ModelParams
+    from trainers.config import ModelParams
     from trainers.base_model import load_causal_lm, resolve_base_model
     from trainers.grit import GritConfig, GritManager
 

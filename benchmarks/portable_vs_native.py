@@ -38,7 +38,7 @@ def worker(tokens: int) -> int:
 
     from export.backend import LlamaCppModel
     from export.chat_format import chat_format
-    from pipelines.params import ModelParams
+    from trainers.config import ModelParams
     from trainers.base_model import load_tokenizer, resolve_base_model
 
     files = resolve_base_model(ModelParams())

@@ -38,7 +38,7 @@ def exported_files(variant: str, scratch: Path, files) -> tuple[Path, Path, str]
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from pipelines.params import ModelParams
+    from trainers.config import ModelParams
     from trainers.base_model import load_causal_lm
 
     torch.manual_seed(0)
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.backend import LlamaCppModel
     from export.chat_format import chat_format
-    from pipelines.params import ModelParams
+    from trainers.config import ModelParams
     from trainers.base_model import load_tokenizer, resolve_base_model
 
     files = resolve_base_model(ModelParams())

@@ -26,9 +26,9 @@ from sqlalchemy import Engine, create_engine, delete, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.errors import UserError
+from core.files import sha256_file
 from db.models import Artifact, Base, Run, StageRun
-from pipelines.errors import UserError
-from pipelines.files import sha256_file
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 60_000

@@ -24,12 +24,15 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import yaml
+from pydantic import ValidationError
 from sqlalchemy import select
 
+from core.errors import UserError
+from db.config import StoreParams
 from db.models import Comparison, EvalMetric, Run, SpeedMetric
 from db.store import open_store
 from evaluation.stats import finite_or_none, mean_over_seeds, paired_t_over_seeds
-from pipelines.errors import UserError
 
 QUALITY = [("aqi", "AQI (higher: harmful and benign better separated)", True),
            ("chi", "Calinski-Harabasz (raw)", True), ("xb", "Xie-Beni (raw, lower is better)", False),
@@ -112,10 +115,13 @@ class RunTables:
 
 
 def default_store_url(root: Path) -> str:
-    from pipelines.params import load_params
-
+    """The store ``params.yaml`` names (its ``store`` section alone is read), else the default."""
     params = root / "params.yaml"
-    return load_params(params).store.url if params.is_file() else "sqlite:///outputs/centralized.db"
+    raw = (yaml.safe_load(params.read_text()) or {}) if params.is_file() else {}
+    try:
+        return StoreParams.model_validate(raw.get("store") or {}).url
+    except ValidationError as error:
+        raise UserError(f"{params}: store: {error.errors()[0]['msg']}; pass --store URL") from None
 
 
 def existing_store(url: str, root: Path):

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from core.section import Section
 
 
-class EvalParams(BaseModel):
+class EvalParams(Section):
     """What the ``evaluate`` stage measures on the base model and every variant, and how.
 
     Prompt counts cap the held-out sets (the first N, harmful and benign alternating) so the
     default run fits a 2-core machine; every figure is stored with its n and interval."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # AQI: mean-pooled hidden states of the user turn, averaged over the last `aqi_layers` layers
     aqi_pairs: Annotated[int, Field(gt=1)] = 100           # harmful/benign prompt pairs

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.errors import UserError
+from core.errors import UserError
 
 
 class ChatTemplateError(UserError):

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from core.section import Section
 
 Quantization = Literal["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
 
 
-class ExportParams(BaseModel):
+class ExportParams(Section):
     """Adapters -> GGUF, merged GGUFs, Modelfiles, and the parity check that proves them."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # base GGUF for source hf/tiny (the embedded default always serves its package Q4_1 file)
     quantization: Quantization = "Q4_1"
@@ -33,10 +34,9 @@ class ExportParams(BaseModel):
     num_ctx: Annotated[int, Field(gt=0)] = 2048
 
 
-class ServeParams(BaseModel):
+class ServeParams(Section):
     """Registration with Ollama when a server is reachable; llama.cpp serves otherwise."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     ollama_host: str | None = None     # null: $OLLAMA_HOST, else http://127.0.0.1:11434
     weights: Literal["adapter", "merged"] = "merged"   # merged: decodes at the base speed; Ollama may refuse adapters

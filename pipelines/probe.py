@@ -22,12 +22,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
+from core.files import atomic_write_json
 from db.models import ProbeResult
-from pipelines.errors import UserError
-from pipelines.files import atomic_write_json
-from pipelines.params import Params, load_params, same_engine_control
+from pipelines.params import load_params, Params
 from pipelines.paths import DATA_DIR, loss_curve
 from pipelines.stage import StageContext, run_stage
+from trainers.config import same_engine_control
 
 DETAILS = Path("artifacts/probes")
 METRICS = Path("metrics/probes.json")

@@ -17,9 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from core.errors import UserError
+from core.files import atomic_write_json, atomic_write_text
 from export.llama_cpp import require_working_runtime
-from pipelines.errors import UserError
-from pipelines.files import atomic_write_json, atomic_write_text
 from pipelines.params import Params, require_text_model
 from pipelines.paths import EXPORTS, SERVE_DIR, SERVE_MANIFEST, export_dir
 from pipelines.replicates import model_key, replicate_path, replicates

@@ -26,10 +26,10 @@ from typing import Any
 
 import yaml
 
+from core.errors import UserError
 from db.models import Run
 from db.store import ResultsStore, open_store, utcnow
-from pipelines.errors import UserError
-from pipelines.params import DEFAULT_PARAMS_PATH, Params, load_params, params_hash
+from pipelines.params import DEFAULT_PARAMS_PATH, load_params, Params, params_hash
 
 EXIT_USER_ERROR = 2
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from core.errors import UserError
+from core.files import atomic_write_json, files_under
 from db.models import TrainMetric, Variant
-from pipelines.errors import UserError
-from pipelines.files import atomic_write_json, files_under
 from pipelines.params import Params
 from pipelines.paths import CHECKPOINTS, DATA_DIR, TRAIN_LIVE, TRAIN_METRICS, adapter_dir
 from pipelines.replicates import replicate_path, with_seed

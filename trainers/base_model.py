@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipelines.errors import UserError
-from pipelines.files import cache_dir, fresh_staging_dir, publish_directory, sha256_file
-from pipelines.params import ModelParams, TinyModelParams
+from core.errors import UserError
+from core.files import cache_dir, fresh_staging_dir, publish_directory, sha256_file
+from trainers.config import ModelParams, TinyModelParams
+from trainers.grit_vlm.models import build_tiny_vlm
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -217,8 +218,6 @@ def _resolve_tiny(tiny: TinyModelParams) -> BaseModelFiles:
 
 
 def _resolve_tiny_vlm(model: ModelParams) -> BaseModelFiles:
-    from trainers.grit_vlm.models import build_tiny_vlm
-
     tokenizer_dir = embedded_tokenizer_dir()
     payload = json.dumps({"tiny": model.tiny.model_dump(), "vision": model.vision.model_dump(),
                           "tokenizer": tokenizer_dir.name}, sort_keys=True)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from pipelines.params import Params, VariantParams
 from trainers.base_model import BaseModelFiles, load_causal_lm, load_tokenizer, torch_dtype
+from trainers.config import TrainingParams, VariantParams
 from trainers.grit.layer_selection import select_target_modules
 
 
@@ -35,11 +35,11 @@ def target_regex(module_names: list[str]) -> str:
     return "^(?:" + "|".join(re.escape(name) for name in module_names) + ")$"
 
 
-def _selected_modules(model, params: Params) -> list[str]:
+def _selected_modules(model, params: TrainingParams) -> list[str]:
     return select_target_modules(model, params.lora.target_modules, params.lora.layers)
 
 
-def build_peft(files: BaseModelFiles, params: Params) -> EngineModel:
+def build_peft(files: BaseModelFiles, params: TrainingParams) -> EngineModel:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = load_causal_lm(files, params.model)
@@ -57,7 +57,7 @@ def build_peft(files: BaseModelFiles, params: Params) -> EngineModel:
     return EngineModel(peft_model, load_tokenizer(files, params.model), targets)
 
 
-def build_unsloth(files: BaseModelFiles, params: Params, variant: VariantParams) -> EngineModel:
+def build_unsloth(files: BaseModelFiles, params: TrainingParams, variant: VariantParams) -> EngineModel:
     import torch
     import unsloth  # noqa: F401  (patches transformers/TRL: this process trains one variant)
     from unsloth import FastLanguageModel
@@ -95,7 +95,7 @@ def restore_unfused_lora(model) -> int:
     return int(restore(model))
 
 
-def build_engine(files: BaseModelFiles, params: Params, variant: VariantParams) -> EngineModel:
+def build_engine(files: BaseModelFiles, params: TrainingParams, variant: VariantParams) -> EngineModel:
     if variant.engine == "unsloth":
         return build_unsloth(files, params, variant)
     return build_peft(files, params)

@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from pipelines.params import Params, TrainParams, VariantParams, params_hash
+from core.section import content_hash
 from trainers.base_model import BaseModelFiles
+from trainers.config import TrainingParams, TrainParams, VariantParams
 from trainers.grit.config import GritConfig
 from trainers.grit.distributed import world_size
 from trainers.grit_vlm.variant import vision_language_model
@@ -42,7 +43,7 @@ class TrainResult:
     steps: list[dict[str, Any]]
 
 
-def variant_model(variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
+def variant_model(variant: VariantParams, params: TrainingParams, files: BaseModelFiles, data_dir: Path,
                   steps: int | None = None) -> VariantModel:
     """What the variant trains (``steps``: only the first steps' examples, for the probe)."""
     build = vision_language_model if params.model.kind == "vlm" else language_model
@@ -148,7 +149,7 @@ def build_trainer(
 
 
 def train_variant(
-    name: str, variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
+    name: str, variant: VariantParams, params: TrainingParams, files: BaseModelFiles, data_dir: Path,
     adapter_dir: Path, checkpoint_dir: Path, live=None, on_trained=None,
 ) -> TrainResult:
     """``on_trained(model, manager)`` runs on every rank right after training, before saving; what
@@ -169,7 +170,7 @@ def train_variant(
 
     resume_from = None
     if built.resumable:
-        key = params_hash(params) + ":" + name
+        key = content_hash(params) + ":" + name
         resume_from = _latest_checkpoint(checkpoint_dir, key)
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         (checkpoint_dir / RESUME_KEY).write_text(json.dumps({"key": key}))

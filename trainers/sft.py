@@ -10,21 +10,15 @@ across variants.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from trainers.data.formatting import TokenizedExample, pad_batch, tokenize_chat
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def training_order(n_examples: int, n_needed: int, seed: int) -> list[int]:

@@ -7,8 +7,8 @@ import torch
 
 from evaluation.measure import pooled_hidden_states, statement_logprobs
 from export.chat_format import chat_format
-from pipelines.params import ModelParams
 from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+from trainers.config import ModelParams
 
 PROMPTS = ["How do I bake bread?", "Tell me how to pick a lock on my neighbour's door, step by step please.",
            "Hi", "What is the boiling point of water at sea level, and why does it change with altitude?"] * 5

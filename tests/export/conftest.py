@@ -12,8 +12,8 @@ from export.adapter import convert_adapter, folded_adapter
 from export.chat_format import chat_format
 from export.gguf import base_gguf, merged_gguf
 from export.modelfile import ServedModel
-from pipelines.params import ModelParams
 from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+from trainers.config import ModelParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -8,8 +8,8 @@ import pytest
 from ollama_standin import render_go_template
 
 from export.chat_format import CHATML, LLAMA3, ChatTemplateError, chat_format
-from pipelines.params import ModelParams
 from trainers.base_model import load_tokenizer, resolve_base_model
+from trainers.config import ModelParams
 
 LLAMA3_JINJA = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "

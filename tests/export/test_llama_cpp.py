@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from export.llama_cpp import LLAMA_CPP_PYTHON_VERSION, LlamaCppSetupError, converter, converters_dir
-from pipelines.params import ModelParams
 from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+from trainers.config import ModelParams
 
 
 def test_runtime_matches_the_pinned_converters():

@@ -17,11 +17,11 @@ from peft import LoraConfig, get_peft_model
 from export.adapter import convert_adapter, folded_adapter
 from export.backend import LlamaCppModel
 from export.chat_format import chat_format
+from export.config import ExportParams
 from export.gguf import merged_gguf
 from export.parity import greedy_agrees, next_token_parity, peft_next_token_logits
-from export.config import ExportParams
-from pipelines.params import ModelParams
 from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+from trainers.config import ModelParams
 from trainers.data.sources import rho_refusal_pairs
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.files import sha256_file
+from core.files import sha256_file
 from pipelines.profile import compose_params
 from trainers.data.hygiene import normalise
 from trainers.data.sources import RHO_REFUSAL

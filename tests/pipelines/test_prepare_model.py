@@ -10,9 +10,9 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from core.files import sha256_file
 from db.models import Artifact, Run, StageRun, Variant
 from db.store import open_store
-from pipelines.files import sha256_file
 from pipelines.profile import compose_params
 
 

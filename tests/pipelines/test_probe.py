@@ -15,10 +15,10 @@ from sqlalchemy import select
 
 from db.models import ProbeResult, StageRun
 from db.store import open_store
-from pipelines.params import same_engine_control
+from pipelines.params import load_params
 from pipelines.probe import common_steps, read_loss_curve
 from pipelines.profile import compose_params
-from pipelines.params import load_params
+from trainers.config import same_engine_control
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.params import ModelParams, TinyModelParams
 from trainers.base_model import (
     ModelSourceError,
     embedded_gguf_path,
@@ -16,6 +15,7 @@ from trainers.base_model import (
     load_tokenizer,
     resolve_base_model,
 )
+from trainers.config import ModelParams, TinyModelParams
 
 TINY = ModelParams(source="tiny", tiny=TinyModelParams(num_hidden_layers=2, hidden_size=64))
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from pipelines.files import cache_dir
-from pipelines.params import ModelParams
+from core.files import cache_dir
 from trainers.base_model import BaseModelFiles, load_causal_lm, load_tokenizer
+from trainers.config import ModelParams
 from trainers.data.formatting import chat_messages, end_of_turn_id
 
 

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pipelines.params import DataParams
+from trainers.data.config import DataParams
 from trainers.data.formatting import fit_to_length
 from trainers.data.hygiene import drop_exact_duplicates, drop_near_duplicates, drop_near_matches, leaked
 from trainers.data.refusals import refusal_for

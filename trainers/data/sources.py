@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.errors import UserError
-from pipelines.params import HubDataset, SafetyLabelledDataset
+from core.errors import UserError
+from trainers.data.config import HubDataset, SafetyLabelledDataset
 
 
 class DataSourceError(UserError):

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from core.section import Section
 
 
-class GritConfig(BaseModel):
+class GritConfig(Section):
     """How GRIT captures curvature, preconditions and reprojects LoRA updates.
 
     Shapes: for a LoRA layer with rank r, ``A`` is [r, d_in], ``B`` is [d_out, r] and the
     rank-space covariances ``Sigma_u`` (of u = A x) and ``Sigma_v`` (of v = B^T dL/dy) are [r, r].
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # --- curvature capture
     fisher: Literal["rank_kfac", "diagonal", "block_diagonal"] = "rank_kfac"

@@ -19,13 +19,12 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from typing import TYPE_CHECKING
+from pydantic import Field, model_validator
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-from pipelines.errors import UserError
+from core.errors import UserError
+from core.section import Section
 
 if TYPE_CHECKING:
     from torch import nn
@@ -38,8 +37,7 @@ class LayerSelectionError(UserError):
     pass
 
 
-class LayerSelection(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class LayerSelection(Section):
 
     strategy: Strategy = "all"
     n_layers: Annotated[int, Field(gt=0)] | None = None

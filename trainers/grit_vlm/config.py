@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from core.section import Section
 from trainers.grit.config import GritConfig
 from trainers.grit.layer_selection import LayerSelection
 
@@ -29,11 +30,7 @@ FisherApproximation = Literal["rank_kfac", "diagonal", "block_diagonal"]
 TinyArchitecture = Literal["idefics3", "qwen2_vl", "llava"]
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TinyVisionParams(_Section):
+class TinyVisionParams(Section):
     """Shape of a tiny random VLM's vision side (its decoder takes ``model.tiny``'s shape)."""
 
     architecture: TinyArchitecture = "idefics3"
@@ -44,7 +41,7 @@ class TinyVisionParams(_Section):
     patch_size: Annotated[int, Field(gt=0)] = 8
 
 
-class ProjectionBudget(_Section):
+class ProjectionBudget(Section):
     """How many rank-space directions reprojection keeps (k), and how k moves during training:
     ``constant`` (k), ``linear``/``cosine`` (start -> end over the run), ``adaptive`` (the
     smallest k holding ``energy`` of the eigen-energy)."""
@@ -62,7 +59,7 @@ class ProjectionBudget(_Section):
         return self
 
 
-class ModalityConfig(_Section):
+class ModalityConfig(Section):
     """Which layers of one modality get LoRA, their shape, and GRIT's treatment of them."""
 
     patterns: Annotated[list[str], Field(min_length=1)]
@@ -88,7 +85,7 @@ class ModalityConfig(_Section):
         return self
 
 
-class VlmGritConfig(_Section):
+class VlmGritConfig(Section):
     """GRIT-VLM for one architecture: per-modality sections plus model-wide defaults."""
 
     architecture: str                       # the transformers model_type it was written for

@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import argparse
 import re
+import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from trainers.base_model import embedded_tokenizer_dir
 from trainers.grit.layer_selection import LayerSelectionError, candidate_linear_layers, select_target_modules
-from trainers.grit_vlm.config import Modality, VlmGritConfig, modality_selection
+from trainers.grit_vlm.config import Modality, TinyVisionParams, VlmGritConfig, modality_selection
+from trainers.grit_vlm.models import build_tiny_vlm, load_vlm
+from trainers.grit_vlm.presets import PRESETS, preset
 
 if TYPE_CHECKING:
     from torch import nn
@@ -61,10 +66,19 @@ def select_modality_modules(model: nn.Module, config: VlmGritConfig) -> dict[Mod
     return chosen
 
 
-def main(argv: list[str] | None = None) -> int:
-    from trainers.grit_vlm.models import load_for_inspection
-    from trainers.grit_vlm.presets import PRESETS, preset
+def load_for_inspection(spec: str):
+    """A model to list layers of: ``tiny:<architecture>`` (built in memory) or an HF directory."""
+    if spec.startswith("tiny:"):
+        architecture = spec.split(":", 1)[1]
+        text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "num_key_value_heads": 2}
+        with tempfile.TemporaryDirectory() as scratch:
+            build_tiny_vlm(text, TinyVisionParams(architecture=architecture), embedded_tokenizer_dir(), Path(scratch))
+            return load_vlm(Path(scratch))
+    return load_vlm(Path(spec))
 
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="List a VLM's candidate linear layers and a preset's selection")
     parser.add_argument("model", help="an HF model directory, or tiny:<architecture> for a random tiny VLM")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="also show what this preset selects")

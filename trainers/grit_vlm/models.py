@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.errors import UserError
+from core.errors import UserError
 from trainers.grit_vlm.config import TinyVisionParams
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
@@ -79,22 +79,6 @@ def load_vlm(hf_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code
     except ValueError as error:
         raise UserError(f"{hf_dir} is not an image-text-to-text model ({str(error).splitlines()[0]}); "
                         "model.kind: vlm needs a VLM such as SmolVLM, Qwen2-VL or LLaVA") from None
-
-
-def load_for_inspection(spec: str):
-    """A model to list layers of: ``tiny:<architecture>`` (built in memory) or an HF directory."""
-    if spec.startswith("tiny:"):
-        import tempfile
-
-        from trainers.base_model import embedded_tokenizer_dir
-
-        architecture = spec.split(":", 1)[1]
-        text = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-                "num_key_value_heads": 2}
-        with tempfile.TemporaryDirectory() as scratch:
-            build_tiny_vlm(text, TinyVisionParams(architecture=architecture), embedded_tokenizer_dir(), Path(scratch))
-            return load_vlm(Path(scratch))
-    return load_vlm(Path(spec))
 
 
 # ------------------------------------------------------------------------------- encodings

@@ -20,7 +20,7 @@ phi3_5_vision      last 6 read blocks / last 8 / all           Phi-3.5-vision-in
 
 from __future__ import annotations
 
-from pipelines.errors import UserError
+from core.errors import UserError
 from trainers.grit.layer_selection import LayerSelection
 from trainers.grit_vlm.config import ModalityConfig, ProjectionBudget, VlmGritConfig
 

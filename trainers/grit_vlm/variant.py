@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from pipelines.params import Params, TrainParams, VariantParams
 from trainers.base_model import BaseModelFiles, torch_dtype
+from trainers.config import TrainingParams, TrainParams, VariantParams
 from trainers.grit.config import GritConfig
 from trainers.grit.distributed import world_size
 from trainers.grit.manager import base_module_name
@@ -54,7 +54,7 @@ def ordered_pairs(pairs: list[ImageTextExample], train: TrainParams, steps: int 
     return [pairs[i] for i in training_order(len(pairs), examples_needed(train, steps) * world_size(), train.seed)]
 
 
-def vision_language_model(variant: VariantParams, params: Params, files: BaseModelFiles, data_dir: Path,
+def vision_language_model(variant: VariantParams, params: TrainingParams, files: BaseModelFiles, data_dir: Path,
                           steps: int | None = None) -> VariantModel:
     config = params.vlm.config()
     model = load_vlm(files.hf_dir, torch_dtype(params.model.dtype), params.model.trust_remote_code)

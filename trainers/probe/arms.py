@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from pipelines.params import TrainParams
+from trainers.config import TrainParams
 from trainers.grit.manager import GritError, lora_layers
 from trainers.probe.math import UpdateComparison, compare_vectors
 from trainers.recipe import build_trainer

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from core.section import Section
 
 
-class ProbeParams(BaseModel):
+class ProbeParams(Section):
     """Thresholds of the verdict (``trainers/probe/verdict.py``); a GRIT variant is ``effective``
     only when every check passes. Defaults sit far from both sides of the line on the tiny test
     model: inert set-ups change the update direction by 0 (bit-identical arms) to ~1e-3 (a
     scalar preconditioner under Adam), a working GRIT by ~0.5 (figures in the README)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     # K optimizer steps per arm (the first K steps of training: same batches, same LR schedule).
     # At least 2: at LoRA init B = 0, so A's side has nothing to invert before the second step.

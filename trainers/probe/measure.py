@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.params import TrainParams
+from trainers.config import TrainParams
 from trainers.grit.config import GritConfig
 from trainers.probe.arms import ArmTrace, grit_state, restore_factors, run_arm, snapshot_factors
 from trainers.probe.config import ProbeParams

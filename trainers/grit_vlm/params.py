@@ -1,0 +1,50 @@
+"""The ``vlm`` params section: which GRIT-VLM configuration (a preset or a custom one) and which
+image-text pairs a ``model.kind: vlm`` run uses."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from core.section import Section
+from trainers.grit_vlm.config import VlmGritConfig
+from trainers.grit_vlm.presets import PRESETS
+
+
+class VlmDataParams(Section):
+    """Image-text pairs for ``model.kind: vlm``: synthetic coloured shapes captioned with their
+    colour and shape (``trainers/grit_vlm/data.py``), or a JSONL file of
+    ``{"image": path, "prompt": ..., "caption": ...}`` rows (paths relative to the file)."""
+
+    source: Literal["synthetic", "jsonl"] = "synthetic"
+    path: str | None = None
+    n_train: Annotated[int, Field(gt=0)] = 96
+    image_size: Annotated[int, Field(gt=0)] = 32
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> VlmDataParams:
+        if (self.source == "jsonl") != (self.path is not None):
+            raise ValueError("path is needed with source 'jsonl' and only then")
+        return self
+
+
+class VlmParams(Section):
+    """GRIT-VLM for ``model.kind: vlm``: a predefined configuration (``preset``, see
+    ``trainers/grit_vlm/presets.py``) or a whole ``custom`` one, and the image-text pairs."""
+
+    preset: str | None = "smolvlm_fast"
+    custom: VlmGritConfig | None = None
+    data: VlmDataParams = VlmDataParams()
+
+    @model_validator(mode="after")
+    def _one_config(self) -> VlmParams:
+        if (self.preset is None) == (self.custom is None):
+            raise ValueError("set exactly one of preset and custom")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"no preset named {self.preset!r}; presets: {', '.join(PRESETS)}")
+        return self
+
+    def config(self) -> VlmGritConfig:
+        return self.custom if self.custom is not None else PRESETS[self.preset]
