@@ -26,6 +26,8 @@ from trainers.base_model import BaseModelFiles
 from trainers.config import TrainingParams, TrainParams, VariantParams
 from trainers.grit.config import GritConfig
 from trainers.grit.distributed import world_size
+from trainers.grit.doors import trainer_clipping_norm
+from trainers.grit.manager import GritManager
 from trainers.grit_vlm.variant import vision_language_model
 from trainers.sft import PaddingCollator, StepLog, fair_trainer_class, order_hash
 from trainers.variant_model import VariantModel, language_model
@@ -101,8 +103,6 @@ def attach_grit(model, config: GritConfig, door: str | None, total_steps: int, m
     interface (a VLM's per-modality adapter); a GritManager by default."""
     if door is None:
         return GritAttachment()
-    from trainers.grit import GritManager
-
     manager = (manager_factory or GritManager)(model, config, total_steps=total_steps)
     if door == "callback":
         return GritAttachment(manager, [manager.callback()])
@@ -131,7 +131,7 @@ def build_trainer(
         gradient_accumulation_steps=train.gradient_accumulation_steps, learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler, warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
         # Pure GRIT: the optimizer wrapper clips after preconditioning; the Trainer must not clip first.
-        max_grad_norm=0.0 if door is not None else train.max_grad_norm, optim="adamw_torch", seed=train.seed,
+        max_grad_norm=trainer_clipping_norm(train.max_grad_norm, grit_clips=door is not None), optim="adamw_torch", seed=train.seed,
         data_seed=train.seed, logging_steps=1, save_strategy="steps" if checkpoints else "no",
         save_steps=train.save_steps, save_total_limit=2, report_to=[], remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, use_cpu=not torch.cuda.is_available(),

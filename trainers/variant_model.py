@@ -18,7 +18,7 @@ from trainers.base_model import BaseModelFiles
 from trainers.config import TrainingParams, TrainParams, VariantParams
 from trainers.engines import build_engine
 from trainers.grit.distributed import world_size
-from trainers.grit.manager import lora_layers
+from trainers.grit.layer import lora_layers
 from trainers.sft import ordered_examples
 
 

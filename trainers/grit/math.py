@@ -33,11 +33,12 @@ def ema_update(current: torch.Tensor | None, batch_mean: torch.Tensor, decay: fl
     return batch_mean.clone() if current is None else decay * current + (1 - decay) * batch_mean
 
 
-def effective_damping(sigma: torch.Tensor, damping: float, mode: str) -> float:
-    """``lambda`` itself (absolute) or ``lambda * tr(Sigma) / r`` (relative to the factor's scale)."""
+def effective_damping(sigma: torch.Tensor, damping: float, mode: str) -> torch.Tensor:
+    """``lambda`` itself (absolute) or ``lambda * tr(Sigma) / r`` (relative to the factor's
+    scale), one per matrix of ``sigma`` [..., r, r]: a 0-d tensor for one matrix."""
     if mode == "absolute":
-        return damping
-    return damping * float(torch.trace(sigma)) / sigma.shape[0]
+        return torch.full(sigma.shape[:-2], damping, dtype=sigma.dtype, device=sigma.device)
+    return damping * torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1) / sigma.shape[-1]
 
 
 def damped_inverse(

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from trainers.grit.config import GritConfig
-from trainers.grit.manager import (
-    GritManager, ModuleState, base_module_name, clip_gradients, gradient_norm, lora_layers,
-)
+from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, gradient_norm
+from trainers.grit.layer import ModuleState, base_module_name, lora_layers
+from trainers.grit.manager import GritManager
 from trainers.grit_vlm.config import Modality, VlmGritConfig, modality_grit_config, modality_lora_shape
 from trainers.grit_vlm.layers import select_modality_modules
 
@@ -146,15 +146,11 @@ class VlmGritAdapter:
         for manager in self.managers.values():
             manager.detach()
 
-    def wrap_optimizer(self, optimizer, max_grad_norm: float | None = None):
-        from trainers.grit.optim import GritOptimizer
-
+    def wrap_optimizer(self, optimizer, max_grad_norm: float | None = None) -> GritOptimizer:
         self.optimizer = optimizer
         return GritOptimizer(optimizer, self, max_grad_norm)
 
-    def callback(self):
-        from trainers.grit.callback import GritCallback
-
+    def callback(self) -> GritCallback:
         return GritCallback(self)
 
     def state_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from trainers.base_model import BaseModelFiles, torch_dtype
 from trainers.config import TrainingParams, TrainParams, VariantParams
 from trainers.grit.config import GritConfig
 from trainers.grit.distributed import world_size
-from trainers.grit.manager import base_module_name
+from trainers.grit.layer import base_module_name
 from trainers.grit_vlm.adapter import VlmGritAdapter, build_vlm_peft
 from trainers.grit_vlm.config import Modality, VlmGritConfig
 from trainers.grit_vlm.data import read_pairs

@@ -24,7 +24,8 @@ import torch
 from transformers import PrinterCallback, TrainerCallback
 
 from trainers.config import TrainParams
-from trainers.grit.manager import GritError, lora_layers
+from trainers.grit import math as gm
+from trainers.grit.layer import GritError, lora_layers, module_key
 from trainers.probe.math import UpdateComparison, compare_vectors
 from trainers.recipe import build_trainer
 
@@ -35,7 +36,7 @@ def lora_modules(model) -> dict[str, tuple[torch.nn.Parameter, torch.nn.Paramete
     """module name -> (A, B, scaling), named like GRIT's manager names them."""
     layers = lora_layers(model)
     several = len({adapter for _, _, adapter in layers}) > 1
-    return {(f"{name}[{adapter}]" if several else name):
+    return {module_key(name, adapter, several):
             (layer.lora_A[adapter].weight, layer.lora_B[adapter].weight, float(layer.scaling[adapter]))
             for name, layer, adapter in layers}
 
@@ -166,8 +167,6 @@ def run_arm(model, tokenizer, examples: list, train: TrainParams, steps: int, at
 def grit_state(manager) -> dict[str, Any]:
     """What the GRIT arm's manager holds after K steps, read from its modules directly (not from
     its own flags): rows captured, usable inverses per side and their shape."""
-    from trainers.grit import math as gm
-
     if manager is None:
         return {"present": False}
     modules = {}

@@ -12,7 +12,7 @@ from tiny_vlm import tiny_vlm, tiny_vlm_files, vlm_params
 
 from trainers.config import VariantParams
 from trainers.grit.config import GritConfig
-from trainers.grit.manager import base_module_name, lora_layers
+from trainers.grit.layer import base_module_name, lora_layers
 from trainers.grit_vlm.adapter import VlmGritAdapter, build_vlm_peft
 from trainers.grit_vlm.config import modality_grit_config
 from trainers.grit_vlm.data import synthetic_pairs, write_pairs

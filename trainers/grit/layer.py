@@ -1,0 +1,311 @@
+"""One LoRA module under GRIT: its rank-space statistics and the operations on it.
+
+Everything here concerns a single module (as PEFT's ``lora/layer.py`` and kfac-pytorch's
+``layers/`` do): the u- and v-side second moments, their damped inverses, preconditioning of the
+module's own ``lora_A`` / ``lora_B`` gradients, the regulariser gradients, reprojection onto
+the top eigen-directions and truncation to a smaller rank. The math itself is in ``math.py``;
+which modules, when, and across ranks is the manager's business (``manager.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainers.grit import math as gm
+from trainers.grit.config import GritConfig
+
+SIDES = ("A", "B")
+
+
+class GritError(RuntimeError):
+    pass
+
+
+@dataclass
+class FactorStats:
+    """Rank-space second moments of one side (u or v) of one module, in fp32."""
+
+    rank: int
+    total: torch.Tensor = None          # running mean: sum of outer products so far
+    count: int = 0                      # token rows folded in
+    ema: torch.Tensor | None = None     # EMA mode: the moving average itself
+    pending: torch.Tensor = None        # captured since the last sync, not yet folded in
+    pending_count: int = 0
+
+    def __post_init__(self) -> None:
+        if self.total is None:
+            self.total = torch.zeros(self.rank, self.rank)
+        if self.pending is None:
+            self.pending = torch.zeros(self.rank, self.rank)
+
+    def covariance(self, statistics: str) -> torch.Tensor | None:
+        if self.count == 0:
+            return None
+        return self.ema if statistics == "ema" else self.total / self.count
+
+    def add(self, outer: torch.Tensor, rows: int) -> None:
+        # Statistics live on the layer's device: no host sync per layer on a GPU.
+        if self.pending.device != outer.device:
+            self.to(outer.device)
+        self.pending += outer
+        self.pending_count += rows
+
+    def fold(self, statistics: str, decay: float) -> None:
+        if self.pending_count == 0:
+            return
+        if statistics == "ema":
+            self.ema = gm.ema_update(self.ema, self.pending / self.pending_count, decay)
+        else:
+            self.total += self.pending
+        self.count += self.pending_count
+        self.pending.zero_()
+        self.pending_count = 0
+
+    def to(self, device: torch.device) -> None:
+        self.total, self.pending = self.total.to(device), self.pending.to(device)
+        if self.ema is not None:
+            self.ema = self.ema.to(device)
+
+    def transform(self, basis: torch.Tensor) -> None:
+        """Express the statistics in a truncated basis: Sigma' = V^T Sigma V."""
+        self.rank = basis.shape[1]
+        self.total = basis.T @ self.total @ basis
+        self.pending = basis.T @ self.pending @ basis
+        if self.ema is not None:
+            self.ema = basis.T @ self.ema @ basis
+
+    def state(self) -> dict[str, Any]:
+        return {"rank": self.rank, "total": _clone(self.total), "count": self.count, "ema": _clone(self.ema),
+                "pending": _clone(self.pending), "pending_count": self.pending_count}
+
+    @classmethod
+    def from_state(cls, saved: dict[str, Any]) -> FactorStats:
+        return cls(rank=saved["rank"], total=_clone(saved["total"]), count=int(saved["count"]),
+                   ema=_clone(saved["ema"]), pending=_clone(saved["pending"]), pending_count=int(saved["pending_count"]))
+
+
+def invert(sigma: torch.Tensor, config: GritConfig) -> tuple[torch.Tensor, float] | None:
+    """(damped inverse of ``sigma``, the damping used) by ``config.fisher``; None when there is
+    nothing to invert yet (an all-zero factor, as B's v-side at LoRA init) or every try failed."""
+    damping = float(gm.effective_damping(sigma, config.damping, config.damping_mode))
+    if damping <= 0:
+        return None
+    if config.fisher == "rank_kfac":
+        return gm.damped_inverse(sigma, damping, config.damping_escalation)
+    if config.fisher == "diagonal":
+        return gm.diagonal_inverse(sigma, damping), damping
+    inverse = gm.block_diagonal_inverse(sigma, damping, config.block_size, config.damping_escalation)
+    return None if inverse is None else (inverse, damping)
+
+
+@dataclass
+class ModuleState:
+    """GRIT's state for one LoRA module (one adapter of one PEFT ``LoraLayer``)."""
+
+    name: str
+    layer: nn.Module
+    adapter: str
+    u: FactorStats
+    v: FactorStats
+    inverse: dict[str, torch.Tensor | None] = field(default_factory=lambda: {"A": None, "B": None})
+    damping_used: dict[str, float | None] = field(default_factory=lambda: {"A": None, "B": None})
+    basis_u: torch.Tensor | None = None
+    basis_v: torch.Tensor | None = None
+
+    @property
+    def lora_A(self) -> nn.Linear:
+        return self.layer.lora_A[self.adapter]
+
+    @property
+    def lora_B(self) -> nn.Linear:
+        return self.layer.lora_B[self.adapter]
+
+    @property
+    def scaling(self) -> float:
+        return float(self.layer.scaling[self.adapter])
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.weight.shape[0]
+
+    def weight(self, side: str) -> nn.Parameter:
+        return self.lora_A.weight if side == "A" else self.lora_B.weight
+
+    # ---------------------------------------------------------------------- statistics
+
+    def accumulate(self, outer_u: torch.Tensor, outer_v: torch.Tensor, rows: int) -> None:
+        self.u.add(outer_u, rows)
+        self.v.add(outer_v, rows)
+
+    def factor_for(self, side: str, factor_sides: str) -> FactorStats:
+        """Which statistics precondition which factor: K-FAC's sides (dL/dB = s g u^T, so B's
+        rank-side factor is E[u u^T]; A's is E[v v^T]) or the paper code's swapped ones."""
+        kfac = {"B": self.u, "A": self.v}
+        reference = {"B": self.v, "A": self.u}
+        return (kfac if factor_sides == "kfac" else reference)[side]
+
+    def set_inverse(self, side: str, solved: tuple[torch.Tensor, float] | None) -> None:
+        self.inverse[side], self.damping_used[side] = solved if solved else (None, None)
+
+    # ------------------------------------------------------------------- the GRIT step
+
+    def precondition(self, config: GritConfig) -> int:
+        """Rewrite the ``.grad`` of this module's factors whose side has an inverse; how many.
+        With ``graft_norm`` each keeps its raw gradient's norm (direction from GRIT)."""
+        applied = 0
+        for side, apply in (("A", gm.precondition_A), ("B", gm.precondition_B)):
+            weight, inverse = self.weight(side), self.inverse[side]
+            if inverse is None or weight.grad is None:
+                continue
+            natural = apply(weight.grad, inverse.to(weight.grad.device))
+            if config.graft_norm:
+                natural = gm.graft(natural, weight.grad)
+            weight.grad.copy_(natural)
+            applied += 1
+        return applied
+
+    def add_regularizer_gradients(self, config: GritConfig, scale: float) -> float:
+        """Add the curvature and reprojection penalties' gradients; returns their value."""
+        A, B = self.lora_A.weight, self.lora_B.weight
+        sigma_u, sigma_v = self.u.covariance(config.statistics), self.v.covariance(config.statistics)
+        terms: list[tuple[nn.Parameter, torch.Tensor, float]] = []
+        if config.lambda_curvature and sigma_u is not None and sigma_v is not None:
+            su, sv = sigma_u.to(A), sigma_v.to(B)
+            # d/dA tr(A^T Su A) = 2 Su A ; d/dB tr(B Sv B^T) = 2 B Sv
+            terms += [(A, 2 * su @ A, float(torch.trace(A.T @ su @ A))),
+                      (B, 2 * B @ sv, float(torch.trace(B @ sv @ B.T)))]
+            terms = [(p, config.lambda_curvature * g, config.lambda_curvature * v) for p, g, v in terms]
+        if config.lambda_reprojection and self.basis_u is not None:
+            eye = torch.eye(self.rank, dtype=A.dtype, device=A.device)
+            off_u = eye - self.basis_u.to(A) @ self.basis_u.to(A).T
+            basis_v = self.basis_v if self.basis_v is not None else self.basis_u
+            off_v = eye - basis_v.to(B) @ basis_v.to(B).T
+            residual_A, residual_B = off_u @ A, B @ off_v
+            terms += [(A, config.lambda_reprojection * 2 * residual_A,
+                       config.lambda_reprojection * float(residual_A.pow(2).sum())),
+                      (B, config.lambda_reprojection * 2 * residual_B,
+                       config.lambda_reprojection * float(residual_B.pow(2).sum()))]
+        value = 0.0
+        for parameter, gradient, term in terms:
+            if parameter.grad is not None:
+                parameter.grad.add_(scale * gradient)
+            value += scale * term
+        return value
+
+    # ------------------------------------------------------------ reprojection / rank
+
+    def reproject(self, k: int, config: GritConfig) -> torch.Tensor:
+        """A <- V_u V_u^T A and B <- B V_v V_v^T with the top-k eigenvectors (two-sided when
+        Sigma_v has ``min_samples_g`` rows and any mass; else V_v = V_u). Returns V_u."""
+        sigma_u, sigma_v = self.u.covariance(config.statistics), self.v.covariance(config.statistics)
+        _, basis_u = gm.top_eigenvectors(sigma_u, k)
+        use_v = config.two_sided and sigma_v is not None and self.v.count >= config.min_samples_g \
+            and float(torch.trace(sigma_v)) > 0
+        basis_v = gm.top_eigenvectors(sigma_v, k)[1] if use_v else basis_u
+        A, B = self.lora_A.weight, self.lora_B.weight
+        A.copy_(gm.reproject_A(A, basis_u.to(A)))
+        B.copy_(gm.reproject_B(B, basis_v.to(B)))
+        self.basis_u, self.basis_v = basis_u, basis_v
+        return basis_u
+
+    def truncate(self, basis: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
+        """Shrink A to [k, d_in] and B to [d_out, k] in the basis V (exact after reprojection),
+        keep the layer's scaling, remap the optimizer state, and move the statistics."""
+        old_A, old_B = self.lora_A.weight, self.lora_B.weight
+        basis = basis.to(old_A)
+        new_A_data, new_B_data = gm.truncate_factors(old_A.data, old_B.data, basis)
+        new_A, new_B = nn.Parameter(new_A_data.contiguous()), nn.Parameter(new_B_data.contiguous())
+        k = basis.shape[1]
+        self.lora_A.weight, self.lora_A.out_features = new_A, k
+        self.lora_B.weight, self.lora_B.in_features = new_B, k
+        self.layer.r[self.adapter] = k  # scaling stays as it was: the function must not change
+        if optimizer is not None:
+            remap_optimizer_state(optimizer, old_A, new_A, lambda t: basis.T @ t, lambda t: (basis.T ** 2) @ t)
+            remap_optimizer_state(optimizer, old_B, new_B, lambda t: t @ basis, lambda t: t @ basis ** 2)
+        self.u.transform(basis.to(self.u.total.device, torch.float32))
+        self.v.transform(basis.to(self.v.total.device, torch.float32))
+        self.inverse = {"A": None, "B": None}
+        self.basis_u = self.basis_v = torch.eye(k, device=basis.device, dtype=basis.dtype)
+
+    # ---------------------------------------------------------------- report and state
+
+    def ready(self) -> bool:
+        return all(self.inverse[side] is not None for side in SIDES)
+
+    def diagnostics(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"rows_captured": self.u.count, "rank": self.rank,
+                                 "inverse_ready_A": self.inverse["A"] is not None,
+                                 "inverse_ready_B": self.inverse["B"] is not None}
+        for side in SIDES:
+            inverse = self.inverse[side]
+            entry[f"condition_{side}"] = gm.condition_number(inverse) if inverse is not None else None
+            entry[f"scalar_distance_{side}"] = gm.distance_from_scalar(inverse) if inverse is not None else None
+            entry[f"damping_{side}"] = self.damping_used[side]
+        return entry
+
+    def state(self) -> dict[str, Any]:
+        return {"rank": self.rank, "u": self.u.state(), "v": self.v.state(),
+                "inverse": {k: _clone(v) for k, v in self.inverse.items()}, "damping_used": dict(self.damping_used),
+                "basis_u": _clone(self.basis_u), "basis_v": _clone(self.basis_v)}
+
+    def load(self, saved: dict[str, Any]) -> None:
+        if saved["rank"] != self.rank:
+            raise GritError(f"{self.name}: saved rank {saved['rank']} but the model has rank {self.rank}")
+        self.u, self.v = FactorStats.from_state(saved["u"]), FactorStats.from_state(saved["v"])
+        self.inverse = {k: _clone(v) for k, v in saved["inverse"].items()}
+        self.damping_used = dict(saved["damping_used"])
+        self.basis_u, self.basis_v = _clone(saved["basis_u"]), _clone(saved["basis_v"])
+
+
+def base_module_name(peft_name: str) -> str:
+    """``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj`` (the name in the
+    base model, which layer selection and configurations use)."""
+    return peft_name.removeprefix("base_model.model.")
+
+
+def module_key(peft_name: str, adapter: str, several_adapters: bool) -> str:
+    """How GRIT and the probe name a module: its PEFT name, with the adapter when there are several."""
+    return f"{peft_name}[{adapter}]" if several_adapters else peft_name
+
+
+def lora_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, nn.Module, str]]:
+    """(PEFT module name, layer, adapter) of every LoRA linear layer with a trainable adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    found = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        adapters = [adapter] if adapter else list(module.lora_A.keys())
+        for name_of_adapter in adapters:
+            if name_of_adapter in module.lora_A and module.lora_A[name_of_adapter].weight.requires_grad:
+                if getattr(module, "use_dora", {}).get(name_of_adapter, False):
+                    raise GritError(f"{name}: DoRA adapters are not supported by GRIT")
+                found.append((name, module, name_of_adapter))
+    return found
+
+
+def remap_optimizer_state(optimizer, old: torch.Tensor, new: torch.Tensor, first_moment, second_moment) -> None:
+    """Point the optimizer at ``new`` instead of ``old`` and carry its state over: tensors
+    shaped like the parameter are mapped (first moments exactly, second moments through the
+    squared basis, an approximation), scalars such as the step count are kept."""
+    for group in optimizer.param_groups:
+        group["params"] = [new if p is old else p for p in group["params"]]
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    remapped = {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.shape == old.shape:
+            remapped[key] = (second_moment if "sq" in key else first_moment)(value).contiguous()
+        else:
+            remapped[key] = value
+    optimizer.state[new] = remapped
+
+
+def _clone(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().cpu().clone()
