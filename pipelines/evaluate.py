@@ -28,6 +28,7 @@ from typing import Any
 
 from core.errors import UserError
 from core.files import atomic_write_json, atomic_write_text
+from core.jsonl import read_jsonl
 from db.models import Comparison, EvalMetric, SpeedMetric
 from evaluation.stats import finite_or_none
 from export.llama_cpp import require_working_runtime
@@ -43,7 +44,6 @@ GENERATIONS = Path("artifacts/eval/generations.jsonl")
 
 def held_out_sets(root: Path, settings) -> dict[str, list]:
     """The capped evaluation sets (first N of each file, in file order)."""
-    from trainers.sft import read_jsonl  # (torch-heavy module: not at import, before params are checked)
 
     rows = read_jsonl(root / DATA_DIR / "eval_aqi.jsonl")
     by_pair: dict[str, dict[str, str]] = {}

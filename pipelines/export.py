@@ -20,6 +20,7 @@ from typing import Any
 
 from core.errors import UserError
 from core.files import files_under, fresh_staging_dir, publish_directory, sha256_file
+from core.jsonl import read_jsonl
 from db.models import EvalMetric
 from pipelines.params import Params, require_text_model
 from pipelines.paths import ADAPTERS, DATA_DIR, export_dir
@@ -35,7 +36,6 @@ def ollama_name(variant: str) -> str:
 
 def parity_prompts(root: Path, n: int) -> list[str]:
     """The first ``n`` held-out prompts (harmful and benign alternate), never trained on."""
-    from trainers.sft import read_jsonl  # (torch-heavy module: not at import, before params are checked)
 
     return [row["prompt"] for row in read_jsonl(root / PARITY_SOURCE)[:n]]
 

@@ -108,6 +108,46 @@ def stage_cross_imports() -> list[str]:
     return sorted(f"{a} imports {b}" for a in stages for b in graph()[a] if b in stages)
 
 
+def defined_names(path: Path) -> set[str]:
+    """Names a module binds at its top level, including inside top-level ``if``/``try`` blocks."""
+    names, pending = set(), list(ast.parse(path.read_text()).body)
+    while pending:
+        node = pending.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.If, ast.Try)):
+            pending += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
+            pending += [stmt for handler in getattr(node, "handlers", []) for stmt in handler.body]
+    return names
+
+
+def unresolved_imports() -> list[str]:
+    """``from project.module import name`` where the module defines no ``name``: an import inside a
+    function fails only when that function runs, so a moved helper breaks a stage at run time."""
+    modules = project_modules()
+    bad = []
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules):
+                continue
+            target = modules[node.module]
+            defined = defined_names(target)
+            for alias in node.names:
+                if alias.name != "*" and alias.name not in defined and f"{node.module}.{alias.name}" not in modules:
+                    bad.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno} imports {alias.name} "
+                               f"from {node.module}, which does not define it")
+    return bad
+
+
+def test_every_project_import_names_something_defined():
+    assert not unresolved_imports()
+
+
 def test_no_module_imports_a_higher_floor():
     assert not upward_imports()
 
@@ -128,6 +168,8 @@ def test_the_checks_would_see_a_violation(tmp_path, monkeypatch):
     modules = {**project_modules(), "core.leak": fake / "leak.py"}
     assert [t for t, _, _ in imports_of(fake / "leak.py", modules)] == ["pipelines.stage"]
     assert FLOORS["pipelines"] > FLOORS["core"]
+    assert "no_such_helper" not in defined_names(REPO_ROOT / "core" / "jsonl.py")
+    assert "read_jsonl" in defined_names(REPO_ROOT / "core" / "jsonl.py")
 
 
 if __name__ == "__main__":
@@ -137,5 +179,6 @@ if __name__ == "__main__":
     print(f"modules: {len(modules)}; upward imports: {len(upward_imports())}; circles: {len(cycles())}; "
           f"stage-to-stage imports: {len(stage_cross_imports())}; project imports inside functions: "
           f"{sum(inside.values())} ({dict(sorted(inside.items()))})")
-    for line in upward_imports() + [' <-> '.join(c) for c in cycles()] + stage_cross_imports():
+    for line in (upward_imports() + [' <-> '.join(c) for c in cycles()] + stage_cross_imports()
+                 + unresolved_imports()):
         print("  ", line)

@@ -6,7 +6,6 @@ generation checks use a mild one, which leaves the model able to answer."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
