@@ -57,6 +57,64 @@ def _sqlite_begin_immediate(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def sqlite_file(url: str, root: Path | None = None) -> Path:
+    """The file a SQLite URL names, a relative path taken relative to ``root`` (default: cwd).
+    A URI-style database (``sqlite:///file:x.db?mode=ro&uri=true``) names ``x.db``."""
+    parsed = make_url(url)
+    name = parsed.database or ""
+    if parsed.query.get("uri") in ("true", "1") and name.startswith("file:"):
+        name = name.removeprefix("file:")
+    path = Path(name)
+    return path if path.is_absolute() else (root or Path.cwd()) / path
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def check_store_writable(url: str, root: Path | None = None) -> None:
+    """Raise :class:`StoreError` (one line) when results could not be recorded at ``url``: a
+    malformed URL or unknown dialect, a directory that cannot hold the file, a store that opens
+    read-only. Creates nothing, so a stage can call it before any work."""
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except Exception as error:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ImportError
+        raise StoreError(f"store.url {url!r} is not a usable SQLAlchemy URL ({_first_line(error)}); "
+                         "for example sqlite:///outputs/centralized.db") from None
+    if parsed.get_backend_name() != "sqlite":
+        try:
+            with create_engine(parsed, pool_pre_ping=True).connect():
+                pass
+        except Exception as error:  # noqa: BLE001 - any driver's connection error
+            raise StoreError(f"store.url: cannot connect to {parsed.render_as_string()} ({_first_line(error)})") from None
+        return
+    if parsed.database in (None, "", ":memory:"):
+        raise StoreError(f"store url {url!r}: an in-memory SQLite store cannot be shared; give a file")
+    path = sqlite_file(url, root)
+    if not path.exists():
+        folder = path.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot create the results store {path}: {folder} is not a writable directory; "
+                             "fix store.url or the folder's permissions")
+        return
+    if not path.is_file():
+        raise StoreError(f"the results store {path} is not a file; fix store.url")
+    engine = create_store_engine(url, root)
+    try:
+        with engine.connect() as connection:
+            # BEGIN IMMEDIATE succeeds on a read-only database; only a real write tells.
+            connection.exec_driver_sql("CREATE TABLE _grit_write_probe (x INTEGER)")
+            connection.rollback()
+    except Exception as error:  # noqa: BLE001 - sqlite3.OperationalError and friends
+        raise StoreError(f"the results store {path} cannot be written ({_first_line(error)}); "
+                         "fix its permissions or store.url") from None
+    finally:
+        engine.dispose()
+
+
 def create_store_engine(url: str, root: Path | None = None) -> Engine:
     """Engine for ``url``; a relative SQLite path is taken relative to ``root`` (default: cwd)."""
     parsed = make_url(url)
@@ -64,12 +122,11 @@ def create_store_engine(url: str, root: Path | None = None) -> Engine:
         return create_engine(parsed, pool_pre_ping=True)
     if parsed.database in (None, "", ":memory:"):
         raise StoreError(f"store url {url!r}: an in-memory SQLite store cannot be shared; give a file")
-    path = Path(parsed.database)
-    if not path.is_absolute():
-        path = (root or Path.cwd()) / path
+    path = sqlite_file(url, root)
     path.parent.mkdir(parents=True, exist_ok=True)
+    uri = parsed.query.get("uri") in ("true", "1")
     engine = create_engine(
-        parsed.set(database=str(path)),
+        parsed.set(database=f"file:{path}" if uri else str(path)),
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
     )
     event.listen(engine, "connect", _sqlite_pragmas)

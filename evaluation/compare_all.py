@@ -31,7 +31,7 @@ from sqlalchemy import select
 from core.errors import UserError
 from db.config import StoreParams
 from db.models import Comparison, EvalMetric, Run, SpeedMetric
-from db.store import open_store
+from db.store import open_store, sqlite_file
 from evaluation.stats import finite_or_none, mean_over_seeds, paired_t_over_seeds
 
 QUALITY = [("aqi", "AQI (higher: harmful and benign better separated)", True),
@@ -41,7 +41,7 @@ QUALITY = [("aqi", "AQI (higher: harmful and benign better separated)", True),
            ("retention_accuracy", "knowledge retention (fact pairs)", True)]
 SPEED = [("decode_tokens_per_second", "decode tokens/s"), ("prefill_tokens_per_second", "prefill tokens/s"),
          ("train_seconds", "training time (s)"), ("tokens_per_second", "training tokens/s"),
-         ("peak_rss_mib", "training peak RSS (MiB)")]
+         ("peak_rss_mib", "training peak RSS (MiB)"), ("peak_cuda_mib", "training peak CUDA memory (MiB)")]
 REPORTS = Path("reports")
 
 
@@ -126,8 +126,10 @@ def default_store_url(root: Path) -> str:
 
 def existing_store(url: str, root: Path):
     """The results store at ``url``; a missing SQLite file is a one-line error, never created."""
-    if url.startswith("sqlite:///") and not (root / url.removeprefix("sqlite:///")).is_file():
-        raise UserError(f"no results store at {url.removeprefix('sqlite:///')}; run `make run` first")
+    path = sqlite_file(url, root) if url.startswith("sqlite:") else None
+    if path is not None and not path.is_file():
+        shown = path.relative_to(root) if path.is_relative_to(root) else path
+        raise UserError(f"no results store at {shown}; run `make run` first")
     return open_store(url, root)
 
 

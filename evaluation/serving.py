@@ -16,7 +16,8 @@ def open_served(manifest: dict, key: str):
     if manifest["backend"] == "ollama":
         return OllamaModel(manifest["ollama"]["host"], entry["ollama_name"])
     chat = served_chat_format(entry["chat_family"], entry["system"])
-    if manifest.get("weights") == "merged" and entry.get("merged_gguf"):
+    # what serve really put behind this name (older manifests: the stage-wide setting)
+    if entry.get("weights", manifest.get("weights")) == "merged" and entry.get("merged_gguf"):
         return LlamaCppModel(Path(entry["merged_gguf"]), chat)
     adapter = entry.get("adapter_gguf")
     return LlamaCppModel(Path(entry["base_gguf"]), chat, Path(adapter) if adapter else None)

@@ -20,6 +20,14 @@ class ChatTemplateError(UserError):
 
 @dataclass(frozen=True)
 class ChatFormat:
+    """``ollama_template`` ranges over ``.Messages``, so Ollama renders every conversation shape
+    itself (multi-turn, an explicitly empty system message) the way the tokenizer's template
+    does. Ollama builds ``.Messages`` as: the request's messages, with the Modelfile's ``SYSTEM``
+    (``default_system``) put first when the first message is not a system message (for
+    ``generate``: the request's ``system``, else ``SYSTEM``, then the prompt); consecutive
+    messages of one role are merged with a blank line. The BOS token is not in the template:
+    llama.cpp adds it when tokenizing (``bos``)."""
+
     family: str
     ollama_template: str
     stops: tuple[str, ...]
@@ -33,30 +41,31 @@ class ChatFormat:
 
     def render(self, prompt: str, system: str | None = None) -> str:
         """The single-turn prompt up to the assistant's first token, as ``ollama_template``
-        renders it with ``.System`` = ``system`` (default: the template's own default)."""
+        renders it: ``system`` None means no system message (the default one, if any, is put
+        first), ``""`` an explicitly empty one, whose block stays (as in the tokenizer's template)."""
         system = self.default_system if system is None else system
-        head = f"{self.system_open}{system}{self.system_close}" if system else ""
+        head = "" if system is None else f"{self.system_open}{system}{self.system_close}"
         return f"{self.bos}{head}{self.user_open}{prompt}{self.user_close}{self.assistant_open}"
 
 
 CHATML = ChatFormat(
     family="chatml",
     ollama_template=(
-        "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-        "{{ if .Prompt }}<|im_start|>user\n{{ .Prompt }}<|im_end|>\n{{ end }}"
-        "<|im_start|>assistant\n{{ .Response }}<|im_end|>\n"
+        "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+        "<|im_start|>assistant\n"
     ),
     stops=("<|im_end|>", "<|im_start|>"),
     system_open="<|im_start|>system\n", system_close="<|im_end|>\n",
     user_open="<|im_start|>user\n", user_close="<|im_end|>\n", assistant_open="<|im_start|>assistant\n",
 )
 
+# Llama-3's Jinja template trims each message's content; Go templates cannot, so content with
+# leading or trailing whitespace renders with it (the API's callers rarely send such content).
 LLAMA3 = ChatFormat(
     family="llama3",
     ollama_template=(
-        "{{ if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-        "{{ if .Prompt }}<|start_header_id|>user<|end_header_id|>\n\n{{ .Prompt }}<|eot_id|>{{ end }}"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n{{ .Response }}<|eot_id|>"
+        "{{ range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
     stops=("<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
     system_open="<|start_header_id|>system<|end_header_id|>\n\n", system_close="<|eot_id|>",

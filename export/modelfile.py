@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.chat_format import ChatFormat, modelfile_escape
+from core.errors import UserError
+from core.files import sha256_file
+from export.chat_format import ChatFormat, modelfile_escape, served_chat_format
+
+
+class ExportIntegrityError(UserError):
+    pass
+
+
+def verified_file(path: Path, expected_sha256: str | None, recorded_in: Path) -> Path:
+    """``path`` when its content is what the export recorded; else one line saying it changed.
+    A truncated or altered GGUF would otherwise be uploaded, or crash llama.cpp mid-stage."""
+    if not path.is_file():
+        raise ExportIntegrityError(f"{path} is missing (recorded in {recorded_in}); run `dvc repro export` again")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise ExportIntegrityError(f"{path} does not match the sha256 recorded in {recorded_in} (truncated or "
+                                   "altered since the export); run `dvc repro -f export` to write it again")
+    return path
 
 
 @dataclass(frozen=True)
@@ -20,6 +38,23 @@ class ServedModel:
     adapter_gguf: Path | None = None
     merged_gguf: Path | None = None
     parameters: dict[str, float | int] = field(default_factory=dict)
+
+    @classmethod
+    def from_export(cls, folder: Path, key: str) -> ServedModel:
+        """The model an ``export.json`` in ``folder`` describes, every GGUF checked against the
+        sha256 recorded there; ``key`` is the variant or seed replicate it serves."""
+        manifest_path = folder / "export.json"
+        manifest = json.loads(manifest_path.read_text())
+
+        def checked(name: str | None, digest_key: str) -> Path | None:
+            return None if name is None else verified_file(folder / name, manifest.get(digest_key), manifest_path)
+
+        return cls(name=manifest["ollama_name"], variant=key,
+                   base_gguf=verified_file(Path(manifest["base_gguf"]), manifest.get("base_gguf_sha256"), manifest_path),
+                   chat=served_chat_format(manifest["chat_family"], manifest["system"]),
+                   adapter_gguf=checked(manifest["adapter_gguf"], "adapter_gguf_sha256"),
+                   merged_gguf=checked(manifest["merged_gguf"], "merged_gguf_sha256"),
+                   parameters=manifest["parameters"])
 
     def weights(self, prefer: str) -> tuple[Path, Path | None]:
         """(FROM file, ADAPTER file or None) for ``prefer`` = adapter | merged."""

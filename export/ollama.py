@@ -9,18 +9,22 @@ releases are reported to refuse adapters: on that refusal the merged GGUF is reg
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.files import sha256_file
 from export.modelfile import ServedModel
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
 
 
 def ollama_host(configured: str | None) -> str:
-    host = configured or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
-    return host if "://" in host else f"http://{host}"
+    """The server URL exactly as the official client resolves ``configured`` (None: the
+    client reads ``OLLAMA_HOST`` itself): ``127.0.0.1``, ``localhost`` or ``0.0.0.0`` without a
+    port mean port 11434, as for ``ollama run``. Parsed by the client, never a second time here."""
+    import ollama
+
+    return str(ollama.Client(host=configured)._client.base_url).rstrip("/")
 
 
 def reachable(host: str, timeout_s: float) -> str | None:
@@ -50,10 +54,39 @@ class RegistrationError(RuntimeError):
     pass
 
 
+def server_failure(host: str, model: str, error: BaseException) -> str:
+    """One line for a registration the server refused or broke off (HTTP status when it gave one)."""
+    status = getattr(error, "status_code", None) or getattr(getattr(error, "response", None), "status_code", None)
+    said = (str(getattr(error, "error", "") or error).strip().splitlines() or [type(error).__name__])[0]
+    return (f"the Ollama server at {host} failed to register {model}"
+            + (f" (HTTP {status})" if status else "") + f": {said}; fix the server or unset OLLAMA_HOST "
+            "to serve with llama.cpp")
+
+
+def blob_digest(path: Path) -> str:
+    return f"sha256:{sha256_file(path)}"
+
+
 def _upload(client, path: Path, known: dict[Path, str]) -> str:
+    """Upload ``path`` unless the server already holds its blob (``HEAD /api/blobs/<digest>``,
+    as the API documents; the client's ``create_blob`` would send the whole file every time)."""
     if path not in known:
-        known[path] = client.create_blob(path)
+        digest = blob_digest(path)
+        if client._client.head(f"/api/blobs/{digest}").status_code != 200:
+            uploaded = client.create_blob(path)
+            if uploaded != digest:
+                raise RegistrationError(f"{path.name}: the server stored digest {uploaded}, expected {digest}")
+        known[path] = digest
     return known[path]
+
+
+def registered_weights(served: ServedModel, prefer: str) -> str:
+    """What ``served.weights(prefer)`` really sends: ``merged``, ``adapter`` (base + ADAPTER) or
+    ``base``; ``prefer`` merged falls back to base + adapter when no merged GGUF was exported."""
+    model, adapter = served.weights(prefer)
+    if adapter is not None:
+        return "adapter"
+    return "merged" if model == served.merged_gguf and served.merged_gguf is not None else "base"
 
 
 def _create(client, served: ServedModel, prefer: str, digests: dict[Path, str]) -> None:
@@ -77,17 +110,17 @@ def check_shown(shown, served: ServedModel, weights: str) -> str:
     missing = [stop for stop in served.chat.stops if stop not in (shown.parameters or "")]
     if missing:
         raise RegistrationError(f"{served.name}: stop parameter {missing[0]!r} is missing on the server")
-    return f"ADAPTER attached, template and {len(served.chat.stops)} stops match" if weights == "adapter" \
-        else f"merged weights, template and {len(served.chat.stops)} stops match"
+    return f"{_FORMS[weights]}, template and {len(served.chat.stops)} stops match"
+
+
+_FORMS = {"adapter": "ADAPTER attached", "merged": "merged weights", "base": "base weights"}
 
 
 def register(client, served: ServedModel, prefer: str, prompt: str, max_new_tokens: int,
              digests: dict[Path, str]) -> Registration:
     import ollama
 
-    weights = prefer if served.adapter_gguf is not None else "merged"
-    if served.adapter_gguf is None and served.merged_gguf is None:
-        weights = "base"
+    weights = registered_weights(served, prefer)
     try:
         _create(client, served, weights, digests)
     except ollama.ResponseError as error:

@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     def compare(ctx: StageContext, _checked) -> dict[str, Path]:
         from evaluation.compare_all import load_run, write_outputs
 
-        text, written = write_outputs(load_run(ctx.params.store.url, ctx.root, ctx.run_id), ctx.root, ctx.root / CSV)
+        text, written = write_outputs(load_run(ctx.params.store.url, ctx.store_root, ctx.run_id), ctx.root,
+                                      ctx.root / CSV)
         print(text)
         return written
 

@@ -129,14 +129,17 @@ def model_rows(params: Params) -> dict[str, tuple[str, int]]:
     return rows
 
 
+# Training figures stored as speed rows (backend "train"); peak CUDA memory only on a GPU.
+TRAINING_SPEED = ("train_seconds", "tokens_per_second", "peak_rss_mib", "peak_cuda_mib")
+
+
 def training_speed(root: Path, variant: str, seed: int) -> dict[str, float]:
     path = root / TRAIN_METRICS / f"{variant}.json"
     if not path.is_file():
         return {}
     summary = json.loads(path.read_text())
     summary = summary.get("seeds", {}).get(str(seed), summary)
-    return {k: float(summary[k]) for k in ("train_seconds", "tokens_per_second", "peak_rss_mib")
-            if summary.get(k) is not None}
+    return {k: float(summary[k]) for k in TRAINING_SPEED if summary.get(k) is not None}
 
 
 def _bounds(interval) -> list[float | None]:

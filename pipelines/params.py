@@ -28,6 +28,14 @@ from trainers.grit_vlm.params import VlmParams
 from trainers.probe.config import ProbeParams
 
 DEFAULT_PARAMS_PATH = Path("params.yaml")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The base model's rows, its Ollama name (base_model) and its evaluation key are "base".
+RESERVED_VARIANT_NAMES = frozenset({"base"})
+
+
+def available_profiles() -> list[str]:
+    """The profiles of ``conf/profile/``: the only values ``profile`` may take."""
+    return sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml"))
 
 
 class ParamsError(UserError):
@@ -44,6 +52,16 @@ class Params(Section):
         bad = [name for name in self.variants if not re.fullmatch(r"[a-z][a-z0-9_]*", name)]
         if bad:
             raise ValueError(f"variants: names must be lowercase identifiers (got {bad[0]!r})")
+        reserved = sorted(RESERVED_VARIANT_NAMES & set(self.variants))
+        if reserved:
+            raise ValueError(f"variants: {reserved[0]!r} is reserved for the base model (its store rows and its "
+                             f"Ollama name {reserved[0]}_model); rename the variant")
+        if self.profile not in available_profiles():
+            raise ValueError(f"profile: unknown profile {self.profile!r}; choose from {', '.join(available_profiles())} "
+                             "(conf/profile/)")
+        if self.serve.weights == "merged" and not self.export.merged:
+            raise ValueError("serve.weights is 'merged' but export.merged is false, so no merged GGUF is written; "
+                             "set export.merged: true or serve.weights: adapter")
         if self.probe.steps > self.train.max_steps:
             raise ValueError(f"probe.steps ({self.probe.steps}) must not exceed train.max_steps ({self.train.max_steps})")
         written_for, tiny = self.vlm.config().architecture, self.model.vision.architecture

@@ -14,13 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipelines.params import load_params
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def available_profiles() -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / "profile").glob("*.yaml"))
+from pipelines.params import CONF_DIR, available_profiles, load_params
 
 
 def compose_params(profile: str, output: Path, overrides: list[str] = ()) -> None:

@@ -29,20 +29,13 @@ from pipelines.stage import StageContext, run_stage
 
 def served_models(root: Path, params: Params) -> list:
     """The base model and every exported variant (each seed replicate), as ``ServedModel``
-    descriptions; ``ServedModel.variant`` is the replicate's model key (``pipelines/replicates``)."""
-    from export.chat_format import served_chat_format
+    descriptions whose GGUF files match the sha256 their export recorded;
+    ``ServedModel.variant`` is the replicate's model key (``pipelines/replicates``)."""
     from export.modelfile import ServedModel
 
-    models = []
-    for variant, seed in replicates(params):
-        folder = root / replicate_path(export_dir(variant), params, seed)
-        manifest = json.loads((folder / "export.json").read_text())
-        chat = served_chat_format(manifest["chat_family"], manifest["system"])
-        models.append(ServedModel(
-            name=manifest["ollama_name"], variant=model_key(variant, params, seed), base_gguf=Path(manifest["base_gguf"]), chat=chat,
-            adapter_gguf=folder / manifest["adapter_gguf"],
-            merged_gguf=folder / manifest["merged_gguf"] if manifest["merged_gguf"] else None,
-            parameters=manifest["parameters"]))
+    models = [ServedModel.from_export(root / replicate_path(export_dir(variant), params, seed),
+                                      model_key(variant, params, seed))
+              for variant, seed in replicates(params)]
     first = models[0]
     base = ServedModel(name="base_model", variant="base", base_gguf=first.base_gguf, chat=first.chat,
                        parameters=first.parameters)
@@ -73,20 +66,22 @@ def check_with_llama_cpp(model, prompt: str, max_new_tokens: int) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    def preflight(params: Params) -> None:
+    def preflight(params: Params) -> list:
         require_text_model(params, "serve")
         require_working_runtime()  # the llama.cpp check of each registered model runs in-process
         missing = [v for v in params.variants if not (export_dir(v) / "export.json").is_file()]
         if missing:
             raise UserError(f"{EXPORTS}/{missing[0]}/export.json is missing; run `dvc repro export@{missing[0]}` first")
+        return served_models(Path.cwd(), params)   # every GGUF checked against its recorded sha256
 
-    def serve(ctx: StageContext, _checked) -> dict[str, Path]:
+    def serve(ctx: StageContext, models: list) -> dict[str, Path]:
+        import httpx
         import ollama
 
-        from export.ollama import ollama_host, reachable, register
+        from export.ollama import (RegistrationError, ollama_host, reachable, register, registered_weights,
+                                   server_failure)
 
         settings = ctx.params.serve
-        models = served_models(ctx.root, ctx.params)
         base_modelfile = ctx.root / SERVE_DIR / "base" / "Modelfile"
         atomic_write_text(base_modelfile, models[0].modelfile())
         modelfiles = {m.name: (base_modelfile if m.variant == "base" else m.adapter_gguf.parent /
@@ -99,9 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             client = ollama.Client(host=host, timeout=max(settings.timeout_s, 600))
             digests: dict[Path, str] = {}
             for m in models:
-                registration = register(client, m, settings.weights, settings.check_prompt,
-                                        settings.max_new_tokens, digests)
+                try:
+                    registration = register(client, m, settings.weights, settings.check_prompt,
+                                            settings.max_new_tokens, digests)
+                except (ollama.ResponseError, httpx.HTTPError, RegistrationError) as error:
+                    raise UserError(server_failure(host, m.name, error)) from None
                 entries[m.variant]["ollama"] = asdict(registration)
+                entries[m.variant]["weights"] = registration.weights
                 print(f"[serve] {m.name}: registered ({registration.weights}); {registration.show_check}; "
                       f"reply {registration.reply[:60]!r}")
             ollama_state = {"host": host, "version": version, "registered": True}
@@ -114,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             for command in commands:
                 print(f"[serve]   {command}")
             for m in models:
+                entries[m.variant]["weights"] = registered_weights(m, settings.weights)
                 entries[m.variant]["llama_cpp_check"] = check_with_llama_cpp(m, settings.check_prompt,
                                                                              settings.max_new_tokens)
                 for form, check in entries[m.variant]["llama_cpp_check"].items():

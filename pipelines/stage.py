@@ -28,7 +28,7 @@ import yaml
 
 from core.errors import UserError
 from db.models import Run
-from db.store import ResultsStore, open_store, utcnow
+from db.store import ResultsStore, check_store_writable, open_store, utcnow
 from pipelines.params import DEFAULT_PARAMS_PATH, load_params, Params, params_hash
 
 EXIT_USER_ERROR = 2
@@ -36,11 +36,22 @@ EXIT_USER_ERROR = 2
 
 @dataclass(frozen=True)
 class StageContext:
+    """``root``: the workspace the stage runs in (its inputs and outputs); ``store_root``: the
+    repository whose results store relative store URLs name (:func:`store_root`)."""
+
     name: str
     params: Params
     run_id: str
     store: ResultsStore
     root: Path
+    store_root: Path
+
+
+def store_root(workspace: Path) -> Path:
+    """Where a relative store URL points: the repository DVC runs the stage for (``DVC_ROOT``),
+    else ``workspace``. ``dvc exp run --temp`` and queued experiments run in a temporary copy
+    that DVC deletes afterwards; their results must reach the repository's own store."""
+    return Path(os.environ.get("DVC_ROOT") or workspace)
 
 
 def run_id_for(params: Params) -> str:
@@ -158,10 +169,12 @@ def run_stage(
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH)
     args = parser.parse_args(argv)
     root = Path.cwd()
+    results_root = store_root(root)
     try:
         params = load_params(args.params)
+        check_store_writable(params.store.url, results_root)   # before any work: results must be recordable
         checked = preflight(params) if preflight is not None else None
-        store = open_store(params.store.url, root)
+        store = open_store(params.store.url, results_root)
     except UserError as error:
         return _fail(str(error))
 
@@ -172,7 +185,7 @@ def run_stage(
         params_json=params.model_dump_json(), profile=params.profile,
         host=os.uname().nodename, device=device_description(), started_at=started,
     ))
-    context = StageContext(name=name, params=params, run_id=run_id, store=store, root=root)
+    context = StageContext(name=name, params=params, run_id=run_id, store=store, root=root, store_root=results_root)
     try:
         produced = work(context, checked) or {}
         store.record_artifacts(run_id, name, produced)

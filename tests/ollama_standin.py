@@ -24,21 +24,55 @@ KNOWN_PARAMETERS = {"stop", "temperature", "seed", "num_predict", "num_ctx", "to
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
-def render_go_template(template: str, values: dict[str, str]) -> str:
-    """The Modelfile subset: ``{{ if .X }}...{{ end }}`` (not nested) and ``{{ .X }}``; for
-    generation the text is cut where ``{{ .Response }}`` starts, as Ollama does."""
-    template = template.split("{{ .Response }}")[0]
+def render_go_template(template: str, values: dict) -> str:
+    """The Modelfile subset: ``{{ range .Messages }}...{{ end }}`` over messages with ``.Role`` and
+    ``.Content``, ``{{ if .X }}...{{ end }}`` (not nested) and ``{{ .X }}``; a template without
+    ``.Messages`` is cut where ``{{ .Response }}`` starts, as Ollama does for generation.
+    ``tests/export/test_ollama_template.py`` checks it against Go's own text/template."""
+
+    def fields(text: str, scope: dict) -> str:
+        return re.sub(r"\{\{-? ?\.(\w+) ?-?\}\}", lambda m: str(scope.get(m.group(1), "")), text)
+
+    def each_message(match: re.Match) -> str:
+        return "".join(fields(match.group(1), message) for message in values.get("Messages") or [])
 
     def conditional(match: re.Match) -> str:
         return match.group(2) if values.get(match.group(1)) else ""
 
-    text = re.sub(r"\{\{-? ?if \.(\w+) ?-?\}\}(.*?)\{\{-? ?end ?-?\}\}", conditional, template, flags=re.S)
-    return re.sub(r"\{\{ ?\.(\w+) ?\}\}", lambda m: values.get(m.group(1), ""), text)
+    if ".Messages" not in template:
+        template = template.split("{{ .Response }}")[0]
+    text = re.sub(r"\{\{-? ?range \.Messages ?-?\}\}(.*?)\{\{-? ?end ?-?\}\}", each_message, template, flags=re.S)
+    text = re.sub(r"\{\{-? ?if \.(\w+) ?-?\}\}(.*?)\{\{-? ?end ?-?\}\}", conditional, text, flags=re.S)
+    return fields(text, values)
+
+
+def chat_messages(messages: list[dict], default_system: str | None) -> list[dict]:
+    """``.Messages`` as Ollama's chat handler builds them: the Modelfile's SYSTEM first unless the
+    first message is a system message (an explicitly empty one too), then consecutive messages of
+    one role merged with a blank line."""
+    if default_system and (not messages or messages[0]["role"] != "system"):
+        messages = [{"role": "system", "content": default_system}, *messages]
+    collated: list[dict] = []
+    for message in messages:
+        if collated and collated[-1]["Role"] == message["role"]:
+            collated[-1]["Content"] += "\n\n" + message["content"]
+        else:
+            collated.append({"Role": message["role"], "Content": message["content"]})
+    return collated
+
+
+def generate_messages(system: str | None, default_system: str | None, prompt: str) -> list[dict]:
+    """``.Messages`` as Ollama's generate handler builds them: the request's system (when not
+    empty), else the Modelfile's SYSTEM, then the prompt."""
+    chosen = system or default_system
+    return chat_messages([*([{"role": "system", "content": chosen}] if chosen else []),
+                          {"role": "user", "content": prompt}], None)
 
 
 class OllamaStandIn:
-    def __init__(self, blob_dir: Path, refuse_adapters: bool = False) -> None:
-        self.blob_dir, self.refuse_adapters = blob_dir, refuse_adapters
+    def __init__(self, blob_dir: Path, refuse_adapters: bool = False, create_status: int | None = None) -> None:
+        """``create_status``: answer every ``/api/create`` with this HTTP error (a failing server)."""
+        self.blob_dir, self.refuse_adapters, self.create_status = blob_dir, refuse_adapters, create_status
         self.models: dict[str, dict] = {}
         self.requests: list[tuple[str, str]] = []
         blob_dir.mkdir(parents=True, exist_ok=True)
@@ -63,6 +97,8 @@ class OllamaStandIn:
     # ------------------------------------------------------------------------- endpoints
 
     def create(self, body: dict) -> tuple[int, dict]:
+        if self.create_status is not None:
+            return self.create_status, {"error": "internal server error (stand-in told to fail)"}
         name = body.get("model")
         if not name:
             return 400, {"error": "model is required"}
@@ -106,9 +142,11 @@ class OllamaStandIn:
         if model is None:
             return 404, {"error": f"model '{body.get('model')}' not found"}
         options = {**(model.get("parameters") or {}), **(body.get("options") or {})}
+        system = body.get("system") or model.get("system", "")
         prompt = render_go_template(model.get("template", "{{ .Prompt }}"),
-                                    {"System": body.get("system") or model.get("system", ""),
-                                     "Prompt": body.get("prompt", "")})
+                                    {"System": system, "Prompt": body.get("prompt", ""),
+                                     "Messages": generate_messages(body.get("system"), model.get("system"),
+                                                                   body.get("prompt", ""))})
         weights = self.blob(next(iter(model["files"].values())))
         adapters = list((model.get("adapters") or {}).values())
         llm = Llama(model_path=str(weights), lora_path=str(self.blob(adapters[0])) if adapters else None,

@@ -25,6 +25,19 @@ def _sh(args: list[str], cwd: Path, env: dict[str, str], timeout: int = 1200) ->
     return result
 
 
+def _digests(repo: Path, paths: list[str]) -> dict[str, str]:
+    """sha256 of every file under ``paths`` (files or folders), by relative path."""
+    import hashlib
+
+    found = {}
+    for name in paths:
+        root = repo / name
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        found |= {str(f.relative_to(repo)): hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    assert found, paths
+    return found
+
+
 def repo_copy(tmp_path_factory, profile: list[str], repo_root: Path = Path(__file__).resolve().parent.parent):
     """A git copy of the working tree (tracked + untracked, not ignored) with params.yaml = profile."""
     copy = tmp_path_factory.mktemp("pipeline") / "repo"
@@ -180,6 +193,22 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert "didn't change, skipping" in second.stdout or "up to date" in second.stdout
     assert {n: s.finished_at for n, s in store.stages(run.id).items()} == {
         n: s.finished_at for n, s in stages.items()}
+
+    # A params typo under `dvc repro` fails in one line and destroys nothing: DVC would delete the
+    # outputs of train@* before the stage validates its params, unless they persist (dvc.yaml).
+    finished = _digests(repo, ["artifacts/adapters", "metrics/train", "dvclive/train", "artifacts/base_model.json",
+                               "artifacts/export", "metrics/eval.json"])
+    good_params = (repo / "params.yaml").read_text()
+    bad = yaml.safe_load(good_params)
+    bad["train"]["learning_rate"] = 0
+    (repo / "params.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+    typo = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert typo.returncode != 0 and "train.learning_rate: Input should be greater than 0" in typo.stderr
+    assert _digests(repo, list(finished)) == finished
+    forced = subprocess.run(["dvc", "repro", "-f", "prepare_model"], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert forced.returncode != 0 and _digests(repo, list(finished)) == finished
+    (repo / "params.yaml").write_text(good_params)
 
     # An experiment with another learning rate (and, recomposed from the smoke profile, one seed)
     # is a second run: `dvc exp show` and `compare_all --list` both list it, and compare_all

@@ -182,6 +182,8 @@ def train_variant(
             manager.load_state_dict(extra["grit"])
         print(f"[train] {name}: resuming from {resume_from.name}")
 
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()   # this replicate's peak, not the process's so far
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     seconds = time.perf_counter() - started

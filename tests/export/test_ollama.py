@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import ollama
 import pytest
 from ollama_standin import OllamaStandIn
 
-from export.ollama import check_shown, ollama_host, reachable, register
+from export.ollama import check_shown, ollama_host, reachable, register, registered_weights, server_failure
 
 
 def test_register_uploads_creates_shows_and_generates(tiny_export, tmp_path: Path):
@@ -61,3 +62,51 @@ def test_host_resolution_and_reachability(monkeypatch):
     monkeypatch.setenv("OLLAMA_HOST", "10.0.0.5:1234")
     assert ollama_host(None) == "http://10.0.0.5:1234" and ollama_host("http://h:1") == "http://h:1"
     assert reachable("http://127.0.0.1:9", timeout_s=0.5) is None
+
+
+@pytest.mark.parametrize(("given", "url"), [
+    ("127.0.0.1", "http://127.0.0.1:11434"), ("localhost", "http://localhost:11434"),
+    ("0.0.0.0", "http://0.0.0.0:11434"), ("127.0.0.1:1234", "http://127.0.0.1:1234"),
+    ("http://h:1", "http://h:1"), ("https://h", "https://h"),
+])
+def test_ollama_host_without_a_port_means_11434_as_for_the_official_client(monkeypatch, given, url):
+    """``OLLAMA_HOST=127.0.0.1`` is port 11434 to ``ollama run``; probing port 80 instead found no
+    server and skipped the registration silently."""
+    monkeypatch.setenv("OLLAMA_HOST", given)
+    assert ollama_host(None) == url == str(ollama.Client()._client.base_url).rstrip("/")
+    monkeypatch.delenv("OLLAMA_HOST")
+    assert ollama_host(given) == url
+
+
+def test_blobs_the_server_already_holds_are_not_uploaded_again(tiny_export, tmp_path: Path):
+    with OllamaStandIn(tmp_path / "blobs") as server:
+        client = ollama.Client(host=server.url)
+        register(client, tiny_export, "adapter", "Hello?", 8, {})
+        first = list(server.requests)
+        register(client, tiny_export, "adapter", "Hello?", 8, {})   # a new serve: nothing remembered locally
+        second = server.requests[len(first):]
+    def uploads(requests):
+        return [path for method, path in requests if method == "POST" and path.startswith("/api/blobs/")]
+    def asked(requests):
+        return [path for method, path in requests if method == "HEAD" and path.startswith("/api/blobs/")]
+    assert len(uploads(first)) == 2 and len(asked(first)) == 2     # asked, then uploaded base and adapter
+    assert uploads(second) == [] and len(asked(second)) == 2        # asked, and the server had them
+
+
+def test_the_registration_reports_the_weights_the_server_received(tiny_export, tmp_path: Path):
+    """``serve.weights: merged`` without a merged GGUF registers base + ADAPTER, and says so."""
+    no_merged = dataclasses.replace(tiny_export, merged_gguf=None)
+    assert registered_weights(no_merged, "merged") == "adapter"
+    assert registered_weights(tiny_export, "merged") == "merged" and registered_weights(tiny_export, "adapter") == "adapter"
+    with OllamaStandIn(tmp_path / "blobs") as server:
+        result = register(ollama.Client(host=server.url), no_merged, "merged", "Hello?", 8, {})
+        assert result.weights == "adapter" and "ADAPTER attached" in result.show_check
+        assert set(server.models["tiny_model"]["adapters"]) == {"adapter.gguf"}
+
+
+def test_a_server_error_is_described_in_one_line(tiny_export, tmp_path: Path):
+    with OllamaStandIn(tmp_path / "blobs", create_status=500) as server:
+        with pytest.raises(ollama.ResponseError) as caught:
+            register(ollama.Client(host=server.url), tiny_export, "adapter", "Hello?", 8, {})
+    line = server_failure(server.url, "tiny_model", caught.value)
+    assert "\n" not in line and "(HTTP 500)" in line and "internal server error" in line and "tiny_model" in line

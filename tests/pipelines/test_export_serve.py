@@ -48,7 +48,7 @@ def test_export_writes_gguf_files_modelfiles_and_proven_parity(exported: Path):
         assert manifest["parity"][form]["agreement"] >= 0.95 and manifest["parity"][form]["mean_kl"] <= 0.02
     modelfile = (folder / "Modelfile").read_text()
     assert f"FROM {manifest['base_gguf']}" in modelfile and "ADAPTER ./adapter.gguf" in modelfile
-    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "TEMPLATE \"\"\"{{ if .System }}" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and "TEMPLATE \"\"\"{{ range .Messages }}" in modelfile
     assert "FROM ./merged.gguf" in (folder / "Modelfile.merged").read_text()
 
 
@@ -83,3 +83,33 @@ def test_export_of_an_untrained_variant_is_a_one_line_error(exported: Path, tmp_
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: artifacts/adapters/peft_lora holds no adapter; run `dvc repro train@peft_lora` first"]
+
+
+def _single_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    return lines[0]
+
+
+def test_serve_reports_a_failing_server_in_one_line(exported: Path, tmp_path: Path):
+    with OllamaStandIn(tmp_path / "blobs", create_status=500) as server:
+        line = _single_error(run(exported, "pipelines.serve", env={"OLLAMA_HOST": server.url}))
+    assert f"the Ollama server at {server.url} failed to register base_model (HTTP 500)" in line
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_serve_refuses_a_gguf_that_changed_since_its_export(exported: Path, tmp_path: Path, damage: str):
+    merged = exported / "artifacts/export/pure_grit/merged.gguf"
+    original = merged.read_bytes()
+    try:
+        merged.write_bytes(original[: len(original) // 2] if damage == "truncate"
+                           else original[:-1] + bytes([original[-1] ^ 0xFF]))
+        with OllamaStandIn(tmp_path / "blobs") as server:
+            line = _single_error(run(exported, "pipelines.serve", env={"OLLAMA_HOST": server.url}))
+            assert not [p for m, p in server.requests if m == "POST"]         # nothing was uploaded
+        assert "merged.gguf does not match the sha256 recorded in" in line and "dvc repro -f export" in line
+        line = _single_error(run(exported, "pipelines.serve", env={"OLLAMA_HOST": "http://127.0.0.1:9"}))
+        assert "does not match the sha256" in line                            # nor loaded by llama.cpp
+    finally:
+        merged.write_bytes(original)

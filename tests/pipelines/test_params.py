@@ -25,6 +25,16 @@ BAD_CASES = [
     ({"model": {"source": "hf"}}, "model", "needs model_id"),
     ({"model": {"tiny": {"hidden_size": 10, "num_attention_heads": 4}}}, "model.tiny", "multiple"),
     ({"store": {"url": "outputs/centralized.db"}}, "store", "SQLAlchemy URL"),
+    # numbers must be numbers: YAML's true/yes/on are booleans, which pydantic would make 1 or 1.0
+    ({"train": {"learning_rate": True}}, "train.learning_rate", "not a boolean (got True)"),
+    ({"lora": {"r": True}}, "lora.r", "not a boolean (got True)"),
+    ({"train": {"max_steps": False}}, "train.max_steps", "not a boolean (got False)"),
+    ({"grit": {"damping_escalation": [1, True]}}, "grit.damping_escalation", "numbers, not booleans"),
+    ({"lora": {"layers": {"strategy": "specific", "indices": [0, True]}}}, "lora.layers.indices", "boolean"),
+    # "base" is the base model's name in the store, in evaluation and in Ollama (base_model)
+    ({"variants": {"base": {"engine": "peft"}}}, "variants", "reserved for the base model"),
+    ({"profile": "no_such_profile"}, "profile", "unknown profile 'no_such_profile'"),
+    ({"export": {"merged": False}}, "serve.weights", "export.merged is false"),
 ]
 
 
@@ -43,6 +53,24 @@ def test_bad_params_give_one_line_naming_the_key(payload, key, fragment):
     assert "\n" not in message
     assert message.startswith(f"params.yaml: {key}"), message
     assert fragment in message
+
+
+def test_yaml_booleans_are_not_numbers_but_exponents_without_a_dot_are(write_params):
+    with pytest.raises(ParamsError, match=r"train.learning_rate: must be a number, not a boolean \(got True\)"):
+        load_params(write_params("train:\n  learning_rate: yes\n"))
+    with pytest.raises(ParamsError, match=r"lora.alpha: must be a number, not a boolean"):
+        load_params(write_params("lora:\n  alpha: on\n"))
+    # PyYAML reads 5e-4 (no dot) as a string; it still means the number
+    assert load_params(write_params("train:\n  learning_rate: 5e-4\n")).train.learning_rate == 5e-4
+    assert load_params(write_params("grit:\n  precondition: no\n")).grit.precondition is False
+
+
+def test_every_shipped_profile_is_a_valid_profile_value():
+    from pipelines.params import available_profiles
+
+    assert {"default", "smoke", "vlm_smoke", "gpu_llama3_8b"} <= set(available_profiles())
+    for name in available_profiles():
+        assert parse_params({"profile": name}).profile == name
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path, write_params):

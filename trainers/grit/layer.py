@@ -161,9 +161,12 @@ class ModuleState:
             weight, inverse = self.weight(side), self.inverse[side]
             if inverse is None or weight.grad is None:
                 continue
-            natural = apply(weight.grad, inverse.to(weight.grad.device))
+            # In fp32 whatever the gradient's dtype: the inverse is fp32, and a bf16 product would
+            # round it and the sums (copy_ casts the result back to the gradient's dtype).
+            raw = weight.grad.float()
+            natural = apply(raw, inverse.to(raw.device))
             if config.graft_norm:
-                natural = gm.graft(natural, weight.grad)
+                natural = gm.graft(natural, raw)
             weight.grad.copy_(natural)
             applied += 1
         return applied
