@@ -1,7 +1,7 @@
 # The two commands of the README. Both create the environment first when needed.
 #   make run    -> dvc repro on the embedded default (params.yaml)
 #   make test   -> the whole test suite, slow real-model tests included
-.PHONY: setup run test smoke clean-cache
+.PHONY: setup run test smoke gpu-check clean-cache
 
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -19,3 +19,11 @@ test: setup
 # Only the fast tests (tiny model), for a quick local loop.
 smoke: setup
 	python -m pytest -m "not slow"
+
+# On a CUDA machine, in a few minutes: Unsloth's fused kernels with GRIT's callback, 4-bit QLoRA,
+# bf16 with fp32 GRIT statistics, GRIT's overhead (docs/gpu.md). Report: reports/gpu_check.json.
+# Without a visible GPU it stops with one line and exit status 3.
+gpu-check: setup
+	@if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
+		pip install --quiet -r requirements/gpu.txt; fi
+	python scripts/gpu_check.py

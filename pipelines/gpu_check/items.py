@@ -1,0 +1,371 @@
+"""The GPU check's work, one item per process (importing Unsloth patches libraries globally):
+
+    python -m pipelines.gpu_check.items ITEM --workdir DIR --out FILE [--device cuda|cpu]
+
+ITEM is ``hybrid``, ``qlora``, ``bf16``, ``overhead-time:<engine>`` or
+``overhead-memory:<engine>:<arm>`` (engine ``unsloth`` or ``peft``, arm ``lora`` or ``grit``).
+Everything runs on a random Llama built from a config with a small word-level tokenizer, so
+nothing is downloaded and no model package is needed. Each worker writes its figures as JSON;
+``report.py`` judges them. ``--device cpu`` rehearses the plumbing where no GPU is (the test
+suite does); its figures say nothing about CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+import traceback
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from trainers.base_model import BaseModelFiles
+from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams
+from trainers.data.config import DataParams
+from trainers.grit.config import GritConfig
+from trainers.grit_vlm.params import VlmParams
+from trainers.probe.config import ProbeParams
+
+# What engines.py relies on inside Unsloth to find and switch off its fused LoRA kernels.
+UNSLOTH_INTERNALS = ("_fused_lora_modules", "_decline_fused_lora_for_fsdp", "apply_lora_qkv", "apply_lora_o",
+                     "_FUSED_LORA_MLPS")
+SPECIALS = ["<|pad|>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+# Shapes: the check's tiny model (every dimension a multiple of 64, as NF4 blocks need), and a
+# SmolLM2-135M-shaped one for the overhead timings (random weights: time does not depend on them).
+TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2}
+SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                 "num_key_value_heads": 3}
+WORDS = 500
+
+
+# ------------------------------------------------------------------------------ model and data
+
+def word_tokenizer():
+    """A word-level tokenizer (``w0`` .. ``w499``, the chat roles and ChatML's specials) with a
+    ChatML chat template: everything the training recipe asks of a tokenizer, offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = [*SPECIALS, "system", "user", "assistant", *(f"w{i}" for i in range(WORDS))]
+    core = Tokenizer(models.WordLevel({token: i for i, token in enumerate(vocabulary)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<|pad|>", unk_token="<unk>",
+                                        eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def random_llama(folder: Path, shape: dict[str, int], seed: int = 0) -> BaseModelFiles:
+    """A random Llama of ``shape`` with the word tokenizer, saved as a plain HF directory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if (folder / "config.json").is_file():
+        return BaseModelFiles("hf", folder.name, folder, None, None)
+    tokenizer = word_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=None, **shape)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).to(torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return BaseModelFiles("hf", folder.name, folder, None, None)
+
+
+def check_params(files: BaseModelFiles, dtype: str, load_in_4bit: bool = False, steps: int = 4) -> SimpleNamespace:
+    """The sections training reads (``trainers.config.TrainingParams``), for a short run."""
+    return SimpleNamespace(
+        model=ModelParams(source="hf", model_id=str(files.hf_dir), dtype=dtype, load_in_4bit=load_in_4bit),
+        data=DataParams(max_seq_length=128), lora=LoraParams(r=8, alpha=16),
+        train=TrainParams(max_steps=steps, per_device_batch_size=4, warmup_steps=0, learning_rate=1e-3, seed=0),
+        grit=GritConfig(min_samples=16, update_freq=1), probe=ProbeParams(steps=3), vlm=VlmParams(), variants={})
+
+
+def training_examples(tokenizer, n: int, seed: int = 0) -> list[dict]:
+    """``n`` tokenized chat examples of random words, in the recipe's shared order."""
+    from trainers.sft import ordered_examples
+
+    rng = random.Random(seed)
+    rows = [{"prompt": " ".join(f"w{rng.randrange(WORDS)}" for _ in range(rng.randint(8, 24))),
+             "response": " ".join(f"w{rng.randrange(WORDS)}" for _ in range(rng.randint(8, 24)))} for _ in range(64)]
+    return ordered_examples(rows, tokenizer, n, seed)
+
+
+def random_batch(size: int, length: int, seed: int, device: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(len(SPECIALS) + 3, len(SPECIALS) + 3 + WORDS, (size, length), generator=generator)
+    return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}.items()}
+
+
+# --------------------------------------------------------------------------------- the probe
+
+class StepOneRows(TrainerCallback):
+    """Token rows GRIT holds per module at the end of optimizer step 1 (coverage on step 1)."""
+
+    def __init__(self, manager) -> None:
+        self.manager, self.rows = manager, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 1:
+            self.rows = {name: s.u.count + s.u.pending_count for name, s in self.manager.modules.items()}
+
+
+def probe_figures(name: str, model, tokenizer, params, door: str, workdir: Path) -> dict[str, Any]:
+    """The probe of the training recipe on ``model`` (control arm vs GRIT arm through ``door``)."""
+    from trainers.probe.math import median
+    from trainers.probe.measure import probe_setup
+    from trainers.probe.verdict import decide, reasons
+    from trainers.recipe import attach_grit
+
+    recorders: list[StepOneRows] = []
+
+    def attach(model, config, door, total_steps):
+        attachment = attach_grit(model, config, door, total_steps)
+        recorders.append(StepOneRows(attachment.manager))
+        attachment.callbacks.append(recorders[-1])
+        return attachment
+
+    examples = training_examples(tokenizer, params.probe.steps * params.train.per_device_batch_size)
+    measured, _, grit_arm = probe_setup(name, model, tokenizer, examples, params.train, params.grit, door, params.probe,
+                                        workdir, attach=attach, bf16=params.model.dtype == "bfloat16")
+    verdict, checks = decide(measured, params.probe)
+    rows = recorders[0].rows or {}
+    return {
+        "verdict": verdict, "reasons": reasons(checks), "checks": {c.name: c.detail for c in checks},
+        "modules": len(measured.modules), "modules_covered_step1": sum(r > 0 for r in rows.values()),
+        "min_rows_step1": min(rows.values(), default=0), "arm_error": grit_arm.error,
+        "modules_ready": sum(m.usable_A and m.usable_B for m in measured.modules),
+        "update_cosine_median": median([m.update.cosine for m in measured.modules if m.update]),
+    }
+
+
+# ---------------------------------------------------------------------------------- the items
+
+def fused_kernel_counts(model, unsloth_llama) -> dict[str, int]:
+    """How many attention QKV / O projections and MLPs run Unsloth's fused LoRA kernels."""
+    counts = {"qkv": 0, "o": 0, "mlp": 0}
+    for module in unsloth_llama._fused_lora_modules(model):
+        qkv = getattr(module, "apply_qkv", None) is unsloth_llama.apply_lora_qkv
+        o = getattr(module, "apply_o", None) is unsloth_llama.apply_lora_o
+        counts["qkv"] += qkv
+        counts["o"] += o
+        counts["mlp"] += not (qkv or o)
+    return counts | {"total": sum(counts.values())}
+
+
+def check_hybrid(workdir: Path, device: str) -> dict[str, Any]:
+    """Unsloth's FastLanguageModel (fused kernels on CUDA) with GRIT through the Trainer callback."""
+    import unsloth  # noqa: F401  (patches transformers/TRL: this process checks the hybrid only)
+    from unsloth.models import llama as unsloth_llama
+
+    from trainers.engines import build_unsloth
+
+    missing = [name for name in UNSLOTH_INTERNALS if not hasattr(unsloth_llama, name)]
+    files = random_llama(workdir / "tiny", TINY)
+    # Unsloth declines its fused kernels for an fp32 base; bf16 is what they run in on a GPU.
+    params = check_params(files, "bfloat16" if device == "cuda" else "float32")
+    baseline = build_unsloth(files, params, VariantParams(engine="unsloth", grit=False))
+    kernels = fused_kernel_counts(baseline.model, unsloth_llama) if not missing else {}
+    del baseline
+    torch.manual_seed(params.train.seed)
+    hybrid = build_unsloth(files, params, VariantParams(engine="unsloth", grit=True))
+    figures = probe_figures("hybrid_grit", hybrid.model, hybrid.tokenizer, params, "callback", workdir / "probe")
+    notes = [f"baseline LoRA: Unsloth fused {kernels.get('qkv', 0)} QKV, {kernels.get('o', 0)} O and "
+             f"{kernels.get('mlp', 0)} MLP LoRA kernels", *hybrid.notes]
+    return figures | {"device": device, "missing_internals": missing, "fused_kernels": kernels, "notes": notes}
+
+
+def check_qlora(workdir: Path, device: str) -> dict[str, Any]:
+    """NF4 base through bitsandbytes, LoRA + GRIT (optimizer door), adapter saved and reloaded."""
+    from peft import PeftModel, prepare_model_for_kbit_training
+
+    from trainers.base_model import load_causal_lm
+    from trainers.engines import build_peft
+    from trainers.grit.layer import lora_layers
+
+    files = random_llama(workdir / "tiny", TINY)
+    params = check_params(files, "bfloat16", load_in_4bit=True)
+    torch.manual_seed(params.train.seed)
+    engine = build_peft(files, params)
+    nf4 = sum(type(m).__name__ == "Linear4bit" for m in engine.model.modules())
+    figures = probe_figures("qlora_grit", engine.model, engine.tokenizer, params, "optimizer", workdir / "probe")
+    engine.model.save_pretrained(workdir / "adapter")
+    batch = random_batch(2, 32, seed=5, device="cuda")
+    reloaded = PeftModel.from_pretrained(prepare_model_for_kbit_training(load_causal_lm(files, params.model),
+                                                                         use_gradient_checkpointing=False),
+                                         str(workdir / "adapter"))
+    with torch.no_grad():
+        trained_logits = engine.model.eval()(**batch).logits.float()
+        reloaded_logits = reloaded.eval()(**batch).logits.float()
+    trained = {name: (layer.lora_A[a].weight, layer.lora_B[a].weight) for name, layer, a in lora_layers(engine.model)}
+    again = {name: (layer.lora_A[a].weight, layer.lora_B[a].weight) for name, layer, a in lora_layers(reloaded)}
+    equal = trained.keys() == again.keys() and all(
+        torch.equal(x.detach().cpu(), y.detach().cpu()) for n in trained for x, y in zip(trained[n], again[n], strict=True))
+    return figures | {"device": device, "nf4_layers": nf4, "reload_weights_equal": bool(equal),
+                      "reload_max_logit_difference": float((trained_logits - reloaded_logits).abs().max())}
+
+
+def _module_gradients(manager) -> dict[str, torch.Tensor]:
+    return {name: torch.cat([s.lora_A.weight.grad.float().flatten(), s.lora_B.weight.grad.float().flatten()])
+            for name, s in manager.modules.items()}
+
+
+def check_bf16(workdir: Path, device: str) -> dict[str, Any]:
+    """A bf16 model's GRIT step (statistics and inverses fp32) against the same step recomputed
+    in fp32 from the same (bf16-rounded) weights on the same batch."""
+    from trainers.engines import build_peft
+    from trainers.grit.manager import GritManager
+
+    files = random_llama(workdir / "tiny", TINY)
+    torch.manual_seed(0)
+    low = build_peft(files, check_params(files, "bfloat16")).model.to(device)
+    with torch.no_grad():      # a non-zero B, so both sides have statistics to invert
+        for name, parameter in low.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02)
+    high = build_peft(files, check_params(files, "float32")).model.to(device)
+    high.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
+    batch = random_batch(4, 64, seed=3, device=device)
+    gradients, dtypes = {}, set()
+    for label, model in (("bf16", low), ("fp32", high)):
+        manager = GritManager(model, GritConfig(min_samples=1, update_freq=1, graft_norm=False))
+        model.train()
+        model(**batch).loss.backward()
+        manager.precondition_step()
+        gradients[label] = _module_gradients(manager)
+        dtypes |= {str(t.dtype) for s in manager.modules.values()
+                   for t in (s.u.total, s.v.total, *(i for i in s.inverse.values() if i is not None))}
+        manager.detach()
+    cosines, differences = [], []
+    for name, reference in gradients["fp32"].items():
+        ours = gradients["bf16"][name]
+        cosines.append(float(torch.nn.functional.cosine_similarity(ours, reference, dim=0)))
+        differences.append(float((ours - reference).norm() / reference.norm()))
+    return {"device": device, "modules": len(cosines), "statistics_dtypes": sorted(dtypes),
+            "all_finite": all(bool(torch.isfinite(g).all()) for g in gradients["bf16"].values()),
+            "min_cosine": min(cosines), "median_cosine": statistics.median(cosines),
+            "max_relative_difference": max(differences), "median_relative_difference": statistics.median(differences)}
+
+
+# ------------------------------------------------------------------------------- the overhead
+
+def overhead_model(workdir: Path, engine: str, grit: bool, device: str):
+    """(model, optimizer step function) of one arm on the SmolLM2-135M-shaped model."""
+    from trainers.engines import build_peft, build_unsloth
+    from trainers.grit.doors import clip_gradients
+    from trainers.grit.manager import GritManager
+
+    files = random_llama(workdir / "smollm2-shape", SMOLLM2_SHAPE)
+    params = check_params(files, "bfloat16" if device == "cuda" else "float32")
+    params.lora = LoraParams(r=16, alpha=32)
+    torch.manual_seed(0)
+    if engine == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model = build_unsloth(files, params, VariantParams(engine="unsloth", grit=grit)).model
+        FastLanguageModel.for_training(model)
+    else:
+        model = build_peft(files, params).model.to(device)
+    model.train()
+    lora = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora, lr=1e-4)
+    manager = GritManager(model, GritConfig()) if grit else None
+
+    def step(batch) -> None:
+        model(**batch).loss.backward()
+        if manager is not None:
+            manager.before_step(1.0)        # sync, invert when due, precondition, clip
+        else:
+            clip_gradients(lora, 1.0)
+        optimizer.step()
+        if manager is not None:
+            manager.after_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def overhead_time(workdir: Path, device: str, engine: str, steps: int, batch: int, length: int) -> dict[str, Any]:
+    """Both arms in one process, steps interleaved (LoRA, GRIT, LoRA, ...) on the same batches,
+    so the machine's noise hits both alike; the ratio of median step times."""
+    arms = {arm: overhead_model(workdir, engine, arm == "grit", device)[1] for arm in ("lora", "grit")}
+    times: dict[str, list[float]] = {"lora": [], "grit": []}
+    for k in range(steps + 2):          # two warm-up steps (allocator, kernels, first inversion)
+        inputs = random_batch(batch, length, seed=k, device=device)
+        for arm, step in arms.items():
+            _synchronize(device)
+            started = time.perf_counter()
+            step(inputs)
+            _synchronize(device)
+            if k >= 2:
+                times[arm].append(time.perf_counter() - started)
+    lora, grit = statistics.median(times["lora"]), statistics.median(times["grit"])
+    return {"lora_step_ms": 1000 * lora, "grit_step_ms": 1000 * grit, "step_time_ratio": grit / lora,
+            "steps": steps, "batch": batch, "length": length}
+
+
+def overhead_memory(workdir: Path, device: str, engine: str, arm: str, steps: int, batch: int,
+                    length: int) -> dict[str, Any]:
+    """One arm alone in a fresh process: the peak CUDA memory of its whole training (weights,
+    activations, optimizer and GRIT state)."""
+    _, step = overhead_model(workdir, engine, arm == "grit", device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for k in range(steps):
+        step(random_batch(batch, length, seed=k, device=device))
+    _synchronize(device)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return {"peak_mib": peak}
+
+
+# ------------------------------------------------------------------------------------ entry
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.gpu_check.items")
+    parser.add_argument("item")
+    parser.add_argument("--workdir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    args = parser.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    kind, _, rest = args.item.partition(":")
+    try:
+        if kind == "hybrid":
+            result = check_hybrid(args.workdir, args.device)
+        elif kind == "qlora":
+            result = check_qlora(args.workdir, args.device)
+        elif kind == "bf16":
+            result = check_bf16(args.workdir, args.device)
+        elif kind == "overhead-time":
+            result = overhead_time(args.workdir, args.device, rest, args.steps, args.batch, args.length)
+        elif kind == "overhead-memory":
+            engine, arm = rest.split(":")
+            result = overhead_memory(args.workdir, args.device, engine, arm, args.steps, args.batch, args.length)
+        else:
+            raise SystemExit(f"unknown item {args.item!r}")
+    except Exception as error:  # noqa: BLE001 - the orchestrator reports it as the item's failure
+        traceback.print_exc()
+        args.out.write_text(json.dumps({"error": f"{type(error).__name__}: {error}".splitlines()[0]}))
+        return 1
+    args.out.write_text(json.dumps(result, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Pass/fail rules of the GPU check and its report (pure functions: no torch, no CUDA).
+
+Each item's worker returns its figures as a plain dict; :func:`judge` turns them into an
+:class:`ItemResult` with the failures spelled out, :func:`report` and :func:`table` render them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+EXIT_PASSED, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
+
+# GRIT over plain LoRA, same engine, same batches: the targets the project states.
+STEP_TIME_TARGET = 1.05
+PEAK_MEMORY_TARGET = 1.02
+# bf16 model, fp32 statistics and inverses vs an fp32 recomputation on the same batch: bf16
+# activations carry ~3 significant digits, so per-module preconditioned gradients agree to
+# about 1e-2, not to fp32 rounding.
+BF16_MIN_COSINE = 0.99
+BF16_MAX_RELATIVE_DIFFERENCE = 0.1
+# QLoRA: an adapter reloaded onto a freshly quantised base must compute what it did.
+RELOAD_MAX_LOGIT_DIFFERENCE = 1e-2
+
+TITLES = {
+    "hybrid": "Unsloth fused kernels + GRIT callback (hybrid)",
+    "qlora": "NF4 base (bitsandbytes) + LoRA + GRIT",
+    "bf16": "bf16 model, fp32 GRIT statistics",
+    "overhead": "GRIT overhead over LoRA",
+}
+
+
+@dataclass
+class ItemResult:
+    """``passed`` None: not run (``notes`` say why), never counted as a pass."""
+
+    name: str
+    passed: bool | None
+    figures: dict[str, Any] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return TITLES.get(self.name, self.name)
+
+
+def _probe_failures(figures: dict[str, Any]) -> list[str]:
+    """GRIT must have captured rows on every LoRA module in step 1 and be judged effective."""
+    failures = []
+    modules, covered = figures.get("modules", 0), figures.get("modules_covered_step1", 0)
+    if not modules or covered < modules:
+        failures.append(f"GRIT captured rows on {covered}/{modules} LoRA modules in step 1")
+    if figures.get("verdict") != "effective":
+        failures.append(f"probe verdict {figures.get('verdict')!r} ({', '.join(figures.get('reasons') or []) or 'no reason'})")
+    return failures
+
+
+def judge_hybrid(figures: dict[str, Any]) -> list[str]:
+    failures = [f"Unsloth internals the project relies on are gone: {', '.join(figures['missing_internals'])}"] \
+        if figures.get("missing_internals") else []
+    if figures.get("device") == "cuda" and not figures.get("fused_kernels", {}).get("total"):
+        failures.append("Unsloth installed no fused LoRA kernel on CUDA (the path under test did not run)")
+    return failures + _probe_failures(figures)
+
+
+def judge_qlora(figures: dict[str, Any]) -> list[str]:
+    failures = _probe_failures(figures)
+    if not figures.get("nf4_layers"):
+        failures.append("no bitsandbytes Linear4bit layer in the model: it was not loaded in NF4")
+    difference = figures.get("reload_max_logit_difference")
+    if difference is None or not difference <= RELOAD_MAX_LOGIT_DIFFERENCE:
+        failures.append(f"the reloaded adapter computes other logits (max |difference| {difference}, "
+                        f"allowed {RELOAD_MAX_LOGIT_DIFFERENCE})")
+    if not figures.get("reload_weights_equal"):
+        failures.append("the reloaded LoRA weights differ from the trained ones")
+    return failures
+
+
+def judge_bf16(figures: dict[str, Any]) -> list[str]:
+    failures = []
+    if figures.get("statistics_dtypes") != ["torch.float32"]:
+        failures.append(f"GRIT statistics or inverses are not fp32: {figures.get('statistics_dtypes')}")
+    if not figures.get("all_finite"):
+        failures.append("a preconditioned gradient is not finite")
+    cosine, difference = figures.get("min_cosine"), figures.get("max_relative_difference")
+    if cosine is None or not cosine >= BF16_MIN_COSINE:
+        failures.append(f"preconditioned gradients vs fp32: min cosine {cosine} < {BF16_MIN_COSINE}")
+    if difference is None or not difference <= BF16_MAX_RELATIVE_DIFFERENCE:
+        failures.append(f"preconditioned gradients vs fp32: max relative difference {difference} > "
+                        f"{BF16_MAX_RELATIVE_DIFFERENCE}")
+    return failures
+
+
+def judge_overhead(figures: dict[str, Any]) -> list[str]:
+    failures = []
+    for engine, ratios in sorted(figures.get("engines", {}).items()):
+        time_ratio, memory_ratio = ratios.get("step_time_ratio"), ratios.get("peak_memory_ratio")
+        for what, ratio, target in (("step time", time_ratio, STEP_TIME_TARGET),
+                                    ("peak memory", memory_ratio, PEAK_MEMORY_TARGET)):
+            if ratio is None or not math.isfinite(ratio):
+                failures.append(f"{engine}: {what} GRIT/LoRA not measured")
+            elif ratio > target:
+                failures.append(f"{engine}: {what} GRIT/LoRA {_fmt(ratio)} > {target}")
+    if not figures.get("engines"):
+        failures.append("no engine was measured")
+    return failures
+
+
+JUDGES = {"hybrid": judge_hybrid, "qlora": judge_qlora, "bf16": judge_bf16, "overhead": judge_overhead}
+
+
+def judge(name: str, figures: dict[str, Any] | None, error: str | None = None,
+          not_run: str | None = None) -> ItemResult:
+    """The verdict of one item from what its worker returned (or the error that ended it)."""
+    if not_run is not None:
+        return ItemResult(name, None, notes=[not_run])
+    if error is not None or figures is None:
+        return ItemResult(name, False, figures or {}, [f"the check itself failed: {error or 'no result'}"])
+    failures = JUDGES[name](figures)
+    return ItemResult(name, not failures, figures, failures, list(figures.get("notes", [])))
+
+
+def exit_code(items: list[ItemResult]) -> int:
+    return EXIT_PASSED if items and all(i.passed for i in items) else EXIT_FAILED
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "n/a" if value is None else str(value)
+
+
+def headline(item: ItemResult) -> str:
+    """The few figures that say what happened, for the table."""
+    f = item.figures
+    if item.name in ("hybrid", "qlora"):
+        kernels = f.get("fused_kernels", {})
+        fused = f"fused kernels {kernels.get('qkv', 0)} QKV / {kernels.get('o', 0)} O / {kernels.get('mlp', 0)} MLP; " \
+            if item.name == "hybrid" else ""
+        return (f"{fused}rows on {f.get('modules_covered_step1', 0)}/{f.get('modules', 0)} modules in step 1; "
+                f"verdict {f.get('verdict', 'n/a')}; update cosine vs control {_fmt(f.get('update_cosine_median'))}")
+    if item.name == "bf16":
+        return (f"min cosine {_fmt(f.get('min_cosine'))}, max relative difference "
+                f"{_fmt(f.get('max_relative_difference'))} over {f.get('modules', 0)} modules")
+    if item.name == "overhead":
+        return "; ".join(f"{engine}: time x{_fmt(r.get('step_time_ratio'))}, memory x{_fmt(r.get('peak_memory_ratio'))}"
+                         for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
+    return ""
+
+
+def table(items: list[ItemResult]) -> str:
+    status = {True: "PASS", False: "FAIL", None: "not run"}
+    lines = ["| check | result | figures |", "|---|---|---|"]
+    for item in items:
+        if item.failures or item.passed is None:
+            detail = "; ".join(item.failures or item.notes)
+        else:
+            detail = headline(item) or "; ".join(item.notes)
+        lines.append(f"| {item.title} | {status[item.passed]} | {detail} |")
+    return "\n".join(lines)
+
+
+def report(items: list[ItemResult], environment: dict[str, Any]) -> dict[str, Any]:
+    """The JSON report: environment, every item with its figures and failures, the targets."""
+    return {
+        "passed": exit_code(items) == EXIT_PASSED,
+        "environment": environment,
+        "targets": {"step_time_ratio": STEP_TIME_TARGET, "peak_memory_ratio": PEAK_MEMORY_TARGET,
+                    "bf16_min_cosine": BF16_MIN_COSINE, "bf16_max_relative_difference": BF16_MAX_RELATIVE_DIFFERENCE,
+                    "reload_max_logit_difference": RELOAD_MAX_LOGIT_DIFFERENCE},
+        "items": [asdict(item) | {"title": item.title} for item in items],
+    }

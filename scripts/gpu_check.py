@@ -1,0 +1,132 @@
+"""``make gpu-check``: what only a CUDA machine can show, in a few minutes, with no model hub.
+
+    python scripts/gpu_check.py [--out reports/gpu_check.json] [--items hybrid,qlora,bf16,overhead]
+
+Runs each item of ``pipelines/gpu_check`` in its own process (Unsloth patches libraries for the
+whole process), judges it (``pipelines/gpu_check/report.py``), prints a table and writes one JSON
+report. Exit 0 when every item passes, 1 when one fails, 3 when no CUDA device is visible.
+``--device cpu`` rehearses the plumbing on a machine without a GPU (the test suite does): its
+figures say nothing about CUDA and it never counts as a GPU check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pipelines.gpu_check.report import EXIT_NO_CUDA, exit_code, judge, report, table  # noqa: E402
+
+ITEMS = ("hybrid", "qlora", "bf16", "overhead")
+ENGINES = ("unsloth", "peft")
+NO_CUDA = ("no CUDA device: make gpu-check needs an NVIDIA GPU that torch can see (torch.cuda.is_available() "
+           "is False); see docs/gpu.md")
+
+
+def environment(device: str) -> dict[str, object]:
+    import torch
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
+    return {"device": device, "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "packages": {name: installed(name) for name in (
+                "unsloth", "unsloth_zoo", "peft", "transformers", "trl", "bitsandbytes", "accelerate")}}
+
+
+def run_item(item: str, workdir: Path, device: str, sizes: list[str], timeout_s: int) -> tuple[dict | None, str | None]:
+    """(figures, None) or (None, the error that ended the item's process)."""
+    out = workdir / f"{item.replace(':', '-')}.json"
+    command = [sys.executable, "-m", "pipelines.gpu_check.items", item, "--workdir", str(workdir), "--out", str(out),
+               "--device", device, *sizes]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    try:
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None, f"{item} did not finish in {timeout_s} s"
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    if done.returncode != 0 or "error" in result:
+        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), f"exit {done.returncode}")
+        (workdir / f"{item.replace(':', '-')}.log").write_text(done.stdout + done.stderr)
+        return None, result.get("error") or last.strip()
+    return result, None
+
+
+def overhead(workdir: Path, device: str, sizes: list[str], timeout_s: int) -> tuple[dict | None, str | None]:
+    """Per engine: the step-time ratio from one interleaved process, the peak-memory ratio from
+    one fresh process per arm."""
+    engines: dict[str, dict] = {}
+    for engine in ENGINES:
+        timing, error = run_item(f"overhead-time:{engine}", workdir, device, sizes, timeout_s)
+        if error:
+            return None, f"{engine}: {error}"
+        peaks = {}
+        for arm in ("lora", "grit"):
+            memory, error = run_item(f"overhead-memory:{engine}:{arm}", workdir, device, sizes, timeout_s)
+            if error:
+                return None, f"{engine} ({arm}): {error}"
+            peaks[arm] = memory["peak_mib"]
+        ratio = peaks["grit"] / peaks["lora"] if peaks["lora"] and peaks["grit"] else None
+        engines[engine] = timing | {"lora_peak_mib": peaks["lora"], "grit_peak_mib": peaks["grit"],
+                                    "peak_memory_ratio": ratio}
+    notes = ["unsloth: the LoRA arm runs Unsloth's fused kernels, the GRIT arm PEFT's forwards (GRIT must see "
+             "each LoRA layer), so its ratio includes the cost of leaving the fused path"]
+    return {"engines": engines, "notes": notes}, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python scripts/gpu_check.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "gpu_check.json")
+    parser.add_argument("--items", default=",".join(ITEMS), help=f"comma-separated subset of {', '.join(ITEMS)}")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: rehearse the plumbing without a GPU (never a GPU check)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per arm in the overhead item")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per item process")
+    args = parser.parse_args(argv)
+    wanted = [item.strip() for item in args.items.split(",") if item.strip()]
+    unknown = [item for item in wanted if item not in ITEMS]
+    if unknown:
+        print(f"error: unknown item {unknown[0]!r}; choose from {', '.join(ITEMS)}", file=sys.stderr)
+        return 2
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"error: {NO_CUDA}", file=sys.stderr)
+        return EXIT_NO_CUDA
+    sizes = ["--steps", str(args.steps), "--batch", str(args.batch), "--length", str(args.length)]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        workdir = Path(scratch)
+        for item in wanted:
+            print(f"[gpu-check] {item} ...", flush=True)
+            if item == "qlora" and args.device != "cuda":
+                results.append(judge(item, None, not_run="bitsandbytes NF4 needs CUDA"))
+                continue
+            figures, error = overhead(workdir, args.device, sizes, args.timeout) if item == "overhead" \
+                else run_item(item, workdir, args.device, sizes, args.timeout)
+            results.append(judge(item, figures, error))
+    payload = report(results, environment(args.device))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
+    print(table(results))
+    print(f"[gpu-check] report: {args.out}" + ("" if args.device == "cuda" else " (cpu rehearsal: not a GPU check)"))
+    return exit_code(results)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""The GPU check's CPU side: its pass/fail rules and report, its one-line exit where no CUDA device
+is visible, and a CPU rehearsal of its plumbing (the real Unsloth engine, the probe, GRIT's
+fp32 statistics under a bf16 model) so a broken item is caught here, not on a rented GPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipelines.gpu_check.report import (
+    EXIT_FAILED,
+    EXIT_NO_CUDA,
+    EXIT_PASSED,
+    PEAK_MEMORY_TARGET,
+    STEP_TIME_TARGET,
+    exit_code,
+    judge,
+    report,
+    table,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+GOOD_PROBE = {"verdict": "effective", "reasons": [], "modules": 14, "modules_covered_step1": 14,
+              "update_cosine_median": 0.7}
+
+
+def _script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "scripts/gpu_check.py", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=1200, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_a_working_hybrid_passes_and_each_way_of_failing_is_named():
+    cuda = {**GOOD_PROBE, "device": "cuda", "missing_internals": [],
+            "fused_kernels": {"qkv": 2, "o": 2, "mlp": 2, "total": 6}}
+    assert judge("hybrid", cuda).passed
+    moved = judge("hybrid", {**cuda, "missing_internals": ["_fused_lora_modules"]})
+    assert not moved.passed and "Unsloth internals the project relies on are gone: _fused_lora_modules" in moved.failures[0]
+    unfused = judge("hybrid", {**cuda, "fused_kernels": {"total": 0}})
+    assert not unfused.passed and "no fused LoRA kernel" in unfused.failures[0]
+    blind = judge("hybrid", {**cuda, "modules_covered_step1": 0, "verdict": "inert", "reasons": ["capture_bypassed"]})
+    assert blind.failures == ["GRIT captured rows on 0/14 LoRA modules in step 1",
+                              "probe verdict 'inert' (capture_bypassed)"]
+    assert judge("hybrid", {**GOOD_PROBE, "device": "cpu", "missing_internals": [], "fused_kernels": {}}).passed
+
+
+def test_qlora_needs_nf4_layers_and_a_faithful_reload():
+    good = {**GOOD_PROBE, "nf4_layers": 14, "reload_weights_equal": True, "reload_max_logit_difference": 0.0}
+    assert judge("qlora", good).passed
+    assert "not loaded in NF4" in judge("qlora", {**good, "nf4_layers": 0}).failures[0]
+    assert "other logits" in judge("qlora", {**good, "reload_max_logit_difference": 0.5}).failures[0]
+    assert "differ from the trained ones" in judge("qlora", {**good, "reload_weights_equal": False}).failures[0]
+
+
+def test_bf16_precision_rules():
+    good = {"statistics_dtypes": ["torch.float32"], "all_finite": True, "min_cosine": 0.999,
+            "max_relative_difference": 0.02, "modules": 14}
+    assert judge("bf16", good).passed
+    assert "not fp32" in judge("bf16", {**good, "statistics_dtypes": ["torch.bfloat16", "torch.float32"]}).failures[0]
+    assert "not finite" in judge("bf16", {**good, "all_finite": False}).failures[0]
+    assert "min cosine" in judge("bf16", {**good, "min_cosine": 0.9}).failures[0]
+    assert "max relative difference" in judge("bf16", {**good, "max_relative_difference": 0.5}).failures[0]
+
+
+def test_overhead_targets_are_the_stated_ones():
+    within = {"step_time_ratio": STEP_TIME_TARGET - 0.01, "peak_memory_ratio": PEAK_MEMORY_TARGET}
+    assert judge("overhead", {"engines": {"peft": within, "unsloth": within}}).passed
+    slow = judge("overhead", {"engines": {"peft": {**within, "step_time_ratio": 1.2},
+                                          "unsloth": {**within, "peak_memory_ratio": None}}})
+    assert slow.failures == [f"peft: step time GRIT/LoRA 1.2 > {STEP_TIME_TARGET}",
+                             "unsloth: peak memory GRIT/LoRA not measured"]
+    assert not judge("overhead", {"engines": {}}).passed
+
+
+def test_report_table_and_exit_codes():
+    items = [judge("bf16", {"statistics_dtypes": ["torch.float32"], "all_finite": True, "min_cosine": 0.999,
+                            "max_relative_difference": 0.02, "modules": 3}),
+             judge("qlora", None, not_run="bitsandbytes NF4 needs CUDA"),
+             judge("hybrid", None, error="ImportError: no module named unsloth")]
+    assert [i.passed for i in items] == [True, None, False]
+    assert exit_code(items[:1]) == EXIT_PASSED and exit_code(items[:2]) == EXIT_FAILED   # not run is no pass
+    assert exit_code(items) == EXIT_FAILED and exit_code([]) == EXIT_FAILED
+    text = table(items)
+    assert "| bf16 model, fp32 GRIT statistics | PASS | min cosine 0.999" in text
+    assert "| NF4 base (bitsandbytes) + LoRA + GRIT | not run | bitsandbytes NF4 needs CUDA |" in text
+    assert "| FAIL | the check itself failed: ImportError: no module named unsloth |" in text
+    payload = json.loads(json.dumps(report(items, {"device": "cpu"})))
+    assert payload["passed"] is False and payload["targets"]["step_time_ratio"] == STEP_TIME_TARGET
+    assert [i["name"] for i in payload["items"]] == ["bf16", "qlora", "hybrid"]
+
+
+def test_without_a_gpu_the_check_exits_with_one_line_and_its_own_code(tmp_path: Path):
+    import torch
+
+    assert not torch.cuda.is_available(), "this test is for machines without CUDA"
+    done = _script("--out", str(tmp_path / "report.json"))
+    assert done.returncode == EXIT_NO_CUDA
+    assert done.stderr.strip().splitlines() == [
+        "error: no CUDA device: make gpu-check needs an NVIDIA GPU that torch can see (torch.cuda.is_available() "
+        "is False); see docs/gpu.md"]
+    assert not (tmp_path / "report.json").exists()
+    assert _script("--items", "hybrid,warp").returncode == 2
+
+
+@pytest.mark.slow
+def test_a_cpu_rehearsal_runs_the_real_items(tmp_path: Path):
+    """The hybrid through the real Unsloth engine (CPU fallback: no fused kernels there) with GRIT's
+    callback and the probe, and the bf16 item: both pass; QLoRA is reported as not run."""
+    out = tmp_path / "report.json"
+    done = _script("--device", "cpu", "--items", "hybrid,qlora,bf16", "--out", str(out))
+    payload = json.loads(out.read_text())
+    items = {i["name"]: i for i in payload["items"]}
+    assert items["hybrid"]["passed"], items["hybrid"]
+    assert items["hybrid"]["figures"]["modules_covered_step1"] == items["hybrid"]["figures"]["modules"] == 14
+    assert items["hybrid"]["figures"]["missing_internals"] == []
+    assert items["bf16"]["passed"] and items["bf16"]["figures"]["statistics_dtypes"] == ["torch.float32"]
+    assert items["qlora"]["passed"] is None
+    assert done.returncode == EXIT_FAILED                      # a rehearsal with an item not run is no pass
+    assert "cpu rehearsal: not a GPU check" in done.stdout
