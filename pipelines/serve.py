@@ -12,7 +12,6 @@ one, run ``dvc repro -f serve`` (or ``python -m pipelines.serve``).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any

@@ -63,3 +63,21 @@ def test_nothing_in_the_repository_points_outside_it():
     offending = [f"{path.relative_to(REPO_ROOT)}: {needle}" for path in _tracked_text_files()
                  for needle in OUTSIDE if needle in path.read_text(errors="replace")]
     assert not offending, offending
+
+
+def test_the_figures_the_readme_quotes_in_prose_are_the_committed_metrics():
+    """The plain-language paragraph quotes figures; they must be the committed run's, not stale."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    prose = readme.split("**Read plainly.**", 1)[1].split("## Using it", 1)[0]
+    prose = " ".join(prose.split())
+    evaluation = json.loads((REPO_ROOT / "metrics/eval.json").read_text())
+    probes = json.loads((REPO_ROOT / "metrics/probes.json").read_text())["variants"]
+    lora = sorted(round(100 * evaluation[v]["refusal_rate"]["value"]) for v in ("baseline_lora", "peft_lora"))
+    grit = {round(100 * evaluation[v]["refusal_rate"]["value"]) for v in ("hybrid_grit", "pure_grit")}
+    base = round(100 * evaluation["base"]["refusal_rate"]["value"])
+    assert f"({lora[0]}-{lora[1]}% of held-out harmful prompts, from {base}%)" in prose
+    assert len(grit) == 1 and f"({grit.pop()}% by the pattern detector)" in prose
+    cosines = {round(p["update_cosine_median"], 2) for p in probes.values()}
+    assert len(cosines) == 1 and f"median cosine {cosines.pop():.2f} with the control's" in prose
+    aqi = {round(c["delta"], 4) for c in evaluation["comparisons"] if c["metric"] == "aqi" and c["reference"] != "base"}
+    assert len(aqi) == 1 and f"AQI difference ({aqi.pop():+.4f})" in prose
