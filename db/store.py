@@ -57,12 +57,19 @@ def _sqlite_begin_immediate(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _is_uri(parsed) -> bool:
+    """``sqlite:///file:x.db?mode=ro&uri=true``: SQLite's URI form, with its options."""
+    return parsed.query.get("uri") in ("true", "1")
+
+
 def sqlite_file(url: str, root: Path | None = None) -> Path:
-    """The file a SQLite URL names, a relative path taken relative to ``root`` (default: cwd).
-    A URI-style database (``sqlite:///file:x.db?mode=ro&uri=true``) names ``x.db``."""
+    """The file a SQLite URL names, a relative path taken relative to ``root`` (default: cwd);
+    a URI-style database names the file after ``file:``. An in-memory store is an error."""
     parsed = make_url(url)
-    name = parsed.database or ""
-    if parsed.query.get("uri") in ("true", "1") and name.startswith("file:"):
+    if parsed.database in (None, "", ":memory:"):
+        raise StoreError(f"store url {url!r}: an in-memory SQLite store cannot be shared; give a file")
+    name = parsed.database
+    if _is_uri(parsed) and name.startswith("file:"):
         name = name.removeprefix("file:")
     path = Path(name)
     return path if path.is_absolute() else (root or Path.cwd()) / path
@@ -89,8 +96,6 @@ def check_store_writable(url: str, root: Path | None = None) -> None:
         except Exception as error:  # noqa: BLE001 - any driver's connection error
             raise StoreError(f"store.url: cannot connect to {parsed.render_as_string()} ({_first_line(error)})") from None
         return
-    if parsed.database in (None, "", ":memory:"):
-        raise StoreError(f"store url {url!r}: an in-memory SQLite store cannot be shared; give a file")
     path = sqlite_file(url, root)
     if not path.exists():
         folder = path.parent
@@ -120,13 +125,10 @@ def create_store_engine(url: str, root: Path | None = None) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
         return create_engine(parsed, pool_pre_ping=True)
-    if parsed.database in (None, "", ":memory:"):
-        raise StoreError(f"store url {url!r}: an in-memory SQLite store cannot be shared; give a file")
     path = sqlite_file(url, root)
     path.parent.mkdir(parents=True, exist_ok=True)
-    uri = parsed.query.get("uri") in ("true", "1")
     engine = create_engine(
-        parsed.set(database=f"file:{path}" if uri else str(path)),
+        parsed.set(database=f"file:{path}" if _is_uri(parsed) else str(path)),
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
     )
     event.listen(engine, "connect", _sqlite_pragmas)

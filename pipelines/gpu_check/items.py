@@ -189,7 +189,7 @@ def check_qlora(workdir: Path, device: str) -> dict[str, Any]:
 
     from trainers.base_model import load_causal_lm
     from trainers.engines import build_peft
-    from trainers.grit.layer import lora_layers
+    from trainers.probe.arms import snapshot_factors
 
     files = random_llama(workdir / "tiny", TINY)
     params = check_params(files, "bfloat16", load_in_4bit=True)
@@ -205,17 +205,11 @@ def check_qlora(workdir: Path, device: str) -> dict[str, Any]:
     with torch.no_grad():
         trained_logits = engine.model.eval()(**batch).logits.float()
         reloaded_logits = reloaded.eval()(**batch).logits.float()
-    trained = {name: (layer.lora_A[a].weight, layer.lora_B[a].weight) for name, layer, a in lora_layers(engine.model)}
-    again = {name: (layer.lora_A[a].weight, layer.lora_B[a].weight) for name, layer, a in lora_layers(reloaded)}
+    trained, again = snapshot_factors(engine.model), snapshot_factors(reloaded)
     equal = trained.keys() == again.keys() and all(
-        torch.equal(x.detach().cpu(), y.detach().cpu()) for n in trained for x, y in zip(trained[n], again[n], strict=True))
+        torch.equal(x, y) for n in trained for x, y in zip(trained[n], again[n], strict=True))
     return figures | {"device": device, "nf4_layers": nf4, "reload_weights_equal": bool(equal),
                       "reload_max_logit_difference": float((trained_logits - reloaded_logits).abs().max())}
-
-
-def _module_gradients(manager) -> dict[str, torch.Tensor]:
-    return {name: torch.cat([s.lora_A.weight.grad.float().flatten(), s.lora_B.weight.grad.float().flatten()])
-            for name, s in manager.modules.items()}
 
 
 def check_bf16(workdir: Path, device: str) -> dict[str, Any]:
@@ -223,6 +217,7 @@ def check_bf16(workdir: Path, device: str) -> dict[str, Any]:
     in fp32 from the same (bf16-rounded) weights on the same batch."""
     from trainers.engines import build_peft
     from trainers.grit.manager import GritManager
+    from trainers.probe.arms import module_gradients
 
     files = random_llama(workdir / "tiny", TINY)
     torch.manual_seed(0)
@@ -240,7 +235,7 @@ def check_bf16(workdir: Path, device: str) -> dict[str, Any]:
         model.train()
         model(**batch).loss.backward()
         manager.precondition_step()
-        gradients[label] = _module_gradients(manager)
+        gradients[label] = module_gradients(model)
         dtypes |= {str(t.dtype) for s in manager.modules.values()
                    for t in (s.u.total, s.v.total, *(i for i in s.inverse.values() if i is not None))}
         manager.detach()

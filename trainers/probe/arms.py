@@ -55,7 +55,7 @@ def restore_factors(model, factors: Factors) -> None:
             A.grad = B.grad = None
 
 
-def _module_gradients(model) -> dict[str, torch.Tensor]:
+def module_gradients(model) -> dict[str, torch.Tensor]:
     """[grad_A, grad_B] flattened per module (a missing gradient counts as zero)."""
     gradients = {}
     for name, (A, B, _) in lora_modules(model).items():
@@ -106,12 +106,12 @@ class _Lead(TrainerCallback):
         self._handle = optimizer.register_step_pre_hook(self._on_consume)
 
     def _on_consume(self, _optimizer, _args, _kwargs) -> None:
-        self.consumed = _module_gradients(self.model)
+        self.consumed = module_gradients(self.model)
         self.trace.consumed_vs_raw.append(
             {name: compare_vectors(self.consumed[name], self.raw[name]) for name in self.consumed})
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.raw = _module_gradients(self.model)
+        self.raw = module_gradients(self.model)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trace.factors.append(snapshot_factors(self.model))
@@ -136,7 +136,7 @@ class _Tail(TrainerCallback):
         self.lead = lead
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        after = _module_gradients(self.lead.model)
+        after = module_gradients(self.lead.model)
         changes = [compare_vectors(after[name], consumed).relative_difference or 0.0
                    for name, consumed in self.lead.consumed.items()]
         self.lead.trace.changed_after_step.append(max(changes, default=0.0))
