@@ -25,7 +25,7 @@ class EvalParams(Section):
     overrefusal_prompts: Annotated[int, Field(gt=0)] = 50   # edgy but benign prompts
     max_new_tokens: Annotated[int, Field(gt=0)] = 32        # a refusal shows in the opening sentences
     # knowledge retention: true/false statement pairs, by mean token log-probability
-    fact_pairs: Annotated[int, Field(gt=0)] = 120
+    fact_pairs: Annotated[int, Field(gt=0)] = 300
     # statistics
     bootstrap_resamples: Annotated[int, Field(ge=100)] = 1000
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95

@@ -31,6 +31,8 @@ from trainers.data.assemble import (
     build_eval_sets,
     check_held_out,
     fit_examples,
+    harmful_requests,
+    pair_statements,
     select_prompts,
     split,
 )
@@ -58,7 +60,7 @@ def load_sources(params: Params) -> LoadedSources:
         aqi = aqi_rows_from_labelled(*sources.labelled_safety_pairs(data.aqi_dataset))
     else:
         aqi = aqi_rows_from_pairs(sources.rho_refusal_pairs())
-    facts = sources.rho_fact_pairs() + sources.lmdoctor_fact_statements()
+    facts = sources.rho_fact_pairs() + pair_statements(sources.lmdoctor_fact_statements())
     eval_sets = build_eval_sets(aqi, sources.rho_overrefusal_prompts(), facts)
     if data.task == "instruction":
         return LoadedSources(harmful=[], benign=sources.alpaca_prompts(data.instruction), eval_sets=eval_sets)
@@ -82,7 +84,8 @@ def _counts_by(rows: list[dict], key: str) -> dict[str, int]:
 
 def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
     data, report = ctx.params.data, SelectionReport()
-    for always_reported in ("dropped_overlong", "truncated_prompt", "dropped_empty_response"):
+    for always_reported in ("dropped_overlong", "truncated_prompt", "dropped_empty_response",
+                            "harmful_dropped_not_a_harmful_request", "benign_dropped_answer_cut_at_token_limit"):
         report.add(always_reported, 0)
     held_out = loaded.eval_sets.prompts()
     files = resolve_base_model(ctx.params.model)
@@ -94,16 +97,20 @@ def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
         rows = [{"id": p.id, "source": p.source, "kind": "instruction", "prompt": p.text,
                  "response": p.response} for p in chosen]
     else:
-        harmful = select_prompts(loaded.harmful, data.max_harmful, data.seed, data.near_duplicate_threshold,
+        requests = harmful_requests(loaded.harmful, data.donotanswer_areas)
+        report.add("harmful_dropped_not_a_harmful_request", len(loaded.harmful) - len(requests))
+        harmful = select_prompts(requests, data.max_harmful, data.seed, data.near_duplicate_threshold,
                                  held_out, "harmful", report)
         benign = select_prompts(loaded.benign, data.max_benign, data.seed, data.near_duplicate_threshold,
                                 held_out, "benign", report)
 
-        def benign_answer(prompts: list[sources.Prompt]) -> list[str]:
+        def benign_answer(prompts: list[sources.Prompt]) -> list[str | None]:
             if data.benign_answers == "corpus":
                 return [p.response or "" for p in prompts]
-            return base_model_answers([p.text for p in prompts], files, ctx.params.model,
-                                      data.answer_max_new_tokens)
+            answers = base_model_answers([p.text for p in prompts], files, ctx.params.model,
+                                         data.answer_max_new_tokens, data.answer_retry_max_new_tokens)
+            report.add("benign_dropped_answer_cut_at_token_limit", sum(a is None for a in answers))
+            return answers
 
         rows = answer_examples(harmful, benign, benign_answer, data.seed)
 

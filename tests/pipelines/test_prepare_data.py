@@ -64,7 +64,7 @@ def test_manifest_counts_and_hashes_match_the_files(prepared: Path):
                                           "harmful": sum(r["kind"] == "harmful" for r in train)}
     assert counts["eval_aqi"]["by_label"] == {"benign": 150, "harmful": 150}
     assert counts["eval_overrefusal"]["total"] == len(read_jsonl(prepared / "eval_overrefusal.jsonl")) == 150
-    assert counts["eval_facts"]["by_source"] == {"lmdoctor_facts": 612, "rho_factual": 150}
+    assert counts["eval_facts"]["by_source"] == {"lmdoctor_facts": 141, "rho_factual": 150}
     assert len(train) + len(validation) == 24  # 12 harmful + 12 benign in the smoke profile
     assert all(r["n_tokens"] <= 96 for r in train + validation)
 

@@ -10,6 +10,13 @@ Generation runs through llama.cpp on the base GGUF when one exists (the embedded
 same engine that serves it), otherwise through transformers. Decoding is greedy. Answers are
 cached per (model content key, max_new_tokens, prompt) in ``$GRIT_CACHE_DIR/answers/``, so
 they are generated once per machine and reused by every later run.
+
+An answer cut by the token limit is regenerated once with a larger limit, and given up (None)
+when still cut: training appends an end-of-turn token to every answer, and on a cut answer that
+teaches the model to stop in mid-sentence. Cache rows record whether the answer ended by itself
+(``complete``); rows written before that field existed are judged by their length, cut when
+they re-tokenize to at least ``max_new_tokens - 1`` tokens (decoding and re-tokenizing can
+differ by one token at the edges).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -36,27 +44,33 @@ def _prompt_key(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    complete: bool | None    # ended with end of turn (True) or at the token limit; None: not recorded
+
+
 class AnswerCache:
     """Append-only JSONL map from prompt hash to answer, one file per model and length."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.answers: dict[str, str] = {}
+        self.answers: dict[str, Answer] = {}
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 if line.strip():
                     row = json.loads(line)
-                    self.answers[row["prompt_sha256"]] = row["answer"]
+                    self.answers[row["prompt_sha256"]] = Answer(row["answer"], row.get("complete"))
 
-    def get(self, prompt: str) -> str | None:
+    def get(self, prompt: str) -> Answer | None:
         return self.answers.get(_prompt_key(prompt))
 
-    def put(self, prompt: str, answer: str) -> None:
+    def put(self, prompt: str, answer: Answer) -> None:
         key = _prompt_key(prompt)
         self.answers[key] = answer
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"prompt_sha256": key, "answer": answer}) + "\n")
+            handle.write(json.dumps({"prompt_sha256": key, "answer": answer.text, "complete": answer.complete}) + "\n")
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -79,16 +93,20 @@ class _LlamaCppGenerator:
         self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
         self.stop_id = end_of_turn_id(tokenizer)
 
-    def __call__(self, prompt: str) -> str:
+    def __call__(self, prompt: str) -> Answer:
         # Token ids from the HF template, so llama.cpp sees exactly what training sees.
         ids = _prompt_ids(self.tokenizer, prompt)
         self.llm.reset()
         out: list[int] = []
+        complete = False
         for token in self.llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            if token == self.stop_id or token == self.llm.token_eos() or len(out) >= self.max_new_tokens:
+            if token == self.stop_id or token == self.llm.token_eos():
+                complete = True
+                break
+            if len(out) >= self.max_new_tokens:
                 break
             out.append(token)
-        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return Answer(self.tokenizer.decode(out, skip_special_tokens=True).strip(), complete)
 
 
 class _TransformersGenerator:
@@ -99,29 +117,54 @@ class _TransformersGenerator:
         self.model = load_causal_lm(files, model_params).eval()
         self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
 
-    def __call__(self, prompt: str) -> str:
+    def __call__(self, prompt: str) -> Answer:
         ids = self.torch.tensor([_prompt_ids(self.tokenizer, prompt)], device=self.model.device)
+        stop = end_of_turn_id(self.tokenizer)
         with self.torch.no_grad():
             output = self.model.generate(
                 input_ids=ids, attention_mask=self.torch.ones_like(ids), do_sample=False,
-                max_new_tokens=self.max_new_tokens, eos_token_id=end_of_turn_id(self.tokenizer),
+                max_new_tokens=self.max_new_tokens, eos_token_id=stop,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-        return self.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        new = output[0, ids.shape[1]:].tolist()
+        complete = stop in new or len(new) < self.max_new_tokens
+        return Answer(self.tokenizer.decode(new, skip_special_tokens=True).strip(), complete)
 
 
-def base_model_answers(
-    prompts: Sequence[str], files: BaseModelFiles, model_params: ModelParams, max_new_tokens: int,
-) -> list[str]:
-    """Greedy answers of the base model to ``prompts``, generating only the uncached ones."""
+def _answers(prompts: Sequence[str], files: BaseModelFiles, model_params: ModelParams, tokenizer,
+             max_new_tokens: int) -> list[Answer]:
+    """Greedy answers at one token limit, generating only the uncached ones."""
     cache = AnswerCache(cache_dir() / "answers" / f"{model_key(files)}-{max_new_tokens}.jsonl")
     missing = [p for p in dict.fromkeys(prompts) if cache.get(p) is None]
     if missing:
-        tokenizer = load_tokenizer(files, model_params)
         generate = (
             _LlamaCppGenerator(files, tokenizer, max_new_tokens) if files.gguf_path is not None
             else _TransformersGenerator(files, model_params, tokenizer, max_new_tokens)
         )
-        for prompt in tqdm(missing, desc="base-model answers", unit="prompt"):
+        for prompt in tqdm(missing, desc=f"base-model answers (up to {max_new_tokens} tokens)", unit="prompt"):
             cache.put(prompt, generate(prompt))
-    return [cache.get(p) or "" for p in prompts]
+    return [cache.get(p) or Answer("", True) for p in prompts]
+
+
+def finished(answer: Answer, tokenizer, max_new_tokens: int) -> bool:
+    """Did the model end this answer itself (module docstring: rows without the record)?"""
+    if answer.complete is not None:
+        return answer.complete
+    return len(tokenizer(answer.text, add_special_tokens=False).input_ids) < max_new_tokens - 1
+
+
+def base_model_answers(
+    prompts: Sequence[str], files: BaseModelFiles, model_params: ModelParams, max_new_tokens: int,
+    retry_max_new_tokens: int | None = None,
+) -> list[str | None]:
+    """Greedy answers of the base model to ``prompts``; an answer cut at ``max_new_tokens`` is
+    regenerated with ``retry_max_new_tokens``, and None where it is still cut."""
+    tokenizer = load_tokenizer(files, model_params)
+    first = _answers(prompts, files, model_params, tokenizer, max_new_tokens)
+    out: list[str | None] = [a.text if finished(a, tokenizer, max_new_tokens) else None for a in first]
+    cut = [p for p, a in zip(prompts, out, strict=True) if a is None]
+    if cut and retry_max_new_tokens and retry_max_new_tokens > max_new_tokens:
+        retried = dict(zip(cut, _answers(cut, files, model_params, tokenizer, retry_max_new_tokens), strict=True))
+        out = [a if a is not None else (retried[p].text if finished(retried[p], tokenizer, retry_max_new_tokens)
+                                        else None) for p, a in zip(prompts, out, strict=True)]
+    return out

