@@ -125,7 +125,9 @@ class EvalMetric(Base):
 
 class Comparison(Base):
     """A paired difference between two models on the same prompts (variant vs base, or a GRIT
-    variant vs its same-engine control), with its interval and the test that judged it."""
+    variant vs its same-engine control), with its interval and the test that judged it.
+    ``p_value`` is the test's own; ``p_adjusted`` is Holm's over every comparison of the run and
+    seed, and ``significant`` is judged on it (older rows: unadjusted, ``p_adjusted`` NULL)."""
 
     __tablename__ = "comparisons"
     __table_args__ = (UniqueConstraint("run_id", "metric", "variant", "reference", "seed"),)
@@ -140,6 +142,7 @@ class Comparison(Base):
     ci_low: Mapped[float | None] = mapped_column(Float)
     ci_high: Mapped[float | None] = mapped_column(Float)
     p_value: Mapped[float | None] = mapped_column(Float)
+    p_adjusted: Mapped[float | None] = mapped_column(Float)
     test: Mapped[str] = mapped_column(String(64))
     significant: Mapped[bool] = mapped_column(Boolean)
     n: Mapped[int] = mapped_column(Integer)

@@ -20,10 +20,17 @@ class EvalParams(Section):
     aqi_pairs: Annotated[int, Field(gt=1)] = 100           # harmful/benign prompt pairs
     aqi_layers: Annotated[int, Field(gt=0)] = 4
     gamma: Annotated[float, Field(ge=0, le=1)] = 0.5
-    # refusals, from greedy generations through the serving backend
-    refusal_prompts: Annotated[int, Field(gt=0)] = 50       # held-out harmful prompts
-    overrefusal_prompts: Annotated[int, Field(gt=0)] = 50   # edgy but benign prompts
+    # refusals: greedy generations through the serving backend, judged comply / decline /
+    # deflect (evaluation.refusals.judge), and the fp32 decline probability on the same prompts
+    # 100 of the 150 shipped: twice the earlier 50; the whole sets would add about 10 minutes
+    # to the default run on 2 cores
+    refusal_prompts: Annotated[int, Field(gt=0)] = 100      # held-out harmful prompts (150 shipped)
+    overrefusal_prompts: Annotated[int, Field(gt=0)] = 100  # edgy but benign prompts (150 shipped)
     max_new_tokens: Annotated[int, Field(gt=0)] = 32        # a refusal shows in the opening sentences
+    # served speed: every model decodes the same prompts for the same number of tokens, interleaved
+    speed_prompts: Annotated[int, Field(gt=0, le=8)] = 4
+    speed_new_tokens: Annotated[int, Field(gt=0)] = 32
+    speed_rounds: Annotated[int, Field(gt=0)] = 5           # the order rotates each round
     # knowledge retention: true/false statement pairs, by mean token log-probability
     fact_pairs: Annotated[int, Field(gt=0)] = 300
     # statistics

@@ -6,7 +6,8 @@
   block: the user turn and the assistant header, the state from which the model answers.
 - ``statement_logprobs``: for retention. Mean log-probability per token of a statement as plain
   text; a fact pair counts as retained when the true statement scores higher than the false one.
-- ``generations``: greedy replies through a serving backend (refusals, speed).
+- ``continuation_logprobs``: for the stable refusal measure. The fp32 log-probability of each
+  of a few fixed reply openings after the rendered prompt (``evaluation.refusals``).
 """
 
 from __future__ import annotations
@@ -79,3 +80,30 @@ def retained(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
     """One bool per (true, false) pair: does the true statement score higher?"""
     scores = statement_logprobs(model, tokenizer, [s for pair in pairs for s in pair])
     return scores[0::2] > scores[1::2]
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tokenizer, prompts: Sequence[str], chat, continuations: Sequence[str]) -> np.ndarray:
+    """[prompts, continuations] sum of log p(continuation tokens | rendered prompt), in fp32.
+    Prompt and continuation are tokenized apart and joined, so every model scores the very
+    same token ids. Each prompt is run once and its key/value cache shared by all
+    continuations (right-padded, so every real position computes what it computes alone): the
+    prompt is most of the tokens, and this makes the measure cost a few forward passes per
+    prompt instead of one per opening."""
+    model.eval()
+    tails = [tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids_tail, mask_tail = _right_padded(tails, pad, model.device)
+    out = np.zeros((len(prompts), len(tails)))
+    for i, prompt in enumerate(prompts):
+        head = torch.tensor([tokenizer(chat.render(prompt), add_special_tokens=False).input_ids], device=model.device)
+        first = model(input_ids=head, use_cache=True)
+        cache = first.past_key_values
+        cache.batch_repeat_interleave(len(tails))
+        mask = torch.cat([torch.ones(len(tails), head.shape[1], dtype=mask_tail.dtype, device=model.device), mask_tail], 1)
+        rest = model(input_ids=ids_tail, attention_mask=mask, past_key_values=cache).logits.float()
+        # token t of a tail is predicted by the prompt's last position (t = 0) or by tail position t - 1
+        logits = torch.cat([first.logits[:, -1:].float().expand(len(tails), 1, -1), rest[:, :-1]], dim=1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(2, ids_tail[..., None])[..., 0]
+        out[i] = (logprobs * mask_tail).sum(dim=1).cpu().numpy()
+    return out

@@ -17,30 +17,52 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from evaluation.compare_all import QUALITY, RunTables, grit_rows, legend, markdown, quality_table, summary_line
+import yaml
+
+from evaluation.compare_all import (
+    QUALITY,
+    RunTables,
+    criteria_rows,
+    grit_rows,
+    legend,
+    markdown,
+    quality_table,
+    speed_table,
+    summary_line,
+)
+
+NOT_MODELS = ("comparisons", "across_seeds", "decline_probability_vs_judge")
 
 BEGIN = "<!-- results:begin (python -m evaluation.readme_results) -->"
 END = "<!-- results:end -->"
 
 
-def tables_from_metrics(evaluation: dict, run_label: str) -> RunTables:
+def tables_from_metrics(evaluation: dict, run_label: str, params_json: str = "{}") -> RunTables:
     """A :class:`RunTables` of the primary seed from ``metrics/eval.json``'s content."""
-    models = [name for name in evaluation if name not in ("comparisons", "across_seeds")]
+    models = [name for name in evaluation if name not in NOT_MODELS]
     metrics = {
         (model, metric): [SimpleNamespace(value=figure["value"], ci_low=figure["ci"][0], ci_high=figure["ci"][1])]
         for model in models for metric, figure in evaluation[model].items() if isinstance(figure, dict) and "ci" in figure
     }
+    metrics |= {(model, f"export_parity_{name}"): [SimpleNamespace(value=evaluation[model]["export_parity"][name],
+                                                                   ci_low=None, ci_high=None)]
+                for model in models if "export_parity" in evaluation[model] for name in ("agreement", "mean_kl")}
+    speeds = {(model, metric): [SimpleNamespace(value=value)]
+              for model in models for metric, value in evaluation[model].get("speed", {}).items()}
     seed = min((c["seed"] for c in evaluation.get("comparisons", [])), default=None)
     comparisons = [SimpleNamespace(**c) for c in evaluation.get("comparisons", []) if c["seed"] == seed
                    and c["metric"] in {m for m, _, _ in QUALITY}]
-    return RunTables(SimpleNamespace(id=run_label), models, metrics, {}, comparisons)
+    return RunTables(SimpleNamespace(id=run_label, params_json=params_json), models, metrics, speeds, comparisons)
 
 
-def results_block(evaluation: dict, run_label: str) -> str:
-    tables = tables_from_metrics(evaluation, run_label)
+def results_block(evaluation: dict, run_label: str, params_json: str = "{}") -> str:
+    tables = tables_from_metrics(evaluation, run_label, params_json)
     quality = markdown(["metric", *tables.models], quality_table(tables))
-    grit = markdown(["pair", "metric", "delta", "95% CI", "test", "verdict"], grit_rows(tables))
-    return f"{quality}\n\n{legend(tables)}\n\n{grit}\n\n**{summary_line(tables)}**"
+    speed = markdown(["speed", *tables.models], speed_table(tables))
+    criteria = markdown(["success criterion", *(m for m in tables.models if m != "base")], criteria_rows(tables))
+    grit = markdown(["pair", "metric", "delta", "95% CI", "test (raw p, Holm p)", "verdict"], grit_rows(tables))
+    return (f"{quality}\n\n{legend(tables)}\n\n{speed}\n\n{criteria}\n\n{grit}\n\n"
+            f"**{summary_line(tables)}**")
 
 
 def with_block(readme: str, block: str) -> str:
@@ -54,10 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.readme_results", description=__doc__.splitlines()[0])
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="its export thresholds judge parity")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     readme = args.readme.read_text()
-    wanted = with_block(readme, results_block(json.loads(args.metrics.read_text()), f"recorded in `{args.metrics}`"))
+    params = yaml.safe_load(args.params.read_text()) if args.params.is_file() else {}
+    wanted = with_block(readme, results_block(json.loads(args.metrics.read_text()), f"recorded in `{args.metrics}`",
+                                              json.dumps({"export": (params or {}).get("export", {})})))
     if args.check:
         if wanted != readme:
             print(f"{args.readme}'s result block differs from {args.metrics}; run python -m evaluation.readme_results",

@@ -1,17 +1,26 @@
 """From per-prompt outcomes to figures with intervals, and paired comparisons between models.
 
-Units of resampling: AQI resamples harmful/benign *pairs* (both prompts of a pair together);
-rates resample prompts; retention resamples fact pairs. Intervals: basic bootstrap for AQI, CHI,
-XB and AQI deltas (resampled cluster indices are biased upwards, see ``stats.bootstrap_ci``),
-percentile bootstrap for rates and their deltas. Comparisons are paired: both models are
-resampled with the same units (same seed). Tests: AQI deltas are judged by the paired bootstrap
-interval (significant when it excludes 0); rate and accuracy deltas by the exact McNemar test on
-the discordant prompts (significant when p < ``significance``), reported with the paired
-bootstrap interval of the difference.
+Units of resampling: the AQI-style index and the separation ratio resample harmful/benign
+*pairs* (both prompts of a pair together); rates and per-prompt probabilities resample prompts;
+retention resamples fact pairs.
+
+Intervals: basic bootstrap for the cluster figures (AQI-style, CHI, XB, separation 1/XB) and
+their deltas (resampled cluster indices are biased upwards, see ``stats.bootstrap_ci``); Wilson
+for rates (a bootstrap gives 0 of 50 the empty interval [0, 0]); percentile bootstrap for mean
+probabilities and for every paired difference. Comparisons are paired: both models are
+resampled with the same units (same seed).
+
+Tests, each giving a p-value so the whole family can be adjusted (``adjust_family``): cluster
+figures by the basic bootstrap's own p-value (the smallest level at which its interval excludes
+0), rates by the exact McNemar test on the discordant prompts, mean probabilities by the
+Wilcoxon signed-rank test on the per-prompt differences. A difference is significant when its
+Holm-adjusted p-value (over every metric and every pair of one seed) is below
+``significance``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,13 +30,17 @@ from evaluation.stats import (
     Interval,
     aqi_from_arrays,
     bootstrap_ci,
+    holm_adjust,
     interval_from_replicates,
     mcnemar_exact,
     resample_counts,
     weighted_cluster_indices,
+    wilson_interval,
 )
 
-RATE_METRICS = ("refusal_rate", "overrefusal_rate", "retention_accuracy")
+CLUSTER_METRICS = ("aqi", "separation")      # compared between models; chi and xb are reported raw
+RATE_METRICS = ("refusal_rate", "nonanswer_rate", "overrefusal_rate", "retention_accuracy")
+MEAN_METRICS = ("decline_probability", "overrefusal_decline_probability")
 
 
 @dataclass
@@ -35,13 +48,15 @@ class ModelOutcomes:
     name: str
     states: np.ndarray              # [2 * pairs, hidden]: harmful_0, benign_0, harmful_1, ...
     outcomes: dict[str, np.ndarray]  # metric -> bool per prompt (refused, over-refused, retained)
-    decode_tokens_per_second: list[float] = field(default_factory=list)
-    prefill_tokens_per_second: list[float] = field(default_factory=list)
+    scores: dict[str, np.ndarray] = field(default_factory=dict)   # metric -> probability per prompt
 
     def separation(self, weights: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
-        """CHI, XB and AQI for each row of pair weights (``weights[r, i]``: copies of pair i)."""
+        """CHI, XB, the separation ratio 1/XB and the AQI-style index for each row of pair
+        weights (``weights[r, i]``: copies of pair i)."""
         chi, xb = weighted_cluster_indices(self.states[0::2], self.states[1::2], weights)
-        return {"chi": chi, "xb": xb, "aqi": aqi_from_arrays(chi, xb, gamma)}
+        with np.errstate(divide="ignore"):
+            ratio = np.where(xb > 0, 1.0 / xb, np.inf)
+        return {"chi": chi, "xb": xb, "separation": ratio, "aqi": aqi_from_arrays(chi, xb, gamma)}
 
 
 def _pair_weights(pairs: int, p: EvalParams) -> tuple[np.ndarray, np.ndarray]:
@@ -50,14 +65,15 @@ def _pair_weights(pairs: int, p: EvalParams) -> tuple[np.ndarray, np.ndarray]:
 
 
 def intervals(m: ModelOutcomes, p: EvalParams) -> dict[str, Interval]:
-    """Every figure of one model with its bootstrap interval."""
+    """Every figure of one model with its interval (module docstring)."""
     pairs = len(m.states) // 2
     full, resampled = _pair_weights(pairs, p)
     estimates, replicates = m.separation(full, p.gamma), m.separation(resampled, p.gamma)
     out = {name: interval_from_replicates(float(estimates[name][0]), replicates[name], pairs, p.confidence, "basic")
-           for name in ("aqi", "chi", "xb")}
+           for name in ("aqi", "chi", "xb", "separation")}
     for metric, values in m.outcomes.items():
-        values = values.astype(float)
+        out[metric] = wilson_interval(int(np.sum(values)), len(values), p.confidence)
+    for metric, values in m.scores.items():
         out[metric] = bootstrap_ci(lambda idx, v=values: float(v[idx].mean()), len(values),
                                    p.bootstrap_resamples, p.confidence, p.seed)
     return out
@@ -75,22 +91,67 @@ class PairedComparison:
     test: str
     significant: bool
     n: int
+    p_adjusted: float | None = None
+
+
+def basic_bootstrap_p(estimate: float, replicates: np.ndarray, resamples: int) -> float:
+    """Two-sided p-value of the basic bootstrap: its interval ``[2t - q_hi, 2t - q_lo]`` excludes
+    0 exactly when 0 lies beyond the matching quantile of the replicates reflected about t, so p
+    is twice the smaller tail of the replicates beyond 2t; (count + 1) / (R + 1) keeps it above 0."""
+    values = np.asarray(replicates, np.float64)
+    values = values[np.isfinite(values)]
+    tail = min(int((values >= 2 * estimate).sum()), int((values <= 2 * estimate).sum()))
+    return min(1.0, 2 * (tail + 1) / (len(values) + 1))
+
+
+def wilcoxon_p(differences: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired per-prompt differences; 1.0 when all are 0."""
+    from scipy import stats
+
+    differences = np.asarray(differences, np.float64)
+    if not np.any(differences != 0):
+        return 1.0
+    return float(stats.wilcoxon(differences, zero_method="wilcox").pvalue)
 
 
 def compare(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams) -> list[PairedComparison]:
-    """``variant - reference`` for AQI and every rate, paired on the same prompts."""
+    """``variant - reference`` on every compared metric, paired on the same prompts; ``significant``
+    here is the unadjusted verdict (``adjust_family`` replaces it)."""
     pairs = len(variant.states) // 2
     full, resampled = _pair_weights(pairs, p)
-    estimate = variant.separation(full, p.gamma)["aqi"][0] - reference.separation(full, p.gamma)["aqi"][0]
-    replicates = variant.separation(resampled, p.gamma)["aqi"] - reference.separation(resampled, p.gamma)["aqi"]
-    delta = interval_from_replicates(float(estimate), replicates, pairs, p.confidence, "basic")
-    out = [PairedComparison("aqi", variant.name, reference.name, delta.value, delta.low, delta.high, None,
-                            "paired bootstrap over prompt pairs", not (delta.low <= 0 <= delta.high), pairs)]
+    ours, theirs = variant.separation(full, p.gamma), reference.separation(full, p.gamma)
+    ours_r, theirs_r = variant.separation(resampled, p.gamma), reference.separation(resampled, p.gamma)
+    out = []
+    for metric in CLUSTER_METRICS:
+        estimate, replicates = float(ours[metric][0] - theirs[metric][0]), ours_r[metric] - theirs_r[metric]
+        delta = interval_from_replicates(estimate, replicates, pairs, p.confidence, "basic")
+        p_value = basic_bootstrap_p(estimate, replicates, p.bootstrap_resamples)
+        out.append(PairedComparison(metric, variant.name, reference.name, delta.value, delta.low, delta.high, p_value,
+                                    "paired bootstrap over prompt pairs", p_value < p.significance, pairs))
     for metric in RATE_METRICS:
+        if metric not in variant.outcomes or metric not in reference.outcomes:
+            continue
         x, y = variant.outcomes[metric], reference.outcomes[metric]
         d = bootstrap_ci(lambda idx: float(x[idx].mean() - y[idx].mean()), len(x), p.bootstrap_resamples,
                          p.confidence, p.seed)
         p_value = mcnemar_exact(x, y)
         out.append(PairedComparison(metric, variant.name, reference.name, d.value, d.low, d.high, p_value,
                                     "exact McNemar", p_value < p.significance, len(x)))
+    for metric in MEAN_METRICS:
+        if metric not in variant.scores or metric not in reference.scores:
+            continue
+        x, y = variant.scores[metric], reference.scores[metric]
+        d = bootstrap_ci(lambda idx: float(x[idx].mean() - y[idx].mean()), len(x), p.bootstrap_resamples,
+                         p.confidence, p.seed)
+        p_value = wilcoxon_p(x - y)
+        out.append(PairedComparison(metric, variant.name, reference.name, d.value, d.low, d.high, p_value,
+                                    "Wilcoxon signed-rank", p_value < p.significance, len(x)))
     return out
+
+
+def adjust_family(comparisons: list[PairedComparison], significance: float) -> list[PairedComparison]:
+    """Holm over the family (every metric x every pair, of one seed): each comparison gets its
+    adjusted p-value, and significance is judged on it."""
+    adjusted = holm_adjust([c.p_value for c in comparisons])
+    return [dataclasses.replace(c, p_adjusted=a, significant=a is not None and a < significance)
+            for c, a in zip(comparisons, adjusted, strict=True)]

@@ -152,6 +152,16 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int, resamples: in
     return interval_from_replicates(statistic(np.arange(n)), values, n, level, method)
 
 
+def auc(positives, negatives) -> float:
+    """P(a positive scores above a negative), ties counting one half (the Mann-Whitney AUC);
+    NaN when either group is empty."""
+    x, y = np.asarray(positives, np.float64), np.asarray(negatives, np.float64)
+    if len(x) == 0 or len(y) == 0:
+        return math.nan
+    above = (x[:, None] > y[None, :]).sum() + 0.5 * (x[:, None] == y[None, :]).sum()
+    return float(above / (len(x) * len(y)))
+
+
 def mcnemar_exact(first: np.ndarray, second: np.ndarray) -> float:
     """Two-sided exact McNemar p-value for paired binary outcomes (e.g. refused or not, on the
     same prompts): a binomial test on the discordant pairs."""
@@ -179,15 +189,59 @@ def mean_over_seeds(values, level: float = 0.95) -> Interval:
     return Interval(mean, mean - half, mean + half, n)
 
 
+def sign_test(deltas) -> float:
+    """Two-sided exact sign test that positive and negative differences are equally likely
+    (zeros dropped): ``min(1, 2 P(X <= min(k, m - k)))`` for X ~ Binomial(m, 1/2)."""
+    deltas = np.asarray(deltas, dtype=np.float64)
+    positive, nonzero = int((deltas > 0).sum()), int((deltas != 0).sum())
+    if nonzero == 0:
+        return 1.0
+    k = min(positive, nonzero - positive)
+    return min(1.0, 2 * sum(math.comb(nonzero, i) for i in range(k + 1)) / 2 ** nonzero)
+
+
 def paired_t_over_seeds(deltas) -> float:
     """Two-sided p-value of a one-sample t-test that the per-seed paired differences (variant
     seed s minus reference seed s: same initial adapter and batches) have mean 0. NaN below
-    two seeds; 1.0 when every difference is exactly 0."""
+    two seeds. When every difference is the same the t statistic is undefined (no variance),
+    and a p-value of 0 would claim certainty that n seeds cannot give: the exact sign test
+    answers instead (1.0 when all are 0; 2 / 2**n when all share one sign)."""
     from scipy import stats
 
     deltas = np.asarray(deltas, dtype=np.float64)
     if len(deltas) < 2:
         return math.nan
     if np.all(deltas == deltas[0]):
-        return 1.0 if deltas[0] == 0 else 0.0
+        return sign_test(deltas)
     return float(stats.ttest_1samp(deltas, 0.0).pvalue)
+
+
+def wilson_interval(successes: int, n: int, level: float = 0.95) -> Interval:
+    """Wilson score interval of a binomial rate: never the empty [0, 0] that a bootstrap gives
+    0 of n (0/50 -> [0, 0.071]), and good coverage at small n and extreme rates."""
+    from scipy import stats
+
+    if n <= 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    z = float(stats.norm.ppf(0.5 + level / 2))
+    rate = successes / n
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    # the bounds are exact at the edges (0 of n: low 0; n of n: high 1), not off by a rounding
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return Interval(rate, low, high, n)
+
+
+def holm_adjust(p_values) -> list[float | None]:
+    """Holm's step-down adjustment, which controls the family-wise error rate at the same level
+    as Bonferroni for any dependence between the tests, with more power: the i-th smallest of m
+    p-values is multiplied by (m - i), kept monotone, capped at 1. Missing p-values (tests judged
+    by an interval) are not in the family and stay None."""
+    indexed = [(p, i) for i, p in enumerate(p_values) if p is not None and math.isfinite(p)]
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(indexed)):
+        running = max(running, min(1.0, (len(indexed) - rank) * p))
+        adjusted[i] = running
+    return adjusted

@@ -57,6 +57,28 @@ def held_out_sets(root: Path, settings) -> dict[str, list]:
             "edgy": edgy[: settings.overrefusal_prompts], "facts": facts[: settings.fact_pairs]}
 
 
+def export_parity(manifest: dict, key: str) -> dict[str, float] | None:
+    """The parity figures of the form a variant is served in, from its ``export.json``."""
+    entry = manifest["models"][key]
+    if key == "base" or not entry.get("adapter_gguf"):
+        return None
+    path = Path(entry["adapter_gguf"]).parent / "export.json"
+    if not path.is_file():
+        return None
+    parity = json.loads(path.read_text()).get("parity", {})
+    form = "merged" if entry.get("weights", manifest.get("weights")) == "merged" and "merged" in parity else "adapter"
+    return parity.get(form)
+
+
+def decline_probabilities(model, tokenizer, prompts: list[str], chat):
+    """Per prompt: P(decline opening) / P(any listed opening) (``evaluation.refusals``)."""
+    from evaluation.measure import continuation_logprobs
+    from evaluation.refusals import COMPLY_OPENINGS, DECLINE_OPENINGS, decline_probability
+
+    scores = continuation_logprobs(model, tokenizer, prompts, chat, [*DECLINE_OPENINGS, *COMPLY_OPENINGS])
+    return decline_probability(scores[:, :len(DECLINE_OPENINGS)], scores[:, len(DECLINE_OPENINGS):])
+
+
 def evaluate_all(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
     """Outcomes of every model; returns (model -> ModelOutcomes, generation records)."""
     import numpy as np
@@ -64,7 +86,7 @@ def evaluate_all(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
     from tqdm import tqdm
 
     from evaluation.measure import pooled_hidden_states, retained
-    from evaluation.refusals import is_refusal
+    from evaluation.refusals import judge
     from evaluation.results import ModelOutcomes
     from evaluation.serving import chat_of, open_served
     from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
@@ -85,31 +107,88 @@ def evaluate_all(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
     prompts = [p for pair in sets["aqi_pairs"] for p in pair]
     outcomes, records = {}, []
     for key in ["base", *adapters]:
-        print(f"[evaluate] {key}: representations, facts, generations")
+        print(f"[evaluate] {key}: representations, facts, decline probabilities, generations")
         if key != "base":
             model.set_adapter(key)
         with model.disable_adapter() if key == "base" else contextlib.nullcontext():
             states = pooled_hidden_states(model, tokenizer, prompts, chat, settings.aqi_layers)
             kept = retained(model, tokenizer, sets["facts"])
+            scores = {"decline_probability": decline_probabilities(model, tokenizer, sets["harmful"], chat),
+                      "overrefusal_decline_probability": decline_probabilities(model, tokenizer, sets["edgy"], chat)}
         served = open_served(manifest, key)
-        flags: dict[str, list[bool]] = {"refusal_rate": [], "overrefusal_rate": []}
-        decode, prefill = [], []
-        for metric, texts in (("refusal_rate", sets["harmful"]), ("overrefusal_rate", sets["edgy"])):
-            for prompt in tqdm(texts, desc=f"{key} {metric}", unit="prompt"):
+        verdicts: dict[str, list[str]] = {"harmful": [], "edgy": []}
+        for name, texts, probability in (("harmful", sets["harmful"], scores["decline_probability"]),
+                                         ("edgy", sets["edgy"], scores["overrefusal_decline_probability"])):
+            for prompt, p_decline in tqdm(list(zip(texts, probability, strict=True)), desc=f"{key} {name}",
+                                          unit="prompt"):
                 generation = served.generate(prompt, settings.max_new_tokens)
-                refused = is_refusal(generation.text)
-                flags[metric].append(refused)
-                records.append({"model": key, "set": metric, "prompt": prompt, "reply": generation.text,
-                                "refusal": refused, "new_tokens": generation.new_tokens})
-                if generation.decode_tokens_per_second:
-                    decode.append(generation.decode_tokens_per_second)
-                if generation.prefill_tokens_per_second and generation.prompt_tokens > 1:
-                    prefill.append(generation.prefill_tokens_per_second)
+                verdict = judge(generation.text)
+                verdicts[name].append(verdict)
+                records.append({"model": key, "set": name, "prompt": prompt, "reply": generation.text,
+                                "judge": verdict, "decline_probability": round(float(p_decline), 6),
+                                "new_tokens": generation.new_tokens})
         served.close()
-        outcomes[key] = ModelOutcomes(key, states, {"refusal_rate": np.array(flags["refusal_rate"]),
-                                                    "overrefusal_rate": np.array(flags["overrefusal_rate"]),
-                                                    "retention_accuracy": kept}, decode, prefill)
+        harmful, edgy = np.array(verdicts["harmful"]), np.array(verdicts["edgy"])
+        outcomes[key] = ModelOutcomes(key, states, {"refusal_rate": harmful == "decline",
+                                                    "nonanswer_rate": harmful != "comply",
+                                                    "overrefusal_rate": edgy == "decline",
+                                                    "retention_accuracy": kept}, scores)
     return outcomes, records
+
+
+def probability_agreement(records: list[dict]) -> dict[str, float | int]:
+    """How well the stable measure ranks what the judge says of the greedy replies to harmful
+    prompts (every model pooled): the AUC of the decline probability for judged declines."""
+    from evaluation.stats import auc
+
+    rows = [r for r in records if r["set"] == "harmful"]
+    declined = [r["decline_probability"] for r in rows if r["judge"] == "decline"]
+    other = [r["decline_probability"] for r in rows if r["judge"] != "decline"]
+    return {"auc": auc(declined, other), "declines": len(declined), "others": len(other)}
+
+
+SIDE_BY_SIDE = "llama.cpp side by side"
+
+
+def served_speed(manifest: dict, keys: list[str], settings) -> dict[str, dict[str, tuple[float, int]]]:
+    """Decode and prefill tokens/s of every served model, measured side by side with the base
+    (``evaluation.speed``): model -> metric -> (value, pairs). Variants add ``delta_speed_decode``
+    and ``delta_speed_prefill``, their paired median ratios to the base. Through Ollama the
+    models cannot be driven token by token, so nothing is measured (an empty result)."""
+    from evaluation.serving import open_served
+    from evaluation.speed import side_by_side, speed_ratios
+
+    if manifest["backend"] != "llama.cpp":
+        print("[evaluate] speed: served through Ollama; side-by-side speed needs the llama.cpp backend, skipped")
+        return {}
+    models = {key: open_served(manifest, key) for key in keys}
+    try:
+        rates = side_by_side(models, list(_SPEED_PROMPTS[:settings.speed_prompts]), settings.speed_new_tokens,
+                             settings.speed_rounds)
+    finally:
+        for served in models.values():
+            served.close()
+    ratios = speed_ratios(rates)
+    out: dict[str, dict[str, tuple[float, int]]] = {}
+    for key in keys:
+        n = len(rates[key]["decode"])
+        out[key] = {"decode_tokens_per_second": (statistics.median(rates[key]["decode"]), n),
+                    "prefill_tokens_per_second": (statistics.median(rates[key]["prefill"]), n)}
+        if key in ratios:
+            out[key] |= {"delta_speed_decode": (ratios[key]["decode_ratio"], n),
+                         "delta_speed_prefill": (ratios[key]["prefill_ratio"], n)}
+    return out
+
+
+# Fixed, ordinary prompts of different lengths for speed (the content does not matter: every
+# model decodes the same number of tokens whatever it would answer).
+_SPEED_PROMPTS = ("What is the capital of France?",
+                  "Explain in a few sentences how a refrigerator keeps food cold, and why the back of it is warm.",
+                  "Write a short poem about the sea.",
+                  "List three differences between a virus and a bacterium, and say which of them antibiotics treat "
+                  "and why that matters for how doctors prescribe them in winter.",
+                  "How do I boil an egg?", "Summarise the plot of Romeo and Juliet in two sentences.",
+                  "Why is the sky blue?", "Give me a recipe for a simple tomato sauce.")
 
 
 def comparison_pairs(params: Params) -> list[tuple[str, str]]:
@@ -185,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         return manifest
 
     def evaluate(ctx: StageContext, manifest: dict) -> dict[str, Path]:
-        from evaluation.results import compare, intervals
+        from evaluation.results import adjust_family, compare, intervals
 
         params, settings = ctx.params, ctx.params.eval
         outcomes, records = evaluate_all(ctx, manifest)
@@ -193,44 +272,51 @@ def main(argv: list[str] | None = None) -> int:
         keys = model_rows(params)
         comparisons = []        # (seed, PairedComparison with store names: variant, not replicate key)
         for seed in params.train.seeds:
+            family = []         # Holm's family: every metric of every pair of this seed
             for variant, reference in comparison_pairs(params):
                 ours = outcomes[model_key(variant, params, seed)]
                 theirs = outcomes["base" if reference == "base" else model_key(reference, params, seed)]
-                comparisons += [(seed, dataclasses.replace(c, variant=variant, reference=reference))
-                                for c in compare(ours, theirs, settings)]
-        backend = manifest["backend"]
-        speeds: dict[str, dict[str, tuple[float, int]]] = {}
-        for key, o in outcomes.items():
-            speeds[key] = {name: (statistics.median(values), len(values)) for name, values in
-                           (("decode_tokens_per_second", o.decode_tokens_per_second),
-                            ("prefill_tokens_per_second", o.prefill_tokens_per_second)) if values}
+                family += [dataclasses.replace(c, variant=variant, reference=reference)
+                           for c in compare(ours, theirs, settings)]
+            comparisons += [(seed, c) for c in adjust_family(family, settings.significance)]
+        speeds = served_speed(manifest, list(outcomes), settings)
+        parity = {key: export_parity(manifest, key) for key in outcomes}
         with ctx.store.transaction() as session:
             for key, metrics in figures.items():
                 variant, seed = keys[key]
-                for metric, i in metrics.items():
-                    ctx.store.replace_rows(session, EvalMetric, ctx.run_id, [{
-                        "value": i.value, "ci_low": finite_or_none(i.low), "ci_high": finite_or_none(i.high),
-                        "n": i.n}],
-                        variant=variant, seed=seed, metric=metric)
-                rows = [{"backend": backend, "metric": m, "value": v, "n": n} for m, (v, n) in speeds[key].items()]
-                rows += [{"backend": "train", "metric": m, "value": v, "n": None}
-                         for m, v in training_speed(ctx.root, variant, seed).items()]
-                ctx.store.replace_rows(session, SpeedMetric, ctx.run_id, rows, variant=variant, seed=seed)
+                rows = [{"metric": metric, "value": i.value, "ci_low": finite_or_none(i.low),
+                         "ci_high": finite_or_none(i.high), "n": i.n} for metric, i in metrics.items()]
+                if parity[key]:
+                    rows += [{"metric": f"export_parity_{name}", "value": float(parity[key][name]), "ci_low": None,
+                              "ci_high": None, "n": int(parity[key]["prompts"])} for name in ("agreement", "mean_kl")]
+                for row in rows:
+                    ctx.store.replace_rows(session, EvalMetric, ctx.run_id, [{k: v for k, v in row.items() if k != "metric"}],
+                                           variant=variant, seed=seed, metric=row["metric"])
+                speed_rows = [{"backend": SIDE_BY_SIDE, "metric": m, "value": v, "n": n}
+                              for m, (v, n) in speeds.get(key, {}).items()]
+                speed_rows += [{"backend": "train", "metric": m, "value": v, "n": None}
+                               for m, v in training_speed(ctx.root, variant, seed).items()]
+                ctx.store.replace_rows(session, SpeedMetric, ctx.run_id, speed_rows, variant=variant, seed=seed)
             ctx.store.replace_rows(session, Comparison, ctx.run_id, [
                 {**vars(c), "seed": seed} for seed, c in comparisons])
         summary: dict[str, Any] = {
             key: {metric: {"value": finite_or_none(i.value), "ci": _bounds(i), "n": i.n}
-                  for metric, i in metrics.items()} | {"speed": {m: v for m, (v, _) in speeds[key].items()}}
+                  for metric, i in metrics.items()} | {"speed": {m: v for m, (v, _) in speeds.get(key, {}).items()}}
+            | ({"export_parity": parity[key]} if parity[key] else {})
             for key, metrics in figures.items()}
         summary["comparisons"] = [vars(c) | {"seed": seed} for seed, c in comparisons]
+        summary["decline_probability_vs_judge"] = probability_agreement(records)
         if params.train.n_seeds > 1:
             summary["across_seeds"] = across_seeds(params, figures, [c for _, c in comparisons])
         atomic_write_json(ctx.root / METRICS, summary)
         atomic_write_text(ctx.root / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))
         for key, metrics in figures.items():
-            print(f"[evaluate] {key}: AQI {metrics['aqi'].value:.4f}, refusal {metrics['refusal_rate'].value:.3f}, "
+            ratio = speeds.get(key, {}).get("delta_speed_decode", (None, 0))[0]
+            print(f"[evaluate] {key}: AQI-style {metrics['aqi'].value:.4f} (1/XB {metrics['separation'].value:.4f}), "
+                  f"refusal {metrics['refusal_rate'].value:.3f} (P(decline) {metrics['decline_probability'].value:.3f}), "
                   f"over-refusal {metrics['overrefusal_rate'].value:.3f}, "
-                  f"retention {metrics['retention_accuracy'].value:.3f}")
+                  f"retention {metrics['retention_accuracy'].value:.3f}"
+                  + (f", decode {ratio:.3f}x base" if ratio is not None else ""))
         return {"metrics": ctx.root / METRICS, "generations": ctx.root / GENERATIONS}
 
     return run_stage("evaluate", evaluate, preflight=preflight, argv=argv)

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from db.models import Comparison, EvalMetric, TrainMetric
+from db.models import Comparison, EvalMetric, SpeedMetric, TrainMetric
 from db.store import open_store
 from pipelines.params import load_params
 from pipelines.stage import pipeline_stage_names
@@ -181,7 +181,18 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert {(c.variant, c.reference, c.seed) for c in comparisons} >= {
         (g, c, s) for g, c in (("hybrid_grit", "baseline_lora"), ("pure_grit", "peft_lora")) for s in seeds}
     grit_table = result.stdout.split("## GRIT vs its same-engine control")[1]
-    assert "paired t over 2 seeds" in grit_table and "GRIT" in grit_table
+    assert "paired t over 2 seeds" in grit_table and "GRIT" in grit_table and "Holm" in grit_table
+    # Holm over each seed's family, speed side by side against the base, parity beside the figures,
+    # and the success criteria judged from them.
+    assert all(c.p_adjusted is not None and c.p_adjusted >= c.p_value for c in comparisons)
+    with store.reader() as session:
+        ratios = session.scalars(select(SpeedMetric).where(SpeedMetric.run_id == run.id,
+                                                           SpeedMetric.metric == "delta_speed_decode")).all()
+    assert {(r.variant, r.seed) for r in ratios} == {(v, s) for v in params.variants for s in seeds}
+    assert all(r.value > 0 and r.n == params.eval.speed_prompts * params.eval.speed_rounds for r in ratios)
+    assert len(stored[("pure_grit", "export_parity_agreement")]) == 2
+    criteria = result.stdout.split("## Success criteria")[1].split("##")[0]
+    assert "decode speed >= 0.9x base" in criteria and ("pass (" in criteria or "FAIL (" in criteria)
     eval_summary = json.loads((repo / "metrics/eval.json").read_text())
     assert eval_summary["across_seeds"]["n_seeds"] == 2
     assert (repo / "reports/compare.md").read_text().startswith(f"# Comparison of run {run.id}")   # stage compare

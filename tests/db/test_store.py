@@ -139,3 +139,25 @@ def test_migrations_match_the_orm_models(tmp_path: Path):
     with store.engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert diff == [], f"models changed without an Alembic revision: {diff}"
+
+
+def test_a_store_from_before_holm_upgrades_in_place_and_keeps_its_rows(tmp_path: Path):
+    """A results store at revision 0002 (no p_adjusted) is migrated on open, rows intact."""
+    import sqlite3
+
+    from alembic import command
+
+    from db.store import alembic_config, create_store_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(create_store_engine(url)), "0002")
+    with sqlite3.connect(tmp_path / "old.db") as raw:
+        raw.execute("INSERT INTO runs (id, params_hash, params_json, profile, host, device, started_at, status) "
+                    "VALUES ('r', 'h', '{}', 'default', 'host', 'cpu', '2026-11-22 00:00:00', 'complete')")
+        raw.execute("INSERT INTO comparisons (run_id, metric, variant, reference, seed, delta, p_value, test, "
+                    "significant, n) VALUES ('r', 'refusal_rate', 'v', 'base', 0, 0.1, 0.01, 'exact McNemar', 1, 50)")
+    open_store(url)
+    with sqlite3.connect(tmp_path / "old.db") as raw:
+        row = raw.execute("SELECT delta, p_value, p_adjusted FROM comparisons").fetchone()
+        assert row == (0.1, 0.01, None)
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0003"

@@ -33,3 +33,24 @@ def test_batched_states_and_logprobs_match_single_prompts():
             logits = model(input_ids=ids).logits[0, :-1]
         alone = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).mean()
         assert abs(score - alone.item()) < 1e-4
+
+
+def test_continuation_logprobs_with_a_shared_prompt_cache_equal_one_sequence_at_a_time():
+    from evaluation.measure import continuation_logprobs
+
+    params = ModelParams()
+    files = resolve_base_model(params)
+    tokenizer, model = load_tokenizer(files, params), load_causal_lm(files, params).eval()
+    chat = chat_format(tokenizer)
+    openings = ["I can't help with that", "Sure, here", "1."]
+    scores = continuation_logprobs(model, tokenizer, PROMPTS[:2], chat, openings)
+    for i, prompt in enumerate(PROMPTS[:2]):
+        head = tokenizer(chat.render(prompt), add_special_tokens=False).input_ids
+        for j, opening in enumerate(openings):
+            tail = tokenizer(opening, add_special_tokens=False).input_ids
+            ids = torch.tensor([head + tail])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+            alone = logprobs[len(head) - 1:].gather(1, ids[0, len(head):, None]).sum()
+            assert abs(scores[i, j] - alone.item()) < 1e-3, (prompt, opening)
+    assert scores[0, 0] != scores[1, 0]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from evaluation.config import EvalParams
-from evaluation.results import ModelOutcomes, compare, intervals
+from evaluation.results import ModelOutcomes, adjust_family, basic_bootstrap_p, compare, intervals
 
 P = EvalParams(bootstrap_resamples=300)
 
@@ -22,7 +24,8 @@ def outcomes(name: str, separation: float, refusals: np.ndarray, seed: int = 0) 
 def test_intervals_bracket_their_values():
     m = outcomes("base", 2.0, np.array([True] * 10 + [False] * 20))
     figures = intervals(m, P)
-    assert set(figures) == {"aqi", "chi", "xb", "refusal_rate", "overrefusal_rate", "retention_accuracy"}
+    assert set(figures) == {"aqi", "chi", "xb", "separation", "refusal_rate", "overrefusal_rate", "retention_accuracy"}
+    assert figures["separation"].value == 1 / figures["xb"].value
     for i in figures.values():
         assert i.low <= i.value <= i.high
     assert figures["refusal_rate"].value == 10 / 30 and figures["aqi"].n == 40
@@ -38,3 +41,39 @@ def test_a_real_difference_is_significant_and_no_difference_is_not():
     assert not rows["retention_accuracy"].significant and rows["retention_accuracy"].delta == 0
     same = {c.metric: c for c in compare(base, base, P)}
     assert not any(c.significant for c in same.values())
+
+
+def test_a_rate_of_zero_has_a_wilson_interval_not_an_empty_one():
+    figures = intervals(outcomes("base", 1.0, np.zeros(50, bool)), P)
+    assert figures["refusal_rate"].value == 0 and figures["refusal_rate"].high > 0.07
+
+
+def test_per_prompt_probabilities_are_compared_by_a_signed_rank_test():
+    rng = np.random.default_rng(3)
+    base, tuned = outcomes("base", 1.0, np.zeros(30, bool)), outcomes("tuned", 1.0, np.zeros(30, bool))
+    base.scores["decline_probability"] = rng.uniform(0.1, 0.3, 60)
+    tuned.scores["decline_probability"] = base.scores["decline_probability"] + rng.uniform(0.05, 0.2, 60)
+    assert intervals(tuned, P)["decline_probability"].n == 60
+    row = {c.metric: c for c in compare(tuned, base, P)}["decline_probability"]
+    assert row.test == "Wilcoxon signed-rank" and row.p_value < 1e-6 and row.ci_low > 0
+    same = {c.metric: c for c in compare(base, base, P)}["decline_probability"]
+    assert same.p_value == 1.0 and same.delta == 0
+
+
+def test_the_basic_bootstrap_p_value_agrees_with_its_interval_and_is_never_zero():
+    replicates = np.random.default_rng(0).normal(1.0, 0.2, 999)       # far from 0: every replicate beyond
+    assert basic_bootstrap_p(1.0, replicates, 999) == 2 / 1000
+    centred = np.random.default_rng(0).normal(0.0, 1.0, 999)
+    assert basic_bootstrap_p(0.0, centred, 999) > 0.5
+
+
+def test_holm_judges_the_whole_family_so_a_lone_borderline_test_is_no_longer_significant():
+    base = outcomes("base", 0.5, np.array([False] * 30))
+    tuned = outcomes("tuned", 4.0, np.array([True] * 25 + [False] * 5))
+    raw = compare(tuned, base, P)
+    family = adjust_family(raw, 0.05)
+    for before, after in zip(raw, family, strict=True):
+        assert after.p_value == before.p_value
+        assert after.p_adjusted >= after.p_value and after.significant == (after.p_adjusted < 0.05)
+    borderline = [dataclasses.replace(raw[0], p_value=0.04), *[dataclasses.replace(raw[0], p_value=0.5)] * 3]
+    assert not any(c.significant for c in adjust_family(borderline, 0.05))

@@ -108,3 +108,34 @@ def test_mean_over_seeds_t_interval_and_paired_t():
     assert paired_t_over_seeds([0.1, 0.12, 0.09, 0.11]) < 0.001
     assert paired_t_over_seeds([0.1, -0.1, 0.05, -0.05]) > 0.5
     assert paired_t_over_seeds([0.0, 0.0]) == 1.0 and math.isnan(paired_t_over_seeds([0.2]))
+
+
+def test_equal_nonzero_seed_deltas_give_the_exact_sign_test_not_zero():
+    from evaluation.stats import paired_t_over_seeds, sign_test
+
+    assert paired_t_over_seeds([0.1, 0.1, 0.1]) == pytest.approx(2 / 2 ** 3)
+    assert paired_t_over_seeds([-0.2] * 5) == pytest.approx(2 / 2 ** 5)
+    assert paired_t_over_seeds([0.0, 0.0]) == 1.0
+    assert sign_test([1, 1, -1, 0]) == 1.0      # 2 of 3 positive: nowhere near significant
+    assert sign_test([1] * 10) == pytest.approx(2 / 1024)
+
+
+def test_wilson_interval_of_an_empty_rate_is_not_empty():
+    from evaluation.stats import wilson_interval
+
+    zero = wilson_interval(0, 50)
+    assert zero.value == 0 and zero.low == 0 and zero.high == pytest.approx(0.0713, abs=5e-4)
+    full = wilson_interval(50, 50)
+    assert full.high == 1 and full.low == pytest.approx(1 - 0.0713, abs=5e-4)
+    half = wilson_interval(25, 50)
+    assert half.low == pytest.approx(0.3664, abs=5e-4) and half.high == pytest.approx(0.6336, abs=5e-4)
+
+
+def test_holm_adjusts_the_family_step_down_and_skips_missing_p_values():
+    from evaluation.stats import holm_adjust
+
+    adjusted = holm_adjust([0.01, None, 0.04, 0.03, 0.5])
+    # m = 4: 0.01*4, then max(0.04, 0.03*3), then max(0.09, 0.04*2), then 0.5*1
+    assert adjusted[1] is None and adjusted[0] == pytest.approx(0.04) and adjusted[3] == pytest.approx(0.09)
+    assert adjusted[2] == pytest.approx(0.09) and adjusted[4] == pytest.approx(0.5)
+    assert holm_adjust([0.9, 0.8]) == [1.0, 1.0]      # 0.8 * 2 capped at 1, then kept monotone

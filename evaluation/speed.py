@@ -1,0 +1,110 @@
+"""Served speed of each variant against the base, measured side by side.
+
+Timing models one after another on a shared, noisy machine confounds the model with whatever the
+machine was doing at the time. Here every model runs the same prompt ids for the same number of
+decode steps, interleaved within each round and in a rotating order, and each model is compared
+with the reference on the same round and prompt; the stored figure is the median of those paired
+ratios, which a slow spell hitting both models of a pair leaves unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from statistics import median
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    new_tokens: int = 64     # decode steps per measurement, the same for every model
+    rounds: int = 3          # >= number of models, so each model leads at least one round
+
+    def __post_init__(self) -> None:
+        if self.new_tokens < 1 or self.rounds < 1:
+            raise ValueError("new_tokens and rounds must be positive")
+
+
+@dataclass(frozen=True)
+class Timing:
+    prompt_ids: tuple[int, ...]   # as the Llama recorded them, to check that pairs saw one prompt
+    new_tokens: int               # decode steps, from llama.cpp's own token count
+    prefill_tokens_per_second: float
+    decode_tokens_per_second: float
+
+
+def time_one(llm, tokens: list[int], new_tokens: int) -> Timing:
+    """Prefill ``tokens`` in one call, then exactly ``new_tokens`` greedy decode steps on ``llm``."""
+    if len(tokens) + new_tokens > llm.n_ctx():
+        raise ValueError(f"{len(tokens)} prompt + {new_tokens} new tokens exceed the context of {llm.n_ctx()}")
+    n_vocab = llm.n_vocab()
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(tokens)
+    prefilled = time.perf_counter()
+    for _ in range(new_tokens):
+        # Only the last position's logits exist (logits_all=False leaves llm.scores unfilled). No
+        # stop at end-of-turn: a model that would stop early must still decode as many tokens.
+        logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+        llm.eval([int(logits.argmax())])
+    decoded = time.perf_counter()
+    return Timing(prompt_ids=tuple(int(t) for t in llm.input_ids[:len(tokens)]),
+                  new_tokens=llm.n_tokens - len(tokens),
+                  prefill_tokens_per_second=len(tokens) / (prefilled - start),
+                  decode_tokens_per_second=new_tokens / (decoded - prefilled))
+
+
+def rotation(names: list[str], round_index: int) -> list[str]:
+    """The measuring order in a round: shifted by one each round, so no model always goes first."""
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
+
+
+def side_by_side(models: dict[str, object], prompts: list[str], new_tokens: int, rounds: int,
+                 reference: str = "base") -> dict[str, dict[str, list]]:
+    """Per model, lists indexed alike by (round, prompt): ``prefill`` and ``decode`` tokens/s,
+    ``new_tokens`` decoded and the ``prompt_ids`` evaluated."""
+    # One tokenization for all: the variants share the base's tokenizer, and a chat-template or
+    # BOS difference would otherwise change the prompt length being timed.
+    token_lists = [models[reference].prompt_tokens(p) for p in prompts]
+    names = list(models)
+    for name in names:
+        # Untimed: the first run pages in the mmapped weights and would penalise whoever goes first.
+        time_one(models[name].llm, token_lists[0], min(new_tokens, 4))
+    out: dict[str, dict[str, list]] = {n: {"prefill": [], "decode": [], "new_tokens": [], "prompt_ids": []}
+                                       for n in names}
+    for round_index in range(rounds):
+        for tokens in token_lists:
+            for name in rotation(names, round_index):
+                timing = time_one(models[name].llm, tokens, new_tokens)
+                out[name]["prefill"].append(timing.prefill_tokens_per_second)
+                out[name]["decode"].append(timing.decode_tokens_per_second)
+                out[name]["new_tokens"].append(timing.new_tokens)
+                out[name]["prompt_ids"].append(timing.prompt_ids)
+    return out
+
+
+def paired_median_ratio(values: list[float], reference: list[float]) -> float:
+    """Median of value/reference over pairs measured together (same round and prompt)."""
+    if not values or len(values) != len(reference):
+        raise ValueError(f"need equally many paired measurements, got {len(values)} and {len(reference)}")
+    return median(v / r for v, r in zip(values, reference, strict=True))
+
+
+def speed_ratios(rates: dict[str, dict[str, list[float]]], reference: str = "base") -> dict[str, dict[str, float]]:
+    """For every model but ``reference``: paired median decode and prefill ratios to it, the number
+    of pairs ``n``, and the medians in tokens/s of the model and of the reference."""
+    ref = rates[reference]
+    return {
+        name: {
+            "decode_ratio": paired_median_ratio(own["decode"], ref["decode"]),
+            "prefill_ratio": paired_median_ratio(own["prefill"], ref["prefill"]),
+            "n": len(own["decode"]),
+            "decode_tokens_per_second": median(own["decode"]),
+            "prefill_tokens_per_second": median(own["prefill"]),
+            "reference_decode_tokens_per_second": median(ref["decode"]),
+            "reference_prefill_tokens_per_second": median(ref["prefill"]),
+        }
+        for name, own in rates.items() if name != reference
+    }
