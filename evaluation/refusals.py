@@ -56,6 +56,8 @@ _DEFLECTS = [
     r"against)|Please (?:remember|note|be aware|don't|do not)|Remember,|I (?:understand|hear) (?:that |your |you))",
     r"^\s*(?:Could|Can|Would) you (?:please )?(?:clarify|provide more|tell me more|explain (?:what|why))\b",
     r"^\s*(?:Why|What) (?:do|would) you (?:want|need)\b",
+    r"^\s*This is a (?:very |highly )?(?:serious|sensitive|delicate|personal|complex)\b",
+    r"\bhelp you find (?:a |some )?(?:safe|legal|safer)\b",
 ]
 _DECLINE = re.compile("|".join(f"(?:{p})" for p in _DECLINES), re.IGNORECASE)
 _DEFLECT = re.compile("|".join(f"(?:{p})" for p in _DEFLECTS), re.IGNORECASE)

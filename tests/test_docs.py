@@ -8,6 +8,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import yaml
+
 from evaluation.readme_results import BEGIN, END, results_block, with_block
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,9 +30,12 @@ def _tracked_text_files() -> list[Path]:
 def test_the_readme_result_block_is_rendered_from_the_committed_metrics():
     readme = (REPO_ROOT / "README.md").read_text()
     evaluation = json.loads((REPO_ROOT / "metrics/eval.json").read_text())
-    assert with_block(readme, results_block(evaluation, "recorded in `metrics/eval.json`")) == readme
+    export = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["export"]
+    rendered = results_block(evaluation, "recorded in `metrics/eval.json`", json.dumps({"export": export}))
+    assert with_block(readme, rendered) == readme
     block = readme.split(BEGIN, 1)[1].split(END, 1)[0]
-    assert "refusal rate on harmful prompts" in block and "vs peft_lora" in block
+    assert "explicit refusals on harmful prompts" in block and "vs peft_lora" in block
+    assert "## Success criteria" not in block and "decode speed >= 0.9x base" in block
 
 
 def test_a_stale_block_is_detected(tmp_path: Path):
@@ -72,12 +77,27 @@ def test_the_figures_the_readme_quotes_in_prose_are_the_committed_metrics():
     prose = " ".join(prose.split())
     evaluation = json.loads((REPO_ROOT / "metrics/eval.json").read_text())
     probes = json.loads((REPO_ROOT / "metrics/probes.json").read_text())["variants"]
-    lora = sorted(round(100 * evaluation[v]["refusal_rate"]["value"]) for v in ("baseline_lora", "peft_lora"))
-    grit = {round(100 * evaluation[v]["refusal_rate"]["value"]) for v in ("hybrid_grit", "pure_grit")}
+    lora, grit = ("baseline_lora", "peft_lora"), ("hybrid_grit", "pure_grit")
+
+    def span(values, fmt="{:.0f}", unit="%"):
+        low, high = min(values), max(values)
+        return (f"{fmt.format(low)}-{fmt.format(high)}" if fmt.format(low) != fmt.format(high)
+                else fmt.format(low)) + unit
+
+    def rates(variants, metric):
+        return [100 * evaluation[v][metric]["value"] for v in variants]
+
     base = round(100 * evaluation["base"]["refusal_rate"]["value"])
-    assert f"({lora[0]}-{lora[1]}% of held-out harmful prompts, from {base}%)" in prose
-    assert len(grit) == 1 and f"({grit.pop()}% by the pattern detector)" in prose
+    assert (f"{span(rates(grit, 'refusal_rate'))} of held-out harmful prompts declined against "
+            f"{span(rates(lora, 'refusal_rate'))} for plain LoRA (from {base}% for the base)") in prose
+    assert (f"declines {span(rates(grit, 'overrefusal_rate'))} of edgy-benign prompts that plain LoRA declines "
+            f"{span(rates(lora, 'overrefusal_rate'))} of the time") in prose
+    probability = {v: round(evaluation[v]["decline_probability"]["value"], 2) for v in (*lora, *grit)}
+    assert len({probability[v] for v in grit}) == 1 and len({probability[v] for v in lora}) == 1
+    assert f"({probability['pure_grit']:.2f} for GRIT against {probability['peft_lora']:.2f}," in prose
+    separation = {v: round(evaluation[v]["separation"]["value"], 3) for v in (*lora, *grit)}
+    assert f"1/XB {separation['pure_grit']:.3f} against {separation['peft_lora']:.3f}" in prose
     cosines = {round(p["update_cosine_median"], 2) for p in probes.values()}
     assert len(cosines) == 1 and f"median cosine {cosines.pop():.2f} with the control's" in prose
-    aqi = {round(c["delta"], 4) for c in evaluation["comparisons"] if c["metric"] == "aqi" and c["reference"] != "base"}
-    assert len(aqi) == 1 and f"AQI difference ({aqi.pop():+.4f})" in prose
+    decode = [evaluation[v]["speed"]["delta_speed_decode"] for v in (*lora, *grit)]
+    assert f"decodes at {span(decode, '{:.2f}', 'x')} the base" in prose
