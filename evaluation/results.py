@@ -128,24 +128,17 @@ def compare(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams) -> 
         p_value = basic_bootstrap_p(estimate, replicates, p.bootstrap_resamples)
         out.append(PairedComparison(metric, variant.name, reference.name, delta.value, delta.low, delta.high, p_value,
                                     "paired bootstrap over prompt pairs", p_value < p.significance, pairs))
-    for metric in RATE_METRICS:
-        if metric not in variant.outcomes or metric not in reference.outcomes:
-            continue
-        x, y = variant.outcomes[metric], reference.outcomes[metric]
-        d = bootstrap_ci(lambda idx: float(x[idx].mean() - y[idx].mean()), len(x), p.bootstrap_resamples,
+    # per-prompt paired metrics: (metric, variant's values, reference's, test of the pair, its name)
+    per_prompt = [(m, variant.outcomes[m], reference.outcomes[m], mcnemar_exact, "exact McNemar")
+                  for m in RATE_METRICS if m in variant.outcomes and m in reference.outcomes]
+    per_prompt += [(m, variant.scores[m], reference.scores[m], lambda a, b: wilcoxon_p(a - b), "Wilcoxon signed-rank")
+                   for m in MEAN_METRICS if m in variant.scores and m in reference.scores]
+    for metric, x, y, test_of, test in per_prompt:
+        d = bootstrap_ci(lambda idx, x=x, y=y: float(x[idx].mean() - y[idx].mean()), len(x), p.bootstrap_resamples,
                          p.confidence, p.seed)
-        p_value = mcnemar_exact(x, y)
+        p_value = test_of(x, y)
         out.append(PairedComparison(metric, variant.name, reference.name, d.value, d.low, d.high, p_value,
-                                    "exact McNemar", p_value < p.significance, len(x)))
-    for metric in MEAN_METRICS:
-        if metric not in variant.scores or metric not in reference.scores:
-            continue
-        x, y = variant.scores[metric], reference.scores[metric]
-        d = bootstrap_ci(lambda idx: float(x[idx].mean() - y[idx].mean()), len(x), p.bootstrap_resamples,
-                         p.confidence, p.seed)
-        p_value = wilcoxon_p(x - y)
-        out.append(PairedComparison(metric, variant.name, reference.name, d.value, d.low, d.high, p_value,
-                                    "Wilcoxon signed-rank", p_value < p.significance, len(x)))
+                                    test, p_value < p.significance, len(x)))
     return out
 
 
