@@ -88,6 +88,7 @@ class TrainMetric(Base):
     learning_rate: Mapped[float | None] = mapped_column(Float)
     tokens_per_second: Mapped[float | None] = mapped_column(Float)
     rows_captured: Mapped[int | None] = mapped_column(Integer)
+    val_loss: Mapped[float | None] = mapped_column(Float)       # on the steps it was measured
 
 
 class ProbeResult(Base):
@@ -162,6 +163,29 @@ class SpeedMetric(Base):
     metric: Mapped[str] = mapped_column(String(64))
     value: Mapped[float] = mapped_column(Float)
     n: Mapped[int | None] = mapped_column(Integer)
+
+
+class StudyTrial(Base):
+    """One training run of the study (``pipelines/study.py``): a tuning trial (``phase`` tune: a
+    setting drawn from the method's search space, judged on validation loss) or a test run
+    (``phase`` test: the method's chosen setting at one seed and budget, with test figures)."""
+
+    __tablename__ = "study_trials"
+    __table_args__ = (UniqueConstraint("run_id", "phase", "method", "budget", "seed", "setting"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = _run_fk()
+    phase: Mapped[str] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(64))
+    budget: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(Integer)
+    setting: Mapped[str] = mapped_column(String(255))            # canonical JSON of the hyperparameters
+    val_loss: Mapped[float | None] = mapped_column(Float)        # after the last step
+    curve_json: Mapped[str] = mapped_column(Text)                # [[step, val_loss], ...]
+    metrics_json: Mapped[str] = mapped_column(Text)              # validation or test figures
+    train_seconds: Mapped[float] = mapped_column(Float)
+    tokens_per_second: Mapped[float | None] = mapped_column(Float)
+    trainable_parameters: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Artifact(Base):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.section import Section
 
@@ -38,3 +38,36 @@ class EvalParams(Section):
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95
     significance: Annotated[float, Field(gt=0, lt=0.5)] = 0.05
     seed: int = 0
+
+
+class StudyParams(Section):
+    """The fair study (``pipelines/study.py``): each method tuned on validation loss with the
+    same number of trials from a declared search space, then compared on the test sets at its
+    chosen setting over several seeds and budgets. ``methods`` empty: the study is not run in
+    this profile (the stage keeps the last study's report)."""
+
+    methods: list[str] = []                  # variant names, e.g. peft_lora, pure_grit, grit_paper
+    # Search space, log-uniform: the learning rate for every method, the damping for GRIT ones.
+    learning_rate_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 2e-3)
+    damping_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-1)
+    trials: Annotated[int, Field(gt=0, le=64)] = 4          # per method: the same for every method
+    seeds: Annotated[int, Field(gt=1, le=20)] = 5           # test replicates at each chosen setting
+    budgets: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [32, 96]  # optimizer steps
+    # the held-out test sets are capped like the eval section's, but measured in fp32 only
+    refusal_prompts: Annotated[int, Field(gt=0)] = 100
+    overrefusal_prompts: Annotated[int, Field(gt=0)] = 100
+    fact_pairs: Annotated[int, Field(gt=0)] = 300
+    aqi_pairs: Annotated[int, Field(gt=1)] = 100
+    seed: int = 0                                            # of the quasi-random search
+
+    @model_validator(mode="after")
+    def _ranges(self) -> StudyParams:
+        for name in ("learning_rate_range", "damping_range"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}: the lower bound {low} exceeds the upper bound {high}")
+        if sorted(set(self.budgets)) != list(self.budgets):
+            raise ValueError("budgets: list distinct step counts in increasing order (the first one is tuned)")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods: a method is listed twice")
+        return self

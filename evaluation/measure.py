@@ -107,3 +107,11 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], chat, contin
         logprobs = torch.log_softmax(logits, dim=-1).gather(2, ids_tail[..., None])[..., 0]
         out[i] = (logprobs * mask_tail).sum(dim=1).cpu().numpy()
     return out
+
+
+def decline_probabilities(model, tokenizer, prompts: list[str], chat):
+    """Per prompt: P(decline opening) / P(any listed opening) (``evaluation.refusals``)."""
+    from evaluation.refusals import COMPLY_OPENINGS, DECLINE_OPENINGS, decline_probability
+
+    scores = continuation_logprobs(model, tokenizer, prompts, chat, [*DECLINE_OPENINGS, *COMPLY_OPENINGS])
+    return decline_probability(scores[:, :len(DECLINE_OPENINGS)], scores[:, len(DECLINE_OPENINGS):])

@@ -31,12 +31,18 @@ class AdapterExportError(UserError):
 
 
 def peft_scaling(config: dict, module: str) -> float:
-    """PEFT's scale of ``module`` from its adapter_config (alpha_pattern / rank_pattern honoured)."""
+    """PEFT's scale of ``module`` from its adapter_config (alpha_pattern / rank_pattern honoured).
+
+    The patterns are matched as PEFT matches them when it loads the adapter: keys are regexes
+    for the end of the module's name in the base model (GRIT's truncation writes escaped full
+    names), and the first key that matches wins."""
+    from peft.utils.other import get_pattern_key
+
+    name = module.removeprefix("base_model.model.")
+
     def pattern(key: str, default):
-        for name, value in (config.get(key) or {}).items():
-            if module.endswith(name) or module.split(".")[-1] == name:
-                return value
-        return default
+        patterns = config.get(key) or {}
+        return patterns.get(get_pattern_key(patterns.keys(), name), default)
 
     r = pattern("rank_pattern", config["r"])
     alpha = pattern("alpha_pattern", config["lora_alpha"])

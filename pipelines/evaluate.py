@@ -28,8 +28,9 @@ from typing import Any
 
 from core.errors import UserError
 from core.files import atomic_write_json, atomic_write_text
-from core.jsonl import read_jsonl
 from db.models import Comparison, EvalMetric, SpeedMetric
+from evaluation.held_out import held_out_sets
+from evaluation.measure import decline_probabilities
 from evaluation.stats import finite_or_none
 from export.llama_cpp import require_working_runtime
 from pipelines.params import Params, require_text_model
@@ -40,21 +41,6 @@ from trainers.config import same_engine_control
 
 METRICS = Path("metrics/eval.json")
 GENERATIONS = Path("artifacts/eval/generations.jsonl")
-
-
-def held_out_sets(root: Path, settings) -> dict[str, list]:
-    """The capped evaluation sets (first N of each file, in file order)."""
-
-    rows = read_jsonl(root / DATA_DIR / "eval_aqi.jsonl")
-    by_pair: dict[str, dict[str, str]] = {}
-    for row in rows:
-        by_pair.setdefault(row["pair_id"], {})[row["label"]] = row["prompt"]
-    pairs = [(p["harmful"], p["benign"]) for p in by_pair.values() if "harmful" in p and "benign" in p]
-    harmful = [row["prompt"] for row in rows if row["label"] == "harmful"]
-    facts = [(r["true"], r["false"]) for r in read_jsonl(root / DATA_DIR / "eval_facts.jsonl") if r["true"] and r["false"]]
-    edgy = [row["prompt"] for row in read_jsonl(root / DATA_DIR / "eval_overrefusal.jsonl")]
-    return {"aqi_pairs": pairs[: settings.aqi_pairs], "harmful": harmful[: settings.refusal_prompts],
-            "edgy": edgy[: settings.overrefusal_prompts], "facts": facts[: settings.fact_pairs]}
 
 
 def export_parity(manifest: dict, key: str) -> dict[str, float] | None:
@@ -70,15 +56,6 @@ def export_parity(manifest: dict, key: str) -> dict[str, float] | None:
     return parity.get(form)
 
 
-def decline_probabilities(model, tokenizer, prompts: list[str], chat):
-    """Per prompt: P(decline opening) / P(any listed opening) (``evaluation.refusals``)."""
-    from evaluation.measure import continuation_logprobs
-    from evaluation.refusals import COMPLY_OPENINGS, DECLINE_OPENINGS, decline_probability
-
-    scores = continuation_logprobs(model, tokenizer, prompts, chat, [*DECLINE_OPENINGS, *COMPLY_OPENINGS])
-    return decline_probability(scores[:, :len(DECLINE_OPENINGS)], scores[:, len(DECLINE_OPENINGS):])
-
-
 def evaluate_all(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
     """Outcomes of every model; returns (model -> ModelOutcomes, generation records)."""
     import numpy as np
@@ -92,7 +69,7 @@ def evaluate_all(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
     from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
 
     params, settings = ctx.params, ctx.params.eval
-    sets = held_out_sets(ctx.root, settings)
+    sets = held_out_sets(ctx.root / DATA_DIR, settings)
     files = resolve_base_model(params.model)
     tokenizer = load_tokenizer(files, params.model)
     chat = chat_of(manifest)

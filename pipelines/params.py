@@ -19,9 +19,9 @@ from pydantic import ValidationError, model_validator
 from core.errors import UserError
 from core.section import Section, content_hash
 from db.config import StoreParams
-from evaluation.config import EvalParams
+from evaluation.config import EvalParams, StudyParams
 from export.config import ExportParams, ServeParams
-from trainers.config import DEFAULT_VARIANTS, LoraParams, ModelParams, TrainParams, VariantParams
+from trainers.config import DEFAULT_VARIANTS, LoraParams, ModelParams, TrainParams, VariantParams, variant_grit
 from trainers.data.config import DataParams
 from trainers.grit.config import GritConfig
 from trainers.grit_vlm.params import VlmParams
@@ -62,6 +62,25 @@ class Params(Section):
         if self.serve.weights == "merged" and not self.export.merged:
             raise ValueError("serve.weights is 'merged' but export.merged is false, so no merged GGUF is written; "
                              "set export.merged: true or serve.weights: adapter")
+        for name, variant in self.variants.items():
+            try:
+                variant_grit(self.grit, variant)
+            except ValidationError as error:
+                first = error.errors()[0]
+                raise ValueError(f"variants.{name}.grit_overrides: {_key_path(first['loc'])}: "
+                                 f"{first['msg'].removeprefix('Value error, ')}") from None
+        if self.train.nproc_per_node > 1:
+            # A truncated factor is a new Parameter, which DDP neither all-reduces nor keeps equal.
+            for name, variant in self.variants.items():
+                if variant.grit and variant_grit(self.grit, variant).truncate:
+                    key = f"variants.{name}.grit_overrides.truncate" if "truncate" in variant.grit_overrides \
+                        else "grit.truncate"
+                    raise ValueError(f"{key} is true (variant {name}) but train.nproc_per_node is "
+                                     f"{self.train.nproc_per_node}: DDP does not synchronise truncated LoRA factors; "
+                                     f"set {key}: false or train.nproc_per_node: 1")
+        unknown = [m for m in self.study.methods if m not in self.variants]
+        if unknown:
+            raise ValueError(f"study.methods: {unknown[0]!r} is not a declared variant ({', '.join(self.variants)})")
         if self.probe.steps > self.train.max_steps:
             raise ValueError(f"probe.steps ({self.probe.steps}) must not exceed train.max_steps ({self.train.max_steps})")
         written_for, tiny = self.vlm.config().architecture, self.model.vision.architecture
@@ -81,6 +100,7 @@ class Params(Section):
     export: ExportParams = ExportParams()
     serve: ServeParams = ServeParams()
     eval: EvalParams = EvalParams()
+    study: StudyParams = StudyParams()
     store: StoreParams = StoreParams()
     vlm: VlmParams = VlmParams()
 

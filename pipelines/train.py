@@ -98,14 +98,17 @@ def main(argv: list[str] | None = None) -> int:
             ctx.store.replace_rows(session, TrainMetric, ctx.run_id, steps, variant=variant_name, seed=seed)
             ctx.store.replace_rows(session, Variant, ctx.run_id, [{
                 "engine": variant.engine, "base_model": files.name, "adapter_path": str(adapter),
-                "details_json": json.dumps({k: meta[k] for k in (
-                    "grit", "grit_door", "batch_order_hash", "train_seconds", "final_loss", "tokens_per_second",
+                "details_json": json.dumps({k: meta.get(k) for k in (
+                    "grit", "grit_door", "batch_order_hash", "train_seconds", "final_loss", "final_val_loss",
+                    "tokens_per_second", "trainable_parameters",
                     "peak_rss_mib", "peak_cuda_mib", "engine_notes", "grit_all_ready")}, default=str),
             }], name=variant_name, seed=seed)
+        validation = f", validation loss {meta['final_val_loss']:.4f}" if meta.get("final_val_loss") is not None else ""
         print(f"[train] {variant_name} (seed {seed}): {meta['steps']} steps in {meta['train_seconds']:.0f} s, "
-              f"final loss {meta['final_loss']:.4f}, {meta['tokens_per_second']:.0f} tokens/s")
-        return {k: meta[k] for k in ("final_loss", "train_loss", "train_seconds", "tokens_per_second",
-                                     "peak_rss_mib", "peak_cuda_mib", "steps", "batch_order_hash", "grit_all_ready")}
+              f"final loss {meta['final_loss']:.4f}{validation}, {meta['tokens_per_second']:.0f} tokens/s")
+        return {k: meta.get(k) for k in ("final_loss", "final_val_loss", "train_loss", "train_seconds",
+                                         "tokens_per_second", "peak_rss_mib", "peak_cuda_mib", "steps",
+                                         "batch_order_hash", "grit_all_ready", "trainable_parameters")}
 
     def launch_data_parallel(ctx: StageContext, seed: int, adapter: Path, checkpoints: Path,
                              live_dir: Path) -> tuple[dict, list[dict]]:

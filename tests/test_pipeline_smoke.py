@@ -13,7 +13,7 @@ import pytest
 import yaml
 from sqlalchemy import select
 
-from db.models import Comparison, EvalMetric, SpeedMetric, TrainMetric
+from db.models import Comparison, EvalMetric, SpeedMetric, StudyTrial, TrainMetric
 from db.store import open_store
 from pipelines.params import load_params
 from pipelines.stage import pipeline_stage_names
@@ -134,9 +134,22 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert (repo / "artifacts/adapters/pure_grit/adapter_model.safetensors").is_file()
     assert (repo / f"artifacts/adapters/pure_grit/seed-{seeds[1]}/adapter_model.safetensors").is_file()
 
-    # The probe ran both GRIT variants against their same-engine controls: GRIT changed the updates.
+    # Validation loss every train.eval_steps steps and after the last, in the store per step.
+    with store.reader() as session:
+        validated = session.scalars(select(TrainMetric.step).where(
+            TrainMetric.run_id == run.id, TrainMetric.variant == "pure_grit", TrainMetric.seed == seeds[0],
+            TrainMetric.val_loss.is_not(None)).order_by(TrainMetric.step)).all()
+    assert validated == [2, 4]
+    # grit_paper (the paper configuration) really truncated its adapter to rank 2 of 4; it was
+    # reloaded, exported (parity below) and evaluated (compare_all below) like every variant.
+    paper, lora = (json.loads((repo / f"artifacts/adapters/{v}/grit_metadata.json").read_text())
+                   for v in ("grit_paper", "peft_lora"))
+    assert set(paper["effective_ranks"].values()) == {2} and set(lora["effective_ranks"].values()) == {4}
+    assert paper["trainable_parameters"] * 2 == lora["trainable_parameters"]
+
+    # The probe ran every GRIT variant against its same-engine control: GRIT changed the updates.
     probes = json.loads((repo / "metrics/probes.json").read_text())["variants"]
-    assert set(probes) == {"hybrid_grit", "pure_grit"}
+    assert set(probes) == {"hybrid_grit", "pure_grit", "grit_paper"}
     for name, probe in probes.items():
         assert probe["verdict"] == "effective", (name, probe["checks"])
         assert probe["update_cosine_median"] < 0.99 and probe["loss_max_abs_difference"] > 0
@@ -198,6 +211,25 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert (repo / "reports/compare.md").read_text().startswith(f"# Comparison of run {run.id}")   # stage compare
     assert (repo / "reports/compare.md").is_file() and (repo / "reports/compare.csv").is_file()
     assert (repo / "reports/compare_aqi.png").is_file()
+
+    # The study: every trial in the store, each method's setting the tuning trial with the lowest
+    # validation loss, no test figure measured while tuning, and the report with its plots.
+    study, plan = json.loads((repo / "metrics/study.json").read_text()), params.study
+    with store.reader() as session:
+        trials = session.scalars(select(StudyTrial).where(StudyTrial.run_id == run.id)).all()
+    tuned = [t for t in trials if t.phase == "tune"]
+    assert len(tuned) == plan.trials * len(plan.methods)
+    assert len(trials) - len(tuned) == len(plan.methods) * plan.seeds * len(plan.budgets)
+    for method in plan.methods:
+        best = min((t for t in tuned if t.method == method), key=lambda t: t.val_loss)
+        assert study["chosen"][method] == json.loads(best.setting)
+    assert all(set(json.loads(t.metrics_json)) == {"val_loss", "validation_decline_probability"} for t in tuned)
+    truncated = {t.budget: t.trainable_parameters for t in trials if t.phase == "test" and t.method == "grit_paper"}
+    assert truncated[4] * 2 == truncated[2]             # reprojection from step 3 on: truncated at step 4
+    study_report = (repo / "reports/study/report.md").read_text()
+    assert study["verdict"] in study_report and "Holm" in study_report
+    assert all((repo / "reports/study" / f"{name}.png").is_file()
+               for name in ("sensitivity", "budget_curves", "test_by_budget"))
 
     # A second repro with nothing changed runs no stage and leaves the store as it was.
     second = _sh(["dvc", "repro"], repo, env)

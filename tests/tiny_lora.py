@@ -10,12 +10,18 @@ VOCAB = 96
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def tiny_lora_model(seed: int = 0, r: int = 4, random_B: bool = False):
+def tiny_base_model(seed: int = 0) -> LlamaForCausalLM:
+    """The random Llama under :func:`tiny_lora_model` (same seed, same weights)."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(config)
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS))
+    return LlamaForCausalLM(config)
+
+
+def tiny_lora_model(seed: int = 0, r: int = 4, random_B: bool = False, rslora: bool = False):
+    model = tiny_base_model(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=TARGETS,
+                                                   use_rslora=rslora))
     if random_B:
         for name, parameter in peft_model.named_parameters():
             if "lora_B" in name:
@@ -39,14 +45,20 @@ def batches(n: int, seed: int = 1, batch_size: int = 4, length: int = 12):
 
 def ddp_worker(rank: int, world_size: int, folder: str) -> None:
     """Train 3 GRIT steps under DDP on rank-specific data, with and without the factor
-    all-reduce, and save each rank's factors and adapter (used by the distributed test)."""
+    all-reduce, and save each rank's factors and adapter, and what attaching GRIT with
+    truncation said (used by the distributed test)."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainers.grit import GritConfig, GritManager
+    from trainers.grit import GritConfig, GritError, GritManager
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
     results = {}
+    try:
+        GritManager(tiny_lora_model(seed=0), GritConfig(reprojection=True, truncate=True))
+        results["truncate"] = "attached"
+    except GritError as error:
+        results["truncate"] = str(error)
     for allreduce in (True, False):
         model = tiny_lora_model(seed=0)
         ddp = DistributedDataParallel(model)

@@ -4,7 +4,7 @@ whether GRIT is attached differ."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import Field, model_validator
 
@@ -110,6 +110,9 @@ class TrainParams(Section):
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     save_steps: Annotated[int, Field(gt=0)] = 10      # checkpoint interval (resume after a kill)
+    # Validation loss on the held-out split every eval_steps optimizer steps and after the last
+    # one; the study tunes each method on it (never on the test sets).
+    eval_steps: Annotated[int, Field(gt=0)] = 8
     gradient_checkpointing: bool = False
 
     @property
@@ -124,6 +127,26 @@ class VariantParams(Section):
 
     engine: Literal["unsloth", "peft"]
     grit: bool = False
+    # Fields of the ``grit`` section this variant sets differently (e.g. the paper configuration:
+    # reprojection, truncation, warm-ups); every other field comes from ``grit``.
+    grit_overrides: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _overrides_need_grit(self) -> VariantParams:
+        if self.grit_overrides and not self.grit:
+            raise ValueError("grit_overrides is set but grit is false; GRIT settings of a variant without GRIT "
+                             "would be ignored")
+        unknown = sorted(set(self.grit_overrides) - set(GritConfig.model_fields))
+        if unknown:
+            raise ValueError(f"grit_overrides: {unknown[0]!r} is not a field of the grit section")
+        return self
+
+
+def variant_grit(grit: GritConfig, variant: VariantParams) -> GritConfig:
+    """The GRIT configuration ``variant`` trains with: ``grit`` with its overrides, validated."""
+    if not variant.grit_overrides:
+        return grit
+    return GritConfig.model_validate({**grit.model_dump(), **variant.grit_overrides})
 
 
 def same_engine_control(variants: dict[str, VariantParams], name: str) -> str | None:

@@ -23,13 +23,13 @@ from transformers import TrainerCallback
 
 from core.section import content_hash
 from trainers.base_model import BaseModelFiles
-from trainers.config import TrainingParams, TrainParams, VariantParams
+from trainers.config import TrainingParams, TrainParams, VariantParams, variant_grit
 from trainers.grit.config import GritConfig
 from trainers.grit.distributed import world_size
 from trainers.grit.doors import trainer_clipping_norm
 from trainers.grit.manager import GritManager
 from trainers.grit_vlm.variant import vision_language_model
-from trainers.sft import PaddingCollator, StepLog, fair_trainer_class, order_hash
+from trainers.sft import PaddingCollator, StepLog, ValidationLoss, fair_trainer_class, order_hash
 from trainers.variant_model import VariantModel, language_model
 
 GRIT_STATE = "grit_state.pt"
@@ -157,11 +157,14 @@ def train_variant(
     torch.manual_seed(params.train.seed)
     built = variant_model(variant, params, files, data_dir)
     train = params.train
-    grit = attach_grit(built.model, params.grit, grit_door(variant), train.max_steps, built.manager_factory)
+    grit = attach_grit(built.model, variant_grit(params.grit, variant), grit_door(variant), train.max_steps,
+                       built.manager_factory)
     manager = grit.manager
 
     trainer_ref: list = []
-    step_log = StepLog(trainer_ref, manager, live)
+    validation = (ValidationLoss(built.validation, built.tokenizer.pad_token_id, train.eval_steps,
+                                 train.per_device_batch_size) if built.validation else None)
+    step_log = StepLog(trainer_ref, manager, live, validation)
     callbacks = [step_log, SaveExtraState(trainer_ref, manager, step_log)] if built.resumable else [step_log]
     trainer = build_trainer(built.model, built.tokenizer, built.examples, train, checkpoint_dir, grit, callbacks,
                             bf16=params.model.dtype == "bfloat16", checkpoints=built.resumable,
@@ -179,6 +182,8 @@ def train_variant(
         trainer.batch_digests = list(extra["batch_digests"])
         step_log.replay(extra.get("step_rows", []))   # the log restarts complete, not at the checkpoint
         if manager is not None:
+            # Before trainer.train: modules truncated before the checkpoint are shrunk to their saved
+            # rank here, so the Trainer's load_adapter and the optimizer it builds find those shapes.
             manager.load_state_dict(extra["grit"])
         print(f"[train] {name}: resuming from {resume_from.name}")
 
@@ -201,11 +206,15 @@ def train_variant(
         "batch_order_hash": order_hash(trainer.batch_digests), "batches_trained": len(trainer.batch_digests),
         "train_seconds": seconds, "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
+        "final_val_loss": next((r["val_loss"] for r in reversed(step_log.rows) if r.get("val_loss") is not None),
+                               None),
         "train_loss": output.training_loss, "steps": trainer.state.global_step,
         "tokens_per_second": step_log.mean_tokens_per_second(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "grit_all_ready": manager.all_ready() if manager else None,
+        "trainable_parameters": sum(p.numel() for n, p in trainer.model.named_parameters()
+                                    if p.requires_grad and "lora_" in n),   # fewer once GRIT truncated
         **(built.report(trainer.model, manager) if built.report else {}),
         "resumed_from": resume_from.name if resume_from else None, "world_size": world_size(), **extra,
     }

@@ -102,11 +102,53 @@ def fair_trainer_class(base: type) -> type:
     return FairSFTTrainer
 
 
-class StepLog(TrainerCallback):
-    """Per optimizer step: loss, gradient norms, learning rate, tokens/s, rows captured."""
+def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """(sum of next-token cross-entropies, number of scored tokens) over the response tokens
+    (labels != -100): the same loss the models train on, summed so batches can be pooled."""
+    shifted_logits, shifted_labels = logits[:, :-1, :].float(), labels[:, 1:]
+    scored = shifted_labels != -100
+    if not bool(scored.any()):
+        return 0.0, 0
+    total = torch.nn.functional.cross_entropy(shifted_logits[scored], shifted_labels[scored], reduction="sum")
+    return float(total), int(scored.sum())
 
-    def __init__(self, trainer_ref: list, manager=None, live=None) -> None:
+
+class ValidationLoss:
+    """The mean response-token loss on the held-out validation split, measured every ``every``
+    optimizer steps and after the last one, without gradients (GRIT captures nothing then)."""
+
+    def __init__(self, examples: Sequence[dict], pad_id: int, every: int, batch_size: int) -> None:
+        if not examples:
+            raise ValueError("no validation examples: the validation split is empty")
+        collate = PaddingCollator(pad_id)
+        self.batches = [collate(list(examples[i: i + batch_size])) for i in range(0, len(examples), batch_size)]
+        self.every = every
+
+    def due(self, step: int, max_steps: int) -> bool:
+        return step % self.every == 0 or step == max_steps
+
+    def measure(self, model) -> float:
+        device = next(p for p in model.parameters()).device
+        was_training = model.training
+        model.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in self.batches:
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+                batch_total, batch_count = summed_token_loss(logits, batch["labels"].to(device))
+                total, count = total + batch_total, count + batch_count
+        model.train(was_training)
+        return total / count if count else float("nan")
+
+
+class StepLog(TrainerCallback):
+    """Per optimizer step: loss, gradient norms, learning rate, tokens/s, rows captured, and the
+    validation loss on the steps it is measured (``None`` on the others)."""
+
+    def __init__(self, trainer_ref: list, manager=None, live=None, validation: ValidationLoss | None = None) -> None:
         self.trainer_ref, self.manager, self.live = trainer_ref, manager, live
+        self.validation = validation
         self.rows: list[dict[str, float | int | None]] = []
         self._started = time.perf_counter()
         self._pending: dict[str, float | int | None] = {}
@@ -147,7 +189,10 @@ class StepLog(TrainerCallback):
             "grad_norm_raw": report.get("grad_norm_raw"),
             "grad_norm_preconditioned": report.get("grad_norm_preconditioned"),
             "rows_captured": int(report["rows_captured"]) if "rows_captured" in report else None,
+            "val_loss": None,
         }
+        if self.validation is not None and self.validation.due(state.global_step, state.max_steps):
+            self._pending["val_loss"] = self.validation.measure(kwargs["model"])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._pending or logs is None or "loss" not in logs:

@@ -19,6 +19,7 @@ from trainers.config import TrainingParams, TrainParams, VariantParams
 from trainers.engines import build_engine
 from trainers.grit.distributed import world_size
 from trainers.grit.layer import lora_layers
+from trainers.data.formatting import tokenize_chat
 from trainers.sft import ordered_examples
 
 
@@ -40,6 +41,7 @@ class VariantModel:
     metadata: dict[str, Any] = field(default_factory=dict)
     report: Callable[[Any, Any], dict[str, Any]] | None = None
     judge_parts: Callable | None = None
+    validation: list = field(default_factory=list)   # tokenized held-out examples (validation loss)
 
 
 def examples_needed(train: TrainParams, steps: int | None = None) -> int:
@@ -55,7 +57,17 @@ def language_model(variant: VariantParams, params: TrainingParams, files: BaseMo
     examples = ordered_examples(read_jsonl(data_dir / "train.jsonl"), engine.tokenizer,
                                 examples_needed(params.train, steps) * world_size(), params.train.seed)
     return VariantModel(engine.model, engine.tokenizer, examples, engine.notes, engine.target_modules,
-                        metadata={"lora": params.lora.model_dump(mode="json")}, report=_lora_report)
+                        metadata={"lora": params.lora.model_dump(mode="json")}, report=_lora_report,
+                        validation=validation_examples(data_dir, engine.tokenizer))
+
+
+def validation_examples(data_dir: Path, tokenizer) -> list[dict]:
+    """The held-out split, tokenized like the training examples (in file order)."""
+    path = data_dir / "validation.jsonl"
+    if not path.is_file():
+        return []
+    return [{"input_ids": t.input_ids, "labels": t.labels}
+            for t in (tokenize_chat(tokenizer, row["prompt"], row["response"]) for row in read_jsonl(path))]
 
 
 def _lora_report(model, manager) -> dict[str, Any]:

@@ -117,3 +117,19 @@ def test_one_source_of_defaults_the_config_classes_are_the_default_profile(repo_
     compose_params("default", composed)
     assert yaml.safe_load(composed.read_text()) == Params().model_dump(mode="json")
     assert yaml.safe_load((repo_root / "params.yaml").read_text()) == yaml.safe_load(composed.read_text())
+
+
+@pytest.mark.parametrize(("payload", "key"), [
+    ({"grit": {"truncate": True}}, "grit.truncate"),
+    ({"variants": {"pure_grit": {"engine": "peft", "grit": True, "grit_overrides": {"truncate": True}}}},
+     "variants.pure_grit.grit_overrides.truncate"),
+])
+def test_truncation_is_refused_under_data_parallelism(payload, key):
+    with pytest.raises(ParamsError) as caught:
+        parse_params({**payload, "train": {"nproc_per_node": 2}}, "params.yaml")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"params.yaml: {key} is true"), message
+    assert "train.nproc_per_node is 2" in message
+    parse_params(payload)                                           # one process: fine
+    parse_params({"grit": {"truncate": True}, "train": {"nproc_per_node": 2},
+                  "variants": {"peft_lora": {"engine": "peft"}}})   # no GRIT variant: fine

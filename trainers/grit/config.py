@@ -33,6 +33,9 @@ class GritConfig(Section):
 
     # --- natural gradient
     precondition: bool = True
+    # The paper's warm-ups, all counted in optimizer steps completed (GritManager.step); 0 = off.
+    # The first ng_warmup_steps steps take the plain (clipped) gradient while the factors fill.
+    ng_warmup_steps: Annotated[int, Field(ge=0)] = 0
     factor_sides: Literal["kfac", "reference"] = "kfac"
     damping: Annotated[float, Field(gt=0)] = 1e-3
     # relative: lambda is scaled by the factor's mean eigenvalue, so the preconditioner's shape
@@ -57,6 +60,9 @@ class GritConfig(Section):
     energy_threshold: Annotated[float, Field(gt=0, le=1)] = 0.99   # tau, for adaptive k
     min_rank: Annotated[int, Field(gt=0)] = 4
     truncate: bool = False   # really shrink A and B to rank k (else rank stays r: accounting only)
+    reprojection_warmup_steps: Annotated[int, Field(ge=0)] = 0    # no reprojection before this step
+    # Before this step a reprojection keeps every module's full rank (k = rank, no truncation).
+    rank_adaptation_start_step: Annotated[int, Field(ge=0)] = 0
 
     # --- regularisers (warm-up ramped)
     lambda_curvature: Annotated[float, Field(ge=0)] = 0.0

@@ -9,6 +9,8 @@ which modules, when, and across ranks is the manager's business (``manager.py``)
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,17 +217,25 @@ class ModuleState:
         self.basis_u, self.basis_v = basis_u, basis_v
         return basis_u
 
+    def _set_factors(self, A: torch.Tensor, B: torch.Tensor) -> tuple[nn.Parameter, nn.Parameter]:
+        """Give the layer new factors A [k, d_in], B [d_out, k] and record k as its rank; returns
+        the old ones. New Parameters, since the shapes change; the scaling is left as it is."""
+        old_A, old_B = self.lora_A.weight, self.lora_B.weight
+        k = A.shape[0]
+        self.lora_A.weight = nn.Parameter(A.contiguous(), requires_grad=old_A.requires_grad)
+        self.lora_B.weight = nn.Parameter(B.contiguous(), requires_grad=old_B.requires_grad)
+        self.lora_A.out_features = self.lora_B.in_features = k
+        self.layer.r[self.adapter] = k
+        return old_A, old_B
+
     def truncate(self, basis: torch.Tensor, optimizer: torch.optim.Optimizer | None) -> None:
         """Shrink A to [k, d_in] and B to [d_out, k] in the basis V (exact after reprojection),
         keep the layer's scaling, remap the optimizer state, and move the statistics."""
-        old_A, old_B = self.lora_A.weight, self.lora_B.weight
-        basis = basis.to(old_A)
-        new_A_data, new_B_data = gm.truncate_factors(old_A.data, old_B.data, basis)
-        new_A, new_B = nn.Parameter(new_A_data.contiguous()), nn.Parameter(new_B_data.contiguous())
+        basis = basis.to(self.lora_A.weight)
         k = basis.shape[1]
-        self.lora_A.weight, self.lora_A.out_features = new_A, k
-        self.lora_B.weight, self.lora_B.in_features = new_B, k
-        self.layer.r[self.adapter] = k  # scaling stays as it was: the function must not change
+        A, B = gm.truncate_factors(self.lora_A.weight.data, self.lora_B.weight.data, basis)
+        old_A, old_B = self._set_factors(A, B)   # the scaling stays: the function must not change
+        new_A, new_B = self.lora_A.weight, self.lora_B.weight
         if optimizer is not None:
             remap_optimizer_state(optimizer, old_A, new_A, lambda t: basis.T @ t, lambda t: (basis.T ** 2) @ t)
             remap_optimizer_state(optimizer, old_B, new_B, lambda t: t @ basis, lambda t: t @ basis ** 2)
@@ -255,9 +265,20 @@ class ModuleState:
                 "inverse": {k: _clone(v) for k, v in self.inverse.items()}, "damping_used": dict(self.damping_used),
                 "basis_u": _clone(self.basis_u), "basis_v": _clone(self.basis_v)}
 
+    def shrink_to(self, rank: int) -> None:
+        """Give the layer factors of a smaller ``rank`` to receive a checkpoint saved after
+        truncation (the model is rebuilt at full rank). Their values are placeholders (leading
+        rows of A, columns of B) until the checkpoint's adapter weights are loaded into them."""
+        with torch.no_grad():
+            self._set_factors(self.lora_A.weight[:rank].clone(), self.lora_B.weight[:, :rank].clone())
+
     def load(self, saved: dict[str, Any]) -> None:
-        if saved["rank"] != self.rank:
+        """Restore the statistics and inverses; a module saved after truncation is shrunk to the
+        saved rank first (``shrink_to``), so the checkpoint's weights and optimizer state fit."""
+        if saved["rank"] > self.rank:
             raise GritError(f"{self.name}: saved rank {saved['rank']} but the model has rank {self.rank}")
+        if saved["rank"] < self.rank:
+            self.shrink_to(saved["rank"])
         self.u, self.v = FactorStats.from_state(saved["u"]), FactorStats.from_state(saved["v"])
         self.inverse = {k: _clone(v) for k, v in saved["inverse"].items()}
         self.damping_used = dict(saved["damping_used"])
@@ -268,6 +289,24 @@ def base_module_name(peft_name: str) -> str:
     """``base_model.model.model.layers.0.q_proj`` -> ``model.layers.0.q_proj`` (the name in the
     base model, which layer selection and configurations use)."""
     return peft_name.removeprefix("base_model.model.")
+
+
+def rank_pattern_key(module: str, targeted: Collection[str]) -> str:
+    """The ``rank_pattern`` / ``alpha_pattern`` key that selects ``module`` (its name in the base
+    model) and no other of the ``targeted`` modules. PEFT reads a key as the regex
+    ``(.*\\.)?key$`` (``peft.utils.other.get_pattern_key``), so the escaped full name matches the
+    module and any module whose name ends in ``.<module>``, which must not exist."""
+    clashes = [other for other in targeted if other.endswith("." + module)]
+    if clashes:
+        raise GritError(f"{module}: no PEFT rank_pattern key can select it alone ({clashes[0]} ends with its "
+                        "name), so its truncated rank cannot be saved; set grit.truncate: false")
+    return re.escape(module)
+
+
+def exact_patterns_first(exact: dict[str, Any], existing: dict[str, Any] | None) -> dict[str, Any]:
+    """A rank/alpha pattern with the ``exact`` keys first, then the ``existing`` ones they do not
+    replace: PEFT uses the first key that matches, and a broader one must not shadow them."""
+    return {**exact, **{key: value for key, value in (existing or {}).items() if key not in exact}}
 
 
 def module_key(peft_name: str, adapter: str, several_adapters: bool) -> str:

@@ -8,10 +8,10 @@ and :meth:`GritManager.after_step`; the doors in ``doors.py`` call them)::
         sync factors across ranks   # distributed.allreduce_sum_ (identical factors everywhere)
         refresh inverses if due     # damped Cholesky per module and side, readiness per side
         add regulariser gradients   # curvature / reprojection penalties (warm-up ramped)
-        precondition                # natural gradient on every ready side
+        precondition                # natural gradient on every ready side (after ng_warmup_steps)
         clip to max_grad_norm       # the trust region bounds the *preconditioned* step
     optimizer.step()
-    after_step():                   # reprojection / truncation when due, step counter
+    after_step():                   # step counter, reprojection / truncation when due
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch import nn
 
 from trainers.grit import math as gm
 from trainers.grit.config import GritConfig
-from trainers.grit.distributed import allreduce_sum_
+from trainers.grit.distributed import allreduce_sum_, world_size
 from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, gradient_norm
 from trainers.grit.layer import (
     SIDES,
@@ -33,9 +33,11 @@ from trainers.grit.layer import (
     GritError,
     ModuleState,
     base_module_name,
+    exact_patterns_first,
     invert,
     lora_layers,
     module_key,
+    rank_pattern_key,
 )
 
 __all__ = ["GritError", "GritManager", "ModuleState", "base_module_name", "lora_layers"]
@@ -50,6 +52,11 @@ class GritManager:
         ``model.vision_model.encoder.layers.0.self_attn.q_proj``); all of them by default."""
         self.model = peft_model
         self.config = config or GritConfig()
+        if self.config.truncate and world_size() > 1:
+            # A truncated factor is a new Parameter: DDP, which registered the old ones, would
+            # neither all-reduce its gradients nor keep the replicas equal.
+            raise GritError(f"grit.truncate cannot train data-parallel ({world_size()} processes): DDP does not "
+                            "synchronise truncated factors; set grit.truncate: false or train.nproc_per_node: 1")
         self.total_steps = total_steps
         self.step = 0
         self.capturing = True
@@ -59,6 +66,7 @@ class GritManager:
         self._row_count: int | None = None
         self._handles: list[Any] = []
         layers = lora_layers(peft_model)
+        self.targeted = [base_module_name(name) for name, _, _ in layers]   # for rank_pattern keys
         if modules is not None:
             wanted = set(modules)
             layers = [layer for layer in layers if base_module_name(layer[0]) in wanted]
@@ -66,10 +74,13 @@ class GritManager:
             raise GritError("GRIT found no trainable LoRA layer in the model: applied to 0 layers")
         several = len({a for _, _, a in layers}) > 1
         self.modules: OrderedDict[str, ModuleState] = OrderedDict()
+        self.base_names: dict[str, str] = {}      # module key -> name in the base model
+        self.built_ranks: dict[str, int] = {}     # module key -> rank the model was built with
         for name, layer, adapter in layers:
             rank = layer.lora_A[adapter].weight.shape[0]
             key = module_key(name, adapter, several)
             self.modules[key] = ModuleState(key, layer, adapter, FactorStats(rank), FactorStats(rank))
+            self.base_names[key], self.built_ranks[key] = base_module_name(name), rank
         self._attach_hooks()
 
     # ------------------------------------------------------------------------------ capture
@@ -213,7 +224,9 @@ class GritManager:
         self.refresh_inverses()
         regularizer = self.add_regularizer_gradients()
         raw_norm = gradient_norm(parameters)
-        applied = self.precondition() if self.config.precondition else 0
+        # During the natural-gradient warm-up the factors fill and invert, but the step is plain.
+        warm = self.step >= self.config.ng_warmup_steps
+        applied = self.precondition() if self.config.precondition and warm else 0
         rows = sum(s.u.count for s in self.modules.values())
         self.last_report = {
             "grad_norm_raw": raw_norm, "grad_norm_preconditioned": gradient_norm(parameters),
@@ -227,7 +240,9 @@ class GritManager:
         self.capturing = self.step % self.config.capture_every == 0
         if optimizer is not None:
             self.optimizer = optimizer
-        if self.config.reprojection and self.step % self.config.reprojection_freq == 0:
+        cfg = self.config
+        due = self.step % cfg.reprojection_freq == 0 and self.step >= cfg.reprojection_warmup_steps
+        if cfg.reprojection and due:
             self.reproject()
 
     # ------------------------------------------------------------- reprojection / ranks
@@ -246,7 +261,11 @@ class GritManager:
 
     def reproject(self, k: int | None = None) -> dict[str, int]:
         """Reproject every module with enough statistics onto its top-k directions
-        (``ModuleState.reproject``); with ``truncate`` shrink it to rank k. Returns ranks."""
+        (``ModuleState.reproject``); with ``truncate`` shrink it to rank k. Returns ranks.
+
+        k: the given one, else the module's full rank before ``rank_adaptation_start_step``
+        (a rotation that changes nothing, so no truncation), else the budget."""
+        adapting = self.step >= self.config.rank_adaptation_start_step
         ranks = {}
         with torch.no_grad():
             for state in self.modules.values():
@@ -255,11 +274,15 @@ class GritManager:
                     ranks[state.name] = state.rank
                     continue
                 eigenvalues, _ = gm.top_eigenvectors(sigma_u, state.rank)
-                k_here = min(state.rank, k) if k is not None else self.budget(state, eigenvalues)
+                if k is not None:
+                    k_here = min(state.rank, k)
+                else:
+                    k_here = self.budget(state, eigenvalues) if adapting else state.rank
                 basis_u = state.reproject(k_here, self.config)
                 if self.config.truncate and k_here < state.rank:
                     state.truncate(basis_u, self.optimizer)
                 ranks[state.name] = state.rank
+        self.record_ranks_in_peft_config()
         return ranks
 
     def truncate(self) -> dict[str, int]:
@@ -268,10 +291,27 @@ class GritManager:
             for state in self.modules.values():
                 if state.basis_u is not None and state.basis_u.shape[1] < state.rank:
                     state.truncate(state.basis_u, self.optimizer)
+        self.record_ranks_in_peft_config()
         return self.effective_ranks()
 
     def effective_ranks(self) -> dict[str, int]:
         return {name: state.rank for name, state in self.modules.items()}
+
+    def record_ranks_in_peft_config(self) -> None:
+        """Write each truncated module's rank k and an alpha giving its unchanged scaling into its
+        adapter's PEFT config (``rank_pattern`` / ``alpha_pattern``), so that ``save_pretrained``
+        writes the shapes it saves and ``from_pretrained`` rebuilds the same function."""
+        configs = getattr(self.model, "peft_config", None) or {}
+        truncated = [s for s in self.modules.values() if s.rank < self.built_ranks[s.name]]
+        for adapter in dict.fromkeys(s.adapter for s in truncated):
+            config = configs[adapter]
+            ranks, alphas = {}, {}
+            for state in (s for s in truncated if s.adapter == adapter):
+                key = rank_pattern_key(self.base_names[state.name], self.targeted)
+                ranks[key] = state.rank
+                alphas[key] = gm.lora_alpha_for(state.scaling, state.rank, config.use_rslora)
+            config.rank_pattern = exact_patterns_first(ranks, config.rank_pattern)
+            config.alpha_pattern = exact_patterns_first(alphas, config.alpha_pattern)
 
     # ---------------------------------------------------------------------- reporting
 
@@ -296,9 +336,17 @@ class GritManager:
                 "modules": {name: state.state() for name, state in self.modules.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a saved state; call it before the optimizer is built and before the adapter
+        weights are loaded (as a resumed Trainer does), since modules saved after truncation are
+        first shrunk to their saved rank."""
         missing = set(self.modules) ^ set(state["modules"])
         if missing:
             raise GritError(f"GRIT state does not match the model's LoRA modules: {sorted(missing)[:3]}")
+        shrinking = [n for n, saved in state["modules"].items() if saved["rank"] < self.modules[n].rank]
+        if shrinking and self.optimizer is not None:
+            raise GritError(f"GRIT state: {shrinking[0]} was truncated, so its factors must be rebuilt before "
+                            "the optimizer is; load the GRIT state before building the optimizer")
         self.step, self.capturing = int(state["step"]), bool(state["capturing"])
         for name, saved in state["modules"].items():
             self.modules[name].load(saved)
+        self.record_ranks_in_peft_config()

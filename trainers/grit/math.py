@@ -169,6 +169,14 @@ def truncate_factors(A: torch.Tensor, B: torch.Tensor, basis: torch.Tensor) -> t
     return basis.T @ A, B @ basis
 
 
+def lora_alpha_for(scaling: float, rank: int, rslora: bool) -> float:
+    """The alpha that gives a rank-``rank`` PEFT layer the scaling ``scaling``: PEFT sets
+    s = alpha / r (alpha / sqrt(r) with rsLoRA), so alpha = s r (s sqrt(r))."""
+    import math
+
+    return scaling * (math.sqrt(rank) if rslora else rank)
+
+
 def budget_at(schedule: str, step: int, total_steps: int, start: int, end: int) -> int:
     """Projection budget k at ``step`` of ``total_steps`` for the linear or cosine schedule."""
     import math

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from trainers.base_model import BaseModelFiles
-from trainers.config import TrainingParams
+from trainers.config import TrainingParams, variant_grit
 from trainers.probe.math import CurveComparison
 from trainers.probe.measure import probe_setup
 from trainers.probe.verdict import EFFECTIVE, INERT, as_json, decide
@@ -32,7 +32,7 @@ def probe_variant(name: str, params: TrainingParams, files: BaseModelFiles, data
         return attach_grit(model, config, door, total_steps, built.manager_factory)
 
     measured, control, grit = probe_setup(
-        name, built.model, built.tokenizer, built.examples, params.train, params.grit, grit_door(variant), settings,
+        name, built.model, built.tokenizer, built.examples, params.train, variant_grit(params.grit, variant), grit_door(variant), settings,
         workdir, attach=attach, bf16=params.model.dtype == "bfloat16", trajectory=trajectory,
         trajectory_control=trajectory_control, collator=built.collator)
     verdict, checks = decide(measured, settings)

@@ -1,17 +1,30 @@
 """Two gloo ranks on different data end with identical factors and adapters (and would not
-without the factor all-reduce)."""
+without the factor all-reduce); truncation, which DDP cannot follow, is refused there."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
 from tiny_lora import ddp_worker
 
 
-def test_factors_and_adapters_stay_identical_across_ranks(tmp_path):
-    mp.spawn(ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[dict, dict]:
+    """What each of two gloo ranks recorded (one spawn for every test here)."""
+    folder = tmp_path_factory.mktemp("ddp")
+    mp.spawn(ddp_worker, args=(2, str(folder)), nprocs=2, join=True)
+    return tuple(torch.load(folder / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+
+def test_truncation_is_refused_in_a_data_parallel_group(ranks):
+    for results in ranks:
+        assert results["truncate"].startswith("grit.truncate cannot train data-parallel (2 processes)")
+
+
+def test_factors_and_adapters_stay_identical_across_ranks(ranks):
+    rank0, rank1 = ranks
 
     synced0, synced1 = rank0[True], rank1[True]
     for name, (su, sv) in synced0["factors"].items():

@@ -1,0 +1,159 @@
+"""The fair study's arithmetic: search spaces, quasi-random trials, selection on validation loss,
+and the test comparison over seeds (docs/study.md).
+
+The rules, after the optimizer-benchmarking literature (Schmidt et al. 2021; AlgoPerf's external
+tuning): every method gets the same number of trials drawn from a declared search space; the
+setting a method is compared at is the trial with the lowest validation loss, and nothing
+measured on a test set takes part in that choice; the comparison then trains each method at its
+chosen setting with several seeds and budgets, and the paired t-test over seeds (Holm-adjusted
+over every metric, pair and budget) is the pre-declared main test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from evaluation.stats import Interval, holm_adjust, mean_over_seeds, paired_t_over_seeds
+
+# Test figures of one trained adapter, each with the direction in which it is better.
+HIGHER_IS_BETTER = {
+    "val_loss": False,                          # on the validation split (the tuning objective)
+    "decline_probability": True,                # P(decline) on held-out harmful prompts
+    "overrefusal_decline_probability": False,   # P(decline) on held-out edgy-but-benign prompts
+    "retention_accuracy": True,                 # true-vs-false fact pairs kept
+    "separation": True,                         # 1/XB of harmful vs benign representations
+    "aqi": True,                                # the AQI-style index
+}
+TEST_METRICS = tuple(HIGHER_IS_BETTER)
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training run of the study and what was measured on it."""
+
+    phase: str                          # "tune" or "test"
+    method: str
+    budget: int
+    seed: int
+    setting: dict[str, float]
+    val_loss: float | None
+    curve: list[tuple[int, float]] = field(default_factory=list)     # (step, validation loss)
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    tokens_per_second: float | None = None
+    trainable_parameters: int | None = None
+
+
+def setting_key(setting: dict[str, float]) -> str:
+    """The canonical text of a setting (its identity in the store)."""
+    return json.dumps(setting, sort_keys=True)
+
+
+def search_space(grit: bool, learning_rate_range: tuple[float, float],
+                 damping_range: tuple[float, float]) -> dict[str, tuple[float, float]]:
+    """The declared space of one method: the learning rate for all, GRIT's damping too."""
+    space = {"learning_rate": learning_rate_range}
+    if grit:
+        space["damping"] = damping_range
+    return space
+
+
+def draw_settings(space: dict[str, tuple[float, float]], trials: int, seed: int) -> list[dict[str, float]]:
+    """``trials`` settings, log-uniform in each range. Each hyperparameter takes its values from
+    its own scrambled Sobol sequence (spread evenly where random draws would clump), seeded by
+    ``seed`` and its position in the space: the learning rate comes first in every space, so
+    every method tries the same learning rates, and a GRIT method pairs each with a damping."""
+    import torch
+
+    columns = [torch.quasirandom.SobolEngine(1, scramble=True, seed=seed + position).draw(trials).double()[:, 0]
+               for position in range(len(space))]
+    return [{name: float(f"{math.exp(math.log(low) + float(column[i]) * (math.log(high) - math.log(low))):.3g}")
+             for (name, (low, high)), column in zip(space.items(), columns, strict=True)} for i in range(trials)]
+
+
+def choose_setting(trials: Iterable[Trial]) -> Trial:
+    """The tuning trial with the lowest validation loss (earliest on a tie). Only the validation
+    loss is read: test figures, if a trial carried any, cannot influence the choice."""
+    scored = [t for t in trials if t.val_loss is not None and math.isfinite(t.val_loss)]
+    if not scored:
+        raise ValueError("no tuning trial has a finite validation loss; widen or lower the learning-rate range")
+    return min(scored, key=lambda t: t.val_loss)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    budget: int
+    method: str
+    control: str
+    metric: str
+    delta: Interval          # mean over seeds of method - control, with its t interval
+    p_value: float
+    p_adjusted: float | None = None
+
+    def better(self) -> bool | None:
+        """True / False when the method is significantly better / worse; None otherwise."""
+        if self.p_adjusted is None or self.p_adjusted >= 0.05 or self.delta.value == 0:
+            return None
+        return (self.delta.value > 0) == HIGHER_IS_BETTER[self.metric]
+
+
+def by_seed(trials: Iterable[Trial], method: str, budget: int) -> dict[int, Trial]:
+    return {t.seed: t for t in trials if t.phase == "test" and t.method == method and t.budget == budget}
+
+
+def summary(trials: Sequence[Trial], method: str, budget: int, metric: str, level: float = 0.95) -> Interval | None:
+    """Mean and t interval over seeds of one test figure."""
+    values = [t.metrics[metric] for t in by_seed(trials, method, budget).values() if metric in t.metrics]
+    return mean_over_seeds(values, level) if values else None
+
+
+def paired_tests(trials: Sequence[Trial], pairs: Sequence[tuple[str, str]], budgets: Sequence[int],
+                 level: float = 0.95) -> list[PairedTest]:
+    """Per budget, pair (method, control) and metric: the per-seed differences, their mean and t
+    interval, the paired t p-value, and Holm's adjustment over the whole family."""
+    tests = []
+    for budget in budgets:
+        for method, control in pairs:
+            ours, theirs = by_seed(trials, method, budget), by_seed(trials, control, budget)
+            seeds = sorted(set(ours) & set(theirs))
+            for metric in TEST_METRICS:
+                deltas = [ours[s].metrics[metric] - theirs[s].metrics[metric] for s in seeds
+                          if metric in ours[s].metrics and metric in theirs[s].metrics]
+                if len(deltas) >= 2:
+                    tests.append(PairedTest(budget, method, control, metric, mean_over_seeds(deltas, level),
+                                            paired_t_over_seeds(deltas)))
+    adjusted = holm_adjust([t.p_value for t in tests])
+    return [PairedTest(t.budget, t.method, t.control, t.metric, t.delta, t.p_value, a)
+            for t, a in zip(tests, adjusted, strict=True)]
+
+
+def speed_ratio(trials: Sequence[Trial], method: str, control: str, budget: int) -> float | None:
+    """Median over seeds of the method's training tokens/s over the control's (same seed and
+    budget, trained one after the other in the same study)."""
+    ours, theirs = by_seed(trials, method, budget), by_seed(trials, control, budget)
+    ratios = [ours[s].tokens_per_second / theirs[s].tokens_per_second for s in set(ours) & set(theirs)
+              if ours[s].tokens_per_second and theirs[s].tokens_per_second]
+    return statistics.median(ratios) if ratios else None
+
+
+def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
+    """One plain sentence: does GRIT beat LoRA in this study, by the pre-declared test?"""
+    wins = [t for t in tests if t.method in grit_methods and t.better() is True]
+    losses = [t for t in tests if t.method in grit_methods and t.better() is False]
+    if not wins and not losses:
+        return ("No: at each method's validation-tuned setting, no GRIT method differs significantly from "
+                "LoRA on any metric at any budget (paired t over seeds, Holm-adjusted).")
+    if wins and not losses:
+        return "GRIT is better on " + describe(wins) + ", and worse on nothing (paired t over seeds, Holm-adjusted)."
+    if losses and not wins:
+        return "No: GRIT is worse on " + describe(losses) + ", and better on nothing (paired t over seeds, Holm-adjusted)."
+    return ("Mixed: GRIT is better on " + describe(wins) + " but worse on " + describe(losses)
+            + " (paired t over seeds, Holm-adjusted).")
+
+
+def describe(tests: Sequence[PairedTest]) -> str:
+    return "; ".join(f"{t.metric} ({t.method} vs {t.control}, {t.budget} steps, {t.delta.value:+.4g})" for t in tests)

@@ -1,0 +1,234 @@
+"""The study's report: ``reports/study/report.md``, its plots and ``metrics/study.json``.
+
+What a reviewer asks of an optimizer comparison, in order: the search space and trials per
+method, each method's chosen setting, every test figure at every budget (mean and 95% interval
+over seeds), the pre-declared paired tests with Holm-adjusted p-values, the sensitivity and
+budget plots, the trainable parameters at the end, the speed and the compute spent.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from core.files import atomic_write_json, atomic_write_text
+from evaluation.study import TEST_METRICS, PairedTest, Trial, paired_tests, speed_ratio, summary, verdict
+
+LABELS = {
+    "val_loss": "validation loss",
+    "decline_probability": "P(decline), harmful test prompts",
+    "overrefusal_decline_probability": "P(decline), edgy-benign test prompts",
+    "retention_accuracy": "fact retention",
+    "separation": "separation 1/XB",
+    "aqi": "AQI-style index",
+    "validation_decline_probability": "P(decline), harmful validation prompts",
+}
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
+
+
+def _interval(i) -> str:
+    if i is None:
+        return "n/a"
+    if not math.isfinite(i.low):
+        return _number(i.value)
+    return f"{_number(i.value)} [{_number(i.low)}, {_number(i.high)}]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def comparison_pairs(params) -> list[tuple[str, str]]:
+    """Every GRIT method of the study against every LoRA method of it."""
+    methods = params.study.methods
+    grit = [m for m in methods if params.variants[m].grit]
+    return [(g, c) for g in grit for c in methods if not params.variants[c].grit]
+
+
+def tuning_rows(trials: Sequence[Trial], chosen: dict[str, dict[str, float]]) -> list[list[str]]:
+    rows = []
+    for t in sorted((t for t in trials if t.phase == "tune"), key=lambda t: (t.method, t.setting["learning_rate"])):
+        mark = " **chosen**" if t.setting == chosen.get(t.method) else ""
+        rows.append([t.method, ", ".join(f"{k} {v:.3g}" for k, v in sorted(t.setting.items())),
+                     _number(t.val_loss) + mark, _number(t.metrics.get("validation_decline_probability"), 3)])
+    return rows
+
+
+def test_rows(trials: Sequence[Trial], methods: Sequence[str], budget: int) -> list[list[str]]:
+    return [[LABELS[m], *(_interval(summary(trials, method, budget, m)) for method in methods)] for m in TEST_METRICS]
+
+
+def test_table_rows(tests: Sequence[PairedTest]) -> list[list[str]]:
+    def judged(t: PairedTest) -> str:
+        better = t.better()
+        return "n.s." if better is None else ("GRIT better" if better else "GRIT worse")
+
+    return [[str(t.budget), f"{t.method} vs {t.control}", LABELS[t.metric], _interval(t.delta),
+             f"{t.p_value:.3g}", _number(t.p_adjusted, 3), judged(t)] for t in tests]
+
+
+def parameter_rows(trials: Sequence[Trial], methods: Sequence[str], budgets: Sequence[int]) -> list[list[str]]:
+    rows = []
+    for method in methods:
+        cells = []
+        for budget in budgets:
+            counts = [t.trainable_parameters for t in trials if t.phase == "test" and t.method == method
+                      and t.budget == budget and t.trainable_parameters]
+            cells.append(f"{sum(counts) / len(counts):,.0f}" if counts else "n/a")
+        rows.append([method, *cells])
+    return rows
+
+
+def plot_sensitivity(trials: Sequence[Trial], methods: Sequence[str], path: Path) -> Path:
+    """Validation loss and the validation P(decline) against the learning rate, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for method in methods:
+        tuned = sorted((t for t in trials if t.phase == "tune" and t.method == method),
+                       key=lambda t: t.setting["learning_rate"])
+        rates = [t.setting["learning_rate"] for t in tuned]
+        axes[0].plot(rates, [t.val_loss for t in tuned], "o-", label=method)
+        axes[1].plot(rates, [t.metrics.get("validation_decline_probability", math.nan) for t in tuned], "o-",
+                     label=method)
+    for axis, label in zip(axes, ("validation loss (tuning objective)", "P(decline), harmful validation prompts"),
+                           strict=True):
+        axis.set_xscale("log")
+        axis.set_xlabel("learning rate")
+        axis.set_title(label, fontsize=10)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_budget_curves(trials: Sequence[Trial], methods: Sequence[str], budgets: Sequence[int], path: Path) -> Path:
+    """Validation loss over steps at each budget, mean over seeds, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.6), squeeze=False)
+    for axis, budget in zip(axes[0], budgets, strict=True):
+        for method in methods:
+            curves = [dict(t.curve) for t in trials if t.phase == "test" and t.method == method and t.budget == budget]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            axis.plot(steps, [sum(c[s] for c in curves) / len(curves) for s in steps], "o-", markersize=3,
+                      label=method)
+        axis.set_title(f"validation loss, {budget}-step budget (mean over seeds)", fontsize=10)
+        axis.set_xlabel("optimizer step")
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_test_by_budget(trials: Sequence[Trial], methods: Sequence[str], budgets: Sequence[int], path: Path) -> Path:
+    """Each test figure against the budget, mean and 95% interval over seeds, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(TEST_METRICS), figsize=(3.2 * len(TEST_METRICS), 3.4))
+    for axis, metric in zip(axes, TEST_METRICS, strict=True):
+        for offset, method in enumerate(methods):
+            points = [(b, summary(trials, method, b, metric)) for b in budgets]
+            points = [(b, i) for b, i in points if i is not None]
+            errors = [[i.value - i.low if math.isfinite(i.low) else 0 for _, i in points],
+                      [i.high - i.value if math.isfinite(i.high) else 0 for _, i in points]]
+            axis.errorbar([b * (1 + 0.03 * offset) for b, _ in points], [i.value for _, i in points], yerr=errors,
+                          fmt="o-", capsize=3, label=method)
+        axis.set_xscale("log")
+        axis.set_xticks(list(budgets), [str(b) for b in budgets])
+        axis.set_title(LABELS[metric], fontsize=9)
+        axis.set_xlabel("budget (steps)")
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Trial], chosen: dict[str, dict[str, float]],
+                 stage_seconds: float, run_id: str) -> dict[str, Path]:
+    """Write report.md, the plots, trials.csv and the metrics file; returns them by name."""
+    study, methods, budgets = params.study, params.study.methods, params.study.budgets
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = comparison_pairs(params)
+    tests = paired_tests(trials, pairs, budgets)
+    grit_methods = [m for m in methods if params.variants[m].grit]
+    sentence = verdict(tests, grit_methods) if pairs else "No GRIT-vs-LoRA pair in study.methods: nothing compared."
+    compute = sum(t.train_seconds for t in trials)
+    plots = {"sensitivity": plot_sensitivity(trials, methods, folder / "sensitivity.png"),
+             "budget_curves": plot_budget_curves(trials, methods, budgets, folder / "budget_curves.png"),
+             "test_by_budget": plot_test_by_budget(trials, methods, budgets, folder / "test_by_budget.png")}
+    space = ", ".join(f"{name} log-uniform in [{low:g}, {high:g}]" for name, (low, high) in
+                      (("learning rate (every method)", study.learning_rate_range),
+                       ("damping (GRIT methods)", study.damping_range)))
+    speed = [[str(b), f"{m} vs {c}", _number(speed_ratio(trials, m, c, b), 3)] for b in budgets for m, c in pairs]
+    sections = [
+        f"# The fair study: does GRIT beat LoRA when each is tuned?\n\nRun `{run_id}`, profile `{params.profile}`, "
+        f"methods {', '.join(methods)}; {study.trials} tuning trials per method, {study.seeds} seeds, "
+        f"budgets {', '.join(str(b) for b in budgets)} optimizer steps.\n\n**{sentence}**",
+        f"## Search space and tuning (budget {budgets[0]}, seed {params.train.seed}, validation split only)\n\n"
+        f"Space: {space}; {study.trials} quasi-random trials per method (scrambled Sobol, seed {study.seed}). "
+        "A method's setting is its trial with the lowest validation loss.\n\n"
+        + _table(["method", "setting", "validation loss", "P(decline), validation"], tuning_rows(trials, chosen)),
+        "![sensitivity](sensitivity.png)",
+        *(f"## Test figures at {b} steps (mean [95% t interval] over {study.seeds} seeds)\n\n"
+          + _table(["metric", *methods], test_rows(trials, methods, b)) for b in budgets),
+        "![test figures by budget](test_by_budget.png)\n\n![validation loss over steps](budget_curves.png)",
+        "## Paired tests (pre-declared: paired t over seeds, Holm over every row)\n\n"
+        + _table(["budget", "pair", "metric", "mean delta [95% CI]", "raw p", "Holm p", "verdict"],
+                 test_table_rows(tests)),
+        "## Trainable parameters at the end (mean over seeds)\n\n"
+        + _table(["method", *(f"{b} steps" for b in budgets)], parameter_rows(trials, methods, budgets)),
+        "## Training speed (median over seeds of tokens/s relative to the control, trained one after the other)\n\n"
+        + _table(["budget", "pair", "tokens/s ratio"], speed),
+        f"## Compute\n\n{len(trials)} training runs, {compute / 3600:.2f} h of training; "
+        f"the stage took {stage_seconds / 3600:.2f} h.",
+    ]
+    report = folder / "report.md"
+    atomic_write_text(report, "\n\n".join(sections) + "\n")
+    table = folder / "trials.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["phase", "method", "budget", "seed", "setting", "val_loss", "train_seconds",
+                         "tokens_per_second", "trainable_parameters", *TEST_METRICS, "validation_decline_probability"])
+        for t in sorted(trials, key=lambda t: (t.phase, t.method, t.budget, t.seed)):
+            writer.writerow([t.phase, t.method, t.budget, t.seed, json.dumps(t.setting, sort_keys=True), t.val_loss,
+                             t.train_seconds, t.tokens_per_second, t.trainable_parameters,
+                             *(t.metrics.get(m) for m in [*TEST_METRICS, "validation_decline_probability"])])
+    atomic_write_json(metrics_path, study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds))
+    return {"report": report, "trials": table, **plots, "metrics": metrics_path}
+
+
+def study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds) -> dict[str, Any]:
+    def plain(i):
+        return None if i is None else {"mean": i.value, "low": i.low if math.isfinite(i.low) else None,
+                                       "high": i.high if math.isfinite(i.high) else None, "n": i.n}
+
+    return {
+        "status": "complete", "verdict": sentence, "chosen": chosen,
+        "trials_per_method": params.study.trials, "seeds": params.study.seeds, "budgets": params.study.budgets,
+        "summary": {f"{m}@{b}": {metric: plain(summary(trials, m, b, metric)) for metric in TEST_METRICS}
+                    for m in params.study.methods for b in params.study.budgets},
+        "tests": [{"budget": t.budget, "method": t.method, "control": t.control, "metric": t.metric,
+                   "delta": plain(t.delta), "p": t.p_value, "p_holm": t.p_adjusted} for t in tests],
+        "training_hours": compute / 3600, "stage_hours": stage_seconds / 3600,
+    }

@@ -1,0 +1,65 @@
+"""The study's rules: declared spaces, equal trials, selection on validation loss only, the
+paired t over seeds with Holm, and a plain verdict."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from evaluation.study import Trial, choose_setting, draw_settings, paired_tests, search_space, verdict
+
+
+def test_every_method_gets_the_same_number_of_trials_and_the_same_learning_rates():
+    lora = draw_settings(search_space(False, (1e-4, 2e-3), (1e-4, 1e-1)), 4, seed=0)
+    grit = draw_settings(search_space(True, (1e-4, 2e-3), (1e-4, 1e-1)), 4, seed=0)
+    assert len(lora) == len(grit) == 4
+    assert [s["learning_rate"] for s in lora] == [s["learning_rate"] for s in grit]
+    assert all(set(s) == {"learning_rate"} for s in lora) and all(set(s) == {"learning_rate", "damping"} for s in grit)
+    # log-uniform and stratified: one learning rate in each quarter of the log range
+    quarters = sorted(int(4 * (math.log(s["learning_rate"]) - math.log(1e-4)) / (math.log(2e-3) - math.log(1e-4)))
+                      for s in lora)
+    assert quarters == [0, 1, 2, 3]
+    assert all(1e-4 <= s["damping"] <= 1e-1 for s in grit)
+    assert draw_settings(search_space(True, (1e-4, 2e-3), (1e-4, 1e-1)), 4, seed=0) == grit   # reproducible
+
+
+def trial(lr: float, val_loss: float, decline: float, method: str = "m", phase: str = "tune", seed: int = 0,
+          budget: int = 8, **metrics: float) -> Trial:
+    return Trial(phase, method, budget, seed, {"learning_rate": lr}, val_loss,
+                 metrics={"val_loss": val_loss, "decline_probability": decline, **metrics})
+
+
+def test_the_setting_is_chosen_on_validation_loss_even_when_a_test_metric_would_pick_another():
+    trials = [trial(1e-4, 2.0, decline=0.99), trial(5e-4, 1.5, decline=0.40), trial(1e-3, 1.7, decline=0.95)]
+    best_on_test = max(trials, key=lambda t: t.metrics["decline_probability"])
+    chosen = choose_setting(trials)
+    assert chosen.setting == {"learning_rate": 5e-4}
+    assert chosen is not best_on_test
+
+
+def test_diverged_trials_are_never_chosen_and_all_diverged_is_an_error():
+    assert choose_setting([trial(2e-3, math.nan, 0.5), trial(1e-4, 3.0, 0.5)]).setting == {"learning_rate": 1e-4}
+    with pytest.raises(ValueError, match="no tuning trial has a finite validation loss"):
+        choose_setting([trial(2e-3, math.nan, 0.5), trial(1e-3, math.inf, 0.5)])
+
+
+def test_the_paired_t_over_seeds_is_holm_adjusted_over_every_metric_pair_and_budget():
+    trials = []
+    for seed in range(5):
+        trials.append(trial(1e-4, 2.0 + 0.01 * seed, 0.5, "lora", "test", seed))
+        # GRIT: validation loss lower by 0.1 +- noise at every seed, decline probability the same
+        trials.append(trial(1e-4, 1.9 + 0.01 * seed + 0.002 * (-1) ** seed, 0.5, "grit", "test", seed))
+    tests = paired_tests(trials, [("grit", "lora")], [8])
+    loss = next(t for t in tests if t.metric == "val_loss")
+    assert loss.delta.value == pytest.approx(-0.1, abs=0.01) and loss.p_value < 1e-4
+    assert loss.p_adjusted == pytest.approx(min(1.0, loss.p_value * len(tests)))    # the smallest p of the family
+    assert loss.better() is True                                                      # lower loss is better
+    decline = next(t for t in tests if t.metric == "decline_probability")
+    assert decline.better() is None
+    assert verdict(tests, ["grit"]).startswith("GRIT is better on val_loss")
+
+
+def test_the_verdict_says_no_plainly_when_nothing_differs():
+    trials = [trial(1e-4, 2.0 + 0.01 * s, 0.5, m, "test", s) for s in range(5) for m in ("lora", "grit")]
+    assert verdict(paired_tests(trials, [("grit", "lora")], [8]), ["grit"]).startswith("No: ")
