@@ -47,8 +47,9 @@ class StudyParams(Section):
     this profile (the stage keeps the last study's report)."""
 
     methods: list[str] = []                  # variant names, e.g. peft_lora, pure_grit, grit_paper
-    # Search space, log-uniform: the learning rate for every method, the damping for GRIT ones.
-    learning_rate_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 2e-3)
+    # Search space: the learning rate for every method (log-spaced, the same values for all),
+    # the damping for GRIT ones (log-uniform, quasi-random).
+    learning_rate_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-2)
     damping_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-1)
     trials: Annotated[int, Field(gt=0, le=64)] = 4          # per method: the same for every method
     seeds: Annotated[int, Field(gt=1, le=20)] = 5           # test replicates at each chosen setting
@@ -58,7 +59,7 @@ class StudyParams(Section):
     overrefusal_prompts: Annotated[int, Field(gt=0)] = 100
     fact_pairs: Annotated[int, Field(gt=0)] = 300
     aqi_pairs: Annotated[int, Field(gt=1)] = 100
-    seed: int = 0                                            # of the quasi-random search
+    seed: int = 0                                            # of the quasi-random damping draws
 
     @model_validator(mode="after")
     def _ranges(self) -> StudyParams:

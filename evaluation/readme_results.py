@@ -1,4 +1,5 @@
-"""The README's result block, rendered from the committed ``metrics/eval.json``.
+"""The README's result blocks, rendered from the committed ``metrics/study.json`` (the fair
+study's headline) and ``metrics/eval.json`` (the default run).
 
 The README shows the default run's figures; writing them by hand lets them go stale. This renders
 the same tables ``compare_all`` prints (value [interval], Δ vs base, GRIT vs its same-engine
@@ -35,6 +36,8 @@ NOT_MODELS = ("comparisons", "across_seeds", "decline_probability_vs_judge")
 
 BEGIN = "<!-- results:begin (python -m evaluation.readme_results) -->"
 END = "<!-- results:end -->"
+STUDY_BEGIN = "<!-- study:begin (python -m evaluation.readme_results) -->"
+STUDY_END = "<!-- study:end -->"
 
 
 def tables_from_metrics(evaluation: dict, run_label: str, params_json: str = "{}") -> RunTables:
@@ -65,17 +68,26 @@ def results_block(evaluation: dict, run_label: str, params_json: str = "{}") -> 
             f"**{summary_line(tables)}**")
 
 
-def with_block(readme: str, block: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise ValueError(f"README.md has no {BEGIN!r} ... {END!r} markers")
-    head, rest = readme.split(BEGIN, 1)
-    return f"{head}{BEGIN}\n{block}\n{END}{rest.split(END, 1)[1]}"
+def with_block(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:
+    if begin not in readme or end not in readme:
+        raise ValueError(f"README.md has no {begin!r} ... {end!r} markers")
+    head, rest = readme.split(begin, 1)
+    return f"{head}{begin}\n{block}\n{end}{rest.split(end, 1)[1]}"
+
+
+def with_study_block(readme: str, study_metrics: Path) -> str:
+    """The study's headline block, from ``metrics/study.json`` (a not-yet-run note without it)."""
+    from evaluation.study_report import readme_block
+
+    study = json.loads(study_metrics.read_text()) if study_metrics.is_file() else {}
+    return with_block(readme, readme_block(study), STUDY_BEGIN, STUDY_END)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m evaluation.readme_results", description=__doc__.splitlines()[0])
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
+    parser.add_argument("--study", type=Path, default=Path("metrics/study.json"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="its export thresholds judge parity")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
@@ -83,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     params = yaml.safe_load(args.params.read_text()) if args.params.is_file() else {}
     wanted = with_block(readme, results_block(json.loads(args.metrics.read_text()), f"recorded in `{args.metrics}`",
                                               json.dumps({"export": (params or {}).get("export", {})})))
+    wanted = with_study_block(wanted, args.study)
     if args.check:
         if wanted != readme:
-            print(f"{args.readme}'s result block differs from {args.metrics}; run python -m evaluation.readme_results",
+            print(f"{args.readme}'s result blocks differ from {args.metrics} or {args.study}; "
+                  "run python -m evaluation.readme_results",
                   file=sys.stderr)
             return 1
         return 0

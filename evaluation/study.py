@@ -1,4 +1,4 @@
-"""The fair study's arithmetic: search spaces, quasi-random trials, selection on validation loss,
+"""The fair study's arithmetic: search spaces, equal trials, selection on validation loss,
 and the test comparison over seeds (docs/study.md).
 
 The rules, after the optimizer-benchmarking literature (Schmidt et al. 2021; AlgoPerf's external
@@ -63,16 +63,31 @@ def search_space(grit: bool, learning_rate_range: tuple[float, float],
 
 
 def draw_settings(space: dict[str, tuple[float, float]], trials: int, seed: int) -> list[dict[str, float]]:
-    """``trials`` settings, log-uniform in each range. Each hyperparameter takes its values from
-    its own scrambled Sobol sequence (spread evenly where random draws would clump), seeded by
-    ``seed`` and its position in the space: the learning rate comes first in every space, so
-    every method tries the same learning rates, and a GRIT method pairs each with a damping."""
+    """``trials`` settings, log-uniform in each range. The learning rate (first in every space)
+    takes the centres of ``trials`` equal slices of its log range, so every method tries the same
+    learning rates, evenly spread. Any further hyperparameter (GRIT's damping) takes its values
+    from its own scrambled Sobol sequence, seeded by ``seed`` and its position: spread evenly
+    where random draws would clump, and not in lockstep with the learning rate."""
     import torch
 
-    columns = [torch.quasirandom.SobolEngine(1, scramble=True, seed=seed + position).draw(trials).double()[:, 0]
-               for position in range(len(space))]
-    return [{name: float(f"{math.exp(math.log(low) + float(column[i]) * (math.log(high) - math.log(low))):.3g}")
-             for (name, (low, high)), column in zip(space.items(), columns, strict=True)} for i in range(trials)]
+    def log_uniform(low: float, high: float, u: float) -> float:
+        return float(f"{math.exp(math.log(low) + u * (math.log(high) - math.log(low))):.3g}")
+
+    columns = [[(i + 0.5) / trials for i in range(trials)]]
+    columns += [torch.quasirandom.SobolEngine(1, scramble=True, seed=seed + position).draw(trials)[:, 0].tolist()
+                for position in range(1, len(space))]
+    return [{name: log_uniform(low, high, column[i]) for (name, (low, high)), column in
+             zip(space.items(), columns, strict=True)} for i in range(trials)]
+
+
+def at_the_edge(trials: Iterable[Trial], chosen: Trial) -> str | None:
+    """"largest" / "smallest" when the chosen learning rate is the largest / smallest one tried:
+    the best setting may then lie outside the declared range, which the report says."""
+    rates = sorted(t.setting["learning_rate"] for t in trials)
+    if len(rates) < 2:
+        return None
+    rate = chosen.setting["learning_rate"]
+    return "largest" if rate == rates[-1] else "smallest" if rate == rates[0] else None
 
 
 def choose_setting(trials: Iterable[Trial]) -> Trial:

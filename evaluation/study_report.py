@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from core.files import atomic_write_json, atomic_write_text
-from evaluation.study import TEST_METRICS, PairedTest, Trial, paired_tests, speed_ratio, summary, verdict
+from evaluation.study import (
+    TEST_METRICS,
+    PairedTest,
+    Trial,
+    at_the_edge,
+    paired_tests,
+    speed_ratio,
+    summary,
+    verdict,
+)
 
 LABELS = {
     "val_loss": "validation loss",
@@ -87,13 +96,27 @@ def parameter_rows(trials: Sequence[Trial], methods: Sequence[str], budgets: Seq
     return rows
 
 
-def plot_sensitivity(trials: Sequence[Trial], methods: Sequence[str], path: Path) -> Path:
-    """Validation loss and the validation P(decline) against the learning rate, per method."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")   # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_sensitivity(trials: Sequence[Trial], methods: Sequence[str], chosen: dict[str, dict[str, float]],
+                     path: Path) -> Path:
+    """Validation loss and the validation P(decline) against the learning rate, per method; a
+    star marks each method's chosen trial."""
+    plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for method in methods:
         tuned = sorted((t for t in trials if t.phase == "tune" and t.method == method),
@@ -102,25 +125,27 @@ def plot_sensitivity(trials: Sequence[Trial], methods: Sequence[str], path: Path
         axes[0].plot(rates, [t.val_loss for t in tuned], "o-", label=method)
         axes[1].plot(rates, [t.metrics.get("validation_decline_probability", math.nan) for t in tuned], "o-",
                      label=method)
+        best = [t for t in tuned if t.setting == chosen.get(method)]
+        for axis, value in ((axes[0], lambda t: t.val_loss),
+                            (axes[1], lambda t: t.metrics.get("validation_decline_probability", math.nan))):
+            axis.plot([t.setting["learning_rate"] for t in best], [value(t) for t in best], "*", color="black",
+                      markersize=12, zorder=3)
+    rates = sorted({t.setting["learning_rate"] for t in trials if t.phase == "tune"})
     for axis, label in zip(axes, ("validation loss (tuning objective)", "P(decline), harmful validation prompts"),
                            strict=True):
         axis.set_xscale("log")
-        axis.set_xlabel("learning rate")
+        axis.minorticks_off()
+        axis.set_xticks(rates, [f"{r:.2g}" for r in rates])
+        axis.ticklabel_format(axis="y", useOffset=False)
+        axis.set_xlabel("learning rate (the trials)")
         axis.set_title(label, fontsize=10)
     axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def plot_budget_curves(trials: Sequence[Trial], methods: Sequence[str], budgets: Sequence[int], path: Path) -> Path:
     """Validation loss over steps at each budget, mean over seeds, per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.6), squeeze=False)
     for axis, budget in zip(axes[0], budgets, strict=True):
         for method in methods:
@@ -131,21 +156,17 @@ def plot_budget_curves(trials: Sequence[Trial], methods: Sequence[str], budgets:
         axis.set_title(f"validation loss, {budget}-step budget (mean over seeds)", fontsize=10)
         axis.set_xlabel("optimizer step")
     axes[0][0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
 
 
 def plot_test_by_budget(trials: Sequence[Trial], methods: Sequence[str], budgets: Sequence[int], path: Path) -> Path:
     """Each test figure against the budget, mean and 95% interval over seeds, per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(TEST_METRICS), figsize=(3.2 * len(TEST_METRICS), 3.4))
-    for axis, metric in zip(axes, TEST_METRICS, strict=True):
+    plt = _pyplot()
+    columns = 3
+    rows = -(-len(TEST_METRICS) // columns)
+    figure, grid = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    axes = grid.ravel()
+    for axis, metric in zip(axes, TEST_METRICS, strict=False):
         for offset, method in enumerate(methods):
             points = [(b, summary(trials, method, b, metric)) for b in budgets]
             points = [(b, i) for b, i in points if i is not None]
@@ -154,14 +175,25 @@ def plot_test_by_budget(trials: Sequence[Trial], methods: Sequence[str], budgets
             axis.errorbar([b * (1 + 0.03 * offset) for b, _ in points], [i.value for _, i in points], yerr=errors,
                           fmt="o-", capsize=3, label=method)
         axis.set_xscale("log")
+        axis.minorticks_off()
         axis.set_xticks(list(budgets), [str(b) for b in budgets])
         axis.set_title(LABELS[metric], fontsize=9)
         axis.set_xlabel("budget (steps)")
     axes[0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return _save(plt, figure, path)
+
+
+def edge_warnings(trials: Sequence[Trial], methods: Sequence[str], chosen: dict[str, dict[str, float]]) -> list[str]:
+    """One sentence per method whose chosen learning rate is the largest or smallest tried."""
+    warnings = []
+    for method in methods:
+        tuned = [t for t in trials if t.phase == "tune" and t.method == method]
+        best = next((t for t in tuned if t.setting == chosen.get(method)), None)
+        edge = at_the_edge(tuned, best) if best is not None else None
+        if edge:
+            warnings.append(f"{method}'s chosen learning rate is the {edge} one tried, so its best setting may lie "
+                            "outside the declared range")
+    return warnings
 
 
 def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Trial], chosen: dict[str, dict[str, float]],
@@ -174,22 +206,25 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     grit_methods = [m for m in methods if params.variants[m].grit]
     sentence = verdict(tests, grit_methods) if pairs else "No GRIT-vs-LoRA pair in study.methods: nothing compared."
     compute = sum(t.train_seconds for t in trials)
-    plots = {"sensitivity": plot_sensitivity(trials, methods, folder / "sensitivity.png"),
+    plots = {"sensitivity": plot_sensitivity(trials, methods, chosen, folder / "sensitivity.png"),
              "budget_curves": plot_budget_curves(trials, methods, budgets, folder / "budget_curves.png"),
              "test_by_budget": plot_test_by_budget(trials, methods, budgets, folder / "test_by_budget.png")}
     space = ", ".join(f"{name} log-uniform in [{low:g}, {high:g}]" for name, (low, high) in
                       (("learning rate (every method)", study.learning_rate_range),
                        ("damping (GRIT methods)", study.damping_range)))
     speed = [[str(b), f"{m} vs {c}", _number(speed_ratio(trials, m, c, b), 3)] for b in budgets for m, c in pairs]
+    edges = edge_warnings(trials, methods, chosen)
     sections = [
         f"# The fair study: does GRIT beat LoRA when each is tuned?\n\nRun `{run_id}`, profile `{params.profile}`, "
         f"methods {', '.join(methods)}; {study.trials} tuning trials per method, {study.seeds} seeds, "
         f"budgets {', '.join(str(b) for b in budgets)} optimizer steps.\n\n**{sentence}**",
         f"## Search space and tuning (budget {budgets[0]}, seed {params.train.seed}, validation split only)\n\n"
-        f"Space: {space}; {study.trials} quasi-random trials per method (scrambled Sobol, seed {study.seed}). "
+        f"Space: {space}; {study.trials} trials per method: the learning rates at the centres of equal slices "
+        f"of the log range (the same for every method), the damping from a scrambled Sobol sequence (seed {study.seed}). "
         "A method's setting is its trial with the lowest validation loss.\n\n"
-        + _table(["method", "setting", "validation loss", "P(decline), validation"], tuning_rows(trials, chosen)),
-        "![sensitivity](sensitivity.png)",
+        + _table(["method", "setting", "validation loss", "P(decline), validation"], tuning_rows(trials, chosen))
+        + "".join(f"\n\n**Note:** {warning}." for warning in edges),
+        "![sensitivity: validation loss and P(decline) against the learning rate; stars: chosen](sensitivity.png)",
         *(f"## Test figures at {b} steps (mean [95% t interval] over {study.seeds} seeds)\n\n"
           + _table(["metric", *methods], test_rows(trials, methods, b)) for b in budgets),
         "![test figures by budget](test_by_budget.png)\n\n![validation loss over steps](budget_curves.png)",
@@ -214,7 +249,8 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
             writer.writerow([t.phase, t.method, t.budget, t.seed, json.dumps(t.setting, sort_keys=True), t.val_loss,
                              t.train_seconds, t.tokens_per_second, t.trainable_parameters,
                              *(t.metrics.get(m) for m in [*TEST_METRICS, "validation_decline_probability"])])
-    atomic_write_json(metrics_path, study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds))
+    atomic_write_json(metrics_path, {**study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds),
+                                     "range_warnings": edges})
     return {"report": report, "trials": table, **plots, "metrics": metrics_path}
 
 
@@ -224,7 +260,7 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
                                        "high": i.high if math.isfinite(i.high) else None, "n": i.n}
 
     return {
-        "status": "complete", "verdict": sentence, "chosen": chosen,
+        "status": "complete", "verdict": sentence, "methods": list(params.study.methods), "chosen": chosen,
         "trials_per_method": params.study.trials, "seeds": params.study.seeds, "budgets": params.study.budgets,
         "summary": {f"{m}@{b}": {metric: plain(summary(trials, m, b, metric)) for metric in TEST_METRICS}
                     for m in params.study.methods for b in params.study.budgets},
@@ -232,3 +268,34 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
                    "delta": plain(t.delta), "p": t.p_value, "p_holm": t.p_adjusted} for t in tests],
         "training_hours": compute / 3600, "stage_hours": stage_seconds / 3600,
     }
+
+
+HEADLINE_METRICS = ("val_loss", "decline_probability", "overrefusal_decline_probability", "retention_accuracy",
+                    "separation")
+
+
+def readme_block(study: dict) -> str:
+    """The README's headline from ``metrics/study.json``: the verdict, each method's chosen
+    setting, the main figures at every budget, and where the full report is."""
+    if study.get("status") != "complete":
+        return ("The fair study (each method tuned on validation loss, 5 seeds, two budgets; "
+                "[docs/study.md](docs/study.md)) has not been completed in this repository yet, so the "
+                "headline below is the default run's: one learning rate, one seed, one budget.")
+
+    def cell(figure: dict | None) -> str:
+        if figure is None:
+            return "n/a"
+        if figure["low"] is None:
+            return _number(figure["mean"])
+        return f"{_number(figure['mean'])} [{_number(figure['low'])}, {_number(figure['high'])}]"
+
+    methods = study["methods"]
+    chosen = _table(["method", "chosen setting (lowest validation loss)"],
+                    [[m, ", ".join(f"{k} {v:.3g}" for k, v in sorted(study["chosen"][m].items()))] for m in methods])
+    budgets = [
+        f"At {budget} steps (mean [95% interval] over {study['seeds']} seeds):\n\n"
+        + _table(["metric", *methods], [[LABELS[metric], *(cell(study["summary"][f"{m}@{budget}"].get(metric))
+                                                          for m in methods)] for metric in HEADLINE_METRICS])
+        for budget in study["budgets"]]
+    return "\n\n".join([f"**{study['verdict']}**", chosen, *budgets,
+                        "Every trial, test and plot: [reports/study/report.md](reports/study/report.md)."])

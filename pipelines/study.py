@@ -11,8 +11,8 @@ Reads the ``study`` section (methods, search space, trials, seeds, budgets) and 
 
 Every trial is a row of ``study_trials`` in the results store as soon as it finishes; a killed
 study resumes at the first trial the store does not hold. Writes ``reports/study/`` (report.md,
-plots, trials.csv) and ``metrics/study.json``. With ``study.methods`` empty (the default and
-smoke-free profiles) the stage trains nothing and keeps the last study's report.
+plots, trials.csv) and ``metrics/study.json``. With ``study.methods`` empty (the default
+profile) the stage trains nothing and keeps the last study's report.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def run_trials(ctx: StageContext, plan: list[dict]) -> None:
 
     done = {identity({"phase": t.phase, "method": t.method, "budget": t.budget, "seed": t.seed,
                       "setting": t.setting}) for t in recorded_trials(ctx)}
-    todo = [spec for spec in plan if identity(spec) not in done]
+    todo = [{**spec, "position": f"{n + 1}/{len(plan)}"}            # for the progress lines
+            for n, spec in enumerate(plan) if identity(spec) not in done]
     if len(todo) < len(plan):
         print(f"[study] {len(plan) - len(todo)} of {len(plan)} {plan[0]['phase']} trials already recorded")
     for method in dict.fromkeys(spec["method"] for spec in todo):

@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     params = load_params(Path(args.params))
     for spec in json.loads(Path(args.trials).read_text()):
-        print(f"[study] {spec['phase']} {spec['method']} budget {spec['budget']} seed {spec['seed']} "
+        print(f"[study] {spec['phase']} trial {spec.get('position', '?')}: {spec['method']}, budget {spec['budget']}, "
+              f"seed {spec['seed']}, "
               f"{json.dumps(spec['setting'], sort_keys=True)}", flush=True)
         with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
             record = run_trial(params, spec, Path.cwd(), Path(scratch))

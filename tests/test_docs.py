@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from evaluation.readme_results import BEGIN, END, results_block, with_block
+from evaluation.readme_results import BEGIN, END, STUDY_BEGIN, STUDY_END, results_block, with_block, with_study_block
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Spelled in parts so this file does not match itself.
@@ -38,9 +38,22 @@ def test_the_readme_result_block_is_rendered_from_the_committed_metrics():
     assert "## Success criteria" not in block and "decode speed >= 0.9x base" in block
 
 
+def test_the_readme_headline_is_the_committed_study_or_says_it_is_missing():
+    readme = (REPO_ROOT / "README.md").read_text()
+    study = REPO_ROOT / "metrics/study.json"
+    assert with_study_block(readme, study) == readme
+    block = readme.split(STUDY_BEGIN, 1)[1].split(STUDY_END, 1)[0]
+    complete = study.is_file() and json.loads(study.read_text()).get("status") == "complete"
+    if complete:
+        assert json.loads(study.read_text())["verdict"] in block and "reports/study/report.md" in block
+    else:
+        assert "has not been completed" in block
+    assert readme.index(STUDY_BEGIN) < readme.index(BEGIN)                 # the study is the headline
+
+
 def test_a_stale_block_is_detected(tmp_path: Path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{BEGIN}\nold numbers\n{END}\n")
+    readme.write_text(f"# x\n{STUDY_BEGIN}\n{STUDY_END}\n{BEGIN}\nold numbers\n{END}\n")
     from evaluation.readme_results import main
 
     assert main(["--readme", str(readme), "--metrics", str(REPO_ROOT / "metrics/eval.json"), "--check"]) == 1

@@ -7,21 +7,21 @@ import math
 
 import pytest
 
-from evaluation.study import Trial, choose_setting, draw_settings, paired_tests, search_space, verdict
+from evaluation.study import Trial, at_the_edge, choose_setting, draw_settings, paired_tests, search_space, verdict
 
 
 def test_every_method_gets_the_same_number_of_trials_and_the_same_learning_rates():
-    lora = draw_settings(search_space(False, (1e-4, 2e-3), (1e-4, 1e-1)), 4, seed=0)
-    grit = draw_settings(search_space(True, (1e-4, 2e-3), (1e-4, 1e-1)), 4, seed=0)
+    lora = draw_settings(search_space(False, (1e-4, 1e-2), (1e-4, 1e-1)), 4, seed=0)
+    grit = draw_settings(search_space(True, (1e-4, 1e-2), (1e-4, 1e-1)), 4, seed=0)
     assert len(lora) == len(grit) == 4
     assert [s["learning_rate"] for s in lora] == [s["learning_rate"] for s in grit]
     assert all(set(s) == {"learning_rate"} for s in lora) and all(set(s) == {"learning_rate", "damping"} for s in grit)
-    # log-uniform and stratified: one learning rate in each quarter of the log range
-    quarters = sorted(int(4 * (math.log(s["learning_rate"]) - math.log(1e-4)) / (math.log(2e-3) - math.log(1e-4)))
-                      for s in lora)
-    assert quarters == [0, 1, 2, 3]
-    assert all(1e-4 <= s["damping"] <= 1e-1 for s in grit)
-    assert draw_settings(search_space(True, (1e-4, 2e-3), (1e-4, 1e-1)), 4, seed=0) == grit   # reproducible
+    # log-spaced: the centres of four equal slices of [1e-4, 1e-2] in log space
+    assert [s["learning_rate"] for s in lora] == pytest.approx([1.78e-4, 5.62e-4, 1.78e-3, 5.62e-3], rel=1e-2)
+    dampings = sorted(s["damping"] for s in grit)
+    assert all(1e-4 <= d <= 1e-1 for d in dampings) and dampings[-1] / dampings[0] > 10      # spread, not clumped
+    assert draw_settings(search_space(True, (1e-4, 1e-2), (1e-4, 1e-1)), 4, seed=0) == grit   # reproducible
+    assert draw_settings(search_space(True, (1e-4, 1e-2), (1e-4, 1e-1)), 4, seed=1) != grit
 
 
 def trial(lr: float, val_loss: float, decline: float, method: str = "m", phase: str = "tune", seed: int = 0,
@@ -36,6 +36,12 @@ def test_the_setting_is_chosen_on_validation_loss_even_when_a_test_metric_would_
     chosen = choose_setting(trials)
     assert chosen.setting == {"learning_rate": 5e-4}
     assert chosen is not best_on_test
+
+
+def test_a_choice_at_the_edge_of_the_range_is_flagged():
+    trials = [trial(1e-4, 2.0, 0.5), trial(1e-3, 1.5, 0.5), trial(1e-2, 1.2, 0.5)]
+    assert at_the_edge(trials, choose_setting(trials)) == "largest"
+    assert at_the_edge(trials[:2] + [trial(1e-2, 1.9, 0.5)], trials[1]) is None
 
 
 def test_diverged_trials_are_never_chosen_and_all_diverged_is_an_error():
@@ -63,3 +69,19 @@ def test_the_paired_t_over_seeds_is_holm_adjusted_over_every_metric_pair_and_bud
 def test_the_verdict_says_no_plainly_when_nothing_differs():
     trials = [trial(1e-4, 2.0 + 0.01 * s, 0.5, m, "test", s) for s in range(5) for m in ("lora", "grit")]
     assert verdict(paired_tests(trials, [("grit", "lora")], [8]), ["grit"]).startswith("No: ")
+
+
+def test_the_readme_headline_leads_with_the_verdict_and_keeps_the_declared_method_order():
+    from evaluation.study_report import readme_block
+
+    figure = {"mean": 1.0, "low": 0.9, "high": 1.1, "n": 5}
+    study = {"status": "complete", "verdict": "No: nothing differs.", "methods": ["peft_lora", "grit_paper"],
+             "chosen": {"grit_paper": {"learning_rate": 5e-4, "damping": 1e-3}, "peft_lora": {"learning_rate": 4e-4}},
+             "seeds": 5, "budgets": [32, 96],
+             "summary": {f"{m}@{b}": {"val_loss": figure} for m in ("peft_lora", "grit_paper") for b in (32, 96)}}
+    block = readme_block(study)
+    assert block.startswith("**No: nothing differs.**")
+    assert block.index("| peft_lora | learning_rate") < block.index("| grit_paper | damping")
+    assert "| metric | peft_lora | grit_paper |" in block and "At 96 steps" in block
+    assert "1 [0.9, 1.1]" in block and "| P(decline), harmful test prompts | n/a | n/a |" in block
+    assert "has not been completed" in readme_block({"status": "not run"})

@@ -133,3 +133,34 @@ def test_truncation_is_refused_under_data_parallelism(payload, key):
     parse_params(payload)                                           # one process: fine
     parse_params({"grit": {"truncate": True}, "train": {"nproc_per_node": 2},
                   "variants": {"peft_lora": {"engine": "peft"}}})   # no GRIT variant: fine
+
+
+@pytest.mark.parametrize("variant, expected", [
+    ({"engine": "peft", "grit": True, "grit_overrides": {"dampng": 0.1}},
+     "variants.grit_paper: grit_overrides: 'dampng' is not a field of the grit section"),
+    ({"engine": "peft", "grit": True, "grit_overrides": {"damping": -1}},
+     "variants.grit_paper.grit_overrides: damping: Input should be greater than 0"),
+    ({"engine": "peft", "grit": False, "grit_overrides": {"damping": 0.1}},
+     "variants.grit_paper: grit_overrides is set but grit is false"),
+])
+def test_a_variants_grit_overrides_are_validated_in_one_line(variant, expected):
+    with pytest.raises(ParamsError) as caught:
+        parse_params({"variants": {"grit_paper": variant}}, "params.yaml")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"params.yaml: {expected}"), message
+
+
+def test_a_variant_trains_with_its_overrides_and_the_grit_section_elsewhere():
+    from trainers.config import variant_grit
+
+    params = parse_params({"grit": {"damping": 0.01}, "variants": {
+        "grit_paper": {"engine": "peft", "grit": True, "grit_overrides": {"reprojection": True, "truncate": True}},
+        "pure_grit": {"engine": "peft", "grit": True}}})
+    paper, pure = (variant_grit(params.grit, params.variants[v]) for v in ("grit_paper", "pure_grit"))
+    assert paper.reprojection and paper.truncate and paper.damping == 0.01
+    assert pure == params.grit
+
+
+def test_study_methods_must_be_declared_variants():
+    with pytest.raises(ParamsError, match="study.methods: 'grit_papr' is not a declared variant"):
+        parse_params({"study": {"methods": ["peft_lora", "grit_papr"]}}, "params.yaml")
