@@ -27,10 +27,10 @@ from pathlib import Path
 from sqlalchemy import select
 
 from core.errors import UserError
-from pipelines import study_worker
 from core.files import atomic_write_json, atomic_write_text
 from db.models import StudyTrial
 from evaluation.study import Trial, choose_setting, draw_settings, search_space, setting_key
+from pipelines import study_worker
 from pipelines.params import Params, require_text_model
 from pipelines.paths import DATA_DIR
 from pipelines.stage import StageContext, run_stage

@@ -37,9 +37,14 @@ def training_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
 
 def ordered_examples(rows: Sequence[dict], tokenizer, n_needed: int, seed: int) -> list[dict]:
     """Tokenized examples (input_ids, labels) in the one training order shared by all variants."""
-    tokenized = [tokenize_chat(tokenizer, row["prompt"], row["response"]) for row in rows]
-    return [{"input_ids": tokenized[i].input_ids, "labels": tokenized[i].labels}
-            for i in training_order(len(tokenized), n_needed, seed)]
+    tokenized = tokenized_examples(rows, tokenizer)
+    return [tokenized[i] for i in training_order(len(tokenized), n_needed, seed)]
+
+
+def tokenized_examples(rows: Sequence[dict], tokenizer) -> list[dict]:
+    """Chat examples as the trainer reads them (input_ids, labels), in the order given."""
+    return [{"input_ids": t.input_ids, "labels": t.labels}
+            for t in (tokenize_chat(tokenizer, row["prompt"], row["response"]) for row in rows)]
 
 
 class PaddingCollator:

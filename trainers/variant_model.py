@@ -19,8 +19,7 @@ from trainers.config import TrainingParams, TrainParams, VariantParams
 from trainers.engines import build_engine
 from trainers.grit.distributed import world_size
 from trainers.grit.layer import lora_layers
-from trainers.data.formatting import tokenize_chat
-from trainers.sft import ordered_examples
+from trainers.sft import ordered_examples, tokenized_examples
 
 
 @dataclass
@@ -66,8 +65,7 @@ def validation_examples(data_dir: Path, tokenizer) -> list[dict]:
     path = data_dir / "validation.jsonl"
     if not path.is_file():
         return []
-    return [{"input_ids": t.input_ids, "labels": t.labels}
-            for t in (tokenize_chat(tokenizer, row["prompt"], row["response"]) for row in read_jsonl(path))]
+    return tokenized_examples(read_jsonl(path), tokenizer)
 
 
 def _lora_report(model, manager) -> dict[str, Any]:
