@@ -65,6 +65,17 @@ def run_item(item: str, workdir: Path, device: str, sizes: list[str], timeout_s:
     return result, None
 
 
+def keep_logs(workdir: Path, folder: Path) -> Path | None:
+    """Copy the failed items' output out of the scratch folder (it is deleted at the end)."""
+    logs = sorted(workdir.glob("*.log"))
+    if not logs:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    for log in logs:
+        (folder / log.name).write_text(log.read_text())
+    return folder
+
+
 def overhead(workdir: Path, device: str, sizes: list[str], timeout_s: int) -> tuple[dict | None, str | None]:
     """Per engine: the step-time ratio from one interleaved process, the peak-memory ratio from
     one fresh process per arm."""
@@ -82,8 +93,8 @@ def overhead(workdir: Path, device: str, sizes: list[str], timeout_s: int) -> tu
         ratio = peaks["grit"] / peaks["lora"] if peaks["lora"] and peaks["grit"] else None
         engines[engine] = timing | {"lora_peak_mib": peaks["lora"], "grit_peak_mib": peaks["grit"],
                                     "peak_memory_ratio": ratio}
-    notes = ["unsloth: the LoRA arm runs Unsloth's fused kernels, the GRIT arm PEFT's forwards (GRIT must see "
-             "each LoRA layer), so its ratio includes the cost of leaving the fused path"]
+    notes = ["unsloth: the LoRA arm runs Unsloth's fused kernels and compiled layers, the GRIT arm PEFT's forwards "
+             "uncompiled (GRIT must see each LoRA layer), so its ratio includes the cost of leaving the fast path"]
     return {"engines": engines, "notes": notes}, None
 
 
@@ -120,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
             figures, error = overhead(workdir, args.device, sizes, args.timeout) if item == "overhead" \
                 else run_item(item, workdir, args.device, sizes, args.timeout)
             results.append(judge(item, figures, error))
+        kept = keep_logs(workdir, args.out.with_name(args.out.stem + "_logs"))
     payload = report(results, environment(args.device))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")
     print(table(results))
+    if kept:
+        print(f"[gpu-check] output of the failed items: {kept}")
     print(f"[gpu-check] report: {args.out}" + ("" if args.device == "cuda" else " (cpu rehearsal: not a GPU check)"))
     return exit_code(results)
 

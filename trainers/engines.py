@@ -8,16 +8,26 @@ On CUDA, Unsloth replaces the LoRA MLP/QKV/O forwards with fused kernels that re
 weights directly, so per-layer hooks (GRIT's capture) never run. For a GRIT variant this
 engine puts PEFT's forwards back and records it; GRIT's own coverage check then fails the run
 loudly if any module still captures nothing. On CPU Unsloth uses the plain path already.
+
+Unsloth also compiles each decoder layer with ``torch.compile`` on CUDA. A compiled layer keeps
+the module hooks it was traced with: hooks registered later (GRIT attached after the probe's
+control arm ran) are silently skipped, which the first H100 run of the GPU check showed (0 rows
+captured on every module). A GRIT variant therefore runs the layers uncompiled, in both probe arms.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
 from trainers.base_model import BaseModelFiles, load_causal_lm, load_tokenizer, torch_dtype
 from trainers.config import TrainingParams, VariantParams
 from trainers.grit.layer_selection import select_target_modules
+
+
+# Unsloth's switch for its per-decoder-layer torch.compile on CUDA ("0" turns it off).
+BLOCK_COMPILE = "UNSLOTH_BLOCK_COMPILE"
 
 
 @dataclass
@@ -62,6 +72,10 @@ def build_unsloth(files: BaseModelFiles, params: TrainingParams, variant: Varian
     import unsloth  # noqa: F401  (patches transformers/TRL: this process trains one variant)
     from unsloth import FastLanguageModel
 
+    if variant.grit:
+        # Read by Unsloth when it patches the model and at every layer call; one variant per process.
+        os.environ[BLOCK_COMPILE] = "0"
+
     model, _ = FastLanguageModel.from_pretrained(
         model_name=str(files.hf_dir), max_seq_length=params.data.max_seq_length,
         dtype=torch_dtype(params.model.dtype), load_in_4bit=params.model.load_in_4bit,
@@ -75,6 +89,8 @@ def build_unsloth(files: BaseModelFiles, params: TrainingParams, variant: Varian
         use_gradient_checkpointing="unsloth" if params.train.gradient_checkpointing else False,
     )
     notes = [f"unsloth on {'cuda' if torch.cuda.is_available() else 'cpu'}"]
+    if variant.grit and torch.cuda.is_available():
+        notes.append("Unsloth's per-layer torch.compile declined so GRIT's hooks run")
     if variant.grit:
         restored = restore_unfused_lora(peft_model)
         if restored:
@@ -92,7 +108,7 @@ def restore_unfused_lora(model) -> int:
     restore = getattr(unsloth_llama, "_decline_fused_lora_for_fsdp", None)
     if fused is None or restore is None or not fused(model):
         return 0
-    return int(restore(model))
+    return int(restore(model, reason="GRIT reads each LoRA layer's input and output gradient"))
 
 
 def build_engine(files: BaseModelFiles, params: TrainingParams, variant: VariantParams) -> EngineModel:

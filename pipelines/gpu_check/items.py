@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import time
@@ -27,6 +28,7 @@ from transformers import TrainerCallback
 
 from trainers.base_model import BaseModelFiles
 from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams
+from trainers.engines import BLOCK_COMPILE
 from trainers.data.config import DataParams
 from trainers.grit.config import GritConfig
 from trainers.grit_vlm.params import VlmParams
@@ -180,7 +182,8 @@ def check_hybrid(workdir: Path, device: str) -> dict[str, Any]:
     figures = probe_figures("hybrid_grit", hybrid.model, hybrid.tokenizer, params, "callback", workdir / "probe")
     notes = [f"baseline LoRA: Unsloth fused {kernels.get('qkv', 0)} QKV, {kernels.get('o', 0)} O and "
              f"{kernels.get('mlp', 0)} MLP LoRA kernels", *hybrid.notes]
-    return figures | {"device": device, "missing_internals": missing, "fused_kernels": kernels, "notes": notes}
+    return figures | {"device": device, "missing_internals": missing, "fused_kernels": kernels, "notes": notes,
+                      "block_compile": os.environ.get(BLOCK_COMPILE)}
 
 
 def check_qlora(workdir: Path, device: str) -> dict[str, Any]:
@@ -199,9 +202,10 @@ def check_qlora(workdir: Path, device: str) -> dict[str, Any]:
     figures = probe_figures("qlora_grit", engine.model, engine.tokenizer, params, "optimizer", workdir / "probe")
     engine.model.save_pretrained(workdir / "adapter")
     batch = random_batch(2, 32, seed=5, device="cuda")
+    # is_trainable: the factors are compared through the probe's view, which lists trainable adapters only
     reloaded = PeftModel.from_pretrained(prepare_model_for_kbit_training(load_causal_lm(files, params.model),
                                                                          use_gradient_checkpointing=False),
-                                         str(workdir / "adapter"))
+                                         str(workdir / "adapter"), is_trainable=True)
     with torch.no_grad():
         trained_logits = engine.model.eval()(**batch).logits.float()
         reloaded_logits = reloaded.eval()(**batch).logits.float()
@@ -252,8 +256,9 @@ def check_bf16(workdir: Path, device: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- the overhead
 
-def overhead_model(workdir: Path, engine: str, grit: bool, device: str):
-    """(model, optimizer step function) of one arm on the SmolLM2-135M-shaped model."""
+def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: int):
+    """(model, optimizer step function) of one arm on the SmolLM2-135M-shaped model, for batches
+    of ``length`` tokens."""
     from trainers.engines import build_peft, build_unsloth
     from trainers.grit.doors import clip_gradients
     from trainers.grit.manager import GritManager
@@ -261,6 +266,8 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str):
     files = random_llama(workdir / "smollm2-shape", SMOLLM2_SHAPE)
     params = check_params(files, "bfloat16" if device == "cuda" else "float32")
     params.lora = LoraParams(r=16, alpha=32)
+    # Unsloth sizes its rotary cache by max_seq_length: longer batches index past it (a CUDA assert).
+    params.data = DataParams(max_seq_length=max(params.data.max_seq_length, length))
     torch.manual_seed(0)
     if engine == "unsloth":
         from unsloth import FastLanguageModel
@@ -296,11 +303,13 @@ def _synchronize(device: str) -> None:
 def overhead_time(workdir: Path, device: str, engine: str, steps: int, batch: int, length: int) -> dict[str, Any]:
     """Both arms in one process, steps interleaved (LoRA, GRIT, LoRA, ...) on the same batches,
     so the machine's noise hits both alike; the ratio of median step times."""
-    arms = {arm: overhead_model(workdir, engine, arm == "grit", device)[1] for arm in ("lora", "grit")}
+    arms = {arm: overhead_model(workdir, engine, arm == "grit", device, length)[1] for arm in ("lora", "grit")}
     times: dict[str, list[float]] = {"lora": [], "grit": []}
     for k in range(steps + 2):          # two warm-up steps (allocator, kernels, first inversion)
         inputs = random_batch(batch, length, seed=k, device=device)
         for arm, step in arms.items():
+            if engine == "unsloth":     # process-wide switch, read at every layer call: per arm here
+                os.environ[BLOCK_COMPILE] = "0" if arm == "grit" else "1"
             _synchronize(device)
             started = time.perf_counter()
             step(inputs)
@@ -316,7 +325,7 @@ def overhead_memory(workdir: Path, device: str, engine: str, arm: str, steps: in
                     length: int) -> dict[str, Any]:
     """One arm alone in a fresh process: the peak CUDA memory of its whole training (weights,
     activations, optimizer and GRIT state)."""
-    _, step = overhead_model(workdir, engine, arm == "grit", device)
+    _, step = overhead_model(workdir, engine, arm == "grit", device, length)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for k in range(steps):
