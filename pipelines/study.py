@@ -70,8 +70,10 @@ def recorded_trials(ctx: StageContext) -> list[Trial]:
         return [as_trial(r) for r in rows]
 
 
-def identity(spec: dict) -> tuple:
-    return spec["phase"], spec["method"], spec["budget"], spec["seed"], setting_key(spec["setting"])
+def identity(trial: dict | Trial) -> tuple:
+    """What makes a trial the same trial: a planned spec (dict) or a recorded ``Trial``."""
+    fields = trial if isinstance(trial, dict) else vars(trial)
+    return fields["phase"], fields["method"], fields["budget"], fields["seed"], setting_key(fields["setting"])
 
 
 def record(ctx: StageContext, result: dict) -> None:
@@ -90,8 +92,7 @@ def run_trials(ctx: StageContext, plan: list[dict]) -> None:
     """The trials of ``plan`` the store does not hold yet, one worker process per method."""
     import yaml
 
-    done = {identity({"phase": t.phase, "method": t.method, "budget": t.budget, "seed": t.seed,
-                      "setting": t.setting}) for t in recorded_trials(ctx)}
+    done = {identity(t) for t in recorded_trials(ctx)}
     todo = [{**spec, "position": f"{n + 1}/{len(plan)}"}            # for the progress lines
             for n, spec in enumerate(plan) if identity(spec) not in done]
     if len(todo) < len(plan):

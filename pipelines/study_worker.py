@@ -49,7 +49,7 @@ def measure(model, tokenizer, chat, params: Params, root: Path, phase: str) -> d
 
     from evaluation.held_out import held_out_sets
     from evaluation.measure import decline_probabilities, pooled_hidden_states, retained
-    from evaluation.stats import aqi_from_indices, calinski_harabasz, xie_beni
+    from evaluation.results import ModelOutcomes
 
     harmful = validation_harmful_prompts(root / DATA_DIR)
     figures = {"validation_decline_probability":
@@ -62,14 +62,14 @@ def measure(model, tokenizer, chat, params: Params, root: Path, phase: str) -> d
         "fact_pairs": study.fact_pairs, "aqi_pairs": study.aqi_pairs}))
     states = pooled_hidden_states(model, tokenizer, [p for pair in sets["aqi_pairs"] for p in pair], chat,
                                   params.eval.aqi_layers)
-    labels = np.tile([1, 0], len(sets["aqi_pairs"]))
-    chi, xb = calinski_harabasz(states, labels), xie_beni(states, labels)
+    # the evaluate stage's path: every pair once (unit weights), harmful and benign rows interleaved
+    clusters = ModelOutcomes("trial", states, {}).separation(np.ones((1, len(sets["aqi_pairs"]))), params.eval.gamma)
     figures |= {
         "decline_probability": float(np.mean(decline_probabilities(model, tokenizer, sets["harmful"], chat))),
         "overrefusal_decline_probability": float(np.mean(decline_probabilities(model, tokenizer, sets["edgy"], chat))),
         "retention_accuracy": float(np.mean(retained(model, tokenizer, sets["facts"]))),
-        "separation": 1.0 / xb if xb > 0 else math.inf,
-        "aqi": aqi_from_indices(chi, xb, params.eval.gamma),
+        "separation": float(clusters["separation"][0]),
+        "aqi": float(clusters["aqi"][0]),
     }
     return figures
 

@@ -85,3 +85,14 @@ def test_the_readme_headline_leads_with_the_verdict_and_keeps_the_declared_metho
     assert "| metric | peft_lora | grit_paper |" in block and "At 96 steps" in block
     assert "1 [0.9, 1.1]" in block and "| P(decline), harmful test prompts | n/a | n/a |" in block
     assert "has not been completed" in readme_block({"status": "not run"})
+
+
+def test_a_recorded_trial_is_recognised_as_its_planned_spec_so_a_resumed_study_skips_it():
+    from pipelines.study import identity
+
+    spec = {"phase": "test", "method": "pure_grit", "budget": 32, "seed": 43,
+            "setting": {"learning_rate": 0.00178, "damping": 0.00572}, "position": "5/30"}
+    recorded = Trial("test", "pure_grit", 32, 43, {"damping": 0.00572, "learning_rate": 0.00178}, 0.73)
+    assert identity(recorded) == identity(spec)
+    assert identity(recorded) != identity({**spec, "seed": 44})
+    assert identity(recorded) != identity({**spec, "setting": {"learning_rate": 0.00178, "damping": 0.001}})
