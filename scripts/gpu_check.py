@@ -1,6 +1,6 @@
 """``make gpu-check``: what only a CUDA machine can show, in a few minutes, with no model hub.
 
-    python scripts/gpu_check.py [--out reports/gpu_check.json] [--items hybrid,qlora,bf16,overhead]
+    python scripts/gpu_check.py [--out reports/gpu_check.json] [--items hybrid,truncation,qlora,bf16,overhead]
 
 Runs each item of ``pipelines/gpu_check`` in its own process (Unsloth patches libraries for the
 whole process), judges it (``pipelines/gpu_check/report.py``), prints a table and writes one JSON
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipelines.gpu_check.report import EXIT_NO_CUDA, exit_code, judge, report, table  # noqa: E402
 
-ITEMS = ("hybrid", "qlora", "bf16", "overhead")
+ITEMS = ("hybrid", "truncation", "qlora", "bf16", "overhead")
 ENGINES = ("unsloth", "peft")
 NO_CUDA = ("no CUDA device: make gpu-check needs an NVIDIA GPU that torch can see (torch.cuda.is_available() "
            "is False); see docs/gpu.md")

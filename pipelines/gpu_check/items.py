@@ -2,7 +2,7 @@
 
     python -m pipelines.gpu_check.items ITEM --workdir DIR --out FILE [--device cuda|cpu]
 
-ITEM is ``hybrid``, ``qlora``, ``bf16``, ``overhead-time:<engine>`` or
+ITEM is ``hybrid``, ``truncation``, ``qlora``, ``bf16``, ``overhead-time:<engine>`` or
 ``overhead-memory:<engine>:<arm>`` (engine ``unsloth`` or ``peft``, arm ``lora`` or ``grit``).
 Everything runs on a random Llama built from a config with a small word-level tokenizer, so
 nothing is downloaded and no model package is needed. Each worker writes its figures as JSON;
@@ -254,6 +254,70 @@ def check_bf16(workdir: Path, device: str) -> dict[str, Any]:
             "max_relative_difference": max(differences), "median_relative_difference": statistics.median(differences)}
 
 
+# The paper's rank adaptation made to truncate early and often: reprojection every 3 steps, k by
+# eigen-energy (tau 0.9, down to rank 1), factors really shrunk.
+TRUNCATING = {"min_samples": 16, "update_freq": 1, "reprojection": True, "reprojection_freq": 3, "truncate": True,
+              "budget_schedule": "adaptive", "energy_threshold": 0.9, "min_rank": 1}
+
+
+class RanksPerStep(TrainerCallback):
+    """The GRIT manager's effective ranks after each optimizer step."""
+
+    def __init__(self, manager) -> None:
+        self.manager, self.ranks = manager, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ranks.append(dict(self.manager.effective_ranks()))
+
+
+def check_truncation(workdir: Path, device: str) -> dict[str, Any]:
+    """The hybrid with real truncation: GRIT shrinks LoRA factors inside Unsloth's training loop
+    (callback door), training goes on at the smaller ranks, and the saved adapter reloads onto a
+    plain transformers base with the same shapes and logits."""
+    import unsloth  # noqa: F401  (patches transformers/TRL: this process checks the hybrid only)
+    from peft import PeftModel
+
+    from trainers.base_model import load_causal_lm
+    from trainers.engines import build_unsloth
+    from trainers.recipe import attach_grit, build_trainer
+
+    files = random_llama(workdir / "tiny", TINY)
+    params = check_params(files, "bfloat16" if device == "cuda" else "float32", steps=7)
+    torch.manual_seed(params.train.seed)
+    hybrid = build_unsloth(files, params, VariantParams(engine="unsloth", grit=True))
+    attachment = attach_grit(hybrid.model, GritConfig(**TRUNCATING), "callback", params.train.max_steps)
+    ranks = RanksPerStep(attachment.manager)
+    examples = training_examples(hybrid.tokenizer, params.train.max_steps * params.train.per_device_batch_size)
+    trainer = build_trainer(hybrid.model, hybrid.tokenizer, examples, params.train, workdir / "run", attachment,
+                            [ranks], bf16=params.model.dtype == "bfloat16", checkpoints=False, progress=False)
+    trainer.train()
+    attachment.manager.detach()
+    built = params.lora.r
+    truncated_at = next((step + 1 for step, r in enumerate(ranks.ranks) if min(r.values()) < built), None)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    hybrid.model.save_pretrained(workdir / "adapter")
+    reloaded = PeftModel.from_pretrained(load_causal_lm(files, params.model).to(device), str(workdir / "adapter"))
+    final = ranks.ranks[-1]
+    shapes_equal = all(
+        reloaded.get_submodule(name).lora_A[state.adapter].weight.shape == state.lora_A.weight.shape
+        for name, state in attachment.manager.modules.items())
+    # no labels: with labels Unsloth computes a fused loss on CUDA and returns no logits
+    batch = {k: v for k, v in random_batch(2, 32, seed=5, device=device).items() if k != "labels"}
+    with torch.no_grad():
+        trained_logits = hybrid.model.eval()(**batch).logits.float()
+        reloaded_logits = reloaded.eval()(**batch).logits.float()
+    return {"device": device, "block_compile": os.environ.get(BLOCK_COMPILE), "built_rank": built,
+            "modules": len(final), "modules_truncated": sum(r < built for r in final.values()),
+            "min_rank": min(final.values()), "max_rank": max(final.values()), "truncated_at_step": truncated_at,
+            "steps": len(ranks.ranks), "losses": losses,
+            "steps_after_truncation": len(ranks.ranks) - truncated_at if truncated_at else 0,
+            "losses_finite": bool(losses) and all(torch.isfinite(torch.tensor(losses)).tolist()),
+            "reload_shapes_equal": bool(shapes_equal),
+            "reload_max_logit_difference": float((trained_logits - reloaded_logits).abs().max()),
+            "notes": list(hybrid.notes)}
+
+
 # ------------------------------------------------------------------------------- the overhead
 
 def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: int):
@@ -354,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             result = check_hybrid(args.workdir, args.device)
         elif kind == "qlora":
             result = check_qlora(args.workdir, args.device)
+        elif kind == "truncation":
+            result = check_truncation(args.workdir, args.device)
         elif kind == "bf16":
             result = check_bf16(args.workdir, args.device)
         elif kind == "overhead-time":

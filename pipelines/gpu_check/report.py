@@ -25,6 +25,7 @@ RELOAD_MAX_LOGIT_DIFFERENCE = 1e-2
 
 TITLES = {
     "hybrid": "Unsloth fused kernels + GRIT callback (hybrid)",
+    "truncation": "hybrid with GRIT's rank truncation, adapter reload",
     "qlora": "NF4 base (bitsandbytes) + LoRA + GRIT",
     "bf16": "bf16 model, fp32 GRIT statistics",
     "overhead": "GRIT overhead over LoRA",
@@ -63,6 +64,23 @@ def judge_hybrid(figures: dict[str, Any]) -> list[str]:
     if figures.get("device") == "cuda" and not figures.get("fused_kernels", {}).get("total"):
         failures.append("Unsloth installed no fused LoRA kernel on CUDA (the path under test did not run)")
     return failures + _probe_failures(figures)
+
+
+def judge_truncation(figures: dict[str, Any]) -> list[str]:
+    failures = []
+    if not figures.get("modules_truncated"):
+        failures.append("GRIT truncated no module (the path under test did not run)")
+    elif not figures.get("steps_after_truncation"):
+        failures.append("no training step ran after the truncation")
+    if not figures.get("losses_finite"):
+        failures.append("a training loss is missing or not finite")
+    if not figures.get("reload_shapes_equal"):
+        failures.append("the reloaded adapter's LoRA shapes differ from the truncated ones")
+    difference = figures.get("reload_max_logit_difference")
+    if difference is None or not difference <= RELOAD_MAX_LOGIT_DIFFERENCE:
+        failures.append(f"the reloaded adapter computes other logits (max |difference| {difference}, "
+                        f"allowed {RELOAD_MAX_LOGIT_DIFFERENCE})")
+    return failures
 
 
 def judge_qlora(figures: dict[str, Any]) -> list[str]:
@@ -108,7 +126,7 @@ def judge_overhead(figures: dict[str, Any]) -> list[str]:
     return failures
 
 
-JUDGES = {"hybrid": judge_hybrid, "qlora": judge_qlora, "bf16": judge_bf16, "overhead": judge_overhead}
+JUDGES = {"hybrid": judge_hybrid, "truncation": judge_truncation, "qlora": judge_qlora, "bf16": judge_bf16, "overhead": judge_overhead}
 
 
 def judge(name: str, figures: dict[str, Any] | None, error: str | None = None,
@@ -141,6 +159,11 @@ def headline(item: ItemResult) -> str:
             if item.name == "hybrid" else ""
         return (f"{fused}rows on {f.get('modules_covered_step1', 0)}/{f.get('modules', 0)} modules in step 1; "
                 f"verdict {f.get('verdict', 'n/a')}; update cosine vs control {_fmt(f.get('update_cosine_median'))}")
+    if item.name == "truncation":
+        return (f"{f.get('modules_truncated', 0)}/{f.get('modules', 0)} modules truncated at step "
+                f"{f.get('truncated_at_step')} (ranks {f.get('min_rank')}-{f.get('max_rank')} of {f.get('built_rank')}), "
+                f"{f.get('steps_after_truncation', 0)} steps after; reload logits within "
+                f"{_fmt(f.get('reload_max_logit_difference'))}")
     if item.name == "bf16":
         return (f"min cosine {_fmt(f.get('min_cosine'))}, max relative difference "
                 f"{_fmt(f.get('max_relative_difference'))} over {f.get('modules', 0)} modules")

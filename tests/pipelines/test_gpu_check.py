@@ -48,6 +48,18 @@ def test_a_working_hybrid_passes_and_each_way_of_failing_is_named():
     assert judge("hybrid", {**GOOD_PROBE, "device": "cpu", "missing_internals": [], "fused_kernels": {}}).passed
 
 
+def test_truncation_must_shrink_train_on_and_reload_faithfully():
+    good = {"modules": 14, "modules_truncated": 14, "steps_after_truncation": 4, "losses_finite": True,
+            "reload_shapes_equal": True, "reload_max_logit_difference": 0.0078}
+    assert judge("truncation", good).passed
+    assert judge("truncation", {**good, "modules_truncated": 0}).failures == [
+        "GRIT truncated no module (the path under test did not run)"]
+    assert "no training step ran after" in judge("truncation", {**good, "steps_after_truncation": 0}).failures[0]
+    assert "not finite" in judge("truncation", {**good, "losses_finite": False}).failures[0]
+    assert "shapes differ" in judge("truncation", {**good, "reload_shapes_equal": False}).failures[0]
+    assert "other logits" in judge("truncation", {**good, "reload_max_logit_difference": 0.5}).failures[0]
+
+
 def test_qlora_needs_nf4_layers_and_a_faithful_reload():
     good = {**GOOD_PROBE, "nf4_layers": 14, "reload_weights_equal": True, "reload_max_logit_difference": 0.0}
     assert judge("qlora", good).passed
@@ -109,9 +121,10 @@ def test_without_a_gpu_the_check_exits_with_one_line_and_its_own_code(tmp_path: 
 @pytest.mark.slow
 def test_a_cpu_rehearsal_runs_the_real_items(tmp_path: Path):
     """The hybrid through the real Unsloth engine (CPU fallback: no fused kernels there) with GRIT's
-    callback and the probe, and the bf16 item: both pass; QLoRA is reported as not run."""
+    callback and the probe, the hybrid truncating its factors, and the bf16 item: all pass; QLoRA
+    is reported as not run."""
     out = tmp_path / "report.json"
-    done = _script("--device", "cpu", "--items", "hybrid,qlora,bf16", "--out", str(out))
+    done = _script("--device", "cpu", "--items", "hybrid,truncation,qlora,bf16", "--out", str(out))
     payload = json.loads(out.read_text())
     items = {i["name"]: i for i in payload["items"]}
     assert items["hybrid"]["passed"], items["hybrid"]
@@ -119,6 +132,10 @@ def test_a_cpu_rehearsal_runs_the_real_items(tmp_path: Path):
     assert items["hybrid"]["figures"]["missing_internals"] == []
     # the hybrid declines Unsloth's per-layer torch.compile, which would skip hooks GRIT registers later
     assert items["hybrid"]["figures"]["block_compile"] == "0"
+    truncation = items["truncation"]["figures"]
+    assert items["truncation"]["passed"], items["truncation"]
+    assert truncation["modules_truncated"] > 0 and truncation["min_rank"] < truncation["built_rank"]
+    assert truncation["reload_shapes_equal"] and truncation["reload_max_logit_difference"] < 1e-5   # fp32 on CPU
     assert items["bf16"]["passed"] and items["bf16"]["figures"]["statistics_dtypes"] == ["torch.float32"]
     assert items["qlora"]["passed"] is None
     assert done.returncode == EXIT_FAILED                      # a rehearsal with an item not run is no pass

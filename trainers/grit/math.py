@@ -149,7 +149,7 @@ def rank_by_energy(eigenvalues: torch.Tensor, tau: float, min_rank: int, max_ran
     if total == 0:
         return max_rank
     cumulative = torch.cumsum(positive, 0) / total
-    k = int(torch.searchsorted(cumulative, torch.tensor(tau, dtype=cumulative.dtype)).item()) + 1
+    k = int(torch.searchsorted(cumulative, torch.tensor(tau, dtype=cumulative.dtype, device=cumulative.device))) + 1
     return max(min_rank, min(max_rank, k))
 
 
