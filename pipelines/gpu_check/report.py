@@ -58,6 +58,15 @@ def _probe_failures(figures: dict[str, Any]) -> list[str]:
     return failures
 
 
+def _reload_logit_failures(figures: dict[str, Any]) -> list[str]:
+    """A saved adapter reloaded onto a fresh base must compute what it did."""
+    difference = figures.get("reload_max_logit_difference")
+    if difference is None or not difference <= RELOAD_MAX_LOGIT_DIFFERENCE:
+        return [f"the reloaded adapter computes other logits (max |difference| {difference}, "
+                f"allowed {RELOAD_MAX_LOGIT_DIFFERENCE})"]
+    return []
+
+
 def judge_hybrid(figures: dict[str, Any]) -> list[str]:
     failures = [f"Unsloth internals the project relies on are gone: {', '.join(figures['missing_internals'])}"] \
         if figures.get("missing_internals") else []
@@ -76,10 +85,7 @@ def judge_truncation(figures: dict[str, Any]) -> list[str]:
         failures.append("a training loss is missing or not finite")
     if not figures.get("reload_shapes_equal"):
         failures.append("the reloaded adapter's LoRA shapes differ from the truncated ones")
-    difference = figures.get("reload_max_logit_difference")
-    if difference is None or not difference <= RELOAD_MAX_LOGIT_DIFFERENCE:
-        failures.append(f"the reloaded adapter computes other logits (max |difference| {difference}, "
-                        f"allowed {RELOAD_MAX_LOGIT_DIFFERENCE})")
+    failures += _reload_logit_failures(figures)
     return failures
 
 
@@ -87,10 +93,7 @@ def judge_qlora(figures: dict[str, Any]) -> list[str]:
     failures = _probe_failures(figures)
     if not figures.get("nf4_layers"):
         failures.append("no bitsandbytes Linear4bit layer in the model: it was not loaded in NF4")
-    difference = figures.get("reload_max_logit_difference")
-    if difference is None or not difference <= RELOAD_MAX_LOGIT_DIFFERENCE:
-        failures.append(f"the reloaded adapter computes other logits (max |difference| {difference}, "
-                        f"allowed {RELOAD_MAX_LOGIT_DIFFERENCE})")
+    failures += _reload_logit_failures(figures)
     if not figures.get("reload_weights_equal"):
         failures.append("the reloaded LoRA weights differ from the trained ones")
     return failures
