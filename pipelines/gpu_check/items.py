@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -28,8 +29,8 @@ from transformers import TrainerCallback
 
 from trainers.base_model import BaseModelFiles
 from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams
-from trainers.engines import BLOCK_COMPILE
 from trainers.data.config import DataParams
+from trainers.engines import BLOCK_COMPILE
 from trainers.grit.config import GritConfig
 from trainers.grit_vlm.params import VlmParams
 from trainers.probe.config import ProbeParams
@@ -312,7 +313,7 @@ def check_truncation(workdir: Path, device: str) -> dict[str, Any]:
             "min_rank": min(final.values()), "max_rank": max(final.values()), "truncated_at_step": truncated_at,
             "steps": len(ranks.ranks), "losses": losses,
             "steps_after_truncation": len(ranks.ranks) - truncated_at if truncated_at else 0,
-            "losses_finite": bool(losses) and all(torch.isfinite(torch.tensor(losses)).tolist()),
+            "losses_finite": bool(losses) and all(math.isfinite(loss) for loss in losses),
             "reload_shapes_equal": bool(shapes_equal),
             "reload_max_logit_difference": float((trained_logits - reloaded_logits).abs().max()),
             "notes": list(hybrid.notes)}

@@ -129,7 +129,8 @@ def judge_overhead(figures: dict[str, Any]) -> list[str]:
     return failures
 
 
-JUDGES = {"hybrid": judge_hybrid, "truncation": judge_truncation, "qlora": judge_qlora, "bf16": judge_bf16, "overhead": judge_overhead}
+JUDGES = {"hybrid": judge_hybrid, "truncation": judge_truncation, "qlora": judge_qlora, "bf16": judge_bf16,
+          "overhead": judge_overhead}
 
 
 def judge(name: str, figures: dict[str, Any] | None, error: str | None = None,
