@@ -29,6 +29,15 @@ HIGHER_IS_BETTER = {
     "aqi": True,                                # the AQI-style index
 }
 TEST_METRICS = tuple(HIGHER_IS_BETTER)
+LABELS = {
+    "val_loss": "validation loss",
+    "decline_probability": "P(decline), harmful test prompts",
+    "overrefusal_decline_probability": "P(decline), edgy-benign test prompts",
+    "retention_accuracy": "fact retention",
+    "separation": "separation 1/XB",
+    "aqi": "AQI-style index",
+    "validation_decline_probability": "P(decline), harmful validation prompts",
+}
 
 
 @dataclass(frozen=True)
@@ -156,19 +165,24 @@ def speed_ratio(trials: Sequence[Trial], method: str, control: str, budget: int)
 
 
 def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
-    """One plain sentence: does GRIT beat LoRA in this study, by the pre-declared test?"""
-    wins = [t for t in tests if t.method in grit_methods and t.better() is True]
-    losses = [t for t in tests if t.method in grit_methods and t.better() is False]
+    """The plain answer first (does GRIT beat LoRA here, by the pre-declared test?), then the
+    count of significant differences out of all paired tests, then which ones they are."""
+    mine = [t for t in tests if t.method in grit_methods]
+    wins = [t for t in mine if t.better() is True]
+    losses = [t for t in mine if t.better() is False]
+    rule = "paired t over seeds, Holm-adjusted"
     if not wins and not losses:
-        return ("No: at each method's validation-tuned setting, no GRIT method differs significantly from "
-                "LoRA on any metric at any budget (paired t over seeds, Holm-adjusted).")
+        return (f"No: at each method's validation-tuned setting, no GRIT method differs significantly from "
+                f"LoRA on any metric at any budget ({len(mine)} paired tests; {rule}).")
+    out_of = f"of {len(mine)} paired tests ({rule})"
     if wins and not losses:
-        return "GRIT is better on " + describe(wins) + ", and worse on nothing (paired t over seeds, Holm-adjusted)."
+        return f"GRIT is better than LoRA in {len(wins)} {out_of} and worse in none. Better: {describe(wins)}."
     if losses and not wins:
-        return "No: GRIT is worse on " + describe(losses) + ", and better on nothing (paired t over seeds, Holm-adjusted)."
-    return ("Mixed: GRIT is better on " + describe(wins) + " but worse on " + describe(losses)
-            + " (paired t over seeds, Holm-adjusted).")
+        return f"No: GRIT is worse than LoRA in {len(losses)} {out_of} and better in none. Worse: {describe(losses)}."
+    return (f"Mixed: GRIT is better than LoRA in {len(wins)} and worse in {len(losses)} {out_of}. "
+            f"Better: {describe(wins)}; worse: {describe(losses)}.")
 
 
 def describe(tests: Sequence[PairedTest]) -> str:
-    return "; ".join(f"{t.metric} ({t.method} vs {t.control}, {t.budget} steps, {t.delta.value:+.4g})" for t in tests)
+    return "; ".join(f"{LABELS[t.metric]} ({t.method} vs {t.control}, {t.budget} steps, {t.delta.value:+.3g})"
+                     for t in tests)

@@ -17,6 +17,7 @@ from typing import Any
 
 from core.files import atomic_write_json, atomic_write_text
 from evaluation.study import (
+    LABELS,
     TEST_METRICS,
     PairedTest,
     Trial,
@@ -26,17 +27,6 @@ from evaluation.study import (
     summary,
     verdict,
 )
-
-LABELS = {
-    "val_loss": "validation loss",
-    "decline_probability": "P(decline), harmful test prompts",
-    "overrefusal_decline_probability": "P(decline), edgy-benign test prompts",
-    "retention_accuracy": "fact retention",
-    "separation": "separation 1/XB",
-    "aqi": "AQI-style index",
-    "validation_decline_probability": "P(decline), harmful validation prompts",
-}
-
 
 def _number(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
@@ -197,7 +187,7 @@ def edge_warnings(trials: Sequence[Trial], methods: Sequence[str], chosen: dict[
 
 
 def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Trial], chosen: dict[str, dict[str, float]],
-                 stage_seconds: float, run_id: str) -> dict[str, Path]:
+                 stage_seconds: float, run_id: str, trials_run: int | None = None) -> dict[str, Path]:
     """Write report.md, the plots, trials.csv and the metrics file; returns them by name."""
     study, methods, budgets = params.study, params.study.methods, params.study.budgets
     folder.mkdir(parents=True, exist_ok=True)
@@ -235,8 +225,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
         + _table(["method", *(f"{b} steps" for b in budgets)], parameter_rows(trials, methods, budgets)),
         "## Training speed (median over seeds of tokens/s relative to the control, trained one after the other)\n\n"
         + _table(["budget", "pair", "tokens/s ratio"], speed),
-        f"## Compute\n\n{len(trials)} training runs, {compute / 3600:.2f} h of training; "
-        f"the stage took {stage_seconds / 3600:.2f} h.",
+        "## Compute\n\n" + compute_line(trials, compute, stage_seconds, trials_run),
     ]
     report = folder / "report.md"
     atomic_write_text(report, "\n\n".join(sections) + "\n")
@@ -252,6 +241,22 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     atomic_write_json(metrics_path, {**study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds),
                                      "range_warnings": edges})
     return {"report": report, "trials": table, **plots, "metrics": metrics_path}
+
+
+def compute_line(trials: Sequence[Trial], training: float, stage_seconds: float, trials_run: int | None) -> str:
+    """Training time, trial wall time (training plus measuring) and this invocation's time, each
+    saying what it covers: a resumed study's invocation runs only the trials the store lacked."""
+    walls = [t.metrics["trial_seconds"] for t in trials if t.metrics.get("trial_seconds") is not None]
+    if len(walls) == len(trials):
+        wall = f"with measuring, the trials took {sum(walls) / 3600:.2f} h"
+    elif walls:
+        wall = (f"with measuring, the {len(walls)} trials whose wall time is recorded took {sum(walls) / 3600:.2f} h "
+                f"(the other {len(trials) - len(walls)} predate that record)")
+    else:
+        wall = "the trials' wall time with measuring was not recorded (they predate that record)"
+    ran = "" if trials_run is None else f", running {trials_run} of the {len(trials)} trials"
+    return (f"{len(trials)} training runs: {training / 3600:.2f} h of training, summed over trials; {wall}. "
+            f"This invocation of the stage took {stage_seconds / 3600:.2f} h{ran}.")
 
 
 def study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds) -> dict[str, Any]:

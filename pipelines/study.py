@@ -81,15 +81,18 @@ def record(ctx: StageContext, result: dict) -> None:
     with ctx.store.transaction() as session:
         ctx.store.replace_rows(session, StudyTrial, ctx.run_id, [{
             "val_loss": result["val_loss"], "curve_json": json.dumps(result["curve"]),
-            "metrics_json": json.dumps(result["metrics"]), "train_seconds": result["train_seconds"],
+            # The trial's wall time (training plus measuring) rides with its metrics: no new column.
+            "metrics_json": json.dumps({**result["metrics"], "trial_seconds": result.get("trial_seconds")}),
+            "train_seconds": result["train_seconds"],
             "tokens_per_second": result["tokens_per_second"],
             "trainable_parameters": result["trainable_parameters"]}],
             phase=result["phase"], method=result["method"], budget=result["budget"], seed=result["seed"],
             setting=setting_key(result["setting"]))
 
 
-def run_trials(ctx: StageContext, plan: list[dict]) -> None:
-    """The trials of ``plan`` the store does not hold yet, one worker process per method."""
+def run_trials(ctx: StageContext, plan: list[dict]) -> int:
+    """Run the trials of ``plan`` the store does not hold yet, one worker process per method;
+    returns how many it ran."""
     import yaml
 
     done = {identity(t) for t in recorded_trials(ctx)}
@@ -119,6 +122,7 @@ def run_trials(ctx: StageContext, plan: list[dict]) -> None:
                 time.sleep(1.0)
             if worker.returncode != 0:
                 raise RuntimeError(f"study trials of {method} failed (exit {worker.returncode}); see the log above")
+    return len(todo)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,16 +142,16 @@ def main(argv: list[str] | None = None) -> int:
         if not params.study.methods:
             return keep_last_report(ctx)
         started = time.perf_counter()
-        run_trials(ctx, tuning_plan(params))
+        ran = run_trials(ctx, tuning_plan(params))
         tuned = recorded_trials(ctx)
         chosen = {m: choose_setting(t for t in tuned if t.phase == "tune" and t.method == m).setting
                   for m in params.study.methods}
         for method, setting in chosen.items():
             print(f"[study] {method}: chosen on validation loss: {json.dumps(setting, sort_keys=True)}")
-        run_trials(ctx, test_plan(params, chosen))
+        ran += run_trials(ctx, test_plan(params, chosen))
         trials = [t for t in recorded_trials(ctx) if t.phase == "tune" or t.setting == chosen[t.method]]
         return write_report(ctx.root / REPORT_DIR, ctx.root / METRICS, params, trials, chosen,
-                            stage_seconds=time.perf_counter() - started, run_id=ctx.run_id)
+                            stage_seconds=time.perf_counter() - started, run_id=ctx.run_id, trials_run=ran)
 
     return run_stage("study", study, preflight=preflight, argv=argv)
 

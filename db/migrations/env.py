@@ -32,6 +32,13 @@ def run_migrations_online() -> None:
             connection=connection,
             target_metadata=target_metadata,
             render_as_batch=True,  # SQLite cannot ALTER most things; batch mode copies the table
+            # Alembic assumes SQLite cannot run DDL in a transaction and so commits each migration
+            # on its own, reading the current revision outside any lock: two processes opening a
+            # fresh store at once both saw revision 1 and both ran 2 ("table already exists").
+            # SQLite's DDL is transactional, and db.store begins every transaction with BEGIN
+            # IMMEDIATE, so one transaction for the whole upgrade makes concurrent openers queue
+            # and the later ones find the schema already at head.
+            transactional_ddl=True,
         )
         with context.begin_transaction():
             context.run_migrations()

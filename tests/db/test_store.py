@@ -12,10 +12,10 @@ import textwrap
 import time
 from pathlib import Path
 
-from sqlalchemy import func, inspect, select
+from sqlalchemy import event, func, inspect, select
 
 from db.models import EvalMetric, Run, TrainMetric
-from db.store import open_store, utcnow
+from db.store import create_store_engine, open_store, upgrade_schema, utcnow
 
 WRITERS, ROWS_PER_WRITER = 8, 100
 
@@ -90,10 +90,26 @@ def test_concurrent_first_open_migrates_once(tmp_path: Path):
     assert [o.exitcode for o in openers] == [0] * 4
 
 
+def test_upgrade_from_empty_is_one_locked_transaction(tmp_path: Path):
+    # Per-migration commits let a second opener read the revision between two migrations and
+    # re-run the later one; the whole upgrade must commit once, after taking the write lock.
+    engine = create_store_engine(f"sqlite:///{tmp_path / 'fresh.db'}")
+    statements: list[str] = []
+    commits: list[int] = []
+    event.listen(engine, "before_cursor_execute",
+                 lambda _c, _cur, statement, *_: statements.append(statement.strip().split("\n")[0]))
+    event.listen(engine, "commit", lambda _c: commits.append(len(statements)))
+    upgrade_schema(engine)
+    first_begin = statements.index("BEGIN IMMEDIATE")
+    assert statements.count("BEGIN IMMEDIATE") == 1 and len(commits) == 1
+    assert not any("alembic_version" in s for s in statements[:first_begin])
+    assert inspect(engine).has_table("comparisons")
+
+
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     from db.models import Run, TrainMetric
-    from db.store import open_store, utcnow
+    from db.store import create_store_engine, open_store, upgrade_schema, utcnow
     store = open_store(sys.argv[1])
     with store.transaction() as session:
         session.add(Run(id="partial", git_revision=None, params_hash="h", params_json="{}",

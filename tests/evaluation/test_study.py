@@ -63,7 +63,9 @@ def test_the_paired_t_over_seeds_is_holm_adjusted_over_every_metric_pair_and_bud
     assert loss.better() is True                                                      # lower loss is better
     decline = next(t for t in tests if t.metric == "decline_probability")
     assert decline.better() is None
-    assert verdict(tests, ["grit"]).startswith("GRIT is better on val_loss")
+    sentence = verdict(tests, ["grit"])
+    assert sentence.startswith(f"GRIT is better than LoRA in 1 of {len(tests)} paired tests")
+    assert f"Better: validation loss (grit vs lora, 8 steps, {loss.delta.value:+.3g})." in sentence
 
 
 def test_the_verdict_says_no_plainly_when_nothing_differs():
@@ -96,3 +98,16 @@ def test_a_recorded_trial_is_recognised_as_its_planned_spec_so_a_resumed_study_s
     assert identity(recorded) == identity(spec)
     assert identity(recorded) != identity({**spec, "seed": 44})
     assert identity(recorded) != identity({**spec, "setting": {"learning_rate": 0.00178, "damping": 0.001}})
+
+
+def test_the_compute_line_says_what_each_time_covers_when_some_trials_predate_the_wall_time_record():
+    from evaluation.study_report import compute_line
+
+    timed = [Trial("test", "m", 8, s, {"learning_rate": 1e-4}, 1.0, metrics={"trial_seconds": 1800.0},
+                   train_seconds=900.0) for s in range(2)]
+    untimed = Trial("test", "m", 8, 2, {"learning_rate": 1e-4}, 1.0, train_seconds=1800.0)
+    line = compute_line([*timed, untimed], 3600.0, 720.0, trials_run=2)
+    assert "3 training runs: 1.00 h of training" in line
+    assert "the 2 trials whose wall time is recorded took 1.00 h (the other 1 predate" in line
+    assert "took 0.20 h, running 2 of the 3 trials" in line
+    assert "with measuring, the trials took 1.00 h" in compute_line(timed, 1800.0, 60.0, None)
