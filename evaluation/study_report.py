@@ -239,6 +239,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
                              t.train_seconds, t.tokens_per_second, t.trainable_parameters,
                              *(t.metrics.get(m) for m in [*TEST_METRICS, "validation_decline_probability"])])
     atomic_write_json(metrics_path, {**study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds),
+                                     "profile": params.profile, "run_id": run_id,
                                      "range_warnings": edges})
     return {"report": report, "trials": table, **plots, "metrics": metrics_path}
 
@@ -302,5 +303,8 @@ def readme_block(study: dict) -> str:
         + _table(["metric", *methods], [[LABELS[metric], *(cell(study["summary"][f"{m}@{budget}"].get(metric))
                                                           for m in methods)] for metric in HEADLINE_METRICS])
         for budget in study["budgets"]]
+    # Name the run and profile: a rehearsal profile (smoke) writes the same files, and a reader
+    # must be able to tell its numbers from the study's.
+    source = f"Study run `{study['run_id']}`, profile `{study['profile']}`. " if "run_id" in study else ""
     return "\n\n".join([f"**{study['verdict']}**", chosen, *budgets,
-                        "Every trial, test and plot: [reports/study/report.md](reports/study/report.md)."])
+                        f"{source}Every trial, test and plot: [reports/study/report.md](reports/study/report.md)."])
