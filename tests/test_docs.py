@@ -89,7 +89,7 @@ def test_nothing_in_the_repository_points_outside_it():
 def test_the_figures_the_readme_quotes_in_prose_are_the_committed_metrics():
     """The plain-language paragraph quotes figures; they must be the committed run's, not stale."""
     readme = (REPO_ROOT / "README.md").read_text()
-    prose = readme.split("**Read plainly.**", 1)[1].split("## Using it", 1)[0]
+    prose = readme.split("**The default run, read plainly**", 1)[1].split("## Using it", 1)[0]
     prose = " ".join(prose.split())
     evaluation = json.loads((REPO_ROOT / "metrics/eval.json").read_text())
     probes = json.loads((REPO_ROOT / "metrics/probes.json").read_text())["variants"]
@@ -117,3 +117,32 @@ def test_the_figures_the_readme_quotes_in_prose_are_the_committed_metrics():
     assert len(cosines) == 1 and f"median cosine {cosines.pop():.2f} with the control's" in prose
     decode = [evaluation[v]["speed"]["delta_speed_decode"] for v in (*lora, *grit)]
     assert f"decodes at {span(decode, '{:.2f}', 'x')} the base" in prose
+
+def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study():
+    """The study's plain reading quotes deltas, p-values, parameter counts and ranges; they must
+    come from the committed metrics/study.json and reports/study/trials.csv."""
+    import csv
+    import statistics
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    prose = " ".join(readme.split("**Read plainly: no, GRIT does not beat plain LoRA here.**", 1)[1]
+                     .split("### The default run", 1)[0].split())
+    study = json.loads((REPO_ROOT / "metrics/study.json").read_text())
+    tests = {(t["method"], t["budget"], t["metric"]): t for t in study["tests"]}
+    loss32, loss96 = tests[("pure_grit", 32, "val_loss")], tests[("pure_grit", 96, "val_loss")]
+    assert f"32 steps (+{loss32['delta']['mean']:.3f}, Holm p = {loss32['p_holm']:.3f})" in prose
+    assert f"shrinks to +{loss96['delta']['mean']:.3f}, not significant" in prose and loss96["p_holm"] > 0.05
+    assert f"validation loss at 96 steps (+{tests[('grit_paper', 96, 'val_loss')]['delta']['mean']:.3f})" in prose
+    assert f"{len(study['tests'])} paired tests" in prose
+    means = {key: figures for key, figures in study["summary"].items()}
+    harmful = min(f["decline_probability"]["mean"] for f in means.values())
+    benign = [f["overrefusal_decline_probability"]["mean"] for f in means.values()]
+    assert harmful > 0.94 and "decline over 94% of held-out harmful prompts" in prose
+    assert f"{100 * min(benign):.0f}-{100 * max(benign):.0f}% of edgy-benign ones" in prose
+    with (REPO_ROOT / "reports/study/trials.csv").open() as handle:
+        trials = [row for row in csv.DictReader(handle) if row["phase"] == "test" and row["budget"] == "96"]
+    params = {m: statistics.mean(int(r["trainable_parameters"]) for r in trials if r["method"] == m)
+              for m in ("grit_paper", "peft_lora")}
+    assert f"({params['grit_paper'] / 1e6:.2f} M against {params['peft_lora'] / 1e6:.2f} M at 96 steps)" in prose
+    assert f"{100 * (1 - params['grit_paper'] / params['peft_lora']):.0f}% fewer trainable parameters" in prose
+    assert f"{study['training_hours']:.2f} h of training" in " ".join(readme.split())
