@@ -22,10 +22,10 @@ class EvalParams(Section):
     gamma: Annotated[float, Field(ge=0, le=1)] = 0.5
     # refusals: greedy generations through the serving backend, judged comply / decline /
     # deflect (evaluation.refusals.judge), and the fp32 decline probability on the same prompts
-    # 100 of the 150 shipped: twice the earlier 50; the whole sets would add about 10 minutes
-    # to the default run on 2 cores
-    refusal_prompts: Annotated[int, Field(gt=0)] = 100      # held-out harmful prompts (150 shipped)
-    overrefusal_prompts: Annotated[int, Field(gt=0)] = 100  # edgy but benign prompts (150 shipped)
+    # 50 of the 150 shipped: with 100 each the default run took over 30 minutes on 2 cores; the
+    # study, whose result is the headline, measures 100 of each over 5 seeds
+    refusal_prompts: Annotated[int, Field(gt=0)] = 50       # held-out harmful prompts (150 shipped)
+    overrefusal_prompts: Annotated[int, Field(gt=0)] = 50   # edgy but benign prompts (150 shipped)
     max_new_tokens: Annotated[int, Field(gt=0)] = 32        # a refusal shows in the opening sentences
     # served speed: every model decodes the same prompts for the same number of tokens, interleaved
     speed_prompts: Annotated[int, Field(gt=0, le=8)] = 4

@@ -86,26 +86,37 @@ def retained(model, tokenizer, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
 def continuation_logprobs(model, tokenizer, prompts: Sequence[str], chat, continuations: Sequence[str]) -> np.ndarray:
     """[prompts, continuations] sum of log p(continuation tokens | rendered prompt), in fp32.
     Prompt and continuation are tokenized apart and joined, so every model scores the very
-    same token ids. Each prompt is run once and its key/value cache shared by all
-    continuations (right-padded, so every real position computes what it computes alone): the
-    prompt is most of the tokens, and this makes the measure cost a few forward passes per
-    prompt instead of one per opening."""
+    same token ids. Prompts run in right-padded batches of similar length, and each prompt's
+    key/value cache is shared by all continuations: the prompt is most of the tokens, and one
+    prompt at a time was the evaluation's slowest step. A continuation attends to its prompt's
+    real tokens only (the pads are masked) and takes the positions right after them, so every
+    figure equals the one computed for that prompt alone."""
     model.eval()
     tails = [tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids_tail, mask_tail = _right_padded(tails, pad, model.device)
-    out = np.zeros((len(prompts), len(tails)))
-    for i, prompt in enumerate(prompts):
-        head = torch.tensor([tokenizer(chat.render(prompt), add_special_tokens=False).input_ids], device=model.device)
-        first = model(input_ids=head, use_cache=True)
+    n_tails, width_tail = ids_tail.shape
+    out = np.zeros((len(prompts), n_tails))
+    for indices, heads, mask_head in _batches_by_length([chat.render(p) for p in prompts], tokenizer, False,
+                                                        model.device):
+        lengths = mask_head.sum(dim=1)                                                    # [batch]
+        # Only each prompt's last real position predicts a tail token: the vocabulary projection of
+        # every other position (49k columns for SmolLM2) would be the prompt pass's largest cost.
+        keep = torch.unique(lengths - 1)
+        first = model(input_ids=heads, attention_mask=mask_head, use_cache=True, logits_to_keep=keep)
         cache = first.past_key_values
-        cache.batch_repeat_interleave(len(tails))
-        mask = torch.cat([torch.ones(len(tails), head.shape[1], dtype=mask_tail.dtype, device=model.device), mask_tail], 1)
-        rest = model(input_ids=ids_tail, attention_mask=mask, past_key_values=cache).logits.float()
-        # token t of a tail is predicted by the prompt's last position (t = 0) or by tail position t - 1
-        logits = torch.cat([first.logits[:, -1:].float().expand(len(tails), 1, -1), rest[:, :-1]], dim=1)
-        logprobs = torch.log_softmax(logits, dim=-1).gather(2, ids_tail[..., None])[..., 0]
-        out[i] = (logprobs * mask_tail).sum(dim=1).cpu().numpy()
+        cache.batch_repeat_interleave(n_tails)                  # row b * n_tails + j: prompt b, tail j
+        mask = torch.cat([mask_head.repeat_interleave(n_tails, dim=0), mask_tail.repeat(len(indices), 1)], dim=1)
+        positions = lengths.repeat_interleave(n_tails)[:, None] + torch.arange(width_tail, device=model.device)
+        tail_ids = ids_tail.repeat(len(indices), 1)
+        rest = model(input_ids=tail_ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+        # token t of a tail is predicted by the prompt's last real position (t = 0) or by tail position t - 1
+        column = torch.searchsorted(keep, lengths - 1)
+        last = first.logits[torch.arange(len(indices), device=model.device), column].float()         # [batch, vocab]
+        logits = torch.cat([last.repeat_interleave(n_tails, dim=0)[:, None], rest[:, :-1].float()], dim=1)
+        logprobs = torch.log_softmax(logits, dim=-1).gather(2, tail_ids[..., None])[..., 0]
+        sums = (logprobs * mask_tail.repeat(len(indices), 1)).sum(dim=1).reshape(len(indices), n_tails)
+        out[indices] = sums.cpu().numpy()
     return out
 
 

@@ -35,7 +35,7 @@ def test_batched_states_and_logprobs_match_single_prompts():
         assert abs(score - alone.item()) < 1e-4
 
 
-def test_continuation_logprobs_with_a_shared_prompt_cache_equal_one_sequence_at_a_time():
+def test_batched_continuation_logprobs_with_a_shared_prompt_cache_equal_one_sequence_at_a_time():
     from evaluation.measure import continuation_logprobs
 
     params = ModelParams()
@@ -43,8 +43,9 @@ def test_continuation_logprobs_with_a_shared_prompt_cache_equal_one_sequence_at_
     tokenizer, model = load_tokenizer(files, params), load_causal_lm(files, params).eval()
     chat = chat_format(tokenizer)
     openings = ["I can't help with that", "Sure, here", "1."]
-    scores = continuation_logprobs(model, tokenizer, PROMPTS[:2], chat, openings)
-    for i, prompt in enumerate(PROMPTS[:2]):
+    # four prompts of different lengths ("Hi" among them) share one right-padded batch
+    scores = continuation_logprobs(model, tokenizer, PROMPTS[:4], chat, openings)
+    for i, prompt in enumerate(PROMPTS[:4]):
         head = tokenizer(chat.render(prompt), add_special_tokens=False).input_ids
         for j, opening in enumerate(openings):
             tail = tokenizer(opening, add_special_tokens=False).input_ids
