@@ -223,7 +223,9 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     for method in plan.methods:
         best = min((t for t in tuned if t.method == method), key=lambda t: t.val_loss)
         assert study["chosen"][method] == json.loads(best.setting)
-    assert all(set(json.loads(t.metrics_json)) == {"val_loss", "validation_decline_probability"} for t in tuned)
+    measured = [json.loads(t.metrics_json) for t in tuned]
+    assert all(set(m) == {"val_loss", "validation_decline_probability", "trial_seconds"} for m in measured)
+    assert all(json.loads(t.metrics_json)["trial_seconds"] > t.train_seconds > 0 for t in trials)
     truncated = {t.budget: t.trainable_parameters for t in trials if t.phase == "test" and t.method == "grit_paper"}
     assert truncated[4] * 2 == truncated[2]             # reprojection from step 3 on: truncated at step 4
     study_report = (repo / "reports/study/report.md").read_text()
