@@ -36,15 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.refusals import COMPLY_OPENINGS, DECLINE_OPENINGS
     from export.chat_format import chat_format
     from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
-    from trainers.config import ModelParams
+    from trainers.config import LoraParams, ModelParams
     from trainers.data.sources import harmbench_prompts
 
     params = ModelParams()
     files = resolve_base_model(params)
     tokenizer = load_tokenizer(files, params)
     model = get_peft_model(load_causal_lm(files, params), LoraConfig(
-        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                             "down_proj"])).eval()
+        r=16, lora_alpha=32, target_modules=LoraParams().target_modules)).eval()
     chat = chat_format(tokenizer)
     prompts = [p.text for p in harmbench_prompts()[: args.prompts]]
     openings = [*DECLINE_OPENINGS, *COMPLY_OPENINGS]

@@ -106,16 +106,16 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], chat, contin
         first = model(input_ids=heads, attention_mask=mask_head, use_cache=True, logits_to_keep=keep)
         cache = first.past_key_values
         cache.batch_repeat_interleave(n_tails)                  # row b * n_tails + j: prompt b, tail j
-        mask = torch.cat([mask_head.repeat_interleave(n_tails, dim=0), mask_tail.repeat(len(indices), 1)], dim=1)
+        tail_ids, tail_mask = ids_tail.repeat(len(indices), 1), mask_tail.repeat(len(indices), 1)
+        mask = torch.cat([mask_head.repeat_interleave(n_tails, dim=0), tail_mask], dim=1)
         positions = lengths.repeat_interleave(n_tails)[:, None] + torch.arange(width_tail, device=model.device)
-        tail_ids = ids_tail.repeat(len(indices), 1)
         rest = model(input_ids=tail_ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
         # token t of a tail is predicted by the prompt's last real position (t = 0) or by tail position t - 1
         column = torch.searchsorted(keep, lengths - 1)
         last = first.logits[torch.arange(len(indices), device=model.device), column].float()         # [batch, vocab]
         logits = torch.cat([last.repeat_interleave(n_tails, dim=0)[:, None], rest[:, :-1].float()], dim=1)
         logprobs = torch.log_softmax(logits, dim=-1).gather(2, tail_ids[..., None])[..., 0]
-        sums = (logprobs * mask_tail.repeat(len(indices), 1)).sum(dim=1).reshape(len(indices), n_tails)
+        sums = (logprobs * tail_mask).sum(dim=1).reshape(len(indices), n_tails)
         out[indices] = sums.cpu().numpy()
     return out
 

@@ -28,6 +28,7 @@ from evaluation.study import (
     verdict,
 )
 
+
 def _number(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
 
