@@ -108,7 +108,7 @@ def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
             if data.benign_answers == "corpus":
                 return [p.response or "" for p in prompts]
             answers = base_model_answers([p.text for p in prompts], files, ctx.params.model,
-                                         data.answer_max_new_tokens, data.answer_retry_max_new_tokens)
+                                         data.answer_max_new_tokens)
             report.add("benign_dropped_answer_cut_at_token_limit", sum(a is None for a in answers))
             return answers
 

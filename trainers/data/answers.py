@@ -11,12 +11,15 @@ same engine that serves it), otherwise through transformers. Decoding is greedy.
 cached per (model content key, max_new_tokens, prompt) in ``$GRIT_CACHE_DIR/answers/``, so
 they are generated once per machine and reused by every later run.
 
-An answer cut by the token limit is regenerated once with a larger limit, and given up (None)
-when still cut: training appends an end-of-turn token to every answer, and on a cut answer that
-teaches the model to stop in mid-sentence. Cache rows record whether the answer ended by itself
-(``complete``); rows written before that field existed are judged by their length, cut when
-they re-tokenize to at least ``max_new_tokens - 1`` tokens (decoding and re-tokenizing can
-differ by one token at the edges).
+An answer still running at the token limit is given up (None): training appends an end-of-turn
+token to every answer, and on a cut answer that teaches the model to stop in mid-sentence. Cache
+rows record whether the answer ended by itself (``complete``); rows written before that field
+existed are judged by their length, cut when they re-tokenize to at least ``max_new_tokens - 1``
+tokens (decoding and re-tokenizing can differ by one token at the edges).
+
+Greedy decoding makes a limit only a place to stop: an answer that ended by itself within n
+tokens is the same answer at every limit above n. So each prompt is generated once, at the one
+limit, and a complete answer cached at a smaller limit is reused rather than generated again.
 """
 
 from __future__ import annotations
@@ -131,10 +134,32 @@ class _TransformersGenerator:
         return Answer(self.tokenizer.decode(new, skip_special_tokens=True).strip(), complete)
 
 
+def _cache_path(files: BaseModelFiles, max_new_tokens: int) -> Path:
+    return cache_dir() / "answers" / f"{model_key(files)}-{max_new_tokens}.jsonl"
+
+
+def _complete_at_smaller_limits(files: BaseModelFiles, max_new_tokens: int, tokenizer) -> dict[str, Answer]:
+    """Prompt hash -> answer that ended by itself under a smaller limit, hence the same at
+    ``max_new_tokens`` (module docstring)."""
+    complete: dict[str, Answer] = {}
+    for path in sorted(_cache_path(files, 1).parent.glob(f"{model_key(files)}-*.jsonl")):
+        limit = path.stem.rsplit("-", 1)[1]
+        if not limit.isdigit() or int(limit) >= max_new_tokens:
+            continue
+        for key, answer in AnswerCache(path).answers.items():
+            if finished(answer, tokenizer, int(limit)):
+                complete[key] = Answer(answer.text, True)
+    return complete
+
+
 def _answers(prompts: Sequence[str], files: BaseModelFiles, model_params: ModelParams, tokenizer,
              max_new_tokens: int) -> list[Answer]:
-    """Greedy answers at one token limit, generating only the uncached ones."""
-    cache = AnswerCache(cache_dir() / "answers" / f"{model_key(files)}-{max_new_tokens}.jsonl")
+    """Greedy answers at one token limit, generating only those no cache holds."""
+    cache = AnswerCache(_cache_path(files, max_new_tokens))
+    shorter = _complete_at_smaller_limits(files, max_new_tokens, tokenizer)
+    for prompt in dict.fromkeys(prompts):
+        if cache.get(prompt) is None and (reused := shorter.get(_prompt_key(prompt))) is not None:
+            cache.put(prompt, reused)
     missing = [p for p in dict.fromkeys(prompts) if cache.get(p) is None]
     if missing:
         generate = (
@@ -153,18 +178,10 @@ def finished(answer: Answer, tokenizer, max_new_tokens: int) -> bool:
     return len(tokenizer(answer.text, add_special_tokens=False).input_ids) < max_new_tokens - 1
 
 
-def base_model_answers(
-    prompts: Sequence[str], files: BaseModelFiles, model_params: ModelParams, max_new_tokens: int,
-    retry_max_new_tokens: int | None = None,
-) -> list[str | None]:
-    """Greedy answers of the base model to ``prompts``; an answer cut at ``max_new_tokens`` is
-    regenerated with ``retry_max_new_tokens``, and None where it is still cut."""
+def base_model_answers(prompts: Sequence[str], files: BaseModelFiles, model_params: ModelParams,
+                       max_new_tokens: int) -> list[str | None]:
+    """Greedy answers of the base model to ``prompts``; None where the answer was still running
+    after ``max_new_tokens`` tokens."""
     tokenizer = load_tokenizer(files, model_params)
-    first = _answers(prompts, files, model_params, tokenizer, max_new_tokens)
-    out: list[str | None] = [a.text if finished(a, tokenizer, max_new_tokens) else None for a in first]
-    cut = [p for p, a in zip(prompts, out, strict=True) if a is None]
-    if cut and retry_max_new_tokens and retry_max_new_tokens > max_new_tokens:
-        retried = dict(zip(cut, _answers(cut, files, model_params, tokenizer, retry_max_new_tokens), strict=True))
-        out = [a if a is not None else (retried[p].text if finished(retried[p], tokenizer, retry_max_new_tokens)
-                                        else None) for p, a in zip(prompts, out, strict=True)]
-    return out
+    return [a.text if finished(a, tokenizer, max_new_tokens) else None
+            for a in _answers(prompts, files, model_params, tokenizer, max_new_tokens)]

@@ -57,10 +57,9 @@ class DataParams(Section):
     max_harmful: Annotated[int, Field(gt=0)] = 100
     max_benign: Annotated[int, Field(gt=0)] = 100
     benign_answers: Literal["base_model", "corpus"] = "base_model"
-    answer_max_new_tokens: Annotated[int, Field(gt=0)] = 128
-    # an answer cut by the token limit is regenerated once with this many tokens, and dropped
-    # when still cut: never trained with an end-of-turn token in mid-sentence
-    answer_retry_max_new_tokens: Annotated[int, Field(gt=0)] = 256
+    # an answer still running at this many tokens is dropped: never trained with an end-of-turn
+    # token in mid-sentence
+    answer_max_new_tokens: Annotated[int, Field(gt=0)] = 256
     instruction: HubDataset | None = None
     aqi_dataset: SafetyLabelledDataset | None = None
 
@@ -68,8 +67,6 @@ class DataParams(Section):
     def _task_needs(self) -> DataParams:
         if self.task == "instruction" and self.instruction is None:
             raise ValueError("task 'instruction' needs instruction.path (an Alpaca-format dataset)")
-        if self.answer_retry_max_new_tokens < self.answer_max_new_tokens:
-            raise ValueError("answer_retry_max_new_tokens must be at least answer_max_new_tokens")
         if self.benign_answers == "corpus" and "lmdoctor_harmless" in self.benign_sources:
             raise ValueError("benign_answers 'corpus' needs sources with answers; lmdoctor_harmless has none")
         return self
