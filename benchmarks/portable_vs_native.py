@@ -42,7 +42,8 @@ def worker(tokens: int) -> int:
     from trainers.base_model import load_tokenizer, resolve_base_model
 
     files = resolve_base_model(ModelParams())
-    model = LlamaCppModel(files.gguf_path, chat_format(load_tokenizer(files, ModelParams())))
+    model = LlamaCppModel(files.gguf_path, chat_format(load_tokenizer(files, ModelParams())),
+                          prompt_cache=False)   # prefill timed on whole prompts
     model.generate(PROMPTS[0], 8)  # warm-up: the first call pays for allocation
     info = llama_cpp.llama_print_system_info().decode()
     print(json.dumps({"module": llama_cpp.__file__, "system_info": info}), flush=True)

@@ -67,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     chat = chat_format(load_tokenizer(files, ModelParams()))
     with tempfile.TemporaryDirectory() as scratch:
         adapter, merged, origin = exported_files(args.variant, Path(scratch), files)
-        models = {"base": LlamaCppModel(files.gguf_path, chat), "base+adapter": LlamaCppModel(files.gguf_path, chat, adapter),
-                  "merged": LlamaCppModel(merged, chat)}
+        # prompt_cache=False: prefill is timed on whole prompts
+        models = {"base": LlamaCppModel(files.gguf_path, chat, prompt_cache=False),
+                  "base+adapter": LlamaCppModel(files.gguf_path, chat, adapter, prompt_cache=False),
+                  "merged": LlamaCppModel(merged, chat, prompt_cache=False)}
         decode: dict[str, list[float]] = {name: [] for name in models}
         prefill: dict[str, list[float]] = {name: [] for name in models}
         for name, model in models.items():   # warm-up: first calls pay for allocation

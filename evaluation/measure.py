@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from trainers.data.formatting import batches_by_length, right_padded
+
 
 def _system_prefix_length(tokenizer, chat) -> int:
     """Tokens of the rendered system block, when they are a token prefix of every prompt."""
@@ -25,28 +27,7 @@ def _system_prefix_length(tokenizer, chat) -> int:
     return len(tokenizer(head, add_special_tokens=False).input_ids) if head else 0
 
 
-BATCH = 16
-
-
-def _right_padded(encoded: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding: under a causal mask the real tokens never attend to the pads after them,
-    so every real position computes what it computes alone (positions start at 0 as unbatched)."""
-    width = max(len(ids) for ids in encoded)
-    ids = torch.tensor([row + [pad] * (width - len(row)) for row in encoded], device=device)
-    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in encoded], device=device)
-    return ids, mask
-
-
-def _batches_by_length(texts: Sequence[str], tokenizer, add_special_tokens: bool, device):
-    """Each text tokenized once, then right-padded batches of similar length (longest first:
-    little padding, memory peaks early), as (original indices, ids, mask); the callers put
-    results back in input order."""
-    encoded = [tokenizer(t, add_special_tokens=add_special_tokens).input_ids for t in texts]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
-    for start in range(0, len(order), BATCH):
-        chunk = order[start:start + BATCH]
-        yield (chunk, *_right_padded([encoded[i] for i in chunk], pad, device))
+BATCH = 16    # prompts per forward pass
 
 
 @torch.no_grad()
@@ -55,8 +36,9 @@ def pooled_hidden_states(model, tokenizer, prompts: Sequence[str], chat, layers:
     model.eval()
     skip = _system_prefix_length(tokenizer, chat)
     rows: list[np.ndarray | None] = [None] * len(prompts)
-    for indices, ids, mask in _batches_by_length([chat.render(p) for p in prompts], tokenizer, False, model.device):
-        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    for indices, ids, mask in batches_by_length([chat.render(p) for p in prompts], tokenizer, False, model.device, BATCH):
+        # logits_to_keep=1: the vocabulary projection of every position is not needed here
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
         states = torch.stack(hidden[-layers:]).float().mean(dim=0)              # [batch, tokens, hidden]
         for index, row, length in zip(indices, states, mask.sum(dim=1).tolist(), strict=True):
             start = skip if skip < length else 0
@@ -68,7 +50,7 @@ def pooled_hidden_states(model, tokenizer, prompts: Sequence[str], chat, layers:
 def statement_logprobs(model, tokenizer, statements: Sequence[str]) -> np.ndarray:
     """Mean log-probability per predicted token of each statement (plain text, BOS if any)."""
     out = np.zeros(len(statements))
-    for indices, ids, mask in _batches_by_length(list(statements), tokenizer, True, model.device):
+    for indices, ids, mask in batches_by_length(list(statements), tokenizer, True, model.device, BATCH):
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         logprobs = torch.log_softmax(logits, dim=-1).gather(2, ids[:, 1:, None])[..., 0]
         real = mask[:, 1:].float()
@@ -94,11 +76,11 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], chat, contin
     model.eval()
     tails = [tokenizer(c, add_special_tokens=False).input_ids for c in continuations]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids_tail, mask_tail = _right_padded(tails, pad, model.device)
+    ids_tail, mask_tail = right_padded(tails, pad, model.device)
     n_tails, width_tail = ids_tail.shape
     out = np.zeros((len(prompts), n_tails))
-    for indices, heads, mask_head in _batches_by_length([chat.render(p) for p in prompts], tokenizer, False,
-                                                        model.device):
+    for indices, heads, mask_head in batches_by_length([chat.render(p) for p in prompts], tokenizer, False,
+                                                       model.device, BATCH):
         lengths = mask_head.sum(dim=1)                                                    # [batch]
         # Only each prompt's last real position predicts a tail token: the vocabulary projection of
         # every other position (49k columns for SmolLM2) would be the prompt pass's largest cost.

@@ -27,14 +27,16 @@ class Generation:
 
 class LlamaCppModel:
     def __init__(self, model_path: Path, chat: ChatFormat, adapter_path: Path | None = None, n_ctx: int = 2048,
-                 n_threads: int | None = None) -> None:
+                 n_threads: int | None = None, prompt_cache: bool = True) -> None:
+        """``prompt_cache``: keep the key/value cache of the prefix a prompt shares with the last
+        one (``_evaluate_from_cache``); False evaluates every prompt whole, for timing prefill."""
         import os
 
         from llama_cpp import Llama
 
         # llama-cpp-python defaults to half the cores; a server uses them all.
         n_threads = n_threads or os.cpu_count() or 1
-        self.chat = chat
+        self.chat, self.prompt_cache = chat, prompt_cache
         self.llm = Llama(model_path=str(model_path), lora_path=str(adapter_path) if adapter_path else None,
                          n_ctx=n_ctx, logits_all=False, seed=0, verbose=False, n_threads=n_threads,
                          n_threads_batch=n_threads)
@@ -52,10 +54,20 @@ class LlamaCppModel:
         has_bos = bool(self.chat.bos) and rendered.startswith(self.chat.bos)
         return self.llm.tokenize(rendered.encode(), add_bos=not has_bos, special=True)
 
+    def _evaluate_from_cache(self, tokens: list[int]) -> None:
+        """Evaluate ``tokens``, keeping the key/value cache of the longest prefix they share with
+        what was evaluated last (the chat format's system block), as Ollama's server does with
+        prompt caching. The last token is always evaluated: its logits are wanted."""
+        shared = 0
+        for cached, token in zip(self.llm.input_ids[:self.llm.n_tokens] if self.prompt_cache else [], tokens[:-1]):
+            if cached != token:
+                break
+            shared += 1
+        self.llm.n_tokens = shared      # eval() drops the cache from here on
+        self.llm.eval(tokens[shared:])
+
     def next_token_logits(self, prompt: str) -> np.ndarray:
-        tokens = self.prompt_tokens(prompt)
-        self.llm.reset()
-        self.llm.eval(tokens)
+        self._evaluate_from_cache(self.prompt_tokens(prompt))
         # Only the last position's logits are computed (logits_all would copy a vocabulary-wide
         # row per decoded token, slowing generation by a third).
         row = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
@@ -65,11 +77,12 @@ class LlamaCppModel:
         import llama_cpp
 
         tokens = self.prompt_tokens(prompt)
-        self.llm.reset()
         context = self.llm._ctx.ctx
         llama_cpp.llama_perf_context_reset(context)
         out: list[int] = []
         stopped = False
+        self._evaluate_from_cache(tokens)
+        # generate() sees the prompt already evaluated and samples from its logits at once.
         for token in self.llm.generate(tokens, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
             if token in self.stop_ids:
                 stopped = True

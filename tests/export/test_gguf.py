@@ -51,3 +51,24 @@ def test_quantize_with_llama_cpp(tiny_export, tmp_path):
         np.testing.assert_allclose(e, f, atol=5e-2)
     with pytest.raises(GgufExportError, match="unknown quantization"):
         quantize(tiny_export.base_gguf, tmp_path / "x.gguf", "Q3_XYZ")
+
+
+def test_prompts_sharing_a_prefix_reuse_its_cache_and_compute_the_same(tiny_export):
+    """The chat format's system block is evaluated once and kept (as Ollama's prompt cache
+    does): later prompts evaluate only what follows it, with the logits and greedy replies of
+    whole-prompt evaluation."""
+    cached = LlamaCppModel(tiny_export.base_gguf, tiny_export.chat, tiny_export.adapter_gguf, n_ctx=256)
+    whole = LlamaCppModel(tiny_export.base_gguf, tiny_export.chat, tiny_export.adapter_gguf, n_ctx=256,
+                          prompt_cache=False)
+    evaluated: list[int] = []
+    evaluate = cached.llm.eval
+    cached.llm.eval = lambda tokens: (evaluated.append(len(tokens)), evaluate(tokens))[1]
+    for prompt in PROMPTS:
+        np.testing.assert_allclose(cached.next_token_logits(prompt), whole.next_token_logits(prompt), atol=1e-4)
+    lengths = [len(cached.prompt_tokens(p)) for p in PROMPTS]
+    assert evaluated[0] == lengths[0]
+    assert all(0 < n < length for n, length in zip(evaluated[1:], lengths[1:], strict=True)), (evaluated, lengths)
+    for prompt in (PROMPTS[1], PROMPTS[1], PROMPTS[0]):   # after a generation, and the very same prompt again
+        assert cached.generate(prompt, 6).text == whole.generate(prompt, 6).text
+    cached.close()
+    whole.close()

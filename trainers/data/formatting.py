@@ -111,3 +111,25 @@ def pad_batch(examples: Sequence[TokenizedExample], pad_id: int) -> dict[str, to
         labels[row, :n] = torch.tensor(example.labels)
         attention[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def right_padded(encoded: Sequence[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of token rows right-padded to the longest. Under a causal mask the
+    real tokens never attend to the pads after them, so every real position computes what it
+    computes alone (positions start at 0 as unbatched)."""
+    width = max(len(ids) for ids in encoded)
+    ids = torch.tensor([row + [pad] * (width - len(row)) for row in encoded], device=device)
+    mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in encoded], device=device)
+    return ids, mask
+
+
+def batches_by_length(texts: Sequence[str], tokenizer, add_special_tokens: bool, device, batch_size: int):
+    """Each text tokenized once, then right-padded batches of similar length (longest first:
+    little padding, memory peaks early), as (original indices, ids, mask); the callers put
+    results back in input order."""
+    encoded = [tokenizer(t, add_special_tokens=add_special_tokens).input_ids for t in texts]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        yield (chunk, *right_padded([encoded[i] for i in chunk], pad, device))
