@@ -3,12 +3,15 @@ a second ``dvc repro`` that must do nothing.
 
     python benchmarks/pipeline.py                    # the default profile (params.yaml of HEAD)
     python benchmarks/pipeline.py --cold-answers     # also regenerate the base model's answers
+    python benchmarks/pipeline.py --cold             # as on a machine fresh from set-up (see below)
     python benchmarks/pipeline.py --profile smoke    # the smoke profile (a minute or two)
 
 The clone is of the committed HEAD (uncommitted changes are not benchmarked: commit first). It
 uses this checkout's ``.venv`` (installs are not timed) and ``$GRIT_CACHE_DIR`` (the de-quantized
 base model, llama.cpp's converters). ``--cold-answers`` hides the cached greedy answers of the
-base model (``$GRIT_CACHE_DIR/answers``) so ``prepare_data`` generates them as on a new machine.
+base model (``$GRIT_CACHE_DIR/answers``) so ``prepare_data`` generates them as on a new machine;
+``--cold`` hides every cache entry the pipeline itself makes (answers, the de-quantized models,
+converted GGUFs, tokenizers) and keeps only what the set-up made (llama.cpp's build and converters).
 Targets (issue: the whole pipeline): first run <= 30 min on 2 CPU cores, second run < 10 s and
 no stage executed. Prints both times, their ratio to the targets, and every stage's duration
 from the clone's results store.
@@ -31,11 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 FIRST_TARGET_S, SECOND_TARGET_S = 30 * 60, 10.0
 
 
-def cache_without_answers(real: Path, scratch: Path) -> Path:
-    """A cache directory that links every entry of the real one except the answers."""
+# Cache entries the pipeline makes on its first run (the rest is made by scripts/setup.sh).
+PIPELINE_MADE = ("answers", "models", "gguf", "tokenizers")
+
+
+def cache_without(real: Path, scratch: Path, hidden: tuple[str, ...]) -> Path:
+    """A cache directory that links every entry of the real one except ``hidden``."""
     scratch.mkdir(parents=True, exist_ok=True)
     for entry in real.iterdir() if real.is_dir() else []:
-        if entry.name != "answers":
+        if entry.name not in hidden:
             (scratch / entry.name).symlink_to(entry)
     return scratch
 
@@ -66,6 +73,8 @@ def stage_durations(clone: Path) -> list[tuple[str, float]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cold-answers", action="store_true", help="regenerate the base model's answers")
+    parser.add_argument("--cold", action="store_true",
+                        help="hide every cache entry the pipeline makes: as on a machine fresh from set-up")
     parser.add_argument("--profile", default=None, help="compose this profile into params.yaml first")
     parser.add_argument("--keep", type=Path, help="clone here and keep it (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
@@ -87,8 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     real_cache = Path(os.environ.get("GRIT_CACHE_DIR") or Path.home() / ".cache" / "grit-lora")
-    if args.cold_answers:
-        env["GRIT_CACHE_DIR"] = str(cache_without_answers(real_cache, work / "cache"))
+    if args.cold or args.cold_answers:
+        hidden = PIPELINE_MADE if args.cold else ("answers",)
+        env["GRIT_CACHE_DIR"] = str(cache_without(real_cache, work / "cache", hidden))
     if args.profile:
         subprocess.run([str(venv_bin / "python"), "-m", "pipelines.profile", args.profile], cwd=clone, env=env,
                        check=True)
@@ -106,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in stages:
         print(f"  {name:<{width}}  {seconds:8.1f} s")
     figures = {
-        "commit": head, "profile": args.profile or "params.yaml of HEAD", "cold_answers": args.cold_answers,
+        "commit": head, "profile": args.profile or "params.yaml of HEAD", "cold_answers": args.cold_answers or args.cold,
+        "cold_cache": args.cold,
         "cpu_count": os.cpu_count(), "first_repro_s": round(first, 1), "second_repro_s": round(second, 1),
         "second_repro_stages_run": len(ran), "stages": {name: round(s, 1) for name, s in stages},
         "first_vs_target": round(first / FIRST_TARGET_S, 3), "second_vs_target": round(second / SECOND_TARGET_S, 3),
