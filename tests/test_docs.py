@@ -104,19 +104,32 @@ def test_the_figures_the_readme_quotes_in_prose_are_the_committed_metrics():
         return [100 * evaluation[v][metric]["value"] for v in variants]
 
     base = round(100 * evaluation["base"]["refusal_rate"]["value"])
-    assert (f"{span(rates(grit, 'refusal_rate'))} of held-out harmful prompts declined against "
-            f"{span(rates(lora, 'refusal_rate'))} for plain LoRA (from {base}% for the base)") in prose
-    assert (f"declines {span(rates(grit, 'overrefusal_rate'))} of edgy-benign prompts that plain LoRA declines "
-            f"{span(rates(lora, 'overrefusal_rate'))} of the time") in prose
-    probability = {v: round(evaluation[v]["decline_probability"]["value"], 2) for v in (*lora, *grit)}
-    assert len({probability[v] for v in grit}) == 1 and len({probability[v] for v in lora}) == 1
-    assert f"({probability['pure_grit']:.2f} for GRIT against {probability['peft_lora']:.2f}," in prose
+    harmful, edgy = evaluation["pure_grit"]["refusal_rate"]["n"], evaluation["pure_grit"]["overrefusal_rate"]["n"]
+    assert (f"GRIT declines {span(rates(grit, 'refusal_rate'))} of the {harmful} held-out harmful prompts against "
+            f"{span(rates(lora, 'refusal_rate'))} for plain LoRA ({base}% for the base)") in prose
+    assert (f"and {span(rates(grit, 'overrefusal_rate'))} of the {edgy} edgy-benign prompts against "
+            f"{span(rates(lora, 'overrefusal_rate'))};") in prose
+    judged = [c for c in evaluation["comparisons"] if c["reference"] in lora and c["variant"] in grit
+              and c["metric"] in ("refusal_rate", "nonanswer_rate", "overrefusal_rate")]
+    assert not any(c["significant"] for c in judged)
+    assert f"(raw p {span([c['p_value'] for c in judged], '{:.2g}', '')})".replace("-", " to ") in prose
+    def probability(variants, metric):
+        values = {round(evaluation[v][metric]["value"], 2) for v in variants}
+        assert len(values) == 1       # the same adapter on CPU: Unsloth and PEFT twins agree
+        return values.pop()
+    assert (f"({probability(grit, 'decline_probability'):.2f} against {probability(lora, 'decline_probability'):.2f} "
+            f"on harmful prompts, {probability(grit, 'overrefusal_decline_probability'):.2f} against "
+            f"{probability(lora, 'overrefusal_decline_probability'):.2f} on edgy-benign ones)") in prose
     separation = {v: round(evaluation[v]["separation"]["value"], 3) for v in (*lora, *grit)}
     assert f"1/XB {separation['pure_grit']:.3f} against {separation['peft_lora']:.3f}" in prose
+    retention = [evaluation[v]["retention_accuracy"]["value"] for v in (*lora, *grit)]
+    assert (f"({span(retention, '{:.3f}', '')} against {evaluation['base']['retention_accuracy']['value']:.3f}, "
+            "not significant)") in prose
     cosines = {round(p["update_cosine_median"], 2) for p in probes.values()}
     assert len(cosines) == 1 and f"median cosine {cosines.pop():.2f} with the control's" in prose
     decode = [evaluation[v]["speed"]["delta_speed_decode"] for v in (*lora, *grit)]
     assert f"decodes at {span(decode, '{:.2f}', 'x')} the base" in prose
+
 
 def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study():
     """The study's plain reading quotes deltas, p-values, parameter counts and ranges; they must
