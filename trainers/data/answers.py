@@ -138,17 +138,20 @@ def _cache_path(files: BaseModelFiles, max_new_tokens: int) -> Path:
     return cache_dir() / "answers" / f"{model_key(files)}-{max_new_tokens}.jsonl"
 
 
+def _cached_limits(files: BaseModelFiles) -> dict[int, Path]:
+    """Token limit -> the cache file of this model's answers at that limit."""
+    paths = (cache_dir() / "answers").glob(f"{model_key(files)}-*.jsonl")
+    return {int(p.stem.rsplit("-", 1)[1]): p for p in paths if p.stem.rsplit("-", 1)[1].isdigit()}
+
+
 def _complete_at_smaller_limits(files: BaseModelFiles, max_new_tokens: int, tokenizer) -> dict[str, Answer]:
     """Prompt hash -> answer that ended by itself under a smaller limit, hence the same at
     ``max_new_tokens`` (module docstring)."""
     complete: dict[str, Answer] = {}
-    for path in sorted(_cache_path(files, 1).parent.glob(f"{model_key(files)}-*.jsonl")):
-        limit = path.stem.rsplit("-", 1)[1]
-        if not limit.isdigit() or int(limit) >= max_new_tokens:
-            continue
-        for key, answer in AnswerCache(path).answers.items():
-            if finished(answer, tokenizer, int(limit)):
-                complete[key] = Answer(answer.text, True)
+    for limit, path in sorted(_cached_limits(files).items()):
+        if limit < max_new_tokens:
+            complete |= {key: Answer(answer.text, True) for key, answer in AnswerCache(path).answers.items()
+                         if finished(answer, tokenizer, limit)}
     return complete
 
 
