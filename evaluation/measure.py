@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from trainers.data.formatting import batches_by_length, right_padded
+from trainers.data.formatting import batches_by_length, last_position_forward, right_padded
 
 
 def _system_prefix_length(tokenizer, chat) -> int:
@@ -83,9 +83,8 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], chat, contin
                                                        model.device, BATCH):
         lengths = mask_head.sum(dim=1)                                                    # [batch]
         # Only each prompt's last real position predicts a tail token: the vocabulary projection of
-        # every other position (49k columns for SmolLM2) would be the prompt pass's largest cost.
-        keep = torch.unique(lengths - 1)
-        first = model(input_ids=heads, attention_mask=mask_head, use_cache=True, logits_to_keep=keep)
+        # every other position would be the prompt pass's largest cost.
+        first, last = last_position_forward(model, heads, mask_head, use_cache=True)
         cache = first.past_key_values
         cache.batch_repeat_interleave(n_tails)                  # row b * n_tails + j: prompt b, tail j
         tail_ids, tail_mask = ids_tail.repeat(len(indices), 1), mask_tail.repeat(len(indices), 1)
@@ -93,9 +92,7 @@ def continuation_logprobs(model, tokenizer, prompts: Sequence[str], chat, contin
         positions = lengths.repeat_interleave(n_tails)[:, None] + torch.arange(width_tail, device=model.device)
         rest = model(input_ids=tail_ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
         # token t of a tail is predicted by the prompt's last real position (t = 0) or by tail position t - 1
-        column = torch.searchsorted(keep, lengths - 1)
-        last = first.logits[torch.arange(len(indices), device=model.device), column].float()         # [batch, vocab]
-        logits = torch.cat([last.repeat_interleave(n_tails, dim=0)[:, None], rest[:, :-1].float()], dim=1)
+        logits = torch.cat([last.float().repeat_interleave(n_tails, dim=0)[:, None], rest[:, :-1].float()], dim=1)
         logprobs = torch.log_softmax(logits, dim=-1).gather(2, tail_ids[..., None])[..., 0]
         sums = (logprobs * tail_mask).sum(dim=1).reshape(len(indices), n_tails)
         out[indices] = sums.cpu().numpy()

@@ -68,20 +68,17 @@ def next_token_parity(reference: Sequence[np.ndarray], served: Sequence[np.ndarr
 def peft_next_token_logits(model, tokenizer, prompts: Sequence[str], chat, batch_size: int = 16) -> list[np.ndarray]:
     """The PEFT model's next-token logits after each prompt rendered with ``chat``. Prompts run in
     right-padded batches, and only each prompt's last real position is projected onto the
-    vocabulary (that projection is a fifth of SmolLM2's compute per position)."""
+    vocabulary."""
     import torch
 
-    from trainers.data.formatting import batches_by_length
+    from trainers.data.formatting import batches_by_length, last_position_forward
 
     out: list[np.ndarray | None] = [None] * len(prompts)
     model.eval()
     with torch.no_grad():
         for indices, ids, mask in batches_by_length([chat.render(p) for p in prompts], tokenizer, False,
                                                     model.device, batch_size):
-            last = mask.sum(dim=1) - 1
-            keep = torch.unique(last)
-            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
-            rows = logits[torch.arange(len(indices)), torch.searchsorted(keep, last)].double().cpu().numpy()
-            for index, row in zip(indices, rows, strict=True):
+            _, logits = last_position_forward(model, ids, mask)
+            for index, row in zip(indices, logits.double().cpu().numpy(), strict=True):
                 out[index] = row
     return out
