@@ -30,21 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import numpy as np
-    from peft import LoraConfig, get_peft_model
 
+    from benchmarks.embedded_lora import embedded_lora_model
     from evaluation import measure
     from evaluation.refusals import COMPLY_OPENINGS, DECLINE_OPENINGS
-    from export.chat_format import chat_format
-    from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
-    from trainers.config import LoraParams, ModelParams
     from trainers.data.sources import harmbench_prompts
 
-    params = ModelParams()
-    files = resolve_base_model(params)
-    tokenizer = load_tokenizer(files, params)
-    model = get_peft_model(load_causal_lm(files, params), LoraConfig(
-        r=16, lora_alpha=32, target_modules=LoraParams().target_modules)).eval()
-    chat = chat_format(tokenizer)
+    tokenizer, chat, model, _ = embedded_lora_model()
     prompts = [p.text for p in harmbench_prompts()[: args.prompts]]
     openings = [*DECLINE_OPENINGS, *COMPLY_OPENINGS]
     batch = measure.BATCH

@@ -51,26 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import numpy as np
-    import torch
-    from peft import LoraConfig, get_peft_model
 
+    from benchmarks.embedded_lora import embedded_lora_model
     from export.backend import LlamaCppModel
-    from export.chat_format import chat_format
     from export.parity import next_token_parity, peft_next_token_logits
-    from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
-    from trainers.config import LoraParams, ModelParams
     from trainers.data.sources import rho_refusal_pairs
 
-    params = ModelParams()
-    files = resolve_base_model(params)
-    tokenizer = load_tokenizer(files, params)
-    chat = chat_format(tokenizer)
-    torch.manual_seed(0)
-    model = get_peft_model(load_causal_lm(files, params), LoraConfig(
-        r=16, lora_alpha=32, target_modules=LoraParams().target_modules)).eval()
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(parameter, std=0.01)
+    tokenizer, chat, model, files = embedded_lora_model(b_std=0.01)
     # held-out prompts as the stage takes them: harmful and benign alternating
     prompts = [t for pair in rho_refusal_pairs() for t in (pair.harmful, pair.benign)][: args.prompts]
     served = {cached: LlamaCppModel(files.gguf_path, chat, prompt_cache=cached) for cached in (True, False)}

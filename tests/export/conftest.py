@@ -18,16 +18,24 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @pytest.fixture(scope="session")
-def tiny_export(tmp_path_factory) -> ServedModel:
-    folder = tmp_path_factory.mktemp("tiny-export")
+def tiny_peft():
+    """The tiny Llama with a LoRA adapter whose B is drawn at random, so the adapter matters."""
     params = ModelParams(source="tiny")
-    files = resolve_base_model(params)
     torch.manual_seed(0)
-    model = get_peft_model(load_causal_lm(files, params), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    model = get_peft_model(load_causal_lm(resolve_base_model(params), params),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.05)
-    model.save_pretrained(folder / "adapter")
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_peft) -> ServedModel:
+    folder = tmp_path_factory.mktemp("tiny-export")
+    params = ModelParams(source="tiny")
+    files = resolve_base_model(params)
+    tiny_peft.save_pretrained(folder / "adapter")
     adapter = convert_adapter(folded_adapter(folder / "adapter", folder / "folded"), files.hf_dir, folder / "adapter.gguf")
     merged = merged_gguf(files, adapter, folder / "merged.gguf", "F32")
     return ServedModel(name="tiny_model", variant="tiny", base_gguf=base_gguf(files, "F32"),
