@@ -29,7 +29,7 @@ import yaml
 from core.errors import UserError
 from db.models import Run
 from db.store import ResultsStore, check_store_writable, open_store, utcnow
-from pipelines.params import DEFAULT_PARAMS_PATH, load_params, Params, params_hash
+from pipelines.params import DEFAULT_PARAMS_PATH, Params, load_params, params_hash
 
 EXIT_USER_ERROR = 2
 
@@ -130,15 +130,37 @@ def _carried_over(store: ResultsStore, run_id: str, stage: str, keys: list[str],
     return False
 
 
+def current_in_lock(root: Path, stages: list[str]) -> set[str]:
+    """The leading ``stages`` (in the order given) whose ``dvc.lock`` entry matches the workspace:
+    ``dvc repro`` skips them, so their committed outputs are this run's too. A fresh clone's store
+    has never recorded them (study's report is committed, not recomputed), and without this its
+    run would never be complete. Stops at the first stage DVC would run: that stage records itself
+    when it runs. DVC releases its repository lock while a stage's command runs, so a stage may
+    ask; when DVC cannot tell (no DVC repository, a lock held), nothing counts as current."""
+    if not stages or not (root / "dvc.lock").is_file():
+        return set()
+    try:
+        from dvc.repo import Repo
+
+        current = set()
+        with Repo(str(root)) as repo:
+            for stage in stages:
+                if repo.status(targets=[stage]):
+                    break
+                current.add(stage)
+        return current
+    except Exception:  # noqa: BLE001 - any DVC failure means "cannot tell", never a failed stage
+        return set()
+
+
 def _refresh_run_status(store: ResultsStore, run_id: str, root: Path, params: Params) -> None:
     stages = store.stages(run_id)
     declared = stage_params(root, params)
-    wanted = list(declared)
-    complete = bool(wanted) and all(
-        (stages.get(s) is not None and stages[s].status == "succeeded")
-        or (s not in stages and _carried_over(store, run_id, s, declared.get(s, []), params))
-        for s in wanted
-    )
+    unrecorded = [s for s in declared if s not in stages
+                  and not _carried_over(store, run_id, s, declared[s], params)]
+    recorded_ok = bool(declared) and all(stages[s].status == "succeeded" for s in declared if s in stages)
+    # DVC is asked only when nothing else stands in the way (it costs a status check).
+    complete = recorded_ok and len(current_in_lock(root, unrecorded)) == len(unrecorded)
     failed = any(s.status == "failed" for s in stages.values())
     with store.transaction() as session:
         run = session.get(Run, run_id)
@@ -189,7 +211,7 @@ def run_stage(
     try:
         produced = work(context, checked) or {}
         store.record_artifacts(run_id, name, produced)
-    except BaseException as error:
+    except BaseException as error:  # noqa: BLE001 - recorded as the stage's failure, then reported
         is_user_error = isinstance(error, UserError)
         message = str(error) if is_user_error else f"{type(error).__name__}: {error}"
         store.record_stage(run_id, name, "failed", started, error=message.splitlines()[0] if message else None)
