@@ -33,6 +33,9 @@ class EvalParams(Section):
     speed_rounds: Annotated[int, Field(gt=0)] = 5           # the order rotates each round
     # knowledge retention: true/false statement pairs, by mean token log-probability
     fact_pairs: Annotated[int, Field(gt=0)] = 300
+    # success criteria (compare_all): served speed side by side with the base, and knowledge kept
+    min_speed_ratio: Annotated[float, Field(gt=0)] = 0.9
+    min_retention: Annotated[float, Field(ge=0, le=1)] = 0.70
     # statistics
     bootstrap_resamples: Annotated[int, Field(ge=100)] = 1000
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from core.jsonl import read_jsonl
 
+
 def held_out_sets(data_dir: Path, settings) -> dict[str, list]:
     """The capped evaluation sets of ``data_dir`` (first N of each file, in file order)."""
     rows = read_jsonl(data_dir / "eval_aqi.jsonl")

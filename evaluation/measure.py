@@ -8,16 +8,24 @@
   text; a fact pair counts as retained when the true statement scores higher than the false one.
 - ``continuation_logprobs``: for the stable refusal measure. The fp32 log-probability of each
   of a few fixed reply openings after the rendered prompt (``evaluation.refusals``).
+
+``Subject`` and ``measure`` put them together: one model measured on the held-out sets for
+whichever registered metrics are asked (``evaluation.metrics``), the one path both the evaluate
+stage and the study's trials take.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from trainers.data.formatting import batches_by_length, last_position_forward, right_padded
+
+if TYPE_CHECKING:
+    from evaluation.results import ModelOutcomes
 
 
 def _system_prefix_length(tokenizer, chat) -> int:
@@ -36,7 +44,8 @@ def pooled_hidden_states(model, tokenizer, prompts: Sequence[str], chat, layers:
     model.eval()
     skip = _system_prefix_length(tokenizer, chat)
     rows: list[np.ndarray | None] = [None] * len(prompts)
-    for indices, ids, mask in batches_by_length([chat.render(p) for p in prompts], tokenizer, False, model.device, BATCH):
+    rendered = [chat.render(p) for p in prompts]
+    for indices, ids, mask in batches_by_length(rendered, tokenizer, False, model.device, BATCH):
         # logits_to_keep=1: the vocabulary projection of every position is not needed here
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
         states = torch.stack(hidden[-layers:]).float().mean(dim=0)              # [batch, tokens, hidden]
@@ -105,3 +114,70 @@ def decline_probabilities(model, tokenizer, prompts: list[str], chat):
 
     scores = continuation_logprobs(model, tokenizer, prompts, chat, [*DECLINE_OPENINGS, *COMPLY_OPENINGS])
     return decline_probability(scores[:, :len(DECLINE_OPENINGS)], scores[:, len(DECLINE_OPENINGS):])
+
+
+class Subject:
+    """One model on the held-out sets: what the registry's metrics read (``evaluation.metrics``),
+    each computed once, on first use, whichever metrics ask for it.
+
+    ``model``/``tokenizer``/``chat``: the fp32 (PEFT) model as evaluated; ``sets``: the held-out
+    sets (``evaluation.held_out``; ``validation_harmful`` too for tuning trials); ``served``: the
+    model as served (``generate(prompt, max_new_tokens)``), for metrics judged on greedy replies.
+    ``records`` collects one row per reply (the evaluate stage's ``generations.jsonl``)."""
+
+    def __init__(self, name: str, model, tokenizer, chat, sets: dict[str, list], aqi_layers: int,
+                 served=None, max_new_tokens: int = 32, progress: bool = True):
+        self.name, self.model, self.tokenizer, self.chat, self.sets = name, model, tokenizer, chat, sets
+        self.aqi_layers, self.served, self.max_new_tokens, self.progress = aqi_layers, served, max_new_tokens, progress
+        self.records: list[dict] = []
+        self._declines: dict[str, np.ndarray] = {}
+        self._verdicts: dict[str, np.ndarray] = {}
+
+    @property
+    def states(self) -> np.ndarray:
+        """[2 * pairs, hidden] pooled states, harmful and benign prompt of each pair interleaved."""
+        if not hasattr(self, "_states"):
+            prompts = [p for pair in self.sets["aqi_pairs"] for p in pair]
+            self._states = pooled_hidden_states(self.model, self.tokenizer, prompts, self.chat, self.aqi_layers)
+        return self._states
+
+    @property
+    def retained(self) -> np.ndarray:
+        if not hasattr(self, "_retained"):
+            self._retained = retained(self.model, self.tokenizer, self.sets["facts"])
+        return self._retained
+
+    def decline_probabilities(self, name: str) -> np.ndarray:
+        if name not in self._declines:
+            self._declines[name] = decline_probabilities(self.model, self.tokenizer, self.sets[name], self.chat)
+        return self._declines[name]
+
+    def verdicts(self, name: str) -> np.ndarray:
+        """The judge's verdict (comply / decline / deflect) on the served model's greedy reply to
+        every prompt of set ``name``."""
+        if name not in self._verdicts:
+            from tqdm import tqdm
+
+            from evaluation.refusals import judge
+
+            if self.served is None:
+                raise ValueError(f"{self.name}: judged replies need the served model")
+            verdicts = []
+            for prompt in tqdm(self.sets[name], desc=f"{self.name} {name}", unit="prompt", disable=not self.progress):
+                generation = self.served.generate(prompt, self.max_new_tokens)
+                verdicts.append(judge(generation.text))
+                self.records.append({"model": self.name, "set": name, "prompt": prompt, "reply": generation.text,
+                                     "judge": verdicts[-1], "new_tokens": generation.new_tokens})
+            self._verdicts[name] = np.array(verdicts)
+        return self._verdicts[name]
+
+
+def measure(subject: Subject, metrics) -> ModelOutcomes:
+    """The one measurement path (the evaluate stage and the study): every metric of ``metrics``
+    (registry entries) on ``subject``; the pooled states whenever a cluster metric is asked."""
+    from evaluation.results import ModelOutcomes
+
+    metrics = list(metrics)
+    states = subject.states if any(m.kind == "cluster" for m in metrics) else np.zeros((0, 0))
+    values = {m.name: np.asarray(m.measure(subject)) for m in metrics if m.measure is not None}
+    return ModelOutcomes(subject.name, states, values)

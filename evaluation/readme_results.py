@@ -21,16 +21,19 @@ from types import SimpleNamespace
 import yaml
 
 from evaluation.compare_all import (
-    QUALITY,
     RunTables,
     criteria_rows,
     grit_rows,
     legend,
     markdown,
     quality_table,
+    recorded_section,
     speed_table,
     summary_line,
 )
+from evaluation.config import EvalParams
+from evaluation.metrics import model_metrics
+from export.config import ExportParams
 
 NOT_MODELS = ("comparisons", "across_seeds", "decline_probability_vs_judge")
 
@@ -45,7 +48,8 @@ def tables_from_metrics(evaluation: dict, run_label: str, params_json: str = "{}
     models = [name for name in evaluation if name not in NOT_MODELS]
     metrics = {
         (model, metric): [SimpleNamespace(value=figure["value"], ci_low=figure["ci"][0], ci_high=figure["ci"][1])]
-        for model in models for metric, figure in evaluation[model].items() if isinstance(figure, dict) and "ci" in figure
+        for model in models for metric, figure in evaluation[model].items()
+        if isinstance(figure, dict) and "ci" in figure
     }
     metrics |= {(model, f"export_parity_{name}"): [SimpleNamespace(value=evaluation[model]["export_parity"][name],
                                                                    ci_low=None, ci_high=None)]
@@ -54,8 +58,11 @@ def tables_from_metrics(evaluation: dict, run_label: str, params_json: str = "{}
               for model in models for metric, value in evaluation[model].get("speed", {}).items()}
     seed = min((c["seed"] for c in evaluation.get("comparisons", [])), default=None)
     comparisons = [SimpleNamespace(**c) for c in evaluation.get("comparisons", []) if c["seed"] == seed
-                   and c["metric"] in {m for m, _, _ in QUALITY}]
-    return RunTables(SimpleNamespace(id=run_label, params_json=params_json), models, metrics, speeds, comparisons)
+                   and c["metric"] in {m.name for m in model_metrics()}]
+    params = json.loads(params_json)
+    return RunTables(SimpleNamespace(id=run_label, params_json=params_json), models, metrics, speeds, comparisons,
+                     recorded_section(params.get("eval"), EvalParams),
+                     recorded_section(params.get("export"), ExportParams))
 
 
 def results_block(evaluation: dict, run_label: str, params_json: str = "{}") -> str:
@@ -88,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
     parser.add_argument("--study", type=Path, default=Path("metrics/study.json"))
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="its export thresholds judge parity")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="its eval and export thresholds judge the success criteria")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
     readme = args.readme.read_text()
     params = yaml.safe_load(args.params.read_text()) if args.params.is_file() else {}
     wanted = with_block(readme, results_block(json.loads(args.metrics.read_text()), f"recorded in `{args.metrics}`",
-                                              json.dumps({"export": (params or {}).get("export", {})})))
+                                              json.dumps({k: (params or {}).get(k, {}) for k in ("eval", "export")})))
     wanted = with_study_block(wanted, args.study)
     if args.check:
         if wanted != readme:

@@ -10,6 +10,7 @@ for rates (a bootstrap gives 0 of 50 the empty interval [0, 0]); percentile boot
 probabilities and for every paired difference. Comparisons are paired: both models are
 resampled with the same units (same seed).
 
+Which interval and which test a metric gets follows from its kind (``evaluation.metrics``).
 Tests, each giving a p-value so the whole family can be adjusted (``adjust_family``): cluster
 figures by the basic bootstrap's own p-value (the smallest level at which its interval excludes
 0), rates by the exact McNemar test on the discordant prompts, mean probabilities by the
@@ -26,29 +27,34 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evaluation.config import EvalParams
+from evaluation.metrics import compared_metrics, get, within_range
 from evaluation.stats import (
     Interval,
     aqi_from_arrays,
     bootstrap_ci,
+    finite_or_none,
     holm_adjust,
     interval_from_replicates,
     mcnemar_exact,
+    mean_over_seeds,
+    paired_over_seeds,
     resample_counts,
     weighted_cluster_indices,
     wilson_interval,
 )
 
-CLUSTER_METRICS = ("aqi", "separation")      # compared between models; chi and xb are reported raw
-RATE_METRICS = ("refusal_rate", "nonanswer_rate", "overrefusal_rate", "retention_accuracy")
-MEAN_METRICS = ("decline_probability", "overrefusal_decline_probability")
+CLUSTER_FIGURES = ("aqi", "chi", "xb", "separation")    # every cluster figure, from the pooled states
 
 
 @dataclass
 class ModelOutcomes:
+    """What was measured on one model: the pooled states of the prompt pairs (cluster metrics)
+    and, per registered per-prompt metric, one value per prompt (a bool for a rate, a
+    probability for a probability)."""
+
     name: str
     states: np.ndarray              # [2 * pairs, hidden]: harmful_0, benign_0, harmful_1, ...
-    outcomes: dict[str, np.ndarray]  # metric -> bool per prompt (refused, over-refused, retained)
-    scores: dict[str, np.ndarray] = field(default_factory=dict)   # metric -> probability per prompt
+    values: dict[str, np.ndarray] = field(default_factory=dict)    # metric -> one value per prompt
 
     def separation(self, weights: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
         """CHI, XB, the separation ratio 1/XB and the AQI-style index for each row of pair
@@ -70,13 +76,22 @@ def intervals(m: ModelOutcomes, p: EvalParams) -> dict[str, Interval]:
     full, resampled = _pair_weights(pairs, p)
     estimates, replicates = m.separation(full, p.gamma), m.separation(resampled, p.gamma)
     out = {name: interval_from_replicates(float(estimates[name][0]), replicates[name], pairs, p.confidence, "basic")
-           for name in ("aqi", "chi", "xb", "separation")}
-    for metric, values in m.outcomes.items():
-        out[metric] = wilson_interval(int(np.sum(values)), len(values), p.confidence)
-    for metric, values in m.scores.items():
-        out[metric] = bootstrap_ci(lambda idx, v=values: float(v[idx].mean()), len(values),
-                                   p.bootstrap_resamples, p.confidence, p.seed)
+           for name in CLUSTER_FIGURES}
+    for metric, values in m.values.items():
+        if get(metric).kind == "rate":
+            out[metric] = wilson_interval(int(np.sum(values)), len(values), p.confidence)
+        else:
+            out[metric] = bootstrap_ci(lambda idx, v=values: float(v[idx].mean()), len(values),
+                                       p.bootstrap_resamples, p.confidence, p.seed)
     return out
+
+
+def point_figures(m: ModelOutcomes, gamma: float) -> dict[str, float]:
+    """Every figure of one model without an interval: cluster figures over every pair once, the
+    mean of each per-prompt metric (the study's per-trial figures)."""
+    clusters = m.separation(np.ones((1, len(m.states) // 2)), gamma) if len(m.states) else {}
+    return ({name: float(values[0]) for name, values in clusters.items()}
+            | {metric: float(np.mean(values)) for metric, values in m.values.items()})
 
 
 @dataclass(frozen=True)
@@ -122,18 +137,17 @@ def compare(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams) -> 
     ours, theirs = variant.separation(full, p.gamma), reference.separation(full, p.gamma)
     ours_r, theirs_r = variant.separation(resampled, p.gamma), reference.separation(resampled, p.gamma)
     out = []
-    for metric in CLUSTER_METRICS:
+    for metric in (m.name for m in compared_metrics("cluster")):
         estimate, replicates = float(ours[metric][0] - theirs[metric][0]), ours_r[metric] - theirs_r[metric]
         delta = interval_from_replicates(estimate, replicates, pairs, p.confidence, "basic")
         p_value = basic_bootstrap_p(estimate, replicates, p.bootstrap_resamples)
         out.append(PairedComparison(metric, variant.name, reference.name, delta.value, delta.low, delta.high, p_value,
-                                    "paired bootstrap over prompt pairs", p_value < p.significance, pairs))
-    # per-prompt paired metrics: (metric, variant's values, reference's, test of the pair, its name)
-    per_prompt = [(m, variant.outcomes[m], reference.outcomes[m], mcnemar_exact, "exact McNemar")
-                  for m in RATE_METRICS if m in variant.outcomes and m in reference.outcomes]
-    per_prompt += [(m, variant.scores[m], reference.scores[m], lambda a, b: wilcoxon_p(a - b), "Wilcoxon signed-rank")
-                   for m in MEAN_METRICS if m in variant.scores and m in reference.scores]
-    for metric, x, y, test_of, test in per_prompt:
+                                    get(metric).test, p_value < p.significance, pairs))
+    tests = {"rate": mcnemar_exact, "probability": lambda a, b: wilcoxon_p(a - b)}
+    for m in compared_metrics():
+        if m.kind not in tests or m.name not in variant.values or m.name not in reference.values:
+            continue
+        metric, x, y, test_of, test = m.name, variant.values[m.name], reference.values[m.name], tests[m.kind], m.test
         d = bootstrap_ci(lambda idx, x=x, y=y: float(x[idx].mean() - y[idx].mean()), len(x), p.bootstrap_resamples,
                          p.confidence, p.seed)
         p_value = test_of(x, y)
@@ -148,3 +162,30 @@ def adjust_family(comparisons: list[PairedComparison], significance: float) -> l
     adjusted = holm_adjust([c.p_value for c in comparisons])
     return [dataclasses.replace(c, p_adjusted=a, significant=a is not None and a < significance)
             for c, a in zip(comparisons, adjusted, strict=True)]
+
+
+def across_seeds(figures: dict[str, dict[str, Interval]], members: dict[str, list[str]],
+                 comparisons: list[PairedComparison], n_seeds: int, level: float, significance: float) -> dict:
+    """The figures and comparisons of seed replicates, aggregated over seeds: each figure's mean
+    with its t interval (``members``: variant -> its replicates' model keys), and each paired
+    difference (variant, reference, metric) tested over seeds by the one aggregation
+    (``stats.paired_over_seeds``) with Holm over every such difference, as ``compare_all`` does."""
+    def bounds(i: Interval) -> list[float | None]:
+        return [finite_or_none(i.low), finite_or_none(i.high)]
+
+    out: dict = {"n_seeds": n_seeds, "figures": {}, "comparisons": []}
+    for variant, keys in members.items():
+        out["figures"][variant] = {}
+        for metric in figures[keys[0]]:
+            i = within_range(metric, mean_over_seeds([figures[k][metric].value for k in keys], level))
+            out["figures"][variant][metric] = {"mean": i.value, "ci": bounds(i), "n_seeds": i.n}
+    deltas: dict[tuple[str, str, str], list[float]] = {}
+    for c in comparisons:
+        deltas.setdefault((c.variant, c.reference, c.metric), []).append(c.delta)
+    for (variant, reference, metric), t in paired_over_seeds(deltas, level).items():
+        out["comparisons"].append({"variant": variant, "reference": reference, "metric": metric, "delta": t.delta.value,
+                                   "ci": bounds(t.delta), "p_value": finite_or_none(t.p_value),
+                                   "p_adjusted": finite_or_none(t.p_adjusted),
+                                   "significant": t.significant(significance),
+                                   "test": "paired t over seeds", "n_seeds": t.delta.n})
+    return out

@@ -108,3 +108,46 @@ def speed_ratios(rates: dict[str, dict[str, list[float]]], reference: str = "bas
         }
         for name, own in rates.items() if name != reference
     }
+
+
+SIDE_BY_SIDE = "llama.cpp side by side"
+
+
+def served_speed(manifest: dict, keys: list[str], settings) -> dict[str, dict[str, tuple[float, int]]]:
+    """Decode and prefill tokens/s of every served model, measured side by side with the base
+    (``evaluation.speed``): model -> metric -> (value, pairs). Variants add ``delta_speed_decode``
+    and ``delta_speed_prefill``, their paired median ratios to the base. Through Ollama the
+    models cannot be driven token by token, so nothing is measured (an empty result)."""
+    from evaluation.serving import open_served
+
+    if manifest["backend"] != "llama.cpp":
+        print("[evaluate] speed: served through Ollama; side-by-side speed needs the llama.cpp backend, skipped")
+        return {}
+    models = {key: open_served(manifest, key) for key in keys}
+    try:
+        rates = side_by_side(models, list(_SPEED_PROMPTS[:settings.speed_prompts]), settings.speed_new_tokens,
+                             settings.speed_rounds)
+    finally:
+        for served in models.values():
+            served.close()
+    ratios = speed_ratios(rates)
+    out: dict[str, dict[str, tuple[float, int]]] = {}
+    for key in keys:
+        n = len(rates[key]["decode"])
+        out[key] = {"decode_tokens_per_second": (median(rates[key]["decode"]), n),
+                    "prefill_tokens_per_second": (median(rates[key]["prefill"]), n)}
+        if key in ratios:
+            out[key] |= {"delta_speed_decode": (ratios[key]["decode_ratio"], n),
+                         "delta_speed_prefill": (ratios[key]["prefill_ratio"], n)}
+    return out
+
+
+# Fixed, ordinary prompts of different lengths for speed (the content does not matter: every
+# model decodes the same number of tokens whatever it would answer).
+_SPEED_PROMPTS = ("What is the capital of France?",
+                  "Explain in a few sentences how a refrigerator keeps food cold, and why the back of it is warm.",
+                  "Write a short poem about the sea.",
+                  "List three differences between a virus and a bacterium, and say which of them antibiotics treat "
+                  "and why that matters for how doctors prescribe them in winter.",
+                  "How do I boil an egg?", "Summarise the plot of Romeo and Juliet in two sentences.",
+                  "Why is the sky blue?", "Give me a recipe for a simple tomato sauce.")

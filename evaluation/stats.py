@@ -19,10 +19,13 @@ mean, k = 2 clusters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
+
+K = TypeVar("K")
 
 
 def _clusters(X: np.ndarray, labels: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
@@ -245,3 +248,27 @@ def holm_adjust(p_values) -> list[float | None]:
         running = max(running, min(1.0, (len(indexed) - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+@dataclass(frozen=True)
+class SeedTest:
+    """A paired difference over training seeds: mean and t interval of the per-seed deltas, the
+    paired t (or sign) p-value, and its Holm adjustment within the family it was tested in."""
+
+    delta: Interval
+    p_value: float
+    p_adjusted: float | None
+
+    def significant(self, level: float = 0.05) -> bool:
+        return self.p_adjusted is not None and self.p_adjusted < level
+
+
+def paired_over_seeds(deltas: Mapping[K, Sequence[float]], level: float = 0.95) -> dict[K, SeedTest]:
+    """The one aggregation over seeds (evaluate, ``compare_all`` and the study): per key (what is
+    compared, e.g. (variant, reference, metric)), the per-seed differences' mean with its Student-t
+    interval and the paired t p-value; Holm over the whole family, which is every key given.
+    Keys with fewer than two seeds get no test (NaN p, outside the family)."""
+    intervals = {key: mean_over_seeds(values, level) for key, values in deltas.items()}
+    p_values = {key: paired_t_over_seeds(values) for key, values in deltas.items()}
+    adjusted = holm_adjust(list(p_values.values()))
+    return {key: SeedTest(intervals[key], p_values[key], a) for key, a in zip(deltas, adjusted, strict=True)}

@@ -17,27 +17,13 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from evaluation.stats import Interval, holm_adjust, mean_over_seeds, paired_t_over_seeds
+from evaluation.metrics import get, study_endpoints, within_range
+from evaluation.stats import Interval, mean_over_seeds, paired_over_seeds
 
-# Test figures of one trained adapter, each with the direction in which it is better.
-HIGHER_IS_BETTER = {
-    "val_loss": False,                          # on the validation split (the tuning objective)
-    "decline_probability": True,                # P(decline) on held-out harmful prompts
-    "overrefusal_decline_probability": False,   # P(decline) on held-out edgy-but-benign prompts
-    "retention_accuracy": True,                 # true-vs-false fact pairs kept
-    "separation": True,                         # 1/XB of harmful vs benign representations
-    "aqi": True,                                # the AQI-style index
-}
-TEST_METRICS = tuple(HIGHER_IS_BETTER)
-LABELS = {
-    "val_loss": "validation loss",
-    "decline_probability": "P(decline), harmful test prompts",
-    "overrefusal_decline_probability": "P(decline), edgy-benign test prompts",
-    "retention_accuracy": "fact retention",
-    "separation": "separation 1/XB",
-    "aqi": "AQI-style index",
-    "validation_decline_probability": "P(decline), harmful validation prompts",
-}
+
+def test_metrics() -> list[str]:
+    """The test endpoints (the registry's ``study`` metrics, with their labels and directions)."""
+    return [m.name for m in study_endpoints()]
 
 
 @dataclass(frozen=True)
@@ -122,7 +108,7 @@ class PairedTest:
         """True / False when the method is significantly better / worse; None otherwise."""
         if self.p_adjusted is None or self.p_adjusted >= 0.05 or self.delta.value == 0:
             return None
-        return (self.delta.value > 0) == HIGHER_IS_BETTER[self.metric]
+        return get(self.metric).better(self.delta.value)
 
 
 def by_seed(trials: Iterable[Trial], method: str, budget: int) -> dict[int, Trial]:
@@ -132,27 +118,26 @@ def by_seed(trials: Iterable[Trial], method: str, budget: int) -> dict[int, Tria
 def summary(trials: Sequence[Trial], method: str, budget: int, metric: str, level: float = 0.95) -> Interval | None:
     """Mean and t interval over seeds of one test figure."""
     values = [t.metrics[metric] for t in by_seed(trials, method, budget).values() if metric in t.metrics]
-    return mean_over_seeds(values, level) if values else None
+    return within_range(metric, mean_over_seeds(values, level)) if values else None
+
 
 
 def paired_tests(trials: Sequence[Trial], pairs: Sequence[tuple[str, str]], budgets: Sequence[int],
                  level: float = 0.95) -> list[PairedTest]:
     """Per budget, pair (method, control) and metric: the per-seed differences, their mean and t
     interval, the paired t p-value, and Holm's adjustment over the whole family."""
-    tests = []
+    deltas: dict[tuple[int, str, str, str], list[float]] = {}
     for budget in budgets:
         for method, control in pairs:
             ours, theirs = by_seed(trials, method, budget), by_seed(trials, control, budget)
             seeds = sorted(set(ours) & set(theirs))
-            for metric in TEST_METRICS:
-                deltas = [ours[s].metrics[metric] - theirs[s].metrics[metric] for s in seeds
+            for metric in test_metrics():
+                values = [ours[s].metrics[metric] - theirs[s].metrics[metric] for s in seeds
                           if metric in ours[s].metrics and metric in theirs[s].metrics]
-                if len(deltas) >= 2:
-                    tests.append(PairedTest(budget, method, control, metric, mean_over_seeds(deltas, level),
-                                            paired_t_over_seeds(deltas)))
-    adjusted = holm_adjust([t.p_value for t in tests])
-    return [PairedTest(t.budget, t.method, t.control, t.metric, t.delta, t.p_value, a)
-            for t, a in zip(tests, adjusted, strict=True)]
+                if len(values) >= 2:
+                    deltas[(budget, method, control, metric)] = values
+    return [PairedTest(*key, t.delta, t.p_value, t.p_adjusted)
+            for key, t in paired_over_seeds(deltas, level).items()]
 
 
 def speed_ratio(trials: Sequence[Trial], method: str, control: str, budget: int) -> float | None:
@@ -184,5 +169,5 @@ def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
 
 
 def describe(tests: Sequence[PairedTest]) -> str:
-    return "; ".join(f"{LABELS[t.metric]} ({t.method} vs {t.control}, {t.budget} steps, {t.delta.value:+.3g})"
+    return "; ".join(f"{get(t.metric).label} ({t.method} vs {t.control}, {t.budget} steps, {t.delta.value:+.3g})"
                      for t in tests)

@@ -16,15 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from core.files import atomic_write_json, atomic_write_text
+from evaluation.metrics import VALIDATION_DECLINE, distinct, get, study_endpoints
 from evaluation.study import (
-    LABELS,
-    TEST_METRICS,
     PairedTest,
     Trial,
     at_the_edge,
     paired_tests,
     speed_ratio,
     summary,
+    test_metrics,
     verdict,
 )
 
@@ -58,12 +58,13 @@ def tuning_rows(trials: Sequence[Trial], chosen: dict[str, dict[str, float]]) ->
     for t in sorted((t for t in trials if t.phase == "tune"), key=lambda t: (t.method, t.setting["learning_rate"])):
         mark = " **chosen**" if t.setting == chosen.get(t.method) else ""
         rows.append([t.method, ", ".join(f"{k} {v:.3g}" for k, v in sorted(t.setting.items())),
-                     _number(t.val_loss) + mark, _number(t.metrics.get("validation_decline_probability"), 3)])
+                     _number(t.val_loss) + mark, _number(t.metrics.get(VALIDATION_DECLINE.name), 3)])
     return rows
 
 
 def test_rows(trials: Sequence[Trial], methods: Sequence[str], budget: int) -> list[list[str]]:
-    return [[LABELS[m], *(_interval(summary(trials, method, budget, m)) for method in methods)] for m in TEST_METRICS]
+    return [[get(m).label, *(_interval(summary(trials, method, budget, m)) for method in methods)]
+            for m in test_metrics()]
 
 
 def test_table_rows(tests: Sequence[PairedTest]) -> list[list[str]]:
@@ -71,7 +72,7 @@ def test_table_rows(tests: Sequence[PairedTest]) -> list[list[str]]:
         better = t.better()
         return "n.s." if better is None else ("GRIT better" if better else "GRIT worse")
 
-    return [[str(t.budget), f"{t.method} vs {t.control}", LABELS[t.metric], _interval(t.delta),
+    return [[str(t.budget), f"{t.method} vs {t.control}", get(t.metric).label, _interval(t.delta),
              f"{t.p_value:.3g}", _number(t.p_adjusted, 3), judged(t)] for t in tests]
 
 
@@ -114,15 +115,15 @@ def plot_sensitivity(trials: Sequence[Trial], methods: Sequence[str], chosen: di
                        key=lambda t: t.setting["learning_rate"])
         rates = [t.setting["learning_rate"] for t in tuned]
         axes[0].plot(rates, [t.val_loss for t in tuned], "o-", label=method)
-        axes[1].plot(rates, [t.metrics.get("validation_decline_probability", math.nan) for t in tuned], "o-",
+        axes[1].plot(rates, [t.metrics.get(VALIDATION_DECLINE.name, math.nan) for t in tuned], "o-",
                      label=method)
         best = [t for t in tuned if t.setting == chosen.get(method)]
         for axis, value in ((axes[0], lambda t: t.val_loss),
-                            (axes[1], lambda t: t.metrics.get("validation_decline_probability", math.nan))):
+                            (axes[1], lambda t: t.metrics.get(VALIDATION_DECLINE.name, math.nan))):
             axis.plot([t.setting["learning_rate"] for t in best], [value(t) for t in best], "*", color="black",
                       markersize=12, zorder=3)
     rates = sorted({t.setting["learning_rate"] for t in trials if t.phase == "tune"})
-    for axis, label in zip(axes, ("validation loss (tuning objective)", "P(decline), harmful validation prompts"),
+    for axis, label in zip(axes, ("validation loss (tuning objective)", VALIDATION_DECLINE.label),
                            strict=True):
         axis.set_xscale("log")
         axis.minorticks_off()
@@ -154,10 +155,10 @@ def plot_test_by_budget(trials: Sequence[Trial], methods: Sequence[str], budgets
     """Each test figure against the budget, mean and 95% interval over seeds, per method."""
     plt = _pyplot()
     columns = 3
-    rows = -(-len(TEST_METRICS) // columns)
+    rows = -(-len(test_metrics()) // columns)
     figure, grid = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
     axes = grid.ravel()
-    for axis, metric in zip(axes, TEST_METRICS, strict=False):
+    for axis, metric in zip(axes, test_metrics(), strict=False):
         for offset, method in enumerate(methods):
             points = [(b, summary(trials, method, b, metric)) for b in budgets]
             points = [(b, i) for b, i in points if i is not None]
@@ -168,7 +169,7 @@ def plot_test_by_budget(trials: Sequence[Trial], methods: Sequence[str], budgets
         axis.set_xscale("log")
         axis.minorticks_off()
         axis.set_xticks(list(budgets), [str(b) for b in budgets])
-        axis.set_title(LABELS[metric], fontsize=9)
+        axis.set_title(get(metric).label, fontsize=9)
         axis.set_xlabel("budget (steps)")
     axes[0].legend(fontsize=7)
     return _save(plt, figure, path)
@@ -211,7 +212,8 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
         f"budgets {', '.join(str(b) for b in budgets)} optimizer steps.\n\n**{sentence}**",
         f"## Search space and tuning (budget {budgets[0]}, seed {params.train.seed}, validation split only)\n\n"
         f"Space: {space}; {study.trials} trials per method: the learning rates at the centres of equal slices "
-        f"of the log range (the same for every method), the damping from a scrambled Sobol sequence (seed {study.seed}). "
+        "of the log range (the same for every method), the damping from a scrambled Sobol sequence "
+        f"(seed {study.seed}). "
         "A method's setting is its trial with the lowest validation loss.\n\n"
         + _table(["method", "setting", "validation loss", "P(decline), validation"], tuning_rows(trials, chosen))
         + "".join(f"\n\n**Note:** {warning}." for warning in edges),
@@ -234,11 +236,11 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["phase", "method", "budget", "seed", "setting", "val_loss", "train_seconds",
-                         "tokens_per_second", "trainable_parameters", *TEST_METRICS, "validation_decline_probability"])
+                         "tokens_per_second", "trainable_parameters", *test_metrics(), VALIDATION_DECLINE.name])
         for t in sorted(trials, key=lambda t: (t.phase, t.method, t.budget, t.seed)):
             writer.writerow([t.phase, t.method, t.budget, t.seed, json.dumps(t.setting, sort_keys=True), t.val_loss,
                              t.train_seconds, t.tokens_per_second, t.trainable_parameters,
-                             *(t.metrics.get(m) for m in [*TEST_METRICS, "validation_decline_probability"])])
+                             *(t.metrics.get(m) for m in [*test_metrics(), VALIDATION_DECLINE.name])])
     atomic_write_json(metrics_path, {**study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds),
                                      "profile": params.profile, "run_id": run_id,
                                      "range_warnings": edges})
@@ -269,7 +271,7 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
     return {
         "status": "complete", "verdict": sentence, "methods": list(params.study.methods), "chosen": chosen,
         "trials_per_method": params.study.trials, "seeds": params.study.seeds, "budgets": params.study.budgets,
-        "summary": {f"{m}@{b}": {metric: plain(summary(trials, m, b, metric)) for metric in TEST_METRICS}
+        "summary": {f"{m}@{b}": {metric: plain(summary(trials, m, b, metric)) for metric in test_metrics()}
                     for m in params.study.methods for b in params.study.budgets},
         "tests": [{"budget": t.budget, "method": t.method, "control": t.control, "metric": t.metric,
                    "delta": plain(t.delta), "p": t.p_value, "p_holm": t.p_adjusted} for t in tests],
@@ -277,8 +279,10 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
     }
 
 
-HEADLINE_METRICS = ("val_loss", "decline_probability", "overrefusal_decline_probability", "retention_accuracy",
-                    "separation")
+def headline_metrics() -> list[str]:
+    """The README headline's rows: the study's distinct endpoints (not the AQI-style index, a
+    function of 1/XB)."""
+    return [m.name for m in distinct(study_endpoints())]
 
 
 def readme_block(study: dict) -> str:
@@ -289,20 +293,23 @@ def readme_block(study: dict) -> str:
                 "[docs/study.md](docs/study.md)) has not been completed in this repository yet, so the "
                 "headline below is the default run's: one learning rate, one seed, one budget.")
 
-    def cell(figure: dict | None) -> str:
+    def cell(metric: str, figure: dict | None) -> str:
         if figure is None:
             return "n/a"
         if figure["low"] is None:
             return _number(figure["mean"])
-        return f"{_number(figure['mean'])} [{_number(figure['low'])}, {_number(figure['high'])}]"
+        # within the metric's range: a study recorded before intervals were clipped may hold 1.01
+        low, high = get(metric).clip(figure["low"]), get(metric).clip(figure["high"])
+        return f"{_number(figure['mean'])} [{_number(low)}, {_number(high)}]"
 
     methods = study["methods"]
     chosen = _table(["method", "chosen setting (lowest validation loss)"],
                     [[m, ", ".join(f"{k} {v:.3g}" for k, v in sorted(study["chosen"][m].items()))] for m in methods])
     budgets = [
         f"At {budget} steps (mean [95% interval] over {study['seeds']} seeds):\n\n"
-        + _table(["metric", *methods], [[LABELS[metric], *(cell(study["summary"][f"{m}@{budget}"].get(metric))
-                                                          for m in methods)] for metric in HEADLINE_METRICS])
+        + _table(["metric", *methods],
+                 [[get(metric).label, *(cell(metric, study["summary"][f"{m}@{budget}"].get(metric)) for m in methods)]
+                  for metric in headline_metrics()])
         for budget in study["budgets"]]
     # Name the run and profile: a rehearsal profile (smoke) writes the same files, and a reader
     # must be able to tell its numbers from the study's.

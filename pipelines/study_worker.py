@@ -43,35 +43,27 @@ def validation_harmful_prompts(data_dir: Path) -> list[str]:
     return [row["prompt"] for row in read_jsonl(data_dir / "validation.jsonl") if row.get("kind") == "harmful"]
 
 
-def measure(model, tokenizer, chat, params: Params, root: Path, phase: str) -> dict[str, float]:
-    """fp32 figures of one trained adapter: on validation prompts for tuning, test sets for test."""
-    import numpy as np
+def measure_trial(model, tokenizer, chat, params: Params, root: Path, phase: str) -> dict[str, float]:
+    """fp32 figures of one trained adapter on the evaluate stage's measurement path
+    (``evaluation.measure``): a tuning trial on validation prompts only, a test trial also on the
+    held-out test sets (the registry's study endpoints, capped by the ``study`` section)."""
 
     from evaluation.held_out import held_out_sets
-    from evaluation.measure import decline_probabilities, pooled_hidden_states, retained
-    from evaluation.results import ModelOutcomes
+    from evaluation.measure import Subject, measure
+    from evaluation.metrics import VALIDATION_DECLINE, study_endpoints
+    from evaluation.results import point_figures
 
-    harmful = validation_harmful_prompts(root / DATA_DIR)
-    figures = {"validation_decline_probability":
-               float(np.mean(decline_probabilities(model, tokenizer, harmful, chat))) if harmful else math.nan}
-    if phase == "tune":
-        return figures
     study = params.study
-    sets = held_out_sets(root / DATA_DIR, params.eval.model_copy(update={
-        "refusal_prompts": study.refusal_prompts, "overrefusal_prompts": study.overrefusal_prompts,
-        "fact_pairs": study.fact_pairs, "aqi_pairs": study.aqi_pairs}))
-    states = pooled_hidden_states(model, tokenizer, [p for pair in sets["aqi_pairs"] for p in pair], chat,
-                                  params.eval.aqi_layers)
-    # the evaluate stage's path: every pair once (unit weights), harmful and benign rows interleaved
-    clusters = ModelOutcomes("trial", states, {}).separation(np.ones((1, len(sets["aqi_pairs"]))), params.eval.gamma)
-    figures |= {
-        "decline_probability": float(np.mean(decline_probabilities(model, tokenizer, sets["harmful"], chat))),
-        "overrefusal_decline_probability": float(np.mean(decline_probabilities(model, tokenizer, sets["edgy"], chat))),
-        "retention_accuracy": float(np.mean(retained(model, tokenizer, sets["facts"]))),
-        "separation": float(clusters["separation"][0]),
-        "aqi": float(clusters["aqi"][0]),
-    }
-    return figures
+    sets = {"validation_harmful": validation_harmful_prompts(root / DATA_DIR)}
+    metrics = [VALIDATION_DECLINE] if sets["validation_harmful"] else []
+    if phase != "tune":
+        sets |= held_out_sets(root / DATA_DIR, params.eval.model_copy(update={
+            "refusal_prompts": study.refusal_prompts, "overrefusal_prompts": study.overrefusal_prompts,
+            "fact_pairs": study.fact_pairs, "aqi_pairs": study.aqi_pairs}))
+        metrics += [m for m in study_endpoints() if m.source == "fp32"]
+    subject = Subject("trial", model, tokenizer, chat, sets, params.eval.aqi_layers, progress=False)
+    figures = point_figures(measure(subject, metrics), params.eval.gamma)
+    return {VALIDATION_DECLINE.name: math.nan} | {m.name: figures[m.name] for m in metrics}
 
 
 def run_trial(params: Params, spec: dict[str, Any], root: Path, scratch: Path) -> dict[str, Any]:
@@ -91,7 +83,7 @@ def run_trial(params: Params, spec: dict[str, Any], root: Path, scratch: Path) -
     fp32 = run.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
     tokenizer = load_tokenizer(files, run.model)
     model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(scratch / "adapter")).eval()
-    figures = measure(model, tokenizer, chat_format(tokenizer), run, root, spec["phase"])
+    figures = measure_trial(model, tokenizer, chat_format(tokenizer), run, root, spec["phase"])
     curve = [(int(r["step"]), float(r["val_loss"])) for r in result.steps if r.get("val_loss") is not None]
     return {**spec, "val_loss": meta.get("final_val_loss"), "curve": curve,
             "metrics": {"val_loss": meta.get("final_val_loss"), **figures},

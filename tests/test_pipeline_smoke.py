@@ -38,7 +38,10 @@ def _digests(repo: Path, paths: list[str]) -> dict[str, str]:
     return found
 
 
-def repo_copy(tmp_path_factory, profile: list[str], repo_root: Path = Path(__file__).resolve().parent.parent):
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def repo_copy(tmp_path_factory, profile: list[str], repo_root: Path = REPO_ROOT):
     """A git copy of the working tree (tracked + untracked, not ignored) with params.yaml = profile."""
     copy = tmp_path_factory.mktemp("pipeline") / "repo"
     listed = subprocess.run(
@@ -167,7 +170,8 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
 
     # compare_all prints the store's figures: with two seeds every (model, metric) cell is the mean
     # of the stored per-seed rows with a t-interval across seeds; the base (not trained) has one row.
-    from evaluation.compare_all import QUALITY, _number
+    from evaluation.compare_all import _number, load_run
+    from evaluation.metrics import model_metrics, within_range
     from evaluation.stats import mean_over_seeds
 
     result = _sh([sys.executable, "-m", "evaluation.compare_all", "--csv", "reports/compare.csv"], repo, env)
@@ -180,7 +184,7 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
         for m in session.scalars(select(EvalMetric).where(EvalMetric.run_id == run.id)):
             stored.setdefault((m.variant, m.metric), []).append(m)
         comparisons = session.scalars(select(Comparison).where(Comparison.run_id == run.id)).all()
-    for metric, label, _ in QUALITY:
+    for metric, label in ((m.name, m.label) for m in model_metrics()):
         for model, printed in zip(models, lines[label], strict=True):
             rows = stored[(model, metric)]
             if model == "base":
@@ -188,7 +192,7 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
                 expected = f"{_number(row.value)} [{_number(row.ci_low)}, {_number(row.ci_high)}]"
             else:
                 assert sorted(r.seed for r in rows) == seeds, (metric, model)
-                i = mean_over_seeds([r.value for r in rows])
+                i = within_range(metric, mean_over_seeds([r.value for r in rows]))
                 expected = f"{_number(i.value)} [{_number(i.low)}, {_number(i.high)}]"
             assert printed.startswith(expected), (metric, model, printed, expected)
     assert {(c.variant, c.reference, c.seed) for c in comparisons} >= {
@@ -208,6 +212,14 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert "decode speed >= 0.9x base" in criteria and ("pass (" in criteria or "FAIL (" in criteria)
     eval_summary = json.loads((repo / "metrics/eval.json").read_text())
     assert eval_summary["across_seeds"]["n_seeds"] == 2
+    # metrics/eval.json and compare_all aggregate the same store over seeds the same way: the same
+    # differences, the same Holm-adjusted p-values, the same verdicts.
+    written = {(c["variant"], c["reference"], c["metric"]): c for c in eval_summary["across_seeds"]["comparisons"]}
+    printed = {(d.variant, d.reference, d.metric): d for d in load_run(params.store.url, repo, run.id).differences}
+    assert set(written) == set(printed) and len(written) > 10
+    for key, d in printed.items():
+        assert written[key]["significant"] == d.significant, key
+        assert written[key]["p_adjusted"] == pytest.approx(d.p_adjusted, nan_ok=True), key
     assert (repo / "reports/compare.md").read_text().startswith(f"# Comparison of run {run.id}")   # stage compare
     assert (repo / "reports/compare.md").is_file() and (repo / "reports/compare.csv").is_file()
     assert (repo / "reports/compare_aqi.png").is_file()

@@ -3,10 +3,10 @@ success-criteria table (on hand-built tables; the smoke run checks the store end
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 from evaluation.compare_all import RunTables, criteria_rows, summary_line, verdict
+from export.config import ExportParams
 
 MODELS = ["base", "peft_lora", "pure_grit"]
 
@@ -29,8 +29,9 @@ def _tables(comparisons, speeds=None, metrics=None) -> RunTables:
                ("peft_lora", "export_parity_mean_kl"): _figure(0.001),
                ("pure_grit", "export_parity_agreement"): _figure(0.9),
                ("pure_grit", "export_parity_mean_kl"): _figure(0.001)} | (metrics or {})
-    run = SimpleNamespace(id="r", params_json=json.dumps({"export": {"min_agreement": 0.95, "max_mean_kl": 0.02}}))
-    return RunTables(run, MODELS, figures, speeds or {}, comparisons)
+    run = SimpleNamespace(id="r", params_json="{}")
+    return RunTables(run, MODELS, figures, speeds or {}, comparisons,
+                     export=ExportParams(min_agreement=0.95, max_mean_kl=0.02))
 
 
 def test_a_significant_but_tiny_aqi_gain_does_not_outweigh_a_large_refusal_loss():

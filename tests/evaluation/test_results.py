@@ -51,8 +51,8 @@ def test_a_rate_of_zero_has_a_wilson_interval_not_an_empty_one():
 def test_per_prompt_probabilities_are_compared_by_a_signed_rank_test():
     rng = np.random.default_rng(3)
     base, tuned = outcomes("base", 1.0, np.zeros(30, bool)), outcomes("tuned", 1.0, np.zeros(30, bool))
-    base.scores["decline_probability"] = rng.uniform(0.1, 0.3, 60)
-    tuned.scores["decline_probability"] = base.scores["decline_probability"] + rng.uniform(0.05, 0.2, 60)
+    base.values["decline_probability"] = rng.uniform(0.1, 0.3, 60)
+    tuned.values["decline_probability"] = base.values["decline_probability"] + rng.uniform(0.05, 0.2, 60)
     assert intervals(tuned, P)["decline_probability"].n == 60
     row = {c.metric: c for c in compare(tuned, base, P)}["decline_probability"]
     assert row.test == "Wilcoxon signed-rank" and row.p_value < 1e-6 and row.ci_low > 0

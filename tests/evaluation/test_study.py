@@ -85,7 +85,9 @@ def test_the_readme_headline_leads_with_the_verdict_and_keeps_the_declared_metho
     assert block.startswith("**No: nothing differs.**")
     assert block.index("| peft_lora | learning_rate") < block.index("| grit_paper | damping")
     assert "| metric | peft_lora | grit_paper |" in block and "At 96 steps" in block
-    assert "1 [0.9, 1.1]" in block and "| P(decline), harmful test prompts | n/a | n/a |" in block
+    from evaluation.metrics import get
+
+    assert "1 [0.9, 1.1]" in block and f"| {get('decline_probability').label} | n/a | n/a |" in block
     assert "has not been completed" in readme_block({"status": "not run"})
 
 
