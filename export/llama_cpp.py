@@ -150,6 +150,10 @@ _X86_64_V3_FLAGS = frozenset({"avx", "avx2", "fma", "f16c", "bmi2"})
 # (AMX tile state is a per-process permission the kernel may refuse).
 _OFF_IN_PORTABLE = ("AVX_VNNI", "AVX512", "AVX512_VBMI", "AVX512_VNNI", "AVX512_BF16",
                     "AMX_TILE", "AMX_INT8", "AMX_BF16", "CPU_ALL_VARIANTS", "BACKEND_DL")
+# Only the libraries the Python binding loads for text models: the multimodal library (mtmd,
+# the binding's llava/mtmd modules, imported only for image chat handlers the project never
+# uses) is most of the compile time left after llama and ggml.
+_TEXT_ONLY = ("-DLLAVA_BUILD=OFF",)
 
 
 @dataclass(frozen=True)
@@ -179,19 +183,20 @@ def build_plan(flavour: str, machine: str, cpu_flags: frozenset[str]) -> BuildPl
     portable, x86_64: x86-64-v3 (AVX2, FMA, F16C, BMI2) when the host has it, else x86-64-v2
     (SSE4.2), never AVX-512 or AMX. portable, other machines: the compiler's generic target.
     native: llama.cpp's ``-march=native``; keyed by the host's CPU flags, so a shared cache
-    never hands it to another CPU model.
+    never hands it to another CPU model. Every flavour builds the text libraries only (no mtmd).
     """
     if flavour not in BUILD_CHOICES:
-        raise LlamaCppSetupError(f"{BUILD_ENV}={flavour!r} is not one of {', '.join(BUILD_CHOICES)}; unset it for the portable build")
+        raise LlamaCppSetupError(f"{BUILD_ENV}={flavour!r} is not one of {', '.join(BUILD_CHOICES)}; "
+                                 "unset it for the portable build")
     if flavour == "native":
         host = hashlib.sha256(" ".join(sorted(cpu_flags)).encode()).hexdigest()[:8]
-        return BuildPlan(f"native-{machine}-{host}", ("-DGGML_NATIVE=ON",))
+        return BuildPlan(f"native-{machine}-{host}", ("-DGGML_NATIVE=ON", *_TEXT_ONLY))
     if machine not in ("x86_64", "AMD64"):
-        return BuildPlan(f"generic-{machine}", ("-DGGML_NATIVE=OFF",))
+        return BuildPlan(f"generic-{machine}", ("-DGGML_NATIVE=OFF", *_TEXT_ONLY))
     v3 = _X86_64_V3_FLAGS <= cpu_flags
     wanted = {"NATIVE": False, "SSE42": True, "AVX": v3, "AVX2": v3, "FMA": v3, "F16C": v3, "BMI2": v3}
     return BuildPlan("x86-64-v3" if v3 else "x86-64-v2",
-                     _ggml(wanted) + _ggml(dict.fromkeys(_OFF_IN_PORTABLE, False)))
+                     _ggml(wanted) + _ggml(dict.fromkeys(_OFF_IN_PORTABLE, False)) + _TEXT_ONLY)
 
 
 def host_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -227,7 +232,7 @@ def build_wheel(sdist: Path, plan: BuildPlan) -> Path:
     partial = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     print(f"building llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} ({plan.label}) from source "
-          "(about 6-7 min on 2 cores)", flush=True)
+          "(about 5 min on 2 cores)", flush=True)
     # CMAKE_ARGS is how llama-cpp-python's scikit-build passes options to llama.cpp's CMake.
     env = {**os.environ, "CMAKE_ARGS": " ".join(plan.cmake_args)}
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "-w", str(partial),

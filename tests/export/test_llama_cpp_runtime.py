@@ -60,7 +60,7 @@ def test_the_portable_build_never_compiles_avx512_or_amx_even_where_the_host_adv
 def test_hosts_without_avx2_get_the_sse42_level_and_other_machines_the_generic_target():
     plan = build_plan("portable", "x86_64", frozenset({"sse4_2", "avx"}))
     assert plan.label == "x86-64-v2" and "-DGGML_AVX2=OFF" in plan.cmake_args and "-DGGML_AVX=OFF" in plan.cmake_args
-    assert build_plan("portable", "aarch64", frozenset()).cmake_args == ("-DGGML_NATIVE=OFF",)
+    assert build_plan("portable", "aarch64", frozenset()).cmake_args == ("-DGGML_NATIVE=OFF", "-DLLAVA_BUILD=OFF")
 
 
 def test_the_wheel_cache_key_holds_the_version_and_the_flags():
@@ -78,7 +78,8 @@ def test_an_unknown_build_choice_is_one_line():
 
 
 def _objdump_lines(library: Path) -> list[str]:
-    done = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True, check=True)
+    done = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
+                          check=True)
     return done.stdout.splitlines()
 
 
@@ -97,7 +98,8 @@ def test_the_installed_cpu_backend_has_no_amx_or_avx512_instructions():
     assert libraries, "libggml-cpu is not in the installed llama_cpp package"
     lines = [line for library in libraries for line in _objdump_lines(library)]
     assert len(lines) > 10_000  # a real disassembly, not an empty one
-    amx = [line for line in lines if any(op in line for op in ("ldtilecfg", "tileloadd", "tdpb", "tilestored", "tilezero"))]
+    amx = [line for line in lines
+           if any(op in line for op in ("ldtilecfg", "tileloadd", "tdpb", "tilestored", "tilezero"))]
     zmm = [line for line in lines if "%zmm" in line]
     assert not amx and not zmm, (amx + zmm)[:5]
     assert any("%ymm" in line for line in lines)  # the x86-64-v3 level is really there (AVX2)
@@ -130,7 +132,8 @@ def test_set_up_removes_a_broken_runtime_from_the_cache(tmp_path: Path, monkeypa
     monkeypatch.setenv("GRIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(_crashing_runtime(tmp_path / "standin")), str(REPO_ROOT)]))
     plan = build_plan("portable", "x86_64", X86_64_V3)
-    wheel = llama_cpp.plan_wheel_dir(plan) / f"llama_cpp_python-{llama_cpp.LLAMA_CPP_PYTHON_VERSION}-cp311-cp311-linux_x86_64.whl"
+    wheel = llama_cpp.plan_wheel_dir(plan) / (f"llama_cpp_python-{llama_cpp.LLAMA_CPP_PYTHON_VERSION}"
+                                              "-cp311-cp311-linux_x86_64.whl")
     wheel.parent.mkdir(parents=True)
     wheel.write_bytes(b"a broken build")
     stamp = tmp_path / "llama-cpp-build.txt"
