@@ -13,12 +13,14 @@ setup:
 run: setup
 	dvc repro
 
+# The whole suite; the 25 slowest tests are listed at the end (where the time goes).
 test: setup
-	python -m pytest
+	python -m pytest --durations=25
 
-# Only the fast tests (tiny model), for a quick local loop.
+# The fast tier, for a quick local loop: tiny models only, no DVC pipeline, no real-model load
+# (under 5 minutes on 2 cores).
 smoke: setup
-	python -m pytest -m "not slow"
+	python -m pytest -m "not slow" --durations=10
 
 # On a CUDA machine, in a few minutes: Unsloth's fused kernels with GRIT's callback, 4-bit QLoRA,
 # bf16 with fp32 GRIT statistics, GRIT's overhead (docs/gpu.md). Report: reports/gpu_check.json.
@@ -27,3 +29,9 @@ gpu-check: setup
 	@if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		pip install --quiet -r requirements/gpu.txt; fi
 	python scripts/gpu_check.py
+
+# Remove the project's content-keyed cache (GRIT_CACHE_DIR, default ~/.cache/grit-lora): the
+# built llama.cpp wheel, the de-quantized models, cached answers. The next set-up rebuilds them.
+clean-cache:
+	rm -rf "$${GRIT_CACHE_DIR:-$$HOME/.cache/grit-lora}"
+	rm -f $(VENV)/.setup-stamp

@@ -34,8 +34,8 @@ def build(grit: bool):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from trainers.config import ModelParams
     from trainers.base_model import load_causal_lm, resolve_base_model
+    from trainers.config import ModelParams
     from trainers.grit import GritConfig, GritManager
 
     params = ModelParams()
@@ -131,8 +131,10 @@ def main() -> int:
     print(f"GRIT overhead on SmolLM2-135M, r=16, 7 projections, batch {args.batch}x{args.seq}, "
           f"{args.steps} interleaved steps (capture + inversion + preconditioning every step)")
     print(f"  modules preconditioned on both sides at the end: {ready}/{len(manager.modules)}")
-    print(f"  step time  LoRA {lora_median:.3f} s   GRIT {grit_median:.3f} s   ratio {time_ratio:.3f}  (target <= 1.05)")
-    print(f"  peak RSS while training   LoRA {memory['lora']['peak_mib']:.0f} MiB   GRIT {memory['grit']['peak_mib']:.0f} MiB"
+    print(f"  step time  LoRA {lora_median:.3f} s   GRIT {grit_median:.3f} s   ratio {time_ratio:.3f}"
+          "  (target <= 1.05)")
+    print(f"  peak RSS while training   LoRA {memory['lora']['peak_mib']:.0f} MiB"
+          f"   GRIT {memory['grit']['peak_mib']:.0f} MiB"
           f"   ratio {memory_ratio:.3f}  (target <= 1.02)")
     print(f"  added by training         LoRA {train_part['lora']:.0f} MiB   GRIT {train_part['grit']:.0f} MiB"
           f"   ratio {train_part['grit'] / train_part['lora']:.3f}")

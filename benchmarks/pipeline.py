@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, seconds in stages:
         print(f"  {name:<{width}}  {seconds:8.1f} s")
     figures = {
-        "commit": head, "profile": args.profile or "params.yaml of HEAD", "cold_answers": args.cold_answers or args.cold,
+        "commit": head, "profile": args.profile or "params.yaml of HEAD",
+        "cold_answers": args.cold_answers or args.cold,
         "cold_cache": args.cold,
         "cpu_count": os.cpu_count(), "first_repro_s": round(first, 1), "second_repro_s": round(second, 1),
         "second_repro_stages_run": len(ran), "stages": {name: round(s, 1) for name, s in stages},
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"\nfirst  dvc repro: {first:8.1f} s = {first / 60:.1f} min  ({figures['first_vs_target']:.2f}x the "
           f"{FIRST_TARGET_S // 60} min target)")
-    print(f"second dvc repro: {second:8.1f} s  ({figures['second_vs_target']:.2f}x the {SECOND_TARGET_S:.0f} s target), "
-          f"stages run: {len(ran)}")
+    print(f"second dvc repro: {second:8.1f} s  ({figures['second_vs_target']:.2f}x the "
+          f"{SECOND_TARGET_S:.0f} s target), stages run: {len(ran)}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if not args.keep:

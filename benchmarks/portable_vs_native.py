@@ -38,8 +38,8 @@ def worker(tokens: int) -> int:
 
     from export.backend import LlamaCppModel
     from export.chat_format import chat_format
-    from trainers.config import ModelParams
     from trainers.base_model import load_tokenizer, resolve_base_model
+    from trainers.config import ModelParams
 
     files = resolve_base_model(ModelParams())
     model = LlamaCppModel(files.gguf_path, chat_format(load_tokenizer(files, ModelParams())),

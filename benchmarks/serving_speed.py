@@ -38,11 +38,12 @@ def exported_files(variant: str, scratch: Path, files) -> tuple[Path, Path, str]
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from trainers.config import ModelParams
     from trainers.base_model import load_causal_lm
+    from trainers.config import ModelParams
 
     torch.manual_seed(0)
-    model = get_peft_model(load_causal_lm(files, ModelParams()), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    model = get_peft_model(load_causal_lm(files, ModelParams()),
+                           LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.01)
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.backend import LlamaCppModel
     from export.chat_format import chat_format
-    from trainers.config import ModelParams
     from trainers.base_model import load_tokenizer, resolve_base_model
+    from trainers.config import ModelParams
 
     files = resolve_base_model(ModelParams())
     chat = chat_format(load_tokenizer(files, ModelParams()))
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                   "merged": LlamaCppModel(merged, chat, prompt_cache=False)}
         decode: dict[str, list[float]] = {name: [] for name in models}
         prefill: dict[str, list[float]] = {name: [] for name in models}
-        for name, model in models.items():   # warm-up: first calls pay for allocation
+        for model in models.values():   # warm-up: first calls pay for allocation
             model.generate(PROMPTS[0], 8)
         for _ in range(args.rounds):
             for prompt in PROMPTS:

@@ -8,7 +8,6 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
-
 _CONTAINERS = (Union, types.UnionType, list, tuple, set, frozenset, dict)
 
 

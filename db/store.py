@@ -94,7 +94,8 @@ def check_store_writable(url: str, root: Path | None = None) -> None:
             with create_engine(parsed, pool_pre_ping=True).connect():
                 pass
         except Exception as error:  # noqa: BLE001 - any driver's connection error
-            raise StoreError(f"store.url: cannot connect to {parsed.render_as_string()} ({_first_line(error)})") from None
+            raise StoreError(f"store.url: cannot connect to {parsed.render_as_string()} "
+                             f"({_first_line(error)})") from None
         return
     path = sqlite_file(url, root)
     if not path.exists():

@@ -59,7 +59,8 @@ class LlamaCppModel:
         what was evaluated last (the chat format's system block), as Ollama's server does with
         prompt caching. The last token is always evaluated: its logits are wanted."""
         shared = 0
-        for cached, token in zip(self.llm.input_ids[:self.llm.n_tokens] if self.prompt_cache else [], tokens[:-1]):
+        for cached, token in zip(self.llm.input_ids[:self.llm.n_tokens] if self.prompt_cache else [], tokens[:-1],
+                                 strict=False):
             if cached != token:
                 break
             shared += 1

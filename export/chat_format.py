@@ -114,7 +114,7 @@ def chat_format(tokenizer) -> ChatFormat:
 
 
 def _first_difference(ours: str, theirs: str) -> str:
-    at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
     return f"ours {ours[at:at + 30]!r} vs the tokenizer's {theirs[at:at + 30]!r} at character {at}"
 
 

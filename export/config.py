@@ -22,7 +22,8 @@ class ExportParams(Section):
     # measured on SmolLM2-135M, Q4_1 misses parity (KL 0.15 nats) where Q8_0 keeps it
     merged_quantization: Quantization = "Q8_0"
     # parity of the served files with the PEFT model on held-out prompts; failing it fails the stage
-    parity_prompts: Annotated[int, Field(gt=0)] = 100   # 20 gave 5-point steps: two near-tie flips failed a sound Q8_0 export
+    parity_prompts: Annotated[int, Field(gt=0)] = 100   # 20 gave 5-point steps: two near-tie flips
+                                                        # failed a sound Q8_0 export
     # Sound merged Q8_0 exports of the default run agree on 93-99 of 100 prompts (the second
     # rounding of a Q4_1 base costs a few near-ties); broken ones (wrong template, adapter not
     # applied, wrong scale) fall far lower and fail max_mean_kl too (docs/serving.md).

@@ -97,7 +97,8 @@ def merge_lora(base_gguf: Path, adapter_gguf: Path, out: Path) -> Path:
         tensors.append((tensor.name, np.ascontiguousarray(weights), gguf.GGMLQuantizationType.F32))
     partial = out.with_name(f".{out.name}.partial")
     writer = gguf.GGUFWriter(partial, arch=_architecture(base))
-    _copy_fields(base, writer, skip=lambda name: False, overrides={"general.file_type": int(gguf.LlamaFileType.ALL_F32)})
+    _copy_fields(base, writer, skip=lambda name: False,
+                 overrides={"general.file_type": int(gguf.LlamaFileType.ALL_F32)})
     _write(writer, tensors)
     partial.replace(out)
     return out

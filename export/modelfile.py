@@ -50,7 +50,8 @@ class ServedModel:
             return None if name is None else verified_file(folder / name, manifest.get(digest_key), manifest_path)
 
         return cls(name=manifest["ollama_name"], variant=key,
-                   base_gguf=verified_file(Path(manifest["base_gguf"]), manifest.get("base_gguf_sha256"), manifest_path),
+                   base_gguf=verified_file(Path(manifest["base_gguf"]), manifest.get("base_gguf_sha256"),
+                                           manifest_path),
                    chat=served_chat_format(manifest["chat_family"], manifest["system"]),
                    adapter_gguf=checked(manifest["adapter_gguf"], "adapter_gguf_sha256"),
                    merged_gguf=checked(manifest["merged_gguf"], "merged_gguf_sha256"),

@@ -64,7 +64,8 @@ def export_variant(ctx: StageContext, variant: str, seed: int, staging: Path) ->
     with tempfile.TemporaryDirectory(prefix=f"export-{label}-") as scratch:
         folded = folded_adapter(adapter_dir, Path(scratch) / "folded", metadata.get("scalings"))
         adapter = convert_adapter(folded, files.hf_dir, staging / "adapter.gguf")
-    merged = merged_gguf(files, adapter, staging / "merged.gguf", settings.merged_quantization) if settings.merged else None
+    merged = (merged_gguf(files, adapter, staging / "merged.gguf", settings.merged_quantization)
+              if settings.merged else None)
     served = ServedModel(
         name=ollama_name(label), variant=variant, base_gguf=base, chat=chat, adapter_gguf=adapter,
         merged_gguf=merged, parameters={"temperature": settings.temperature, "seed": settings.seed,
@@ -94,7 +95,8 @@ def export_variant(ctx: StageContext, variant: str, seed: int, staging: Path) ->
     if merged is not None:
         (staging / "Modelfile.merged").write_text(_relative(served.modelfile("merged"), staging))
     return {
-        "variant": variant, "seed": seed, "ollama_name": served.name, "chat_family": chat.family, "stops": list(chat.stops),
+        "variant": variant, "seed": seed, "ollama_name": served.name, "chat_family": chat.family,
+        "stops": list(chat.stops),
         "system": chat.default_system, "template": chat.ollama_template, "parameters": served.parameters,
         "base_gguf": str(base), "base_gguf_sha256": sha256_file(base),
         "adapter_gguf": adapter.name, "adapter_gguf_sha256": sha256_file(adapter),

@@ -57,7 +57,8 @@ class Params(Section):
             raise ValueError(f"variants: {reserved[0]!r} is reserved for the base model (its store rows and its "
                              f"Ollama name {reserved[0]}_model); rename the variant")
         if self.profile not in available_profiles():
-            raise ValueError(f"profile: unknown profile {self.profile!r}; choose from {', '.join(available_profiles())} "
+            raise ValueError(f"profile: unknown profile {self.profile!r}; "
+                             f"choose from {', '.join(available_profiles())} "
                              "(conf/profile/)")
         if self.serve.weights == "merged" and not self.export.merged:
             raise ValueError("serve.weights is 'merged' but export.merged is false, so no merged GGUF is written; "
@@ -82,7 +83,8 @@ class Params(Section):
         if unknown:
             raise ValueError(f"study.methods: {unknown[0]!r} is not a declared variant ({', '.join(self.variants)})")
         if self.probe.steps > self.train.max_steps:
-            raise ValueError(f"probe.steps ({self.probe.steps}) must not exceed train.max_steps ({self.train.max_steps})")
+            raise ValueError(f"probe.steps ({self.probe.steps}) must not exceed "
+                             f"train.max_steps ({self.train.max_steps})")
         written_for, tiny = self.vlm.config().architecture, self.model.vision.architecture
         if self.model.kind == "vlm" and self.model.source == "tiny" and written_for != tiny:
             raise ValueError(f"vlm: the GRIT-VLM configuration is written for {written_for} but "

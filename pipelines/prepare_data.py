@@ -25,9 +25,9 @@ from trainers.data.answers import base_model_answers
 from trainers.data.assemble import (
     EvalSets,
     SelectionReport,
+    answer_examples,
     aqi_rows_from_labelled,
     aqi_rows_from_pairs,
-    answer_examples,
     build_eval_sets,
     check_held_out,
     fit_examples,

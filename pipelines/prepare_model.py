@@ -17,7 +17,6 @@ from pipelines.stage import StageContext, run_stage
 from trainers.base_model import check_runtime, resolve_base_model
 
 
-
 def architecture_summary(hf_dir: Path) -> dict[str, object]:
     config = json.loads((hf_dir / "config.json").read_text())
     keys = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",

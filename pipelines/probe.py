@@ -25,7 +25,7 @@ from typing import Any
 from core.errors import UserError
 from core.files import atomic_write_json
 from db.models import ProbeResult
-from pipelines.params import load_params, Params
+from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR, loss_curve
 from pipelines.stage import StageContext, run_stage
 from trainers.config import same_engine_control

@@ -25,7 +25,6 @@ from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
 
 
-
 def served_models(root: Path, params: Params) -> list:
     """The base model and every exported variant (each seed replicate), as ``ServedModel``
     descriptions whose GGUF files match the sha256 their export recorded;
@@ -77,8 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         import httpx
         import ollama
 
-        from export.ollama import (RegistrationError, ollama_host, reachable, register, registered_weights,
-                                   server_failure)
+        from export.ollama import (
+            RegistrationError,
+            ollama_host,
+            reachable,
+            register,
+            registered_weights,
+            server_failure,
+        )
 
         settings = ctx.params.serve
         base_modelfile = ctx.root / SERVE_DIR / "base" / "Modelfile"

@@ -28,7 +28,6 @@ from pipelines.stage import StageContext, run_stage
 from trainers.base_model import check_runtime, resolve_base_model
 
 
-
 def training_log(directory: Path):
     """The dvclive log of one replicate's training (steps, losses, GRIT figures)."""
     from dvclive import Live
@@ -139,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         if len(summaries) > 1:
             summary["seeds"] = {str(seed): s for seed, s in summaries.items()}
         atomic_write_json(ctx.root / TRAIN_METRICS / f"{variant_name}.json", summary)
-        return {**files_under(ctx.root / adapter_dir(variant_name), "adapter/"), "metrics": ctx.root / TRAIN_METRICS / f"{variant_name}.json"}
+        return {**files_under(ctx.root / adapter_dir(variant_name), "adapter/"),
+                "metrics": ctx.root / TRAIN_METRICS / f"{variant_name}.json"}
 
     return run_stage(f"train@{variant_name}", train, preflight=preflight, argv=rest)
 

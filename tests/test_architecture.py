@@ -131,7 +131,7 @@ def unresolved_imports() -> list[str]:
     function fails only when that function runs, so a moved helper breaks a stage at run time."""
     modules = project_modules()
     bad = []
-    for name, path in modules.items():
+    for path in modules.values():
         for node in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules):
                 continue

@@ -62,7 +62,8 @@ def imported_modules(name: str) -> frozenset[str]:
             if node.module.split(".")[0] in PACKAGES:
                 for alias in node.names:
                     submodule = f"{node.module}.{alias.name}"
-                    found.add(submodule if module_file(submodule) else _defining_module(node.module, alias.name) or node.module)
+                    found.add(submodule if module_file(submodule)
+                              else _defining_module(node.module, alias.name) or node.module)
     return frozenset(m for m in found if m.split(".")[0] in PACKAGES)
 
 

@@ -25,7 +25,6 @@ from trainers.base_model import BaseModelFiles, load_causal_lm, load_tokenizer, 
 from trainers.config import TrainingParams, VariantParams
 from trainers.grit.layer_selection import select_target_modules
 
-
 # Unsloth's switch for its per-decoder-layer torch.compile on CUDA ("0" turns it off).
 BLOCK_COMPILE = "UNSLOTH_BLOCK_COMPILE"
 

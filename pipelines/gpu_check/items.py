@@ -105,7 +105,8 @@ def training_examples(tokenizer, n: int, seed: int = 0) -> list[dict]:
 def random_batch(size: int, length: int, seed: int, device: str) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(len(SPECIALS) + 3, len(SPECIALS) + 3 + WORDS, (size, length), generator=generator)
-    return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}.items()}
+    return {k: v.to(device)
+            for k, v in {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}.items()}
 
 
 # --------------------------------------------------------------------------------- the probe

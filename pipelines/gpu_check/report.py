@@ -54,7 +54,8 @@ def _probe_failures(figures: dict[str, Any]) -> list[str]:
     if not modules or covered < modules:
         failures.append(f"GRIT captured rows on {covered}/{modules} LoRA modules in step 1")
     if figures.get("verdict") != "effective":
-        failures.append(f"probe verdict {figures.get('verdict')!r} ({', '.join(figures.get('reasons') or []) or 'no reason'})")
+        failures.append(f"probe verdict {figures.get('verdict')!r} "
+                        f"({', '.join(figures.get('reasons') or []) or 'no reason'})")
     return failures
 
 
@@ -165,7 +166,8 @@ def headline(item: ItemResult) -> str:
                 f"verdict {f.get('verdict', 'n/a')}; update cosine vs control {_fmt(f.get('update_cosine_median'))}")
     if item.name == "truncation":
         return (f"{f.get('modules_truncated', 0)}/{f.get('modules', 0)} modules truncated at step "
-                f"{f.get('truncated_at_step')} (ranks {f.get('min_rank')}-{f.get('max_rank')} of {f.get('built_rank')}), "
+                f"{f.get('truncated_at_step')} (ranks {f.get('min_rank')}-{f.get('max_rank')} "
+                f"of {f.get('built_rank')}), "
                 f"{f.get('steps_after_truncation', 0)} steps after; reload logits within "
                 f"{_fmt(f.get('reload_max_logit_difference'))}")
     if item.name == "bf16":

@@ -42,7 +42,8 @@ def test_a_1e_5_adapter_change_flips_a_greedy_verdict_but_not_the_decline_probab
     tokenizer = load_tokenizer(files, params)
     chat = chat_format(tokenizer)
     model = get_peft_model(load_causal_lm(files, params).float(),
-                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                      target_modules=["q_proj", "v_proj", "down_proj"]))
     torch.manual_seed(0)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     with torch.no_grad():

@@ -61,8 +61,8 @@ def test_bootstrap_interval_covers_the_true_mean_about_95_percent_of_the_time(me
     hits, trials = 0, 200
     for trial in range(trials):
         sample = rng.normal(loc=3.0, scale=2.0, size=60)
-        interval = bootstrap_ci(lambda idx: float(sample[idx].mean()), len(sample), resamples=400, seed=trial,
-                                method=method)
+        interval = bootstrap_ci(lambda idx, sample=sample: float(sample[idx].mean()), len(sample), resamples=400,
+                                seed=trial, method=method)
         hits += interval.low <= 3.0 <= interval.high
     assert 0.89 <= hits / trials <= 0.99, hits / trials
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -36,7 +35,8 @@ def tiny_export(tmp_path_factory, tiny_peft) -> ServedModel:
     params = ModelParams(source="tiny")
     files = resolve_base_model(params)
     tiny_peft.save_pretrained(folder / "adapter")
-    adapter = convert_adapter(folded_adapter(folder / "adapter", folder / "folded"), files.hf_dir, folder / "adapter.gguf")
+    adapter = convert_adapter(folded_adapter(folder / "adapter", folder / "folded"), files.hf_dir,
+                              folder / "adapter.gguf")
     merged = merged_gguf(files, adapter, folder / "merged.gguf", "F32")
     return ServedModel(name="tiny_model", variant="tiny", base_gguf=base_gguf(files, "F32"),
                        chat=chat_format(load_tokenizer(files, params)), adapter_gguf=adapter, merged_gguf=merged,

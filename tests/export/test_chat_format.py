@@ -11,6 +11,7 @@ from export.chat_format import ChatTemplateError, chat_format
 from trainers.base_model import load_tokenizer, resolve_base_model
 from trainers.config import ModelParams
 
+
 @pytest.fixture(scope="module")
 def smollm_tokenizer():
     params = ModelParams(source="tiny")   # the tiny model carries the real SmolLM2 tokenizer

@@ -97,7 +97,8 @@ def test_the_registration_reports_the_weights_the_server_received(tiny_export, t
     """``serve.weights: merged`` without a merged GGUF registers base + ADAPTER, and says so."""
     no_merged = dataclasses.replace(tiny_export, merged_gguf=None)
     assert registered_weights(no_merged, "merged") == "adapter"
-    assert registered_weights(tiny_export, "merged") == "merged" and registered_weights(tiny_export, "adapter") == "adapter"
+    assert (registered_weights(tiny_export, "merged") == "merged"
+            and registered_weights(tiny_export, "adapter") == "adapter")
     with OllamaStandIn(tmp_path / "blobs") as server:
         result = register(ollama.Client(host=server.url), no_merged, "merged", "Hello?", 8, {})
         assert result.weights == "adapter" and "ADAPTER attached" in result.show_check

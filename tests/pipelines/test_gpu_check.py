@@ -39,7 +39,8 @@ def test_a_working_hybrid_passes_and_each_way_of_failing_is_named():
             "fused_kernels": {"qkv": 2, "o": 2, "mlp": 2, "total": 6}}
     assert judge("hybrid", cuda).passed
     moved = judge("hybrid", {**cuda, "missing_internals": ["_fused_lora_modules"]})
-    assert not moved.passed and "Unsloth internals the project relies on are gone: _fused_lora_modules" in moved.failures[0]
+    assert (not moved.passed
+            and "Unsloth internals the project relies on are gone: _fused_lora_modules" in moved.failures[0])
     unfused = judge("hybrid", {**cuda, "fused_kernels": {"total": 0}})
     assert not unfused.passed and "no fused LoRA kernel" in unfused.failures[0]
     blind = judge("hybrid", {**cuda, "modules_covered_step1": 0, "verdict": "inert", "reasons": ["capture_bypassed"]})

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.params import load_params, Params, params_hash, ParamsError, parse_params
+from pipelines.params import Params, ParamsError, load_params, params_hash, parse_params
 
 BAD_CASES = [
     ({"lora": {"r": 0}}, "lora.r", "greater than 0"),

@@ -16,6 +16,8 @@ from pipelines.profile import compose_params
 from trainers.data.hygiene import normalise
 from trainers.data.sources import RHO_REFUSAL
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 OUTPUT_FILES = ["train.jsonl", "validation.jsonl", "eval_aqi.jsonl", "eval_overrefusal.jsonl",
                 "eval_facts.jsonl", "manifest.json"]
 
@@ -45,7 +47,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory, repo_root: Path = Path(__file__).resolve().parents[2]):
+def prepared(tmp_path_factory, repo_root: Path = REPO_ROOT):
     workdir = tmp_path_factory.mktemp("prepare_data")
     result = run_prepare_data(workdir, repo_root)
     assert result.returncode == 0, result.stderr[-3000:]

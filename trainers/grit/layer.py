@@ -87,7 +87,8 @@ class FactorStats:
     @classmethod
     def from_state(cls, saved: dict[str, Any]) -> FactorStats:
         return cls(rank=saved["rank"], total=_clone(saved["total"]), count=int(saved["count"]),
-                   ema=_clone(saved["ema"]), pending=_clone(saved["pending"]), pending_count=int(saved["pending_count"]))
+                   ema=_clone(saved["ema"]), pending=_clone(saved["pending"]),
+                   pending_count=int(saved["pending_count"]))
 
 
 def invert(sigma: torch.Tensor, config: GritConfig) -> tuple[torch.Tensor, float] | None:

@@ -87,7 +87,8 @@ def select_blocks(indices: Sequence[int], selection: LayerSelection) -> list[int
     elif strategy == "specific":
         missing = sorted(set(selection.indices) - set(blocks))
         if missing:
-            raise LayerSelectionError(f"layer indices {missing} do not exist; the model has blocks {blocks[0]}..{blocks[-1]}")
+            raise LayerSelectionError(f"layer indices {missing} do not exist; "
+                                      f"the model has blocks {blocks[0]}..{blocks[-1]}")
         chosen = sorted(set(selection.indices))
     elif strategy == "skip_first_last":
         chosen = blocks[1:-1]
@@ -112,7 +113,8 @@ def select_target_modules(model: nn.Module, patterns: Sequence[str], selection: 
     if selection.strategy == "all" and ((selection.max_layers is None and not selection.skip_last) or not indexed):
         return matched  # a cap counts blocks; unnumbered modules (a VLM's connector) have none
     if not indexed:
-        raise LayerSelectionError(f"strategy '{selection.strategy}' needs numbered blocks (layers.N.*) in {matched[:3]}")
+        raise LayerSelectionError(f"strategy '{selection.strategy}' needs numbered blocks "
+                                  f"(layers.N.*) in {matched[:3]}")
     keep = set(select_blocks([block_index(n) for n in indexed], selection))
     chosen = [name for name in indexed if block_index(name) in keep]
     if not chosen:

@@ -47,7 +47,8 @@ def synthetic_pairs(n: int, seed: int, image_size: int = 32) -> list[ImageTextEx
     pairs = []
     for i in range(n):
         colour, shape = kinds[i % len(kinds)]
-        pairs.append(ImageTextExample(draw_shape(shape, COLOURS[colour], image_size, rng), PROMPT, f"a {colour} {shape}"))
+        pairs.append(ImageTextExample(draw_shape(shape, COLOURS[colour], image_size, rng), PROMPT,
+                                      f"a {colour} {shape}"))
     return pairs
 
 

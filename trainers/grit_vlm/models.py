@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -48,7 +49,8 @@ def build_tiny_vlm(text: dict, vision: TinyVisionParams, tokenizer_dir: Path, ou
         config = Idefics3Config(vision_config=vit, text_config={"model_type": "llama", **text_config}, scale_factor=2,
                                 image_token_id=ids["<image>"], pad_token_id=tokenizer.pad_token_id)
     elif vision.architecture == "llava":
-        config = LlavaConfig(vision_config={"model_type": "clip_vision_model", "projection_dim": vision.hidden_size, **vit},
+        config = LlavaConfig(vision_config={"model_type": "clip_vision_model",
+                                            "projection_dim": vision.hidden_size, **vit},
                              text_config={"model_type": "llama", **text_config}, image_token_id=ids["<image>"],
                              pad_token_id=tokenizer.pad_token_id)
     else:

@@ -38,7 +38,8 @@ def _under(prefix: str, names: tuple[str, ...]) -> list[str]:
 
 
 # --- Idefics3 / SmolVLM: SigLIP encoder, pixel-shuffle + linear connector, SmolLM2 decoder
-_IDEFICS3_VISION = _under("model.vision_model.encoder.layers", tuple(f"self_attn.{n}" for n in (*_ATTENTION, "out_proj")))
+_IDEFICS3_VISION = _under("model.vision_model.encoder.layers",
+                          tuple(f"self_attn.{n}" for n in (*_ATTENTION, "out_proj")))
 _IDEFICS3_LANGUAGE = _under("model.text_model.layers", tuple(f"self_attn.{n}" for n in _DECODER[:4]))
 _IDEFICS3_CONNECTOR = ["model.connector.modality_projection.proj"]
 # The connector sees one row per image token (64 per SmolVLM tile), far fewer than the
@@ -57,7 +58,8 @@ SMOLVLM_FAST = VlmGritConfig(
 
 SMOLVLM_256M = VlmGritConfig(
     architecture="idefics3",
-    description="SmolVLM-256M quality: every 2nd vision block, last 8 decoder blocks (attention and MLP), the connector",
+    description=("SmolVLM-256M quality: every 2nd vision block, last 8 decoder blocks (attention and MLP), "
+                 "the connector"),
     vision=ModalityConfig(patterns=_IDEFICS3_VISION, layers=LayerSelection(strategy="every_nth", step_size=2),
                           rank=8, alpha=16, budget=ProjectionBudget(schedule="linear", start=4, end=8)),
     language=ModalityConfig(
@@ -75,9 +77,11 @@ QWEN2_VL = VlmGritConfig(
     description="Qwen2-VL: every 2nd vision block (fused qkv, proj), last 8 decoder blocks, the patch merger",
     vision=ModalityConfig(patterns=_under("model.visual.blocks", ("attn.qkv", "attn.proj")),
                           layers=LayerSelection(strategy="every_nth", step_size=2), rank=8, alpha=16),
-    language=ModalityConfig(patterns=_under("model.language_model.layers", tuple(f"self_attn.{n}" for n in _DECODER[:4])),
+    language=ModalityConfig(patterns=_under("model.language_model.layers",
+                                            tuple(f"self_attn.{n}" for n in _DECODER[:4])),
                             layers=LayerSelection(strategy="last_n", n_layers=8)),
-    connector=ModalityConfig(patterns=["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"], fisher="diagonal", grit=_CONNECTOR_GRIT),
+    connector=ModalityConfig(patterns=["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"],
+                             fisher="diagonal", grit=_CONNECTOR_GRIT),
     rank=16, alpha=32, max_layers_per_modality=20,
 )
 
@@ -86,9 +90,11 @@ QWEN2_VL = VlmGritConfig(
 LLAVA = VlmGritConfig(
     architecture="llava",
     description="LLaVA: last 6 CLIP blocks, last 8 decoder blocks, the multi-modal projector",
-    vision=ModalityConfig(patterns=_under("model.vision_tower.*encoder.layers", tuple(f"self_attn.{n}" for n in (*_ATTENTION, "out_proj"))),
+    vision=ModalityConfig(patterns=_under("model.vision_tower.*encoder.layers",
+                                          tuple(f"self_attn.{n}" for n in (*_ATTENTION, "out_proj"))),
                           layers=_LAST_6_READ_BLOCKS, rank=8, alpha=16),
-    language=ModalityConfig(patterns=_under("model.language_model.layers", tuple(f"self_attn.{n}" for n in _DECODER[:4])),
+    language=ModalityConfig(patterns=_under("model.language_model.layers",
+                                            tuple(f"self_attn.{n}" for n in _DECODER[:4])),
                             layers=LayerSelection(strategy="last_n", n_layers=8)),
     connector=ModalityConfig(patterns=["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"],
                              fisher="diagonal", grit=_CONNECTOR_GRIT),
@@ -108,7 +114,8 @@ PHI3_5_VISION = VlmGritConfig(
     language=ModalityConfig(patterns=_under("model.layers", ("self_attn.qkv_proj", "self_attn.o_proj")),
                             layers=LayerSelection(strategy="last_n", n_layers=8)),
     connector=ModalityConfig(patterns=["model.vision_embed_tokens.img_projection.0",
-                                       "model.vision_embed_tokens.img_projection.2"], fisher="diagonal", grit=_CONNECTOR_GRIT),
+                                       "model.vision_embed_tokens.img_projection.2"],
+                             fisher="diagonal", grit=_CONNECTOR_GRIT),
     rank=16, alpha=32, max_layers_per_modality=20,
 )
 

@@ -49,7 +49,8 @@ def vlm_manager_factory(config: VlmGritConfig, selected: dict[Modality, list[str
     return factory
 
 
-def ordered_pairs(pairs: list[ImageTextExample], train: TrainParams, steps: int | None = None) -> list[ImageTextExample]:
+def ordered_pairs(pairs: list[ImageTextExample], train: TrainParams,
+                  steps: int | None = None) -> list[ImageTextExample]:
     """The pairs in the one seeded order shared by every variant (``sft.training_order``)."""
     return [pairs[i] for i in training_order(len(pairs), examples_needed(train, steps) * world_size(), train.seed)]
 

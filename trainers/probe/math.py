@@ -23,7 +23,8 @@ class LowRankUpdate:
     Q: torch.Tensor   # [k, d_in]
 
 
-def lora_update(A0: torch.Tensor, B0: torch.Tensor, A1: torch.Tensor, B1: torch.Tensor, scaling: float) -> LowRankUpdate:
+def lora_update(A0: torch.Tensor, B0: torch.Tensor, A1: torch.Tensor, B1: torch.Tensor,
+                scaling: float) -> LowRankUpdate:
     """``s (B1 A1 - B0 A0)`` as a rank-2r product (shapes in the module docstring)."""
     P = torch.cat([B1.double(), B0.double()], dim=1) * scaling
     Q = torch.cat([A1.double(), -A0.double()], dim=0)
@@ -121,7 +122,8 @@ def compare_curves(first: Sequence[float], second: Sequence[float]) -> CurveComp
 def _is_flat(curve: torch.Tensor, centred: torch.Tensor) -> bool:
     """A constant curve: its mean is not exact in floating point, so ``curve - mean`` holds
     rounding residuals (up to n eps |curve|), which a correlation would turn into +-1."""
-    return float(centred.norm()) <= len(curve) * torch.finfo(torch.float64).eps * float(curve.abs().max()) * math.sqrt(len(curve))
+    return (float(centred.norm())
+            <= len(curve) * torch.finfo(torch.float64).eps * float(curve.abs().max()) * math.sqrt(len(curve)))
 
 
 def median(values: Sequence[float]) -> float | None:

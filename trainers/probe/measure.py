@@ -45,7 +45,8 @@ def measurements(variant: str, door: str | None, control: ArmTrace, grit: ArmTra
         conditions = [info.get(f"condition_{s}") for s in ("A", "B") if info.get(f"usable_{s}")]
         update = compare_updates(update_between(grit, name, 0, steps), update_between(control, name, 0, steps)) \
             if compared_steps >= steps else None
-        per_step = [compare_updates(update_between(grit, name, k - 1, k), update_between(control, name, k - 1, k)).cosine
+        per_step = [compare_updates(update_between(grit, name, k - 1, k),
+                                    update_between(control, name, k - 1, k)).cosine
                     for k in range(1, compared_steps + 1)]
         modules.append(ModuleMeasurement(
             name=name, rows_captured=info.get("rows_captured"), usable_A=bool(info.get("usable_A")),
@@ -68,7 +69,8 @@ def probe_setup(
     trajectory: CurveComparison | None = None, trajectory_control: str | None = None, collator=None,
 ) -> tuple[ProbeMeasurements, ArmTrace, ArmTrace]:
     """Run the control arm, reset the adapter, run the GRIT arm (the model keeps the GRIT arm's
-    adapter afterwards); returns the measurements and both traces. ``attach(model, grit_config, door, total_steps) -> GritAttachment``;
+    adapter afterwards); returns the measurements and both traces.
+    ``attach(model, grit_config, door, total_steps) -> GritAttachment``;
     ``collator`` batches examples that are not pre-tokenized text (``recipe.build_trainer``)."""
     attach = attach or attach_grit
     initial = snapshot_factors(model)

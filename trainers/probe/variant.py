@@ -32,7 +32,8 @@ def probe_variant(name: str, params: TrainingParams, files: BaseModelFiles, data
         return attach_grit(model, config, door, total_steps, built.manager_factory)
 
     measured, control, grit = probe_setup(
-        name, built.model, built.tokenizer, built.examples, params.train, variant_grit(params.grit, variant), grit_door(variant), settings,
+        name, built.model, built.tokenizer, built.examples, params.train, variant_grit(params.grit, variant),
+        grit_door(variant), settings,
         workdir, attach=attach, bf16=params.model.dtype == "bfloat16", trajectory=trajectory,
         trajectory_control=trajectory_control, collator=built.collator)
     verdict, checks = decide(measured, settings)
@@ -44,6 +45,7 @@ def probe_variant(name: str, params: TrainingParams, files: BaseModelFiles, data
         inert = [part for part, r in parts.items() if r["verdict"] != EFFECTIVE and r["natural_gradient"]]
         if inert:
             result["verdict"] = INERT
-            result["reasons"] = [*result["reasons"], *(f"{p}:{reason}" for p in inert for reason in parts[p]["reasons"])]
+            result["reasons"] = [*result["reasons"],
+                                 *(f"{p}:{reason}" for p in inert for reason in parts[p]["reasons"])]
         result["modalities"] = parts
     return result

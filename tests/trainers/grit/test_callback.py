@@ -4,9 +4,9 @@ gradient, and gives clipping back afterwards."""
 from __future__ import annotations
 
 import torch
+from tiny_lora import batches, tiny_lora_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from tiny_lora import batches, tiny_lora_model
 from trainers.grit import GritConfig, GritManager
 
 

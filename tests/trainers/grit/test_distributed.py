@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from tiny_lora import ddp_worker
 
 

@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from tiny_lora import batches, tiny_lora_model
+
 from trainers.grit import GritConfig, GritError, GritManager
 from trainers.grit import math as gm
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from tiny_lora import batches, tiny_lora_model
+
 from trainers.grit import GritConfig, GritManager
 from trainers.grit import math as gm
 

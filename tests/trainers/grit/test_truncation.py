@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel
-
 from tiny_lora import batches, tiny_base_model, tiny_lora_model
+
 from trainers.grit import GritConfig, GritError, GritManager
 from trainers.grit.layer import rank_pattern_key
 

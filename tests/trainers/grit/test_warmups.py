@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from pydantic import ValidationError
-
 from tiny_lora import batches, tiny_lora_model
+
 from trainers.grit import GritConfig, GritManager
 
 

@@ -5,8 +5,8 @@ of Phi-3.5-vision's remote code."""
 from __future__ import annotations
 
 import pytest
-from torch import nn
 from tiny_vlm import tiny_vlm
+from torch import nn
 
 from trainers.grit.layer_selection import LayerSelection, LayerSelectionError
 from trainers.grit_vlm.config import ModalityConfig, VlmGritConfig
@@ -109,7 +109,8 @@ def test_patterns_matching_nothing_are_an_error_that_lists_the_candidates():
         select_modality_modules(model, preset("smolvlm_fast"))   # Idefics3 names on a Qwen2-VL
     message = str(raised.value)
     assert "0 layers of the vision modality" in message
-    assert "model.visual.blocks.*.attn.qkv x3" in message and "model.language_model.layers.*.mlp.down_proj x4" in message
+    assert ("model.visual.blocks.*.attn.qkv x3" in message
+            and "model.language_model.layers.*.mlp.down_proj x4" in message)
 
 
 def test_a_layer_claimed_by_two_modalities_is_an_error():

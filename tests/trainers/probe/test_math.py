@@ -20,7 +20,8 @@ from trainers.probe.math import (
 
 def _factors(seed: int, r: int = 3, d_in: int = 5, d_out: int = 4):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(r, d_in, generator=g, dtype=torch.float64), torch.randn(d_out, r, generator=g, dtype=torch.float64)
+    return (torch.randn(r, d_in, generator=g, dtype=torch.float64),
+            torch.randn(d_out, r, generator=g, dtype=torch.float64))
 
 
 def test_low_rank_inner_product_equals_the_dense_one():
@@ -44,7 +45,8 @@ def test_compare_updates_matches_dense_cosine_norm_and_difference():
 def test_identical_and_rescaled_updates():
     (A0, B0), (A1, B1) = _factors(6), _factors(7)
     same = compare_updates(lora_update(A0, B0, A1, B1, 1.0), lora_update(A0, B0, A1, B1, 1.0))
-    assert same.relative_difference == pytest.approx(0.0, abs=1e-7) and same.direction_change == pytest.approx(0, abs=1e-6)
+    assert (same.relative_difference == pytest.approx(0.0, abs=1e-7)
+            and same.direction_change == pytest.approx(0, abs=1e-6))
     # A rescaled update (what Adam leaves of a scalar preconditioner) keeps its direction.
     scaled = compare_updates(lora_update(A0 * 0, B0 * 0, A1, 3 * B1, 1.0), lora_update(A0 * 0, B0 * 0, A1, B1, 1.0))
     assert scaled.norm_ratio == pytest.approx(3.0) and scaled.relative_difference == pytest.approx(2.0)
@@ -76,7 +78,8 @@ def test_a_zero_update_is_zero_whatever_the_sign_of_its_rounding_residual(scale)
     for seed in range(12):
         zero = _reparametrised(seed, scale)
         signs.add(frobenius_inner(zero, zero) > 0)
-        real = lora_update(torch.zeros_like(zero.Q[:16]), torch.zeros_like(zero.P[:, :16]), zero.Q[:16], zero.P[:, :16], 1.0)
+        real = lora_update(torch.zeros_like(zero.Q[:16]), torch.zeros_like(zero.P[:, :16]),
+                           zero.Q[:16], zero.P[:, :16], 1.0)
         verdict = compare_updates(real, zero)
         assert verdict.cosine is None and verdict.relative_difference == math.inf, seed
         assert compare_updates(zero, real).cosine is None
