@@ -1,5 +1,6 @@
 """The README's result blocks, rendered from the committed ``metrics/study.json`` (the fair
-study's headline) and ``metrics/eval.json`` (the default run).
+study's headline) and ``metrics/eval.json`` (the default run), and docs/method.md's probe table
+from ``metrics/probes.json``.
 
 The README shows the default run's figures; writing them by hand lets them go stale. This renders
 the same tables ``compare_all`` prints (value [interval], Δ vs base, GRIT vs its same-engine
@@ -41,6 +42,8 @@ BEGIN = "<!-- results:begin (python -m evaluation.readme_results) -->"
 END = "<!-- results:end -->"
 STUDY_BEGIN = "<!-- study:begin (python -m evaluation.readme_results) -->"
 STUDY_END = "<!-- study:end -->"
+PROBE_BEGIN = "<!-- probe:begin (python -m evaluation.readme_results) -->"
+PROBE_END = "<!-- probe:end -->"
 
 
 def tables_from_metrics(evaluation: dict, run_label: str, params_json: str = "{}") -> RunTables:
@@ -75,6 +78,20 @@ def results_block(evaluation: dict, run_label: str, params_json: str = "{}") -> 
             f"**{summary_line(tables)}**")
 
 
+def probe_block(probes: dict) -> str:
+    """docs/method.md's table of what the probe measured, from ``metrics/probes.json``: each GRIT
+    variant's verdict and every check's finding, as the probe stage wrote them."""
+    variants = probes["variants"]
+    names = list(variants)
+    checks = list(dict.fromkeys(check for v in names for check in variants[v]["checks"]))
+    header = ["", *(f"{v} (vs {variants[v]['trajectory_control']})" for v in names)]
+    rows = [["verdict", *(f"**{variants[v]['verdict']}**" for v in names)]]
+    rows += [[check.replace("_", " "), *(variants[v]["checks"].get(check, "n/a").replace("|", "\\|") for v in names)]
+             for check in checks]
+    return (f"`dvc repro probe` ({probes['steps']} steps per arm; rendered from the committed "
+            f"`metrics/probes.json`):\n\n{markdown(header, rows)}")
+
+
 def with_block(readme: str, block: str, begin: str = BEGIN, end: str = END) -> str:
     if begin not in readme or end not in readme:
         raise ValueError(f"README.md has no {begin!r} ... {end!r} markers")
@@ -95,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--metrics", type=Path, default=Path("metrics/eval.json"))
     parser.add_argument("--study", type=Path, default=Path("metrics/study.json"))
+    parser.add_argument("--method", type=Path, default=Path("docs/method.md"), help="holds the probe block")
+    parser.add_argument("--probes", type=Path, default=Path("metrics/probes.json"))
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="its eval and export thresholds judge the success criteria")
     parser.add_argument("--check", action="store_true")
@@ -104,14 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     wanted = with_block(readme, results_block(json.loads(args.metrics.read_text()), f"recorded in `{args.metrics}`",
                                               json.dumps({k: (params or {}).get(k, {}) for k in ("eval", "export")})))
     wanted = with_study_block(wanted, args.study)
+    method = args.method.read_text() if args.method.is_file() else None
+    method_wanted = (with_block(method, probe_block(json.loads(args.probes.read_text())), PROBE_BEGIN, PROBE_END)
+                     if method is not None and args.probes.is_file() else method)
     if args.check:
-        if wanted != readme:
-            print(f"{args.readme}'s result blocks differ from {args.metrics} or {args.study}; "
-                  "run python -m evaluation.readme_results",
-                  file=sys.stderr)
+        if wanted != readme or method_wanted != method:
+            print(f"{args.readme}'s or {args.method}'s result blocks differ from the committed metrics; "
+                  "run python -m evaluation.readme_results", file=sys.stderr)
             return 1
         return 0
     args.readme.write_text(wanted)
+    if method_wanted is not None:
+        args.method.write_text(method_wanted)
     return 0
 
 

@@ -170,3 +170,63 @@ def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study()
     assert f"({params['grit_paper'] / 1e6:.2f} M against {params['peft_lora'] / 1e6:.2f} M at 96 steps)" in prose
     assert f"{100 * (1 - params['grit_paper'] / params['peft_lora']):.0f}% fewer trainable parameters" in prose
     assert f"{study['training_hours']:.2f} h of training" in " ".join(readme.split())
+
+
+def _span(values, digits: int) -> str:
+    low, high = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return low if low == high else f"{low}-{high}"
+
+
+def test_the_figures_docs_metrics_quotes_are_the_committed_run():
+    """docs/metrics.md reads the committed default run's figures; they must be that run's."""
+    page = " ".join((REPO_ROOT / "docs/metrics.md").read_text().split())
+    evaluation = json.loads(committed("metrics/eval.json"))
+    variants = ("baseline_lora", "hybrid_grit", "peft_lora", "pure_grit")
+    lora, grit = ("baseline_lora", "peft_lora"), ("hybrid_grit", "pure_grit")
+
+    def figure(model, metric):
+        return evaluation[model][metric]["value"]
+
+    vs_base = [c for c in evaluation["comparisons"] if c["reference"] == "base" and c["metric"] == "separation"]
+    raw, holm = {round(c["p_value"], 3) for c in vs_base}, {round(c["p_adjusted"], 3) for c in vs_base}
+    assert len(raw) == len(holm) == 1 and not any(c["significant"] for c in vs_base)
+    assert (f"moved 1/XB from {figure('base', 'separation'):.3f} to "
+            f"{_span([figure(v, 'separation') for v in variants], 3)} (raw p {raw.pop():.3f} for every variant, but "
+            f"Holm p {holm.pop():.3f} over the whole family: not significant)") in page
+    assert (f"the AQI-style index moved from {figure('base', 'aqi'):.4f} to "
+            f"{_span([figure(v, 'aqi') for v in variants], 4)}") in page
+    (control,) = [c for c in evaluation["comparisons"] if (c["variant"], c["reference"], c["metric"])
+                  == ("pure_grit", "peft_lora", "separation")]
+    assert (f"differ by {control['delta']:.4f} in 1/XB [{control['ci_low']:.4f}, {control['ci_high']:.4f}]"
+            in page)
+    mass = _span([figure(v, "overrefusal_decline_probability") for v in variants], 2)
+    kept = {name: _span([100 - 100 * figure(v, "overrefusal_rate") for v in group], 0)
+            for name, group in (("lora", lora), ("grit", grit))}
+    assert (f"put {mass} of this mass on declining edgy-benign prompts that they did not decline in "
+            f"{kept['lora']}% (LoRA) and {kept['grit']}% (GRIT)") in page
+    assert f"with an AUC of {evaluation['decline_probability_vs_judge']['auc']:.2f}" in page
+    speed = {k: _span([evaluation[v]["speed"][f"delta_speed_{k}"] for v in variants], 2) for k in ("decode", "prefill")}
+    assert f"prefilled at {speed['prefill']}x the base" in page and f"decoded at {speed['decode']}x" in page
+
+
+def test_the_parity_docs_serving_quotes_is_the_committed_run():
+    page = " ".join((REPO_ROOT / "docs/serving.md").read_text().split())
+    evaluation = json.loads(committed("metrics/eval.json"))
+    order = ("baseline_lora", "hybrid_grit", "pure_grit", "peft_lora")
+    parity = [evaluation[v]["export_parity"] for v in order]
+    agreed = [str(round(100 * p["agreement"])) for p in parity]
+    agreed = ", ".join(agreed[:-1]) + f" and {agreed[-1]}"
+    kl = _span([p["mean_kl"] for p in parity], 4)
+    assert (f"agree on {agreed} of {parity[0]['prompts']} prompts ({', '.join(order)}; mean KL {kl} nats" in page)
+
+
+def test_the_probe_table_in_docs_method_is_rendered_from_the_committed_probes():
+    from evaluation.readme_results import PROBE_BEGIN, PROBE_END, probe_block
+
+    page = (REPO_ROOT / "docs/method.md").read_text()
+    probes = json.loads(committed("metrics/probes.json"))
+    assert with_block(page, probe_block(probes), PROBE_BEGIN, PROBE_END) == page
+    block = page.split(PROBE_BEGIN, 1)[1].split(PROBE_END, 1)[0]
+    for variant, found in probes["variants"].items():
+        assert f"**{found['verdict']}**" in block and found["checks"]["update"] in block, variant
+    assert page.rstrip().endswith(".")        # the page ends with a whole sentence
