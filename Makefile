@@ -28,7 +28,7 @@ smoke: setup
 gpu-check: setup
 	@if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
 		pip install --quiet -r requirements/gpu.txt; fi
-	python scripts/gpu_check.py
+	python -m pipelines.gpu_check
 
 # Remove the project's content-keyed cache (GRIT_CACHE_DIR, default ~/.cache/grit-lora): the
 # built llama.cpp wheel, the de-quantized models, cached answers. The next set-up rebuilds them.

@@ -11,6 +11,9 @@ preconditioning (inversion) on *every* step — the most expensive GRIT setting.
   Printed: the ratio of training peaks (whole process) and of the memory training added on
   top of the loaded model. Target: <= 1.02.
 
+The timing and memory loops are the GPU check's (``pipelines/gpu_check/overhead.py``); this
+script builds the models and prints the figures.
+
     python benchmarks/grit_overhead.py [--steps 8] [--batch 4] [--seq 128]
 """
 
@@ -18,14 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # run as ``python benchmarks/grit_overhead.py``: the project is importable
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -57,36 +59,23 @@ def batch(step: int, size: int, length: int):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
-def train_step(model, optimizer, manager, inputs) -> float:
+def train_step(model, optimizer, manager, inputs) -> None:
     import torch
 
-    started = time.perf_counter()
     loss = model(**inputs).loss
     loss.backward()
     if manager is None:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - started
-
-
-def proc_status_mib(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_child(grit: bool, steps: int, size: int, length: int) -> None:
-    import gc
+    from pipelines.gpu_check.overhead import peak_memory
 
-    model, optimizer, manager = build(grit)
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark: loading peaks higher
-    after_load = proc_status_mib("VmRSS")
-    for step in range(steps):
-        train_step(model, optimizer, manager, batch(step, size, length))
-    print(json.dumps({"after_load_mib": after_load, "peak_mib": proc_status_mib("VmHWM")}))
+    step = partial(train_step, *build(grit))
+    memory = peak_memory(step, (batch(k, size, length) for k in range(steps)), device="cpu")
+    print(json.dumps({"after_load_mib": memory.after_load_mib, "peak_mib": memory.peak_mib}))
 
 
 def measure_memory(grit: bool, steps: int, size: int, length: int) -> dict[str, float]:
@@ -110,18 +99,15 @@ def main() -> int:
         memory_child(args.memory_child == "grit", 3, args.batch, args.seq)
         return 0
 
+    from pipelines.gpu_check.overhead import interleaved_step_times
+
     lora = build(grit=False)
     grit = build(grit=True)
-    times: dict[str, list[float]] = {"lora": [], "grit": []}
-    for step in range(args.warmup + args.steps):
-        inputs = batch(step, args.batch, args.seq)
-        for name, (model, optimizer, manager) in (("lora", lora), ("grit", grit)):
-            elapsed = train_step(model, optimizer, manager, inputs)
-            if step >= args.warmup:
-                times[name].append(elapsed)
+    batches = (batch(step, args.batch, args.seq) for step in range(args.warmup + args.steps))
+    timed = interleaved_step_times(partial(train_step, *lora), partial(train_step, *grit), batches, args.warmup)
     manager = grit[2]
     ready = sum(d["inverse_ready_A"] and d["inverse_ready_B"] for d in manager.diagnostics().values())
-    lora_median, grit_median = statistics.median(times["lora"]), statistics.median(times["grit"])
+    lora_median, grit_median = timed.lora_s, timed.grit_s
     del lora, grit
 
     memory = {name: measure_memory(name == "grit", 3, args.batch, args.seq) for name in ("lora", "grit")}

@@ -3,7 +3,9 @@
     python -m pipelines.gpu_check.items ITEM --workdir DIR --out FILE [--device cuda|cpu]
 
 ITEM is ``hybrid``, ``truncation``, ``qlora``, ``bf16``, ``overhead-time:<engine>`` or
-``overhead-memory:<engine>:<arm>`` (engine ``unsloth`` or ``peft``, arm ``lora`` or ``grit``).
+``overhead-memory:<engine>:<arm>`` (engine ``unsloth`` or ``peft``, arm ``lora`` or ``grit``):
+the kinds of :data:`REGISTRY`, each with the item of the check it serves (the overhead items'
+timing and memory loops are ``overhead.py``, shared with ``benchmarks/grit_overhead.py``).
 Everything runs on a random Llama built from a config with a small word-level tokenizer, so
 nothing is downloaded and no model package is needed. Each worker writes its figures as JSON;
 ``report.py`` judges them. ``--device cpu`` rehearses the plumbing where no GPU is (the test
@@ -18,8 +20,9 @@ import math
 import os
 import random
 import statistics
-import time
 import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from pipelines.gpu_check.overhead import ARMS, interleaved_step_times, peak_memory
 from trainers.base_model import BaseModelFiles
 from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams
 from trainers.data.config import DataParams
@@ -48,6 +52,7 @@ TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "n
 SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                  "num_key_value_heads": 3}
 WORDS = 500
+OVERHEAD_WARMUP = 2     # untimed steps per arm (allocator, kernels, first inversion)
 
 
 # ------------------------------------------------------------------------------ model and data
@@ -361,44 +366,72 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: 
     return model, step
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+def unsloth_compile_per_arm(arm: str) -> None:
+    """Unsloth's per-layer compile is a process-wide switch, read at every layer call: on for the
+    LoRA arm (its fast path), off for the GRIT arm (GRIT must see each LoRA layer)."""
+    os.environ[BLOCK_COMPILE] = "0" if arm == "grit" else "1"
 
 
 def overhead_time(workdir: Path, device: str, engine: str, steps: int, batch: int, length: int) -> dict[str, Any]:
     """Both arms in one process, steps interleaved (LoRA, GRIT, LoRA, ...) on the same batches,
-    so the machine's noise hits both alike; the ratio of median step times."""
-    arms = {arm: overhead_model(workdir, engine, arm == "grit", device, length)[1] for arm in ("lora", "grit")}
-    times: dict[str, list[float]] = {"lora": [], "grit": []}
-    for k in range(steps + 2):          # two warm-up steps (allocator, kernels, first inversion)
-        inputs = random_batch(batch, length, seed=k, device=device)
-        for arm, step in arms.items():
-            if engine == "unsloth":     # process-wide switch, read at every layer call: per arm here
-                os.environ[BLOCK_COMPILE] = "0" if arm == "grit" else "1"
-            _synchronize(device)
-            started = time.perf_counter()
-            step(inputs)
-            _synchronize(device)
-            if k >= 2:
-                times[arm].append(time.perf_counter() - started)
-    lora, grit = statistics.median(times["lora"]), statistics.median(times["grit"])
-    return {"lora_step_ms": 1000 * lora, "grit_step_ms": 1000 * grit, "step_time_ratio": grit / lora,
+    so the machine's noise hits both alike; the ratio of median step times (``overhead.py``)."""
+    lora, grit = (overhead_model(workdir, engine, arm == "grit", device, length)[1] for arm in ARMS)
+    batches = (random_batch(batch, length, seed=k, device=device) for k in range(steps + OVERHEAD_WARMUP))
+    timed = interleaved_step_times(lora, grit, batches, OVERHEAD_WARMUP, device,
+                                   prepare=unsloth_compile_per_arm if engine == "unsloth" else None)
+    return {"lora_step_ms": 1000 * timed.lora_s, "grit_step_ms": 1000 * timed.grit_s, "step_time_ratio": timed.ratio,
             "steps": steps, "batch": batch, "length": length}
 
 
 def overhead_memory(workdir: Path, device: str, engine: str, arm: str, steps: int, batch: int,
                     length: int) -> dict[str, Any]:
     """One arm alone in a fresh process: the peak CUDA memory of its whole training (weights,
-    activations, optimizer and GRIT state)."""
+    activations, optimizer and GRIT state); on CPU the process's peak RSS (``overhead.py``)."""
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     _, step = overhead_model(workdir, engine, arm == "grit", device, length)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for k in range(steps):
-        step(random_batch(batch, length, seed=k, device=device))
-    _synchronize(device)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return {"peak_mib": peak}
+    memory = peak_memory(step, (random_batch(batch, length, seed=k, device=device) for k in range(steps)), device)
+    return {"peak_mib": memory.peak_mib}
+
+
+# ------------------------------------------------------------------------------- the registry
+
+@dataclass(frozen=True)
+class Item:
+    """One kind of item a worker process runs: ``run(workdir, device, *arguments, **sizes)``.
+
+    ``part_of`` is the item of the check (``report.TITLES``) it serves; ``arguments`` names what
+    follows the kind in the item's name, ``:``-separated (``overhead-memory:peft:grit``);
+    ``sized``: it takes ``steps``, ``batch`` and ``length``."""
+
+    run: Callable[..., dict[str, Any]]
+    part_of: str
+    arguments: tuple[str, ...] = ()
+    sized: bool = False
+
+    def __call__(self, kind: str, rest: str, workdir: Path, device: str, steps: int, batch: int,
+                 length: int) -> dict[str, Any]:
+        values = rest.split(":") if rest else []
+        if len(values) != len(self.arguments):
+            spelled = "".join(f":<{name}>" for name in self.arguments)
+            raise ValueError(f"item {kind!r} is named {kind}{spelled}")
+        sizes = {"steps": steps, "batch": batch, "length": length} if self.sized else {}
+        return self.run(workdir, device, *values, **sizes)
+
+
+REGISTRY: dict[str, Item] = {
+    "hybrid": Item(check_hybrid, "hybrid"),
+    "truncation": Item(check_truncation, "truncation"),
+    "qlora": Item(check_qlora, "qlora"),
+    "bf16": Item(check_bf16, "bf16"),
+    "overhead-time": Item(overhead_time, "overhead", ("engine",), sized=True),
+    "overhead-memory": Item(overhead_memory, "overhead", ("engine", "arm"), sized=True),
+}
+
+
+def checked_items() -> tuple[str, ...]:
+    """The items of the check the registry serves, in its order (the orchestrator's ``ITEMS``)."""
+    return tuple(dict.fromkeys(item.part_of for item in REGISTRY.values()))
 
 
 # ------------------------------------------------------------------------------------ entry
@@ -415,22 +448,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     kind, _, rest = args.item.partition(":")
+    item = REGISTRY.get(kind)
+    if item is None:
+        raise SystemExit(f"unknown item {args.item!r}")
     try:
-        if kind == "hybrid":
-            result = check_hybrid(args.workdir, args.device)
-        elif kind == "qlora":
-            result = check_qlora(args.workdir, args.device)
-        elif kind == "truncation":
-            result = check_truncation(args.workdir, args.device)
-        elif kind == "bf16":
-            result = check_bf16(args.workdir, args.device)
-        elif kind == "overhead-time":
-            result = overhead_time(args.workdir, args.device, rest, args.steps, args.batch, args.length)
-        elif kind == "overhead-memory":
-            engine, arm = rest.split(":")
-            result = overhead_memory(args.workdir, args.device, engine, arm, args.steps, args.batch, args.length)
-        else:
-            raise SystemExit(f"unknown item {args.item!r}")
+        result = item(kind, rest, args.workdir, args.device, args.steps, args.batch, args.length)
     except Exception as error:  # noqa: BLE001 - the orchestrator reports it as the item's failure
         traceback.print_exc()
         args.out.write_text(json.dumps({"error": f"{type(error).__name__}: {error}".splitlines()[0]}))

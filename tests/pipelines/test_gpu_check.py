@@ -1,6 +1,8 @@
 """The GPU check's CPU side: its pass/fail rules and report, its one-line exit where no CUDA device
-is visible, and a CPU rehearsal of its plumbing (the real Unsloth engine, the probe, GRIT's
-fp32 statistics under a bf16 model) so a broken item is caught here, not on a rented GPU."""
+is visible, its registry of items, the overhead harness it shares with
+``benchmarks/grit_overhead.py``, and a CPU rehearsal of its plumbing (the real Unsloth engine, the
+probe, GRIT's fp32 statistics under a bf16 model) so a broken item is caught here, not on a
+rented GPU."""
 
 from __future__ import annotations
 
@@ -8,16 +10,19 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from pipelines.gpu_check.overhead import interleaved_step_times, peak_memory
 from pipelines.gpu_check.report import (
     EXIT_FAILED,
     EXIT_NO_CUDA,
     EXIT_PASSED,
     PEAK_MEMORY_TARGET,
     STEP_TIME_TARGET,
+    TITLES,
     exit_code,
     judge,
     report,
@@ -29,9 +34,9 @@ GOOD_PROBE = {"verdict": "effective", "reasons": [], "modules": 14, "modules_cov
               "update_cosine_median": 0.7}
 
 
-def _script(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "scripts/gpu_check.py", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=1200, env={**os.environ, "PYTHONPATH": str(REPO)})
+def _check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipelines.gpu_check", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=1200, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
 def test_a_working_hybrid_passes_and_each_way_of_failing_is_named():
@@ -110,13 +115,59 @@ def test_without_a_gpu_the_check_exits_with_one_line_and_its_own_code(tmp_path: 
     import torch
 
     assert not torch.cuda.is_available(), "this test is for machines without CUDA"
-    done = _script("--out", str(tmp_path / "report.json"))
+    done = _check("--out", str(tmp_path / "report.json"))
     assert done.returncode == EXIT_NO_CUDA
     assert done.stderr.strip().splitlines() == [
         "error: no CUDA device: make gpu-check needs an NVIDIA GPU that torch can see (torch.cuda.is_available() "
         "is False); see docs/gpu.md"]
     assert not (tmp_path / "report.json").exists()
-    assert _script("--items", "hybrid,warp").returncode == 2
+    unknown = _check("--items", "hybrid,warp")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == f"error: unknown item 'warp'; choose from {', '.join(TITLES)}"
+
+
+def test_the_registry_serves_every_item_of_the_check_and_nothing_else(tmp_path: Path):
+    """The orchestrator's items are report.TITLES' (it does not import the heavy items module):
+    the registry's kinds serve exactly those, in that order; an unknown kind stops the worker
+    with its one message, a kind named without its arguments fails as the item's error."""
+    from pipelines.gpu_check import cli, items
+
+    assert items.checked_items() == tuple(TITLES) == cli.ITEMS
+    assert {kind for kind, item in items.REGISTRY.items() if item.part_of == "overhead"} == {
+        "overhead-time", "overhead-memory"}
+    common = ["--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out.json"), "--device", "cpu"]
+    with pytest.raises(SystemExit) as stopped:
+        items.main(["warp", *common])
+    assert stopped.value.code == "unknown item 'warp'"
+    assert items.main(["overhead-memory:peft", *common]) == 1
+    assert json.loads((tmp_path / "out.json").read_text()) == {
+        "error": "ValueError: item 'overhead-memory' is named overhead-memory:<engine>:<arm>"}
+
+
+def test_the_overhead_harness_times_interleaved_steps_and_weighs_one_arm():
+    """Two step functions, one ten times slower: the harness times them interleaved on the same
+    batches after the warm-up, and a step that touches 64 MiB raises the process's peak RSS."""
+    seen: list[tuple[str, int]] = []
+
+    def fast(batch: int) -> None:
+        seen.append(("lora", batch))
+        time.sleep(0.002)
+
+    def slow(batch: int) -> None:
+        seen.append(("grit", batch))
+        time.sleep(0.02)
+
+    prepared: list[str] = []
+    timed = interleaved_step_times(fast, slow, range(5), warmup=2, prepare=prepared.append)
+    assert seen == [(arm, k) for k in range(5) for arm in ("lora", "grit")]
+    assert prepared == ["lora", "grit"] * 5
+    assert timed.steps == 3 and timed.lora_s > 0 and timed.grit_s > 0 and timed.ratio > 2
+    with pytest.raises(ValueError, match="no step was timed"):
+        interleaved_step_times(fast, slow, range(2), warmup=2)
+
+    held = []
+    memory = peak_memory(lambda size: held.append(bytearray(size)), [64 * 2**20], device="cpu")
+    assert memory.after_load_mib > 0 and memory.added_mib > 48
 
 
 @pytest.mark.slow
@@ -125,7 +176,7 @@ def test_a_cpu_rehearsal_runs_the_real_items(tmp_path: Path):
     callback and the probe, the hybrid truncating its factors, and the bf16 item: all pass; QLoRA
     is reported as not run."""
     out = tmp_path / "report.json"
-    done = _script("--device", "cpu", "--items", "hybrid,truncation,qlora,bf16", "--out", str(out))
+    done = _check("--device", "cpu", "--items", "hybrid,truncation,qlora,bf16", "--out", str(out))
     payload = json.loads(out.read_text())
     items = {i["name"]: i for i in payload["items"]}
     assert items["hybrid"]["passed"], items["hybrid"]

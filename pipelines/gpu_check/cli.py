@@ -1,12 +1,17 @@
 """``make gpu-check``: what only a CUDA machine can show, in a few minutes, with no model hub.
 
-    python scripts/gpu_check.py [--out reports/gpu_check.json] [--items hybrid,truncation,qlora,bf16,overhead]
+    python -m pipelines.gpu_check [--out reports/gpu_check.json] [--items hybrid,truncation,qlora,bf16,overhead]
 
-Runs each item of ``pipelines/gpu_check`` in its own process (Unsloth patches libraries for the
-whole process), judges it (``pipelines/gpu_check/report.py``), prints a table and writes one JSON
-report. Exit 0 when every item passes, 1 when one fails, 3 when no CUDA device is visible.
-``--device cpu`` rehearses the plumbing on a machine without a GPU (the test suite does): its
-figures say nothing about CUDA and it never counts as a GPU check.
+Runs each item of ``pipelines/gpu_check`` in its own process (``items.py``: Unsloth patches
+libraries for the whole process), judges it (``report.py``), prints a table and writes one JSON
+report. The items are ``report.TITLES``'s, the ones ``items.REGISTRY`` serves (a test checks
+that they agree; this module does not import ``items.py``, which loads torch, transformers and
+the trainers). ``overhead`` is composed here from per-process items: the interleaved step
+times of both arms in one process, each arm's peak memory in a fresh one per arm.
+
+Exit 0 when every item passes, 1 when one fails, 2 for an unknown item, 3 when no CUDA device
+is visible (one line, nothing run). ``--device cpu`` rehearses the plumbing on a machine without
+a GPU (the test suite does): its figures say nothing about CUDA and it never counts as a GPU check.
 """
 
 from __future__ import annotations
@@ -21,25 +26,27 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from pipelines.gpu_check.overhead import ARMS
+from pipelines.gpu_check.report import EXIT_NO_CUDA, TITLES, exit_code, judge, report, table
 
-from pipelines.gpu_check.report import EXIT_NO_CUDA, exit_code, judge, report, table  # noqa: E402
-
-ITEMS = ("hybrid", "truncation", "qlora", "bf16", "overhead")
+ROOT = Path(__file__).resolve().parents[2]
+ITEMS = tuple(TITLES)
 ENGINES = ("unsloth", "peft")
+# Items that say nothing off CUDA: not run there (reported, never a pass).
+CUDA_ONLY = {"qlora": "bitsandbytes NF4 needs CUDA"}
 NO_CUDA = ("no CUDA device: make gpu-check needs an NVIDIA GPU that torch can see (torch.cuda.is_available() "
            "is False); see docs/gpu.md")
 
 
+def installed(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def environment(device: str) -> dict[str, object]:
     import torch
-
-    def installed(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
 
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     return {"device": device, "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
@@ -85,7 +92,7 @@ def overhead(workdir: Path, device: str, sizes: list[str], timeout_s: int) -> tu
         if error:
             return None, f"{engine}: {error}"
         peaks = {}
-        for arm in ("lora", "grit"):
+        for arm in ARMS:
             memory, error = run_item(f"overhead-memory:{engine}:{arm}", workdir, device, sizes, timeout_s)
             if error:
                 return None, f"{engine} ({arm}): {error}"
@@ -99,7 +106,7 @@ def overhead(workdir: Path, device: str, sizes: list[str], timeout_s: int) -> tu
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python scripts/gpu_check.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipelines.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "gpu_check.json")
     parser.add_argument("--items", default=",".join(ITEMS), help=f"comma-separated subset of {', '.join(ITEMS)}")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
@@ -125,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(scratch)
         for item in wanted:
             print(f"[gpu-check] {item} ...", flush=True)
-            if item == "qlora" and args.device != "cuda":
-                results.append(judge(item, None, not_run="bitsandbytes NF4 needs CUDA"))
+            if item in CUDA_ONLY and args.device != "cuda":
+                results.append(judge(item, None, not_run=CUDA_ONLY[item]))
                 continue
             figures, error = overhead(workdir, args.device, sizes, args.timeout) if item == "overhead" \
                 else run_item(item, workdir, args.device, sizes, args.timeout)
@@ -141,6 +148,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[gpu-check] report: {args.out}" + ("" if args.device == "cuda" else " (cpu rehearsal: not a GPU check)"))
     return exit_code(results)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

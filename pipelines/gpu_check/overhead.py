@@ -1,0 +1,125 @@
+"""GRIT's overhead over plain LoRA, measured one way: the GPU check's ``overhead`` item
+(``items.py``, CUDA) and ``benchmarks/grit_overhead.py`` (CPU) build their models and step
+functions, and time and weigh them here.
+
+- :func:`interleaved_step_times`: both arms in one process, steps interleaved (LoRA, GRIT, LoRA,
+  ...) on the same batches, so the machine's noise hits both alike; after the warm-up steps, the
+  median step time of each arm and their ratio. On CUDA each step is bracketed by
+  ``torch.cuda.synchronize`` so the time is the step's, not its launch's.
+- :func:`peak_memory`: one arm's training peak, measured in a process that holds that arm only
+  (call it in a fresh process per arm): on CUDA ``torch.cuda.max_memory_allocated`` after its
+  peak is reset, on CPU the process's peak RSS (``VmHWM``) after the kernel's mark is reset
+  through ``/proc/self/clear_refs``. The peak includes what was loaded before (weights), as the
+  reset starts it from the current use.
+
+A step function takes one batch and runs one whole training step (forward, backward, the
+optimizer, GRIT's work); what it returns is ignored.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Step = Callable[[Any], object]
+ARMS = ("lora", "grit")
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Median step times (seconds) of the two arms over ``steps`` timed steps."""
+
+    lora_s: float
+    grit_s: float
+    steps: int
+
+    @property
+    def ratio(self) -> float:
+        """GRIT / LoRA."""
+        return self.grit_s / self.lora_s
+
+
+@dataclass(frozen=True)
+class PeakMemory:
+    """One arm's memory: in use when the peak was reset (after loading) and the training peak (MiB)."""
+
+    after_load_mib: float
+    peak_mib: float
+
+    @property
+    def added_mib(self) -> float:
+        """What training added on top of the loaded model."""
+        return self.peak_mib - self.after_load_mib
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def interleaved_step_times(lora: Step, grit: Step, batches: Iterable[Any], warmup: int = 2, device: str = "cpu",
+                           prepare: Callable[[str], None] | None = None) -> StepTimes:
+    """Each batch of ``batches`` is given to the LoRA step, then to the GRIT step; the first
+    ``warmup`` batches are not timed (allocator, kernels, the first inversion). ``prepare(arm)``
+    runs before each step, outside the timed span (``arm`` is ``"lora"`` or ``"grit"``)."""
+    arms = dict(zip(ARMS, (lora, grit), strict=True))
+    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    for k, inputs in enumerate(batches):
+        for arm, step in arms.items():
+            if prepare is not None:
+                prepare(arm)
+            synchronize(device)
+            started = time.perf_counter()
+            step(inputs)
+            synchronize(device)
+            if k >= warmup:
+                times[arm].append(time.perf_counter() - started)
+    if not times["lora"]:
+        raise ValueError(f"no step was timed: give more batches than the {warmup} warm-up steps")
+    return StepTimes(statistics.median(times["lora"]), statistics.median(times["grit"]), len(times["lora"]))
+
+
+def proc_status_mib(field: str) -> float:
+    """A ``/proc/self/status`` figure (``VmRSS``, ``VmHWM``: kB) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak(device: str) -> float:
+    """Reset the peak mark to the current use and return that use (MiB)."""
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark: loading peaks higher
+    return proc_status_mib("VmRSS")
+
+
+def read_peak(device: str) -> float:
+    """The peak use (MiB) since :func:`reset_peak`."""
+    synchronize(device)
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    return proc_status_mib("VmHWM")
+
+
+def peak_memory(step: Step, batches: Iterable[Any], device: str = "cpu") -> PeakMemory:
+    """Reset the peak, run ``step`` on each batch, read the peak. Everything the process holds
+    counts, so run one arm per fresh process."""
+    after_load = reset_peak(device)
+    for inputs in batches:
+        step(inputs)
+    return PeakMemory(after_load, read_peak(device))
