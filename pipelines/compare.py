@@ -16,18 +16,20 @@ from pipelines.stage import StageContext, run_stage
 CSV = Path("reports/compare.csv")
 
 
+def compare(ctx: StageContext, _checked) -> dict[str, Path]:
+    from evaluation.compare_all import load_run, write_outputs
+
+    text, written = write_outputs(load_run(ctx.params.store.url, ctx.store_root, ctx.run_id), ctx.root,
+                                  ctx.root / CSV)
+    print(text)
+    return written
+
+
+def preflight(params: Params) -> None:
+    require_text_model(params, "compare")
+
+
 def main(argv: list[str] | None = None) -> int:
-    def compare(ctx: StageContext, _checked) -> dict[str, Path]:
-        from evaluation.compare_all import load_run, write_outputs
-
-        text, written = write_outputs(load_run(ctx.params.store.url, ctx.store_root, ctx.run_id), ctx.root,
-                                      ctx.root / CSV)
-        print(text)
-        return written
-
-    def preflight(params: Params) -> None:
-        require_text_model(params, "compare")
-
     return run_stage("compare", compare, preflight=preflight, argv=argv)
 
 

@@ -11,10 +11,9 @@ replicates (``train.n_seeds > 1``) are exported the same way into ``seed-<s>/`` 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,8 @@ from db.models import EvalMetric
 from pipelines.params import Params, require_text_model
 from pipelines.paths import ADAPTERS, DATA_DIR, export_dir
 from pipelines.replicates import model_key, replicate_path
-from pipelines.stage import StageContext, run_stage
+from pipelines.stage import StageContext, declared_variant, run_stage, variant_argument
+from trainers.config import variant_lora
 
 PARITY_SOURCE = DATA_DIR / "eval_aqi.jsonl"
 
@@ -114,52 +114,54 @@ def _relative(modelfile: str, folder: Path) -> str:
     return modelfile.replace(f" {folder}/", " ./")
 
 
+def preflight(variant: str, params: Params) -> None:
+    require_text_model(params, "export")
+    declared_variant(params, variant)
+    lora = variant_lora(params.lora, params.variants[variant])
+    if lora.use_dora:
+        raise UserError(f"export@{variant}: DoRA adapters cannot be served: llama.cpp's LoRA converter takes "
+                        f"lora_A/lora_B tensors only, not DoRA's magnitude vectors; drop use_dora from "
+                        f"variants.{variant}.lora_overrides or remove the variant")
+    from export.llama_cpp import converter, require_working_runtime
+
+    require_working_runtime()  # quantize and parity run llama.cpp in this process
+
+    if not (ADAPTERS / variant / "adapter_model.safetensors").is_file():
+        raise UserError(f"{ADAPTERS / variant} holds no adapter; run `dvc repro train@{variant}` first")
+    if not PARITY_SOURCE.is_file():
+        raise UserError(f"{PARITY_SOURCE} is missing; run `dvc repro prepare_data` first")
+    for name in ("lora", "hf"):   # a one-line setup hint when a converter is missing
+        converter(name)
+
+
+def export(variant: str, ctx: StageContext, _checked) -> dict[str, Path]:
+    final = ctx.root / export_dir(variant)
+    staging = fresh_staging_dir(final)
+    manifests = {}
+    try:
+        for seed in ctx.params.train.seeds:    # primary first: replicates nest in its folder
+            folder = replicate_path(staging, ctx.params, seed)
+            manifests[seed] = export_variant(ctx, variant, seed, folder)
+            (folder / "export.json").write_text(json.dumps(manifests[seed], indent=2, sort_keys=True) + "\n")
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_directory(staging, final)
+    with ctx.store.transaction() as session:
+        for seed, manifest in manifests.items():
+            for form, figures in manifest["parity"].items():
+                for key in ("agreement", "exact_agreement", "mean_kl", "max_kl"):
+                    ctx.store.replace_rows(session, EvalMetric, ctx.run_id,
+                                           [{"value": figures[key], "n": figures["prompts"]}],
+                                           variant=variant, seed=seed, metric=f"export_parity_{form}_{key}")
+    return files_under(final)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--variant", required=True)
-    known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
-    variant = known.variant
-
-    def preflight(params: Params) -> None:
-        require_text_model(params, "export")
-        from export.llama_cpp import converter, require_working_runtime
-
-        require_working_runtime()  # quantize and parity run llama.cpp in this process
-
-        if variant not in params.variants:
-            raise UserError(f"variants: no variant named {variant!r}; declared: {', '.join(params.variants)}")
-        if not (ADAPTERS / variant / "adapter_model.safetensors").is_file():
-            raise UserError(f"{ADAPTERS / variant} holds no adapter; run `dvc repro train@{variant}` first")
-        if not PARITY_SOURCE.is_file():
-            raise UserError(f"{PARITY_SOURCE} is missing; run `dvc repro prepare_data` first")
-        for name in ("lora", "hf"):   # a one-line setup hint when a converter is missing
-            converter(name)
-
-    def export(ctx: StageContext, _checked) -> dict[str, Path]:
-        final = ctx.root / export_dir(variant)
-        staging = fresh_staging_dir(final)
-        manifests = {}
-        try:
-            for seed in ctx.params.train.seeds:    # primary first: replicates nest in its folder
-                folder = replicate_path(staging, ctx.params, seed)
-                manifests[seed] = export_variant(ctx, variant, seed, folder)
-                (folder / "export.json").write_text(json.dumps(manifests[seed], indent=2, sort_keys=True) + "\n")
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        publish_directory(staging, final)
-        with ctx.store.transaction() as session:
-            for seed, manifest in manifests.items():
-                for form, figures in manifest["parity"].items():
-                    for key in ("agreement", "exact_agreement", "mean_kl", "max_kl"):
-                        ctx.store.replace_rows(session, EvalMetric, ctx.run_id,
-                                               [{"value": figures[key], "n": figures["prompts"]}],
-                                               variant=variant, seed=seed, metric=f"export_parity_{form}_{key}")
-        return files_under(final)
-
-    return run_stage(f"export@{variant}", export, preflight=preflight, argv=rest)
+    variant, rest = variant_argument(argv)
+    return run_stage(f"export@{variant}", partial(export, variant), preflight=partial(preflight, variant), argv=rest)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,6 @@ from db.models import ProbeResult
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR, loss_curve
 from pipelines.stage import StageContext, run_stage
-from trainers.config import same_engine_control
 
 DETAILS = Path("artifacts/probes")
 METRICS = Path("metrics/probes.json")
@@ -62,7 +62,7 @@ def probe_variant(root: Path, params: Params, name: str) -> dict[str, Any]:
     from trainers.probe.math import compare_curves
     from trainers.probe.variant import probe_variant as probe
 
-    control_name = same_engine_control(params.variants, name)
+    control_name = params.variants[name].control
     trajectory = None
     if control_name is not None:
         curves = read_loss_curve(root, name), read_loss_curve(root, control_name)
@@ -153,60 +153,61 @@ def _run_worker(ctx: StageContext, params_path: Path, name: str, output: Path) -
     return json.loads(output.read_text())
 
 
+def preflight(params: Params) -> list[str]:
+    data_file = DATA_DIR / ("train_pairs.jsonl" if params.model.kind == "vlm" else "train.jsonl")
+    if not data_file.is_file():
+        raise UserError(f"{data_file} is missing; run `dvc repro prepare_data` first")
+    return grit_variants(params)
+
+
+def probe(params_path: Path, ctx: StageContext, names: list[str]) -> dict[str, Path]:
+    from trainers.probe.plot import plot_update_divergence
+
+    results = []
+    with tempfile.TemporaryDirectory(prefix="probe-") as scratch:
+        for name in names:
+            print(f"[probe] {name}: {ctx.params.probe.steps} steps with and without GRIT")
+            results.append(_run_worker(ctx, params_path.resolve(), name, Path(scratch) / f"{name}.json"))
+    produced: dict[str, Path] = {}
+    for result in results:
+        path = ctx.root / DETAILS / f"{result['variant']}.json"
+        atomic_write_json(path, result)
+        produced[f"details/{result['variant']}"] = path
+    summaries = {r["variant"]: summary(r) for r in results}
+    atomic_write_json(ctx.root / METRICS, {"steps": ctx.params.probe.steps, "variants": summaries})
+    produced["metrics"] = ctx.root / METRICS
+    if results:
+        produced["plot"] = plot_update_divergence(results, ctx.params.probe.min_update_change, ctx.root / PLOT)
+    with ctx.store.transaction() as session:
+        ctx.store.replace_rows(session, ProbeResult, ctx.run_id, [])   # variants no longer declared
+        for result in results:
+            ctx.store.replace_rows(session, ProbeResult, ctx.run_id, store_rows(result), variant=result["variant"])
+    for name, s in summaries.items():
+        print(f"[probe] {name}: {s['verdict'].upper()}"
+              + (f" ({', '.join(s['reasons'])})" if s["reasons"] else "")
+              + f"; update cosine vs control median {_fmt(s['update_cosine_median'])}, "
+              f"loss-curve correlation {_fmt(s['loss_correlation'])}")
+        for detail in s["checks"].values():
+            print(f"[probe]   - {detail}")
+        for modality, m in s.get("modalities", {}).items():
+            print(f"[probe]   {modality} ({m['modules']} modules): {m['verdict'].upper()}"
+                  + (f" ({', '.join(m['reasons'])})" if m["reasons"] else ""))
+    if not names:
+        print("[probe] no variant has grit: true; nothing to probe")
+    inert = [name for name, s in summaries.items() if s["verdict"] != "effective"]
+    if inert and not ctx.params.probe.allow_inert:
+        raise UserError(f"GRIT is inert in {', '.join(inert)} (reasons: "
+                        f"{'; '.join(', '.join(summaries[n]['reasons']) for n in inert)}); "
+                        "see metrics/probes.json, or set probe.allow_inert: true to go on")
+    return produced
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--worker" in argv:
         return _worker(argv)
     params_path = Path(argv[argv.index("--params") + 1]) if "--params" in argv else Path("params.yaml")
-
-    def preflight(params: Params) -> list[str]:
-        data_file = DATA_DIR / ("train_pairs.jsonl" if params.model.kind == "vlm" else "train.jsonl")
-        if not data_file.is_file():
-            raise UserError(f"{data_file} is missing; run `dvc repro prepare_data` first")
-        return grit_variants(params)
-
-    def probe(ctx: StageContext, names: list[str]) -> dict[str, Path]:
-        from trainers.probe.plot import plot_update_divergence
-
-        results = []
-        with tempfile.TemporaryDirectory(prefix="probe-") as scratch:
-            for name in names:
-                print(f"[probe] {name}: {ctx.params.probe.steps} steps with and without GRIT")
-                results.append(_run_worker(ctx, params_path.resolve(), name, Path(scratch) / f"{name}.json"))
-        produced: dict[str, Path] = {}
-        for result in results:
-            path = ctx.root / DETAILS / f"{result['variant']}.json"
-            atomic_write_json(path, result)
-            produced[f"details/{result['variant']}"] = path
-        summaries = {r["variant"]: summary(r) for r in results}
-        atomic_write_json(ctx.root / METRICS, {"steps": ctx.params.probe.steps, "variants": summaries})
-        produced["metrics"] = ctx.root / METRICS
-        if results:
-            produced["plot"] = plot_update_divergence(results, ctx.params.probe.min_update_change, ctx.root / PLOT)
-        with ctx.store.transaction() as session:
-            ctx.store.replace_rows(session, ProbeResult, ctx.run_id, [])   # variants no longer declared
-            for result in results:
-                ctx.store.replace_rows(session, ProbeResult, ctx.run_id, store_rows(result), variant=result["variant"])
-        for name, s in summaries.items():
-            print(f"[probe] {name}: {s['verdict'].upper()}"
-                  + (f" ({', '.join(s['reasons'])})" if s["reasons"] else "")
-                  + f"; update cosine vs control median {_fmt(s['update_cosine_median'])}, "
-                  f"loss-curve correlation {_fmt(s['loss_correlation'])}")
-            for detail in s["checks"].values():
-                print(f"[probe]   - {detail}")
-            for modality, m in s.get("modalities", {}).items():
-                print(f"[probe]   {modality} ({m['modules']} modules): {m['verdict'].upper()}"
-                      + (f" ({', '.join(m['reasons'])})" if m["reasons"] else ""))
-        if not names:
-            print("[probe] no variant has grit: true; nothing to probe")
-        inert = [name for name, s in summaries.items() if s["verdict"] != "effective"]
-        if inert and not ctx.params.probe.allow_inert:
-            raise UserError(f"GRIT is inert in {', '.join(inert)} (reasons: "
-                            f"{'; '.join(', '.join(summaries[n]['reasons']) for n in inert)}); "
-                            "see metrics/probes.json, or set probe.allow_inert: true to go on")
-        return produced
-
-    return run_stage("probe", probe, preflight=preflight, argv=argv)
+    return run_stage("probe", partial(probe, params_path), preflight=preflight, argv=argv)
 
 
 def _fmt(value: float | None) -> str:

@@ -63,71 +63,73 @@ def check_with_llama_cpp(model, prompt: str, max_new_tokens: int) -> dict[str, A
     return checks
 
 
+def preflight(params: Params) -> list:
+    require_text_model(params, "serve")
+    require_working_runtime()  # the llama.cpp check of each registered model runs in-process
+    missing = [v for v in params.variants if not (export_dir(v) / "export.json").is_file()]
+    if missing:
+        raise UserError(f"{EXPORTS}/{missing[0]}/export.json is missing; run `dvc repro export@{missing[0]}` first")
+    return served_models(Path.cwd(), params)   # every GGUF checked against its recorded sha256
+
+
+def serve(ctx: StageContext, models: list) -> dict[str, Path]:
+    import httpx
+    import ollama
+
+    from export.ollama import (
+        RegistrationError,
+        ollama_host,
+        reachable,
+        register,
+        registered_weights,
+        server_failure,
+    )
+
+    settings = ctx.params.serve
+    base_modelfile = ctx.root / SERVE_DIR / "base" / "Modelfile"
+    atomic_write_text(base_modelfile, models[0].modelfile())
+    modelfiles = {m.name: (base_modelfile if m.variant == "base" else m.adapter_gguf.parent /
+                           ("Modelfile.merged" if settings.weights == "merged" and m.merged_gguf else "Modelfile"))
+                  for m in models}
+    host = ollama_host(settings.ollama_host)
+    version = reachable(host, settings.timeout_s)
+    entries = {m.variant: entry(m, modelfiles[m.name]) for m in models}
+    if version is not None:
+        client = ollama.Client(host=host, timeout=max(settings.timeout_s, 600))
+        digests: dict[Path, str] = {}
+        for m in models:
+            try:
+                registration = register(client, m, settings.weights, settings.check_prompt,
+                                        settings.max_new_tokens, digests)
+            except (ollama.ResponseError, httpx.HTTPError, RegistrationError) as error:
+                raise UserError(server_failure(host, m.name, error)) from None
+            entries[m.variant]["ollama"] = asdict(registration)
+            entries[m.variant]["weights"] = registration.weights
+            print(f"[serve] {m.name}: registered ({registration.weights}); {registration.show_check}; "
+                  f"reply {registration.reply[:60]!r}")
+        ollama_state = {"host": host, "version": version, "registered": True}
+        backend = "ollama"
+    else:
+        commands = [m.create_command(modelfiles[m.name]) for m in models]
+        ollama_state = {"host": host, "registered": False,
+                        "skipped": f"skipped: no Ollama server at {host}", "commands": commands}
+        print(f"[serve] skipped: no Ollama server at {host}; serving with llama.cpp. To register later:")
+        for command in commands:
+            print(f"[serve]   {command}")
+        for m in models:
+            entries[m.variant]["weights"] = registered_weights(m, settings.weights)
+            entries[m.variant]["llama_cpp_check"] = check_with_llama_cpp(m, settings.check_prompt,
+                                                                         settings.max_new_tokens)
+            for form, check in entries[m.variant]["llama_cpp_check"].items():
+                status = "stopped at end of turn" if check["stopped_at_end_of_turn"] else "RAN ON (no end of turn)"
+                print(f"[serve] {m.name} ({form}, llama.cpp): {status}; {check['text'][:60]!r}")
+        backend = "llama.cpp"
+    atomic_write_json(ctx.root / SERVE_MANIFEST, {"backend": backend, "weights": settings.weights,
+                                            "ollama": ollama_state, "models": entries})
+    return {"manifest": ctx.root / SERVE_MANIFEST, "base_modelfile": base_modelfile}
+
+
 def main(argv: list[str] | None = None) -> int:
-    def preflight(params: Params) -> list:
-        require_text_model(params, "serve")
-        require_working_runtime()  # the llama.cpp check of each registered model runs in-process
-        missing = [v for v in params.variants if not (export_dir(v) / "export.json").is_file()]
-        if missing:
-            raise UserError(f"{EXPORTS}/{missing[0]}/export.json is missing; run `dvc repro export@{missing[0]}` first")
-        return served_models(Path.cwd(), params)   # every GGUF checked against its recorded sha256
-
-    def serve(ctx: StageContext, models: list) -> dict[str, Path]:
-        import httpx
-        import ollama
-
-        from export.ollama import (
-            RegistrationError,
-            ollama_host,
-            reachable,
-            register,
-            registered_weights,
-            server_failure,
-        )
-
-        settings = ctx.params.serve
-        base_modelfile = ctx.root / SERVE_DIR / "base" / "Modelfile"
-        atomic_write_text(base_modelfile, models[0].modelfile())
-        modelfiles = {m.name: (base_modelfile if m.variant == "base" else m.adapter_gguf.parent /
-                               ("Modelfile.merged" if settings.weights == "merged" and m.merged_gguf else "Modelfile"))
-                      for m in models}
-        host = ollama_host(settings.ollama_host)
-        version = reachable(host, settings.timeout_s)
-        entries = {m.variant: entry(m, modelfiles[m.name]) for m in models}
-        if version is not None:
-            client = ollama.Client(host=host, timeout=max(settings.timeout_s, 600))
-            digests: dict[Path, str] = {}
-            for m in models:
-                try:
-                    registration = register(client, m, settings.weights, settings.check_prompt,
-                                            settings.max_new_tokens, digests)
-                except (ollama.ResponseError, httpx.HTTPError, RegistrationError) as error:
-                    raise UserError(server_failure(host, m.name, error)) from None
-                entries[m.variant]["ollama"] = asdict(registration)
-                entries[m.variant]["weights"] = registration.weights
-                print(f"[serve] {m.name}: registered ({registration.weights}); {registration.show_check}; "
-                      f"reply {registration.reply[:60]!r}")
-            ollama_state = {"host": host, "version": version, "registered": True}
-            backend = "ollama"
-        else:
-            commands = [m.create_command(modelfiles[m.name]) for m in models]
-            ollama_state = {"host": host, "registered": False,
-                            "skipped": f"skipped: no Ollama server at {host}", "commands": commands}
-            print(f"[serve] skipped: no Ollama server at {host}; serving with llama.cpp. To register later:")
-            for command in commands:
-                print(f"[serve]   {command}")
-            for m in models:
-                entries[m.variant]["weights"] = registered_weights(m, settings.weights)
-                entries[m.variant]["llama_cpp_check"] = check_with_llama_cpp(m, settings.check_prompt,
-                                                                             settings.max_new_tokens)
-                for form, check in entries[m.variant]["llama_cpp_check"].items():
-                    status = "stopped at end of turn" if check["stopped_at_end_of_turn"] else "RAN ON (no end of turn)"
-                    print(f"[serve] {m.name} ({form}, llama.cpp): {status}; {check['text'][:60]!r}")
-            backend = "llama.cpp"
-        atomic_write_json(ctx.root / SERVE_MANIFEST, {"backend": backend, "weights": settings.weights,
-                                                "ollama": ollama_state, "models": entries})
-        return {"manifest": ctx.root / SERVE_MANIFEST, "base_modelfile": base_modelfile}
-
     return run_stage("serve", serve, preflight=preflight, argv=argv)
 
 

@@ -168,6 +168,21 @@ def _refresh_run_status(store: ResultsStore, run_id: str, root: Path, params: Pa
         run.finished_at = utcnow() if complete or failed else None
 
 
+def variant_argument(argv: list[str] | None) -> tuple[str, list[str]]:
+    """The ``--variant NAME`` of a per-variant stage (``train@``, ``export@``) and the remaining arguments."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--variant", required=True)
+    known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
+    return known.variant, rest
+
+
+def declared_variant(params: Params, name: str):
+    """The variant ``name`` declares in ``params.variants``; a one-line error when it declares none."""
+    if name not in params.variants:
+        raise UserError(f"variants: no variant named {name!r}; declared: {', '.join(params.variants)}")
+    return params.variants[name]
+
+
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return EXIT_USER_ERROR

@@ -125,34 +125,36 @@ def run_trials(ctx: StageContext, plan: list[dict]) -> int:
     return len(todo)
 
 
+def preflight(params: Params) -> None:
+    if not params.study.methods:
+        return
+    require_text_model(params, "study")
+    if not (DATA_DIR / "validation.jsonl").is_file():
+        raise UserError(f"{DATA_DIR / 'validation.jsonl'} is missing; run `dvc repro prepare_data` first")
+    if params.train.nproc_per_node > 1:
+        raise UserError("study: trials train on one process; set train.nproc_per_node: 1 for the study")
+
+
+def study(ctx: StageContext, _checked) -> dict[str, Path]:
+    from evaluation.study_report import write_report
+
+    params = ctx.params
+    if not params.study.methods:
+        return keep_last_report(ctx)
+    started = time.perf_counter()
+    ran = run_trials(ctx, tuning_plan(params))
+    tuned = recorded_trials(ctx)
+    chosen = {m: choose_setting(t for t in tuned if t.phase == "tune" and t.method == m).setting
+              for m in params.study.methods}
+    for method, setting in chosen.items():
+        print(f"[study] {method}: chosen on validation loss: {json.dumps(setting, sort_keys=True)}")
+    ran += run_trials(ctx, test_plan(params, chosen))
+    trials = [t for t in recorded_trials(ctx) if t.phase == "tune" or t.setting == chosen[t.method]]
+    return write_report(ctx.root / REPORT_DIR, ctx.root / METRICS, params, trials, chosen,
+                        stage_seconds=time.perf_counter() - started, run_id=ctx.run_id, trials_run=ran)
+
+
 def main(argv: list[str] | None = None) -> int:
-    def preflight(params: Params) -> None:
-        if not params.study.methods:
-            return
-        require_text_model(params, "study")
-        if not (DATA_DIR / "validation.jsonl").is_file():
-            raise UserError(f"{DATA_DIR / 'validation.jsonl'} is missing; run `dvc repro prepare_data` first")
-        if params.train.nproc_per_node > 1:
-            raise UserError("study: trials train on one process; set train.nproc_per_node: 1 for the study")
-
-    def study(ctx: StageContext, _checked) -> dict[str, Path]:
-        from evaluation.study_report import write_report
-
-        params = ctx.params
-        if not params.study.methods:
-            return keep_last_report(ctx)
-        started = time.perf_counter()
-        ran = run_trials(ctx, tuning_plan(params))
-        tuned = recorded_trials(ctx)
-        chosen = {m: choose_setting(t for t in tuned if t.phase == "tune" and t.method == m).setting
-                  for m in params.study.methods}
-        for method, setting in chosen.items():
-            print(f"[study] {method}: chosen on validation loss: {json.dumps(setting, sort_keys=True)}")
-        ran += run_trials(ctx, test_plan(params, chosen))
-        trials = [t for t in recorded_trials(ctx) if t.phase == "tune" or t.setting == chosen[t.method]]
-        return write_report(ctx.root / REPORT_DIR, ctx.root / METRICS, params, trials, chosen,
-                            stage_seconds=time.perf_counter() - started, run_id=ctx.run_id, trials_run=ran)
-
     return run_stage("study", study, preflight=preflight, argv=argv)
 
 

@@ -44,8 +44,17 @@ def state_digest(model, manager) -> str:
     return digest.hexdigest()
 
 
-def main(argv: list[str] | None = None) -> int:
+def rank_digests(model, manager) -> dict[str, list[str]]:
+    """Every rank's digest of its trained state (run on every rank right after training): equal
+    digests show the replicas stayed identical."""
     import torch.distributed as dist
+
+    gathered: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, state_digest(model, manager))
+    return {"rank_state_digests": [str(d) for d in gathered]}
+
+
+def main(argv: list[str] | None = None) -> int:
 
     from pipelines.train import training_log
     from trainers.base_model import resolve_base_model
@@ -59,11 +68,6 @@ def main(argv: list[str] | None = None) -> int:
 
     params = with_seed(load_params(Path(args.params)), args.seed)
     files = resolve_base_model(params.model)
-
-    def rank_digests(model, manager) -> dict[str, list[str]]:
-        gathered: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, state_digest(model, manager))
-        return {"rank_state_digests": [str(d) for d in gathered]}
 
     main_rank = int(os.environ.get("RANK", "0")) == 0
     with training_log(Path(args.live)) if main_rank else contextlib.nullcontext() as live:

@@ -182,3 +182,15 @@ if __name__ == "__main__":
     for line in (upward_imports() + [' <-> '.join(c) for c in cycles()] + stage_cross_imports()
                  + unresolved_imports()):
         print("  ", line)
+
+
+def test_stage_entry_points_keep_orchestration_only():
+    """A stage's ``main()`` wires module-level functions to the stage runner: no function defined
+    inside it, so each unit of a stage can be read and tested alone."""
+    nested = []
+    for path in sorted((REPO_ROOT / "pipelines").glob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.FunctionDef) and node.name == "main":
+                nested += [f"{path.name}: main() defines {inner.name}" for inner in ast.walk(node)
+                           if inner is not node and isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef)]
+    assert not nested, nested
