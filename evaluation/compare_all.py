@@ -46,7 +46,7 @@ from db.store import open_store, sqlite_file
 from evaluation.config import EvalParams
 from evaluation.metrics import REGISTRY, Metric, get, model_metrics, within_range
 from evaluation.stats import finite_or_none, mean_over_seeds, paired_over_seeds
-from export.config import ExportParams
+from export.config import ExportParams, ServeParams
 
 SPEED = [("delta_speed_decode", "decode speed / base (side by side)"),
          ("delta_speed_prefill", "prefill speed / base (side by side)"),
@@ -92,6 +92,7 @@ class RunTables:
     comparisons: list[Comparison]
     settings: EvalParams = EvalParams()
     export: ExportParams = ExportParams()
+    serve: ServeParams = ServeParams()
 
     @property
     def confidence(self) -> float:
@@ -100,6 +101,13 @@ class RunTables:
     @property
     def significance(self) -> float:
         return self.settings.significance
+
+    def served_parity(self, model: str, figure: str) -> Figure | None:
+        """An export parity figure (``agreement``, ``mean_kl``) of the form the model is served in,
+        as the export stage recorded it: merged when serve.weights says so and a merged file was
+        checked, else the adapter."""
+        forms = ("merged", "adapter") if self.serve.weights == "merged" else ("adapter",)
+        return next(filter(None, (self.figure(model, f"export_parity_{form}_{figure}") for form in forms)), None)
 
     def figure(self, model: str, metric: str) -> Figure | None:
         rows = self.metrics.get((model, metric))
@@ -177,7 +185,8 @@ def load_run(url: str, root: Path, run_id: str | None) -> RunTables:
     params = json.loads(run.params_json)
     return RunTables(run, ["base", *params["variants"]], metrics, speeds, comparisons,
                      recorded_section(params.get("eval"), EvalParams),
-                     recorded_section(params.get("export"), ExportParams))
+                     recorded_section(params.get("export"), ExportParams),
+                     recorded_section(params.get("serve"), ServeParams))
 
 
 def recorded_section(raw: dict | None, schema: type[Section]):
@@ -332,8 +341,7 @@ def criteria_rows(tables: RunTables) -> list[list[str]]:
         return "n/a" if value is None else f"{'pass' if value >= bound else 'FAIL'} ({value:.{digits}f})"
 
     def parity(variant: str) -> str:
-        agreement = tables.figure(variant, "export_parity_agreement")
-        kl = tables.figure(variant, "export_parity_mean_kl")
+        agreement, kl = tables.served_parity(variant, "agreement"), tables.served_parity(variant, "mean_kl")
         if agreement is None or kl is None:
             return "n/a"
         ok = agreement.value >= min_agreement and kl.value <= max_kl

@@ -34,7 +34,7 @@ from evaluation.compare_all import (
 )
 from evaluation.config import EvalParams
 from evaluation.metrics import model_metrics
-from export.config import ExportParams
+from export.config import ExportParams, ServeParams
 
 NOT_MODELS = ("comparisons", "across_seeds", "decline_probability_vs_judge")
 
@@ -54,18 +54,20 @@ def tables_from_metrics(evaluation: dict, run_label: str, params_json: str = "{}
         for model in models for metric, figure in evaluation[model].items()
         if isinstance(figure, dict) and "ci" in figure
     }
-    metrics |= {(model, f"export_parity_{name}"): [SimpleNamespace(value=evaluation[model]["export_parity"][name],
-                                                                   ci_low=None, ci_high=None)]
+    params = json.loads(params_json)
+    served = recorded_section(params.get("serve"), ServeParams).weights      # the form eval.json's parity is of
+    metrics |= {(model, f"export_parity_{served}_{name}"):
+                [SimpleNamespace(value=evaluation[model]["export_parity"][name], ci_low=None, ci_high=None)]
                 for model in models if "export_parity" in evaluation[model] for name in ("agreement", "mean_kl")}
     speeds = {(model, metric): [SimpleNamespace(value=value)]
               for model in models for metric, value in evaluation[model].get("speed", {}).items()}
     seed = min((c["seed"] for c in evaluation.get("comparisons", [])), default=None)
     comparisons = [SimpleNamespace(**c) for c in evaluation.get("comparisons", []) if c["seed"] == seed
                    and c["metric"] in {m.name for m in model_metrics()}]
-    params = json.loads(params_json)
     return RunTables(SimpleNamespace(id=run_label, params_json=params_json), models, metrics, speeds, comparisons,
                      recorded_section(params.get("eval"), EvalParams),
-                     recorded_section(params.get("export"), ExportParams))
+                     recorded_section(params.get("export"), ExportParams),
+                     recorded_section(params.get("serve"), ServeParams))
 
 
 def results_block(evaluation: dict, run_label: str, params_json: str = "{}") -> str:
@@ -120,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     readme = args.readme.read_text()
     params = yaml.safe_load(args.params.read_text()) if args.params.is_file() else {}
+    sections = json.dumps({k: (params or {}).get(k, {}) for k in ("eval", "export", "serve")})
     wanted = with_block(readme, results_block(json.loads(args.metrics.read_text()), f"recorded in `{args.metrics}`",
-                                              json.dumps({k: (params or {}).get(k, {}) for k in ("eval", "export")})))
+                                              sections))
     wanted = with_study_block(wanted, args.study)
     method = args.method.read_text() if args.method.is_file() else None
     method_wanted = (with_block(method, probe_block(json.loads(args.probes.read_text())), PROBE_BEGIN, PROBE_END)

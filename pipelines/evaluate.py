@@ -38,7 +38,6 @@ from pipelines.params import Params, require_text_model
 from pipelines.paths import ADAPTERS, DATA_DIR, SERVE_MANIFEST, TRAIN_METRICS
 from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
-from trainers.config import same_engine_control
 
 METRICS = Path("metrics/eval.json")
 GENERATIONS = Path("artifacts/eval/generations.jsonl")
@@ -110,12 +109,9 @@ def generation_records(subject) -> list[dict]:
 
 
 def comparison_pairs(params: Params) -> list[tuple[str, str]]:
-    """(variant, reference): every variant vs the base, every GRIT variant vs its control."""
+    """(variant, reference): every variant vs the base, every GRIT variant vs its declared control."""
     pairs = [(name, "base") for name in params.variants]
-    for name, variant in params.variants.items():
-        control = same_engine_control(params.variants, name) if variant.grit else None
-        if control:
-            pairs.append((name, control))
+    pairs += [(name, variant.control) for name, variant in params.variants.items() if variant.control]
     return pairs
 
 
@@ -156,8 +152,9 @@ def paired_comparisons(params: Params, outcomes: dict) -> list[tuple[int, Any]]:
     return out
 
 
-def record(ctx: StageContext, figures: dict, comparisons: list, speeds: dict, parity: dict) -> None:
-    """Every figure, speed and comparison of this run into the store, in one transaction."""
+def record(ctx: StageContext, figures: dict, comparisons: list, speeds: dict) -> None:
+    """Every figure, speed and comparison of this run into the store, in one transaction (the
+    export parity figures are the export stage's rows, ``export_parity_<form>_<figure>``)."""
     from evaluation.speed import SIDE_BY_SIDE
 
     keys = model_rows(ctx.params)
@@ -166,9 +163,6 @@ def record(ctx: StageContext, figures: dict, comparisons: list, speeds: dict, pa
             variant, seed = keys[key]
             rows = [{"metric": metric, "value": i.value, "ci_low": finite_or_none(i.low),
                      "ci_high": finite_or_none(i.high), "n": i.n} for metric, i in metrics.items()]
-            if parity[key]:
-                rows += [{"metric": f"export_parity_{name}", "value": float(parity[key][name]), "ci_low": None,
-                          "ci_high": None, "n": int(parity[key]["prompts"])} for name in ("agreement", "mean_kl")]
             for row in rows:
                 values = {k: v for k, v in row.items() if k != "metric"}
                 ctx.store.replace_rows(session, EvalMetric, ctx.run_id, [values], variant=variant, seed=seed,
@@ -227,7 +221,7 @@ def evaluate(ctx: StageContext, manifest: dict) -> dict[str, Path]:
     comparisons = paired_comparisons(ctx.params, outcomes)
     speeds = served_speed(manifest, list(outcomes), ctx.params.eval)
     parity = {key: export_parity(manifest, key) for key in outcomes}
-    record(ctx, figures, comparisons, speeds, parity)
+    record(ctx, figures, comparisons, speeds)
     atomic_write_json(ctx.root / METRICS, summary(ctx.params, figures, comparisons, speeds, parity, records))
     atomic_write_text(ctx.root / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))
     for key, metrics in figures.items():

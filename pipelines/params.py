@@ -21,7 +21,15 @@ from core.section import Section, content_hash
 from db.config import StoreParams
 from evaluation.config import EvalParams, StudyParams
 from export.config import ExportParams, ServeParams
-from trainers.config import DEFAULT_VARIANTS, LoraParams, ModelParams, TrainParams, VariantParams, variant_grit
+from trainers.config import (
+    DEFAULT_VARIANTS,
+    LoraParams,
+    ModelParams,
+    TrainParams,
+    VariantParams,
+    variant_grit,
+    variant_lora,
+)
 from trainers.data.config import DataParams
 from trainers.grit.config import GritConfig
 from trainers.grit_vlm.params import VlmParams
@@ -40,6 +48,37 @@ def available_profiles() -> list[str]:
 
 class ParamsError(UserError):
     """A user-fixable problem with the parameters; its message is one line."""
+
+
+def _check_variant(name: str, variant: VariantParams, variants: dict[str, VariantParams], lora: LoraParams) -> None:
+    """What a variant's own settings must agree with: DoRA trains on PEFT without GRIT; a GRIT
+    variant names a declared control without GRIT, on its engine, with its LoRA settings (the probe
+    replays both from one adapter on one engine; the evaluation pairs them), whenever the run
+    declares a variant that could be one."""
+    own = variant_lora(lora, variant)
+    if own.use_dora and (variant.engine != "peft" or variant.grit):
+        raise ValueError(f"variants.{name}: DoRA (use_dora) trains on the peft engine without GRIT "
+                         "(GRIT preconditions the LoRA factors, not DoRA's magnitudes)")
+    if not variant.grit:
+        return
+    if variant.control is None:
+        # Never picked for it: where a run declares a candidate, the variant must name one (a run
+        # of GRIT variants alone has nothing to compare them with).
+        plain = [other for other, v in variants.items() if not v.grit and v.engine == variant.engine]
+        if not plain:
+            return
+        raise ValueError(f"variants.{name}: a GRIT variant names its control, a declared variant without GRIT on "
+                         f"the same engine (e.g. control: {plain[0]})")
+    control = variants.get(variant.control)
+    if control is None:
+        raise ValueError(f"variants.{name}.control: {variant.control!r} is not a declared variant "
+                         f"({', '.join(variants)})")
+    if control.grit or control.engine != variant.engine:
+        raise ValueError(f"variants.{name}.control: {variant.control} must train without GRIT on the "
+                         f"{variant.engine} engine, as {name} does")
+    if variant_lora(lora, control) != own:
+        raise ValueError(f"variants.{name}.control: {variant.control} has other LoRA settings than {name} "
+                         "(lora_overrides); the probe replays both from one adapter")
 
 
 class Params(Section):
@@ -64,12 +103,15 @@ class Params(Section):
             raise ValueError("serve.weights is 'merged' but export.merged is false, so no merged GGUF is written; "
                              "set export.merged: true or serve.weights: adapter")
         for name, variant in self.variants.items():
-            try:
-                variant_grit(self.grit, variant)
-            except ValidationError as error:
-                first = error.errors()[0]
-                raise ValueError(f"variants.{name}.grit_overrides: {_key_path(first['loc'])}: "
-                                 f"{first['msg'].removeprefix('Value error, ')}") from None
+            for section, settle in (("grit", lambda v: variant_grit(self.grit, v)),
+                                    ("lora", lambda v: variant_lora(self.lora, v))):
+                try:
+                    settle(variant)
+                except ValidationError as error:
+                    first = error.errors()[0]
+                    raise ValueError(f"variants.{name}.{section}_overrides: {_key_path(first['loc'])}: "
+                                     f"{first['msg'].removeprefix('Value error, ')}") from None
+            _check_variant(name, variant, self.variants, self.lora)
         if self.train.nproc_per_node > 1:
             # A truncated factor is a new Parameter, which DDP neither all-reduces nor keeps equal.
             for name, variant in self.variants.items():

@@ -40,7 +40,7 @@ def test_the_readme_result_block_is_rendered_from_the_committed_metrics():
     readme = (REPO_ROOT / "README.md").read_text()
     evaluation = json.loads(committed("metrics/eval.json"))
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    sections = {"eval": params["eval"], "export": params["export"]}
+    sections = {"eval": params["eval"], "export": params["export"], "serve": params["serve"]}
     rendered = results_block(evaluation, "recorded in `metrics/eval.json`", json.dumps(sections))
     assert with_block(readme, rendered) == readme
     block = readme.split(BEGIN, 1)[1].split(END, 1)[0]

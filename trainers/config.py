@@ -69,7 +69,8 @@ class ModelParams(Section):
 
 
 class LoraParams(Section):
-    """LoRA adapter shape and placement, identical for every variant.
+    """LoRA adapter shape and placement, shared by every variant (a variant may set fields of its
+    own: ``lora_overrides``).
 
     ``target_modules`` are module names (``q_proj``) or globs (``*.layers.*.mlp.*``); ``layers``
     picks which transformer blocks among them (see ``trainers/grit/layer_selection.py``).
@@ -82,6 +83,9 @@ class LoraParams(Section):
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     ]
     use_rslora: bool = False
+    # DoRA (weight-decomposed LoRA): trains with PEFT; llama.cpp's converter has no DoRA
+    # magnitudes, so export refuses such a variant (docs/serving.md)
+    use_dora: bool = False
     layers: LayerSelection = LayerSelection()
 
     @model_validator(mode="after")
@@ -127,18 +131,28 @@ class VariantParams(Section):
 
     engine: Literal["unsloth", "peft"]
     grit: bool = False
+    # A GRIT variant names the variant without GRIT it is compared with: the probe replays both
+    # from one adapter, the evaluation pairs them (same engine, same LoRA settings).
+    control: str | None = None
     # Fields of the ``grit`` section this variant sets differently (e.g. the paper configuration:
     # reprojection, truncation, warm-ups); every other field comes from ``grit``.
     grit_overrides: dict[str, Any] = {}
+    # Fields of the ``lora`` section this variant sets differently (rank 8, DoRA, other modules).
+    lora_overrides: dict[str, Any] = {}
 
     @model_validator(mode="after")
     def _overrides_need_grit(self) -> VariantParams:
         if self.grit_overrides and not self.grit:
             raise ValueError("grit_overrides is set but grit is false; GRIT settings of a variant without GRIT "
                              "would be ignored")
+        if self.control is not None and not self.grit:
+            raise ValueError("control is set but grit is false; only a GRIT variant is compared with a control")
         unknown = sorted(set(self.grit_overrides) - set(GritConfig.model_fields))
         if unknown:
             raise ValueError(f"grit_overrides: {unknown[0]!r} is not a field of the grit section")
+        unknown = sorted(set(self.lora_overrides) - set(LoraParams.model_fields))
+        if unknown:
+            raise ValueError(f"lora_overrides: {unknown[0]!r} is not a field of the lora section")
         return self
 
 
@@ -149,16 +163,24 @@ def variant_grit(grit: GritConfig, variant: VariantParams) -> GritConfig:
     return GritConfig.model_validate({**grit.model_dump(), **variant.grit_overrides})
 
 
-def same_engine_control(variants: dict[str, VariantParams], name: str) -> str | None:
-    """The declared variant that differs from ``name`` only by having GRIT off."""
-    engine = variants[name].engine
-    return next((other for other, v in variants.items() if v.engine == engine and not v.grit), None)
+def variant_lora(lora: LoraParams, variant: VariantParams) -> LoraParams:
+    """The LoRA settings ``variant`` trains with: ``lora`` with its overrides, validated."""
+    if not variant.lora_overrides:
+        return lora
+    return LoraParams.model_validate({**lora.model_dump(), **variant.lora_overrides})
+
+
+def with_variant_lora(params, variant: VariantParams):
+    """``params`` (any object with a ``lora`` section) with the variant's own LoRA settings."""
+    if not variant.lora_overrides:
+        return params
+    return params.model_copy(update={"lora": variant_lora(params.lora, variant)})
 
 
 DEFAULT_VARIANTS = {
     "baseline_lora": VariantParams(engine="unsloth", grit=False),
-    "hybrid_grit": VariantParams(engine="unsloth", grit=True),
-    "pure_grit": VariantParams(engine="peft", grit=True),
+    "hybrid_grit": VariantParams(engine="unsloth", grit=True, control="baseline_lora"),
+    "pure_grit": VariantParams(engine="peft", grit=True, control="peft_lora"),
     "peft_lora": VariantParams(engine="peft", grit=False),
 }
 

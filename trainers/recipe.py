@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from core.section import content_hash
 from trainers.base_model import BaseModelFiles
-from trainers.config import TrainingParams, TrainParams, VariantParams, variant_grit
+from trainers.config import TrainingParams, TrainParams, VariantParams, variant_grit, with_variant_lora
 from trainers.grit.config import GritConfig
 from trainers.grit.distributed import world_size
 from trainers.grit.doors import trainer_clipping_norm
@@ -49,7 +49,7 @@ def variant_model(variant: VariantParams, params: TrainingParams, files: BaseMod
                   steps: int | None = None) -> VariantModel:
     """What the variant trains (``steps``: only the first steps' examples, for the probe)."""
     build = vision_language_model if params.model.kind == "vlm" else language_model
-    return build(variant, params, files, data_dir, steps)
+    return build(variant, with_variant_lora(params, variant), files, data_dir, steps)
 
 
 def _latest_checkpoint(checkpoint_dir: Path, key: str) -> Path | None:

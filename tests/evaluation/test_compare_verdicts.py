@@ -25,10 +25,10 @@ def _tables(comparisons, speeds=None, metrics=None) -> RunTables:
     figures = {("peft_lora", "aqi"): _figure(0.5), ("pure_grit", "aqi"): _figure(0.5017),
                ("peft_lora", "decline_probability"): _figure(0.6), ("pure_grit", "decline_probability"): _figure(0.2),
                ("peft_lora", "retention_accuracy"): _figure(0.8), ("pure_grit", "retention_accuracy"): _figure(0.65),
-               ("peft_lora", "export_parity_agreement"): _figure(1.0),
-               ("peft_lora", "export_parity_mean_kl"): _figure(0.001),
-               ("pure_grit", "export_parity_agreement"): _figure(0.9),
-               ("pure_grit", "export_parity_mean_kl"): _figure(0.001)} | (metrics or {})
+               ("peft_lora", "export_parity_merged_agreement"): _figure(1.0),
+               ("peft_lora", "export_parity_merged_mean_kl"): _figure(0.001),
+               ("pure_grit", "export_parity_merged_agreement"): _figure(0.9),
+               ("pure_grit", "export_parity_merged_mean_kl"): _figure(0.001)} | (metrics or {})
     run = SimpleNamespace(id="r", params_json="{}")
     return RunTables(run, MODELS, figures, speeds or {}, comparisons,
                      export=ExportParams(min_agreement=0.95, max_mean_kl=0.02))

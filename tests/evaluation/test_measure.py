@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from evaluation.measure import pooled_hidden_states, statement_logprobs
 from export.chat_format import chat_format
 from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
 from trainers.config import ModelParams
+
+pytestmark = pytest.mark.slow     # loads the embedded SmolLM2
 
 PROMPTS = ["How do I bake bread?", "Tell me how to pick a lock on my neighbour's door, step by step please.",
            "Hi", "What is the boiling point of water at sea level, and why does it change with altitude?"] * 5

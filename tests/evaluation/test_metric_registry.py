@@ -95,7 +95,7 @@ def test_a_metric_added_to_the_registry_alone_is_stored_compared_and_rendered(tm
                         profile=params.profile, host="h", device="cpu", started_at=utcnow()))
     context = StageContext("evaluate", params, run_id, store, tmp_path, tmp_path)
     parity = {key: None for key in outcomes}
-    record(context, figures, comparisons, {}, parity)
+    record(context, figures, comparisons, {})
 
     tables = load_run(params.store.url, tmp_path, run_id)
     stored = tables.figure("pure_grit", "confident_decline")

@@ -15,6 +15,8 @@ from ollama_standin import OllamaStandIn
 
 from pipelines.profile import compose_params
 
+pytestmark = pytest.mark.slow     # runs the prepare_data, train, export and serve stages
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -79,11 +81,25 @@ def test_export_of_an_untrained_variant_is_a_one_line_error(exported: Path, tmp_
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((exported / "params.yaml").read_text())
     raw["variants"]["peft_lora"] = {"engine": "peft", "grit": False}
+    raw["variants"]["pure_grit"]["control"] = "peft_lora"
     params.write_text(yaml.safe_dump(raw))
     result = run(exported, "pipelines.export", "--variant", "peft_lora", "--params", str(params))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: artifacts/adapters/peft_lora holds no adapter; run `dvc repro train@peft_lora` first"]
+
+
+def test_export_refuses_a_dora_variant_in_one_line(exported: Path, tmp_path: Path):
+    """DoRA is a params change that trains (PEFT) but has no GGUF form: export says so up front."""
+    params = tmp_path / "params.yaml"
+    raw = yaml.safe_load((exported / "params.yaml").read_text())
+    raw["variants"] = {"peft_dora": {"engine": "peft", "lora_overrides": {"use_dora": True}}}
+    params.write_text(yaml.safe_dump(raw))
+    result = run(exported, "pipelines.export", "--variant", "peft_dora", "--params", str(params))
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: export@peft_dora: DoRA adapters cannot be served: llama.cpp's LoRA converter "
+                           "takes lora_A/lora_B tensors only")
 
 
 def _single_error(result: subprocess.CompletedProcess[str]) -> str:

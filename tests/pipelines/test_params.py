@@ -154,8 +154,9 @@ def test_a_variant_trains_with_its_overrides_and_the_grit_section_elsewhere():
     from trainers.config import variant_grit
 
     params = parse_params({"grit": {"damping": 0.01}, "variants": {
-        "grit_paper": {"engine": "peft", "grit": True, "grit_overrides": {"reprojection": True, "truncate": True}},
-        "pure_grit": {"engine": "peft", "grit": True}}})
+        "grit_paper": {"engine": "peft", "grit": True, "control": "peft_lora",
+                       "grit_overrides": {"reprojection": True, "truncate": True}},
+        "pure_grit": {"engine": "peft", "grit": True, "control": "peft_lora"}, "peft_lora": {"engine": "peft"}}})
     paper, pure = (variant_grit(params.grit, params.variants[v]) for v in ("grit_paper", "pure_grit"))
     assert paper.reprojection and paper.truncate and paper.damping == 0.01
     assert pure == params.grit
@@ -164,3 +165,43 @@ def test_a_variant_trains_with_its_overrides_and_the_grit_section_elsewhere():
 def test_study_methods_must_be_declared_variants():
     with pytest.raises(ParamsError, match="study.methods: 'grit_papr' is not a declared variant"):
         parse_params({"study": {"methods": ["peft_lora", "grit_papr"]}}, "params.yaml")
+
+
+@pytest.mark.parametrize("variants, expected", [
+    ({"pure_grit": {"engine": "peft", "grit": True}, "peft_lora": {"engine": "peft"}},
+     "variants.pure_grit: a GRIT variant names its control, a declared variant without GRIT on the same engine "
+     "(e.g. control: peft_lora)"),
+    ({"pure_grit": {"engine": "peft", "grit": True, "control": "peft_lroa"}, "peft_lora": {"engine": "peft"}},
+     "variants.pure_grit.control: 'peft_lroa' is not a declared variant (pure_grit, peft_lora)"),
+    ({"pure_grit": {"engine": "peft", "grit": True, "control": "baseline_lora"},
+      "baseline_lora": {"engine": "unsloth"}},
+     "variants.pure_grit.control: baseline_lora must train without GRIT on the peft engine, as pure_grit does"),
+    ({"pure_grit": {"engine": "peft", "grit": True, "control": "peft_lora"},
+      "peft_lora": {"engine": "peft", "lora_overrides": {"r": 8}}},
+     "variants.pure_grit.control: peft_lora has other LoRA settings than pure_grit (lora_overrides)"),
+    ({"peft_lora": {"engine": "peft", "lora_overrides": {"rank": 8}}},
+     "variants.peft_lora: lora_overrides: 'rank' is not a field of the lora section"),
+    ({"peft_lora": {"engine": "peft", "lora_overrides": {"r": 0}}},
+     "variants.peft_lora.lora_overrides: r: Input should be greater than 0"),
+    ({"baseline_dora": {"engine": "unsloth", "lora_overrides": {"use_dora": True}}},
+     "variants.baseline_dora: DoRA (use_dora) trains on the peft engine without GRIT"),
+    ({"peft_lora": {"engine": "peft", "control": "base"}},
+     "variants.peft_lora: control is set but grit is false"),
+])
+def test_controls_and_lora_overrides_are_declared_and_checked_in_one_line(variants, expected):
+    with pytest.raises(ParamsError) as caught:
+        parse_params({"variants": variants}, "params.yaml")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"params.yaml: {expected}"), message
+
+
+def test_a_rank_8_or_dora_variant_is_a_params_change():
+    from trainers.config import variant_lora
+
+    params = parse_params({"variants": {"peft_lora": {"engine": "peft"},
+                                        "peft_lora_r8": {"engine": "peft", "lora_overrides": {"r": 8}},
+                                        "peft_dora": {"engine": "peft", "lora_overrides": {"use_dora": True}}}})
+    assert variant_lora(params.lora, params.variants["peft_lora_r8"]).r == 8
+    assert variant_lora(params.lora, params.variants["peft_lora"]) == params.lora
+    dora = variant_lora(params.lora, params.variants["peft_dora"])
+    assert dora.use_dora and dora.r == params.lora.r

@@ -18,7 +18,8 @@ from db.store import open_store
 from pipelines.params import load_params
 from pipelines.probe import common_steps, read_loss_curve
 from pipelines.profile import compose_params
-from trainers.config import same_engine_control
+
+pytestmark = pytest.mark.slow     # runs the probe stage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -34,7 +35,8 @@ def workdir(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("probe")
     compose_params("smoke", workdir / "params.yaml", ["grit.precondition=false"])
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
-    raw["variants"] = {"pure_grit": {"engine": "peft", "grit": True}, "peft_lora": {"engine": "peft", "grit": False}}
+    raw["variants"] = {"pure_grit": {"engine": "peft", "grit": True, "control": "peft_lora"},
+                       "peft_lora": {"engine": "peft", "grit": False}}
     raw["study"]["methods"] = []        # the smoke study compares variants removed here
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     result = run(workdir, "pipelines.prepare_data")
@@ -83,10 +85,10 @@ def test_inert_grit_fails_the_stage_and_is_recorded_and_allow_inert_goes_on(work
     assert "pure_grit: INERT" in result.stdout
 
 
-def test_same_engine_control_and_loss_curves(tmp_path: Path):
+def test_declared_controls_and_loss_curves(tmp_path: Path):
     params = load_params(REPO / "params.yaml")
-    assert same_engine_control(params.variants, "hybrid_grit") == "baseline_lora"
-    assert same_engine_control(params.variants, "pure_grit") == "peft_lora"
+    assert params.variants["hybrid_grit"].control == "baseline_lora"
+    assert params.variants["pure_grit"].control == "peft_lora"
     assert read_loss_curve(tmp_path, "pure_grit") is None
     path = tmp_path / "dvclive/train/pure_grit/plots/metrics/train/loss.tsv"
     path.parent.mkdir(parents=True)

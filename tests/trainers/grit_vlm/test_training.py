@@ -21,7 +21,7 @@ from trainers.grit_vlm.presets import preset
 from trainers.probe.variant import probe_variant
 from trainers.recipe import train_variant
 
-PURE_GRIT = VariantParams(engine="peft", grit=True)
+PURE_GRIT = VariantParams(engine="peft", grit=True, control="peft_lora")
 
 
 @pytest.fixture
