@@ -22,6 +22,8 @@ from db.models import Run
 from db.store import open_store
 from pipelines.profile import compose_params
 
+pytestmark = pytest.mark.slow     # runs DVC pipelines and experiments
+
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = "artifacts/base_model.json"
 DVC_YAML = {"stages": {"prepare_model": {

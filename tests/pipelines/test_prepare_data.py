@@ -16,6 +16,8 @@ from pipelines.profile import compose_params
 from trainers.data.hygiene import normalise
 from trainers.data.sources import RHO_REFUSAL
 
+pytestmark = pytest.mark.slow     # runs the prepare_data stage
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 OUTPUT_FILES = ["train.jsonl", "validation.jsonl", "eval_aqi.jsonl", "eval_overrefusal.jsonl",

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from core.files import sha256_file
 from db.models import Artifact, Run, StageRun, Variant
 from db.store import open_store
 from pipelines.profile import compose_params
+
+pytestmark = pytest.mark.slow     # runs the prepare_model stage on the embedded model
 
 
 def _run_stage(cwd: Path, repo_root: Path, params: Path) -> subprocess.CompletedProcess[str]:

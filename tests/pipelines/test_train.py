@@ -21,6 +21,8 @@ from pipelines.params import load_params
 from pipelines.profile import compose_params
 from pipelines.stage import run_id_for
 
+pytestmark = pytest.mark.slow     # runs the train stage
+
 REPO = Path(__file__).resolve().parents[2]
 
 

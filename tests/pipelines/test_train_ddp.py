@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from sqlalchemy import select
 
 from db.models import TrainMetric
 from db.store import open_store
 from pipelines.profile import compose_params
+
+pytestmark = pytest.mark.slow     # trains under torchrun
 
 REPO = Path(__file__).resolve().parents[2]
 
