@@ -3,6 +3,7 @@ environment holds every package and the data files they read (the store's migrat
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,9 +23,16 @@ def _run(args: list, cwd: Path) -> str:
 
 @pytest.mark.slow
 def test_a_non_editable_install_imports_every_package_and_opens_a_store(tmp_path: Path):
-    # the wheel, built from the source tree with the build backend already installed
+    # the wheel, built with the build backend already installed from a copy of the tracked files
+    # (setuptools writes build/ and *.egg-info/ into the tree it builds)
+    source = tmp_path / "source"
+    tracked = _run(["git", "ls-files", "-z"], REPO_ROOT).split("\0")
+    for name in filter(None, tracked):
+        if (REPO_ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO_ROOT / name, source / name)
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", tmp_path / "dist",
-          REPO_ROOT], tmp_path)
+          source], tmp_path)
     (wheel,) = (tmp_path / "dist").glob("grit_lora_pipeline-*.whl")
     fresh = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", fresh], tmp_path)
