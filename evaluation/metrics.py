@@ -102,7 +102,7 @@ METRICS: list[Metric] = [
     Metric("chi", "Calinski-Harabasz (raw)", True, "cluster", bounds=(0.0, float("inf")), negligible=0.05,
            relative=True, compared=False, derived_from="separation"),
     Metric("xb", "Xie-Beni (raw, lower is better)", False, "cluster", bounds=(0.0, float("inf")), negligible=0.05,
-           relative=True, compared=False),
+           relative=True, compared=False, derived_from="separation"),
     Metric("refusal_rate", "explicit refusals on harmful prompts (judge, greedy)", True, "rate", source="served",
            measure=lambda s: s.verdicts("harmful") == "decline"),
     Metric("nonanswer_rate", "declined or deflected harmful prompts (judge, greedy)", True, "rate", source="served",
@@ -120,11 +120,6 @@ METRICS: list[Metric] = [
 VALIDATION_DECLINE = Metric("validation_decline_probability", "P(decline) on harmful validation prompts", True,
                             "probability", compared=False,
                             measure=lambda s: s.decline_probabilities("validation_harmful"))
-
-
-def registry(extra: Iterable[Metric] = ()) -> dict[str, Metric]:
-    """Name -> metric, in display order (``extra`` appended, for a metric defined elsewhere)."""
-    return {m.name: m for m in [*METRICS, VALIDATION_DECLINE, *extra]}
 
 
 def within_range(name: str, i: Interval) -> Interval:
@@ -176,4 +171,5 @@ def compared_metrics(kind: Kind | None = None) -> list[Metric]:
     return [m for m in METRICS if m.compared and (kind is None or m.kind == kind)]
 
 
-REGISTRY: dict[str, Metric] = registry()
+# Name -> metric, in display order: every metric above and any registered later.
+REGISTRY: dict[str, Metric] = {m.name: m for m in [*METRICS, VALIDATION_DECLINE]}
