@@ -65,10 +65,12 @@ def synchronize(device: str) -> None:
 
 
 def interleaved_step_times(lora: Step, grit: Step, batches: Iterable[Any], warmup: int = 2, device: str = "cpu",
-                           prepare: Callable[[str], None] | None = None) -> StepTimes:
+                           prepare: Callable[[str], None] | None = None,
+                           clock: Callable[[], float] = time.perf_counter) -> StepTimes:
     """Each batch of ``batches`` is given to the LoRA step, then to the GRIT step; the first
     ``warmup`` batches are not timed (allocator, kernels, the first inversion). ``prepare(arm)``
-    runs before each step, outside the timed span (``arm`` is ``"lora"`` or ``"grit"``)."""
+    runs before each step, outside the timed span (``arm`` is ``"lora"`` or ``"grit"``).
+    ``clock``: seconds, read right before and after each step (a test passes its own)."""
     arms = dict(zip(ARMS, (lora, grit), strict=True))
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
     for k, inputs in enumerate(batches):
@@ -76,11 +78,11 @@ def interleaved_step_times(lora: Step, grit: Step, batches: Iterable[Any], warmu
             if prepare is not None:
                 prepare(arm)
             synchronize(device)
-            started = time.perf_counter()
+            started = clock()
             step(inputs)
             synchronize(device)
             if k >= warmup:
-                times[arm].append(time.perf_counter() - started)
+                times[arm].append(clock() - started)
     if not times["lora"]:
         raise ValueError(f"no step was timed: give more batches than the {warmup} warm-up steps")
     return StepTimes(statistics.median(times["lora"]), statistics.median(times["grit"]), len(times["lora"]))

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -145,23 +144,26 @@ def test_the_registry_serves_every_item_of_the_check_and_nothing_else(tmp_path: 
 
 
 def test_the_overhead_harness_times_interleaved_steps_and_weighs_one_arm():
-    """Two step functions, one ten times slower: the harness times them interleaved on the same
-    batches after the warm-up, and a step that touches 64 MiB raises the process's peak RSS."""
+    """Two step functions on a test clock (no wall time: a busy machine cannot move it), GRIT's
+    step 10 units plus the batch, LoRA's 1: the harness runs them interleaved on the same batches,
+    leaves the warm-up out and takes the medians; a step that touches 64 MiB raises the peak RSS."""
     seen: list[tuple[str, int]] = []
+    now = [0.0]
 
     def fast(batch: int) -> None:
         seen.append(("lora", batch))
-        time.sleep(0.002)
+        now[0] += 1.0
 
     def slow(batch: int) -> None:
         seen.append(("grit", batch))
-        time.sleep(0.02)
+        now[0] += 10.0 + batch
 
     prepared: list[str] = []
-    timed = interleaved_step_times(fast, slow, range(5), warmup=2, prepare=prepared.append)
+    timed = interleaved_step_times(fast, slow, range(5), warmup=2, prepare=prepared.append, clock=lambda: now[0])
     assert seen == [(arm, k) for k in range(5) for arm in ("lora", "grit")]
     assert prepared == ["lora", "grit"] * 5
-    assert timed.steps == 3 and timed.lora_s > 0 and timed.grit_s > 0 and timed.ratio > 2
+    # timed batches 2, 3, 4: LoRA 1, 1, 1; GRIT 12, 13, 14
+    assert (timed.steps, timed.lora_s, timed.grit_s, timed.ratio) == (3, 1.0, 13.0, 13.0)
     with pytest.raises(ValueError, match="no step was timed"):
         interleaved_step_times(fast, slow, range(2), warmup=2)
 
