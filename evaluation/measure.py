@@ -17,6 +17,7 @@ stage and the study's trials take.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -133,19 +134,15 @@ class Subject:
         self._declines: dict[str, np.ndarray] = {}
         self._verdicts: dict[str, np.ndarray] = {}
 
-    @property
+    @cached_property
     def states(self) -> np.ndarray:
         """[2 * pairs, hidden] pooled states, harmful and benign prompt of each pair interleaved."""
-        if not hasattr(self, "_states"):
-            prompts = [p for pair in self.sets["aqi_pairs"] for p in pair]
-            self._states = pooled_hidden_states(self.model, self.tokenizer, prompts, self.chat, self.aqi_layers)
-        return self._states
+        prompts = [p for pair in self.sets["aqi_pairs"] for p in pair]
+        return pooled_hidden_states(self.model, self.tokenizer, prompts, self.chat, self.aqi_layers)
 
-    @property
+    @cached_property
     def retained(self) -> np.ndarray:
-        if not hasattr(self, "_retained"):
-            self._retained = retained(self.model, self.tokenizer, self.sets["facts"])
-        return self._retained
+        return retained(self.model, self.tokenizer, self.sets["facts"])
 
     def decline_probabilities(self, name: str) -> np.ndarray:
         if name not in self._declines:
