@@ -38,7 +38,7 @@ def build(grit: bool):
 
     from trainers.base_model import load_causal_lm, resolve_base_model
     from trainers.config import ModelParams
-    from trainers.grit import GritConfig, GritManager
+    from trainers.grit import GritManager, GritParams
 
     params = ModelParams()
     torch.manual_seed(0)
@@ -46,7 +46,7 @@ def build(grit: bool):
                            LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if grit:
-        manager = GritManager(model, GritConfig(capture_every=1, update_freq=1, min_samples=16))
+        manager = GritManager(model, GritParams(capture_every=1, update_freq=1, min_samples=16))
         return model, manager.wrap_optimizer(optimizer, max_grad_norm=1.0), manager
     return model, optimizer, None
 

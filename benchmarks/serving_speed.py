@@ -3,17 +3,22 @@
 Embedded SmolLM2-135M (Q4_1) through llama.cpp. The adapter is a trained export when one exists
 (``artifacts/export/<variant>/``), else a LoRA r=16 on all 7 projections with random B (the
 default run's shape: speed does not depend on the values). The three models stay loaded and
-are measured in interleaved rounds (base, adapter, merged, base, ...) on the same prompts, so
-machine noise hits all alike; prefill and decode tokens/s come from llama.cpp's own timers
-(new tokens only for decode). Printed: medians and the ratios to the base.
-Target: the served fine-tuned model (merged) at >= 0.95x the base's decode speed.
+are measured as the evaluate stage measures served speed (``evaluation.speed.side_by_side``):
+interleaved rounds in a rotating order on the same prompts, exactly ``--tokens`` greedy decode
+steps each, ratios to the base paired by round and prompt, so machine noise hits all alike.
+Printed: medians and the ratios to the base; ``--json`` also writes them (docs/serving.md renders
+its table from ``benchmarks/results/serving-speed-2cpu.json``).
+Target: the served fine-tuned model (merged, ``export.merged_quantization``) at
+``eval.min_speed_ratio`` (0.9x) the base's decode speed.
 
-    python benchmarks/serving_speed.py [--variant pure_grit] [--rounds 5] [--tokens 64]
+    python benchmarks/serving_speed.py [--variant pure_grit] [--rounds 5] [--tokens 64] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import sys
 import tempfile
@@ -22,14 +27,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-PROMPTS = ["Explain how a rainbow forms.", "Write a short poem about autumn leaves.",
-           "What are three tips for learning a new language?", "Describe the water cycle for a child."]
+from evaluation.config import EvalParams  # noqa: E402  (after the path is set)
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def exported_files(variant: str, scratch: Path, files) -> tuple[Path, Path, str]:
     """(adapter GGUF, merged GGUF, where they came from)."""
     from export.adapter import convert_adapter, folded_adapter
+    from export.config import ExportParams
     from export.gguf import merged_gguf
 
     folder = ROOT / "artifacts/export" / variant
@@ -49,21 +55,26 @@ def exported_files(variant: str, scratch: Path, files) -> tuple[Path, Path, str]
             torch.nn.init.normal_(parameter, std=0.01)
     model.save_pretrained(scratch / "adapter")
     adapter = convert_adapter(folded_adapter(scratch / "adapter", scratch / "folded"), files.hf_dir, scratch / "a.gguf")
-    return adapter, merged_gguf(files, adapter, scratch / "merged.gguf", "Q4_1"), "random r=16 adapter"
+    merged = merged_gguf(files, adapter, scratch / "merged.gguf", ExportParams().merged_quantization)
+    return adapter, merged, "a random r=16 adapter on all 7 projections"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variant", default="pure_grit")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=6, help="a multiple of 3: each form leads equally often")
+    parser.add_argument("--tokens", type=int, default=EvalParams().speed_new_tokens)
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
 
+    from evaluation.speed import SPEED_PROMPTS, side_by_side, speed_ratios
     from export.backend import LlamaCppModel
     from export.chat_format import chat_format
+    from export.config import ExportParams
     from trainers.base_model import load_tokenizer, resolve_base_model
     from trainers.config import ModelParams
 
+    prompts = list(SPEED_PROMPTS[:EvalParams().speed_prompts])     # the evaluate stage's prompts
     files = resolve_base_model(ModelParams())
     chat = chat_format(load_tokenizer(files, ModelParams()))
     with tempfile.TemporaryDirectory() as scratch:
@@ -72,31 +83,33 @@ def main(argv: list[str] | None = None) -> int:
         models = {"base": LlamaCppModel(files.gguf_path, chat, prompt_cache=False),
                   "base+adapter": LlamaCppModel(files.gguf_path, chat, adapter, prompt_cache=False),
                   "merged": LlamaCppModel(merged, chat, prompt_cache=False)}
-        decode: dict[str, list[float]] = {name: [] for name in models}
-        prefill: dict[str, list[float]] = {name: [] for name in models}
-        for model in models.values():   # warm-up: first calls pay for allocation
-            model.generate(PROMPTS[0], 8)
-        for _ in range(args.rounds):
-            for prompt in PROMPTS:
-                for name, model in models.items():
-                    # Greedy, same prompt and budget for all three; rates are new tokens over
-                    # llama.cpp's own decode time, so an earlier end of turn does not bias them.
-                    generation = model.generate(prompt, args.tokens)
-                    if generation.decode_tokens_per_second:
-                        decode[name].append(generation.decode_tokens_per_second)
-                    if generation.prefill_tokens_per_second:
-                        prefill[name].append(generation.prefill_tokens_per_second)
-        for model in models.values():
-            model.close()
-    print(f"llama.cpp, embedded SmolLM2-135M Q4_1, {origin}; {args.rounds} rounds x {len(PROMPTS)} prompts, "
-          "median tokens/s (ratio to base)")
-    base_decode, base_prefill = statistics.median(decode["base"]), statistics.median(prefill["base"])
+        try:
+            # The evaluate stage's own measurement: the same prompts and decode steps for every
+            # model, interleaved in a rotating order, ratios paired by round and prompt.
+            rates = side_by_side(models, prompts, args.tokens, args.rounds)
+        finally:
+            for model in models.values():
+                model.close()
+    ratios = speed_ratios(rates)
+    print(f"llama.cpp, embedded SmolLM2-135M Q4_1, {origin}; {args.rounds} rounds x {len(prompts)} prompts, "
+          "median tokens/s (median of the ratios to the base paired by round and prompt)")
+    labels = {"base": "base (Q4_1)", "base+adapter": "base + adapter.gguf",
+              "merged": f"merged.gguf ({ExportParams().merged_quantization})"}
+    forms = []
     for name in models:
-        d, p = statistics.median(decode[name]), statistics.median(prefill[name])
-        print(f"  {name:13s} decode {d:7.1f} ({d / base_decode:.3f}x)   prefill {p:7.1f} ({p / base_prefill:.3f}x)")
-    ratio = statistics.median(decode["merged"]) / base_decode
+        d, p = statistics.median(rates[name]["decode"]), statistics.median(rates[name]["prefill"])
+        dr, pr = (ratios[name]["decode_ratio"], ratios[name]["prefill_ratio"]) if name in ratios else (1.0, 1.0)
+        forms.append({"form": name, "label": labels[name], "decode": d, "prefill": p,
+                      "decode_ratio": dr, "prefill_ratio": pr})
+        print(f"  {name:13s} decode {d:7.1f} ({dr:.3f}x)   prefill {p:7.1f} ({pr:.3f}x)")
+    target = EvalParams().min_speed_ratio
+    ratio = ratios["merged"]["decode_ratio"]
     print(f"served fine-tuned model (merged) decode at {ratio:.3f}x the base: "
-          f"{'meets' if ratio >= 0.95 else 'MISSES'} the >= 0.95x target")
+          f"{'meets' if ratio >= target else 'MISSES'} the >= {target}x target (eval.min_speed_ratio)")
+    if args.json:
+        args.json.write_text(json.dumps({"adapter": origin, "threads": os.cpu_count(), "rounds": args.rounds,
+                                         "prompts": len(prompts), "tokens": args.tokens, "target": target,
+                                         "forms": forms}, indent=2) + "\n")
     return 0
 
 

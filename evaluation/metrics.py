@@ -16,7 +16,7 @@ by the paired t over seeds (``evaluation.aggregate``).
 Adding a metric that is stored, compared and displayed: append a :class:`Metric` to
 ``METRICS`` with a ``measure`` that reads what it needs from the measured model
 (``evaluation.measure.Subject``; add a cached measurement there when none fits). The evaluate
-stage, ``compare_all``, the study, ``readme_results`` and the plots read the registry.
+stage, ``compare_all``, the study, ``doc_figures`` (the README blocks) and the plots read the registry.
 """
 
 from __future__ import annotations

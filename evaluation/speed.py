@@ -125,7 +125,7 @@ def served_speed(manifest: dict, keys: list[str], settings) -> dict[str, dict[st
         return {}
     models = {key: open_served(manifest, key) for key in keys}
     try:
-        rates = side_by_side(models, list(_SPEED_PROMPTS[:settings.speed_prompts]), settings.speed_new_tokens,
+        rates = side_by_side(models, list(SPEED_PROMPTS[:settings.speed_prompts]), settings.speed_new_tokens,
                              settings.speed_rounds)
     finally:
         for served in models.values():
@@ -144,7 +144,7 @@ def served_speed(manifest: dict, keys: list[str], settings) -> dict[str, dict[st
 
 # Fixed, ordinary prompts of different lengths for speed (the content does not matter: every
 # model decodes the same number of tokens whatever it would answer).
-_SPEED_PROMPTS = ("What is the capital of France?",
+SPEED_PROMPTS = ("What is the capital of France?",
                   "Explain in a few sentences how a refrigerator keeps food cold, and why the back of it is warm.",
                   "Write a short poem about the sea.",
                   "List three differences between a virus and a bacterium, and say which of them antibiotics treat "

@@ -31,7 +31,7 @@ from trainers.config import (
     variant_lora,
 )
 from trainers.data.config import DataParams
-from trainers.grit.config import GritConfig
+from trainers.grit.config import GritParams
 from trainers.grit_vlm.params import VlmParams
 from trainers.probe.config import ProbeParams
 
@@ -138,7 +138,7 @@ class Params(Section):
     data: DataParams = DataParams()
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams()
-    grit: GritConfig = GritConfig()
+    grit: GritParams = GritParams()
     variants: dict[str, VariantParams] = DEFAULT_VARIANTS
     probe: ProbeParams = ProbeParams()
     export: ExportParams = ExportParams()

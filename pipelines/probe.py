@@ -111,7 +111,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "loss_max_abs_difference": trajectory.get("max_abs_difference"),
         "trajectory_control": result["measurements"]["trajectory_control"],
         **({"modalities": {m: {"verdict": r["verdict"], "reasons": r["reasons"],
-                               "modules": len(r["measurements"]["modules"]), "natural_gradient": r["natural_gradient"]}
+                               "modules": len(r["measurements"]["modules"]), "precondition": r["precondition"]}
                            for m, r in result["modalities"].items()}} if "modalities" in result else {}),
     }
 

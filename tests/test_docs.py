@@ -8,9 +8,8 @@ import re
 import subprocess
 from pathlib import Path
 
-import yaml
-
-from evaluation.readme_results import BEGIN, END, STUDY_BEGIN, STUDY_END, results_block, with_block, with_study_block
+from core.doc_blocks import CommittedSources, DocBlock, Sources, render_pages
+from pipelines.docs import BLOCKS, main, stale_pages
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Spelled in parts so this file does not match itself.
@@ -36,42 +35,70 @@ def _tracked_text_files() -> list[Path]:
     return texts
 
 
-def test_the_readme_result_block_is_rendered_from_the_committed_metrics():
+def block(name: str) -> DocBlock:
+    (found,) = [b for b in BLOCKS if b.name == name]
+    return found
+
+
+def test_every_figure_block_of_the_docs_is_rendered_from_the_committed_files():
+    assert not stale_pages(REPO_ROOT)
+    assert {b.page for b in BLOCKS} >= {"README.md", "docs/method.md", "docs/pipeline.md", "docs/serving.md",
+                                        "docs/gpu.md"}
+
+
+def test_the_rendered_blocks_say_what_their_files_hold():
+    sources = CommittedSources(REPO_ROOT)
     readme = (REPO_ROOT / "README.md").read_text()
-    evaluation = json.loads(committed("metrics/eval.json"))
-    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
-    sections = {"eval": params["eval"], "export": params["export"], "serve": params["serve"]}
-    rendered = results_block(evaluation, "recorded in `metrics/eval.json`", json.dumps(sections))
-    assert with_block(readme, rendered) == readme
-    block = readme.split(BEGIN, 1)[1].split(END, 1)[0]
-    assert "explicit refusals on harmful prompts" in block and "vs peft_lora" in block
-    assert "## Success criteria" not in block and "decode speed >= 0.9x base" in block
+    results = block("results").current(readme)
+    assert "explicit refusals on harmful prompts" in results and "vs peft_lora" in results
+    assert "## Success criteria" not in results and "decode speed >= 0.9x base" in results
+    method = (REPO_ROOT / "docs/method.md").read_text()
+    probes = json.loads(sources.text("metrics/probes.json"))
+    for variant, found in probes["variants"].items():
+        assert f"**{found['verdict']}**" in block("probe").current(method), variant
+        assert found["checks"]["update"] in block("probe").current(method), variant
+    for name in sources.glob("metrics/train/*.json"):
+        trained = json.loads(sources.text(name))
+        assert f"| {Path(name).stem} | {trained['train_seconds']:.0f} s |" in block("training").current(method)
+    stages = json.loads(sources.text("benchmarks/results/pipeline-default-2cpu.json"))
+    assert f"{stages['first_repro_s']:.0f} ({stages['first_repro_s'] / 60:.1f} min)" in block("stages").current(
+        (REPO_ROOT / "docs/pipeline.md").read_text())
+    serving = json.loads(sources.text("benchmarks/results/serving-speed-2cpu.json"))
+    merged = [f for f in serving["forms"] if f["form"] == "merged"][0]
+    serving_page = (REPO_ROOT / "docs/serving.md").read_text()
+    assert f"({merged['decode_ratio']:.3f}x)" in block("serving_speed").current(serving_page)
+    gpu = block("gpu_check_h100").current((REPO_ROOT / "docs/gpu.md").read_text())
+    overhead = json.loads(sources.text("benchmarks/results/gpu-check-h100-overhead.json"))["items"][0]
+    assert overhead["failures"][0] in gpu and "| GRIT overhead over LoRA | FAIL |" in gpu
+    assert (REPO_ROOT / "docs/method.md").read_text().rstrip().endswith(".")   # ends with a whole sentence
 
 
 def test_the_readme_headline_is_the_committed_study_or_says_it_is_missing():
     readme = (REPO_ROOT / "README.md").read_text()
-    study = REPO_ROOT / "metrics/study.json"
-    assert with_study_block(readme, study) == readme
-    block = readme.split(STUDY_BEGIN, 1)[1].split(STUDY_END, 1)[0]
-    complete = study.is_file() and json.loads(study.read_text()).get("status") == "complete"
-    if complete:
-        committed = json.loads(study.read_text())
-        assert committed["verdict"] in block and "reports/study/report.md" in block
+    headline = block("study").current(readme)
+    text = CommittedSources(REPO_ROOT).text("metrics/study.json")
+    study = json.loads(text) if text else {}
+    if study.get("status") == "complete":
+        assert study["verdict"] in headline and "reports/study/report.md" in headline
         # a smoke run writes the same files; the committed headline must be the real study's
-        assert committed["profile"] == "study" and "profile `study`" in block
+        assert study["profile"] == "study" and "profile `study`" in headline
     else:
-        assert "has not been completed" in block
-    assert readme.index(STUDY_BEGIN) < readme.index(BEGIN)                 # the study is the headline
+        assert "has not been completed" in headline
+    assert readme.index(block("study").begin) < readme.index(block("results").begin)   # the study is the headline
 
 
-def test_a_stale_block_is_detected(tmp_path: Path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n{STUDY_BEGIN}\n{STUDY_END}\n{BEGIN}\nold numbers\n{END}\n")
-    from evaluation.readme_results import main
-
-    assert main(["--readme", str(readme), "--metrics", str(REPO_ROOT / "metrics/eval.json"), "--check"]) == 1
-    assert main(["--readme", str(readme), "--metrics", str(REPO_ROOT / "metrics/eval.json")]) == 0
-    assert "old numbers" not in readme.read_text() and "knowledge retention" in readme.read_text()
+def test_a_stale_block_is_detected_and_rewritten(tmp_path: Path):
+    """``python -m pipelines.docs --check`` fails on a page whose figures are not its files', and
+    the tool rewrites the block (a folder outside git: its working files are the sources)."""
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics/probes.json").write_text(CommittedSources(REPO_ROOT).text("metrics/probes.json"))
+    (tmp_path / "docs").mkdir()
+    probe = block("probe")
+    (tmp_path / "docs/method.md").write_text(f"# x\n{probe.begin}\nold numbers\n{probe.end}\n")
+    assert stale_pages(tmp_path, [probe]) == ["docs/method.md"]
+    now, wanted = render_pages([probe], Sources(tmp_path))["docs/method.md"]
+    assert "old numbers" in now and "old numbers" not in wanted and "**effective**" in wanted
+    assert main(["--root", str(REPO_ROOT), "--check"]) == 0
 
 
 def test_the_readme_is_read_in_five_minutes():
@@ -218,15 +245,3 @@ def test_the_parity_docs_serving_quotes_is_the_committed_run():
     agreed = ", ".join(agreed[:-1]) + f" and {agreed[-1]}"
     kl = _span([p["mean_kl"] for p in parity], 4)
     assert (f"agree on {agreed} of {parity[0]['prompts']} prompts ({', '.join(order)}; mean KL {kl} nats" in page)
-
-
-def test_the_probe_table_in_docs_method_is_rendered_from_the_committed_probes():
-    from evaluation.readme_results import PROBE_BEGIN, PROBE_END, probe_block
-
-    page = (REPO_ROOT / "docs/method.md").read_text()
-    probes = json.loads(committed("metrics/probes.json"))
-    assert with_block(page, probe_block(probes), PROBE_BEGIN, PROBE_END) == page
-    block = page.split(PROBE_BEGIN, 1)[1].split(PROBE_END, 1)[0]
-    for variant, found in probes["variants"].items():
-        assert f"**{found['verdict']}**" in block and found["checks"]["update"] in block, variant
-    assert page.rstrip().endswith(".")        # the page ends with a whole sentence

@@ -50,19 +50,19 @@ def ddp_worker(rank: int, world_size: int, folder: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainers.grit import GritConfig, GritError, GritManager
+    from trainers.grit import GritError, GritManager, GritParams
 
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world_size)
     results = {}
     try:
-        GritManager(tiny_lora_model(seed=0), GritConfig(reprojection=True, truncate=True))
+        GritManager(tiny_lora_model(seed=0), GritParams(reprojection=True, truncate=True))
         results["truncate"] = "attached"
     except GritError as error:
         results["truncate"] = str(error)
     for allreduce in (True, False):
         model = tiny_lora_model(seed=0)
         ddp = DistributedDataParallel(model)
-        manager = GritManager(model, GritConfig(min_samples=8, update_freq=1, allreduce=allreduce))
+        manager = GritManager(model, GritParams(min_samples=8, update_freq=1, allreduce=allreduce))
         optimizer = manager.wrap_optimizer(
             torch.optim.AdamW([p for n, p in model.named_parameters() if "lora_" in n], lr=1e-2), max_grad_norm=1.0)
         for batch in batches(3, seed=100 + rank):

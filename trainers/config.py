@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 
 from core.section import Section
 from trainers.data.config import DataParams
-from trainers.grit.config import GritConfig
+from trainers.grit.config import GritParams
 from trainers.grit.layer_selection import LayerSelection
 from trainers.grit_vlm.config import TinyVisionParams
 from trainers.grit_vlm.params import VlmParams
@@ -147,7 +147,7 @@ class VariantParams(Section):
                              "would be ignored")
         if self.control is not None and not self.grit:
             raise ValueError("control is set but grit is false; only a GRIT variant is compared with a control")
-        unknown = sorted(set(self.grit_overrides) - set(GritConfig.model_fields))
+        unknown = sorted(set(self.grit_overrides) - set(GritParams.model_fields))
         if unknown:
             raise ValueError(f"grit_overrides: {unknown[0]!r} is not a field of the grit section")
         unknown = sorted(set(self.lora_overrides) - set(LoraParams.model_fields))
@@ -156,11 +156,11 @@ class VariantParams(Section):
         return self
 
 
-def variant_grit(grit: GritConfig, variant: VariantParams) -> GritConfig:
+def variant_grit(grit: GritParams, variant: VariantParams) -> GritParams:
     """The GRIT configuration ``variant`` trains with: ``grit`` with its overrides, validated."""
     if not variant.grit_overrides:
         return grit
-    return GritConfig.model_validate({**grit.model_dump(), **variant.grit_overrides})
+    return GritParams.model_validate({**grit.model_dump(), **variant.grit_overrides})
 
 
 def variant_lora(lora: LoraParams, variant: VariantParams) -> LoraParams:
@@ -185,7 +185,7 @@ DEFAULT_VARIANTS = {
 }
 
 
-class TrainingParams(Protocol):
+class TrainingSections(Protocol):
     """The params sections that training and the probe read, and nothing else
     (``pipelines.params.Params`` is one; a test or a script may pass any object that has them)."""
 
@@ -198,7 +198,7 @@ class TrainingParams(Protocol):
     @property
     def train(self) -> TrainParams: ...
     @property
-    def grit(self) -> GritConfig: ...
+    def grit(self) -> GritParams: ...
     @property
     def vlm(self) -> VlmParams: ...
     @property

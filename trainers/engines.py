@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 
 from trainers.base_model import BaseModelFiles, load_causal_lm, load_tokenizer, torch_dtype
-from trainers.config import TrainingParams, VariantParams
+from trainers.config import TrainingSections, VariantParams
 from trainers.grit.layer_selection import select_target_modules
 
 # Unsloth's switch for its per-decoder-layer torch.compile on CUDA ("0" turns it off).
@@ -44,11 +44,11 @@ def target_regex(module_names: list[str]) -> str:
     return "^(?:" + "|".join(re.escape(name) for name in module_names) + ")$"
 
 
-def _selected_modules(model, params: TrainingParams) -> list[str]:
+def _selected_modules(model, params: TrainingSections) -> list[str]:
     return select_target_modules(model, params.lora.target_modules, params.lora.layers)
 
 
-def build_peft(files: BaseModelFiles, params: TrainingParams) -> EngineModel:
+def build_peft(files: BaseModelFiles, params: TrainingSections) -> EngineModel:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = load_causal_lm(files, params.model)
@@ -66,7 +66,7 @@ def build_peft(files: BaseModelFiles, params: TrainingParams) -> EngineModel:
     return EngineModel(peft_model, load_tokenizer(files, params.model), targets)
 
 
-def build_unsloth(files: BaseModelFiles, params: TrainingParams, variant: VariantParams) -> EngineModel:
+def build_unsloth(files: BaseModelFiles, params: TrainingSections, variant: VariantParams) -> EngineModel:
     import torch
     import unsloth  # noqa: F401  (patches transformers/TRL: this process trains one variant)
     from unsloth import FastLanguageModel
@@ -110,7 +110,7 @@ def restore_unfused_lora(model) -> int:
     return int(restore(model, reason="GRIT reads each LoRA layer's input and output gradient"))
 
 
-def build_engine(files: BaseModelFiles, params: TrainingParams, variant: VariantParams) -> EngineModel:
+def build_engine(files: BaseModelFiles, params: TrainingSections, variant: VariantParams) -> EngineModel:
     if variant.engine == "unsloth":
         return build_unsloth(files, params, variant)
     return build_peft(files, params)

@@ -23,8 +23,8 @@ from transformers import TrainerCallback
 
 from core.section import content_hash
 from trainers.base_model import BaseModelFiles
-from trainers.config import TrainingParams, TrainParams, VariantParams, variant_grit, with_variant_lora
-from trainers.grit.config import GritConfig
+from trainers.config import TrainingSections, TrainParams, VariantParams, variant_grit, with_variant_lora
+from trainers.grit.config import GritParams
 from trainers.grit.distributed import world_size
 from trainers.grit.doors import trainer_clipping_norm
 from trainers.grit.manager import GritManager
@@ -45,7 +45,7 @@ class TrainResult:
     steps: list[dict[str, Any]]
 
 
-def variant_model(variant: VariantParams, params: TrainingParams, files: BaseModelFiles, data_dir: Path,
+def variant_model(variant: VariantParams, params: TrainingSections, files: BaseModelFiles, data_dir: Path,
                   steps: int | None = None) -> VariantModel:
     """What the variant trains (``steps``: only the first steps' examples, for the probe)."""
     build = vision_language_model if params.model.kind == "vlm" else language_model
@@ -97,7 +97,7 @@ def grit_door(variant: VariantParams) -> str | None:
     return "callback" if variant.engine == "unsloth" else "optimizer"
 
 
-def attach_grit(model, config: GritConfig, door: str | None, total_steps: int, manager_factory=None) -> GritAttachment:
+def attach_grit(model, config: GritParams, door: str | None, total_steps: int, manager_factory=None) -> GritAttachment:
     """The one way training wires GRIT onto a PEFT model (the probe measures this same wiring).
     ``manager_factory(model, config, total_steps)`` builds something with GritManager's
     interface (a VLM's per-modality adapter); a GritManager by default."""
@@ -150,7 +150,7 @@ def build_trainer(
 
 
 def train_variant(
-    name: str, variant: VariantParams, params: TrainingParams, files: BaseModelFiles, data_dir: Path,
+    name: str, variant: VariantParams, params: TrainingSections, files: BaseModelFiles, data_dir: Path,
     adapter_dir: Path, checkpoint_dir: Path, live=None, on_trained=None,
 ) -> TrainResult:
     """``on_trained(model, manager)`` runs on every rank right after training, before saving; what

@@ -15,7 +15,7 @@ from typing import Any
 
 from core.jsonl import read_jsonl
 from trainers.base_model import BaseModelFiles
-from trainers.config import TrainingParams, TrainParams, VariantParams
+from trainers.config import TrainingSections, TrainParams, VariantParams
 from trainers.engines import build_engine
 from trainers.grit.distributed import world_size
 from trainers.grit.layer import lora_layers
@@ -48,7 +48,7 @@ def examples_needed(train: TrainParams, steps: int | None = None) -> int:
     return (steps or train.max_steps) * train.per_device_batch_size * train.gradient_accumulation_steps
 
 
-def language_model(variant: VariantParams, params: TrainingParams, files: BaseModelFiles, data_dir: Path,
+def language_model(variant: VariantParams, params: TrainingSections, files: BaseModelFiles, data_dir: Path,
                    steps: int | None = None) -> VariantModel:
     """The variant's engine (Unsloth or PEFT) and its chat examples in the shared order."""
     engine = build_engine(files, params, variant)

@@ -35,7 +35,7 @@ from trainers.base_model import BaseModelFiles
 from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams
 from trainers.data.config import DataParams
 from trainers.engines import BLOCK_COMPILE
-from trainers.grit.config import GritConfig
+from trainers.grit.config import GritParams
 from trainers.grit_vlm.params import VlmParams
 from trainers.probe.config import ProbeParams
 
@@ -89,12 +89,12 @@ def random_llama(folder: Path, shape: dict[str, int], seed: int = 0) -> BaseMode
 
 
 def check_params(files: BaseModelFiles, dtype: str, load_in_4bit: bool = False, steps: int = 4) -> SimpleNamespace:
-    """The sections training reads (``trainers.config.TrainingParams``), for a short run."""
+    """The sections training reads (``trainers.config.TrainingSections``), for a short run."""
     return SimpleNamespace(
         model=ModelParams(source="hf", model_id=str(files.hf_dir), dtype=dtype, load_in_4bit=load_in_4bit),
         data=DataParams(max_seq_length=128), lora=LoraParams(r=8, alpha=16),
         train=TrainParams(max_steps=steps, per_device_batch_size=4, warmup_steps=0, learning_rate=1e-3, seed=0),
-        grit=GritConfig(min_samples=16, update_freq=1), probe=ProbeParams(steps=3), vlm=VlmParams(), variants={})
+        grit=GritParams(min_samples=16, update_freq=1), probe=ProbeParams(steps=3), vlm=VlmParams(), variants={})
 
 
 def training_examples(tokenizer, n: int, seed: int = 0) -> list[dict]:
@@ -242,7 +242,7 @@ def check_bf16(workdir: Path, device: str) -> dict[str, Any]:
     batch = random_batch(4, 64, seed=3, device=device)
     gradients, dtypes = {}, set()
     for label, model in (("bf16", low), ("fp32", high)):
-        manager = GritManager(model, GritConfig(min_samples=1, update_freq=1, graft_norm=False))
+        manager = GritManager(model, GritParams(min_samples=1, update_freq=1, graft_norm=False))
         model.train()
         model(**batch).loss.backward()
         manager.precondition_step()
@@ -292,7 +292,7 @@ def check_truncation(workdir: Path, device: str) -> dict[str, Any]:
     params = check_params(files, "bfloat16" if device == "cuda" else "float32", steps=7)
     torch.manual_seed(params.train.seed)
     hybrid = build_unsloth(files, params, VariantParams(engine="unsloth", grit=True))
-    attachment = attach_grit(hybrid.model, GritConfig(**TRUNCATING), "callback", params.train.max_steps)
+    attachment = attach_grit(hybrid.model, GritParams(**TRUNCATING), "callback", params.train.max_steps)
     ranks = RanksPerStep(attachment.manager)
     examples = training_examples(hybrid.tokenizer, params.train.max_steps * params.train.per_device_batch_size)
     trainer = build_trainer(hybrid.model, hybrid.tokenizer, examples, params.train, workdir / "run", attachment,
@@ -350,7 +350,7 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: 
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=1e-4)
-    manager = GritManager(model, GritConfig()) if grit else None
+    manager = GritManager(model, GritParams()) if grit else None
 
     def step(batch) -> None:
         model(**batch).loss.backward()

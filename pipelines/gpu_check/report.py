@@ -6,6 +6,7 @@ Each item's worker returns its figures as a plain dict; :func:`judge` turns them
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -201,3 +202,25 @@ def report(items: list[ItemResult], environment: dict[str, Any]) -> dict[str, An
                     "reload_max_logit_difference": RELOAD_MAX_LOGIT_DIFFERENCE},
         "items": [asdict(item) | {"title": item.title} for item in items],
     }
+
+
+def item_from_report(entry: dict[str, Any]) -> ItemResult:
+    """An item as a JSON report holds it (:func:`report`'s ``items``)."""
+    return ItemResult(entry["name"], entry["passed"], entry.get("figures", {}), entry.get("failures", []),
+                      entry.get("notes", []))
+
+
+def docs_block(reports: dict[str, dict[str, Any]]) -> str:
+    """docs/gpu.md's table of a committed run of the check: file name -> its JSON report."""
+    environments = {json_key(r["environment"]) for r in reports.values()}
+    environment = next(iter(reports.values()))["environment"]
+    packages = ", ".join(f"{name} {version}" for name, version in sorted(environment.get("packages", {}).items()))
+    same = "" if len(environments) == 1 else " (the reports' environments differ: see each file)"
+    items = [item_from_report(entry) for r in reports.values() for entry in r["items"]]
+    return (f"{environment.get('gpu', 'n/a')}, torch {environment.get('torch')}, CUDA {environment.get('cuda')}, "
+            f"Python {environment.get('python')}; {packages}{same}. Rendered from "
+            + ", ".join(f"`{name}`" for name in reports) + ":\n\n" + table(items))
+
+
+def json_key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)

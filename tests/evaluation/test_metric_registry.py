@@ -65,8 +65,8 @@ def test_a_metric_added_to_the_registry_alone_is_stored_compared_and_rendered(tm
     from db.models import Run
     from db.store import open_store, utcnow
     from evaluation.compare_all import load_run, report
+    from evaluation.doc_figures import results_block
     from evaluation.measure import Subject, measure
-    from evaluation.readme_results import results_block
     from evaluation.results import intervals
     from pipelines.evaluate import paired_comparisons, record, summary
     from pipelines.params import parse_params

@@ -76,7 +76,7 @@ def test_a_grit_truncated_adapter_converts_with_each_modules_rank_and_scale(tmp_
     from export.gguf_edit import lora_deltas
     from trainers.base_model import load_causal_lm, resolve_base_model
     from trainers.config import ModelParams
-    from trainers.grit import GritConfig, GritManager
+    from trainers.grit import GritManager, GritParams
 
     params = ModelParams(source="tiny")
     files = resolve_base_model(params)
@@ -87,7 +87,7 @@ def test_a_grit_truncated_adapter_converts_with_each_modules_rank_and_scale(tmp_
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.05)
     shrunk = [f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.v_proj", "mlp.down_proj")]
-    manager = GritManager(model, GritConfig(min_samples=1, truncate=True), modules=shrunk)
+    manager = GritManager(model, GritParams(min_samples=1, truncate=True), modules=shrunk)
     ids = torch.randint(0, 1000, (2, 16))
     model(input_ids=ids, labels=ids).loss.backward()
     manager.sync_factors()

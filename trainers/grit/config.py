@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from core.section import Section
 
 
-class GritConfig(Section):
+class GritParams(Section):
     """How GRIT captures curvature, preconditions and reprojects LoRA updates.
 
     Shapes: for a LoRA layer with rank r, ``A`` is [r, d_in], ``B`` is [d_out, r] and the
@@ -73,7 +73,7 @@ class GritConfig(Section):
     allreduce: bool = True
 
     @model_validator(mode="after")
-    def _consistent(self) -> GritConfig:
+    def _consistent(self) -> GritParams:
         if self.budget_schedule in ("linear", "cosine") and (self.budget_start is None or self.budget_end is None):
             raise ValueError(f"budget_schedule '{self.budget_schedule}' needs budget_start and budget_end")
         if sorted(self.damping_escalation) != list(self.damping_escalation) or self.damping_escalation[0] <= 0:

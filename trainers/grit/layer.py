@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from trainers.grit import math as gm
-from trainers.grit.config import GritConfig
+from trainers.grit.config import GritParams
 
 SIDES = ("A", "B")
 
@@ -91,7 +91,7 @@ class FactorStats:
                    pending_count=int(saved["pending_count"]))
 
 
-def invert(sigma: torch.Tensor, config: GritConfig) -> tuple[torch.Tensor, float] | None:
+def invert(sigma: torch.Tensor, config: GritParams) -> tuple[torch.Tensor, float] | None:
     """(damped inverse of ``sigma``, the damping used) by ``config.fisher``; None when there is
     nothing to invert yet (an all-zero factor, as B's v-side at LoRA init) or every try failed."""
     damping = float(gm.effective_damping(sigma, config.damping, config.damping_mode))
@@ -156,7 +156,7 @@ class ModuleState:
 
     # ------------------------------------------------------------------- the GRIT step
 
-    def precondition(self, config: GritConfig) -> int:
+    def precondition(self, config: GritParams) -> int:
         """Rewrite the ``.grad`` of this module's factors whose side has an inverse; how many.
         With ``graft_norm`` each keeps its raw gradient's norm (direction from GRIT)."""
         applied = 0
@@ -174,7 +174,7 @@ class ModuleState:
             applied += 1
         return applied
 
-    def add_regularizer_gradients(self, config: GritConfig, scale: float) -> float:
+    def add_regularizer_gradients(self, config: GritParams, scale: float) -> float:
         """Add the curvature and reprojection penalties' gradients; returns their value."""
         A, B = self.lora_A.weight, self.lora_B.weight
         sigma_u, sigma_v = self.u.covariance(config.statistics), self.v.covariance(config.statistics)
@@ -204,7 +204,7 @@ class ModuleState:
 
     # ------------------------------------------------------------ reprojection / rank
 
-    def reproject(self, k: int, config: GritConfig) -> torch.Tensor:
+    def reproject(self, k: int, config: GritParams) -> torch.Tensor:
         """A <- V_u V_u^T A and B <- B V_v V_v^T with the top-k eigenvectors (two-sided when
         Sigma_v has ``min_samples_g`` rows and any mass; else V_v = V_u). Returns V_u."""
         sigma_u, sigma_v = self.u.covariance(config.statistics), self.v.covariance(config.statistics)

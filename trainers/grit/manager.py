@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from trainers.grit import math as gm
-from trainers.grit.config import GritConfig
+from trainers.grit.config import GritParams
 from trainers.grit.distributed import allreduce_sum_, world_size
 from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, gradient_norm
 from trainers.grit.layer import (
@@ -46,12 +46,12 @@ __all__ = ["GritError", "GritManager", "ModuleState", "base_module_name", "lora_
 class GritManager:
     """Attaches GRIT to every LoRA layer of ``peft_model`` (see the module docstring)."""
 
-    def __init__(self, peft_model: nn.Module, config: GritConfig | None = None, total_steps: int | None = None,
+    def __init__(self, peft_model: nn.Module, config: GritParams | None = None, total_steps: int | None = None,
                  modules: Collection[str] | None = None):
         """``modules``: only these LoRA modules (names relative to the base model, e.g.
         ``model.vision_model.encoder.layers.0.self_attn.q_proj``); all of them by default."""
         self.model = peft_model
-        self.config = config or GritConfig()
+        self.config = config or GritParams()
         if self.config.truncate and world_size() > 1:
             # A truncated factor is a new Parameter: DDP, which registered the old ones, would
             # neither all-reduce its gradients nor keep the replicas equal.

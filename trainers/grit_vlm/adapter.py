@@ -26,15 +26,15 @@ from typing import Any
 
 import torch
 
-from trainers.grit.config import GritConfig
+from trainers.grit.config import GritParams
 from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, gradient_norm
 from trainers.grit.layer import ModuleState, base_module_name, lora_layers
 from trainers.grit.manager import GritManager
-from trainers.grit_vlm.config import Modality, VlmGritConfig, modality_grit_config, modality_lora_shape
+from trainers.grit_vlm.config import Modality, VlmGritParams, modality_grit_config, modality_lora_shape
 from trainers.grit_vlm.layers import select_modality_modules
 
 
-def build_vlm_peft(model, config: VlmGritConfig):
+def build_vlm_peft(model, config: VlmGritParams):
     """(PEFT model, modality -> adapted module names): LoRA with each modality's shape."""
     from peft import LoraConfig, get_peft_model
 
@@ -49,7 +49,7 @@ def build_vlm_peft(model, config: VlmGritConfig):
             ranks[key], alphas[key], dropouts[module] = rank, alpha, dropout
     every = [module for modules in selected.values() for module in modules]
     peft_model = get_peft_model(model, LoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none", target_modules=target_regex(every),
+        r=config.r, lora_alpha=config.alpha, lora_dropout=0.0, bias="none", target_modules=target_regex(every),
         rank_pattern=ranks, alpha_pattern=alphas,
     ))
     set_lora_dropout(peft_model, dropouts)
@@ -66,9 +66,9 @@ def set_lora_dropout(peft_model, dropouts: dict[str, float]) -> None:
 class VlmGritAdapter:
     """One GritManager per modality, driven as one (see the module docstring)."""
 
-    def __init__(self, peft_model, config: VlmGritConfig, selected: dict[Modality, list[str]],
-                 grit: GritConfig | None = None, total_steps: int | None = None) -> None:
-        base = grit or GritConfig()
+    def __init__(self, peft_model, config: VlmGritParams, selected: dict[Modality, list[str]],
+                 grit: GritParams | None = None, total_steps: int | None = None) -> None:
+        base = grit or GritParams()
         self.config = config
         self.managers: OrderedDict[Modality, GritManager] = OrderedDict(
             (name, GritManager(peft_model, modality_grit_config(base, modality), total_steps, modules=selected[name]))
@@ -173,7 +173,7 @@ class VlmGritAdapter:
                       for row in self.history if row.get(f"{name}/grad_norm_raw")]
             cfg = manager.config
             stats[name] = {
-                "modules": len(manager.modules), "fisher": cfg.fisher, "natural_gradient": cfg.precondition,
+                "modules": len(manager.modules), "fisher": cfg.fisher, "precondition": cfg.precondition,
                 "reprojection": cfg.reprojection, "budget_schedule": cfg.budget_schedule,
                 "ranks": sorted(set(manager.effective_ranks().values())),
                 "rows_captured": int(sum(s.u.count for s in manager.modules.values())),

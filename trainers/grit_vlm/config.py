@@ -8,25 +8,25 @@ A VLM has three parts with different curvature (GRIT-VLM guides, seeds 000/001/0
   ``connector.modality_projection.proj``, LLaVA's ``multi_modal_projector``, Qwen2-VL's merger).
 
 Each modality says which linear layers get LoRA (glob patterns + a layer-selection strategy),
-the adapter's shape (rank, alpha, dropout) and how GRIT treats them (Fisher approximation,
-natural gradient on/off, reprojection and its projection-budget schedule, any other
-:class:`~trainers.grit.config.GritConfig` field). Unset fields fall back to the model-wide
-values, so ``modality_grit_config`` and ``modality_lora_shape`` are the only merge rules.
+the adapter's shape (``r``, ``alpha``, ``dropout``: the ``lora`` section's names) and how GRIT
+treats them (``grit``: fields of the ``grit`` section by their own names, e.g. ``fisher``,
+``precondition``, ``reprojection_k``, ``budget_schedule``). Unset fields fall back to the
+model-wide values, so ``modality_grit_config`` and ``modality_lora_shape`` are the only merge
+rules.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, TypeAdapter, model_validator
 
 from core.section import Section
-from trainers.grit.config import GritConfig
+from trainers.grit.config import GritParams
 from trainers.grit.layer_selection import LayerSelection
 
 Modality = Literal["vision", "language", "connector"]
 MODALITIES: tuple[Modality, ...] = ("vision", "language", "connector")
-FisherApproximation = Literal["rank_kfac", "diagonal", "block_diagonal"]
 TinyArchitecture = Literal["idefics3", "qwen2_vl", "llava"]
 
 
@@ -41,99 +41,69 @@ class TinyVisionParams(Section):
     patch_size: Annotated[int, Field(gt=0)] = 8
 
 
-class ProjectionBudget(Section):
-    """How many rank-space directions reprojection keeps (k), and how k moves during training:
-    ``constant`` (k), ``linear``/``cosine`` (start -> end over the run), ``adaptive`` (the
-    smallest k holding ``energy`` of the eigen-energy)."""
-
-    schedule: Literal["constant", "linear", "cosine", "adaptive"] = "constant"
-    k: Annotated[int, Field(gt=0)] = 8
-    start: Annotated[int, Field(gt=0)] | None = None
-    end: Annotated[int, Field(gt=0)] | None = None
-    energy: Annotated[float, Field(gt=0, le=1)] = 0.99
-
-    @model_validator(mode="after")
-    def _schedule_needs(self) -> ProjectionBudget:
-        if self.schedule in ("linear", "cosine") and (self.start is None or self.end is None):
-            raise ValueError(f"projection budget schedule '{self.schedule}' needs start and end")
-        return self
-
-
-class ModalityConfig(Section):
-    """Which layers of one modality get LoRA, their shape, and GRIT's treatment of them."""
+class ModalityParams(Section):
+    """Which layers of one modality get LoRA, their shape (the ``lora`` section's names) and
+    GRIT's treatment of them (``grit``: any field of the ``grit`` section, by its own name)."""
 
     patterns: Annotated[list[str], Field(min_length=1)]
     layers: LayerSelection = LayerSelection()
-    rank: Annotated[int, Field(gt=0)] | None = None
+    r: Annotated[int, Field(gt=0)] | None = None
     alpha: Annotated[float, Field(gt=0)] | None = None
     dropout: Annotated[float, Field(ge=0, lt=1)] | None = None
-    fisher: FisherApproximation | None = None
-    natural_gradient: bool = True
-    reprojection: bool | None = None
-    budget: ProjectionBudget | None = None
-    # Any other GritConfig field for this modality only (damping, min_samples, update_freq, ...).
+    # GritParams fields for this modality only: fisher, precondition, reprojection,
+    # reprojection_k, budget_schedule, damping, min_samples, ...
     grit: dict[str, Any] = {}
 
     @model_validator(mode="after")
-    def _grit_overrides_are_known(self) -> ModalityConfig:
-        unknown = sorted(set(self.grit) - set(GritConfig.model_fields))
+    def _grit_fields_are_known(self) -> ModalityParams:
+        unknown = sorted(set(self.grit) - set(GritParams.model_fields))
         if unknown:
-            raise ValueError(f"grit overrides {unknown} are not GritConfig fields")
-        named_twice = sorted(set(self.grit) & {"fisher", "precondition", "reprojection"})
-        if named_twice:
-            raise ValueError(f"set {named_twice} with the modality's own fields, not under grit")
+            raise ValueError(f"grit: {unknown[0]!r} is not a field of the grit section")
+        for name, value in self.grit.items():     # values checked here, not at the first step
+            field = GritParams.model_fields[name]
+            annotation = Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation
+            TypeAdapter(annotation).validate_python(value)
         return self
 
 
-class VlmGritConfig(Section):
+class VlmGritParams(Section):
     """GRIT-VLM for one architecture: per-modality sections plus model-wide defaults."""
 
     architecture: str                       # the transformers model_type it was written for
     description: str = ""
-    vision: ModalityConfig | None = None
-    language: ModalityConfig | None = None
-    connector: ModalityConfig | None = None
-    rank: Annotated[int, Field(gt=0)] = 16
+    vision: ModalityParams | None = None
+    language: ModalityParams | None = None
+    connector: ModalityParams | None = None
+    r: Annotated[int, Field(gt=0)] = 16
     alpha: Annotated[float, Field(gt=0)] = 32.0
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     max_layers_per_modality: Annotated[int, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
-    def _some_modality(self) -> VlmGritConfig:
+    def _some_modality(self) -> VlmGritParams:
         if not self.modalities():
             raise ValueError("a GRIT-VLM configuration needs at least one of vision, language, connector")
         return self
 
-    def modalities(self) -> dict[Modality, ModalityConfig]:
+    def modalities(self) -> dict[Modality, ModalityParams]:
         """The configured modalities, in the fixed order vision, language, connector."""
         return {name: getattr(self, name) for name in MODALITIES if getattr(self, name) is not None}
 
 
-def modality_selection(config: VlmGritConfig, modality: ModalityConfig) -> LayerSelection:
+def modality_selection(config: VlmGritParams, modality: ModalityParams) -> LayerSelection:
     """The modality's strategy, capped by ``max_layers_per_modality`` when it sets no cap itself."""
     if modality.layers.max_layers is None and config.max_layers_per_modality is not None:
         return modality.layers.model_copy(update={"max_layers": config.max_layers_per_modality})
     return modality.layers
 
 
-def modality_lora_shape(config: VlmGritConfig, modality: ModalityConfig) -> tuple[int, float, float]:
-    """(rank, alpha, dropout) of one modality's adapters: its own values, else the model-wide."""
-    return (modality.rank or config.rank, modality.alpha or config.alpha,
+def modality_lora_shape(config: VlmGritParams, modality: ModalityParams) -> tuple[int, float, float]:
+    """(r, alpha, dropout) of one modality's adapters: its own values, else the model-wide."""
+    return (modality.r or config.r, modality.alpha or config.alpha,
             config.dropout if modality.dropout is None else modality.dropout)
 
 
-def modality_grit_config(base: GritConfig, modality: ModalityConfig) -> GritConfig:
-    """The GritConfig one modality's manager runs with: ``base`` (params ``grit``) overridden by
-    the modality's Fisher approximation, natural-gradient switch, reprojection and budget, then
-    its free-form ``grit`` overrides. Validated again, so an impossible mix fails here."""
-    update: dict[str, Any] = {"precondition": modality.natural_gradient}
-    if modality.fisher is not None:
-        update["fisher"] = modality.fisher
-    if modality.reprojection is not None:
-        update["reprojection"] = modality.reprojection
-    if modality.budget is not None:
-        budget = modality.budget
-        update.update(budget_schedule=budget.schedule, reprojection_k=budget.k, budget_start=budget.start,
-                      budget_end=budget.end, energy_threshold=budget.energy)
-    update.update(modality.grit)
-    return GritConfig.model_validate({**base.model_dump(), **update})
+def modality_grit_config(base: GritParams, modality: ModalityParams) -> GritParams:
+    """The GritParams one modality's manager runs with: ``base`` (params ``grit``) with the
+    modality's own ``grit`` fields. Validated again, so an impossible mix fails here."""
+    return GritParams.model_validate({**base.model_dump(), **modality.grit})

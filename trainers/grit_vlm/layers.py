@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from trainers.base_model import embedded_tokenizer_dir
 from trainers.grit.layer_selection import LayerSelectionError, candidate_linear_layers, select_target_modules
-from trainers.grit_vlm.config import Modality, TinyVisionParams, VlmGritConfig, modality_selection
+from trainers.grit_vlm.config import Modality, TinyVisionParams, VlmGritParams, modality_selection
 from trainers.grit_vlm.models import build_tiny_vlm, load_vlm
 from trainers.grit_vlm.presets import PRESETS, preset
 
@@ -45,7 +45,7 @@ def describe_candidates(model: nn.Module) -> str:
     return "; ".join(f"{pattern} x{count}" for pattern, count in linear_layer_patterns(model))
 
 
-def select_modality_modules(model: nn.Module, config: VlmGritConfig) -> dict[Modality, list[str]]:
+def select_modality_modules(model: nn.Module, config: VlmGritParams) -> dict[Modality, list[str]]:
     """modality -> the full names (in the base model) of the linear layers it adapts."""
     chosen: dict[Modality, list[str]] = {}
     for name, modality in config.modalities().items():

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from core.section import Section
-from trainers.grit_vlm.config import VlmGritConfig
+from trainers.grit_vlm.config import VlmGritParams
 from trainers.grit_vlm.presets import PRESETS
 
 
@@ -35,7 +35,7 @@ class VlmParams(Section):
     ``trainers/grit_vlm/presets.py``) or a whole ``custom`` one, and the image-text pairs."""
 
     preset: str | None = "smolvlm_fast"
-    custom: VlmGritConfig | None = None
+    custom: VlmGritParams | None = None
     data: VlmDataParams = VlmDataParams()
 
     @model_validator(mode="after")
@@ -46,5 +46,5 @@ class VlmParams(Section):
             raise ValueError(f"no preset named {self.preset!r}; presets: {', '.join(PRESETS)}")
         return self
 
-    def config(self) -> VlmGritConfig:
+    def config(self) -> VlmGritParams:
         return self.custom if self.custom is not None else PRESETS[self.preset]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from core.errors import UserError
 from trainers.grit.layer_selection import LayerSelection
-from trainers.grit_vlm.config import ModalityConfig, ProjectionBudget, VlmGritConfig
+from trainers.grit_vlm.config import ModalityParams, VlmGritParams
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj")
 _DECODER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -31,6 +31,11 @@ _DECODER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "dow
 # LLaVA (vision_feature_layer -2) and Phi-3.5-vision (layer_idx -2) read the second-to-last
 # vision block: the last one gets no gradient, so it is skipped.
 _LAST_6_READ_BLOCKS = LayerSelection(strategy="last_n", n_layers=6, skip_last=1)
+
+
+def _linear_budget(start: int, end: int) -> dict:
+    """Reprojection keeps k rank-space directions, k moving linearly from start to end."""
+    return {"budget_schedule": "linear", "budget_start": start, "budget_end": end}
 
 
 def _under(prefix: str, names: tuple[str, ...]) -> list[str]:
@@ -44,82 +49,82 @@ _IDEFICS3_LANGUAGE = _under("model.text_model.layers", tuple(f"self_attn.{n}" fo
 _IDEFICS3_CONNECTOR = ["model.connector.modality_projection.proj"]
 # The connector sees one row per image token (64 per SmolVLM tile), far fewer than the
 # decoder: it may invert its factors from fewer rows.
-_CONNECTOR_GRIT = {"min_samples": 16}
+_CONNECTOR_GRIT = {"fisher": "diagonal", "min_samples": 16}
 
-SMOLVLM_FAST = VlmGritConfig(
+SMOLVLM_FAST = VlmGritParams(
     architecture="idefics3",
     description="SmolVLM fast: first 3 vision blocks, last 4 decoder blocks, the connector",
-    vision=ModalityConfig(patterns=_IDEFICS3_VISION, layers=LayerSelection(strategy="first_n", n_layers=3), rank=8,
+    vision=ModalityParams(patterns=_IDEFICS3_VISION, layers=LayerSelection(strategy="first_n", n_layers=3), r=8,
                           alpha=16),
-    language=ModalityConfig(patterns=_IDEFICS3_LANGUAGE, layers=LayerSelection(strategy="last_n", n_layers=4)),
-    connector=ModalityConfig(patterns=_IDEFICS3_CONNECTOR, fisher="diagonal", grit=_CONNECTOR_GRIT),
-    rank=16, alpha=32,
+    language=ModalityParams(patterns=_IDEFICS3_LANGUAGE, layers=LayerSelection(strategy="last_n", n_layers=4)),
+    connector=ModalityParams(patterns=_IDEFICS3_CONNECTOR, grit=_CONNECTOR_GRIT),
+    r=16, alpha=32,
 )
 
-SMOLVLM_256M = VlmGritConfig(
+SMOLVLM_256M = VlmGritParams(
     architecture="idefics3",
     description=("SmolVLM-256M quality: every 2nd vision block, last 8 decoder blocks (attention and MLP), "
                  "the connector"),
-    vision=ModalityConfig(patterns=_IDEFICS3_VISION, layers=LayerSelection(strategy="every_nth", step_size=2),
-                          rank=8, alpha=16, budget=ProjectionBudget(schedule="linear", start=4, end=8)),
-    language=ModalityConfig(
+    vision=ModalityParams(patterns=_IDEFICS3_VISION, layers=LayerSelection(strategy="every_nth", step_size=2),
+                          r=8, alpha=16, grit=_linear_budget(4, 8)),
+    language=ModalityParams(
         patterns=_under("model.text_model.layers", tuple(f"self_attn.{n}" for n in _DECODER[:4])
                         + tuple(f"mlp.{n}" for n in _DECODER[4:])),
         layers=LayerSelection(strategy="last_n", n_layers=8),
-        budget=ProjectionBudget(schedule="linear", start=8, end=16)),
-    connector=ModalityConfig(patterns=_IDEFICS3_CONNECTOR, fisher="diagonal", grit=_CONNECTOR_GRIT),
-    rank=16, alpha=32, max_layers_per_modality=20,
+        grit=_linear_budget(8, 16)),
+    connector=ModalityParams(patterns=_IDEFICS3_CONNECTOR, grit=_CONNECTOR_GRIT),
+    r=16, alpha=32, max_layers_per_modality=20,
 )
 
 # --- Qwen2-VL: ViT with fused qkv in ``blocks``, PatchMerger MLP as the connector
-QWEN2_VL = VlmGritConfig(
+QWEN2_VL = VlmGritParams(
     architecture="qwen2_vl",
     description="Qwen2-VL: every 2nd vision block (fused qkv, proj), last 8 decoder blocks, the patch merger",
-    vision=ModalityConfig(patterns=_under("model.visual.blocks", ("attn.qkv", "attn.proj")),
-                          layers=LayerSelection(strategy="every_nth", step_size=2), rank=8, alpha=16),
-    language=ModalityConfig(patterns=_under("model.language_model.layers",
+    vision=ModalityParams(patterns=_under("model.visual.blocks", ("attn.qkv", "attn.proj")),
+                          layers=LayerSelection(strategy="every_nth", step_size=2), r=8, alpha=16),
+    language=ModalityParams(patterns=_under("model.language_model.layers",
                                             tuple(f"self_attn.{n}" for n in _DECODER[:4])),
                             layers=LayerSelection(strategy="last_n", n_layers=8)),
-    connector=ModalityConfig(patterns=["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"],
-                             fisher="diagonal", grit=_CONNECTOR_GRIT),
-    rank=16, alpha=32, max_layers_per_modality=20,
+    connector=ModalityParams(patterns=["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"],
+                             grit=_CONNECTOR_GRIT),
+    r=16, alpha=32, max_layers_per_modality=20,
 )
 
 # --- LLaVA: CLIP vision tower (transformers 5 flattens CLIPVisionModel: no ``vision_model.``),
 # two-layer MLP projector, Llama/Mistral/Vicuna decoder
-LLAVA = VlmGritConfig(
+LLAVA = VlmGritParams(
     architecture="llava",
     description="LLaVA: last 6 CLIP blocks, last 8 decoder blocks, the multi-modal projector",
-    vision=ModalityConfig(patterns=_under("model.vision_tower.*encoder.layers",
+    vision=ModalityParams(patterns=_under("model.vision_tower.*encoder.layers",
                                           tuple(f"self_attn.{n}" for n in (*_ATTENTION, "out_proj"))),
-                          layers=_LAST_6_READ_BLOCKS, rank=8, alpha=16),
-    language=ModalityConfig(patterns=_under("model.language_model.layers",
+                          layers=_LAST_6_READ_BLOCKS, r=8, alpha=16),
+    language=ModalityParams(patterns=_under("model.language_model.layers",
                                             tuple(f"self_attn.{n}" for n in _DECODER[:4])),
                             layers=LayerSelection(strategy="last_n", n_layers=8)),
-    connector=ModalityConfig(patterns=["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"],
-                             fisher="diagonal", grit=_CONNECTOR_GRIT),
-    rank=16, alpha=32, max_layers_per_modality=20,
+    connector=ModalityParams(patterns=["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"],
+                             grit=_CONNECTOR_GRIT),
+    r=16, alpha=32, max_layers_per_modality=20,
 )
 
 # --- Phi-3.5-vision (trust_remote_code): CLIP ViT-L/14-336 under vision_embed_tokens.img_processor
 # (with or without ``vision_model.``, depending on the transformers version), img_projection
 # Sequential(Linear, GELU, Linear), Phi-3 decoder with fused qkv_proj / gate_up_proj.
-PHI3_5_VISION = VlmGritConfig(
+PHI3_5_VISION = VlmGritParams(
     architecture="phi3_v",
     description="Phi-3.5-vision: last 6 CLIP blocks, last 8 decoder blocks (fused qkv, o), the image projection",
-    vision=ModalityConfig(
+    vision=ModalityParams(
         patterns=_under("model.vision_embed_tokens.img_processor.*encoder.layers",
                         tuple(f"self_attn.{n}" for n in (*_ATTENTION, "out_proj"))),
-        layers=_LAST_6_READ_BLOCKS, rank=8, alpha=16),
-    language=ModalityConfig(patterns=_under("model.layers", ("self_attn.qkv_proj", "self_attn.o_proj")),
+        layers=_LAST_6_READ_BLOCKS, r=8, alpha=16),
+    language=ModalityParams(patterns=_under("model.layers", ("self_attn.qkv_proj", "self_attn.o_proj")),
                             layers=LayerSelection(strategy="last_n", n_layers=8)),
-    connector=ModalityConfig(patterns=["model.vision_embed_tokens.img_projection.0",
+    connector=ModalityParams(patterns=["model.vision_embed_tokens.img_projection.0",
                                        "model.vision_embed_tokens.img_projection.2"],
-                             fisher="diagonal", grit=_CONNECTOR_GRIT),
-    rank=16, alpha=32, max_layers_per_modality=20,
+                             grit=_CONNECTOR_GRIT),
+    r=16, alpha=32, max_layers_per_modality=20,
 )
 
-PRESETS: dict[str, VlmGritConfig] = {
+PRESETS: dict[str, VlmGritParams] = {
     "smolvlm_fast": SMOLVLM_FAST,
     "smolvlm_256m": SMOLVLM_256M,
     "qwen2_vl": QWEN2_VL,
@@ -128,7 +133,7 @@ PRESETS: dict[str, VlmGritConfig] = {
 }
 
 
-def preset(name: str) -> VlmGritConfig:
+def preset(name: str) -> VlmGritParams:
     if name not in PRESETS:
         raise UserError(f"no GRIT-VLM preset named {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name]

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from trainers.base_model import BaseModelFiles, torch_dtype
-from trainers.config import TrainingParams, TrainParams, VariantParams
-from trainers.grit.config import GritConfig
+from trainers.config import TrainingSections, TrainParams, VariantParams, variant_grit
+from trainers.grit.config import GritParams
 from trainers.grit.distributed import world_size
 from trainers.grit.layer import base_module_name
 from trainers.grit_vlm.adapter import VlmGritAdapter, build_vlm_peft
-from trainers.grit_vlm.config import Modality, VlmGritConfig
+from trainers.grit_vlm.config import Modality, VlmGritParams, modality_grit_config
 from trainers.grit_vlm.data import read_pairs
 from trainers.grit_vlm.models import ImageTextExample, encoding_for, load_vlm
 from trainers.probe.config import ProbeParams
@@ -42,9 +42,9 @@ class ImageTextCollator:
         return self.encoding(examples)
 
 
-def vlm_manager_factory(config: VlmGritConfig, selected: dict[Modality, list[str]]):
+def vlm_manager_factory(config: VlmGritParams, selected: dict[Modality, list[str]]):
     """``attach_grit``'s factory for a VLM: one GRIT manager per modality."""
-    def factory(model, grit: GritConfig, total_steps: int | None = None) -> VlmGritAdapter:
+    def factory(model, grit: GritParams, total_steps: int | None = None) -> VlmGritAdapter:
         return VlmGritAdapter(model, config, selected, grit, total_steps)
     return factory
 
@@ -55,12 +55,15 @@ def ordered_pairs(pairs: list[ImageTextExample], train: TrainParams,
     return [pairs[i] for i in training_order(len(pairs), examples_needed(train, steps) * world_size(), train.seed)]
 
 
-def vision_language_model(variant: VariantParams, params: TrainingParams, files: BaseModelFiles, data_dir: Path,
+def vision_language_model(variant: VariantParams, params: TrainingSections, files: BaseModelFiles, data_dir: Path,
                           steps: int | None = None) -> VariantModel:
     config = params.vlm.config()
     model = load_vlm(files.hf_dir, torch_dtype(params.model.dtype), params.model.trust_remote_code)
     encoding = encoding_for(files.hf_dir, model, params.model.trust_remote_code)
     peft_model, selected = build_vlm_peft(model, config)
+    grit = variant_grit(params.grit, variant)
+    preconditioned = {name: modality_grit_config(grit, modality).precondition
+                      for name, modality in config.modalities().items()}
     return VariantModel(
         peft_model, encoding.tokenizer, ordered_pairs(read_pairs(data_dir / "train_pairs.jsonl"), params.train, steps),
         engine_notes=[] if variant.engine == "peft" else [UNSLOTH_ON_VLM_NOTE],
@@ -69,7 +72,7 @@ def vision_language_model(variant: VariantParams, params: TrainingParams, files:
         resumable=False,   # VlmGritAdapter has no checkpointed state yet
         metadata={"model_kind": "vlm", "vlm_config": config.model_dump(mode="json"), "modality_modules": selected},
         report=_modality_report,
-        judge_parts=lambda measured, settings: modality_verdicts(measured, selected, config, settings),
+        judge_parts=lambda measured, settings: modality_verdicts(measured, selected, preconditioned, settings),
     )
 
 
@@ -78,16 +81,16 @@ def _modality_report(model, manager) -> dict[str, Any]:
             "grit_modality_history": manager.history if manager else None}
 
 
-def modality_verdicts(measured: ProbeMeasurements, selected: dict[Modality, list[str]], config: VlmGritConfig,
-                      settings: ProbeParams) -> dict[Modality, dict[str, Any]]:
+def modality_verdicts(measured: ProbeMeasurements, selected: dict[Modality, list[str]],
+                      preconditioned: dict[Modality, bool], settings: ProbeParams) -> dict[Modality, dict[str, Any]]:
     """The probe's verdict per modality: the same checks on each modality's modules alone (a
     GRIT that acts on the decoder but not on the vision tower is inert *there*). A modality
-    configured with ``natural_gradient: false`` is reported but expected to be inert."""
+    configured with ``grit: {precondition: false}`` is reported but expected to be inert."""
     verdicts = {}
     for modality, modules in selected.items():
         own = set(modules)
         subset = replace(measured, modules=[m for m in measured.modules if base_module_name(m.name) in own])
         verdict, checks = decide(subset, settings, part=True)
         verdicts[modality] = {**as_json(subset, verdict, checks),
-                              "natural_gradient": config.modalities()[modality].natural_gradient}
+                              "precondition": preconditioned[modality]}
     return verdicts

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from trainers.config import TrainParams
-from trainers.grit.config import GritConfig
+from trainers.grit.config import GritParams
 from trainers.probe.arms import ArmTrace, grit_state, restore_factors, run_arm, snapshot_factors
 from trainers.probe.config import ProbeParams
 from trainers.probe.math import CurveComparison, UpdateComparison, compare_updates, lora_update, median
@@ -64,7 +64,7 @@ def measurements(variant: str, door: str | None, control: ArmTrace, grit: ArmTra
 
 
 def probe_setup(
-    variant: str, model, tokenizer, examples: list[dict], train: TrainParams, grit_config: GritConfig,
+    variant: str, model, tokenizer, examples: list[dict], train: TrainParams, grit_config: GritParams,
     door: str | None, settings: ProbeParams, workdir: Path, attach: Callable | None = None, bf16: bool = False,
     trajectory: CurveComparison | None = None, trajectory_control: str | None = None, collator=None,
 ) -> tuple[ProbeMeasurements, ArmTrace, ArmTrace]:

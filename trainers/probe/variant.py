@@ -13,14 +13,14 @@ from typing import Any
 import torch
 
 from trainers.base_model import BaseModelFiles
-from trainers.config import TrainingParams, variant_grit
+from trainers.config import TrainingSections, variant_grit
 from trainers.probe.math import CurveComparison
 from trainers.probe.measure import probe_setup
 from trainers.probe.verdict import EFFECTIVE, INERT, as_json, decide
 from trainers.recipe import attach_grit, grit_door, variant_model
 
 
-def probe_variant(name: str, params: TrainingParams, files: BaseModelFiles, data_dir: Path, workdir: Path,
+def probe_variant(name: str, params: TrainingSections, files: BaseModelFiles, data_dir: Path, workdir: Path,
                   trajectory: CurveComparison | None = None, trajectory_control: str | None = None) -> dict[str, Any]:
     """Control arm vs GRIT arm for variant ``name``: its measurements and verdict as JSON, with
     both arms' losses and (for a model with parts) a verdict per part under ``modalities``."""
@@ -42,7 +42,7 @@ def probe_variant(name: str, params: TrainingParams, files: BaseModelFiles, data
                   grit_losses=grit.losses)
     if built.judge_parts is not None:
         parts = built.judge_parts(measured, settings)
-        inert = [part for part, r in parts.items() if r["verdict"] != EFFECTIVE and r["natural_gradient"]]
+        inert = [part for part, r in parts.items() if r["verdict"] != EFFECTIVE and r["precondition"]]
         if inert:
             result["verdict"] = INERT
             result["reasons"] = [*result["reasons"],

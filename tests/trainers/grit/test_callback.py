@@ -7,7 +7,7 @@ import torch
 from tiny_lora import batches, tiny_lora_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from trainers.grit import GritConfig, GritManager
+from trainers.grit import GritManager, GritParams
 
 
 class Rows(torch.utils.data.Dataset):
@@ -33,7 +33,7 @@ class NormAtStep(TrainerCallback):
 
 def test_callback_preconditions_before_the_step_and_clips_the_natural_gradient(tmp_path):
     model = tiny_lora_model(random_B=True)
-    manager = GritManager(model, GritConfig(min_samples=8, update_freq=1))
+    manager = GritManager(model, GritParams(min_samples=8, update_freq=1))
     recorder = NormAtStep(manager.lora_parameters())
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
                              learning_rate=1e-2, max_grad_norm=1e-3, lr_scheduler_type="constant",

@@ -10,14 +10,14 @@ from tiny_lora import batches, tiny_lora_model
 from tiny_vlm import tiny_vlm, vlm_params
 
 from trainers.grit import math as gm
-from trainers.grit.config import GritConfig
+from trainers.grit.config import GritParams
 from trainers.grit.doors import GritCallback, Preconditioner, trainer_clipping_norm
 from trainers.grit.manager import GritManager
 from trainers.grit_vlm.adapter import VlmGritAdapter, build_vlm_peft
 
 
 def test_both_managers_are_preconditioners():
-    manager = GritManager(tiny_lora_model(), GritConfig())
+    manager = GritManager(tiny_lora_model(), GritParams())
     assert isinstance(manager, Preconditioner)
     params = vlm_params("idefics3")
     model, selected = build_vlm_peft(tiny_vlm("idefics3"), params.vlm.config())
@@ -38,7 +38,7 @@ def test_the_trainer_clips_only_without_grit_and_the_callback_restores_its_norm(
     class State:
         max_steps = 3
 
-    manager = GritManager(tiny_lora_model(), GritConfig())
+    manager = GritManager(tiny_lora_model(), GritParams())
     callback, args = GritCallback(manager), Args()
     callback.on_train_begin(args, State(), None)
     assert args.max_grad_norm == 0.0 and callback.max_grad_norm == 0.7 and manager.total_steps == 3
@@ -60,7 +60,7 @@ def test_batched_damping_is_the_per_matrix_damping():
 
 def test_a_module_preconditions_only_its_own_gradients():
     model = tiny_lora_model(random_B=True)
-    manager = GritManager(model, GritConfig(min_samples=1, graft_norm=False))
+    manager = GritManager(model, GritParams(min_samples=1, graft_norm=False))
     model(**batches(1)[0]).loss.backward()
     manager.sync_factors()
     manager.refresh_inverses(force=True)

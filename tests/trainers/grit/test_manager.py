@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_lora import batches, tiny_lora_model
 
-from trainers.grit import GritConfig, GritError, GritManager
+from trainers.grit import GritError, GritManager, GritParams
 from trainers.grit import math as gm
 
 MODULE = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -33,7 +33,7 @@ def run_steps(model, optimizer, step_batches) -> list[float]:
     return losses
 
 
-def train(model, config: GritConfig | None, steps: int, lr: float = 1e-2, max_grad_norm: float = 1.0):
+def train(model, config: GritParams | None, steps: int, lr: float = 1e-2, max_grad_norm: float = 1.0):
     """Plain AdamW when ``config`` is None, else the GRIT-wrapped optimizer; returns losses."""
     optimizer = torch.optim.AdamW(lora_params(model), lr=lr, weight_decay=0.0)
     manager = None
@@ -55,7 +55,7 @@ def train(model, config: GritConfig | None, steps: int, lr: float = 1e-2, max_gr
 def test_single_token_factors_are_the_exact_outer_products():
     model = tiny_lora_model(random_B=True)
     # graft_norm=False: the plain natural gradient, whose exact value is checked at the end
-    manager = GritManager(model, GritConfig(min_samples=1, damping=0.1, damping_mode="absolute", graft_norm=False))
+    manager = GritManager(model, GritParams(min_samples=1, damping=0.1, damping_mode="absolute", graft_norm=False))
     layer = manager.modules[ONE_TOKEN_MODULE].layer
     seen = {}
     layer.lora_A["default"].register_forward_pre_hook(lambda m, args: seen.__setitem__("x", args[0].detach()))
@@ -98,7 +98,7 @@ def test_single_token_factors_are_the_exact_outer_products():
 
 def test_padding_rows_are_not_captured():
     model = tiny_lora_model()
-    manager = GritManager(model, GritConfig())
+    manager = GritManager(model, GritParams())
     batch = batches(1)[0]
     model(**batch).loss.backward()
     manager.sync_factors()
@@ -108,7 +108,7 @@ def test_padding_rows_are_not_captured():
 def test_disabled_grit_reproduces_plain_lora_adamw_exactly():
     plain, grit = tiny_lora_model(), tiny_lora_model()
     losses_plain, _, _ = train(plain, None, 5)
-    losses_grit, manager, _ = train(grit, GritConfig(precondition=False, reprojection=False), 5)
+    losses_grit, manager, _ = train(grit, GritParams(precondition=False, reprojection=False), 5)
     assert losses_plain == losses_grit
     for (name, a), (_, b) in zip(plain.named_parameters(), grit.named_parameters(), strict=True):
         assert torch.equal(a, b), name
@@ -118,7 +118,7 @@ def test_disabled_grit_reproduces_plain_lora_adamw_exactly():
 def test_preconditioning_changes_the_update_after_adamw():
     start = tiny_lora_model()
     plain, grit = copy.deepcopy(start), copy.deepcopy(start)
-    config = GritConfig(min_samples=8, update_freq=1)
+    config = GritParams(min_samples=8, update_freq=1)
     train(plain, None, 3)
     _, manager, _ = train(grit, config, 3)
     assert manager.all_ready(), manager.diagnostics()
@@ -134,7 +134,7 @@ def test_preconditioning_changes_the_update_after_adamw():
 
 def test_clipping_bounds_the_natural_gradient():
     model = tiny_lora_model(random_B=True)
-    manager = GritManager(model, GritConfig(min_samples=1, update_freq=1, graft_norm=False))
+    manager = GritManager(model, GritParams(min_samples=1, update_freq=1, graft_norm=False))
     model(**batches(1)[0]).loss.backward()
     report = manager.before_step(max_grad_norm=1e-3)
     after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in manager.lora_parameters()]))
@@ -145,7 +145,7 @@ def test_clipping_bounds_the_natural_gradient():
 
 def test_readiness_is_per_module_and_side():
     model = tiny_lora_model()  # B = 0: the v-side statistics are all zero at first
-    manager = GritManager(model, GritConfig(min_samples=1))
+    manager = GritManager(model, GritParams(min_samples=1))
     model(**batches(1)[0]).loss.backward()
     manager.before_step(1.0)
     diagnostics = manager.diagnostics()
@@ -155,7 +155,7 @@ def test_readiness_is_per_module_and_side():
 
 def test_truncation_keeps_the_function_and_k_equal_r_is_identity():
     model = tiny_lora_model(random_B=True)
-    _, manager, optimizer = train(model, GritConfig(min_samples=8), 2)
+    _, manager, optimizer = train(model, GritParams(min_samples=8), 2)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     manager.reproject(k=4)  # k = r
     for name, parameter in model.named_parameters():
@@ -181,7 +181,7 @@ def test_truncation_keeps_the_function_and_k_equal_r_is_identity():
 
 
 def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
-    config = GritConfig(min_samples=8, update_freq=2)
+    config = GritParams(min_samples=8, update_freq=2)
     full_losses, full_manager, _ = train(tiny_lora_model(), config, 6)
 
     model = tiny_lora_model()
@@ -215,7 +215,7 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tmp_path):
 
 def test_bypassed_capture_fails_loudly_at_the_first_step():
     model = tiny_lora_model()
-    manager = GritManager(model, GritConfig())
+    manager = GritManager(model, GritParams())
     bypassed = manager.modules[MODULE]
     # what a fused kernel does: read the LoRA weights directly, never calling lora_A's forward
     bypassed.layer.forward = lambda x, *a, **k: bypassed.layer.base_layer(x) + (
@@ -227,7 +227,7 @@ def test_bypassed_capture_fails_loudly_at_the_first_step():
 
 def test_graft_norm_keeps_each_raw_gradient_norm():
     model = tiny_lora_model(random_B=True)
-    manager = GritManager(model, GritConfig(min_samples=1, graft_norm=True))
+    manager = GritManager(model, GritParams(min_samples=1, graft_norm=True))
     model(**batches(1)[0]).loss.backward()
     raw = {id(p): p.grad.norm().item() for p in manager.lora_parameters()}
     before = {id(p): p.grad.clone() for p in manager.lora_parameters()}

@@ -9,10 +9,10 @@ import torch
 from peft import PeftModel
 from tiny_lora import batches, tiny_base_model, tiny_lora_model
 
-from trainers.grit import GritConfig, GritError, GritManager
+from trainers.grit import GritError, GritManager, GritParams
 from trainers.grit.layer import rank_pattern_key
 
-TRUNCATING = GritConfig(min_samples=8, reprojection=True, truncate=True, budget_schedule="adaptive",
+TRUNCATING = GritParams(min_samples=8, reprojection=True, truncate=True, budget_schedule="adaptive",
                         energy_threshold=0.9, min_rank=1)
 
 
@@ -74,5 +74,5 @@ def test_a_state_saved_after_truncation_shrinks_a_model_rebuilt_at_full_rank():
 def test_truncation_is_refused_when_the_launcher_announces_several_processes(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(GritError, match=r"grit.truncate cannot train data-parallel \(2 processes\)"):
-        GritManager(tiny_lora_model(), GritConfig(reprojection=True, truncate=True))
-    GritManager(tiny_lora_model(), GritConfig(reprojection=True))   # without truncation: fine
+        GritManager(tiny_lora_model(), GritParams(reprojection=True, truncate=True))
+    GritManager(tiny_lora_model(), GritParams(reprojection=True))   # without truncation: fine

@@ -8,7 +8,7 @@ import torch
 from pydantic import ValidationError
 from tiny_lora import batches, tiny_lora_model
 
-from trainers.grit import GritConfig, GritManager
+from trainers.grit import GritManager, GritParams
 
 
 def gradients_after_before_step(manager: GritManager, model, batch) -> tuple[list, list]:
@@ -23,7 +23,7 @@ def gradients_after_before_step(manager: GritManager, model, batch) -> tuple[lis
 
 def test_no_natural_gradient_before_ng_warmup_steps_but_the_factors_fill_and_invert():
     model = tiny_lora_model(random_B=True)
-    manager = GritManager(model, GritConfig(min_samples=1, update_freq=1, ng_warmup_steps=2))
+    manager = GritManager(model, GritParams(min_samples=1, update_freq=1, ng_warmup_steps=2))
     batch = batches(1)[0]
     for step in range(3):
         manager.step = step
@@ -36,7 +36,7 @@ def test_no_natural_gradient_before_ng_warmup_steps_but_the_factors_fill_and_inv
 
 def test_clipping_still_bounds_the_gradient_during_the_ng_warmup():
     model = tiny_lora_model(random_B=True)
-    manager = GritManager(model, GritConfig(min_samples=1, ng_warmup_steps=5))
+    manager = GritManager(model, GritParams(min_samples=1, ng_warmup_steps=5))
     model(**batches(1)[0]).loss.backward()
     manager.before_step(max_grad_norm=1e-4)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in manager.lora_parameters()]))
@@ -44,7 +44,7 @@ def test_clipping_still_bounds_the_gradient_during_the_ng_warmup():
 
 
 def test_no_reprojection_before_reprojection_warmup_steps(monkeypatch):
-    manager = GritManager(tiny_lora_model(), GritConfig(reprojection=True, reprojection_freq=2,
+    manager = GritManager(tiny_lora_model(), GritParams(reprojection=True, reprojection_freq=2,
                                                         reprojection_warmup_steps=5))
     reprojected_at = []
     monkeypatch.setattr(manager, "reproject", lambda k=None: reprojected_at.append(manager.step))
@@ -55,7 +55,7 @@ def test_no_reprojection_before_reprojection_warmup_steps(monkeypatch):
 
 def test_reprojection_keeps_the_full_rank_before_rank_adaptation_starts():
     model = tiny_lora_model(random_B=True)
-    config = GritConfig(min_samples=1, reprojection=True, reprojection_k=2, truncate=True,
+    config = GritParams(min_samples=1, reprojection=True, reprojection_k=2, truncate=True,
                         rank_adaptation_start_step=3)
     manager = GritManager(model, config)
     model(**batches(1)[0]).loss.backward()
@@ -71,6 +71,6 @@ def test_reprojection_keeps_the_full_rank_before_rank_adaptation_starts():
 
 @pytest.mark.parametrize("field", ["ng_warmup_steps", "reprojection_warmup_steps", "rank_adaptation_start_step"])
 def test_warmups_default_to_off_and_reject_negative_steps(field):
-    assert getattr(GritConfig(), field) == 0
+    assert getattr(GritParams(), field) == 0
     with pytest.raises(ValidationError, match=field):
-        GritConfig(**{field: -1})
+        GritParams(**{field: -1})

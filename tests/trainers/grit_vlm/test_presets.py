@@ -9,7 +9,7 @@ from tiny_vlm import tiny_vlm
 from torch import nn
 
 from trainers.grit.layer_selection import LayerSelection, LayerSelectionError
-from trainers.grit_vlm.config import ModalityConfig, VlmGritConfig
+from trainers.grit_vlm.config import ModalityParams, VlmGritParams
 from trainers.grit_vlm.layers import collapse_name, linear_layer_patterns, select_modality_modules
 from trainers.grit_vlm.presets import PRESETS, preset
 
@@ -114,8 +114,8 @@ def test_patterns_matching_nothing_are_an_error_that_lists_the_candidates():
 
 
 def test_a_layer_claimed_by_two_modalities_is_an_error():
-    both = ModalityConfig(patterns=["model.connector.modality_projection.proj"])
-    config = VlmGritConfig(architecture="idefics3", language=both, connector=both)
+    both = ModalityParams(patterns=["model.connector.modality_projection.proj"])
+    config = VlmGritParams(architecture="idefics3", language=both, connector=both)
     with pytest.raises(LayerSelectionError, match="selected by both language and connector"):
         select_modality_modules(tiny_vlm("idefics3"), config)
 

@@ -11,7 +11,7 @@ import torch
 from tiny_vlm import tiny_vlm, tiny_vlm_files, vlm_params
 
 from trainers.config import VariantParams
-from trainers.grit.config import GritConfig
+from trainers.grit.config import GritParams
 from trainers.grit.layer import base_module_name, lora_layers
 from trainers.grit_vlm.adapter import VlmGritAdapter, build_vlm_peft
 from trainers.grit_vlm.config import modality_grit_config
@@ -40,7 +40,7 @@ def test_each_modality_gets_its_own_rank_alpha_dropout_and_grit_settings():
         shapes.setdefault(modality, set()).add(
             (layer.r[adapter], layer.lora_alpha[adapter], getattr(dropout, "p", 0.0)))
     assert shapes == {"vision": {(8, 16, 0.05)}, "language": {(16, 32, 0.05)}, "connector": {(16, 32, 0.05)}}
-    adapter = VlmGritAdapter(model, config, selected, GritConfig(min_samples=64))
+    adapter = VlmGritAdapter(model, config, selected, GritParams(min_samples=64))
     assert adapter.managers["connector"].config.fisher == "diagonal"
     assert adapter.managers["connector"].config.min_samples == 16       # the preset's connector override
     assert adapter.managers["vision"].config.fisher == "rank_kfac"
@@ -49,12 +49,16 @@ def test_each_modality_gets_its_own_rank_alpha_dropout_and_grit_settings():
     adapter.detach()
 
 
-def test_modality_overrides_are_validated_as_grit_config():
+def test_a_modality_speaks_the_grit_sections_names_and_is_validated_as_it():
     modality = preset("smolvlm_256m").vision
-    merged = modality_grit_config(GritConfig(), modality)
+    merged = modality_grit_config(GritParams(damping=0.01), modality)
     assert (merged.budget_schedule, merged.budget_start, merged.budget_end) == ("linear", 4, 8)
-    with pytest.raises(ValueError, match="not GritConfig fields"):
+    assert merged.damping == 0.01                     # the run's grit section, under the modality's fields
+    assert modality_grit_config(GritParams(), preset("smolvlm_fast").connector).fisher == "diagonal"
+    with pytest.raises(ValueError, match="'dampign' is not a field of the grit section"):
         modality.model_validate({**modality.model_dump(), "grit": {"dampign": 1.0}})
+    with pytest.raises(ValueError, match="greater than 0"):        # a bad value fails when read, too
+        modality.model_validate({**modality.model_dump(), "grit": {"damping": -1.0}})
 
 
 @pytest.mark.parametrize("architecture", ["idefics3", "qwen2_vl"])
@@ -96,15 +100,15 @@ def test_probe_verdict_is_effective_in_every_modality(architecture, pairs_dir, t
     assert len(result["control_losses"]) == len(result["grit_losses"]) == params.probe.steps
 
 
-def test_a_modality_without_natural_gradient_is_inert_there_and_only_there(pairs_dir, tmp_path):
+def test_a_modality_without_preconditioning_is_inert_there_and_only_there(pairs_dir, tmp_path):
     custom = preset("smolvlm_fast").model_dump()
-    custom["vision"]["natural_gradient"] = False
+    custom["vision"]["grit"] = {"precondition": False}
     params = vlm_params("idefics3", preset=None, vlm={"preset": None, "custom": custom})
     result = probe_variant("pure_grit", params, tiny_vlm_files("idefics3"), pairs_dir, tmp_path / "probe")
     modalities = result["modalities"]
     # a modality configured without natural gradient does not make the whole variant inert
     assert result["verdict"] == "effective"
-    assert modalities["vision"]["verdict"] == "inert" and modalities["vision"]["natural_gradient"] is False
+    assert modalities["vision"]["verdict"] == "inert" and modalities["vision"]["precondition"] is False
     # its update still moves (the other modalities' preconditioned weights change its gradients),
     # but the optimizer consumed its raw gradients
     assert modalities["vision"]["reasons"] == ["gradients_not_preconditioned"]

@@ -1,0 +1,56 @@
+"""Render every figure block of the README and ``docs/`` from the files that hold the figures.
+
+    python -m pipelines.docs            # rewrite the blocks from the working tree's files
+    python -m pipelines.docs --check    # exit 1 when a block differs from the committed files
+
+The blocks (``core/doc_blocks.py``): the evaluation's (``evaluation/doc_figures.py``: the study
+headline, the default run's tables, the probe and training tables, stage times, serving speed)
+and the GPU check's (``docs/gpu.md``, from ``benchmarks/results/gpu-check-*.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from core.doc_blocks import CommittedSources, DocBlock, Sources, render_pages
+from evaluation.doc_figures import BLOCKS as EVALUATION_BLOCKS
+from pipelines.gpu_check.report import docs_block
+
+GPU_REPORTS = "benchmarks/results/gpu-check-h100-*.json"
+
+
+def _gpu(sources: Sources) -> str:
+    return docs_block({name: json.loads(sources.text(name) or "{}") for name in sources.glob(GPU_REPORTS)})
+
+
+BLOCKS: list[DocBlock] = [*EVALUATION_BLOCKS, DocBlock("gpu_check_h100", "docs/gpu.md", _gpu)]
+
+
+def stale_pages(root: Path, blocks: list[DocBlock] = BLOCKS) -> list[str]:
+    """The pages whose blocks differ from the committed files (HEAD) they are rendered from."""
+    return [page for page, (now, wanted) in render_pages(blocks, CommittedSources(root)).items() if now != wanted]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.docs", description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("."), help="the repository (default: here)")
+    parser.add_argument("--check", action="store_true", help="exit 1 when a page differs from the committed files")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_pages(args.root)
+        for page in stale:
+            print(f"{page}: its figure blocks differ from the committed files; run python -m pipelines.docs",
+                  file=sys.stderr)
+        return 1 if stale else 0
+    for page, (now, wanted) in render_pages(BLOCKS, Sources(args.root)).items():
+        if wanted != now:
+            (args.root / page).write_text(wanted)
+            print(f"{page}: figure blocks rewritten")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
