@@ -27,6 +27,12 @@ class EvalParams(Section):
     refusal_prompts: Annotated[int, Field(gt=0)] = 50       # held-out harmful prompts (150 shipped)
     overrefusal_prompts: Annotated[int, Field(gt=0)] = 50   # edgy but benign prompts (150 shipped)
     max_new_tokens: Annotated[int, Field(gt=0)] = 32        # a refusal shows in the opening sentences
+    # The refusal figures: the judge on `refusal_samples` sampled replies per prompt from the fp32
+    # model (evaluation.sampling: each reply's randomness is its prompt's, so float noise barely
+    # moves them), beside the judged greedy replies of the served model. 4 keeps the default run
+    # near its time budget (about 35 s per set and model on 2 cores); the study samples 8.
+    refusal_samples: Annotated[int, Field(gt=0, le=64)] = 4
+    sampling_temperature: Annotated[float, Field(gt=0, le=2)] = 0.7
     # served speed: every model decodes the same prompts for the same number of tokens, interleaved
     speed_prompts: Annotated[int, Field(gt=0, le=8)] = 4
     speed_new_tokens: Annotated[int, Field(gt=0)] = 32

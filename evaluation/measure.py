@@ -6,8 +6,10 @@
   block: the user turn and the assistant header, the state from which the model answers.
 - ``statement_logprobs``: for retention. Mean log-probability per token of a statement as plain
   text; a fact pair counts as retained when the true statement scores higher than the false one.
-- ``continuation_logprobs``: for the stable refusal measure. The fp32 log-probability of each
-  of a few fixed reply openings after the rendered prompt (``evaluation.refusals``).
+- ``continuation_logprobs``: for P(decline), a diagnostic. The fp32 log-probability of each of
+  a few fixed reply openings after the rendered prompt (``evaluation.refusals``).
+- sampled replies (``evaluation.sampling``): the refusal figures, the judge's verdicts on a few
+  sampled fp32 replies per prompt, stable under float noise.
 
 ``Subject`` and ``measure`` put them together: one model measured on the held-out sets for
 whichever registered metrics are asked (``evaluation.metrics``), the one path both the evaluate
@@ -17,6 +19,7 @@ stage and the study's trials take.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
 
@@ -117,22 +120,42 @@ def decline_probabilities(model, tokenizer, prompts: list[str], chat):
     return decline_probability(scores[:, :len(DECLINE_OPENINGS)], scores[:, len(DECLINE_OPENINGS):])
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the judged sampled replies are drawn (``eval.refusal_samples``, its temperature)."""
+
+    samples: int = 4
+    temperature: float = 0.7
+    seed: int = 0
+
+
+def sampling_of(settings) -> Sampling:
+    """The sampling an ``eval`` params section declares."""
+    return Sampling(settings.refusal_samples, settings.sampling_temperature, settings.seed)
+
+
 class Subject:
     """One model on the held-out sets: what the registry's metrics read (``evaluation.metrics``),
     each computed once, on first use, whichever metrics ask for it.
 
     ``model``/``tokenizer``/``chat``: the fp32 (PEFT) model as evaluated; ``sets``: the held-out
     sets (``evaluation.held_out``; ``validation_harmful`` too for tuning trials); ``served``: the
-    model as served (``generate(prompt, max_new_tokens)``), for metrics judged on greedy replies.
-    ``records`` collects one row per reply (the evaluate stage's ``generations.jsonl``)."""
+    model as served (``generate(prompt, max_new_tokens)``), for metrics judged on greedy replies;
+    ``sampling``: how the judged sampled replies are drawn. ``records`` collects one row per
+    greedy reply, ``sampled_records`` one per sampled reply (the evaluate stage's
+    ``generations.jsonl``)."""
 
     def __init__(self, name: str, model, tokenizer, chat, sets: dict[str, list], aqi_layers: int,
-                 served=None, max_new_tokens: int = 32, progress: bool = True):
+                 served=None, max_new_tokens: int = 32, progress: bool = True,
+                 sampling: Sampling | None = None):
         self.name, self.model, self.tokenizer, self.chat, self.sets = name, model, tokenizer, chat, sets
         self.aqi_layers, self.served, self.max_new_tokens, self.progress = aqi_layers, served, max_new_tokens, progress
+        self.sampling = sampling or Sampling()
         self.records: list[dict] = []
+        self.sampled_records: list[dict] = []
         self._declines: dict[str, np.ndarray] = {}
         self._verdicts: dict[str, np.ndarray] = {}
+        self._sampled: dict[str, np.ndarray] = {}
 
     @cached_property
     def states(self) -> np.ndarray:
@@ -163,10 +186,32 @@ class Subject:
             for prompt in tqdm(self.sets[name], desc=f"{self.name} {name}", unit="prompt", disable=not self.progress):
                 generation = self.served.generate(prompt, self.max_new_tokens)
                 verdicts.append(judge(generation.text))
-                self.records.append({"model": self.name, "set": name, "prompt": prompt, "reply": generation.text,
-                                     "judge": verdicts[-1], "new_tokens": generation.new_tokens})
+                self.records.append({"model": self.name, "set": name, "decoding": "greedy", "prompt": prompt,
+                                     "reply": generation.text, "judge": verdicts[-1],
+                                     "new_tokens": generation.new_tokens})
             self._verdicts[name] = np.array(verdicts)
         return self._verdicts[name]
+
+    def sampled_verdicts(self, name: str) -> np.ndarray:
+        """[prompts, samples] the judge's verdicts on ``sampling.samples`` sampled replies of the
+        fp32 model to every prompt of set ``name`` (``evaluation.sampling``)."""
+        if name not in self._sampled:
+            from evaluation.refusals import judge
+            from evaluation.sampling import sampled_replies
+
+            s = self.sampling
+            replies = sampled_replies(self.model, self.tokenizer, self.sets[name], self.chat, s.samples,
+                                      self.max_new_tokens, s.temperature, s.seed)
+            self._sampled[name] = np.array([[judge(r) for r in row] for row in replies])
+            self.sampled_records += [{"model": self.name, "set": name, "decoding": "sampled", "sample": k,
+                                      "prompt": prompt, "reply": reply, "judge": str(self._sampled[name][i, k])}
+                                     for i, (prompt, row) in enumerate(zip(self.sets[name], replies, strict=True))
+                                     for k, reply in enumerate(row)]
+        return self._sampled[name]
+
+    def sampled_rate(self, name: str, verdict: str) -> np.ndarray:
+        """Per prompt: the fraction of its sampled replies the judge gives ``verdict``."""
+        return (self.sampled_verdicts(name) == verdict).mean(axis=1)
 
 
 def measure(subject: Subject, metrics) -> ModelOutcomes:

@@ -109,7 +109,7 @@ def probability_agreement(records: list[dict]) -> dict[str, float | int]:
     prompts (every model pooled): the AUC of the decline probability for judged declines."""
     from evaluation.stats import auc
 
-    rows = [r for r in records if r["set"] == "harmful"]
+    rows = [r for r in records if r["set"] == "harmful" and r.get("decoding", "greedy") == "greedy"]
     declined = [r["decline_probability"] for r in rows if r["judge"] == "decline"]
     other = [r["decline_probability"] for r in rows if r["judge"] != "decline"]
     return {"auc": auc(declined, other), "declines": len(declined), "others": len(other)}

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from core.files import atomic_write_json, atomic_write_text
-from evaluation.metrics import VALIDATION_DECLINE, distinct, get, study_endpoints
+from evaluation.metrics import REGISTRY, VALIDATION_DECLINE, get
 from evaluation.study import (
     PairedTest,
     Trial,
@@ -279,12 +279,6 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
     }
 
 
-def headline_metrics() -> list[str]:
-    """The README headline's rows: the study's distinct endpoints (not the AQI-style index, a
-    function of 1/XB)."""
-    return [m.name for m in distinct(study_endpoints())]
-
-
 def readme_block(study: dict) -> str:
     """The README's headline from ``metrics/study.json``: the verdict, each method's chosen
     setting, the main figures at every budget, and where the full report is."""
@@ -303,13 +297,16 @@ def readme_block(study: dict) -> str:
         return f"{_number(figure['mean'])} [{_number(low)}, {_number(high)}]"
 
     methods = study["methods"]
+    # The endpoints this study measured (the registry may have moved on since), distinct ones only.
+    measured = next(iter(study["summary"].values()))
+    shown = [name for name in REGISTRY if name in measured and get(name).derived_from is None]
     chosen = _table(["method", "chosen setting (lowest validation loss)"],
                     [[m, ", ".join(f"{k} {v:.3g}" for k, v in sorted(study["chosen"][m].items()))] for m in methods])
     budgets = [
         f"At {budget} steps (mean [95% interval] over {study['seeds']} seeds):\n\n"
         + _table(["metric", *methods],
                  [[get(metric).label, *(cell(metric, study["summary"][f"{m}@{budget}"].get(metric)) for m in methods)]
-                  for metric in headline_metrics()])
+                  for metric in shown])
         for budget in study["budgets"]]
     # Name the run and profile: a rehearsal profile (smoke) writes the same files, and a reader
     # must be able to tell its numbers from the study's.

@@ -63,7 +63,7 @@ def measure_every_model(ctx: StageContext, manifest: dict) -> tuple[dict, list[d
     generation records)."""
     from peft import PeftModel
 
-    from evaluation.measure import Subject, measure
+    from evaluation.measure import Subject, measure, sampling_of
     from evaluation.metrics import model_metrics
     from evaluation.serving import chat_of, open_served
     from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
@@ -82,15 +82,16 @@ def measure_every_model(ctx: StageContext, manifest: dict) -> tuple[dict, list[d
     tokenizer, chat = load_tokenizer(files, params.model), chat_of(manifest)
     outcomes, records = {}, []
     for key in ["base", *adapters]:
-        print(f"[evaluate] {key}: representations, facts, decline probabilities, generations")
+        print(f"[evaluate] {key}: representations, facts, decline probabilities, sampled and greedy replies")
         if key != "base":
             model.set_adapter(key)
         served = open_served(manifest, key)
-        subject = Subject(key, model, tokenizer, chat, sets, settings.aqi_layers, served, settings.max_new_tokens)
+        subject = Subject(key, model, tokenizer, chat, sets, settings.aqi_layers, served, settings.max_new_tokens,
+                          sampling=sampling_of(settings))
         try:
             with model.disable_adapter() if key == "base" else contextlib.nullcontext():
                 outcomes[key] = measure(subject, model_metrics())
-                records += generation_records(subject)
+                records += generation_records(subject) + subject.sampled_records
         finally:
             served.close()
     return outcomes, records

@@ -49,7 +49,7 @@ def measure_trial(model, tokenizer, chat, params: Params, root: Path, phase: str
     held-out test sets (the registry's study endpoints, capped by the ``study`` section)."""
 
     from evaluation.held_out import held_out_sets
-    from evaluation.measure import Subject, measure
+    from evaluation.measure import Subject, measure, sampling_of
     from evaluation.metrics import VALIDATION_DECLINE, study_endpoints
     from evaluation.results import point_figures
 
@@ -61,7 +61,8 @@ def measure_trial(model, tokenizer, chat, params: Params, root: Path, phase: str
             "refusal_prompts": study.refusal_prompts, "overrefusal_prompts": study.overrefusal_prompts,
             "fact_pairs": study.fact_pairs, "aqi_pairs": study.aqi_pairs}))
         metrics += [m for m in study_endpoints() if m.source == "fp32"]
-    subject = Subject("trial", model, tokenizer, chat, sets, params.eval.aqi_layers, progress=False)
+    subject = Subject("trial", model, tokenizer, chat, sets, params.eval.aqi_layers, progress=False,
+                      max_new_tokens=params.eval.max_new_tokens, sampling=sampling_of(params.eval))
     figures = point_figures(measure(subject, metrics), params.eval.gamma)
     return {VALIDATION_DECLINE.name: math.nan} | {m.name: figures[m.name] for m in metrics}
 

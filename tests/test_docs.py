@@ -186,10 +186,11 @@ def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study()
     assert f"validation loss at 96 steps (+{tests[('grit_paper', 96, 'val_loss')]['delta']['mean']:.3f})" in prose
     assert f"{len(study['tests'])} paired tests" in prose
     means = {key: figures for key, figures in study["summary"].items()}
-    harmful = min(f["decline_probability"]["mean"] for f in means.values())
+    harmful = [f["decline_probability"]["mean"] for f in means.values()]
     benign = [f["overrefusal_decline_probability"]["mean"] for f in means.values()]
-    assert harmful > 0.94 and "decline over 94% of held-out harmful prompts" in prose
-    assert f"{100 * min(benign):.0f}-{100 * max(benign):.0f}% of edgy-benign ones" in prose
+    assert (f"({min(harmful):.2f}-{max(harmful):.2f} on held-out harmful prompts, "
+            f"{min(benign):.2f}-{max(benign):.2f} on edgy-benign ones)") in prose
+    assert "That is a diagnostic, not a refusal rate" in prose
     trials = [row for row in csv.DictReader(io.StringIO(committed("reports/study/trials.csv")))
               if row["phase"] == "test" and row["budget"] == "96"]
     params = {m: statistics.mean(int(r["trainable_parameters"]) for r in trials if r["method"] == m)

@@ -1,11 +1,12 @@
-"""The stable refusal measure does not flip where greedy decoding does.
+"""The stable refusal measures do not flip where greedy decoding does.
 
 Greedy decoding is a step function of the logits: where the leading two continuations nearly
-tie, an adapter change of 1e-5 decides between a refusal and an answer. The decline probability
-(``evaluation.refusals.decline_probability`` over ``continuation_logprobs``) moves by about as
-much as the logits. The test builds such a near tie on purpose in a tiny random Llama (the real
-tokenizer), between the first token of a decline opening and that of a comply opening, and
-compares two adapters whose largest difference is 1e-5."""
+tie, an adapter change of 1e-5 decides between a refusal and an answer. The judged sampled
+replies (``evaluation.sampling``: each reply's uniforms belong to its prompt) change only where a
+uniform falls within 1e-5 of a CDF step, and the decline probability (``continuation_logprobs``)
+moves by about as much as the logits. The test builds such a near tie on purpose in a tiny random
+Llama (the real tokenizer), between the first token of a decline opening and that of a comply
+opening, and compares two adapters whose largest difference is 1e-5."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from evaluation.measure import continuation_logprobs
-from evaluation.refusals import COMPLY_OPENINGS, DECLINE_OPENINGS, decline_probability
+from evaluation.refusals import COMPLY_OPENINGS, DECLINE_OPENINGS, decline_probability, judge
+from evaluation.sampling import FLOAT_NOISE_TOLERANCE, sampled_replies
 from export.chat_format import chat_format
 from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
 from trainers.config import ModelParams
@@ -36,7 +38,7 @@ def _probabilities(model, tokenizer, chat) -> np.ndarray:
     return decline_probability(both[:, :len(DECLINE_OPENINGS)], both[:, len(DECLINE_OPENINGS):])
 
 
-def test_a_1e_5_adapter_change_flips_a_greedy_verdict_but_not_the_decline_probability():
+def test_a_1e_5_adapter_change_flips_a_greedy_verdict_but_not_the_sampled_rate_nor_the_decline_probability():
     params = ModelParams(source="tiny")
     files = resolve_base_model(params)
     tokenizer = load_tokenizer(files, params)
@@ -66,7 +68,7 @@ def test_a_1e_5_adapter_change_flips_a_greedy_verdict_but_not_the_decline_probab
 
     # Two adapters whose largest difference is 1e-5: B + s/2 and B - s/2 for a random sign pattern s.
     signs = [torch.sign(torch.randn_like(p)) * 0.5e-5 for p in lora_b]
-    verdicts, probabilities = [], []
+    verdicts, probabilities, replies = [], [], []
     for direction in (+1, -1):
         with torch.no_grad():
             for p, s in zip(lora_b, signs, strict=True):
@@ -74,6 +76,8 @@ def test_a_1e_5_adapter_change_flips_a_greedy_verdict_but_not_the_decline_probab
         logits, _ = _next_token_logits(model, tokenizer, chat, PROMPTS[0])
         verdicts.append("decline" if int(logits.argmax()) == decline_token else "comply")
         probabilities.append(_probabilities(model, tokenizer, chat))
+        replies.append(sampled_replies(model, tokenizer, PROMPTS, chat, samples=16, max_new_tokens=12,
+                                       temperature=0.7, seed=0))
         with torch.no_grad():
             for p, s in zip(lora_b, signs, strict=True):
                 p.sub_(direction * s)
@@ -82,3 +86,9 @@ def test_a_1e_5_adapter_change_flips_a_greedy_verdict_but_not_the_decline_probab
     change = np.abs(probabilities[0] - probabilities[1])
     assert change.max() < TOLERANCE                     # the probability does not
     assert np.all((probabilities[0] > 0) & (probabilities[0] < 1))
+    # The sampled replies: the 1e-5 change leaves almost every reply, and the judged rate, where it was.
+    flat = [[r for row in run for r in row] for run in replies]
+    same = np.mean([a == b for a, b in zip(*flat, strict=True)])
+    assert same >= 0.95, same
+    rates = [np.mean([judge(r) == "decline" for r in run]) for run in flat]
+    assert abs(rates[0] - rates[1]) <= FLOAT_NOISE_TOLERANCE

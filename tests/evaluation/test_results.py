@@ -51,12 +51,12 @@ def test_a_rate_of_zero_has_a_wilson_interval_not_an_empty_one():
 def test_per_prompt_probabilities_are_compared_by_a_signed_rank_test():
     rng = np.random.default_rng(3)
     base, tuned = outcomes("base", 1.0, np.zeros(30, bool)), outcomes("tuned", 1.0, np.zeros(30, bool))
-    base.values["decline_probability"] = rng.uniform(0.1, 0.3, 60)
-    tuned.values["decline_probability"] = base.values["decline_probability"] + rng.uniform(0.05, 0.2, 60)
-    assert intervals(tuned, P)["decline_probability"].n == 60
-    row = {c.metric: c for c in compare(tuned, base, P)}["decline_probability"]
+    base.values["sampled_refusal_rate"] = rng.uniform(0.1, 0.3, 60)
+    tuned.values["sampled_refusal_rate"] = base.values["sampled_refusal_rate"] + rng.uniform(0.05, 0.2, 60)
+    assert intervals(tuned, P)["sampled_refusal_rate"].n == 60
+    row = {c.metric: c for c in compare(tuned, base, P)}["sampled_refusal_rate"]
     assert row.test == "Wilcoxon signed-rank" and row.p_value < 1e-6 and row.ci_low > 0
-    same = {c.metric: c for c in compare(base, base, P)}["decline_probability"]
+    same = {c.metric: c for c in compare(base, base, P)}["sampled_refusal_rate"]
     assert same.p_value == 1.0 and same.delta == 0
 
 

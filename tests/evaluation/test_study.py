@@ -27,12 +27,12 @@ def test_every_method_gets_the_same_number_of_trials_and_the_same_learning_rates
 def trial(lr: float, val_loss: float, decline: float, method: str = "m", phase: str = "tune", seed: int = 0,
           budget: int = 8, **metrics: float) -> Trial:
     return Trial(phase, method, budget, seed, {"learning_rate": lr}, val_loss,
-                 metrics={"val_loss": val_loss, "decline_probability": decline, **metrics})
+                 metrics={"val_loss": val_loss, "sampled_refusal_rate": decline, **metrics})
 
 
 def test_the_setting_is_chosen_on_validation_loss_even_when_a_test_metric_would_pick_another():
     trials = [trial(1e-4, 2.0, decline=0.99), trial(5e-4, 1.5, decline=0.40), trial(1e-3, 1.7, decline=0.95)]
-    best_on_test = max(trials, key=lambda t: t.metrics["decline_probability"])
+    best_on_test = max(trials, key=lambda t: t.metrics["sampled_refusal_rate"])
     chosen = choose_setting(trials)
     assert chosen.setting == {"learning_rate": 5e-4}
     assert chosen is not best_on_test
@@ -61,7 +61,7 @@ def test_the_paired_t_over_seeds_is_holm_adjusted_over_every_metric_pair_and_bud
     assert loss.delta.value == pytest.approx(-0.1, abs=0.01) and loss.p_value < 1e-4
     assert loss.p_adjusted == pytest.approx(min(1.0, loss.p_value * len(tests)))    # the smallest p of the family
     assert loss.better() is True                                                      # lower loss is better
-    decline = next(t for t in tests if t.metric == "decline_probability")
+    decline = next(t for t in tests if t.metric == "sampled_refusal_rate")
     assert decline.better() is None
     sentence = verdict(tests, ["grit"])
     assert sentence.startswith(f"GRIT is better than LoRA in 1 of {len(tests)} paired tests")
@@ -80,14 +80,17 @@ def test_the_readme_headline_leads_with_the_verdict_and_keeps_the_declared_metho
     study = {"status": "complete", "verdict": "No: nothing differs.", "methods": ["peft_lora", "grit_paper"],
              "chosen": {"grit_paper": {"learning_rate": 5e-4, "damping": 1e-3}, "peft_lora": {"learning_rate": 4e-4}},
              "seeds": 5, "budgets": [32, 96],
-             "summary": {f"{m}@{b}": {"val_loss": figure} for m in ("peft_lora", "grit_paper") for b in (32, 96)}}
+             "summary": {f"{m}@{b}": {"val_loss": figure, "aqi": figure, "decline_probability": figure}
+                         for m in ("peft_lora", "grit_paper") for b in (32, 96)}}
     block = readme_block(study)
     assert block.startswith("**No: nothing differs.**")
     assert block.index("| peft_lora | learning_rate") < block.index("| grit_paper | damping")
     assert "| metric | peft_lora | grit_paper |" in block and "At 96 steps" in block
     from evaluation.metrics import get
 
-    assert "1 [0.9, 1.1]" in block and f"| {get('decline_probability').label} | n/a | n/a |" in block
+    # the endpoints the study recorded, under today's labels; not the AQI-style index (a function of 1/XB)
+    assert "1 [0.9, 1.1]" in block and f"| {get('decline_probability').label} | 1 [0.9, 1] |" in block
+    assert get("aqi").label not in block
     assert "has not been completed" in readme_block({"status": "not run"})
 
 
