@@ -168,16 +168,16 @@ class SpeedMetric(Base):
 class StudyTrial(Base):
     """One training run of the study (``pipelines/study.py``): a tuning trial (``phase`` tune: a
     setting drawn from the method's search space, judged on validation loss) or a test run
-    (``phase`` test: the method's chosen setting at one seed and budget, with test figures)."""
+    (``phase`` test: the method's chosen setting at one seed and run length, with test figures)."""
 
     __tablename__ = "study_trials"
-    __table_args__ = (UniqueConstraint("run_id", "phase", "method", "budget", "seed", "setting"),)
+    __table_args__ = (UniqueConstraint("run_id", "phase", "method", "steps", "seed", "setting"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[str] = _run_fk()
     phase: Mapped[str] = mapped_column(String(16))
     method: Mapped[str] = mapped_column(String(64))
-    budget: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)                   # the run's length in optimizer steps
     seed: Mapped[int] = mapped_column(Integer)
     setting: Mapped[str] = mapped_column(String(255))            # canonical JSON of the hyperparameters
     val_loss: Mapped[float | None] = mapped_column(Float)        # after the last step
@@ -186,6 +186,17 @@ class StudyTrial(Base):
     train_seconds: Mapped[float] = mapped_column(Float)
     tokens_per_second: Mapped[float | None] = mapped_column(Float)
     trainable_parameters: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class TuningJournal(Base):
+    """Optuna's journal of the study's tuning (``db/tuning_journal.py``): one row per log entry,
+    in the order appended. Every Optuna study of every run shares it; the rows are Optuna's
+    own, so a run's deletion does not touch them (they name their studies by run)."""
+
+    __tablename__ = "tuning_journal"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    log_json: Mapped[str] = mapped_column(Text)
 
 
 class Artifact(Base):

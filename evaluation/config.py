@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Sequence
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -50,34 +51,71 @@ class EvalParams(Section):
 
 
 class StudyParams(Section):
-    """The fair study (``pipelines/study.py``): each method tuned on validation loss with the
-    same number of trials from a declared search space, then compared on the test sets at its
-    chosen setting over several seeds and budgets. ``methods`` empty: the study is not run in
-    this profile (the stage keeps the last study's report)."""
+    """The fair study (``pipelines/study.py``, docs/study.md): each method tuned on validation
+    loss by Optuna with the same number of configurations and the same pruner at every run length,
+    its finalists re-run with more seeds, then compared on the test sets at its chosen setting over
+    test seeds that selection never saw. ``methods`` empty: the study is not run in this profile
+    (the stage keeps the last study's report)."""
 
     methods: list[str] = []                  # variant names, e.g. peft_lora, pure_grit, grit_paper
-    # Search space: the learning rate for every method (log-spaced, the same values for all),
-    # the damping for GRIT ones (log-uniform, quasi-random).
+    steps: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [32, 96]  # run lengths, each tuned
+    # Tuning: Optuna's sampler over each method's declared space (evaluation/tuning.py), and a
+    # successive-halving pruner on the validation-loss curve (measured every train.eval_steps).
+    configurations: Annotated[int, Field(gt=0, le=256)] = 16   # per method and run length
+    sampler: Literal["tpe", "qmc"] = "tpe"
+    startup: Annotated[int, Field(ge=0)] = 6               # TPE's quasi-random start before it models
+    min_steps: Annotated[int, Field(gt=0)] = 8             # the pruner's first rung
+    reduction_factor: Annotated[int, Field(ge=2)] = 3      # one in this many goes on at each rung
     learning_rate_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-2)
     damping_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-1)
-    trials: Annotated[int, Field(gt=0, le=64)] = 4          # per method: the same for every method
-    seeds: Annotated[int, Field(gt=1, le=20)] = 5           # test replicates at each chosen setting
-    budgets: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [32, 96]  # optimizer steps
+    # GRIT with the budget cadence (the paper variant) also tunes its reprojection and rank settings
+    reprojection_warmup_range: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (
+        0.1, 0.5)
+    energy_range: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.9, 0.999)
+    # A chosen learning rate in the outer edge_margin of its (log) range: the study widens the range
+    # by edge_factor on that side and tunes again, at most edge_extensions times; the report says so.
+    edge_margin: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
+    edge_factor: Annotated[float, Field(gt=1)] = 10.0
+    edge_extensions: Annotated[int, Field(ge=0, le=3)] = 1
+    # Selection: the best `finalists` configurations re-run with `finalist_seeds` more seeds
+    # (train.seed + 1, ...), chosen on their mean validation loss.
+    finalists: Annotated[int, Field(gt=0)] = 3
+    finalist_seeds: Annotated[int, Field(ge=0)] = 2
+    # Test: `seeds` seeds from test_seed on, disjoint from every seed selection saw.
+    seeds: Annotated[int, Field(gt=1, le=100)] = 10
+    test_seed: int = 1000
     # the held-out test sets are capped like the eval section's, but measured in fp32 only
     refusal_prompts: Annotated[int, Field(gt=0)] = 100
     overrefusal_prompts: Annotated[int, Field(gt=0)] = 100
     fact_pairs: Annotated[int, Field(gt=0)] = 300
     aqi_pairs: Annotated[int, Field(gt=1)] = 100
-    seed: int = 0                                            # of the quasi-random damping draws
+    bootstrap_resamples: Annotated[int, Field(ge=100)] = 2000   # the two-level bootstrap over seeds and prompts
+    seed: int = 0                                            # of the sampler and the bootstrap
 
     @model_validator(mode="after")
     def _ranges(self) -> StudyParams:
-        for name in ("learning_rate_range", "damping_range"):
+        for name in ("learning_rate_range", "damping_range", "reprojection_warmup_range", "energy_range"):
             low, high = getattr(self, name)
-            if low > high:
-                raise ValueError(f"{name}: the lower bound {low} exceeds the upper bound {high}")
-        if sorted(set(self.budgets)) != list(self.budgets):
-            raise ValueError("budgets: list distinct step counts in increasing order (the first one is tuned)")
-        if len(set(self.methods)) != len(self.methods):
-            raise ValueError("methods: a method is listed twice")
+            if low >= high:
+                raise ValueError(f"{name}: the lower bound {low} is not below the upper bound {high}")
+        if sorted(set(self.steps)) != list(self.steps):
+            raise ValueError("steps: list distinct run lengths in increasing order")
         return self
+
+
+def tuning_seeds(train_seed: int, finalist_seeds: int) -> list[int]:
+    """The seeds selection sees: the tuning seed, then one more per finalist replicate."""
+    return [train_seed + k for k in range(finalist_seeds + 1)]
+
+
+def seeds_for_testing(first: int, count: int) -> list[int]:
+    return list(range(first, first + count))
+
+
+def check_disjoint(tuning: Sequence[int], testing: Sequence[int]) -> None:
+    """A test seed that selection also saw would let selection read the test (the tuning run
+    itself, bit for bit, was one of the old study's test runs)."""
+    shared = sorted(set(tuning) & set(testing))
+    if shared:
+        raise ValueError(f"study: test seeds {shared} are also tuning seeds (train.seed and the finalists' "
+                         f"{list(tuning)}); move study.test_seed")

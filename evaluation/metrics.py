@@ -93,8 +93,11 @@ class Metric:
 
 METRICS: list[Metric] = [
     # Measured by training, not on a trained model: the fair study's tuning objective.
+    # The study's selection criterion: shown, never a test endpoint (selection read it).
     Metric("val_loss", "validation loss", False, "loss", source="training", bounds=(0.0, float("inf")),
-           negligible=0.0, study=True),
+           negligible=0.0, compared=False),
+    Metric("test_loss", "loss on the held-out test split (never read by selection)", False, "loss",
+           source="training", bounds=(0.0, float("inf")), negligible=0.0, study=True),
     Metric("aqi", "AQI-style index (docs/metrics.md; a function of 1/XB)", True, "cluster",
            negligible=0.05, relative=True, study=True, derived_from="separation"),
     Metric("separation", "separation ratio 1/XB (harmful vs benign states)", True, "cluster",

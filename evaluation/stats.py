@@ -263,12 +263,44 @@ class SeedTest:
         return self.p_adjusted is not None and self.p_adjusted < level
 
 
-def paired_over_seeds(deltas: Mapping[K, Sequence[float]], level: float = 0.95) -> dict[K, SeedTest]:
+def two_level_bootstrap(differences: np.ndarray, resamples: int = 2000, level: float = 0.95,
+                        seed: int = 0) -> tuple[Interval, float]:
+    """Paired differences [seeds, prompts] (method minus control, seed s, prompt p; the same
+    prompts at every seed): their mean, a percentile interval and a two-sided p-value from
+    resamples that draw seeds and prompts independently, with replacement. The interval then
+    counts both sources of variance, the training seeds and the finite prompt set, where a t over
+    seed means counts only the first. p: twice the smaller share of resampled means on either
+    side of 0 (each share counted with the +1 correction), capped at 1."""
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 2 or min(d.shape) < 2:
+        raise ValueError(f"need at least 2 seeds x 2 prompts of paired differences, got shape {d.shape}")
+    rng = np.random.default_rng(seed)
+    n_seeds, n_prompts = d.shape
+    means = np.empty(resamples)
+    for r in range(resamples):
+        rows = rng.integers(0, n_seeds, n_seeds)
+        columns = rng.integers(0, n_prompts, n_prompts)
+        means[r] = d[np.ix_(rows, columns)].mean()
+    alpha = (1 - level) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    below = (np.count_nonzero(means <= 0) + 1) / (resamples + 1)
+    above = (np.count_nonzero(means >= 0) + 1) / (resamples + 1)
+    return Interval(float(d.mean()), float(low), float(high), n_seeds), min(1.0, 2 * min(below, above))
+
+
+def paired_over_seeds(deltas: Mapping[K, Sequence[float] | np.ndarray], level: float = 0.95,
+                      resamples: int = 2000, seed: int = 0) -> dict[K, SeedTest]:
     """The one aggregation over seeds (evaluate, ``compare_all`` and the study): per key (what is
-    compared, e.g. (variant, reference, metric)), the per-seed differences' mean with its Student-t
-    interval and the paired t p-value; Holm over the whole family, which is every key given.
-    Keys with fewer than two seeds get no test (NaN p, outside the family)."""
-    intervals = {key: mean_over_seeds(values, level) for key, values in deltas.items()}
-    p_values = {key: paired_t_over_seeds(values) for key, values in deltas.items()}
-    adjusted = holm_adjust(list(p_values.values()))
-    return {key: SeedTest(intervals[key], p_values[key], a) for key, a in zip(deltas, adjusted, strict=True)}
+    compared, e.g. (variant, reference, metric)), the paired differences' mean, interval and
+    p-value; Holm over the whole family, which is every key given. Per-seed differences (a
+    sequence) get the Student-t interval and the paired t; per-seed-and-prompt differences (a
+    [seeds, prompts] array) the two-level bootstrap over seeds and prompts. Keys with fewer than
+    two seeds get no test (NaN p, outside the family)."""
+    tested: dict[K, tuple[Interval, float]] = {}
+    for key, values in deltas.items():
+        if isinstance(values, np.ndarray) and values.ndim == 2:
+            tested[key] = two_level_bootstrap(values, resamples, level, seed)
+        else:
+            tested[key] = (mean_over_seeds(values, level), paired_t_over_seeds(values))
+    adjusted = holm_adjust([p for _, p in tested.values()])
+    return {key: SeedTest(interval, p, a) for (key, (interval, p)), a in zip(tested.items(), adjusted, strict=True)}

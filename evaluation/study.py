@@ -1,38 +1,41 @@
-"""The fair study's arithmetic: search spaces, equal trials, selection on validation loss,
-and the test comparison over seeds (docs/study.md).
+"""The fair study's arithmetic after tuning: the trials, summaries and the pre-declared test
+(docs/study.md). Tuning's own rules (spaces, edges, finalists, seeds) are in
+``evaluation/tuning.py``.
 
 The rules, after the optimizer-benchmarking literature (Schmidt et al. 2021; AlgoPerf's external
-tuning): every method gets the same number of trials drawn from a declared search space; the
-setting a method is compared at is the trial with the lowest validation loss, and nothing
-measured on a test set takes part in that choice; the comparison then trains each method at its
-chosen setting with several seeds and budgets, and the paired t-test over seeds (Holm-adjusted
-over every metric, pair and budget) is the pre-declared main test.
+tuning): every method is tuned by the same sampler and pruner on the same number of
+configurations of its declared space; the setting a method is compared at is chosen on
+validation loss alone (its best finalists re-run over more seeds); the comparison trains each
+method at its chosen setting over test seeds selection never saw, at every run length
+(``study.steps``). The main test: per run length, GRIT method and LoRA control and distinct
+endpoint, the paired difference over seeds (and over prompts where a figure is per prompt: the
+two-level bootstrap), Holm-adjusted over the whole family.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from evaluation.metrics import get, study_endpoints, within_range
-from evaluation.stats import Interval, mean_over_seeds, paired_over_seeds
+import numpy as np
+
+from evaluation.metrics import distinct, get, study_endpoints, within_range
+from evaluation.stats import Interval, mean_over_seeds, paired_over_seeds, two_level_bootstrap
 
 
-def test_metrics() -> list[str]:
-    """The test endpoints (the registry's ``study`` metrics, with their labels and directions)."""
-    return [m.name for m in study_endpoints()]
+def endpoints() -> list[str]:
+    """The test endpoints: the registry's distinct ``study`` metrics (not the AQI-style index, a
+    monotone function of 1/XB, which would count one finding twice)."""
+    return [m.name for m in distinct(study_endpoints())]
 
 
 @dataclass(frozen=True)
 class Trial:
     """One training run of the study and what was measured on it."""
 
-    phase: str                          # "tune" or "test"
+    phase: str                          # "tune", "finalist" or "test"
     method: str
-    budget: int
+    steps: int
     seed: int
     setting: dict[str, float]
     val_loss: float | None
@@ -41,62 +44,19 @@ class Trial:
     train_seconds: float = 0.0
     tokens_per_second: float | None = None
     trainable_parameters: int | None = None
+    # per-prompt values of the per-prompt endpoints (sampled refusal rates, retention), test trials
+    per_prompt: dict[str, list[float]] = field(default_factory=dict)
+    stopped_at: int | None = None        # a tuning trial the pruner stopped at this step
+    tuning: str = ""                     # the Optuna study a tuning trial belongs to
 
-
-def setting_key(setting: dict[str, float]) -> str:
-    """The canonical text of a setting (its identity in the store)."""
-    return json.dumps(setting, sort_keys=True)
-
-
-def search_space(grit: bool, learning_rate_range: tuple[float, float],
-                 damping_range: tuple[float, float]) -> dict[str, tuple[float, float]]:
-    """The declared space of one method: the learning rate for all, GRIT's damping too."""
-    space = {"learning_rate": learning_rate_range}
-    if grit:
-        space["damping"] = damping_range
-    return space
-
-
-def draw_settings(space: dict[str, tuple[float, float]], trials: int, seed: int) -> list[dict[str, float]]:
-    """``trials`` settings, log-uniform in each range. The learning rate (first in every space)
-    takes the centres of ``trials`` equal slices of its log range, so every method tries the same
-    learning rates, evenly spread. Any further hyperparameter (GRIT's damping) takes its values
-    from its own scrambled Sobol sequence, seeded by ``seed`` and its position: spread evenly
-    where random draws would clump, and not in lockstep with the learning rate."""
-    import torch
-
-    def log_uniform(low: float, high: float, u: float) -> float:
-        return float(f"{math.exp(math.log(low) + u * (math.log(high) - math.log(low))):.3g}")
-
-    columns = [[(i + 0.5) / trials for i in range(trials)]]
-    columns += [torch.quasirandom.SobolEngine(1, scramble=True, seed=seed + position).draw(trials)[:, 0].tolist()
-                for position in range(1, len(space))]
-    return [{name: log_uniform(low, high, column[i]) for (name, (low, high)), column in
-             zip(space.items(), columns, strict=True)} for i in range(trials)]
-
-
-def at_the_edge(trials: Iterable[Trial], chosen: Trial) -> str | None:
-    """"largest" / "smallest" when the chosen learning rate is the largest / smallest one tried:
-    the best setting may then lie outside the declared range, which the report says."""
-    rates = sorted(t.setting["learning_rate"] for t in trials)
-    if len(rates) < 2:
-        return None
-    rate = chosen.setting["learning_rate"]
-    return "largest" if rate == rates[-1] else "smallest" if rate == rates[0] else None
-
-
-def choose_setting(trials: Iterable[Trial]) -> Trial:
-    """The tuning trial with the lowest validation loss (earliest on a tie). Only the validation
-    loss is read: test figures, if a trial carried any, cannot influence the choice."""
-    scored = [t for t in trials if t.val_loss is not None and math.isfinite(t.val_loss)]
-    if not scored:
-        raise ValueError("no tuning trial has a finite validation loss; widen or lower the learning-rate range")
-    return min(scored, key=lambda t: t.val_loss)
+    @property
+    def pruned(self) -> bool:
+        return self.stopped_at is not None
 
 
 @dataclass(frozen=True)
 class PairedTest:
-    budget: int
+    steps: int
     method: str
     control: str
     metric: str
@@ -111,42 +71,63 @@ class PairedTest:
         return get(self.metric).better(self.delta.value)
 
 
-def by_seed(trials: Iterable[Trial], method: str, budget: int) -> dict[int, Trial]:
-    return {t.seed: t for t in trials if t.phase == "test" and t.method == method and t.budget == budget}
+def by_seed(trials: Iterable[Trial], method: str, steps: int) -> dict[int, Trial]:
+    return {t.seed: t for t in trials if t.phase == "test" and t.method == method and t.steps == steps}
 
 
-def summary(trials: Sequence[Trial], method: str, budget: int, metric: str, level: float = 0.95) -> Interval | None:
-    """Mean and t interval over seeds of one test figure."""
-    values = [t.metrics[metric] for t in by_seed(trials, method, budget).values() if metric in t.metrics]
+def per_prompt_matrix(trials: dict[int, Trial], metric: str) -> np.ndarray | None:
+    """[seeds, prompts] of a per-prompt endpoint (seeds in order), when every trial holds it."""
+    rows = [trials[s].per_prompt.get(metric) for s in sorted(trials)]
+    if not rows or any(r is None for r in rows) or len({len(r) for r in rows}) != 1:
+        return None
+    return np.asarray(rows, dtype=np.float64)
+
+
+def summary(trials: Sequence[Trial], method: str, steps: int, metric: str, level: float = 0.95,
+            resamples: int = 2000, seed: int = 0) -> Interval | None:
+    """Mean and interval of one test figure: over seeds and prompts together (two-level bootstrap)
+    for a per-prompt endpoint, a t interval over seeds otherwise; within the metric's range."""
+    runs = by_seed(trials, method, steps)
+    matrix = per_prompt_matrix(runs, metric)
+    if matrix is not None and matrix.shape[0] >= 2 and matrix.shape[1] >= 2:
+        interval, _ = two_level_bootstrap(matrix, resamples, level, seed)
+        return within_range(metric, interval)
+    values = [t.metrics[metric] for t in runs.values() if metric in t.metrics]
     return within_range(metric, mean_over_seeds(values, level)) if values else None
 
 
-
-def paired_tests(trials: Sequence[Trial], pairs: Sequence[tuple[str, str]], budgets: Sequence[int],
-                 level: float = 0.95) -> list[PairedTest]:
-    """Per budget, pair (method, control) and metric: the per-seed differences, their mean and t
-    interval, the paired t p-value, and Holm's adjustment over the whole family."""
-    deltas: dict[tuple[int, str, str, str], list[float]] = {}
-    for budget in budgets:
+def paired_tests(trials: Sequence[Trial], pairs: Sequence[tuple[str, str]], run_lengths: Sequence[int],
+                 level: float = 0.95, resamples: int = 2000, seed: int = 0) -> list[PairedTest]:
+    """Per run length, pair (method, control) and distinct endpoint (not the AQI-style index, a
+    function of 1/XB): the paired differences on the seeds both ran, their mean, interval and
+    p-value (two-level bootstrap over seeds and prompts for a per-prompt endpoint, paired t over
+    seeds otherwise), and Holm's adjustment over the whole family."""
+    deltas: dict[tuple[int, str, str, str], list[float] | np.ndarray] = {}
+    for steps in run_lengths:
         for method, control in pairs:
-            ours, theirs = by_seed(trials, method, budget), by_seed(trials, control, budget)
+            ours, theirs = by_seed(trials, method, steps), by_seed(trials, control, steps)
             seeds = sorted(set(ours) & set(theirs))
-            for metric in test_metrics():
+            for metric in endpoints():
+                mine = per_prompt_matrix({s: ours[s] for s in seeds}, metric)
+                other = per_prompt_matrix({s: theirs[s] for s in seeds}, metric)
+                if mine is not None and other is not None and mine.shape == other.shape and len(seeds) >= 2:
+                    deltas[(steps, method, control, metric)] = mine - other
+                    continue
                 values = [ours[s].metrics[metric] - theirs[s].metrics[metric] for s in seeds
                           if metric in ours[s].metrics and metric in theirs[s].metrics]
                 if len(values) >= 2:
-                    deltas[(budget, method, control, metric)] = values
+                    deltas[(steps, method, control, metric)] = values
     return [PairedTest(*key, t.delta, t.p_value, t.p_adjusted)
-            for key, t in paired_over_seeds(deltas, level).items()]
+            for key, t in paired_over_seeds(deltas, level, resamples, seed).items()]
 
 
-def speed_ratio(trials: Sequence[Trial], method: str, control: str, budget: int) -> float | None:
-    """Median over seeds of the method's training tokens/s over the control's (same seed and
-    budget, trained one after the other in the same study)."""
-    ours, theirs = by_seed(trials, method, budget), by_seed(trials, control, budget)
-    ratios = [ours[s].tokens_per_second / theirs[s].tokens_per_second for s in set(ours) & set(theirs)
-              if ours[s].tokens_per_second and theirs[s].tokens_per_second]
-    return statistics.median(ratios) if ratios else None
+def compute_by_method(trials: Sequence[Trial]) -> dict[str, dict[str, float]]:
+    """Training seconds spent per method and phase (tune, finalist, test), and in all."""
+    out: dict[str, dict[str, float]] = {}
+    for t in trials:
+        spent = out.setdefault(t.method, {"tune": 0.0, "finalist": 0.0, "test": 0.0})
+        spent[t.phase] = spent.get(t.phase, 0.0) + t.train_seconds
+    return {m: {**spent, "total": sum(spent.values())} for m, spent in out.items()}
 
 
 def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
@@ -155,10 +136,10 @@ def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
     mine = [t for t in tests if t.method in grit_methods]
     wins = [t for t in mine if t.better() is True]
     losses = [t for t in mine if t.better() is False]
-    rule = "paired t over seeds, Holm-adjusted"
+    rule = "paired over seeds, and over prompts for per-prompt figures; Holm-adjusted"
     if not wins and not losses:
         return (f"No: at each method's validation-tuned setting, no GRIT method differs significantly from "
-                f"LoRA on any metric at any budget ({len(mine)} paired tests; {rule}).")
+                f"LoRA on any metric at any run length ({len(mine)} paired tests; {rule}).")
     out_of = f"of {len(mine)} paired tests ({rule})"
     if wins and not losses:
         return f"GRIT is better than LoRA in {len(wins)} {out_of} and worse in none. Better: {describe(wins)}."
@@ -169,5 +150,5 @@ def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
 
 
 def describe(tests: Sequence[PairedTest]) -> str:
-    return "; ".join(f"{get(t.metric).label} ({t.method} vs {t.control}, {t.budget} steps, {t.delta.value:+.3g})"
+    return "; ".join(f"{get(t.metric).label} ({t.method} vs {t.control}, {t.steps} steps, {t.delta.value:+.3g})"
                      for t in tests)

@@ -1,9 +1,10 @@
 """The study's report: ``reports/study/report.md``, its plots and ``metrics/study.json``.
 
-What a reviewer asks of an optimizer comparison, in order: the search space and trials per
-method, each method's chosen setting, every test figure at every budget (mean and 95% interval
-over seeds), the pre-declared paired tests with Holm-adjusted p-values, the sensitivity and
-budget plots, the trainable parameters at the end, the speed and the compute spent.
+What a reviewer asks of an optimizer comparison, in order: the search space, sampler, pruner and
+configurations per method, how each range was widened, the finalists and each method's chosen
+setting, every test figure at every run length (mean and 95% interval over seeds and prompts),
+the pre-declared paired tests with Holm-adjusted p-values, the sensitivity and run-length plots,
+the trainable parameters at the end, and the compute spent per method.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from evaluation.metrics import REGISTRY, VALIDATION_DECLINE, get
 from evaluation.study import (
     PairedTest,
     Trial,
-    at_the_edge,
+    compute_by_method,
+    endpoints,
     paired_tests,
-    speed_ratio,
     summary,
-    test_metrics,
     verdict,
 )
+from evaluation.tuning import setting_key
 
 
 def _number(value: float | None, digits: int = 4) -> str:
@@ -53,18 +54,46 @@ def comparison_pairs(params) -> list[tuple[str, str]]:
     return [(g, c) for g in grit for c in methods if not params.variants[c].grit]
 
 
-def tuning_rows(trials: Sequence[Trial], chosen: dict[str, dict[str, float]]) -> list[list[str]]:
+def _setting(setting: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3g}" for k, v in sorted(setting.items()))
+
+
+def tuning_rows(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Sequence[int]) -> list[list[str]]:
+    """Per method and run length: configurations trained to the end, pruned, and the best
+    validation loss among those trained to the end."""
     rows = []
-    for t in sorted((t for t in trials if t.phase == "tune"), key=lambda t: (t.method, t.setting["learning_rate"])):
-        mark = " **chosen**" if t.setting == chosen.get(t.method) else ""
-        rows.append([t.method, ", ".join(f"{k} {v:.3g}" for k, v in sorted(t.setting.items())),
-                     _number(t.val_loss) + mark, _number(t.metrics.get(VALIDATION_DECLINE.name), 3)])
+    for steps in run_lengths:
+        for method in methods:
+            tuned = [t for t in trials if t.phase == "tune" and t.method == method and t.steps == steps]
+            ended = [t.val_loss for t in tuned if not t.pruned and t.val_loss is not None and math.isfinite(t.val_loss)]
+            rows.append([str(steps), method, str(len(tuned)), str(sum(t.pruned for t in tuned)),
+                         _number(min(ended) if ended else None)])
     return rows
 
 
-def test_rows(trials: Sequence[Trial], methods: Sequence[str], budget: int) -> list[list[str]]:
-    return [[get(m).label, *(_interval(summary(trials, method, budget, m)) for method in methods)]
-            for m in test_metrics()]
+def finalist_rows(trials: Sequence[Trial], chosen: dict[tuple[str, int], dict[str, float]],
+                  train_seed: int) -> list[list[str]]:
+    """Every finalist: its validation loss on each selection seed and the mean; the chosen marked."""
+    rows = []
+    for (method, steps), setting in chosen.items():
+        keys = {setting_key(t.setting) for t in trials if t.phase == "finalist" and t.method == method
+                and t.steps == steps}
+        for key in sorted(keys):
+            runs = sorted((t for t in trials if t.method == method and t.steps == steps
+                           and setting_key(t.setting) == key
+                           and (t.phase == "finalist" or (t.phase == "tune" and t.seed == train_seed
+                                                          and not t.pruned))), key=lambda t: t.seed)
+            losses = [t.val_loss for t in runs]
+            mean = sum(losses) / len(losses) if losses and all(v is not None for v in losses) else None
+            mark = " **chosen**" if key == setting_key(setting) else ""
+            rows.append([str(steps), method, _setting(runs[0].setting) if runs else key,
+                         ", ".join(_number(v) for v in losses), _number(mean) + mark])
+    return rows
+
+
+def test_rows(trials: Sequence[Trial], methods: Sequence[str], steps: int) -> list[list[str]]:
+    return [[get(m).label, *(_interval(summary(trials, method, steps, m)) for method in methods)]
+            for m in endpoints()]
 
 
 def test_table_rows(tests: Sequence[PairedTest]) -> list[list[str]]:
@@ -72,17 +101,17 @@ def test_table_rows(tests: Sequence[PairedTest]) -> list[list[str]]:
         better = t.better()
         return "n.s." if better is None else ("GRIT better" if better else "GRIT worse")
 
-    return [[str(t.budget), f"{t.method} vs {t.control}", get(t.metric).label, _interval(t.delta),
+    return [[str(t.steps), f"{t.method} vs {t.control}", get(t.metric).label, _interval(t.delta),
              f"{t.p_value:.3g}", _number(t.p_adjusted, 3), judged(t)] for t in tests]
 
 
-def parameter_rows(trials: Sequence[Trial], methods: Sequence[str], budgets: Sequence[int]) -> list[list[str]]:
+def parameter_rows(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Sequence[int]) -> list[list[str]]:
     rows = []
     for method in methods:
         cells = []
-        for budget in budgets:
+        for steps in run_lengths:
             counts = [t.trainable_parameters for t in trials if t.phase == "test" and t.method == method
-                      and t.budget == budget and t.trainable_parameters]
+                      and t.steps == steps and t.trainable_parameters]
             cells.append(f"{sum(counts) / len(counts):,.0f}" if counts else "n/a")
         rows.append([method, *cells])
     return rows
@@ -104,63 +133,55 @@ def _save(plt, figure, path: Path) -> Path:
     return path
 
 
-def plot_sensitivity(trials: Sequence[Trial], methods: Sequence[str], chosen: dict[str, dict[str, float]],
-                     path: Path) -> Path:
-    """Validation loss and the validation P(decline) against the learning rate, per method; a
-    star marks each method's chosen trial."""
+def plot_sensitivity(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Sequence[int],
+                     chosen: dict[tuple[str, int], dict[str, float]], path: Path) -> Path:
+    """Validation loss of every tuning configuration trained to the end against its learning
+    rate, one panel per run length; a star marks each method's chosen setting."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for method in methods:
-        tuned = sorted((t for t in trials if t.phase == "tune" and t.method == method),
-                       key=lambda t: t.setting["learning_rate"])
-        rates = [t.setting["learning_rate"] for t in tuned]
-        axes[0].plot(rates, [t.val_loss for t in tuned], "o-", label=method)
-        axes[1].plot(rates, [t.metrics.get(VALIDATION_DECLINE.name, math.nan) for t in tuned], "o-",
-                     label=method)
-        best = [t for t in tuned if t.setting == chosen.get(method)]
-        for axis, value in ((axes[0], lambda t: t.val_loss),
-                            (axes[1], lambda t: t.metrics.get(VALIDATION_DECLINE.name, math.nan))):
-            axis.plot([t.setting["learning_rate"] for t in best], [value(t) for t in best], "*", color="black",
-                      markersize=12, zorder=3)
-    rates = sorted({t.setting["learning_rate"] for t in trials if t.phase == "tune"})
-    for axis, label in zip(axes, ("validation loss (tuning objective)", VALIDATION_DECLINE.label),
-                           strict=True):
+    figure, axes = plt.subplots(1, len(run_lengths), figsize=(5 * len(run_lengths), 3.6), squeeze=False)
+    for axis, steps in zip(axes[0], run_lengths, strict=True):
+        for method in methods:
+            ended = sorted((t for t in trials if t.phase == "tune" and t.method == method and t.steps == steps
+                            and not t.pruned and t.val_loss is not None), key=lambda t: t.setting["learning_rate"])
+            points = axis.plot([t.setting["learning_rate"] for t in ended], [t.val_loss for t in ended], "o",
+                               alpha=0.7, label=method)
+            best = [t for t in ended if t.setting == chosen.get((method, steps))]
+            axis.plot([t.setting["learning_rate"] for t in best], [t.val_loss for t in best], "*", markersize=14,
+                      color=points[0].get_color(), markeredgecolor="black", zorder=3)
         axis.set_xscale("log")
-        axis.minorticks_off()
-        axis.set_xticks(rates, [f"{r:.2g}" for r in rates])
-        axis.ticklabel_format(axis="y", useOffset=False)
-        axis.set_xlabel("learning rate (the trials)")
-        axis.set_title(label, fontsize=10)
-    axes[0].legend(fontsize=8)
+        axis.set_xlabel("learning rate")
+        axis.set_title(f"validation loss after {steps} steps (tuning objective)", fontsize=10)
+    axes[0][0].legend(fontsize=8)
     return _save(plt, figure, path)
 
 
-def plot_budget_curves(trials: Sequence[Trial], methods: Sequence[str], budgets: Sequence[int], path: Path) -> Path:
-    """Validation loss over steps at each budget, mean over seeds, per method."""
+def plot_curves_by_steps(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Sequence[int],
+                         path: Path) -> Path:
+    """Validation loss over the optimizer steps of each run length, mean over seeds, per method."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 3.6), squeeze=False)
-    for axis, budget in zip(axes[0], budgets, strict=True):
+    figure, axes = plt.subplots(1, len(run_lengths), figsize=(5 * len(run_lengths), 3.6), squeeze=False)
+    for axis, steps in zip(axes[0], run_lengths, strict=True):
         for method in methods:
-            curves = [dict(t.curve) for t in trials if t.phase == "test" and t.method == method and t.budget == budget]
-            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
-            axis.plot(steps, [sum(c[s] for c in curves) / len(curves) for s in steps], "o-", markersize=3,
+            curves = [dict(t.curve) for t in trials if t.phase == "test" and t.method == method and t.steps == steps]
+            points = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            axis.plot(points, [sum(c[s] for c in curves) / len(curves) for s in points], "o-", markersize=3,
                       label=method)
-        axis.set_title(f"validation loss, {budget}-step budget (mean over seeds)", fontsize=10)
+        axis.set_title(f"validation loss, runs of {steps} steps (mean over seeds)", fontsize=10)
         axis.set_xlabel("optimizer step")
     axes[0][0].legend(fontsize=8)
     return _save(plt, figure, path)
 
 
-def plot_test_by_budget(trials: Sequence[Trial], methods: Sequence[str], budgets: Sequence[int], path: Path) -> Path:
-    """Each test figure against the budget, mean and 95% interval over seeds, per method."""
+def plot_test_by_steps(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Sequence[int], path: Path) -> Path:
+    """Each test figure against the run length in steps, mean and 95% interval over seeds, per method."""
     plt = _pyplot()
     columns = 3
-    rows = -(-len(test_metrics()) // columns)
+    rows = -(-len(endpoints()) // columns)
     figure, grid = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
     axes = grid.ravel()
-    for axis, metric in zip(axes, test_metrics(), strict=False):
+    for axis, metric in zip(axes, endpoints(), strict=False):
         for offset, method in enumerate(methods):
-            points = [(b, summary(trials, method, b, metric)) for b in budgets]
+            points = [(b, summary(trials, method, b, metric)) for b in run_lengths]
             points = [(b, i) for b, i in points if i is not None]
             errors = [[i.value - i.low if math.isfinite(i.low) else 0 for _, i in points],
                       [i.high - i.value if math.isfinite(i.high) else 0 for _, i in points]]
@@ -168,99 +189,86 @@ def plot_test_by_budget(trials: Sequence[Trial], methods: Sequence[str], budgets
                           fmt="o-", capsize=3, label=method)
         axis.set_xscale("log")
         axis.minorticks_off()
-        axis.set_xticks(list(budgets), [str(b) for b in budgets])
+        axis.set_xticks(list(run_lengths), [str(b) for b in run_lengths])
         axis.set_title(get(metric).label, fontsize=9)
-        axis.set_xlabel("budget (steps)")
+        axis.set_xlabel("optimizer steps")
     axes[0].legend(fontsize=7)
     return _save(plt, figure, path)
 
 
-def edge_warnings(trials: Sequence[Trial], methods: Sequence[str], chosen: dict[str, dict[str, float]]) -> list[str]:
-    """One sentence per method whose chosen learning rate is the largest or smallest tried."""
-    warnings = []
-    for method in methods:
-        tuned = [t for t in trials if t.phase == "tune" and t.method == method]
-        best = next((t for t in tuned if t.setting == chosen.get(method)), None)
-        edge = at_the_edge(tuned, best) if best is not None else None
-        if edge:
-            warnings.append(f"{method}'s chosen learning rate is the {edge} one tried, so its best setting may lie "
-                            "outside the declared range")
-    return warnings
+def space_line(params) -> str:
+    study = params.study
+    return (f"learning rate log-uniform in [{study.learning_rate_range[0]:g}, {study.learning_rate_range[1]:g}] "
+            f"(every method); damping log-uniform in [{study.damping_range[0]:g}, {study.damping_range[1]:g}] "
+            "(GRIT methods); for GRIT with the budget cadence also the reprojection warm-up fraction in "
+            f"[{study.reprojection_warmup_range[0]:g}, {study.reprojection_warmup_range[1]:g}] and the "
+            f"eigen-energy threshold in [{study.energy_range[0]:g}, {study.energy_range[1]:g}]")
 
 
-def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Trial], chosen: dict[str, dict[str, float]],
-                 stage_seconds: float, run_id: str, trials_run: int | None = None) -> dict[str, Path]:
+def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Trial],
+                 chosen: dict[tuple[str, int], dict[str, float]], notes: Sequence[str], stage_seconds: float,
+                 run_id: str) -> dict[str, Path]:
     """Write report.md, the plots, trials.csv and the metrics file; returns them by name."""
-    study, methods, budgets = params.study, params.study.methods, params.study.budgets
+    study, methods, run_lengths = params.study, params.study.methods, params.study.steps
     folder.mkdir(parents=True, exist_ok=True)
     pairs = comparison_pairs(params)
-    tests = paired_tests(trials, pairs, budgets)
+    tests = paired_tests(trials, pairs, run_lengths, resamples=study.bootstrap_resamples, seed=study.seed)
     grit_methods = [m for m in methods if params.variants[m].grit]
     sentence = verdict(tests, grit_methods) if pairs else "No GRIT-vs-LoRA pair in study.methods: nothing compared."
-    compute = sum(t.train_seconds for t in trials)
-    plots = {"sensitivity": plot_sensitivity(trials, methods, chosen, folder / "sensitivity.png"),
-             "budget_curves": plot_budget_curves(trials, methods, budgets, folder / "budget_curves.png"),
-             "test_by_budget": plot_test_by_budget(trials, methods, budgets, folder / "test_by_budget.png")}
-    space = ", ".join(f"{name} log-uniform in [{low:g}, {high:g}]" for name, (low, high) in
-                      (("learning rate (every method)", study.learning_rate_range),
-                       ("damping (GRIT methods)", study.damping_range)))
-    speed = [[str(b), f"{m} vs {c}", _number(speed_ratio(trials, m, c, b), 3)] for b in budgets for m, c in pairs]
-    edges = edge_warnings(trials, methods, chosen)
+    compute = compute_by_method(trials)
+    plots = {"sensitivity": plot_sensitivity(trials, methods, run_lengths, chosen, folder / "sensitivity.png"),
+             "curves_by_steps": plot_curves_by_steps(trials, methods, run_lengths, folder / "curves_by_steps.png"),
+             "test_by_steps": plot_test_by_steps(trials, methods, run_lengths, folder / "test_by_steps.png")}
+    seeds = f"test seeds {study.test_seed}-{study.test_seed + study.seeds - 1}"
     sections = [
         f"# The fair study: does GRIT beat LoRA when each is tuned?\n\nRun `{run_id}`, profile `{params.profile}`, "
-        f"methods {', '.join(methods)}; {study.trials} tuning trials per method, {study.seeds} seeds, "
-        f"budgets {', '.join(str(b) for b in budgets)} optimizer steps.\n\n**{sentence}**",
-        f"## Search space and tuning (budget {budgets[0]}, seed {params.train.seed}, validation split only)\n\n"
-        f"Space: {space}; {study.trials} trials per method: the learning rates at the centres of equal slices "
-        "of the log range (the same for every method), the damping from a scrambled Sobol sequence "
-        f"(seed {study.seed}). "
-        "A method's setting is its trial with the lowest validation loss.\n\n"
-        + _table(["method", "setting", "validation loss", "P(decline), validation"], tuning_rows(trials, chosen))
-        + "".join(f"\n\n**Note:** {warning}." for warning in edges),
-        "![sensitivity: validation loss and P(decline) against the learning rate; stars: chosen](sensitivity.png)",
-        *(f"## Test figures at {b} steps (mean [95% t interval] over {study.seeds} seeds)\n\n"
-          + _table(["metric", *methods], test_rows(trials, methods, b)) for b in budgets),
-        "![test figures by budget](test_by_budget.png)\n\n![validation loss over steps](budget_curves.png)",
-        "## Paired tests (pre-declared: paired t over seeds, Holm over every row)\n\n"
-        + _table(["budget", "pair", "metric", "mean delta [95% CI]", "raw p", "Holm p", "verdict"],
+        f"methods {', '.join(methods)}; {study.configurations} configurations per method and run length, "
+        f"{study.finalists} finalists over {1 + study.finalist_seeds} seeds, {study.seeds} {seeds}; runs of "
+        f"{', '.join(str(b) for b in run_lengths)} optimizer steps.\n\n**{sentence}**",
+        "## Tuning (validation split only, seed " + str(params.train.seed) + ")\n\n"
+        f"Space: {space_line(params)}. Optuna's {study.sampler.upper()} sampler (seed {study.seed}"
+        + (f", {study.startup} quasi-random configurations first" if study.sampler == "tpe" else "")
+        + f") searches each method's space jointly; a successive-halving pruner (first rung {study.min_steps} "
+        f"steps, reduction factor {study.reduction_factor}) stops configurations whose validation loss falls "
+        "behind, the same for every method.\n\n"
+        + _table(["steps", "method", "configurations", "pruned", "best validation loss"],
+                 tuning_rows(trials, methods, run_lengths))
+        + "".join(f"\n\n**Range:** {note}." for note in notes),
+        "## Selection (mean validation loss of the finalists over the selection seeds)\n\n"
+        + _table(["steps", "method", "setting", "validation loss per seed", "mean"],
+                 finalist_rows(trials, chosen, params.train.seed)),
+        "![sensitivity: validation loss against the learning rate; stars: chosen](sensitivity.png)",
+        *(f"## Test figures at {b} steps (mean [95% interval] over {study.seeds} seeds; per-prompt figures "
+          "over seeds and prompts)\n\n" + _table(["metric", *methods], test_rows(trials, methods, b))
+          for b in run_lengths),
+        "![test figures by run length](test_by_steps.png)\n\n![validation loss over steps](curves_by_steps.png)",
+        "## Paired tests (pre-declared: over seeds, and over prompts for per-prompt figures; Holm over every row)\n\n"
+        + _table(["steps", "pair", "metric", "mean delta [95% CI]", "raw p", "Holm p", "verdict"],
                  test_table_rows(tests)),
         "## Trainable parameters at the end (mean over seeds)\n\n"
-        + _table(["method", *(f"{b} steps" for b in budgets)], parameter_rows(trials, methods, budgets)),
-        "## Training speed (median over seeds of tokens/s relative to the control, trained one after the other)\n\n"
-        + _table(["budget", "pair", "tokens/s ratio"], speed),
-        "## Compute\n\n" + compute_line(trials, compute, stage_seconds, trials_run),
+        + _table(["method", *(f"{b} steps" for b in run_lengths)], parameter_rows(trials, methods, run_lengths)),
+        "## Compute (hours of training, summed over runs)\n\n"
+        + _table(["method", "tuning", "finalists", "test", "total"],
+                 [[m, *(f"{c[k] / 3600:.2f}" for k in ("tune", "finalist", "test", "total"))]
+                  for m, c in compute.items()])
+        + f"\n\nThis invocation of the stage took {stage_seconds / 3600:.2f} h. Training speed is not compared "
+        "here: runs of different methods trained at different times on a shared machine; the side-by-side "
+        "measurement is `benchmarks/grit_overhead.py`.",
     ]
     report = folder / "report.md"
     atomic_write_text(report, "\n\n".join(sections) + "\n")
     table = folder / "trials.csv"
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["phase", "method", "budget", "seed", "setting", "val_loss", "train_seconds",
-                         "tokens_per_second", "trainable_parameters", *test_metrics(), VALIDATION_DECLINE.name])
-        for t in sorted(trials, key=lambda t: (t.phase, t.method, t.budget, t.seed)):
-            writer.writerow([t.phase, t.method, t.budget, t.seed, json.dumps(t.setting, sort_keys=True), t.val_loss,
-                             t.train_seconds, t.tokens_per_second, t.trainable_parameters,
-                             *(t.metrics.get(m) for m in [*test_metrics(), VALIDATION_DECLINE.name])])
+        writer.writerow(["phase", "method", "steps", "seed", "setting", "val_loss", "stopped_at", "train_seconds",
+                         "tokens_per_second", "trainable_parameters", *endpoints(), VALIDATION_DECLINE.name])
+        for t in sorted(trials, key=lambda t: (t.phase, t.method, t.steps, t.seed)):
+            writer.writerow([t.phase, t.method, t.steps, t.seed, json.dumps(t.setting, sort_keys=True), t.val_loss,
+                             t.stopped_at, t.train_seconds, t.tokens_per_second, t.trainable_parameters,
+                             *(t.metrics.get(m) for m in [*endpoints(), VALIDATION_DECLINE.name])])
     atomic_write_json(metrics_path, {**study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds),
-                                     "profile": params.profile, "run_id": run_id,
-                                     "range_warnings": edges})
+                                     "profile": params.profile, "run_id": run_id, "range_notes": list(notes)})
     return {"report": report, "trials": table, **plots, "metrics": metrics_path}
-
-
-def compute_line(trials: Sequence[Trial], training: float, stage_seconds: float, trials_run: int | None) -> str:
-    """Training time, trial wall time (training plus measuring) and this invocation's time, each
-    saying what it covers: a resumed study's invocation runs only the trials the store lacked."""
-    walls = [t.metrics["trial_seconds"] for t in trials if t.metrics.get("trial_seconds") is not None]
-    if len(walls) == len(trials):
-        wall = f"with measuring, the trials took {sum(walls) / 3600:.2f} h"
-    elif walls:
-        wall = (f"with measuring, the {len(walls)} trials whose wall time is recorded took {sum(walls) / 3600:.2f} h "
-                f"(the other {len(trials) - len(walls)} predate that record)")
-    else:
-        wall = "the trials' wall time with measuring was not recorded (they predate that record)"
-    ran = "" if trials_run is None else f", running {trials_run} of the {len(trials)} trials"
-    return (f"{len(trials)} training runs: {training / 3600:.2f} h of training, summed over trials; {wall}. "
-            f"This invocation of the stage took {stage_seconds / 3600:.2f} h{ran}.")
 
 
 def study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds) -> dict[str, Any]:
@@ -268,24 +276,29 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
         return None if i is None else {"mean": i.value, "low": i.low if math.isfinite(i.low) else None,
                                        "high": i.high if math.isfinite(i.high) else None, "n": i.n}
 
+    study = params.study
     return {
-        "status": "complete", "verdict": sentence, "methods": list(params.study.methods), "chosen": chosen,
-        "trials_per_method": params.study.trials, "seeds": params.study.seeds, "budgets": params.study.budgets,
-        "summary": {f"{m}@{b}": {metric: plain(summary(trials, m, b, metric)) for metric in test_metrics()}
-                    for m in params.study.methods for b in params.study.budgets},
-        "tests": [{"budget": t.budget, "method": t.method, "control": t.control, "metric": t.metric,
+        "status": "complete", "verdict": sentence, "methods": list(study.methods),
+        "chosen": {f"{m}@{steps}": setting for (m, steps), setting in chosen.items()},
+        "configurations": study.configurations, "finalists": study.finalists,
+        "selection_seeds": 1 + study.finalist_seeds, "seeds": study.seeds, "steps": study.steps,
+        "summary": {f"{m}@{b}": {metric: plain(summary(trials, m, b, metric, resamples=study.bootstrap_resamples,
+                                                        seed=study.seed)) for metric in endpoints()}
+                    for m in study.methods for b in study.steps},
+        "tests": [{"steps": t.steps, "method": t.method, "control": t.control, "metric": t.metric,
                    "delta": plain(t.delta), "p": t.p_value, "p_holm": t.p_adjusted} for t in tests],
-        "training_hours": compute / 3600, "stage_hours": stage_seconds / 3600,
+        "compute_hours": {m: {k: v / 3600 for k, v in c.items()} for m, c in compute.items()},
+        "training_hours": sum(c["total"] for c in compute.values()) / 3600, "stage_hours": stage_seconds / 3600,
     }
 
 
 def readme_block(study: dict) -> str:
     """The README's headline from ``metrics/study.json``: the verdict, each method's chosen
-    setting, the main figures at every budget, and where the full report is."""
+    setting, the main figures at every run length, and where the full report is."""
     if study.get("status") != "complete":
-        return ("The fair study (each method tuned on validation loss, 5 seeds, two budgets; "
+        return ("The fair study (each method tuned on validation loss, 5 seeds, two run lengths; "
                 "[docs/study.md](docs/study.md)) has not been completed in this repository yet, so the "
-                "headline below is the default run's: one learning rate, one seed, one budget.")
+                "headline below is the default run's: one learning rate, one seed, one run length.")
 
     def cell(metric: str, figure: dict | None) -> str:
         if figure is None:
@@ -300,16 +313,22 @@ def readme_block(study: dict) -> str:
     # The endpoints this study measured (the registry may have moved on since), distinct ones only.
     measured = next(iter(study["summary"].values()))
     shown = [name for name in REGISTRY if name in measured and get(name).derived_from is None]
-    chosen = _table(["method", "chosen setting (lowest validation loss)"],
-                    [[m, ", ".join(f"{k} {v:.3g}" for k, v in sorted(study["chosen"][m].items()))] for m in methods])
-    budgets = [
-        f"At {budget} steps (mean [95% interval] over {study['seeds']} seeds):\n\n"
+    # "method@steps" keys: chosen per run length; a plain method key: a study tuned once (before
+    # each run length was tuned on its own), whose setting served every run length
+    picked = study["chosen"]
+    per_length = f"{methods[0]}@{study['steps'][0]}" in picked
+    chosen = _table(["method", "run length", "chosen setting (lowest validation loss)"],
+                    [[m, f"{steps} steps" if per_length else "all",
+                      _setting(picked[f"{m}@{steps}"] if per_length else picked[m])]
+                     for m in methods for steps in (study["steps"] if per_length else [None])])
+    by_steps = [
+        f"At {steps} steps (mean [95% interval] over {study['seeds']} seeds):\n\n"
         + _table(["metric", *methods],
-                 [[get(metric).label, *(cell(metric, study["summary"][f"{m}@{budget}"].get(metric)) for m in methods)]
+                 [[get(metric).label, *(cell(metric, study["summary"][f"{m}@{steps}"].get(metric)) for m in methods)]
                   for metric in shown])
-        for budget in study["budgets"]]
+        for steps in study["steps"]]
     # Name the run and profile: a rehearsal profile (smoke) writes the same files, and a reader
     # must be able to tell its numbers from the study's.
     source = f"Study run `{study['run_id']}`, profile `{study['profile']}`. " if "run_id" in study else ""
-    return "\n\n".join([f"**{study['verdict']}**", chosen, *budgets,
+    return "\n\n".join([f"**{study['verdict']}**", chosen, *by_steps,
                         f"{source}Every trial, test and plot: [reports/study/report.md](reports/study/report.md)."])

@@ -19,7 +19,7 @@ from pydantic import ValidationError, model_validator
 from core.errors import UserError
 from core.section import Section, content_hash
 from db.config import StoreParams
-from evaluation.config import EvalParams, StudyParams
+from evaluation.config import EvalParams, StudyParams, check_disjoint, seeds_for_testing, tuning_seeds
 from export.config import ExportParams, ServeParams
 from trainers.config import (
     DEFAULT_VARIANTS,
@@ -124,6 +124,9 @@ class Params(Section):
         unknown = [m for m in self.study.methods if m not in self.variants]
         if unknown:
             raise ValueError(f"study.methods: {unknown[0]!r} is not a declared variant ({', '.join(self.variants)})")
+        if self.study.methods:
+            check_disjoint(tuning_seeds(self.train.seed, self.study.finalist_seeds),
+                           seeds_for_testing(self.study.test_seed, self.study.seeds))
         if self.probe.steps > self.train.max_steps:
             raise ValueError(f"probe.steps ({self.probe.steps}) must not exceed "
                              f"train.max_steps ({self.train.max_steps})")

@@ -118,13 +118,14 @@ def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
     leaks = check_held_out(rows, loaded.eval_sets)
     if leaks:
         raise LeakError(f"{len(leaks)} evaluation prompt(s) also appear in training, e.g. {leaks[0][:80]!r}")
-    train, validation = split(rows, data.validation_fraction, data.seed)
+    train, validation, test = split(rows, data.validation_fraction, data.seed, data.test_fraction)
     if not train:
         raise UserError("no training example is left after filtering; raise data.max_seq_length or the caps")
 
     outputs = {
         "train.jsonl": train,
         "validation.jsonl": validation,
+        **({"test.jsonl": test} if data.test_fraction else {}),
         "eval_aqi.jsonl": loaded.eval_sets.aqi,
         "eval_overrefusal.jsonl": loaded.eval_sets.overrefusal,
         "eval_facts.jsonl": loaded.eval_sets.facts,
@@ -142,6 +143,7 @@ def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
                       "by_source": _counts_by(train, "source")},
             "validation": {"total": len(validation), "by_kind": _counts_by(validation, "kind"),
                            "by_source": _counts_by(validation, "source")},
+            **({"test": {"total": len(test), "by_kind": _counts_by(test, "kind")}} if data.test_fraction else {}),
             "eval_aqi": {"total": len(outputs["eval_aqi.jsonl"]),
                          "by_label": _counts_by(outputs["eval_aqi.jsonl"], "label")},
             "eval_overrefusal": {"total": len(outputs["eval_overrefusal.jsonl"])},
@@ -155,6 +157,7 @@ def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
     atomic_write_json(tmp / "manifest.json", manifest)
     publish_directory(tmp, final)  # only now, after every file is written
     metrics = {"train_examples": len(train), "validation_examples": len(validation),
+               **({"test_examples": len(test)} if data.test_fraction else {}),
                "train_tokens": sum(r["n_tokens"] for r in train),
                **{k: v for k, v in sorted(report.counts.items())}}
     atomic_write_json(ctx.root / METRICS, metrics)

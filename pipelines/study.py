@@ -1,18 +1,23 @@
 """DVC stage ``study``: does GRIT beat LoRA when each is tuned? (docs/study.md)
 
-Reads the ``study`` section (methods, search space, trials, seeds, budgets) and trains, through
-``pipelines/study_worker.py`` (one process per method and phase):
+Reads the ``study`` section and, for every run length of ``study.steps`` and every method,
+trains through ``pipelines/study_worker.py`` (one process per method and job):
 
-1. tuning: ``study.trials`` settings per method drawn from its declared search space, at the
-   first budget and ``train.seed``; each judged on the validation split only;
-2. selection: each method's setting = its trial with the lowest validation loss;
-3. test: every method at its chosen setting, ``study.seeds`` seeds x every budget, measured on the
-   held-out test sets; GRIT methods against every LoRA method by the paired t over seeds, Holm.
+1. tuning: Optuna asks ``study.configurations`` configurations of the method's declared space
+   (``evaluation/tuning.py``), each trained on ``train.seed`` and judged on the validation split
+   only; the successive-halving pruner stops the weak ones early. A chosen learning rate at the
+   edge of its range widens the range and tunes again (``study.edge_extensions`` times at most);
+2. selection: the ``study.finalists`` best configurations re-run with ``study.finalist_seeds``
+   more seeds; the method's setting is the finalist with the lowest mean validation loss;
+3. test: every method at its chosen setting, ``study.seeds`` seeds from ``study.test_seed`` on
+   (never a seed selection saw), measured on the test split and the held-out test sets; GRIT
+   methods against their controls by the paired test over seeds (and prompts), Holm.
 
-Every trial is a row of ``study_trials`` in the results store as soon as it finishes; a killed
-study resumes at the first trial the store does not hold. Writes ``reports/study/`` (report.md,
-plots, trials.csv) and ``metrics/study.json``. With ``study.methods`` empty (the default
-profile) the stage trains nothing and keeps the last study's report.
+Every trial is a row of ``study_trials`` in the results store as soon as it finishes, and
+Optuna's journal lives in the same store (``tuning_journal``): a killed study resumes where it
+stopped. Writes ``reports/study/`` (report.md, plots, trials.csv) and ``metrics/study.json``. With
+``study.methods`` empty (the default profile) the stage trains nothing and keeps the last
+study's report.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from sqlalchemy import select
@@ -29,39 +35,48 @@ from sqlalchemy import select
 from core.errors import UserError
 from core.files import atomic_write_json, atomic_write_text
 from db.models import StudyTrial
-from evaluation.study import Trial, choose_setting, draw_settings, search_space, setting_key
+from evaluation.config import seeds_for_testing, tuning_seeds
+from evaluation.study import Trial
+from evaluation.tuning import (
+    Dimension,
+    Scored,
+    at_edge,
+    choose_finalist,
+    extended,
+    finalists,
+    search_space,
+    setting_key,
+)
 from pipelines import study_worker
 from pipelines.params import Params, require_text_model
 from pipelines.paths import DATA_DIR
 from pipelines.stage import StageContext, run_stage
+from trainers.config import variant_grit
 
 REPORT_DIR = Path("reports/study")
 METRICS = Path("metrics/study.json")
 
 
-def tuning_plan(params: Params) -> list[dict]:
-    """Every method's tuning trials: the same number, each from its own declared space."""
-    study = params.study
-    plan = []
-    for method in study.methods:
-        space = search_space(params.variants[method].grit, study.learning_rate_range, study.damping_range)
-        plan += [{"phase": "tune", "method": method, "budget": study.budgets[0], "seed": params.train.seed,
-                  "setting": setting} for setting in draw_settings(space, study.trials, study.seed)]
-    return plan
+def method_space(params: Params, method: str) -> list[Dimension]:
+    """The declared space of ``method`` (``evaluation.tuning.search_space``)."""
+    variant, study = params.variants[method], params.study
+    budget_cadence = variant.grit and variant_grit(params.grit, variant).cadence == "budget"
+    return search_space(variant.grit, budget_cadence, study.learning_rate_range, study.damping_range,
+                        study.reprojection_warmup_range, study.energy_range)
 
 
-def test_plan(params: Params, chosen: dict[str, dict[str, float]]) -> list[dict]:
-    """Every method at its chosen setting, for every seed and budget (seeds follow train.seed)."""
-    study = params.study
-    return [{"phase": "test", "method": method, "budget": budget, "seed": params.train.seed + k,
-             "setting": chosen[method]}
-            for budget in study.budgets for k in range(study.seeds) for method in study.methods]
+def tuning_name(run_id: str, method: str, steps: int, extension: int) -> str:
+    """The Optuna study of one method's tuning at one run length (and range extension)."""
+    return f"{run_id}/{method}/{steps}" + (f"/extended-{extension}" if extension else "")
 
 
 def as_trial(row: StudyTrial) -> Trial:
-    return Trial(row.phase, row.method, row.budget, row.seed, json.loads(row.setting), row.val_loss,
-                 [tuple(p) for p in json.loads(row.curve_json)], json.loads(row.metrics_json), row.train_seconds,
-                 row.tokens_per_second, row.trainable_parameters)
+    metrics = json.loads(row.metrics_json)
+    return Trial(row.phase, row.method, row.steps, row.seed, json.loads(row.setting), row.val_loss,
+                 [tuple(p) for p in json.loads(row.curve_json)], metrics.pop("figures", metrics),
+                 row.train_seconds, row.tokens_per_second, row.trainable_parameters,
+                 per_prompt=metrics.get("per_prompt", {}), stopped_at=metrics.get("stopped_at"),
+                 tuning=metrics.get("tuning", ""))
 
 
 def recorded_trials(ctx: StageContext) -> list[Trial]:
@@ -73,7 +88,7 @@ def recorded_trials(ctx: StageContext) -> list[Trial]:
 def identity(trial: dict | Trial) -> tuple:
     """What makes a trial the same trial: a planned spec (dict) or a recorded ``Trial``."""
     fields = trial if isinstance(trial, dict) else vars(trial)
-    return fields["phase"], fields["method"], fields["budget"], fields["seed"], setting_key(fields["setting"])
+    return fields["phase"], fields["method"], fields["steps"], fields["seed"], setting_key(fields["setting"])
 
 
 def record(ctx: StageContext, result: dict) -> None:
@@ -81,56 +96,113 @@ def record(ctx: StageContext, result: dict) -> None:
     with ctx.store.transaction() as session:
         ctx.store.replace_rows(session, StudyTrial, ctx.run_id, [{
             "val_loss": result["val_loss"], "curve_json": json.dumps(result["curve"]),
-            # The trial's wall time (training plus measuring) rides with its metrics: no new column.
-            "metrics_json": json.dumps({**result["metrics"], "trial_seconds": result.get("trial_seconds")}),
+            # What has no column rides with the figures: the trial's wall time, its per-prompt
+            # values, where the pruner stopped it and which Optuna study asked for it.
+            "metrics_json": json.dumps({"figures": {**result["metrics"], "trial_seconds": result.get("trial_seconds")},
+                                        "per_prompt": result.get("per_prompt", {}),
+                                        "stopped_at": result.get("stopped_at"), "tuning": result.get("tuning", "")}),
             "train_seconds": result["train_seconds"],
             "tokens_per_second": result["tokens_per_second"],
             "trainable_parameters": result["trainable_parameters"]}],
-            phase=result["phase"], method=result["method"], budget=result["budget"], seed=result["seed"],
+            phase=result["phase"], method=result["method"], steps=result["steps"], seed=result["seed"],
             setting=setting_key(result["setting"]))
 
 
-def run_trials(ctx: StageContext, plan: list[dict]) -> int:
-    """Run the trials of ``plan`` the store does not hold yet, one worker process per method;
-    returns how many it ran."""
+def run_job(ctx: StageContext, job: dict) -> None:
+    """One worker process for ``job``; its trials are recorded as they land, so a kill loses at
+    most the trial in progress."""
     import yaml
 
+    with tempfile.TemporaryDirectory(prefix=f"study-{job['method']}-") as scratch:
+        params_file, job_file, results_file = (Path(scratch) / n for n in ("params.yaml", "job.json", "results.jsonl"))
+        params_file.write_text(yaml.safe_dump(ctx.params.model_dump(mode="json"), sort_keys=False))
+        job_file.write_text(json.dumps(job))
+        worker = subprocess.Popen([sys.executable, "-m", study_worker.__name__, "--params", str(params_file),
+                                   "--job", str(job_file), "--results", str(results_file)], cwd=ctx.root)
+        seen = 0
+        while True:
+            finished = worker.poll() is not None
+            lines = results_file.read_text().splitlines() if results_file.is_file() else []
+            for line in lines[seen:]:
+                record(ctx, json.loads(line))
+            seen = len(lines)
+            if finished:
+                break
+            time.sleep(1.0)
+        if worker.returncode != 0:
+            raise RuntimeError(f"study {job['kind']} job of {job['method']} failed (exit {worker.returncode}); "
+                               "see the log above")
+
+
+def run_fixed(ctx: StageContext, specs: list[dict]) -> None:
+    """Run the fixed trials of ``specs`` the store does not hold yet, one worker per method."""
     done = {identity(t) for t in recorded_trials(ctx)}
-    todo = [{**spec, "position": f"{n + 1}/{len(plan)}"}            # for the progress lines
-            for n, spec in enumerate(plan) if identity(spec) not in done]
-    if len(todo) < len(plan):
-        print(f"[study] {len(plan) - len(todo)} of {len(plan)} {plan[0]['phase']} trials already recorded")
+    todo = [{**spec, "position": f"{n + 1}/{len(specs)}"} for n, spec in enumerate(specs) if identity(spec) not in done]
+    if specs and len(todo) < len(specs):
+        print(f"[study] {len(specs) - len(todo)} of {len(specs)} {specs[0]['phase']} runs already recorded")
     for method in dict.fromkeys(spec["method"] for spec in todo):
-        specs = [spec for spec in todo if spec["method"] == method]
-        with tempfile.TemporaryDirectory(prefix=f"study-{method}-") as scratch:
-            params_file, trials_file, results_file = (Path(scratch) / n for n in ("params.yaml", "trials.json",
-                                                                                    "results.jsonl"))
-            params_file.write_text(yaml.safe_dump(ctx.params.model_dump(mode="json"), sort_keys=False))
-            trials_file.write_text(json.dumps(specs))
-            worker = subprocess.Popen([sys.executable, "-m", study_worker.__name__, "--params", str(params_file),
-                                       "--trials", str(trials_file), "--results", str(results_file)], cwd=ctx.root)
-            # Record each trial as it lands, so a kill loses at most the trial in progress.
-            seen = 0
-            while True:
-                finished = worker.poll() is not None
-                lines = results_file.read_text().splitlines() if results_file.is_file() else []
-                for line in lines[seen:]:
-                    record(ctx, json.loads(line))
-                seen = len(lines)
-                if finished:
-                    break
-                time.sleep(1.0)
-            if worker.returncode != 0:
-                raise RuntimeError(f"study trials of {method} failed (exit {worker.returncode}); see the log above")
-    return len(todo)
+        run_job(ctx, {"kind": "runs", "method": method, "runs": [s for s in todo if s["method"] == method]})
+
+
+def tuned(ctx: StageContext, method: str, steps: int) -> list[Trial]:
+    return [t for t in recorded_trials(ctx) if t.phase == "tune" and t.method == method and t.steps == steps]
+
+
+def tune_method(ctx: StageContext, method: str, steps: int) -> list[str]:
+    """Optuna tuning of ``method`` at ``steps``, widening an edge learning-rate range; returns
+    what the report must say about the ranges."""
+    params, study = ctx.params, ctx.params.study
+    space, notes = method_space(params, method), []
+    for extension in range(study.edge_extensions + 1):
+        name = tuning_name(ctx.run_id, method, steps, extension)
+        run_job(ctx, {"kind": "tune", "method": method, "steps": steps, "seed": params.train.seed,
+                      "tuning": name, "configurations": study.configurations,
+                      "space": [asdict(d) for d in space]})
+        completed = [Scored(t.setting, t.seed, t.val_loss) for t in tuned(ctx, method, steps) if not t.pruned]
+        best = finalists(completed, 1)[0]
+        rate = next(d for d in space if d.name == "learning_rate")
+        side = at_edge(rate, best["learning_rate"], study.edge_margin)
+        if side is None:
+            break
+        if extension == study.edge_extensions:
+            notes.append(f"{method} at {steps} steps: the chosen learning rate {best['learning_rate']:.3g} is still "
+                         f"at the {side} edge of [{rate.low:.3g}, {rate.high:.3g}] after {extension} extension(s)")
+            break
+        space = [extended(d, side, study.edge_factor) if d.name == "learning_rate" else d for d in space]
+        widened = next(d for d in space if d.name == "learning_rate")
+        notes.append(f"{method} at {steps} steps: the best learning rate {best['learning_rate']:.3g} lay at the "
+                     f"{side} edge of [{rate.low:.3g}, {rate.high:.3g}]; the study widened it to "
+                     f"[{widened.low:.3g}, {widened.high:.3g}] and tuned {study.configurations} more configurations")
+    return notes
+
+
+def choose_setting(ctx: StageContext, method: str, steps: int) -> dict[str, float]:
+    """The finalists of ``method`` at ``steps`` over the selection seeds; the best on mean
+    validation loss."""
+    study, seed = ctx.params.study, ctx.params.train.seed
+    completed = [t for t in tuned(ctx, method, steps) if not t.pruned]
+    candidates = finalists([Scored(t.setting, t.seed, t.val_loss) for t in completed], study.finalists)
+    extra = tuning_seeds(seed, study.finalist_seeds)[1:]
+    run_fixed(ctx, [{"phase": "finalist", "method": method, "steps": steps, "seed": s, "setting": setting}
+                    for setting in candidates for s in extra])
+    keys = {setting_key(c) for c in candidates}
+    runs = [Scored(t.setting, t.seed, t.val_loss) for t in recorded_trials(ctx)
+            if t.method == method and t.steps == steps and setting_key(t.setting) in keys
+            and (t.phase == "finalist" or (t.phase == "tune" and not t.pruned and t.seed == seed))]
+    setting, mean = choose_finalist(runs)
+    print(f"[study] {method} at {steps} steps: chosen on mean validation loss {mean:.4f} over "
+          f"{1 + len(extra)} seeds: {json.dumps(setting, sort_keys=True)}")
+    return setting
 
 
 def preflight(params: Params) -> None:
     if not params.study.methods:
         return
     require_text_model(params, "study")
-    if not (DATA_DIR / "validation.jsonl").is_file():
-        raise UserError(f"{DATA_DIR / 'validation.jsonl'} is missing; run `dvc repro prepare_data` first")
+    for split in ("validation.jsonl", "test.jsonl"):
+        if not (DATA_DIR / split).is_file():
+            raise UserError(f"{DATA_DIR / split} is missing; the study needs data.validation_fraction and "
+                            "data.test_fraction above 0, then `dvc repro prepare_data`")
     if params.train.nproc_per_node > 1:
         raise UserError("study: trials train on one process; set train.nproc_per_node: 1 for the study")
 
@@ -142,16 +214,20 @@ def study(ctx: StageContext, _checked) -> dict[str, Path]:
     if not params.study.methods:
         return keep_last_report(ctx)
     started = time.perf_counter()
-    ran = run_trials(ctx, tuning_plan(params))
-    tuned = recorded_trials(ctx)
-    chosen = {m: choose_setting(t for t in tuned if t.phase == "tune" and t.method == m).setting
-              for m in params.study.methods}
-    for method, setting in chosen.items():
-        print(f"[study] {method}: chosen on validation loss: {json.dumps(setting, sort_keys=True)}")
-    ran += run_trials(ctx, test_plan(params, chosen))
-    trials = [t for t in recorded_trials(ctx) if t.phase == "tune" or t.setting == chosen[t.method]]
-    return write_report(ctx.root / REPORT_DIR, ctx.root / METRICS, params, trials, chosen,
-                        stage_seconds=time.perf_counter() - started, run_id=ctx.run_id, trials_run=ran)
+    chosen: dict[tuple[str, int], dict[str, float]] = {}
+    notes: list[str] = []
+    for steps in params.study.steps:
+        for method in params.study.methods:
+            notes += tune_method(ctx, method, steps)
+            chosen[(method, steps)] = choose_setting(ctx, method, steps)
+    seeds = seeds_for_testing(params.study.test_seed, params.study.seeds)
+    run_fixed(ctx, [{"phase": "test", "method": method, "steps": steps, "seed": seed,
+                     "setting": chosen[(method, steps)]}
+                    for steps in params.study.steps for seed in seeds for method in params.study.methods])
+    trials = recorded_trials(ctx)
+    trials = [t for t in trials if t.phase != "test" or t.setting == chosen[(t.method, t.steps)]]
+    return write_report(ctx.root / REPORT_DIR, ctx.root / METRICS, params, trials, chosen, notes,
+                        stage_seconds=time.perf_counter() - started, run_id=ctx.run_id)
 
 
 def main(argv: list[str] | None = None) -> int:

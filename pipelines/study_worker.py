@@ -1,13 +1,22 @@
 """The trials of one study method, in a process of their own (``pipelines/study.py`` starts it):
 
-    python -m pipelines.study_worker --params P --trials T --results R
+    python -m pipelines.study_worker --params P --job J --results R
 
-``T`` lists trials (phase, method, budget, seed, setting) of one method; each is trained with the
-recipe every variant trains with (``trainers.recipe.train_variant``) at its setting, budget and
-seed, reloaded from the saved adapter the way export and evaluation load it, and measured in
-fp32: a tuning trial on the validation split only, a test trial also on the held-out test sets.
-Each finished trial is appended to ``R`` as one JSON line; the study process records it in the
-store. One process per method: importing Unsloth patches libraries for the whole process.
+``J`` is one job of one method:
+
+- ``tune``: Optuna tuning at one run length. The worker opens (or resumes) the Optuna study
+  named in the job, whose journal lives in the results store (``db/tuning_journal.py``), and
+  asks for configurations of the method's declared space until the study holds
+  ``configurations`` finished ones. Each trains on ``train.seed``, reports its validation loss
+  whenever it is measured, and stops when the successive-halving pruner says so.
+- ``runs``: fixed trials (finalists, tests): each a (phase, steps, seed, setting).
+
+Every trial is trained with the recipe every variant trains with (``trainers.recipe``), reloaded
+from the saved adapter the way export and evaluation load it, and measured in fp32: tuning and
+finalist trials on the validation split only, test trials also on the test split (its loss) and
+the held-out test sets. Each finished trial is appended to ``R`` as one JSON line; the study
+process records it in the store. One process per method: importing Unsloth patches libraries for
+the whole process.
 """
 
 from __future__ import annotations
@@ -21,21 +30,24 @@ from pathlib import Path
 from typing import Any
 
 from core.jsonl import read_jsonl
+from evaluation.tuning import Dimension
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR
 
+PER_PROMPT_KINDS = ("rate", "probability")     # their values are one per prompt (or fact pair)
 
-def trial_params(params: Params, method: str, budget: int, seed: int, setting: dict[str, float]) -> Params:
-    """The params of one trial: the run's, at this budget, seed and setting (learning rate, and
-    for a GRIT method its damping). No checkpoint is written during a trial (a trial is short;
-    an interrupted study resumes at the next unfinished trial)."""
-    train = params.train.model_copy(update={"max_steps": budget, "seed": seed, "save_steps": budget + 1,
+
+def trial_params(params: Params, method: str, steps: int, seed: int, setting: dict[str, float]) -> Params:
+    """The params of one trial: the run's, at this run length, seed and setting (the learning rate
+    sets ``train``; every other tuned field is a GRIT field of the variant). No checkpoint is
+    written during a trial (a trial is short; an interrupted study resumes at the next one)."""
+    train = params.train.model_copy(update={"max_steps": steps, "seed": seed, "save_steps": steps + 1,
                                             "learning_rate": setting["learning_rate"]})
     variants = dict(params.variants)
-    if "damping" in setting:
+    grit = {name: value for name, value in setting.items() if name != "learning_rate"}
+    if grit:
         variant = variants[method]
-        variants[method] = variant.model_copy(update={"grit_overrides": {**variant.grit_overrides,
-                                                                         "damping": setting["damping"]}})
+        variants[method] = variant.model_copy(update={"grit_overrides": {**variant.grit_overrides, **grit}})
     return params.model_copy(update={"train": train, "variants": variants})
 
 
@@ -43,11 +55,11 @@ def validation_harmful_prompts(data_dir: Path) -> list[str]:
     return [row["prompt"] for row in read_jsonl(data_dir / "validation.jsonl") if row.get("kind") == "harmful"]
 
 
-def measure_trial(model, tokenizer, chat, params: Params, root: Path, phase: str) -> dict[str, float]:
-    """fp32 figures of one trained adapter on the evaluate stage's measurement path
-    (``evaluation.measure``): a tuning trial on validation prompts only, a test trial also on the
-    held-out test sets (the registry's study endpoints, capped by the ``study`` section)."""
-
+def measure_trial(model, tokenizer, chat, params: Params, root: Path, phase: str) -> tuple[dict, dict]:
+    """(figures, per-prompt values) of one trained adapter on the evaluate stage's measurement
+    path (``evaluation.measure``): a tuning or finalist trial on validation prompts only, a test
+    trial also on the test split and the held-out test sets (the registry's study endpoints,
+    capped by the ``study`` section)."""
     from evaluation.held_out import held_out_sets
     from evaluation.measure import Subject, measure, sampling_of
     from evaluation.metrics import VALIDATION_DECLINE, study_endpoints
@@ -56,18 +68,33 @@ def measure_trial(model, tokenizer, chat, params: Params, root: Path, phase: str
     study = params.study
     sets = {"validation_harmful": validation_harmful_prompts(root / DATA_DIR)}
     metrics = [VALIDATION_DECLINE] if sets["validation_harmful"] else []
-    if phase != "tune":
+    extra: dict[str, float] = {}
+    if phase == "test":
         sets |= held_out_sets(root / DATA_DIR, params.eval.model_copy(update={
             "refusal_prompts": study.refusal_prompts, "overrefusal_prompts": study.overrefusal_prompts,
             "fact_pairs": study.fact_pairs, "aqi_pairs": study.aqi_pairs}))
         metrics += [m for m in study_endpoints() if m.source == "fp32"]
+        extra["test_loss"] = split_loss(model, tokenizer, root / DATA_DIR / "test.jsonl", params)
     subject = Subject("trial", model, tokenizer, chat, sets, params.eval.aqi_layers, progress=False,
                       max_new_tokens=params.eval.max_new_tokens, sampling=sampling_of(params.eval))
-    figures = point_figures(measure(subject, metrics), params.eval.gamma)
-    return {VALIDATION_DECLINE.name: math.nan} | {m.name: figures[m.name] for m in metrics}
+    outcomes = measure(subject, metrics)
+    figures = point_figures(outcomes, params.eval.gamma)
+    per_prompt = {m.name: [float(v) for v in outcomes.values[m.name]] for m in metrics
+                  if m.kind in PER_PROMPT_KINDS and m.name in outcomes.values and m is not VALIDATION_DECLINE}
+    return {VALIDATION_DECLINE.name: math.nan} | {m.name: figures[m.name] for m in metrics} | extra, per_prompt
 
 
-def run_trial(params: Params, spec: dict[str, Any], root: Path, scratch: Path) -> dict[str, Any]:
+def split_loss(model, tokenizer, path: Path, params: Params) -> float:
+    """Mean token loss of the trained model on a held-out split (the test split: never selected on)."""
+    from trainers.sft import ValidationLoss, tokenized_examples
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the study's test loss needs data.test_fraction > 0")
+    examples = tokenized_examples(read_jsonl(path), tokenizer)
+    return ValidationLoss(examples, tokenizer.pad_token_id, 1, params.train.per_device_batch_size).measure(model)
+
+
+def run_trial(params: Params, spec: dict[str, Any], root: Path, scratch: Path, on_validation=None) -> dict[str, Any]:
     from peft import PeftModel
 
     from export.chat_format import chat_format
@@ -75,39 +102,113 @@ def run_trial(params: Params, spec: dict[str, Any], root: Path, scratch: Path) -
     from trainers.recipe import train_variant
 
     method = spec["method"]
-    run = trial_params(params, method, spec["budget"], spec["seed"], spec["setting"])
+    run = trial_params(params, method, spec["steps"], spec["seed"], spec["setting"])
     files = resolve_base_model(run.model)
     started = time.perf_counter()
     result = train_variant(method, run.variants[method], run, files, root / DATA_DIR, scratch / "adapter",
-                           scratch / "checkpoints", live=None)
+                           scratch / "checkpoints", live=None, on_validation=on_validation)
     meta = result.metadata
-    fp32 = run.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
-    tokenizer = load_tokenizer(files, run.model)
-    model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(scratch / "adapter")).eval()
-    figures = measure_trial(model, tokenizer, chat_format(tokenizer), run, root, spec["phase"])
     curve = [(int(r["step"]), float(r["val_loss"])) for r in result.steps if r.get("val_loss") is not None]
-    return {**spec, "val_loss": meta.get("final_val_loss"), "curve": curve,
-            "metrics": {"val_loss": meta.get("final_val_loss"), **figures},
+    figures, per_prompt = {}, {}
+    if meta.get("stopped_at") is None:         # a pruned trial is not measured: it is not a candidate
+        fp32 = run.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
+        tokenizer = load_tokenizer(files, run.model)
+        model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(scratch / "adapter")).eval()
+        figures, per_prompt = measure_trial(model, tokenizer, chat_format(tokenizer), run, root, spec["phase"])
+    return {**spec, "val_loss": meta.get("final_val_loss"), "curve": curve, "stopped_at": meta.get("stopped_at"),
+            "metrics": {"val_loss": meta.get("final_val_loss"), **figures}, "per_prompt": per_prompt,
             "train_seconds": meta["train_seconds"], "tokens_per_second": meta.get("tokens_per_second"),
             "trainable_parameters": meta.get("trainable_parameters"),
             "trial_seconds": time.perf_counter() - started}
 
 
+def optuna_study(params: Params, root: Path, job: dict[str, Any]):
+    """The job's Optuna study (created or resumed) on the results store's journal, with the
+    study section's sampler and pruner; trials a killed worker left running are marked failed."""
+    import optuna
+
+    from db.store import open_store
+    from db.tuning_journal import StoreJournal
+
+    study = params.study
+    storage = optuna.storages.JournalStorage(StoreJournal(open_store(params.store.url, root)))
+    sampler = (optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=study.startup) if study.sampler == "tpe"
+               else optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=study.seed))
+    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=study.min_steps,
+                                                    reduction_factor=study.reduction_factor)
+    tuned = optuna.create_study(study_name=job["tuning"], storage=storage, sampler=sampler, pruner=pruner,
+                                direction="minimize", load_if_exists=True)
+    for stale in tuned.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        storage.set_trial_user_attr(stale._trial_id, "interrupted", True)   # asked again, not counted
+        storage.set_trial_state_values(stale._trial_id, optuna.trial.TrialState.FAIL)
+    return tuned
+
+
+def finished_configurations(tuned) -> int:
+    """Configurations tried to a verdict: trained to the end, pruned, or diverged (a diverged one
+    counts: it is a configuration the method was given); not those a killed worker left."""
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return sum(not t.user_attrs.get("interrupted") for t in tuned.get_trials(deepcopy=False, states=states))
+
+
+def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None:
+    """Ask, train, tell until the Optuna study holds ``configurations`` finished trials."""
+    import optuna
+
+    tuned = optuna_study(params, root, job)
+    space = [Dimension(**d) for d in job["space"]]
+    while (finished := finished_configurations(tuned)) < job["configurations"]:
+        trial = tuned.ask()
+        setting = {d.name: float(f"{trial.suggest_float(d.name, d.low, d.high, log=d.log):.4g}") for d in space}
+        spec = {"phase": "tune", "method": job["method"], "steps": job["steps"], "seed": job["seed"],
+                "setting": setting, "tuning": job["tuning"]}
+        print(f"[study] tune {job['method']} at {job['steps']} steps, configuration {finished + 1}/"
+              f"{job['configurations']}: {json.dumps(setting, sort_keys=True)}", flush=True)
+
+        def report(step: int, val_loss: float, trial=trial) -> bool:
+            trial.report(val_loss, step)
+            return trial.should_prune()
+
+        with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
+            record = run_trial(params, spec, root, Path(scratch), on_validation=report)
+        loss = record["val_loss"]
+        if record["stopped_at"] is not None:
+            tuned.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        elif loss is None or not math.isfinite(loss):
+            tuned.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            tuned.tell(trial, loss)
+        append(results, record)
+        state = f"pruned at step {record['stopped_at']}" if record["stopped_at"] is not None else "trained to the end"
+        print(f"[study]   validation loss {loss if loss is None else f'{loss:.4f}'}, {state}, "
+              f"{record['trial_seconds']:.0f} s", flush=True)
+
+
+def runs(params: Params, job: dict[str, Any], root: Path, results: Path) -> None:
+    for spec in job["runs"]:
+        print(f"[study] {spec['phase']} {spec.get('position', '?')}: {spec['method']}, {spec['steps']} steps, "
+              f"seed {spec['seed']}, {json.dumps(spec['setting'], sort_keys=True)}", flush=True)
+        with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
+            record = run_trial(params, spec, root, Path(scratch))
+        append(results, record)
+        print(f"[study]   validation loss {record['val_loss']:.4f} in {record['trial_seconds']:.0f} s", flush=True)
+
+
+def append(results: Path, record: dict[str, Any]) -> None:
+    with results.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.study_worker")
-    for flag in ("--params", "--trials", "--results"):
+    for flag in ("--params", "--job", "--results"):
         parser.add_argument(flag, required=True)
     args = parser.parse_args(argv)
     params = load_params(Path(args.params))
-    for spec in json.loads(Path(args.trials).read_text()):
-        print(f"[study] {spec['phase']} trial {spec.get('position', '?')}: {spec['method']}, budget {spec['budget']}, "
-              f"seed {spec['seed']}, "
-              f"{json.dumps(spec['setting'], sort_keys=True)}", flush=True)
-        with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
-            record = run_trial(params, spec, Path.cwd(), Path(scratch))
-        with Path(args.results).open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        print(f"[study]   validation loss {record['val_loss']:.4f} in {record['trial_seconds']:.0f} s", flush=True)
+    job = json.loads(Path(args.job).read_text())
+    (tune if job["kind"] == "tune" else runs)(params, job, Path.cwd(), Path(args.results))
     return 0
 
 

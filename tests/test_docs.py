@@ -140,23 +140,30 @@ def test_the_figures_the_readme_quotes_in_prose_are_the_committed_metrics():
     def rates(variants, metric):
         return [100 * evaluation[v][metric]["value"] for v in variants]
 
-    base = round(100 * evaluation["base"]["refusal_rate"]["value"])
+    def twins(variants, metric):
+        values = {round(evaluation[v][metric]["value"], 6) for v in variants}
+        assert len(values) == 1, (metric, values)       # the same adapter on CPU: sampled rates agree exactly
+        return 100 * values.pop()
+
     harmful, edgy = evaluation["pure_grit"]["refusal_rate"]["n"], evaluation["pure_grit"]["overrefusal_rate"]["n"]
-    assert (f"GRIT declines {span(rates(grit, 'refusal_rate'))} of the {harmful} held-out harmful prompts against "
-            f"{span(rates(lora, 'refusal_rate'))} for plain LoRA ({base}% for the base)") in prose
-    assert (f"and {span(rates(grit, 'overrefusal_rate'))} of the {edgy} edgy-benign prompts against "
-            f"{span(rates(lora, 'overrefusal_rate'))};") in prose
+    assert (f"GRIT refuses {twins(grit, 'sampled_refusal_rate'):.0f}% of the {harmful} held-out harmful prompts "
+            f"against {twins(lora, 'sampled_refusal_rate'):.0f}% for plain LoRA "
+            f"({100 * evaluation['base']['sampled_refusal_rate']['value']:.0f}% for the base), and "
+            f"{twins(grit, 'sampled_overrefusal_rate'):.0f}% of the {edgy} edgy-benign prompts against "
+            f"{twins(lora, 'sampled_overrefusal_rate'):.0f}%") in prose
+    sampled = {c["metric"]: c for c in evaluation["comparisons"]
+               if (c["variant"], c["reference"]) == ("pure_grit", "peft_lora") and c["metric"].startswith("sampled_")}
+    assert not any(c["significant"] for c in sampled.values())
+    assert (f"(raw p {sampled['sampled_refusal_rate']['p_value']:.1g} and "
+            f"{sampled['sampled_overrefusal_rate']['p_value']:.2g})") in prose
+    greedy = [abs(evaluation[a]["refusal_rate"]["value"] - evaluation[b]["refusal_rate"]["value"]) * 100
+              for a, b in (("hybrid_grit", "pure_grit"), ("baseline_lora", "peft_lora"))]
+    assert f"the twins differ by {span(greedy, unit='')} points" in prose
+    assert (f"(GRIT {span(rates(grit, 'refusal_rate'))} against LoRA {span(rates(lora, 'refusal_rate'))};") in prose
     judged = [c for c in evaluation["comparisons"] if c["reference"] in lora and c["variant"] in grit
               and c["metric"] in ("refusal_rate", "nonanswer_rate", "overrefusal_rate")]
     assert not any(c["significant"] for c in judged)
-    assert f"(raw p {span([c['p_value'] for c in judged], '{:.2g}', '')})".replace("-", " to ") in prose
-    def probability(variants, metric):
-        values = {round(evaluation[v][metric]["value"], 2) for v in variants}
-        assert len(values) == 1       # the same adapter on CPU: Unsloth and PEFT twins agree
-        return values.pop()
-    assert (f"({probability(grit, 'decline_probability'):.2f} against {probability(lora, 'decline_probability'):.2f} "
-            f"on harmful prompts, {probability(grit, 'overrefusal_decline_probability'):.2f} against "
-            f"{probability(lora, 'overrefusal_decline_probability'):.2f} on edgy-benign ones)") in prose
+    assert f"raw p {span([c['p_value'] for c in judged], '{:.1g}', '')}".replace("-", " to ") in prose
     separation = {v: round(evaluation[v]["separation"]["value"], 3) for v in (*lora, *grit)}
     assert f"1/XB {separation['pure_grit']:.3f} against {separation['peft_lora']:.3f}" in prose
     retention = [evaluation[v]["retention_accuracy"]["value"] for v in (*lora, *grit)]
@@ -179,7 +186,7 @@ def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study()
     prose = " ".join(readme.split("**Read plainly: no, GRIT does not beat plain LoRA here.**", 1)[1]
                      .split("### The default run", 1)[0].split())
     study = json.loads(committed("metrics/study.json"))
-    tests = {(t["method"], t["budget"], t["metric"]): t for t in study["tests"]}
+    tests = {(t["method"], t["steps"], t["metric"]): t for t in study["tests"]}
     loss32, loss96 = tests[("pure_grit", 32, "val_loss")], tests[("pure_grit", 96, "val_loss")]
     assert f"32 steps (+{loss32['delta']['mean']:.3f}, Holm p = {loss32['p_holm']:.3f})" in prose
     assert f"shrinks to +{loss96['delta']['mean']:.3f}, not significant" in prose and loss96["p_holm"] > 0.05
@@ -192,7 +199,7 @@ def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study()
             f"{min(benign):.2f}-{max(benign):.2f} on edgy-benign ones)") in prose
     assert "That is a diagnostic, not a refusal rate" in prose
     trials = [row for row in csv.DictReader(io.StringIO(committed("reports/study/trials.csv")))
-              if row["phase"] == "test" and row["budget"] == "96"]
+              if row["phase"] == "test" and row["steps"] == "96"]
     params = {m: statistics.mean(int(r["trainable_parameters"]) for r in trials if r["method"] == m)
               for m in ("grit_paper", "peft_lora")}
     assert f"({params['grit_paper'] / 1e6:.2f} M against {params['peft_lora'] / 1e6:.2f} M at 96 steps)" in prose

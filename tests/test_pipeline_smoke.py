@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sqlalchemy import select
+from sqlalchemy import func, select
 
-from db.models import Comparison, EvalMetric, SpeedMetric, StudyTrial, TrainMetric
+from db.models import Comparison, EvalMetric, SpeedMetric, StudyTrial, TrainMetric, TuningJournal
 from db.store import open_store
 from pipelines.params import load_params
 from pipelines.stage import pipeline_stage_names
@@ -229,26 +229,49 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert (repo / "reports/compare.md").is_file() and (repo / "reports/compare.csv").is_file()
     assert (repo / "reports/compare_aqi.png").is_file()
 
-    # The study: every trial in the store, each method's setting the tuning trial with the lowest
-    # validation loss, no test figure measured while tuning, and the report with its plots.
+    # The study: Optuna asked every method for the same number of configurations (in the store's
+    # journal), the finalists re-ran on more seeds, each method's setting is the finalist with the
+    # lowest mean validation loss, the test seeds never met a selection seed, no test figure was
+    # measured while selecting, and grit_paper truncated with training left after it.
     study, plan = json.loads((repo / "metrics/study.json").read_text()), params.study
     with store.reader() as session:
         trials = session.scalars(select(StudyTrial).where(StudyTrial.run_id == run.id)).all()
-    tuned = [t for t in trials if t.phase == "tune"]
-    assert len(tuned) == plan.trials * len(plan.methods)
-    assert len(trials) - len(tuned) == len(plan.methods) * plan.seeds * len(plan.budgets)
+        assert session.scalar(select(func.count()).select_from(TuningJournal)) > 0
+    by_phase = {phase: [t for t in trials if t.phase == phase] for phase in ("tune", "finalist", "test")}
+    runs_per_method = len(plan.steps)
+    studies: dict[str, int] = {}                 # each Optuna study asked for the same number
+    for t in by_phase["tune"]:
+        name = json.loads(t.metrics_json)["tuning"]
+        studies[name] = studies.get(name, 0) + 1
+    assert set(studies.values()) == {plan.configurations}
+    assert len(plan.methods) * runs_per_method <= len(studies) <= (
+        len(plan.methods) * runs_per_method * (1 + plan.edge_extensions))
+    widened = len(studies) - len(plan.methods) * runs_per_method    # a best learning rate at an edge
+    assert 0 < len(by_phase["finalist"]) <= plan.finalists * plan.finalist_seeds * len(plan.methods) * runs_per_method
+    assert len(by_phase["test"]) == len(plan.methods) * plan.seeds * runs_per_method
+    selection_seeds = {t.seed for t in by_phase["tune"] + by_phase["finalist"]}
+    assert selection_seeds.isdisjoint({t.seed for t in by_phase["test"]})
     for method in plan.methods:
-        best = min((t for t in tuned if t.method == method), key=lambda t: t.val_loss)
-        assert study["chosen"][method] == json.loads(best.setting)
-    measured = [json.loads(t.metrics_json) for t in tuned]
-    assert all(set(m) == {"val_loss", "validation_decline_probability", "trial_seconds"} for m in measured)
-    assert all(json.loads(t.metrics_json)["trial_seconds"] > t.train_seconds > 0 for t in trials)
-    truncated = {t.budget: t.trainable_parameters for t in trials if t.phase == "test" and t.method == "grit_paper"}
-    assert truncated[4] * 2 == truncated[2]             # reprojection from step 3 on: truncated at step 4
+        for steps in plan.steps:
+            finalists = {t.setting for t in by_phase["finalist"] if t.method == method and t.steps == steps}
+            runs = [t for t in trials if t.setting in finalists and t.method == method and t.steps == steps
+                    and (t.phase == "finalist" or t.seed == params.train.seed)]
+            mean = {s: sum(t.val_loss for t in runs if t.setting == s) / sum(t.setting == s for t in runs)
+                    for s in finalists}
+            assert study["chosen"][f"{method}@{steps}"] == json.loads(min(mean, key=mean.get))
+    figures = [json.loads(t.metrics_json)["figures"] for t in by_phase["tune"] + by_phase["finalist"]]
+    assert all(set(f) <= {"val_loss", "validation_decline_probability", "trial_seconds"} for f in figures)
+    tested = [json.loads(t.metrics_json) for t in by_phase["test"]]
+    assert all("test_loss" in m["figures"] and len(m["per_prompt"]["sampled_refusal_rate"]) == plan.refusal_prompts
+               for m in tested)
+    assert all(json.loads(t.metrics_json)["figures"]["trial_seconds"] > t.train_seconds > 0 for t in trials)
+    capacity = {t.method: t.trainable_parameters for t in by_phase["test"]}
+    assert capacity["grit_paper"] * 2 == capacity["peft_lora"]           # truncated from r 4 to k 2, then trained
     study_report = (repo / "reports/study/report.md").read_text()
-    assert study["verdict"] in study_report and "Holm" in study_report
+    assert study["verdict"] in study_report and "Holm" in study_report and "pruner" in study_report
+    assert study_report.count("the study widened it") == widened == sum("widened" in n for n in study["range_notes"])
     assert all((repo / "reports/study" / f"{name}.png").is_file()
-               for name in ("sensitivity", "budget_curves", "test_by_budget"))
+               for name in ("sensitivity", "curves_by_steps", "test_by_steps"))
 
     # A second repro with nothing changed runs no stage and leaves the store as it was.
     second = _sh(["dvc", "repro"], repo, env)

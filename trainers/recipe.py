@@ -151,10 +151,11 @@ def build_trainer(
 
 def train_variant(
     name: str, variant: VariantParams, params: TrainingSections, files: BaseModelFiles, data_dir: Path,
-    adapter_dir: Path, checkpoint_dir: Path, live=None, on_trained=None,
+    adapter_dir: Path, checkpoint_dir: Path, live=None, on_trained=None, on_validation=None,
 ) -> TrainResult:
     """``on_trained(model, manager)`` runs on every rank right after training, before saving; what
-    it returns (a dict) is added to the metadata."""
+    it returns (a dict) is added to the metadata. ``on_validation(step, val_loss)`` sees every
+    validation loss as it is measured; returning True stops training there (``stopped_at``)."""
     torch.manual_seed(params.train.seed)
     built = variant_model(variant, params, files, data_dir)
     train = params.train
@@ -165,7 +166,7 @@ def train_variant(
     trainer_ref: list = []
     validation = (ValidationLoss(built.validation, built.tokenizer.pad_token_id, train.eval_steps,
                                  train.per_device_batch_size) if built.validation else None)
-    step_log = StepLog(trainer_ref, manager, live, validation)
+    step_log = StepLog(trainer_ref, manager, live, validation, on_validation)
     callbacks = [step_log, SaveExtraState(trainer_ref, manager, step_log)] if built.resumable else [step_log]
     trainer = build_trainer(built.model, built.tokenizer, built.examples, train, checkpoint_dir, grit, callbacks,
                             bf16=params.model.dtype == "bfloat16", checkpoints=built.resumable,
@@ -217,7 +218,8 @@ def train_variant(
         "trainable_parameters": sum(p.numel() for n, p in trainer.model.named_parameters()
                                     if p.requires_grad and "lora_" in n),   # fewer once GRIT truncated
         **(built.report(trainer.model, manager) if built.report else {}),
-        "resumed_from": resume_from.name if resume_from else None, "world_size": world_size(), **extra,
+        "resumed_from": resume_from.name if resume_from else None, "world_size": world_size(),
+        "stopped_at": step_log.stopped_at, **extra,
     }
     if main_process:
         (adapter_dir / "grit_metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))

@@ -151,9 +151,13 @@ class StepLog(TrainerCallback):
     """Per optimizer step: loss, gradient norms, learning rate, tokens/s, rows captured, and the
     validation loss on the steps it is measured (``None`` on the others)."""
 
-    def __init__(self, trainer_ref: list, manager=None, live=None, validation: ValidationLoss | None = None) -> None:
+    def __init__(self, trainer_ref: list, manager=None, live=None, validation: ValidationLoss | None = None,
+                 on_validation=None) -> None:
         self.trainer_ref, self.manager, self.live = trainer_ref, manager, live
         self.validation = validation
+        # on_validation(step, val_loss) -> True stops training there (the study's pruner)
+        self.on_validation = on_validation
+        self.stopped_at: int | None = None
         self.rows: list[dict[str, float | int | None]] = []
         self._started = time.perf_counter()
         self._pending: dict[str, float | int | None] = {}
@@ -198,6 +202,9 @@ class StepLog(TrainerCallback):
         }
         if self.validation is not None and self.validation.due(state.global_step, state.max_steps):
             self._pending["val_loss"] = self.validation.measure(kwargs["model"])
+            if self.on_validation is not None and self.on_validation(state.global_step, self._pending["val_loss"]):
+                self.stopped_at = state.global_step
+                control.should_training_stop = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._pending or logs is None or "loss" not in logs:

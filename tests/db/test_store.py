@@ -12,6 +12,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import event, func, inspect, select
 
 from db.models import EvalMetric, Run, TrainMetric
@@ -161,19 +162,45 @@ def test_a_store_from_before_holm_upgrades_in_place_and_keeps_its_rows(tmp_path:
     """A results store at revision 0002 (no p_adjusted) is migrated on open, rows intact."""
     import sqlite3
 
-    from alembic import command
-
-    from db.store import alembic_config, create_store_engine
-
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    command.upgrade(alembic_config(create_store_engine(url)), "0002")
+    url = store_at_revision(tmp_path, "0002")
     with sqlite3.connect(tmp_path / "old.db") as raw:
-        raw.execute("INSERT INTO runs (id, params_hash, params_json, profile, host, device, started_at, status) "
-                    "VALUES ('r', 'h', '{}', 'default', 'host', 'cpu', '2026-11-22 00:00:00', 'complete')")
         raw.execute("INSERT INTO comparisons (run_id, metric, variant, reference, seed, delta, p_value, test, "
                     "significant, n) VALUES ('r', 'refusal_rate', 'v', 'base', 0, 0.1, 0.01, 'exact McNemar', 1, 50)")
     open_store(url)
     with sqlite3.connect(tmp_path / "old.db") as raw:
         row = raw.execute("SELECT delta, p_value, p_adjusted FROM comparisons").fetchone()
         assert row == (0.1, 0.01, None)
-        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0004"
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0005"
+
+
+def test_a_store_from_before_the_steps_rename_keeps_its_study_trials(tmp_path: Path):
+    """study_trials.budget (revision 0004) becomes steps on open, every row and the uniqueness kept."""
+    import sqlite3
+
+    url = store_at_revision(tmp_path, "0004")
+    with sqlite3.connect(tmp_path / "old.db") as raw:
+        raw.execute("INSERT INTO study_trials (run_id, phase, method, budget, seed, setting, val_loss, curve_json, "
+                    "metrics_json, train_seconds) VALUES ('r', 'tune', 'peft_lora', 32, 42, '{}', 0.7, '[]', '{}', 9)")
+    open_store(url)
+    with sqlite3.connect(tmp_path / "old.db") as raw:
+        assert raw.execute("SELECT method, steps, seed, val_loss FROM study_trials").fetchall() == [
+            ("peft_lora", 32, 42, 0.7)]
+        with pytest.raises(sqlite3.IntegrityError):
+            raw.execute("INSERT INTO study_trials (run_id, phase, method, steps, seed, setting, curve_json, "
+                        "metrics_json, train_seconds) VALUES ('r', 'tune', 'peft_lora', 32, 42, '{}', '[]', '{}', 9)")
+
+
+def store_at_revision(tmp_path: Path, revision: str) -> str:
+    """A results store ``old.db`` migrated up to ``revision`` only, holding one complete run ``r``."""
+    import sqlite3
+
+    from alembic import command
+
+    from db.store import alembic_config, create_store_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(create_store_engine(url)), revision)
+    with sqlite3.connect(tmp_path / "old.db") as raw:
+        raw.execute("INSERT INTO runs (id, params_hash, params_json, profile, host, device, started_at, status) "
+                    "VALUES ('r', 'h', '{}', 'default', 'host', 'cpu', '2026-11-22 00:00:00', 'complete')")
+    return url

@@ -139,3 +139,35 @@ def test_holm_adjusts_the_family_step_down_and_skips_missing_p_values():
     assert adjusted[1] is None and adjusted[0] == pytest.approx(0.04) and adjusted[3] == pytest.approx(0.09)
     assert adjusted[2] == pytest.approx(0.09) and adjusted[4] == pytest.approx(0.5)
     assert holm_adjust([0.9, 0.8]) == [1.0, 1.0]      # 0.8 * 2 capped at 1, then kept monotone
+
+
+def test_the_two_level_bootstrap_counts_seeds_and_prompts_and_covers_about_95_percent():
+    from evaluation.stats import two_level_bootstrap
+
+    rng = np.random.default_rng(1)
+    covered, trials = 0, 100
+    for _ in range(trials):
+        # true mean 0.1; seed effects and prompt effects both vary
+        seeds, prompts = rng.normal(0, 0.05, (6, 1)), rng.normal(0, 0.2, (1, 30))
+        d = 0.1 + seeds + prompts + rng.normal(0, 0.05, (6, 30))
+        interval, _ = two_level_bootstrap(d, resamples=400, seed=int(rng.integers(1 << 30)))
+        covered += interval.low <= 0.1 <= interval.high
+    assert 0.85 <= covered / trials <= 1.0
+    zero = rng.normal(0, 1, (5, 40)) - 0.0
+    _, p_null = two_level_bootstrap(zero - zero.mean(), resamples=400)
+    _, p_shift = two_level_bootstrap(zero - zero.mean() + 2.0, resamples=400)
+    assert p_null > 0.5 and p_shift < 0.01
+    with pytest.raises(ValueError, match="2 seeds x 2 prompts"):
+        two_level_bootstrap(np.zeros((1, 10)))
+
+
+def test_one_holm_family_mixes_seed_level_and_per_prompt_differences():
+    from evaluation.stats import paired_over_seeds
+
+    rng = np.random.default_rng(2)
+    family = {"loss": [0.10, 0.11, 0.09, 0.10, 0.12], "rate": rng.normal(0.2, 0.05, (5, 20)),
+              "flat": [0.01, -0.02, 0.0, 0.015, -0.01]}
+    tested = paired_over_seeds(family, resamples=400)
+    assert tested["rate"].delta.n == 5 and tested["rate"].p_value < 0.01
+    raw = sorted((t.p_value, k) for k, t in tested.items())
+    assert tested[raw[0][1]].p_adjusted == pytest.approx(min(1.0, 3 * raw[0][0]))    # the whole family of 3

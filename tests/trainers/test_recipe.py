@@ -17,9 +17,10 @@ from trainers.config import VariantParams
 from trainers.recipe import train_variant
 
 PURE_GRIT = VariantParams(engine="peft", grit=True)
-STEPS, INTERRUPT_AT = 6, 4              # checkpoint at step 3, killed after step 4
-# Reprojection every 2 steps with a budget falling 4 -> 1: ranks 3, 2, 1 at steps 2, 4, 6, so the
-# checkpoint holds truncated factors and the resumed run truncates further.
+STEPS, INTERRUPT_AT = 7, 4              # checkpoint at step 3, killed after step 4
+# Reprojection every 2 steps with a budget falling 4 -> 1 over 7 steps: ranks 3, 2, 1 at steps 2, 4,
+# 6 (never at 7, the last), so the checkpoint holds truncated factors and the resumed run truncates
+# further, then trains a step at rank 1.
 GRIT = {"min_samples": 8, "update_freq": 1, "reprojection": True, "reprojection_freq": 2, "truncate": True,
         "budget_schedule": "linear", "budget_start": 4, "budget_end": 1, "min_samples_g": 8}
 

@@ -162,18 +162,22 @@ def fit_examples(rows: Sequence[dict], tokenizer, data: DataParams, report: Sele
     return kept
 
 
-def split(rows: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Deterministic train/validation split, stratified by kind so both keep the same mix."""
-    train, validation = [], []
+def split(rows: Sequence[dict], fraction: float, seed: int,
+          test_fraction: float = 0.0) -> tuple[list[dict], list[dict], list[dict]]:
+    """Deterministic train/validation/test split, stratified by kind so all keep the same mix.
+    The test share comes after the validation share of the same shuffle, so a test split of 0
+    leaves train and validation exactly as without one."""
+    train, validation, test = [], [], []
     for kind in sorted({r["kind"] for r in rows}):
         group = sorted((r for r in rows if r["kind"] == kind), key=lambda r: r["id"])
         random.Random(f"{seed}:split:{kind}").shuffle(group)
-        n_val = round(len(group) * fraction)
+        n_val, n_test = round(len(group) * fraction), round(len(group) * test_fraction)
         validation += group[:n_val]
-        train += group[n_val:]
+        test += group[n_val:n_val + n_test]
+        train += group[n_val + n_test:]
     rng = random.Random(f"{seed}:order")
     rng.shuffle(train)
-    return train, sorted(validation, key=lambda r: r["id"])
+    return train, sorted(validation, key=lambda r: r["id"]), sorted(test, key=lambda r: r["id"])
 
 
 def check_held_out(train_rows: Sequence[dict], eval_sets: EvalSets) -> list[str]:

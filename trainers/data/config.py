@@ -50,6 +50,9 @@ class DataParams(Section):
     max_seq_length: Annotated[int, Field(gt=0)] = 256
     overlong: Literal["drop", "truncate_prompt"] = "drop"
     validation_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.1
+    # A test split no selection ever reads (the study's test loss); 0 in the default run, where
+    # the held-out evaluation sets are the test. Taken after validation, from the same shuffle.
+    test_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     near_duplicate_threshold: Annotated[float, Field(gt=0, le=1)] = 0.8
     harmful_sources: Annotated[list[HarmfulSource], Field(min_length=1)] = ["harmbench", "donotanswer"]
     benign_sources: Annotated[list[BenignSource], Field(min_length=1)] = ["chatterbot", "lmdoctor_harmless"]

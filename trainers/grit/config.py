@@ -63,6 +63,13 @@ class GritParams(Section):
     reprojection_warmup_steps: Annotated[int, Field(ge=0)] = 0    # no reprojection before this step
     # Before this step a reprojection keeps every module's full rank (k = rank, no truncation).
     rank_adaptation_start_step: Annotated[int, Field(ge=0)] = 0
+    # steps: the warm-ups and cadences above as written. budget: set from the run's length
+    # (trainers/grit/cadence.py): ng warm-up and reprojection warm-up as shares of it, then at
+    # least `reprojections` reprojections, the last with training after it.
+    cadence: Literal["steps", "budget"] = "steps"
+    ng_warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    reprojection_warmup_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.25
+    reprojections: Annotated[int, Field(gt=0)] = 3
 
     # --- regularisers (warm-up ramped)
     lambda_curvature: Annotated[float, Field(ge=0)] = 0.0

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from trainers.grit import math as gm
+from trainers.grit.cadence import for_budget, reprojection_due
 from trainers.grit.config import GritParams
 from trainers.grit.distributed import allreduce_sum_, world_size
 from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, gradient_norm
@@ -51,13 +52,16 @@ class GritManager:
         """``modules``: only these LoRA modules (names relative to the base model, e.g.
         ``model.vision_model.encoder.layers.0.self_attn.q_proj``); all of them by default."""
         self.model = peft_model
-        self.config = config or GritParams()
+        self.requested = config or GritParams()
+        if self.requested.cadence == "budget" and total_steps is None:
+            raise GritError("grit.cadence 'budget' needs the run's length (total_steps)")
+        self.config = self.requested
+        self.total_steps = total_steps
         if self.config.truncate and world_size() > 1:
             # A truncated factor is a new Parameter: DDP, which registered the old ones, would
             # neither all-reduce its gradients nor keep the replicas equal.
             raise GritError(f"grit.truncate cannot train data-parallel ({world_size()} processes): DDP does not "
                             "synchronise truncated factors; set grit.truncate: false or train.nproc_per_node: 1")
-        self.total_steps = total_steps
         self.step = 0
         self.capturing = True
         self.optimizer: torch.optim.Optimizer | None = None
@@ -234,15 +238,23 @@ class GritManager:
         }
         return self.last_report
 
+    @property
+    def total_steps(self) -> int | None:
+        return self._total_steps
+
+    @total_steps.setter
+    def total_steps(self, steps: int | None) -> None:
+        """The run's length; with ``cadence: budget`` it sets the warm-ups and cadences."""
+        self._total_steps = steps
+        self.config = for_budget(self.requested, steps) if steps is not None else self.requested
+
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """After ``optimizer.step()``: reprojection (and truncation) when due; advance the step."""
         self.step += 1
         self.capturing = self.step % self.config.capture_every == 0
         if optimizer is not None:
             self.optimizer = optimizer
-        cfg = self.config
-        due = self.step % cfg.reprojection_freq == 0 and self.step >= cfg.reprojection_warmup_steps
-        if cfg.reprojection and due:
+        if reprojection_due(self.step, self.config, self.total_steps):
             self.reproject()
 
     # ------------------------------------------------------------- reprojection / ranks

@@ -31,8 +31,12 @@ def probe_variant(name: str, params: TrainingSections, files: BaseModelFiles, da
     def attach(model, config, door, total_steps):
         return attach_grit(model, config, door, total_steps, built.manager_factory)
 
+    # The probe asks whether preconditioning changes the update. Reprojection (and truncation)
+    # changes the adapter's shape, which the control arm cannot match step for step; training
+    # exercises it, the probe's arm leaves it out.
+    preconditioning = variant_grit(params.grit, variant).model_copy(update={"reprojection": False})
     measured, control, grit = probe_setup(
-        name, built.model, built.tokenizer, built.examples, params.train, variant_grit(params.grit, variant),
+        name, built.model, built.tokenizer, built.examples, params.train, preconditioning,
         grit_door(variant), settings,
         workdir, attach=attach, bf16=params.model.dtype == "bfloat16", trajectory=trajectory,
         trajectory_control=trajectory_control, collator=built.collator)

@@ -1,0 +1,120 @@
+"""The study's tuning rules, as small pure functions (docs/study.md):
+
+- each method's declared search space (``Dimension``s: the learning rate for every method, the
+  damping for GRIT, and for a GRIT run with the budget cadence its reprojection warm-up and the
+  eigen-energy that sets its rank), searched jointly by Optuna, never paired by index;
+- a chosen learning rate at the edge of its range extends the range (the report says so);
+- finalists: the best configurations on validation loss, re-run with more seeds and chosen on
+  their mean validation loss;
+- seeds: tuning seeds (``train.seed`` and the finalists' extra seeds) and test seeds never meet
+  (``evaluation/config.py``, so that params check it before any work).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+Target = Literal["train", "grit"]
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One tuned hyperparameter: its range, whether it is searched in log space, and which params
+    section it sets (``train.learning_rate`` or a GRIT field of the variant)."""
+
+    name: str
+    low: float
+    high: float
+    log: bool = True
+    target: Target = "grit"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.low < self.high if self.log else not self.low < self.high:
+            raise ValueError(f"{self.name}: the range [{self.low}, {self.high}] is empty or not positive in log space")
+
+    def position(self, value: float) -> float:
+        """Where ``value`` lies in the range, 0 at the low end and 1 at the high end."""
+        if self.log:
+            return (math.log(value) - math.log(self.low)) / (math.log(self.high) - math.log(self.low))
+        return (value - self.low) / (self.high - self.low)
+
+
+def search_space(grit: bool, budget_cadence: bool, learning_rate: tuple[float, float], damping: tuple[float, float],
+                 reprojection_warmup: tuple[float, float], energy: tuple[float, float]) -> list[Dimension]:
+    """The declared space of one method (module docstring). GRIT has more knobs to tune on the
+    same number of configurations, and that cost counts against it, as it would for a user."""
+    space = [Dimension("learning_rate", *learning_rate, target="train")]
+    if grit:
+        space.append(Dimension("damping", *damping))
+    if grit and budget_cadence:
+        space += [Dimension("reprojection_warmup_fraction", *reprojection_warmup, log=False),
+                  Dimension("energy_threshold", *energy, log=False)]
+    return space
+
+
+EdgeSide = Literal["low", "high"]
+
+
+def at_edge(dimension: Dimension, value: float, margin: float) -> EdgeSide | None:
+    """``low`` / ``high`` when ``value`` lies in the outer ``margin`` of the range (in its own
+    scale): the best setting may then lie outside it."""
+    position = dimension.position(value)
+    return "low" if position < margin else "high" if position > 1 - margin else None
+
+
+def extended(dimension: Dimension, side: EdgeSide, factor: float) -> Dimension:
+    """The range widened past ``side`` by ``factor`` (log ranges) and kept on its other side."""
+    if side == "high":
+        return Dimension(dimension.name, dimension.low, dimension.high * factor, dimension.log, dimension.target)
+    return Dimension(dimension.name, dimension.low / factor, dimension.high, dimension.log, dimension.target)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One run's setting, seed and final validation loss (tuning, finalist or test)."""
+
+    setting: dict[str, float]
+    seed: int
+    val_loss: float | None
+
+    @property
+    def finite(self) -> bool:
+        return self.val_loss is not None and math.isfinite(self.val_loss)
+
+
+def setting_key(setting: dict[str, float]) -> str:
+    import json
+
+    return json.dumps(setting, sort_keys=True)
+
+
+def finalists(completed: Iterable[Scored], count: int) -> list[dict[str, float]]:
+    """The ``count`` settings with the lowest validation loss among tuning runs that trained to
+    the end (a pruned run's loss is of fewer steps and does not compete); earliest on a tie."""
+    scored = [s for s in completed if s.finite]
+    if not scored:
+        raise ValueError("no tuning run has a finite validation loss; widen or lower the learning-rate range")
+    best: dict[str, Scored] = {}
+    for run in sorted(scored, key=lambda s: s.val_loss):
+        best.setdefault(setting_key(run.setting), run)
+    return [run.setting for run in list(best.values())[:count]]
+
+
+def choose_finalist(runs: Iterable[Scored]) -> tuple[dict[str, float], float]:
+    """(setting, mean validation loss) of the finalist with the lowest mean over its seeds. A
+    finalist with a diverged seed counts as diverged: its mean is infinite."""
+    by_setting: dict[str, list[Scored]] = {}
+    for run in runs:
+        by_setting.setdefault(setting_key(run.setting), []).append(run)
+    if not by_setting:
+        raise ValueError("no finalist run to choose from")
+    means = {key: statistics.fmean(r.val_loss for r in group) if all(r.finite for r in group) else math.inf
+             for key, group in by_setting.items()}
+    key = min(means, key=lambda k: means[k])
+    if not math.isfinite(means[key]):
+        raise ValueError("every finalist diverged on some seed; widen or lower the learning-rate range")
+    return by_setting[key][0].setting, means[key]

@@ -1,0 +1,89 @@
+"""The tuning rules: joint declared spaces, edge extension, finalists chosen on validation loss
+over seeds, and seeds that selection and testing never share."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from evaluation.config import check_disjoint, seeds_for_testing, tuning_seeds
+from evaluation.tuning import (
+    Dimension,
+    Scored,
+    at_edge,
+    choose_finalist,
+    extended,
+    finalists,
+    search_space,
+)
+
+RANGES = dict(learning_rate=(1e-4, 1e-2), damping=(1e-4, 1e-1), reprojection_warmup=(0.1, 0.5), energy=(0.9, 0.999))
+
+
+def test_every_method_searches_the_learning_rate_and_grit_its_own_knobs_jointly():
+    lora = search_space(False, False, **RANGES)
+    grit = search_space(True, False, **RANGES)
+    paper = search_space(True, True, **RANGES)
+    assert [d.name for d in lora] == ["learning_rate"] and lora[0].target == "train"
+    assert [d.name for d in grit] == ["learning_rate", "damping"]
+    assert [d.name for d in paper] == ["learning_rate", "damping", "reprojection_warmup_fraction", "energy_threshold"]
+    assert lora[0] == grit[0] == paper[0]                        # the same learning-rate range for all
+    assert not paper[2].log and paper[1].log
+    with pytest.raises(ValueError, match="empty"):
+        Dimension("learning_rate", 1e-2, 1e-4)
+
+
+def test_a_best_learning_rate_at_the_edge_widens_the_range_on_that_side():
+    rate = search_space(False, False, **RANGES)[0]
+    assert at_edge(rate, 9e-3, 0.1) == "high" and at_edge(rate, 1.1e-4, 0.1) == "low"
+    assert at_edge(rate, 1e-3, 0.1) is None                      # the middle of the log range
+    wider = extended(rate, "high", 10)
+    assert (wider.low, wider.high) == (1e-4, pytest.approx(1e-1))
+    assert at_edge(wider, 9e-3, 0.1) is None                     # interior once widened
+    assert extended(rate, "low", 10).low == pytest.approx(1e-5)
+
+
+def scored(lr: float, seed: int, loss: float | None) -> Scored:
+    return Scored({"learning_rate": lr}, seed, loss)
+
+
+def test_the_chosen_setting_is_the_validation_choice_even_when_a_test_metric_would_pick_another():
+    """Selection reads validation loss only: a test figure (here a refusal rate that would favour
+    1e-4) plays no part, and the finalists' mean over seeds decides, not one lucky seed."""
+    tuning = [scored(1e-4, 42, 2.0), scored(5e-4, 42, 1.40), scored(1e-3, 42, 1.45), scored(2e-3, 42, 1.6)]
+    test_refusal_rate = {1e-4: 0.99, 5e-4: 0.40, 1e-3: 0.60, 2e-3: 0.5}
+    best_on_test = max(test_refusal_rate, key=test_refusal_rate.get)
+    candidates = finalists(tuning, 3)
+    assert [c["learning_rate"] for c in candidates] == [5e-4, 1e-3, 2e-3]
+    # 5e-4 won on seed 42, but its other seeds are worse: the mean picks 1e-3
+    runs = [*tuning[1:], scored(5e-4, 43, 1.9), scored(5e-4, 44, 1.8), scored(1e-3, 43, 1.5), scored(1e-3, 44, 1.45),
+            scored(2e-3, 43, 1.7), scored(2e-3, 44, math.nan)]
+    setting, mean = choose_finalist(runs)
+    assert setting == {"learning_rate": 1e-3} and mean == pytest.approx((1.45 + 1.5 + 1.45) / 3)
+    assert setting["learning_rate"] != best_on_test
+
+
+def test_diverged_configurations_are_never_finalists_and_all_diverged_is_an_error():
+    assert finalists([scored(2e-3, 42, math.nan), scored(1e-4, 42, 3.0), scored(1e-4, 42, 3.0)], 3) == [
+        {"learning_rate": 1e-4}]                                   # a repeated setting counts once
+    with pytest.raises(ValueError, match="no tuning run has a finite validation loss"):
+        finalists([scored(2e-3, 42, math.nan), scored(1e-3, 42, math.inf)], 3)
+    with pytest.raises(ValueError, match="every finalist diverged"):
+        choose_finalist([scored(2e-3, 42, 1.0), scored(2e-3, 43, math.nan)])
+
+
+def test_a_tuning_seed_among_the_test_seeds_fails():
+    check_disjoint(tuning_seeds(42, 2), seeds_for_testing(1000, 10))
+    assert tuning_seeds(42, 2) == [42, 43, 44] and seeds_for_testing(1000, 3) == [1000, 1001, 1002]
+    with pytest.raises(ValueError, match=r"test seeds \[42, 43\] are also tuning seeds"):
+        check_disjoint(tuning_seeds(42, 2), seeds_for_testing(38, 6))
+
+
+def test_params_refuse_a_study_whose_test_seeds_meet_its_tuning_seeds(write_params):
+    from pipelines.params import ParamsError, load_params
+
+    path = write_params({"study": {"methods": ["peft_lora"], "test_seed": 40, "seeds": 5}})
+    with pytest.raises(ParamsError, match="are also tuning seeds"):
+        load_params(path)
+    load_params(write_params({"study": {"methods": [], "test_seed": 40, "seeds": 5}}))   # no study: nothing to check
