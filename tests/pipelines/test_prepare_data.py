@@ -69,12 +69,17 @@ def test_manifest_counts_and_hashes_match_the_files(prepared: Path):
     assert counts["eval_aqi"]["by_label"] == {"benign": 150, "harmful": 150}
     assert counts["eval_overrefusal"]["total"] == len(read_jsonl(prepared / "eval_overrefusal.jsonl")) == 150
     assert counts["eval_facts"]["by_source"] == {"lmdoctor_facts": 141, "rho_factual": 150}
-    assert len(train) + len(validation) == 24  # 12 harmful + 12 benign in the smoke profile
-    assert all(r["n_tokens"] <= 96 for r in train + validation)
+    test = read_jsonl(prepared / "test.jsonl")        # the smoke profile holds out a test split (0.2)
+    assert counts["test"]["total"] == len(test) > 0 and manifest["files"]["test.jsonl"] == sha256_file(
+        prepared / "test.jsonl")
+    assert len(train) + len(validation) + len(test) == 24  # 12 harmful + 12 benign in the smoke profile
+    ids = [r["id"] for r in train + validation + test]
+    assert len(set(ids)) == len(ids)                        # the three splits are disjoint
+    assert all(r["n_tokens"] <= 96 for r in train + validation + test)
 
 
 def test_training_and_evaluation_prompts_are_disjoint(prepared: Path):
-    trained = {normalise(r["prompt"]) for name in ("train.jsonl", "validation.jsonl")
+    trained = {normalise(r["prompt"]) for name in ("train.jsonl", "validation.jsonl", "test.jsonl")
                for r in read_jsonl(prepared / name)}
     evaluated = {normalise(r["prompt"]) for name in ("eval_aqi.jsonl", "eval_overrefusal.jsonl")
                  for r in read_jsonl(prepared / name)}
