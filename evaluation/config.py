@@ -100,6 +100,8 @@ class StudyParams(Section):
                 raise ValueError(f"{name}: the lower bound {low} is not below the upper bound {high}")
         if sorted(set(self.steps)) != list(self.steps):
             raise ValueError("steps: list distinct run lengths in increasing order")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError("methods: a method is listed twice")
         return self
 
 

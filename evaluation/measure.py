@@ -122,11 +122,12 @@ def decline_probabilities(model, tokenizer, prompts: list[str], chat):
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the judged sampled replies are drawn (``eval.refusal_samples``, its temperature)."""
+    """How the judged sampled replies are drawn (``eval.refusal_samples``, its temperature and
+    ``eval.seed``; :func:`sampling_of` reads them from an ``eval`` section)."""
 
-    samples: int = 4
-    temperature: float = 0.7
-    seed: int = 0
+    samples: int
+    temperature: float
+    seed: int
 
 
 def sampling_of(settings) -> Sampling:
@@ -150,7 +151,11 @@ class Subject:
                  sampling: Sampling | None = None):
         self.name, self.model, self.tokenizer, self.chat, self.sets = name, model, tokenizer, chat, sets
         self.aqi_layers, self.served, self.max_new_tokens, self.progress = aqi_layers, served, max_new_tokens, progress
-        self.sampling = sampling or Sampling()
+        if sampling is None:
+            from evaluation.config import EvalParams
+
+            sampling = sampling_of(EvalParams())
+        self.sampling = sampling
         self.records: list[dict] = []
         self.sampled_records: list[dict] = []
         self._declines: dict[str, np.ndarray] = {}

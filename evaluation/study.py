@@ -47,7 +47,6 @@ class Trial:
     # per-prompt values of the per-prompt endpoints (sampled refusal rates, retention), test trials
     per_prompt: dict[str, list[float]] = field(default_factory=dict)
     stopped_at: int | None = None        # a tuning trial the pruner stopped at this step
-    tuning: str = ""                     # the Optuna study a tuning trial belongs to
 
     @property
     def pruned(self) -> bool:

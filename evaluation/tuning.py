@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Iterable
@@ -33,7 +34,8 @@ class Dimension:
     target: Target = "grit"
 
     def __post_init__(self) -> None:
-        if not 0 < self.low < self.high if self.log else not self.low < self.high:
+        valid = 0 < self.low < self.high if self.log else self.low < self.high
+        if not valid:
             raise ValueError(f"{self.name}: the range [{self.low}, {self.high}] is empty or not positive in log space")
 
     def position(self, value: float) -> float:
@@ -87,8 +89,7 @@ class Scored:
 
 
 def setting_key(setting: dict[str, float]) -> str:
-    import json
-
+    """The canonical text of a setting (its identity in the store)."""
     return json.dumps(setting, sort_keys=True)
 
 

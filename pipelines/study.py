@@ -75,8 +75,7 @@ def as_trial(row: StudyTrial) -> Trial:
     return Trial(row.phase, row.method, row.steps, row.seed, json.loads(row.setting), row.val_loss,
                  [tuple(p) for p in json.loads(row.curve_json)], metrics.pop("figures", metrics),
                  row.train_seconds, row.tokens_per_second, row.trainable_parameters,
-                 per_prompt=metrics.get("per_prompt", {}), stopped_at=metrics.get("stopped_at"),
-                 tuning=metrics.get("tuning", ""))
+                 per_prompt=metrics.get("per_prompt", {}), stopped_at=metrics.get("stopped_at"))
 
 
 def recorded_trials(ctx: StageContext) -> list[Trial]:

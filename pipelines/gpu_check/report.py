@@ -212,7 +212,7 @@ def item_from_report(entry: dict[str, Any]) -> ItemResult:
 
 def docs_block(reports: dict[str, dict[str, Any]]) -> str:
     """docs/gpu.md's table of a committed run of the check: file name -> its JSON report."""
-    environments = {json_key(r["environment"]) for r in reports.values()}
+    environments = {json.dumps(r["environment"], sort_keys=True) for r in reports.values()}
     environment = next(iter(reports.values()))["environment"]
     packages = ", ".join(f"{name} {version}" for name, version in sorted(environment.get("packages", {}).items()))
     same = "" if len(environments) == 1 else " (the reports' environments differ: see each file)"
@@ -221,6 +221,3 @@ def docs_block(reports: dict[str, dict[str, Any]]) -> str:
             f"Python {environment.get('python')}; {packages}{same}. Rendered from "
             + ", ".join(f"`{name}`" for name in reports) + ":\n\n" + table(items))
 
-
-def json_key(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)

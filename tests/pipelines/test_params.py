@@ -165,6 +165,8 @@ def test_a_variant_trains_with_its_overrides_and_the_grit_section_elsewhere():
 def test_study_methods_must_be_declared_variants():
     with pytest.raises(ParamsError, match="study.methods: 'grit_papr' is not a declared variant"):
         parse_params({"study": {"methods": ["peft_lora", "grit_papr"]}}, "params.yaml")
+    with pytest.raises(ParamsError, match="a method is listed twice"):
+        parse_params({"study": {"methods": ["peft_lora", "peft_lora"]}}, "params.yaml")
 
 
 @pytest.mark.parametrize("variants, expected", [
