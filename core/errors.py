@@ -7,3 +7,9 @@ class UserError(Exception):
     Its message is one sentence that says what is wrong and what to do; stage entry points
     print it as ``error: <message>`` and exit with status 2, without a traceback.
     """
+
+
+class StoppedEarly(Exception):
+    """A stage that stopped on purpose before its work was done (a study's sitting ran out of
+    time). Its message says what is done and how to go on; the stage is recorded ``incomplete``
+    and exits with status 3, without a traceback, so ``dvc repro`` does not take it as done."""

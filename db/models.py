@@ -190,12 +190,14 @@ class StudyTrial(Base):
 
 class TuningJournal(Base):
     """Optuna's journal of the study's tuning (``db/tuning_journal.py``): one row per log entry,
-    in the order appended. Every Optuna study of every run shares it; the rows are Optuna's
-    own, so a run's deletion does not touch them (they name their studies by run)."""
+    in the order appended, and one journal per Optuna study (``tuning``, its name), so a tuning's
+    log replays alone. The rows are Optuna's own: a run's deletion does not touch them (their
+    names carry the study's key, not a run)."""
 
     __tablename__ = "tuning_journal"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    tuning: Mapped[str | None] = mapped_column(String(255), index=True)
     log_json: Mapped[str] = mapped_column(Text)
 
 

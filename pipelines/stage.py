@@ -26,12 +26,13 @@ from typing import Any
 
 import yaml
 
-from core.errors import UserError
+from core.errors import StoppedEarly, UserError
 from db.models import Run
 from db.store import ResultsStore, check_store_writable, open_store, utcnow
 from pipelines.params import DEFAULT_PARAMS_PATH, Params, load_params, params_hash
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED_EARLY = 3
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,11 @@ def run_stage(
     try:
         produced = work(context, checked) or {}
         store.record_artifacts(run_id, name, produced)
+    except StoppedEarly as stop:
+        store.record_stage(run_id, name, "incomplete", started, error=str(stop).splitlines()[0])
+        _refresh_run_status(store, run_id, root, params)
+        print(f"[{name}] {stop}")
+        return EXIT_STOPPED_EARLY
     except BaseException as error:  # noqa: BLE001 - recorded as the stage's failure, then reported
         is_user_error = isinstance(error, UserError)
         message = str(error) if is_user_error else f"{type(error).__name__}: {error}"

@@ -22,19 +22,25 @@ study's report.
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
-from core.errors import UserError
+from core.errors import StoppedEarly, UserError
 from core.files import atomic_write_json, atomic_write_text
 from db.models import StudyTrial
+from db.study_ledger import Ledger, open_ledger
+from db.tuning_journal import append_journal, journal_logs, journals_under
 from evaluation.config import seeds_for_testing, tuning_seeds
 from evaluation.study import Trial
 from evaluation.tuning import (
@@ -50,11 +56,44 @@ from evaluation.tuning import (
 from pipelines import study_worker
 from pipelines.params import Params, require_text_model
 from pipelines.paths import DATA_DIR
-from pipelines.stage import StageContext, run_stage
+from pipelines.stage import StageContext, git_revision, run_stage, stage_params
 from trainers.config import variant_grit
 
 REPORT_DIR = Path("reports/study")
+LEDGER_DIR = REPORT_DIR / "ledger"
 METRICS = Path("metrics/study.json")
+
+
+@dataclass(frozen=True)
+class Sitting:
+    """One sitting of the study: the stage's context, the study's ledger (what every sitting has
+    done, committed), and when to stop asking for new trials (``None``: when the study is done)."""
+
+    ctx: StageContext
+    ledger: Ledger
+    deadline: float | None = None
+
+    def over(self) -> bool:
+        return self.deadline is not None and time.time() >= self.deadline
+
+
+def declared_study_params(params: Params, root: Path) -> dict[str, Any]:
+    """The values of the params the study stage declares in ``dvc.yaml`` (what DVC re-runs it
+    for); every param where there is no ``dvc.yaml`` to say."""
+    dumped = params.model_dump(mode="json")
+    keys = stage_params(root).get("study")
+    if not keys:
+        return dumped
+    declared: dict[str, Any] = {}
+    for key in keys:
+        value, node = dumped, declared
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return declared
 
 
 def method_space(params: Params, method: str) -> list[Dimension]:
@@ -65,9 +104,10 @@ def method_space(params: Params, method: str) -> list[Dimension]:
                         study.reprojection_warmup_range, study.energy_range)
 
 
-def tuning_name(run_id: str, method: str, steps: int, extension: int) -> str:
-    """The Optuna study of one method's tuning at one run length (and range extension)."""
-    return f"{run_id}/{method}/{steps}" + (f"/extended-{extension}" if extension else "")
+def tuning_name(key: str, method: str, steps: int, extension: int) -> str:
+    """The Optuna study of one method's tuning at one run length (and range extension); ``key``
+    is the study's (its ledger's), which outlives a run id across sittings."""
+    return f"{key}/{method}/{steps}" + (f"/extended-{extension}" if extension else "")
 
 
 def as_trial(row: StudyTrial) -> Trial:
@@ -90,8 +130,8 @@ def identity(trial: dict | Trial) -> tuple:
     return fields["phase"], fields["method"], fields["steps"], fields["seed"], setting_key(fields["setting"])
 
 
-def record(ctx: StageContext, result: dict) -> None:
-    """One finished trial, in its own transaction (a later failure leaves it recorded)."""
+def store_trial(ctx: StageContext, result: dict) -> None:
+    """One finished trial into the store, in its own transaction (a later failure leaves it recorded)."""
     with ctx.store.transaction() as session:
         ctx.store.replace_rows(session, StudyTrial, ctx.run_id, [{
             "val_loss": result["val_loss"], "curve_json": json.dumps(result["curve"]),
@@ -107,11 +147,60 @@ def record(ctx: StageContext, result: dict) -> None:
             setting=setting_key(result["setting"]))
 
 
-def run_job(ctx: StageContext, job: dict) -> None:
+def record(sitting: Sitting, result: dict) -> None:
+    """One finished trial into the store and the ledger, with the code and host that trained it,
+    and Optuna's journals as they now stand."""
+    ctx = sitting.ctx
+    store_trial(ctx, result)
+    sitting.ledger.add_trial({**result, "revision": git_revision(ctx.root), "host": os.uname().nodename})
+    sitting.ledger.set_journals(journals_under(ctx.store, f"{sitting.ledger.key}/"))
+
+
+def restore(sitting: Sitting) -> None:
+    """Put into the store what the ledger holds and the store lacks: the trials of earlier
+    sittings (under this run) and the journals of their tunings."""
+    ctx, ledger = sitting.ctx, sitting.ledger
+    done = {identity(t) for t in recorded_trials(ctx)}
+    missing = [r for r in ledger.trials if identity(r) not in done]
+    for result in missing:
+        store_trial(ctx, result)
+    for name, logs in ledger.journals.items():
+        mine = journal_logs(ctx.store, name)
+        if logs[:len(mine)] == mine:
+            append_journal(ctx.store, name, logs[len(mine):])
+        else:
+            print(f"[study] the store's journal of {name} is not the ledger's; the store's is kept")
+    print(f"[study] {ledger.note}; {len(missing)} put into this store")
+
+
+def stop_if_over(sitting: Sitting) -> None:
+    if sitting.over():
+        raise StoppedEarly(f"the sitting's time is up: {progress(sitting)}. The ledger ({LEDGER_DIR}/) holds "
+                           f"every finished trial: commit it, then run `python -m pipelines.study --sitting "
+                           f"MINUTES` (or `dvc repro study`) again, on any machine, to go on")
+
+
+def progress(sitting: Sitting) -> str:
+    """How far the study is: tuning configurations, finalist and test runs, by phase, and the
+    compute they took."""
+    study, trials = sitting.ctx.params.study, recorded_trials(sitting.ctx)
+    cells = len(study.methods) * len(study.steps)
+    planned = {"tune": cells * study.configurations, "finalist": cells * study.finalists * study.finalist_seeds,
+               "test": cells * study.seeds}
+    done = {phase: sum(t.phase == phase for t in trials) for phase in planned}
+    hours = sum(t.metrics.get("trial_seconds") or t.train_seconds for t in trials) / 3600
+    return (f"{done['tune']} tuning configurations (of at least {planned['tune']}), {done['finalist']} of "
+            f"{planned['finalist']} finalist runs, {done['test']} of {planned['test']} test runs done, "
+            f"{hours:.2f} h of compute")
+
+
+def run_job(sitting: Sitting, job: dict) -> None:
     """One worker process for ``job``; its trials are recorded as they land, so a kill loses at
-    most the trial in progress."""
+    most the trial in progress. The worker starts no trial after the sitting's deadline."""
     import yaml
 
+    ctx = sitting.ctx
+    job = {**job, "deadline": sitting.deadline}
     with tempfile.TemporaryDirectory(prefix=f"study-{job['method']}-") as scratch:
         params_file, job_file, results_file = (Path(scratch) / n for n in ("params.yaml", "job.json", "results.jsonl"))
         params_file.write_text(yaml.safe_dump(ctx.params.model_dump(mode="json"), sort_keys=False))
@@ -123,7 +212,7 @@ def run_job(ctx: StageContext, job: dict) -> None:
             finished = worker.poll() is not None
             lines = results_file.read_text().splitlines() if results_file.is_file() else []
             for line in lines[seen:]:
-                record(ctx, json.loads(line))
+                record(sitting, json.loads(line))
             seen = len(lines)
             if finished:
                 break
@@ -131,30 +220,32 @@ def run_job(ctx: StageContext, job: dict) -> None:
         if worker.returncode != 0:
             raise RuntimeError(f"study {job['kind']} job of {job['method']} failed (exit {worker.returncode}); "
                                "see the log above")
+    stop_if_over(sitting)
 
 
-def run_fixed(ctx: StageContext, specs: list[dict]) -> None:
+def run_fixed(sitting: Sitting, specs: list[dict]) -> None:
     """Run the fixed trials of ``specs`` the store does not hold yet, one worker per method."""
-    done = {identity(t) for t in recorded_trials(ctx)}
+    done = {identity(t) for t in recorded_trials(sitting.ctx)}
     todo = [{**spec, "position": f"{n + 1}/{len(specs)}"} for n, spec in enumerate(specs) if identity(spec) not in done]
     if specs and len(todo) < len(specs):
         print(f"[study] {len(specs) - len(todo)} of {len(specs)} {specs[0]['phase']} runs already recorded")
     for method in dict.fromkeys(spec["method"] for spec in todo):
-        run_job(ctx, {"kind": "runs", "method": method, "runs": [s for s in todo if s["method"] == method]})
+        run_job(sitting, {"kind": "runs", "method": method, "runs": [s for s in todo if s["method"] == method]})
 
 
 def tuned(ctx: StageContext, method: str, steps: int) -> list[Trial]:
     return [t for t in recorded_trials(ctx) if t.phase == "tune" and t.method == method and t.steps == steps]
 
 
-def tune_method(ctx: StageContext, method: str, steps: int) -> list[str]:
+def tune_method(sitting: Sitting, method: str, steps: int) -> list[str]:
     """Optuna tuning of ``method`` at ``steps``, widening an edge learning-rate range; returns
     what the report must say about the ranges."""
+    ctx = sitting.ctx
     params, study = ctx.params, ctx.params.study
     space, notes = method_space(params, method), []
     for extension in range(study.edge_extensions + 1):
-        name = tuning_name(ctx.run_id, method, steps, extension)
-        run_job(ctx, {"kind": "tune", "method": method, "steps": steps, "seed": params.train.seed,
+        name = tuning_name(sitting.ledger.key, method, steps, extension)
+        run_job(sitting, {"kind": "tune", "method": method, "steps": steps, "seed": params.train.seed,
                       "tuning": name, "configurations": study.configurations,
                       "space": [asdict(d) for d in space]})
         completed = [Scored(t.setting, t.seed, t.val_loss) for t in tuned(ctx, method, steps) if not t.pruned]
@@ -175,14 +266,15 @@ def tune_method(ctx: StageContext, method: str, steps: int) -> list[str]:
     return notes
 
 
-def choose_setting(ctx: StageContext, method: str, steps: int) -> dict[str, float]:
+def choose_setting(sitting: Sitting, method: str, steps: int) -> dict[str, float]:
     """The finalists of ``method`` at ``steps`` over the selection seeds; the best on mean
     validation loss."""
+    ctx = sitting.ctx
     study, seed = ctx.params.study, ctx.params.train.seed
     completed = [t for t in tuned(ctx, method, steps) if not t.pruned]
     candidates = finalists([Scored(t.setting, t.seed, t.val_loss) for t in completed], study.finalists)
     extra = tuning_seeds(seed, study.finalist_seeds)[1:]
-    run_fixed(ctx, [{"phase": "finalist", "method": method, "steps": steps, "seed": s, "setting": setting}
+    run_fixed(sitting, [{"phase": "finalist", "method": method, "steps": steps, "seed": s, "setting": setting}
                     for setting in candidates for s in extra])
     keys = {setting_key(c) for c in candidates}
     runs = [Scored(t.setting, t.seed, t.val_loss) for t in recorded_trials(ctx)
@@ -206,21 +298,27 @@ def preflight(params: Params) -> None:
         raise UserError("study: trials train on one process; set train.nproc_per_node: 1 for the study")
 
 
-def study(ctx: StageContext, _checked) -> dict[str, Path]:
+def study(ctx: StageContext, _checked, minutes: float | None = None) -> dict[str, Path]:
+    """The whole study, or as much of it as fits in ``minutes`` (a sitting); every sitting
+    begins where the ledger says the last one stopped."""
     from evaluation.study_report import write_report
 
     params = ctx.params
     if not params.study.methods:
         return keep_last_report(ctx)
     started = time.perf_counter()
+    sitting = Sitting(ctx, open_ledger(ctx.root / LEDGER_DIR, declared_study_params(params, ctx.root)),
+                      None if minutes is None else time.time() + 60 * minutes)
+    restore(sitting)
+    print(f"[study] so far: {progress(sitting)}")
     chosen: dict[tuple[str, int], dict[str, float]] = {}
     notes: list[str] = []
     for steps in params.study.steps:
         for method in params.study.methods:
-            notes += tune_method(ctx, method, steps)
-            chosen[(method, steps)] = choose_setting(ctx, method, steps)
+            notes += tune_method(sitting, method, steps)
+            chosen[(method, steps)] = choose_setting(sitting, method, steps)
     seeds = seeds_for_testing(params.study.test_seed, params.study.seeds)
-    run_fixed(ctx, [{"phase": "test", "method": method, "steps": steps, "seed": seed,
+    run_fixed(sitting, [{"phase": "test", "method": method, "steps": steps, "seed": seed,
                      "setting": chosen[(method, steps)]}
                     for steps in params.study.steps for seed in seeds for method in params.study.methods])
     trials = recorded_trials(ctx)
@@ -229,8 +327,20 @@ def study(ctx: StageContext, _checked) -> dict[str, Path]:
                         stage_seconds=time.perf_counter() - started, run_id=ctx.run_id)
 
 
+def sitting_argument(argv: list[str] | None) -> tuple[float | None, list[str]]:
+    """``--sitting MINUTES``: start no trial after that many minutes, then stop (exit 3) with the
+    ledger up to date; without it the study runs to its end."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--sitting", type=float, default=None, metavar="MINUTES")
+    known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
+    if known.sitting is not None and known.sitting <= 0:
+        raise SystemExit("error: --sitting takes a positive number of minutes")
+    return known.sitting, rest
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("study", study, preflight=preflight, argv=argv)
+    minutes, rest = sitting_argument(argv)
+    return run_stage("study", functools.partial(study, minutes=minutes), preflight=preflight, argv=rest)
 
 
 def keep_last_report(ctx: StageContext) -> dict[str, Path]:

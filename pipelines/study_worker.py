@@ -129,9 +129,11 @@ def optuna_study(params: Params, root: Path, job: dict[str, Any]):
 
     from db.store import open_store
     from db.tuning_journal import StoreJournal
+    from pipelines.stage import store_root
 
     study = params.study
-    storage = optuna.storages.JournalStorage(StoreJournal(open_store(params.store.url, root)))
+    store = open_store(params.store.url, store_root(root))     # the repository's, as the study process's
+    storage = optuna.storages.JournalStorage(StoreJournal(store, job["tuning"]))
     sampler = (optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=study.startup) if study.sampler == "tpe"
                else optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=study.seed))
     pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=study.min_steps,
@@ -153,13 +155,22 @@ def finished_configurations(tuned) -> int:
     return sum(not t.user_attrs.get("interrupted") for t in tuned.get_trials(deepcopy=False, states=states))
 
 
+def sitting_over(job: dict[str, Any], trained: int) -> bool:
+    """Past the sitting's deadline, start no new trial (the study process then stops the sitting);
+    a job trains at least one, so every sitting moves the study on, however short."""
+    return trained > 0 and job.get("deadline") is not None and time.time() >= job["deadline"]
+
+
 def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None:
-    """Ask, train, tell until the Optuna study holds ``configurations`` finished trials."""
+    """Ask, train, tell until the Optuna study holds ``configurations`` finished trials (or the
+    sitting is over)."""
     import optuna
 
     tuned = optuna_study(params, root, job)
     space = [Dimension(**d) for d in job["space"]]
-    while (finished := finished_configurations(tuned)) < job["configurations"]:
+    trained = 0
+    while (finished := finished_configurations(tuned)) < job["configurations"] and not sitting_over(job, trained):
+        trained += 1
         trial = tuned.ask()
         setting = {d.name: float(f"{trial.suggest_float(d.name, d.low, d.high, log=d.log):.4g}") for d in space}
         spec = {"phase": "tune", "method": job["method"], "steps": job["steps"], "seed": job["seed"],
@@ -187,7 +198,9 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
 
 
 def runs(params: Params, job: dict[str, Any], root: Path, results: Path) -> None:
-    for spec in job["runs"]:
+    for trained, spec in enumerate(job["runs"]):
+        if sitting_over(job, trained):
+            return
         print(f"[study] {spec['phase']} {spec.get('position', '?')}: {spec['method']}, {spec['steps']} steps, "
               f"seed {spec['seed']}, {json.dumps(spec['setting'], sort_keys=True)}", flush=True)
         with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:

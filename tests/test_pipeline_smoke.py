@@ -310,3 +310,48 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert run.id in listing and experiment.id in listing and "train.learning_rate=0.0005" in listing
     report = _sh([sys.executable, "-m", "evaluation.compare_all", "--run", experiment.id], repo, env).stdout
     assert report.startswith(f"# Comparison of run {experiment.id}") and "exact McNemar" in report
+
+
+def test_a_study_goes_on_over_sittings_from_its_committed_ledger(tmp_path_factory):
+    """A sitting (``--sitting MINUTES``) stops after the trial in progress when its time is up
+    (exit 3, nothing lost); the next sitting, in an empty store as on another machine, restores
+    every trial and the Optuna tuning from the ledger and goes on; ``dvc repro study`` ends the
+    study, and a store rebuilt from the ledger alone gives the same report without training."""
+    repo, env = repo_copy(tmp_path_factory, ["smoke"])
+    store_file, ledger = repo / "outputs/centralized.db", repo / "reports/study/ledger"
+    _sh(["dvc", "repro", "prepare_data"], repo, env)
+
+    def sitting(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "pipelines.study", *flags], cwd=repo, env=env,
+                              capture_output=True, text=True, timeout=900)
+
+    def ledger_trials() -> list[dict]:
+        return [json.loads(line) for line in (ledger / "trials.jsonl").read_text().splitlines()]
+
+    first = sitting("--sitting", "0.001")
+    assert first.returncode == 3 and "sitting's time is up" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
+    assert len(ledger_trials()) == 1 and ledger_trials()[0]["revision"]
+    key = json.loads((ledger / "study.json").read_text())["key"]
+    tuning = f"{key}/peft_lora/4"
+    assert [json.loads(line)["tuning"] for line in (ledger / "journal.jsonl").read_text().splitlines()][0] == tuning
+
+    store_file.unlink()                                                  # another machine: an empty store
+    second = sitting("--sitting", "0.001")
+    assert second.returncode == 3 and "1 put into this store" in second.stdout, second.stdout[-2000:]
+    assert len(ledger_trials()) == 2 and {t["tuning"] for t in ledger_trials()} == {tuning}
+    assert "configuration 2/3" in second.stdout                          # the carried tuning went on
+
+    store_file.unlink()
+    _sh(["dvc", "repro", "study"], repo, env)
+    done = json.loads((repo / "metrics/study.json").read_text())
+    trials = ledger_trials()
+    assert len({(t["phase"], t["method"], t["steps"], t["seed"], json.dumps(t["setting"], sort_keys=True))
+                for t in trials}) == len(trials)                         # each trial recorded once
+    with open_store(f"sqlite:///{store_file}").reader() as session:
+        assert session.scalar(select(func.count()).select_from(StudyTrial)) == len(trials)
+
+    store_file.unlink()
+    replay = _sh([sys.executable, "-m", "pipelines.study"], repo, env)
+    assert f"{len(trials)} put into this store" in replay.stdout and "[study] tune" not in replay.stdout
+    again = json.loads((repo / "metrics/study.json").read_text())
+    assert again["chosen"] == done["chosen"] and again["verdict"] == done["verdict"]
