@@ -47,6 +47,24 @@ def check_same_batches(ctx: StageContext, variant_name: str, seed: int, batch_ha
                             f"(batch-order hash {batch_hash[:12]} vs {recorded[:12]})")
 
 
+def check_same_trainer(ctx: StageContext, variant_name: str, seed: int, trainer_class: str) -> None:
+    """Fairness: a variant and its control (or the variants it controls) train through the same
+    trainer class, whatever order their stages ran in; otherwise more than GRIT differs."""
+    paired = {name for name, v in ctx.params.variants.items() if v.control == variant_name}
+    control = ctx.params.variants[variant_name].control
+    paired |= {control} if control else set()
+    if not paired:
+        return
+    with ctx.store.reader() as session:
+        others = session.scalars(select(Variant).where(Variant.run_id == ctx.run_id, Variant.name.in_(paired),
+                                                       Variant.seed == seed)).all()
+    for other in others:
+        recorded = json.loads(other.details_json or "{}").get("trainer_class")
+        if recorded and recorded != trainer_class:
+            raise UserError(f"unfair comparison: {variant_name} trained through {trainer_class}, its pair "
+                            f"{other.name} through {recorded}")
+
+
 def preflight(variant_name: str, params: Params):
     variant = declared_variant(params, variant_name)
     check_runtime(params.model)
@@ -79,6 +97,7 @@ def train_replicate(variant_name: str, ctx: StageContext, variant, seed: int) ->
                                        checkpoints, live)
             meta, steps = result.metadata, result.steps
         check_same_batches(ctx, variant_name, seed, meta["batch_order_hash"])
+        check_same_trainer(ctx, variant_name, seed, meta["trainer_class"])
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -90,7 +109,8 @@ def train_replicate(variant_name: str, ctx: StageContext, variant, seed: int) ->
             "details_json": json.dumps({k: meta.get(k) for k in (
                 "grit", "grit_door", "batch_order_hash", "train_seconds", "final_loss", "final_val_loss",
                 "tokens_per_second", "trainable_parameters",
-                "peak_rss_mib", "peak_cuda_mib", "engine_notes", "grit_all_ready")}, default=str),
+                "peak_rss_mib", "peak_cuda_mib", "engine_notes", "grit_all_ready", "trainer_class",
+                "unsloth_state")}, default=str),
         }], name=variant_name, seed=seed)
     validation = f", validation loss {meta['final_val_loss']:.4f}" if meta.get("final_val_loss") is not None else ""
     print(f"[train] {variant_name} (seed {seed}): {meta['steps']} steps in {meta['train_seconds']:.0f} s, "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 
 from trainers.base_model import BaseModelFiles, load_causal_lm, load_tokenizer, torch_dtype
@@ -98,10 +99,14 @@ def build_unsloth(files: BaseModelFiles, params: TrainingSections, variant: Vari
 
 
 def restore_unfused_lora(model) -> int:
-    """Put PEFT's LoRA forwards back where Unsloth installed fused kernels; returns how many."""
-    try:
-        from unsloth.models import llama as unsloth_llama
-    except ImportError:
+    """Put PEFT's LoRA forwards back where Unsloth installed fused kernels; returns how many.
+
+    Only Unsloth's GPU model stack (``unsloth.models.llama``, imported by ``import unsloth`` on
+    CUDA) installs fused kernels. On CPU Unsloth never imports it, and importing it here would
+    re-patch TRL after the fact: Unsloth then fails to rebuild its SFT trainer and the hybrid
+    would train through TRL's own class while its baseline trains through Unsloth's."""
+    unsloth_llama = sys.modules.get("unsloth.models.llama")
+    if unsloth_llama is None:
         return 0
     fused = getattr(unsloth_llama, "_fused_lora_modules", None)
     restore = getattr(unsloth_llama, "_decline_fused_lora_for_fsdp", None)

@@ -29,7 +29,15 @@ from trainers.grit.distributed import world_size
 from trainers.grit.doors import trainer_clipping_norm
 from trainers.grit.manager import GritManager
 from trainers.grit_vlm.variant import vision_language_model
-from trainers.sft import PaddingCollator, StepLog, ValidationLoss, fair_trainer_class, order_hash
+from trainers.sft import (
+    PaddingCollator,
+    StepLog,
+    ValidationLoss,
+    fair_trainer_class,
+    order_hash,
+    trainer_lineage,
+    unsloth_state,
+)
 from trainers.variant_model import VariantModel, language_model
 
 GRIT_STATE = "grit_state.pt"
@@ -203,7 +211,7 @@ def train_variant(
     losses = [row["loss"] for row in step_log.rows]
     metadata = {
         "variant": name, "engine": variant.engine, "grit": variant.grit,
-        "grit_door": grit_door(variant),
+        "grit_door": grit_door(variant), "trainer_class": trainer_lineage(trainer), "unsloth_state": unsloth_state(),
         "engine_notes": built.engine_notes, "target_modules": built.target_modules, **built.metadata,
         "batch_order_hash": order_hash(trainer.batch_digests), "batches_trained": len(trainer.batch_digests),
         "train_seconds": seconds, "first_loss": losses[0] if losses else None,

@@ -10,7 +10,9 @@ across variants.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -67,6 +69,19 @@ def batch_digest(inputs: dict[str, torch.Tensor]) -> str:
 
 def order_hash(digests: Sequence[str]) -> str:
     return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def trainer_lineage(trainer) -> str:
+    """The class a trainer trains through, below this project's fair subclass: TRL's SFTTrainer,
+    Unsloth's CPU or compiled rewrite of it, or transformers' Trainer. Two variants compared as a
+    pair must train through the same one."""
+    base = type(trainer).__mro__[1] if type(trainer).__name__ == "FairSFTTrainer" else type(trainer)
+    return f"{base.__module__}.{base.__qualname__}"
+
+
+def unsloth_state() -> dict[str, bool]:
+    """What Unsloth has patched in this process: anything at all, and its GPU model stack."""
+    return {"patched": os.environ.get("UNSLOTH_PATCHED") == "1", "gpu_stack": "unsloth.models.llama" in sys.modules}
 
 
 def fair_trainer_class(base: type) -> type:

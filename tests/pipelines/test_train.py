@@ -127,3 +127,41 @@ def test_unknown_variant_is_a_one_line_error(prepared: Path):
     process = stage(prepared, "pipelines.train", "--variant", "nope")
     output = process.communicate(timeout=300)[0]
     assert process.returncode == 2 and "variants: no variant named 'nope'" in output.strip().splitlines()[-1]
+
+
+def trainer_classes(workdir: Path) -> dict[str, str]:
+    params = load_params(workdir / "params.yaml")
+    with open_store(params.store.url, workdir).reader() as session:
+        rows = session.scalars(select(Variant).where(Variant.run_id == run_id_for(params))).all()
+        return {row.name: json.loads(row.details_json)["trainer_class"] for row in rows}
+
+
+@pytest.mark.parametrize("order", [("hybrid_grit", "baseline_lora"), ("baseline_lora", "hybrid_grit")])
+def test_the_unsloth_pair_trains_through_one_trainer_class_in_either_order(prepared: Path, tmp_path: Path, order):
+    """Each stage in a fresh process, as DVC runs them: the hybrid used to import Unsloth's GPU
+    model stack on CPU, which re-patched TRL and left it on TRL's own trainer."""
+    workdir = copy_of(prepared, tmp_path / "-".join(order))
+    for variant in order:
+        process = stage(workdir, "pipelines.train", "--variant", variant)
+        output = process.communicate(timeout=900)[0]
+        assert process.returncode == 0, output[-3000:]
+        assert "Could not build the patched" not in output
+    classes = trainer_classes(workdir)
+    assert classes["hybrid_grit"] == classes["baseline_lora"] != "trl.trainer.sft_trainer.SFTTrainer", classes
+
+
+def test_a_pair_trained_through_other_trainer_classes_fails_the_run(prepared: Path, tmp_path: Path):
+    workdir = copy_of(prepared, tmp_path / "other-class")
+    params = load_params(workdir / "params.yaml")
+    store = open_store(params.store.url, workdir)
+    run_id = run_id_for(params)
+    store.start_run(Run(id=run_id, git_revision=None, params_hash="h", params_json="{}", profile="smoke",
+                        host="h", device="cpu", started_at=utcnow()))
+    with store.transaction() as session:
+        session.add(Variant(run_id=run_id, name="baseline_lora", seed=params.train.seed, engine="unsloth",
+                            base_model="tiny", details_json=json.dumps({"trainer_class": "trl.Other"})))
+    process = stage(workdir, "pipelines.train", "--variant", "hybrid_grit")
+    output = process.communicate(timeout=900)[0]
+    assert process.returncode == 2
+    assert output.strip().splitlines()[-1].startswith("error: unfair comparison: hybrid_grit trained through ")
+    assert output.strip().endswith("its pair baseline_lora through trl.Other")
