@@ -11,8 +11,14 @@ preconditioning (inversion) on *every* step — the most expensive GRIT setting.
   Printed: the ratio of training peaks (whole process) and of the memory training added on
   top of the loaded model. Target: <= 1.02.
 
-The timing and memory loops are the GPU check's (``pipelines/gpu_check/overhead.py``); this
-script builds the models and prints the figures.
+- Host-bound: the same two arms on SmolLM2's layout at tiny width (30 blocks x 7 projections =
+  210 LoRA modules, hidden 64): the step is bound by the host, as the real model's is on a GPU,
+  so the ratio here is the one a GPU user feels, not the compute-bound one above. Also printed:
+  the aten operations and host reads of one step of each arm, and what GRIT adds (counted with a
+  ``TorchDispatchMode``; a host read stalls a GPU's launch queue).
+
+The timing, memory and counting loops are the GPU check's (``pipelines/gpu_check/overhead.py``);
+this script builds the models and prints the figures.
 
     python benchmarks/grit_overhead.py [--steps 8] [--batch 4] [--seq 128]
 """
@@ -51,11 +57,29 @@ def build(grit: bool):
     return model, optimizer, None
 
 
-def batch(step: int, size: int, length: int):
+def build_host_bound(grit: bool):
+    """SmolLM2's layout at tiny width (``random_lora_llama``), the same optimizer and GRIT setting."""
+    import torch
+
+    from pipelines.gpu_check.overhead import random_lora_llama
+    from trainers.grit import GritManager, GritParams
+
+    model = random_lora_llama(30, 64, 128, 4, 2, TINY_VOCAB)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if grit:
+        manager = GritManager(model, GritParams(capture_every=1, update_freq=1, min_samples=16))
+        return model, manager.wrap_optimizer(optimizer, max_grad_norm=1.0), manager
+    return model, optimizer, None
+
+
+TINY_VOCAB = 96
+
+
+def batch(step: int, size: int, length: int, vocab: int = 49152):
     import torch
 
     generator = torch.Generator().manual_seed(step)
-    ids = torch.randint(0, 49152, (size, length), generator=generator)
+    ids = torch.randint(0, vocab, (size, length), generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
@@ -124,7 +148,28 @@ def main() -> int:
           f"   ratio {memory_ratio:.3f}  (target <= 1.02)")
     print(f"  added by training         LoRA {train_part['lora']:.0f} MiB   GRIT {train_part['grit']:.0f} MiB"
           f"   ratio {train_part['grit'] / train_part['lora']:.3f}")
+    host_bound(args)
     return 0
+
+
+def host_bound(args) -> None:
+    """The host-bound ratio and the operation counts on SmolLM2's layout at tiny width."""
+    from pipelines.gpu_check.overhead import interleaved_step_times, operation_counts
+
+    lora, grit = build_host_bound(grit=False), build_host_bound(grit=True)
+    batches = [batch(step, args.batch, args.seq, TINY_VOCAB) for step in range(args.warmup + args.steps + 1)]
+    timed = interleaved_step_times(partial(train_step, *lora), partial(train_step, *grit), batches[:-1], args.warmup)
+    counts = {name: operation_counts(partial(train_step, *arm), batches[-1]) for name, arm in
+              (("lora", lora), ("grit", grit))}
+    print(f"Host-bound: SmolLM2's layout at tiny width ({len(grit[2].modules)} LoRA modules, hidden 64), "
+          f"batch {args.batch}x{args.seq}, {args.steps} interleaved steps")
+    print(f"  step time  LoRA {timed.lora_s * 1e3:.1f} ms   GRIT {timed.grit_s * 1e3:.1f} ms   ratio "
+          f"{timed.ratio:.3f}  (target <= 1.05)")
+    print(f"  aten operations per step   LoRA {counts['lora'].operations}   GRIT {counts['grit'].operations}"
+          f"   added {counts['grit'].operations - counts['lora'].operations}  (target <= 250)")
+    print(f"  host reads per step        LoRA {counts['lora'].host_reads}   GRIT {counts['grit'].host_reads}"
+          f"   added {counts['grit'].host_reads - counts['lora'].host_reads}  (target 0; AdamW reads its "
+          "step count per parameter on CPU)")
 
 
 if __name__ == "__main__":

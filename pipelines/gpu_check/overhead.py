@@ -125,3 +125,58 @@ def peak_memory(step: Step, batches: Iterable[Any], device: str = "cpu") -> Peak
     for inputs in batches:
         step(inputs)
     return PeakMemory(after_load, read_peak(device))
+
+
+# What reads a tensor on the host: each of these waits for the device (a host synchronisation).
+HOST_READS = frozenset({"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal"})
+
+
+@dataclass(frozen=True)
+class OperationCounts:
+    """Aten operations one step dispatched, and how many of them read a tensor on the host."""
+
+    operations: int
+    host_reads: int
+
+
+def operation_counts(step: Step, inputs: Any) -> OperationCounts:
+    """Run ``step(inputs)`` once, counting every aten operation it dispatches (a
+    ``TorchDispatchMode`` sees each one, backward included) and the host reads among them. On a
+    GPU a small model's step is bound by the host: its cost is its operation count, and a host
+    read stalls the launch queue, so these counts predict the GPU step where CPU seconds cannot."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.operations = self.host_reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.operations += 1
+            self.host_reads += func.overloadpacket.__name__ in HOST_READS
+            return func(*args, **(kwargs or {}))
+
+    with Counting() as counting:
+        step(inputs)
+    return OperationCounts(counting.operations, counting.host_reads)
+
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def random_lora_llama(layers: int, hidden: int, intermediate: int, heads: int, kv_heads: int, vocab: int,
+                      r: int = 16, seed: int = 0):
+    """A Llama of random weights with LoRA (r, alpha 2r) on its 7 projections of every block: a
+    model's layout (how many LoRA modules, of which shapes) without its weights. SmolLM2-135M's
+    layout at tiny width is ``random_lora_llama(30, 64, 128, 4, 2, 96)``: the real 210 modules,
+    a step bound by the host like the real model's on a GPU."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=256)
+    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                                                                target_modules=list(LLAMA_PROJECTIONS)))

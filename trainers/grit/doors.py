@@ -46,10 +46,18 @@ def trainer_clipping_norm(max_grad_norm: float, grit_clips: bool) -> float:
     return 0.0 if grit_clips else max_grad_norm
 
 
+def joint_gradient_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor:
+    """L2 norm of all these gradients together (0 when there are none), left on the device: a
+    report reads it when it logs, not the step (a host read would stall a GPU's launch queue)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 def gradient_norm(parameters: list[torch.nn.Parameter]) -> float:
-    """L2 norm of all these gradients together (0 when there are none)."""
-    norms = [p.grad.norm() for p in parameters if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    """:func:`joint_gradient_norm` read on the host."""
+    return float(joint_gradient_norm(parameters))
 
 
 def clip_gradients(parameters: list[torch.nn.Parameter], max_grad_norm: float | None) -> None:

@@ -27,7 +27,7 @@ from trainers.grit import math as gm
 from trainers.grit.cadence import for_budget, reprojection_due
 from trainers.grit.config import GritParams
 from trainers.grit.distributed import allreduce_sum_, world_size
-from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, gradient_norm
+from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, joint_gradient_norm
 from trainers.grit.layer import (
     SIDES,
     FactorStats,
@@ -65,7 +65,7 @@ class GritManager:
         self.step = 0
         self.capturing = True
         self.optimizer: torch.optim.Optimizer | None = None
-        self.last_report: dict[str, float] = {}
+        self.report: dict[str, torch.Tensor | float] = {}     # the last step's, on the device until read
         self._row_mask: torch.Tensor | None = None
         self._row_count: int | None = None
         self._handles: list[Any] = []
@@ -98,6 +98,15 @@ class GritManager:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    def _set_capturing(self, capturing: bool) -> None:
+        """Hooks are attached only for steps that capture (``capture_every``): on the others no
+        hook runs, not even to return."""
+        self.capturing = capturing
+        if capturing and not self._handles:
+            self._attach_hooks()
+        elif not capturing:
+            self.detach()
 
     def _remember_mask(self, _module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask")
@@ -133,7 +142,9 @@ class GritManager:
     def sync_factors(self) -> None:
         """All-reduce what every rank captured since the last sync, then fold it in."""
         states = list(self.modules.values())
-        if self.config.allreduce:
+        # One process has nothing to add: reading the summed counts back would cost one host
+        # read per module and side.
+        if self.config.allreduce and world_size() > 1:
             tensors = [t for s in states for t in (s.u.pending, s.v.pending)]
             counts = torch.tensor([c for s in states for c in (s.u.pending_count, s.v.pending_count)],
                                   dtype=torch.float64, device=tensors[0].device)
@@ -217,26 +228,32 @@ class GritManager:
         clip_gradients(self.lora_parameters(), max_grad_norm)
         return report
 
-    def precondition_step(self) -> dict[str, float]:
+    def precondition_step(self) -> dict[str, torch.Tensor | float]:
         """The GRIT part of :meth:`before_step` (everything but clipping): sync, invert,
         regularise, precondition. Several managers sharing one optimizer (one per modality of a
-        VLM) each run this, then one clip bounds all their gradients together."""
+        VLM) each run this, then one clip bounds all their gradients together. The gradient norms
+        of the report stay on the device (:attr:`last_report` reads them)."""
         parameters = [p for p in self.lora_parameters() if p.grad is not None]
         self.sync_factors()
         if self.step == 0:
             self.check_capture_coverage()
         self.refresh_inverses()
         regularizer = self.add_regularizer_gradients()
-        raw_norm = gradient_norm(parameters)
+        raw_norm = joint_gradient_norm(parameters)
         # During the natural-gradient warm-up the factors fill and invert, but the step is plain.
         warm = self.step >= self.config.ng_warmup_steps
         applied = self.precondition() if self.config.precondition and warm else 0
         rows = sum(s.u.count for s in self.modules.values())
-        self.last_report = {
-            "grad_norm_raw": raw_norm, "grad_norm_preconditioned": gradient_norm(parameters),
+        self.report = {
+            "grad_norm_raw": raw_norm, "grad_norm_preconditioned": joint_gradient_norm(parameters),
             "preconditioned_tensors": float(applied), "regularizer": regularizer, "rows_captured": float(rows),
         }
-        return self.last_report
+        return self.report
+
+    @property
+    def last_report(self) -> dict[str, float]:
+        """The last step's report, read on the host (for logging)."""
+        return {key: float(value) for key, value in self.report.items()}
 
     @property
     def total_steps(self) -> int | None:
@@ -251,7 +268,7 @@ class GritManager:
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """After ``optimizer.step()``: reprojection (and truncation) when due; advance the step."""
         self.step += 1
-        self.capturing = self.step % self.config.capture_every == 0
+        self._set_capturing(self.step % self.config.capture_every == 0)
         if optimizer is not None:
             self.optimizer = optimizer
         if reprojection_due(self.step, self.config, self.total_steps):
@@ -358,7 +375,8 @@ class GritManager:
         if shrinking and self.optimizer is not None:
             raise GritError(f"GRIT state: {shrinking[0]} was truncated, so its factors must be rebuilt before "
                             "the optimizer is; load the GRIT state before building the optimizer")
-        self.step, self.capturing = int(state["step"]), bool(state["capturing"])
+        self.step = int(state["step"])
+        self._set_capturing(bool(state["capturing"]))
         for name, saved in state["modules"].items():
             self.modules[name].load(saved)
         self.record_ranks_in_peft_config()

@@ -114,9 +114,10 @@ def precondition_A(grad_A: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 
 
 def graft(direction: torch.Tensor, magnitude_from: torch.Tensor) -> torch.Tensor:
-    """``direction`` rescaled to the Frobenius norm of ``magnitude_from`` (0 stays 0)."""
+    """``direction`` rescaled to the Frobenius norm of ``magnitude_from`` (0 stays 0). Branchless:
+    a test of the norm on the host would wait for the device once per module and side."""
     norm = direction.norm()
-    return direction if norm == 0 else direction * (magnitude_from.norm() / norm)
+    return torch.where(norm == 0, direction, direction * (magnitude_from.norm() / norm))
 
 
 def condition_number(matrix: torch.Tensor) -> float:

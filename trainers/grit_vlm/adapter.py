@@ -114,16 +114,16 @@ class VlmGritAdapter:
         parameters = self.lora_parameters()
         clip_gradients(parameters, max_grad_norm)
         report: dict[str, float] = {
-            "grad_norm_raw": float(torch.tensor([r["grad_norm_raw"] for r in reports.values()]).norm()),
-            "grad_norm_preconditioned": float(torch.tensor(
-                [r["grad_norm_preconditioned"] for r in reports.values()]).norm()),
+            "grad_norm_raw": float(torch.stack([torch.as_tensor(r["grad_norm_raw"]) for r in reports.values()]).norm()),
+            "grad_norm_preconditioned": float(torch.stack(
+                [torch.as_tensor(r["grad_norm_preconditioned"]) for r in reports.values()]).norm()),
             "grad_norm_clipped": gradient_norm(parameters),
             "preconditioned_tensors": sum(r["preconditioned_tensors"] for r in reports.values()),
             "regularizer": sum(r["regularizer"] for r in reports.values()),
             "rows_captured": sum(r["rows_captured"] for r in reports.values()),
         }
         for name, modality_report in reports.items():
-            report.update({f"{name}/{key}": value for key, value in modality_report.items()})
+            report.update({f"{name}/{key}": float(value) for key, value in modality_report.items()})
         self.last_report = report
         self.history.append({"step": float(self.step + 1), **report})
         return report

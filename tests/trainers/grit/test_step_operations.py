@@ -1,0 +1,71 @@
+"""What a GRIT step costs the host, counted on CPU (``operation_counts``): on a GPU a small
+model's step is bound by the host, so GRIT's added aten operations and host reads predict its
+GPU overhead where CPU seconds cannot. Counted on SmolLM2's layout (30 blocks x 7 projections =
+210 LoRA modules) at tiny width, against plain LoRA with the same optimizer and clipping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipelines.gpu_check.overhead import operation_counts, random_lora_llama
+from tests.tiny_lora import VOCAB, batches
+from trainers.grit import GritManager, GritParams
+
+
+def smollm2_layout(grit: GritParams | None):
+    """SmolLM2-135M's 30 blocks with LoRA r=16 on its 7 projections, at width 64."""
+    model = random_lora_llama(30, 64, 128, 4, 2, VOCAB)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    if grit is None:
+        return model, optimizer, None
+    manager = GritManager(model, grit)
+    return model, manager.wrap_optimizer(optimizer, max_grad_norm=1.0), manager
+
+
+def train_step(model, optimizer, manager, inputs) -> None:
+    model(**inputs).loss.backward()
+    if manager is None:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def counts_at(grit: GritParams | None, step: int):
+    """Operation counts of step ``step`` (0-based; the steps before it run uncounted)."""
+    arm = smollm2_layout(grit)
+    data = batches(step + 1, batch_size=2, length=8)
+    for inputs in data[:step]:
+        train_step(*arm, inputs)
+    return operation_counts(lambda inputs: train_step(*arm, inputs), data[step]), arm[2]
+
+
+def test_the_counter_sees_backward_and_host_reads():
+    x = torch.ones(3, requires_grad=True)
+    forward = operation_counts(lambda t: (t * 2).sum(), x)
+    both = operation_counts(lambda t: (t * 2).sum().backward(), x)
+    read = operation_counts(lambda t: float((t * 2).sum()), x)
+    assert forward.host_reads == 0 and both.operations > forward.operations and read.host_reads == 1
+
+
+@pytest.fixture(scope="module")
+def lora_counts():
+    return counts_at(None, 3)[0]
+
+
+def test_a_grit_step_reads_the_host_once_not_once_per_module(lora_counts):
+    """Step 3 captures and preconditions but does not invert (update_freq 10): GRIT adds one
+    host read, the attention mask's row count; per-module readbacks (factor counts, grafting's
+    zero test, the report's norms) would add hundreds."""
+    counts, manager = counts_at(GritParams(min_samples=8, update_freq=10), 3)
+    assert len(manager.modules) == 210 and manager.report["preconditioned_tensors"] > 0
+    assert counts.host_reads - lora_counts.host_reads <= 1, (counts, lora_counts)
+
+
+def test_a_step_that_captures_nothing_attaches_nothing(lora_counts):
+    """With capture_every 2, step 3 captures nothing: no hook runs, not even the mask's."""
+    counts, manager = counts_at(GritParams(min_samples=8, update_freq=10, capture_every=2), 3)
+    assert manager.step == 4 and manager.capturing          # step 3 did not capture, step 4 will
+    assert counts.host_reads == lora_counts.host_reads, (counts, lora_counts)
+    captured, _ = counts_at(GritParams(min_samples=8, update_freq=10, capture_every=2), 2)
+    assert captured.operations > counts.operations
