@@ -157,12 +157,13 @@ def host_bound(args) -> None:
     from pipelines.gpu_check.overhead import interleaved_step_times, operation_counts
 
     lora, grit = build_host_bound(grit=False), build_host_bound(grit=True)
-    batches = [batch(step, args.batch, args.seq, TINY_VOCAB) for step in range(args.warmup + args.steps + 1)]
+    steps = 5 * args.steps          # a step is ~0.2 s here: more of them for a steadier median
+    batches = [batch(step, args.batch, args.seq, TINY_VOCAB) for step in range(args.warmup + steps + 1)]
     timed = interleaved_step_times(partial(train_step, *lora), partial(train_step, *grit), batches[:-1], args.warmup)
     counts = {name: operation_counts(partial(train_step, *arm), batches[-1]) for name, arm in
               (("lora", lora), ("grit", grit))}
     print(f"Host-bound: SmolLM2's layout at tiny width ({len(grit[2].modules)} LoRA modules, hidden 64), "
-          f"batch {args.batch}x{args.seq}, {args.steps} interleaved steps")
+          f"batch {args.batch}x{args.seq}, {steps} interleaved steps, inversion every step")
     print(f"  step time  LoRA {timed.lora_s * 1e3:.1f} ms   GRIT {timed.grit_s * 1e3:.1f} ms   ratio "
           f"{timed.ratio:.3f}  (target <= 1.05)")
     print(f"  aten operations per step   LoRA {counts['lora'].operations}   GRIT {counts['grit'].operations}"

@@ -10,7 +10,7 @@ which modules, when, and across ranks is the manager's business (``manager.py``)
 from __future__ import annotations
 
 import re
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,11 +50,14 @@ class FactorStats:
         return self.ema if statistics == "ema" else self.total / self.count
 
     def add(self, outer: torch.Tensor, rows: int) -> None:
-        # Statistics live on the layer's device: no host sync per layer on a GPU.
-        if self.pending.device != outer.device:
-            self.to(outer.device)
+        self.place(outer.device)
         self.pending += outer
         self.pending_count += rows
+
+    def place(self, device: torch.device) -> None:
+        """Statistics live on the layer's device: no host sync per layer on a GPU."""
+        if self.pending.device != device:
+            self.to(device)
 
     def fold(self, statistics: str, decay: float) -> None:
         if self.pending_count == 0:
@@ -89,6 +92,43 @@ class FactorStats:
         return cls(rank=saved["rank"], total=_clone(saved["total"]), count=int(saved["count"]),
                    ema=_clone(saved["ema"]), pending=_clone(saved["pending"]),
                    pending_count=int(saved["pending_count"]))
+
+
+def fold_all(stats: list[FactorStats], statistics: str, decay: float) -> None:
+    """:meth:`FactorStats.fold` of many sides at once: running means by two list operations
+    (``_foreach``), whatever their number; EMAs side by side."""
+    live = [s for s in stats if s.pending_count > 0]
+    if statistics == "ema":
+        for s in live:
+            s.fold(statistics, decay)
+        return
+    if live:
+        torch._foreach_add_([s.total for s in live], [s.pending for s in live])
+        torch._foreach_zero_([s.pending for s in live])
+    for s in live:
+        s.count += s.pending_count
+        s.pending_count = 0
+
+
+@dataclass
+class Captured:
+    """One module's LoRA input u = A x from one forward, its row weights and count, and (once
+    backward reached it) the gradient at u; the manager folds them in batches."""
+
+    state: ModuleState
+    u: torch.Tensor
+    mask: torch.Tensor | None
+    rows: int
+    grad: torch.Tensor | None = None
+
+
+
+def deliver(captured: Callable[[], Captured | None], grad: torch.Tensor) -> None:
+    """The gradient hook of a captured u: hands the gradient to its ``Captured`` (a weak
+    reference: gone when its step was folded without a backward reaching u)."""
+    item = captured()
+    if item is not None:
+        item.grad = grad
 
 
 def invert(sigma: torch.Tensor, config: GritParams) -> tuple[torch.Tensor, float] | None:

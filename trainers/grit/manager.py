@@ -16,6 +16,8 @@ and :meth:`GritManager.after_step`; the doors in ``doors.py`` call them)::
 
 from __future__ import annotations
 
+import functools
+import weakref
 from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
@@ -30,11 +32,14 @@ from trainers.grit.distributed import allreduce_sum_, world_size
 from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, joint_gradient_norm
 from trainers.grit.layer import (
     SIDES,
+    Captured,
     FactorStats,
     GritError,
     ModuleState,
     base_module_name,
+    deliver,
     exact_patterns_first,
+    fold_all,
     invert,
     lora_layers,
     module_key,
@@ -69,6 +74,7 @@ class GritManager:
         self._row_mask: torch.Tensor | None = None
         self._row_count: int | None = None
         self._handles: list[Any] = []
+        self._captured: list[Captured] = []
         layers = lora_layers(peft_model)
         self.targeted = [base_module_name(name) for name, _, _ in layers]   # for rank_pattern keys
         if modules is not None:
@@ -122,25 +128,51 @@ class GritManager:
             # checkpointing the recomputed forward's tensors get none, so nothing is counted twice.
             if not (self.capturing and torch.is_grad_enabled() and output.requires_grad):
                 return
-            u = output.detach()
             mask, rows = self._row_mask, self._row_count
-            if mask is None or tuple(mask.shape) != tuple(u.shape[:-1]):
+            if mask is None or tuple(mask.shape) != tuple(output.shape[:-1]):
                 # no attention mask, or packed/reshaped inputs: every row counts
-                mask, rows = None, u.numel() // u.shape[-1]
-
-            def on_grad(grad_u: torch.Tensor) -> None:
-                # dL/du = s * B^T g, so v = B^T g = (dL/du) / s and v v^T = (dL/du)(dL/du)^T / s^2.
-                state.accumulate(gm.masked_outer_sum(u, mask),
-                                 gm.masked_outer_sum(grad_u.detach(), mask) / state.scaling**2, rows)
-
-            output.register_hook(on_grad)
+                mask, rows = None, output.numel() // output.shape[-1]
+            # Only stashed here (no operation per module): u and, when backward reaches it, the
+            # gradient at u; collect_captured turns all of them into statistics at once.
+            captured = Captured(state, output, mask, rows)
+            self._captured.append(captured)
+            # Through a weak reference: output -> its hook -> captured -> output would be a cycle
+            # that keeps each step's autograd graph alive until the garbage collector runs
+            # (hundreds of MiB on SmolLM2); the stash holds ``captured`` until it is folded.
+            output.register_hook(functools.partial(deliver, weakref.ref(captured)))
 
         return hook
+
+    def collect_captured(self) -> None:
+        """Add the outer products of everything captured since the last call to each module's
+        pending statistics: per forward and shape, one batched masked product per side.
+        dL/du = s B^T g, so v = B^T g = (dL/du) / s and v v^T = (dL/du)(dL/du)^T / s^2."""
+        groups: dict[tuple, list[Captured]] = {}
+        for item in self._captured:
+            if item.grad is not None:       # a forward whose output got no gradient counts nothing
+                key = (id(item.mask), tuple(item.u.shape), item.u.device, item.u.dtype, item.grad.dtype,
+                       item.state.scaling)
+                groups.setdefault(key, []).append(item)
+        self._captured = []
+        with torch.no_grad():
+            for members in groups.values():
+                mask, scaling = members[0].mask, members[0].state.scaling
+                outer_u = gm.masked_outer_sum_batched(torch.stack([m.u for m in members]), mask)
+                outer_v = gm.masked_outer_sum_batched(torch.stack([m.grad for m in members]), mask) / scaling**2
+                for m in members:
+                    m.state.u.place(outer_u.device)
+                    m.state.v.place(outer_v.device)
+                torch._foreach_add_([m.state.u.pending for m in members], list(outer_u.unbind(0)))
+                torch._foreach_add_([m.state.v.pending for m in members], list(outer_v.unbind(0)))
+                for m in members:
+                    m.state.u.pending_count += m.rows
+                    m.state.v.pending_count += m.rows
 
     # ------------------------------------------------------------------------- factors
 
     def sync_factors(self) -> None:
         """All-reduce what every rank captured since the last sync, then fold it in."""
+        self.collect_captured()
         states = list(self.modules.values())
         # One process has nothing to add: reading the summed counts back would cost one host
         # read per module and side.
@@ -151,9 +183,7 @@ class GritManager:
             allreduce_sum_([*tensors, counts])
             for i, s in enumerate(states):
                 s.u.pending_count, s.v.pending_count = int(counts[2 * i]), int(counts[2 * i + 1])
-        for s in states:
-            s.u.fold(self.config.statistics, self.config.ema_decay)
-            s.v.fold(self.config.statistics, self.config.ema_decay)
+        fold_all([stats for s in states for stats in (s.u, s.v)], self.config.statistics, self.config.ema_decay)
 
     def check_capture_coverage(self) -> None:
         """Fail loudly when a targeted module captured nothing in a captured step: its LoRA
@@ -205,9 +235,28 @@ class GritManager:
         return [p for s in self.modules.values() for p in (s.lora_A.weight, s.lora_B.weight)]
 
     def precondition(self) -> int:
-        """Natural gradient on every module's ready sides (``ModuleState.precondition``); how many."""
+        """Natural gradient on every module's ready sides; how many tensors. The per-module step
+        (``ModuleState.precondition``, the reference) done for all modules of one shape at once:
+        one batched matmul per group of gradients of one side, shape, device and dtype, so the
+        host launches a handful of operations instead of a dozen per module."""
+        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for state in self.modules.values():
+            for side in SIDES:
+                weight, inverse = state.weight(side), state.inverse[side]
+                if inverse is None or weight.grad is None:
+                    continue
+                grad = weight.grad
+                groups.setdefault((side, tuple(grad.shape), grad.device, grad.dtype), []).append((grad, inverse))
         with torch.no_grad():
-            return sum(state.precondition(self.config) for state in self.modules.values())
+            for (side, _, device, _), members in groups.items():
+                grads = [grad for grad, _ in members]
+                # fp32 whatever the gradients' dtype (as the reference: the inverses are fp32).
+                raw = torch.stack(grads).float()
+                natural = gm.precondition_batched(raw, torch.stack([inv.to(device) for _, inv in members]), side)
+                if self.config.graft_norm:
+                    natural = gm.graft_batched(natural, raw)
+                torch._foreach_copy_(grads, list(natural.unbind(0)))
+        return sum(len(members) for members in groups.values())
 
     def _regularizer_scale(self) -> float:
         warmup = self.config.regularizer_warmup_steps

@@ -142,6 +142,10 @@ class VlmGritAdapter:
     def effective_ranks(self) -> dict[str, int]:
         return {name: rank for m in self.managers.values() for name, rank in m.effective_ranks().items()}
 
+    def collect_captured(self) -> None:
+        for manager in self.managers.values():
+            manager.collect_captured()
+
     def detach(self) -> None:
         for manager in self.managers.values():
             manager.detach()

@@ -61,6 +61,7 @@ def test_ema_statistics_follow_the_latest_batches():
     first, _, _ = captured(model, manager, batches(1, seed=1))
     second_batch = batches(1, seed=2)
     model(**second_batch[0]).loss.backward()
+    manager.collect_captured()          # the hooks only stash; sync_factors would fold too
     pending = manager.modules[MODULE].u.pending / manager.modules[MODULE].u.pending_count
     manager.sync_factors()
     assert torch.allclose(manager.covariances(MODULE)[0], 0.5 * first + 0.5 * pending, atol=1e-6)

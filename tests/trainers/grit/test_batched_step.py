@@ -1,0 +1,103 @@
+"""The batched GRIT step equals the per-module reference bit for bit (fp32, CPU): the manager
+preconditions all modules of one shape with one batched matmul, ``ModuleState.precondition``
+does it module by module, as the math is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_lora import batches, tiny_lora_model
+from trainers.grit import GritManager, GritParams
+
+
+def captured(random_B: bool, config: GritParams) -> tuple[torch.nn.Module, GritManager]:
+    model = tiny_lora_model(seed=3, random_B=random_B)
+    manager = GritManager(model, config)
+    model(**batches(1, seed=5)[0]).loss.backward()
+    manager.sync_factors()
+    manager.refresh_inverses(force=True)
+    return model, manager
+
+
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("graft_norm", [True, False])
+@pytest.mark.parametrize("random_B", [True, False])      # B = 0: the A side has no inverse yet
+def test_the_batched_step_equals_the_per_module_reference(graft_norm: bool, random_B: bool):
+    config = GritParams(min_samples=1, graft_norm=graft_norm)
+    batched_model, batched = captured(random_B, config)
+    reference_model, reference = captured(random_B, config)
+    assert lora_grads(batched_model).keys() and all(
+        torch.equal(a, b) for a, b in zip(lora_grads(batched_model).values(), lora_grads(reference_model).values(),
+                                          strict=True))
+    applied = batched.precondition()
+    with torch.no_grad():
+        expected = sum(state.precondition(config) for state in reference.modules.values())
+    assert applied == expected == (2 if random_B else 1) * len(batched.modules)
+    after, wanted = lora_grads(batched_model), lora_grads(reference_model)
+    assert all(torch.equal(after[n], wanted[n]) for n in wanted)
+    changed = sum(not torch.equal(after[n], g) for n, g in lora_grads(captured(random_B, config)[0]).items())
+    assert changed >= applied           # the step did precondition (a no-op would pass equality)
+
+
+def test_the_batched_capture_equals_the_per_module_reference():
+    """Hooks only stash u and the gradient at u; ``collect_captured`` folds them per forward with
+    one batched masked product per side. The reference is the math per module, as written
+    (``masked_outer_sum``), fed by hooks of its own on the same forward: equal bit for bit,
+    padding rows weighing nothing, over two forwards (gradient accumulation)."""
+    from trainers.grit import math as gm
+    from trainers.grit.layer import FactorStats
+
+    model = tiny_lora_model(seed=3, random_B=True)
+    manager = GritManager(model, GritParams(min_samples=1))
+    reference = {name: (FactorStats(s.rank), FactorStats(s.rank)) for name, s in manager.modules.items()}
+    mask: list[torch.Tensor] = []
+
+    def hook_for(name: str, scaling: float):
+        def hook(_module, _inputs, output):
+            u, weight = output.detach(), mask[0].float()
+
+            def on_grad(grad):
+                reference[name][0].add(gm.masked_outer_sum(u, weight), int(weight.sum()))
+                reference[name][1].add(gm.masked_outer_sum(grad, weight) / scaling**2, int(weight.sum()))
+
+            output.register_hook(on_grad)
+        return hook
+
+    handles = [s.lora_A.register_forward_hook(hook_for(n, s.scaling)) for n, s in manager.modules.items()]
+    for batch in batches(2, seed=9):
+        assert (batch["attention_mask"] == 0).any()         # padding rows are there to be left out
+        mask[:] = [batch["attention_mask"]]
+        model(**batch).loss.backward()
+    for handle in handles:
+        handle.remove()
+    manager.collect_captured()
+    for name, state in manager.modules.items():
+        u, v = reference[name]
+        assert torch.equal(state.u.pending, u.pending) and torch.equal(state.v.pending, v.pending), name
+        assert state.u.pending_count == u.pending_count == state.v.pending_count > 0
+
+
+def test_a_folded_step_leaves_nothing_alive_for_the_garbage_collector():
+    """What the hooks stash is freed by reference counting once folded: a cycle through the
+    gradient hook would keep every step's autograd graph until the collector ran (measured: a
+    peak 600-900 MiB higher on SmolLM2-135M)."""
+    import gc
+    import weakref
+
+    model = tiny_lora_model(seed=3, random_B=True)
+    manager = GritManager(model, GritParams(min_samples=1))
+    outputs: list[weakref.ref] = []
+    state = next(iter(manager.modules.values()))
+    handle = state.lora_A.register_forward_hook(lambda _m, _i, out: outputs.append(weakref.ref(out)))
+    gc.disable()
+    try:
+        model(**batches(1)[0]).loss.backward()
+        manager.before_step(1.0)
+        assert outputs and outputs[0]() is None
+    finally:
+        gc.enable()
+        handle.remove()
