@@ -82,6 +82,7 @@ class Scored:
     setting: dict[str, float]
     seed: int
     val_loss: float | None
+    reached: int = 0            # the step its loss was measured at (a pruned run's rung)
 
     @property
     def finite(self) -> bool:
@@ -93,14 +94,17 @@ def setting_key(setting: dict[str, float]) -> str:
     return json.dumps(setting, sort_keys=True)
 
 
-def finalists(completed: Iterable[Scored], count: int) -> list[dict[str, float]]:
-    """The ``count`` settings with the lowest validation loss among tuning runs that trained to
-    the end (a pruned run's loss is of fewer steps and does not compete); earliest on a tie."""
-    scored = [s for s in completed if s.finite]
+def finalists(tuned: Iterable[Scored], count: int) -> list[dict[str, float]]:
+    """The ``count`` best settings as successive halving ranks them: those that went furthest
+    first (a run pruned at a rung lost there to the runs that went on), then the lowest
+    validation loss at that step; earliest on a tie. With 16 configurations and a reduction
+    factor of 3 only one or two train to the end, so the finalists also come from the last rungs
+    (the finalist phase trains those to the end on every selection seed)."""
+    scored = [s for s in tuned if s.finite]
     if not scored:
         raise ValueError("no tuning run has a finite validation loss; widen or lower the learning-rate range")
     best: dict[str, Scored] = {}
-    for run in sorted(scored, key=lambda s: s.val_loss):
+    for run in sorted(scored, key=lambda s: (-s.reached, s.val_loss)):
         best.setdefault(setting_key(run.setting), run)
     return [run.setting for run in list(best.values())[:count]]
 

@@ -185,12 +185,12 @@ def progress(sitting: Sitting) -> str:
     compute they took."""
     study, trials = sitting.ctx.params.study, recorded_trials(sitting.ctx)
     cells = len(study.methods) * len(study.steps)
-    planned = {"tune": cells * study.configurations, "finalist": cells * study.finalists * study.finalist_seeds,
-               "test": cells * study.seeds}
+    planned = {"tune": cells * study.configurations,
+               "finalist": cells * study.finalists * (study.finalist_seeds + 1), "test": cells * study.seeds}
     done = {phase: sum(t.phase == phase for t in trials) for phase in planned}
     hours = sum(t.metrics.get("trial_seconds") or t.train_seconds for t in trials) / 3600
-    return (f"{done['tune']} tuning configurations (of at least {planned['tune']}), {done['finalist']} of "
-            f"{planned['finalist']} finalist runs, {done['test']} of {planned['test']} test runs done, "
+    return (f"{done['tune']} tuning configurations (of at least {planned['tune']}), {done['finalist']} finalist "
+            f"runs (of at most {planned['finalist']}), {done['test']} of {planned['test']} test runs done, "
             f"{hours:.2f} h of compute")
 
 
@@ -248,8 +248,7 @@ def tune_method(sitting: Sitting, method: str, steps: int) -> list[str]:
         run_job(sitting, {"kind": "tune", "method": method, "steps": steps, "seed": params.train.seed,
                       "tuning": name, "configurations": study.configurations,
                       "space": [asdict(d) for d in space]})
-        completed = [Scored(t.setting, t.seed, t.val_loss) for t in tuned(ctx, method, steps) if not t.pruned]
-        best = finalists(completed, 1)[0]
+        best = finalists([scored(t) for t in tuned(ctx, method, steps)], 1)[0]
         rate = next(d for d in space if d.name == "learning_rate")
         side = at_edge(rate, best["learning_rate"], study.edge_margin)
         if side is None:
@@ -271,19 +270,28 @@ def choose_setting(sitting: Sitting, method: str, steps: int) -> dict[str, float
     validation loss."""
     ctx = sitting.ctx
     study, seed = ctx.params.study, ctx.params.train.seed
-    completed = [t for t in tuned(ctx, method, steps) if not t.pruned]
-    candidates = finalists([Scored(t.setting, t.seed, t.val_loss) for t in completed], study.finalists)
-    extra = tuning_seeds(seed, study.finalist_seeds)[1:]
+    tuning = tuned(ctx, method, steps)
+    candidates = finalists([scored(t) for t in tuning], study.finalists)
+    # A finalist pruned in tuning has no full run on the tuning seed yet: it gets one here.
+    ended = {setting_key(t.setting) for t in tuning if not t.pruned}
+    seeds = tuning_seeds(seed, study.finalist_seeds)
     run_fixed(sitting, [{"phase": "finalist", "method": method, "steps": steps, "seed": s, "setting": setting}
-                    for setting in candidates for s in extra])
+                        for setting in candidates for s in seeds if s != seed or setting_key(setting) not in ended])
     keys = {setting_key(c) for c in candidates}
     runs = [Scored(t.setting, t.seed, t.val_loss) for t in recorded_trials(ctx)
             if t.method == method and t.steps == steps and setting_key(t.setting) in keys
             and (t.phase == "finalist" or (t.phase == "tune" and not t.pruned and t.seed == seed))]
     setting, mean = choose_finalist(runs)
     print(f"[study] {method} at {steps} steps: chosen on mean validation loss {mean:.4f} over "
-          f"{1 + len(extra)} seeds: {json.dumps(setting, sort_keys=True)}")
+          f"{len(seeds)} seeds: {json.dumps(setting, sort_keys=True)}")
     return setting
+
+
+def scored(trial: Trial) -> Scored:
+    """A tuning trial as selection sees it: its last validation loss and the step it was at."""
+    reached = trial.stopped_at if trial.pruned else trial.steps
+    loss = trial.curve[-1][1] if trial.pruned and trial.curve else trial.val_loss
+    return Scored(trial.setting, trial.seed, loss, reached)
 
 
 def preflight(params: Params) -> None:

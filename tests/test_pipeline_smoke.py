@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from db.models import Comparison, EvalMetric, SpeedMetric, StudyTrial, TrainMetric, TuningJournal
 from db.store import open_store
+from evaluation.config import tuning_seeds
 from pipelines.params import load_params
 from pipelines.stage import pipeline_stage_names
 
@@ -247,7 +248,8 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert len(plan.methods) * runs_per_method <= len(studies) <= (
         len(plan.methods) * runs_per_method * (1 + plan.edge_extensions))
     widened = len(studies) - len(plan.methods) * runs_per_method    # a best learning rate at an edge
-    assert 0 < len(by_phase["finalist"]) <= plan.finalists * plan.finalist_seeds * len(plan.methods) * runs_per_method
+    cells = len(plan.methods) * runs_per_method
+    assert 0 < len(by_phase["finalist"]) <= plan.finalists * (plan.finalist_seeds + 1) * cells
     assert len(by_phase["test"]) == len(plan.methods) * plan.seeds * runs_per_method
     selection_seeds = {t.seed for t in by_phase["tune"] + by_phase["finalist"]}
     assert selection_seeds.isdisjoint({t.seed for t in by_phase["test"]})
@@ -255,7 +257,10 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
         for steps in plan.steps:
             finalists = {t.setting for t in by_phase["finalist"] if t.method == method and t.steps == steps}
             runs = [t for t in trials if t.setting in finalists and t.method == method and t.steps == steps
-                    and (t.phase == "finalist" or t.seed == params.train.seed)]
+                    and (t.phase == "finalist" or (t.seed == params.train.seed
+                                                   and json.loads(t.metrics_json)["stopped_at"] is None))]
+            assert {t.seed for t in runs if t.setting == next(iter(finalists))} == set(tuning_seeds(
+                params.train.seed, plan.finalist_seeds))            # every finalist ran on every selection seed
             mean = {s: sum(t.val_loss for t in runs if t.setting == s) / sum(t.setting == s for t in runs)
                     for s in finalists}
             assert study["chosen"][f"{method}@{steps}"] == json.loads(min(mean, key=mean.get))

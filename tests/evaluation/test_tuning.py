@@ -64,6 +64,15 @@ def test_the_chosen_setting_is_the_validation_choice_even_when_a_test_metric_wou
     assert setting["learning_rate"] != best_on_test
 
 
+def test_finalists_are_ranked_as_successive_halving_ranks_them():
+    """The furthest rung first, then the loss there: a run pruned at step 8 with a low early loss
+    lost to the runs that went on; runs pruned at the last rung fill the finalists when only one
+    trained to the end (16 configurations, reduction factor 3)."""
+    tuned = [Scored({"learning_rate": 1e-3}, 42, 0.55, 32), Scored({"learning_rate": 2e-3}, 42, 0.69, 24),
+             Scored({"learning_rate": 5e-4}, 42, 0.59, 24), Scored({"learning_rate": 9e-3}, 42, 0.30, 8)]
+    assert finalists(tuned, 3) == [{"learning_rate": 1e-3}, {"learning_rate": 5e-4}, {"learning_rate": 2e-3}]
+
+
 def test_diverged_configurations_are_never_finalists_and_all_diverged_is_an_error():
     assert finalists([scored(2e-3, 42, math.nan), scored(1e-4, 42, 3.0), scored(1e-4, 42, 3.0)], 3) == [
         {"learning_rate": 1e-4}]                                   # a repeated setting counts once
