@@ -14,6 +14,7 @@ Guarantees the pipeline relies on:
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -79,6 +80,16 @@ def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def _can_make_folder_in(folder: Path) -> bool:
+    """Whether a folder can really be made in ``folder`` (tried, then removed): permission bits
+    do not say it for root, nor for a folder such as /proc, where nothing can be made."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".store-check-", dir=folder))
+    except OSError:
+        return False
+    return True
+
+
 def check_store_writable(url: str, root: Path | None = None) -> None:
     """Raise :class:`StoreError` (one line) when results could not be recorded at ``url``: a
     malformed URL or unknown dialect, a directory that cannot hold the file, a store that opens
@@ -102,7 +113,7 @@ def check_store_writable(url: str, root: Path | None = None) -> None:
         folder = path.parent
         while not folder.exists():
             folder = folder.parent
-        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK) or not _can_make_folder_in(folder):
             raise StoreError(f"cannot create the results store {path}: {folder} is not a writable directory; "
                              "fix store.url or the folder's permissions")
         return

@@ -111,7 +111,7 @@ class TrainParams(Section):
     gradient_accumulation_steps: Annotated[int, Field(gt=0)] = 1
     warmup_steps: Annotated[int, Field(ge=0)] = 5
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    max_grad_norm: Annotated[float, Field(ge=0)] = 1.0      # 0: no clipping (as in HF's Trainer and the GRIT paper)
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     save_steps: Annotated[int, Field(gt=0)] = 10      # checkpoint interval (resume after a kill)
     # Validation loss on the held-out split every eval_steps optimizer steps and after the last

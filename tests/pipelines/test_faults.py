@@ -86,6 +86,7 @@ def _with_store(project: Path, url: str) -> Path:
 @pytest.mark.parametrize(("url", "fragment"), [
     ("sqllite:///outputs/centralized.db", "is not a usable SQLAlchemy URL"),
     ("sqlite:///not-a-folder.txt/centralized.db", "is not a writable directory"),
+    ("sqlite:////proc/nowhere/centralized.db", "/proc is not a writable directory"),   # nothing can be made there
     ("sqlite://", "in-memory SQLite store cannot be shared"),
 ])
 def test_an_unusable_store_url_is_one_line_before_any_work(project: Path, url: str, fragment: str):
