@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from core.errors import StoppedEarly, UserError
+from core.quiet import silence_known_import_noise
 from db.models import Run
 from db.store import ResultsStore, check_store_writable, open_store, utcnow
 from pipelines.params import DEFAULT_PARAMS_PATH, Params, load_params, params_hash
@@ -203,6 +204,7 @@ def run_stage(
     """
     # A native crash (a signal) past the up-front runtime checks still says where it happened.
     faulthandler.enable()
+    silence_known_import_noise()     # before any work imports PEFT or Unsloth
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}")
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH)
     args = parser.parse_args(argv)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from core.jsonl import read_jsonl
+from core.quiet import silence_known_import_noise
 from evaluation.tuning import Dimension
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR
@@ -215,6 +216,7 @@ def append(results: Path, record: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    silence_known_import_noise()
     parser = argparse.ArgumentParser(prog="python -m pipelines.study_worker")
     for flag in ("--params", "--job", "--results"):
         parser.add_argument(flag, required=True)

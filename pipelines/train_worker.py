@@ -23,6 +23,7 @@ import json
 import os
 from pathlib import Path
 
+from core.quiet import silence_known_import_noise
 from pipelines.params import load_params
 from pipelines.replicates import with_seed
 
@@ -55,7 +56,7 @@ def rank_digests(model, manager) -> dict[str, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-
+    silence_known_import_noise()
     from pipelines.train import training_log
     from trainers.base_model import resolve_base_model
     from trainers.recipe import train_variant

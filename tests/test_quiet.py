@@ -1,0 +1,23 @@
+"""The first thing a newcomer reads is the stage's own output: the known-harmless import noise of
+torchao and bitsandbytes (optional kernels this project never uses) is silenced at a stage's
+start, and it is there to silence (so the test would notice if it came back another way)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+NOISE = ("Failed to load", "is an Enum subclass", "gemm_4bit_forward")
+
+
+def stderr_of_importing_peft(silenced: bool) -> str:
+    code = ("from core.quiet import silence_known_import_noise; silence_known_import_noise(); " if silenced
+            else "") + "import peft"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+
+
+def test_importing_peft_after_the_stage_start_prints_none_of_the_known_noise():
+    loud = stderr_of_importing_peft(silenced=False)
+    assert all(line in loud for line in NOISE), loud[-2000:]
+    quiet = stderr_of_importing_peft(silenced=True)
+    assert not any(line in quiet for line in NOISE), quiet[-2000:]
