@@ -107,16 +107,21 @@ def losses_of(tsv: Path) -> list[tuple[int, float]]:
     return [(int(r.split("\t")[0]), float(r.split("\t")[1])) for r in rows if r]
 
 
-def test_a_variant_trained_on_other_batches_fails_the_run(prepared: Path, tmp_path: Path):
-    workdir = copy_of(prepared, tmp_path / "unfair")
+def record_variant(workdir: Path, name: str, engine: str, details: dict) -> None:
+    """A variant of the workdir's run as the store would hold it had it trained first."""
     params = load_params(workdir / "params.yaml")
     store = open_store(params.store.url, workdir)
     run_id = run_id_for(params)
     store.start_run(Run(id=run_id, git_revision=None, params_hash="h", params_json="{}", profile="smoke",
                         host="h", device="cpu", started_at=utcnow()))
     with store.transaction() as session:
-        session.add(Variant(run_id=run_id, name="peft_lora", seed=params.train.seed, engine="peft", base_model="tiny",
-                            details_json=json.dumps({"batch_order_hash": "0" * 64})))
+        session.add(Variant(run_id=run_id, name=name, seed=params.train.seed, engine=engine, base_model="tiny",
+                            details_json=json.dumps(details)))
+
+
+def test_a_variant_trained_on_other_batches_fails_the_run(prepared: Path, tmp_path: Path):
+    workdir = copy_of(prepared, tmp_path / "unfair")
+    record_variant(workdir, "peft_lora", "peft", {"batch_order_hash": "0" * 64})
     process = stage(workdir, "pipelines.train", "--variant", "pure_grit")
     output = process.communicate(timeout=900)[0]
     assert process.returncode == 2
@@ -152,14 +157,7 @@ def test_the_unsloth_pair_trains_through_one_trainer_class_in_either_order(prepa
 
 def test_a_pair_trained_through_other_trainer_classes_fails_the_run(prepared: Path, tmp_path: Path):
     workdir = copy_of(prepared, tmp_path / "other-class")
-    params = load_params(workdir / "params.yaml")
-    store = open_store(params.store.url, workdir)
-    run_id = run_id_for(params)
-    store.start_run(Run(id=run_id, git_revision=None, params_hash="h", params_json="{}", profile="smoke",
-                        host="h", device="cpu", started_at=utcnow()))
-    with store.transaction() as session:
-        session.add(Variant(run_id=run_id, name="baseline_lora", seed=params.train.seed, engine="unsloth",
-                            base_model="tiny", details_json=json.dumps({"trainer_class": "trl.Other"})))
+    record_variant(workdir, "baseline_lora", "unsloth", {"trainer_class": "trl.Other"})
     process = stage(workdir, "pipelines.train", "--variant", "hybrid_grit")
     output = process.communicate(timeout=900)[0]
     assert process.returncode == 2
