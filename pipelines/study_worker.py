@@ -144,6 +144,12 @@ def optuna_study(params: Params, root: Path, job: dict[str, Any]):
     for stale in tuned.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         storage.set_trial_user_attr(stale._trial_id, "interrupted", True)   # asked again, not counted
         storage.set_trial_state_values(stale._trial_id, optuna.trial.TrialState.FAIL)
+    if study.sampler == "tpe":
+        # TPE draws its start-up configurations from one random stream: a resumed study seeded
+        # as at its start would ask those configurations again (the first study sitting asked 2
+        # of pure_grit's twice). Seeded by how many trials the study holds, it goes on instead.
+        tuned.sampler = optuna.samplers.TPESampler(seed=study.seed + len(tuned.trials),
+                                                   n_startup_trials=study.startup)
     return tuned
 
 

@@ -345,6 +345,7 @@ def test_a_study_goes_on_over_sittings_from_its_committed_ledger(tmp_path_factor
     assert second.returncode == 3 and "1 put into this store" in second.stdout, second.stdout[-2000:]
     assert len(ledger_trials()) == 2 and {t["tuning"] for t in ledger_trials()} == {tuning}
     assert "configuration 2/3" in second.stdout                          # the carried tuning went on
+    assert ledger_trials()[0]["setting"] != ledger_trials()[1]["setting"]   # not the first one asked again
 
     store_file.unlink()
     _sh(["dvc", "repro", "study"], repo, env)
