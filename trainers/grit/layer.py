@@ -180,10 +180,6 @@ class ModuleState:
 
     # ---------------------------------------------------------------------- statistics
 
-    def accumulate(self, outer_u: torch.Tensor, outer_v: torch.Tensor, rows: int) -> None:
-        self.u.add(outer_u, rows)
-        self.v.add(outer_v, rows)
-
     def factor_for(self, side: str, factor_sides: str) -> FactorStats:
         """Which statistics precondition which factor: K-FAC's sides (dL/dB = s g u^T, so B's
         rank-side factor is E[u u^T]; A's is E[v v^T]) or the paper code's swapped ones."""
