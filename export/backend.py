@@ -30,12 +30,12 @@ class LlamaCppModel:
                  n_threads: int | None = None, prompt_cache: bool = True) -> None:
         """``prompt_cache``: keep the key/value cache of the prefix a prompt shares with the last
         one (``_evaluate_from_cache``); False evaluates every prompt whole, for timing prefill."""
-        import os
-
         from llama_cpp import Llama
 
-        # llama-cpp-python defaults to half the cores; a server uses them all.
-        n_threads = n_threads or os.cpu_count() or 1
+        from core.threads import llama_threads
+
+        # llama-cpp-python defaults to half the cores; a server uses all it may run on.
+        n_threads = n_threads or llama_threads()
         self.chat, self.prompt_cache = chat, prompt_cache
         self.llm = Llama(model_path=str(model_path), lora_path=str(adapter_path) if adapter_path else None,
                          n_ctx=n_ctx, logits_all=False, seed=0, verbose=False, n_threads=n_threads,

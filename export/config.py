@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from core.section import Section
+
+# what `ollama create` accepts as a model name (no namespace, no tag)
+OLLAMA_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 
 Quantization = Literal["F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
 
@@ -47,3 +51,14 @@ class ServeParams(Section):
     check_prompt: str = "What is the capital of France? Answer in one sentence."
     max_new_tokens: Annotated[int, Field(gt=0)] = 64
     timeout_s: Annotated[float, Field(gt=0)] = 5.0
+    # more Ollama names for a variant's model, registered beside <variant>_model with `ollama cp`
+    # (the seed plan calls the Unsloth baseline `unsloth_model` and the hybrid `grit_model`)
+    aliases: dict[str, str] = {"unsloth_model": "baseline_lora", "grit_model": "hybrid_grit"}
+
+    @field_validator("aliases")
+    @classmethod
+    def _ollama_names(cls, aliases: dict[str, str]) -> dict[str, str]:
+        bad = [name for name in aliases if not OLLAMA_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"alias {bad[0]!r} is not an Ollama model name (lowercase letters, digits, '_', '-', '.')")
+        return aliases

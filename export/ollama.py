@@ -9,6 +9,7 @@ releases are reported to refuse adapters: on that refusal the merged GGUF is reg
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +138,17 @@ def register(client, served: ServedModel, prefer: str, prompt: str, max_new_toke
         decode_tokens_per_second=_rate(reply.eval_count, reply.eval_duration),
         prefill_tokens_per_second=_rate(reply.prompt_eval_count, reply.prompt_eval_duration),
     )
+
+
+def copy_command(source: str, alias: str) -> str:
+    return f"ollama cp {shlex.quote(source)} {shlex.quote(alias)}"
+
+
+def register_alias(client, served: ServedModel, weights: str, alias: str) -> str:
+    """``alias`` as another name of the registered ``served`` model (``ollama cp``), checked as the
+    model itself is: the server must hold the same weights, template and stops under the alias."""
+    client.copy(served.name, alias)
+    return check_shown(client.show(alias), served, weights)
 
 
 def _rate(count: int | None, nanoseconds: int | None) -> float | None:

@@ -81,6 +81,24 @@ def _check_variant(name: str, variant: VariantParams, variants: dict[str, Varian
                          "(lora_overrides); the probe replays both from one adapter")
 
 
+def _check_aliases(aliases: dict[str, str], variants: dict[str, VariantParams]) -> None:
+    """An alias names a declared variant and no model the pipeline registers by its own name."""
+    own = {f"{name}_model" for name in (*variants, *RESERVED_VARIANT_NAMES)}
+    for alias, variant in aliases.items():
+        if variant not in variants:
+            raise ValueError(f"serve.aliases.{alias}: {variant!r} is not a declared variant ({', '.join(variants)}); "
+                             "declare it or drop the alias (serve.aliases: {} registers none)")
+        if alias in own:
+            raise ValueError(f"serve.aliases.{alias}: the pipeline already registers a model of that name; "
+                             "choose another alias")
+
+
+def served_aliases(params: Params) -> dict[str, str]:
+    """The aliases the serve stage registers: those written in params (each checked), or the
+    defaults whose variants the params declare."""
+    return {alias: variant for alias, variant in params.serve.aliases.items() if variant in params.variants}
+
+
 class Params(Section):
     """The whole of ``params.yaml``; a section missing from the file takes its defaults."""
 
@@ -121,6 +139,8 @@ class Params(Section):
                     raise ValueError(f"{key} is true (variant {name}) but train.nproc_per_node is "
                                      f"{self.train.nproc_per_node}: DDP does not synchronise truncated LoRA factors; "
                                      f"set {key}: false or train.nproc_per_node: 1")
+        if "aliases" in self.serve.model_fields_set:   # the defaults name variants a params file may not declare
+            _check_aliases(self.serve.aliases, self.variants)
         unknown = [m for m in self.study.methods if m not in self.variants]
         if unknown:
             raise ValueError(f"study.methods: {unknown[0]!r} is not a declared variant ({', '.join(self.variants)})")

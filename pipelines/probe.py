@@ -29,6 +29,7 @@ from db.models import ProbeResult
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR, loss_curve
 from pipelines.stage import StageContext, run_stage
+from trainers.base_model import check_optimizer_runtime
 
 DETAILS = Path("artifacts/probes")
 METRICS = Path("metrics/probes.json")
@@ -103,6 +104,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "update_cosine_median": median([u["cosine"] for u in updates]),
         "update_cosine_min": min((u["cosine"] for u in updates if u["cosine"] is not None), default=None),
         "update_relative_difference_median": median([u["relative_difference"] for u in updates]),
+        "scalar_twin_cosine_median": median([m["scalar_update"]["cosine"] for m in modules if m["scalar_update"]]),
         "gradient_cosine_median": median([g["cosine"] for g in gradients]),
         "gradient_norm_ratio_median": median([g["norm_ratio"] for g in gradients]),
         "scalar_distance_median": median([m["scalar_distance"] for m in modules]),
@@ -134,7 +136,7 @@ def store_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     for module in m["modules"]:
         figures = {"rows_captured": module["rows_captured"], "ready": float(module["usable_A"] and module["usable_B"]),
                    "scalar_distance": module["scalar_distance"], "condition_number": module["condition"]}
-        for kind in ("update", "gradient"):
+        for kind in ("update", "gradient", "scalar_update"):
             for key, value in (module[kind] or {}).items():
                 figures[f"{kind}_{key}"] = value
         rows += [{"module": module["name"], "metric": key, "step": m["steps"], "value": value, "text": None}
@@ -157,6 +159,7 @@ def preflight(params: Params) -> list[str]:
     data_file = DATA_DIR / ("train_pairs.jsonl" if params.model.kind == "vlm" else "train.jsonl")
     if not data_file.is_file():
         raise UserError(f"{data_file} is missing; run `dvc repro prepare_data` first")
+    check_optimizer_runtime(params.train)
     return grit_variants(params)
 
 
@@ -186,6 +189,7 @@ def probe(params_path: Path, ctx: StageContext, names: list[str]) -> dict[str, P
         print(f"[probe] {name}: {s['verdict'].upper()}"
               + (f" ({', '.join(s['reasons'])})" if s["reasons"] else "")
               + f"; update cosine vs control median {_fmt(s['update_cosine_median'])}, "
+              f"vs its scalar twin {_fmt(s['scalar_twin_cosine_median'])}, "
               f"loss-curve correlation {_fmt(s['loss_correlation'])}")
         for detail in s["checks"].values():
             print(f"[probe]   - {detail}")

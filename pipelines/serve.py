@@ -2,7 +2,8 @@
 
 When an Ollama server answers at ``serve.ollama_host`` (default ``$OLLAMA_HOST``, else loopback),
 every variant is registered as ``<variant>_model`` (and the base as ``base_model``) through the
-official client: blobs, create, ``show`` to check what the server holds, one short generation.
+official client: blobs, create, ``show`` to check what the server holds, one short generation;
+then each alias of ``serve.aliases`` (``unsloth_model``, ``grit_model``) as a copy, checked too.
 Otherwise the stage records ``skipped: no Ollama server at <url>`` with the exact
 ``ollama create`` commands to run later, checks every model with llama.cpp instead, and goes on.
 Either way it writes ``artifacts/serve/manifest.json``, which evaluation reads (backend, model
@@ -19,7 +20,7 @@ from typing import Any
 from core.errors import UserError
 from core.files import atomic_write_json, atomic_write_text
 from export.llama_cpp import require_working_runtime
-from pipelines.params import Params, require_text_model
+from pipelines.params import Params, require_text_model, served_aliases
 from pipelines.paths import EXPORTS, SERVE_DIR, SERVE_MANIFEST, export_dir
 from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
@@ -46,6 +47,14 @@ def entry(model, modelfile: Path) -> dict[str, Any]:
             "merged_gguf": str(model.merged_gguf) if model.merged_gguf else None,
             "modelfile": str(modelfile), "chat_family": model.chat.family, "system": model.chat.default_system,
             "stops": list(model.chat.stops), "parameters": model.parameters}
+
+
+def aliases_by_variant(aliases: dict[str, str]) -> dict[str, list[str]]:
+    """``serve.aliases`` (alias -> variant) turned round: each variant's other Ollama names."""
+    by_variant: dict[str, list[str]] = {}
+    for alias, variant in aliases.items():
+        by_variant.setdefault(variant, []).append(alias)
+    return by_variant
 
 
 def check_with_llama_cpp(model, prompt: str, max_new_tokens: int) -> dict[str, Any]:
@@ -78,9 +87,11 @@ def serve(ctx: StageContext, models: list) -> dict[str, Path]:
 
     from export.ollama import (
         RegistrationError,
+        copy_command,
         ollama_host,
         reachable,
         register,
+        register_alias,
         registered_weights,
         server_failure,
     )
@@ -94,6 +105,9 @@ def serve(ctx: StageContext, models: list) -> dict[str, Path]:
     host = ollama_host(settings.ollama_host)
     version = reachable(host, settings.timeout_s)
     entries = {m.variant: entry(m, modelfiles[m.name]) for m in models}
+    aliases = aliases_by_variant(served_aliases(ctx.params))
+    for m in models:
+        entries[m.variant]["aliases"] = aliases.get(m.variant, [])
     if version is not None:
         client = ollama.Client(host=host, timeout=max(settings.timeout_s, 600))
         digests: dict[Path, str] = {}
@@ -107,10 +121,17 @@ def serve(ctx: StageContext, models: list) -> dict[str, Path]:
             entries[m.variant]["weights"] = registration.weights
             print(f"[serve] {m.name}: registered ({registration.weights}); {registration.show_check}; "
                   f"reply {registration.reply[:60]!r}")
+            for alias in aliases.get(m.variant, []):
+                try:
+                    check = register_alias(client, m, registration.weights, alias)
+                except (ollama.ResponseError, httpx.HTTPError, RegistrationError) as error:
+                    raise UserError(server_failure(host, alias, error)) from None
+                print(f"[serve] {alias}: another name of {m.name}; {check}")
         ollama_state = {"host": host, "version": version, "registered": True}
         backend = "ollama"
     else:
         commands = [m.create_command(modelfiles[m.name]) for m in models]
+        commands += [copy_command(m.name, alias) for m in models for alias in aliases.get(m.variant, [])]
         ollama_state = {"host": host, "registered": False,
                         "skipped": f"skipped: no Ollama server at {host}", "commands": commands}
         print(f"[serve] skipped: no Ollama server at {host}; serving with llama.cpp. To register later:")

@@ -28,6 +28,7 @@ import yaml
 
 from core.errors import StoppedEarly, UserError
 from core.quiet import silence_known_import_noise
+from core.threads import llama_threads
 from db.models import Run
 from db.store import ResultsStore, check_store_writable, open_store, utcnow
 from pipelines.params import DEFAULT_PARAMS_PATH, Params, load_params, params_hash
@@ -212,6 +213,7 @@ def run_stage(
     results_root = store_root(root)
     try:
         params = load_params(args.params)
+        llama_threads()          # a bad $GRIT_LLAMA_THREADS is one line here, not after training
         check_store_writable(params.store.url, results_root)   # before any work: results must be recordable
         checked = preflight(params) if preflight is not None else None
         store = open_store(params.store.url, results_root)

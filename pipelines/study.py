@@ -57,6 +57,7 @@ from pipelines import study_worker
 from pipelines.params import Params, require_text_model
 from pipelines.paths import DATA_DIR
 from pipelines.stage import StageContext, git_revision, run_stage, stage_params
+from trainers.base_model import check_optimizer_runtime
 from trainers.config import variant_grit
 
 REPORT_DIR = Path("reports/study")
@@ -304,6 +305,7 @@ def preflight(params: Params) -> None:
                             "data.test_fraction above 0, then `dvc repro prepare_data`")
     if params.train.nproc_per_node > 1:
         raise UserError("study: trials train on one process; set train.nproc_per_node: 1 for the study")
+    check_optimizer_runtime(params.train)
 
 
 def study(ctx: StageContext, _checked, minutes: float | None = None) -> dict[str, Path]:

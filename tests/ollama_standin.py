@@ -3,7 +3,7 @@
 It speaks the documented REST contract the pipeline relies on and validates requests the way
 the API documentation describes them: ``GET /api/version``, ``HEAD/POST /api/blobs/<digest>``
 (digest format, body hash), ``POST /api/create`` (blobs must exist and be GGUF files, known
-parameters only; optionally refuses adapters like newer releases), ``POST /api/show``,
+parameters only; optionally refuses adapters like newer releases), ``POST /api/copy``, ``POST /api/show``,
 ``GET /api/tags`` and ``POST /api/generate``. Generation is real: it renders the registered Go
 TEMPLATE (the ``if``/variable subset Modelfiles use) and runs the registered GGUF files with
 llama.cpp, so a wrong template, stop or file shows up in the reply.
@@ -118,6 +118,15 @@ class OllamaStandIn:
         self.models[name] = body
         return 200, {"status": "success"}
 
+    def copy(self, body: dict) -> tuple[int, dict | None]:
+        source, destination = body.get("source"), body.get("destination")
+        if not source or not destination:
+            return 400, {"error": "source and destination are required"}
+        if source not in self.models:
+            return 404, {"error": f"model '{source}' not found"}
+        self.models[destination] = self.models[source]
+        return 200, None
+
     def show(self, body: dict) -> tuple[int, dict]:
         model = self.models.get(body.get("model", ""))
         if model is None:
@@ -217,7 +226,8 @@ class OllamaStandIn:
                         return self._reply(400, {"error": "digest mismatch"})
                     standin.blob(digest).write_bytes(body)
                     return self._reply(201)
-                routes = {"/api/create": standin.create, "/api/show": standin.show, "/api/generate": standin.generate}
+                routes = {"/api/create": standin.create, "/api/copy": standin.copy,
+                          "/api/show": standin.show, "/api/generate": standin.generate}
                 if self.path not in routes:
                     return self._reply(404, {"error": "not found"})
                 try:

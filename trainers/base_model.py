@@ -272,6 +272,15 @@ def check_runtime(model: ModelParams) -> None:
         raise ModelSourceError("model.dtype: float16 is not supported for training on CPU; use float32 or bfloat16")
 
 
+def check_optimizer_runtime(train) -> None:
+    """``train.optim`` must run here: bitsandbytes' 8-bit AdamW has no CPU kernels."""
+    import torch
+
+    if train.optim == "adamw_8bit" and not torch.cuda.is_available():
+        raise ModelSourceError("train.optim: adamw_8bit (bitsandbytes) needs a CUDA GPU and none is visible; "
+                               "use adamw_torch or sgd on CPU")
+
+
 def resolve_base_model(model: ModelParams) -> BaseModelFiles:
     """Locate (building and caching if needed) the base model described by ``model``."""
     check_runtime(model)

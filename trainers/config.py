@@ -113,6 +113,9 @@ class TrainParams(Section):
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_grad_norm: Annotated[float, Field(ge=0)] = 1.0      # 0: no clipping (as in HF's Trainer and the GRIT paper)
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    # the Trainer's optimizer (GRIT wraps whichever it is): adamw_8bit is bitsandbytes' 8-bit AdamW
+    # that the seed plan's Unsloth baseline uses (CUDA only); sgd is plain SGD
+    optim: Literal["adamw_torch", "adamw_8bit", "sgd"] = "adamw_torch"
     save_steps: Annotated[int, Field(gt=0)] = 10      # checkpoint interval (resume after a kill)
     # Validation loss on the held-out split every eval_steps optimizer steps and after the last
     # one; the study tunes each method on it (never on the test sets).

@@ -140,7 +140,7 @@ def build_trainer(
         lr_scheduler_type=train.lr_scheduler, warmup_steps=train.warmup_steps, weight_decay=train.weight_decay,
         # Pure GRIT: the optimizer wrapper clips after preconditioning; the Trainer must not clip first.
         max_grad_norm=trainer_clipping_norm(train.max_grad_norm, grit_clips=door is not None),
-        optim="adamw_torch", seed=train.seed,
+        optim=train.optim, seed=train.seed,
         data_seed=train.seed, logging_steps=1, save_strategy="steps" if checkpoints else "no",
         save_steps=train.save_steps, save_total_limit=2, report_to=[], remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, use_cpu=not torch.cuda.is_available(),

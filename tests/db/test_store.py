@@ -170,7 +170,7 @@ def test_a_store_from_before_holm_upgrades_in_place_and_keeps_its_rows(tmp_path:
     with sqlite3.connect(tmp_path / "old.db") as raw:
         row = raw.execute("SELECT delta, p_value, p_adjusted FROM comparisons").fetchone()
         assert row == (0.1, 0.01, None)
-        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0006"
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0007"
 
 
 def test_a_store_from_before_the_steps_rename_keeps_its_study_trials(tmp_path: Path):
@@ -204,3 +204,37 @@ def store_at_revision(tmp_path: Path, revision: str) -> str:
         raw.execute("INSERT INTO runs (id, params_hash, params_json, profile, host, device, started_at, status) "
                     "VALUES ('r', 'h', '{}', 'default', 'host', 'cpu', '2026-11-22 00:00:00', 'complete')")
     return url
+
+
+def test_the_plans_results_table_is_a_view_over_the_recorded_figures(tmp_path: Path):
+    """The seed plan's ``evaluation_results`` query runs on the store (revision 0007): each model's
+    AQI-style index and decode speed, and their differences to the base model of the same run."""
+    from sqlalchemy import text
+
+    from db.models import SpeedMetric
+
+    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    store.start_run(_run("r1"))
+    figures = {"base": (0.50, 100.0, 1.0), "pure_grit": (0.56, 90.0, 0.9), "baseline_lora": (0.47, 101.0, 1.01)}
+    with store.transaction() as session:
+        for variant, (aqi, decode, ratio) in figures.items():
+            store.replace_rows(session, EvalMetric, "r1", [
+                {"metric": "aqi", "value": aqi, "ci_low": None, "ci_high": None, "n": 100},
+                {"metric": "sampled_refusal_rate", "value": 0.8, "ci_low": 0.7, "ci_high": 0.9, "n": 100}],
+                variant=variant, seed=42)
+            store.replace_rows(session, SpeedMetric, "r1", [
+                {"backend": "llama.cpp side by side", "metric": "decode_tokens_per_second", "value": decode, "n": 5},
+                {"backend": "llama.cpp side by side", "metric": "delta_speed_decode", "value": ratio, "n": 5},
+                {"backend": "train", "metric": "decode_tokens_per_second", "value": 1.0, "n": None}],
+                variant=variant, seed=42)
+    store.record_stage("r1", "evaluate", "succeeded", utcnow())
+    with store.engine.connect() as connection:
+        rows = connection.execute(text(
+            "SELECT model_name, aqi_accuracy, delta_aqi, inference_speed, delta_speed, speed_ratio, refusal_rate, "
+            "timestamp FROM evaluation_results ORDER BY model_name")).all()
+    assert [r.model_name for r in rows] == ["base", "baseline_lora", "pure_grit"]
+    by_name = {r.model_name: r for r in rows}
+    assert by_name["base"].delta_aqi == 0.0 and by_name["base"].delta_speed == 0.0
+    assert by_name["pure_grit"].delta_aqi == pytest.approx(0.06) and by_name["pure_grit"].delta_speed == -10.0
+    assert by_name["baseline_lora"].inference_speed == 101.0 and by_name["baseline_lora"].speed_ratio == 1.01
+    assert all(r.refusal_rate == 0.8 and r.timestamp is not None for r in rows)

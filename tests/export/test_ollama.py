@@ -10,7 +10,16 @@ import ollama
 import pytest
 from ollama_standin import OllamaStandIn
 
-from export.ollama import check_shown, ollama_host, reachable, register, registered_weights, server_failure
+from export.ollama import (
+    check_shown,
+    copy_command,
+    ollama_host,
+    reachable,
+    register,
+    register_alias,
+    registered_weights,
+    server_failure,
+)
 
 
 def test_register_uploads_creates_shows_and_generates(tiny_export, tmp_path: Path):
@@ -25,6 +34,19 @@ def test_register_uploads_creates_shows_and_generates(tiny_export, tmp_path: Pat
         assert result.decode_tokens_per_second and result.decode_tokens_per_second > 0
         uploads = [path for method, path in server.requests if method == "POST" and path.startswith("/api/blobs/")]
         assert len(uploads) == 2                                   # base and adapter, once each
+
+
+def test_an_alias_is_a_checked_copy_of_the_registered_model(tiny_export, tmp_path: Path):
+    with OllamaStandIn(tmp_path / "blobs") as server:
+        client = ollama.Client(host=server.url)
+        with pytest.raises(ollama.ResponseError, match="not found"):     # nothing to copy yet
+            register_alias(client, tiny_export, "adapter", "unsloth_model")
+        register(client, tiny_export, "adapter", "Hello?", 8, {})
+        assert "ADAPTER attached" in register_alias(client, tiny_export, "adapter", "unsloth_model")
+        assert server.models["unsloth_model"] == server.models["tiny_model"]
+        reply = client.generate(model="unsloth_model", prompt="Hello?", options={"num_predict": 4, "temperature": 0})
+        assert reply.eval_count and reply.eval_count > 0
+    assert copy_command("tiny_model", "unsloth_model") == "ollama cp tiny_model unsloth_model"
 
 
 def test_a_server_that_refuses_adapters_gets_the_merged_gguf(tiny_export, tmp_path: Path):

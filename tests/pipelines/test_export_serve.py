@@ -31,6 +31,7 @@ def exported(tmp_path_factory) -> Path:
     compose_params("smoke", workdir / "params.yaml")
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
     raw["variants"] = {"pure_grit": {"engine": "peft", "grit": True}}
+    raw["serve"]["aliases"] = {"grit_model": "pure_grit"}    # the plan's name, on the one variant here
     raw["study"]["methods"] = []        # the smoke study compares variants removed here
     raw["serve"]["weights"] = "adapter"      # register FROM base + ADAPTER (the default serves merged)
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -59,7 +60,9 @@ def test_serve_registers_with_an_ollama_server(exported: Path, tmp_path: Path):
     with OllamaStandIn(tmp_path / "blobs") as server:
         result = run(exported, "pipelines.serve", env={"OLLAMA_HOST": server.url})
         assert result.returncode == 0, result.stderr[-3000:]
-        assert set(server.models) == {"base_model", "pure_grit_model"}
+        assert set(server.models) == {"base_model", "pure_grit_model", "grit_model"}
+        assert server.models["grit_model"] == server.models["pure_grit_model"]
+        assert "[serve] grit_model: another name of pure_grit_model; ADAPTER attached" in result.stdout
     manifest = json.loads((exported / "artifacts/serve/manifest.json").read_text())
     assert manifest["backend"] == "ollama" and manifest["ollama"]["registered"]
     assert manifest["models"]["pure_grit"]["ollama"]["weights"] == "adapter"
@@ -73,6 +76,8 @@ def test_serve_without_a_server_records_the_commands_and_uses_llama_cpp(exported
     manifest = json.loads((exported / "artifacts/serve/manifest.json").read_text())
     assert manifest["backend"] == "llama.cpp" and not manifest["ollama"]["registered"]
     assert any(c.startswith("ollama create pure_grit_model -f ") for c in manifest["ollama"]["commands"])
+    assert manifest["ollama"]["commands"][-1] == "ollama cp pure_grit_model grit_model"
+    assert manifest["models"]["pure_grit"]["aliases"] == ["grit_model"]
     checks = manifest["models"]["pure_grit"]["llama_cpp_check"]
     assert set(checks) == {"adapter", "merged"} and all(c["new_tokens"] > 0 for c in checks.values())
 
@@ -94,6 +99,7 @@ def test_export_refuses_a_dora_variant_in_one_line(exported: Path, tmp_path: Pat
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((exported / "params.yaml").read_text())
     raw["variants"] = {"peft_dora": {"engine": "peft", "lora_overrides": {"use_dora": True}}}
+    raw["serve"]["aliases"] = {}
     params.write_text(yaml.safe_dump(raw))
     result = run(exported, "pipelines.export", "--variant", "peft_dora", "--params", str(params))
     assert result.returncode == 2

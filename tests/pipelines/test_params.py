@@ -35,6 +35,12 @@ BAD_CASES = [
     ({"variants": {"base": {"engine": "peft"}}}, "variants", "reserved for the base model"),
     ({"profile": "no_such_profile"}, "profile", "unknown profile 'no_such_profile'"),
     ({"export": {"merged": False}}, "serve.weights", "export.merged is false"),
+    # the plan's Ollama names: an alias names a declared variant, is a valid name, shadows nothing
+    ({"serve": {"aliases": {"unsloth_model": "baseline_lora", "grit_model": "no_such"}}},
+     "serve.aliases.grit_model", "'no_such' is not a declared variant"),
+    ({"serve": {"aliases": {"pure_grit_model": "peft_lora"}}}, "serve.aliases.pure_grit_model",
+     "already registers a model of that name"),
+    ({"serve": {"aliases": {"Unsloth Model": "baseline_lora"}}}, "serve.aliases", "not an Ollama model name"),
 ]
 
 
@@ -207,3 +213,15 @@ def test_a_rank_8_or_dora_variant_is_a_params_change():
     assert variant_lora(params.lora, params.variants["peft_lora"]) == params.lora
     dora = variant_lora(params.lora, params.variants["peft_dora"])
     assert dora.use_dora and dora.r == params.lora.r
+
+
+def test_default_aliases_follow_the_declared_variants_and_written_ones_are_checked():
+    from pipelines.params import served_aliases
+
+    assert served_aliases(Params()) == {"unsloth_model": "baseline_lora", "grit_model": "hybrid_grit"}
+    own = parse_params({"variants": {"pure_grit": {"engine": "peft", "grit": True, "control": "peft_lora"},
+                                     "peft_lora": {"engine": "peft"}}})
+    assert served_aliases(own) == {}          # defaults naming undeclared variants are not registered
+    with pytest.raises(ParamsError, match="'hybrid_grit' is not a declared variant"):
+        parse_params({"variants": own.model_dump()["variants"],
+                      "serve": {"aliases": {"grit_model": "hybrid_grit"}}}, "params.yaml")

@@ -35,6 +35,7 @@ def workdir(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("probe")
     compose_params("smoke", workdir / "params.yaml", ["grit.precondition=false"])
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["serve"]["aliases"] = {}
     raw["variants"] = {"pure_grit": {"engine": "peft", "grit": True, "control": "peft_lora"},
                        "peft_lora": {"engine": "peft", "grit": False}}
     raw["study"]["methods"] = []        # the smoke study compares variants removed here

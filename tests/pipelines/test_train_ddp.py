@@ -31,6 +31,7 @@ def test_data_parallel_training_keeps_every_rank_in_step(tmp_path: Path):
     compose_params("smoke", tmp_path / "params.yaml")
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
     # Only pure GRIT: the smoke profile's grit_paper truncates, which data parallelism refuses.
+    raw["serve"]["aliases"] = {}
     raw["variants"] = {"pure_grit": {"engine": "peft", "grit": True}}
     raw["study"]["methods"] = []
     raw["train"]["nproc_per_node"] = 2

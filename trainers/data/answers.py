@@ -85,12 +85,12 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 class _LlamaCppGenerator:
     def __init__(self, files: BaseModelFiles, tokenizer, max_new_tokens: int) -> None:
-        import os
-
         from llama_cpp import Llama
 
+        from core.threads import llama_threads
+
         # llama-cpp-python defaults to half the cores; generation here is the only work running.
-        threads = os.cpu_count() or 1
+        threads = llama_threads()
         self.llm = Llama(model_path=str(files.gguf_path), n_ctx=2048, seed=0, verbose=False,
                          n_threads=threads, n_threads_batch=threads)
         self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens

@@ -33,6 +33,12 @@ class ProbeParams(Section):
     # least min_changed_fraction of the modules must change.
     min_update_change: Annotated[float, Field(gt=0, le=2)] = 5e-2
     min_changed_fraction: Annotated[float, Field(gt=0, le=1)] = 0.9
+    # beyond a step size: the same measure between GRIT's update and its scalar twin's (every
+    # inverse replaced by its closest c*I, clipping and the rest as they are), for at least
+    # min_changed_fraction of the modules. Adam turns an update by a few hundredths even for an
+    # inverse 0.02-0.04 from a scalar (0.06-0.18 on the tiny test model); a working GRIT turns it
+    # by 0.29-0.63 there (tests/trainers/probe/test_failure_modes.py).
+    min_scalar_twin_change: Annotated[float, Field(gt=0, le=2)] = 0.2
     # trajectory: trained loss curves of a GRIT variant and its same-engine control that never
     # differ by more than this are identical (the original experiment's symptom).
     trajectory_tolerance: Annotated[float, Field(ge=0)] = 1e-6

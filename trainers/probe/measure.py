@@ -1,15 +1,24 @@
-"""Both arms of one GRIT set-up, and their measurements.
+"""The arms of one GRIT set-up, and their measurements.
 
 ``probe_setup`` is what the ``probe`` stage runs per GRIT variant and what the failure-mode
-tests run on broken set-ups: the control arm (GRIT off) and the GRIT arm (``attach``: by default
-the training recipe's own ``attach_grit``) start from the same initial adapter on one model and
-train the same first K steps.
+tests run on broken set-ups: the control arm (GRIT off), the GRIT arm (``attach``: by default
+the training recipe's own ``attach_grit``) and its scalar twin start from the same initial
+adapter on one model and train the same first K steps.
+
+The scalar twin is the GRIT arm with every inverse replaced, each time it is computed, by the
+multiple of I closest to it (c = tr(P)/r, per module, side and refresh), everything else equal:
+the same statistics, grafting, clipping and optimizer. It makes the updates a per-module step
+size would make. A GRIT update that points where the control's does not, but where its scalar
+twin's does too, was turned by a step size (with clipping and Adam's normalisation), not by the
+shape of the curvature: the probe calls that inert.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from trainers.config import TrainParams
 from trainers.grit.config import GritParams
@@ -34,11 +43,41 @@ def _mean_gradient_change(trace: ArmTrace, module: str) -> UpdateComparison | No
                             median([r.relative_difference for r in rows]))
 
 
+def scalar_inverse(inverse: torch.Tensor) -> torch.Tensor:
+    """The multiple of I closest to ``inverse`` in Frobenius norm: tr(P)/r * I."""
+    eye = torch.eye(inverse.shape[-1], dtype=inverse.dtype, device=inverse.device)
+    return torch.diagonal(inverse, dim1=-2, dim2=-1).mean(-1)[..., None, None] * eye
+
+
+def replace_inverses(manager, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """From now on, every inverse ``manager`` computes is replaced by ``transform(inverse)``
+    (a GRIT-VLM adapter: in each modality's manager)."""
+    for one in getattr(manager, "managers", {}).values() or [manager]:
+        refresh = one.refresh_inverses
+
+        def refresh_then_transform(force: bool = False, one=one, refresh=refresh) -> None:
+            refresh(force)
+            for state in one.modules.values():
+                for side, inverse in state.inverse.items():
+                    if inverse is not None:
+                        state.inverse[side] = transform(inverse)
+
+        one.refresh_inverses = refresh_then_transform
+
+
+def make_scalar_twin(manager) -> None:
+    """Replace every inverse ``manager`` computes by its closest multiple of I, from now on."""
+    replace_inverses(manager, scalar_inverse)
+
+
 def measurements(variant: str, door: str | None, control: ArmTrace, grit: ArmTrace, state: dict, steps: int,
-                 trajectory: CurveComparison | None = None, trajectory_control: str | None = None) -> ProbeMeasurements:
-    """Per-module figures of one probe (``state`` from ``arms.grit_state``)."""
+                 trajectory: CurveComparison | None = None, trajectory_control: str | None = None,
+                 twin: ArmTrace | None = None) -> ProbeMeasurements:
+    """Per-module figures of one probe (``state`` from ``arms.grit_state``; ``twin``: the
+    scalar twin's trace, when it ran)."""
     modules = []
     compared_steps = min(control.steps, grit.steps)
+    twin_done = twin is not None and twin.steps >= steps and grit.steps >= steps
     for name in control.scalings:
         info = state.get("modules", {}).get(name, {})
         distances = [info.get(f"scalar_distance_{s}") for s in ("A", "B") if info.get(f"usable_{s}")]
@@ -53,6 +92,8 @@ def measurements(variant: str, door: str | None, control: ArmTrace, grit: ArmTra
             usable_B=bool(info.get("usable_B")), scalar_distance=max(distances) if distances else None,
             condition=max(conditions) if conditions else None, gradient=_mean_gradient_change(grit, name),
             update=update, step_update_cosines=per_step,
+            scalar_update=compare_updates(update_between(grit, name, 0, steps), update_between(twin, name, 0, steps))
+            if twin_done else None,
         ))
     return ProbeMeasurements(
         variant=variant, door=door, grit_present=state.get("present", False),
@@ -68,8 +109,9 @@ def probe_setup(
     door: str | None, settings: ProbeParams, workdir: Path, attach: Callable | None = None, bf16: bool = False,
     trajectory: CurveComparison | None = None, trajectory_control: str | None = None, collator=None,
 ) -> tuple[ProbeMeasurements, ArmTrace, ArmTrace]:
-    """Run the control arm, reset the adapter, run the GRIT arm (the model keeps the GRIT arm's
-    adapter afterwards); returns the measurements and both traces.
+    """Run the control arm, the scalar twin of the GRIT arm and the GRIT arm, each from the same
+    adapter (the model keeps the GRIT arm's adapter afterwards); returns the measurements and
+    the control's and GRIT arm's traces.
     ``attach(model, grit_config, door, total_steps) -> GritAttachment``;
     ``collator`` batches examples that are not pre-tokenized text (``recipe.build_trainer``)."""
     attach = attach or attach_grit
@@ -77,8 +119,15 @@ def probe_setup(
     control = run_arm(model, tokenizer, examples, train, settings.steps, GritAttachment(), workdir / "control", bf16,
                       collator)
     restore_factors(model, initial)
+    twin_attachment = attach(model, grit_config, door, train.max_steps)
+    twin = None
+    if twin_attachment.manager is not None:
+        make_scalar_twin(twin_attachment.manager)
+        twin = run_arm(model, tokenizer, examples, train, settings.steps, twin_attachment, workdir / "scalar_twin",
+                       bf16, collator)
+    restore_factors(model, initial)
     attachment = attach(model, grit_config, door, train.max_steps)
     grit = run_arm(model, tokenizer, examples, train, settings.steps, attachment, workdir / "grit", bf16, collator)
     state = grit_state(attachment.manager)
-    return (measurements(variant, door, control, grit, state, settings.steps, trajectory, trajectory_control),
-            control, grit)
+    return (measurements(variant, door, control, grit, state, settings.steps, trajectory, trajectory_control,
+                         twin), control, grit)

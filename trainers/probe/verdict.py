@@ -12,6 +12,9 @@ Each check answers one way GRIT was silently inert in the original experiment
 - ``gradients_not_preconditioned`` (for one part of a model, a VLM modality): the optimizer
   consumed that part's raw gradients;
 - ``update_unchanged`` (decisive): the K-step update dW = s B A equals the control's;
+- ``scalar_equivalent``: it equals the update of GRIT's scalar twin (every inverse replaced by its
+  closest multiple of I, the rest of the step as it is): a step size, with clipping and Adam's
+  normalisation, turned it, not the shape of the curvature;
 - ``identical_trajectory``: the trained loss curve equals the same-engine control's.
 """
 
@@ -37,6 +40,7 @@ class ModuleMeasurement:
     gradient: UpdateComparison | None      # consumed vs raw gradient in the GRIT arm (mean over steps)
     update: UpdateComparison | None        # K-step update, GRIT arm vs control arm
     step_update_cosines: list[float | None] = field(default_factory=list)
+    scalar_update: UpdateComparison | None = None   # K-step update, GRIT arm vs its scalar twin
 
 
 @dataclass(frozen=True)
@@ -126,10 +130,10 @@ def check_shape(m: ProbeMeasurements, p: ProbeParams) -> Check:
     return Check("preconditioner_shape", True, None, figures)
 
 
-def _turned(comparisons: list[UpdateComparison | None], p: ProbeParams) -> tuple[list[UpdateComparison], int]:
-    """(the comparisons with a direction, how many of them turned by >= min_update_change)."""
+def _turned(comparisons: list[UpdateComparison | None], threshold: float) -> tuple[list[UpdateComparison], int]:
+    """(the comparisons with a direction, how many of them turned by >= ``threshold``)."""
     compared = [c for c in comparisons if c is not None and c.direction_change is not None]
-    return compared, sum(c.direction_change >= p.min_update_change for c in compared)
+    return compared, sum(c.direction_change >= threshold for c in compared)
 
 
 def check_update(m: ProbeMeasurements, p: ProbeParams) -> Check:
@@ -137,7 +141,7 @@ def check_update(m: ProbeMeasurements, p: ProbeParams) -> Check:
         stopped = f" ({m.error})" if m.error else ""
         return Check("update", False, "update_unchanged", f"the GRIT arm completed {m.arm_steps}/{m.steps} "
                      f"steps{stopped}: no update to compare")
-    compared, changed = _turned([x.update for x in m.modules], p)
+    compared, changed = _turned([x.update for x in m.modules], p.min_update_change)
     cosine = median([c.cosine for c in compared])
     difference = median([c.relative_difference for c in compared])
     figures = (f"{changed}/{len(m.modules)} modules' {m.steps}-step update changed direction by >= "
@@ -148,6 +152,20 @@ def check_update(m: ProbeMeasurements, p: ProbeParams) -> Check:
     return Check("update", True, None, figures)
 
 
+def check_beyond_scalar(m: ProbeMeasurements, p: ProbeParams) -> Check:
+    """Does GRIT's update point where no per-module step size could take it?"""
+    compared, changed = _turned([x.scalar_update for x in m.modules], p.min_scalar_twin_change)
+    if not compared:
+        return Check("beyond_scalar", None, None, "the scalar twin did not run to the end: not compared")
+    cosine = median([c.cosine for c in compared])
+    figures = (f"{changed}/{len(m.modules)} modules' {m.steps}-step update turned by >= "
+               f"{p.min_scalar_twin_change:g} from its scalar twin's (median cosine {_fmt(cosine)})")
+    if _fraction(changed, len(m.modules)) < p.min_changed_fraction:
+        return Check("beyond_scalar", False, "scalar_equivalent", f"{figures}: a step size per module, clipped "
+                     "the same way, makes the same updates; the preconditioner's shape did not matter")
+    return Check("beyond_scalar", True, None, figures)
+
+
 def check_gradients_rewritten(m: ProbeMeasurements, p: ProbeParams) -> Check:
     """Did preconditioning turn *these* modules' gradients (consumed vs raw, in the GRIT arm)?
 
@@ -155,7 +173,7 @@ def check_gradients_rewritten(m: ProbeMeasurements, p: ProbeParams) -> Check:
     *other* parts are preconditioned, since their changed weights change its gradients, so the
     update check alone cannot tell whether this part was preconditioned."""
     # the same direction change as for updates: clipping rescales a gradient but does not turn it
-    measured, turned = _turned([x.gradient for x in m.modules], p)
+    measured, turned = _turned([x.gradient for x in m.modules], p.min_update_change)
     if not measured:
         return Check("gradients", None, None, "no consumed gradient was measured")
     cosine = median([c.cosine for c in measured])
@@ -188,7 +206,7 @@ def decide(m: ProbeMeasurements, p: ProbeParams, part: bool = False) -> tuple[st
     gradients must have been rewritten too (``check_gradients_rewritten``)."""
     checks = [check_attached(m), check_capture(m, p), check_readiness(m, p), check_optimizer_window(m, p),
               check_shape(m, p), *([check_gradients_rewritten(m, p)] if part else []), check_update(m, p),
-              check_trajectory(m, p)]
+              check_beyond_scalar(m, p), check_trajectory(m, p)]
     return (INERT if any(c.passed is False for c in checks) else EFFECTIVE), checks
 
 

@@ -16,7 +16,7 @@ from pipelines.params import parse_params
 from trainers.base_model import resolve_base_model
 from trainers.engines import build_peft
 from trainers.grit import GritManager
-from trainers.probe.measure import probe_setup
+from trainers.probe.measure import probe_setup, replace_inverses
 from trainers.probe.verdict import EFFECTIVE, INERT, decide, reasons
 from trainers.recipe import GritAttachment, attach_grit
 from trainers.sft import ordered_examples
@@ -142,3 +142,46 @@ def test_scalar_preconditioner_under_adamw_is_inert(base_files, tmp_path):
     assert verdict == INERT and "scalar_preconditioner" in why and "update_unchanged" in why
     assert all(x.gradient.norm_ratio < 0.1 for x in measured.modules if x.gradient)   # gradients did shrink
     assert all(x.update.cosine > 0.99 for x in measured.modules)                      # updates did not turn
+
+
+def _near_scalar(attach_inverse):
+    """GRIT attached as the recipe attaches it, but every inverse replaced by ``attach_inverse``."""
+    def attach(model, config, door, total_steps):
+        attachment = attach_grit(model, config, door, total_steps)
+        replace_inverses(attachment.manager, attach_inverse)
+        return attachment
+    return attach
+
+
+@pytest.mark.parametrize("distance", [0.02, 0.04])
+def test_a_near_scalar_preconditioner_is_inert(base_files, tmp_path, distance):
+    """1000 (I + E), 0.02 or 0.04 from a scalar (past the shape check's 0.01), no grafting,
+    clipping after it. At 0.04 every module's update turns by more than min_update_change from
+    the control's (Adam amplifies the small non-scalar part, and clipping rescales each step), so
+    the update check alone called it effective; its scalar twin turns it almost the same way."""
+    from trainers.grit import math as gm
+
+    generator = torch.Generator().manual_seed(0)
+
+    def near_scalar(inverse: torch.Tensor) -> torch.Tensor:
+        r = inverse.shape[-1]
+        eye = torch.eye(r, dtype=torch.float64)
+        noise = torch.randn(r, r, generator=generator, dtype=torch.float64)
+        noise = 0.5 * (noise + noise.T) - eye * torch.diagonal(noise).mean()       # traceless: c stays 1000
+        perturbation = noise * distance * float(torch.linalg.matrix_norm(eye) / torch.linalg.matrix_norm(noise))
+        return (1000.0 * (eye + perturbation)).to(inverse)
+
+    grit = PARAMS.grit.model_copy(update={"graft_norm": False})
+    verdict, why, measured, _, _ = probe(base_files, tmp_path, attach=_near_scalar(near_scalar), grit=grit)
+    distances = [x.scalar_distance for x in measured.modules if x.scalar_distance is not None]
+    assert distances and all(SETTINGS.scalar_tolerance < d < 2 * distance for d in distances)
+    assert verdict == INERT and "scalar_equivalent" in why, why
+    if distance == 0.04:
+        assert why == ["scalar_equivalent"]           # the update check alone would say effective
+    assert gm.distance_from_scalar(near_scalar(torch.eye(4))) == pytest.approx(distance, rel=0.05)
+
+
+def test_real_grit_points_where_no_step_size_could(base_files, tmp_path):
+    verdict, why, measured, _, _ = probe(base_files, tmp_path)
+    assert verdict == EFFECTIVE, why
+    assert all(x.scalar_update.direction_change >= SETTINGS.min_scalar_twin_change for x in measured.modules)

@@ -16,7 +16,8 @@ P = ProbeParams(steps=4)
 def module(name: str = "layers.0.self_attn.q_proj", **changes) -> ModuleMeasurement:
     base = ModuleMeasurement(name=name, rows_captured=100, usable_A=True, usable_B=True, scalar_distance=0.5,
                              condition=8.0, gradient=UpdateComparison(0.8, 1.0, 0.6),
-                             update=UpdateComparison(0.8, 1.0, 0.6), step_update_cosines=[0.8] * 4)
+                             update=UpdateComparison(0.8, 1.0, 0.6), step_update_cosines=[0.8] * 4,
+                             scalar_update=UpdateComparison(0.8, 1.0, 0.6))
     return replace(base, **changes)
 
 
@@ -32,7 +33,7 @@ def test_a_working_set_up_is_effective_with_its_reasons():
     verdict, checks = decide(measured(), P)
     assert verdict == EFFECTIVE and reasons(checks) == []
     assert {c.name for c in checks} == {"attached", "capture", "readiness", "optimizer_window",
-                                        "preconditioner_shape", "update", "trajectory"}
+                                        "preconditioner_shape", "update", "beyond_scalar", "trajectory"}
 
 
 @pytest.mark.parametrize(("changes", "reason"), [
@@ -46,6 +47,8 @@ def test_a_working_set_up_is_effective_with_its_reasons():
     ({"modules": [module(update=UpdateComparison(1.0, 1.0, 0.0))]}, "update_unchanged"),
     ({"modules": [module(update=UpdateComparison(1.0, 0.2, 0.8))]}, "update_unchanged"),   # only rescaled
     ({"arm_steps": 1, "error": "GritError: boom"}, "update_unchanged"),
+    # turned from the control, but as far from its scalar twin as a step size would leave it
+    ({"modules": [module(scalar_update=UpdateComparison(0.99, 1.0, 0.14))]}, "scalar_equivalent"),
     ({"trajectory": CurveComparison(4, 1.0, 0.0)}, "identical_trajectory"),
 ])
 def test_each_failure_is_inert_with_its_reason(changes, reason):
@@ -64,3 +67,9 @@ def test_missing_trajectory_is_reported_not_failed():
     verdict, checks = decide(measured(trajectory=None, trajectory_control=None), P)
     assert verdict == EFFECTIVE
     assert next(c for c in checks if c.name == "trajectory").passed is None
+
+
+def test_a_scalar_twin_that_did_not_run_is_reported_not_failed():
+    verdict, checks = decide(measured(modules=[module(scalar_update=None)]), P)
+    assert verdict == EFFECTIVE
+    assert next(c for c in checks if c.name == "beyond_scalar").passed is None
