@@ -30,7 +30,7 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -93,6 +93,10 @@ class RunTables:
     settings: EvalParams = EvalParams()
     export: ExportParams = ExportParams()
     serve: ServeParams = ServeParams()
+    controls: dict[str, str] = field(default_factory=dict)   # GRIT variant -> same-engine control
+
+    def is_control_pair(self, c) -> bool:
+        return self.controls.get(c.variant) == c.reference
 
     @property
     def confidence(self) -> float:
@@ -186,7 +190,16 @@ def load_run(url: str, root: Path, run_id: str | None) -> RunTables:
     return RunTables(run, ["base", *params["variants"]], metrics, speeds, comparisons,
                      recorded_section(params.get("eval"), EvalParams),
                      recorded_section(params.get("export"), ExportParams),
-                     recorded_section(params.get("serve"), ServeParams))
+                     recorded_section(params.get("serve"), ServeParams), recorded_controls(params))
+
+
+def recorded_controls(params: dict) -> dict[str, str]:
+    """GRIT variant -> its same-engine control, from a run's recorded params (the default
+    variants' where none were recorded)."""
+    from trainers.config import DEFAULT_VARIANTS
+
+    variants = params.get("variants") or {name: v.model_dump() for name, v in DEFAULT_VARIANTS.items()}
+    return {name: v["control"] for name, v in variants.items() if v.get("control")}
 
 
 def recorded_section(raw: dict | None, schema: type[Section]):
@@ -248,11 +261,14 @@ def _p_text(c: Difference) -> str:
     return raw + (f", Holm {c.p_adjusted:.3g}" if finite_or_none(c.p_adjusted) is not None else "")
 
 
-def grit_rows(tables: RunTables) -> list[list[str]]:
+def grit_rows(tables: RunTables, control_pairs: bool = True) -> list[list[str]]:
+    """The GRIT-vs-control table (``control_pairs``), or that of the other declared pairs
+    (``eval.comparisons``: pure GRIT vs the Unsloth baseline)."""
     return [[f"{c.variant} vs {c.reference}", c.metric, f"{c.delta:+.4f}",
              f"[{_number(c.ci_low)}, {_number(c.ci_high)}]",
              f"{c.test} ({_p_text(c)})", verdict(tables, c)]
-            for c in tables.differences if c.reference != "base" and _shown(c.metric)]
+            for c in tables.differences
+            if c.reference != "base" and tables.is_control_pair(c) == control_pairs and _shown(c.metric)]
 
 
 def _shown(metric: str) -> bool:
@@ -275,7 +291,7 @@ def summary_line(tables: RunTables) -> str:
     """One plain sentence, weighing each GRIT-vs-control difference by its size and its
     uncertainty: only differences significant after Holm's adjustment and larger than the
     negligible bound decide the headline, strongest first, each with its interval."""
-    rows = [c for c in tables.differences if c.reference != "base" and _shown(c.metric)]
+    rows = [c for c in tables.differences if tables.is_control_pair(c) and _shown(c.metric)]
     if not rows:
         return "No GRIT variant with a same-engine control in this run."
     decided = sorted((c for c in rows if verdict(tables, c) in ("GRIT better", "GRIT worse")), key=_strength,
@@ -347,7 +363,7 @@ def criteria_rows(tables: RunTables) -> list[list[str]]:
         ok = agreement.value >= min_agreement and kl.value <= max_kl
         return f"{'pass' if ok else 'FAIL'} ({agreement.value:.0%}, {kl.value:.4f} nats)"
 
-    controls = {c.variant: c.reference for c in tables.differences if c.reference != "base"}
+    controls = tables.controls
     retention = {v: tables.figure(v, "retention_accuracy") for v in variants}
     return [
         ["alignment improves over base: AQI-style up, significant", *(improves(v, "base", "aqi") for v in variants)],
@@ -383,12 +399,17 @@ def legend(tables: RunTables) -> str:
 def report(tables: RunTables) -> str:
     quality = markdown(["metric", *tables.models], quality_table(tables))
     speed = markdown(["speed", *tables.models], speed_table(tables))
-    grit = markdown(["pair", "metric", "delta", "95% CI", "test (raw p, Holm p)", "verdict"], grit_rows(tables))
+    header = ["pair", "metric", "delta", "95% CI", "test (raw p, Holm p)", "verdict"]
+    grit = markdown(header, grit_rows(tables))
+    declared = grit_rows(tables, control_pairs=False)
+    across = ("\n\n## Declared comparisons across engines (eval.comparisons)\n\nGRIT and the engine differ "
+              f"together in these pairs, so they do not isolate GRIT.\n\n{markdown(header, declared)}"
+              if declared else "")
     criteria = markdown(["success criterion", *(m for m in tables.models if m != "base")], criteria_rows(tables))
     return (f"# Comparison of run {tables.run.id} ({tables.run.profile} profile, {tables.run.device})\n\n"
             f"{quality}\n\n{legend(tables)}\n\n"
             f"{speed}\n\n## Success criteria\n\n{criteria}\n\n## GRIT vs its same-engine control\n\n{grit}\n\n"
-            f"**{summary_line(tables)}**\n")
+            f"**{summary_line(tables)}**{across}\n")
 
 
 def plots(tables: RunTables, folder: Path) -> list[Path]:

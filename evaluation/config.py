@@ -43,6 +43,11 @@ class EvalParams(Section):
     # success criteria (compare_all): served speed side by side with the base, and knowledge kept
     min_speed_ratio: Annotated[float, Field(gt=0)] = 0.9
     min_retention: Annotated[float, Field(ge=0, le=1)] = 0.70
+    # declared comparisons beside every variant vs the base and every GRIT variant vs its
+    # same-engine control: [variant, reference] pairs, in Holm's family like the rest. The seed
+    # plan's key one: pure GRIT (PEFT) against the Unsloth baseline, which measures GRIT and the
+    # engine together (on CPU the two engines run the same plain PyTorch steps).
+    comparisons: list[tuple[str, str]] = [("pure_grit", "baseline_lora")]
     # statistics
     bootstrap_resamples: Annotated[int, Field(ge=100)] = 1000
     confidence: Annotated[float, Field(gt=0.5, lt=1)] = 0.95

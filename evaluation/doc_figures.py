@@ -27,6 +27,7 @@ from evaluation.compare_all import (
     legend,
     markdown,
     quality_table,
+    recorded_controls,
     recorded_section,
     speed_table,
     summary_line,
@@ -62,7 +63,7 @@ def tables_from_metrics(evaluation: dict, run_label: str, params_json: str = "{}
     return RunTables(SimpleNamespace(id=run_label, params_json=params_json), models, metrics, speeds, comparisons,
                      recorded_section(params.get("eval"), EvalParams),
                      recorded_section(params.get("export"), ExportParams),
-                     recorded_section(params.get("serve"), ServeParams))
+                     recorded_section(params.get("serve"), ServeParams), recorded_controls(params))
 
 
 def results_block(evaluation: dict, run_label: str, params_json: str = "{}") -> str:

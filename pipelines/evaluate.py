@@ -34,7 +34,7 @@ from db.models import Comparison, EvalMetric, SpeedMetric
 from evaluation.held_out import held_out_sets
 from evaluation.stats import finite_or_none
 from export.llama_cpp import require_working_runtime
-from pipelines.params import Params, require_text_model
+from pipelines.params import Params, declared_comparisons, require_text_model
 from pipelines.paths import ADAPTERS, DATA_DIR, SERVE_MANIFEST, TRAIN_METRICS
 from pipelines.replicates import model_key, replicate_path, replicates
 from pipelines.stage import StageContext, run_stage
@@ -110,10 +110,11 @@ def generation_records(subject) -> list[dict]:
 
 
 def comparison_pairs(params: Params) -> list[tuple[str, str]]:
-    """(variant, reference): every variant vs the base, every GRIT variant vs its declared control."""
+    """(variant, reference): every variant vs the base, every GRIT variant vs its declared control,
+    then the pairs ``eval.comparisons`` declares (pure GRIT vs the Unsloth baseline)."""
     pairs = [(name, "base") for name in params.variants]
     pairs += [(name, variant.control) for name, variant in params.variants.items() if variant.control]
-    return pairs
+    return pairs + declared_comparisons(params)
 
 
 def model_rows(params: Params) -> dict[str, tuple[str, int]]:

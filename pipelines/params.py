@@ -93,6 +93,23 @@ def _check_aliases(aliases: dict[str, str], variants: dict[str, VariantParams]) 
                              "choose another alias")
 
 
+def _check_comparisons(pairs: list[tuple[str, str]], variants: dict[str, VariantParams]) -> None:
+    for variant, reference in pairs:
+        for name in (variant, reference):
+            if name not in variants:
+                raise ValueError(f"eval.comparisons: {name!r} is not a declared variant ({', '.join(variants)})")
+        if variant == reference:
+            raise ValueError(f"eval.comparisons: {variant} is paired with itself")
+        if variants[variant].control == reference:
+            raise ValueError(f"eval.comparisons: {variant} vs {reference} is already compared (its control)")
+
+
+def declared_comparisons(params: Params) -> list[tuple[str, str]]:
+    """The extra pairs the evaluation compares: those written in params (each checked), or the
+    defaults whose variants the params declare."""
+    return [(v, r) for v, r in params.eval.comparisons if v in params.variants and r in params.variants]
+
+
 def served_aliases(params: Params) -> dict[str, str]:
     """The aliases the serve stage registers: those written in params (each checked), or the
     defaults whose variants the params declare."""
@@ -141,6 +158,8 @@ class Params(Section):
                                      f"set {key}: false or train.nproc_per_node: 1")
         if "aliases" in self.serve.model_fields_set:   # the defaults name variants a params file may not declare
             _check_aliases(self.serve.aliases, self.variants)
+        if "comparisons" in self.eval.model_fields_set:
+            _check_comparisons(self.eval.comparisons, self.variants)
         unknown = [m for m in self.study.methods if m not in self.variants]
         if unknown:
             raise ValueError(f"study.methods: {unknown[0]!r} is not a declared variant ({', '.join(self.variants)})")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from evaluation.compare_all import RunTables, criteria_rows, summary_line, verdict
+from evaluation.compare_all import RunTables, criteria_rows, grit_rows, summary_line, verdict
 from export.config import ExportParams
 
 MODELS = ["base", "peft_lora", "pure_grit"]
@@ -31,7 +31,7 @@ def _tables(comparisons, speeds=None, metrics=None) -> RunTables:
                ("pure_grit", "export_parity_merged_mean_kl"): _figure(0.001)} | (metrics or {})
     run = SimpleNamespace(id="r", params_json="{}")
     return RunTables(run, MODELS, figures, speeds or {}, comparisons,
-                     export=ExportParams(min_agreement=0.95, max_mean_kl=0.02))
+                     export=ExportParams(min_agreement=0.95, max_mean_kl=0.02), controls={"pure_grit": "peft_lora"})
 
 
 def test_a_significant_but_tiny_aqi_gain_does_not_outweigh_a_large_refusal_loss():
@@ -76,3 +76,17 @@ def test_success_criteria_pass_and_fail_per_variant():
     assert rows["export parity (>= 95% agreement, <= 0.02 nats)"][0].startswith("pass (100%")
     assert rows["export parity (>= 95% agreement, <= 0.02 nats)"][1].startswith("FAIL (90%")
     assert rows["knowledge retention > 0.70"] == ["pass (0.800)", "FAIL (0.650)"]
+
+
+def test_a_declared_pair_across_engines_has_its_own_table_and_does_not_decide_the_headline():
+    """eval.comparisons (pure GRIT vs the Unsloth baseline) is reported beside the same-engine
+    pairs, never as GRIT-vs-control: GRIT and the engine differ together there."""
+    tables = _tables([
+        _comparison("aqi", "pure_grit", "peft_lora", 0.001, -0.01, 0.012, 0.6, False),
+        _comparison("aqi", "pure_grit", "baseline_lora", -0.2, -0.25, -0.15, 1e-6, True)])
+    assert [row[0] for row in grit_rows(tables)] == ["pure_grit vs peft_lora"]
+    across = grit_rows(tables, control_pairs=False)
+    assert [row[0] for row in across] == ["pure_grit vs baseline_lora"] and across[0][-1] == "GRIT worse"
+    assert "baseline_lora" not in summary_line(tables) and "no difference both significant" in summary_line(tables)
+    rows = {row[0]: row[1:] for row in criteria_rows(tables)}
+    assert rows["GRIT beats its control: AQI-style up, significant"] == ["-", "FAIL (+0.0010)"]   # vs peft_lora

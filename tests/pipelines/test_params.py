@@ -41,6 +41,8 @@ BAD_CASES = [
     ({"serve": {"aliases": {"pure_grit_model": "peft_lora"}}}, "serve.aliases.pure_grit_model",
      "already registers a model of that name"),
     ({"serve": {"aliases": {"Unsloth Model": "baseline_lora"}}}, "serve.aliases", "not an Ollama model name"),
+    ({"eval": {"comparisons": [["pure_grit", "unsloth"]]}}, "eval.comparisons", "'unsloth' is not a declared variant"),
+    ({"eval": {"comparisons": [["pure_grit", "peft_lora"]]}}, "eval.comparisons", "already compared (its control)"),
 ]
 
 
