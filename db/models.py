@@ -88,6 +88,16 @@ class TrainMetric(Base):
     learning_rate: Mapped[float | None] = mapped_column(Float)
     tokens_per_second: Mapped[float | None] = mapped_column(Float)
     rows_captured: Mapped[int | None] = mapped_column(Integer)
+    # GRIT's counters (revision 0008): inverses computed this step, gradients preconditioned,
+    # share of modules that captured rows; on a reprojection's step the ranks kept (min, median,
+    # max over modules) and the median share of Sigma_u's eigen-energy they keep
+    inversions: Mapped[int | None] = mapped_column(Integer)
+    preconditioned_tensors: Mapped[int | None] = mapped_column(Integer)
+    capture_coverage: Mapped[float | None] = mapped_column(Float)
+    rank_min: Mapped[int | None] = mapped_column(Integer)
+    rank_median: Mapped[int | None] = mapped_column(Integer)
+    rank_max: Mapped[int | None] = mapped_column(Integer)
+    kept_energy_median: Mapped[float | None] = mapped_column(Float)
     val_loss: Mapped[float | None] = mapped_column(Float)       # on the steps it was measured
 
 

@@ -162,9 +162,20 @@ class ValidationLoss:
         return total / count if count else float("nan")
 
 
+# GRIT's counters per step (None without GRIT); the rank figures only on a reprojection's step.
+GRIT_COUNTERS = {"inversions": int, "preconditioned_tensors": int, "capture_coverage": float,
+                 "rank_min": int, "rank_median": int, "rank_max": int, "kept_energy_median": float}
+
+
+def grit_counters(report: dict[str, float]) -> dict[str, float | int | None]:
+    return {key: (kind(report[key]) if key in report else None) for key, kind in GRIT_COUNTERS.items()}
+
+
 class StepLog(TrainerCallback):
-    """Per optimizer step: loss, gradient norms, learning rate, tokens/s, rows captured, and the
-    validation loss on the steps it is measured (``None`` on the others)."""
+    """Per optimizer step: loss, gradient norms, learning rate, tokens/s, rows captured, GRIT's
+    counters (inversions, preconditioned tensors, capture coverage; ranks kept and their share of
+    the eigen-energy on a reprojection's step), and the validation loss on the steps it is
+    measured (``None`` on the others)."""
 
     def __init__(self, trainer_ref: list, manager=None, live=None, validation: ValidationLoss | None = None,
                  on_validation=None) -> None:
@@ -213,6 +224,7 @@ class StepLog(TrainerCallback):
             "grad_norm_raw": report.get("grad_norm_raw"),
             "grad_norm_preconditioned": report.get("grad_norm_preconditioned"),
             "rows_captured": int(report["rows_captured"]) if "rows_captured" in report else None,
+            **grit_counters(report),
             "val_loss": None,
         }
         if self.validation is not None and self.validation.due(state.global_step, state.max_steps):

@@ -170,7 +170,7 @@ def test_a_store_from_before_holm_upgrades_in_place_and_keeps_its_rows(tmp_path:
     with sqlite3.connect(tmp_path / "old.db") as raw:
         row = raw.execute("SELECT delta, p_value, p_adjusted FROM comparisons").fetchone()
         assert row == (0.1, 0.01, None)
-        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0007"
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0008"
 
 
 def test_a_store_from_before_the_steps_rename_keeps_its_study_trials(tmp_path: Path):

@@ -71,6 +71,12 @@ class GritManager:
         self.capturing = True
         self.optimizer: torch.optim.Optimizer | None = None
         self.report: dict[str, torch.Tensor | float] = {}     # the last step's, on the device until read
+        # Counters the GRIT paper logs (host integers, no device read): Fisher inversions, and
+        # every reprojection or rank event with the ranks kept and the spectrum they keep.
+        self.inversions = 0                   # (module, side) inverses computed since the start
+        self._inverted_now = 0
+        self._captured_modules = 0            # modules that captured rows in the last sync
+        self.rank_events: list[dict[str, float | int]] = []
         self._row_mask: torch.Tensor | None = None
         self._row_count: int | None = None
         self._handles: list[Any] = []
@@ -183,6 +189,7 @@ class GritManager:
             allreduce_sum_([*tensors, counts])
             for i, s in enumerate(states):
                 s.u.pending_count, s.v.pending_count = int(counts[2 * i]), int(counts[2 * i + 1])
+        self._captured_modules = sum(s.u.pending_count > 0 for s in states)
         fold_all([stats for s in states for stats in (s.u, s.v)], self.config.statistics, self.config.ema_decay)
 
     def check_capture_coverage(self) -> None:
@@ -214,6 +221,8 @@ class GritManager:
                 if stats.count < cfg.min_samples or (not due and state.inverse[side] is not None):
                     continue
                 wanted.append((state, side, stats.covariance(cfg.statistics)))
+        self._inverted_now = len(wanted)
+        self.inversions += len(wanted)
         if cfg.fisher != "rank_kfac":
             for state, side, sigma in wanted:
                 state.set_inverse(side, invert(sigma, cfg))
@@ -296,6 +305,8 @@ class GritManager:
         self.report = {
             "grad_norm_raw": raw_norm, "grad_norm_preconditioned": joint_gradient_norm(parameters),
             "preconditioned_tensors": float(applied), "regularizer": regularizer, "rows_captured": float(rows),
+            "inversions": float(self._inverted_now), "inversions_total": float(self.inversions),
+            "capture_coverage": self._captured_modules / max(1, len(self.modules)),
         }
         return self.report
 
@@ -344,7 +355,7 @@ class GritManager:
         k: the given one, else the module's full rank before ``rank_adaptation_start_step``
         (a rotation that changes nothing, so no truncation), else the budget."""
         adapting = self.step >= self.config.rank_adaptation_start_step
-        ranks = {}
+        ranks, kept_energy = {}, []
         with torch.no_grad():
             for state in self.modules.values():
                 sigma_u, _, rows = self.covariances(state.name)
@@ -356,12 +367,25 @@ class GritManager:
                     k_here = min(state.rank, k)
                 else:
                     k_here = self.budget(state, eigenvalues) if adapting else state.rank
+                kept_energy.append(gm.kept_energy(eigenvalues, k_here))
                 basis_u = state.reproject(k_here, self.config)
                 if self.config.truncate and k_here < state.rank:
                     state.truncate(basis_u, self.optimizer)
                 ranks[state.name] = state.rank
         self.record_ranks_in_peft_config()
+        self._record_rank_event(ranks, kept_energy)
         return ranks
+
+    def _record_rank_event(self, ranks: dict[str, int], kept_energy: list[torch.Tensor]) -> None:
+        """One reprojection: the ranks kept and the share of Sigma_u's eigen-energy they keep
+        (median over the modules reprojected), in :attr:`rank_events` and this step's report."""
+        kept = sorted(ranks.values())
+        energies = sorted(float(e) for e in kept_energy)      # a rare event: one read per module
+        event = {"step": self.step, "reprojected_modules": len(energies), "rank_min": kept[0],
+                 "rank_median": kept[len(kept) // 2], "rank_max": kept[-1], "rank_total": sum(kept),
+                 "kept_energy_median": energies[len(energies) // 2] if energies else float("nan")}
+        self.rank_events.append(event)
+        self.report = {**self.report, **{k: float(v) for k, v in event.items() if k != "step"}}
 
     def truncate(self) -> dict[str, int]:
         """Shrink every module to the rank of its current u-basis (set by :meth:`reproject`)."""
@@ -411,7 +435,8 @@ class GritManager:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "capturing": self.capturing, "config": self.config.model_dump(),
-                "modules": {name: state.state() for name, state in self.modules.items()}}
+                "modules": {name: state.state() for name, state in self.modules.items()},
+                "inversions": self.inversions, "rank_events": list(self.rank_events)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a saved state; call it before the optimizer is built and before the adapter
@@ -425,6 +450,8 @@ class GritManager:
             raise GritError(f"GRIT state: {shrinking[0]} was truncated, so its factors must be rebuilt before "
                             "the optimizer is; load the GRIT state before building the optimizer")
         self.step = int(state["step"])
+        self.inversions = int(state.get("inversions", 0))
+        self.rank_events = list(state.get("rank_events", []))
         self._set_capturing(bool(state["capturing"]))
         for name, saved in state["modules"].items():
             self.modules[name].load(saved)

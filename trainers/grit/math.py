@@ -161,6 +161,15 @@ def distance_from_scalar(matrix: torch.Tensor) -> float:
     return float(torch.linalg.matrix_norm(matrix - c * eye) / norm)
 
 
+def kept_energy(eigenvalues: torch.Tensor, k: int) -> torch.Tensor:
+    """The share of the spectrum's energy (sum of eigenvalues, clamped at 0) the top k keep;
+    ``eigenvalues`` descending. 1 for an all-zero spectrum (nothing is lost)."""
+    positive = eigenvalues.clamp(min=0)
+    total = positive.sum()
+    return torch.where(total > 0, positive[:k].sum() / total.clamp(min=torch.finfo(total.dtype).tiny),
+                       torch.ones_like(total))
+
+
 def top_eigenvectors(sigma: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(eigenvalues descending [r], the top-k eigenvectors as columns [r, k])."""
     eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (sigma + sigma.T))

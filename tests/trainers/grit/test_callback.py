@@ -5,21 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_lora import batches, tiny_lora_model
+from tiny_lora import Rows, tiny_lora_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from trainers.grit import GritManager, GritParams
-
-
-class Rows(torch.utils.data.Dataset):
-    def __init__(self):
-        self.rows = [{k: v[i] for k, v in b.items()} for b in batches(4, batch_size=4) for i in range(4)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        return self.rows[index]
 
 
 class NormAtStep(TrainerCallback):
