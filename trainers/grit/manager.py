@@ -355,7 +355,7 @@ class GritManager:
         k: the given one, else the module's full rank before ``rank_adaptation_start_step``
         (a rotation that changes nothing, so no truncation), else the budget."""
         adapting = self.step >= self.config.rank_adaptation_start_step
-        ranks, kept_energy = {}, []
+        ranks, kept_energy, budgets = {}, [], []
         with torch.no_grad():
             for state in self.modules.values():
                 sigma_u, _, rows = self.covariances(state.name)
@@ -368,21 +368,24 @@ class GritManager:
                 else:
                     k_here = self.budget(state, eigenvalues) if adapting else state.rank
                 kept_energy.append(gm.kept_energy(eigenvalues, k_here))
+                budgets.append(k_here)
                 basis_u = state.reproject(k_here, self.config)
                 if self.config.truncate and k_here < state.rank:
                     state.truncate(basis_u, self.optimizer)
                 ranks[state.name] = state.rank
         self.record_ranks_in_peft_config()
-        self._record_rank_event(ranks, kept_energy)
+        self._record_rank_event(ranks, kept_energy, budgets)
         return ranks
 
-    def _record_rank_event(self, ranks: dict[str, int], kept_energy: list[torch.Tensor]) -> None:
-        """One reprojection: the ranks kept and the share of Sigma_u's eigen-energy they keep
-        (median over the modules reprojected), in :attr:`rank_events` and this step's report."""
+    def _record_rank_event(self, ranks: dict[str, int], kept_energy: list[torch.Tensor], budgets: list[int]) -> None:
+        """One reprojection: the ranks kept, the projection budgets k, and the share of Sigma_u's
+        eigen-energy the top k keep (median over the modules reprojected), in :attr:`rank_events`
+        and this step's report."""
         kept = sorted(ranks.values())
         energies = sorted(float(e) for e in kept_energy)      # a rare event: one read per module
         event = {"step": self.step, "reprojected_modules": len(energies), "rank_min": kept[0],
                  "rank_median": kept[len(kept) // 2], "rank_max": kept[-1], "rank_total": sum(kept),
+                 "budget_min": min(budgets, default=0), "budget_max": max(budgets, default=0),
                  "kept_energy_median": energies[len(energies) // 2] if energies else float("nan")}
         self.rank_events.append(event)
         self.report = {**self.report, **{k: float(v) for k, v in event.items() if k != "step"}}

@@ -3,9 +3,9 @@ image-text pairs a ``model.kind: vlm`` run uses."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from core.section import Section
 from trainers.grit_vlm.config import VlmGritParams
@@ -30,11 +30,24 @@ class VlmDataParams(Section):
         return self
 
 
+def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes``: mappings merge key by key, anything else (a list of patterns,
+    a number) replaces what was there."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 class VlmParams(Section):
     """GRIT-VLM for ``model.kind: vlm``: a predefined configuration (``preset``, see
-    ``trainers/grit_vlm/presets.py``) or a whole ``custom`` one, and the image-text pairs."""
+    ``trainers/grit_vlm/presets.py``) with the fields ``overrides`` changes, or a whole
+    ``custom`` one, and the image-text pairs."""
 
     preset: str | None = "smolvlm_fast"
+    # fields of the preset to change, nested as in a custom configuration, e.g.
+    # {vision: {layers: {strategy: last_n, n_layers: 2}, grit: {budget_end: 16}}}; the rest stays
+    overrides: dict[str, Any] = {}
     custom: VlmGritParams | None = None
     data: VlmDataParams = VlmDataParams()
 
@@ -44,7 +57,21 @@ class VlmParams(Section):
             raise ValueError("set exactly one of preset and custom")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"no preset named {self.preset!r}; presets: {', '.join(PRESETS)}")
+        if self.overrides and self.custom is not None:
+            raise ValueError("overrides change a preset; with custom, write the change into custom")
+        if self.overrides:
+            try:
+                self.config()
+            except ValidationError as error:
+                first = error.errors()[0]
+                where = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"overrides.{where}: {first['msg'].removeprefix('Value error, ')}") from None
         return self
 
     def config(self) -> VlmGritParams:
-        return self.custom if self.custom is not None else PRESETS[self.preset]
+        if self.custom is not None:
+            return self.custom
+        chosen = PRESETS[self.preset]
+        if not self.overrides:
+            return chosen
+        return VlmGritParams.model_validate(merged(chosen.model_dump(exclude_unset=False), self.overrides))

@@ -34,8 +34,11 @@ _LAST_6_READ_BLOCKS = LayerSelection(strategy="last_n", n_layers=6, skip_last=1)
 
 
 def _linear_budget(start: int, end: int) -> dict:
-    """Reprojection keeps k rank-space directions, k moving linearly from start to end."""
-    return {"budget_schedule": "linear", "budget_start": start, "budget_end": end}
+    """Reprojection keeps k rank-space directions, k moving linearly from start to end. A budget
+    acts only through reprojection, so the preset turns it on, on a cadence set by the run's
+    length (at least ``reprojections`` times, the last with training after it)."""
+    return {"reprojection": True, "cadence": "budget", "budget_schedule": "linear", "budget_start": start,
+            "budget_end": end}
 
 
 def _under(prefix: str, names: tuple[str, ...]) -> list[str]:

@@ -128,3 +128,41 @@ def test_a_few_training_steps_on_image_text_pairs_reduce_the_loss(architecture, 
     assert meta["grit_all_ready"] is True and meta["batches_trained"] == 8
     assert set(meta["grit_modality_stats"]) == {"vision", "language", "connector"}
     assert all(row["vision/preconditioned_tensors"] > 0 for row in meta["grit_modality_history"][1:])
+
+
+def test_a_presets_declared_budgets_act_through_reprojection(tmp_path):
+    """smolvlm_256m declares vision budgets 4 -> 8 and language 8 -> 16: they act only when
+    reprojection runs, so the preset turns it on, on a cadence set by the run's length."""
+    from tiny_lora import Rows, tiny_lora_model
+    from transformers import Trainer, TrainingArguments
+
+    from trainers.grit import GritManager
+
+    config = modality_grit_config(GritParams(min_samples=8, update_freq=1), preset("smolvlm_256m").vision)
+    assert config.reprojection and config.cadence == "budget"
+    model = tiny_lora_model(r=8, random_B=True)
+    manager = GritManager(model, config, total_steps=8)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[manager.callback()]).train()
+    events = manager.rank_events
+    assert len(events) >= config.reprojections and all(e["step"] < 8 for e in events)
+    budgets = [e["budget_max"] for e in events]
+    assert budgets == sorted(budgets) and 4 <= budgets[0] and budgets[-1] <= 8 and budgets[0] < 8
+
+
+def test_a_presets_layers_and_budgets_can_be_overridden_field_by_field():
+    from trainers.grit_vlm.params import VlmParams
+
+    params = VlmParams(preset="smolvlm_256m", overrides={
+        "vision": {"layers": {"strategy": "last_n", "n_layers": 2}, "grit": {"budget_end": 6}},
+        "language": {"patterns": ["model.text_model.layers.*.self_attn.q_proj"]}})
+    config, chosen = params.config(), preset("smolvlm_256m")
+    assert (config.vision.layers.strategy, config.vision.layers.n_layers) == ("last_n", 2)
+    assert config.vision.grit == {**chosen.vision.grit, "budget_end": 6}           # the rest of the preset stays
+    assert config.language.patterns == ["model.text_model.layers.*.self_attn.q_proj"]
+    assert config.language.grit == chosen.language.grit and config.connector == chosen.connector
+    with pytest.raises(ValueError, match=r"overrides\.vision: grit: 'budget_ends' is not a field"):
+        VlmParams(preset="smolvlm_256m", overrides={"vision": {"grit": {"budget_ends": 6}}})
+    with pytest.raises(ValueError, match="overrides change a preset"):
+        VlmParams(preset=None, custom=chosen, overrides={"r": 8})
