@@ -177,6 +177,13 @@ def top_eigenvectors(sigma: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.T
     return eigenvalues[order], eigenvectors[:, order[:k]]
 
 
+def joint_budget(vision_ranks: list[int], factor: float, min_k: int) -> int:
+    """k = round(factor x the median vision rank), at least ``min_k``: the GRIT-VLM guide's
+    multimodal projection budget."""
+    ranks = sorted(vision_ranks)
+    return max(min_k, round(factor * ranks[len(ranks) // 2])) if ranks else min_k
+
+
 def rank_by_energy(eigenvalues: torch.Tensor, tau: float, min_rank: int, max_rank: int) -> int:
     """Smallest k whose top eigenvalues hold at least ``tau`` of the energy, clamped."""
     positive = eigenvalues.clamp(min=0)

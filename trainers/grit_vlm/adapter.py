@@ -11,7 +11,8 @@ Trainer callback) and the probe take it unchanged. One step::
         for each modality: precondition_step()   # sync, invert, regularise, precondition
         clip all modalities' gradients together  # one trust region for the whole adapter
     optimizer.step()
-    after_step()                         # each modality: reprojection on its own schedule
+    after_step()                         # each modality: reprojection on its own schedule, or
+                                         # all at once on one joint budget (joint_budget)
 
 Per-modality statistics of every step (rows captured, gradient norms before/after
 preconditioning, preconditioned tensors) are kept in ``history`` and summarised by
@@ -26,6 +27,8 @@ from typing import Any
 
 import torch
 
+from trainers.grit import math as gm
+from trainers.grit.cadence import for_budget, reprojection_due
 from trainers.grit.config import GritParams
 from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, gradient_norm
 from trainers.grit.layer import ModuleState, base_module_name, lora_layers
@@ -56,6 +59,11 @@ def build_vlm_peft(model, config: VlmGritParams):
     return peft_model, selected
 
 
+def _own_config(base: GritParams, modality, joint: bool) -> GritParams:
+    config = modality_grit_config(base, modality)
+    return config.model_copy(update={"reprojection": False}) if joint else config
+
+
 def set_lora_dropout(peft_model, dropouts: dict[str, float]) -> None:
     """Per-module LoRA dropout (PEFT's config has one value for all), built as PEFT builds it."""
     for name, layer, adapter in lora_layers(peft_model):
@@ -70,10 +78,15 @@ class VlmGritAdapter:
                  grit: GritParams | None = None, total_steps: int | None = None) -> None:
         base = grit or GritParams()
         self.config = config
+        joint = config.joint_budget is not None
+        # With a joint budget the managers never reproject on their own: the adapter reprojects
+        # them all together, on the cadence of the run's grit section.
+        self.joint_cadence = base.model_copy(update={"reprojection": True}) if joint else None
         self.managers: OrderedDict[Modality, GritManager] = OrderedDict(
-            (name, GritManager(peft_model, modality_grit_config(base, modality), total_steps, modules=selected[name]))
+            (name, GritManager(peft_model, _own_config(base, modality, joint), total_steps, modules=selected[name]))
             for name, modality in config.modalities().items()
         )
+        self.joint_events: list[dict[str, Any]] = []
         self.modality_of = {module: name for name, m in self.managers.items() for module in m.modules}
         self.last_report: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
@@ -131,6 +144,32 @@ class VlmGritAdapter:
     def after_step(self, optimizer=None) -> None:
         for manager in self.managers.values():
             manager.after_step(optimizer)
+        if self.joint_cadence is not None:
+            cadence = for_budget(self.joint_cadence, self.total_steps) if self.total_steps else self.joint_cadence
+            if reprojection_due(self.step, cadence, self.total_steps):
+                self.reproject_jointly()
+
+    def vision_ranks(self) -> list[int]:
+        """Each vision module's rank by eigen-energy (``joint_budget.energy_threshold``)."""
+        manager, settings = self.managers["vision"], self.config.joint_budget
+        ranks = []
+        for state in manager.modules.values():
+            sigma_u, _, rows = manager.covariances(state.name)
+            if sigma_u is not None and rows >= manager.config.min_samples:
+                eigenvalues, _ = gm.top_eigenvectors(sigma_u, state.rank)
+                ranks.append(gm.rank_by_energy(eigenvalues, settings.energy_threshold, 1, state.rank))
+        return ranks
+
+    def reproject_jointly(self) -> int:
+        """Reproject every modality onto the joint budget k; returns k."""
+        settings = self.config.joint_budget
+        vision = self.vision_ranks()
+        k = gm.joint_budget(vision, settings.factor, settings.min_k)
+        for manager in self.managers.values():
+            manager.reproject(k)
+        self.joint_events.append({"step": self.step, "vision_rank_median": sorted(vision)[len(vision) // 2]
+                                  if vision else None, "k": k})
+        return k
 
     def all_ready(self) -> bool:
         return all(m.all_ready() for m in self.managers.values())

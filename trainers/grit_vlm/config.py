@@ -66,6 +66,19 @@ class ModalityParams(Section):
         return self
 
 
+class JointBudgetParams(Section):
+    """One projection budget for every modality, coordinated from the vision side (the GRIT-VLM
+    guide's multimodal projector: k ~ 1.2 x the rank of the vision components). At each
+    reprojection of the run's ``grit`` cadence, the vision rank is estimated (per vision module,
+    the fewest top eigenvalues of Sigma_u that hold ``energy_threshold`` of its energy; the median
+    over modules), and every module of every modality is reprojected onto its top
+    k = round(factor x vision rank) directions (at most its own rank)."""
+
+    factor: Annotated[float, Field(gt=0)] = 1.2
+    energy_threshold: Annotated[float, Field(gt=0, le=1)] = 0.99
+    min_k: Annotated[int, Field(gt=0)] = 1
+
+
 class VlmGritParams(Section):
     """GRIT-VLM for one architecture: per-modality sections plus model-wide defaults."""
 
@@ -78,11 +91,16 @@ class VlmGritParams(Section):
     alpha: Annotated[float, Field(gt=0)] = 32.0
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     max_layers_per_modality: Annotated[int, Field(gt=0)] | None = None
+    # null: each modality reprojects on its own schedule (independent managers); set: one joint
+    # budget for all, from the vision rank (JointBudgetParams)
+    joint_budget: JointBudgetParams | None = None
 
     @model_validator(mode="after")
     def _some_modality(self) -> VlmGritParams:
         if not self.modalities():
             raise ValueError("a GRIT-VLM configuration needs at least one of vision, language, connector")
+        if self.joint_budget is not None and self.vision is None:
+            raise ValueError("joint_budget is set from the vision rank, but the configuration has no vision modality")
         return self
 
     def modalities(self) -> dict[Modality, ModalityParams]:

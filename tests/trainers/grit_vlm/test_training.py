@@ -166,3 +166,51 @@ def test_a_presets_layers_and_budgets_can_be_overridden_field_by_field():
         VlmParams(preset="smolvlm_256m", overrides={"vision": {"grit": {"budget_ends": 6}}})
     with pytest.raises(ValueError, match="overrides change a preset"):
         VlmParams(preset=None, custom=chosen, overrides={"r": 8})
+
+
+def _joint(**grit):
+    """smolvlm_fast with one joint projection budget, reprojecting twice over an 8-step run."""
+    return vlm_params("idefics3", vlm={"preset": "smolvlm_fast", "overrides": {"joint_budget": {"factor": 1.2}}},
+                      train={"max_steps": 8, "learning_rate": 1e-2, "lr_scheduler": "constant"},
+                      grit={"cadence": "budget", "reprojections": 2, "reprojection_warmup_fraction": 0.25,
+                            "min_samples": 8, "update_freq": 1, **grit})
+
+
+def test_a_joint_projection_budget_is_shared_by_every_modality(pairs_dir, tmp_path):
+    """One k for vision, language and connector: round(1.2 x the median vision rank by energy),
+    at every joint reprojection; no modality reprojects on its own schedule."""
+    from trainers.grit.math import joint_budget
+
+    params = _joint()
+    assert params.vlm.config().joint_budget.factor == 1.2
+    adapters = []
+    train_variant("pure_grit", PURE_GRIT, params, tiny_vlm_files("idefics3"), pairs_dir, tmp_path / "adapter",
+                  tmp_path / "checkpoints", on_trained=lambda model, manager: adapters.append(manager) or {})
+    adapter = adapters[0]
+    events = adapter.joint_events
+    assert len(events) >= 2 and all(e["step"] < 8 for e in events)
+    for event in events:
+        assert event["k"] == joint_budget([event["vision_rank_median"]], 1.2, 1)
+        for name, manager in adapter.managers.items():
+            own = [e for e in manager.rank_events if e["step"] == event["step"]]
+            assert len(own) == 1, (name, manager.rank_events)          # reprojected with the others
+            ranks = [s.rank for s in manager.modules.values()]
+            assert own[0]["budget_max"] == min(event["k"], max(ranks)), name
+    assert all(len(m.rank_events) == len(events) for m in adapter.managers.values())   # nothing of their own
+
+
+def test_with_a_joint_budget_the_probe_still_judges_every_modality(pairs_dir, tmp_path):
+    params = _joint()
+    result = probe_variant("pure_grit", params, tiny_vlm_files("idefics3"), pairs_dir, tmp_path / "probe")
+    assert {m: v["verdict"] for m, v in result["modalities"].items()} == {
+        "vision": "effective", "language": "effective", "connector": "effective"}
+
+
+def test_a_joint_budget_needs_a_vision_modality():
+    custom = preset("smolvlm_fast").model_dump()
+    custom.update(vision=None, joint_budget={"factor": 1.2})
+    from pipelines.params import ParamsError
+
+    with pytest.raises(ParamsError, match="vlm.custom: joint_budget is set from the vision rank, but the "
+                                          "configuration has no vision modality"):
+        vlm_params("idefics3", vlm={"preset": None, "custom": custom})
