@@ -94,6 +94,16 @@ class FactorStats:
                    pending_count=int(saved["pending_count"]))
 
 
+def stacked_covariances(stats: list[FactorStats], statistics: str) -> torch.Tensor:
+    """:meth:`FactorStats.covariance` of many sides of one rank and device, stacked [M, r, r]
+    in two operations (every side has rows)."""
+    if statistics == "ema":
+        return torch.stack([s.ema for s in stats])
+    totals = torch.stack([s.total for s in stats])
+    counts = torch.tensor([s.count for s in stats], dtype=totals.dtype, device=totals.device)
+    return totals / counts[:, None, None]
+
+
 def fold_all(stats: list[FactorStats], statistics: str, decay: float) -> None:
     """:meth:`FactorStats.fold` of many sides at once: running means by two list operations
     (``_foreach``), whatever their number; EMAs side by side."""

@@ -44,6 +44,7 @@ from trainers.grit.layer import (
     lora_layers,
     module_key,
     rank_pattern_key,
+    stacked_covariances,
 )
 
 __all__ = ["GritError", "GritManager", "ModuleState", "base_module_name", "lora_layers"]
@@ -214,28 +215,30 @@ class GritManager:
         at once for a side that has become eligible but has no inverse yet."""
         cfg = self.config
         due = force or self.step % cfg.update_freq == 0
-        wanted: list[tuple[ModuleState, str, torch.Tensor]] = []
+        wanted: list[tuple[ModuleState, str, FactorStats]] = []
         for state in self.modules.values():
             for side in SIDES:
                 stats = state.factor_for(side, cfg.factor_sides)
                 if stats.count < cfg.min_samples or (not due and state.inverse[side] is not None):
                     continue
-                wanted.append((state, side, stats.covariance(cfg.statistics)))
+                wanted.append((state, side, stats))
         self._inverted_now = len(wanted)
         self.inversions += len(wanted)
         if cfg.fisher != "rank_kfac":
-            for state, side, sigma in wanted:
-                state.set_inverse(side, invert(sigma, cfg))
+            for state, side, stats in wanted:
+                state.set_inverse(side, invert(stats.covariance(cfg.statistics), cfg))
             return
-        # rank_kfac: one batched Cholesky per (rank, device) group instead of one per matrix
-        groups: dict[tuple[int, torch.device], list[tuple[ModuleState, str, torch.Tensor]]] = {}
+        # rank_kfac: the covariances and one batched Cholesky per (rank, device) group, instead
+        # of a few operations per matrix
+        groups: dict[tuple[int, torch.device], list[tuple[ModuleState, str, FactorStats]]] = {}
         for item in wanted:
-            groups.setdefault((item[2].shape[0], item[2].device), []).append(item)
+            groups.setdefault((item[2].rank, item[2].total.device), []).append(item)
         for items in groups.values():
-            sigmas = torch.stack([sigma for _, _, sigma in items])
+            sigmas = stacked_covariances([stats for _, _, stats in items], cfg.statistics)
             dampings = gm.effective_damping(sigmas, cfg.damping, cfg.damping_mode)
             inverses, used = gm.damped_inverse_batched(sigmas, dampings, cfg.damping_escalation)
-            for (state, side, _), inverse, damping in zip(items, inverses, used.tolist(), strict=True):
+            # one host read per group: which matrices factorised decides None or an inverse
+            for (state, side, _), inverse, damping in zip(items, inverses.unbind(0), used.tolist(), strict=True):
                 state.set_inverse(side, (inverse, damping) if damping > 0 else None)
 
     # -------------------------------------------------------------------- the GRIT step

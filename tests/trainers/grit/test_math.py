@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainers.grit import math as gm
@@ -88,3 +89,24 @@ def test_graft_keeps_the_direction_and_takes_the_norm():
     grafted = gm.graft(direction, raw)
     assert torch.allclose(grafted, torch.tensor([[6.0, 8.0]]))
     assert torch.equal(gm.graft(torch.zeros(1, 2), raw), torch.zeros(1, 2))
+
+
+def test_batched_escalation_keeps_each_matrix_first_level_that_factorises_without_host_reads():
+    """Every level is factorised at once and each matrix keeps its first success: bit for bit
+    the one-by-one escalation, a non-finite factor is refused, and nothing is read on the host."""
+    from pipelines.gpu_check.overhead import operation_counts
+
+    torch.manual_seed(1)
+    spd = torch.stack([m @ m.T for m in torch.randn(3, 4, 4)])
+    # -2.5 d I + d I fails at level 1, -2.5 d I + 3 d I succeeds at level 3: damping 3d
+    needs_three = -2.5e-3 * torch.eye(4)
+    sigmas = torch.cat([spd, needs_three[None], torch.full((1, 4, 4), float("nan"))])
+    dampings = torch.full((5,), 1e-3)
+    escalation = [1.0, 3.0, 10.0]
+    inverses, used = gm.damped_inverse_batched(sigmas, dampings, escalation)
+    for i in range(4):
+        single, single_damping = gm.damped_inverse(sigmas[i], 1e-3, escalation)
+        assert torch.equal(inverses[i], single) and float(used[i]) == pytest.approx(single_damping)
+    assert float(used[3]) == pytest.approx(3e-3) and used[4] == 0 and torch.equal(inverses[4], torch.zeros(4, 4))
+    counts = operation_counts(lambda s: gm.damped_inverse_batched(s, dampings, escalation), sigmas)
+    assert counts.host_reads == 0 and counts.operations < 40

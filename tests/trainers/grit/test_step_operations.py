@@ -75,3 +75,15 @@ def test_a_step_that_captures_nothing_attaches_nothing(lora_counts):
     assert counts.operations - lora_counts.operations <= 250, (counts, lora_counts)
     captured, _ = counts_at(GritParams(min_samples=8, update_freq=10, capture_every=2), 2)
     assert captured.operations > counts.operations
+
+
+def test_an_inverting_step_stays_within_the_budget(lora_counts):
+    """Step 3 with update_freq 1 also inverts 420 factors: their covariances, damping and every
+    escalation level in one batched Cholesky per rank group, so the whole step adds at most 250
+    operations (546 when escalation ran level by level with a read per level). Counted host reads:
+    the mask's row count only. One read per rank group remains uncounted here: ``tolist`` of the
+    dampings used (which factors factorised), which dispatches no aten operation on CPU."""
+    counts, manager = counts_at(GritParams(min_samples=8, update_freq=1), 3)
+    assert manager.all_ready() and manager.report["inversions"] == 420
+    assert counts.host_reads - lora_counts.host_reads <= 1, (counts, lora_counts)
+    assert counts.operations - lora_counts.operations <= 250, (counts, lora_counts)
