@@ -87,6 +87,10 @@ class LoraParams(Section):
     # magnitudes, so export refuses such a variant (docs/serving.md)
     use_dora: bool = False
     layers: LayerSelection = LayerSelection()
+    # The adapters' dtype on the PEFT engine: float32 (PEFT's default: every LoRA input of a bf16
+    # model is copied to fp32, and autograd keeps the copies) or the model's own dtype (bf16
+    # adapters, no copies). GRIT's statistics, inverses and preconditioning stay fp32 either way.
+    adapter_dtype: Literal["float32", "model"] = "float32"
 
     @model_validator(mode="after")
     def _no_blank_modules(self) -> LoraParams:

@@ -60,7 +60,7 @@ def build_peft(files: BaseModelFiles, params: TrainingSections) -> EngineModel:
     peft_model = get_peft_model(model, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none", use_rslora=lora.use_rslora,
         use_dora=lora.use_dora, target_modules=target_regex(targets), task_type="CAUSAL_LM",
-    ))
+    ), autocast_adapter_dtype=lora.adapter_dtype == "float32")
     if params.train.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         peft_model.enable_input_require_grads()
