@@ -1,28 +1,30 @@
-"""Threads for llama.cpp and how idle OpenMP threads wait, chosen for a CPU that may be shared.
+"""How many threads llama.cpp uses, chosen for a CPU that may be shared.
 
-llama.cpp's CPU backend (built with OpenMP) meets at a barrier after every operation of the
-graph, hundreds of times per generated token. OpenMP's default is to spin at a barrier for a long
-while before sleeping; when another process holds one of the cores, the thread that is waited for
-is not running, and its partners burn their time slices spinning: on 2 cores beside one busy
-process, generation ran 50x slower instead of about 2x. A short spin keeps the speed of a quiet
-machine and lets a waiting thread yield on a busy one (``benchmarks/llama_contention.py``).
-
-The OpenMP runtime reads its settings when it is loaded, and torch loads the same ``libgomp``
-that llama.cpp then uses, so :func:`configure_waiting` must run before torch is imported: the
-``pipelines`` package calls it when it is imported, before any stage imports anything heavy.
+llama.cpp's CPU backend meets at an OpenMP barrier after every operation of the graph, hundreds
+of times per generated token. When another process holds one of the cores, the thread that is
+waited for is not running and its partners spin: decoding on every core of a 2-core machine ran
+3.3x slower beside one busy process (``benchmarks/llama_contention.py``), and 50x beside the
+pipeline's own training. Decoding a token is bound by memory and barriers, not arithmetic:
+SmolLM2-135M decodes as fast on one thread as on two. So decoding gets half the CPUs the
+process may use (llama.cpp's own default, about one per physical core), at least one, and
+prompt processing, a large matrix product, gets them all.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from core.errors import UserError
 
 THREADS_ENV = "GRIT_LLAMA_THREADS"
-# GNU OpenMP's spin count before a waiting thread sleeps (its default is 300,000, several
-# milliseconds: longer than the scheduler's time slice when the core is shared).
-SPIN_COUNT = 10_000
+
+
+@dataclass(frozen=True)
+class LlamaThreads:
+    decode: int          # llama.cpp's n_threads: one token at a time
+    batch: int           # n_threads_batch: the prompt, many tokens at once
 
 
 def usable_cpus() -> int:
@@ -34,18 +36,13 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def llama_threads(environ: MutableMapping[str, str] = os.environ) -> int:
-    """llama.cpp's thread count: ``$GRIT_LLAMA_THREADS`` when set (for example each of several
-    workers on one machine taking its share), else every CPU the process may use."""
+def llama_threads(environ: Mapping[str, str] = os.environ) -> LlamaThreads:
+    """``$GRIT_LLAMA_THREADS`` for both when set (for example each of several workers on one
+    machine taking its share), else half the usable CPUs to decode and all of them for prompts."""
     configured = environ.get(THREADS_ENV, "").strip()
-    if not configured:
-        return usable_cpus()
-    if not configured.isdigit() or int(configured) < 1:
-        raise UserError(f"{THREADS_ENV}={configured!r}: expected a whole number of threads, at least 1")
-    return int(configured)
-
-
-def configure_waiting(environ: MutableMapping[str, str] = os.environ) -> None:
-    """A short OpenMP spin before sleeping, unless the user chose a wait policy or spin count."""
-    if "OMP_WAIT_POLICY" not in environ:
-        environ.setdefault("GOMP_SPINCOUNT", str(SPIN_COUNT))
+    if configured:
+        if not configured.isdigit() or int(configured) < 1:
+            raise UserError(f"{THREADS_ENV}={configured!r}: expected a whole number of threads, at least 1")
+        return LlamaThreads(int(configured), int(configured))
+    cpus = usable_cpus()
+    return LlamaThreads(max(1, cpus // 2), cpus)

@@ -32,14 +32,14 @@ class LlamaCppModel:
         one (``_evaluate_from_cache``); False evaluates every prompt whole, for timing prefill."""
         from llama_cpp import Llama
 
-        from core.threads import llama_threads
+        from core.threads import LlamaThreads, llama_threads
 
-        # llama-cpp-python defaults to half the cores; a server uses all it may run on.
-        n_threads = n_threads or llama_threads()
+        # core/threads.py: decoding on half the usable CPUs, prompts on all of them
+        threads = llama_threads() if n_threads is None else LlamaThreads(n_threads, n_threads)
         self.chat, self.prompt_cache = chat, prompt_cache
         self.llm = Llama(model_path=str(model_path), lora_path=str(adapter_path) if adapter_path else None,
-                         n_ctx=n_ctx, logits_all=False, seed=0, verbose=False, n_threads=n_threads,
-                         n_threads_batch=n_threads)
+                         n_ctx=n_ctx, logits_all=False, seed=0, verbose=False, n_threads=threads.decode,
+                         n_threads_batch=threads.batch)
         self.stop_ids = {self._single_token(stop) for stop in chat.stops} | {self.llm.token_eos()}
 
     def _single_token(self, text: str) -> int:

@@ -89,10 +89,9 @@ class _LlamaCppGenerator:
 
         from core.threads import llama_threads
 
-        # llama-cpp-python defaults to half the cores; generation here is the only work running.
-        threads = llama_threads()
+        threads = llama_threads()      # core/threads.py: decode on half the usable CPUs, prompts on all
         self.llm = Llama(model_path=str(files.gguf_path), n_ctx=2048, seed=0, verbose=False,
-                         n_threads=threads, n_threads_batch=threads)
+                         n_threads=threads.decode, n_threads_batch=threads.batch)
         self.tokenizer, self.max_new_tokens = tokenizer, max_new_tokens
         self.stop_id = end_of_turn_id(tokenizer)
 
