@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from ollama_standin import OllamaStandIn
+from variant_subset import keep_only
 
 from pipelines.profile import compose_params
 
@@ -30,9 +31,8 @@ def exported(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("export")
     compose_params("smoke", workdir / "params.yaml")
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
-    raw["variants"] = {"pure_grit": {"engine": "peft", "grit": True}}
-    raw["serve"]["aliases"] = {"grit_model": "pure_grit"}    # the plan's name, on the one variant here
-    raw["study"]["methods"] = []        # the smoke study compares variants removed here
+    # The plan's name grit_model, on the one variant here.
+    keep_only(raw, {"pure_grit": {"engine": "peft", "grit": True}}, aliases={"grit_model": "pure_grit"})
     raw["serve"]["weights"] = "adapter"      # register FROM base + ADAPTER (the default serves merged)
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for stage in (["pipelines.prepare_data"], ["pipelines.train", "--variant", "pure_grit"],
@@ -98,8 +98,7 @@ def test_export_refuses_a_dora_variant_in_one_line(exported: Path, tmp_path: Pat
     """DoRA is a params change that trains (PEFT) but has no GGUF form: export says so up front."""
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((exported / "params.yaml").read_text())
-    raw["variants"] = {"peft_dora": {"engine": "peft", "lora_overrides": {"use_dora": True}}}
-    raw["serve"]["aliases"] = {}
+    keep_only(raw, {"peft_dora": {"engine": "peft", "lora_overrides": {"use_dora": True}}})
     params.write_text(yaml.safe_dump(raw))
     result = run(exported, "pipelines.export", "--variant", "peft_dora", "--params", str(params))
     assert result.returncode == 2

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from sqlalchemy import select
+from variant_subset import keep_only
 
 from db.models import ProbeResult, StageRun
 from db.store import open_store
@@ -35,10 +36,8 @@ def workdir(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("probe")
     compose_params("smoke", workdir / "params.yaml", ["grit.precondition=false"])
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
-    raw["serve"]["aliases"] = {}
-    raw["variants"] = {"pure_grit": {"engine": "peft", "grit": True, "control": "peft_lora"},
-                       "peft_lora": {"engine": "peft", "grit": False}}
-    raw["study"]["methods"] = []        # the smoke study compares variants removed here
+    keep_only(raw, {"pure_grit": {"engine": "peft", "grit": True, "control": "peft_lora"},
+                    "peft_lora": {"engine": "peft", "grit": False}})
     (workdir / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     result = run(workdir, "pipelines.prepare_data")
     assert result.returncode == 0, result.stderr[-3000:]

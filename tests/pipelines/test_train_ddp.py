@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 from sqlalchemy import select
+from variant_subset import keep_only
 
 from db.models import TrainMetric
 from db.store import open_store
@@ -31,9 +32,7 @@ def test_data_parallel_training_keeps_every_rank_in_step(tmp_path: Path):
     compose_params("smoke", tmp_path / "params.yaml")
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
     # Only pure GRIT: the smoke profile's grit_paper truncates, which data parallelism refuses.
-    raw["serve"]["aliases"] = {}
-    raw["variants"] = {"pure_grit": {"engine": "peft", "grit": True}}
-    raw["study"]["methods"] = []
+    keep_only(raw, {"pure_grit": {"engine": "peft", "grit": True}})
     raw["train"]["nproc_per_node"] = 2
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for stage in (["pipelines.prepare_data"], ["pipelines.train", "--variant", "pure_grit"]):
