@@ -8,7 +8,9 @@ Guarantees the pipeline relies on:
   the new ones in the same transaction, so re-running a stage never duplicates.
 - *Concurrent writers*: SQLite runs in WAL mode with a busy timeout, and write transactions
   start with ``BEGIN IMMEDIATE`` so two writers queue on the lock instead of failing with
-  "database is locked" when a reader upgrades to a writer.
+  "database is locked" when a reader upgrades to a writer. PostgreSQL (``postgresql+psycopg://``,
+  the store several machines share) needs none of that; the few writes whose order matters
+  (Optuna's journal, the schema upgrade) take a lock of their own (:func:`serialise`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, delete, event, select
+from sqlalchemy import URL, Engine, create_engine, delete, event, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -101,12 +103,7 @@ def check_store_writable(url: str, root: Path | None = None) -> None:
         raise StoreError(f"store.url {url!r} is not a usable SQLAlchemy URL ({_first_line(error)}); "
                          "for example sqlite:///outputs/centralized.db") from None
     if parsed.get_backend_name() != "sqlite":
-        try:
-            with create_engine(parsed, pool_pre_ping=True).connect():
-                pass
-        except Exception as error:  # noqa: BLE001 - any driver's connection error
-            raise StoreError(f"store.url: cannot connect to {parsed.render_as_string()} "
-                             f"({_first_line(error)})") from None
+        _check_server_writable(url)
         return
     path = sqlite_file(url, root)
     if not path.exists():
@@ -132,11 +129,32 @@ def check_store_writable(url: str, root: Path | None = None) -> None:
         engine.dispose()
 
 
+def _check_server_writable(url: str) -> None:
+    """A database server's store: reachable, and a table can be made (then rolled back)."""
+    engine = create_store_engine(url)
+    shown = engine.url.render_as_string()      # the password hidden
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql("CREATE TABLE _grit_write_probe (x INTEGER)")
+            connection.rollback()
+    except Exception as error:  # noqa: BLE001 - any driver's connection or permission error
+        raise StoreError(f"store.url: cannot write to {shown} ({_first_line(error)})") from None
+    finally:
+        engine.dispose()
+
+
+def server_url(url: str) -> URL:
+    """``url`` with the driver the project installs: plain ``postgresql://`` means psycopg 3 here
+    (SQLAlchemy would look for psycopg2, which is not installed)."""
+    parsed = make_url(url)
+    return parsed.set(drivername="postgresql+psycopg") if parsed.drivername == "postgresql" else parsed
+
+
 def create_store_engine(url: str, root: Path | None = None) -> Engine:
     """Engine for ``url``; a relative SQLite path is taken relative to ``root`` (default: cwd)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, pool_pre_ping=True)
+        return create_engine(server_url(url), pool_pre_ping=True)
     path = sqlite_file(url, root)
     path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
@@ -146,6 +164,14 @@ def create_store_engine(url: str, root: Path | None = None) -> Engine:
     event.listen(engine, "connect", _sqlite_pragmas)
     event.listen(engine, "begin", _sqlite_begin_immediate)
     return engine
+
+
+def serialise(session: Session, table: str) -> None:
+    """Make this transaction's writes to ``table`` wait for every other writer's, so rows commit
+    in the order their ids were given (Optuna's journal is read by position). SQLite's BEGIN
+    IMMEDIATE already serialises every writer; PostgreSQL takes a table lock that readers pass."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"LOCK TABLE {table} IN SHARE ROW EXCLUSIVE MODE"))
 
 
 def alembic_config(engine: Engine) -> Config:

@@ -21,7 +21,7 @@ from optuna.storages.journal import BaseJournalBackend
 from sqlalchemy import select
 
 from db.models import TuningJournal
-from db.store import ResultsStore
+from db.store import ResultsStore, serialise
 
 
 def journal_logs(store: ResultsStore, tuning: str) -> list[dict[str, Any]]:
@@ -47,6 +47,7 @@ def journals_under(store: ResultsStore, prefix: str) -> dict[str, list[dict[str,
 
 def append_journal(store: ResultsStore, tuning: str, logs: list[dict[str, Any]]) -> None:
     with store.transaction() as session:
+        serialise(session, TuningJournal.__tablename__)
         session.add_all([TuningJournal(tuning=tuning, log_json=json.dumps(log)) for log in logs])
 
 

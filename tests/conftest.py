@@ -29,3 +29,41 @@ def write_params(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory):
+    """A real PostgreSQL server (pgserver's binaries, installed by the test requirements) in a
+    temporary folder for the whole session, reached through its Unix socket."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # platformdirs notes that XDG_RUNTIME_DIR is unset (as on CI machines); pgserver only
+        # keeps a lock file there.
+        warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+        import pgserver
+
+        server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The URL of a new, empty database on the session's server (one per test)."""
+    import uuid
+
+    from sqlalchemy.engine import make_url
+
+    name = f"grit_{uuid.uuid4().hex[:12]}"
+    postgres_server.psql(f"CREATE DATABASE {name};")
+    url = make_url(postgres_server.get_uri()).set(drivername="postgresql+psycopg", database=name)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path: Path) -> str:
+    """A fresh results store on each backend the project supports."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres_url")

@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 
 from alembic import context
+from sqlalchemy import text
 
 from db.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+# Any fixed number: the advisory lock a PostgreSQL store's schema upgrade holds.
+MIGRATION_LOCK = 0x67726974
 
 
 def _engine():
@@ -41,6 +44,10 @@ def run_migrations_online() -> None:
             transactional_ddl=True,
         )
         with context.begin_transaction():
+            if connection.dialect.name == "postgresql":
+                # PostgreSQL's DDL is transactional too, but two openers do not queue by
+                # themselves: a lock held until this transaction ends makes them.
+                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
             context.run_migrations()
 
 

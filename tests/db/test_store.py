@@ -26,20 +26,21 @@ def _run(run_id: str) -> Run:
                host="host", device="cpu", started_at=utcnow())
 
 
-def test_schema_is_created_by_alembic_and_migration_is_idempotent(tmp_path: Path):
-    url = f"sqlite:///{tmp_path / 'store.db'}"
-    store = open_store(url)
-    open_store(url)  # a second open is a no-op migration
+def test_schema_is_created_by_alembic_and_migration_is_idempotent(store_url: str, tmp_path: Path):
+    store = open_store(store_url)
+    open_store(store_url)  # a second open is a no-op migration
     tables = set(inspect(store.engine).get_table_names())
     assert {"runs", "stage_runs", "variants", "train_metrics", "probe_results", "eval_metrics",
             "speed_metrics", "artifacts", "alembic_version"} <= tables
-    with sqlite3.connect(tmp_path / "store.db") as raw:
-        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("SELECT count(*) FROM alembic_version").fetchone()[0] == 1
+    with store.engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
+    if store.engine.dialect.name == "sqlite":       # the SQLite-only settings, on SQLite only
+        with sqlite3.connect(tmp_path / "store.db") as raw:
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_replace_rows_is_idempotent_and_scoped(tmp_path: Path):
-    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+def test_replace_rows_is_idempotent_and_scoped(store_url: str):
+    store = open_store(store_url)
     store.start_run(_run("r1"))
     rows = [{"metric": "aqi", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 150}]
     for _ in range(3):
@@ -60,8 +61,8 @@ def _writer(url: str, worker: int, barrier) -> None:
             session.add(TrainMetric(run_id="shared", variant=f"w{worker}", seed=0, step=step, loss=1.0))
 
 
-def test_eight_concurrent_writers_lose_no_row(tmp_path: Path):
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+def test_eight_concurrent_writers_lose_no_row(store_url: str):
+    url = store_url
     open_store(url).start_run(_run("shared"))
     context = mp.get_context("spawn")
     barrier = context.Barrier(WRITERS)
@@ -80,8 +81,8 @@ def test_eight_concurrent_writers_lose_no_row(tmp_path: Path):
     assert per_worker == {f"w{i}": ROWS_PER_WRITER for i in range(WRITERS)}
 
 
-def test_concurrent_first_open_migrates_once(tmp_path: Path):
-    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+def test_concurrent_first_open_migrates_once(store_url: str):
+    url = store_url
     context = mp.get_context("spawn")
     openers = [context.Process(target=open_store, args=(url,)) for _ in range(4)]
     for opener in openers:
@@ -89,6 +90,8 @@ def test_concurrent_first_open_migrates_once(tmp_path: Path):
     for opener in openers:
         opener.join(timeout=120)
     assert [o.exitcode for o in openers] == [0] * 4
+    with open_store(url, migrate=False).engine.connect() as connection:
+        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0008"]
 
 
 def test_upgrade_from_empty_is_one_locked_transaction(tmp_path: Path):
@@ -124,8 +127,8 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-def test_killed_writer_leaves_no_partial_run(tmp_path: Path, repo_root: Path):
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+def test_killed_writer_leaves_no_partial_run(store_url: str, tmp_path: Path, repo_root: Path):
+    url = store_url
     store = open_store(url)
     store.start_run(_run("kept"))
     writer = subprocess.Popen(
@@ -141,18 +144,19 @@ def test_killed_writer_leaves_no_partial_run(tmp_path: Path, repo_root: Path):
         run_ids = session.scalars(select(Run.id)).all()
         metrics = session.scalar(select(func.count()).select_from(TrainMetric))
     assert run_ids == ["kept"] and metrics == 0
-    with sqlite3.connect(tmp_path / "store.db") as raw:
-        assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    if reopened.engine.dialect.name == "sqlite":
+        with sqlite3.connect(tmp_path / "store.db") as raw:
+            assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     reopened.start_run(_run("after-kill"))  # the lock was released: writing works again
 
 
-def test_migrations_match_the_orm_models(tmp_path: Path):
+def test_migrations_match_the_orm_models(store_url: str):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
     from db.models import Base
 
-    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    store = open_store(store_url)
     with store.engine.connect() as connection:
         diff = compare_metadata(MigrationContext.configure(connection), Base.metadata)
     assert diff == [], f"models changed without an Alembic revision: {diff}"
@@ -206,14 +210,14 @@ def store_at_revision(tmp_path: Path, revision: str) -> str:
     return url
 
 
-def test_the_plans_results_table_is_a_view_over_the_recorded_figures(tmp_path: Path):
+def test_the_plans_results_table_is_a_view_over_the_recorded_figures(store_url: str):
     """The seed plan's ``evaluation_results`` query runs on the store (revision 0007): each model's
     AQI-style index and decode speed, and their differences to the base model of the same run."""
     from sqlalchemy import text
 
     from db.models import SpeedMetric
 
-    store = open_store(f"sqlite:///{tmp_path / 'store.db'}")
+    store = open_store(store_url)
     store.start_run(_run("r1"))
     figures = {"base": (0.50, 100.0, 1.0), "pure_grit": (0.56, 90.0, 0.9), "baseline_lora": (0.47, 101.0, 1.01)}
     with store.transaction() as session:

@@ -1,24 +1,25 @@
 """Optuna's journal in the results store: a study written through one storage object is read
 back whole through another (as by a second worker process), a resumed study continues, and each
-study keeps a journal of its own."""
+study keeps a journal of its own; on SQLite and on PostgreSQL, where several writers append at once
+and a reader must never see a later log before an earlier one."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import multiprocessing as mp
 
 import optuna
 
 from db.store import open_store
-from db.tuning_journal import StoreJournal, journal_logs, journals_under
+from db.tuning_journal import StoreJournal, append_journal, journal_logs, journals_under
 
 
 def storage(url: str, name: str) -> optuna.storages.JournalStorage:
     return optuna.storages.JournalStorage(StoreJournal(open_store(url), name))
 
 
-def test_a_study_in_the_store_is_read_back_and_resumed_by_another_storage(tmp_path: Path):
+def test_a_study_in_the_store_is_read_back_and_resumed_by_another_storage(store_url: str):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url, name = f"sqlite:///{tmp_path / 'store.db'}", "key/peft_lora/32"
+    url, name = store_url, "key/peft_lora/32"
     first = optuna.create_study(study_name=name, storage=storage(url, name),
                                 sampler=optuna.samplers.TPESampler(seed=0), direction="minimize")
     first.optimize(lambda t: (t.suggest_float("learning_rate", 1e-4, 1e-2, log=True) - 1e-3) ** 2, n_trials=5)
@@ -34,9 +35,9 @@ def test_a_study_in_the_store_is_read_back_and_resumed_by_another_storage(tmp_pa
     assert len(optuna.load_study(study_name=name, storage=storage(url, name)).trials) == 8
 
 
-def test_each_study_has_a_journal_of_its_own(tmp_path: Path):
+def test_each_study_has_a_journal_of_its_own(store_url: str):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = f"sqlite:///{tmp_path / 'store.db'}"
+    url = store_url
     for name in ("key/peft_lora/32", "key/pure_grit/32", "other/peft_lora/32"):
         optuna.create_study(study_name=name, storage=storage(url, name)).optimize(
             lambda t: t.suggest_float("x", 0, 1), n_trials=2)
@@ -47,3 +48,45 @@ def test_each_study_has_a_journal_of_its_own(tmp_path: Path):
     assert set(journals_under(store, "key/")) == {"key/peft_lora/32", "key/pure_grit/32"}
     assert journals_under(store, "key/")["key/pure_grit/32"] == journal_logs(store, "key/pure_grit/32")
     assert journals_under(store, "key_") == {}           # a prefix is a prefix, not a LIKE pattern
+
+
+APPENDERS, APPENDS, LOGS_PER_APPEND = 4, 25, 20
+
+
+def _append(url: str, worker: int, barrier) -> None:
+    store = open_store(url)
+    barrier.wait()
+    for append in range(APPENDS):
+        logs = [{"worker": worker, "append": append, "log": i} for i in range(LOGS_PER_APPEND)]
+        append_journal(store, "shared", logs)
+
+
+def _watch(url: str, barrier, snapshots) -> None:
+    journal = StoreJournal(open_store(url), "shared")
+    barrier.wait()
+    total = APPENDERS * APPENDS * LOGS_PER_APPEND
+    while True:
+        seen = [(log["worker"], log["append"], log["log"]) for log in journal.read_logs(0)]
+        snapshots.append(seen)
+        if len(seen) == total:
+            return
+
+
+def test_concurrent_appends_are_read_in_one_order_that_only_grows(store_url: str):
+    """Optuna reads a journal by position (log n is the n-th row): a reader that saw a later
+    append before an earlier one committed would skip the earlier one for good. Every snapshot a
+    reader takes while four writers append must be a prefix of the final journal."""
+    open_store(store_url)
+    context = mp.get_context("spawn")
+    barrier, snapshots = context.Barrier(APPENDERS + 1), context.Manager().list()
+    workers = [context.Process(target=_append, args=(store_url, i, barrier)) for i in range(APPENDERS)]
+    workers.append(context.Process(target=_watch, args=(store_url, barrier, snapshots)))
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=300)
+    assert [w.exitcode for w in workers] == [0] * (APPENDERS + 1)
+    final = [(log["worker"], log["append"], log["log"]) for log in journal_logs(open_store(store_url), "shared")]
+    assert len(final) == len(set(final)) == APPENDERS * APPENDS * LOGS_PER_APPEND
+    assert len(snapshots) > 1
+    assert all(final[:len(seen)] == seen for seen in snapshots), "a reader saw a later log before an earlier one"

@@ -1,5 +1,6 @@
 """Faults and bad input around the stages: an unusable results store is one line before any work,
-experiments run by DVC away from the workspace still record into the repository's store, and a
+experiments run by DVC away from the workspace still record into the repository's store (and two
+queue workers into one PostgreSQL store), and a
 params typo under ``dvc repro`` leaves every finished output in place.
 
 A small DVC project drives the real ``prepare_model`` stage (the smoke profile's tiny model, so
@@ -17,8 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
-from db.models import Run
+from db.models import Run, StageRun
 from db.store import open_store
 from pipelines.profile import compose_params
 
@@ -96,6 +98,21 @@ def test_an_unusable_store_url_is_one_line_before_any_work(project: Path, url: s
     assert not (project / "artifacts").exists()
 
 
+def test_a_postgresql_store_that_cannot_be_reached_or_written_is_one_line_before_any_work(
+        project: Path, postgres_server, postgres_url: str):
+    missing = make_url(postgres_url).set(database="no_such_database").render_as_string(hide_password=False)
+    line = _one_error_line(_stage(project, _with_store(project, missing)))
+    assert line.startswith("error: store.url: cannot write to postgresql+psycopg://"), line
+    assert "no_such_database" in line, line
+    # A role that may connect but not create tables (PostgreSQL 15+ gives PUBLIC no CREATE on public).
+    role = f"reader_{make_url(postgres_url).database}"
+    postgres_server.psql(f"CREATE ROLE {role} LOGIN;")
+    read_only = make_url(postgres_url).set(username=role).render_as_string(hide_password=False)
+    line = _one_error_line(_stage(project, _with_store(project, read_only)))
+    assert "cannot write to" in line and "permission denied" in line, line
+    assert not (project / "artifacts").exists()
+
+
 def test_a_read_only_store_is_noticed_before_the_stage_rewrites_its_outputs(project: Path):
     assert _stage(project).returncode == 0
     before = _digest(project / MANIFEST)
@@ -117,12 +134,7 @@ def test_temporary_and_queued_experiments_record_into_the_repository_store(proje
     _run(["dvc", "exp", "run", "--queue", "-S", "model.tiny.seed=2"], project)
     _run(["dvc", "queue", "start", "-j", "1"], project)
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            status = _run(["dvc", "queue", "status"], project).stdout
-            if "Queued" not in status and "Running" not in status:
-                break
-            time.sleep(3)
+        status = _wait_for_queue(project)
         assert "Success" in status and "Failed" not in status, status
     finally:
         _run(["dvc", "queue", "stop", "--kill"], project, check=False)
@@ -134,6 +146,41 @@ def test_temporary_and_queued_experiments_record_into_the_repository_store(proje
     assert seeds == [0, 1, 2], seeds                       # workspace, --temp, --queue
     assert statuses == {"complete"}
     assert not list((project / ".dvc/tmp").rglob("centralized.db"))
+
+
+def _wait_for_queue(project: Path) -> str:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = _run(["dvc", "queue", "status"], project).stdout
+        if "Queued" not in status and "Running" not in status:
+            return status
+        time.sleep(3)
+    raise AssertionError(f"the queue did not finish in 10 minutes:\n{status}")
+
+
+def test_queued_experiments_on_two_workers_record_into_one_postgresql_store(project: Path, postgres_url: str):
+    """The store a lab shares: two DVC queue workers at once, each migrating on first open and
+    recording its run into the same PostgreSQL database."""
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["store"]["url"] = postgres_url
+    (project / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _run(["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci", "commit", "-qam", "shared store"],
+         project)
+    for seed in (1, 2, 3):
+        _run(["dvc", "exp", "run", "--queue", "-S", f"model.tiny.seed={seed}"], project)
+    _run(["dvc", "queue", "start", "-j", "2"], project)
+    try:
+        status = _wait_for_queue(project)
+        assert status.count("Success") == 3 and "Failed" not in status, status
+    finally:
+        _run(["dvc", "queue", "stop", "--kill"], project, check=False)
+    with open_store(postgres_url).reader() as session:
+        runs = session.scalars(select(Run)).all()
+        seeds = sorted(yaml.safe_load(r.params_json)["model"]["tiny"]["seed"] for r in runs)
+        stages = session.scalars(select(StageRun.stage).where(StageRun.status == "succeeded")).all()
+    assert seeds == [1, 2, 3] and {r.status for r in runs} == {"complete"}
+    assert stages == ["prepare_model"] * 3
+    assert not (project / "outputs").exists()                # nothing went to a SQLite file instead
 
 
 def test_a_params_typo_under_dvc_repro_leaves_finished_outputs_in_place(project: Path):
