@@ -211,6 +211,20 @@ class TuningJournal(Base):
     log_json: Mapped[str] = mapped_column(Text)
 
 
+class StudyClaim(Base):
+    """Which study worker holds which part of a run's study (``db/study_claims.py``): one row per
+    part (a method at a run length), its worker, when the worker last beat, and when it was done."""
+
+    __tablename__ = "study_claims"
+
+    run_id: Mapped[str] = mapped_column(String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    cell: Mapped[str] = mapped_column(String(128), primary_key=True)
+    worker: Mapped[str] = mapped_column(String(255))
+    claimed_at: Mapped[datetime] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime)
+    done_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
 class Artifact(Base):
     """A file a stage produced, with its content hash for provenance."""
 

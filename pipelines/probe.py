@@ -25,6 +25,7 @@ from typing import Any
 
 from core.errors import UserError
 from core.files import atomic_write_json
+from core.quiet import silence_known_import_noise
 from db.models import ProbeResult
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR, loss_curve
@@ -75,6 +76,7 @@ def probe_variant(root: Path, params: Params, name: str) -> dict[str, Any]:
 
 
 def _worker(argv: list[str]) -> int:
+    silence_known_import_noise()     # a process of its own: the stage's silencing does not reach it
     parser = argparse.ArgumentParser(prog="python -m pipelines.probe --worker")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--variant", required=True)

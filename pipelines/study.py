@@ -39,6 +39,7 @@ from sqlalchemy import select
 from core.errors import StoppedEarly, UserError
 from core.files import atomic_write_json, atomic_write_text
 from db.models import StudyTrial
+from db.study_claims import Heartbeat, claim_cell, finish_cell, held_cells, open_cells, settle_cell
 from db.study_ledger import Ledger, open_ledger
 from db.tuning_journal import append_journal, journal_logs, journals_under
 from evaluation.config import seeds_for_testing, tuning_seeds
@@ -56,13 +57,15 @@ from evaluation.tuning import (
 from pipelines import study_worker
 from pipelines.params import Params, require_text_model
 from pipelines.paths import DATA_DIR
-from pipelines.stage import StageContext, git_revision, run_stage, stage_params
+from pipelines.stage import EXIT_STOPPED_EARLY, StageContext, git_revision, run_stage, stage_params
+from pipelines.study_worker import store_trial, stored_result
 from trainers.base_model import check_optimizer_runtime
 from trainers.config import variant_grit
 
 REPORT_DIR = Path("reports/study")
 LEDGER_DIR = REPORT_DIR / "ledger"
 METRICS = Path("metrics/study.json")
+LEDGER_CELL = "ledger"            # the claim on restoring the committed ledger into the store
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class Sitting:
     ctx: StageContext
     ledger: Ledger
     deadline: float | None = None
+    worker: str | None = None            # a study worker's name (host:pid); None: the study stage itself
 
     def over(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
@@ -131,30 +135,28 @@ def identity(trial: dict | Trial) -> tuple:
     return fields["phase"], fields["method"], fields["steps"], fields["seed"], setting_key(fields["setting"])
 
 
-def store_trial(ctx: StageContext, result: dict) -> None:
-    """One finished trial into the store, in its own transaction (a later failure leaves it recorded)."""
-    with ctx.store.transaction() as session:
-        ctx.store.replace_rows(session, StudyTrial, ctx.run_id, [{
-            "val_loss": result["val_loss"], "curve_json": json.dumps(result["curve"]),
-            # What has no column rides with the figures: the trial's wall time, its per-prompt
-            # values, where the pruner stopped it and which Optuna study asked for it.
-            "metrics_json": json.dumps({"figures": {**result["metrics"], "trial_seconds": result.get("trial_seconds")},
-                                        "per_prompt": result.get("per_prompt", {}),
-                                        "stopped_at": result.get("stopped_at"), "tuning": result.get("tuning", "")}),
-            "train_seconds": result["train_seconds"],
-            "tokens_per_second": result["tokens_per_second"],
-            "trainable_parameters": result["trainable_parameters"]}],
-            phase=result["phase"], method=result["method"], steps=result["steps"], seed=result["seed"],
-            setting=setting_key(result["setting"]))
-
-
 def record(sitting: Sitting, result: dict) -> None:
-    """One finished trial into the store and the ledger, with the code and host that trained it,
-    and Optuna's journals as they now stand."""
-    ctx = sitting.ctx
-    store_trial(ctx, result)
-    sitting.ledger.add_trial({**result, "revision": git_revision(ctx.root), "host": os.uname().nodename})
-    sitting.ledger.set_journals(journals_under(ctx.store, f"{sitting.ledger.key}/"))
+    """One finished trial (the worker that trained it recorded it in the store) into the ledger,
+    with Optuna's journals as they now stand. A study worker leaves the ledger to the step that
+    writes the report (several processes rewriting one file would lose trials)."""
+    if sitting.worker is None:
+        sitting.ledger.add_trial(result)
+        sitting.ledger.set_journals(journals_under(sitting.ctx.store, f"{sitting.ledger.key}/"))
+
+
+def sync_ledger(sitting: Sitting) -> None:
+    """Add to the ledger the trials study workers recorded in the store, and the journals."""
+    ledger = sitting.ledger
+    known = {identity(r) for r in ledger.trials}
+    with sitting.ctx.store.reader() as session:
+        rows = session.scalars(select(StudyTrial).where(StudyTrial.run_id == sitting.ctx.run_id)
+                               .order_by(StudyTrial.id)).all()
+    added = [stored_result(row) for row in rows if identity(as_trial(row)) not in known]
+    for result in added:
+        ledger.add_trial(result)
+    ledger.set_journals(journals_under(sitting.ctx.store, f"{ledger.key}/"))
+    if added:
+        print(f"[study] {len(added)} trials recorded by study workers added to the ledger")
 
 
 def restore(sitting: Sitting) -> None:
@@ -164,7 +166,7 @@ def restore(sitting: Sitting) -> None:
     done = {identity(t) for t in recorded_trials(ctx)}
     missing = [r for r in ledger.trials if identity(r) not in done]
     for result in missing:
-        store_trial(ctx, result)
+        store_trial(ctx.store, ctx.run_id, result)
     for name, logs in ledger.journals.items():
         mine = journal_logs(ctx.store, name)
         if logs[:len(mine)] == mine:
@@ -201,7 +203,7 @@ def run_job(sitting: Sitting, job: dict) -> None:
     import yaml
 
     ctx = sitting.ctx
-    job = {**job, "deadline": sitting.deadline}
+    job = {**job, "deadline": sitting.deadline, "run_id": ctx.run_id, "revision": git_revision(ctx.root)}
     with tempfile.TemporaryDirectory(prefix=f"study-{job['method']}-") as scratch:
         params_file, job_file, results_file = (Path(scratch) / n for n in ("params.yaml", "job.json", "results.jsonl"))
         params_file.write_text(yaml.safe_dump(ctx.params.model_dump(mode="json"), sort_keys=False))
@@ -308,9 +310,80 @@ def preflight(params: Params) -> None:
     check_optimizer_runtime(params.train)
 
 
-def study(ctx: StageContext, _checked, minutes: float | None = None) -> dict[str, Path]:
+def study_cells(params: Params) -> list[tuple[str, int]]:
+    """The study's independent parts, in plan order: each method at each run length is tuned,
+    selected and tested on its own (only the report compares them)."""
+    return [(method, steps) for steps in params.study.steps for method in params.study.methods]
+
+
+def run_cell(sitting: Sitting, method: str, steps: int) -> tuple[list[str], dict[str, float]]:
+    """Tune ``method`` at ``steps``, choose its setting on the selection seeds, run its test seeds;
+    returns the range notes and the chosen setting. Whatever the store holds is not run again."""
+    params = sitting.ctx.params
+    notes = tune_method(sitting, method, steps)
+    setting = choose_setting(sitting, method, steps)
+    run_fixed(sitting, [{"phase": "test", "method": method, "steps": steps, "seed": seed, "setting": setting}
+                        for seed in seeds_for_testing(params.study.test_seed, params.study.seeds)])
+    return notes, setting
+
+
+def work_as_worker(sitting: Sitting, stale_after: float) -> None:
+    """A study worker: claim a part of the study nobody holds (or one whose worker stopped
+    beating for ``stale_after`` seconds), run it, and go on until every part is done."""
+    ctx = sitting.ctx
+    # The committed ledger goes into the store once, by whichever worker comes first.
+    while LEDGER_CELL in open_cells(ctx.store, ctx.run_id, [LEDGER_CELL]):
+        if claim_cell(ctx.store, ctx.run_id, LEDGER_CELL, sitting.worker, stale_after):
+            restore(sitting)
+            finish_cell(ctx.store, ctx.run_id, LEDGER_CELL, sitting.worker)
+        else:
+            time.sleep(1.0)
+    cells = {f"{method}/{steps}": (method, steps) for method, steps in study_cells(ctx.params)}
+    while open_ := open_cells(ctx.store, ctx.run_id, list(cells)):
+        took = False
+        for name in open_:
+            if not claim_cell(ctx.store, ctx.run_id, name, sitting.worker, stale_after):
+                continue
+            took = True
+            print(f"[study] {sitting.worker} takes {name}", flush=True)
+            with Heartbeat(ctx.store, ctx.run_id, name, sitting.worker, every=stale_after / 4):
+                run_cell(sitting, *cells[name])
+            finish_cell(ctx.store, ctx.run_id, name, sitting.worker)
+        if not took:                       # the rest is held by live workers: wait, then look again
+            stop_if_over(sitting)
+            time.sleep(min(10.0, stale_after / 4))
+    print(f"[study] {sitting.worker}: every part of the study is done; `python -m pipelines.study` "
+          "(or `dvc repro study`) writes the report", flush=True)
+
+
+def run_workers(sitting: Sitting, workers: int, stale_after: float) -> None:
+    """``workers`` local study workers, each on its share of the CPUs (torch's and llama.cpp's
+    threads; never more than an ``OMP_NUM_THREADS`` already set); returns when they end.
+    A worker that died is not fatal while another finishes its part (the report step checks
+    that every part is done)."""
+    from core.threads import usable_cpus
+
+    share = max(1, usable_cpus() // workers)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():          # a cap the user set still holds
+        share = max(1, min(share, int(os.environ["OMP_NUM_THREADS"])))
+    env = {**os.environ, "OMP_NUM_THREADS": str(share), "GRIT_LLAMA_THREADS": str(share)}
+    argv = [sys.executable, "-m", "pipelines.study", "--worker", "--stale-after", str(stale_after)]
+    if sitting.deadline is not None:
+        argv += ["--sitting", str(max(0.001, (sitting.deadline - time.time()) / 60))]
+    print(f"[study] {workers} study workers, {share} CPU(s) each", flush=True)
+    started = [subprocess.Popen(argv, cwd=sitting.ctx.root, env=env) for _ in range(workers)]
+    codes = [process.wait() for process in started]
+    if EXIT_STOPPED_EARLY in codes:
+        stop_if_over(sitting)
+    if any(codes):
+        print(f"[study] study workers ended with exit statuses {codes}", flush=True)
+
+
+def study(ctx: StageContext, _checked, minutes: float | None = None, workers: int = 1,
+          worker: bool = False, stale_after: float = 120.0) -> dict[str, Path]:
     """The whole study, or as much of it as fits in ``minutes`` (a sitting); every sitting
-    begins where the ledger says the last one stopped."""
+    begins where the ledger says the last one stopped. ``workers`` > 1 first runs that many
+    local study workers; ``worker``: this process is one (it writes no report)."""
     from evaluation.study_report import write_report
 
     params = ctx.params
@@ -318,39 +391,60 @@ def study(ctx: StageContext, _checked, minutes: float | None = None) -> dict[str
         return keep_last_report(ctx)
     started = time.perf_counter()
     sitting = Sitting(ctx, open_ledger(ctx.root / LEDGER_DIR, declared_study_params(params, ctx.root)),
-                      None if minutes is None else time.time() + 60 * minutes)
+                      None if minutes is None else time.time() + 60 * minutes,
+                      worker=f"{os.uname().nodename}:{os.getpid()}" if worker else None)
+    if worker:
+        work_as_worker(sitting, stale_after)
+        return {}
+    busy = held_cells(ctx.store, ctx.run_id, stale_after)
+    if busy:
+        raise UserError(f"study workers still hold {', '.join(busy)} of run {ctx.run_id}; the report is written "
+                        f"once they are done (or {stale_after:.0f} s after they stop beating)")
     restore(sitting)
+    settle_cell(ctx.store, ctx.run_id, LEDGER_CELL)           # workers started now find it restored
+    sync_ledger(sitting)
     print(f"[study] so far: {progress(sitting)}")
+    if workers > 1:
+        run_workers(sitting, workers, stale_after)
+        sync_ledger(sitting)
     chosen: dict[tuple[str, int], dict[str, float]] = {}
     notes: list[str] = []
-    for steps in params.study.steps:
-        for method in params.study.methods:
-            notes += tune_method(sitting, method, steps)
-            chosen[(method, steps)] = choose_setting(sitting, method, steps)
-    seeds = seeds_for_testing(params.study.test_seed, params.study.seeds)
-    run_fixed(sitting, [{"phase": "test", "method": method, "steps": steps, "seed": seed,
-                     "setting": chosen[(method, steps)]}
-                    for steps in params.study.steps for seed in seeds for method in params.study.methods])
+    for method, steps in study_cells(params):
+        cell_notes, chosen[(method, steps)] = run_cell(sitting, method, steps)
+        notes += cell_notes
     trials = recorded_trials(ctx)
     trials = [t for t in trials if t.phase != "test" or t.setting == chosen[(t.method, t.steps)]]
     return write_report(ctx.root / REPORT_DIR, ctx.root / METRICS, params, trials, chosen, notes,
                         stage_seconds=time.perf_counter() - started, run_id=ctx.run_id)
 
 
-def sitting_argument(argv: list[str] | None) -> tuple[float | None, list[str]]:
+def study_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """``--sitting MINUTES``: start no trial after that many minutes, then stop (exit 3) with the
-    ledger up to date; without it the study runs to its end."""
+    ledger up to date; without it the study runs to its end. ``--workers N``: N local study
+    workers share the study; ``--worker``: this process is one study worker (start one per
+    machine, all with the same store.url); ``--stale-after SECONDS``: a part whose worker has not
+    beaten for that long is taken over."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--sitting", type=float, default=None, metavar="MINUTES")
+    parser.add_argument("--workers", type=int, default=1, metavar="N")
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--stale-after", type=float, default=120.0, metavar="SECONDS")
     known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
     if known.sitting is not None and known.sitting <= 0:
         raise SystemExit("error: --sitting takes a positive number of minutes")
-    return known.sitting, rest
+    if known.workers < 1 or (known.worker and known.workers > 1):
+        raise SystemExit("error: --workers takes a positive number, and a --worker runs alone")
+    if known.stale_after <= 0:
+        raise SystemExit("error: --stale-after takes a positive number of seconds")
+    return known, rest
 
 
 def main(argv: list[str] | None = None) -> int:
-    minutes, rest = sitting_argument(argv)
-    return run_stage("study", functools.partial(study, minutes=minutes), preflight=preflight, argv=rest)
+    known, rest = study_arguments(argv)
+    work = functools.partial(study, minutes=known.sitting, workers=known.workers, worker=known.worker,
+                             stale_after=known.stale_after)
+    # A worker's run is recorded as a stage of its own: only the step that writes the report is `study`.
+    return run_stage("study_worker" if known.worker else "study", work, preflight=preflight, argv=rest)
 
 
 def keep_last_report(ctx: StageContext) -> dict[str, Path]:

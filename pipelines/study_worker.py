@@ -14,9 +14,16 @@
 Every trial is trained with the recipe every variant trains with (``trainers.recipe``), reloaded
 from the saved adapter the way export and evaluation load it, and measured in fp32: tuning and
 finalist trials on the validation split only, test trials also on the test split (its loss) and
-the held-out test sets. Each finished trial is appended to ``R`` as one JSON line; the study
-process records it in the store. One process per method: importing Unsloth patches libraries for
-the whole process.
+the held-out test sets. Each finished trial is recorded in the results store by this process
+*before* Optuna is told of it (a kill in between leaves a trial Optuna re-asks and that replaces
+its row: every trial is recorded once), then appended to ``R`` as one JSON line for the study
+process's ledger. One process per method: importing Unsloth patches libraries for the whole
+process.
+
+A tuning is the same whoever runs it and however often it is interrupted: the configuration a
+killed worker was training is asked again first, the sampler is seeded by how many
+configurations the study has finished (not by its history of restarts), and the pruner ignores
+interrupted trials; so a study spread over workers chooses what one worker would.
 """
 
 from __future__ import annotations
@@ -123,9 +130,83 @@ def run_trial(params: Params, spec: dict[str, Any], root: Path, scratch: Path, o
             "trial_seconds": time.perf_counter() - started}
 
 
+def store_trial(store, run_id: str, result: dict) -> None:
+    """One finished trial into the store, in its own transaction (a later failure leaves it
+    recorded); the same trial recorded again replaces its row."""
+    from db.models import StudyTrial
+    from evaluation.tuning import setting_key
+
+    with store.transaction() as session:
+        store.replace_rows(session, StudyTrial, run_id, [{
+            "val_loss": result["val_loss"], "curve_json": json.dumps(result["curve"]),
+            # What has no column rides with the figures: the trial's wall time, its per-prompt
+            # values, where the pruner stopped it, which Optuna study asked for it, and the code
+            # and host that trained it.
+            "metrics_json": json.dumps({"figures": {**result["metrics"], "trial_seconds": result.get("trial_seconds")},
+                                        "per_prompt": result.get("per_prompt", {}),
+                                        "stopped_at": result.get("stopped_at"), "tuning": result.get("tuning", ""),
+                                        "revision": result.get("revision"), "host": result.get("host")}),
+            "train_seconds": result["train_seconds"],
+            "tokens_per_second": result["tokens_per_second"],
+            "trainable_parameters": result["trainable_parameters"]}],
+            phase=result["phase"], method=result["method"], steps=result["steps"], seed=result["seed"],
+            setting=setting_key(result["setting"]))
+
+
+def stored_result(row) -> dict[str, Any]:
+    """A ``study_trials`` row as the trial's result (what :func:`store_trial` was given)."""
+    extra = json.loads(row.metrics_json)
+    figures = dict(extra.get("figures", {}))
+    trial_seconds = figures.pop("trial_seconds", None)
+    return {"phase": row.phase, "method": row.method, "steps": row.steps, "seed": row.seed,
+            "setting": json.loads(row.setting), "tuning": extra.get("tuning", ""), "val_loss": row.val_loss,
+            "curve": json.loads(row.curve_json), "stopped_at": extra.get("stopped_at"), "metrics": figures,
+            "per_prompt": extra.get("per_prompt", {}), "train_seconds": row.train_seconds,
+            "tokens_per_second": row.tokens_per_second, "trainable_parameters": row.trainable_parameters,
+            "trial_seconds": trial_seconds, "revision": extra.get("revision"), "host": extra.get("host")}
+
+
+def _without_interrupted(study):
+    """``study`` as the pruner should see it: a trial a killed worker left has reported values at
+    some rungs, and counting them would change every later promotion (the configuration is
+    asked again and reports them once more)."""
+
+    class Completed:
+        def __getattr__(self, name: str):
+            return getattr(study, name)
+
+        def get_trials(self, deepcopy: bool = True, states=None):
+            trials = study.get_trials(deepcopy=deepcopy, states=states)
+            return [t for t in trials if not t.user_attrs.get("interrupted")]
+
+    return Completed()
+
+
+def study_pruner(params: Params):
+    import optuna
+
+    class Pruner(optuna.pruners.SuccessiveHalvingPruner):
+        def prune(self, study, trial) -> bool:
+            return super().prune(_without_interrupted(study), trial)
+
+    return Pruner(min_resource=params.study.min_steps, reduction_factor=params.study.reduction_factor)
+
+
+def reseed(tuned, params: Params) -> None:
+    """TPE seeded by how many configurations the study has finished: the k-th configuration is
+    drawn the same way in one worker, after a restart or in another worker (a TPE seeded once
+    per process asked a resumed study's start-up configurations again, or other ones)."""
+    import optuna
+
+    if params.study.sampler == "tpe":
+        tuned.sampler = optuna.samplers.TPESampler(seed=params.study.seed + finished_configurations(tuned),
+                                                   n_startup_trials=params.study.startup)
+
+
 def optuna_study(params: Params, root: Path, job: dict[str, Any]):
     """The job's Optuna study (created or resumed) on the results store's journal, with the
-    study section's sampler and pruner; trials a killed worker left running are marked failed."""
+    study section's sampler and pruner. A trial a killed worker left running is marked
+    interrupted (not counted) and its configuration queued to be asked again first."""
     import optuna
 
     from db.store import open_store
@@ -137,19 +218,14 @@ def optuna_study(params: Params, root: Path, job: dict[str, Any]):
     storage = optuna.storages.JournalStorage(StoreJournal(store, job["tuning"]))
     sampler = (optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=study.startup) if study.sampler == "tpe"
                else optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=study.seed))
-    pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=study.min_steps,
-                                                    reduction_factor=study.reduction_factor)
-    tuned = optuna.create_study(study_name=job["tuning"], storage=storage, sampler=sampler, pruner=pruner,
-                                direction="minimize", load_if_exists=True)
+    tuned = optuna.create_study(study_name=job["tuning"], storage=storage, sampler=sampler,
+                                pruner=study_pruner(params), direction="minimize", load_if_exists=True)
     for stale in tuned.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         storage.set_trial_user_attr(stale._trial_id, "interrupted", True)   # asked again, not counted
         storage.set_trial_state_values(stale._trial_id, optuna.trial.TrialState.FAIL)
-    if study.sampler == "tpe":
-        # TPE draws its start-up configurations from one random stream: a resumed study seeded
-        # as at its start would ask those configurations again (the first study sitting asked 2
-        # of pure_grit's twice). Seeded by how many trials the study holds, it goes on instead.
-        tuned.sampler = optuna.samplers.TPESampler(seed=study.seed + len(tuned.trials),
-                                                   n_startup_trials=study.startup)
+        if stale.params:
+            tuned.enqueue_trial(stale.params, user_attrs={"retry_of": stale.number})
+    reseed(tuned, params)
     return tuned
 
 
@@ -174,10 +250,12 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
     import optuna
 
     tuned = optuna_study(params, root, job)
+    store = trial_store(params, root)
     space = [Dimension(**d) for d in job["space"]]
     trained = 0
     while (finished := finished_configurations(tuned)) < job["configurations"] and not sitting_over(job, trained):
         trained += 1
+        reseed(tuned, params)
         trial = tuned.ask()
         setting = {d.name: float(f"{trial.suggest_float(d.name, d.low, d.high, log=d.log):.4g}") for d in space}
         spec = {"phase": "tune", "method": job["method"], "steps": job["steps"], "seed": job["seed"],
@@ -190,7 +268,8 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
             return trial.should_prune()
 
         with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
-            record = run_trial(params, spec, root, Path(scratch), on_validation=report)
+            record = provenance(run_trial(params, spec, root, Path(scratch), on_validation=report), job)
+        store_trial(store, job["run_id"], record)          # before Optuna hears of it
         loss = record["val_loss"]
         if record["stopped_at"] is not None:
             tuned.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -205,15 +284,31 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
 
 
 def runs(params: Params, job: dict[str, Any], root: Path, results: Path) -> None:
+    store = trial_store(params, root)
     for trained, spec in enumerate(job["runs"]):
         if sitting_over(job, trained):
             return
         print(f"[study] {spec['phase']} {spec.get('position', '?')}: {spec['method']}, {spec['steps']} steps, "
               f"seed {spec['seed']}, {json.dumps(spec['setting'], sort_keys=True)}", flush=True)
         with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
-            record = run_trial(params, spec, root, Path(scratch))
+            record = provenance(run_trial(params, spec, root, Path(scratch)), job)
+        store_trial(store, job["run_id"], record)
         append(results, record)
         print(f"[study]   validation loss {record['val_loss']:.4f} in {record['trial_seconds']:.0f} s", flush=True)
+
+
+def trial_store(params: Params, root: Path):
+    from db.store import open_store
+    from pipelines.stage import store_root
+
+    return open_store(params.store.url, store_root(root))     # the repository's, as the study process's
+
+
+def provenance(record: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    """The code and host that trained a trial, kept with it in the store and the ledger."""
+    import os
+
+    return {**record, "revision": job.get("revision"), "host": os.uname().nodename}
 
 
 def append(results: Path, record: dict[str, Any]) -> None:
@@ -221,7 +316,24 @@ def append(results: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def end_with_parent(every: float = 1.0) -> None:
+    """End this process when the study process that reads its results ends (killed, say): an
+    orphan would go on training and telling Optuna of trials nobody records."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="end with parent", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
+    end_with_parent()
     silence_known_import_noise()
     parser = argparse.ArgumentParser(prog="python -m pipelines.study_worker")
     for flag in ("--params", "--job", "--results"):

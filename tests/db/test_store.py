@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+from alembic.script import ScriptDirectory
 from sqlalchemy import event, func, inspect, select
 
 from db.models import EvalMetric, Run, TrainMetric
-from db.store import create_store_engine, open_store, upgrade_schema, utcnow
+from db.store import MIGRATIONS_DIR, create_store_engine, open_store, upgrade_schema, utcnow
 
 WRITERS, ROWS_PER_WRITER = 8, 100
+HEAD = ScriptDirectory(str(MIGRATIONS_DIR)).get_current_head()      # the newest revision
 
 
 def _run(run_id: str) -> Run:
@@ -91,7 +93,7 @@ def test_concurrent_first_open_migrates_once(store_url: str):
         opener.join(timeout=120)
     assert [o.exitcode for o in openers] == [0] * 4
     with open_store(url, migrate=False).engine.connect() as connection:
-        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == ["0008"]
+        assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalars().all() == [HEAD]
 
 
 def test_upgrade_from_empty_is_one_locked_transaction(tmp_path: Path):
@@ -113,7 +115,7 @@ def test_upgrade_from_empty_is_one_locked_transaction(tmp_path: Path):
 KILLED_WRITER = textwrap.dedent("""
     import sys, time
     from db.models import Run, TrainMetric
-    from db.store import create_store_engine, open_store, upgrade_schema, utcnow
+    from db.store import MIGRATIONS_DIR, create_store_engine, open_store, upgrade_schema, utcnow
     store = open_store(sys.argv[1])
     with store.transaction() as session:
         session.add(Run(id="partial", git_revision=None, params_hash="h", params_json="{}",
@@ -174,7 +176,7 @@ def test_a_store_from_before_holm_upgrades_in_place_and_keeps_its_rows(tmp_path:
     with sqlite3.connect(tmp_path / "old.db") as raw:
         row = raw.execute("SELECT delta, p_value, p_adjusted FROM comparisons").fetchone()
         assert row == (0.1, 0.01, None)
-        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == "0008"
+        assert raw.execute("SELECT version_num FROM alembic_version").fetchone()[0] == HEAD
 
 
 def test_a_store_from_before_the_steps_rename_keeps_its_study_trials(tmp_path: Path):

@@ -23,3 +23,54 @@ def test_a_resumed_tuning_does_not_ask_its_first_configuration_again(tmp_path: P
         asked.append(trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True))
         tuned.tell(trial, 1.0)
     assert params.study.startup > 2 and asked[0] != asked[1]
+
+
+def _tune(params: Params, root: Path, job: dict, configurations: int, kill_at: int | None = None) -> list:
+    """Ask, report at steps 2 and 4 (pruning as told), tell; with ``kill_at``, the worker dies
+    in the first configuration from number ``kill_at`` on that passes its first rung, and a new
+    worker resumes."""
+    from pipelines.study_worker import finished_configurations, reseed
+
+    tuned = optuna_study(params, root, job)
+    while finished_configurations(tuned) < configurations:
+        reseed(tuned, params)
+        trial = tuned.ask()
+        rate = trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
+        loss = (rate * 1e5) % 1.0            # uneven: every rung has close calls
+        state = None
+        for step in (2, 4):
+            trial.report(loss * (1 + 1 / step), step)
+            if trial.should_prune():
+                state = optuna.trial.TrialState.PRUNED
+                break
+            if kill_at is not None and finished_configurations(tuned) >= kill_at and step == 2:
+                kill_at = None                        # left RUNNING, its first rung's value recorded
+                tuned = optuna_study(params, root, job)
+                break
+        else:
+            tuned.tell(trial, loss)
+            continue
+        if state is not None:
+            tuned.tell(trial, state=state)
+    return [(t.params, t.state) for t in tuned.trials if not t.user_attrs.get("interrupted")]
+
+
+def test_a_tuning_killed_mid_trial_goes_on_as_if_it_had_not_been(tmp_path: Path):
+    """The killed configuration is asked again first, the sampler draws the k-th configuration
+    the same way, and the pruner does not count the killed trial's reports: the finished trials
+    equal an uninterrupted tuning's."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params = Params()
+    # A seed whose tuning promotes trials often enough that a killed one's reports would change
+    # later promotions if the pruner counted them (it does with Optuna's pruner as it is).
+    study = params.study.model_copy(update={"startup": 2, "min_steps": 2, "seed": 1})
+    params = params.model_copy(update={"study": study})
+
+    def at(url: str) -> Params:
+        return params.model_copy(update={"store": params.store.model_copy(update={"url": url})})
+
+    whole = _tune(at(f"sqlite:///{tmp_path}/whole.db"), tmp_path, {"tuning": "k/m/4"}, 12)
+    assert any(state == optuna.trial.TrialState.PRUNED for _, state in whole)
+    for kill_at in range(12):
+        killed = _tune(at(f"sqlite:///{tmp_path}/killed-{kill_at}.db"), tmp_path, {"tuning": "k/m/4"}, 12, kill_at)
+        assert killed == whole, f"killed after configuration {kill_at}"

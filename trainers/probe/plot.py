@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy
 
 _BLOCK = re.compile(r"layers\.(\d+)\.(?:.*\.)?([A-Za-z_0-9]+)$")
 
@@ -60,7 +63,7 @@ def plot_update_divergence(results: list[dict[str, Any]], threshold: float, path
         per_step = [m["step_update_cosines"] for m in result["measurements"]["modules"] if m["step_update_cosines"]]
         if per_step:
             values = np.array([[np.nan if v is None else v for v in steps] for steps in per_step], dtype=float)
-            trend.plot(range(1, values.shape[1] + 1), np.nanmedian(values, axis=0), marker="o", label=result["variant"])
+            trend.plot(range(1, values.shape[1] + 1), median_per_step(values), marker="o", label=result["variant"])
     trend.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="no change (cosine 1)")
     trend.set_xlabel("optimizer step")
     trend.set_ylabel("median cosine of the step's update\nGRIT vs control")
@@ -73,3 +76,14 @@ def plot_update_divergence(results: list[dict[str, Any]], threshold: float, path
     plt.close(figure)
     partial.replace(path)
     return path
+
+
+def median_per_step(values: numpy.ndarray) -> numpy.ndarray:
+    """Median over modules (rows) of each step (column); NaN, without numpy's all-NaN warning,
+    for a step no module has a value for (an update of zero has no direction)."""
+    import numpy as np
+
+    medians = np.full(values.shape[1], np.nan)
+    measured = ~np.isnan(values).all(axis=0)
+    medians[measured] = np.nanmedian(values[:, measured], axis=0)
+    return medians

@@ -111,3 +111,17 @@ def test_compare_curves():
     assert different.max_abs_difference == pytest.approx(1.9) and different.correlation < 0.5
     with pytest.raises(ValueError):
         compare_curves([], [1.0])
+
+
+def test_the_per_step_median_leaves_a_step_without_values_empty_and_says_nothing():
+    import warnings
+
+    import numpy as np
+
+    from trainers.probe.plot import median_per_step
+
+    values = np.array([[np.nan, 1.0, 0.5], [np.nan, 0.0, np.nan], [np.nan, 0.5, 0.7]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                     # numpy's "All-NaN slice" would raise
+        medians = median_per_step(values)
+    assert np.isnan(medians[0]) and medians[1:].tolist() == [0.5, 0.6]

@@ -1,0 +1,102 @@
+"""Study workers: two workers share the smoke study through a PostgreSQL store, one is killed in
+the middle of a trial; the other takes over its part, every planned trial is recorded once, and the report equals a
+one-worker run's (same chosen settings, same test figures); so does ``--workers 2``."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from sqlalchemy import select
+from test_pipeline_smoke import _sh, repo_copy
+
+from db.models import StudyClaim, StudyTrial
+from db.store import open_store
+
+pytestmark = pytest.mark.slow     # runs the smoke study four times
+
+# One thread everywhere: a trial is then the same bits whichever worker trains it.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "GRIT_LLAMA_THREADS": "1"}
+COMPARED = ("chosen", "summary", "tests", "verdict")
+
+
+def _study(repo: Path, env: dict[str, str], *flags: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "pipelines.study", *flags], cwd=repo, env={**env, **ONE_THREAD},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _url(repo: Path) -> str:
+    return yaml.safe_load((repo / "params.yaml").read_text())["store"]["url"]
+
+
+def _trials(repo: Path) -> list[tuple]:
+    with open_store(_url(repo), repo).reader() as session:
+        return [(t.phase, t.method, t.steps, t.seed, t.setting, t.val_loss)
+                for t in session.scalars(select(StudyTrial))]
+
+
+def _use_store(repo: Path, url: str) -> None:
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["store"]["url"] = url
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_two_workers_one_killed_mid_trial_give_the_one_worker_report(tmp_path_factory, postgres_url: str):
+    """The two workers share a PostgreSQL store, as workers on two machines would."""
+    alone, env = repo_copy(tmp_path_factory, ["smoke"])
+    _sh(["dvc", "repro", "prepare_data"], alone, env)
+    one = _study(alone, env)
+    out = one.communicate(timeout=1800)[0]
+    assert one.returncode == 0, out[-3000:]
+    expected = json.loads((alone / "metrics/study.json").read_text())
+
+    shared, env = repo_copy(tmp_path_factory, ["smoke"])
+    _use_store(shared, postgres_url)
+    _sh(["dvc", "repro", "prepare_data"], shared, env)
+    doomed = _study(shared, env, "--worker", "--stale-after", "8")
+    for line in doomed.stdout:                       # the first worker claims the first part ...
+        if "configuration 1/" in line:
+            break
+    survivor = _study(shared, env, "--worker", "--stale-after", "8")
+    time.sleep(5)                                    # ... and is killed in the middle of its first trial
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(timeout=60)
+    out = survivor.communicate(timeout=1800)[0]
+    assert survivor.returncode == 0, out[-3000:]
+    assert out.count("takes peft_lora/4") == 1 and out.count("takes grit_paper/4") == 1, out[-3000:]
+    assert "every part of the study is done" in out
+
+    report = _study(shared, env)                     # the report step: everything is recorded
+    out = report.communicate(timeout=1800)[0]
+    assert report.returncode == 0, out[-3000:]
+    assert "[study] tune" not in out and "trials recorded by study workers added to the ledger" in out
+    got = json.loads((shared / "metrics/study.json").read_text())
+    assert {k: got[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
+
+    # The same plan through --workers 2 (two local workers started by the study itself).
+    pair, env = repo_copy(tmp_path_factory, ["smoke"])
+    _sh(["dvc", "repro", "prepare_data"], pair, env)
+    both = _study(pair, env, "--workers", "2")
+    out = both.communicate(timeout=1800)[0]
+    assert both.returncode == 0, out[-3000:]
+    assert "2 study workers, 1 CPU(s) each" in out and out.count(" takes ") == 2, out[-3000:]
+    paired = json.loads((pair / "metrics/study.json").read_text())
+    assert {k: paired[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
+    assert sorted(_trials(pair)) == sorted(_trials(alone))
+
+    trials, planned = _trials(shared), _trials(alone)
+    identities = Counter(t[:5] for t in trials)
+    assert max(identities.values()) == 1 and set(identities) == {t[:5] for t in planned}
+    assert sorted(trials) == sorted(planned)         # the same trials, the same losses
+    ledger = [json.loads(line) for line in (shared / "reports/study/ledger/trials.jsonl").read_text().splitlines()]
+    assert len(ledger) == len(trials)
+    with open_store(postgres_url).reader() as session:
+        claims = {c.cell: c for c in session.scalars(select(StudyClaim))}
+    assert set(claims) == {"ledger", "peft_lora/4", "grit_paper/4"} and all(c.done_at for c in claims.values())

@@ -1,0 +1,42 @@
+"""A study's trial process ends with the study process that reads its results: killed, the
+study worker leaves no orphan training on and telling Optuna of trials nobody records."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+MIDDLE = textwrap.dedent("""
+    import subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c",
+        "from pipelines.study_worker import end_with_parent; import time; end_with_parent(0.1); time.sleep(120)"])
+    print(child.pid, flush=True)
+    time.sleep(120)
+""")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:        # a zombie has ended; only its parent has not reaped it
+        return stat.read().split()[2] != "Z"
+
+
+def test_the_trial_process_ends_when_its_study_process_is_killed(repo_root):
+    middle = subprocess.Popen([sys.executable, "-c", MIDDLE], cwd=repo_root, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(repo_root)})
+    child = int(middle.stdout.readline())
+    time.sleep(1.0)
+    assert _alive(child)
+    middle.send_signal(signal.SIGKILL)
+    middle.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(child), "the trial process outlived the study process"
