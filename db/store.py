@@ -116,31 +116,31 @@ def check_store_writable(url: str, root: Path | None = None) -> None:
         return
     if not path.is_file():
         raise StoreError(f"the results store {path} is not a file; fix store.url")
-    engine = create_store_engine(url, root)
-    try:
-        with engine.connect() as connection:
-            # BEGIN IMMEDIATE succeeds on a read-only database; only a real write tells.
-            connection.exec_driver_sql("CREATE TABLE _grit_write_probe (x INTEGER)")
-            connection.rollback()
-    except Exception as error:  # noqa: BLE001 - sqlite3.OperationalError and friends
-        raise StoreError(f"the results store {path} cannot be written ({_first_line(error)}); "
-                         "fix its permissions or store.url") from None
-    finally:
-        engine.dispose()
+    problem = _write_problem(create_store_engine(url, root))
+    if problem:
+        raise StoreError(f"the results store {path} cannot be written ({problem}); fix its permissions or store.url")
 
 
 def _check_server_writable(url: str) -> None:
     """A database server's store: reachable, and a table can be made (then rolled back)."""
     engine = create_store_engine(url)
-    shown = engine.url.render_as_string()      # the password hidden
+    problem = _write_problem(engine)
+    if problem:
+        raise StoreError(f"store.url: cannot write to {engine.url.render_as_string()} ({problem})")
+
+
+def _write_problem(engine: Engine) -> str | None:
+    """Why nothing can be written through ``engine`` (one line), or None: a table is made, then
+    rolled back (BEGIN IMMEDIATE succeeds on a read-only SQLite file; only a real write tells)."""
     try:
         with engine.connect() as connection:
             connection.exec_driver_sql("CREATE TABLE _grit_write_probe (x INTEGER)")
             connection.rollback()
     except Exception as error:  # noqa: BLE001 - any driver's connection or permission error
-        raise StoreError(f"store.url: cannot write to {shown} ({_first_line(error)})") from None
+        return _first_line(error)
     finally:
         engine.dispose()
+    return None
 
 
 def server_url(url: str) -> URL:

@@ -151,7 +151,7 @@ def sync_ledger(sitting: Sitting) -> None:
     with sitting.ctx.store.reader() as session:
         rows = session.scalars(select(StudyTrial).where(StudyTrial.run_id == sitting.ctx.run_id)
                                .order_by(StudyTrial.id)).all()
-    added = [stored_result(row) for row in rows if identity(as_trial(row)) not in known]
+    added = [result for result in map(stored_result, rows) if identity(result) not in known]
     for result in added:
         ledger.add_trial(result)
     ledger.set_journals(journals_under(sitting.ctx.store, f"{ledger.key}/"))
