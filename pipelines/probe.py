@@ -143,6 +143,9 @@ def store_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
                 figures[f"{kind}_{key}"] = value
         rows += [{"module": module["name"], "metric": key, "step": m["steps"], "value": value, "text": None}
                  for key, value in figures.items() if value is not None]
+        if module.get("capture_path"):      # which path captured its rows: fused functions or hooks
+            rows.append({"module": module["name"], "metric": "capture_path", "step": m["steps"], "value": None,
+                         "text": module["capture_path"]})
         rows += [{"module": module["name"], "metric": "step_update_cosine", "step": k, "value": cosine, "text": None}
                  for k, cosine in enumerate(module["step_update_cosines"], start=1) if cosine is not None]
     return rows

@@ -164,10 +164,12 @@ class VariantParams(Section):
 
 
 def variant_grit(grit: GritParams, variant: VariantParams) -> GritParams:
-    """The GRIT configuration ``variant`` trains with: ``grit`` with its overrides, validated."""
-    if not variant.grit_overrides:
-        return grit
-    return GritParams.model_validate({**grit.model_dump(), **variant.grit_overrides})
+    """The GRIT configuration ``variant`` trains with: ``grit`` with its overrides, validated, and
+    ``capture: auto`` resolved by the variant's engine (fused on Unsloth's, hooks on PEFT's)."""
+    merged = {**grit.model_dump(), **(variant.grit_overrides or {})}
+    if merged["capture"] == "auto":
+        merged["capture"] = "fused" if variant.engine == "unsloth" else "hooks"
+    return GritParams.model_validate(merged)
 
 
 def variant_lora(lora: LoraParams, variant: VariantParams) -> LoraParams:

@@ -5,8 +5,10 @@
   transformers and TRL for the whole process, so a process builds one engine only.
 
 On CUDA, Unsloth replaces the LoRA MLP/QKV/O forwards with fused kernels that read the LoRA
-weights directly, so per-layer hooks (GRIT's capture) never run. For a GRIT variant this
-engine puts PEFT's forwards back and records it; GRIT's own coverage check then fails the run
+weights directly and never expose u = A x nor the gradient at the LoRA output. For a GRIT
+variant this engine takes Unsloth's kernels off and records it; GRIT then puts its own fused
+LoRA functions in their place (``trainers/grit/fused.py``: the activations Unsloth's kernels
+save, GRIT's rows from their backward; ``grit.capture``), and its coverage check fails the run
 loudly if any module still captures nothing. On CPU Unsloth uses the plain path already.
 
 Unsloth also compiles each decoder layer with ``torch.compile`` on CUDA. A compiled layer keeps
@@ -89,13 +91,30 @@ def build_unsloth(files: BaseModelFiles, params: TrainingSections, variant: Vari
         use_gradient_checkpointing="unsloth" if params.train.gradient_checkpointing else False,
     )
     notes = [f"unsloth on {'cuda' if torch.cuda.is_available() else 'cpu'}"]
+    if lora.adapter_dtype == "model":
+        # Unsloth keeps LoRA weights fp32 in a bf16/fp16 model, as PEFT's autocast does
+        cast = cast_adapters(peft_model, torch_dtype(params.model.dtype))
+        if cast:
+            notes.append(f"{cast} LoRA tensors kept in the model's dtype (lora.adapter_dtype: model)")
     if variant.grit and torch.cuda.is_available():
         notes.append("Unsloth's per-layer torch.compile declined so GRIT's hooks run")
     if variant.grit:
         restored = restore_unfused_lora(peft_model)
         if restored:
-            notes.append(f"restored PEFT forwards on {restored} fused Unsloth LoRA modules so GRIT can capture")
+            notes.append(f"took Unsloth's fused LoRA kernels off {restored} modules: GRIT's fused functions "
+                         "take their place")
     return EngineModel(peft_model, load_tokenizer(files, params.model), targets, notes)
+
+
+def cast_adapters(model, dtype) -> int:
+    """Cast every LoRA weight to ``dtype`` (``lora.adapter_dtype: model`` on an engine that
+    keeps them fp32); returns how many tensors changed dtype."""
+    changed = 0
+    for name, parameter in model.named_parameters():
+        if "lora_" in name and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+            changed += 1
+    return changed
 
 
 def restore_unfused_lora(model) -> int:

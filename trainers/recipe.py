@@ -13,7 +13,9 @@ import json
 import os
 import resource
 import shutil
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +107,14 @@ def grit_door(variant: VariantParams) -> str | None:
     return "callback" if variant.engine == "unsloth" else "optimizer"
 
 
+def capture_summary(manager) -> dict[str, int] | None:
+    """How many modules hand GRIT their rows through each path ("fused", "hooks")."""
+    paths = getattr(manager, "capture_paths", None)
+    if not paths:
+        return None
+    return dict(sorted(Counter(path.split("-")[0] for path in paths.values()).items()))
+
+
 def attach_grit(model, config: GritParams, door: str | None, total_steps: int, manager_factory=None) -> GritAttachment:
     """The one way training wires GRIT onto a PEFT model (the probe measures this same wiring).
     ``manager_factory(model, config, total_steps)`` builds something with GritManager's
@@ -112,6 +122,8 @@ def attach_grit(model, config: GritParams, door: str | None, total_steps: int, m
     if door is None:
         return GritAttachment()
     manager = (manager_factory or GritManager)(model, config, total_steps=total_steps)
+    for note in getattr(manager, "notes", []):
+        print(f"[grit] {note}", file=sys.stderr)     # e.g. a layer the fused functions cannot take
     if door == "callback":
         return GritAttachment(manager, [manager.callback()])
     return GritAttachment(manager, optimizer_door=manager)
@@ -223,6 +235,7 @@ def train_variant(
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "grit_all_ready": manager.all_ready() if manager else None,
+        "grit_capture": capture_summary(manager), "grit_notes": list(getattr(manager, "notes", [])),
         "trainable_parameters": sum(p.numel() for n, p in trainer.model.named_parameters()
                                     if p.requires_grad and "lora_" in n),   # fewer once GRIT truncated
         **(built.report(trainer.model, manager) if built.report else {}),

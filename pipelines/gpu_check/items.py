@@ -21,6 +21,7 @@ import os
 import random
 import statistics
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from transformers import TrainerCallback
 
 from pipelines.gpu_check.overhead import ARMS, interleaved_step_times, peak_memory
 from trainers.base_model import BaseModelFiles
-from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams
+from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams, variant_grit
 from trainers.data.config import DataParams
 from trainers.engines import BLOCK_COMPILE
 from trainers.grit.config import GritParams
@@ -127,8 +128,10 @@ class StepOneRows(TrainerCallback):
             self.rows = {name: s.u.count + s.u.pending_count for name, s in self.manager.modules.items()}
 
 
-def probe_figures(name: str, model, tokenizer, params, door: str, workdir: Path) -> dict[str, Any]:
-    """The probe of the training recipe on ``model`` (control arm vs GRIT arm through ``door``)."""
+def probe_figures(name: str, model, tokenizer, params, door: str, workdir: Path,
+                  grit: GritParams | None = None) -> dict[str, Any]:
+    """The probe of the training recipe on ``model`` (control arm vs GRIT arm through ``door``),
+    with ``grit`` (``params.grit`` by default)."""
     from trainers.probe.math import median
     from trainers.probe.measure import probe_setup
     from trainers.probe.verdict import decide, reasons
@@ -143,8 +146,8 @@ def probe_figures(name: str, model, tokenizer, params, door: str, workdir: Path)
         return attachment
 
     examples = training_examples(tokenizer, params.probe.steps * params.train.per_device_batch_size)
-    measured, _, grit_arm = probe_setup(name, model, tokenizer, examples, params.train, params.grit, door, params.probe,
-                                        workdir, attach=attach, bf16=params.model.dtype == "bfloat16")
+    measured, _, grit_arm = probe_setup(name, model, tokenizer, examples, params.train, grit or params.grit, door,
+                                        params.probe, workdir, attach=attach, bf16=params.model.dtype == "bfloat16")
     verdict, checks = decide(measured, params.probe)
     rows = recorders[0].rows or {}
     return {
@@ -153,6 +156,7 @@ def probe_figures(name: str, model, tokenizer, params, door: str, workdir: Path)
         "min_rows_step1": min(rows.values(), default=0), "arm_error": grit_arm.error,
         "modules_ready": sum(m.usable_A and m.usable_B for m in measured.modules),
         "update_cosine_median": median([m.update.cosine for m in measured.modules if m.update]),
+        "capture_paths": dict(Counter((m.capture_path or "hooks").split("-")[0] for m in measured.modules)),
     }
 
 
@@ -185,8 +189,10 @@ def check_hybrid(workdir: Path, device: str) -> dict[str, Any]:
     kernels = fused_kernel_counts(baseline.model, unsloth_llama) if not missing else {}
     del baseline
     torch.manual_seed(params.train.seed)
-    hybrid = build_unsloth(files, params, VariantParams(engine="unsloth", grit=True))
-    figures = probe_figures("hybrid_grit", hybrid.model, hybrid.tokenizer, params, "callback", workdir / "probe")
+    variant = VariantParams(engine="unsloth", grit=True)
+    hybrid = build_unsloth(files, params, variant)
+    figures = probe_figures("hybrid_grit", hybrid.model, hybrid.tokenizer, params, "callback", workdir / "probe",
+                            variant_grit(params.grit, variant))
     notes = [f"baseline LoRA: Unsloth fused {kernels.get('qkv', 0)} QKV, {kernels.get('o', 0)} O and "
              f"{kernels.get('mlp', 0)} MLP LoRA kernels", *hybrid.notes]
     return figures | {"device": device, "missing_internals": missing, "fused_kernels": kernels, "notes": notes,
@@ -292,7 +298,8 @@ def check_truncation(workdir: Path, device: str) -> dict[str, Any]:
     params = check_params(files, "bfloat16" if device == "cuda" else "float32", steps=7)
     torch.manual_seed(params.train.seed)
     hybrid = build_unsloth(files, params, VariantParams(engine="unsloth", grit=True))
-    attachment = attach_grit(hybrid.model, GritParams(**TRUNCATING), "callback", params.train.max_steps)
+    attachment = attach_grit(hybrid.model, GritParams(**TRUNCATING, capture="fused"), "callback",
+                             params.train.max_steps)
     ranks = RanksPerStep(attachment.manager)
     examples = training_examples(hybrid.tokenizer, params.train.max_steps * params.train.per_device_batch_size)
     trainer = build_trainer(hybrid.model, hybrid.tokenizer, examples, params.train, workdir / "run", attachment,
@@ -350,7 +357,9 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: 
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=1e-4)
-    manager = GritManager(model, GritParams()) if grit else None
+    # the variant's own capture path: GRIT's fused functions on Unsloth (the hybrid), hooks on PEFT
+    config = variant_grit(GritParams(), VariantParams(engine=engine, grit=True))
+    manager = GritManager(model, config) if grit else None
 
     def step(batch) -> None:
         model(**batch).loss.backward()

@@ -161,6 +161,27 @@ def operation_counts(step: Step, inputs: Any) -> OperationCounts:
     return OperationCounts(counting.operations, counting.host_reads)
 
 
+def saved_activation_bytes(run: Callable[[], Any]) -> int:
+    """Bytes of the activations autograd saves for backward while ``run()`` runs: every tensor a
+    ``saved_tensors_hooks`` pack hook sees, once per storage (q, k and v saving the same input
+    count it once; a view counts as its base), parameters left out (they exist anyway). On the
+    ``meta`` device this measures a real model's shapes without memory or compute."""
+    import torch
+    from torch.autograd.graph import saved_tensors_hooks
+
+    kept: dict[int, Any] = {}       # id -> tensor, held so that no id is reused while counting
+
+    def pack(tensor):
+        base = tensor if tensor._base is None else tensor._base
+        if not isinstance(base, torch.nn.Parameter):
+            kept[id(base)] = base
+        return tensor
+
+    with saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(t.numel() * t.element_size() for t in kept.values())
+
+
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 

@@ -191,6 +191,8 @@ def test_a_cpu_rehearsal_runs_the_real_items(tmp_path: Path):
     items = {i["name"]: i for i in payload["items"]}
     assert items["hybrid"]["passed"], items["hybrid"]
     assert items["hybrid"]["figures"]["modules_covered_step1"] == items["hybrid"]["figures"]["modules"] == 14
+    # every module hands GRIT its rows through GRIT's fused LoRA functions, none through hooks
+    assert items["hybrid"]["figures"]["capture_paths"] == {"fused": 14}
     assert items["hybrid"]["figures"]["missing_internals"] == []
     # the hybrid declines Unsloth's per-layer torch.compile, which would skip hooks GRIT registers later
     assert items["hybrid"]["figures"]["block_compile"] == "0"

@@ -24,6 +24,10 @@ class GritParams(Section):
 
 
     # --- curvature capture
+    # How GRIT reads each module's rank-space rows: hooks on PEFT's LoRA forward, or GRIT's fused
+    # LoRA functions (trainers/grit/fused.py: Unsloth's saved activations, rows from backward).
+    # auto: fused on the Unsloth engine (the hybrid keeps Unsloth's memory), hooks on PEFT's.
+    capture: Literal["auto", "hooks", "fused"] = "auto"
     fisher: Literal["rank_kfac", "diagonal", "block_diagonal"] = "rank_kfac"
     block_size: Annotated[int, Field(gt=0)] = 4
     statistics: Literal["running_mean", "ema"] = "running_mean"

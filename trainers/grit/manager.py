@@ -30,6 +30,7 @@ from trainers.grit.cadence import for_budget, reprojection_due
 from trainers.grit.config import GritParams
 from trainers.grit.distributed import allreduce_sum_, world_size
 from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, joint_gradient_norm
+from trainers.grit.fused import FusedAttachment, Tap, attach_fused
 from trainers.grit.layer import (
     SIDES,
     Captured,
@@ -98,28 +99,69 @@ class GritManager:
             key = module_key(name, adapter, several)
             self.modules[key] = ModuleState(key, layer, adapter, FactorStats(rank), FactorStats(rank))
             self.base_names[key], self.built_ranks[key] = base_module_name(name), rank
+        # How each module hands GRIT its rows: "fused" (GRIT's fused LoRA function, rows from its
+        # backward) or "hooks" (PEFT's forward, a forward hook on lora_A and a tensor hook).
+        self.capture_paths = {key: "hooks" for key in self.modules}
+        self.notes: list[str] = []
+        self._fused: FusedAttachment | None = None
+        if self.config.capture == "fused":
+            self._attach_fused()
         self._attach_hooks()
 
     # ------------------------------------------------------------------------------ capture
 
+    def _attach_fused(self) -> None:
+        layers = {key: (state.layer, state.adapter) for key, state in self.modules.items()}
+        self._fused = attach_fused(self.model, layers, self._tap)
+        for key, kind in self._fused.fused.items():
+            self.capture_paths[key] = f"fused-{kind}"
+        if self._fused.unfused:
+            first, reason = next(iter(self._fused.unfused.items()))
+            self.notes.append(f"GRIT's fused LoRA functions cannot run on {len(self._fused.unfused)}/"
+                              f"{len(self.modules)} modules (first: {first}: {reason}); those capture through "
+                              "PEFT's forward and hooks, which keep more activations")
+
     def _attach_hooks(self) -> None:
         self._handles.append(self.model.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
-        for state in self.modules.values():
-            self._handles.append(state.lora_A.register_forward_hook(self._capture_hook(state)))
+        for key, state in self.modules.items():
+            if self.capture_paths[key] == "hooks":
+                self._handles.append(state.lora_A.register_forward_hook(self._capture_hook(state)))
 
-    def detach(self) -> None:
+    def _detach_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
+    def detach(self) -> None:
+        """Remove everything GRIT put on the model: hooks and fused forwards."""
+        self._detach_hooks()
+        if self._fused is not None:
+            self._fused.detach()
+            self._fused = None
+
     def _set_capturing(self, capturing: bool) -> None:
         """Hooks are attached only for steps that capture (``capture_every``): on the others no
-        hook runs, not even to return."""
+        hook runs, not even to return, and the fused functions get no tap."""
         self.capturing = capturing
         if capturing and not self._handles:
             self._attach_hooks()
         elif not capturing:
-            self.detach()
+            self._detach_hooks()
+
+    def _tap(self, key: str) -> Tap | None:
+        """The fused function's tap for module ``key`` in this forward: it stashes u and dL/du
+        when backward reaches the module (None when this forward captures nothing)."""
+        if not (self.capturing and torch.is_grad_enabled()):
+            return None
+        state, mask, rows = self.modules[key], self._row_mask, self._row_count
+
+        def tap(u: torch.Tensor, grad_u: torch.Tensor) -> None:
+            if mask is None or tuple(mask.shape) != tuple(u.shape[:-1]):
+                self._captured.append(Captured(state, u, None, u.numel() // u.shape[-1], grad_u))
+            else:
+                self._captured.append(Captured(state, u, mask, rows, grad_u))
+
+        return tap
 
     def _remember_mask(self, _module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask")

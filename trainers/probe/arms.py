@@ -173,7 +173,8 @@ def grit_state(manager) -> dict[str, Any]:
     manager.collect_captured()     # what the hooks stashed since the last GRIT step, if any
     for name, state in manager.modules.items():
         # pending rows count too: captured, just not yet folded in by a GRIT step
-        entry: dict[str, Any] = {"rows_captured": int(state.u.count + state.u.pending_count)}
+        entry: dict[str, Any] = {"rows_captured": int(state.u.count + state.u.pending_count),
+                                 "capture_path": getattr(manager, "capture_paths", {}).get(name, "hooks")}
         for side in ("A", "B"):
             inverse = state.inverse[side]
             usable = inverse is not None and bool(torch.isfinite(inverse).all())

@@ -94,6 +94,7 @@ def measurements(variant: str, door: str | None, control: ArmTrace, grit: ArmTra
             update=update, step_update_cosines=per_step,
             scalar_update=compare_updates(update_between(grit, name, 0, steps), update_between(twin, name, 0, steps))
             if twin_done else None,
+            capture_path=info.get("capture_path"),
         ))
     return ProbeMeasurements(
         variant=variant, door=door, grit_present=state.get("present", False),

@@ -20,6 +20,7 @@ Each check answers one way GRIT was silently inert in the original experiment
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ class ModuleMeasurement:
     update: UpdateComparison | None        # K-step update, GRIT arm vs control arm
     step_update_cosines: list[float | None] = field(default_factory=list)
     scalar_update: UpdateComparison | None = None   # K-step update, GRIT arm vs its scalar twin
+    capture_path: str | None = None        # how the rows came: "fused-linear", "fused-swiglu" or "hooks"
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,10 @@ def check_capture(m: ProbeMeasurements, p: ProbeParams) -> Check:
                      f"captured fewer than {p.min_rows_per_module} token rows (first: {blind[0]}): their LoRA "
                      "forward was bypassed, as by fused kernels")
     rows = [x.rows_captured or 0 for x in m.modules]
-    return Check("capture", True, None, f"all {len(m.modules)} modules captured rows (min {min(rows, default=0)})")
+    paths = Counter((x.capture_path or "hooks").split("-")[0] for x in m.modules)
+    through = ", ".join(f"{count} through {path}" for path, count in sorted(paths.items()))
+    return Check("capture", True, None, f"all {len(m.modules)} modules captured rows (min {min(rows, default=0)}; "
+                 f"{through})")
 
 
 def check_readiness(m: ProbeMeasurements, p: ProbeParams) -> Check:

@@ -11,13 +11,18 @@ import torch
 from pipelines.gpu_check.overhead import operation_counts, random_lora_llama
 from tests.tiny_lora import VOCAB, batches
 from trainers.grit import GritManager, GritParams
+from trainers.grit.fused import attach_fused
+from trainers.grit.layer import lora_layers
 
 
-def smollm2_layout(grit: GritParams | None):
-    """SmolLM2-135M's 30 blocks with LoRA r=16 on its 7 projections, at width 64."""
+def smollm2_layout(grit: GritParams | None, fused_lora: bool = False):
+    """SmolLM2-135M's 30 blocks with LoRA r=16 on its 7 projections, at width 64. ``fused_lora``:
+    plain LoRA through the fused functions (Unsloth-style LoRA, what the hybrid is compared with)."""
     model = random_lora_llama(30, 64, 128, 4, 2, VOCAB)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     if grit is None:
+        if fused_lora:
+            attach_fused(model, {n: (layer, a) for n, layer, a in lora_layers(model)}, lambda key: None)
         return model, optimizer, None
     manager = GritManager(model, grit)
     return model, manager.wrap_optimizer(optimizer, max_grad_norm=1.0), manager
@@ -31,9 +36,9 @@ def train_step(model, optimizer, manager, inputs) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def counts_at(grit: GritParams | None, step: int):
+def counts_at(grit: GritParams | None, step: int, fused_lora: bool = False):
     """Operation counts of step ``step`` (0-based; the steps before it run uncounted)."""
-    arm = smollm2_layout(grit)
+    arm = smollm2_layout(grit, fused_lora)
     data = batches(step + 1, batch_size=2, length=8)
     for inputs in data[:step]:
         train_step(*arm, inputs)
@@ -53,13 +58,23 @@ def lora_counts():
     return counts_at(None, 3)[0]
 
 
-def test_a_grit_step_reads_the_host_once_not_once_per_module(lora_counts):
+@pytest.fixture(scope="module")
+def fused_lora_counts():
+    return counts_at(None, 3, fused_lora=True)[0]
+
+
+@pytest.mark.parametrize("capture", ["hooks", "fused"])
+def test_a_grit_step_reads_the_host_once_not_once_per_module(lora_counts, fused_lora_counts, capture):
     """Step 3 captures and preconditions but does not invert (update_freq 10): GRIT adds one
     host read, the attention mask's row count; per-module readbacks (factor counts, grafting's
     zero test, the report's norms) would add hundreds. Capture, folding and preconditioning of
     210 modules are batched: at most 250 added operations (the issue's budget), where work per
-    module added thousands."""
-    counts, manager = counts_at(GritParams(min_samples=8, update_freq=10), 3)
+    module added thousands. The same with GRIT's fused LoRA functions (the hybrid's path, against
+    Unsloth-style LoRA through the same functions), whose backward hands over the rows it
+    computes anyway."""
+    counts, manager = counts_at(GritParams(min_samples=8, update_freq=10, capture=capture), 3)
+    assert {path.split("-")[0] for path in manager.capture_paths.values()} == {capture}
+    lora_counts = fused_lora_counts if capture == "fused" else lora_counts
     assert len(manager.modules) == 210 and manager.report["preconditioned_tensors"] > 0
     assert counts.host_reads - lora_counts.host_reads <= 1, (counts, lora_counts)
     assert counts.operations - lora_counts.operations <= 250, (counts, lora_counts)

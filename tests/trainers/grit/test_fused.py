@@ -1,0 +1,179 @@
+"""GRIT's fused LoRA functions (trainers/grit/fused.py): correct gradients (gradcheck), bit for bit
+PEFT's own LoRA gradients and GRIT's statistics in fp32 on CPU, the rows GRIT captures from
+their backward, and the fallback to hooks where a layer cannot be fused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from tests.tiny_lora import TARGETS, batches, tiny_base_model, tiny_lora_model
+from trainers.grit import GritManager, GritParams
+from trainers.grit.fused import FusedLoraLinear, FusedLoraSwiGLU, unfusable_reason
+
+
+def _rand(*shape, dtype=torch.float64, grad=True):
+    return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
+
+
+def test_the_fused_functions_pass_gradcheck():
+    torch.manual_seed(0)
+    x, W, b, A, B = _rand(2, 3, 5), _rand(4, 5), _rand(4), _rand(2, 5), _rand(4, 2)
+    taps = []
+    assert torch.autograd.gradcheck(lambda *t: FusedLoraLinear.apply(*t, 0.75, lambda u, g: taps.append(1)),
+                                    (x, W, b, A, B))
+    assert taps, "the tap ran in backward"
+    x = _rand(2, 3, 5)
+    gate = (_rand(6, 5), None, _rand(2, 5), _rand(6, 2))
+    up = (_rand(6, 5), _rand(6), _rand(2, 5), _rand(6, 2))
+    down = (_rand(5, 6), None, _rand(2, 6), _rand(5, 2))
+
+    def mlp(x, gW, gA, gB, uW, ub, uA, uB, dW, dA, dB):
+        return FusedLoraSwiGLU.apply(x, gW, None, gA, gB, uW, ub, uA, uB, dW, None, dA, dB, (0.5, 2.0, 1.5),
+                                     (None, None, None))
+
+    tensors = (x, gate[0], gate[2], gate[3], *up, down[0], down[2], down[3])
+    assert torch.autograd.gradcheck(mlp, tensors)
+
+
+def _peft_layer(module: nn.Module, seed: int = 0):
+    torch.manual_seed(seed)
+    model = get_peft_model(module, LoraConfig(r=4, lora_alpha=8, target_modules=["proj", "gate_proj", "up_proj",
+                                                                                 "down_proj"]))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(parameter, std=0.1)
+    return model
+
+
+class _One(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 12, bias=True)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _lora_grads(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_a_fused_projection_is_peft_bit_for_bit_with_the_rows_grit_captures():
+    """Output, input gradient, LoRA gradients, and the (u, dL/du) handed to GRIT equal PEFT's
+    forward and autograd's gradient at u, bit for bit in fp32 (scaling 2)."""
+    model = _peft_layer(_One())
+    layer = model.base_model.model.proj
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    seen = {}
+
+    def remember(_module, _inputs, out):
+        seen["u"] = out
+        out.register_hook(lambda grad: seen.update(grad_u=grad))
+
+    layer.lora_A["default"].register_forward_hook(remember)
+    reference = model(x)
+    reference.square().sum().backward()
+    expected, expected_dx = _lora_grads(model), x.grad.clone()
+    model.zero_grad(), x.grad.zero_()
+    taps = []
+    w = (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
+         layer.lora_B["default"].weight)
+    fused = FusedLoraLinear.apply(x, *w, 2.0, lambda u, g: taps.append((u, g)))
+    fused.square().sum().backward()
+    assert torch.equal(fused, reference) and torch.equal(x.grad, expected_dx)
+    assert all(torch.equal(p.grad, expected[n]) for n, p in model.named_parameters() if n in expected)
+    (u, grad_u), = taps
+    assert torch.equal(u, seen["u"]) and torch.equal(grad_u, seen["grad_u"])
+
+
+def test_the_fused_mlp_is_peft_bit_for_bit():
+    config = LlamaConfig(hidden_size=16, intermediate_size=24, hidden_act="silu", num_attention_heads=4,
+                         num_key_value_heads=2)
+    model = _peft_layer(LlamaMLP(config))
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    model(x).square().sum().backward()
+    expected, expected_dx = _lora_grads(model), x.grad.clone()
+    model.zero_grad(), x.grad.zero_()
+    manager = GritManager(model, GritParams(capture="fused"))
+    assert set(manager.capture_paths.values()) == {"fused-swiglu"}
+    out = model(x)
+    out.square().sum().backward()
+    assert torch.equal(x.grad, expected_dx)
+    assert all(torch.equal(p.grad, expected[n]) for n, p in model.named_parameters() if n in expected)
+    manager.detach()
+    assert all("forward" not in m.__dict__ for m in model.modules()), "detach restores every forward"
+
+
+def _one_step(capture: str, **grit):
+    model = tiny_lora_model(seed=0, random_B=True)
+    manager = GritManager(model, GritParams(capture=capture, min_samples=8, update_freq=1, **grit))
+    optimizer = manager.wrap_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), 1.0)
+    model(**batches(1)[0]).loss.backward()
+    manager.before_step(1.0)
+    return model, manager, optimizer
+
+
+def test_the_last_block_gets_the_hooks_paths_statistics_and_preconditioned_gradients_bit_for_bit():
+    """Same weights, same batch: the last block (whose upstream gradient is the same on both
+    paths) has bit-identical statistics and preconditioned gradients; earlier blocks differ only
+    in how q, k and v's input gradients are summed (last bits), so they agree to fp32 rounding."""
+    hooks, hooks_manager, _ = _one_step("hooks")
+    fused, fused_manager, _ = _one_step("fused")
+    assert fused_manager.report["preconditioned_tensors"] == hooks_manager.report["preconditioned_tensors"] > 0
+    for key, state in fused_manager.modules.items():
+        reference = hooks_manager.modules[key]
+        same = torch.equal if ".layers.1." in key else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-7))
+        assert state.u.count == reference.u.count > 0
+        assert same(state.u.total, reference.u.total) and same(state.v.total, reference.v.total), key
+        for side in ("A", "B"):
+            assert same(state.weight(side).grad, reference.weight(side).grad), (key, side)
+
+
+def test_every_module_captures_through_the_fused_functions_and_nothing_on_a_step_that_does_not_capture():
+    model, manager, optimizer = _one_step("fused", capture_every=2)
+    assert set(manager.capture_paths.values()) == {"fused-linear", "fused-swiglu"} and not manager.notes
+    assert manager.report["capture_coverage"] == 1.0
+    optimizer.inner.step(), manager.after_step(optimizer.inner), optimizer.zero_grad()
+    assert not manager.capturing
+    model(**batches(2)[1]).loss.backward()
+    assert manager._captured == [], "no tap on a step that does not capture"
+
+
+def test_gradient_checkpointing_counts_each_row_once():
+    plain = _one_step("fused")[1]
+    model = tiny_lora_model(seed=0, random_B=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    manager = GritManager(model, GritParams(capture="fused", min_samples=8, update_freq=1))
+    model(**batches(1)[0]).loss.backward()
+    manager.sync_factors()
+    for key, state in manager.modules.items():
+        assert state.u.count == plain.modules[key].u.count
+        assert torch.allclose(state.u.total, plain.modules[key].u.total, rtol=1e-5, atol=1e-7)
+
+
+def test_a_layer_that_cannot_be_fused_keeps_the_hooks_and_says_so():
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_base_model(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=TARGETS))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert unfusable_reason(layer, "default") == "LoRA dropout"
+    manager = GritManager(model, GritParams(capture="fused", min_samples=8))
+    assert set(manager.capture_paths.values()) == {"hooks"}
+    assert len(manager.notes) == 1 and "cannot run on 14/14 modules" in manager.notes[0]
+    model(**batches(1)[0]).loss.backward()
+    manager.sync_factors()
+    assert all(state.u.count > 0 for state in manager.modules.values())
+
+
+@pytest.mark.parametrize("engine, expected", [("unsloth", "fused"), ("peft", "hooks")])
+def test_capture_auto_is_fused_for_the_hybrid_and_hooks_for_pure_grit(engine, expected):
+    from trainers.config import VariantParams, variant_grit
+
+    assert variant_grit(GritParams(), VariantParams(engine=engine, grit=True)).capture == expected
+    assert variant_grit(GritParams(capture="hooks"), VariantParams(engine="unsloth", grit=True)).capture == "hooks"

@@ -1,0 +1,230 @@
+"""GRIT's own fused LoRA functions: the base matmul and the LoRA path in one autograd function
+that saves only what Unsloth's fused LoRA saves, and whose backward hands GRIT the rank-space
+rows it needs (u = A x and dL/du) without hooks.
+
+Why: Unsloth's fused kernels never expose u nor the gradient at the LoRA output, so the hybrid
+used to put PEFT's unfused forward back and hook it. That path keeps, per LoRA input, an fp32
+copy (PEFT's adapter autocast), u for ``lora_B``, and in the MLP the activation's input and
+output and the down projection's input: about 1.9x Unsloth's peak memory on the H100 check.
+Here each function saves what Unsloth's ``LoRA_QKV`` / ``LoRA_W`` / ``LoRA_MLP`` save (the
+input, and in the MLP the gate and up outputs e and g, recomputing h = silu(e) g in backward),
+computes u and dL/du in backward where the LoRA gradients need them anyway, and stashes them for
+the manager (``tap``): no added saved activation, no added operation in the step.
+
+Shapes: x [..., d_in], W [d_out, d_in], A [r, d_in], B [d_out, r], s the LoRA scaling;
+u = x A^T [..., r], y = x W^T + s u B^T, dL/du = s dL/dy B, dL/dA = (dL/du)^T x,
+dL/dB = s (dL/dy)^T u.
+The LoRA path is computed in the input's dtype (as Unsloth does: no fp32 copy of the input);
+the gradients of A and B are returned in their own dtype. GRIT's statistics stay fp32
+(``math.masked_outer_sum_batched`` folds the rows in fp32).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A tap: called in backward with (u, dL/du) of one module, both [..., r].
+Tap = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class LoraWeights:
+    """One LoRA linear layer's tensors for the active adapter, read at call time (truncation
+    replaces A and B by new Parameters)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    A: torch.Tensor
+    B: torch.Tensor
+    scaling: float
+
+
+def lora_weights(layer: nn.Module, adapter: str) -> LoraWeights:
+    base = layer.base_layer
+    return LoraWeights(base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                       float(layer.scaling[adapter]))
+
+
+def unfusable_reason(layer: nn.Module, adapter: str) -> str | None:
+    """Why this PEFT LoRA layer cannot take the fused function (None: it can). The fused
+    function covers what Unsloth's does: a plain ``nn.Linear`` base, one unmerged adapter,
+    no dropout, no DoRA, no LoRA bias."""
+    base = getattr(layer, "base_layer", None)
+    if type(base) is not nn.Linear:
+        return f"base layer is {type(base).__name__}, not a plain Linear"
+    if getattr(layer, "merged_adapters", None):
+        return "adapter merged"
+    if getattr(layer, "disable_adapters", False):
+        return "adapters disabled"
+    if list(getattr(layer, "active_adapters", [adapter])) != [adapter]:
+        return "several active adapters"
+    dropout = layer.lora_dropout[adapter]
+    if not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 0.0) > 0:
+        return "LoRA dropout"
+    if getattr(layer, "use_dora", {}).get(adapter, False):
+        return "DoRA"
+    if getattr(layer, "lora_bias", {}).get(adapter, False):
+        return "LoRA bias"
+    return None
+
+
+# ------------------------------------------------------------------------ the math, as functions
+
+def lora_linear(x: torch.Tensor, w: LoraWeights) -> torch.Tensor:
+    """y = x W^T + b + s (x A^T) B^T, in x's dtype; the same operations as PEFT's forward."""
+    u = F.linear(x, w.A.to(x.dtype))
+    return F.linear(x, w.weight, w.bias) + F.linear(u, w.B.to(x.dtype)) * w.scaling
+
+
+def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, w: LoraWeights, needs: tuple[bool, ...],
+                         tap: Tap | None, dx_so_far: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dW, db, dA, dB) of :func:`lora_linear`; ``needs`` says which (as
+    ``ctx.needs_input_grad``, in that order). u and dL/du go to ``tap`` when GRIT captures.
+    ``dx_so_far``: x's gradient from a later consumer, added in the order autograd adds the
+    contributions on PEFT's path (that consumer, then the LoRA path, then the base), so that dx
+    is bit for bit PEFT's in fp32."""
+    dtype = grad_out.dtype
+    A, B, x = w.A.to(dtype), w.B.to(dtype), x.to(dtype)
+    grad_u = F.linear(grad_out, B.t()) * w.scaling          # dL/du = s dL/dy B
+    u = F.linear(x, A)                                      # recomputed: never saved
+    if tap is not None:
+        tap(u, grad_u)
+    rows_x, rows_g = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+    dx = None
+    if needs[0]:
+        dx = grad_u @ A if dx_so_far is None else dx_so_far + grad_u @ A
+        dx = dx + grad_out @ w.weight.to(dtype)
+    dW = rows_g.t() @ rows_x if needs[1] else None
+    db = rows_g.sum(0) if needs[2] and w.bias is not None else None
+    dA = (grad_u.reshape(-1, grad_u.shape[-1]).t() @ rows_x).to(w.A.dtype) if needs[3] else None
+    dB = ((rows_g.t() @ u.reshape(-1, u.shape[-1])) * w.scaling).to(w.B.dtype) if needs[4] else None
+    return dx, dW, db, dA, dB
+
+
+class FusedLoraLinear(torch.autograd.Function):
+    """One LoRA projection (q, k, v, o, or an MLP projection used alone). Saves x only (q, k and v
+    save the same x, so one copy, as Unsloth's ``LoRA_QKV``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling: float, tap: Tap | None):
+        w = LoraWeights(weight, bias, A, B, scaling)
+        ctx.save_for_backward(x, weight, bias, A, B)
+        ctx.scaling, ctx.tap = scaling, tap
+        return lora_linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, A, B = ctx.saved_tensors
+        w = LoraWeights(weight, bias, A, B, ctx.scaling)
+        return (*lora_linear_backward(grad_out, x, w, ctx.needs_input_grad[:5], ctx.tap), None, None)
+
+
+class FusedLoraSwiGLU(torch.autograd.Function):
+    """A LoRA SwiGLU MLP, down(silu(gate(x)) * up(x)). Saves x, e = gate(x) and g = up(x), as
+    Unsloth's ``LoRA_MLP``; h = silu(e) g is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, gW, gb, gA, gB, uW, ub, uA, uB, dW, db, dA, dB, scalings, taps):
+        gate, up, down = (LoraWeights(*t, s) for t, s in zip(((gW, gb, gA, gB), (uW, ub, uA, uB),
+                                                               (dW, db, dA, dB)), scalings, strict=True))
+        e, g = lora_linear(x, gate), lora_linear(x, up)
+        ctx.save_for_backward(x, e, g, gW, gb, gA, gB, uW, ub, uA, uB, dW, db, dA, dB)
+        ctx.scalings, ctx.taps = scalings, taps
+        return lora_linear(F.silu(e) * g, down)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, e, g, *tensors = ctx.saved_tensors
+        gate, up, down = (LoraWeights(*tensors[4 * i:4 * i + 4], s) for i, s in enumerate(ctx.scalings))
+        needs = ctx.needs_input_grad
+        act = F.silu(e)
+        dh, *d_down = lora_linear_backward(grad_out, act * g, down, (True, *needs[9:13]), ctx.taps[2])
+        # as autograd differentiates act * g, then silu
+        de = torch.ops.aten.silu_backward(dh * g, e)
+        dg = dh * act
+        # up first: autograd reaches the later-created branch first
+        dx_up, *d_up = lora_linear_backward(dg, x, up, (needs[0], *needs[5:9]), ctx.taps[1])
+        dx, *d_gate = lora_linear_backward(de, x, gate, (needs[0], *needs[1:5]), ctx.taps[0], dx_up)
+        return (dx, *d_gate, *d_up, *d_down, None, None)
+
+
+# ------------------------------------------------------------------------- attaching to a model
+
+TapFactory = Callable[[str], "Tap | None"]   # module key -> the tap for this forward (None: no capture)
+
+
+def _linear_forward(key: str, adapter: str, taps: TapFactory):
+    def forward(self, x, *args, **kwargs):
+        w = lora_weights(self, adapter)
+        return FusedLoraLinear.apply(x, w.weight, w.bias, w.A, w.B, w.scaling, taps(key))
+    return forward
+
+
+def _swiglu_forward(keys: tuple[str, str, str], adapters: tuple[str, str, str], taps: TapFactory):
+    def forward(self, x):
+        layers = (self.gate_proj, self.up_proj, self.down_proj)
+        ws = [lora_weights(layer, adapter) for layer, adapter in zip(layers, adapters, strict=True)]
+        flat = [t for w in ws for t in (w.weight, w.bias, w.A, w.B)]
+        return FusedLoraSwiGLU.apply(x, *flat, tuple(w.scaling for w in ws), tuple(taps(k) for k in keys))
+    return forward
+
+
+def is_swiglu_mlp(module: nn.Module) -> bool:
+    """A Llama-style MLP: gate/up/down projections and a SiLU activation."""
+    act = getattr(module, "act_fn", None)
+    # transformers' ACT2FN["silu"] is its own SiLUActivation module (F.silu in its forward)
+    silu = isinstance(act, nn.SiLU) or act is F.silu or type(act).__name__ == "SiLUActivation"
+    return silu and all(hasattr(module, n) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+@dataclass
+class FusedAttachment:
+    """Which modules run GRIT's fused functions, and how to undo it."""
+
+    fused: dict[str, str]                        # module key -> "linear" or "swiglu"
+    unfused: dict[str, str]                      # module key -> why not
+    _restore: list[tuple[nn.Module, object]]     # (module, its previous instance ``forward`` or None)
+
+    def detach(self) -> None:
+        for module, previous in reversed(self._restore):
+            if previous is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = previous
+        self._restore.clear()
+
+
+def _install(module: nn.Module, forward, restore: list) -> None:
+    restore.append((module, module.__dict__.get("forward")))
+    module.forward = types.MethodType(forward, module)
+
+
+def attach_fused(model: nn.Module, layers: dict[str, tuple[nn.Module, str]], taps: TapFactory) -> FusedAttachment:
+    """Give every fusable LoRA layer of ``layers`` (module key -> (PEFT LoRA layer, adapter)) the
+    fused function, and every SwiGLU MLP whose three projections are all fusable the fused MLP
+    (the attach point Unsloth patches). Layers that cannot be fused are returned with the reason."""
+    restore: list = []
+    unfused = {key: reason for key, (layer, adapter) in layers.items()
+               if (reason := unfusable_reason(layer, adapter)) is not None}
+    fused = {key: "linear" for key in layers if key not in unfused}
+    by_layer = {id(layer): key for key, (layer, _) in layers.items() if key in fused}
+    for key in fused:
+        layer, adapter = layers[key]
+        _install(layer, _linear_forward(key, adapter, taps), restore)
+    for module in model.modules():
+        if not is_swiglu_mlp(module):
+            continue
+        projections = (module.gate_proj, module.up_proj, module.down_proj)
+        keys = tuple(by_layer.get(id(p)) for p in projections)
+        if None in keys:
+            continue
+        adapters = tuple(layers[k][1] for k in keys)
+        _install(module, _swiglu_forward(keys, adapters, taps), restore)
+        fused.update({k: "swiglu" for k in keys})
+    return FusedAttachment(fused, unfused, restore)
