@@ -26,7 +26,7 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipelines.gpu_check.overhead import ARMS
+from pipelines.gpu_check.overhead import ARMS, OVERHEAD_SHAPES
 from pipelines.gpu_check.report import EXIT_NO_CUDA, TITLES, exit_code, judge, report, table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,25 +83,33 @@ def keep_logs(workdir: Path, folder: Path) -> Path | None:
     return folder
 
 
-def overhead(workdir: Path, device: str, sizes: list[str], timeout_s: int) -> tuple[dict | None, str | None]:
-    """Per engine: the step-time ratio from one interleaved process, the peak-memory ratio from
-    one fresh process per arm."""
+def overhead(workdir: Path, device: str, sizes: list[str], timeout_s: int,
+             shapes: tuple[str, ...] = tuple(OVERHEAD_SHAPES)) -> tuple[dict | None, str | None]:
+    """Per engine and model shape: the step-time ratio (and LoRA's own throughput) from one
+    interleaved process, the peak-memory ratio from one fresh process per arm, which also counts
+    the GRIT steps' host synchronisations."""
     engines: dict[str, dict] = {}
-    for engine in ENGINES:
-        timing, error = run_item(f"overhead-time:{engine}", workdir, device, sizes, timeout_s)
-        if error:
-            return None, f"{engine}: {error}"
-        peaks = {}
-        for arm in ARMS:
-            memory, error = run_item(f"overhead-memory:{engine}:{arm}", workdir, device, sizes, timeout_s)
+    for shape in shapes:
+        for engine in ENGINES:
+            label = f"{engine}@{shape}"
+            timing, error = run_item(f"overhead-time:{engine}:{shape}", workdir, device, sizes, timeout_s)
             if error:
-                return None, f"{engine} ({arm}): {error}"
-            peaks[arm] = memory["peak_mib"]
-        ratio = peaks["grit"] / peaks["lora"] if peaks["lora"] and peaks["grit"] else None
-        engines[engine] = timing | {"lora_peak_mib": peaks["lora"], "grit_peak_mib": peaks["grit"],
-                                    "peak_memory_ratio": ratio}
-    notes = ["unsloth: the LoRA arm runs Unsloth's fused kernels and compiled layers, the GRIT arm PEFT's forwards "
-             "uncompiled (GRIT must see each LoRA layer), so its ratio includes the cost of leaving the fast path"]
+                return None, f"{label}: {error}"
+            memory = {}
+            for arm in ARMS:
+                memory[arm], error = run_item(f"overhead-memory:{engine}:{arm}:{shape}", workdir, device, sizes,
+                                              timeout_s)
+                if error:
+                    return None, f"{label} ({arm}): {error}"
+            peaks = {arm: memory[arm]["peak_mib"] for arm in ARMS}
+            ratio = peaks["grit"] / peaks["lora"] if peaks["lora"] and peaks["grit"] else None
+            engines[label] = timing | {"lora_peak_mib": peaks["lora"], "grit_peak_mib": peaks["grit"],
+                                       "peak_memory_ratio": ratio,
+                                       "grit_host_syncs": memory["grit"].get("grit_host_syncs"),
+                                       "grit_steps_watched": memory["grit"].get("grit_steps_watched")}
+    notes = ["unsloth: the LoRA arm runs Unsloth's fused kernels and compiled layers, the GRIT arm GRIT's own fused "
+             "LoRA functions uncompiled, so its ratio includes leaving Unsloth's per-layer compile",
+             "host syncs: counted by torch's CUDA sync debug mode around GRIT's before_step and after_step"]
     return {"engines": engines, "notes": notes}, None
 
 
@@ -115,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per item process")
+    parser.add_argument("--shapes", default=",".join(OVERHEAD_SHAPES),
+                        help=f"model shapes of the overhead item, a subset of {', '.join(OVERHEAD_SHAPES)}")
     args = parser.parse_args(argv)
+    shapes = tuple(shape.strip() for shape in args.shapes.split(",") if shape.strip())
+    if not shapes or any(shape not in OVERHEAD_SHAPES for shape in shapes):
+        print(f"error: --shapes {args.shapes!r}: choose from {', '.join(OVERHEAD_SHAPES)}", file=sys.stderr)
+        return 2
     wanted = [item.strip() for item in args.items.split(",") if item.strip()]
     unknown = [item for item in wanted if item not in ITEMS]
     if unknown:
@@ -135,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             if item in CUDA_ONLY and args.device != "cuda":
                 results.append(judge(item, None, not_run=CUDA_ONLY[item]))
                 continue
-            figures, error = overhead(workdir, args.device, sizes, args.timeout) if item == "overhead" \
+            figures, error = overhead(workdir, args.device, sizes, args.timeout, shapes) if item == "overhead" \
                 else run_item(item, workdir, args.device, sizes, args.timeout)
             results.append(judge(item, figures, error))
         kept = keep_logs(workdir, args.out.with_name(args.out.stem + "_logs"))

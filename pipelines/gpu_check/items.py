@@ -21,8 +21,10 @@ import os
 import random
 import statistics
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +33,14 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from pipelines.gpu_check.overhead import ARMS, interleaved_step_times, peak_memory
+from pipelines.gpu_check.overhead import (
+    ARMS,
+    OVERHEAD_SHAPES,
+    OVERHEAD_SIZES,
+    counting_operations,
+    interleaved_step_times,
+    peak_memory,
+)
 from trainers.base_model import BaseModelFiles
 from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams, variant_grit
 from trainers.data.config import DataParams
@@ -46,12 +55,10 @@ UNSLOTH_INTERNALS = ("_fused_lora_modules", "_decline_fused_lora_for_fsdp", "app
 SPECIALS = ["<|pad|>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-# Shapes: the check's tiny model (every dimension a multiple of 64, as NF4 blocks need), and a
-# SmolLM2-135M-shaped one for the overhead timings (random weights: time does not depend on them).
+# The check's tiny model (every dimension a multiple of 64, as NF4 blocks need); the overhead
+# item's shapes are in overhead.py (random weights: time does not depend on them).
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
-SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
-                 "num_key_value_heads": 3}
 WORDS = 500
 OVERHEAD_WARMUP = 2     # untimed steps per arm (allocator, kernels, first inversion)
 
@@ -80,9 +87,9 @@ def random_llama(folder: Path, shape: dict[str, int], seed: int = 0) -> BaseMode
     if (folder / "config.json").is_file():
         return BaseModelFiles("hf", folder.name, folder, None, None)
     tokenizer = word_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=1024, tie_word_embeddings=True,
+    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=None, **shape)
+                         bos_token_id=None, **{"max_position_embeddings": 1024, **shape})
     torch.manual_seed(seed)
     LlamaForCausalLM(config).to(torch.float32).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -334,14 +341,16 @@ def check_truncation(workdir: Path, device: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- the overhead
 
-def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: int):
-    """(model, optimizer step function) of one arm on the SmolLM2-135M-shaped model, for batches
-    of ``length`` tokens."""
+def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: int, shape: str = "smollm2",
+                   syncs: list[int] | None = None):
+    """(model, optimizer step function) of one arm on a model of ``shape`` (``OVERHEAD_SHAPES``),
+    for batches of ``length`` tokens. ``syncs``: the host synchronisations of each GRIT step
+    (``before_step`` and ``after_step``) are appended to it."""
     from trainers.engines import build_peft, build_unsloth
     from trainers.grit.doors import clip_gradients
     from trainers.grit.manager import GritManager
 
-    files = random_llama(workdir / "smollm2-shape", SMOLLM2_SHAPE)
+    files = random_llama(workdir / f"{shape}-shape", OVERHEAD_SHAPES[shape])
     params = check_params(files, "bfloat16" if device == "cuda" else "float32")
     params.lora = LoraParams(r=16, alpha=32)
     # Unsloth sizes its rotary cache by max_seq_length: longer batches index past it (a CUDA assert).
@@ -364,15 +373,69 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: 
     def step(batch) -> None:
         model(**batch).loss.backward()
         if manager is not None:
-            manager.before_step(1.0)        # sync, invert when due, precondition, clip
+            with host_syncs(device, syncs):
+                manager.before_step(1.0)        # sync, invert when due, precondition, clip
         else:
             clip_gradients(lora, 1.0)
         optimizer.step()
         if manager is not None:
-            manager.after_step(optimizer)
+            with host_syncs(device, syncs):
+                manager.after_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
 
     return model, step
+
+
+@contextmanager
+def host_syncs(device: str, counts: list[int] | None):
+    """Count the host synchronisations inside the block into ``counts`` (nothing when None): on
+    CUDA, each one torch's sync debug mode warns about; on CPU, the host reads the dispatcher
+    sees (``overhead.operation_counts``: a rehearsal of the same count)."""
+    if counts is None:
+        yield
+        return
+    if device == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in caught))
+        return
+    with counting_operations() as counted:
+        yield
+    counts.append(counted.host_reads)
+
+
+def lora_step_flops(shape: dict[str, int], vocab: int, batch: int, length: int, r: int) -> float:
+    """About the floating-point operations of one LoRA training step on a Llama of ``shape``: the
+    projections' and LM head's forward and input-gradient matmuls (2 + 2 per weight and token; a
+    frozen base has no weight gradient, and the first block's input needs none), the LoRA
+    factors' (2 + 4), and attention's scores and values (4 per position pair and width forward,
+    8 backward; causal masking not discounted). Within a few percent of torch's
+    ``FlopCounterMode`` on a small Llama (``tests/pipelines/test_gpu_check.py``)."""
+    d, inter, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = d * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    projections = [(d, d), (d, kv), (d, kv), (d, d), (d, inter), (d, inter), (inter, d)]   # (in, out)
+    frozen = layers * sum(i * o for i, o in projections) + vocab * d
+    reads_embeddings = d * (d + 2 * kv + 2 * inter)       # block 0's q, k, v, gate, up: no input gradient
+    adapters = layers * sum(r * (i + o) for i, o in projections)
+    tokens = batch * length
+    attention = 12 * layers * batch * length * length * d
+    return 4 * frozen * tokens - 2 * reads_embeddings * tokens + 6 * adapters * tokens + attention
+
+
+# Dense bf16 peak of the GPUs the check has met, FLOP/s (vendor figures, without sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+def peak_flops(device: str) -> float | None:
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_BF16.items() if key in name), None)
 
 
 def unsloth_compile_per_arm(arm: str) -> None:
@@ -381,26 +444,47 @@ def unsloth_compile_per_arm(arm: str) -> None:
     os.environ[BLOCK_COMPILE] = "0" if arm == "grit" else "1"
 
 
-def overhead_time(workdir: Path, device: str, engine: str, steps: int, batch: int, length: int) -> dict[str, Any]:
+def shape_sizes(shape: str, batch: int, length: int) -> tuple[int, int]:
+    """The (batch, length) ``shape`` is timed at: its own (``OVERHEAD_SIZES``) or the command line's."""
+    if shape not in OVERHEAD_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(OVERHEAD_SHAPES)}")
+    return OVERHEAD_SIZES.get(shape, (batch, length))
+
+
+def overhead_time(workdir: Path, device: str, engine: str, shape: str, steps: int, batch: int,
+                  length: int) -> dict[str, Any]:
     """Both arms in one process, steps interleaved (LoRA, GRIT, LoRA, ...) on the same batches,
-    so the machine's noise hits both alike; the ratio of median step times (``overhead.py``)."""
-    lora, grit = (overhead_model(workdir, engine, arm == "grit", device, length)[1] for arm in ARMS)
+    so the machine's noise hits both alike; the ratio of median step times (``overhead.py``), and
+    what plain LoRA itself makes of the device: tokens/s and its share of the FLOP bound."""
+    batch, length = shape_sizes(shape, batch, length)
+    arms = [overhead_model(workdir, engine, arm == "grit", device, length, shape) for arm in ARMS]
+    (model, lora), (_, grit) = arms
     batches = (random_batch(batch, length, seed=k, device=device) for k in range(steps + OVERHEAD_WARMUP))
     timed = interleaved_step_times(lora, grit, batches, OVERHEAD_WARMUP, device,
                                    prepare=unsloth_compile_per_arm if engine == "unsloth" else None)
-    return {"lora_step_ms": 1000 * timed.lora_s, "grit_step_ms": 1000 * timed.grit_s, "step_time_ratio": timed.ratio,
-            "steps": steps, "batch": batch, "length": length}
+    flops = lora_step_flops(OVERHEAD_SHAPES[shape], model.config.vocab_size, batch, length, LoraParams(r=16).r)
+    peak = peak_flops(device)
+    return {"shape": shape, "lora_step_ms": 1000 * timed.lora_s, "grit_step_ms": 1000 * timed.grit_s,
+            "step_time_ratio": timed.ratio, "steps": steps, "batch": batch, "length": length,
+            "lora_tokens_per_s": batch * length / timed.lora_s, "lora_tflops": flops / timed.lora_s / 1e12,
+            "lora_flop_fraction": flops / timed.lora_s / peak if peak else None}
 
 
-def overhead_memory(workdir: Path, device: str, engine: str, arm: str, steps: int, batch: int,
+def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: str, steps: int, batch: int,
                     length: int) -> dict[str, Any]:
     """One arm alone in a fresh process: the peak CUDA memory of its whole training (weights,
-    activations, optimizer and GRIT state); on CPU the process's peak RSS (``overhead.py``)."""
+    activations, optimizer and GRIT state); on CPU the process's peak RSS (``overhead.py``). The
+    GRIT arm also counts the host synchronisations of its GRIT steps (``host_syncs``)."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-    _, step = overhead_model(workdir, engine, arm == "grit", device, length)
+    batch, length = shape_sizes(shape, batch, length)
+    syncs: list[int] = []
+    _, step = overhead_model(workdir, engine, arm == "grit", device, length, shape, syncs)
     memory = peak_memory(step, (random_batch(batch, length, seed=k, device=device) for k in range(steps)), device)
-    return {"peak_mib": memory.peak_mib}
+    figures: dict[str, Any] = {"peak_mib": memory.peak_mib}
+    if arm == "grit":
+        figures |= {"grit_host_syncs": sum(syncs), "grit_steps_watched": len(syncs) // 2}
+    return figures
 
 
 # ------------------------------------------------------------------------------- the registry
@@ -433,8 +517,8 @@ REGISTRY: dict[str, Item] = {
     "truncation": Item(check_truncation, "truncation"),
     "qlora": Item(check_qlora, "qlora"),
     "bf16": Item(check_bf16, "bf16"),
-    "overhead-time": Item(overhead_time, "overhead", ("engine",), sized=True),
-    "overhead-memory": Item(overhead_memory, "overhead", ("engine", "arm"), sized=True),
+    "overhead-time": Item(overhead_time, "overhead", ("engine", "shape"), sized=True),
+    "overhead-memory": Item(overhead_memory, "overhead", ("engine", "arm", "shape"), sized=True),
 }
 
 

@@ -22,11 +22,22 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 Step = Callable[[Any], object]
+
+# The overhead item's model shapes: SmolLM2-135M's (a GPU step bound by the host) and
+SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
+                 "num_key_value_heads": 3}
+# a 1B-class Llama (Llama-3.2-1B's blocks, a step bound by compute).
+LLAMA_1B_SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
+                  "num_key_value_heads": 8, "max_position_embeddings": 4096}
+OVERHEAD_SHAPES = {"smollm2": SMOLLM2_SHAPE, "llama-1b": LLAMA_1B_SHAPE}
+# (batch, length) a shape is timed at whatever the command line says: the 1B shape at 8k tokens
+OVERHEAD_SIZES = {"llama-1b": (4, 2048)}
 ARMS = ("lora", "grit")
 
 
@@ -139,26 +150,39 @@ class OperationCounts:
     host_reads: int
 
 
-def operation_counts(step: Step, inputs: Any) -> OperationCounts:
-    """Run ``step(inputs)`` once, counting every aten operation it dispatches (a
-    ``TorchDispatchMode`` sees each one, backward included) and the host reads among them. On a
-    GPU a small model's step is bound by the host: its cost is its operation count, and a host
-    read stalls the launch queue, so these counts predict the GPU step where CPU seconds cannot."""
+class _Counted:
+    """What :func:`counting_operations` has counted so far."""
+
+    def __init__(self) -> None:
+        self.operations = self.host_reads = 0
+
+
+@contextmanager
+def counting_operations():
+    """Count every aten operation dispatched inside the block (a ``TorchDispatchMode`` sees each
+    one, backward included) and the host reads among them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Counting(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.operations = self.host_reads = 0
+    counted = _Counted()
 
+    class Counting(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.operations += 1
-            self.host_reads += func.overloadpacket.__name__ in HOST_READS
+            counted.operations += 1
+            counted.host_reads += func.overloadpacket.__name__ in HOST_READS
             return func(*args, **(kwargs or {}))
 
-    with Counting() as counting:
+    with Counting():
+        yield counted
+
+
+def operation_counts(step: Step, inputs: Any) -> OperationCounts:
+    """Run ``step(inputs)`` once, counting the aten operations it dispatches and the host reads
+    among them (:func:`counting_operations`). On a GPU a small model's step is bound by the host:
+    its cost is its operation count, and a host read stalls the launch queue, so these counts
+    predict the GPU step where CPU seconds cannot."""
+    with counting_operations() as counted:
         step(inputs)
-    return OperationCounts(counting.operations, counting.host_reads)
+    return OperationCounts(counted.operations, counted.host_reads)
 
 
 def saved_activation_bytes(run: Callable[[], Any]) -> int:

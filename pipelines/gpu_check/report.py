@@ -126,6 +126,10 @@ def judge_overhead(figures: dict[str, Any]) -> list[str]:
                 failures.append(f"{engine}: {what} GRIT/LoRA not measured")
             elif ratio > target:
                 failures.append(f"{engine}: {what} GRIT/LoRA {_fmt(ratio)} > {target}")
+        syncs = ratios.get("grit_host_syncs")
+        if syncs:          # None: a report from before the count; 0: the target
+            failures.append(f"{engine}: {syncs} host synchronisations in {ratios.get('grit_steps_watched')} GRIT steps "
+                            "(target 0)")
     if not figures.get("engines"):
         failures.append("no engine was measured")
     return failures
@@ -176,6 +180,9 @@ def headline(item: ItemResult) -> str:
                 f"{_fmt(f.get('max_relative_difference'))} over {f.get('modules', 0)} modules")
     if item.name == "overhead":
         return "; ".join(f"{engine}: time x{_fmt(r.get('step_time_ratio'))}, memory x{_fmt(r.get('peak_memory_ratio'))}"
+                         + (f", LoRA {_fmt(r['lora_tokens_per_s'])} tokens/s" if r.get("lora_tokens_per_s") else "")
+                         + (f" ({_fmt(100 * r['lora_flop_fraction'])}% of the FLOP bound)"
+                            if r.get("lora_flop_fraction") else "")
                          for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
     return ""
 

@@ -91,6 +91,9 @@ def test_overhead_targets_are_the_stated_ones():
     assert slow.failures == [f"peft: step time GRIT/LoRA 1.2 > {STEP_TIME_TARGET}",
                              "unsloth: peak memory GRIT/LoRA not measured"]
     assert not judge("overhead", {"engines": {}}).passed
+    counted = {**within, "grit_host_syncs": 3, "grit_steps_watched": 10}
+    syncing = judge("overhead", {"engines": {"peft@smollm2": counted}})
+    assert syncing.failures == ["peft@smollm2: 3 host synchronisations in 10 GRIT steps (target 0)"]
 
 
 def test_report_table_and_exit_codes():
@@ -140,7 +143,7 @@ def test_the_registry_serves_every_item_of_the_check_and_nothing_else(tmp_path: 
     assert stopped.value.code == "unknown item 'warp'"
     assert items.main(["overhead-memory:peft", *common]) == 1
     assert json.loads((tmp_path / "out.json").read_text()) == {
-        "error": "ValueError: item 'overhead-memory' is named overhead-memory:<engine>:<arm>"}
+        "error": "ValueError: item 'overhead-memory' is named overhead-memory:<engine>:<arm>:<shape>"}
 
 
 def test_the_overhead_harness_times_interleaved_steps_and_weighs_one_arm():
@@ -204,3 +207,40 @@ def test_a_cpu_rehearsal_runs_the_real_items(tmp_path: Path):
     assert items["qlora"]["passed"] is None
     assert done.returncode == EXIT_FAILED                      # a rehearsal with an item not run is no pass
     assert "cpu rehearsal: not a GPU check" in done.stdout
+
+
+def test_the_flop_estimate_agrees_with_torchs_flop_counter():
+    """LoRA's share of the FLOP bound rests on ``lora_step_flops``: on a small Llama with LoRA on
+    every projection it is within a few percent of what torch's FlopCounterMode counts in a real
+    forward and backward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pipelines.gpu_check.items import lora_step_flops
+    from pipelines.gpu_check.overhead import random_lora_llama
+
+    shape = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
+             "num_key_value_heads": 2}
+    model = random_lora_llama(3, 128, 384, 4, 2, 96, r=16)
+    ids = torch.randint(0, 96, (2, 64), generator=torch.Generator().manual_seed(0))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert 0.97 < lora_step_flops(shape, 96, 2, 64, 16) / counter.get_total_flops() < 1.06
+
+
+@pytest.mark.slow
+def test_a_cpu_rehearsal_of_the_overhead_item_reports_every_figure(tmp_path: Path):
+    """The overhead item's plumbing on CPU at the SmolLM2 shape, a few tokens: per engine the step
+    and memory ratios, LoRA's tokens/s, and the GRIT steps' host reads (0: nothing in GRIT's
+    before_step and after_step reads a tensor on the host)."""
+    out = tmp_path / "report.json"
+    _check("--device", "cpu", "--items", "overhead", "--shapes", "smollm2", "--steps", "1", "--batch", "1",
+           "--length", "16", "--out", str(out))
+    figures = json.loads(out.read_text())["items"][0]["figures"]["engines"]
+    assert sorted(figures) == ["peft@smollm2", "unsloth@smollm2"]
+    for engine in figures.values():
+        assert engine["step_time_ratio"] > 0 and engine["peak_memory_ratio"] > 0 and engine["lora_tokens_per_s"] > 0
+        assert engine["grit_host_syncs"] == 0 and engine["grit_steps_watched"] == 1
+        assert engine["lora_flop_fraction"] is None        # no FLOP bound is claimed for a CPU
+    unknown = _check("--device", "cpu", "--items", "overhead", "--shapes", "smollm2,llama-70b")
+    assert unknown.returncode == 2 and unknown.stderr.startswith("error: --shapes")
