@@ -128,7 +128,7 @@ class Captured:
     state: ModuleState
     u: torch.Tensor
     mask: torch.Tensor | None
-    rows: int
+    rows: Any          # an int, or a DeferredCount (host.py) read when folded
     grad: torch.Tensor | None = None
 
 

@@ -31,6 +31,7 @@ from trainers.grit.config import GritParams
 from trainers.grit.distributed import allreduce_sum_, world_size
 from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, joint_gradient_norm
 from trainers.grit.fused import FusedAttachment, Tap, attach_fused
+from trainers.grit.host import DeferredCount, host_copy, read_host_copy
 from trainers.grit.layer import (
     SIDES,
     Captured,
@@ -83,6 +84,12 @@ class GritManager:
         self._row_count: int | None = None
         self._handles: list[Any] = []
         self._captured: list[Captured] = []
+        # Inversions whose outcome (which matrices factorised) the host has not read yet: the
+        # step that inverts preconditions with them masked on the device; the next one settles
+        # them (settle) from a copy made without waiting. Entries: (sides, damping used, host copy,
+        # event or None).
+        self._unsettled: list[tuple[list[tuple[ModuleState, str]], torch.Tensor, torch.Tensor, Any]] = []
+        self._ok: dict[tuple[int, str], torch.Tensor] = {}      # (id(state), side) -> factorised, on the device
         layers = lora_layers(peft_model)
         self.targeted = [base_module_name(name) for name, _, _ in layers]   # for rank_pattern keys
         if modules is not None:
@@ -167,7 +174,8 @@ class GritManager:
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             self._row_mask = mask.to(torch.float32)
-            self._row_count = int(mask.sum())  # once per forward, not once per layer
+            # once per forward, not once per layer, and read at the GRIT step, not now (host.py)
+            self._row_count = DeferredCount(mask.sum())
         else:
             self._row_mask, self._row_count = None, None
 
@@ -214,8 +222,9 @@ class GritManager:
                 torch._foreach_add_([m.state.u.pending for m in members], list(outer_u.unbind(0)))
                 torch._foreach_add_([m.state.v.pending for m in members], list(outer_v.unbind(0)))
                 for m in members:
-                    m.state.u.pending_count += m.rows
-                    m.state.v.pending_count += m.rows
+                    rows = int(m.rows)     # a DeferredCount: its copy is done by now
+                    m.state.u.pending_count += rows
+                    m.state.v.pending_count += rows
 
     # ------------------------------------------------------------------------- factors
 
@@ -256,6 +265,7 @@ class GritManager:
         """Invert every side whose statistics are gated in; due every ``update_freq`` steps, and
         at once for a side that has become eligible but has no inverse yet."""
         cfg = self.config
+        self.settle()
         due = force or self.step % cfg.update_freq == 0
         wanted: list[tuple[ModuleState, str, FactorStats]] = []
         for state in self.modules.values():
@@ -279,38 +289,67 @@ class GritManager:
             sigmas = stacked_covariances([stats for _, _, stats in items], cfg.statistics)
             dampings = gm.effective_damping(sigmas, cfg.damping, cfg.damping_mode)
             inverses, used = gm.damped_inverse_batched(sigmas, dampings, cfg.damping_escalation)
-            # one host read per group: which matrices factorised decides None or an inverse
-            for (state, side, _), inverse, damping in zip(items, inverses.unbind(0), used.tolist(), strict=True):
-                state.set_inverse(side, (inverse, damping) if damping > 0 else None)
+            # Which matrices factorised decides an inverse or None, but reading it now would stall
+            # the device: the inverses are set tentatively, this step masks the failed ones on the
+            # device (precondition), and the next step reads a copy made without waiting (settle).
+            for (state, side, _), inverse in zip(items, inverses.unbind(0), strict=True):
+                state.set_inverse(side, (inverse, float("nan")))
+            self._unsettled.append(([(state, side) for state, side, _ in items], used, *host_copy(used)))
+            for (state, side, _), ok in zip(items, (used > 0).unbind(0), strict=True):
+                self._ok[(id(state), side)] = ok
+
+    def settle(self) -> None:
+        """Read what the last inversions found (the damping each factorisation used, 0 where none
+        did) and drop the inverses that failed, as if never set: the host learns it a step late,
+        without waiting for the device (the copy is long done by then)."""
+        for sides, _, copied, done in self._unsettled:
+            for (state, side), damping in zip(sides, read_host_copy(copied, done), strict=True):
+                if damping > 0:
+                    state.damping_used[side] = damping
+                else:
+                    state.set_inverse(side, None)
+        self._unsettled.clear()
+        self._ok.clear()
 
     # -------------------------------------------------------------------- the GRIT step
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [p for s in self.modules.values() for p in (s.lora_A.weight, s.lora_B.weight)]
 
-    def precondition(self) -> int:
+    def precondition(self) -> int | torch.Tensor:
         """Natural gradient on every module's ready sides; how many tensors. The per-module step
         (``ModuleState.precondition``, the reference) done for all modules of one shape at once:
         one batched matmul per group of gradients of one side, shape, device and dtype, so the
         host launches a handful of operations instead of a dozen per module."""
-        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
         for state in self.modules.values():
             for side in SIDES:
                 weight, inverse = state.weight(side), state.inverse[side]
                 if inverse is None or weight.grad is None:
                     continue
                 grad = weight.grad
-                groups.setdefault((side, tuple(grad.shape), grad.device, grad.dtype), []).append((grad, inverse))
+                groups.setdefault((side, tuple(grad.shape), grad.device, grad.dtype), []).append(
+                    (grad, inverse, self._ok.get((id(state), side))))
+        applied: list[torch.Tensor | int] = []
         with torch.no_grad():
             for (side, _, device, _), members in groups.items():
-                grads = [grad for grad, _ in members]
+                grads = [grad for grad, _, _ in members]
                 # fp32 whatever the gradients' dtype (as the reference: the inverses are fp32).
                 raw = torch.stack(grads).float()
-                natural = gm.precondition_batched(raw, torch.stack([inv.to(device) for _, inv in members]), side)
+                natural = gm.precondition_batched(raw, torch.stack([inv.to(device) for _, inv, _ in members]), side)
                 if self.config.graft_norm:
                     natural = gm.graft_batched(natural, raw)
+                if any(ok is not None for _, _, ok in members):
+                    # inverted this step, not settled: a matrix that did not factorise keeps its raw
+                    # gradient, as a side without an inverse does
+                    ok = torch.stack([torch.ones((), dtype=torch.bool, device=device) if flag is None
+                                      else flag.to(device) for _, _, flag in members])
+                    natural = torch.where(ok[:, None, None], natural, raw)
+                    applied.append(ok.sum())
+                else:
+                    applied.append(len(members))
                 torch._foreach_copy_(grads, list(natural.unbind(0)))
-        return sum(len(members) for members in groups.values())
+        return sum(applied)
 
     def _regularizer_scale(self) -> float:
         warmup = self.config.regularizer_warmup_steps
@@ -349,7 +388,7 @@ class GritManager:
         rows = sum(s.u.count for s in self.modules.values())
         self.report = {
             "grad_norm_raw": raw_norm, "grad_norm_preconditioned": joint_gradient_norm(parameters),
-            "preconditioned_tensors": float(applied), "regularizer": regularizer, "rows_captured": float(rows),
+            "preconditioned_tensors": applied, "regularizer": regularizer, "rows_captured": float(rows),
             "inversions": float(self._inverted_now), "inversions_total": float(self.inversions),
             "capture_coverage": self._captured_modules / max(1, len(self.modules)),
         }
@@ -399,6 +438,7 @@ class GritManager:
 
         k: the given one, else the module's full rank before ``rank_adaptation_start_step``
         (a rotation that changes nothing, so no truncation), else the budget."""
+        self.settle()          # a rare event: which inverses exist must be known before ranks change
         adapting = self.step >= self.config.rank_adaptation_start_step
         ranks, kept_energy, budgets = {}, [], []
         with torch.no_grad():
@@ -437,6 +477,7 @@ class GritManager:
 
     def truncate(self) -> dict[str, int]:
         """Shrink every module to the rank of its current u-basis (set by :meth:`reproject`)."""
+        self.settle()
         with torch.no_grad():
             for state in self.modules.values():
                 if state.basis_u is not None and state.basis_u.shape[1] < state.rank:
@@ -467,9 +508,11 @@ class GritManager:
 
     def all_ready(self) -> bool:
         """True only when *every* module has an inverse on *both* sides."""
+        self.settle()
         return all(s.ready() for s in self.modules.values())
 
     def diagnostics(self) -> dict[str, dict[str, Any]]:
+        self.settle()
         return {name: state.diagnostics() for name, state in self.modules.items()}
 
     # ------------------------------------------------------------------- doors and state
@@ -482,6 +525,7 @@ class GritManager:
         return GritCallback(self)
 
     def state_dict(self) -> dict[str, Any]:
+        self.settle()
         return {"step": self.step, "capturing": self.capturing, "config": self.config.model_dump(),
                 "modules": {name: state.state() for name, state in self.modules.items()},
                 "inversions": self.inversions, "rank_events": list(self.rank_events)}
@@ -497,6 +541,8 @@ class GritManager:
         if shrinking and self.optimizer is not None:
             raise GritError(f"GRIT state: {shrinking[0]} was truncated, so its factors must be rebuilt before "
                             "the optimizer is; load the GRIT state before building the optimizer")
+        self._unsettled.clear()
+        self._ok.clear()
         self.step = int(state["step"])
         self.inversions = int(state.get("inversions", 0))
         self.rank_events = list(state.get("rank_events", []))

@@ -131,7 +131,7 @@ class VlmGritAdapter:
             "grad_norm_preconditioned": float(torch.stack(
                 [torch.as_tensor(r["grad_norm_preconditioned"]) for r in reports.values()]).norm()),
             "grad_norm_clipped": gradient_norm(parameters),
-            "preconditioned_tensors": sum(r["preconditioned_tensors"] for r in reports.values()),
+            "preconditioned_tensors": float(sum(r["preconditioned_tensors"] for r in reports.values())),
             "regularizer": sum(r["regularizer"] for r in reports.values()),
             "rows_captured": sum(r["rows_captured"] for r in reports.values()),
         }
@@ -184,6 +184,10 @@ class VlmGritAdapter:
     def collect_captured(self) -> None:
         for manager in self.managers.values():
             manager.collect_captured()
+
+    def settle(self) -> None:
+        for manager in self.managers.values():
+            manager.settle()
 
     def detach(self) -> None:
         for manager in self.managers.values():

@@ -171,6 +171,7 @@ def grit_state(manager) -> dict[str, Any]:
         return {"present": False}
     modules = {}
     manager.collect_captured()     # what the hooks stashed since the last GRIT step, if any
+    manager.settle()               # which of the last inversions failed, read now
     for name, state in manager.modules.items():
         # pending rows count too: captured, just not yet folded in by a GRIT step
         entry: dict[str, Any] = {"rows_captured": int(state.u.count + state.u.pending_count),

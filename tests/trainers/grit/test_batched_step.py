@@ -24,12 +24,18 @@ def lora_grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
+@pytest.mark.parametrize("settled", [False, True])
 @pytest.mark.parametrize("graft_norm", [True, False])
 @pytest.mark.parametrize("random_B", [True, False])      # B = 0: the A side has no inverse yet
-def test_the_batched_step_equals_the_per_module_reference(graft_norm: bool, random_B: bool):
+def test_the_batched_step_equals_the_per_module_reference(graft_norm: bool, random_B: bool, settled: bool):
+    """The step that inverts preconditions before the host has read which factorisations failed
+    (failed ones masked on the device); ``settled``: the host has read it (the next step)."""
     config = GritParams(min_samples=1, graft_norm=graft_norm)
     batched_model, batched = captured(random_B, config)
+    if settled:
+        batched.settle()
     reference_model, reference = captured(random_B, config)
+    reference.settle()          # the reference works on inverses known to exist
     assert lora_grads(batched_model).keys() and all(
         torch.equal(a, b) for a, b in zip(lora_grads(batched_model).values(), lora_grads(reference_model).values(),
                                           strict=True))
@@ -101,3 +107,21 @@ def test_a_folded_step_leaves_nothing_alive_for_the_garbage_collector():
     finally:
         gc.enable()
         handle.remove()
+
+
+def test_a_failed_factorisation_keeps_its_raw_gradient_and_is_tried_again_the_next_step():
+    """B = 0 at LoRA's start: Sigma_v is 0, A's side cannot be inverted. The inverting step does not
+    read that (its inverse is set tentatively, masked on the device); the next step settles it:
+    no inverse, as before, so that side is inverted again as soon as it can be."""
+    model, manager = captured(False, GritParams(min_samples=1))
+    state = next(iter(manager.modules.values()))
+    assert state.inverse["A"] is not None and manager._unsettled          # not read yet
+    with torch.no_grad():      # a gradient the failed (all-zero) inverse would wipe out if used
+        state.weight("A").grad.normal_()
+    raw = state.weight("A").grad.clone()
+    manager.precondition()
+    assert torch.equal(state.weight("A").grad, raw)                       # kept its raw gradient
+    manager.settle()
+    assert state.inverse["A"] is None and state.damping_used["A"] is None
+    assert state.inverse["B"] is not None and state.damping_used["B"] > 0
+    assert not manager._unsettled and not manager.all_ready()
