@@ -177,3 +177,22 @@ def test_capture_auto_is_fused_for_the_hybrid_and_hooks_for_pure_grit(engine, ex
 
     assert variant_grit(GritParams(), VariantParams(engine=engine, grit=True)).capture == expected
     assert variant_grit(GritParams(capture="hooks"), VariantParams(engine="unsloth", grit=True)).capture == "hooks"
+
+
+@pytest.mark.slow
+def test_the_fused_functions_survive_a_compiled_decoder_layer():
+    """Unsloth compiles each decoder layer on CUDA, and a compiled layer skipped hooks registered
+    after it was traced. GRIT's fused functions take their tap at call time: with every layer
+    compiled (``aot_eager`` on CPU), each module still hands over its rows, the same as uncompiled.
+    (The hybrid still declines Unsloth's compile until the GPU check shows it there.)"""
+    compiled = tiny_lora_model(seed=0, random_B=True)
+    manager = GritManager(compiled, GritParams(capture="fused", min_samples=8))
+    for layer in compiled.base_model.model.model.layers:
+        layer.forward = torch.compile(layer.forward, backend="aot_eager")
+    compiled(**batches(1)[0]).loss.backward()
+    manager.sync_factors()
+    plain = _one_step("fused")[1]
+    for key, state in manager.modules.items():
+        assert state.u.count == plain.modules[key].u.count > 0
+        assert torch.allclose(state.u.total, plain.modules[key].u.total, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(state.v.total, plain.modules[key].v.total, rtol=1e-5, atol=1e-9)
