@@ -15,7 +15,6 @@ import resource
 import shutil
 import sys
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from trainers.config import TrainingSections, TrainParams, VariantParams, varian
 from trainers.grit.config import GritParams
 from trainers.grit.distributed import world_size
 from trainers.grit.doors import trainer_clipping_norm
+from trainers.grit.fused import capture_kinds
 from trainers.grit.manager import GritManager
 from trainers.grit_vlm.variant import vision_language_model
 from trainers.sft import (
@@ -110,9 +110,7 @@ def grit_door(variant: VariantParams) -> str | None:
 def capture_summary(manager) -> dict[str, int] | None:
     """How many modules hand GRIT their rows through each path ("fused", "hooks")."""
     paths = getattr(manager, "capture_paths", None)
-    if not paths:
-        return None
-    return dict(sorted(Counter(path.split("-")[0] for path in paths.values()).items()))
+    return capture_kinds(paths.values()) if paths else None
 
 
 def attach_grit(model, config: GritParams, door: str | None, total_steps: int, manager_factory=None) -> GritAttachment:

@@ -22,7 +22,6 @@ import random
 import statistics
 import traceback
 import warnings
-from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -46,6 +45,7 @@ from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams,
 from trainers.data.config import DataParams
 from trainers.engines import BLOCK_COMPILE
 from trainers.grit.config import GritParams
+from trainers.grit.fused import capture_kinds
 from trainers.grit_vlm.params import VlmParams
 from trainers.probe.config import ProbeParams
 
@@ -163,7 +163,7 @@ def probe_figures(name: str, model, tokenizer, params, door: str, workdir: Path,
         "min_rows_step1": min(rows.values(), default=0), "arm_error": grit_arm.error,
         "modules_ready": sum(m.usable_A and m.usable_B for m in measured.modules),
         "update_cosine_median": median([m.update.cosine for m in measured.modules if m.update]),
-        "capture_paths": dict(Counter((m.capture_path or "hooks").split("-")[0] for m in measured.modules)),
+        "capture_paths": capture_kinds(m.capture_path for m in measured.modules),
     }
 
 

@@ -22,7 +22,8 @@ the gradients of A and B are returned in their own dtype. GRIT's statistics stay
 from __future__ import annotations
 
 import types
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -173,6 +174,12 @@ def _swiglu_forward(keys: tuple[str, str, str], adapters: tuple[str, str, str], 
         flat = [t for w in ws for t in (w.weight, w.bias, w.A, w.B)]
         return FusedLoraSwiGLU.apply(x, *flat, tuple(w.scaling for w in ws), tuple(taps(k) for k in keys))
     return forward
+
+
+def capture_kinds(paths: Iterable[str | None]) -> dict[str, int]:
+    """How many modules hand GRIT their rows through each kind of path ("fused", "hooks"), from
+    per-module paths such as "fused-swiglu" (None: a record from before paths, i.e. hooks)."""
+    return dict(sorted(Counter((path or "hooks").split("-")[0] for path in paths).items()))
 
 
 def is_swiglu_mlp(module: nn.Module) -> bool:

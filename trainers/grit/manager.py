@@ -52,6 +52,15 @@ from trainers.grit.layer import (
 __all__ = ["GritError", "GritManager", "ModuleState", "base_module_name", "lora_layers"]
 
 
+def row_weights(mask: torch.Tensor | None, rows: Any, u: torch.Tensor) -> tuple[torch.Tensor | None, Any]:
+    """(row weights, token rows) for a module's rows ``u`` [..., r] in this forward: the forward's
+    attention mask and its row count, or, without a mask or for packed/reshaped inputs whose
+    rows do not line up with it, no weights and every row counted."""
+    if mask is None or tuple(mask.shape) != tuple(u.shape[:-1]):
+        return None, u.numel() // u.shape[-1]
+    return mask, rows
+
+
 class GritManager:
     """Attaches GRIT to every LoRA layer of ``peft_model`` (see the module docstring)."""
 
@@ -86,9 +95,9 @@ class GritManager:
         self._captured: list[Captured] = []
         # Inversions whose outcome (which matrices factorised) the host has not read yet: the
         # step that inverts preconditions with them masked on the device; the next one settles
-        # them (settle) from a copy made without waiting. Entries: (sides, damping used, host copy,
-        # event or None).
-        self._unsettled: list[tuple[list[tuple[ModuleState, str]], torch.Tensor, torch.Tensor, Any]] = []
+        # them (settle) from a copy made without waiting. Entries: (sides, host copy of the damping
+        # each used, the copy's event or None).
+        self._unsettled: list[tuple[list[tuple[ModuleState, str]], torch.Tensor, Any]] = []
         self._ok: dict[tuple[int, str], torch.Tensor] = {}      # (id(state), side) -> factorised, on the device
         layers = lora_layers(peft_model)
         self.targeted = [base_module_name(name) for name, _, _ in layers]   # for rank_pattern keys
@@ -160,13 +169,11 @@ class GritManager:
         when backward reaches the module (None when this forward captures nothing)."""
         if not (self.capturing and torch.is_grad_enabled()):
             return None
-        state, mask, rows = self.modules[key], self._row_mask, self._row_count
+        state, forward_mask, forward_rows = self.modules[key], self._row_mask, self._row_count
 
         def tap(u: torch.Tensor, grad_u: torch.Tensor) -> None:
-            if mask is None or tuple(mask.shape) != tuple(u.shape[:-1]):
-                self._captured.append(Captured(state, u, None, u.numel() // u.shape[-1], grad_u))
-            else:
-                self._captured.append(Captured(state, u, mask, rows, grad_u))
+            mask, rows = row_weights(forward_mask, forward_rows, u)
+            self._captured.append(Captured(state, u, mask, rows, grad_u))
 
         return tap
 
@@ -185,10 +192,7 @@ class GritManager:
             # checkpointing the recomputed forward's tensors get none, so nothing is counted twice.
             if not (self.capturing and torch.is_grad_enabled() and output.requires_grad):
                 return
-            mask, rows = self._row_mask, self._row_count
-            if mask is None or tuple(mask.shape) != tuple(output.shape[:-1]):
-                # no attention mask, or packed/reshaped inputs: every row counts
-                mask, rows = None, output.numel() // output.shape[-1]
+            mask, rows = row_weights(self._row_mask, self._row_count, output)
             # Only stashed here (no operation per module): u and, when backward reaches it, the
             # gradient at u; collect_captured turns all of them into statistics at once.
             captured = Captured(state, output, mask, rows)
@@ -294,7 +298,7 @@ class GritManager:
             # device (precondition), and the next step reads a copy made without waiting (settle).
             for (state, side, _), inverse in zip(items, inverses.unbind(0), strict=True):
                 state.set_inverse(side, (inverse, float("nan")))
-            self._unsettled.append(([(state, side) for state, side, _ in items], used, *host_copy(used)))
+            self._unsettled.append(([(state, side) for state, side, _ in items], *host_copy(used)))
             for (state, side, _), ok in zip(items, (used > 0).unbind(0), strict=True):
                 self._ok[(id(state), side)] = ok
 
@@ -302,7 +306,7 @@ class GritManager:
         """Read what the last inversions found (the damping each factorisation used, 0 where none
         did) and drop the inverses that failed, as if never set: the host learns it a step late,
         without waiting for the device (the copy is long done by then)."""
-        for sides, _, copied, done in self._unsettled:
+        for sides, copied, done in self._unsettled:
             for (state, side), damping in zip(sides, read_host_copy(copied, done), strict=True):
                 if damping > 0:
                     state.damping_used[side] = damping

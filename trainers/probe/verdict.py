@@ -20,10 +20,10 @@ Each check answers one way GRIT was silently inert in the original experiment
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from trainers.grit.fused import capture_kinds
 from trainers.probe.config import ProbeParams
 from trainers.probe.math import CurveComparison, UpdateComparison, median
 
@@ -93,8 +93,8 @@ def check_capture(m: ProbeMeasurements, p: ProbeParams) -> Check:
                      f"captured fewer than {p.min_rows_per_module} token rows (first: {blind[0]}): their LoRA "
                      "forward was bypassed, as by fused kernels")
     rows = [x.rows_captured or 0 for x in m.modules]
-    paths = Counter((x.capture_path or "hooks").split("-")[0] for x in m.modules)
-    through = ", ".join(f"{count} through {path}" for path, count in sorted(paths.items()))
+    paths = capture_kinds(x.capture_path for x in m.modules)
+    through = ", ".join(f"{count} through {path}" for path, count in paths.items())
     return Check("capture", True, None, f"all {len(m.modules)} modules captured rows (min {min(rows, default=0)}; "
                  f"{through})")
 
