@@ -26,6 +26,7 @@ from typing import Any
 
 from core.files import atomic_write_text
 
+LEDGER_DIR = Path("reports/study/ledger")       # relative to the repository root
 STUDY_FILE, TRIALS_FILE, JOURNAL_FILE = "study.json", "trials.jsonl", "journal.jsonl"
 
 

@@ -2,6 +2,8 @@
 the committed files (``core/doc_blocks.py``; ``python -m pipelines.docs`` writes them):
 
 - README ``study``: the fair study's headline, from ``metrics/study.json``;
+- README ``study_progress`` and docs/study.md ``study_parts``: how far the study in the ledger
+  (``reports/study/ledger/``) has come, in all and per part;
 - README ``results``: the default run's tables as ``compare_all`` prints them (value [interval],
   delta vs base, GRIT vs its control, the success criteria, the plain summary), from
   ``metrics/eval.json`` judged with the thresholds of ``params.yaml``;
@@ -20,6 +22,7 @@ from types import SimpleNamespace
 import yaml
 
 from core.doc_blocks import DocBlock, Sources
+from db.study_ledger import LEDGER_DIR, STUDY_FILE, TRIALS_FILE
 from evaluation.compare_all import (
     RunTables,
     criteria_rows,
@@ -153,12 +156,32 @@ def _study(sources: Sources) -> str:
     return readme_block(json.loads(text) if text else {})
 
 
+def _ledger(sources: Sources) -> tuple[dict | None, list[dict]]:
+    header = sources.text(f"{LEDGER_DIR}/{STUDY_FILE}")
+    lines = (sources.text(f"{LEDGER_DIR}/{TRIALS_FILE}") or "").splitlines()
+    return json.loads(header) if header else None, [json.loads(line) for line in lines if line.strip()]
+
+
+def _ledger_progress(sources: Sources) -> str:
+    from evaluation.study_report import ledger_progress
+
+    return ledger_progress(*_ledger(sources))
+
+
+def _ledger_parts(sources: Sources) -> str:
+    from evaluation.study_report import ledger_parts_table
+
+    return ledger_parts_table(*_ledger(sources))
+
+
 def _trained(sources: Sources) -> dict[str, dict]:
     return {Path(name).stem: json.loads(sources.text(name) or "{}") for name in sources.glob("metrics/train/*.json")}
 
 
 BLOCKS = [
     DocBlock("study", "README.md", _study),
+    DocBlock("study_progress", "README.md", _ledger_progress),
+    DocBlock("study_parts", "docs/study.md", _ledger_parts),
     DocBlock("results", "README.md", lambda s: results_block(_json(s, "metrics/eval.json"),
                                                              "recorded in `metrics/eval.json`", _params_sections(s))),
     DocBlock("probe", "docs/method.md", lambda s: probe_block(_json(s, "metrics/probes.json"))),

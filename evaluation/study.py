@@ -129,6 +129,53 @@ def compute_by_method(trials: Sequence[Trial]) -> dict[str, dict[str, float]]:
     return {m: {**spent, "total": sum(spent.values())} for m, spent in out.items()}
 
 
+PHASES = ("tune", "finalist", "test")
+
+
+def planned_runs(configurations: int, finalists: int, finalist_seeds: int, seeds: int) -> dict[str, int]:
+    """The runs one part of the study (a method at a run length) plans per phase: at least
+    ``configurations`` tuning runs (a widened range tunes more), at most ``finalists`` x
+    (``finalist_seeds`` + the tuning seed) finalist runs (a finalist the pruner let finish needs
+    no re-run on the tuning seed), and exactly ``seeds`` test runs."""
+    return {"tune": configurations, "finalist": finalists * (finalist_seeds + 1), "test": seeds}
+
+
+@dataclass(frozen=True)
+class PartProgress:
+    """How far one part of a study has come: runs done per phase against the plan, and the
+    hours its trials took (wall time, evaluation included)."""
+
+    method: str
+    steps: int
+    done: dict[str, int]
+    planned: dict[str, int]
+    hours: float
+
+    @property
+    def state(self) -> str:
+        # A part runs its phases in order, so the furthest phase with a run says where it is.
+        if self.done["test"] >= self.planned["test"]:
+            return "done"
+        if self.done["test"]:
+            return "testing"
+        if self.done["finalist"]:
+            return "finalists"
+        return "tuning" if self.done["tune"] else "not started"
+
+
+def study_progress(methods: Sequence[str], run_lengths: Sequence[int], planned: dict[str, int],
+                   trials: Iterable[tuple[str, int, str, float]]) -> list[PartProgress]:
+    """Per part, in plan order (run length, then method): runs done per phase and hours, from
+    ``trials`` given as (method, steps, phase, seconds)."""
+    done = {(m, s): dict.fromkeys(PHASES, 0) for s in run_lengths for m in methods}
+    seconds = dict.fromkeys(done, 0.0)
+    for method, steps, phase, spent in trials:
+        if (method, steps) in done:
+            done[(method, steps)][phase] += 1
+            seconds[(method, steps)] += spent
+    return [PartProgress(m, s, done[(m, s)], dict(planned), seconds[(m, s)] / 3600) for (m, s) in done]
+
+
 def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
     """The plain answer first (does GRIT beat LoRA here, by the pre-declared test?), then the
     count of significant differences out of all paired tests, then which ones they are."""

@@ -24,6 +24,8 @@ from evaluation.study import (
     compute_by_method,
     endpoints,
     paired_tests,
+    planned_runs,
+    study_progress,
     summary,
     verdict,
 )
@@ -290,6 +292,46 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
         "compute_hours": {m: {k: v / 3600 for k, v in c.items()} for m, c in compute.items()},
         "training_hours": sum(c["total"] for c in compute.values()) / 3600, "stage_hours": stage_seconds / 3600,
     }
+
+
+SITTINGS_DOC = "docs/study.md#sittings-one-study-over-several-machines-and-days"
+
+
+def _ledger_parts(header: dict, records: Sequence[dict]):
+    plan = header["declared"]["study"]
+    planned = planned_runs(plan["configurations"], plan["finalists"], plan["finalist_seeds"], plan["seeds"])
+    return planned, study_progress(plan["methods"], plan["steps"], planned,
+                                   [(r["method"], r["steps"], r["phase"], r.get("trial_seconds") or r["train_seconds"])
+                                    for r in records])
+
+
+def ledger_progress(header: dict | None, records: Sequence[dict], parts_link: str = SITTINGS_DOC) -> str:
+    """The README's word on the study the ledger holds (``reports/study/ledger/``), so that the
+    page says a study is under way, and how far, while its sittings go on."""
+    if header is None:
+        return "No study of the current design has begun in this repository (its ledger is empty)."
+    _, parts = _ledger_parts(header, records)
+    finished = sum(p.state == "done" for p in parts)
+    trials = f"{len(records)} trial" + ("" if len(records) == 1 else "s")
+    if finished == len(parts):
+        then = "every part is done: `dvc repro study` (profile `study`) trains nothing more and writes the report."
+    else:
+        then = "the headline above stays the earlier study's until every part is done and the report is written."
+    return (f"**Study `{header['key']}` of the current design** (profile `study`), produced over sittings: "
+            f"{trials} in its ledger, {sum(p.hours for p in parts):.1f} h of compute, "
+            f"[{finished} of {len(parts)} parts done]({parts_link}); {then}")
+
+
+def ledger_parts_table(header: dict | None, records: Sequence[dict]) -> str:
+    """docs/study.md's table of the ledger's study: per part, where it is and its runs per phase."""
+    if header is None:
+        return "No study has begun: the ledger is empty."
+    planned, parts = _ledger_parts(header, records)
+    return _table(["part", "state", f"tuning configurations (at least {planned['tune']})",
+                   f"finalist runs (at most {planned['finalist']})", f"test runs (of {planned['test']})",
+                   "hours (trials' wall time)"],
+                  [[f"{p.method}, {p.steps} steps", p.state, p.done["tune"], p.done["finalist"], p.done["test"],
+                    f"{p.hours:.2f}"] for p in parts])
 
 
 def readme_block(study: dict) -> str:

@@ -40,10 +40,10 @@ from core.errors import StoppedEarly, UserError
 from core.files import atomic_write_json, atomic_write_text
 from db.models import StudyTrial
 from db.study_claims import Heartbeat, claim_cell, finish_cell, held_cells, open_cells, settle_cell
-from db.study_ledger import Ledger, open_ledger
+from db.study_ledger import LEDGER_DIR, Ledger, open_ledger
 from db.tuning_journal import append_journal, journal_logs, journals_under
 from evaluation.config import seeds_for_testing, tuning_seeds
-from evaluation.study import Trial
+from evaluation.study import PHASES, Trial, planned_runs, study_progress
 from evaluation.tuning import (
     Dimension,
     Scored,
@@ -63,7 +63,6 @@ from trainers.base_model import check_optimizer_runtime
 from trainers.config import variant_grit
 
 REPORT_DIR = Path("reports/study")
-LEDGER_DIR = REPORT_DIR / "ledger"
 METRICS = Path("metrics/study.json")
 LEDGER_CELL = "ledger"            # the claim on restoring the committed ledger into the store
 
@@ -142,6 +141,7 @@ def record(sitting: Sitting, result: dict) -> None:
     if sitting.worker is None:
         sitting.ledger.add_trial(result)
         sitting.ledger.set_journals(journals_under(sitting.ctx.store, f"{sitting.ledger.key}/"))
+        show_progress(sitting.ctx.root)
 
 
 def sync_ledger(sitting: Sitting) -> None:
@@ -155,6 +155,7 @@ def sync_ledger(sitting: Sitting) -> None:
     for result in added:
         ledger.add_trial(result)
     ledger.set_journals(journals_under(sitting.ctx.store, f"{ledger.key}/"))
+    show_progress(sitting.ctx.root)
     if added:
         print(f"[study] {len(added)} trials recorded by study workers added to the ledger")
 
@@ -179,22 +180,41 @@ def restore(sitting: Sitting) -> None:
 def stop_if_over(sitting: Sitting) -> None:
     if sitting.over():
         raise StoppedEarly(f"the sitting's time is up: {progress(sitting)}. The ledger ({LEDGER_DIR}/) holds "
-                           f"every finished trial: commit it, then run `python -m pipelines.study --sitting "
+                           f"every finished trial, and README.md and docs/study.md say how far the study is: "
+                           f"commit them (`git add {LEDGER_DIR} README.md docs/study.md`), then run "
+                           f"`python -m pipelines.study --sitting "
                            f"MINUTES` (or `dvc repro study`) again, on any machine, to go on")
 
 
 def progress(sitting: Sitting) -> str:
-    """How far the study is: tuning configurations, finalist and test runs, by phase, and the
+    """How far the study is: parts done, tuning configurations, finalist and test runs, and the
     compute they took."""
-    study, trials = sitting.ctx.params.study, recorded_trials(sitting.ctx)
-    cells = len(study.methods) * len(study.steps)
-    planned = {"tune": cells * study.configurations,
-               "finalist": cells * study.finalists * (study.finalist_seeds + 1), "test": cells * study.seeds}
-    done = {phase: sum(t.phase == phase for t in trials) for phase in planned}
-    hours = sum(t.metrics.get("trial_seconds") or t.train_seconds for t in trials) / 3600
-    return (f"{done['tune']} tuning configurations (of at least {planned['tune']}), {done['finalist']} finalist "
-            f"runs (of at most {planned['finalist']}), {done['test']} of {planned['test']} test runs done, "
-            f"{hours:.2f} h of compute")
+    study = sitting.ctx.params.study
+    planned = planned_runs(study.configurations, study.finalists, study.finalist_seeds, study.seeds)
+    parts = study_progress(study.methods, study.steps, planned,
+                           [(t.method, t.steps, t.phase, t.metrics.get("trial_seconds") or t.train_seconds)
+                            for t in recorded_trials(sitting.ctx)])
+    done = {phase: sum(p.done[phase] for p in parts) for phase in PHASES}
+    return (f"{sum(p.state == 'done' for p in parts)} of {len(parts)} parts done; {done['tune']} tuning "
+            f"configurations (of at least {len(parts) * planned['tune']}), {done['finalist']} finalist runs (of at "
+            f"most {len(parts) * planned['finalist']}), {done['test']} of {len(parts) * planned['test']} test runs, "
+            f"{sum(p.hours for p in parts):.2f} h of compute")
+
+
+PROGRESS_BLOCKS = ("study_progress", "study_parts")     # README.md, docs/study.md
+
+
+def show_progress(root: Path) -> None:
+    """Rewrite the blocks that say how far the study is (README.md and docs/study.md) from the
+    ledger as it now stands, so that a sitting's commit of the ledger carries pages that agree."""
+    from core.doc_blocks import Sources
+    from evaluation.doc_figures import BLOCKS
+
+    for block in (b for b in BLOCKS if b.name in PROGRESS_BLOCKS):
+        page = root / block.page
+        text = page.read_text() if page.is_file() else ""
+        if block.begin in text:
+            atomic_write_text(page, block.rendered_into(text, Sources(root)))
 
 
 def run_job(sitting: Sitting, job: dict) -> None:

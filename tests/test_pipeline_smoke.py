@@ -336,6 +336,8 @@ def test_a_study_goes_on_over_sittings_from_its_committed_ledger(tmp_path_factor
     first = sitting("--sitting", "0.001")
     assert first.returncode == 3 and "sitting's time is up" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
     assert len(ledger_trials()) == 1 and ledger_trials()[0]["revision"]
+    # the README to commit with the ledger says how far the study is
+    assert "1 trial in its ledger" in (repo / "README.md").read_text()
     key = json.loads((ledger / "study.json").read_text())["key"]
     tuning = f"{key}/peft_lora/4"
     assert [json.loads(line)["tuning"] for line in (ledger / "journal.jsonl").read_text().splitlines()][0] == tuning
@@ -351,6 +353,9 @@ def test_a_study_goes_on_over_sittings_from_its_committed_ledger(tmp_path_factor
     _sh(["dvc", "repro", "study"], repo, env)
     done = json.loads((repo / "metrics/study.json").read_text())
     trials = ledger_trials()
+    readme = (repo / "README.md").read_text()
+    assert f"{len(trials)} trials in its ledger" in readme and "every part is done" in readme
+    assert "| done |" in (repo / "docs/study.md").read_text()
     assert len({(t["phase"], t["method"], t["steps"], t["seed"], json.dumps(t["setting"], sort_keys=True))
                 for t in trials}) == len(trials)                         # each trial recorded once
     with open_store(f"sqlite:///{store_file}").reader() as session:

@@ -29,6 +29,11 @@ def tiny_lora_model(seed: int = 0, r: int = 4, random_B: bool = False, rslora: b
     return peft_model
 
 
+def lora_grads(model) -> dict[str, torch.Tensor]:
+    """A copy of every LoRA parameter's gradient (the ones a step has filled)."""
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+
+
 def batches(n: int, seed: int = 1, batch_size: int = 4, length: int = 12):
     """Batches with right padding (attention 0, label -100) on part of every row."""
     generator = torch.Generator().manual_seed(seed)

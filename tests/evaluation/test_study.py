@@ -7,7 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from evaluation.study import Trial, compute_by_method, endpoints, paired_tests, summary, verdict
+from evaluation.study import (
+    Trial,
+    compute_by_method,
+    endpoints,
+    paired_tests,
+    planned_runs,
+    study_progress,
+    summary,
+    verdict,
+)
 
 
 def trial(lr: float, test_loss: float, refusal: float, method: str = "m", phase: str = "test", seed: int = 0,
@@ -84,6 +93,37 @@ def test_compute_is_counted_per_method_and_phase():
             Trial("test", "a", 8, 1000, {}, 1.0, train_seconds=7), Trial("tune", "b", 8, 0, {}, 1.0, train_seconds=3)]
     assert compute_by_method(runs) == {"a": {"tune": 10, "finalist": 5, "test": 7, "total": 22},
                                        "b": {"tune": 3, "finalist": 0, "test": 0, "total": 3}}
+
+
+def test_progress_counts_each_part_by_phase_and_says_where_it_is():
+    planned = planned_runs(configurations=3, finalists=2, finalist_seeds=1, seeds=2)
+    assert planned == {"tune": 3, "finalist": 4, "test": 2}
+    runs = ([("a", 8, "tune", 60.0)] * 3 + [("a", 8, "finalist", 60.0)] * 3 + [("a", 8, "test", 60.0)] * 2
+            + [("b", 8, "tune", 36.0), ("b", 8, "finalist", 36.0), ("a", 16, "tune", 3600.0), ("a", 16, "test", 0.0)]
+            + [("gone", 8, "tune", 1.0)])                       # a method the plan no longer holds
+    parts = study_progress(["a", "b"], [8, 16], planned, runs)
+    assert [(p.method, p.steps, p.state) for p in parts] == [
+        ("a", 8, "done"), ("b", 8, "finalists"), ("a", 16, "testing"), ("b", 16, "not started")]
+    assert parts[0].done == {"tune": 3, "finalist": 3, "test": 2} and parts[0].hours == pytest.approx(8 / 60)
+    assert parts[1].hours == pytest.approx(72 / 3600) and parts[2].hours == pytest.approx(1.0)
+
+
+def test_the_pages_say_how_far_the_ledgers_study_is():
+    from evaluation.study_report import ledger_parts_table, ledger_progress
+
+    header = {"key": "k1", "declared": {"study": {"configurations": 2, "finalists": 1, "finalist_seeds": 1,
+                                                  "seeds": 1, "methods": ["a", "b"], "steps": [8]}}}
+    record = {"method": "a", "steps": 8, "train_seconds": 1.0, "trial_seconds": 1800.0}
+    half = [record | {"phase": "tune"}, record | {"phase": "test"}]
+    line = ledger_progress(header, half)
+    assert "Study `k1`" in line and "2 trials in its ledger, 1.0 h of compute, [1 of 2 parts done]" in line
+    assert "stays the earlier study's" in line
+    table = ledger_parts_table(header, half)
+    assert "| a, 8 steps | done | 1 | 0 | 1 | 1.00 |" in table
+    assert "| b, 8 steps | not started | 0 | 0 | 0 | 0.00 |" in table
+    whole = ledger_progress(header, [record | {"phase": "test"}, record | {"phase": "test", "method": "b"}])
+    assert "[2 of 2 parts done]" in whole and "every part is done" in whole
+    assert "has begun" in ledger_progress(None, []) and "has begun" in ledger_parts_table(None, [])
 
 
 @pytest.mark.parametrize("chosen", [

@@ -114,12 +114,12 @@ def block_diagonal_inverse(
 
 def precondition_B(grad_B: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """``grad_B (Sigma + lambda I)^-1``: [d_out, r] @ [r, r]."""
-    return grad_B @ inverse.to(grad_B.dtype)
+    return precondition_batched(grad_B[None], inverse[None], "B")[0]
 
 
 def precondition_A(grad_A: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """``(Sigma + lambda I)^-1 grad_A``: [r, r] @ [r, d_in]."""
-    return inverse.to(grad_A.dtype) @ grad_A
+    return precondition_batched(grad_A[None], inverse[None], "A")[0]
 
 
 def graft(direction: torch.Tensor, magnitude_from: torch.Tensor) -> torch.Tensor:
@@ -131,8 +131,10 @@ def graft(direction: torch.Tensor, magnitude_from: torch.Tensor) -> torch.Tensor
 
 def precondition_batched(grads: torch.Tensor, inverses: torch.Tensor, side: str) -> torch.Tensor:
     """:func:`precondition_A` / :func:`precondition_B` of G modules at once (one batched matmul):
-    A: [G, r, r] @ [G, r, d_in]; B: [G, d_out, r] @ [G, r, r]. Each product is the one the
-    single-module function computes, bit for bit on CPU in fp32 (tested)."""
+    A: [G, r, r] @ [G, r, d_in]; B: [G, d_out, r] @ [G, r, r]. The single-module functions are
+    this one on a batch of one, not a plain matmul: on some CPUs (AVX-512) the plain product of
+    tiny matrices ([16, 4] @ [4, 4]) takes another kernel than the batched one and differs in the
+    last bit, while a batched product does not depend on the batch size (tested)."""
     inverses = inverses.to(grads.dtype)
     return torch.bmm(inverses, grads) if side == "A" else torch.bmm(grads, inverses)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.tiny_lora import batches, tiny_lora_model
+from tests.tiny_lora import batches, lora_grads, tiny_lora_model
 from trainers.grit import GritManager, GritParams
 
 
@@ -18,10 +18,6 @@ def captured(random_B: bool, config: GritParams) -> tuple[torch.nn.Module, GritM
     manager.sync_factors()
     manager.refresh_inverses(force=True)
     return model, manager
-
-
-def lora_grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 @pytest.mark.parametrize("settled", [False, True])

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from tests.tiny_lora import TARGETS, batches, tiny_base_model, tiny_lora_model
+from tests.tiny_lora import TARGETS, batches, lora_grads, tiny_base_model, tiny_lora_model
 from trainers.grit import GritManager, GritParams
 from trainers.grit.fused import FusedLoraLinear, FusedLoraSwiGLU, unfusable_reason
 
@@ -59,10 +59,6 @@ class _One(nn.Module):
         return self.proj(x)
 
 
-def _lora_grads(model) -> dict[str, torch.Tensor]:
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_a_fused_projection_is_peft_bit_for_bit_with_the_rows_grit_captures():
     """Output, input gradient, LoRA gradients, and the (u, dL/du) handed to GRIT equal PEFT's
     forward and autograd's gradient at u, bit for bit in fp32 (scaling 2)."""
@@ -78,7 +74,7 @@ def test_a_fused_projection_is_peft_bit_for_bit_with_the_rows_grit_captures():
     layer.lora_A["default"].register_forward_hook(remember)
     reference = model(x)
     reference.square().sum().backward()
-    expected, expected_dx = _lora_grads(model), x.grad.clone()
+    expected, expected_dx = lora_grads(model), x.grad.clone()
     model.zero_grad(), x.grad.zero_()
     taps = []
     w = (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
@@ -97,7 +93,7 @@ def test_the_fused_mlp_is_peft_bit_for_bit():
     model = _peft_layer(LlamaMLP(config))
     x = torch.randn(2, 5, 16, requires_grad=True)
     model(x).square().sum().backward()
-    expected, expected_dx = _lora_grads(model), x.grad.clone()
+    expected, expected_dx = lora_grads(model), x.grad.clone()
     model.zero_grad(), x.grad.zero_()
     manager = GritManager(model, GritParams(capture="fused"))
     assert set(manager.capture_paths.values()) == {"fused-swiglu"}
