@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Self
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from db.models import StudyClaim
 from db.store import ResultsStore, serialise, utcnow
@@ -50,6 +50,14 @@ def finish_cell(store: ResultsStore, run_id: str, cell: str, worker: str) -> Non
     with store.transaction() as session:
         session.execute(update(StudyClaim).where(StudyClaim.run_id == run_id, StudyClaim.cell == cell)
                         .values(done_at=utcnow(), worker=worker))
+
+
+def release_cell(store: ResultsStore, run_id: str, cell: str, worker: str) -> None:
+    """Give ``cell`` up, not done (a worker whose sitting ended): the next worker may take it at
+    once instead of waiting for the claim to go stale."""
+    with store.transaction() as session:
+        session.execute(delete(StudyClaim).where(StudyClaim.run_id == run_id, StudyClaim.cell == cell,
+                                                 StudyClaim.worker == worker, StudyClaim.done_at.is_(None)))
 
 
 def settle_cell(store: ResultsStore, run_id: str, cell: str, worker: str = "study") -> None:

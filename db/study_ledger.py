@@ -34,6 +34,12 @@ def key_of(declared: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(declared, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
+def data_fingerprint(files: dict[str, str]) -> str:
+    """One short name for the prepared data a trial trained and was measured on, from the sha256
+    of every data file (``artifacts/data/manifest.json``)."""
+    return key_of(files)
+
+
 def changed_values(old: Any, new: Any, path: str = "") -> list[str]:
     """The dotted names whose values differ between two params trees; a name present on one side
     only (a field added or retired since) is not a change."""
@@ -57,6 +63,7 @@ class Ledger:
     trials: list[dict[str, Any]] = field(default_factory=list)
     journals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     note: str = ""
+    data: str | None = None          # the fingerprint of the data the study began on
 
     def add_trial(self, record: dict[str, Any]) -> None:
         self.trials.append(record)
@@ -70,9 +77,10 @@ class Ledger:
             [{"tuning": name, "log": log} for name in sorted(journals) for log in journals[name]]))
 
 
-def open_ledger(folder: Path, declared: dict[str, Any]) -> Ledger:
+def open_ledger(folder: Path, declared: dict[str, Any], data: str | None = None) -> Ledger:
     """The ledger in ``folder`` when it belongs to a study with these ``declared`` params, else a
-    new, empty one (written at once, so the folder always names the study it holds)."""
+    new, empty one (written at once, so the folder always names the study it holds) that records
+    ``data``, the fingerprint of the data it begins on."""
     header = folder / STUDY_FILE
     if header.is_file():
         old = json.loads(header.read_text())
@@ -87,13 +95,14 @@ def open_ledger(folder: Path, declared: dict[str, Any]) -> Ledger:
                         entry = json.loads(line)
                         journals.setdefault(entry["tuning"], []).append(entry["log"])
             return Ledger(folder, old["key"], old["declared"], trials, journals,
-                          note=f"the ledger holds {len(trials)} trials of study {old['key']}")
+                          note=f"the ledger holds {len(trials)} trials of study {old['key']}", data=old.get("data"))
         note = (f"the ledger's study {old['key']} had other values of {', '.join(changed[:5])}"
                 f"{' ...' if len(changed) > 5 else ''}: a new study begins (git keeps the old ledger)")
     else:
         note = "no ledger yet: a new study begins"
-    ledger = Ledger(folder, key_of(declared), declared, note=note)
-    atomic_write_text(header, json.dumps({"key": ledger.key, "declared": declared}, indent=1, sort_keys=True) + "\n")
+    ledger = Ledger(folder, key_of(declared), declared, note=note, data=data)
+    atomic_write_text(header, json.dumps({"key": ledger.key, "declared": declared, "data": data}, indent=1,
+                                         sort_keys=True) + "\n")
     for name in (TRIALS_FILE, JOURNAL_FILE):
         atomic_write_text(folder / name, "")
     return ledger

@@ -65,7 +65,7 @@ class StudyParams(Section):
     methods: list[str] = []                  # variant names, e.g. peft_lora, pure_grit, grit_paper
     steps: Annotated[list[Annotated[int, Field(gt=0)]], Field(min_length=1)] = [32, 96]  # run lengths, each tuned
     # Tuning: Optuna's sampler over each method's declared space (evaluation/tuning.py), and a
-    # successive-halving pruner on the validation-loss curve (measured every train.eval_steps).
+    # successive-halving pruner on the validation-loss curve (measured at its rungs and at the end).
     configurations: Annotated[int, Field(gt=0, le=256)] = 16   # per method and run length
     sampler: Literal["tpe", "qmc"] = "tpe"
     startup: Annotated[int, Field(ge=0)] = 6               # TPE's quasi-random start before it models

@@ -319,7 +319,21 @@ def ledger_progress(header: dict | None, records: Sequence[dict], parts_link: st
         then = "the headline above stays the earlier study's until every part is done and the report is written."
     return (f"**Study `{header['key']}` of the current design** (profile `study`), produced over sittings: "
             f"{trials} in its ledger, {sum(p.hours for p in parts):.1f} h of compute, "
-            f"[{finished} of {len(parts)} parts done]({parts_link}); {then}")
+            f"[{finished} of {len(parts)} parts done]({parts_link}); {then}{_data_note(records)}")
+
+
+def _data_note(records: Sequence[dict]) -> str:
+    """Which prepared data the trials trained on: one fingerprint, or how many trials on each
+    (the base model's greedy answers, the benign training targets, can differ between CPUs)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        name = r.get("data") or "not recorded"
+        counts[name] = counts.get(name, 0) + 1
+    if not counts or list(counts) == ["not recorded"]:
+        return ""
+    if len(counts) == 1:
+        return f" Every trial trained on data `{next(iter(counts))}`."
+    return " Trials per prepared data: " + ", ".join(f"`{k}` {v}" for k, v in sorted(counts.items())) + "."
 
 
 def ledger_parts_table(header: dict | None, records: Sequence[dict]) -> str:

@@ -89,6 +89,17 @@ class Scored:
         return self.val_loss is not None and math.isfinite(self.val_loss)
 
 
+def rungs(min_steps: int, reduction_factor: int, steps: int) -> list[int]:
+    """The steps below ``steps`` at which successive halving compares configurations:
+    ``min_steps`` x ``reduction_factor`` ** k. A trial's validation loss is needed there and at
+    its end only."""
+    found, rung = [], min_steps
+    while rung < steps:
+        found.append(rung)
+        rung *= reduction_factor
+    return found
+
+
 def setting_key(setting: dict[str, float]) -> str:
     """The canonical text of a setting (its identity in the store)."""
     return json.dumps(setting, sort_keys=True)

@@ -39,8 +39,16 @@ from sqlalchemy import select
 from core.errors import StoppedEarly, UserError
 from core.files import atomic_write_json, atomic_write_text
 from db.models import StudyTrial
-from db.study_claims import Heartbeat, claim_cell, finish_cell, held_cells, open_cells, settle_cell
-from db.study_ledger import LEDGER_DIR, Ledger, open_ledger
+from db.study_claims import (
+    Heartbeat,
+    claim_cell,
+    finish_cell,
+    held_cells,
+    open_cells,
+    release_cell,
+    settle_cell,
+)
+from db.study_ledger import LEDGER_DIR, Ledger, data_fingerprint, open_ledger
 from db.tuning_journal import append_journal, journal_logs, journals_under
 from evaluation.config import seeds_for_testing, tuning_seeds
 from evaluation.study import PHASES, Trial, planned_runs, study_progress
@@ -79,6 +87,22 @@ class Sitting:
 
     def over(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
+
+
+def prepared_data(root: Path) -> str | None:
+    """The fingerprint of the prepared data (``artifacts/data``), or None before ``prepare_data``."""
+    manifest = root / DATA_DIR / "manifest.json"
+    return data_fingerprint(json.loads(manifest.read_text())["files"]) if manifest.is_file() else None
+
+
+def check_same_data(ledger: Ledger, data: str | None) -> None:
+    """Say it plainly when this host prepared other data than the study began on: the base
+    model's greedy answers (the benign training targets) can differ between CPUs. Trials go on,
+    each recorded with its data's fingerprint, and the pages count them per fingerprint."""
+    if ledger.data and data and ledger.data != data:
+        print(f"[study] warning: the data prepared here ({data}) differ from the data study {ledger.key} began on "
+              f"({ledger.data}); every trial records its data, and the README and docs/study.md count the trials "
+              "per data fingerprint", flush=True)
 
 
 def declared_study_params(params: Params, root: Path) -> dict[str, Any]:
@@ -223,7 +247,8 @@ def run_job(sitting: Sitting, job: dict) -> None:
     import yaml
 
     ctx = sitting.ctx
-    job = {**job, "deadline": sitting.deadline, "run_id": ctx.run_id, "revision": git_revision(ctx.root)}
+    job = {**job, "deadline": sitting.deadline, "run_id": ctx.run_id, "revision": git_revision(ctx.root),
+           "data": prepared_data(ctx.root)}
     with tempfile.TemporaryDirectory(prefix=f"study-{job['method']}-") as scratch:
         params_file, job_file, results_file = (Path(scratch) / n for n in ("params.yaml", "job.json", "results.jsonl"))
         params_file.write_text(yaml.safe_dump(ctx.params.model_dump(mode="json"), sort_keys=False))
@@ -366,8 +391,12 @@ def work_as_worker(sitting: Sitting, stale_after: float) -> None:
                 continue
             took = True
             print(f"[study] {sitting.worker} takes {name}", flush=True)
-            with Heartbeat(ctx.store, ctx.run_id, name, sitting.worker, every=stale_after / 4):
-                run_cell(sitting, *cells[name])
+            try:
+                with Heartbeat(ctx.store, ctx.run_id, name, sitting.worker, every=stale_after / 4):
+                    run_cell(sitting, *cells[name])
+            except StoppedEarly:
+                release_cell(ctx.store, ctx.run_id, name, sitting.worker)   # the sitting ended, not the worker
+                raise
             finish_cell(ctx.store, ctx.run_id, name, sitting.worker)
         if not took:                       # the rest is held by live workers: wait, then look again
             stop_if_over(sitting)
@@ -393,9 +422,7 @@ def run_workers(sitting: Sitting, workers: int, stale_after: float) -> None:
     print(f"[study] {workers} study workers, {share} CPU(s) each", flush=True)
     started = [subprocess.Popen(argv, cwd=sitting.ctx.root, env=env) for _ in range(workers)]
     codes = [process.wait() for process in started]
-    if EXIT_STOPPED_EARLY in codes:
-        stop_if_over(sitting)
-    if any(codes):
+    if any(code not in (0, EXIT_STOPPED_EARLY) for code in codes):
         print(f"[study] study workers ended with exit statuses {codes}", flush=True)
 
 
@@ -410,9 +437,11 @@ def study(ctx: StageContext, _checked, minutes: float | None = None, workers: in
     if not params.study.methods:
         return keep_last_report(ctx)
     started = time.perf_counter()
-    sitting = Sitting(ctx, open_ledger(ctx.root / LEDGER_DIR, declared_study_params(params, ctx.root)),
+    data = prepared_data(ctx.root)
+    sitting = Sitting(ctx, open_ledger(ctx.root / LEDGER_DIR, declared_study_params(params, ctx.root), data),
                       None if minutes is None else time.time() + 60 * minutes,
                       worker=f"{os.uname().nodename}:{os.getpid()}" if worker else None)
+    check_same_data(sitting.ledger, data)
     if worker:
         work_as_worker(sitting, stale_after)
         return {}
@@ -426,7 +455,8 @@ def study(ctx: StageContext, _checked, minutes: float | None = None, workers: in
     print(f"[study] so far: {progress(sitting)}")
     if workers > 1:
         run_workers(sitting, workers, stale_after)
-        sync_ledger(sitting)
+        sync_ledger(sitting)         # before a sitting's end: the ledger carries what the workers did
+        stop_if_over(sitting)
     chosen: dict[tuple[str, int], dict[str, float]] = {}
     notes: list[str] = []
     for method, steps in study_cells(params):

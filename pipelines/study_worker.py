@@ -38,7 +38,7 @@ from typing import Any
 
 from core.jsonl import read_jsonl
 from core.quiet import silence_known_import_noise
-from evaluation.tuning import Dimension
+from evaluation.tuning import Dimension, rungs
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR
 
@@ -48,9 +48,11 @@ PER_PROMPT_KINDS = ("rate", "probability")     # their values are one per prompt
 def trial_params(params: Params, method: str, steps: int, seed: int, setting: dict[str, float]) -> Params:
     """The params of one trial: the run's, at this run length, seed and setting (the learning rate
     sets ``train``; every other tuned field is a GRIT field of the variant). No checkpoint is
-    written during a trial (a trial is short; an interrupted study resumes at the next one)."""
-    train = params.train.model_copy(update={"max_steps": steps, "seed": seed, "save_steps": steps + 1,
-                                            "learning_rate": setting["learning_rate"]})
+    written during a trial (a trial is short; an interrupted study resumes at the next one). The
+    validation loss is measured at the pruner's rungs and at the end only."""
+    train = params.train.model_copy(update={
+        "max_steps": steps, "seed": seed, "save_steps": steps + 1, "learning_rate": setting["learning_rate"],
+        "eval_at": rungs(params.study.min_steps, params.study.reduction_factor, steps)})
     variants = dict(params.variants)
     grit = {name: value for name, value in setting.items() if name != "learning_rate"}
     if grit:
@@ -145,7 +147,8 @@ def store_trial(store, run_id: str, result: dict) -> None:
             "metrics_json": json.dumps({"figures": {**result["metrics"], "trial_seconds": result.get("trial_seconds")},
                                         "per_prompt": result.get("per_prompt", {}),
                                         "stopped_at": result.get("stopped_at"), "tuning": result.get("tuning", ""),
-                                        "revision": result.get("revision"), "host": result.get("host")}),
+                                        "revision": result.get("revision"), "host": result.get("host"),
+                                        "data": result.get("data")}),
             "train_seconds": result["train_seconds"],
             "tokens_per_second": result["tokens_per_second"],
             "trainable_parameters": result["trainable_parameters"]}],
@@ -163,7 +166,8 @@ def stored_result(row) -> dict[str, Any]:
             "curve": json.loads(row.curve_json), "stopped_at": extra.get("stopped_at"), "metrics": figures,
             "per_prompt": extra.get("per_prompt", {}), "train_seconds": row.train_seconds,
             "tokens_per_second": row.tokens_per_second, "trainable_parameters": row.trainable_parameters,
-            "trial_seconds": trial_seconds, "revision": extra.get("revision"), "host": extra.get("host")}
+            "trial_seconds": trial_seconds, "revision": extra.get("revision"), "host": extra.get("host"),
+            "data": extra.get("data")}
 
 
 def _without_interrupted(study):
@@ -305,10 +309,10 @@ def trial_store(params: Params, root: Path):
 
 
 def provenance(record: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """The code and host that trained a trial, kept with it in the store and the ledger."""
+    """The code, host and data that trained a trial, kept with it in the store and the ledger."""
     import os
 
-    return {**record, "revision": job.get("revision"), "host": os.uname().nodename}
+    return {**record, "revision": job.get("revision"), "host": os.uname().nodename, "data": job.get("data")}
 
 
 def append(results: Path, record: dict[str, Any]) -> None:

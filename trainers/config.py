@@ -124,6 +124,9 @@ class TrainParams(Section):
     # Validation loss on the held-out split every eval_steps optimizer steps and after the last
     # one; the study tunes each method on it (never on the test sets).
     eval_steps: Annotated[int, Field(gt=0)] = 8
+    # At exactly these steps (and after the last) instead, when given: the study's trials measure
+    # at their pruner's rungs only (a validation pass costs about four training steps).
+    eval_at: list[Annotated[int, Field(gt=0)]] = []
     gradient_checkpointing: bool = False
 
     @property

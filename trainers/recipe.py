@@ -183,7 +183,7 @@ def train_variant(
 
     trainer_ref: list = []
     validation = (ValidationLoss(built.validation, built.tokenizer.pad_token_id, train.eval_steps,
-                                 train.per_device_batch_size) if built.validation else None)
+                                 train.per_device_batch_size, at=train.eval_at) if built.validation else None)
     step_log = StepLog(trainer_ref, manager, live, validation, on_validation)
     callbacks = [step_log, SaveExtraState(trainer_ref, manager, step_log)] if built.resumable else [step_log]
     trainer = build_trainer(built.model, built.tokenizer, built.examples, train, checkpoint_dir, grit, callbacks,

@@ -135,17 +135,19 @@ def summed_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
 
 class ValidationLoss:
     """The mean response-token loss on the held-out validation split, measured every ``every``
-    optimizer steps and after the last one, without gradients (GRIT captures nothing then)."""
+    optimizer steps (at the steps of ``at`` instead, when given) and after the last one, without
+    gradients (GRIT captures nothing then)."""
 
-    def __init__(self, examples: Sequence[dict], pad_id: int, every: int, batch_size: int) -> None:
+    def __init__(self, examples: Sequence[dict], pad_id: int, every: int, batch_size: int,
+                 at: Sequence[int] = ()) -> None:
         if not examples:
             raise ValueError("no validation examples: the validation split is empty")
         collate = PaddingCollator(pad_id)
         self.batches = [collate(list(examples[i: i + batch_size])) for i in range(0, len(examples), batch_size)]
-        self.every = every
+        self.every, self.at = every, frozenset(at)
 
     def due(self, step: int, max_steps: int) -> bool:
-        return step % self.every == 0 or step == max_steps
+        return step == max_steps or (step in self.at if self.at else step % self.every == 0)
 
     def measure(self, model) -> float:
         device = next(p for p in model.parameters()).device

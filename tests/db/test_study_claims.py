@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from db.models import Run, StudyClaim
 from db.store import open_store, utcnow
-from db.study_claims import beat, claim_cell, finish_cell, held_cells, open_cells, settle_cell
+from db.study_claims import beat, claim_cell, finish_cell, held_cells, open_cells, release_cell, settle_cell
 
 
 def _store(url: str):
@@ -44,6 +44,19 @@ def test_a_part_has_one_holder_until_it_goes_silent_and_is_never_claimed_once_do
     assert open_cells(store, "r", ["peft_lora/32", "pure_grit/32"]) == ["pure_grit/32"]
     settle_cell(store, "r", "pure_grit/32")
     assert open_cells(store, "r", ["peft_lora/32", "pure_grit/32"]) == []
+
+
+def test_a_part_given_up_is_free_at_once_and_only_its_holder_gives_it_up(store_url: str):
+    store = _store(store_url)
+    assert claim_cell(store, "r", "peft_lora/32", "a", stale_after=60)
+    release_cell(store, "r", "peft_lora/32", "b")                              # not b's to give up
+    assert held_cells(store, "r", stale_after=60) == ["peft_lora/32"]
+    release_cell(store, "r", "peft_lora/32", "a")                              # a's sitting ended
+    assert held_cells(store, "r", stale_after=60) == [] and open_cells(store, "r", ["peft_lora/32"]) == ["peft_lora/32"]
+    assert claim_cell(store, "r", "peft_lora/32", "b", stale_after=60)
+    finish_cell(store, "r", "peft_lora/32", "b")
+    release_cell(store, "r", "peft_lora/32", "b")                              # a done part stays done
+    assert open_cells(store, "r", ["peft_lora/32"]) == []
 
 
 def _claim(url: str, worker: int, barrier, wins) -> None:

@@ -24,8 +24,8 @@ def test_a_field_added_is_no_change_and_a_value_changed_is_named():
 
 def test_the_ledger_resumes_while_the_declared_params_hold_and_begins_again_when_one_changes(tmp_path: Path):
     folder = tmp_path / "ledger"
-    first = open_ledger(folder, DECLARED)
-    assert first.trials == [] and "new study" in first.note
+    first = open_ledger(folder, DECLARED, data="d1")
+    assert first.trials == [] and "new study" in first.note and first.data == "d1"
     first.add_trial({"phase": "tune", "method": "peft_lora", "steps": 32, "seed": 42,
                      "setting": {"learning_rate": 1e-3}})
     first.set_journals({f"{first.key}/peft_lora/32": [{"op_code": 0}]})
@@ -34,6 +34,7 @@ def test_the_ledger_resumes_while_the_declared_params_hold_and_begins_again_when
     again = open_ledger(folder, {**grown, "grit": {"damping": 0.001, "added": 1}})
     assert again.key == first.key and again.trials == first.trials and again.journals == first.journals
     assert again.declared == DECLARED                        # the key stays the one the study began with
+    assert again.data == "d1"                                # and the data it began on
 
     other = open_ledger(folder, {**DECLARED, "grit": {"damping": 0.1}})
     assert other.key != first.key and other.trials == [] and "grit.damping" in other.note

@@ -124,6 +124,10 @@ def test_the_pages_say_how_far_the_ledgers_study_is():
     whole = ledger_progress(header, [record | {"phase": "test"}, record | {"phase": "test", "method": "b"}])
     assert "[2 of 2 parts done]" in whole and "every part is done" in whole
     assert "has begun" in ledger_progress(None, []) and "has begun" in ledger_parts_table(None, [])
+    assert "data" not in line                                      # trials recorded before the data was
+    assert "Every trial trained on data `d1`" in ledger_progress(header, [r | {"data": "d1"} for r in half])
+    mixed = ledger_progress(header, [half[0] | {"data": "d1"}, half[1] | {"data": "d2"}])
+    assert "Trials per prepared data: `d1` 1, `d2` 1." in mixed
 
 
 @pytest.mark.parametrize("chosen", [

@@ -15,6 +15,7 @@ from evaluation.tuning import (
     choose_finalist,
     extended,
     finalists,
+    rungs,
     search_space,
 )
 
@@ -96,3 +97,36 @@ def test_params_refuse_a_study_whose_test_seeds_meet_its_tuning_seeds(write_para
     with pytest.raises(ParamsError, match="are also tuning seeds"):
         load_params(path)
     load_params(write_params({"study": {"methods": [], "test_seed": 40, "seeds": 5}}))   # no study: nothing to check
+
+
+def test_measuring_only_at_the_rungs_prunes_exactly_as_measuring_every_few_steps():
+    """The study's trials measure validation loss at the pruner's rungs and at the end only; the
+    successive-halving pruner decides the same as with a measurement every 8 steps."""
+    import optuna
+
+    assert rungs(8, 3, 32) == [8, 24] and rungs(8, 3, 96) == rungs(8, 3, 192) == [8, 24, 72] and rungs(8, 3, 8) == []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def tuned(steps_measured: list[int]) -> list[tuple]:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3),
+                                    pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=8, reduction_factor=3))
+
+        def objective(trial: optuna.Trial) -> float:
+            rate = trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
+            loss = 0.0
+            for step in steps_measured:
+                loss = abs(math.log(rate / 1e-3)) + 10 / step + 0.01 * math.sin(step * rate * 1e3)
+                trial.report(loss, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+            return loss
+
+        study.optimize(objective, n_trials=16)
+        return [(t.params, t.state, max(t.intermediate_values)) for t in study.trials]
+
+    every_eight, at_rungs = tuned(list(range(8, 97, 8))), tuned([*rungs(8, 3, 96), 96])
+    assert [(p, s) for p, s, _ in every_eight] == [(p, s) for p, s, _ in at_rungs]
+    assert {s for _, s, _ in at_rungs} == {optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE}
+    stopped = [(e, r) for (_, s, e), (_, _, r) in zip(every_eight, at_rungs, strict=True)
+               if s == optuna.trial.TrialState.PRUNED]
+    assert stopped and all(e == r for e, r in stopped)           # stopped at the same rung

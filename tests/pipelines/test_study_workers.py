@@ -80,9 +80,15 @@ def test_two_workers_one_killed_mid_trial_give_the_one_worker_report(tmp_path_fa
     got = json.loads((shared / "metrics/study.json").read_text())
     assert {k: got[k] for k in COMPARED} == {k: expected[k] for k in COMPARED}
 
-    # The same plan through --workers 2 (two local workers started by the study itself).
+    # The same plan through --workers 2 (two local workers started by the study itself), first in
+    # a sitting that ends at once: the ledger holds what the workers did before the sitting ended.
     pair, env = repo_copy(tmp_path_factory, ["smoke"])
     _sh(["dvc", "repro", "prepare_data"], pair, env)
+    short = _study(pair, env, "--workers", "2", "--sitting", "0.001")
+    out = short.communicate(timeout=1800)[0]
+    assert short.returncode == 3 and "sitting's time is up" in out, out[-3000:]
+    carried = (pair / "reports/study/ledger/trials.jsonl").read_text().splitlines()
+    assert len(carried) >= 1 and f"{len(carried)} trial" in (pair / "README.md").read_text()
     both = _study(pair, env, "--workers", "2")
     out = both.communicate(timeout=1800)[0]
     assert both.returncode == 0, out[-3000:]

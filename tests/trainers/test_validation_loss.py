@@ -51,6 +51,8 @@ def test_measuring_keeps_the_training_mode_and_leaves_no_gradient():
 def test_it_is_due_every_few_steps_and_at_the_last_one():
     validation = ValidationLoss(examples(1), pad_id=0, every=8, batch_size=1)
     assert [s for s in range(1, 21) if validation.due(s, 20)] == [8, 16, 20]
+    at_rungs = ValidationLoss(examples(1), pad_id=0, every=8, batch_size=1, at=[8, 24])
+    assert [s for s in range(1, 33) if at_rungs.due(s, 32)] == [8, 24, 32]
 
 
 def test_an_empty_validation_split_is_refused():
