@@ -22,7 +22,6 @@ from types import SimpleNamespace
 import yaml
 
 from core.doc_blocks import DocBlock, Sources
-from db.study_ledger import LEDGER_DIR, STUDY_FILE, TRIALS_FILE
 from evaluation.compare_all import (
     RunTables,
     criteria_rows,
@@ -37,6 +36,7 @@ from evaluation.compare_all import (
 )
 from evaluation.config import EvalParams
 from evaluation.metrics import model_metrics
+from evaluation.study_report import PROGRESS_BLOCKS
 from export.config import ExportParams, ServeParams
 
 NOT_MODELS = ("comparisons", "across_seeds", "decline_probability_vs_judge")
@@ -156,32 +156,13 @@ def _study(sources: Sources) -> str:
     return readme_block(json.loads(text) if text else {})
 
 
-def _ledger(sources: Sources) -> tuple[dict | None, list[dict]]:
-    header = sources.text(f"{LEDGER_DIR}/{STUDY_FILE}")
-    lines = (sources.text(f"{LEDGER_DIR}/{TRIALS_FILE}") or "").splitlines()
-    return json.loads(header) if header else None, [json.loads(line) for line in lines if line.strip()]
-
-
-def _ledger_progress(sources: Sources) -> str:
-    from evaluation.study_report import ledger_progress
-
-    return ledger_progress(*_ledger(sources))
-
-
-def _ledger_parts(sources: Sources) -> str:
-    from evaluation.study_report import ledger_parts_table
-
-    return ledger_parts_table(*_ledger(sources))
-
-
 def _trained(sources: Sources) -> dict[str, dict]:
     return {Path(name).stem: json.loads(sources.text(name) or "{}") for name in sources.glob("metrics/train/*.json")}
 
 
 BLOCKS = [
     DocBlock("study", "README.md", _study),
-    DocBlock("study_progress", "README.md", _ledger_progress),
-    DocBlock("study_parts", "docs/study.md", _ledger_parts),
+    *PROGRESS_BLOCKS,
     DocBlock("results", "README.md", lambda s: results_block(_json(s, "metrics/eval.json"),
                                                              "recorded in `metrics/eval.json`", _params_sections(s))),
     DocBlock("probe", "docs/method.md", lambda s: probe_block(_json(s, "metrics/probes.json"))),

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from core.doc_blocks import DocBlock, Sources
 from core.files import atomic_write_json, atomic_write_text
+from db.study_ledger import LEDGER_DIR, STUDY_FILE, TRIALS_FILE
 from evaluation.metrics import REGISTRY, VALIDATION_DECLINE, get
 from evaluation.study import (
     PairedTest,
@@ -388,3 +390,17 @@ def readme_block(study: dict) -> str:
     source = f"Study run `{study['run_id']}`, profile `{study['profile']}`. " if "run_id" in study else ""
     return "\n\n".join([f"**{study['verdict']}**", chosen, *by_steps,
                         f"{source}Every trial, test and plot: [reports/study/report.md](reports/study/report.md)."])
+
+
+def _ledger(sources: Sources) -> tuple[dict | None, list[dict]]:
+    header = sources.text(f"{LEDGER_DIR}/{STUDY_FILE}")
+    lines = (sources.text(f"{LEDGER_DIR}/{TRIALS_FILE}") or "").splitlines()
+    return json.loads(header) if header else None, [json.loads(line) for line in lines if line.strip()]
+
+
+# Here rather than with the other page blocks (evaluation/doc_figures.py): the study stage
+# rewrites them after each trial, and must not depend on what renders the default run's pages.
+PROGRESS_BLOCKS = (
+    DocBlock("study_progress", "README.md", lambda s: ledger_progress(*_ledger(s))),
+    DocBlock("study_parts", "docs/study.md", lambda s: ledger_parts_table(*_ledger(s))),
+)

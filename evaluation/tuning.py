@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +66,15 @@ def at_edge(dimension: Dimension, value: float, margin: float) -> EdgeSide | Non
     scale): the best setting may then lie outside it."""
     position = dimension.position(value)
     return "low" if position < margin else "high" if position > 1 - margin else None
+
+
+def other_edges(space: Sequence[Dimension], setting: dict[str, float],
+                margin: float) -> list[tuple[Dimension, EdgeSide]]:
+    """The tuned dimensions of a chosen setting, other than the learning rate (the one range the
+    study widens), that lie at an edge of their range: the report says so, since the best value
+    may lie beyond it (a damping at its top edge, say, keeps GRIT close to plain LoRA)."""
+    return [(d, side) for d in space if d.name != "learning_rate" and d.name in setting
+            and (side := at_edge(d, setting[d.name], margin)) is not None]
 
 
 def extended(dimension: Dimension, side: EdgeSide, factor: float) -> Dimension:

@@ -59,6 +59,7 @@ from evaluation.tuning import (
     choose_finalist,
     extended,
     finalists,
+    other_edges,
     search_space,
     setting_key,
 )
@@ -225,16 +226,13 @@ def progress(sitting: Sitting) -> str:
             f"{sum(p.hours for p in parts):.2f} h of compute")
 
 
-PROGRESS_BLOCKS = ("study_progress", "study_parts")     # README.md, docs/study.md
-
-
 def show_progress(root: Path) -> None:
     """Rewrite the blocks that say how far the study is (README.md and docs/study.md) from the
     ledger as it now stands, so that a sitting's commit of the ledger carries pages that agree."""
     from core.doc_blocks import Sources
-    from evaluation.doc_figures import BLOCKS
+    from evaluation.study_report import PROGRESS_BLOCKS
 
-    for block in (b for b in BLOCKS if b.name in PROGRESS_BLOCKS):
+    for block in PROGRESS_BLOCKS:
         page = root / block.page
         text = page.read_text() if page.is_file() else ""
         if block.begin in text:
@@ -367,6 +365,9 @@ def run_cell(sitting: Sitting, method: str, steps: int) -> tuple[list[str], dict
     params = sitting.ctx.params
     notes = tune_method(sitting, method, steps)
     setting = choose_setting(sitting, method, steps)
+    notes += [f"{method} at {steps} steps: the chosen {d.name} {setting[d.name]:.3g} lies at the {side} edge of "
+              f"[{d.low:.3g}, {d.high:.3g}] (the study widens only the learning rate's range)"
+              for d, side in other_edges(method_space(params, method), setting, params.study.edge_margin)]
     run_fixed(sitting, [{"phase": "test", "method": method, "steps": steps, "seed": seed, "setting": setting}
                         for seed in seeds_for_testing(params.study.test_seed, params.study.seeds)])
     return notes, setting

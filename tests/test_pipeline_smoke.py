@@ -336,8 +336,11 @@ def test_a_study_goes_on_over_sittings_from_its_committed_ledger(tmp_path_factor
     first = sitting("--sitting", "0.001")
     assert first.returncode == 3 and "sitting's time is up" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
     assert len(ledger_trials()) == 1 and ledger_trials()[0]["revision"]
-    # the README to commit with the ledger says how far the study is
+    # the README to commit with the ledger says how far the study is, and on which data
+    data = json.loads((ledger / "study.json").read_text())["data"]
+    assert data and ledger_trials()[0]["data"] == data
     assert "1 trial in its ledger" in (repo / "README.md").read_text()
+    assert f"Every trial trained on data `{data}`" in (repo / "README.md").read_text()
     key = json.loads((ledger / "study.json").read_text())["key"]
     tuning = f"{key}/peft_lora/4"
     assert [json.loads(line)["tuning"] for line in (ledger / "journal.jsonl").read_text().splitlines()][0] == tuning

@@ -15,6 +15,7 @@ from evaluation.tuning import (
     choose_finalist,
     extended,
     finalists,
+    other_edges,
     rungs,
     search_space,
 )
@@ -130,3 +131,11 @@ def test_measuring_only_at_the_rungs_prunes_exactly_as_measuring_every_few_steps
     stopped = [(e, r) for (_, s, e), (_, _, r) in zip(every_eight, at_rungs, strict=True)
                if s == optuna.trial.TrialState.PRUNED]
     assert stopped and all(e == r for e, r in stopped)           # stopped at the same rung
+
+
+def test_a_chosen_damping_at_the_edge_of_its_range_is_named_and_the_learning_rate_left_to_widening():
+    space = search_space(True, False, learning_rate=RANGES["learning_rate"], damping=RANGES["damping"],
+                         reprojection_warmup=RANGES["reprojection_warmup"], energy=RANGES["energy"])
+    edges = other_edges(space, {"learning_rate": 1.1e-4, "damping": 0.098}, margin=0.1)
+    assert [(d.name, side) for d, side in edges] == [("damping", "high")]
+    assert other_edges(space, {"learning_rate": 1e-3, "damping": 3e-3}, margin=0.1) == []
