@@ -53,6 +53,15 @@ def _jsonl(lines: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
 
 
+def jsonl_records(text: str | None) -> list[dict[str, Any]]:
+    """The records of a ledger file's text (``_jsonl``'s inverse; none when there is no file)."""
+    return [json.loads(line) for line in (text or "").splitlines() if line.strip()]
+
+
+def _text(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
 @dataclass
 class Ledger:
     """A study's ledger in ``folder``; ``note`` says what opening it found (for the log)."""
@@ -86,14 +95,10 @@ def open_ledger(folder: Path, declared: dict[str, Any], data: str | None = None)
         old = json.loads(header.read_text())
         changed = changed_values(old["declared"], declared)
         if not changed:
-            trials = [json.loads(line) for line in (folder / TRIALS_FILE).read_text().splitlines()
-                      if line.strip()] if (folder / TRIALS_FILE).is_file() else []
+            trials = jsonl_records(_text(folder / TRIALS_FILE))
             journals: dict[str, list[dict[str, Any]]] = {}
-            if (folder / JOURNAL_FILE).is_file():
-                for line in (folder / JOURNAL_FILE).read_text().splitlines():
-                    if line.strip():
-                        entry = json.loads(line)
-                        journals.setdefault(entry["tuning"], []).append(entry["log"])
+            for entry in jsonl_records(_text(folder / JOURNAL_FILE)):
+                journals.setdefault(entry["tuning"], []).append(entry["log"])
             return Ledger(folder, old["key"], old["declared"], trials, journals,
                           note=f"the ledger holds {len(trials)} trials of study {old['key']}", data=old.get("data"))
         note = (f"the ledger's study {old['key']} had other values of {', '.join(changed[:5])}"

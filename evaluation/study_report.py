@@ -18,7 +18,7 @@ from typing import Any
 
 from core.doc_blocks import DocBlock, Sources
 from core.files import atomic_write_json, atomic_write_text
-from db.study_ledger import LEDGER_DIR, STUDY_FILE, TRIALS_FILE
+from db.study_ledger import LEDGER_DIR, STUDY_FILE, TRIALS_FILE, jsonl_records
 from evaluation.metrics import REGISTRY, VALIDATION_DECLINE, get
 from evaluation.study import (
     PairedTest,
@@ -394,8 +394,7 @@ def readme_block(study: dict) -> str:
 
 def _ledger(sources: Sources) -> tuple[dict | None, list[dict]]:
     header = sources.text(f"{LEDGER_DIR}/{STUDY_FILE}")
-    lines = (sources.text(f"{LEDGER_DIR}/{TRIALS_FILE}") or "").splitlines()
-    return json.loads(header) if header else None, [json.loads(line) for line in lines if line.strip()]
+    return json.loads(header) if header else None, jsonl_records(sources.text(f"{LEDGER_DIR}/{TRIALS_FILE}"))
 
 
 # Here rather than with the other page blocks (evaluation/doc_figures.py): the study stage
