@@ -85,6 +85,7 @@ class Sitting:
     ledger: Ledger
     deadline: float | None = None
     worker: str | None = None            # a study worker's name (host:pid); None: the study stage itself
+    workers: int = 1                     # local study workers this sitting runs (said again in its end message)
 
     def over(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
@@ -207,8 +208,12 @@ def stop_if_over(sitting: Sitting) -> None:
         raise StoppedEarly(f"the sitting's time is up: {progress(sitting)}. The ledger ({LEDGER_DIR}/) holds "
                            f"every finished trial, and README.md and docs/study.md say how far the study is: "
                            f"commit them (`git add {LEDGER_DIR} README.md docs/study.md`), then run "
-                           f"`python -m pipelines.study --sitting "
-                           f"MINUTES` (or `dvc repro study`) again, on any machine, to go on")
+                           f"`{again_command(sitting.workers)}` (or `dvc repro study`) again, on any machine, to go on")
+
+
+def again_command(workers: int) -> str:
+    """The command that goes on with the study as this sitting ran it (its workers included)."""
+    return "python -m pipelines.study" + (f" --workers {workers}" if workers > 1 else "") + " --sitting MINUTES"
 
 
 def progress(sitting: Sitting) -> str:
@@ -441,7 +446,7 @@ def study(ctx: StageContext, _checked, minutes: float | None = None, workers: in
     data = prepared_data(ctx.root)
     sitting = Sitting(ctx, open_ledger(ctx.root / LEDGER_DIR, declared_study_params(params, ctx.root), data),
                       None if minutes is None else time.time() + 60 * minutes,
-                      worker=f"{os.uname().nodename}:{os.getpid()}" if worker else None)
+                      worker=f"{os.uname().nodename}:{os.getpid()}" if worker else None, workers=workers)
     check_same_data(sitting.ledger, data)
     if worker:
         work_as_worker(sitting, stale_after)

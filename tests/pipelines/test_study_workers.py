@@ -87,6 +87,7 @@ def test_two_workers_one_killed_mid_trial_give_the_one_worker_report(tmp_path_fa
     short = _study(pair, env, "--workers", "2", "--sitting", "0.001")
     out = short.communicate(timeout=1800)[0]
     assert short.returncode == 3 and "sitting's time is up" in out, out[-3000:]
+    assert "`python -m pipelines.study --workers 2 --sitting MINUTES`" in out     # goes on as it ran
     carried = (pair / "reports/study/ledger/trials.jsonl").read_text().splitlines()
     assert len(carried) >= 1 and f"{len(carried)} trial" in (pair / "README.md").read_text()
     both = _study(pair, env, "--workers", "2")
