@@ -9,9 +9,11 @@ PYTHON=${PYTHON:-python3.11}
 VENV=.venv
 STAMP=$VENV/.setup-stamp
 # The llama.cpp build flavour (GRIT_LLAMA_BUILD: portable by default, or native) is part of the
-# stamp, so switching it re-runs the set-up, which installs the matching cached or new build.
+# stamp, so switching it re-runs the set-up, which installs the matching cached or new build; so
+# is the cache folder, which holds the converters: a new GRIT_CACHE_DIR gets them extracted.
 want=$( (cat requirements/lock.txt requirements/no-deps.txt requirements/test.txt scripts/setup.sh export/llama_cpp.py; \
-         echo "llama-build=${GRIT_LLAMA_BUILD:-portable}") | sha256sum | cut -c1-16)
+         echo "llama-build=${GRIT_LLAMA_BUILD:-portable}"; echo "cache=${GRIT_CACHE_DIR:-$HOME/.cache/grit-lora}") \
+       | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
