@@ -406,7 +406,7 @@ def host_syncs(device: str, counts: list[int] | None):
         return
     with counting_operations() as counted:
         yield
-    counts.append(counted.host_reads)
+    counts.append(counted.host_reads + counted.host_copies)
 
 
 def lora_step_flops(shape: dict[str, int], vocab: int, batch: int, length: int, r: int) -> float:

@@ -144,23 +144,40 @@ HOST_READS = frozenset({"_local_scalar_dense", "item", "nonzero", "is_nonzero", 
 
 @dataclass(frozen=True)
 class OperationCounts:
-    """Aten operations one step dispatched, and how many of them read a tensor on the host."""
+    """Aten operations one step dispatched, how many of them read a tensor on the host, and how
+    many bring host data to the device (:func:`from_host`)."""
 
     operations: int
     host_reads: int
+    host_copies: int = 0
 
 
 class _Counted:
     """What :func:`counting_operations` has counted so far."""
 
     def __init__(self) -> None:
-        self.operations = self.host_reads = 0
+        self.operations = self.host_reads = self.host_copies = 0
+
+
+def from_host(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether aten operation ``name`` brings host data to the device. On a GPU a copy from
+    (pageable) host memory waits for the device as a read does: torch's sync debug mode flags it.
+    On CPU nothing is copied, so a tensor made from Python data (``torch.tensor([...])``,
+    ``lift_fresh``) counts too: a GRIT step makes one only to put it on the device."""
+    if name == "lift_fresh":
+        return True
+    if name == "_to_copy" and args and kwargs.get("device") is not None:
+        return args[0].device.type == "cpu" and str(kwargs["device"]).split(":")[0] != "cpu"
+    if name == "copy_" and len(args) > 1:
+        return getattr(args[1], "device", None) is not None and args[1].device.type == "cpu" \
+            and args[0].device.type != "cpu"
+    return False
 
 
 @contextmanager
 def counting_operations():
     """Count every aten operation dispatched inside the block (a ``TorchDispatchMode`` sees each
-    one, backward included) and the host reads among them."""
+    one, backward included), the host reads and the copies from the host among them."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from trainers.grit.host import is_host_copy
@@ -170,9 +187,10 @@ def counting_operations():
     class Counting(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             counted.operations += 1
+            name = func.overloadpacket.__name__
             # a read of a host copy made without waiting (trainers/grit/host.py) is no sync on a GPU
-            read = func.overloadpacket.__name__ in HOST_READS
-            counted.host_reads += read and not is_host_copy(args[0] if args else None)
+            counted.host_reads += name in HOST_READS and not is_host_copy(args[0] if args else None)
+            counted.host_copies += from_host(name, args, kwargs or {})
             return func(*args, **(kwargs or {}))
 
     with Counting():
@@ -180,13 +198,14 @@ def counting_operations():
 
 
 def operation_counts(step: Step, inputs: Any) -> OperationCounts:
-    """Run ``step(inputs)`` once, counting the aten operations it dispatches and the host reads
-    among them (:func:`counting_operations`). On a GPU a small model's step is bound by the host:
-    its cost is its operation count, and a host read stalls the launch queue, so these counts
-    predict the GPU step where CPU seconds cannot."""
+    """Run ``step(inputs)`` once, counting the aten operations it dispatches, and the host reads
+    and copies from the host among them (:func:`counting_operations`). On a GPU a small model's
+    step is bound by the host: its cost is its operation count, and a host read or a copy from
+    host memory stalls the launch queue, so these counts predict the GPU step where CPU seconds
+    cannot."""
     with counting_operations() as counted:
         step(inputs)
-    return OperationCounts(counted.operations, counted.host_reads)
+    return OperationCounts(counted.operations, counted.host_reads, counted.host_copies)
 
 
 def saved_activation_bytes(run: Callable[[], Any]) -> int:

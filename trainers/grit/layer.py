@@ -55,8 +55,15 @@ class FactorStats:
         self.pending_count += rows
 
     def place(self, device: torch.device) -> None:
-        """Statistics live on the layer's device: no host sync per layer on a GPU."""
-        if self.pending.device != device:
+        """Statistics live on the layer's device: no host sync per layer on a GPU. Empty ones
+        are made there: copying them from host memory waits for the device (on SmolLM2's 210
+        modules, 840 synchronisations in the first GRIT step, seen on an H100)."""
+        if self.pending.device == device:
+            return
+        if self.count == 0 and self.pending_count == 0 and self.ema is None:
+            self.total = torch.zeros(self.rank, self.rank, device=device)
+            self.pending = torch.zeros(self.rank, self.rank, device=device)
+        else:
             self.to(device)
 
     def fold(self, statistics: str, decay: float) -> None:
@@ -96,12 +103,11 @@ class FactorStats:
 
 def stacked_covariances(stats: list[FactorStats], statistics: str) -> torch.Tensor:
     """:meth:`FactorStats.covariance` of many sides of one rank and device, stacked [M, r, r]
-    in two operations (every side has rows)."""
+    in two operations (every side has rows), nothing copied to the device."""
     if statistics == "ema":
         return torch.stack([s.ema for s in stats])
-    totals = torch.stack([s.total for s in stats])
-    counts = torch.tensor([s.count for s in stats], dtype=totals.dtype, device=totals.device)
-    return totals / counts[:, None, None]
+    # the counts go in as scalars: a tensor of them would be a copy to the device, which waits
+    return torch.stack(torch._foreach_div([s.total for s in stats], [float(s.count) for s in stats]))
 
 
 def fold_all(stats: list[FactorStats], statistics: str, decay: float) -> None:

@@ -76,9 +76,9 @@ def damped_inverse_batched(
     [M, r, r], damping used [M]); a matrix that never factorises, or whose damping is 0, gets
     damping 0 and must be treated as not invertible."""
     eye = torch.eye(sigmas.shape[-1], dtype=sigmas.dtype, device=sigmas.device)
-    scales = torch.tensor(escalation, dtype=dampings.dtype, device=dampings.device)
     usable = (dampings > 0) & torch.isfinite(sigmas).flatten(1).all(dim=1)
-    levels = scales[:, None] * dampings[None, :]                                    # [L, M]
+    # the scales as scalars: a tensor of them would be a copy to the device, which waits
+    levels = torch.stack([dampings * scale for scale in escalation])                 # [L, M]
     chol, info = torch.linalg.cholesky_ex(sigmas[None] + levels[..., None, None] * eye)
     factorised = (info == 0) & usable[None]
     first = factorised.to(torch.uint8).argmax(dim=0)        # the first level that factorised (0 if none)

@@ -106,7 +106,9 @@ def test_graft_keeps_the_direction_and_takes_the_norm():
 
 def test_batched_escalation_keeps_each_matrix_first_level_that_factorises_without_host_reads():
     """Every level is factorised at once and each matrix keeps its first success: bit for bit
-    the one-by-one escalation, a non-finite factor is refused, and nothing is read on the host."""
+    the one-by-one escalation, a non-finite factor is refused, and nothing is read on the host nor
+    copied from it (the escalation's scales were a tensor made from a list: one copy to the GPU,
+    which waited for it)."""
     from pipelines.gpu_check.overhead import operation_counts
 
     torch.manual_seed(1)
@@ -122,4 +124,4 @@ def test_batched_escalation_keeps_each_matrix_first_level_that_factorises_withou
         assert torch.equal(inverses[i], single) and float(used[i]) == pytest.approx(single_damping)
     assert float(used[3]) == pytest.approx(3e-3) and used[4] == 0 and torch.equal(inverses[4], torch.zeros(4, 4))
     counts = operation_counts(lambda s: gm.damped_inverse_batched(s, dampings, escalation), sigmas)
-    assert counts.host_reads == 0 and counts.operations < 40
+    assert counts.host_reads == 0 and counts.host_copies == 0 and counts.operations < 40
