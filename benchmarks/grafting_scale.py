@@ -18,10 +18,13 @@ It uses the pipeline's own training path (``trainers.recipe.train_variant``, the
 parameters) and only observes ``GritManager.precondition``.
 
     python -m pipelines.profile study && dvc repro prepare_data
-    python benchmarks/grafting_scale.py [--steps 32] [--setting JSON] [--damping-mode absolute] [--json FILE]
+    python benchmarks/grafting_scale.py [--steps 32] [--setting JSON] [--damping-mode MODE] [--json FILE]
 
-``--damping-mode absolute`` runs both with the damping as the paper's code applies it (lambda as
-is, not scaled by each factor's mean eigenvalue as the pipeline's default does).
+``--damping-mode`` sets the damping rule of both arms: ``absolute`` as the paper's code applies it
+(lambda as is; the study's paper arms now use it), ``relative`` as the pipeline's default does
+(lambda scaled by each factor's mean eigenvalue; the paper arms used it until this measurement).
+Without it each arm keeps its variant's rule. The setting is read from the ledger only once the
+study has run ``grit_paper``'s finalists at that run length; before that pass ``--setting``.
 
 It times nothing, so it may run beside other work.
 """

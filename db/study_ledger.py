@@ -13,7 +13,11 @@ ledger carries one study from store to store.
 The key names the study's Optuna tunings. It is the hash of the params the study stage declares
 (``dvc.yaml``) when the ledger began, and it holds while those params keep their values: a field
 added later (at its default) does not end a study, a changed value does, and the ledger then
-begins again (git keeps the old one).
+begins again (git keeps the old one). A variant's overrides count as one value (an override added
+changes what the variant trains). When every changed value belongs to one method's variant
+(``variants.<method>``), only that method begins again: its trials and tunings leave the ledger,
+and its tunings get a new name (the method's revision), so that no store's journal of the old
+variant is ever resumed; every other method keeps what it did.
 """
 
 from __future__ import annotations
@@ -43,14 +47,25 @@ def data_fingerprint(files: dict[str, str]) -> str:
 def changed_values(old: Any, new: Any, path: str = "") -> list[str]:
     """The dotted names whose values differ between two params trees; a name present on one side
     only (a field added or retired since) is not a change."""
-    if isinstance(old, dict) and isinstance(new, dict):
+    # An override mapping is one value: a key added to it changes what the variant trains.
+    if isinstance(old, dict) and isinstance(new, dict) and not path.endswith("_overrides"):
         return [name for k in sorted(old.keys() & new.keys())
                 for name in changed_values(old[k], new[k], f"{path}.{k}" if path else str(k))]
     return [] if old == new else [path or "(all)"]
 
 
+def method_of(name: str) -> str | None:
+    """The method a changed param belongs to alone (``variants.<method>...``), else None."""
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "variants" else None
+
+
 def _jsonl(lines: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+
+
+def _journal_lines(journals: dict[str, list[dict[str, Any]]]) -> str:
+    return _jsonl([{"tuning": name, "log": log} for name in sorted(journals) for log in journals[name]])
 
 
 def jsonl_records(text: str | None) -> list[dict[str, Any]]:
@@ -73,41 +88,84 @@ class Ledger:
     journals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     note: str = ""
     data: str | None = None          # the fingerprint of the data the study began on
+    revisions: dict[str, str] = field(default_factory=dict)   # method -> its variant's hash, once revised
+
+    def tuning(self, method: str) -> str:
+        """The prefix of ``method``'s tuning names: the study's key, and the method's revision
+        when its variant changed after the study began."""
+        revision = self.revisions.get(method)
+        return f"{self.key}/{method}" + (f"~{revision}" if revision else "")
+
+    def is_current(self, tuning: str) -> bool:
+        """Whether the tuning named ``tuning`` is one of this study's as its methods now stand."""
+        key, _, rest = tuning.partition("/")
+        method = rest.split("/")[0].split("~")[0]
+        return key == self.key and tuning.startswith(self.tuning(method) + "/")
 
     def add_trial(self, record: dict[str, Any]) -> None:
         self.trials.append(record)
         atomic_write_text(self.folder / TRIALS_FILE, _jsonl(self.trials))
 
     def set_journals(self, journals: dict[str, list[dict[str, Any]]]) -> None:
+        journals = {name: logs for name, logs in journals.items() if self.is_current(name)}
         if journals == self.journals:
             return
-        self.journals = dict(journals)
-        atomic_write_text(self.folder / JOURNAL_FILE, _jsonl(
-            [{"tuning": name, "log": log} for name in sorted(journals) for log in journals[name]]))
+        self.journals = journals
+        atomic_write_text(self.folder / JOURNAL_FILE, _journal_lines(journals))
 
 
 def open_ledger(folder: Path, declared: dict[str, Any], data: str | None = None) -> Ledger:
-    """The ledger in ``folder`` when it belongs to a study with these ``declared`` params, else a
-    new, empty one (written at once, so the folder always names the study it holds) that records
-    ``data``, the fingerprint of the data it begins on."""
+    """The ledger in ``folder`` when it belongs to a study with these ``declared`` params (or with
+    other values for some methods' variants only: those methods begin again), else a new, empty
+    one (written at once, so the folder always names the study it holds) that records ``data``,
+    the fingerprint of the data it begins on."""
     header = folder / STUDY_FILE
     if header.is_file():
         old = json.loads(header.read_text())
+        journals: dict[str, list[dict[str, Any]]] = {}
+        for entry in jsonl_records(_text(folder / JOURNAL_FILE)):
+            journals.setdefault(entry["tuning"], []).append(entry["log"])
+        ledger = Ledger(folder, old["key"], old["declared"], jsonl_records(_text(folder / TRIALS_FILE)), journals,
+                        data=old.get("data"), revisions=old.get("revisions", {}))
         changed = changed_values(old["declared"], declared)
         if not changed:
-            trials = jsonl_records(_text(folder / TRIALS_FILE))
-            journals: dict[str, list[dict[str, Any]]] = {}
-            for entry in jsonl_records(_text(folder / JOURNAL_FILE)):
-                journals.setdefault(entry["tuning"], []).append(entry["log"])
-            return Ledger(folder, old["key"], old["declared"], trials, journals,
-                          note=f"the ledger holds {len(trials)} trials of study {old['key']}", data=old.get("data"))
+            ledger.note = f"the ledger holds {len(ledger.trials)} trials of study {ledger.key}"
+            return ledger
+        methods = {method_of(name) for name in changed}
+        if None not in methods:
+            return revise(ledger, sorted(methods), declared, changed)
         note = (f"the ledger's study {old['key']} had other values of {', '.join(changed[:5])}"
                 f"{' ...' if len(changed) > 5 else ''}: a new study begins (git keeps the old ledger)")
     else:
         note = "no ledger yet: a new study begins"
     ledger = Ledger(folder, key_of(declared), declared, note=note, data=data)
-    atomic_write_text(header, json.dumps({"key": ledger.key, "declared": declared, "data": data}, indent=1,
-                                         sort_keys=True) + "\n")
-    for name in (TRIALS_FILE, JOURNAL_FILE):
-        atomic_write_text(folder / name, "")
+    _write(ledger)
     return ledger
+
+
+def revise(ledger: Ledger, methods: list[str], declared: dict[str, Any], changed: list[str]) -> Ledger:
+    """``ledger`` with ``methods`` begun again under their variants in ``declared``: their trials
+    and tunings dropped (git keeps them), a new revision naming their tunings, every other
+    method's work kept."""
+    variants = {**ledger.declared["variants"], **{m: declared["variants"][m] for m in methods}}
+    ledger.declared = {**ledger.declared, "variants": variants}
+    ledger.revisions = {**ledger.revisions, **{m: key_of(variants[m])[:8] for m in methods}}
+    dropped = [t for t in ledger.trials if t["method"] in methods]
+    ledger.trials = [t for t in ledger.trials if t["method"] not in methods]
+    ledger.journals = {name: logs for name, logs in ledger.journals.items() if ledger.is_current(name)}
+    ledger.note = (f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed since study {ledger.key} "
+                   f"began: {', '.join(methods)} begin again ({len(dropped)} trials dropped; git keeps them), the "
+                   f"other methods' {len(ledger.trials)} trials are kept")
+    _write(ledger)
+    return ledger
+
+
+def _write(ledger: Ledger) -> None:
+    """The whole ledger to its folder, the header last (an interrupted write is redone on the next
+    opening, which finds the old header)."""
+    atomic_write_text(ledger.folder / TRIALS_FILE, _jsonl(ledger.trials))
+    atomic_write_text(ledger.folder / JOURNAL_FILE, _journal_lines(ledger.journals))
+    header = {"key": ledger.key, "declared": ledger.declared, "data": ledger.data}
+    if ledger.revisions:
+        header["revisions"] = ledger.revisions
+    atomic_write_text(ledger.folder / STUDY_FILE, json.dumps(header, indent=1, sort_keys=True) + "\n")

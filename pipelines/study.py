@@ -134,10 +134,11 @@ def method_space(params: Params, method: str) -> list[Dimension]:
                         study.reprojection_warmup_range, study.energy_range)
 
 
-def tuning_name(key: str, method: str, steps: int, extension: int) -> str:
-    """The Optuna study of one method's tuning at one run length (and range extension); ``key``
-    is the study's (its ledger's), which outlives a run id across sittings."""
-    return f"{key}/{method}/{steps}" + (f"/extended-{extension}" if extension else "")
+def tuning_name(prefix: str, steps: int, extension: int) -> str:
+    """The Optuna study of one method's tuning at one run length (and range extension); ``prefix``
+    is the method's in the study's ledger (``Ledger.tuning``), which outlives a run id across
+    sittings."""
+    return f"{prefix}/{steps}" + (f"/extended-{extension}" if extension else "")
 
 
 def as_trial(row: StudyTrial) -> Trial:
@@ -295,7 +296,7 @@ def tune_method(sitting: Sitting, method: str, steps: int) -> list[str]:
     params, study = ctx.params, ctx.params.study
     space, notes = method_space(params, method), []
     for extension in range(study.edge_extensions + 1):
-        name = tuning_name(sitting.ledger.key, method, steps, extension)
+        name = tuning_name(sitting.ledger.tuning(method), steps, extension)
         run_job(sitting, {"kind": "tune", "method": method, "steps": steps, "seed": params.train.seed,
                       "tuning": name, "configurations": study.configurations,
                       "space": [asdict(d) for d in space]})

@@ -42,6 +42,48 @@ def test_the_ledger_resumes_while_the_declared_params_hold_and_begins_again_when
     assert json.loads((folder / "study.json").read_text())["key"] == other.key
 
 
+VARIANTS = {"peft_lora": {"engine": "peft", "grit_overrides": {}},
+            "grit_paper": {"engine": "peft", "grit_overrides": {"graft_norm": False}}}
+
+
+def test_an_override_added_to_a_variant_is_a_change():
+    old = {"variants": VARIANTS}
+    new = {"variants": {**VARIANTS, "grit_paper": {"engine": "peft", "grit_overrides": {
+        "graft_norm": False, "damping_mode": "absolute"}}}}
+    assert changed_values(old, new) == ["variants.grit_paper.grit_overrides"]
+
+
+def test_a_changed_variant_begins_that_method_again_and_keeps_the_others(tmp_path: Path):
+    folder, declared = tmp_path / "ledger", {**DECLARED, "variants": VARIANTS}
+    first = open_ledger(folder, declared, data="d1")
+    for method in ("peft_lora", "grit_paper"):
+        first.add_trial({"phase": "tune", "method": method, "steps": 32, "seed": 42,
+                         "setting": {"learning_rate": 1e-3}})
+    old_names = {m: f"{first.tuning(m)}/32" for m in ("peft_lora", "grit_paper")}
+    first.set_journals({name: [{"op_code": 0}] for name in old_names.values()})
+
+    absolute = {"engine": "peft", "grit_overrides": {"graft_norm": False, "damping_mode": "absolute"}}
+    revised = open_ledger(folder, {**declared, "variants": {**VARIANTS, "grit_paper": absolute}})
+    assert revised.key == first.key and revised.data == "d1"
+    assert [t["method"] for t in revised.trials] == ["peft_lora"]
+    assert set(revised.journals) == {old_names["peft_lora"]}
+    assert revised.tuning("peft_lora") == first.tuning("peft_lora")
+    assert revised.tuning("grit_paper") != first.tuning("grit_paper")     # no store resumes the old tuning
+    assert "grit_paper begin again (1 trials dropped" in revised.note
+    # a store that still holds the old variant's tuning does not bring it back into the ledger
+    revised.set_journals({**revised.journals, old_names["grit_paper"]: [{"op_code": 0}],
+                          f"{revised.tuning('grit_paper')}/32": [{"op_code": 1}]})
+    assert set(revised.journals) == {old_names["peft_lora"], f"{revised.tuning('grit_paper')}/32"}
+
+    later = open_ledger(folder, {**declared, "variants": {**VARIANTS, "grit_paper": absolute}})   # the next sitting
+    assert later.note.startswith("the ledger holds 1 trials") and later.revisions == revised.revisions
+    assert later.journals == revised.journals
+
+    study_wide = {**declared, "variants": {**VARIANTS, "grit_paper": absolute}, "grit": {"damping": 0.1}}
+    other = open_ledger(folder, study_wide)
+    assert other.key != first.key and other.trials == [] and other.revisions == {}
+
+
 def test_a_tuning_carried_by_the_ledger_resumes_in_an_empty_store(tmp_path: Path):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     ledger = open_ledger(tmp_path / "ledger", DECLARED)
