@@ -321,7 +321,19 @@ def ledger_progress(header: dict | None, records: Sequence[dict], parts_link: st
         then = "the headline above stays the earlier study's until every part is done and the report is written."
     return (f"**Study `{header['key']}` of the current design** (profile `study`), produced over sittings: "
             f"{trials} in its ledger, {sum(p.hours for p in parts):.1f} h of compute, "
-            f"[{finished} of {len(parts)} parts done]({parts_link}); {then}{_data_note(records)}")
+            f"[{finished} of {len(parts)} parts done]({parts_link}); {then}{_revised_note(header)}"
+            f"{_data_note(records)}")
+
+
+def _revised_note(header: dict) -> str:
+    """Which methods began again when their variant changed after the study began (the ledger
+    dropped their earlier trials; ``db.study_ledger``)."""
+    methods = sorted(header.get("revisions", {}))
+    if not methods:
+        return ""
+    names = ", ".join(f"`{m}`" for m in methods)
+    return (f" {names} began again under a changed variant (docs/study.md says why); the ledger keeps only "
+            f"{'its' if len(methods) == 1 else 'their'} trials since.")
 
 
 def _data_note(records: Sequence[dict]) -> str:

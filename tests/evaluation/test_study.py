@@ -128,6 +128,9 @@ def test_the_pages_say_how_far_the_ledgers_study_is():
     assert "Every trial trained on data `d1`" in ledger_progress(header, [r | {"data": "d1"} for r in half])
     mixed = ledger_progress(header, [half[0] | {"data": "d1"}, half[1] | {"data": "d2"}])
     assert "Trials per prepared data: `d1` 1, `d2` 1." in mixed
+    assert "began again" not in line
+    revised = ledger_progress(header | {"revisions": {"b": "abcd1234"}}, half)
+    assert "`b` began again under a changed variant" in revised and "its trials since" in revised
 
 
 @pytest.mark.parametrize("chosen", [
