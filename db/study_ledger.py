@@ -102,12 +102,16 @@ class Ledger:
         method = rest.split("/")[0].split("~")[0]
         return key == self.key and tuning.startswith(self.tuning(method) + "/")
 
+    def current(self, journals: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        """The journals of ``journals`` that are this study's as its methods now stand."""
+        return {name: logs for name, logs in journals.items() if self.is_current(name)}
+
     def add_trial(self, record: dict[str, Any]) -> None:
         self.trials.append(record)
         atomic_write_text(self.folder / TRIALS_FILE, _jsonl(self.trials))
 
     def set_journals(self, journals: dict[str, list[dict[str, Any]]]) -> None:
-        journals = {name: logs for name, logs in journals.items() if self.is_current(name)}
+        journals = self.current(journals)
         if journals == self.journals:
             return
         self.journals = journals
@@ -152,7 +156,7 @@ def revise(ledger: Ledger, methods: list[str], declared: dict[str, Any], changed
     ledger.revisions = {**ledger.revisions, **{m: key_of(variants[m])[:8] for m in methods}}
     dropped = [t for t in ledger.trials if t["method"] in methods]
     ledger.trials = [t for t in ledger.trials if t["method"] not in methods]
-    ledger.journals = {name: logs for name, logs in ledger.journals.items() if ledger.is_current(name)}
+    ledger.journals = ledger.current(ledger.journals)
     ledger.note = (f"{', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''} changed since study {ledger.key} "
                    f"began: {', '.join(methods)} begin again ({len(dropped)} trials dropped; git keeps them), the "
                    f"other methods' {len(ledger.trials)} trials are kept")

@@ -55,15 +55,8 @@ class FactorStats:
         self.pending_count += rows
 
     def place(self, device: torch.device) -> None:
-        """Statistics live on the layer's device: no host sync per layer on a GPU. Empty ones
-        are made there: copying them from host memory waits for the device (on SmolLM2's 210
-        modules, 840 synchronisations in the first GRIT step, seen on an H100)."""
-        if self.pending.device == device:
-            return
-        if self.count == 0 and self.pending_count == 0 and self.ema is None:
-            self.total = torch.zeros(self.rank, self.rank, device=device)
-            self.pending = torch.zeros(self.rank, self.rank, device=device)
-        else:
+        """Statistics live on the layer's device: no host sync per layer on a GPU."""
+        if self.pending.device != device:
             self.to(device)
 
     def fold(self, statistics: str, decay: float) -> None:
@@ -78,6 +71,13 @@ class FactorStats:
         self.pending_count = 0
 
     def to(self, device: torch.device) -> None:
+        """Move the statistics to ``device``. Empty ones are made there: copying them from host
+        memory waits for the device (on SmolLM2's 210 modules, 840 synchronisations in the first
+        GRIT step, seen on an H100)."""
+        if self.count == 0 and self.pending_count == 0 and self.ema is None:
+            self.total = torch.zeros(self.rank, self.rank, device=device)
+            self.pending = torch.zeros(self.rank, self.rank, device=device)
+            return
         self.total, self.pending = self.total.to(device), self.pending.to(device)
         if self.ema is not None:
             self.ema = self.ema.to(device)
