@@ -70,6 +70,15 @@ class PairedTest:
         return get(self.metric).better(self.delta.value)
 
 
+def trial_from_record(record: dict) -> Trial:
+    """A trial as the study ledger (``reports/study/ledger/trials.jsonl``) records it."""
+    return Trial(record["phase"], record["method"], record["steps"], record["seed"], record["setting"],
+                 record.get("val_loss"), [tuple(p) for p in record.get("curve", [])], record.get("metrics", {}),
+                 record.get("train_seconds", 0.0), record.get("tokens_per_second"),
+                 record.get("trainable_parameters"), per_prompt=record.get("per_prompt", {}),
+                 stopped_at=record.get("stopped_at"))
+
+
 def by_seed(trials: Iterable[Trial], method: str, steps: int) -> dict[int, Trial]:
     return {t.seed: t for t in trials if t.phase == "test" and t.method == method and t.steps == steps}
 

@@ -29,6 +29,7 @@ from evaluation.study import (
     planned_runs,
     study_progress,
     summary,
+    trial_from_record,
     verdict,
 )
 from evaluation.tuning import setting_key
@@ -322,7 +323,16 @@ def ledger_progress(header: dict | None, records: Sequence[dict], parts_link: st
     return (f"**Study `{header['key']}` of the current design** (profile `study`), produced over sittings: "
             f"{trials} in its ledger, {sum(p.hours for p in parts):.1f} h of compute, "
             f"[{finished} of {len(parts)} parts done]({parts_link}); {then}{_revised_note(header)}"
-            f"{_data_note(records)}")
+            f"{_finished_note(finished, len(parts), parts_link)}{_data_note(records)}")
+
+
+def _finished_note(finished: int, parts: int, parts_link: str) -> str:
+    """Where the finished parts' figures are while the study goes on (not the headline: no
+    paired test has been run on them)."""
+    if not finished or finished == parts:
+        return ""
+    return (f" The finished parts' test figures so far are in [docs/study.md]({parts_link}): descriptive, "
+            "with no paired test until the report.")
 
 
 def _revised_note(header: dict) -> str:
@@ -360,6 +370,29 @@ def ledger_parts_table(header: dict | None, records: Sequence[dict]) -> str:
                    "hours (trials' wall time)"],
                   [[f"{p.method}, {p.steps} steps", p.state, p.done["tune"], p.done["finalist"], p.done["test"],
                     f"{p.hours:.2f}"] for p in parts])
+
+
+def ledger_finished_parts(header: dict | None, records: Sequence[dict]) -> str:
+    """docs/study.md's figures of the parts whose test runs are all done, each at its chosen
+    setting: mean [95% interval] over its test seeds (and prompts, for a per-prompt endpoint), as
+    the report will give them. Descriptive: the paired tests come with the report, over the whole
+    family at once."""
+    if header is None:
+        return "No study has begun: the ledger is empty."
+    finished = [p for p in _ledger_parts(header, records)[1] if p.state == "done"]
+    if not finished:
+        return "No part has finished its test runs yet."
+    tests = [trial_from_record(r) for r in records if r["phase"] == "test"]
+    names = endpoints()
+    rows = []
+    for part in finished:
+        mine = [t for t in tests if t.method == part.method and t.steps == part.steps]
+        # A part's test runs all use its chosen setting; a record at another setting (a part
+        # chosen again after more tuning) is not one of them.
+        runs = [t for t in mine if t.setting == mine[-1].setting]
+        rows.append([f"{part.method}, {part.steps} steps", len(runs)]
+                    + [_interval(summary(runs, part.method, part.steps, name)) for name in names])
+    return _table(["part", "test seeds"] + [get(name).label for name in names], rows)
 
 
 def readme_block(study: dict) -> str:
@@ -414,4 +447,5 @@ def _ledger(sources: Sources) -> tuple[dict | None, list[dict]]:
 PROGRESS_BLOCKS = (
     DocBlock("study_progress", "README.md", lambda s: ledger_progress(*_ledger(s))),
     DocBlock("study_parts", "docs/study.md", lambda s: ledger_parts_table(*_ledger(s))),
+    DocBlock("study_finished", "docs/study.md", lambda s: ledger_finished_parts(*_ledger(s))),
 )

@@ -157,6 +157,31 @@ def test_the_readme_headline_leads_with_the_verdict_and_keeps_the_declared_metho
     assert "has not been completed" in readme_block({"status": "not run"})
 
 
+
+def test_the_finished_parts_figures_are_shown_at_their_chosen_setting_within_each_metrics_range():
+    from evaluation.study_report import ledger_finished_parts, ledger_progress
+
+    header = {"key": "k1", "declared": {"study": {"configurations": 1, "finalists": 1, "finalist_seeds": 1,
+                                                  "seeds": 2, "methods": ["a", "b"], "steps": [8]}}}
+
+    def test_run(method: str, seed: int, lr: float, loss: float, refusal: float) -> dict:
+        return {"phase": "test", "method": method, "steps": 8, "seed": seed, "setting": {"learning_rate": lr},
+                "train_seconds": 1.0, "metrics": {"test_loss": loss, "sampled_refusal_rate": refusal}}
+
+    # a: a stale test run at an earlier setting, then its two test seeds at the chosen one; b: one of two
+    records = [test_run("a", 0, 0.5, 9.0, 0.0), test_run("a", 0, 0.1, 1.0, 0.9), test_run("a", 1, 0.1, 3.0, 1.0),
+               test_run("b", 0, 0.2, 2.0, 0.5)]
+    table = ledger_finished_parts(header, records)
+    # mean 2 with a t interval over 2 seeds of +-12.71, whose low end a loss cannot reach; the
+    # refusal rate's interval stops at 1
+    assert "| a, 8 steps | 2 | 2 [0, 14.71] |" in table and "| 0.95 [0.3147, 1] |" in table
+    assert "b, 8 steps" not in table                     # (the stale run's loss 9 would make a's mean 4.333)
+    assert "has finished" in ledger_finished_parts(header, records[3:])
+    assert "has begun" in ledger_finished_parts(None, [])
+    assert "finished parts' test figures" in ledger_progress(header, records)
+    assert "finished parts' test figures" not in ledger_progress(header, records[3:])
+    assert "finished parts' test figures" not in ledger_progress(header, records + [test_run("b", 1, 0.2, 2.0, 0.5)])
+
 def test_a_recorded_trial_is_recognised_as_its_planned_spec_so_a_resumed_study_skips_it():
     from pipelines.study import identity
 
