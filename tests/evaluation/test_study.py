@@ -157,7 +157,6 @@ def test_the_readme_headline_leads_with_the_verdict_and_keeps_the_declared_metho
     assert "has not been completed" in readme_block({"status": "not run"})
 
 
-
 def test_the_finished_parts_figures_are_shown_at_their_chosen_setting_within_each_metrics_range():
     from evaluation.study_report import ledger_finished_parts, ledger_progress
 
@@ -181,6 +180,7 @@ def test_the_finished_parts_figures_are_shown_at_their_chosen_setting_within_eac
     assert "finished parts' test figures" in ledger_progress(header, records)
     assert "finished parts' test figures" not in ledger_progress(header, records[3:])
     assert "finished parts' test figures" not in ledger_progress(header, records + [test_run("b", 1, 0.2, 2.0, 0.5)])
+
 
 def test_a_recorded_trial_is_recognised_as_its_planned_spec_so_a_resumed_study_skips_it():
     from pipelines.study import identity
