@@ -47,10 +47,18 @@ class Trial:
     # per-prompt values of the per-prompt endpoints (sampled refusal rates, retention), test trials
     per_prompt: dict[str, list[float]] = field(default_factory=dict)
     stopped_at: int | None = None        # a tuning trial the pruner stopped at this step
+    # the trial's wall time in its worker (training, evaluation, loading); compute is counted by it
+    trial_seconds: float | None = None
 
     @property
     def pruned(self) -> bool:
         return self.stopped_at is not None
+
+    @property
+    def compute_seconds(self) -> float:
+        """What the trial cost its worker: its wall time, or its training time where a trial
+        recorded before wall times were kept has none."""
+        return self.trial_seconds or self.train_seconds
 
 
 @dataclass(frozen=True)
@@ -71,12 +79,13 @@ class PairedTest:
 
 
 def trial_from_record(record: dict) -> Trial:
-    """A trial as the study ledger (``reports/study/ledger/trials.jsonl``) records it."""
+    """A trial as the study ledger (``reports/study/ledger/trials.jsonl``) records it, and as the
+    store holds it once read back (``pipelines.study_worker.stored_result``): one reading of both."""
     return Trial(record["phase"], record["method"], record["steps"], record["seed"], record["setting"],
                  record.get("val_loss"), [tuple(p) for p in record.get("curve", [])], record.get("metrics", {}),
                  record.get("train_seconds", 0.0), record.get("tokens_per_second"),
                  record.get("trainable_parameters"), per_prompt=record.get("per_prompt", {}),
-                 stopped_at=record.get("stopped_at"))
+                 stopped_at=record.get("stopped_at"), trial_seconds=record.get("trial_seconds"))
 
 
 def by_seed(trials: Iterable[Trial], method: str, steps: int) -> dict[int, Trial]:

@@ -51,7 +51,7 @@ from db.study_claims import (
 from db.study_ledger import LEDGER_DIR, Ledger, data_fingerprint, open_ledger
 from db.tuning_journal import append_journal, journal_logs, journals_under
 from evaluation.config import seeds_for_testing, tuning_seeds
-from evaluation.study import PHASES, Trial, planned_runs, study_progress
+from evaluation.study import PHASES, Trial, planned_runs, study_progress, trial_from_record
 from evaluation.tuning import (
     Dimension,
     Scored,
@@ -142,11 +142,7 @@ def tuning_name(prefix: str, steps: int, extension: int) -> str:
 
 
 def as_trial(row: StudyTrial) -> Trial:
-    metrics = json.loads(row.metrics_json)
-    return Trial(row.phase, row.method, row.steps, row.seed, json.loads(row.setting), row.val_loss,
-                 [tuple(p) for p in json.loads(row.curve_json)], metrics.pop("figures", metrics),
-                 row.train_seconds, row.tokens_per_second, row.trainable_parameters,
-                 per_prompt=metrics.get("per_prompt", {}), stopped_at=metrics.get("stopped_at"))
+    return trial_from_record(stored_result(row))
 
 
 def recorded_trials(ctx: StageContext) -> list[Trial]:
@@ -223,7 +219,7 @@ def progress(sitting: Sitting) -> str:
     study = sitting.ctx.params.study
     planned = planned_runs(study.configurations, study.finalists, study.finalist_seeds, study.seeds)
     parts = study_progress(study.methods, study.steps, planned,
-                           [(t.method, t.steps, t.phase, t.metrics.get("trial_seconds") or t.train_seconds)
+                           [(t.method, t.steps, t.phase, t.compute_seconds)
                             for t in recorded_trials(sitting.ctx)])
     done = {phase: sum(p.done[phase] for p in parts) for phase in PHASES}
     return (f"{sum(p.state == 'done' for p in parts)} of {len(parts)} parts done; {done['tune']} tuning "

@@ -113,7 +113,7 @@ def test_the_pages_say_how_far_the_ledgers_study_is():
 
     header = {"key": "k1", "declared": {"study": {"configurations": 2, "finalists": 1, "finalist_seeds": 1,
                                                   "seeds": 1, "methods": ["a", "b"], "steps": [8]}}}
-    record = {"method": "a", "steps": 8, "train_seconds": 1.0, "trial_seconds": 1800.0}
+    record = {"method": "a", "steps": 8, "seed": 0, "setting": {}, "train_seconds": 1.0, "trial_seconds": 1800.0}
     half = [record | {"phase": "tune"}, record | {"phase": "test"}]
     line = ledger_progress(header, half)
     assert "Study `k1`" in line and "2 trials in its ledger, 1.0 h of compute, [1 of 2 parts done]" in line
@@ -191,3 +191,33 @@ def test_a_recorded_trial_is_recognised_as_its_planned_spec_so_a_resumed_study_s
     assert identity(recorded) == identity(spec)
     assert identity(recorded) != identity({**spec, "seed": 1004})
     assert identity(recorded) != identity({**spec, "setting": {"learning_rate": 0.00178, "damping": 0.001}})
+
+
+def test_a_trial_reads_the_same_from_the_store_as_from_the_ledger_and_costs_its_wall_time(tmp_path):
+    """The study's progress counts trials read from the store, the pages count the ledger's: one
+    reading of a trial, so the two cannot disagree on what a trial cost."""
+    from sqlalchemy import select
+
+    from db.models import Run, StudyTrial
+    from db.store import open_store, utcnow
+    from evaluation.study import trial_from_record
+    from pipelines.study import as_trial
+    from pipelines.study_worker import store_trial
+
+    result = {"phase": "test", "method": "pure_grit", "steps": 32, "seed": 1003, "tuning": "s/pure_grit/32",
+              "setting": {"damping": 0.01398, "learning_rate": 0.001252}, "val_loss": 0.62,
+              "curve": [[8, 1.17], [32, 0.62]], "stopped_at": None,
+              "metrics": {"test_loss": 0.56, "sampled_refusal_rate": 0.9},
+              "per_prompt": {"sampled_refusal_rate": [1.0, 0.8]}, "train_seconds": 170.0,
+              "tokens_per_second": 121.0, "trainable_parameters": 4884480, "trial_seconds": 420.0,
+              "revision": "abc", "host": "vm", "data": "1f64fdc62acf"}
+    store = open_store("sqlite:///outputs/centralized.db", tmp_path)
+    store.start_run(Run(id="r1", git_revision=None, params_hash="h", params_json="{}", profile="study", host="h",
+                        device="cpu", started_at=utcnow()))
+    store_trial(store, "r1", result)
+    with store.reader() as session:
+        from_store = as_trial(session.scalars(select(StudyTrial)).one())
+    assert from_store == trial_from_record(result)
+    assert from_store.metrics == result["metrics"]               # the wall time is not a figure
+    assert from_store.compute_seconds == 420.0                   # training, evaluation and loading
+    assert trial_from_record({**result, "trial_seconds": None}).compute_seconds == 170.0
