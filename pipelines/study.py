@@ -67,7 +67,7 @@ from pipelines import study_worker
 from pipelines.params import Params, require_text_model
 from pipelines.paths import DATA_DIR
 from pipelines.stage import EXIT_STOPPED_EARLY, StageContext, git_revision, run_stage, stage_params
-from pipelines.study_worker import store_trial, stored_result
+from pipelines.study_worker import configurations_finished, store_trial, stored_result
 from trainers.base_model import check_optimizer_runtime
 from trainers.config import variant_grit
 
@@ -293,9 +293,13 @@ def tune_method(sitting: Sitting, method: str, steps: int) -> list[str]:
     space, notes = method_space(params, method), []
     for extension in range(study.edge_extensions + 1):
         name = tuning_name(sitting.ledger.tuning(method), steps, extension)
-        run_job(sitting, {"kind": "tune", "method": method, "steps": steps, "seed": params.train.seed,
-                      "tuning": name, "configurations": study.configurations,
-                      "space": [asdict(d) for d in space]})
+        finished = configurations_finished(ctx.store, name)
+        if finished >= study.configurations:         # a later sitting or the report step: no worker to start
+            print(f"[study] {method} at {steps} steps: tuning {name} holds its {finished} configurations")
+        else:
+            run_job(sitting, {"kind": "tune", "method": method, "steps": steps, "seed": params.train.seed,
+                              "tuning": name, "configurations": study.configurations,
+                              "space": [asdict(d) for d in space]})
         best = finalists([scored(t) for t in tuned(ctx, method, steps)], 1)[0]
         rate = next(d for d in space if d.name == "learning_rate")
         side = at_edge(rate, best["learning_rate"], study.edge_margin)

@@ -242,6 +242,20 @@ def finished_configurations(tuned) -> int:
     return sum(not t.user_attrs.get("interrupted") for t in tuned.get_trials(deepcopy=False, states=states))
 
 
+def configurations_finished(store, tuning: str) -> int:
+    """How many configurations the Optuna study ``tuning`` in ``store`` has tried to a verdict
+    (0 before it begins); it only reads, so the study process can skip a finished tuning without
+    starting a worker for it."""
+    import optuna
+
+    from db.tuning_journal import StoreJournal, journal_logs
+
+    if not journal_logs(store, tuning):
+        return 0
+    storage = optuna.storages.JournalStorage(StoreJournal(store, tuning))
+    return finished_configurations(optuna.load_study(study_name=tuning, storage=storage))
+
+
 def sitting_over(job: dict[str, Any], trained: int) -> bool:
     """Past the sitting's deadline, start no new trial (the study process then stops the sitting);
     a job trains at least one, so every sitting moves the study on, however short."""

@@ -74,3 +74,24 @@ def test_a_tuning_killed_mid_trial_goes_on_as_if_it_had_not_been(tmp_path: Path)
     for kill_at in range(12):
         killed = _tune(at(f"sqlite:///{tmp_path}/killed-{kill_at}.db"), tmp_path, {"tuning": "k/m/4"}, 12, kill_at)
         assert killed == whole, f"killed after configuration {kill_at}"
+
+
+def test_a_finished_tuning_is_read_as_finished_without_a_worker(tmp_path: Path):
+    """The study process reads how far a tuning is (and starts no worker for a finished one); a
+    trial a killed worker left running is not a finished configuration."""
+    from db.store import open_store
+    from db.tuning_journal import journal_logs
+    from pipelines.study_worker import configurations_finished
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params = Params()
+    url = f"sqlite:///{tmp_path}/s.db"
+    params = params.model_copy(update={"store": params.store.model_copy(update={"url": url})})
+    store = open_store(url, tmp_path)
+    assert configurations_finished(store, "k/m/4") == 0
+    assert journal_logs(store, "k/m/4") == []                                  # reading created nothing
+    _tune(params, tmp_path, {"tuning": "k/m/4"}, 3)
+    assert configurations_finished(store, "k/m/4") == 3
+    optuna_study(params, tmp_path, {"tuning": "k/m/4"}).ask()                 # left running, as by a kill
+    assert configurations_finished(store, "k/m/4") == 3
+    assert configurations_finished(store, "k/other/4") == 0
