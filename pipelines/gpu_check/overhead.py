@@ -140,6 +140,10 @@ def peak_memory(step: Step, batches: Iterable[Any], device: str = "cpu") -> Peak
 
 # What reads a tensor on the host: each of these waits for the device (a host synchronisation).
 HOST_READS = frozenset({"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal"})
+# Linear-algebra kernels that read their LAPACK / cuSOLVER status on the host after the call (a
+# wait on a GPU) inside the kernel, where a dispatch mode sees only the operation itself; the
+# check's own operation is counted where a composite dispatches it (torch.linalg.cholesky, inv).
+STATUS_READS = frozenset({"_linalg_check_errors", "cholesky_inverse", "cholesky_solve", "_linalg_eigh"})
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,7 @@ def counting_operations():
             name = func.overloadpacket.__name__
             # a read of a host copy made without waiting (trainers/grit/host.py) is no sync on a GPU
             counted.host_reads += name in HOST_READS and not is_host_copy(args[0] if args else None)
+            counted.host_reads += name in STATUS_READS
             counted.host_copies += from_host(name, args, kwargs or {})
             return func(*args, **(kwargs or {}))
 

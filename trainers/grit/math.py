@@ -49,6 +49,18 @@ def effective_damping(sigma: torch.Tensor, damping: float, mode: str) -> torch.T
     return damping * torch.diagonal(sigma, dim1=-2, dim2=-1).sum(-1) / sigma.shape[-1]
 
 
+def inverse_from_cholesky(chol: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^-1 = L^-T L^-1`` from lower factors ``chol`` [..., r, r], by a triangular solve.
+    ``torch.cholesky_inverse`` computes the same but then reads LAPACK's status on the host, which
+    on a GPU waits for the device: it was the last host synchronisation of a GRIT step on an H100
+    (one per inversion). A triangular solve has no status to read."""
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
+    # row-major first: the solve returns column-major factors, whose product takes another kernel
+    # batched than alone (one matrix's inverse would depend on its batch by a rounding)
+    inverse_factor = torch.linalg.solve_triangular(chol, eye, upper=False).contiguous()
+    return inverse_factor.mT @ inverse_factor
+
+
 def damped_inverse(
     sigma: torch.Tensor, damping: float, escalation: list[float],
 ) -> tuple[torch.Tensor, float] | None:
@@ -62,7 +74,7 @@ def damped_inverse(
     for scale in escalation:
         chol, info = torch.linalg.cholesky_ex(sigma + damping * scale * eye)
         if int(info) == 0:
-            return torch.cholesky_inverse(chol), damping * scale
+            return inverse_from_cholesky(chol), damping * scale
     return None
 
 
@@ -87,7 +99,7 @@ def damped_inverse_batched(
     # a matrix that never factorised inverts I instead (its result is discarded): the batched
     # inverse must not meet a singular factor
     chosen = torch.where(solved[:, None, None], chol[first, matrices], eye)
-    inverses = torch.where(solved[:, None, None], torch.cholesky_inverse(chosen), 0.0).contiguous()
+    inverses = torch.where(solved[:, None, None], inverse_from_cholesky(chosen), 0.0).contiguous()
     used = torch.where(solved, levels[first, matrices], 0.0)
     return inverses, used
 
