@@ -254,7 +254,8 @@ def run_job(sitting: Sitting, job: dict) -> None:
         params_file.write_text(yaml.safe_dump(ctx.params.model_dump(mode="json"), sort_keys=False))
         job_file.write_text(json.dumps(job))
         worker = subprocess.Popen([sys.executable, "-m", study_worker.__name__, "--params", str(params_file),
-                                   "--job", str(job_file), "--results", str(results_file)], cwd=ctx.root)
+                                   "--job", str(job_file), "--results", str(results_file)], cwd=ctx.root,
+                                  env={**os.environ, study_worker.STUDY_PARENT: str(os.getpid())})
         seen = 0
         while True:
             finished = worker.poll() is not None

@@ -334,13 +334,19 @@ def append(results: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+# the environment variable by which the study process gives a trial process its own pid
+STUDY_PARENT = "GRIT_STUDY_PARENT"
+
+
 def end_with_parent(every: float = 1.0) -> None:
     """End this process when the study process that reads its results ends (killed, say): an
-    orphan would go on training and telling Optuna of trials nobody records."""
+    orphan would go on training and telling Optuna of trials nobody records. The study process
+    names itself (``STUDY_PARENT``): a parent read here, after this module's imports, may already
+    be whoever adopted the orphan."""
     import os
     import threading
 
-    parent = os.getppid()
+    parent = int(os.environ.get(STUDY_PARENT, os.getppid()))
 
     def watch() -> None:
         while os.getppid() == parent:

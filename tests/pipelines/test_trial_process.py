@@ -11,9 +11,12 @@ import textwrap
 import time
 
 MIDDLE = textwrap.dedent("""
-    import subprocess, sys, time
+    import os, subprocess, sys, time
+    # as the study process starts a trial process: naming itself, so that a kill during the
+    # child's imports is seen too
     child = subprocess.Popen([sys.executable, "-c",
-        "from pipelines.study_worker import end_with_parent; import time; end_with_parent(0.1); time.sleep(120)"])
+        "from pipelines.study_worker import end_with_parent; import time; end_with_parent(0.1); time.sleep(120)"],
+        env={**os.environ, "GRIT_STUDY_PARENT": str(os.getpid())})
     print(child.pid, flush=True)
     time.sleep(120)
 """)
