@@ -182,15 +182,15 @@ class PartProgress:
 
 
 def study_progress(methods: Sequence[str], run_lengths: Sequence[int], planned: dict[str, int],
-                   trials: Iterable[tuple[str, int, str, float]]) -> list[PartProgress]:
-    """Per part, in plan order (run length, then method): runs done per phase and hours, from
-    ``trials`` given as (method, steps, phase, seconds)."""
+                   trials: Iterable[Trial]) -> list[PartProgress]:
+    """Per part, in plan order (run length, then method): runs done per phase and the hours they
+    cost (``Trial.compute_seconds``)."""
     done = {(m, s): dict.fromkeys(PHASES, 0) for s in run_lengths for m in methods}
     seconds = dict.fromkeys(done, 0.0)
-    for method, steps, phase, spent in trials:
-        if (method, steps) in done:
-            done[(method, steps)][phase] += 1
-            seconds[(method, steps)] += spent
+    for t in trials:
+        if (t.method, t.steps) in done:
+            done[(t.method, t.steps)][t.phase] += 1
+            seconds[(t.method, t.steps)] += t.compute_seconds
     return [PartProgress(m, s, done[(m, s)], dict(planned), seconds[(m, s)] / 3600) for (m, s) in done]
 
 

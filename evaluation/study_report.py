@@ -303,9 +303,7 @@ SITTINGS_DOC = "docs/study.md#sittings-one-study-over-several-machines-and-days"
 def _ledger_parts(header: dict, records: Sequence[dict]):
     plan = header["declared"]["study"]
     planned = planned_runs(plan["configurations"], plan["finalists"], plan["finalist_seeds"], plan["seeds"])
-    trials = map(trial_from_record, records)
-    return planned, study_progress(plan["methods"], plan["steps"], planned,
-                                   [(t.method, t.steps, t.phase, t.compute_seconds) for t in trials])
+    return planned, study_progress(plan["methods"], plan["steps"], planned, map(trial_from_record, records))
 
 
 def ledger_progress(header: dict | None, records: Sequence[dict], parts_link: str = SITTINGS_DOC) -> str:

@@ -218,9 +218,7 @@ def progress(sitting: Sitting) -> str:
     compute they took."""
     study = sitting.ctx.params.study
     planned = planned_runs(study.configurations, study.finalists, study.finalist_seeds, study.seeds)
-    parts = study_progress(study.methods, study.steps, planned,
-                           [(t.method, t.steps, t.phase, t.compute_seconds)
-                            for t in recorded_trials(sitting.ctx)])
+    parts = study_progress(study.methods, study.steps, planned, recorded_trials(sitting.ctx))
     done = {phase: sum(p.done[phase] for p in parts) for phase in PHASES}
     return (f"{sum(p.state == 'done' for p in parts)} of {len(parts)} parts done; {done['tune']} tuning "
             f"configurations (of at least {len(parts) * planned['tune']}), {done['finalist']} finalist runs (of at "

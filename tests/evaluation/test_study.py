@@ -101,11 +101,14 @@ def test_progress_counts_each_part_by_phase_and_says_where_it_is():
     runs = ([("a", 8, "tune", 60.0)] * 3 + [("a", 8, "finalist", 60.0)] * 3 + [("a", 8, "test", 60.0)] * 2
             + [("b", 8, "tune", 36.0), ("b", 8, "finalist", 36.0), ("a", 16, "tune", 3600.0), ("a", 16, "test", 0.0)]
             + [("gone", 8, "tune", 1.0)])                       # a method the plan no longer holds
-    parts = study_progress(["a", "b"], [8, 16], planned, runs)
+    # each costs its wall time; a trial recorded before wall times were kept costs its training time
+    trials = [Trial(phase, method, steps, 0, {}, 1.0, train_seconds=1.0, trial_seconds=spent or None)
+              for method, steps, phase, spent in runs]
+    parts = study_progress(["a", "b"], [8, 16], planned, trials)
     assert [(p.method, p.steps, p.state) for p in parts] == [
         ("a", 8, "done"), ("b", 8, "finalists"), ("a", 16, "testing"), ("b", 16, "not started")]
     assert parts[0].done == {"tune": 3, "finalist": 3, "test": 2} and parts[0].hours == pytest.approx(8 / 60)
-    assert parts[1].hours == pytest.approx(72 / 3600) and parts[2].hours == pytest.approx(1.0)
+    assert parts[1].hours == pytest.approx(72 / 3600) and parts[2].hours == pytest.approx(3601 / 3600)
 
 
 def test_the_pages_say_how_far_the_ledgers_study_is():
