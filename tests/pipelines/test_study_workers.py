@@ -5,6 +5,7 @@ one-worker run's (same chosen settings, same test figures); so does ``--workers 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,14 @@ def _trials(repo: Path) -> list[tuple]:
                 for t in session.scalars(select(StudyTrial))]
 
 
+def _prepared_copy(tmp_path_factory, prepared: Path, env: dict[str, str]) -> tuple[Path, dict[str, str]]:
+    """Another copy of a repository whose data are prepared, without preparing them again (the
+    same seed prepares byte-identical data: tests/pipelines/test_prepare_data.py)."""
+    copy = tmp_path_factory.mktemp("pipeline") / "repo"
+    shutil.copytree(prepared, copy, symlinks=True)
+    return copy, {**env, "PYTHONPATH": str(copy)}
+
+
 def _use_store(repo: Path, url: str) -> None:
     raw = yaml.safe_load((repo / "params.yaml").read_text())
     raw["store"]["url"] = url
@@ -52,14 +61,14 @@ def test_two_workers_one_killed_mid_trial_give_the_one_worker_report(tmp_path_fa
     """The two workers share a PostgreSQL store, as workers on two machines would."""
     alone, env = repo_copy(tmp_path_factory, ["smoke"])
     _sh(["dvc", "repro", "prepare_data"], alone, env)
+    (shared, shared_env), (pair, pair_env) = (_prepared_copy(tmp_path_factory, alone, env) for _ in range(2))
     one = _study(alone, env)
     out = one.communicate(timeout=1800)[0]
     assert one.returncode == 0, out[-3000:]
     expected = json.loads((alone / "metrics/study.json").read_text())
 
-    shared, env = repo_copy(tmp_path_factory, ["smoke"])
+    env = shared_env
     _use_store(shared, postgres_url)
-    _sh(["dvc", "repro", "prepare_data"], shared, env)
     doomed = _study(shared, env, "--worker", "--stale-after", "8")
     for line in doomed.stdout:                       # the first worker claims the first part ...
         if "configuration 1/" in line:
@@ -82,8 +91,7 @@ def test_two_workers_one_killed_mid_trial_give_the_one_worker_report(tmp_path_fa
 
     # The same plan through --workers 2 (two local workers started by the study itself), first in
     # a sitting that ends at once: the ledger holds what the workers did before the sitting ended.
-    pair, env = repo_copy(tmp_path_factory, ["smoke"])
-    _sh(["dvc", "repro", "prepare_data"], pair, env)
+    env = pair_env
     short = _study(pair, env, "--workers", "2", "--sitting", "0.001")
     out = short.communicate(timeout=1800)[0]
     assert short.returncode == 3 and "sitting's time is up" in out, out[-3000:]
