@@ -61,6 +61,7 @@ def test_two_workers_one_killed_mid_trial_give_the_one_worker_report(tmp_path_fa
     """The two workers share a PostgreSQL store, as workers on two machines would."""
     alone, env = repo_copy(tmp_path_factory, ["smoke"])
     _sh(["dvc", "repro", "prepare_data"], alone, env)
+    # copied now, before the one-worker study below writes its trials into this repository
     (shared, shared_env), (pair, pair_env) = (_prepared_copy(tmp_path_factory, alone, env) for _ in range(2))
     one = _study(alone, env)
     out = one.communicate(timeout=1800)[0]
