@@ -138,16 +138,20 @@ def paired_tests(trials: Sequence[Trial], pairs: Sequence[tuple[str, str]], run_
             for key, t in paired_over_seeds(deltas, level, resamples, seed).items()]
 
 
+PHASES = ("tune", "finalist", "test")
+
+
 def compute_by_method(trials: Sequence[Trial]) -> dict[str, dict[str, float]]:
-    """Training seconds spent per method and phase (tune, finalist, test), and in all."""
+    """Seconds spent per method and phase (tune, finalist, test) and in all, each trial counted
+    by what it cost its worker (``Trial.compute_seconds``, the rule of the progress table too),
+    and the part of the total that was training."""
     out: dict[str, dict[str, float]] = {}
     for t in trials:
-        spent = out.setdefault(t.method, {"tune": 0.0, "finalist": 0.0, "test": 0.0})
-        spent[t.phase] = spent.get(t.phase, 0.0) + t.train_seconds
-    return {m: {**spent, "total": sum(spent.values())} for m, spent in out.items()}
+        spent = out.setdefault(t.method, {"tune": 0.0, "finalist": 0.0, "test": 0.0, "training": 0.0})
+        spent[t.phase] += t.compute_seconds
+        spent["training"] += t.train_seconds
+    return {m: {**spent, "total": sum(spent[p] for p in PHASES)} for m, spent in out.items()}
 
-
-PHASES = ("tune", "finalist", "test")
 
 
 def planned_runs(configurations: int, finalists: int, finalist_seeds: int, seeds: int) -> dict[str, int]:

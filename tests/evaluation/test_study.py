@@ -89,10 +89,13 @@ def test_the_verdict_says_no_plainly_when_nothing_differs():
 
 
 def test_compute_is_counted_per_method_and_phase():
-    runs = [Trial("tune", "a", 8, 0, {}, 1.0, train_seconds=10), Trial("finalist", "a", 8, 1, {}, 1.0, train_seconds=5),
+    # Each run costs its wall time (training, evaluation, loading); one recorded before wall times
+    # were kept costs its training time. The training part is counted beside it.
+    runs = [Trial("tune", "a", 8, 0, {}, 1.0, train_seconds=10, trial_seconds=14),
+            Trial("finalist", "a", 8, 1, {}, 1.0, train_seconds=5, trial_seconds=6),
             Trial("test", "a", 8, 1000, {}, 1.0, train_seconds=7), Trial("tune", "b", 8, 0, {}, 1.0, train_seconds=3)]
-    assert compute_by_method(runs) == {"a": {"tune": 10, "finalist": 5, "test": 7, "total": 22},
-                                       "b": {"tune": 3, "finalist": 0, "test": 0, "total": 3}}
+    assert compute_by_method(runs) == {"a": {"tune": 14, "finalist": 6, "test": 7, "total": 27, "training": 22},
+                                       "b": {"tune": 3, "finalist": 0, "test": 0, "total": 3, "training": 3}}
 
 
 def test_progress_counts_each_part_by_phase_and_says_where_it_is():
