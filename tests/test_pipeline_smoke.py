@@ -274,6 +274,8 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert capacity["grit_paper"] * 2 == capacity["peft_lora"]           # truncated from r 4 to k 2, then trained
     study_report = (repo / "reports/study/report.md").read_text()
     assert study["verdict"] in study_report and "Holm" in study_report and "pruner" in study_report
+    # Compute counts each run's wall time (as the sittings do); training is the smaller part of it.
+    assert study["compute_total_hours"] > study["training_hours"] > 0 and "of which training" in study_report
     assert study_report.count("the study widened it") == widened == sum("widened" in n for n in study["range_notes"])
     assert all((repo / "reports/study" / f"{name}.png").is_file()
                for name in ("sensitivity", "curves_by_steps", "test_by_steps"))
