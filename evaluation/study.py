@@ -147,11 +147,10 @@ def compute_by_method(trials: Sequence[Trial]) -> dict[str, dict[str, float]]:
     and the part of the total that was training."""
     out: dict[str, dict[str, float]] = {}
     for t in trials:
-        spent = out.setdefault(t.method, {"tune": 0.0, "finalist": 0.0, "test": 0.0, "training": 0.0})
+        spent = out.setdefault(t.method, dict.fromkeys((*PHASES, "training"), 0.0))
         spent[t.phase] += t.compute_seconds
         spent["training"] += t.train_seconds
     return {m: {**spent, "total": sum(spent[p] for p in PHASES)} for m, spent in out.items()}
-
 
 
 def planned_runs(configurations: int, finalists: int, finalist_seeds: int, seeds: int) -> dict[str, int]:
