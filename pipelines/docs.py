@@ -19,14 +19,17 @@ from core.doc_blocks import CommittedSources, DocBlock, Sources, render_pages
 from evaluation.doc_figures import BLOCKS as EVALUATION_BLOCKS
 from pipelines.gpu_check.report import docs_block
 
-GPU_REPORTS = "benchmarks/results/gpu-check-h100-*.json"
+GPU_REPORTS = {"h100": "benchmarks/results/gpu-check-h100-*.json", "h200": "benchmarks/results/gpu-check-h200-*.json"}
 
 
-def _gpu(sources: Sources) -> str:
-    return docs_block({name: json.loads(sources.text(name) or "{}") for name in sources.glob(GPU_REPORTS)})
+def _gpu(reports: str):
+    def render(sources: Sources) -> str:
+        return docs_block({name: json.loads(sources.text(name) or "{}") for name in sources.glob(reports)})
+    return render
 
 
-BLOCKS: list[DocBlock] = [*EVALUATION_BLOCKS, DocBlock("gpu_check_h100", "docs/gpu.md", _gpu)]
+BLOCKS: list[DocBlock] = [*EVALUATION_BLOCKS, *(DocBlock(f"gpu_check_{gpu}", "docs/gpu.md", _gpu(reports))
+                                                for gpu, reports in GPU_REPORTS.items())]
 
 
 def stale_pages(root: Path, blocks: list[DocBlock] = BLOCKS) -> list[str]:
