@@ -51,9 +51,9 @@ def effective_damping(sigma: torch.Tensor, damping: float, mode: str) -> torch.T
 
 def inverse_from_cholesky(chol: torch.Tensor) -> torch.Tensor:
     """``(L L^T)^-1 = L^-T L^-1`` from lower factors ``chol`` [..., r, r], by a triangular solve.
-    ``torch.cholesky_inverse`` computes the same but then reads LAPACK's status on the host, which
-    on a GPU waits for the device: it was the last host synchronisation of a GRIT step on an H100
-    (one per inversion). A triangular solve has no status to read."""
+    ``torch.cholesky_inverse`` computes the same but its CPU kernel then reads LAPACK's status
+    (a host read the step gates count); a triangular solve has no status to read, and on an H200
+    GRIT's steps with it make no host synchronisation (docs/gpu.md)."""
     eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device)
     # row-major first: the solve returns column-major factors, whose product takes another kernel
     # batched than alone (one matrix's inverse would depend on its batch by a rounding)

@@ -112,8 +112,8 @@ def test_a_grit_step_reads_nothing_on_the_host(lora_counts, fused_lora_counts, c
 
 def test_a_step_that_captures_nothing_attaches_nothing(lora_counts):
     """With capture_every 2, step 3 captures nothing: no hook runs, not even the mask's, and
-    the preconditioning of 420 gradients is a few batched operations (the issue's budget for a
-    whole GRIT step is 250 added operations; a capturing step does not meet it yet)."""
+    the preconditioning of 420 gradients is a few batched operations (61 added here, where a
+    capturing step adds 82 and an inverting one 171, all within the budget of 250)."""
     counts, manager = counts_at(GritParams(min_samples=8, update_freq=10, capture_every=2), 3)
     assert manager.step == 4 and manager.capturing          # step 3 did not capture, step 4 will
     assert counts.host_reads == lora_counts.host_reads, (counts, lora_counts)
@@ -129,8 +129,9 @@ def test_an_inverting_step_stays_within_the_budget(lora_counts):
     operations (546 when escalation ran level by level with a read per level), and no host read:
     which factors factorised is not read in this step (the failed ones are masked on the device);
     the next step reads a copy made without waiting (``settle``; it was one read per rank group).
-    The inverses come from triangular solves: ``torch.cholesky_inverse`` read LAPACK's status on
-    the host, the one synchronisation an H100 still saw (1 in 10 steps, one inversion).
+    The inverses come from triangular solves: on CPU ``torch.cholesky_inverse`` reads LAPACK's
+    status on the host. (It was taken for the one synchronisation in 10 steps the H100 and H200
+    reports showed; that one was torch's sync-debug notice, docs/gpu.md.)
     """
     counts, manager = counts_at(GritParams(min_samples=8, update_freq=1), 3)
     assert manager.all_ready() and manager.report["inversions"] == 420
