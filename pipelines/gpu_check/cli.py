@@ -1,13 +1,14 @@
 """``make gpu-check``: what only a CUDA machine can show, in a few minutes, with no model hub.
 
-    python -m pipelines.gpu_check [--out reports/gpu_check.json] [--items hybrid,truncation,qlora,bf16,overhead]
+    python -m pipelines.gpu_check [--out reports/gpu_check.json] [--items hybrid,truncation,qlora,bf16,overhead,profile]
 
 Runs each item of ``pipelines/gpu_check`` in its own process (``items.py``: Unsloth patches
 libraries for the whole process), judges it (``report.py``), prints a table and writes one JSON
 report. The items are ``report.TITLES``'s, the ones ``items.REGISTRY`` serves (a test checks
 that they agree; this module does not import ``items.py``, which loads torch, transformers and
 the trainers). ``overhead`` is composed here from per-process items: the interleaved step
-times of both arms in one process, each arm's peak memory in a fresh one per arm.
+times of both arms in one process, each arm's peak memory in a fresh one per arm; ``profile``
+(a diagnosis, no target) from one process per engine and shape that profiles both arms.
 
 Exit 0 when every item passes, 1 when one fails, 2 for an unknown item, 3 when no CUDA device
 is visible (one line, nothing run). ``--device cpu`` rehearses the plumbing on a machine without
@@ -113,6 +114,19 @@ def overhead(workdir: Path, device: str, sizes: list[str], timeout_s: int,
     return {"engines": engines, "notes": notes}, None
 
 
+def profile(workdir: Path, device: str, sizes: list[str], timeout_s: int,
+            shapes: tuple[str, ...] = tuple(OVERHEAD_SHAPES)) -> tuple[dict | None, str | None]:
+    """Per engine and model shape, one process profiling both arms (``overhead-profile``)."""
+    engines: dict[str, dict] = {}
+    for shape in shapes:
+        for engine in ENGINES:
+            engines[f"{engine}@{shape}"], error = run_item(f"overhead-profile:{engine}:{shape}", workdir, device,
+                                                          sizes, timeout_s)
+            if error:
+                return None, f"{engine}@{shape}: {error}"
+    return {"engines": engines}, None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "gpu_check.json")
@@ -124,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per item process")
     parser.add_argument("--shapes", default=",".join(OVERHEAD_SHAPES),
-                        help=f"model shapes of the overhead item, a subset of {', '.join(OVERHEAD_SHAPES)}")
+                        help=f"model shapes of the overhead and profile items: some of {', '.join(OVERHEAD_SHAPES)}")
     args = parser.parse_args(argv)
     shapes = tuple(shape.strip() for shape in args.shapes.split(",") if shape.strip())
     if not shapes or any(shape not in OVERHEAD_SHAPES for shape in shapes):
@@ -149,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
             if item in CUDA_ONLY and args.device != "cuda":
                 results.append(judge(item, None, not_run=CUDA_ONLY[item]))
                 continue
-            figures, error = overhead(workdir, args.device, sizes, args.timeout, shapes) if item == "overhead" \
-                else run_item(item, workdir, args.device, sizes, args.timeout)
+            if item in ("overhead", "profile"):
+                run = overhead if item == "overhead" else profile
+                figures, error = run(workdir, args.device, sizes, args.timeout, shapes)
+            else:
+                figures, error = run_item(item, workdir, args.device, sizes, args.timeout)
             results.append(judge(item, figures, error))
         kept = keep_logs(workdir, args.out.with_name(args.out.stem + "_logs"))
     payload = report(results, environment(args.device))

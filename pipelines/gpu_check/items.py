@@ -2,8 +2,9 @@
 
     python -m pipelines.gpu_check.items ITEM --workdir DIR --out FILE [--device cuda|cpu]
 
-ITEM is ``hybrid``, ``truncation``, ``qlora``, ``bf16``, ``overhead-time:<engine>`` or
-``overhead-memory:<engine>:<arm>`` (engine ``unsloth`` or ``peft``, arm ``lora`` or ``grit``):
+ITEM is ``hybrid``, ``truncation``, ``qlora``, ``bf16``, ``overhead-time:<engine>:<shape>``,
+``overhead-memory:<engine>:<arm>:<shape>`` or ``overhead-profile:<engine>:<shape>`` (engine
+``unsloth`` or ``peft``, arm ``lora`` or ``grit``, shape ``smollm2`` or ``llama-1b``):
 the kinds of :data:`REGISTRY`, each with the item of the check it serves (the overhead items'
 timing and memory loops are ``overhead.py``, shared with ``benchmarks/grit_overhead.py``).
 Everything runs on a random Llama built from a config with a small word-level tokenizer, so
@@ -23,7 +24,7 @@ import statistics
 import traceback
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,9 +37,11 @@ from pipelines.gpu_check.overhead import (
     ARMS,
     OVERHEAD_SHAPES,
     OVERHEAD_SIZES,
+    PHASE_RANGE,
     counting_operations,
     interleaved_step_times,
     peak_memory,
+    phase_profile,
 )
 from trainers.base_model import BaseModelFiles
 from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams, variant_grit
@@ -342,10 +345,11 @@ def check_truncation(workdir: Path, device: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- the overhead
 
 def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: int, shape: str = "smollm2",
-                   syncs: list[int] | None = None):
+                   syncs: list[int] | None = None, phase: Callable[[str], Any] | None = None):
     """(model, optimizer step function) of one arm on a model of ``shape`` (``OVERHEAD_SHAPES``),
     for batches of ``length`` tokens. ``syncs``: the host synchronisations of each GRIT step
-    (``before_step`` and ``after_step``) are appended to it."""
+    (``before_step`` and ``after_step``) are appended to it. ``phase(name)``: a context manager
+    around each phase of the step (``STEP_PHASES``), for a profile."""
     from trainers.engines import build_peft, build_unsloth
     from trainers.grit.doors import clip_gradients
     from trainers.grit.manager import GritManager
@@ -370,18 +374,27 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: 
     config = variant_grit(GritParams(), VariantParams(engine=engine, grit=True))
     manager = GritManager(model, config) if grit else None
 
+    mark = phase or (lambda _name: nullcontext())
+
     def step(batch) -> None:
-        model(**batch).loss.backward()
-        if manager is not None:
-            with host_syncs(device, syncs):
-                manager.before_step(1.0)        # sync, invert when due, precondition, clip
-        else:
-            clip_gradients(lora, 1.0)
-        optimizer.step()
-        if manager is not None:
-            with host_syncs(device, syncs):
-                manager.after_step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
+        with mark("forward"):
+            loss = model(**batch).loss
+        with mark("backward"):
+            loss.backward()
+        with mark("grit_before"):
+            if manager is not None:
+                with host_syncs(device, syncs):
+                    manager.before_step(1.0)        # sync, invert when due, precondition, clip
+            else:
+                clip_gradients(lora, 1.0)
+        with mark("optimizer"):
+            optimizer.step()
+        with mark("grit_after"):
+            if manager is not None:
+                with host_syncs(device, syncs):
+                    manager.after_step(optimizer)
+        with mark("zero_grad"):
+            optimizer.zero_grad(set_to_none=True)
 
     return model, step
 
@@ -499,6 +512,37 @@ def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: st
     return figures
 
 
+def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps: int, batch: int,
+                     length: int) -> dict[str, Any]:
+    """Where GRIT's extra step time goes: each arm profiled over ``steps`` steps after the warm-up
+    (``overhead.phase_profile``), the host's milliseconds per phase of the step, the device's
+    kernel milliseconds and kernel launches per step, and GRIT's minus LoRA's for each."""
+    from torch.profiler import record_function
+
+    batch, length = shape_sizes(shape, batch, length)
+    arms = {arm: overhead_model(workdir, engine, arm == "grit", device, length, shape,
+                                phase=lambda name: record_function(PHASE_RANGE + name))[1] for arm in ARMS}
+    profiles = {}
+    for arm, step in arms.items():
+        if engine == "unsloth":
+            unsloth_compile_per_arm(arm)
+        for k in range(OVERHEAD_WARMUP):
+            step(random_batch(batch, length, seed=k, device=device))
+        profiles[arm] = phase_profile(step, (random_batch(batch, length, seed=OVERHEAD_WARMUP + k, device=device)
+                                             for k in range(steps)), device)
+    lora, grit = profiles["lora"], profiles["grit"]
+    figures: dict[str, Any] = {"shape": shape, "steps": steps, "batch": batch, "length": length}
+    for arm, profiled in profiles.items():
+        figures[arm] = {"host_ms": profiled.host_ms, "host_ms_total": profiled.host_ms_total,
+                        "device_ms": profiled.device_ms, "kernel_launches": profiled.kernel_launches}
+    figures["grit_minus_lora"] = {
+        "host_ms": {name: grit.host_ms[name] - lora.host_ms[name] for name in lora.host_ms},
+        "host_ms_total": grit.host_ms_total - lora.host_ms_total,
+        "device_ms": None if lora.device_ms is None else grit.device_ms - lora.device_ms,
+        "kernel_launches": None if lora.kernel_launches is None else grit.kernel_launches - lora.kernel_launches}
+    return figures
+
+
 # ------------------------------------------------------------------------------- the registry
 
 @dataclass(frozen=True)
@@ -531,6 +575,7 @@ REGISTRY: dict[str, Item] = {
     "bf16": Item(check_bf16, "bf16"),
     "overhead-time": Item(overhead_time, "overhead", ("engine", "shape"), sized=True),
     "overhead-memory": Item(overhead_memory, "overhead", ("engine", "arm", "shape"), sized=True),
+    "overhead-profile": Item(overhead_profile, "profile", ("engine", "shape"), sized=True),
 }
 
 

@@ -11,6 +11,9 @@ functions, and time and weigh them here.
   peak is reset, on CPU the process's peak RSS (``VmHWM``) after the kernel's mark is reset
   through ``/proc/self/clear_refs``. The peak includes what was loaded before (weights), as the
   reset starts it from the current use.
+- :func:`phase_profile`: where a step's time goes, per arm: the host's milliseconds in each
+  phase of the step (``STEP_PHASES``), the device's kernel time and the kernel launches per step,
+  read from one ``torch.profiler`` session per arm.
 
 A step function takes one batch and runs one whole training step (forward, backward, the
 optimizer, GRIT's work); what it returns is ignored.
@@ -97,6 +100,74 @@ def interleaved_step_times(lora: Step, grit: Step, batches: Iterable[Any], warmu
     if not times["lora"]:
         raise ValueError(f"no step was timed: give more batches than the {warmup} warm-up steps")
     return StepTimes(statistics.median(times["lora"]), statistics.median(times["grit"]), len(times["lora"]))
+
+
+# What a training step does, in order: the step functions mark each phase (``phase(name)``), so a
+# profile can say which of them GRIT makes slower. ``grit_before`` is GRIT's before_step (or
+# LoRA's gradient clipping), ``grit_after`` GRIT's after_step (nothing for LoRA).
+STEP_PHASES = ("forward", "backward", "grit_before", "optimizer", "grit_after", "zero_grad")
+# The host calls that start work on the device, as the profiler names them.
+KERNEL_LAUNCHES = frozenset({"cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                             "cudaLaunchCooperativeKernel", "cudaGraphLaunch"})
+PHASE_RANGE = "phase."
+
+
+@dataclass(frozen=True)
+class PhaseProfile:
+    """One arm's steps as the profiler saw them, per step: the host's milliseconds in each phase
+    (``STEP_PHASES``), the device's kernel milliseconds and the kernel launches (None on CPU)."""
+
+    host_ms: dict[str, float]
+    device_ms: float | None
+    kernel_launches: float | None
+    steps: int
+
+    @property
+    def host_ms_total(self) -> float:
+        return sum(self.host_ms.values())
+
+
+def summarise_phases(ranges: Iterable[tuple[str, float]], kernel_us: Iterable[float], host_calls: Iterable[str],
+                     steps: int, on_device: bool) -> PhaseProfile:
+    """A :class:`PhaseProfile` from a profile of ``steps`` steps: ``ranges`` (name, host
+    microseconds) of each phase range (``phase.<name>``), ``kernel_us`` the device time of each
+    kernel, ``host_calls`` the name of every host-side event (launches among them); on CPU there
+    is no device time to read."""
+    host = dict.fromkeys(STEP_PHASES, 0.0)
+    for name, cpu_us in ranges:
+        phase = name.removeprefix(PHASE_RANGE)
+        if name.startswith(PHASE_RANGE) and phase in host:
+            host[phase] += cpu_us / 1000 / steps
+    device_ms = launches = None
+    if on_device:
+        device_ms = sum(kernel_us) / 1000 / steps
+        launches = sum(name in KERNEL_LAUNCHES for name in host_calls) / steps
+    return PhaseProfile(host, device_ms, launches, steps)
+
+
+def phase_profile(step: Step, batches: Iterable[Any], device: str = "cpu") -> PhaseProfile:
+    """Profile one arm's steps (its step function marks its phases with ``record_function``
+    ranges named ``phase.<name>``); the device is synchronised before and after each step, so a
+    phase's host time is its own, not the wait for an earlier step's kernels."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    steps = 0
+    with profile(activities=activities) as prof:
+        for inputs in batches:
+            synchronize(device)
+            step(inputs)
+            synchronize(device)
+            steps += 1
+    if not steps:
+        raise ValueError("no step was profiled")
+    events = prof.events()
+    ranges = [(event.name, event.cpu_time_total) for event in events if event.name.startswith(PHASE_RANGE)]
+    # kernels are device events; an operation's own device time is theirs again, so only they count
+    kernel_us = [event.device_time_total for event in events if event.device_type == DeviceType.CUDA]
+    host_calls = [event.name for event in events if event.device_type == DeviceType.CPU]
+    return summarise_phases(ranges, kernel_us, host_calls, steps, on_device=device == "cuda")
 
 
 def proc_status_mib(field: str) -> float:

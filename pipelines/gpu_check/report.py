@@ -30,6 +30,7 @@ TITLES = {
     "qlora": "NF4 base (bitsandbytes) + LoRA + GRIT",
     "bf16": "bf16 model, fp32 GRIT statistics",
     "overhead": "GRIT overhead over LoRA",
+    "profile": "where GRIT's extra step time goes (profiler)",
 }
 
 
@@ -135,8 +136,15 @@ def judge_overhead(figures: dict[str, Any]) -> list[str]:
     return failures
 
 
+def judge_profile(figures: dict[str, Any]) -> list[str]:
+    """A diagnosis, not a target: it fails only when an arm's phases were not all measured."""
+    failures = [f"{engine}: {arm} arm not profiled" for engine, arms in sorted(figures.get("engines", {}).items())
+                for arm in ("lora", "grit") if not arms.get(arm, {}).get("host_ms")]
+    return failures or ([] if figures.get("engines") else ["no engine was profiled"])
+
+
 JUDGES = {"hybrid": judge_hybrid, "truncation": judge_truncation, "qlora": judge_qlora, "bf16": judge_bf16,
-          "overhead": judge_overhead}
+          "overhead": judge_overhead, "profile": judge_profile}
 
 
 def judge(name: str, figures: dict[str, Any] | None, error: str | None = None,
@@ -184,7 +192,23 @@ def headline(item: ItemResult) -> str:
                          + (f" ({_fmt(100 * r['lora_flop_fraction'])}% of the FLOP bound)"
                             if r.get("lora_flop_fraction") else "")
                          for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
+    if item.name == "profile":
+        return "; ".join(f"{engine}: {profile_line(r)}" for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
     return ""
+
+
+def profile_line(figures: dict[str, Any]) -> str:
+    """GRIT minus LoRA per step: host milliseconds by phase (the larger ones), device and launches."""
+    extra = figures.get("grit_minus_lora", {})
+    phases = sorted(extra.get("host_ms", {}).items(), key=lambda kv: -abs(kv[1]))[:3]
+    line = f"host {_signed(extra.get('host_ms_total'))} ms (" + ", ".join(f"{n} {_signed(v)}" for n, v in phases) + ")"
+    if extra.get("device_ms") is not None:
+        line += f", device {_signed(extra['device_ms'])} ms, launches {_signed(extra.get('kernel_launches'))}"
+    return line + " per step"
+
+
+def _signed(value: Any) -> str:
+    return f"{value:+.3g}" if isinstance(value, (int, float)) else "n/a"
 
 
 def table(items: list[ItemResult]) -> str:

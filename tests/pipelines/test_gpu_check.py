@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.gpu_check.overhead import interleaved_step_times
+from pipelines.gpu_check.overhead import STEP_PHASES, interleaved_step_times, summarise_phases
 from pipelines.gpu_check.report import (
     EXIT_FAILED,
     EXIT_NO_CUDA,
@@ -23,6 +23,7 @@ from pipelines.gpu_check.report import (
     STEP_TIME_TARGET,
     TITLES,
     exit_code,
+    headline,
     judge,
     report,
     table,
@@ -107,6 +108,43 @@ def test_only_synchronising_calls_count_as_host_syncs():
     assert not is_host_sync_warning(notice)
     assert is_host_sync_warning("called a synchronizing CUDA operation (Triggered internally at "
                                 "/pytorch/c10/cuda/CUDAFunctions.cpp:154.)")
+
+
+def test_a_profile_is_summarised_per_step_and_phase():
+    """Two profiled steps: each phase's host time is its ranges' sum over the steps, per step; the
+    device's time sums kernels only (an operation's device time is its kernels' again); a
+    CPU profile claims no device figures."""
+    ranges = [("phase.forward", 3000.0), ("phase.backward", 5000.0), ("phase.forward", 1000.0),
+              ("phase.grit_after", 400.0), ("aten::mm", 99.0), ("phase.unknown", 7.0)]
+    calls = ["cudaLaunchKernel"] * 6 + ["cudaMemcpyAsync", "aten::mm"]
+    on_gpu = summarise_phases(ranges, [100.0, 300.0], calls, steps=2, on_device=True)
+    assert on_gpu.host_ms == {"forward": 2.0, "backward": 2.5, "grit_before": 0.0, "optimizer": 0.0,
+                              "grit_after": 0.2, "zero_grad": 0.0}
+    assert on_gpu.host_ms_total == 4.7 and on_gpu.device_ms == 0.2 and on_gpu.kernel_launches == 3
+    on_cpu = summarise_phases(ranges, [], calls, steps=2, on_device=False)
+    assert on_cpu.host_ms == on_gpu.host_ms and on_cpu.device_ms is None and on_cpu.kernel_launches is None
+
+
+def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path, monkeypatch):
+    """The profile item on CPU, PEFT engine, a few tokens, at a tiny width of SmolLM2's layout (the
+    item's code path; the real width only makes it slower here): both arms' phases are measured,
+    GRIT's after_step is work LoRA does not do, and the report's line says what GRIT adds."""
+    from pipelines.gpu_check.items import overhead_profile
+    from pipelines.gpu_check.overhead import OVERHEAD_SHAPES
+
+    monkeypatch.setitem(OVERHEAD_SHAPES, "smollm2", {"hidden_size": 64, "intermediate_size": 128,
+                                                     "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                     "num_key_value_heads": 2})
+    figures = overhead_profile(tmp_path, "cpu", "peft", "smollm2", steps=2, batch=1, length=16)
+    for arm in ("lora", "grit"):
+        assert set(figures[arm]["host_ms"]) == set(STEP_PHASES)
+        assert all(figures[arm]["host_ms"][name] > 0 for name in ("forward", "backward", "grit_before", "optimizer"))
+        assert figures[arm]["device_ms"] is None
+    assert figures["grit"]["host_ms"]["grit_after"] > figures["lora"]["host_ms"]["grit_after"]
+    item = judge("profile", {"engines": {"peft@smollm2": figures}})
+    assert item.passed and headline(item).startswith("peft@smollm2: host ")
+    assert judge("profile", {"engines": {"peft@smollm2": {"lora": figures["lora"]}}}).failures == \
+        ["peft@smollm2: grit arm not profiled"]
 
 
 def test_report_table_and_exit_codes():
