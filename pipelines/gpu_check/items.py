@@ -34,6 +34,7 @@ import torch
 from transformers import TrainerCallback
 
 from pipelines.gpu_check.overhead import (
+    ADAPTER_DTYPES,
     ARMS,
     OVERHEAD_SHAPES,
     OVERHEAD_SIZES,
@@ -345,18 +346,20 @@ def check_truncation(workdir: Path, device: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- the overhead
 
 def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: int, shape: str = "smollm2",
-                   syncs: list[int] | None = None, phase: Callable[[str], Any] | None = None):
+                   syncs: list[int] | None = None, phase: Callable[[str], Any] | None = None,
+                   adapter_dtype: str = "float32"):
     """(model, optimizer step function) of one arm on a model of ``shape`` (``OVERHEAD_SHAPES``),
     for batches of ``length`` tokens. ``syncs``: the host synchronisations of each GRIT step
     (``before_step`` and ``after_step``) are appended to it. ``phase(name)``: a context manager
-    around each phase of the step (``STEP_PHASES``), for a profile."""
+    around each phase of the step (``STEP_PHASES``), for a profile. ``adapter_dtype``: the
+    setting ``lora.adapter_dtype`` (``float32``, or ``model``: bf16 adapters on a bf16 model)."""
     from trainers.engines import build_peft, build_unsloth
     from trainers.grit.doors import clip_gradients
     from trainers.grit.manager import GritManager
 
     files = random_llama(workdir / f"{shape}-shape", OVERHEAD_SHAPES[shape])
     params = check_params(files, "bfloat16" if device == "cuda" else "float32")
-    params.lora = LoraParams(r=16, alpha=32)
+    params.lora = LoraParams(r=16, alpha=32, adapter_dtype=adapter_dtype)
     # Unsloth sizes its rotary cache by max_seq_length: longer batches index past it (a CUDA assert).
     params.data = DataParams(max_seq_length=max(params.data.max_seq_length, length))
     torch.manual_seed(0)
@@ -477,26 +480,28 @@ def shape_sizes(shape: str, batch: int, length: int) -> tuple[int, int]:
 
 
 def overhead_time(workdir: Path, device: str, engine: str, shape: str, steps: int, batch: int,
-                  length: int) -> dict[str, Any]:
+                  length: int, adapter_dtype: str = "float32") -> dict[str, Any]:
     """Both arms in one process, steps interleaved (LoRA, GRIT, LoRA, ...) on the same batches,
     so the machine's noise hits both alike; the ratio of median step times (``overhead.py``), and
     what plain LoRA itself makes of the device: tokens/s and its share of the FLOP bound."""
     batch, length = shape_sizes(shape, batch, length)
-    arms = [overhead_model(workdir, engine, arm == "grit", device, length, shape) for arm in ARMS]
+    arms = [overhead_model(workdir, engine, arm == "grit", device, length, shape, adapter_dtype=adapter_dtype)
+            for arm in ARMS]
     (model, lora), (_, grit) = arms
     batches = (random_batch(batch, length, seed=k, device=device) for k in range(steps + OVERHEAD_WARMUP))
     timed = interleaved_step_times(lora, grit, batches, OVERHEAD_WARMUP, device,
                                    prepare=unsloth_compile_per_arm if engine == "unsloth" else None)
     flops = lora_step_flops(OVERHEAD_SHAPES[shape], model.config.vocab_size, batch, length, LoraParams(r=16).r)
     peak = peak_flops(device)
-    return {"shape": shape, "lora_step_ms": 1000 * timed.lora_s, "grit_step_ms": 1000 * timed.grit_s,
-            "step_time_ratio": timed.ratio, "steps": steps, "batch": batch, "length": length,
+    return {"shape": shape, "adapter_dtype": adapter_dtype, "lora_step_ms": 1000 * timed.lora_s,
+            "grit_step_ms": 1000 * timed.grit_s, "step_time_ratio": timed.ratio, "steps": steps, "batch": batch,
+            "length": length,
             "lora_tokens_per_s": batch * length / timed.lora_s, "lora_tflops": flops / timed.lora_s / 1e12,
             "lora_flop_fraction": flops / timed.lora_s / peak if peak else None}
 
 
 def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: str, steps: int, batch: int,
-                    length: int) -> dict[str, Any]:
+                    length: int, adapter_dtype: str = "float32") -> dict[str, Any]:
     """One arm alone in a fresh process: the peak CUDA memory of its whole training (weights,
     activations, optimizer and GRIT state); on CPU the process's peak RSS (``overhead.py``). The
     GRIT arm also counts the host synchronisations of its GRIT steps (``host_syncs``)."""
@@ -504,7 +509,8 @@ def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: st
         raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
     batch, length = shape_sizes(shape, batch, length)
     syncs: list[int] = []
-    _, step = overhead_model(workdir, engine, arm == "grit", device, length, shape, syncs)
+    _, step = overhead_model(workdir, engine, arm == "grit", device, length, shape, syncs,
+                             adapter_dtype=adapter_dtype)
     memory = peak_memory(step, (random_batch(batch, length, seed=k, device=device) for k in range(steps)), device)
     figures: dict[str, Any] = {"peak_mib": memory.peak_mib}
     if arm == "grit":
@@ -513,7 +519,7 @@ def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: st
 
 
 def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps: int, batch: int,
-                     length: int) -> dict[str, Any]:
+                     length: int, adapter_dtype: str = "float32") -> dict[str, Any]:
     """Where GRIT's extra step time goes: each arm profiled over ``steps`` steps after the warm-up
     (``overhead.phase_profile``), the host's milliseconds per phase of the step, the device's
     kernel milliseconds and kernel launches per step, and GRIT's minus LoRA's for each."""
@@ -521,7 +527,8 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps:
 
     batch, length = shape_sizes(shape, batch, length)
     arms = {arm: overhead_model(workdir, engine, arm == "grit", device, length, shape,
-                                phase=lambda name: record_function(PHASE_RANGE + name))[1] for arm in ARMS}
+                                phase=lambda name: record_function(PHASE_RANGE + name),
+                                adapter_dtype=adapter_dtype)[1] for arm in ARMS}
     profiles = {}
     for arm, step in arms.items():
         if engine == "unsloth":
@@ -531,7 +538,8 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps:
         profiles[arm] = phase_profile(step, (random_batch(batch, length, seed=OVERHEAD_WARMUP + k, device=device)
                                              for k in range(steps)), device)
     lora, grit = profiles["lora"], profiles["grit"]
-    figures: dict[str, Any] = {"shape": shape, "steps": steps, "batch": batch, "length": length}
+    figures: dict[str, Any] = {"shape": shape, "adapter_dtype": adapter_dtype, "steps": steps, "batch": batch,
+                               "length": length}
     for arm, profiled in profiles.items():
         figures[arm] = {"host_ms": profiled.host_ms, "host_ms_total": profiled.host_ms_total,
                         "device_ms": profiled.device_ms, "kernel_launches": profiled.kernel_launches}
@@ -551,7 +559,7 @@ class Item:
 
     ``part_of`` is the item of the check (``report.TITLES``) it serves; ``arguments`` names what
     follows the kind in the item's name, ``:``-separated (``overhead-memory:peft:grit``);
-    ``sized``: it takes ``steps``, ``batch`` and ``length``."""
+    ``sized``: it takes ``steps``, ``batch``, ``length`` and ``adapter_dtype``."""
 
     run: Callable[..., dict[str, Any]]
     part_of: str
@@ -559,12 +567,13 @@ class Item:
     sized: bool = False
 
     def __call__(self, kind: str, rest: str, workdir: Path, device: str, steps: int, batch: int,
-                 length: int) -> dict[str, Any]:
+                 length: int, adapter_dtype: str = "float32") -> dict[str, Any]:
         values = rest.split(":") if rest else []
         if len(values) != len(self.arguments):
             spelled = "".join(f":<{name}>" for name in self.arguments)
             raise ValueError(f"item {kind!r} is named {kind}{spelled}")
-        sizes = {"steps": steps, "batch": batch, "length": length} if self.sized else {}
+        sizes = {"steps": steps, "batch": batch, "length": length, "adapter_dtype": adapter_dtype} \
+            if self.sized else {}
         return self.run(workdir, device, *values, **sizes)
 
 
@@ -595,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="float32")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     kind, _, rest = args.item.partition(":")
@@ -602,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     if item is None:
         raise SystemExit(f"unknown item {args.item!r}")
     try:
-        result = item(kind, rest, args.workdir, args.device, args.steps, args.batch, args.length)
+        result = item(kind, rest, args.workdir, args.device, args.steps, args.batch, args.length, args.adapter_dtype)
     except Exception as error:  # noqa: BLE001 - the orchestrator reports it as the item's failure
         traceback.print_exc()
         args.out.write_text(json.dumps({"error": f"{type(error).__name__}: {error}".splitlines()[0]}))

@@ -42,6 +42,8 @@ OVERHEAD_SHAPES = {"smollm2": SMOLLM2_SHAPE, "llama-1b": LLAMA_1B_SHAPE}
 # (batch, length) a shape is timed at whatever the command line says: the 1B shape at 8k tokens
 OVERHEAD_SIZES = {"llama-1b": (4, 2048)}
 ARMS = ("lora", "grit")
+# lora.adapter_dtype of both arms: PEFT's fp32 adapters, or the model's dtype (bf16 on a GPU)
+ADAPTER_DTYPES = ("float32", "model")
 
 
 @dataclass(frozen=True)

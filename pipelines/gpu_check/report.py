@@ -191,6 +191,7 @@ def headline(item: ItemResult) -> str:
                          + (f", LoRA {_fmt(r['lora_tokens_per_s'])} tokens/s" if r.get("lora_tokens_per_s") else "")
                          + (f" ({_fmt(100 * r['lora_flop_fraction'])}% of the FLOP bound)"
                             if r.get("lora_flop_fraction") else "")
+                         + (", adapters in the model's dtype" if r.get("adapter_dtype") == "model" else "")
                          for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
     if item.name == "profile":
         return "; ".join(f"{engine}: {profile_line(r)}" for engine, r in sorted(f.get("engines", {}).items())) or "n/a"

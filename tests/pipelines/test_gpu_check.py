@@ -128,14 +128,16 @@ def test_a_profile_is_summarised_per_step_and_phase():
 def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path, monkeypatch):
     """The profile item on CPU, PEFT engine, a few tokens, at a tiny width of SmolLM2's layout (the
     item's code path; the real width only makes it slower here): both arms' phases are measured,
-    GRIT's after_step is work LoRA does not do, and the report's line says what GRIT adds."""
-    from pipelines.gpu_check.items import overhead_profile
+    GRIT's after_step is work LoRA does not do, and the report's line says what GRIT adds. Run
+    through the registry as the worker process runs it, with the adapter-dtype setting passed on."""
+    from pipelines.gpu_check.items import REGISTRY
     from pipelines.gpu_check.overhead import OVERHEAD_SHAPES
 
     monkeypatch.setitem(OVERHEAD_SHAPES, "smollm2", {"hidden_size": 64, "intermediate_size": 128,
                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
                                                      "num_key_value_heads": 2})
-    figures = overhead_profile(tmp_path, "cpu", "peft", "smollm2", steps=2, batch=1, length=16)
+    figures = REGISTRY["overhead-profile"]("overhead-profile", "peft:smollm2", tmp_path, "cpu", 2, 1, 16, "model")
+    assert figures["adapter_dtype"] == "model" and figures["steps"] == 2
     for arm in ("lora", "grit"):
         assert set(figures[arm]["host_ms"]) == set(STEP_PHASES)
         assert all(figures[arm]["host_ms"][name] > 0 for name in ("forward", "backward", "grit_before", "optimizer"))
@@ -295,3 +297,5 @@ def test_a_cpu_rehearsal_of_the_overhead_item_reports_every_figure(tmp_path: Pat
         assert engine["lora_flop_fraction"] is None        # no FLOP bound is claimed for a CPU
     unknown = _check("--device", "cpu", "--items", "overhead", "--shapes", "smollm2,llama-70b")
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: --shapes")
+    dtype = _check("--device", "cpu", "--items", "overhead", "--adapter-dtype", "fp8")
+    assert dtype.returncode == 2 and "--adapter-dtype: invalid choice: 'fp8'" in dtype.stderr
