@@ -138,8 +138,15 @@ def judge_overhead(figures: dict[str, Any]) -> list[str]:
 
 def judge_profile(figures: dict[str, Any]) -> list[str]:
     """A diagnosis, not a target: it fails only when an arm's phases were not all measured."""
-    failures = [f"{engine}: {arm} arm not profiled" for engine, arms in sorted(figures.get("engines", {}).items())
-                for arm in ("lora", "grit") if not arms.get(arm, {}).get("host_ms")]
+    failures = []
+    for engine, arms in sorted(figures.get("engines", {}).items()):
+        for arm in ("lora", "grit"):
+            profiled = arms.get(arm, {})
+            if not profiled.get("host_ms"):
+                failures.append(f"{engine}: {arm} arm not profiled")
+            elif profiled.get("device_ms") == 0 or profiled.get("kernel_launches") == 0:
+                # a GPU step runs kernels: none seen means the profile's device events were misread
+                failures.append(f"{engine}: {arm} arm's kernels not found in the profile")
     return failures or ([] if figures.get("engines") else ["no engine was profiled"])
 
 

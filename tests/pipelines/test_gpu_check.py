@@ -147,6 +147,9 @@ def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path
     assert item.passed and headline(item).startswith("peft@smollm2: host ")
     assert judge("profile", {"engines": {"peft@smollm2": {"lora": figures["lora"]}}}).failures == \
         ["peft@smollm2: grit arm not profiled"]
+    blind = {**figures, "grit": {**figures["grit"], "device_ms": 0.0, "kernel_launches": 0.0}}
+    assert judge("profile", {"engines": {"peft@smollm2": blind}}).failures == \
+        ["peft@smollm2: grit arm's kernels not found in the profile"]
 
 
 def test_report_table_and_exit_codes():
