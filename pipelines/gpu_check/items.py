@@ -483,7 +483,10 @@ def overhead_time(workdir: Path, device: str, engine: str, shape: str, steps: in
                   length: int, adapter_dtype: str = "float32") -> dict[str, Any]:
     """Both arms in one process, steps interleaved (LoRA, GRIT, LoRA, ...) on the same batches,
     so the machine's noise hits both alike; the ratio of median step times (``overhead.py``), and
-    what plain LoRA itself makes of the device: tokens/s and its share of the FLOP bound."""
+    what plain LoRA itself makes of the device: tokens/s and its share of the FLOP bound. On
+    Unsloth the GRIT arm runs without Unsloth's per-layer compile, so LoRA is also timed without
+    it (the same model, compiled and uncompiled steps interleaved): the ratio splits into leaving
+    the compile (``compile_off_ratio``) and GRIT over uncompiled LoRA."""
     batch, length = shape_sizes(shape, batch, length)
     arms = [overhead_model(workdir, engine, arm == "grit", device, length, shape, adapter_dtype=adapter_dtype)
             for arm in ARMS]
@@ -493,11 +496,18 @@ def overhead_time(workdir: Path, device: str, engine: str, shape: str, steps: in
                                    prepare=unsloth_compile_per_arm if engine == "unsloth" else None)
     flops = lora_step_flops(OVERHEAD_SHAPES[shape], model.config.vocab_size, batch, length, LoraParams(r=16).r)
     peak = peak_flops(device)
-    return {"shape": shape, "adapter_dtype": adapter_dtype, "lora_step_ms": 1000 * timed.lora_s,
-            "grit_step_ms": 1000 * timed.grit_s, "step_time_ratio": timed.ratio, "steps": steps, "batch": batch,
-            "length": length,
-            "lora_tokens_per_s": batch * length / timed.lora_s, "lora_tflops": flops / timed.lora_s / 1e12,
-            "lora_flop_fraction": flops / timed.lora_s / peak if peak else None}
+    figures = {"shape": shape, "adapter_dtype": adapter_dtype, "lora_step_ms": 1000 * timed.lora_s,
+               "grit_step_ms": 1000 * timed.grit_s, "step_time_ratio": timed.ratio, "steps": steps, "batch": batch,
+               "length": length,
+               "lora_tokens_per_s": batch * length / timed.lora_s, "lora_tflops": flops / timed.lora_s / 1e12,
+               "lora_flop_fraction": flops / timed.lora_s / peak if peak else None}
+    if engine == "unsloth":
+        # LoRA in both places: unsloth_compile_per_arm turns the compile off for the second
+        again = (random_batch(batch, length, seed=k, device=device) for k in range(steps + OVERHEAD_WARMUP))
+        split = interleaved_step_times(lora, lora, again, OVERHEAD_WARMUP, device, prepare=unsloth_compile_per_arm)
+        figures |= {"lora_uncompiled_step_ms": 1000 * split.grit_s, "compile_off_ratio": split.ratio,
+                    "grit_over_uncompiled_lora": timed.grit_s / split.grit_s}
+    return figures
 
 
 def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: str, steps: int, batch: int,

@@ -198,6 +198,8 @@ def headline(item: ItemResult) -> str:
                          + (f", LoRA {_fmt(r['lora_tokens_per_s'])} tokens/s" if r.get("lora_tokens_per_s") else "")
                          + (f" ({_fmt(100 * r['lora_flop_fraction'])}% of the FLOP bound)"
                             if r.get("lora_flop_fraction") else "")
+                         + (f" (leaving Unsloth's compile x{_fmt(r['compile_off_ratio'])}, GRIT over uncompiled "
+                            f"LoRA x{_fmt(r.get('grit_over_uncompiled_lora'))})" if r.get("compile_off_ratio") else "")
                          + (", adapters in the model's dtype" if r.get("adapter_dtype") == "model" else "")
                          for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
     if item.name == "profile":

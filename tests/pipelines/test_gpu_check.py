@@ -95,6 +95,9 @@ def test_overhead_targets_are_the_stated_ones():
     counted = {**within, "grit_host_syncs": 3, "grit_steps_watched": 10}
     syncing = judge("overhead", {"engines": {"peft@smollm2": counted}})
     assert syncing.failures == ["peft@smollm2: 3 host synchronisations in 10 GRIT steps (target 0)"]
+    split = {**within, "compile_off_ratio": 1.12, "grit_over_uncompiled_lora": 1.04}
+    assert "(leaving Unsloth's compile x1.12, GRIT over uncompiled LoRA x1.04)" in \
+        headline(judge("overhead", {"engines": {"unsloth@llama-1b": split}}))
 
 
 def test_only_synchronising_calls_count_as_host_syncs():
@@ -298,6 +301,12 @@ def test_a_cpu_rehearsal_of_the_overhead_item_reports_every_figure(tmp_path: Pat
         assert engine["step_time_ratio"] > 0 and engine["peak_memory_ratio"] > 0 and engine["lora_tokens_per_s"] > 0
         assert engine["grit_host_syncs"] == 0 and engine["grit_steps_watched"] == 1
         assert engine["lora_flop_fraction"] is None        # no FLOP bound is claimed for a CPU
+    # Unsloth's GRIT arm runs without its per-layer compile: LoRA is timed without it too
+    unsloth = figures["unsloth@smollm2"]
+    assert unsloth["compile_off_ratio"] > 0 and unsloth["lora_uncompiled_step_ms"] > 0
+    assert unsloth["grit_over_uncompiled_lora"] == \
+        pytest.approx(unsloth["grit_step_ms"] / unsloth["lora_uncompiled_step_ms"])
+    assert "compile_off_ratio" not in figures["peft@smollm2"]
     unknown = _check("--device", "cpu", "--items", "overhead", "--shapes", "smollm2,llama-70b")
     assert unknown.returncode == 2 and unknown.stderr.startswith("error: --shapes")
     dtype = _check("--device", "cpu", "--items", "overhead", "--adapter-dtype", "fp8")
