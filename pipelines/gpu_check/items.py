@@ -39,8 +39,10 @@ from pipelines.gpu_check.overhead import (
     OVERHEAD_SHAPES,
     OVERHEAD_SIZES,
     PHASE_RANGE,
+    STEP_PHASES,
     counting_operations,
     interleaved_step_times,
+    kernel_differences,
     peak_memory,
     phase_profile,
 )
@@ -497,7 +499,8 @@ def overhead_time(workdir: Path, device: str, engine: str, shape: str, steps: in
     flops = lora_step_flops(OVERHEAD_SHAPES[shape], model.config.vocab_size, batch, length, LoraParams(r=16).r)
     peak = peak_flops(device)
     figures = {"shape": shape, "adapter_dtype": adapter_dtype, "lora_step_ms": 1000 * timed.lora_s,
-               "grit_step_ms": 1000 * timed.grit_s, "step_time_ratio": timed.ratio, "steps": steps, "batch": batch,
+               "grit_step_ms": 1000 * timed.grit_s, "step_time_ratio": timed.ratio,
+               "mean_step_time_ratio": timed.mean_ratio, "steps": steps, "batch": batch,
                "length": length,
                "lora_tokens_per_s": batch * length / timed.lora_s, "lora_tflops": flops / timed.lora_s / 1e12,
                "lora_flop_fraction": flops / timed.lora_s / peak if peak else None}
@@ -532,7 +535,10 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps:
                      length: int, adapter_dtype: str = "float32") -> dict[str, Any]:
     """Where GRIT's extra step time goes: each arm profiled over ``steps`` steps after the warm-up
     (``overhead.phase_profile``), the host's milliseconds per phase of the step, the device's
-    kernel milliseconds and kernel launches per step, and GRIT's minus LoRA's for each."""
+    kernel milliseconds and kernel launches per step, each phase's span on the device, the
+    kernels that take longest, and GRIT's minus LoRA's for each (the kernels whose time differs
+    most). Over 10 steps one of GRIT's steps inverts its factors (``update_freq`` 10), so the
+    per-step figures carry a tenth of an inversion, as a run does."""
     from torch.profiler import record_function
 
     batch, length = shape_sizes(shape, batch, length)
@@ -551,13 +557,20 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps:
     figures: dict[str, Any] = {"shape": shape, "adapter_dtype": adapter_dtype, "steps": steps, "batch": batch,
                                "length": length}
     for arm, profiled in profiles.items():
+        kernels = sorted((profiled.kernel_ms or {}).items(), key=lambda kv: -kv[1])
+        top = None if profiled.kernel_ms is None else dict(kernels[:8])
         figures[arm] = {"host_ms": profiled.host_ms, "host_ms_total": profiled.host_ms_total,
-                        "device_ms": profiled.device_ms, "kernel_launches": profiled.kernel_launches}
+                        "device_ms": profiled.device_ms, "kernel_launches": profiled.kernel_launches,
+                        "device_span_ms": profiled.device_span_ms, "top_kernels_ms": top}
+    on_device = lora.device_ms is not None
     figures["grit_minus_lora"] = {
         "host_ms": {name: grit.host_ms[name] - lora.host_ms[name] for name in lora.host_ms},
         "host_ms_total": grit.host_ms_total - lora.host_ms_total,
-        "device_ms": None if lora.device_ms is None else grit.device_ms - lora.device_ms,
-        "kernel_launches": None if lora.kernel_launches is None else grit.kernel_launches - lora.kernel_launches}
+        "device_ms": grit.device_ms - lora.device_ms if on_device else None,
+        "kernel_launches": grit.kernel_launches - lora.kernel_launches if on_device else None,
+        "device_span_ms": {name: grit.device_span_ms[name] - lora.device_span_ms[name] for name in STEP_PHASES}
+        if on_device else None,
+        "kernels_ms": kernel_differences(lora.kernel_ms, grit.kernel_ms) if on_device else None}
     return figures
 
 

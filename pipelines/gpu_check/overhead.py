@@ -4,16 +4,18 @@ functions, and time and weigh them here.
 
 - :func:`interleaved_step_times`: both arms in one process, steps interleaved (LoRA, GRIT, LoRA,
   ...) on the same batches, so the machine's noise hits both alike; after the warm-up steps, the
-  median step time of each arm and their ratio. On CUDA each step is bracketed by
-  ``torch.cuda.synchronize`` so the time is the step's, not its launch's.
+  median step time of each arm and their ratio, and the means (which count GRIT's inversions).
+  On CUDA each step is bracketed by ``torch.cuda.synchronize`` so the time is the step's, not
+  its launch's.
 - :func:`peak_memory`: one arm's training peak, measured in a process that holds that arm only
   (call it in a fresh process per arm): on CUDA ``torch.cuda.max_memory_allocated`` after its
   peak is reset, on CPU the process's peak RSS (``VmHWM``) after the kernel's mark is reset
   through ``/proc/self/clear_refs``. The peak includes what was loaded before (weights), as the
   reset starts it from the current use.
 - :func:`phase_profile`: where a step's time goes, per arm: the host's milliseconds in each
-  phase of the step (``STEP_PHASES``), the device's kernel time and the kernel launches per step,
-  read from one ``torch.profiler`` session per arm.
+  phase of the step (``STEP_PHASES``), the device's kernel time (in all, by kernel) and the
+  kernel launches per step, each phase's span on the device, read from one ``torch.profiler``
+  session per arm.
 
 A step function takes one batch and runs one whole training step (forward, backward, the
 optimizer, GRIT's work); what it returns is ignored.
@@ -48,16 +50,25 @@ ADAPTER_DTYPES = ("float32", "model")
 
 @dataclass(frozen=True)
 class StepTimes:
-    """Median step times (seconds) of the two arms over ``steps`` timed steps."""
+    """Median step times (seconds) of the two arms over ``steps`` timed steps, and their means:
+    the median leaves out the rare steps that invert GRIT's factors (one in ``update_freq``), the
+    mean over a whole number of inversion periods is what a user's run pays."""
 
     lora_s: float
     grit_s: float
     steps: int
+    lora_mean_s: float | None = None
+    grit_mean_s: float | None = None
 
     @property
     def ratio(self) -> float:
-        """GRIT / LoRA."""
+        """GRIT / LoRA (medians)."""
         return self.grit_s / self.lora_s
+
+    @property
+    def mean_ratio(self) -> float | None:
+        """GRIT / LoRA (means)."""
+        return None if self.lora_mean_s is None or self.grit_mean_s is None else self.grit_mean_s / self.lora_mean_s
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,8 @@ def interleaved_step_times(lora: Step, grit: Step, batches: Iterable[Any], warmu
                 times[arm].append(clock() - started)
     if not times["lora"]:
         raise ValueError(f"no step was timed: give more batches than the {warmup} warm-up steps")
-    return StepTimes(statistics.median(times["lora"]), statistics.median(times["grit"]), len(times["lora"]))
+    return StepTimes(statistics.median(times["lora"]), statistics.median(times["grit"]), len(times["lora"]),
+                     statistics.fmean(times["lora"]), statistics.fmean(times["grit"]))
 
 
 # What a training step does, in order: the step functions mark each phase (``phase(name)``), so a
@@ -117,41 +129,96 @@ PHASE_RANGE = "phase."
 @dataclass(frozen=True)
 class PhaseProfile:
     """One arm's steps as the profiler saw them, per step: the host's milliseconds in each phase
-    (``STEP_PHASES``), the device's kernel milliseconds and the kernel launches (None on CPU)."""
+    (``STEP_PHASES``), the device's kernel milliseconds and the kernel launches, each phase's span
+    on the device (from its first kernel's start to its last one's end, gaps included) and the
+    kernel milliseconds by kernel name (the device figures are None on CPU)."""
 
     host_ms: dict[str, float]
     device_ms: float | None
     kernel_launches: float | None
     steps: int
+    device_span_ms: dict[str, float] | None = None
+    kernel_ms: dict[str, float] | None = None
 
     @property
     def host_ms_total(self) -> float:
         return sum(self.host_ms.values())
 
 
-def summarise_phases(ranges: Iterable[tuple[str, float]], kernel_us: Iterable[float], host_calls: Iterable[str],
-                     steps: int, on_device: bool) -> PhaseProfile:
-    """A :class:`PhaseProfile` from a profile of ``steps`` steps: ``ranges`` (name, host
-    microseconds) of each phase range (``phase.<name>``), ``kernel_us`` the device time of each
-    kernel, ``host_calls`` the name of every host-side event (launches among them); on CPU there
-    is no device time to read."""
-    host = dict.fromkeys(STEP_PHASES, 0.0)
-    for name, cpu_us in ranges:
+# A kernel's name in the report: demangled C++ templates run to hundreds of characters.
+KERNEL_NAME_CHARS = 90
+
+
+@dataclass(frozen=True)
+class ProfiledEvents:
+    """A profile's events, sorted by what they say: ``ranges`` (name, host us) of the phase
+    ranges on the host, ``kernels`` (name, device us) of each kernel, ``spans`` (name, device us)
+    of the phase ranges as the device saw them, ``host_calls`` the name of every host event."""
+
+    ranges: list[tuple[str, float]]
+    kernels: list[tuple[str, float]]
+    spans: list[tuple[str, float]]
+    host_calls: list[str]
+
+
+def sort_events(events: Iterable[Any]) -> ProfiledEvents:
+    """Sort ``torch.profiler`` events (``FunctionEvent``). On CUDA the profiler mirrors each
+    ``record_function`` range on the device as a user annotation, a device event as long as the
+    range's kernels span: counted as a kernel, it adds each phase's span, gaps included, to the
+    kernel time (torch's own tables leave annotations out the same way)."""
+    from torch.autograd import DeviceType
+
+    sorted_events = ProfiledEvents([], [], [], [])
+    for event in events:
+        on_host = event.device_type == DeviceType.CPU
+        if on_host:
+            sorted_events.host_calls.append(event.name)
+            if event.name.startswith(PHASE_RANGE):
+                sorted_events.ranges.append((event.name, event.cpu_time_total))
+        elif getattr(event, "is_user_annotation", False):
+            if event.name.startswith(PHASE_RANGE):
+                sorted_events.spans.append((event.name, event.device_time_total))
+        else:
+            sorted_events.kernels.append((event.name, event.device_time_total))
+    return sorted_events
+
+
+def per_phase(named: Iterable[tuple[str, float]], steps: int) -> dict[str, float]:
+    """Milliseconds per step of each phase (``STEP_PHASES``) from (range name, microseconds)."""
+    phases = dict.fromkeys(STEP_PHASES, 0.0)
+    for name, us in named:
         phase = name.removeprefix(PHASE_RANGE)
-        if name.startswith(PHASE_RANGE) and phase in host:
-            host[phase] += cpu_us / 1000 / steps
-    device_ms = launches = None
-    if on_device:
-        device_ms = sum(kernel_us) / 1000 / steps
-        launches = sum(name in KERNEL_LAUNCHES for name in host_calls) / steps
-    return PhaseProfile(host, device_ms, launches, steps)
+        if name.startswith(PHASE_RANGE) and phase in phases:
+            phases[phase] += us / 1000 / steps
+    return phases
+
+
+def summarise_phases(events: ProfiledEvents, steps: int, on_device: bool) -> PhaseProfile:
+    """A :class:`PhaseProfile` from the sorted events of a profile of ``steps`` steps; on CPU
+    there is no device time to read."""
+    host = per_phase(events.ranges, steps)
+    if not on_device:
+        return PhaseProfile(host, None, None, steps)
+    by_kernel: dict[str, float] = {}
+    for name, us in events.kernels:
+        short = name[:KERNEL_NAME_CHARS]
+        by_kernel[short] = by_kernel.get(short, 0.0) + us / 1000 / steps
+    launches = sum(name in KERNEL_LAUNCHES for name in events.host_calls) / steps
+    return PhaseProfile(host, sum(us for _, us in events.kernels) / 1000 / steps, launches, steps,
+                        per_phase(events.spans, steps), by_kernel)
+
+
+def kernel_differences(lora: dict[str, float], grit: dict[str, float], top: int = 6) -> dict[str, float]:
+    """GRIT's minus LoRA's milliseconds per step of the ``top`` kernels whose time differs most."""
+    names = set(lora) | set(grit)
+    differences = {name: grit.get(name, 0.0) - lora.get(name, 0.0) for name in names}
+    return dict(sorted(differences.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:top])
 
 
 def phase_profile(step: Step, batches: Iterable[Any], device: str = "cpu") -> PhaseProfile:
     """Profile one arm's steps (its step function marks its phases with ``record_function``
     ranges named ``phase.<name>``); the device is synchronised before and after each step, so a
     phase's host time is its own, not the wait for an earlier step's kernels."""
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
@@ -164,12 +231,8 @@ def phase_profile(step: Step, batches: Iterable[Any], device: str = "cpu") -> Ph
             steps += 1
     if not steps:
         raise ValueError("no step was profiled")
-    events = prof.events()
-    ranges = [(event.name, event.cpu_time_total) for event in events if event.name.startswith(PHASE_RANGE)]
     # kernels are device events; an operation's own device time is theirs again, so only they count
-    kernel_us = [event.device_time_total for event in events if event.device_type == DeviceType.CUDA]
-    host_calls = [event.name for event in events if event.device_type == DeviceType.CPU]
-    return summarise_phases(ranges, kernel_us, host_calls, steps, on_device=device == "cuda")
+    return summarise_phases(sort_events(prof.events()), steps, on_device=device == "cuda")
 
 
 def proc_status_mib(field: str) -> float:

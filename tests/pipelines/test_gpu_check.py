@@ -11,10 +11,17 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from pipelines.gpu_check.overhead import STEP_PHASES, interleaved_step_times, summarise_phases
+from pipelines.gpu_check.overhead import (
+    STEP_PHASES,
+    interleaved_step_times,
+    kernel_differences,
+    sort_events,
+    summarise_phases,
+)
 from pipelines.gpu_check.report import (
     EXIT_FAILED,
     EXIT_NO_CUDA,
@@ -95,6 +102,11 @@ def test_overhead_targets_are_the_stated_ones():
     counted = {**within, "grit_host_syncs": 3, "grit_steps_watched": 10}
     syncing = judge("overhead", {"engines": {"peft@smollm2": counted}})
     assert syncing.failures == ["peft@smollm2: 3 host synchronisations in 10 GRIT steps (target 0)"]
+    # a run pays GRIT's inversions: the mean over the timed steps is judged where it was recorded
+    inverting = {**within, "mean_step_time_ratio": 1.3}
+    assert judge("overhead", {"engines": {"peft": inverting}}).failures == \
+        [f"peft: mean step time GRIT/LoRA 1.3 > {STEP_TIME_TARGET}"]
+    assert "time x1.04 (mean x1.3)" in headline(judge("overhead", {"engines": {"peft": inverting}}))
     split = {**within, "compile_off_ratio": 1.12, "grit_over_uncompiled_lora": 1.04}
     assert "(leaving Unsloth's compile x1.12, GRIT over uncompiled LoRA x1.04)" in \
         headline(judge("overhead", {"engines": {"unsloth@llama-1b": split}}))
@@ -113,19 +125,38 @@ def test_only_synchronising_calls_count_as_host_syncs():
                                 "/pytorch/c10/cuda/CUDAFunctions.cpp:154.)")
 
 
+def profiler_event(name: str, on_device: bool, us: float, annotation: bool = False):
+    """What ``sort_events`` reads of a ``torch.profiler`` event (``FunctionEvent``)."""
+    from torch.autograd import DeviceType
+
+    device = DeviceType.CUDA if on_device else DeviceType.CPU
+    return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
+                           cpu_time_total=0.0 if on_device else us, device_time_total=us if on_device else 0.0)
+
+
 def test_a_profile_is_summarised_per_step_and_phase():
-    """Two profiled steps: each phase's host time is its ranges' sum over the steps, per step; the
-    device's time sums kernels only (an operation's device time is its kernels' again); a
-    CPU profile claims no device figures."""
-    ranges = [("phase.forward", 3000.0), ("phase.backward", 5000.0), ("phase.forward", 1000.0),
-              ("phase.grit_after", 400.0), ("aten::mm", 99.0), ("phase.unknown", 7.0)]
-    calls = ["cudaLaunchKernel"] * 6 + ["cudaMemcpyAsync", "aten::mm"]
-    on_gpu = summarise_phases(ranges, [100.0, 300.0], calls, steps=2, on_device=True)
+    """Two profiled steps: each phase's host time is its host ranges' sum over the steps, per step;
+    the device's time sums kernels only: the phases' ranges mirrored on the device (user
+    annotations, which span their kernels) are spans, not kernels, which the first H100 profile
+    counted as kernel time; a CPU profile claims no device figures."""
+    events = [profiler_event(name, False, us) for name, us in (
+        ("phase.forward", 3000.0), ("phase.backward", 5000.0), ("phase.forward", 1000.0),
+        ("phase.grit_after", 400.0), ("aten::mm", 99.0), ("phase.unknown", 7.0))]
+    events += [profiler_event(name, False, 1.0) for name in ["cudaLaunchKernel"] * 6 + ["cudaMemcpyAsync"]]
+    events += [profiler_event("gemm", True, 100.0), profiler_event("gemm", True, 300.0),
+               profiler_event("potrf", True, 200.0), profiler_event("phase.forward", True, 4000.0, annotation=True),
+               profiler_event("phase.grit_before", True, 600.0, annotation=True)]
+    on_gpu = summarise_phases(sort_events(events), steps=2, on_device=True)
     assert on_gpu.host_ms == {"forward": 2.0, "backward": 2.5, "grit_before": 0.0, "optimizer": 0.0,
                               "grit_after": 0.2, "zero_grad": 0.0}
-    assert on_gpu.host_ms_total == 4.7 and on_gpu.device_ms == 0.2 and on_gpu.kernel_launches == 3
-    on_cpu = summarise_phases(ranges, [], calls, steps=2, on_device=False)
+    assert on_gpu.host_ms_total == 4.7 and on_gpu.device_ms == 0.3 and on_gpu.kernel_launches == 3
+    assert on_gpu.kernel_ms == {"gemm": 0.2, "potrf": 0.1}
+    assert on_gpu.device_span_ms == {"forward": 2.0, "backward": 0.0, "grit_before": 0.3, "optimizer": 0.0,
+                                     "grit_after": 0.0, "zero_grad": 0.0}
+    on_cpu = summarise_phases(sort_events(events[:7]), steps=2, on_device=False)
     assert on_cpu.host_ms == on_gpu.host_ms and on_cpu.device_ms is None and on_cpu.kernel_launches is None
+    assert kernel_differences({"gemm": 0.2, "potrf": 0.1}, {"gemm": 0.25, "trsm": 0.5, "x": 0.0}, top=2) == \
+        {"trsm": 0.5, "potrf": -0.1}
 
 
 def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path, monkeypatch):
@@ -218,14 +249,15 @@ def test_the_overhead_harness_times_interleaved_steps_and_weighs_one_arm():
 
     def slow(batch: int) -> None:
         seen.append(("grit", batch))
-        now[0] += 10.0 + batch
+        now[0] += 10.0 + batch + (30.0 if batch == 4 else 0.0)    # batch 4: an inverting step
 
     prepared: list[str] = []
     timed = interleaved_step_times(fast, slow, range(5), warmup=2, prepare=prepared.append, clock=lambda: now[0])
     assert seen == [(arm, k) for k in range(5) for arm in ("lora", "grit")]
     assert prepared == ["lora", "grit"] * 5
-    # timed batches 2, 3, 4: LoRA 1, 1, 1; GRIT 12, 13, 14
+    # timed batches 2, 3, 4: LoRA 1, 1, 1; GRIT 12, 13, 44 (the median leaves the inversion out)
     assert (timed.steps, timed.lora_s, timed.grit_s, timed.ratio) == (3, 1.0, 13.0, 13.0)
+    assert (timed.lora_mean_s, timed.grit_mean_s, timed.mean_ratio) == (1.0, 23.0, 23.0)
     with pytest.raises(ValueError, match="no step was timed"):
         interleaved_step_times(fast, slow, range(2), warmup=2)
 
