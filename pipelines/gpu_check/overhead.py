@@ -349,6 +349,29 @@ def operation_counts(step: Step, inputs: Any) -> OperationCounts:
     return OperationCounts(counted.operations, counted.host_reads, counted.host_copies)
 
 
+def python_calls(run: Callable[[], Any]) -> int:
+    """The Python-level calls ``run()`` makes: functions, methods and builtins (``sys.setprofile``
+    events ``call`` and ``c_call``). On a GPU a step's host time is its Python as much as its
+    operations: the H100's profile put most of GRIT's extra host time in code that launches
+    little (docs/gpu.md), which an operation count does not see."""
+    import sys
+
+    calls = 0
+
+    def count(_frame, event: str, _arg) -> None:
+        nonlocal calls
+        if event in ("call", "c_call"):
+            calls += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(count)
+    try:
+        run()
+    finally:
+        sys.setprofile(previous)
+    return calls
+
+
 def saved_activation_bytes(run: Callable[[], Any]) -> int:
     """Bytes of the activations autograd saves for backward while ``run()`` runs: every tensor a
     ``saved_tensors_hooks`` pack hook sees, once per storage (q, k and v saving the same input

@@ -62,11 +62,13 @@ def gradient_norm(parameters: list[torch.nn.Parameter]) -> float:
     return float(joint_gradient_norm(parameters))
 
 
-def clip_gradients(parameters: list[torch.nn.Parameter], max_grad_norm: float | None) -> None:
-    """The trust region: bound the (preconditioned) gradients' joint norm; 0/None: no clipping."""
+def clip_gradients(parameters: list[torch.nn.Parameter], max_grad_norm: float | None) -> torch.Tensor | None:
+    """The trust region: bound the (preconditioned) gradients' joint norm; 0/None: no clipping.
+    Returns the joint norm before clipping (on the device), or None when nothing was clipped."""
     with_grad = [p for p in parameters if p.grad is not None]
     if max_grad_norm and max_grad_norm > 0 and with_grad:
-        torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm)
+        return torch.nn.utils.clip_grad_norm_(with_grad, max_grad_norm)
+    return None
 
 
 class GritCallback(TrainerCallback):

@@ -99,6 +99,10 @@ class GritManager:
         # each used, the copy's event or None).
         self._unsettled: list[tuple[list[tuple[ModuleState, str]], torch.Tensor, Any]] = []
         self._ok: dict[tuple[int, str], torch.Tensor] = {}      # (id(state), side) -> factorised, on the device
+        # precondition's stacked inverses per group (side, shape, device, dtype), with the inverses
+        # they stack; this step's factors with a gradient (before_step clips them)
+        self._inverse_stacks: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        self._step_parameters: list[torch.nn.Parameter] = []
         layers = lora_layers(peft_model)
         self.targeted = [base_module_name(name) for name, _, _ in layers]   # for rank_pattern keys
         if modules is not None:
@@ -318,29 +322,53 @@ class GritManager:
     # -------------------------------------------------------------------- the GRIT step
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for s in self.modules.values() for p in (s.lora_A.weight, s.lora_B.weight)]
+        return [weight for _, _, weight in self.factors()]
 
-    def precondition(self) -> int | torch.Tensor:
+    def factors(self) -> list[tuple[ModuleState, str, torch.nn.Parameter]]:
+        """(state, side, weight) of every module's two factors, in ``lora_parameters`` order: one
+        walk over the modules, which a step makes once (each weight is two attribute lookups
+        through PEFT's module dictionaries, and a GPU step is bound by the host)."""
+        factors = []
+        for state in self.modules.values():
+            factors += ((state, "A", state.lora_A.weight), (state, "B", state.lora_B.weight))
+        return factors
+
+    def _stacked_inverses(self, group: tuple, inverses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The group's inverses stacked on ``device``, stacked again only when one of them changed:
+        they change at inversions (every ``update_freq`` steps), the gradients every step. The
+        cache holds the inverses it stacked, so a new inverse is never mistaken for an old one
+        (they are replaced, never written in place)."""
+        cached = self._inverse_stacks.get(group)
+        stale = cached is None or len(cached[0]) != len(inverses) or \
+            any(a is not b for a, b in zip(cached[0], inverses, strict=True))
+        if stale:
+            cached = (inverses, torch.stack([inverse.to(device) for inverse in inverses]))
+            self._inverse_stacks[group] = cached
+        return cached[1]
+
+    def precondition(self, factors: list[tuple[ModuleState, str, torch.nn.Parameter]] | None = None
+                     ) -> int | torch.Tensor:
         """Natural gradient on every module's ready sides; how many tensors. The per-module step
         (``ModuleState.precondition``, the reference) done for all modules of one shape at once:
         one batched matmul per group of gradients of one side, shape, device and dtype, so the
-        host launches a handful of operations instead of a dozen per module."""
+        host launches a handful of operations instead of a dozen per module. ``factors``: this
+        step's :meth:`factors`, when the caller has them."""
         groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
-        for state in self.modules.values():
-            for side in SIDES:
-                weight, inverse = state.weight(side), state.inverse[side]
-                if inverse is None or weight.grad is None:
-                    continue
-                grad = weight.grad
-                groups.setdefault((side, tuple(grad.shape), grad.device, grad.dtype), []).append(
-                    (grad, inverse, self._ok.get((id(state), side))))
+        for state, side, weight in factors if factors is not None else self.factors():
+            inverse, grad = state.inverse[side], weight.grad
+            if inverse is None or grad is None:
+                continue
+            groups.setdefault((side, tuple(grad.shape), grad.device, grad.dtype), []).append(
+                (grad, inverse, self._ok.get((id(state), side))))
         applied: list[torch.Tensor | int] = []
         with torch.no_grad():
-            for (side, _, device, _), members in groups.items():
+            for group, members in groups.items():
+                side, device = group[0], group[2]
                 grads = [grad for grad, _, _ in members]
                 # fp32 whatever the gradients' dtype (as the reference: the inverses are fp32).
                 raw = torch.stack(grads).float()
-                natural = gm.precondition_batched(raw, torch.stack([inv.to(device) for _, inv, _ in members]), side)
+                inverses = self._stacked_inverses(group, [inverse for _, inverse, _ in members], device)
+                natural = gm.precondition_batched(raw, inverses, side)
                 if self.config.graft_norm:
                     natural = gm.graft_batched(natural, raw)
                 if any(ok is not None for _, _, ok in members):
@@ -370,16 +398,20 @@ class GritManager:
 
     def before_step(self, max_grad_norm: float | None) -> dict[str, float]:
         """Everything between backward and ``optimizer.step()``, in order (module docstring)."""
-        report = self.precondition_step()
-        clip_gradients(self.lora_parameters(), max_grad_norm)
+        report = self.precondition_step(clipping=True)
+        # the clip's own total norm is the preconditioned gradients' joint norm: not computed twice
+        norm = clip_gradients(self._step_parameters, max_grad_norm)
+        report["grad_norm_preconditioned"] = norm if norm is not None else joint_gradient_norm(self._step_parameters)
         return report
 
-    def precondition_step(self) -> dict[str, torch.Tensor | float]:
+    def precondition_step(self, clipping: bool = False) -> dict[str, torch.Tensor | float]:
         """The GRIT part of :meth:`before_step` (everything but clipping): sync, invert,
         regularise, precondition. Several managers sharing one optimizer (one per modality of a
         VLM) each run this, then one clip bounds all their gradients together. The gradient norms
-        of the report stay on the device (:attr:`last_report` reads them)."""
-        parameters = [p for p in self.lora_parameters() if p.grad is not None]
+        of the report stay on the device (:attr:`last_report` reads them); ``clipping``: the
+        caller clips next and puts the norm its clip computes in the report."""
+        factors = self.factors()
+        parameters = self._step_parameters = [weight for _, _, weight in factors if weight.grad is not None]
         self.sync_factors()
         if self.step == 0:
             self.check_capture_coverage()
@@ -388,10 +420,11 @@ class GritManager:
         raw_norm = joint_gradient_norm(parameters)
         # During the natural-gradient warm-up the factors fill and invert, but the step is plain.
         warm = self.step >= self.config.ng_warmup_steps
-        applied = self.precondition() if self.config.precondition and warm else 0
+        applied = self.precondition(factors) if self.config.precondition and warm else 0
         rows = sum(s.u.count for s in self.modules.values())
         self.report = {
-            "grad_norm_raw": raw_norm, "grad_norm_preconditioned": joint_gradient_norm(parameters),
+            "grad_norm_raw": raw_norm,
+            "grad_norm_preconditioned": float("nan") if clipping else joint_gradient_norm(parameters),
             "preconditioned_tensors": applied, "regularizer": regularizer, "rows_captured": float(rows),
             "inversions": float(self._inverted_now), "inversions_total": float(self.inversions),
             "capture_coverage": self._captured_modules / max(1, len(self.modules)),
