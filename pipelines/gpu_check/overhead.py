@@ -57,8 +57,8 @@ class StepTimes:
     lora_s: float
     grit_s: float
     steps: int
-    lora_mean_s: float | None = None
-    grit_mean_s: float | None = None
+    lora_mean_s: float
+    grit_mean_s: float
 
     @property
     def ratio(self) -> float:
@@ -66,9 +66,9 @@ class StepTimes:
         return self.grit_s / self.lora_s
 
     @property
-    def mean_ratio(self) -> float | None:
+    def mean_ratio(self) -> float:
         """GRIT / LoRA (means)."""
-        return None if self.lora_mean_s is None or self.grit_mean_s is None else self.grit_mean_s / self.lora_mean_s
+        return self.grit_mean_s / self.lora_mean_s
 
 
 @dataclass(frozen=True)

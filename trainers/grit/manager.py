@@ -100,9 +100,8 @@ class GritManager:
         self._unsettled: list[tuple[list[tuple[ModuleState, str]], torch.Tensor, Any]] = []
         self._ok: dict[tuple[int, str], torch.Tensor] = {}      # (id(state), side) -> factorised, on the device
         # precondition's stacked inverses per group (side, shape, device, dtype), with the inverses
-        # they stack; this step's factors with a gradient (before_step clips them)
+        # they stack
         self._inverse_stacks: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
-        self._step_parameters: list[torch.nn.Parameter] = []
         layers = lora_layers(peft_model)
         self.targeted = [base_module_name(name) for name, _, _ in layers]   # for rank_pattern keys
         if modules is not None:
@@ -398,20 +397,26 @@ class GritManager:
 
     def before_step(self, max_grad_norm: float | None) -> dict[str, float]:
         """Everything between backward and ``optimizer.step()``, in order (module docstring)."""
-        report = self.precondition_step(clipping=True)
+        report, parameters = self._precondition_step()
         # the clip's own total norm is the preconditioned gradients' joint norm: not computed twice
-        norm = clip_gradients(self._step_parameters, max_grad_norm)
-        report["grad_norm_preconditioned"] = norm if norm is not None else joint_gradient_norm(self._step_parameters)
+        norm = clip_gradients(parameters, max_grad_norm)
+        report["grad_norm_preconditioned"] = norm if norm is not None else joint_gradient_norm(parameters)
         return report
 
-    def precondition_step(self, clipping: bool = False) -> dict[str, torch.Tensor | float]:
+    def precondition_step(self) -> dict[str, torch.Tensor | float]:
         """The GRIT part of :meth:`before_step` (everything but clipping): sync, invert,
         regularise, precondition. Several managers sharing one optimizer (one per modality of a
         VLM) each run this, then one clip bounds all their gradients together. The gradient norms
-        of the report stay on the device (:attr:`last_report` reads them); ``clipping``: the
-        caller clips next and puts the norm its clip computes in the report."""
+        of the report stay on the device (:attr:`last_report` reads them)."""
+        report, parameters = self._precondition_step()
+        report["grad_norm_preconditioned"] = joint_gradient_norm(parameters)
+        return report
+
+    def _precondition_step(self) -> tuple[dict[str, torch.Tensor | float], list[torch.nn.Parameter]]:
+        """:meth:`precondition_step` without the preconditioned norm, which :meth:`before_step`
+        takes from its clip; and the factors that have a gradient."""
         factors = self.factors()
-        parameters = self._step_parameters = [weight for _, _, weight in factors if weight.grad is not None]
+        parameters = [weight for _, _, weight in factors if weight.grad is not None]
         self.sync_factors()
         if self.step == 0:
             self.check_capture_coverage()
@@ -423,13 +428,12 @@ class GritManager:
         applied = self.precondition(factors) if self.config.precondition and warm else 0
         rows = sum(s.u.count for s in self.modules.values())
         self.report = {
-            "grad_norm_raw": raw_norm,
-            "grad_norm_preconditioned": float("nan") if clipping else joint_gradient_norm(parameters),
-            "preconditioned_tensors": applied, "regularizer": regularizer, "rows_captured": float(rows),
+            "grad_norm_raw": raw_norm, "preconditioned_tensors": applied, "regularizer": regularizer,
+            "rows_captured": float(rows),
             "inversions": float(self._inverted_now), "inversions_total": float(self.inversions),
             "capture_coverage": self._captured_modules / max(1, len(self.modules)),
         }
-        return self.report
+        return self.report, parameters
 
     @property
     def last_report(self) -> dict[str, float]:
