@@ -312,7 +312,18 @@ def runs(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
             record = provenance(run_trial(params, spec, root, Path(scratch)), job)
         store_trial(store, job["run_id"], record)
         append(results, record)
-        print(f"[study]   validation loss {record['val_loss']:.4f} in {record['trial_seconds']:.0f} s", flush=True)
+        print(run_summary(record), flush=True)
+
+
+def run_summary(record: dict[str, Any]) -> str:
+    """The line a finished finalist or test run prints: which run it was (two workers' lines
+    interleave) and the loss its phase is judged on, the held-out test loss for a test run."""
+    name = f"{record['method']}, {record['steps']} steps, seed {record['seed']}"
+    losses = f"validation loss {record['val_loss']:.4f}"
+    test_loss = record.get("metrics", {}).get("test_loss")
+    if record.get("phase") == "test" and test_loss is not None:
+        losses = f"test loss {test_loss:.4f} ({losses})"
+    return f"[study]   {record.get('phase', 'run')} done: {name}: {losses} in {record['trial_seconds']:.0f} s"
 
 
 def trial_store(params: Params, root: Path):

@@ -43,3 +43,17 @@ def test_the_trial_process_ends_when_its_study_process_is_killed(repo_root):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not _alive(child), "the trial process outlived the study process"
+
+
+def test_a_finished_run_names_itself_and_prints_the_loss_its_phase_is_judged_on():
+    """Two workers' lines interleave in a sitting's log, and a test run is judged on its held-out
+    test loss, not on the validation loss the log used to print for every run."""
+    from pipelines.study_worker import run_summary
+
+    record = {"method": "grit_paper", "steps": 96, "seed": 1008, "phase": "test", "val_loss": 0.3342,
+              "metrics": {"test_loss": 0.3371, "val_loss": 0.3342}, "trial_seconds": 1713.1}
+    line = run_summary(record)
+    assert "grit_paper, 96 steps, seed 1008" in line
+    assert "test loss 0.3371" in line and "validation loss 0.3342" in line
+    finalist = run_summary({**record, "phase": "finalist", "metrics": {"val_loss": 0.3342}})
+    assert "finalist" in finalist and "test loss" not in finalist and "validation loss 0.3342" in finalist
