@@ -197,6 +197,49 @@ def study_progress(methods: Sequence[str], run_lengths: Sequence[int], planned: 
     return [PartProgress(m, s, done[(m, s)], dict(planned), seconds[(m, s)] / 3600) for (m, s) in done]
 
 
+def steps_trained(trial: Trial) -> int:
+    return trial.stopped_at if trial.stopped_at is not None else trial.steps
+
+
+def _median(values: Sequence[float], default: float = 0.0) -> float:
+    return float(np.median(values)) if len(values) else default
+
+
+def remaining_hours(parts: Sequence[PartProgress], trials: Sequence[Trial], recent: int = 40) -> float | None:
+    """The compute the plan still needs at the pace of the ledger's ``recent`` latest trials (None
+    before any trial trained): each run left costs the median seconds per training step times the
+    steps its phase trains, plus its phase's median time outside training (a test run's
+    measurement). Recent, because the pace follows how the sittings run (workers, threads, what
+    shared the machine), not the run length. A tuning run trains the share of its steps that the
+    pruner let tuning runs of that length train (of the longest length measured, for one not yet
+    begun); a part expects as many finalist runs as the parts past that phase needed."""
+    trained = [t for t in trials if t.train_seconds > 0 and steps_trained(t) > 0]
+    if not trained:
+        return None
+    pace = trained[-recent:]
+    per_step = _median([t.train_seconds / steps_trained(t) for t in pace])
+    outside = {phase: _median([max(0.0, t.compute_seconds - t.train_seconds) for t in pace if t.phase == phase],
+                              _median([max(0.0, t.compute_seconds - t.train_seconds)
+                                       for t in trained if t.phase == phase]))
+               for phase in PHASES}
+    shares = {}
+    for steps in sorted({t.steps for t in trained if t.phase == "tune"}):
+        tuned = [t for t in trained if t.phase == "tune" and t.steps == steps]
+        shares[steps] = sum(map(steps_trained, tuned)) / (steps * len(tuned))
+    past = [p.done["finalist"] for p in parts if p.state in ("testing", "done")]
+    seconds = 0.0
+    for part in (p for p in parts if p.state != "done"):       # a done part needs nothing more
+        finalists = part.done["finalist"] if part.state in ("testing", "done") else \
+            min(round(float(np.mean(past))) if past else part.planned["finalist"], part.planned["finalist"])
+        left = {"tune": max(0, part.planned["tune"] - part.done["tune"]),
+                "finalist": max(0, finalists - part.done["finalist"]),
+                "test": max(0, part.planned["test"] - part.done["test"])}
+        tune_share = shares.get(part.steps, shares[max(shares)] if shares else 1.0)
+        share = {"tune": tune_share, "finalist": 1.0, "test": 1.0}
+        seconds += sum(n * (per_step * part.steps * share[phase] + outside[phase]) for phase, n in left.items())
+    return seconds / 3600
+
+
 def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
     """The plain answer first (does GRIT beat LoRA here, by the pre-declared test?), then the
     count of significant differences out of all paired tests, then which ones they are."""

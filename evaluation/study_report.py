@@ -27,6 +27,7 @@ from evaluation.study import (
     endpoints,
     paired_tests,
     planned_runs,
+    remaining_hours,
     study_progress,
     summary,
     trial_from_record,
@@ -320,9 +321,18 @@ def ledger_progress(header: dict | None, records: Sequence[dict], parts_link: st
     else:
         then = "the headline above stays the earlier study's until every part is done and the report is written."
     return (f"**Study `{header['key']}` of the current design** (profile `study`), produced over sittings: "
-            f"{trials} in its ledger, {sum(p.hours for p in parts):.1f} h of compute, "
+            f"{trials} in its ledger, {sum(p.hours for p in parts):.1f} h of compute"
+            f"{_left_note(parts, records)}, "
             f"[{finished} of {len(parts)} parts done]({parts_link}); {then}{_revised_note(header)}"
             f"{_finished_note(finished, len(parts), parts_link)}{_data_note(records)}")
+
+
+def _left_note(parts, records: Sequence[dict]) -> str:
+    """How much compute the plan still needs at the ledger's pace (evaluation.study.remaining_hours)."""
+    left = remaining_hours(parts, [trial_from_record(r) for r in records])
+    if left is None or all(p.state == "done" for p in parts):
+        return ""
+    return f" (about {left:.2g} h more at the pace of its trials so far)"
 
 
 def _finished_note(finished: int, parts: int, parts_link: str) -> str:

@@ -51,7 +51,7 @@ from db.study_claims import (
 from db.study_ledger import LEDGER_DIR, Ledger, data_fingerprint, open_ledger
 from db.tuning_journal import append_journal, journal_logs, journals_under
 from evaluation.config import seeds_for_testing, tuning_seeds
-from evaluation.study import PHASES, Trial, planned_runs, study_progress, trial_from_record
+from evaluation.study import PHASES, Trial, planned_runs, remaining_hours, study_progress, trial_from_record
 from evaluation.tuning import (
     Dimension,
     Scored,
@@ -147,7 +147,8 @@ def as_trial(row: StudyTrial) -> Trial:
 
 def recorded_trials(ctx: StageContext) -> list[Trial]:
     with ctx.store.reader() as session:
-        rows = session.scalars(select(StudyTrial).where(StudyTrial.run_id == ctx.run_id)).all()
+        rows = session.scalars(select(StudyTrial).where(StudyTrial.run_id == ctx.run_id)
+                               .order_by(StudyTrial.id)).all()     # recorded order: the pace is the latest trials'
         return [as_trial(r) for r in rows]
 
 
@@ -218,12 +219,15 @@ def progress(sitting: Sitting) -> str:
     compute they took."""
     study = sitting.ctx.params.study
     planned = planned_runs(study.configurations, study.finalists, study.finalist_seeds, study.seeds)
-    parts = study_progress(study.methods, study.steps, planned, recorded_trials(sitting.ctx))
+    trials = list(recorded_trials(sitting.ctx))
+    parts = study_progress(study.methods, study.steps, planned, trials)
     done = {phase: sum(p.done[phase] for p in parts) for phase in PHASES}
+    left = remaining_hours(parts, trials)
+    pace = f", about {left:.0f} h more at its pace so far" if left and any(p.state != "done" for p in parts) else ""
     return (f"{sum(p.state == 'done' for p in parts)} of {len(parts)} parts done; {done['tune']} tuning "
             f"configurations (of at least {len(parts) * planned['tune']}), {done['finalist']} finalist runs (of at "
             f"most {len(parts) * planned['finalist']}), {done['test']} of {len(parts) * planned['test']} test runs, "
-            f"{sum(p.hours for p in parts):.2f} h of compute")
+            f"{sum(p.hours for p in parts):.2f} h of compute{pace}")
 
 
 def show_progress(root: Path) -> None:

@@ -13,6 +13,7 @@ from evaluation.study import (
     endpoints,
     paired_tests,
     planned_runs,
+    remaining_hours,
     study_progress,
     summary,
     verdict,
@@ -114,6 +115,33 @@ def test_progress_counts_each_part_by_phase_and_says_where_it_is():
     assert parts[1].hours == pytest.approx(72 / 3600) and parts[2].hours == pytest.approx(3601 / 3600)
 
 
+def test_the_compute_left_is_the_runs_left_at_the_pace_of_the_latest_trials():
+    planned = planned_runs(configurations=4, finalists=1, finalist_seeds=1, seeds=2)     # 4 tune, 2 fin, 2 test
+
+    def run(phase, method, steps, per_step, outside, stopped_at=None):
+        trained = stopped_at or steps
+        return Trial(phase, method, steps, 0, {}, 1.0, train_seconds=per_step * trained,
+                     trial_seconds=per_step * trained + outside, stopped_at=stopped_at)
+
+    old = [run("finalist", "gone", 8, 100.0, 0.0)] * 5     # a slower pace, before the latest trials
+    # part (a, 8): tuning runs trained half their steps on average; 2 finalist runs; 2 tests
+    done_a = [run("tune", "a", 8, 2.0, 1.0), run("tune", "a", 8, 2.0, 1.0, stopped_at=2),
+              run("tune", "a", 8, 2.0, 1.0, stopped_at=2), run("tune", "a", 8, 2.0, 1.0, stopped_at=4),
+              run("finalist", "a", 8, 2.0, 10.0), run("finalist", "a", 8, 2.0, 10.0),
+              run("test", "a", 8, 2.0, 100.0), run("test", "a", 8, 2.0, 100.0)]
+    trials = old + done_a + [run("tune", "b", 8, 2.0, 1.0, stopped_at=4)]
+    parts = study_progress(["a", "b"], [8, 16], planned, trials)
+    left = remaining_hours(parts, trials, recent=len(done_a) + 1)
+    # (b, 8): 3 tuning runs at half of 8 steps, 2 finalist runs, 2 tests; (a, 16) and (b, 16): 4
+    # tuning runs at the share measured at 8 steps, 2 finalists, 2 tests each, 2 s per step
+    b8 = 3 * (2 * 8 * 0.5 + 1) + 2 * (2 * 8 + 10) + 2 * (2 * 8 + 100)
+    at16 = 4 * (2 * 16 * 0.5 + 1) + 2 * (2 * 16 + 10) + 2 * (2 * 16 + 100)
+    assert left * 3600 == pytest.approx(b8 + 2 * at16)
+    assert remaining_hours(parts, []) is None
+    finished = study_progress(["a"], [8], planned, done_a)
+    assert remaining_hours(finished, done_a) == 0
+
+
 def test_the_pages_say_how_far_the_ledgers_study_is():
     from evaluation.study_report import ledger_parts_table, ledger_progress
 
@@ -122,7 +150,9 @@ def test_the_pages_say_how_far_the_ledgers_study_is():
     record = {"method": "a", "steps": 8, "seed": 0, "setting": {}, "train_seconds": 1.0, "trial_seconds": 1800.0}
     half = [record | {"phase": "tune"}, record | {"phase": "test"}]
     line = ledger_progress(header, half)
-    assert "Study `k1`" in line and "2 trials in its ledger, 1.0 h of compute, [1 of 2 parts done]" in line
+    # left: part b's 2 tuning runs and 1 test run at the tuning and test runs' 0.5 h each
+    assert "Study `k1`" in line and "2 trials in its ledger, 1.0 h of compute (about 1.5 h more at the pace of " \
+        "its trials so far), [1 of 2 parts done]" in line
     assert "stays the earlier study's" in line
     table = ledger_parts_table(header, half)
     assert "| a, 8 steps | done | 1 | 0 | 1 | 1.00 |" in table
