@@ -168,10 +168,13 @@ class VariantParams(Section):
 
 def variant_grit(grit: GritParams, variant: VariantParams) -> GritParams:
     """The GRIT configuration ``variant`` trains with: ``grit`` with its overrides, validated, and
-    ``capture: auto`` resolved by the variant's engine (fused on Unsloth's, hooks on PEFT's)."""
+    ``capture: auto`` resolved by the variant's engine (fused on Unsloth's, hooks on PEFT's), and
+    the fused functions' LoRA dtype too (the input's on Unsloth's, the adapter's on PEFT's)."""
     merged = {**grit.model_dump(), **(variant.grit_overrides or {})}
     if merged["capture"] == "auto":
         merged["capture"] = "fused" if variant.engine == "unsloth" else "hooks"
+    if merged["fused_lora_dtype"] == "auto":
+        merged["fused_lora_dtype"] = "input" if variant.engine == "unsloth" else "adapter"
     return GritParams.model_validate(merged)
 
 

@@ -36,6 +36,7 @@ from transformers import TrainerCallback
 from pipelines.gpu_check.overhead import (
     ADAPTER_DTYPES,
     ARMS,
+    GRIT_CAPTURES,
     OVERHEAD_SHAPES,
     OVERHEAD_SIZES,
     PHASE_RANGE,
@@ -311,8 +312,8 @@ def check_truncation(workdir: Path, device: str) -> dict[str, Any]:
     params = check_params(files, "bfloat16" if device == "cuda" else "float32", steps=7)
     torch.manual_seed(params.train.seed)
     hybrid = build_unsloth(files, params, VariantParams(engine="unsloth", grit=True))
-    attachment = attach_grit(hybrid.model, GritParams(**TRUNCATING, capture="fused"), "callback",
-                             params.train.max_steps)
+    grit = variant_grit(GritParams(**TRUNCATING), VariantParams(engine="unsloth", grit=True))  # fused, Unsloth's dtype
+    attachment = attach_grit(hybrid.model, grit, "callback", params.train.max_steps)
     ranks = RanksPerStep(attachment.manager)
     examples = training_examples(hybrid.tokenizer, params.train.max_steps * params.train.per_device_batch_size)
     trainer = build_trainer(hybrid.model, hybrid.tokenizer, examples, params.train, workdir / "run", attachment,
@@ -349,12 +350,13 @@ def check_truncation(workdir: Path, device: str) -> dict[str, Any]:
 
 def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: int, shape: str = "smollm2",
                    syncs: list[int] | None = None, phase: Callable[[str], Any] | None = None,
-                   adapter_dtype: str = "float32"):
+                   adapter_dtype: str = "float32", grit_capture: str = "auto"):
     """(model, optimizer step function) of one arm on a model of ``shape`` (``OVERHEAD_SHAPES``),
     for batches of ``length`` tokens. ``syncs``: the host synchronisations of each GRIT step
     (``before_step`` and ``after_step``) are appended to it. ``phase(name)``: a context manager
     around each phase of the step (``STEP_PHASES``), for a profile. ``adapter_dtype``: the
-    setting ``lora.adapter_dtype`` (``float32``, or ``model``: bf16 adapters on a bf16 model)."""
+    setting ``lora.adapter_dtype`` (``float32``, or ``model``: bf16 adapters on a bf16 model).
+    ``grit_capture``: ``grit.capture`` of the GRIT arm (auto: the engine's own path)."""
     from trainers.engines import build_peft, build_unsloth
     from trainers.grit.doors import clip_gradients
     from trainers.grit.manager import GritManager
@@ -375,8 +377,9 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: 
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=1e-4)
-    # the variant's own capture path: GRIT's fused functions on Unsloth (the hybrid), hooks on PEFT
-    config = variant_grit(GritParams(), VariantParams(engine=engine, grit=True))
+    # auto: the variant's own capture path, GRIT's fused functions on Unsloth (the hybrid), hooks
+    # on PEFT; fused on PEFT runs the fused functions with PEFT's numerics (fused_lora_dtype)
+    config = variant_grit(GritParams(capture=grit_capture), VariantParams(engine=engine, grit=True))
     manager = GritManager(model, config) if grit else None
 
     mark = phase or (lambda _name: nullcontext())
@@ -482,7 +485,7 @@ def shape_sizes(shape: str, batch: int, length: int) -> tuple[int, int]:
 
 
 def overhead_time(workdir: Path, device: str, engine: str, shape: str, steps: int, batch: int,
-                  length: int, adapter_dtype: str = "float32") -> dict[str, Any]:
+                  length: int, adapter_dtype: str = "float32", grit_capture: str = "auto") -> dict[str, Any]:
     """Both arms in one process, steps interleaved (LoRA, GRIT, LoRA, ...) on the same batches,
     so the machine's noise hits both alike; the ratio of median step times (``overhead.py``), and
     what plain LoRA itself makes of the device: tokens/s and its share of the FLOP bound. On
@@ -490,15 +493,16 @@ def overhead_time(workdir: Path, device: str, engine: str, shape: str, steps: in
     it (the same model, compiled and uncompiled steps interleaved): the ratio splits into leaving
     the compile (``compile_off_ratio``) and GRIT over uncompiled LoRA."""
     batch, length = shape_sizes(shape, batch, length)
-    arms = [overhead_model(workdir, engine, arm == "grit", device, length, shape, adapter_dtype=adapter_dtype)
-            for arm in ARMS]
+    arms = [overhead_model(workdir, engine, arm == "grit", device, length, shape, adapter_dtype=adapter_dtype,
+                           grit_capture=grit_capture) for arm in ARMS]
     (model, lora), (_, grit) = arms
     batches = (random_batch(batch, length, seed=k, device=device) for k in range(steps + OVERHEAD_WARMUP))
     timed = interleaved_step_times(lora, grit, batches, OVERHEAD_WARMUP, device,
                                    prepare=unsloth_compile_per_arm if engine == "unsloth" else None)
     flops = lora_step_flops(OVERHEAD_SHAPES[shape], model.config.vocab_size, batch, length, LoraParams(r=16).r)
     peak = peak_flops(device)
-    figures = {"shape": shape, "adapter_dtype": adapter_dtype, "lora_step_ms": 1000 * timed.lora_s,
+    figures = {"shape": shape, "adapter_dtype": adapter_dtype, "grit_capture": grit_capture,
+               "lora_step_ms": 1000 * timed.lora_s,
                "grit_step_ms": 1000 * timed.grit_s, "step_time_ratio": timed.ratio,
                "mean_step_time_ratio": timed.mean_ratio, "steps": steps, "batch": batch,
                "length": length,
@@ -514,7 +518,7 @@ def overhead_time(workdir: Path, device: str, engine: str, shape: str, steps: in
 
 
 def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: str, steps: int, batch: int,
-                    length: int, adapter_dtype: str = "float32") -> dict[str, Any]:
+                    length: int, adapter_dtype: str = "float32", grit_capture: str = "auto") -> dict[str, Any]:
     """One arm alone in a fresh process: the peak CUDA memory of its whole training (weights,
     activations, optimizer and GRIT state); on CPU the process's peak RSS (``overhead.py``). The
     GRIT arm also counts the host synchronisations of its GRIT steps (``host_syncs``)."""
@@ -523,7 +527,7 @@ def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: st
     batch, length = shape_sizes(shape, batch, length)
     syncs: list[int] = []
     _, step = overhead_model(workdir, engine, arm == "grit", device, length, shape, syncs,
-                             adapter_dtype=adapter_dtype)
+                             adapter_dtype=adapter_dtype, grit_capture=grit_capture)
     memory = peak_memory(step, (random_batch(batch, length, seed=k, device=device) for k in range(steps)), device)
     figures: dict[str, Any] = {"peak_mib": memory.peak_mib}
     if arm == "grit":
@@ -532,7 +536,7 @@ def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: st
 
 
 def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps: int, batch: int,
-                     length: int, adapter_dtype: str = "float32") -> dict[str, Any]:
+                     length: int, adapter_dtype: str = "float32", grit_capture: str = "auto") -> dict[str, Any]:
     """Where GRIT's extra step time goes: each arm profiled over ``steps`` steps after the warm-up
     (``overhead.phase_profile``), the host's milliseconds per phase of the step, the device's
     kernel milliseconds and kernel launches per step, each phase's span on the device, the
@@ -544,7 +548,7 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps:
     batch, length = shape_sizes(shape, batch, length)
     arms = {arm: overhead_model(workdir, engine, arm == "grit", device, length, shape,
                                 phase=lambda name: record_function(PHASE_RANGE + name),
-                                adapter_dtype=adapter_dtype)[1] for arm in ARMS}
+                                adapter_dtype=adapter_dtype, grit_capture=grit_capture)[1] for arm in ARMS}
     profiles = {}
     for arm, step in arms.items():
         if engine == "unsloth":
@@ -554,8 +558,8 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps:
         profiles[arm] = phase_profile(step, (random_batch(batch, length, seed=OVERHEAD_WARMUP + k, device=device)
                                              for k in range(steps)), device)
     lora, grit = profiles["lora"], profiles["grit"]
-    figures: dict[str, Any] = {"shape": shape, "adapter_dtype": adapter_dtype, "steps": steps, "batch": batch,
-                               "length": length}
+    figures: dict[str, Any] = {"shape": shape, "adapter_dtype": adapter_dtype, "grit_capture": grit_capture,
+                               "steps": steps, "batch": batch, "length": length}
     for arm, profiled in profiles.items():
         kernels = sorted((profiled.kernel_ms or {}).items(), key=lambda kv: -kv[1])
         top = None if profiled.kernel_ms is None else dict(kernels[:8])
@@ -582,7 +586,7 @@ class Item:
 
     ``part_of`` is the item of the check (``report.TITLES``) it serves; ``arguments`` names what
     follows the kind in the item's name, ``:``-separated (``overhead-memory:peft:grit``);
-    ``sized``: it takes ``steps``, ``batch``, ``length`` and ``adapter_dtype``."""
+    ``sized``: it takes ``steps``, ``batch``, ``length``, ``adapter_dtype`` and ``grit_capture``."""
 
     run: Callable[..., dict[str, Any]]
     part_of: str
@@ -590,13 +594,13 @@ class Item:
     sized: bool = False
 
     def __call__(self, kind: str, rest: str, workdir: Path, device: str, steps: int, batch: int,
-                 length: int, adapter_dtype: str = "float32") -> dict[str, Any]:
+                 length: int, adapter_dtype: str = "float32", grit_capture: str = "auto") -> dict[str, Any]:
         values = rest.split(":") if rest else []
         if len(values) != len(self.arguments):
             spelled = "".join(f":<{name}>" for name in self.arguments)
             raise ValueError(f"item {kind!r} is named {kind}{spelled}")
-        sizes = {"steps": steps, "batch": batch, "length": length, "adapter_dtype": adapter_dtype} \
-            if self.sized else {}
+        sizes = {"steps": steps, "batch": batch, "length": length, "adapter_dtype": adapter_dtype,
+                 "grit_capture": grit_capture} if self.sized else {}
         return self.run(workdir, device, *values, **sizes)
 
 
@@ -628,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="float32")
+    parser.add_argument("--grit-capture", choices=GRIT_CAPTURES, default="auto")
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     kind, _, rest = args.item.partition(":")
@@ -635,7 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     if item is None:
         raise SystemExit(f"unknown item {args.item!r}")
     try:
-        result = item(kind, rest, args.workdir, args.device, args.steps, args.batch, args.length, args.adapter_dtype)
+        result = item(kind, rest, args.workdir, args.device, args.steps, args.batch, args.length, args.adapter_dtype,
+                      args.grit_capture)
     except Exception as error:  # noqa: BLE001 - the orchestrator reports it as the item's failure
         traceback.print_exc()
         args.out.write_text(json.dumps({"error": f"{type(error).__name__}: {error}".splitlines()[0]}))

@@ -46,6 +46,8 @@ OVERHEAD_SIZES = {"llama-1b": (4, 2048)}
 ARMS = ("lora", "grit")
 # lora.adapter_dtype of both arms: PEFT's fp32 adapters, or the model's dtype (bf16 on a GPU)
 ADAPTER_DTYPES = ("float32", "model")
+# grit.capture of the GRIT arm: the engine's (fused on Unsloth, hooks on PEFT), or either on both
+GRIT_CAPTURES = ("auto", "hooks", "fused")
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,7 @@ def headline(item: ItemResult) -> str:
                          + (f" (leaving Unsloth's compile x{_fmt(r['compile_off_ratio'])}, GRIT over uncompiled "
                             f"LoRA x{_fmt(r.get('grit_over_uncompiled_lora'))})" if r.get("compile_off_ratio") else "")
                          + (", adapters in the model's dtype" if r.get("adapter_dtype") == "model" else "")
+                         + (f", GRIT capture {r['grit_capture']}" if r.get("grit_capture", "auto") != "auto" else "")
                          for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
     if item.name == "profile":
         return "; ".join(f"{engine}: {profile_line(r)}" for engine, r in sorted(f.get("engines", {}).items())) or "n/a"

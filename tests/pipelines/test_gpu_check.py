@@ -110,6 +110,11 @@ def test_overhead_targets_are_the_stated_ones():
     split = {**within, "compile_off_ratio": 1.12, "grit_over_uncompiled_lora": 1.04}
     assert "(leaving Unsloth's compile x1.12, GRIT over uncompiled LoRA x1.04)" in \
         headline(judge("overhead", {"engines": {"unsloth@llama-1b": split}}))
+    # a GRIT arm on another capture path than its engine's says so; the engine's own says nothing
+    def line(capture: str) -> str:
+        return headline(judge("overhead", {"engines": {"peft": {**within, "grit_capture": capture}}}))
+
+    assert ", GRIT capture fused" in line("fused") and "capture" not in line("auto")
 
 
 def test_only_synchronising_calls_count_as_host_syncs():
@@ -163,15 +168,17 @@ def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path
     """The profile item on CPU, PEFT engine, a few tokens, at a tiny width of SmolLM2's layout (the
     item's code path; the real width only makes it slower here): both arms' phases are measured,
     GRIT's after_step is work LoRA does not do, and the report's line says what GRIT adds. Run
-    through the registry as the worker process runs it, with the adapter-dtype setting passed on."""
+    through the registry as the worker process runs it, with the adapter-dtype setting passed on,
+    and GRIT's fused functions on PEFT's engine (``--grit-capture fused``)."""
     from pipelines.gpu_check.items import REGISTRY
     from pipelines.gpu_check.overhead import OVERHEAD_SHAPES
 
     monkeypatch.setitem(OVERHEAD_SHAPES, "smollm2", {"hidden_size": 64, "intermediate_size": 128,
                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
                                                      "num_key_value_heads": 2})
-    figures = REGISTRY["overhead-profile"]("overhead-profile", "peft:smollm2", tmp_path, "cpu", 2, 1, 16, "model")
-    assert figures["adapter_dtype"] == "model" and figures["steps"] == 2
+    figures = REGISTRY["overhead-profile"]("overhead-profile", "peft:smollm2", tmp_path, "cpu", 2, 1, 16, "model",
+                                           "fused")
+    assert figures["adapter_dtype"] == "model" and figures["grit_capture"] == "fused" and figures["steps"] == 2
     for arm in ("lora", "grit"):
         assert set(figures[arm]["host_ms"]) == set(STEP_PHASES)
         assert all(figures[arm]["host_ms"][name] > 0 for name in ("forward", "backward", "grit_before", "optimizer"))

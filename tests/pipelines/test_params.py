@@ -167,7 +167,8 @@ def test_a_variant_trains_with_its_overrides_and_the_grit_section_elsewhere():
         "pure_grit": {"engine": "peft", "grit": True, "control": "peft_lora"}, "peft_lora": {"engine": "peft"}}})
     paper, pure = (variant_grit(params.grit, params.variants[v]) for v in ("grit_paper", "pure_grit"))
     assert paper.reprojection and paper.truncate and paper.damping == 0.01
-    assert pure == params.grit.model_copy(update={"capture": "hooks"})   # auto, resolved for PEFT
+    # auto, resolved for PEFT
+    assert pure == params.grit.model_copy(update={"capture": "hooks", "fused_lora_dtype": "adapter"})
 
 
 def test_study_methods_must_be_declared_variants():

@@ -28,6 +28,11 @@ class GritParams(Section):
     # LoRA functions (trainers/grit/fused.py: Unsloth's saved activations, rows from backward).
     # auto: fused on the Unsloth engine (the hybrid keeps Unsloth's memory), hooks on PEFT's.
     capture: Literal["auto", "hooks", "fused"] = "auto"
+    # The dtype the fused functions run the LoRA path in: the layer input's (as Unsloth's fused
+    # LoRA does: bf16 in a bf16 model) or the adapter's (as PEFT's forward does: the input cast to
+    # fp32 adapters). auto: the engine's; a manager built without an engine takes PEFT's, the
+    # forward its layers have.
+    fused_lora_dtype: Literal["auto", "input", "adapter"] = "auto"
     fisher: Literal["rank_kfac", "diagonal", "block_diagonal"] = "rank_kfac"
     block_size: Annotated[int, Field(gt=0)] = 4
     statistics: Literal["running_mean", "ema"] = "running_mean"

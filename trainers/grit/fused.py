@@ -14,8 +14,10 @@ the manager (``tap``): no added saved activation, no added operation in the step
 Shapes: x [..., d_in], W [d_out, d_in], A [r, d_in], B [d_out, r], s the LoRA scaling;
 u = x A^T [..., r], y = x W^T + s u B^T, dL/du = s dL/dy B, dL/dA = (dL/du)^T x,
 dL/dB = s (dL/dy)^T u.
-The LoRA path is computed in the input's dtype (as Unsloth does: no fp32 copy of the input);
-the gradients of A and B are returned in their own dtype. GRIT's statistics stay fp32
+The LoRA path is computed in the input's dtype, as Unsloth's fused LoRA does (no fp32 copy of
+the input), or in the adapter's, as PEFT's forward does (``lora_dtype``: the input cast to fp32
+adapters in a bf16 model, the sum cast back; only the bf16 input is saved, the cast is redone in
+backward). The gradients of A and B are returned in their own dtype. GRIT's statistics stay fp32
 (``math.masked_outer_sum_batched`` folds the rows in fp32).
 """
 
@@ -44,12 +46,21 @@ class LoraWeights:
     A: torch.Tensor
     B: torch.Tensor
     scaling: float
+    lora_dtype: torch.dtype | None = None      # the LoRA path's dtype; None: the input's
+
+    def path_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return x.dtype if self.lora_dtype is None else self.lora_dtype
 
 
-def lora_weights(layer: nn.Module, adapter: str) -> LoraWeights:
-    base = layer.base_layer
-    return LoraWeights(base.weight, base.bias, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                       float(layer.scaling[adapter]))
+# How the fused functions pick the LoRA path's dtype (GritParams.fused_lora_dtype).
+LORA_DTYPES = ("input", "adapter")
+
+
+def lora_weights(layer: nn.Module, adapter: str, lora_dtype: str = "adapter") -> LoraWeights:
+    """``lora_dtype``: "input" (Unsloth's numerics) or "adapter" (PEFT's: A's dtype)."""
+    base, A = layer.base_layer, layer.lora_A[adapter].weight
+    return LoraWeights(base.weight, base.bias, A, layer.lora_B[adapter].weight, float(layer.scaling[adapter]),
+                       A.dtype if lora_dtype == "adapter" else None)
 
 
 def unfusable_reason(layer: nn.Module, adapter: str) -> str | None:
@@ -78,9 +89,12 @@ def unfusable_reason(layer: nn.Module, adapter: str) -> str | None:
 # ------------------------------------------------------------------------ the math, as functions
 
 def lora_linear(x: torch.Tensor, w: LoraWeights) -> torch.Tensor:
-    """y = x W^T + b + s (x A^T) B^T, in x's dtype; the same operations as PEFT's forward."""
-    u = F.linear(x, w.A.to(x.dtype))
-    return F.linear(x, w.weight, w.bias) + F.linear(u, w.B.to(x.dtype)) * w.scaling
+    """y = x W^T + b + s (x A^T) B^T, the LoRA path in ``w.path_dtype(x)`` and y in the base's
+    output dtype; the same operations as PEFT's forward (which casts x to the adapter's dtype)."""
+    dtype = w.path_dtype(x)
+    u = F.linear(x.to(dtype), w.A.to(dtype))
+    base = F.linear(x, w.weight, w.bias)
+    return (base + F.linear(u, w.B.to(dtype)) * w.scaling).to(base.dtype)
 
 
 def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, w: LoraWeights, needs: tuple[bool, ...],
@@ -90,21 +104,23 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, w: LoraWeights
     ``dx_so_far``: x's gradient from a later consumer, added in the order autograd adds the
     contributions on PEFT's path (that consumer, then the LoRA path, then the base), so that dx
     is bit for bit PEFT's in fp32."""
-    dtype = grad_out.dtype
-    A, B, x = w.A.to(dtype), w.B.to(dtype), x.to(dtype)
-    grad_u = F.linear(grad_out, B.t()) * w.scaling          # dL/du = s dL/dy B
-    u = F.linear(x, A)                                      # recomputed: never saved
+    dtype = w.path_dtype(grad_out)      # the LoRA path's; the base's is grad_out's
+    A, B, x_lora, g_lora = w.A.to(dtype), w.B.to(dtype), x.to(dtype), grad_out.to(dtype)
+    grad_u = F.linear(g_lora, B.t()) * w.scaling            # dL/du = s dL/dy B
+    u = F.linear(x_lora, A)                                 # recomputed: never saved
     if tap is not None:
         tap(u, grad_u)
     rows_x, rows_g = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
     dx = None
     if needs[0]:
-        dx = grad_u @ A if dx_so_far is None else dx_so_far + grad_u @ A
-        dx = dx + grad_out @ w.weight.to(dtype)
+        lora_dx = (grad_u @ A).to(grad_out.dtype)
+        dx = lora_dx if dx_so_far is None else dx_so_far + lora_dx
+        dx = dx + grad_out @ w.weight.to(grad_out.dtype)
     dW = rows_g.t() @ rows_x if needs[1] else None
     db = rows_g.sum(0) if needs[2] and w.bias is not None else None
-    dA = (grad_u.reshape(-1, grad_u.shape[-1]).t() @ rows_x).to(w.A.dtype) if needs[3] else None
-    dB = ((rows_g.t() @ u.reshape(-1, u.shape[-1])) * w.scaling).to(w.B.dtype) if needs[4] else None
+    rows_x_lora, rows_g_lora = x_lora.reshape(rows_x.shape), g_lora.reshape(rows_g.shape)
+    dA = (grad_u.reshape(-1, grad_u.shape[-1]).t() @ rows_x_lora).to(w.A.dtype) if needs[3] else None
+    dB = ((rows_g_lora.t() @ u.reshape(-1, u.shape[-1])) * w.scaling).to(w.B.dtype) if needs[4] else None
     return dx, dW, db, dA, dB
 
 
@@ -113,17 +129,17 @@ class FusedLoraLinear(torch.autograd.Function):
     save the same x, so one copy, as Unsloth's ``LoRA_QKV``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling: float, tap: Tap | None):
-        w = LoraWeights(weight, bias, A, B, scaling)
+    def forward(ctx, x, weight, bias, A, B, scaling: float, tap: Tap | None, lora_dtype: torch.dtype | None = None):
+        w = LoraWeights(weight, bias, A, B, scaling, lora_dtype)
         ctx.save_for_backward(x, weight, bias, A, B)
-        ctx.scaling, ctx.tap = scaling, tap
+        ctx.scaling, ctx.tap, ctx.lora_dtype = scaling, tap, lora_dtype
         return lora_linear(x, w)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, A, B = ctx.saved_tensors
-        w = LoraWeights(weight, bias, A, B, ctx.scaling)
-        return (*lora_linear_backward(grad_out, x, w, ctx.needs_input_grad[:5], ctx.tap), None, None)
+        w = LoraWeights(weight, bias, A, B, ctx.scaling, ctx.lora_dtype)
+        return (*lora_linear_backward(grad_out, x, w, ctx.needs_input_grad[:5], ctx.tap), None, None, None)
 
 
 class FusedLoraSwiGLU(torch.autograd.Function):
@@ -131,18 +147,20 @@ class FusedLoraSwiGLU(torch.autograd.Function):
     Unsloth's ``LoRA_MLP``; h = silu(e) g is recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, x, gW, gb, gA, gB, uW, ub, uA, uB, dW, db, dA, dB, scalings, taps):
-        gate, up, down = (LoraWeights(*t, s) for t, s in zip(((gW, gb, gA, gB), (uW, ub, uA, uB),
-                                                               (dW, db, dA, dB)), scalings, strict=True))
+    def forward(ctx, x, gW, gb, gA, gB, uW, ub, uA, uB, dW, db, dA, dB, scalings, taps, lora_dtypes=(None,) * 3):
+        gate, up, down = (LoraWeights(*t, s, d) for t, s, d in zip(((gW, gb, gA, gB), (uW, ub, uA, uB),
+                                                                     (dW, db, dA, dB)), scalings, lora_dtypes,
+                                                                    strict=True))
         e, g = lora_linear(x, gate), lora_linear(x, up)
         ctx.save_for_backward(x, e, g, gW, gb, gA, gB, uW, ub, uA, uB, dW, db, dA, dB)
-        ctx.scalings, ctx.taps = scalings, taps
+        ctx.scalings, ctx.taps, ctx.lora_dtypes = scalings, taps, lora_dtypes
         return lora_linear(F.silu(e) * g, down)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, e, g, *tensors = ctx.saved_tensors
-        gate, up, down = (LoraWeights(*tensors[4 * i:4 * i + 4], s) for i, s in enumerate(ctx.scalings))
+        gate, up, down = (LoraWeights(*tensors[4 * i:4 * i + 4], s, d)
+                          for i, (s, d) in enumerate(zip(ctx.scalings, ctx.lora_dtypes, strict=True)))
         needs = ctx.needs_input_grad
         act = F.silu(e)
         dh, *d_down = lora_linear_backward(grad_out, act * g, down, (True, *needs[9:13]), ctx.taps[2])
@@ -152,7 +170,7 @@ class FusedLoraSwiGLU(torch.autograd.Function):
         # up first: autograd reaches the later-created branch first
         dx_up, *d_up = lora_linear_backward(dg, x, up, (needs[0], *needs[5:9]), ctx.taps[1])
         dx, *d_gate = lora_linear_backward(de, x, gate, (needs[0], *needs[1:5]), ctx.taps[0], dx_up)
-        return (dx, *d_gate, *d_up, *d_down, None, None)
+        return (dx, *d_gate, *d_up, *d_down, None, None, None)
 
 
 # ------------------------------------------------------------------------- attaching to a model
@@ -160,19 +178,20 @@ class FusedLoraSwiGLU(torch.autograd.Function):
 TapFactory = Callable[[str], "Tap | None"]   # module key -> the tap for this forward (None: no capture)
 
 
-def _linear_forward(key: str, adapter: str, taps: TapFactory):
+def _linear_forward(key: str, adapter: str, taps: TapFactory, lora_dtype: str):
     def forward(self, x, *args, **kwargs):
-        w = lora_weights(self, adapter)
-        return FusedLoraLinear.apply(x, w.weight, w.bias, w.A, w.B, w.scaling, taps(key))
+        w = lora_weights(self, adapter, lora_dtype)
+        return FusedLoraLinear.apply(x, w.weight, w.bias, w.A, w.B, w.scaling, taps(key), w.lora_dtype)
     return forward
 
 
-def _swiglu_forward(keys: tuple[str, str, str], adapters: tuple[str, str, str], taps: TapFactory):
+def _swiglu_forward(keys: tuple[str, str, str], adapters: tuple[str, str, str], taps: TapFactory, lora_dtype: str):
     def forward(self, x):
         layers = (self.gate_proj, self.up_proj, self.down_proj)
-        ws = [lora_weights(layer, adapter) for layer, adapter in zip(layers, adapters, strict=True)]
+        ws = [lora_weights(layer, adapter, lora_dtype) for layer, adapter in zip(layers, adapters, strict=True)]
         flat = [t for w in ws for t in (w.weight, w.bias, w.A, w.B)]
-        return FusedLoraSwiGLU.apply(x, *flat, tuple(w.scaling for w in ws), tuple(taps(k) for k in keys))
+        return FusedLoraSwiGLU.apply(x, *flat, tuple(w.scaling for w in ws), tuple(taps(k) for k in keys),
+                                     tuple(w.lora_dtype for w in ws))
     return forward
 
 
@@ -212,10 +231,14 @@ def _install(module: nn.Module, forward, restore: list) -> None:
     module.forward = types.MethodType(forward, module)
 
 
-def attach_fused(model: nn.Module, layers: dict[str, tuple[nn.Module, str]], taps: TapFactory) -> FusedAttachment:
+def attach_fused(model: nn.Module, layers: dict[str, tuple[nn.Module, str]], taps: TapFactory,
+                 lora_dtype: str = "adapter") -> FusedAttachment:
     """Give every fusable LoRA layer of ``layers`` (module key -> (PEFT LoRA layer, adapter)) the
     fused function, and every SwiGLU MLP whose three projections are all fusable the fused MLP
-    (the attach point Unsloth patches). Layers that cannot be fused are returned with the reason."""
+    (the attach point Unsloth patches). Layers that cannot be fused are returned with the reason.
+    ``lora_dtype``: the LoRA path's dtype, "input" (Unsloth's numerics) or "adapter" (PEFT's)."""
+    if lora_dtype not in LORA_DTYPES:
+        raise ValueError(f"lora_dtype must be one of {LORA_DTYPES}, not {lora_dtype!r}")
     restore: list = []
     unfused = {key: reason for key, (layer, adapter) in layers.items()
                if (reason := unfusable_reason(layer, adapter)) is not None}
@@ -223,7 +246,7 @@ def attach_fused(model: nn.Module, layers: dict[str, tuple[nn.Module, str]], tap
     by_layer = {id(layer): key for key, (layer, _) in layers.items() if key in fused}
     for key in fused:
         layer, adapter = layers[key]
-        _install(layer, _linear_forward(key, adapter, taps), restore)
+        _install(layer, _linear_forward(key, adapter, taps, lora_dtype), restore)
     for module in model.modules():
         if not is_swiglu_mlp(module):
             continue
@@ -232,6 +255,6 @@ def attach_fused(model: nn.Module, layers: dict[str, tuple[nn.Module, str]], tap
         if None in keys:
             continue
         adapters = tuple(layers[k][1] for k in keys)
-        _install(module, _swiglu_forward(keys, adapters, taps), restore)
+        _install(module, _swiglu_forward(keys, adapters, taps, lora_dtype), restore)
         fused.update({k: "swiglu" for k in keys})
     return FusedAttachment(fused, unfused, restore)

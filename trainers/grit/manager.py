@@ -131,7 +131,9 @@ class GritManager:
 
     def _attach_fused(self) -> None:
         layers = {key: (state.layer, state.adapter) for key, state in self.modules.items()}
-        self._fused = attach_fused(self.model, layers, self._tap)
+        # A manager built without an engine (auto) takes PEFT's numerics, the forward its layers have.
+        lora_dtype = "adapter" if self.config.fused_lora_dtype == "auto" else self.config.fused_lora_dtype
+        self._fused = attach_fused(self.model, layers, self._tap, lora_dtype)
         for key, kind in self._fused.fused.items():
             self.capture_paths[key] = f"fused-{kind}"
         if self._fused.unfused:

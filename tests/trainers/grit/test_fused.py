@@ -130,6 +130,52 @@ def test_the_last_block_gets_the_hooks_paths_statistics_and_preconditioned_gradi
             assert same(state.weight(side).grad, reference.weight(side).grad), (key, side)
 
 
+def _bf16_model_with_fp32_adapters():
+    """PEFT's default in a bf16 model: the adapters autocast to fp32 (``autocast_adapter_dtype``)."""
+    model = get_peft_model(tiny_base_model(0).to(torch.bfloat16),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), autocast_adapter_dtype=True)
+    torch.manual_seed(1)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(parameter, std=0.05)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    return model
+
+
+def _grit_step(model, **grit):
+    manager = GritManager(model, GritParams(min_samples=8, **grit))
+    loss = model(**batches(1)[0]).loss
+    loss.backward()
+    manager.sync_factors()
+    return loss, lora_grads(model), manager
+
+
+def test_on_fp32_adapters_in_a_bf16_model_the_fused_functions_compute_as_peft_does():
+    """PEFT runs the LoRA path in the adapters' fp32 (the input cast up, the sum cast back);
+    Unsloth's fused LoRA runs it in bf16. With ``fused_lora_dtype: adapter`` (the PEFT engine's)
+    the loss, the last block's LoRA gradients and GRIT's statistics are PEFT's bit for bit (the
+    first block's differ only in how q, k and v's input gradients are summed, in bf16); with
+    ``input`` (Unsloth's) the last block's gradients are bf16 math, percents away."""
+    loss, expected, hooks = _grit_step(_bf16_model_with_fp32_adapters(), capture="hooks")
+    fused_loss, grads, fused = _grit_step(_bf16_model_with_fp32_adapters(), capture="fused",
+                                          fused_lora_dtype="adapter")
+    assert set(fused.capture_paths.values()) == {"fused-linear", "fused-swiglu"}
+    assert torch.equal(fused_loss, loss)
+    last = [name for name in expected if ".layers.1." in name]
+    assert last and all(torch.equal(grads[name], expected[name]) for name in last)
+
+    def near(a, b):            # bf16 rounding of a sum, relative to the tensor's scale
+        return float((a - b).abs().max()) <= 2e-2 * float(b.abs().max())
+
+    for key, state in fused.modules.items():
+        same = torch.equal if ".layers.1." in key else near
+        assert same(state.u.total, hooks.modules[key].u.total) and same(state.v.total, hooks.modules[key].v.total)
+    assert all(near(grads[name], expected[name]) for name in expected)
+    _, bf16_grads, _ = _grit_step(_bf16_model_with_fp32_adapters(), capture="fused", fused_lora_dtype="input")
+    worst = max(float((bf16_grads[n] - expected[n]).abs().max() / expected[n].abs().max()) for n in last)
+    assert worst > 1e-3, "Unsloth's numerics are bf16 LoRA math, not PEFT's"
+
+
 def test_every_module_captures_through_the_fused_functions_and_nothing_on_a_step_that_does_not_capture():
     model, manager, optimizer = _one_step("fused", capture_every=2)
     assert set(manager.capture_paths.values()) == {"fused-linear", "fused-swiglu"} and not manager.notes
@@ -167,11 +213,12 @@ def test_a_layer_that_cannot_be_fused_keeps_the_hooks_and_says_so():
     assert all(state.u.count > 0 for state in manager.modules.values())
 
 
-@pytest.mark.parametrize("engine, expected", [("unsloth", "fused"), ("peft", "hooks")])
-def test_capture_auto_is_fused_for_the_hybrid_and_hooks_for_pure_grit(engine, expected):
+@pytest.mark.parametrize("engine, expected, lora_dtype", [("unsloth", "fused", "input"), ("peft", "hooks", "adapter")])
+def test_capture_auto_is_fused_for_the_hybrid_and_hooks_for_pure_grit(engine, expected, lora_dtype):
     from trainers.config import VariantParams, variant_grit
 
-    assert variant_grit(GritParams(), VariantParams(engine=engine, grit=True)).capture == expected
+    resolved = variant_grit(GritParams(), VariantParams(engine=engine, grit=True))
+    assert resolved.capture == expected and resolved.fused_lora_dtype == lora_dtype
     assert variant_grit(GritParams(capture="hooks"), VariantParams(engine="unsloth", grit=True)).capture == "hooks"
 
 

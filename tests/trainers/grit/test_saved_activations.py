@@ -49,10 +49,15 @@ def test_a_hybrid_grit_step_saves_what_unsloth_style_lora_saves(shape):
     assert not lora.unfused
     unsloth_style = forward_saves(model)
     lora.detach()
-    hybrid = GritManager(model, GritParams(capture="fused"))
+    hybrid = GritManager(model, GritParams(capture="fused", fused_lora_dtype="input"))     # Unsloth's numerics
     assert all(path.startswith("fused") for path in hybrid.capture_paths.values())
     grit_fused = forward_saves(model)
     hybrid.detach()
+    # PEFT's numerics (the LoRA path in the fp32 adapters' dtype) save no fp32 copy either: the
+    # cast of the input is redone in backward
+    peft_numerics = GritManager(model, GritParams(capture="fused", fused_lora_dtype="adapter"))
+    assert forward_saves(model) == grit_fused
+    peft_numerics.detach()
     # the hybrid before GRIT's fused functions: PEFT's forward put back, and hooks
     hooks = GritManager(model, GritParams(capture="hooks"))
     grit_hooks = forward_saves(model)
