@@ -118,7 +118,9 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, w: LoraWeights
         dx = dx + grad_out @ w.weight.to(grad_out.dtype)
     dW = rows_g.t() @ rows_x if needs[1] else None
     db = rows_g.sum(0) if needs[2] and w.bias is not None else None
-    rows_x_lora, rows_g_lora = x_lora.reshape(rows_x.shape), g_lora.reshape(rows_g.shape)
+    # the same tensors unless the LoRA path runs in another dtype: no added operation then
+    rows_x_lora = rows_x if x_lora is x else x_lora.reshape(rows_x.shape)
+    rows_g_lora = rows_g if g_lora is grad_out else g_lora.reshape(rows_g.shape)
     dA = (grad_u.reshape(-1, grad_u.shape[-1]).t() @ rows_x_lora).to(w.A.dtype) if needs[3] else None
     dB = ((rows_g_lora.t() @ u.reshape(-1, u.shape[-1])) * w.scaling).to(w.B.dtype) if needs[4] else None
     return dx, dW, db, dA, dB
