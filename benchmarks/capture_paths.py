@@ -1,0 +1,82 @@
+"""What each way of capturing GRIT's rows costs the host, counted (not timed) per step phase.
+
+On a GPU a small model's step is bound by the host: its cost is the operations it dispatches and
+the Python it runs. This counts both for one training step on SmolLM2's layout at tiny width
+(30 blocks x 7 projections = 210 LoRA modules, hidden 64, fp32 on CPU), three arms side by side:
+
+- ``lora``: plain LoRA through PEFT's forward (no GRIT);
+- ``hooks``: GRIT capturing through PEFT's forward, a forward hook on each ``lora_A`` and a
+  tensor hook on its output (the PEFT engine's default, ``grit.capture: hooks``);
+- ``fused``: GRIT's fused LoRA functions (``grit.capture: fused``; the hybrid's path on Unsloth).
+
+Per phase (forward, backward, GRIT's ``before_step``): aten operations (a ``TorchDispatchMode``)
+and Python-level calls (``sys.setprofile``). Counts do not depend on the machine, so they can be
+taken beside other work; which path is faster on a GPU is for ``make gpu-check`` with
+``--grit-capture fused`` to measure (docs/gpu.md).
+
+    python benchmarks/capture_paths.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as ``python benchmarks/capture_paths.py``: the project is importable
+
+ARMS = ("lora", "hooks", "fused")
+PHASES = ("forward", "backward", "before_step")
+
+
+def counted_step(arm: str, counter: str, warmup: int = 2) -> dict[str, int]:
+    """``counter`` ("operations" or "calls") per phase of one step after ``warmup`` steps of
+    ``arm``. One counter per step: the operation counter is itself Python, and would be counted."""
+    import torch
+
+    from pipelines.gpu_check.overhead import counting_operations, python_calls, random_lora_llama
+    from tests.tiny_lora import VOCAB, batches
+    from trainers.grit import GritManager, GritParams
+
+    def count(run) -> int:
+        if counter == "calls":
+            return python_calls(run)
+        with counting_operations() as counted:
+            run()
+        return counted.operations
+
+    torch.manual_seed(0)
+    model = random_lora_llama(30, 64, 128, 4, 2, VOCAB)
+    manager = None if arm == "lora" else GritManager(model, GritParams(min_samples=8, capture=arm))
+    data = batches(warmup + 1, batch_size=2, length=8)
+    for inputs in data[:warmup]:
+        model(**inputs).loss.backward()
+        if manager is not None:
+            manager.before_step(1.0)
+            manager.after_step(None)
+        model.zero_grad(set_to_none=True)
+    loss: dict[str, torch.Tensor] = {}
+    out = {"forward": count(lambda: loss.setdefault("value", model(**data[warmup]).loss)),
+           "backward": count(lambda: loss["value"].backward())}
+    if manager is not None:
+        out["before_step"] = count(lambda: manager.before_step(1.0))
+    return out
+
+
+def main() -> int:
+    counts = {arm: {name: (operations.get(name), calls.get(name)) for name in PHASES}
+              for arm in ARMS
+              for operations, calls in [(counted_step(arm, "operations"), counted_step(arm, "calls"))]}
+    print("per step, SmolLM2's 210 LoRA modules at tiny width (fp32, CPU): aten operations / Python calls")
+    print(f"{'phase':<12}" + "".join(f"{arm:>18}" for arm in ARMS))
+    for name in PHASES:
+        cells = [counts[arm][name] for arm in ARMS]
+        print(f"{name:<12}" + "".join(f"{'-' if c[0] is None else f'{c[0]:,} / {c[1]:,}':>18}" for c in cells))
+    for arm in ("hooks", "fused"):
+        added = [sum(counts[arm][p][i] - counts["lora"][p][i] for p in ("forward", "backward")) for i in (0, 1)]
+        print(f"{arm}: forward and backward add {added[0]:,} operations and {added[1]:,} Python calls to LoRA's")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,32 @@
+"""The capture-path counts (benchmarks/capture_paths.py): what each way GRIT captures its rows
+adds to plain LoRA's step, on SmolLM2's 210-module layout at tiny width."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+SPEC = importlib.util.spec_from_file_location(
+    "capture_paths", Path(__file__).resolve().parents[2] / "benchmarks" / "capture_paths.py")
+capture_paths = importlib.util.module_from_spec(SPEC)
+sys.modules["capture_paths"] = capture_paths
+SPEC.loader.exec_module(capture_paths)
+
+MODULES = 210
+
+
+@pytest.mark.slow        # six model steps at SmolLM2's layout
+def test_the_hooks_add_python_and_the_fused_functions_add_backward_operations():
+    operations = {arm: capture_paths.counted_step(arm, "operations") for arm in capture_paths.ARMS}
+    calls = {arm: capture_paths.counted_step(arm, "calls") for arm in capture_paths.ARMS}
+    # hooks: no operation per module (the forward's mask is its only work), Python per module
+    assert operations["hooks"]["backward"] == operations["lora"]["backward"]
+    assert operations["hooks"]["forward"] - operations["lora"]["forward"] <= 2
+    assert calls["hooks"]["forward"] - calls["lora"]["forward"] >= 10 * MODULES
+    # fused: u recomputed in backward (a few operations per module), and a backward in Python
+    added = operations["fused"]["backward"] - operations["lora"]["backward"]
+    assert 2 * MODULES <= added <= 6 * MODULES, added
+    assert calls["fused"]["backward"] - calls["lora"]["backward"] >= 10 * MODULES
+    # GRIT's step is the same whichever path captured the rows
+    assert operations["fused"]["before_step"] == operations["hooks"]["before_step"]
