@@ -332,7 +332,8 @@ def _left_note(parts, records: Sequence[dict]) -> str:
     left = remaining_hours(parts, [trial_from_record(r) for r in records])
     if left is None or all(p.state == "done" for p in parts):
         return ""
-    return f" (about {left:.2g} h more at the pace of its trials so far)"
+    return f" (about {left:.0f} h more at the pace of its trials so far)" if left >= 10 else \
+        f" (about {left:.2g} h more at the pace of its trials so far)"
 
 
 def _finished_note(finished: int, parts: int, parts_link: str) -> str:
