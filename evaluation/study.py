@@ -55,6 +55,10 @@ class Trial:
         return self.stopped_at is not None
 
     @property
+    def steps_trained(self) -> int:
+        return self.stopped_at if self.pruned else self.steps
+
+    @property
     def compute_seconds(self) -> float:
         """What the trial cost its worker: its wall time, or its training time where a trial
         recorded before wall times were kept has none."""
@@ -197,10 +201,6 @@ def study_progress(methods: Sequence[str], run_lengths: Sequence[int], planned: 
     return [PartProgress(m, s, done[(m, s)], dict(planned), seconds[(m, s)] / 3600) for (m, s) in done]
 
 
-def steps_trained(trial: Trial) -> int:
-    return trial.stopped_at if trial.stopped_at is not None else trial.steps
-
-
 def _median(values: Sequence[float], default: float = 0.0) -> float:
     return float(np.median(values)) if len(values) else default
 
@@ -213,11 +213,11 @@ def remaining_hours(parts: Sequence[PartProgress], trials: Sequence[Trial], rece
     shared the machine), not the run length. A tuning run trains the share of its steps that the
     pruner let tuning runs of that length train (of the longest length measured, for one not yet
     begun); a part expects as many finalist runs as the parts past that phase needed."""
-    trained = [t for t in trials if t.train_seconds > 0 and steps_trained(t) > 0]
+    trained = [t for t in trials if t.train_seconds > 0 and t.steps_trained > 0]
     if not trained:
         return None
     pace = trained[-recent:]
-    per_step = _median([t.train_seconds / steps_trained(t) for t in pace])
+    per_step = _median([t.train_seconds / t.steps_trained for t in pace])
     outside = {phase: _median([max(0.0, t.compute_seconds - t.train_seconds) for t in pace if t.phase == phase],
                               _median([max(0.0, t.compute_seconds - t.train_seconds)
                                        for t in trained if t.phase == phase]))
@@ -225,11 +225,11 @@ def remaining_hours(parts: Sequence[PartProgress], trials: Sequence[Trial], rece
     shares = {}
     for steps in sorted({t.steps for t in trained if t.phase == "tune"}):
         tuned = [t for t in trained if t.phase == "tune" and t.steps == steps]
-        shares[steps] = sum(map(steps_trained, tuned)) / (steps * len(tuned))
+        shares[steps] = sum(t.steps_trained for t in tuned) / (steps * len(tuned))
     past = [p.done["finalist"] for p in parts if p.state in ("testing", "done")]
     seconds = 0.0
     for part in (p for p in parts if p.state != "done"):       # a done part needs nothing more
-        finalists = part.done["finalist"] if part.state in ("testing", "done") else \
+        finalists = part.done["finalist"] if part.state == "testing" else \
             min(round(float(np.mean(past))) if past else part.planned["finalist"], part.planned["finalist"])
         left = {"tune": max(0, part.planned["tune"] - part.done["tune"]),
                 "finalist": max(0, finalists - part.done["finalist"]),
@@ -238,6 +238,16 @@ def remaining_hours(parts: Sequence[PartProgress], trials: Sequence[Trial], rece
         share = {"tune": tune_share, "finalist": 1.0, "test": 1.0}
         seconds += sum(n * (per_step * part.steps * share[phase] + outside[phase]) for phase, n in left.items())
     return seconds / 3600
+
+
+def remaining_note(parts: Sequence[PartProgress], trials: Sequence[Trial]) -> str | None:
+    """"about N h more at the pace of its trials so far" (:func:`remaining_hours`), or None when
+    every part is done or no trial has trained yet: what the README and a sitting's lines say."""
+    left = remaining_hours(parts, trials)
+    if left is None or all(p.state == "done" for p in parts):
+        return None
+    return f"about {left:.0f} h more at the pace of its trials so far" if left >= 10 else \
+        f"about {left:.2g} h more at the pace of its trials so far"
 
 
 def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:

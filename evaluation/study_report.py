@@ -27,7 +27,7 @@ from evaluation.study import (
     endpoints,
     paired_tests,
     planned_runs,
-    remaining_hours,
+    remaining_note,
     study_progress,
     summary,
     trial_from_record,
@@ -328,12 +328,9 @@ def ledger_progress(header: dict | None, records: Sequence[dict], parts_link: st
 
 
 def _left_note(parts, records: Sequence[dict]) -> str:
-    """How much compute the plan still needs at the ledger's pace (evaluation.study.remaining_hours)."""
-    left = remaining_hours(parts, [trial_from_record(r) for r in records])
-    if left is None or all(p.state == "done" for p in parts):
-        return ""
-    return f" (about {left:.0f} h more at the pace of its trials so far)" if left >= 10 else \
-        f" (about {left:.2g} h more at the pace of its trials so far)"
+    """How much compute the plan still needs at the ledger's pace (evaluation.study.remaining_note)."""
+    note = remaining_note(parts, [trial_from_record(r) for r in records])
+    return f" ({note})" if note else ""
 
 
 def _finished_note(finished: int, parts: int, parts_link: str) -> str:

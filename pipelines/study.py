@@ -51,7 +51,7 @@ from db.study_claims import (
 from db.study_ledger import LEDGER_DIR, Ledger, data_fingerprint, open_ledger
 from db.tuning_journal import append_journal, journal_logs, journals_under
 from evaluation.config import seeds_for_testing, tuning_seeds
-from evaluation.study import PHASES, Trial, planned_runs, remaining_hours, study_progress, trial_from_record
+from evaluation.study import PHASES, Trial, planned_runs, remaining_note, study_progress, trial_from_record
 from evaluation.tuning import (
     Dimension,
     Scored,
@@ -219,15 +219,14 @@ def progress(sitting: Sitting) -> str:
     compute they took."""
     study = sitting.ctx.params.study
     planned = planned_runs(study.configurations, study.finalists, study.finalist_seeds, study.seeds)
-    trials = list(recorded_trials(sitting.ctx))
+    trials = recorded_trials(sitting.ctx)
     parts = study_progress(study.methods, study.steps, planned, trials)
     done = {phase: sum(p.done[phase] for p in parts) for phase in PHASES}
-    left = remaining_hours(parts, trials)
-    pace = f", about {left:.0f} h more at its pace so far" if left and any(p.state != "done" for p in parts) else ""
+    left = remaining_note(parts, trials)
     return (f"{sum(p.state == 'done' for p in parts)} of {len(parts)} parts done; {done['tune']} tuning "
             f"configurations (of at least {len(parts) * planned['tune']}), {done['finalist']} finalist runs (of at "
             f"most {len(parts) * planned['finalist']}), {done['test']} of {len(parts) * planned['test']} test runs, "
-            f"{sum(p.hours for p in parts):.2f} h of compute{pace}")
+            f"{sum(p.hours for p in parts):.2f} h of compute" + (f", {left}" if left else ""))
 
 
 def show_progress(root: Path) -> None:

@@ -339,7 +339,7 @@ def test_a_study_goes_on_over_sittings_from_its_committed_ledger(tmp_path_factor
     assert first.returncode == 3 and "sitting's time is up" in first.stdout, first.stdout[-2000:] + first.stderr[-2000:]
     assert len(ledger_trials()) == 1 and ledger_trials()[0]["revision"]
     assert "`python -m pipelines.study --sitting MINUTES`" in first.stdout      # one process: no --workers
-    assert "h more at its pace so far" in first.stdout                   # what the rest will cost
+    assert "h more at the pace of its trials so far" in first.stdout     # what the rest will cost
     # the README to commit with the ledger says how far the study is, and on which data
     data = json.loads((ledger / "study.json").read_text())["data"]
     assert data and ledger_trials()[0]["data"] == data
