@@ -9,7 +9,8 @@ the Python it runs. This counts both for one training step on SmolLM2's layout a
   tensor hook on its output (the PEFT engine's default, ``grit.capture: hooks``);
 - ``fused``: GRIT's fused LoRA functions (``grit.capture: fused``; the hybrid's path on Unsloth).
 
-Per phase (forward, backward, GRIT's ``before_step``): aten operations (a ``TorchDispatchMode``)
+Per phase (forward, backward, and between backward and the optimizer: GRIT's ``before_step``,
+which ends with the clipping, against LoRA's clipping): aten operations (a ``TorchDispatchMode``)
 and Python-level calls (``sys.setprofile``). Counts do not depend on the machine, so they can be
 taken beside other work; which path is faster on a GPU is for ``make gpu-check`` with
 ``--grit-capture fused`` to measure (docs/gpu.md).
@@ -29,14 +30,17 @@ ARMS = ("lora", "hooks", "fused")
 PHASES = ("forward", "backward", "before_step")
 
 
-def counted_step(arm: str, counter: str, warmup: int = 2) -> dict[str, int]:
+def counted_step(arm: str, counter: str, warmup: int = 4) -> dict[str, int]:
     """``counter`` ("operations" or "calls") per phase of one step after ``warmup`` steps of
-    ``arm``. One counter per step: the operation counter is itself Python, and would be counted."""
+    ``arm``: by then every side has been inverted (A's once B has left 0), so the step is one of
+    the nine in ten that invert nothing (``update_freq`` 10). One counter per step: the operation
+    counter is itself Python, and would be counted."""
     import torch
 
     from pipelines.gpu_check.overhead import counting_operations, python_calls, random_lora_llama
     from tests.tiny_lora import VOCAB, batches
     from trainers.grit import GritManager, GritParams
+    from trainers.grit.doors import clip_gradients
 
     def count(run) -> int:
         if counter == "calls":
@@ -48,18 +52,26 @@ def counted_step(arm: str, counter: str, warmup: int = 2) -> dict[str, int]:
     torch.manual_seed(0)
     model = random_lora_llama(30, 64, 128, 4, 2, VOCAB)
     manager = None if arm == "lora" else GritManager(model, GritParams(min_samples=8, capture=arm))
+    lora = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora, lr=1e-3)       # B leaves 0, so A's side can be inverted
     data = batches(warmup + 1, batch_size=2, length=8)
     for inputs in data[:warmup]:
         model(**inputs).loss.backward()
-        if manager is not None:
+        if manager is None:
+            clip_gradients(lora, 1.0)
+        else:
             manager.before_step(1.0)
-            manager.after_step(None)
-        model.zero_grad(set_to_none=True)
+        optimizer.step()
+        if manager is not None:
+            manager.after_step(optimizer)
+        optimizer.zero_grad(set_to_none=True)
     loss: dict[str, torch.Tensor] = {}
     out = {"forward": count(lambda: loss.setdefault("value", model(**data[warmup]).loss)),
            "backward": count(lambda: loss["value"].backward())}
-    if manager is not None:
-        out["before_step"] = count(lambda: manager.before_step(1.0))
+    # between backward and the optimizer: GRIT's step (its clipping included), LoRA's clipping
+    out["before_step"] = count(lambda: clip_gradients(lora, 1.0) if manager is None else manager.before_step(1.0))
+    if manager is not None and manager.report["inversions"]:
+        raise RuntimeError(f"the counted step of {arm} inverted {manager.report['inversions']:.0f} matrices")
     return out
 
 
@@ -71,10 +83,13 @@ def main() -> int:
     print(f"{'phase':<12}" + "".join(f"{arm:>18}" for arm in ARMS))
     for name in PHASES:
         cells = [counts[arm][name] for arm in ARMS]
-        print(f"{name:<12}" + "".join(f"{'-' if c[0] is None else f'{c[0]:,} / {c[1]:,}':>18}" for c in cells))
+        print(f"{name:<12}" + "".join(f"{f'{c[0]:,} / {c[1]:,}':>18}" for c in cells))
+    print("(before_step: GRIT's step with its clipping, a step that inverts nothing; for lora, the clipping alone)")
     for arm in ("hooks", "fused"):
         added = [sum(counts[arm][p][i] - counts["lora"][p][i] for p in ("forward", "backward")) for i in (0, 1)]
-        print(f"{arm}: forward and backward add {added[0]:,} operations and {added[1]:,} Python calls to LoRA's")
+        step = [counts[arm]["before_step"][i] - counts["lora"]["before_step"][i] for i in (0, 1)]
+        print(f"{arm}: forward and backward add {added[0]:,} operations and {added[1]:,} Python calls to LoRA's; "
+              f"before_step adds {step[0]:,} and {step[1]:,} to its clipping")
     return 0
 
 

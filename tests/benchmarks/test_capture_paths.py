@@ -28,5 +28,7 @@ def test_the_hooks_add_python_and_the_fused_functions_add_backward_operations():
     added = operations["fused"]["backward"] - operations["lora"]["backward"]
     assert 2 * MODULES <= added <= 6 * MODULES, added
     assert calls["fused"]["backward"] - calls["lora"]["backward"] >= 10 * MODULES
-    # GRIT's step is the same whichever path captured the rows
+    # GRIT's step is the same whichever path captured the rows, and does no Python per module
     assert operations["fused"]["before_step"] == operations["hooks"]["before_step"]
+    assert calls["fused"]["before_step"] == calls["hooks"]["before_step"]
+    assert calls["hooks"]["before_step"] - calls["lora"]["before_step"] < 7 * MODULES

@@ -21,6 +21,9 @@ from trainers.grit import math as gm
 from trainers.grit.config import GritParams
 
 SIDES = ("A", "B")
+# Which statistics precondition which factor, by ``grit.factor_sides``: K-FAC's sides (dL/dB =
+# s g u^T, so B's rank-side factor is E[u u^T]; A's is E[v v^T]) or the paper code's swapped ones.
+FACTOR_STATS = {"kfac": {"A": "v", "B": "u"}, "reference": {"A": "u", "B": "v"}}
 
 
 class GritError(RuntimeError):
@@ -197,11 +200,8 @@ class ModuleState:
     # ---------------------------------------------------------------------- statistics
 
     def factor_for(self, side: str, factor_sides: str) -> FactorStats:
-        """Which statistics precondition which factor: K-FAC's sides (dL/dB = s g u^T, so B's
-        rank-side factor is E[u u^T]; A's is E[v v^T]) or the paper code's swapped ones."""
-        kfac = {"B": self.u, "A": self.v}
-        reference = {"B": self.v, "A": self.u}
-        return (kfac if factor_sides == "kfac" else reference)[side]
+        """Which statistics precondition which factor (:data:`FACTOR_STATS`)."""
+        return getattr(self, FACTOR_STATS[factor_sides][side])
 
     def set_inverse(self, side: str, solved: tuple[torch.Tensor, float] | None) -> None:
         self.inverse[side], self.damping_used[side] = solved if solved else (None, None)

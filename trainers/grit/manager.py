@@ -17,6 +17,7 @@ and :meth:`GritManager.after_step`; the doors in ``doors.py`` call them)::
 from __future__ import annotations
 
 import functools
+import operator
 import weakref
 from collections import OrderedDict
 from collections.abc import Collection
@@ -33,6 +34,7 @@ from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, joi
 from trainers.grit.fused import FusedAttachment, Tap, attach_fused
 from trainers.grit.host import DeferredCount, host_copy, read_host_copy
 from trainers.grit.layer import (
+    FACTOR_STATS,
     SIDES,
     Captured,
     FactorStats,
@@ -102,6 +104,10 @@ class GritManager:
         # precondition's stacked inverses per group (side, shape, device, dtype), with the inverses
         # they stack
         self._inverse_stacks: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        # factors(): (the weights it was built from, its list); precondition's grouping of the
+        # factors with an inverse and a gradient, with what it was built from (_grouping)
+        self._factors: tuple[list[torch.nn.Parameter], list[tuple[ModuleState, str, torch.nn.Parameter]]] | None = None
+        self._groups: tuple[list, list, list[tuple[tuple, list[int]]]] | None = None
         layers = lora_layers(peft_model)
         self.targeted = [base_module_name(name) for name, _, _ in layers]   # for rank_pattern keys
         if modules is not None:
@@ -216,22 +222,27 @@ class GritManager:
         groups: dict[tuple, list[Captured]] = {}
         for item in self._captured:
             if item.grad is not None:       # a forward whose output got no gradient counts nothing
-                key = (id(item.mask), tuple(item.u.shape), item.u.device, item.u.dtype, item.grad.dtype,
-                       item.state.scaling)
+                # the scaling as PEFT stores it (``state.scaling`` reads it through a Python property)
+                key = (id(item.mask), item.u.shape, item.u.device, item.u.dtype, item.grad.dtype,
+                       item.state.layer.scaling[item.state.adapter])
                 groups.setdefault(key, []).append(item)
         self._captured = []
         with torch.no_grad():
             for members in groups.values():
-                mask, scaling = members[0].mask, members[0].state.scaling
+                mask, scaling = members[0].mask, float(members[0].state.scaling)
                 outer_u = gm.masked_outer_sum_batched(torch.stack([m.u for m in members]), mask)
                 outer_v = gm.masked_outer_sum_batched(torch.stack([m.grad for m in members]), mask) / scaling**2
-                for m in members:
-                    m.state.u.place(outer_u.device)
-                    m.state.v.place(outer_v.device)
+                device = outer_u.device
+                for state in [m.state for m in members
+                              if m.state.u.pending.device != device or m.state.v.pending.device != device]:
+                    state.u.place(device)
+                    state.v.place(device)
                 torch._foreach_add_([m.state.u.pending for m in members], list(outer_u.unbind(0)))
                 torch._foreach_add_([m.state.v.pending for m in members], list(outer_v.unbind(0)))
+                # One mask is one forward and one row count (a DeferredCount, its copy done by
+                # now); without a mask the count is the rows of u, whose shape the group shares.
+                rows = int(members[0].rows)
                 for m in members:
-                    rows = int(m.rows)     # a DeferredCount: its copy is done by now
                     m.state.u.pending_count += rows
                     m.state.v.pending_count += rows
 
@@ -250,7 +261,7 @@ class GritManager:
             allreduce_sum_([*tensors, counts])
             for i, s in enumerate(states):
                 s.u.pending_count, s.v.pending_count = int(counts[2 * i]), int(counts[2 * i + 1])
-        self._captured_modules = sum(s.u.pending_count > 0 for s in states)
+        self._captured_modules = sum([s.u.pending_count > 0 for s in states])
         fold_all([stats for s in states for stats in (s.u, s.v)], self.config.statistics, self.config.ema_decay)
 
     def check_capture_coverage(self) -> None:
@@ -276,13 +287,12 @@ class GritManager:
         cfg = self.config
         self.settle()
         due = force or self.step % cfg.update_freq == 0
-        wanted: list[tuple[ModuleState, str, FactorStats]] = []
-        for state in self.modules.values():
-            for side in SIDES:
-                stats = state.factor_for(side, cfg.factor_sides)
-                if stats.count < cfg.min_samples or (not due and state.inverse[side] is not None):
-                    continue
-                wanted.append((state, side, stats))
+        # a comprehension, not a call per module and side: this runs every step (a host-bound GPU step)
+        a_side, b_side = FACTOR_STATS[cfg.factor_sides]["A"], FACTOR_STATS[cfg.factor_sides]["B"]
+        wanted: list[tuple[ModuleState, str, FactorStats]] = [
+            (state, side, stats) for state in self.modules.values()
+            for side, stats in (("A", getattr(state, a_side)), ("B", getattr(state, b_side)))
+            if stats.count >= cfg.min_samples and (due or state.inverse[side] is None)]
         self._inverted_now = len(wanted)
         self.inversions += len(wanted)
         if cfg.fisher != "rank_kfac":
@@ -325,14 +335,27 @@ class GritManager:
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [weight for _, _, weight in self.factors()]
 
+    def _current_weights(self) -> list[torch.nn.Parameter]:
+        """Every module's ``lora_A`` and ``lora_B`` weight now, in :meth:`factors` order, read from
+        the modules' own dictionaries: the objects ``state.lora_A.weight`` returns, without its
+        four Python calls per factor (``nn.Module.__getattr__`` and ``ModuleDict.__getitem__``),
+        which a host-bound GPU step pays for (840 factors on SmolLM2)."""
+        return [weight for state in self.modules.values() for weight in (
+            state.layer._modules["lora_A"]._modules[state.adapter]._parameters["weight"],
+            state.layer._modules["lora_B"]._modules[state.adapter]._parameters["weight"])]
+
     def factors(self) -> list[tuple[ModuleState, str, torch.nn.Parameter]]:
-        """(state, side, weight) of every module's two factors, in ``lora_parameters`` order: one
-        walk over the modules, which a step makes once (each weight is two attribute lookups
-        through PEFT's module dictionaries, and a GPU step is bound by the host)."""
-        factors = []
-        for state in self.modules.values():
-            factors += ((state, "A", state.lora_A.weight), (state, "B", state.lora_B.weight))
-        return factors
+        """(state, side, weight) of every module's two factors, in ``lora_parameters`` order. Kept
+        from the last call while every weight is the same object as then (checked each call, by
+        identity, so a truncation or anything else that replaces a factor is seen at once); the
+        same list object then, which :meth:`precondition`'s plan keys on."""
+        weights = self._current_weights()
+        cached = self._factors
+        if cached is None or len(cached[0]) != len(weights) or not all(map(operator.is_, weights, cached[0])):
+            states = [state for state in self.modules.values() for _ in SIDES]
+            cached = (weights, list(zip(states, SIDES * len(self.modules), weights, strict=True)))
+            self._factors = cached
+        return cached[1]
 
     def _stacked_inverses(self, group: tuple, inverses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         """The group's inverses stacked on ``device``, stacked again only when one of them changed:
@@ -340,12 +363,27 @@ class GritManager:
         cache holds the inverses it stacked, so a new inverse is never mistaken for an old one
         (they are replaced, never written in place)."""
         cached = self._inverse_stacks.get(group)
-        stale = cached is None or len(cached[0]) != len(inverses) or \
-            any(a is not b for a, b in zip(cached[0], inverses, strict=True))
-        if stale:
+        if cached is None or len(cached[0]) != len(inverses) or not all(map(operator.is_, cached[0], inverses)):
             cached = (inverses, torch.stack([inverse.to(device) for inverse in inverses]))
             self._inverse_stacks[group] = cached
         return cached[1]
+
+    def _grouping(self, factors: list, inverses: list, grads: list) -> list[tuple[tuple, list[int]]]:
+        """Which factors precondition together: (side, shape, device, dtype) -> their indices in
+        ``factors``, for those with an inverse and a gradient. Built again only when that changes
+        (which factors, which are ready, a gradient's shape, device or dtype): compared in one
+        comprehension, no Python call per factor, as the host-bound GPU step wants."""
+        signature = [None if inverse is None or grad is None else (grad.shape, grad.device, grad.dtype)
+                     for inverse, grad in zip(inverses, grads, strict=True)]
+        cached = self._groups
+        if cached is None or cached[0] is not factors or cached[1] != signature:
+            groups: dict[tuple, list[int]] = {}
+            for i, ((_, side, _), key) in enumerate(zip(factors, signature, strict=True)):
+                if key is not None:
+                    groups.setdefault((side, tuple(key[0]), key[1], key[2]), []).append(i)
+            cached = (factors, signature, list(groups.items()))
+            self._groups = cached
+        return cached[2]
 
     def precondition(self, factors: list[tuple[ModuleState, str, torch.nn.Parameter]] | None = None
                      ) -> int | torch.Tensor:
@@ -354,34 +392,33 @@ class GritManager:
         one batched matmul per group of gradients of one side, shape, device and dtype, so the
         host launches a handful of operations instead of a dozen per module. ``factors``: this
         step's :meth:`factors`, when the caller has them."""
-        groups: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {}
-        for state, side, weight in factors if factors is not None else self.factors():
-            inverse, grad = state.inverse[side], weight.grad
-            if inverse is None or grad is None:
-                continue
-            groups.setdefault((side, tuple(grad.shape), grad.device, grad.dtype), []).append(
-                (grad, inverse, self._ok.get((id(state), side))))
+        factors = factors if factors is not None else self.factors()
+        inverses = [state.inverse[side] for state, side, _ in factors]
+        grads = [weight.grad for _, _, weight in factors]
         applied: list[torch.Tensor | int] = []
         with torch.no_grad():
-            for group, members in groups.items():
+            for group, members in self._grouping(factors, inverses, grads):
                 side, device = group[0], group[2]
-                grads = [grad for grad, _, _ in members]
+                group_grads = [grads[i] for i in members]
                 # fp32 whatever the gradients' dtype (as the reference: the inverses are fp32).
-                raw = torch.stack(grads).float()
-                inverses = self._stacked_inverses(group, [inverse for _, inverse, _ in members], device)
-                natural = gm.precondition_batched(raw, inverses, side)
+                raw = torch.stack(group_grads).float()
+                natural = gm.precondition_batched(raw, self._stacked_inverses(group, [inverses[i] for i in members],
+                                                                              device), side)
                 if self.config.graft_norm:
                     natural = gm.graft_batched(natural, raw)
-                if any(ok is not None for _, _, ok in members):
-                    # inverted this step, not settled: a matrix that did not factorise keeps its raw
-                    # gradient, as a side without an inverse does
+                # inverted this step, not settled: a matrix that did not factorise keeps its raw
+                # gradient, as a side without an inverse does (only an inverting step has flags)
+                flags = [self._ok.get((id(factors[i][0]), side)) for i in members] if self._ok else []
+                if any([flag is not None for flag in flags]):
+                    # a flag is on the device already but for a model split across devices: a
+                    # no-op .to() still costs a dispatch, one per factor on the inverting step
                     ok = torch.stack([torch.ones((), dtype=torch.bool, device=device) if flag is None
-                                      else flag.to(device) for _, _, flag in members])
+                                      else flag if flag.device == device else flag.to(device) for flag in flags])
                     natural = torch.where(ok[:, None, None], natural, raw)
                     applied.append(ok.sum())
                 else:
                     applied.append(len(members))
-                torch._foreach_copy_(grads, list(natural.unbind(0)))
+                torch._foreach_copy_(group_grads, list(natural.unbind(0)))
         return sum(applied)
 
     def _regularizer_scale(self) -> float:
@@ -428,7 +465,7 @@ class GritManager:
         # During the natural-gradient warm-up the factors fill and invert, but the step is plain.
         warm = self.step >= self.config.ng_warmup_steps
         applied = self.precondition(factors) if self.config.precondition and warm else 0
-        rows = sum(s.u.count for s in self.modules.values())
+        rows = sum([s.u.count for s in self.modules.values()])
         self.report = {
             "grad_norm_raw": raw_norm, "preconditioned_tensors": applied, "regularizer": regularizer,
             "rows_captured": float(rows),

@@ -121,3 +121,60 @@ def test_a_failed_factorisation_keeps_its_raw_gradient_and_is_tried_again_the_ne
     assert state.inverse["A"] is None and state.damping_used["A"] is None
     assert state.inverse["B"] is not None and state.damping_used["B"] > 0
     assert not manager._unsettled and not manager.all_ready()
+
+
+def both_ways(manager: GritManager, config: GritParams) -> tuple[int, int, bool]:
+    """(tensors the batched step preconditioned, tensors the per-module reference did, whether
+    the two left equal gradients), both from the same gradients and inverses."""
+    parameters = [p for p in manager.lora_parameters() if p.grad is not None]
+    before = [p.grad.clone() for p in parameters]
+    applied = manager.precondition()
+    batched = [p.grad.clone() for p in parameters]
+    for parameter, grad in zip(parameters, before, strict=True):
+        parameter.grad.copy_(grad)
+    with torch.no_grad():
+        expected = sum(state.precondition(config) for state in manager.modules.values())
+    changed = sum(not torch.equal(a, b) for a, b in zip(batched, before, strict=True))
+    return applied, expected, changed >= expected and all(
+        torch.equal(a, p.grad) for a, p in zip(batched, parameters, strict=True))
+
+
+def test_the_kept_grouping_follows_readiness_as_it_changes():
+    """``precondition`` keeps its grouping of the ready factors from step to step. B = 0 at LoRA's
+    start, so A's side has no inverse and the first step preconditions B's factors only; once B
+    has moved, A's side is inverted and the grouping must take it in (kept as it was, A's
+    gradients would stay raw)."""
+    config = GritParams(min_samples=1)
+    model, manager = captured(False, config)
+    manager.settle()
+    assert both_ways(manager, config) == (len(manager.modules), len(manager.modules), True)
+    with torch.no_grad():
+        for state in manager.modules.values():
+            state.lora_B.weight.normal_(std=0.1)
+    model.zero_grad(set_to_none=True)
+    model(**batches(1, seed=6)[0]).loss.backward()
+    manager.sync_factors()
+    manager.refresh_inverses(force=True)
+    manager.settle()
+    assert both_ways(manager, config) == (2 * len(manager.modules), 2 * len(manager.modules), True)
+
+
+def test_a_replaced_factor_is_preconditioned_in_place_of_the_old_one():
+    """``factors`` is kept while every factor's weight is the object it was; a weight replaced
+    (a truncation does it; so could a user's code) is seen at the next call, and the step
+    preconditions the new weight's gradient, not the old one's."""
+    config = GritParams(min_samples=1)
+    _, manager = captured(True, config)
+    manager.settle()
+    first = manager.factors()
+    assert manager.factors() is first
+    state = next(iter(manager.modules.values()))
+    old = state.lora_A.weight
+    state.lora_A.weight = torch.nn.Parameter(old.detach().clone())
+    new = state.lora_A.weight
+    new.grad, raw = old.grad.clone(), old.grad.clone()
+    factors = manager.factors()
+    looked_up = [w for s in manager.modules.values() for w in (s.lora_A.weight, s.lora_B.weight)]
+    assert factors is not first and all(a is b for (_, _, a), b in zip(factors, looked_up, strict=True))
+    manager.precondition()
+    assert torch.equal(old.grad, raw) and not torch.equal(new.grad, raw)

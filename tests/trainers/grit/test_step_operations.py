@@ -147,7 +147,11 @@ def test_a_grit_step_walks_the_modules_few_times():
     here as Python calls of one non-inverting ``before_step`` beyond the clipping it ends with:
     10,499 when each step walked the modules for the parameters, for preconditioning, again for
     clipping, stacked every inverse again and took the preconditioned norm twice; one walk per
-    step and the inverses stacked once per inversion make it 6,734. At most 7,000."""
+    step and the inverses stacked once per inversion made it 6,734. Each factor's weight read
+    from the modules' dictionaries (no ``__getattr__``), the preconditioning groups kept while
+    nothing they depend on changes, and the capture, fold and inversion checks done in
+    comprehensions make it 1,280, and those left are C calls (a dictionary's ``setdefault``, an
+    ``id``, a ``getattr``), no Python function per module. At most 1,500."""
     from pipelines.gpu_check.overhead import python_calls
     from trainers.grit.doors import clip_gradients
 
@@ -166,4 +170,4 @@ def test_a_grit_step_walks_the_modules_few_times():
         manager.after_step(optimizer)
         optimizer.zero_grad(set_to_none=True)
     assert manager.report["preconditioned_tensors"] > 0 and manager.report["inversions"] == 0
-    assert grit_calls - clip_calls <= 7000, (grit_calls, clip_calls)
+    assert grit_calls - clip_calls <= 1500, (grit_calls, clip_calls)
