@@ -27,7 +27,7 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipelines.gpu_check.overhead import ADAPTER_DTYPES, ARMS, GRIT_CAPTURES, OVERHEAD_SHAPES
+from pipelines.gpu_check.overhead import ARMS, OVERHEAD_SHAPES, Sizing
 from pipelines.gpu_check.report import EXIT_NO_CUDA, TITLES, exit_code, judge, report, table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,13 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--items", default=",".join(ITEMS), help=f"comma-separated subset of {', '.join(ITEMS)}")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                         help="cpu: rehearse the plumbing without a GPU (never a GPU check)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per arm in the overhead item")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="float32",
-                        help="lora.adapter_dtype of both arms in the overhead and profile items (model: bf16 adapters)")
-    parser.add_argument("--grit-capture", choices=GRIT_CAPTURES, default="auto",
-                        help="grit.capture of the GRIT arm in the overhead and profile items (auto: the engine's)")
+    Sizing.add_arguments(parser)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per item process")
     parser.add_argument("--shapes", default=",".join(OVERHEAD_SHAPES),
                         help=f"model shapes of the overhead and profile items: some of {', '.join(OVERHEAD_SHAPES)}")
@@ -158,8 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print(f"error: {NO_CUDA}", file=sys.stderr)
         return EXIT_NO_CUDA
-    sizes = ["--steps", str(args.steps), "--batch", str(args.batch), "--length", str(args.length),
-             "--adapter-dtype", args.adapter_dtype, "--grit-capture", args.grit_capture]
+    sizes = Sizing.from_args(args).argv()
     results = []
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         workdir = Path(scratch)

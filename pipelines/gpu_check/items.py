@@ -23,7 +23,7 @@ import random
 import statistics
 import traceback
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +34,12 @@ import torch
 from transformers import TrainerCallback
 
 from pipelines.gpu_check.overhead import (
-    ADAPTER_DTYPES,
     ARMS,
-    GRIT_CAPTURES,
+    DEFAULT_SIZING,
     OVERHEAD_SHAPES,
-    OVERHEAD_SIZES,
     PHASE_RANGE,
     STEP_PHASES,
+    Sizing,
     counting_operations,
     interleaved_step_times,
     kernel_differences,
@@ -348,24 +347,24 @@ def check_truncation(workdir: Path, device: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------- the overhead
 
-def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: int, shape: str = "smollm2",
-                   syncs: list[int] | None = None, phase: Callable[[str], Any] | None = None,
-                   adapter_dtype: str = "float32", grit_capture: str = "auto"):
+def overhead_model(workdir: Path, engine: str, grit: bool, device: str, shape: str = "smollm2",
+                   sizing: Sizing = DEFAULT_SIZING, syncs: list[int] | None = None,
+                   phase: Callable[[str], Any] | None = None):
     """(model, optimizer step function) of one arm on a model of ``shape`` (``OVERHEAD_SHAPES``),
-    for batches of ``length`` tokens. ``syncs``: the host synchronisations of each GRIT step
+    for batches of ``sizing.length`` tokens, with ``sizing``'s ``lora.adapter_dtype`` (``float32``,
+    or ``model``: bf16 adapters on a bf16 model) and, for the GRIT arm, its ``grit.capture``
+    (auto: the engine's own path). ``syncs``: the host synchronisations of each GRIT step
     (``before_step`` and ``after_step``) are appended to it. ``phase(name)``: a context manager
-    around each phase of the step (``STEP_PHASES``), for a profile. ``adapter_dtype``: the
-    setting ``lora.adapter_dtype`` (``float32``, or ``model``: bf16 adapters on a bf16 model).
-    ``grit_capture``: ``grit.capture`` of the GRIT arm (auto: the engine's own path)."""
+    around each phase of the step (``STEP_PHASES``), for a profile."""
     from trainers.engines import build_peft, build_unsloth
     from trainers.grit.doors import clip_gradients
     from trainers.grit.manager import GritManager
 
     files = random_llama(workdir / f"{shape}-shape", OVERHEAD_SHAPES[shape])
     params = check_params(files, "bfloat16" if device == "cuda" else "float32")
-    params.lora = LoraParams(r=16, alpha=32, adapter_dtype=adapter_dtype)
+    params.lora = LoraParams(r=16, alpha=32, adapter_dtype=sizing.adapter_dtype)
     # Unsloth sizes its rotary cache by max_seq_length: longer batches index past it (a CUDA assert).
-    params.data = DataParams(max_seq_length=max(params.data.max_seq_length, length))
+    params.data = DataParams(max_seq_length=max(params.data.max_seq_length, sizing.length))
     torch.manual_seed(0)
     if engine == "unsloth":
         from unsloth import FastLanguageModel
@@ -379,7 +378,7 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, length: 
     optimizer = torch.optim.AdamW(lora, lr=1e-4)
     # auto: the variant's own capture path, GRIT's fused functions on Unsloth (the hybrid), hooks
     # on PEFT; fused on PEFT runs the fused functions with PEFT's numerics (fused_lora_dtype)
-    config = variant_grit(GritParams(capture=grit_capture), VariantParams(engine=engine, grit=True))
+    config = variant_grit(GritParams(capture=sizing.grit_capture), VariantParams(engine=engine, grit=True))
     manager = GritManager(model, config) if grit else None
 
     mark = phase or (lambda _name: nullcontext())
@@ -477,66 +476,60 @@ def unsloth_compile_per_arm(arm: str) -> None:
     os.environ[BLOCK_COMPILE] = "0" if arm == "grit" else "1"
 
 
-def shape_sizes(shape: str, batch: int, length: int) -> tuple[int, int]:
-    """The (batch, length) ``shape`` is timed at: its own (``OVERHEAD_SIZES``) or the command line's."""
-    if shape not in OVERHEAD_SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(OVERHEAD_SHAPES)}")
-    return OVERHEAD_SIZES.get(shape, (batch, length))
+def sized_batches(sizing: Sizing, count: int, device: str, first: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """``count`` random batches of ``sizing``'s size, seeds ``first``, ``first + 1``, ...: the
+    same batches for every arm and pass that asks for them."""
+    return (random_batch(sizing.batch, sizing.length, seed=first + k, device=device) for k in range(count))
 
 
-def overhead_time(workdir: Path, device: str, engine: str, shape: str, steps: int, batch: int,
-                  length: int, adapter_dtype: str = "float32", grit_capture: str = "auto") -> dict[str, Any]:
+def overhead_time(workdir: Path, device: str, engine: str, shape: str, sizing: Sizing) -> dict[str, Any]:
     """Both arms in one process, steps interleaved (LoRA, GRIT, LoRA, ...) on the same batches,
     so the machine's noise hits both alike; the ratio of median step times (``overhead.py``), and
     what plain LoRA itself makes of the device: tokens/s and its share of the FLOP bound. On
     Unsloth the GRIT arm runs without Unsloth's per-layer compile, so LoRA is also timed without
     it (the same model, compiled and uncompiled steps interleaved): the ratio splits into leaving
     the compile (``compile_off_ratio``) and GRIT over uncompiled LoRA."""
-    batch, length = shape_sizes(shape, batch, length)
-    arms = [overhead_model(workdir, engine, arm == "grit", device, length, shape, adapter_dtype=adapter_dtype,
-                           grit_capture=grit_capture) for arm in ARMS]
-    (model, lora), (_, grit) = arms
-    batches = (random_batch(batch, length, seed=k, device=device) for k in range(steps + OVERHEAD_WARMUP))
-    timed = interleaved_step_times(lora, grit, batches, OVERHEAD_WARMUP, device,
+    sizing = sizing.for_shape(shape)
+    (model, lora), (_, grit) = [overhead_model(workdir, engine, arm == "grit", device, shape, sizing) for arm in ARMS]
+    steps = sizing.steps + OVERHEAD_WARMUP
+    timed = interleaved_step_times(lora, grit, sized_batches(sizing, steps, device), OVERHEAD_WARMUP, device,
                                    prepare=unsloth_compile_per_arm if engine == "unsloth" else None)
-    flops = lora_step_flops(OVERHEAD_SHAPES[shape], model.config.vocab_size, batch, length, LoraParams(r=16).r)
+    tokens = sizing.batch * sizing.length
+    flops = lora_step_flops(OVERHEAD_SHAPES[shape], model.config.vocab_size, sizing.batch, sizing.length,
+                            LoraParams(r=16).r)
     peak = peak_flops(device)
-    figures = {"shape": shape, "adapter_dtype": adapter_dtype, "grit_capture": grit_capture,
+    figures = {"shape": shape, **sizing.figures(),
                "lora_step_ms": 1000 * timed.lora_s,
                "grit_step_ms": 1000 * timed.grit_s, "step_time_ratio": timed.ratio,
-               "mean_step_time_ratio": timed.mean_ratio, "steps": steps, "batch": batch,
-               "length": length,
-               "lora_tokens_per_s": batch * length / timed.lora_s, "lora_tflops": flops / timed.lora_s / 1e12,
+               "mean_step_time_ratio": timed.mean_ratio,
+               "lora_tokens_per_s": tokens / timed.lora_s, "lora_tflops": flops / timed.lora_s / 1e12,
                "lora_flop_fraction": flops / timed.lora_s / peak if peak else None}
     if engine == "unsloth":
         # LoRA in both places: unsloth_compile_per_arm turns the compile off for the second
-        again = (random_batch(batch, length, seed=k, device=device) for k in range(steps + OVERHEAD_WARMUP))
-        split = interleaved_step_times(lora, lora, again, OVERHEAD_WARMUP, device, prepare=unsloth_compile_per_arm)
+        split = interleaved_step_times(lora, lora, sized_batches(sizing, steps, device), OVERHEAD_WARMUP, device,
+                                       prepare=unsloth_compile_per_arm)
         figures |= {"lora_uncompiled_step_ms": 1000 * split.grit_s, "compile_off_ratio": split.ratio,
                     "grit_over_uncompiled_lora": timed.grit_s / split.grit_s}
     return figures
 
 
-def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: str, steps: int, batch: int,
-                    length: int, adapter_dtype: str = "float32", grit_capture: str = "auto") -> dict[str, Any]:
+def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: str, sizing: Sizing) -> dict[str, Any]:
     """One arm alone in a fresh process: the peak CUDA memory of its whole training (weights,
     activations, optimizer and GRIT state); on CPU the process's peak RSS (``overhead.py``). The
     GRIT arm also counts the host synchronisations of its GRIT steps (``host_syncs``)."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-    batch, length = shape_sizes(shape, batch, length)
+    sizing = sizing.for_shape(shape)
     syncs: list[int] = []
-    _, step = overhead_model(workdir, engine, arm == "grit", device, length, shape, syncs,
-                             adapter_dtype=adapter_dtype, grit_capture=grit_capture)
-    memory = peak_memory(step, (random_batch(batch, length, seed=k, device=device) for k in range(steps)), device)
+    _, step = overhead_model(workdir, engine, arm == "grit", device, shape, sizing, syncs)
+    memory = peak_memory(step, sized_batches(sizing, sizing.steps, device), device)
     figures: dict[str, Any] = {"peak_mib": memory.peak_mib}
     if arm == "grit":
         figures |= {"grit_host_syncs": sum(syncs), "grit_steps_watched": len(syncs) // 2}
     return figures
 
 
-def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps: int, batch: int,
-                     length: int, adapter_dtype: str = "float32", grit_capture: str = "auto") -> dict[str, Any]:
+def overhead_profile(workdir: Path, device: str, engine: str, shape: str, sizing: Sizing) -> dict[str, Any]:
     """Where GRIT's extra step time goes: each arm profiled over ``steps`` steps after the warm-up
     (``overhead.phase_profile``), the host's milliseconds per phase of the step, the device's
     kernel milliseconds and kernel launches per step, each phase's span on the device, the
@@ -545,21 +538,19 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, steps:
     per-step figures carry a tenth of an inversion, as a run does."""
     from torch.profiler import record_function
 
-    batch, length = shape_sizes(shape, batch, length)
-    arms = {arm: overhead_model(workdir, engine, arm == "grit", device, length, shape,
-                                phase=lambda name: record_function(PHASE_RANGE + name),
-                                adapter_dtype=adapter_dtype, grit_capture=grit_capture)[1] for arm in ARMS}
+    sizing = sizing.for_shape(shape)
+    arms = {arm: overhead_model(workdir, engine, arm == "grit", device, shape, sizing,
+                                phase=lambda name: record_function(PHASE_RANGE + name))[1] for arm in ARMS}
     profiles = {}
     for arm, step in arms.items():
         if engine == "unsloth":
             unsloth_compile_per_arm(arm)
-        for k in range(OVERHEAD_WARMUP):
-            step(random_batch(batch, length, seed=k, device=device))
-        profiles[arm] = phase_profile(step, (random_batch(batch, length, seed=OVERHEAD_WARMUP + k, device=device)
-                                             for k in range(steps)), device)
+        for batch in sized_batches(sizing, OVERHEAD_WARMUP, device):
+            step(batch)
+        profiles[arm] = phase_profile(step, sized_batches(sizing, sizing.steps, device, first=OVERHEAD_WARMUP),
+                                      device)
     lora, grit = profiles["lora"], profiles["grit"]
-    figures: dict[str, Any] = {"shape": shape, "adapter_dtype": adapter_dtype, "grit_capture": grit_capture,
-                               "steps": steps, "batch": batch, "length": length}
+    figures: dict[str, Any] = {"shape": shape, **sizing.figures()}
     for arm, profiled in profiles.items():
         kernels = sorted((profiled.kernel_ms or {}).items(), key=lambda kv: -kv[1])
         top = None if profiled.kernel_ms is None else dict(kernels[:8])
@@ -586,22 +577,20 @@ class Item:
 
     ``part_of`` is the item of the check (``report.TITLES``) it serves; ``arguments`` names what
     follows the kind in the item's name, ``:``-separated (``overhead-memory:peft:grit``);
-    ``sized``: it takes ``steps``, ``batch``, ``length``, ``adapter_dtype`` and ``grit_capture``."""
+    ``sized``: it takes the command line's :class:`Sizing` last."""
 
     run: Callable[..., dict[str, Any]]
     part_of: str
     arguments: tuple[str, ...] = ()
     sized: bool = False
 
-    def __call__(self, kind: str, rest: str, workdir: Path, device: str, steps: int, batch: int,
-                 length: int, adapter_dtype: str = "float32", grit_capture: str = "auto") -> dict[str, Any]:
+    def __call__(self, kind: str, rest: str, workdir: Path, device: str,
+                 sizing: Sizing = DEFAULT_SIZING) -> dict[str, Any]:
         values = rest.split(":") if rest else []
         if len(values) != len(self.arguments):
             spelled = "".join(f":<{name}>" for name in self.arguments)
             raise ValueError(f"item {kind!r} is named {kind}{spelled}")
-        sizes = {"steps": steps, "batch": batch, "length": length, "adapter_dtype": adapter_dtype,
-                 "grit_capture": grit_capture} if self.sized else {}
-        return self.run(workdir, device, *values, **sizes)
+        return self.run(workdir, device, *values, *([sizing] if self.sized else []))
 
 
 REGISTRY: dict[str, Item] = {
@@ -628,11 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default="float32")
-    parser.add_argument("--grit-capture", choices=GRIT_CAPTURES, default="auto")
+    Sizing.add_arguments(parser)
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     kind, _, rest = args.item.partition(":")
@@ -640,8 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     if item is None:
         raise SystemExit(f"unknown item {args.item!r}")
     try:
-        result = item(kind, rest, args.workdir, args.device, args.steps, args.batch, args.length, args.adapter_dtype,
-                      args.grit_capture)
+        result = item(kind, rest, args.workdir, args.device, Sizing.from_args(args))
     except Exception as error:  # noqa: BLE001 - the orchestrator reports it as the item's failure
         traceback.print_exc()
         args.out.write_text(json.dumps({"error": f"{type(error).__name__}: {error}".splitlines()[0]}))

@@ -23,12 +23,13 @@ optimizer, GRIT's work); what it returns is ignored.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import statistics
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,58 @@ ARMS = ("lora", "grit")
 ADAPTER_DTYPES = ("float32", "model")
 # grit.capture of the GRIT arm: the engine's (fused on Unsloth, hooks on PEFT), or either on both
 GRIT_CAPTURES = ("auto", "hooks", "fused")
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How the overhead and profile items size and set up their arms: timed steps per arm, the
+    batch (rows x tokens), ``lora.adapter_dtype`` of both arms and ``grit.capture`` of GRIT's.
+    One value from the command line (both the check's and an item's) to the model an item
+    builds, in place of five arguments passed on by hand through every signature between."""
+
+    steps: int = 10
+    batch: int = 8
+    length: int = 256
+    adapter_dtype: str = "float32"
+    grit_capture: str = "auto"
+
+    def for_shape(self, shape: str) -> Sizing:
+        """This sizing at ``shape``: its own batch where it has one (``OVERHEAD_SIZES``: the 1B
+        shape at 8k tokens), the command line's otherwise."""
+        if shape not in OVERHEAD_SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(OVERHEAD_SHAPES)}")
+        batch, length = OVERHEAD_SIZES.get(shape, (self.batch, self.length))
+        return replace(self, batch=batch, length=length)
+
+    def argv(self) -> list[str]:
+        """The options that give an item's process this sizing (:meth:`add_arguments`)."""
+        return ["--steps", str(self.steps), "--batch", str(self.batch), "--length", str(self.length),
+                "--adapter-dtype", self.adapter_dtype, "--grit-capture", self.grit_capture]
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        default = Sizing()
+        parser.add_argument("--steps", type=int, default=default.steps, help="timed steps per arm in the overhead item")
+        parser.add_argument("--batch", type=int, default=default.batch)
+        parser.add_argument("--length", type=int, default=default.length)
+        parser.add_argument("--adapter-dtype", choices=ADAPTER_DTYPES, default=default.adapter_dtype,
+                            help="lora.adapter_dtype of both arms in the overhead and profile items (model: bf16 "
+                                 "adapters)")
+        parser.add_argument("--grit-capture", choices=GRIT_CAPTURES, default=default.grit_capture,
+                            help="grit.capture of the GRIT arm in the overhead and profile items (auto: the engine's)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Sizing:
+        return cls(steps=args.steps, batch=args.batch, length=args.length, adapter_dtype=args.adapter_dtype,
+                   grit_capture=args.grit_capture)
+
+    def figures(self) -> dict[str, Any]:
+        """What an item's figures record of its sizing."""
+        return {"adapter_dtype": self.adapter_dtype, "grit_capture": self.grit_capture, "steps": self.steps,
+                "batch": self.batch, "length": self.length}
+
+
+DEFAULT_SIZING = Sizing()
 
 
 @dataclass(frozen=True)

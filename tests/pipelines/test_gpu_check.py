@@ -171,13 +171,14 @@ def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path
     through the registry as the worker process runs it, with the adapter-dtype setting passed on,
     and GRIT's fused functions on PEFT's engine (``--grit-capture fused``)."""
     from pipelines.gpu_check.items import REGISTRY
-    from pipelines.gpu_check.overhead import OVERHEAD_SHAPES
+    from pipelines.gpu_check.overhead import OVERHEAD_SHAPES, Sizing
 
     monkeypatch.setitem(OVERHEAD_SHAPES, "smollm2", {"hidden_size": 64, "intermediate_size": 128,
                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
                                                      "num_key_value_heads": 2})
-    figures = REGISTRY["overhead-profile"]("overhead-profile", "peft:smollm2", tmp_path, "cpu", 2, 1, 16, "model",
-                                           "fused")
+    figures = REGISTRY["overhead-profile"]("overhead-profile", "peft:smollm2", tmp_path, "cpu",
+                                           Sizing(steps=2, batch=1, length=16, adapter_dtype="model",
+                                                  grit_capture="fused"))
     assert figures["adapter_dtype"] == "model" and figures["grit_capture"] == "fused" and figures["steps"] == 2
     for arm in ("lora", "grit"):
         assert set(figures[arm]["host_ms"]) == set(STEP_PHASES)
