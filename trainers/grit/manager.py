@@ -348,7 +348,7 @@ class GritManager:
         """(state, side, weight) of every module's two factors, in ``lora_parameters`` order. Kept
         from the last call while every weight is the same object as then (checked each call, by
         identity, so a truncation or anything else that replaces a factor is seen at once); the
-        same list object then, which :meth:`precondition`'s plan keys on."""
+        same list object then, which :meth:`_grouping` keys its kept grouping on."""
         weights = self._current_weights()
         cached = self._factors
         if cached is None or len(cached[0]) != len(weights) or not all(map(operator.is_, weights, cached[0])):
