@@ -58,7 +58,10 @@ def inverse_from_cholesky(chol: torch.Tensor) -> torch.Tensor:
     # row-major first: the solve returns column-major factors, whose product takes another kernel
     # batched than alone (one matrix's inverse would depend on its batch by a rounding)
     inverse_factor = torch.linalg.solve_triangular(chol, eye, upper=False).contiguous()
-    return inverse_factor.mT @ inverse_factor
+    # and a product of stacks even for one matrix: a lone small product goes to BLAS's gemm, a
+    # stack of them (r^3 < 400) to torch's own loop, which rounds otherwise on AVX-512 MKL
+    stack = inverse_factor.reshape(-1, *inverse_factor.shape[-2:])
+    return torch.bmm(stack.mT, stack).reshape(inverse_factor.shape)
 
 
 def damped_inverse(
