@@ -20,7 +20,8 @@ from evaluation.doc_figures import BLOCKS as EVALUATION_BLOCKS
 from pipelines.gpu_check.report import docs_block
 
 GPU_REPORTS = {"h100": "benchmarks/results/gpu-check-h100-*.json", "h200": "benchmarks/results/gpu-check-h200-*.json",
-               "h100b": "benchmarks/results/gpu-check-h100b-*.json"}
+               "h100b": "benchmarks/results/gpu-check-h100b-*.json",
+               "h200b": "benchmarks/results/gpu-check-h200b-*.json"}
 
 
 def _gpu(reports: str):

@@ -535,7 +535,8 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, sizing
     kernel milliseconds and kernel launches per step, each phase's span on the device, the
     kernels that take longest, and GRIT's minus LoRA's for each (the kernels whose time differs
     most). Over 10 steps one of GRIT's steps inverts its factors (``update_freq`` 10), so the
-    per-step figures carry a tenth of an inversion, as a run does."""
+    per-step figures carry a tenth of an inversion, as a run does; each phase's slowest step
+    (``host_ms_slowest``) shows that step apart."""
     from torch.profiler import record_function
 
     sizing = sizing.for_shape(shape)
@@ -555,6 +556,7 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, sizing
         kernels = sorted((profiled.kernel_ms or {}).items(), key=lambda kv: -kv[1])
         top = None if profiled.kernel_ms is None else dict(kernels[:8])
         figures[arm] = {"host_ms": profiled.host_ms, "host_ms_total": profiled.host_ms_total,
+                        "host_ms_slowest": profiled.host_ms_slowest,
                         "device_ms": profiled.device_ms, "kernel_launches": profiled.kernel_launches,
                         "device_span_ms": profiled.device_span_ms, "top_kernels_ms": top}
     on_device = lora.device_ms is not None

@@ -186,7 +186,9 @@ class PhaseProfile:
     """One arm's steps as the profiler saw them, per step: the host's milliseconds in each phase
     (``STEP_PHASES``), the device's kernel milliseconds and the kernel launches, each phase's span
     on the device (from its first kernel's start to its last one's end, gaps included) and the
-    kernel milliseconds by kernel name (the device figures are None on CPU)."""
+    kernel milliseconds by kernel name (the device figures are None on CPU). ``host_ms_slowest``:
+    each phase's slowest single step on the host, where a rare step shows that a mean spreads
+    out (GRIT's inverting step, one in ``update_freq``)."""
 
     host_ms: dict[str, float]
     device_ms: float | None
@@ -194,6 +196,7 @@ class PhaseProfile:
     steps: int
     device_span_ms: dict[str, float] | None = None
     kernel_ms: dict[str, float] | None = None
+    host_ms_slowest: dict[str, float] | None = None
 
     @property
     def host_ms_total(self) -> float:
@@ -248,19 +251,30 @@ def per_phase(named: Iterable[tuple[str, float]], steps: int) -> dict[str, float
     return phases
 
 
+def slowest_per_phase(named: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """Milliseconds of each phase's (``STEP_PHASES``) slowest range, from (range name, microseconds)."""
+    slowest = dict.fromkeys(STEP_PHASES, 0.0)
+    for name, us in named:
+        phase = name.removeprefix(PHASE_RANGE)
+        if name.startswith(PHASE_RANGE) and phase in slowest:
+            slowest[phase] = max(slowest[phase], us / 1000)
+    return slowest
+
+
 def summarise_phases(events: ProfiledEvents, steps: int, on_device: bool) -> PhaseProfile:
     """A :class:`PhaseProfile` from the sorted events of a profile of ``steps`` steps; on CPU
     there is no device time to read."""
     host = per_phase(events.ranges, steps)
+    slowest = slowest_per_phase(events.ranges)
     if not on_device:
-        return PhaseProfile(host, None, None, steps)
+        return PhaseProfile(host, None, None, steps, host_ms_slowest=slowest)
     by_kernel: dict[str, float] = {}
     for name, us in events.kernels:
         short = name[:KERNEL_NAME_CHARS]
         by_kernel[short] = by_kernel.get(short, 0.0) + us / 1000 / steps
     launches = sum(name in KERNEL_LAUNCHES for name in events.host_calls) / steps
     return PhaseProfile(host, sum(us for _, us in events.kernels) / 1000 / steps, launches, steps,
-                        per_phase(events.spans, steps), by_kernel)
+                        per_phase(events.spans, steps), by_kernel, slowest)
 
 
 def kernel_differences(lora: dict[str, float], grit: dict[str, float], top: int = 6) -> dict[str, float]:
@@ -352,6 +366,9 @@ class _Counted:
 
     def __init__(self) -> None:
         self.operations = self.host_reads = self.host_copies = 0
+        # tensors handed to operations in lists (``_foreach_*``, ``stack``): each costs the host
+        # its own checks, so a list operation over 420 gradients is no single operation's cost
+        self.listed_tensors = 0
 
 
 def from_host(name: str, args: tuple, kwargs: dict) -> bool:
@@ -372,7 +389,9 @@ def from_host(name: str, args: tuple, kwargs: dict) -> bool:
 @contextmanager
 def counting_operations():
     """Count every aten operation dispatched inside the block (a ``TorchDispatchMode`` sees each
-    one, backward included), the host reads and the copies from the host among them."""
+    one, backward included), the host reads and the copies from the host among them, and the
+    tensors handed to them in lists."""
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from trainers.grit.host import is_host_copy
@@ -387,6 +406,8 @@ def counting_operations():
             counted.host_reads += name in HOST_READS and not is_host_copy(args[0] if args else None)
             counted.host_reads += name in STATUS_READS
             counted.host_copies += from_host(name, args, kwargs or {})
+            counted.listed_tensors += sum([isinstance(item, torch.Tensor) for arg in args
+                                           if isinstance(arg, (list, tuple)) for item in arg])
             return func(*args, **(kwargs or {}))
 
     with Counting():
