@@ -222,7 +222,8 @@ def profile_line(figures: dict[str, Any]) -> str:
         line += f", device kernels {_signed(extra['device_ms'])} ms"
     if extra.get("kernel_launches") is not None:
         line += f", launches {_signed(extra['kernel_launches'])}"
-    kernels = list((extra.get("kernels_ms") or {}).items())[:2]
+    # ranked here: the report's JSON is written with sorted keys, which orders kernels by name
+    kernels = sorted((extra.get("kernels_ms") or {}).items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:2]
     if kernels:
         line += " (most: " + ", ".join(f"{name[:40]} {_signed(ms)}" for name, ms in kernels) + ")"
     return line + " per step"

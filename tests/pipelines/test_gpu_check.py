@@ -167,6 +167,17 @@ def test_a_profile_is_summarised_per_step_and_phase():
         {"trsm": 0.5, "potrf": -0.1}
 
 
+def test_the_profile_line_names_the_kernels_that_differ_most_whatever_order_the_report_keeps():
+    """The check writes its JSON with sorted keys, which orders the kernels by name: the line
+    ranks them itself (the H200's line named a 0.016 ms kernel before a 0.155 ms one)."""
+    from pipelines.gpu_check.report import profile_line
+
+    by_name = {"a_small": 0.0157, "b_large": 0.155, "c_negative": -0.5}
+    line = profile_line({"grit_minus_lora": {"host_ms": {"forward": 1.0}, "host_ms_total": 1.0,
+                                             "kernels_ms": by_name}})
+    assert "(most: c_negative -0.5, b_large +0.155)" in line
+
+
 def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path, monkeypatch):
     """The profile item on CPU, PEFT engine, a few tokens, at a tiny width of SmolLM2's layout (the
     item's code path; the real width only makes it slower here): both arms' phases are measured,
