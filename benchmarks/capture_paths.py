@@ -10,10 +10,11 @@ the Python it runs. This counts both for one training step on SmolLM2's layout a
 - ``fused``: GRIT's fused LoRA functions (``grit.capture: fused``; the hybrid's path on Unsloth).
 
 Per phase (forward, backward, and between backward and the optimizer: GRIT's ``before_step``,
-which ends with the clipping, against LoRA's clipping): aten operations (a ``TorchDispatchMode``)
-and Python-level calls (``sys.setprofile``). Counts do not depend on the machine, so they can be
-taken beside other work; which path is faster on a GPU is for ``make gpu-check`` with
-``--grit-capture fused`` to measure (docs/gpu.md).
+which ends with the clipping, against LoRA's clipping): aten operations (a ``TorchDispatchMode``),
+Python-level calls (``sys.setprofile``) and the tensors handed to operations in lists (a
+``_foreach_`` operation or a ``stack`` over 420 gradients checks each one on the host). Counts
+do not depend on the machine, so they can be taken beside other work; which path is faster on a
+GPU is for ``make gpu-check`` with ``--grit-capture fused`` to measure (docs/gpu.md).
 
     python benchmarks/capture_paths.py
 """
@@ -31,7 +32,7 @@ PHASES = ("forward", "backward", "before_step")
 
 
 def counted_step(arm: str, counter: str, warmup: int = 4) -> dict[str, int]:
-    """``counter`` ("operations" or "calls") per phase of one step after ``warmup`` steps of
+    """``counter`` ("operations", "calls" or "tensors", those in lists) per phase of one step after ``warmup`` steps of
     ``arm``: by then every side has been inverted (A's once B has left 0), so the step is one of
     the nine in ten that invert nothing (``update_freq`` 10). One counter per step: the operation
     counter is itself Python, and would be counted."""
@@ -47,7 +48,7 @@ def counted_step(arm: str, counter: str, warmup: int = 4) -> dict[str, int]:
             return python_calls(run)
         with counting_operations() as counted:
             run()
-        return counted.operations
+        return counted.listed_tensors if counter == "tensors" else counted.operations
 
     torch.manual_seed(0)
     model = random_lora_llama(30, 64, 128, 4, 2, VOCAB)
@@ -76,20 +77,21 @@ def counted_step(arm: str, counter: str, warmup: int = 4) -> dict[str, int]:
 
 
 def main() -> int:
-    counts = {arm: {name: (operations.get(name), calls.get(name)) for name in PHASES}
-              for arm in ARMS
-              for operations, calls in [(counted_step(arm, "operations"), counted_step(arm, "calls"))]}
-    print("per step, SmolLM2's 210 LoRA modules at tiny width (fp32, CPU): aten operations / Python calls")
-    print(f"{'phase':<12}" + "".join(f"{arm:>18}" for arm in ARMS))
+    counters = ("operations", "calls", "tensors")
+    counts = {arm: {name: tuple(counted[name] for counted in by_counter) for name in PHASES}
+              for arm in ARMS for by_counter in [[counted_step(arm, counter) for counter in counters]]}
+    print("per step, SmolLM2's 210 LoRA modules at tiny width (fp32, CPU): aten operations / Python calls / "
+          "tensors in list operations")
+    print(f"{'phase':<12}" + "".join(f"{arm:>26}" for arm in ARMS))
     for name in PHASES:
         cells = [counts[arm][name] for arm in ARMS]
-        print(f"{name:<12}" + "".join(f"{f'{c[0]:,} / {c[1]:,}':>18}" for c in cells))
+        print(f"{name:<12}" + "".join(f"{f'{c[0]:,} / {c[1]:,} / {c[2]:,}':>26}" for c in cells))
     print("(before_step: GRIT's step with its clipping, a step that inverts nothing; for lora, the clipping alone)")
     for arm in ("hooks", "fused"):
         added = [sum(counts[arm][p][i] - counts["lora"][p][i] for p in ("forward", "backward")) for i in (0, 1)]
-        step = [counts[arm]["before_step"][i] - counts["lora"]["before_step"][i] for i in (0, 1)]
+        step = [counts[arm]["before_step"][i] - counts["lora"]["before_step"][i] for i in (0, 1, 2)]
         print(f"{arm}: forward and backward add {added[0]:,} operations and {added[1]:,} Python calls to LoRA's; "
-              f"before_step adds {step[0]:,} and {step[1]:,} to its clipping")
+              f"before_step adds {step[0]:,}, {step[1]:,} and {step[2]:,} tensors in lists to its clipping")
     return 0
 
 

@@ -178,3 +178,54 @@ def test_a_replaced_factor_is_preconditioned_in_place_of_the_old_one():
     assert factors is not first and all(a is b for (_, _, a), b in zip(factors, looked_up, strict=True))
     manager.precondition()
     assert torch.equal(old.grad, raw) and not torch.equal(new.grad, raw)
+
+
+
+def test_a_lone_forward_folds_straight_into_the_running_sums_as_the_pending_path_does():
+    """One forward per step on one process: ``sync_factors`` adds its products to the running sums
+    directly, without the pending sums and the list operations that fold and clear them. Bit for
+    bit what the pending path gives (the probe collects the stash before the sync, which takes
+    that path), with the same rows counted and the same coverage, over two steps. Two forwards
+    before a sync (gradient accumulation) and EMA statistics still go through the pending sums."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Names(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    def stepped(config: GritParams, forwards: int, collect_first: bool) -> tuple[GritManager, list[bool]]:
+        model = tiny_lora_model(seed=3, random_B=True)
+        manager = GritManager(model, config)
+        cleared = []                # whether each sync cleared pending sums
+        for step in range(2):
+            for seed in range(forwards):
+                model(**batches(1, seed=5 + 2 * step + seed)[0]).loss.backward()
+            if collect_first:
+                manager.collect_captured()
+            with Names() as seen:
+                manager.sync_factors()
+            cleared.append("_foreach_zero_" in seen.names or "zero_" in seen.names)
+            manager.after_step()
+            model.zero_grad(set_to_none=True)
+        return manager, cleared
+
+    def stats(manager: GritManager) -> list:
+        return [(s.u.total, s.v.total, s.u.ema, s.v.ema, s.u.count, s.v.count) for s in manager.modules.values()]
+
+    def equal(a, b) -> bool:
+        return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+    for config, forwards, straight in ((GritParams(min_samples=1), 1, True), (GritParams(min_samples=1), 2, False),
+                                       (GritParams(min_samples=1, statistics="ema"), 1, False)):
+        (direct, direct_cleared), (pending, pending_cleared) = (stepped(config, forwards, False),
+                                                                stepped(config, forwards, True))
+        assert direct_cleared == [not straight] * 2 and pending_cleared == [True, True]
+        assert all(equal(x, y) for a, b in zip(stats(direct), stats(pending), strict=True)
+                   for x, y in zip(a, b, strict=True))
+        assert direct._captured_modules == pending._captured_modules == len(direct.modules)
+        assert all(s.u.count > 0 and s.u.pending_count == 0 for s in direct.modules.values())
