@@ -183,7 +183,8 @@ def test_a_replaced_factor_is_preconditioned_in_place_of_the_old_one():
 
 def test_a_lone_forward_folds_straight_into_the_running_sums_as_the_pending_path_does():
     """One forward per step on one process: ``sync_factors`` adds its products to the running sums
-    directly, without the pending sums and the list operations that fold and clear them. Bit for
+    directly, stacked in one tensor per side, without the pending sums and the list operations
+    that fold and clear them. Bit for
     bit what the pending path gives (the probe collects the stash before the sync, which takes
     that path), with the same rows counted and the same coverage, over two steps. Two forwards
     before a sync (gradient accumulation) and EMA statistics still go through the pending sums."""
@@ -229,3 +230,21 @@ def test_a_lone_forward_folds_straight_into_the_running_sums_as_the_pending_path
                    for x, y in zip(a, b, strict=True))
         assert direct._captured_modules == pending._captured_modules == len(direct.modules)
         assert all(s.u.count > 0 and s.u.pending_count == 0 for s in direct.modules.values())
+
+
+def test_the_stacked_running_sums_follow_a_replaced_total():
+    """The stacked running sums are kept while every statistic still holds its row; a total
+    replaced (a move, a truncation's transform, a loaded state) is stacked again with its new
+    value, and what is added then reaches every statistic."""
+    _, manager = captured(True, GritParams(min_samples=1))
+    stats = [state.u for state in manager.modules.values()]
+    first = manager._stacked_sums("u", stats)
+    assert manager._stacked_sums("u", stats) is first and all(s.total._base is first for s in stats)
+    replaced = torch.full_like(stats[0].total, 2.0)
+    stats[0].total = replaced.clone()
+    again = manager._stacked_sums("u", stats)
+    assert again is not first and torch.equal(again[0], replaced) and torch.equal(again[1:], first[1:])
+    before = [s.total.clone() for s in stats]
+    again.add_(torch.ones_like(again))
+    assert all(torch.equal(s.total, b + 1) for s, b in zip(stats, before, strict=True))
+    assert manager._stacked_sums("u", [stats[0], stats[0]]) is None     # a module twice: rows would alias
