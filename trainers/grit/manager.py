@@ -421,40 +421,53 @@ class GritManager:
             self._inverse_stacks[group] = cached
         return cached[1]
 
-    def _grouping(self, factors: list, inverses: list, grads: list) -> list[tuple[tuple, list[int]]]:
+    def _grouping(self, factors: list, inverses: list, grads: list
+                  ) -> tuple[list[tuple[tuple, list[int]]], list[int]]:
         """Which factors precondition together: (side, shape, device, dtype) -> their indices in
-        ``factors``, for those with an inverse and a gradient. Built again only when that changes
-        (which factors, which are ready, a gradient's shape, device or dtype): compared in one
-        comprehension, no Python call per factor, as the host-bound GPU step wants."""
-        signature = [None if inverse is None or grad is None else (grad.shape, grad.device, grad.dtype)
+        ``factors``, for those with an inverse and a gradient; and the indices of those with a
+        gradient but no inverse (left raw). Built again only when that changes (which factors,
+        which are ready, a gradient's shape, device or dtype): compared in one comprehension, no
+        Python call per factor, as the host-bound GPU step wants."""
+        signature = [None if grad is None else False if inverse is None else (grad.shape, grad.device, grad.dtype)
                      for inverse, grad in zip(inverses, grads, strict=True)]
         cached = self._groups
         if cached is None or cached[0] is not factors or cached[1] != signature:
             groups: dict[tuple, list[int]] = {}
+            raw_only = []
             for i, ((_, side, _), key) in enumerate(zip(factors, signature, strict=True)):
-                if key is not None:
+                if key:
                     groups.setdefault((side, tuple(key[0]), key[1], key[2]), []).append(i)
-            cached = (factors, signature, list(groups.items()))
+                elif key is False:
+                    raw_only.append(i)
+            cached = (factors, signature, (list(groups.items()), raw_only))
             self._groups = cached
         return cached[2]
 
-    def precondition(self, factors: list[tuple[ModuleState, str, torch.nn.Parameter]] | None = None
-                     ) -> int | torch.Tensor:
+    def precondition(self, factors: list[tuple[ModuleState, str, torch.nn.Parameter]] | None = None,
+                     raw_norms: list[torch.Tensor] | None = None) -> int | torch.Tensor:
         """Natural gradient on every module's ready sides; how many tensors. The per-module step
         (``ModuleState.precondition``, the reference) done for all modules of one shape at once:
         one batched matmul per group of gradients of one side, shape, device and dtype, so the
         host launches a handful of operations instead of a dozen per module. ``factors``: this
-        step's :meth:`factors`, when the caller has them."""
+        step's :meth:`factors`, when the caller has them. ``raw_norms``: a list that gets the
+        fp32 norms whose joint norm is the raw gradients' (one per group, taken from the group's
+        stack, and one per gradient left raw), so the report's raw norm needs no list operation
+        over every gradient of its own."""
         factors = factors if factors is not None else self.factors()
         inverses = [state.inverse[side] for state, side, _ in factors]
         grads = [weight.grad for _, _, weight in factors]
         applied: list[torch.Tensor | int] = []
+        groups, raw_only = self._grouping(factors, inverses, grads)
         with torch.no_grad():
-            for group, members in self._grouping(factors, inverses, grads):
+            if raw_norms is not None and raw_only:
+                raw_norms.extend(torch._foreach_norm([grads[i] for i in raw_only], dtype=torch.float32))
+            for group, members in groups:
                 side, device = group[0], group[2]
                 group_grads = [grads[i] for i in members]
                 # fp32 whatever the gradients' dtype (as the reference: the inverses are fp32).
                 raw = torch.stack(group_grads).float()
+                if raw_norms is not None:
+                    raw_norms.append(torch.linalg.vector_norm(raw))
                 natural = gm.precondition_batched(raw, self._stacked_inverses(group, [inverses[i] for i in members],
                                                                               device), side)
                 if self.config.graft_norm:
@@ -514,10 +527,16 @@ class GritManager:
             self.check_capture_coverage()
         self.refresh_inverses()
         regularizer = self.add_regularizer_gradients()
-        raw_norm = joint_gradient_norm(parameters)
         # During the natural-gradient warm-up the factors fill and invert, but the step is plain.
         warm = self.step >= self.config.ng_warmup_steps
-        applied = self.precondition(factors) if self.config.precondition and warm else 0
+        if self.config.precondition and warm:
+            # the raw norm from the stacks preconditioning makes anyway (joint_gradient_norm's
+            # list operations over every gradient cost a host-bound GPU step 840 tensors)
+            norms: list[torch.Tensor] = []
+            applied = self.precondition(factors, norms)
+            raw_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        else:
+            applied, raw_norm = 0, joint_gradient_norm(parameters)
         rows = sum([s.u.count for s in self.modules.values()])
         self.report = {
             "grad_norm_raw": raw_norm, "preconditioned_tensors": applied, "regularizer": regularizer,

@@ -248,3 +248,21 @@ def test_the_stacked_running_sums_follow_a_replaced_total():
     again.add_(torch.ones_like(again))
     assert all(torch.equal(s.total, b + 1) for s, b in zip(stats, before, strict=True))
     assert manager._stacked_sums("u", [stats[0], stats[0]]) is None     # a module twice: rows would alias
+
+
+@pytest.mark.parametrize("random_B", [True, False])      # B = 0: A's gradients stay raw
+def test_the_reported_raw_norm_is_the_raw_gradients_joint_norm(random_B: bool):
+    """The report's raw gradient norm is taken from the stacks the preconditioning makes (and the
+    gradients it leaves raw), not from a list operation over every gradient: the same joint norm
+    of the gradients as they were before the step."""
+    from trainers.grit.doors import joint_gradient_norm
+
+    # without grafting, which would give each preconditioned gradient its raw norm back
+    model, manager = captured(random_B, GritParams(min_samples=1, graft_norm=False))
+    manager.settle()
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    expected = float(joint_gradient_norm(parameters))
+    report = manager.before_step(None)
+    assert float(report["preconditioned_tensors"]) == (2 if random_B else 1) * len(manager.modules)
+    assert float(report["grad_norm_raw"]) == pytest.approx(expected, rel=1e-6)
+    assert float(report["grad_norm_preconditioned"]) != pytest.approx(expected, rel=1e-3)
