@@ -241,23 +241,27 @@ def sort_events(events: Iterable[Any]) -> ProfiledEvents:
     return sorted_events
 
 
+def phase_ranges(named: Iterable[tuple[str, float]]) -> Iterable[tuple[str, float]]:
+    """(phase, milliseconds) of each range of a phase (``STEP_PHASES``) among (range name, microseconds)."""
+    for name, us in named:
+        phase = name.removeprefix(PHASE_RANGE)
+        if name.startswith(PHASE_RANGE) and phase in STEP_PHASES:
+            yield phase, us / 1000
+
+
 def per_phase(named: Iterable[tuple[str, float]], steps: int) -> dict[str, float]:
     """Milliseconds per step of each phase (``STEP_PHASES``) from (range name, microseconds)."""
     phases = dict.fromkeys(STEP_PHASES, 0.0)
-    for name, us in named:
-        phase = name.removeprefix(PHASE_RANGE)
-        if name.startswith(PHASE_RANGE) and phase in phases:
-            phases[phase] += us / 1000 / steps
+    for phase, ms in phase_ranges(named):
+        phases[phase] += ms / steps
     return phases
 
 
 def slowest_per_phase(named: Iterable[tuple[str, float]]) -> dict[str, float]:
     """Milliseconds of each phase's (``STEP_PHASES``) slowest range, from (range name, microseconds)."""
     slowest = dict.fromkeys(STEP_PHASES, 0.0)
-    for name, us in named:
-        phase = name.removeprefix(PHASE_RANGE)
-        if name.startswith(PHASE_RANGE) and phase in slowest:
-            slowest[phase] = max(slowest[phase], us / 1000)
+    for phase, ms in phase_ranges(named):
+        slowest[phase] = max(slowest[phase], ms)
     return slowest
 
 
