@@ -31,12 +31,15 @@ def test_the_hooks_add_python_and_the_fused_functions_add_backward_operations():
     # GRIT's step is the same whichever path captured the rows, and does no Python per module
     assert operations["fused"]["before_step"] == operations["hooks"]["before_step"]
     assert calls["fused"]["before_step"] == calls["hooks"]["before_step"]
-    assert calls["hooks"]["before_step"] - calls["lora"]["before_step"] < 7 * MODULES
+    # GRIT's whole step, its clip done on the stacks preconditioning makes, runs no more Python
+    # than torch's clip alone (1,333 calls against 1,379; it was 2,672)
+    assert calls["hooks"]["before_step"] - calls["lora"]["before_step"] < MODULES
     # nor hands every module's statistics and gradients to list operations beyond what batching
     # needs: the statistics were folded through pending sums and cleared, then added module by
     # module, and the raw norm took a list operation over every gradient (5,880 tensors in lists
-    # against the clipping's 1,260: 22 a module beyond it); now stacked running sums and the raw
-    # norm from preconditioning's stacks (8 a module: the rows stacked, the gradients stacked and
-    # copied back)
+    # against the clipping's 1,260: 22 a module beyond it); stacked running sums and the raw norm
+    # from preconditioning's stacks made it 2,945 (8 a module); the clip on those stacks, 1,690
+    # (2 a module: the rows stacked once, the gradients stacked and copied back, and torch's clip
+    # no longer hands each gradient to three list operations)
     tensors = {arm: capture_paths.counted_step(arm, "tensors")["before_step"] for arm in ("lora", "hooks")}
-    assert tensors["hooks"] - tensors["lora"] <= 9 * MODULES, tensors
+    assert tensors["hooks"] - tensors["lora"] <= 3 * MODULES, tensors

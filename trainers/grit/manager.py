@@ -110,6 +110,8 @@ class GritManager:
         # factors with an inverse and a gradient, with what it was built from (_grouping)
         self._factors: tuple[list[torch.nn.Parameter], list[tuple[ModuleState, str, torch.nn.Parameter]]] | None = None
         self._groups: tuple[list, list, list[tuple[tuple, list[int]]]] | None = None
+        # the clip's order of the groups' norms (_clip_order), with the grouping it was made from
+        self._clip_positions: tuple[tuple, torch.Tensor] | None = None
         layers = lora_layers(peft_model)
         self.targeted = [base_module_name(name) for name, _, _ in layers]   # for rank_pattern keys
         if modules is not None:
@@ -443,6 +445,38 @@ class GritManager:
             self._groups = cached
         return cached[2]
 
+    def _natural_groups(self, factors: list, raw_norms: list[torch.Tensor] | None):
+        """Per group of :meth:`_grouping`: (its gradients, their natural gradients stacked (fp32),
+        how many of them were preconditioned). ``raw_norms`` gets the raw gradients' norms as
+        :meth:`precondition` says. Nothing is written to a gradient here."""
+        inverses = [state.inverse[side] for state, side, _ in factors]
+        grads = [weight.grad for _, _, weight in factors]
+        groups, raw_only = self._grouping(factors, inverses, grads)
+        if raw_norms is not None and raw_only:
+            raw_norms.extend(torch._foreach_norm([grads[i] for i in raw_only], dtype=torch.float32))
+        for group, members in groups:
+            side, device = group[0], group[2]
+            group_grads = [grads[i] for i in members]
+            # fp32 whatever the gradients' dtype (as the reference: the inverses are fp32).
+            raw = torch.stack(group_grads).float()
+            if raw_norms is not None:
+                raw_norms.append(torch.linalg.vector_norm(raw))
+            natural = gm.precondition_batched(raw, self._stacked_inverses(group, [inverses[i] for i in members],
+                                                                          device), side)
+            if self.config.graft_norm:
+                natural = gm.graft_batched(natural, raw)
+            # inverted this step, not settled: a matrix that did not factorise keeps its raw
+            # gradient, as a side without an inverse does (only an inverting step has flags)
+            flags = [self._ok.get((id(factors[i][0]), side)) for i in members] if self._ok else []
+            if any([flag is not None for flag in flags]):
+                # a flag is on the device already but for a model split across devices: a
+                # no-op .to() still costs a dispatch, one per factor on the inverting step
+                ok = torch.stack([torch.ones((), dtype=torch.bool, device=device) if flag is None
+                                  else flag if flag.device == device else flag.to(device) for flag in flags])
+                yield group_grads, torch.where(ok[:, None, None], natural, raw), ok.sum()
+            else:
+                yield group_grads, natural, len(members)
+
     def precondition(self, factors: list[tuple[ModuleState, str, torch.nn.Parameter]] | None = None,
                      raw_norms: list[torch.Tensor] | None = None) -> int | torch.Tensor:
         """Natural gradient on every module's ready sides; how many tensors. The per-module step
@@ -453,39 +487,59 @@ class GritManager:
         fp32 norms whose joint norm is the raw gradients' (one per group, taken from the group's
         stack, and one per gradient left raw), so the report's raw norm needs no list operation
         over every gradient of its own."""
-        factors = factors if factors is not None else self.factors()
-        inverses = [state.inverse[side] for state, side, _ in factors]
-        grads = [weight.grad for _, _, weight in factors]
         applied: list[torch.Tensor | int] = []
-        groups, raw_only = self._grouping(factors, inverses, grads)
         with torch.no_grad():
-            if raw_norms is not None and raw_only:
-                raw_norms.extend(torch._foreach_norm([grads[i] for i in raw_only], dtype=torch.float32))
-            for group, members in groups:
-                side, device = group[0], group[2]
-                group_grads = [grads[i] for i in members]
-                # fp32 whatever the gradients' dtype (as the reference: the inverses are fp32).
-                raw = torch.stack(group_grads).float()
-                if raw_norms is not None:
-                    raw_norms.append(torch.linalg.vector_norm(raw))
-                natural = gm.precondition_batched(raw, self._stacked_inverses(group, [inverses[i] for i in members],
-                                                                              device), side)
-                if self.config.graft_norm:
-                    natural = gm.graft_batched(natural, raw)
-                # inverted this step, not settled: a matrix that did not factorise keeps its raw
-                # gradient, as a side without an inverse does (only an inverting step has flags)
-                flags = [self._ok.get((id(factors[i][0]), side)) for i in members] if self._ok else []
-                if any([flag is not None for flag in flags]):
-                    # a flag is on the device already but for a model split across devices: a
-                    # no-op .to() still costs a dispatch, one per factor on the inverting step
-                    ok = torch.stack([torch.ones((), dtype=torch.bool, device=device) if flag is None
-                                      else flag if flag.device == device else flag.to(device) for flag in flags])
-                    natural = torch.where(ok[:, None, None], natural, raw)
-                    applied.append(ok.sum())
-                else:
-                    applied.append(len(members))
+            for group_grads, natural, count in self._natural_groups(factors or self.factors(), raw_norms):
                 torch._foreach_copy_(group_grads, list(natural.unbind(0)))
+                applied.append(count)
         return sum(applied)
+
+    def precondition_and_clip(self, factors: list[tuple[ModuleState, str, torch.nn.Parameter]],
+                              raw_norms: list[torch.Tensor] | None, max_grad_norm: float
+                              ) -> tuple[int | torch.Tensor, torch.Tensor | None]:
+        """:meth:`precondition`, then the clip to ``max_grad_norm`` of every factor's gradient, done
+        on the natural gradients' stacks before they are written back: (preconditioned tensors, the
+        joint norm before clipping). Bit for bit torch's ``clip_grad_norm_`` after
+        :meth:`precondition` on CPU (each norm taken in the gradients' dtype, joined in parameter
+        order, the same coefficient), but in a handful of operations: torch's clip hands every
+        gradient to three list operations (1,260 tensors on SmolLM2), each checked on the host of
+        a host-bound GPU step. The stacks of all groups are alive at once (one fp32 copy of the
+        LoRA gradients, for the moment of the step). The norm is None, and nothing clipped, where
+        the gradients do not share one device and dtype: the caller clips with torch's then."""
+        with_grad = [weight.grad for _, _, weight in factors if weight.grad is not None]
+        if len({(g.device, g.dtype) for g in with_grad}) != 1:
+            return self.precondition(factors, raw_norms), None
+        dtype = with_grad[0].dtype
+        with torch.no_grad():
+            done = list(self._natural_groups(factors, raw_norms))
+            raw_only = self._groups[2][1]
+            raw_grads = [factors[i][2].grad for i in raw_only]
+            # each gradient's norm as the clip takes it: of the gradient as written back (its dtype)
+            written = [natural.to(dtype) for _, natural, _ in done]
+            norms = [gm.stacked_norms(stack) for stack in written]
+            if raw_grads:
+                norms.append(torch.stack(torch._foreach_norm(raw_grads)))
+            total = torch.linalg.vector_norm(torch.cat(norms).index_select(0, self._clip_order(with_grad[0].device)))
+            coefficient = gm.clip_coefficient(total, max_grad_norm)
+            for (group_grads, _, _), stack in zip(done, written, strict=True):
+                torch._foreach_copy_(group_grads, list((stack * coefficient).unbind(0)))
+            if raw_grads:
+                torch._foreach_mul_(raw_grads, coefficient)
+        return sum([count for _, _, count in done]), total
+
+    def _clip_order(self, device: torch.device) -> torch.Tensor:
+        """Where each gradient's norm sits among the groups' norms and the raw ones, in parameter
+        order (the order torch's clip joins them in, which the rounding of the joint norm depends
+        on); kept with the grouping it was made from."""
+        grouping = self._groups[2]
+        cached = self._clip_positions
+        if cached is None or cached[0] is not grouping or cached[1].device != device:
+            groups, raw_only = grouping
+            stacked_order = [i for _, members in groups for i in members] + raw_only
+            positions = sorted(range(len(stacked_order)), key=stacked_order.__getitem__)
+            cached = (grouping, torch.tensor(positions, dtype=torch.long, device=device))
+            self._clip_positions = cached
+        return cached[1]
 
     def _regularizer_scale(self) -> float:
         warmup = self.config.regularizer_warmup_steps
@@ -502,9 +556,9 @@ class GritManager:
 
     def before_step(self, max_grad_norm: float | None) -> dict[str, float]:
         """Everything between backward and ``optimizer.step()``, in order (module docstring)."""
-        report, parameters = self._precondition_step()
+        report, parameters, clipped = self._precondition_step(max_grad_norm)
         # the clip's own total norm is the preconditioned gradients' joint norm: not computed twice
-        norm = clip_gradients(parameters, max_grad_norm)
+        norm = clipped if clipped is not None else clip_gradients(parameters, max_grad_norm)
         report["grad_norm_preconditioned"] = norm if norm is not None else joint_gradient_norm(parameters)
         return report
 
@@ -513,13 +567,16 @@ class GritManager:
         regularise, precondition. Several managers sharing one optimizer (one per modality of a
         VLM) each run this, then one clip bounds all their gradients together. The gradient norms
         of the report stay on the device (:attr:`last_report` reads them)."""
-        report, parameters = self._precondition_step()
+        report, parameters, _ = self._precondition_step(None)
         report["grad_norm_preconditioned"] = joint_gradient_norm(parameters)
         return report
 
-    def _precondition_step(self) -> tuple[dict[str, torch.Tensor | float], list[torch.nn.Parameter]]:
+    def _precondition_step(self, max_grad_norm: float | None
+                           ) -> tuple[dict[str, torch.Tensor | float], list[torch.nn.Parameter], torch.Tensor | None]:
         """:meth:`precondition_step` without the preconditioned norm, which :meth:`before_step`
-        takes from its clip; and the factors that have a gradient."""
+        takes from its clip; the factors that have a gradient; and, where the step preconditioned
+        and ``max_grad_norm`` asks for a clip, the joint norm of the clip done on the stacks
+        (:meth:`precondition_and_clip`; None: nothing clipped yet)."""
         factors = self.factors()
         parameters = [weight for _, _, weight in factors if weight.grad is not None]
         self.sync_factors()
@@ -529,11 +586,15 @@ class GritManager:
         regularizer = self.add_regularizer_gradients()
         # During the natural-gradient warm-up the factors fill and invert, but the step is plain.
         warm = self.step >= self.config.ng_warmup_steps
+        clipped = None
         if self.config.precondition and warm:
             # the raw norm from the stacks preconditioning makes anyway (joint_gradient_norm's
             # list operations over every gradient cost a host-bound GPU step 840 tensors)
             norms: list[torch.Tensor] = []
-            applied = self.precondition(factors, norms)
+            if max_grad_norm and max_grad_norm > 0 and parameters:
+                applied, clipped = self.precondition_and_clip(factors, norms, max_grad_norm)
+            else:
+                applied = self.precondition(factors, norms)
             raw_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         else:
             applied, raw_norm = 0, joint_gradient_norm(parameters)
@@ -544,7 +605,7 @@ class GritManager:
             "inversions": float(self._inverted_now), "inversions_total": float(self.inversions),
             "capture_coverage": self._captured_modules / max(1, len(self.modules)),
         }
-        return self.report, parameters
+        return self.report, parameters, clipped
 
     @property
     def last_report(self) -> dict[str, float]:

@@ -266,3 +266,52 @@ def test_the_reported_raw_norm_is_the_raw_gradients_joint_norm(random_B: bool):
     assert float(report["preconditioned_tensors"]) == (2 if random_B else 1) * len(manager.modules)
     assert float(report["grad_norm_raw"]) == pytest.approx(expected, rel=1e-6)
     assert float(report["grad_norm_preconditioned"]) != pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("settled", [False, True])       # not settled: failed factorisations masked on the device
+@pytest.mark.parametrize("max_norm", [1e-3, 1e3])        # clipping, and a bound the gradients are within
+@pytest.mark.parametrize("random_B", [True, False])      # B = 0: A's gradients stay raw, clipped in a list
+def test_the_clip_on_the_stacks_equals_torchs_clip_after_preconditioning(random_B: bool, max_norm: float,
+                                                                          settled: bool):
+    """``before_step`` clips the natural gradients on their stacks before writing them back: bit
+    for bit what preconditioning and then torch's ``clip_grad_norm_`` give (fp32, CPU), the joint
+    norm included. torch's clip hands every gradient to three list operations (its norms, their
+    stack, its scaling); on the stacks the clip adds one list, of the groups' norms, beyond
+    preconditioning alone, and keeps torch's three for the gradients left raw."""
+    from pipelines.gpu_check.overhead import counting_operations
+
+    config = GritParams(min_samples=1)
+    (clipped_model, clipped), (_, counted) = captured(random_B, config), captured(random_B, config)
+    (reference_model, reference), (plain_model, plain) = captured(random_B, config), captured(random_B, config)
+    for manager in (reference, plain, *((clipped, counted) if settled else ())):
+        manager.settle()
+    with counting_operations() as clip_counts:
+        applied, norm = clipped.precondition_and_clip(clipped.factors(), None, max_norm)
+    with counting_operations() as precondition_counts:
+        counted.precondition()
+    expected = reference.precondition()
+    expected_norm = torch.nn.utils.clip_grad_norm_([p for p in reference_model.parameters() if p.grad is not None],
+                                                   max_norm)
+    plain.precondition()
+    assert int(applied) == int(expected) == (2 if random_B else 1) * len(clipped.modules)
+    assert torch.equal(norm, expected_norm)
+    after, wanted, unclipped = lora_grads(clipped_model), lora_grads(reference_model), lora_grads(plain_model)
+    assert all(torch.equal(after[n], wanted[n]) for n in wanted)
+    scaled = [not torch.equal(after[n], unclipped[n]) for n in after if unclipped[n].any()]
+    assert scaled and all(scaled) == (max_norm < 1) and any(scaled) == (max_norm < 1)   # it clipped when it had to
+    groups, raw_only = clipped._groups[2]
+    assert clip_counts.listed_tensors == precondition_counts.listed_tensors + len(groups) + (1 if raw_only else 0) \
+        + 3 * len(raw_only), (clip_counts.listed_tensors, precondition_counts.listed_tensors, len(groups), raw_only)
+
+
+def test_a_grit_step_clips_as_torchs_clip_would():
+    """``before_step`` with a bound: its preconditioned norm is the clip's joint norm, and every
+    gradient ends within the bound (the stacks' clip took over from torch's)."""
+    from trainers.grit.doors import joint_gradient_norm
+
+    model, manager = captured(True, GritParams(min_samples=1))
+    manager.settle()
+    report = manager.before_step(1e-3)
+    parameters = [p for p in model.parameters() if p.grad is not None]
+    assert float(report["grad_norm_preconditioned"]) > 1e-3
+    assert float(joint_gradient_norm(parameters)) == pytest.approx(1e-3, rel=1e-3)

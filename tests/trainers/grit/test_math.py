@@ -59,6 +59,25 @@ def test_one_module_is_preconditioned_bit_for_bit_as_in_a_batch(d: int, r: int):
         assert torch.equal(gm.precondition_A(grads_A[i], inverses[i]), batched_A[i])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, cols", [(4, 16), (16, 576), (576, 16), (16, 1536), (1536, 16), (4096, 16)])
+def test_a_stack_s_norms_are_each_matrix_s_own_norm_bit_for_bit(rows: int, cols: int, dtype: torch.dtype):
+    """The clip on the stacks (``GritManager.precondition_and_clip``) is torch's clip bit for bit
+    only if each matrix's norm taken from the stack is the one torch's clip takes of that matrix
+    alone (its list norm, in the gradient's dtype): at SmolLM2's and Llama-3-8B's LoRA shapes."""
+    torch.manual_seed(0)
+    stack = (torch.randn(6, rows, cols) * torch.rand(6, 1, 1)).to(dtype)
+    norms = gm.stacked_norms(stack)
+    assert norms.dtype == dtype
+    assert torch.equal(norms, torch.stack(torch._foreach_norm(list(stack.unbind(0)))))
+    assert torch.equal(norms, torch.stack([torch.linalg.vector_norm(m) for m in stack]))
+
+
+def test_the_clip_coefficient_is_min_of_bound_over_norm_and_one():
+    assert float(gm.clip_coefficient(torch.tensor(4.0), 1.0)) == pytest.approx(1.0 / (4.0 + 1e-6))
+    assert float(gm.clip_coefficient(torch.tensor(0.5), 1.0)) == 1.0
+
+
 def test_diagonal_and_block_diagonal_inverses():
     sigma = torch.tensor([[4.0, 1.0, 0.0, 0.5], [1.0, 3.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.3], [0.5, 0.0, 0.3, 1.0]])
     assert torch.allclose(gm.diagonal_inverse(sigma, 0.0), torch.diag(1 / torch.diagonal(sigma)))

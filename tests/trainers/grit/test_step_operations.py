@@ -112,8 +112,9 @@ def test_a_grit_step_reads_nothing_on_the_host(lora_counts, fused_lora_counts, c
 
 def test_a_step_that_captures_nothing_attaches_nothing(lora_counts):
     """With capture_every 2, step 3 captures nothing: no hook runs, not even the mask's, and
-    the preconditioning of 420 gradients is a few batched operations (61 added here, where a
-    capturing step adds 82 and an inverting one 171, all within the budget of 250)."""
+    the preconditioning of 420 gradients is a few batched operations (66 added here, where a
+    capturing step adds 83 and an inverting one 174, all within the budget of 250; the clip done
+    on the preconditioning's stacks is 5 of them)."""
     counts, manager = counts_at(GritParams(min_samples=8, update_freq=10, capture_every=2), 3)
     assert manager.step == 4 and manager.capturing          # step 3 did not capture, step 4 will
     assert counts.host_reads == lora_counts.host_reads, (counts, lora_counts)
