@@ -22,6 +22,7 @@ GPU is for ``make gpu-check`` with ``--grit-capture fused`` to measure (docs/gpu
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,37 @@ ARMS = ("lora", "hooks", "fused")
 PHASES = ("forward", "backward", "before_step")
 
 
+def build_arm(arm: str):
+    """(model, GRIT manager or None, LoRA parameters, optimizer) of ``arm`` on SmolLM2's layout at tiny width."""
+    import torch
+
+    from pipelines.gpu_check.overhead import random_lora_llama
+    from tests.tiny_lora import VOCAB
+    from trainers.grit import GritManager, GritParams
+
+    torch.manual_seed(0)
+    model = random_lora_llama(30, 64, 128, 4, 2, VOCAB)
+    manager = None if arm == "lora" else GritManager(model, GritParams(min_samples=8, capture=arm))
+    lora = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(lora, lr=1e-3)       # B leaves 0, so A's side can be inverted
+    return model, manager, lora, optimizer
+
+
+def finish_step(manager, lora: list, optimizer) -> None:
+    """Everything after backward: GRIT's step (its clip included) or LoRA's clip, the optimizer,
+    GRIT's after_step."""
+    from trainers.grit.doors import clip_gradients
+
+    if manager is None:
+        clip_gradients(lora, 1.0)
+    else:
+        manager.before_step(1.0)
+    optimizer.step()
+    if manager is not None:
+        manager.after_step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+
+
 def counted_step(arm: str, counter: str, warmup: int = 4) -> dict[str, int]:
     """``counter`` ("operations", "calls" or "tensors", those in lists) per phase of one step after ``warmup`` steps of
     ``arm``: by then every side has been inverted (A's once B has left 0), so the step is one of
@@ -38,9 +70,8 @@ def counted_step(arm: str, counter: str, warmup: int = 4) -> dict[str, int]:
     counter is itself Python, and would be counted."""
     import torch
 
-    from pipelines.gpu_check.overhead import counting_operations, python_calls, random_lora_llama
-    from tests.tiny_lora import VOCAB, batches
-    from trainers.grit import GritManager, GritParams
+    from pipelines.gpu_check.overhead import counting_operations, python_calls
+    from tests.tiny_lora import batches
     from trainers.grit.doors import clip_gradients
 
     def count(run) -> int:
@@ -50,22 +81,11 @@ def counted_step(arm: str, counter: str, warmup: int = 4) -> dict[str, int]:
             run()
         return counted.listed_tensors if counter == "tensors" else counted.operations
 
-    torch.manual_seed(0)
-    model = random_lora_llama(30, 64, 128, 4, 2, VOCAB)
-    manager = None if arm == "lora" else GritManager(model, GritParams(min_samples=8, capture=arm))
-    lora = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(lora, lr=1e-3)       # B leaves 0, so A's side can be inverted
+    model, manager, lora, optimizer = build_arm(arm)
     data = batches(warmup + 1, batch_size=2, length=8)
     for inputs in data[:warmup]:
         model(**inputs).loss.backward()
-        if manager is None:
-            clip_gradients(lora, 1.0)
-        else:
-            manager.before_step(1.0)
-        optimizer.step()
-        if manager is not None:
-            manager.after_step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
+        finish_step(manager, lora, optimizer)
     loss: dict[str, torch.Tensor] = {}
     out = {"forward": count(lambda: loss.setdefault("value", model(**data[warmup]).loss)),
            "backward": count(lambda: loss["value"].backward())}
@@ -74,6 +94,35 @@ def counted_step(arm: str, counter: str, warmup: int = 4) -> dict[str, int]:
     if manager is not None and manager.report["inversions"]:
         raise RuntimeError(f"the counted step of {arm} inverted {manager.report['inversions']:.0f} matrices")
     return out
+
+
+def collections_over(arm: str, steps: int = 200, warmup: int = 4) -> dict[str, object]:
+    """Python's garbage collections in ``steps`` steps of ``arm`` after ``warmup`` (counted, not
+    timed: ``overhead.counting_collections``), and the objects the collector tracks that the
+    step holds after backward beyond what it held before the forward. GRIT's stash keeps u, the
+    gradient at u and a record per module alive from the forward to its step: more collections
+    of the young generations, and survivors that bring the full collection, which walks every
+    object of the process, round sooner."""
+    import gc
+
+    from pipelines.gpu_check.overhead import Collections, counting_collections
+    from tests.tiny_lora import batches
+
+    model, manager, lora, optimizer = build_arm(arm)
+    data = batches(4, batch_size=2, length=8)
+    tally, held = Collections(), 0
+    for k in range(warmup + steps):
+        with counting_collections(tally) if k >= warmup else nullcontext():
+            if k == warmup - 1:
+                gc.collect()
+                tracked = len(gc.get_objects())
+            loss = model(**data[k % len(data)]).loss
+            loss.backward()
+            if k == warmup - 1:
+                held = len(gc.get_objects()) - tracked
+            finish_step(manager, lora, optimizer)
+    return {"per_step": [n / steps for n in tally.generations], "full": tally.generations[2], "steps": steps,
+            "held_after_backward": held}
 
 
 def main() -> int:
@@ -92,6 +141,13 @@ def main() -> int:
         step = [counts[arm]["before_step"][i] - counts["lora"]["before_step"][i] for i in (0, 1, 2)]
         print(f"{arm}: forward and backward add {added[0]:,} operations and {added[1]:,} Python calls to LoRA's; "
               f"before_step adds {step[0]:,}, {step[1]:,} and {step[2]:,} tensors in lists to its clipping")
+    collected = {arm: collections_over(arm) for arm in ARMS}
+    steps = collected["lora"]["steps"]
+    print(f"garbage collections per step over {steps} steps (generations 0 / 1 / 2), full collections, and the "
+          "objects the collector tracks held after backward:")
+    for arm, c in collected.items():
+        print(f"{arm:<8}" + " / ".join(f"{n:.3f}" for n in c["per_step"]) + f"   {c['full']} full   "
+              f"{c['held_after_backward']:,} held")
     return 0
 
 

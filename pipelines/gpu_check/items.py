@@ -503,7 +503,8 @@ def overhead_time(workdir: Path, device: str, engine: str, shape: str, sizing: S
                "grit_step_ms": 1000 * timed.grit_s, "step_time_ratio": timed.ratio,
                "mean_step_time_ratio": timed.mean_ratio,
                "lora_tokens_per_s": tokens / timed.lora_s, "lora_tflops": flops / timed.lora_s / 1e12,
-               "lora_flop_fraction": flops / timed.lora_s / peak if peak else None}
+               "lora_flop_fraction": flops / timed.lora_s / peak if peak else None,
+               "garbage_collections": {arm: tally.figures(timed.steps) for arm, tally in timed.collections.items()}}
     if engine == "unsloth":
         # LoRA in both places: unsloth_compile_per_arm turns the compile off for the second
         split = interleaved_step_times(lora, lora, sized_batches(sizing, steps, device), OVERHEAD_WARMUP, device,
@@ -557,6 +558,7 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, sizing
         top = None if profiled.kernel_ms is None else dict(kernels[:8])
         figures[arm] = {"host_ms": profiled.host_ms, "host_ms_total": profiled.host_ms_total,
                         "host_ms_slowest": profiled.host_ms_slowest,
+                        "garbage_collections": profiled.collections.figures(profiled.steps),
                         "device_ms": profiled.device_ms, "kernel_launches": profiled.kernel_launches,
                         "device_span_ms": profiled.device_span_ms, "top_kernels_ms": top}
     on_device = lora.device_ms is not None

@@ -29,7 +29,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,43 @@ class Sizing:
 DEFAULT_SIZING = Sizing()
 
 
+@dataclass
+class Collections:
+    """Python's garbage collections during some steps: how many of each generation (0, 1, 2; a
+    collection of generation 2 walks every object the process holds, hundreds of thousands with
+    torch and transformers loaded) and the seconds they took."""
+
+    generations: list[int] = field(default_factory=lambda: [0, 0, 0])
+    seconds: float = 0.0
+
+    def figures(self, steps: int) -> dict[str, Any]:
+        """Per step: collections of each generation and milliseconds; the full collections in all."""
+        return {"per_step": [n / steps for n in self.generations], "ms_per_step": 1000 * self.seconds / steps,
+                "full": self.generations[2]}
+
+
+@contextmanager
+def counting_collections(tally: Collections):
+    """Add the garbage collections that run inside the block to ``tally`` (``gc.callbacks``). A
+    step that keeps more Python objects alive (GRIT's stash of u and the gradients at u, its
+    hooks) sets off more collections, and each object that survives one is walked again by the
+    later, rarer full ones: a cost no operation count shows, paid on the host."""
+    started: list[float] = []
+
+    def callback(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            tally.generations[info["generation"]] += 1
+            started.append(time.perf_counter())
+        elif started:
+            tally.seconds += time.perf_counter() - started.pop()
+
+    gc.callbacks.append(callback)
+    try:
+        yield tally
+    finally:
+        gc.callbacks.remove(callback)
+
+
 @dataclass(frozen=True)
 class StepTimes:
     """Median step times (seconds) of the two arms over ``steps`` timed steps, and their means:
@@ -114,6 +151,7 @@ class StepTimes:
     steps: int
     lora_mean_s: float
     grit_mean_s: float
+    collections: dict[str, Collections] = field(default_factory=dict)    # arm -> in its timed steps
 
     @property
     def ratio(self) -> float:
@@ -152,23 +190,27 @@ def interleaved_step_times(lora: Step, grit: Step, batches: Iterable[Any], warmu
     """Each batch of ``batches`` is given to the LoRA step, then to the GRIT step; the first
     ``warmup`` batches are not timed (allocator, kernels, the first inversion). ``prepare(arm)``
     runs before each step, outside the timed span (``arm`` is ``"lora"`` or ``"grit"``).
-    ``clock``: seconds, read right before and after each step (a test passes its own)."""
+    ``clock``: seconds, read right before and after each step (a test passes its own). The
+    garbage collections of each arm's timed steps are counted too (:func:`counting_collections`)."""
     arms = dict(zip(ARMS, (lora, grit), strict=True))
     times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    collections = {arm: Collections() for arm in ARMS}
     for k, inputs in enumerate(batches):
         for arm, step in arms.items():
             if prepare is not None:
                 prepare(arm)
             synchronize(device)
-            started = clock()
-            step(inputs)
-            synchronize(device)
+            with counting_collections(collections[arm] if k >= warmup else Collections()):
+                started = clock()
+                step(inputs)
+                synchronize(device)
+                ended = clock()
             if k >= warmup:
-                times[arm].append(clock() - started)
+                times[arm].append(ended - started)
     if not times["lora"]:
         raise ValueError(f"no step was timed: give more batches than the {warmup} warm-up steps")
     return StepTimes(statistics.median(times["lora"]), statistics.median(times["grit"]), len(times["lora"]),
-                     statistics.fmean(times["lora"]), statistics.fmean(times["grit"]))
+                     statistics.fmean(times["lora"]), statistics.fmean(times["grit"]), collections)
 
 
 # What a training step does, in order: the step functions mark each phase (``phase(name)``), so a
@@ -197,6 +239,7 @@ class PhaseProfile:
     device_span_ms: dict[str, float] | None = None
     kernel_ms: dict[str, float] | None = None
     host_ms_slowest: dict[str, float] | None = None
+    collections: Collections | None = None      # the garbage collections in the profiled steps
 
     @property
     def host_ms_total(self) -> float:
@@ -296,7 +339,8 @@ def phase_profile(step: Step, batches: Iterable[Any], device: str = "cpu") -> Ph
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     steps = 0
-    with profile(activities=activities) as prof:
+    collections = Collections()
+    with counting_collections(collections), profile(activities=activities) as prof:
         for inputs in batches:
             synchronize(device)
             step(inputs)
@@ -305,7 +349,8 @@ def phase_profile(step: Step, batches: Iterable[Any], device: str = "cpu") -> Ph
     if not steps:
         raise ValueError("no step was profiled")
     # kernels are device events; an operation's own device time is theirs again, so only they count
-    return summarise_phases(sort_events(prof.events()), steps, on_device=device == "cuda")
+    return replace(summarise_phases(sort_events(prof.events()), steps, on_device=device == "cuda"),
+                   collections=collections)
 
 
 def proc_status_mib(field: str) -> float:

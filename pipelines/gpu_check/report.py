@@ -207,6 +207,7 @@ def headline(item: ItemResult) -> str:
                             f"LoRA x{_fmt(r.get('grit_over_uncompiled_lora'))})" if r.get("compile_off_ratio") else "")
                          + (", adapters in the model's dtype" if r.get("adapter_dtype") == "model" else "")
                          + (f", GRIT capture {r['grit_capture']}" if r.get("grit_capture", "auto") != "auto" else "")
+                         + collections_note(r.get("garbage_collections"))
                          for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
     if item.name == "profile":
         return "; ".join(f"{engine}: {profile_line(r)}" for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
@@ -226,7 +227,18 @@ def profile_line(figures: dict[str, Any]) -> str:
     kernels = sorted((extra.get("kernels_ms") or {}).items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:2]
     if kernels:
         line += " (most: " + ", ".join(f"{name[:40]} {_signed(ms)}" for name, ms in kernels) + ")"
-    return line + " per step"
+    return line + " per step" + collections_note({arm: figures[arm].get("garbage_collections")
+                                                  for arm in ("lora", "grit") if isinstance(figures.get(arm), dict)})
+
+
+def collections_note(collections: dict[str, Any] | None) -> str:
+    """Python's garbage collection in each arm's measured steps, where it was counted: its
+    milliseconds per step and the full collections (each walks every object of the process)."""
+    if not collections or not all(collections.get(arm) for arm in ("lora", "grit")):
+        return ""
+    lora, grit = collections["lora"], collections["grit"]
+    return (f", garbage collection GRIT {_fmt(grit['ms_per_step'])} ms/step ({grit['full']} full) vs LoRA "
+            f"{_fmt(lora['ms_per_step'])} ({lora['full']} full)")
 
 
 def _signed(value: Any) -> str:

@@ -43,3 +43,17 @@ def test_the_hooks_add_python_and_the_fused_functions_add_backward_operations():
     # no longer hands each gradient to three list operations)
     tensors = {arm: capture_paths.counted_step(arm, "tensors")["before_step"] for arm in ("lora", "hooks")}
     assert tensors["hooks"] - tensors["lora"] <= 3 * MODULES, tensors
+
+
+@pytest.mark.slow        # 3 x 24 model steps at SmolLM2's layout
+def test_grit_holds_its_stash_alive_for_the_collector_and_no_more():
+    """Between the forward and its step GRIT holds, per module, u, the gradient at u and the record
+    pairing them: 3 objects the garbage collector tracks (the hooks' per-forward objects are
+    gone by then), where LoRA holds none. More would bring Python's collections, the full one
+    that walks the whole process included, round sooner on a host-bound GPU step. u and its
+    gradient are the floor: the rows' batching reads them after backward."""
+    collected = {arm: capture_paths.collections_over(arm, steps=20) for arm in capture_paths.ARMS}
+    assert collected["lora"]["held_after_backward"] <= 8, collected["lora"]
+    for arm in ("hooks", "fused"):
+        assert 2 * MODULES <= collected[arm]["held_after_backward"] <= 3.5 * MODULES, (arm, collected[arm])
+        assert collected[arm]["per_step"][0] >= collected["lora"]["per_step"][0]

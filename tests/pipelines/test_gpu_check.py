@@ -200,8 +200,11 @@ def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path
         assert figures[arm]["device_ms"] is None
         assert all(figures[arm]["host_ms_slowest"][name] >= figures[arm]["host_ms"][name] for name in STEP_PHASES)
     assert figures["grit"]["host_ms"]["grit_after"] > figures["lora"]["host_ms"]["grit_after"]
+    assert all(set(figures[arm]["garbage_collections"]) == {"per_step", "ms_per_step", "full"}
+               for arm in ("lora", "grit"))
     item = judge("profile", {"engines": {"peft@smollm2": figures}})
     assert item.passed and headline(item).startswith("peft@smollm2: host ")
+    assert " per step, garbage collection GRIT " in headline(item)
     assert judge("profile", {"engines": {"peft@smollm2": {"lora": figures["lora"]}}}).failures == \
         ["peft@smollm2: grit arm not profiled"]
     blind = {**figures, "grit": {**figures["grit"], "device_ms": 0.0, "kernel_launches": 0.0}}
@@ -257,6 +260,37 @@ def test_the_registry_serves_every_item_of_the_check_and_nothing_else(tmp_path: 
     assert items.main(["overhead-memory:peft", *common]) == 1
     assert json.loads((tmp_path / "out.json").read_text()) == {
         "error": "ValueError: item 'overhead-memory' is named overhead-memory:<engine>:<arm>:<shape>"}
+
+
+def test_the_timed_steps_count_each_arm_s_garbage_collections():
+    """Python's garbage collections inside each arm's timed steps are counted (the warm-up's are
+    not): a step that keeps many objects alive sets off more of them, and the full ones walk the
+    whole process, a host cost no operation count sees. Automatic collection is off here, so only
+    the steps' own collections run."""
+    import gc
+
+    from pipelines.gpu_check.report import collections_note
+
+    def lora(_batch: int) -> None:
+        pass
+
+    def grit(batch: int) -> None:
+        gc.collect(generation=2 if batch == 4 else 0)
+
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        timed = interleaved_step_times(lora, grit, range(5), warmup=2)
+    finally:
+        if was_enabled:
+            gc.enable()
+    assert timed.collections["lora"].generations == [0, 0, 0] and timed.collections["lora"].seconds == 0.0
+    assert timed.collections["grit"].generations == [2, 0, 1] and timed.collections["grit"].seconds > 0
+    figures = {arm: tally.figures(timed.steps) for arm, tally in timed.collections.items()}
+    assert figures["grit"]["per_step"] == [2 / 3, 0.0, 1 / 3] and figures["grit"]["full"] == 1
+    note = collections_note(figures)
+    assert note.startswith(", garbage collection GRIT ") and note.endswith("ms/step (1 full) vs LoRA 0 (0 full)")
+    assert collections_note(None) == collections_note({"lora": figures["lora"]}) == ""
 
 
 def test_the_overhead_harness_times_interleaved_steps_and_weighs_one_arm():

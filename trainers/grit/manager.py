@@ -530,14 +530,18 @@ class GritManager:
     def _clip_order(self, device: torch.device) -> torch.Tensor:
         """Where each gradient's norm sits among the groups' norms and the raw ones, in parameter
         order (the order torch's clip joins them in, which the rounding of the joint norm depends
-        on); kept with the grouping it was made from."""
+        on); kept with the grouping it was made from. Made on the device from rows of an
+        ``arange`` (a tensor built from a Python list would be a copy from host memory, which
+        waits for a GPU), so it costs a list operation only when the grouping changes."""
         grouping = self._groups[2]
         cached = self._clip_positions
         if cached is None or cached[0] is not grouping or cached[1].device != device:
             groups, raw_only = grouping
             stacked_order = [i for _, members in groups for i in members] + raw_only
-            positions = sorted(range(len(stacked_order)), key=stacked_order.__getitem__)
-            cached = (grouping, torch.tensor(positions, dtype=torch.long, device=device))
+            rows = torch.arange(len(stacked_order), device=device).unbind(0)
+            positions = torch.stack([rows[k] for k in sorted(range(len(stacked_order)),
+                                                              key=stacked_order.__getitem__)])
+            cached = (grouping, positions)
             self._clip_positions = cached
         return cached[1]
 
