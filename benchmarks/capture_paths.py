@@ -116,8 +116,7 @@ def collections_over(arm: str, steps: int = 200, warmup: int = 4) -> dict[str, o
             if k == warmup - 1:
                 gc.collect()
                 tracked = len(gc.get_objects())
-            loss = model(**data[k % len(data)]).loss
-            loss.backward()
+            model(**data[k % len(data)]).loss.backward()        # nothing of the step held but GRIT's
             if k == warmup - 1:
                 held = len(gc.get_objects()) - tracked
             finish_step(manager, lora, optimizer)

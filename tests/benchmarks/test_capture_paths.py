@@ -45,15 +45,17 @@ def test_the_hooks_add_python_and_the_fused_functions_add_backward_operations():
     assert tensors["hooks"] - tensors["lora"] <= 3 * MODULES, tensors
 
 
-@pytest.mark.slow        # 3 x 24 model steps at SmolLM2's layout
-def test_grit_holds_its_stash_alive_for_the_collector_and_no_more():
-    """Between the forward and its step GRIT holds, per module, u, the gradient at u and the record
-    pairing them: 3 objects the garbage collector tracks (the hooks' per-forward objects are
-    gone by then), where LoRA holds none. More would bring Python's collections, the full one
-    that walks the whole process included, round sooner on a host-bound GPU step. u and its
-    gradient are the floor: the rows' batching reads them after backward."""
-    collected = {arm: capture_paths.collections_over(arm, steps=20) for arm in capture_paths.ARMS}
+@pytest.mark.slow        # 3 x 44 model steps at SmolLM2's layout
+def test_grit_keeps_few_objects_alive_for_the_garbage_collector():
+    """Python's collector tracks every object a step keeps alive from its forward to its GRIT
+    step; the more there are, the more often it collects (its full collection, which walks the
+    whole process, included) on a host-bound GPU step. Per module, GRIT keeps u, the gradient at
+    u and what the hook leaves on u (6 objects on the hooks path, 2 on the fused one, which has
+    no hook); with a record per module and a weak reference to it in the hook the hooks kept 8
+    and the fused path 3, and GRIT's steps set off 2.87 young collections a step against LoRA's
+    1.83 (1.95 now). LoRA keeps none."""
+    collected = {arm: capture_paths.collections_over(arm, steps=40) for arm in capture_paths.ARMS}
     assert collected["lora"]["held_after_backward"] <= 8, collected["lora"]
-    for arm in ("hooks", "fused"):
-        assert 2 * MODULES <= collected[arm]["held_after_backward"] <= 3.5 * MODULES, (arm, collected[arm])
-        assert collected[arm]["per_step"][0] >= collected["lora"]["per_step"][0]
+    assert 2 * MODULES <= collected["fused"]["held_after_backward"] <= 2.5 * MODULES, collected["fused"]
+    assert 2 * MODULES <= collected["hooks"]["held_after_backward"] <= 6.5 * MODULES, collected["hooks"]
+    assert collected["hooks"]["per_step"][0] <= collected["lora"]["per_step"][0] + 0.5, collected

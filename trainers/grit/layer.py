@@ -9,6 +9,7 @@ which modules, when, and across ranks is the manager's business (``manager.py``)
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -129,25 +130,38 @@ def fold_all(stats: list[FactorStats], statistics: str, decay: float) -> None:
         s.pending_count = 0
 
 
-@dataclass
-class Captured:
-    """One module's LoRA input u = A x from one forward, its row weights and count, and (once
-    backward reached it) the gradient at u; the manager folds them in batches."""
+class Stash:
+    """What was captured since the last GRIT step, one entry per module and forward: the module,
+    u = A x, its row weights and row count in ``entries`` (flat, 4 items an entry), and (once
+    backward reached it) the gradient at u in ``grads``. Lists, not a record per entry: Python's
+    garbage collector tracks every object a step keeps alive from its forward to its GRIT step,
+    and runs more often (its full collection, which walks the whole process, included) the more
+    there are. Per entry, after backward: u, its gradient, and what the hook leaves on u
+    (``Tensor.register_hook``'s dictionary, the hook and the list method it calls, u's
+    ``grad_fn`` as a Python object): 6, where a record per entry and a weak reference to it in
+    the hook made 8."""
 
-    state: ModuleState
-    u: torch.Tensor
-    mask: torch.Tensor | None
-    rows: Any          # an int, or a DeferredCount (host.py) read when folded
-    grad: torch.Tensor | None = None
+    __slots__ = ("entries", "grads")
+    WIDTH = 4
 
+    def __init__(self) -> None:
+        self.entries: list[Any] = []       # state, u, mask, rows (an int, or a DeferredCount, host.py)
+        self.grads: list[torch.Tensor | None] = []
 
+    def add(self, state: ModuleState, u: torch.Tensor, mask: torch.Tensor | None, rows: Any,
+            grad: torch.Tensor | None = None) -> Callable[[torch.Tensor], None] | None:
+        """Stash one entry. Without its gradient, returns the hook that stores the gradient at u
+        when backward reaches it. The hook holds the list of gradients, not u: u -> its hook -> u
+        would be a cycle that keeps each step's autograd graph alive until the garbage collector
+        runs (hundreds of MiB on SmolLM2). A gradient that comes after its stash was folded lands
+        in that old list, and is dropped with it."""
+        self.entries.extend((state, u, mask, rows))
+        self.grads.append(grad)
+        return None if grad is not None else functools.partial(self.grads.__setitem__, len(self.grads) - 1)
 
-def deliver(captured: Callable[[], Captured | None], grad: torch.Tensor) -> None:
-    """The gradient hook of a captured u: hands the gradient to its ``Captured`` (a weak
-    reference: gone when its step was folded without a backward reaching u)."""
-    item = captured()
-    if item is not None:
-        item.grad = grad
+    def columns(self) -> tuple[list[ModuleState], list[torch.Tensor], list[torch.Tensor | None], list[Any]]:
+        """(states, us, masks, rows), each in entry order."""
+        return tuple(self.entries[k::self.WIDTH] for k in range(self.WIDTH))
 
 
 def invert(sigma: torch.Tensor, config: GritParams) -> tuple[torch.Tensor, float] | None:

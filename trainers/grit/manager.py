@@ -16,9 +16,7 @@ and :meth:`GritManager.after_step`; the doors in ``doors.py`` call them)::
 
 from __future__ import annotations
 
-import functools
 import operator
-import weakref
 from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
@@ -36,12 +34,11 @@ from trainers.grit.host import DeferredCount, host_copy, read_host_copy
 from trainers.grit.layer import (
     FACTOR_STATS,
     SIDES,
-    Captured,
     FactorStats,
     GritError,
     ModuleState,
+    Stash,
     base_module_name,
-    deliver,
     exact_patterns_first,
     fold_all,
     invert,
@@ -94,7 +91,7 @@ class GritManager:
         self._row_mask: torch.Tensor | None = None
         self._row_count: int | None = None
         self._handles: list[Any] = []
-        self._captured: list[Captured] = []
+        self._stash = Stash()
         # Inversions whose outcome (which matrices factorised) the host has not read yet: the
         # step that inverts preconditions with them masked on the device; the next one settles
         # them (settle) from a copy made without waiting. Entries: (sides, host copy of the damping
@@ -188,7 +185,7 @@ class GritManager:
 
         def tap(u: torch.Tensor, grad_u: torch.Tensor) -> None:
             mask, rows = row_weights(forward_mask, forward_rows, u)
-            self._captured.append(Captured(state, u, mask, rows, grad_u))
+            self._stash.add(state, u, mask, rows, grad_u)
 
         return tap
 
@@ -210,12 +207,7 @@ class GritManager:
             mask, rows = row_weights(self._row_mask, self._row_count, output)
             # Only stashed here (no operation per module): u and, when backward reaches it, the
             # gradient at u; collect_captured turns all of them into statistics at once.
-            captured = Captured(state, output, mask, rows)
-            self._captured.append(captured)
-            # Through a weak reference: output -> its hook -> captured -> output would be a cycle
-            # that keeps each step's autograd graph alive until the garbage collector runs
-            # (hundreds of MiB on SmolLM2); the stash holds ``captured`` until it is folded.
-            output.register_hook(functools.partial(deliver, weakref.ref(captured)))
+            output.register_hook(self._stash.add(state, output, mask, rows))
 
         return hook
 
@@ -230,45 +222,47 @@ class GritManager:
         in one operation per side on the stacked sums (:meth:`_stacked_sums`), where list
         operations over every side added, folded and cleared (2,100 tensors a step on SmolLM2,
         each costing a GPU step's host its own checks). Returns whether it folded so."""
-        groups: dict[tuple, list[Captured]] = {}
-        for item in self._captured:
-            if item.grad is not None:       # a forward whose output got no gradient counts nothing
+        stash, self._stash = self._stash, Stash()
+        all_states, us, masks, all_rows = stash.columns()
+        groups: dict[tuple, list[int]] = {}
+        for i, grad in enumerate(stash.grads):
+            if grad is not None:            # a forward whose output got no gradient counts nothing
+                state, u = all_states[i], us[i]
                 # the scaling as PEFT stores it (``state.scaling`` reads it through a Python property)
-                key = (id(item.mask), item.u.shape, item.u.device, item.u.dtype, item.grad.dtype,
-                       item.state.layer.scaling[item.state.adapter])
-                groups.setdefault(key, []).append(item)
-        self._captured = []
+                key = (id(masks[i]), u.shape, u.device, u.dtype, grad.dtype, state.layer.scaling[state.adapter])
+                groups.setdefault(key, []).append(i)
         direct = fold and len(groups) == 1
         with torch.no_grad():
             for members in groups.values():
-                mask, scaling = members[0].mask, float(members[0].state.scaling)
-                outer_u = gm.masked_outer_sum_batched(torch.stack([m.u for m in members]), mask)
-                outer_v = gm.masked_outer_sum_batched(torch.stack([m.grad for m in members]), mask) / scaling**2
+                states = [all_states[i] for i in members]
+                mask, scaling = masks[members[0]], float(states[0].scaling)
+                outer_u = gm.masked_outer_sum_batched(torch.stack([us[i] for i in members]), mask)
+                outer_v = gm.masked_outer_sum_batched(torch.stack([stash.grads[i] for i in members]),
+                                                      mask) / scaling**2
                 device = outer_u.device
-                for state in [m.state for m in members
-                              if m.state.u.pending.device != device or m.state.v.pending.device != device]:
+                for state in [s for s in states if s.u.pending.device != device or s.v.pending.device != device]:
                     state.u.place(device)
                     state.v.place(device)
                 # One mask is one forward and one row count (a DeferredCount, its copy done by
                 # now); without a mask the count is the rows of u, whose shape the group shares.
-                rows = int(members[0].rows)
+                rows = int(all_rows[members[0]])
                 if direct:
-                    for side, stats, outer in (("u", [m.state.u for m in members], outer_u),
-                                               ("v", [m.state.v for m in members], outer_v)):
+                    for side, stats, outer in (("u", [s.u for s in states], outer_u),
+                                               ("v", [s.v for s in states], outer_v)):
                         sums = self._stacked_sums(side, stats)
                         if sums is None:
                             torch._foreach_add_([s.total for s in stats], list(outer.unbind(0)))
                         else:
                             sums.add_(outer)
-                    for m in members:
-                        m.state.u.count += rows
-                        m.state.v.count += rows
+                    for state in states:
+                        state.u.count += rows
+                        state.v.count += rows
                     return True
-                torch._foreach_add_([m.state.u.pending for m in members], list(outer_u.unbind(0)))
-                torch._foreach_add_([m.state.v.pending for m in members], list(outer_v.unbind(0)))
-                for m in members:
-                    m.state.u.pending_count += rows
-                    m.state.v.pending_count += rows
+                torch._foreach_add_([s.u.pending for s in states], list(outer_u.unbind(0)))
+                torch._foreach_add_([s.v.pending for s in states], list(outer_v.unbind(0)))
+                for state in states:
+                    state.u.pending_count += rows
+                    state.v.pending_count += rows
         return False
 
     def _stacked_sums(self, side: str, stats: list[FactorStats]) -> torch.Tensor | None:
