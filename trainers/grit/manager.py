@@ -500,20 +500,23 @@ class GritManager:
         a host-bound GPU step. The stacks of all groups are alive at once (one fp32 copy of the
         LoRA gradients, for the moment of the step). The norm is None, and nothing clipped, where
         the gradients do not share one device and dtype: the caller clips with torch's then."""
-        with_grad = [weight.grad for _, _, weight in factors if weight.grad is not None]
-        if len({(g.device, g.dtype) for g in with_grad}) != 1:
-            return self.precondition(factors, raw_norms), None
-        dtype = with_grad[0].dtype
         with torch.no_grad():
             done = list(self._natural_groups(factors, raw_norms))
-            raw_only = self._groups[2][1]
+            groups, raw_only = self._groups[2]
             raw_grads = [factors[i][2].grad for i in raw_only]
+            # the groups' keys hold their gradients' device and dtype: no walk over every gradient
+            kinds = {(group[2], group[3]) for group, _ in groups} | {(g.device, g.dtype) for g in raw_grads}
+            if len(kinds) != 1:
+                for group_grads, natural, _ in done:
+                    torch._foreach_copy_(group_grads, list(natural.unbind(0)))
+                return sum([count for _, _, count in done]), None
+            device, dtype = kinds.pop()
             # each gradient's norm as the clip takes it: of the gradient as written back (its dtype)
             written = [natural.to(dtype) for _, natural, _ in done]
             norms = [gm.stacked_norms(stack) for stack in written]
             if raw_grads:
                 norms.append(torch.stack(torch._foreach_norm(raw_grads)))
-            total = torch.linalg.vector_norm(torch.cat(norms).index_select(0, self._clip_order(with_grad[0].device)))
+            total = torch.linalg.vector_norm(torch.cat(norms).index_select(0, self._clip_order(device)))
             coefficient = gm.clip_coefficient(total, max_grad_norm)
             for (group_grads, _, _), stack in zip(done, written, strict=True):
                 torch._foreach_copy_(group_grads, list((stack * coefficient).unbind(0)))
