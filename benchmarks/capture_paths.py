@@ -138,8 +138,8 @@ def main() -> int:
     for arm in ("hooks", "fused"):
         added = [sum(counts[arm][p][i] - counts["lora"][p][i] for p in ("forward", "backward")) for i in (0, 1)]
         step = [counts[arm]["before_step"][i] - counts["lora"]["before_step"][i] for i in (0, 1, 2)]
-        print(f"{arm}: forward and backward add {added[0]:,} operations and {added[1]:,} Python calls to LoRA's; "
-              f"before_step adds {step[0]:,}, {step[1]:,} and {step[2]:,} tensors in lists to its clipping")
+        print(f"{arm}: forward and backward {added[0]:+,} operations and {added[1]:+,} Python calls against LoRA's; "
+              f"before_step {step[0]:+,}, {step[1]:+,} and {step[2]:+,} tensors in lists against its clipping")
     collected = {arm: collections_over(arm) for arm in ARMS}
     steps = collected["lora"]["steps"]
     print(f"garbage collections per step over {steps} steps (generations 0 / 1 / 2), full collections, and the "

@@ -17,17 +17,26 @@ MODULES = 210
 
 
 @pytest.mark.slow        # six model steps at SmolLM2's layout
-def test_the_hooks_add_python_and_the_fused_functions_add_backward_operations():
+def test_the_hooks_add_python_and_the_fused_functions_run_fewer_operations_than_peft():
     operations = {arm: capture_paths.counted_step(arm, "operations") for arm in capture_paths.ARMS}
     calls = {arm: capture_paths.counted_step(arm, "calls") for arm in capture_paths.ARMS}
     # hooks: no operation per module (the forward's mask is its only work), Python per module
     assert operations["hooks"]["backward"] == operations["lora"]["backward"]
     assert operations["hooks"]["forward"] - operations["lora"]["forward"] <= 2
     assert calls["hooks"]["forward"] - calls["lora"]["forward"] >= 10 * MODULES
-    # fused: u recomputed in backward (a few operations per module), and a backward in Python
-    added = operations["fused"]["backward"] - operations["lora"]["backward"]
-    assert 2 * MODULES <= added <= 6 * MODULES, added
-    assert calls["fused"]["backward"] - calls["lora"]["backward"] >= 10 * MODULES
+    # fused: u recomputed in backward, but every product on token rows (one mm, where a product
+    # of [batch, seq, d] tensors adds two views and a transpose): fewer operations than PEFT's
+    # forward and backward (they added 905 when products ran on [batch, seq, d] tensors)
+    fused, lora = (sum(operations[arm][p] for p in ("forward", "backward")) for arm in ("fused", "lora"))
+    assert fused <= lora, (fused, lora)
+    # a backward in Python, but no call that changes nothing: 29 a module with a .to per tensor
+    # whatever its dtype and the views, 18 without
+    added = calls["fused"]["backward"] - calls["lora"]["backward"]
+    assert 10 * MODULES <= added < 20 * MODULES, added
+    # and a forward lighter than PEFT's: the LoRA tensors read from the modules' dictionaries
+    # (nn.Module's attribute lookups were seven Python calls a module), no .to that changes nothing
+    # (3.6 calls a module fewer than PEFT's before, 14.5 after)
+    assert calls["lora"]["forward"] - calls["fused"]["forward"] >= 10 * MODULES, calls
     # GRIT's step is the same whichever path captured the rows, and does no Python per module
     assert operations["fused"]["before_step"] == operations["hooks"]["before_step"]
     assert calls["fused"]["before_step"] == calls["hooks"]["before_step"]

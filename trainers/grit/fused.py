@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A tap: called in backward with (u, dL/du) of one module, both [..., r].
-Tap = Callable[[torch.Tensor, torch.Tensor], None]
+# A tap: called in backward with (u, dL/du) of one module as token rows, both [N, r], and the
+# leading shape of the module's input (whose product is N).
+Tap = Callable[[torch.Tensor, torch.Tensor, torch.Size], None]
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,6 @@ class LoraWeights:
     scaling: float
     lora_dtype: torch.dtype | None = None      # the LoRA path's dtype; None: the input's
 
-    def path_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return x.dtype if self.lora_dtype is None else self.lora_dtype
-
 
 # How the fused functions pick the LoRA path's dtype (GritParams.fused_lora_dtype).
 LORA_DTYPES = ("input", "adapter")
@@ -58,9 +56,14 @@ LORA_DTYPES = ("input", "adapter")
 
 def lora_weights(layer: nn.Module, adapter: str, lora_dtype: str = "adapter") -> LoraWeights:
     """``lora_dtype``: "input" (Unsloth's numerics) or "adapter" (PEFT's: A's dtype)."""
-    base, A = layer.base_layer, layer.lora_A[adapter].weight
-    return LoraWeights(base.weight, base.bias, A, layer.lora_B[adapter].weight, float(layer.scaling[adapter]),
-                       A.dtype if lora_dtype == "adapter" else None)
+    # read from the modules' own dictionaries, at every call (truncation replaces A and B):
+    # nn.Module's attribute lookup is a Python call, seven a module here and 1,470 a forward on
+    # SmolLM2, on a host-bound GPU step
+    modules = layer._modules
+    base = modules["base_layer"]._parameters
+    A = modules["lora_A"]._modules[adapter]._parameters["weight"]
+    return LoraWeights(base["weight"], base.get("bias"), A, modules["lora_B"]._modules[adapter]._parameters["weight"],
+                       float(layer.scaling[adapter]), A.dtype if lora_dtype == "adapter" else None)
 
 
 def unfusable_reason(layer: nn.Module, adapter: str) -> str | None:
@@ -87,43 +90,63 @@ def unfusable_reason(layer: nn.Module, adapter: str) -> str | None:
 
 
 # ------------------------------------------------------------------------ the math, as functions
+#
+# On rows: [..., d] tensors reshaped once to [N, d] (N token rows), so that each product is one
+# ``mm``. A product of a [..., d] tensor is that same ``mm`` between views (matmul folds the
+# leading dimensions), so the values are bit for bit the same; the views and transposes were
+# operations a GPU step's host pays: about 2,500 a step on SmolLM2's 210 modules
+# (benchmarks/capture_paths.py).
 
 def lora_linear(x: torch.Tensor, w: LoraWeights) -> torch.Tensor:
-    """y = x W^T + b + s (x A^T) B^T, the LoRA path in ``w.path_dtype(x)`` and y in the base's
-    output dtype; the same operations as PEFT's forward (which casts x to the adapter's dtype)."""
-    dtype = w.path_dtype(x)
-    u = F.linear(x.to(dtype), w.A.to(dtype))
+    """y = x W^T + b + s (x A^T) B^T on rows x [N, d_in], the LoRA path in ``w.lora_dtype`` (None: x's)
+    and y in the base's output dtype; the same operations as PEFT's forward (which casts x to
+    the adapter's dtype)."""
+    dtype = x.dtype if w.lora_dtype is None else w.lora_dtype
     base = F.linear(x, w.weight, w.bias)
+    # Casts only where a dtype differs, checked inline: a ``.to`` that changes nothing is still a
+    # call through the dispatcher, which a GPU step's host pays (and a Python helper is a call).
+    if x.dtype == w.A.dtype == w.B.dtype == base.dtype == dtype:
+        return base + F.linear(F.linear(x, w.A), w.B) * w.scaling
+    u = F.linear(x.to(dtype), w.A.to(dtype))
     return (base + F.linear(u, w.B.to(dtype)) * w.scaling).to(base.dtype)
 
 
 def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, w: LoraWeights, needs: tuple[bool, ...],
-                         tap: Tap | None, dx_so_far: torch.Tensor | None = None) -> tuple[torch.Tensor | None, ...]:
-    """(dx, dW, db, dA, dB) of :func:`lora_linear`; ``needs`` says which (as
-    ``ctx.needs_input_grad``, in that order). u and dL/du go to ``tap`` when GRIT captures.
+                         tap: Tap | None, lead: torch.Size, dx_so_far: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor | None, ...]:
+    """(dx, dW, db, dA, dB) of :func:`lora_linear` on rows (grad_out [N, d_out], x [N, d_in]);
+    ``needs`` says which (as ``ctx.needs_input_grad``, in that order). u and dL/du [N, r] go to
+    ``tap`` when GRIT captures, with ``lead``, the input's leading shape (its product is N).
     ``dx_so_far``: x's gradient from a later consumer, added in the order autograd adds the
     contributions on PEFT's path (that consumer, then the LoRA path, then the base), so that dx
     is bit for bit PEFT's in fp32."""
-    dtype = w.path_dtype(grad_out)      # the LoRA path's; the base's is grad_out's
-    A, B, x_lora, g_lora = w.A.to(dtype), w.B.to(dtype), x.to(dtype), grad_out.to(dtype)
-    grad_u = F.linear(g_lora, B.t()) * w.scaling            # dL/du = s dL/dy B
-    u = F.linear(x_lora, A)                                 # recomputed: never saved
+    dtype = grad_out.dtype if w.lora_dtype is None else w.lora_dtype      # the LoRA path's
+    A, B, x_lora, g_lora = w.A, w.B, x, grad_out
+    # casts only where a dtype differs (as in lora_linear): eight a module here otherwise
+    uniform = A.dtype == B.dtype == x.dtype == grad_out.dtype == w.weight.dtype == dtype
+    if not uniform:
+        A, B, x_lora, g_lora = A.to(dtype), B.to(dtype), x.to(dtype), grad_out.to(dtype)
+    grad_u = (g_lora @ B) * w.scaling                       # dL/du = s dL/dy B
+    u = x_lora @ A.t()                                      # recomputed: never saved
     if tap is not None:
-        tap(u, grad_u)
-    rows_x, rows_g = x.reshape(-1, x.shape[-1]), grad_out.reshape(-1, grad_out.shape[-1])
+        tap(u, grad_u, lead)
     dx = None
     if needs[0]:
-        lora_dx = (grad_u @ A).to(grad_out.dtype)
+        lora_dx = grad_u @ A if uniform else (grad_u @ A).to(grad_out.dtype)
         dx = lora_dx if dx_so_far is None else dx_so_far + lora_dx
-        dx = dx + grad_out @ w.weight.to(grad_out.dtype)
-    dW = rows_g.t() @ rows_x if needs[1] else None
-    db = rows_g.sum(0) if needs[2] and w.bias is not None else None
-    # the same tensors unless the LoRA path runs in another dtype: no added operation then
-    rows_x_lora = rows_x if x_lora is x else x_lora.reshape(rows_x.shape)
-    rows_g_lora = rows_g if g_lora is grad_out else g_lora.reshape(rows_g.shape)
-    dA = (grad_u.reshape(-1, grad_u.shape[-1]).t() @ rows_x_lora).to(w.A.dtype) if needs[3] else None
-    dB = ((rows_g_lora.t() @ u.reshape(-1, u.shape[-1])) * w.scaling).to(w.B.dtype) if needs[4] else None
+        dx = dx + grad_out @ (w.weight if uniform else w.weight.to(grad_out.dtype))
+    dW = grad_out.t() @ x if needs[1] else None
+    db = grad_out.sum(0) if needs[2] and w.bias is not None else None
+    dA = grad_u.t() @ x_lora if needs[3] else None
+    dB = (g_lora.t() @ u) * w.scaling if needs[4] else None
+    if not uniform:
+        dA = None if dA is None else dA.to(w.A.dtype)
+        dB = None if dB is None else dB.to(w.B.dtype)
     return dx, dW, db, dA, dB
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, t.shape[-1])
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -133,15 +156,19 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling: float, tap: Tap | None, lora_dtype: torch.dtype | None = None):
         w = LoraWeights(weight, bias, A, B, scaling, lora_dtype)
+        # x itself, not its rows: a reshape of a non-contiguous x would be a copy, saved once per
+        # projection where q, k and v share x's storage
         ctx.save_for_backward(x, weight, bias, A, B)
-        ctx.scaling, ctx.tap, ctx.lora_dtype = scaling, tap, lora_dtype
-        return lora_linear(x, w)
+        ctx.scaling, ctx.tap, ctx.lora_dtype, ctx.lead = scaling, tap, lora_dtype, x.shape[:-1]
+        y = lora_linear(_rows(x), w)
+        return y.view(*ctx.lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, A, B = ctx.saved_tensors
         w = LoraWeights(weight, bias, A, B, ctx.scaling, ctx.lora_dtype)
-        return (*lora_linear_backward(grad_out, x, w, ctx.needs_input_grad[:5], ctx.tap), None, None, None)
+        dx, *grads = lora_linear_backward(_rows(grad_out), _rows(x), w, ctx.needs_input_grad[:5], ctx.tap, ctx.lead)
+        return (None if dx is None else dx.view(*ctx.lead, dx.shape[-1]), *grads, None, None, None)
 
 
 class FusedLoraSwiGLU(torch.autograd.Function):
@@ -153,26 +180,29 @@ class FusedLoraSwiGLU(torch.autograd.Function):
         gate, up, down = (LoraWeights(*t, s, d) for t, s, d in zip(((gW, gb, gA, gB), (uW, ub, uA, uB),
                                                                      (dW, db, dA, dB)), scalings, lora_dtypes,
                                                                     strict=True))
-        e, g = lora_linear(x, gate), lora_linear(x, up)
+        rows = _rows(x)
+        e, g = lora_linear(rows, gate), lora_linear(rows, up)
         ctx.save_for_backward(x, e, g, gW, gb, gA, gB, uW, ub, uA, uB, dW, db, dA, dB)
-        ctx.scalings, ctx.taps, ctx.lora_dtypes = scalings, taps, lora_dtypes
-        return lora_linear(F.silu(e) * g, down)
+        ctx.scalings, ctx.taps, ctx.lora_dtypes, ctx.lead = scalings, taps, lora_dtypes, x.shape[:-1]
+        y = lora_linear(F.silu(e) * g, down)
+        return y.view(*ctx.lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, e, g, *tensors = ctx.saved_tensors
+        x = _rows(x)
         gate, up, down = (LoraWeights(*tensors[4 * i:4 * i + 4], s, d)
                           for i, (s, d) in enumerate(zip(ctx.scalings, ctx.lora_dtypes, strict=True)))
-        needs = ctx.needs_input_grad
+        needs, lead = ctx.needs_input_grad, ctx.lead
         act = F.silu(e)
-        dh, *d_down = lora_linear_backward(grad_out, act * g, down, (True, *needs[9:13]), ctx.taps[2])
+        dh, *d_down = lora_linear_backward(_rows(grad_out), act * g, down, (True, *needs[9:13]), ctx.taps[2], lead)
         # as autograd differentiates act * g, then silu
         de = torch.ops.aten.silu_backward(dh * g, e)
         dg = dh * act
         # up first: autograd reaches the later-created branch first
-        dx_up, *d_up = lora_linear_backward(dg, x, up, (needs[0], *needs[5:9]), ctx.taps[1])
-        dx, *d_gate = lora_linear_backward(de, x, gate, (needs[0], *needs[1:5]), ctx.taps[0], dx_up)
-        return (dx, *d_gate, *d_up, *d_down, None, None, None)
+        dx_up, *d_up = lora_linear_backward(dg, x, up, (needs[0], *needs[5:9]), ctx.taps[1], lead)
+        dx, *d_gate = lora_linear_backward(de, x, gate, (needs[0], *needs[1:5]), ctx.taps[0], lead, dx_up)
+        return (None if dx is None else dx.view(*lead, dx.shape[-1]), *d_gate, *d_up, *d_down, None, None, None)
 
 
 # ------------------------------------------------------------------------- attaching to a model

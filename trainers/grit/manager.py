@@ -51,11 +51,13 @@ from trainers.grit.layer import (
 __all__ = ["GritError", "GritManager", "ModuleState", "base_module_name", "lora_layers"]
 
 
-def row_weights(mask: torch.Tensor | None, rows: Any, u: torch.Tensor) -> tuple[torch.Tensor | None, Any]:
-    """(row weights, token rows) for a module's rows ``u`` [..., r] in this forward: the forward's
-    attention mask and its row count, or, without a mask or for packed/reshaped inputs whose
-    rows do not line up with it, no weights and every row counted."""
-    if mask is None or tuple(mask.shape) != tuple(u.shape[:-1]):
+def row_weights(mask: torch.Tensor | None, rows: Any, u: torch.Tensor, lead: tuple[int, ...]
+                ) -> tuple[torch.Tensor | None, Any]:
+    """(row weights, token rows) for a module's rows ``u`` in this forward, whose input had the
+    leading shape ``lead`` (u is [*lead, r], or its rows [N, r] from a fused function): the
+    forward's attention mask and its row count, or, without a mask or for packed/reshaped inputs
+    whose rows do not line up with it, no weights and every row counted."""
+    if mask is None or tuple(mask.shape) != tuple(lead):
         return None, u.numel() // u.shape[-1]
     return mask, rows
 
@@ -183,8 +185,8 @@ class GritManager:
             return None
         state, forward_mask, forward_rows = self.modules[key], self._row_mask, self._row_count
 
-        def tap(u: torch.Tensor, grad_u: torch.Tensor) -> None:
-            mask, rows = row_weights(forward_mask, forward_rows, u)
+        def tap(u: torch.Tensor, grad_u: torch.Tensor, lead: torch.Size) -> None:
+            mask, rows = row_weights(forward_mask, forward_rows, u, lead)
             self._stash.add(state, u, mask, rows, grad_u)
 
         return tap
@@ -204,7 +206,7 @@ class GritManager:
             # checkpointing the recomputed forward's tensors get none, so nothing is counted twice.
             if not (self.capturing and torch.is_grad_enabled() and output.requires_grad):
                 return
-            mask, rows = row_weights(self._row_mask, self._row_count, output)
+            mask, rows = row_weights(self._row_mask, self._row_count, output, output.shape[:-1])
             # Only stashed here (no operation per module): u and, when backward reaches it, the
             # gradient at u; collect_captured turns all of them into statistics at once.
             output.register_hook(self._stash.add(state, output, mask, rows))

@@ -24,7 +24,7 @@ def test_the_fused_functions_pass_gradcheck():
     torch.manual_seed(0)
     x, W, b, A, B = _rand(2, 3, 5), _rand(4, 5), _rand(4), _rand(2, 5), _rand(4, 2)
     taps = []
-    assert torch.autograd.gradcheck(lambda *t: FusedLoraLinear.apply(*t, 0.75, lambda u, g: taps.append(1)),
+    assert torch.autograd.gradcheck(lambda *t: FusedLoraLinear.apply(*t, 0.75, lambda u, g, lead: taps.append(1)),
                                     (x, W, b, A, B))
     assert taps, "the tap ran in backward"
     x = _rand(2, 3, 5)
@@ -79,12 +79,14 @@ def test_a_fused_projection_is_peft_bit_for_bit_with_the_rows_grit_captures():
     taps = []
     w = (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
          layer.lora_B["default"].weight)
-    fused = FusedLoraLinear.apply(x, *w, 2.0, lambda u, g: taps.append((u, g)))
+    fused = FusedLoraLinear.apply(x, *w, 2.0, lambda u, g, lead: taps.append((u, g, lead)))
     fused.square().sum().backward()
     assert torch.equal(fused, reference) and torch.equal(x.grad, expected_dx)
     assert all(torch.equal(p.grad, expected[n]) for n, p in model.named_parameters() if n in expected)
-    (u, grad_u), = taps
-    assert torch.equal(u, seen["u"]) and torch.equal(grad_u, seen["grad_u"])
+    (u, grad_u, lead), = taps
+    assert lead == x.shape[:-1], "the tap is told the input's leading shape, to line the rows up with a mask"
+    # as token rows [N, r]: the same values as PEFT's u [..., r]
+    assert torch.equal(u, seen["u"].reshape(u.shape)) and torch.equal(grad_u, seen["grad_u"].reshape(u.shape))
 
 
 def test_the_fused_mlp_is_peft_bit_for_bit():
