@@ -7,7 +7,11 @@ the Python it runs. This counts both for one training step on SmolLM2's layout a
 - ``lora``: plain LoRA through PEFT's forward (no GRIT);
 - ``hooks``: GRIT capturing through PEFT's forward, a forward hook on each ``lora_A`` and a
   tensor hook on its output (the PEFT engine's default, ``grit.capture: hooks``);
-- ``fused``: GRIT's fused LoRA functions (``grit.capture: fused``; the hybrid's path on Unsloth).
+- ``fused``: GRIT's fused LoRA functions (``grit.capture: fused``; the hybrid's path on Unsloth);
+- ``fused_lora``: the same functions without GRIT (no tap), plain LoRA's step after them: the
+  hybrid's baseline as far as CPU can run it (Unsloth's fused LoRA, without its compile and with
+  q, k and v in one function where these take three), so ``fused`` against it is what GRIT
+  itself adds to the hybrid.
 
 Per phase (forward, backward, and between backward and the optimizer: GRIT's ``before_step``,
 which ends with the clipping, against LoRA's clipping): aten operations (a ``TorchDispatchMode``),
@@ -28,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as ``python benchmarks/capture_paths.py``: the project is importable
 
-ARMS = ("lora", "hooks", "fused")
+ARMS = ("lora", "hooks", "fused", "fused_lora")
 PHASES = ("forward", "backward", "before_step")
 
 
@@ -39,10 +43,14 @@ def build_arm(arm: str):
     from pipelines.gpu_check.overhead import random_lora_llama
     from tests.tiny_lora import VOCAB
     from trainers.grit import GritManager, GritParams
+    from trainers.grit.fused import attach_fused
+    from trainers.grit.layer import lora_layers
 
     torch.manual_seed(0)
     model = random_lora_llama(30, 64, 128, 4, 2, VOCAB)
-    manager = None if arm == "lora" else GritManager(model, GritParams(min_samples=8, capture=arm))
+    manager = None if arm in ("lora", "fused_lora") else GritManager(model, GritParams(min_samples=8, capture=arm))
+    if arm == "fused_lora":
+        attach_fused(model, {name: (layer, adapter) for name, layer, adapter in lora_layers(model)}, lambda key: None)
     lora = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=1e-3)       # B leaves 0, so A's side can be inverted
     return model, manager, lora, optimizer
@@ -134,18 +142,18 @@ def main() -> int:
     for name in PHASES:
         cells = [counts[arm][name] for arm in ARMS]
         print(f"{name:<12}" + "".join(f"{f'{c[0]:,} / {c[1]:,} / {c[2]:,}':>26}" for c in cells))
-    print("(before_step: GRIT's step with its clipping, a step that inverts nothing; for lora, the clipping alone)")
-    for arm in ("hooks", "fused"):
-        added = [sum(counts[arm][p][i] - counts["lora"][p][i] for p in ("forward", "backward")) for i in (0, 1)]
-        step = [counts[arm]["before_step"][i] - counts["lora"]["before_step"][i] for i in (0, 1, 2)]
-        print(f"{arm}: forward and backward {added[0]:+,} operations and {added[1]:+,} Python calls against LoRA's; "
-              f"before_step {step[0]:+,}, {step[1]:+,} and {step[2]:+,} tensors in lists against its clipping")
+    print("(before_step: GRIT's step with its clipping, a step that inverts nothing; for LoRA, the clipping alone)")
+    for arm, baseline in (("hooks", "lora"), ("fused", "lora"), ("fused", "fused_lora")):
+        added = [sum(counts[arm][p][i] - counts[baseline][p][i] for p in ("forward", "backward")) for i in (0, 1)]
+        step = [counts[arm]["before_step"][i] - counts[baseline]["before_step"][i] for i in (0, 1, 2)]
+        print(f"{arm} against {baseline}: forward and backward {added[0]:+,} operations and {added[1]:+,} Python "
+              f"calls; before_step {step[0]:+,}, {step[1]:+,} and {step[2]:+,} tensors in lists")
     collected = {arm: collections_over(arm) for arm in ARMS}
     steps = collected["lora"]["steps"]
     print(f"garbage collections per step over {steps} steps (generations 0 / 1 / 2), full collections, and the "
           "objects the collector tracks held after backward:")
     for arm, c in collected.items():
-        print(f"{arm:<8}" + " / ".join(f"{n:.3f}" for n in c["per_step"]) + f"   {c['full']} full   "
+        print(f"{arm:<12}" + " / ".join(f"{n:.3f}" for n in c["per_step"]) + f"   {c['full']} full   "
               f"{c['held_after_backward']:,} held")
     return 0
 

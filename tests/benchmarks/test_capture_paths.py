@@ -37,6 +37,12 @@ def test_the_hooks_add_python_and_the_fused_functions_run_fewer_operations_than_
     # (nn.Module's attribute lookups were seven Python calls a module), no .to that changes nothing
     # (3.6 calls a module fewer than PEFT's before, 14.5 after)
     assert calls["lora"]["forward"] - calls["fused"]["forward"] >= 10 * MODULES, calls
+    # what GRIT itself adds to the hybrid's path (the same functions without GRIT): the forward's
+    # mask (2 operations) and a tap a module (6 Python calls: made in forward, called in backward)
+    grit, alone = ({kind: sum(counted[arm][p] for p in ("forward", "backward")) for kind, counted in
+                    (("operations", operations), ("calls", calls))} for arm in ("fused", "fused_lora"))
+    assert grit["operations"] - alone["operations"] <= 2, (grit, alone)
+    assert grit["calls"] - alone["calls"] <= 7 * MODULES, (grit, alone)
     # GRIT's step is the same whichever path captured the rows, and does no Python per module
     assert operations["fused"]["before_step"] == operations["hooks"]["before_step"]
     assert calls["fused"]["before_step"] == calls["hooks"]["before_step"]
@@ -65,6 +71,7 @@ def test_grit_keeps_few_objects_alive_for_the_garbage_collector():
     1.83 (1.95 now). LoRA keeps none."""
     collected = {arm: capture_paths.collections_over(arm, steps=40) for arm in capture_paths.ARMS}
     assert collected["lora"]["held_after_backward"] <= 8, collected["lora"]
+    assert collected["fused_lora"]["held_after_backward"] <= 8, collected["fused_lora"]
     assert 2 * MODULES <= collected["fused"]["held_after_backward"] <= 2.5 * MODULES, collected["fused"]
     assert 2 * MODULES <= collected["hooks"]["held_after_backward"] <= 6.5 * MODULES, collected["hooks"]
     assert collected["hooks"]["per_step"][0] <= collected["lora"]["per_step"][0] + 0.5, collected
