@@ -324,11 +324,15 @@ def summarise_phases(events: ProfiledEvents, steps: int, on_device: bool) -> Pha
                         per_phase(events.spans, steps), by_kernel, slowest)
 
 
+def largest_first(differences: dict[str, float], top: int) -> list[tuple[str, float]]:
+    """The ``top`` (name, difference) pairs of largest size, ties by name (a stable ranking)."""
+    return sorted(differences.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:top]
+
+
 def kernel_differences(lora: dict[str, float], grit: dict[str, float], top: int = 6) -> dict[str, float]:
     """GRIT's minus LoRA's milliseconds per step of the ``top`` kernels whose time differs most."""
     names = set(lora) | set(grit)
-    differences = {name: grit.get(name, 0.0) - lora.get(name, 0.0) for name in names}
-    return dict(sorted(differences.items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:top])
+    return dict(largest_first({name: grit.get(name, 0.0) - lora.get(name, 0.0) for name in names}, top))
 
 
 def phase_profile(step: Step, batches: Iterable[Any], device: str = "cpu") -> PhaseProfile:

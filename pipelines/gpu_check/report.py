@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pipelines.gpu_check.overhead import largest_first
+
 EXIT_PASSED, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
 
 # GRIT over plain LoRA, same engine, same batches: the targets the project states.
@@ -217,14 +219,14 @@ def headline(item: ItemResult) -> str:
 def profile_line(figures: dict[str, Any]) -> str:
     """GRIT minus LoRA per step: host milliseconds by phase (the larger ones), device and launches."""
     extra = figures.get("grit_minus_lora", {})
-    phases = sorted(extra.get("host_ms", {}).items(), key=lambda kv: -abs(kv[1]))[:3]
+    phases = largest_first(extra.get("host_ms", {}), 3)
     line = f"host {_signed(extra.get('host_ms_total'))} ms (" + ", ".join(f"{n} {_signed(v)}" for n, v in phases) + ")"
     if extra.get("device_ms") is not None:
         line += f", device kernels {_signed(extra['device_ms'])} ms"
     if extra.get("kernel_launches") is not None:
         line += f", launches {_signed(extra['kernel_launches'])}"
     # ranked here: the report's JSON is written with sorted keys, which orders kernels by name
-    kernels = sorted((extra.get("kernels_ms") or {}).items(), key=lambda kv: (-abs(kv[1]), kv[0]))[:2]
+    kernels = largest_first(extra.get("kernels_ms") or {}, 2)
     if kernels:
         line += " (most: " + ", ".join(f"{name[:40]} {_signed(ms)}" for name, ms in kernels) + ")"
     return line + " per step" + collections_note({arm: figures[arm].get("garbage_collections")
