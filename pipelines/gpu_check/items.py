@@ -355,10 +355,15 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, shape: s
     or ``model``: bf16 adapters on a bf16 model) and, for the GRIT arm, its ``grit.capture``
     (auto: the engine's own path). ``syncs``: the host synchronisations of each GRIT step
     (``before_step`` and ``after_step``) are appended to it. ``phase(name)``: a context manager
-    around each phase of the step (``STEP_PHASES``), for a profile."""
+    around each phase of the step (``STEP_PHASES``), for a profile. ``sizing.lora_functions``
+    "fused": the LoRA arm runs GRIT's fused functions without GRIT (on PEFT's engine; Unsloth's
+    LoRA arm is its own fused kernels, :meth:`Sizing.for_engine`)."""
     from trainers.engines import build_peft, build_unsloth
     from trainers.grit.doors import clip_gradients
+    from trainers.grit.fused import attach_fused
+    from trainers.grit.layer import lora_layers
     from trainers.grit.manager import GritManager
+
 
     files = random_llama(workdir / f"{shape}-shape", OVERHEAD_SHAPES[shape])
     params = check_params(files, "bfloat16" if device == "cuda" else "float32")
@@ -380,6 +385,9 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, shape: s
     # on PEFT; fused on PEFT runs the fused functions with PEFT's numerics (fused_lora_dtype)
     config = variant_grit(GritParams(capture=sizing.grit_capture), VariantParams(engine=engine, grit=True))
     manager = GritManager(model, config) if grit else None
+    if not grit and sizing.for_engine(engine).lora_functions == "fused":
+        attach_fused(model, {name: (layer, adapter) for name, layer, adapter in lora_layers(model)},
+                     lambda _key: None, config.fused_lora_dtype)
 
     mark = phase or (lambda _name: nullcontext())
 
@@ -489,7 +497,7 @@ def overhead_time(workdir: Path, device: str, engine: str, shape: str, sizing: S
     Unsloth the GRIT arm runs without Unsloth's per-layer compile, so LoRA is also timed without
     it (the same model, compiled and uncompiled steps interleaved): the ratio splits into leaving
     the compile (``compile_off_ratio``) and GRIT over uncompiled LoRA."""
-    sizing = sizing.for_shape(shape)
+    sizing = sizing.for_shape(shape).for_engine(engine)
     (model, lora), (_, grit) = [overhead_model(workdir, engine, arm == "grit", device, shape, sizing) for arm in ARMS]
     steps = sizing.steps + OVERHEAD_WARMUP
     timed = interleaved_step_times(lora, grit, sized_batches(sizing, steps, device), OVERHEAD_WARMUP, device,
@@ -520,7 +528,7 @@ def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: st
     GRIT arm also counts the host synchronisations of its GRIT steps (``host_syncs``)."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
-    sizing = sizing.for_shape(shape)
+    sizing = sizing.for_shape(shape).for_engine(engine)
     syncs: list[int] = []
     _, step = overhead_model(workdir, engine, arm == "grit", device, shape, sizing, syncs)
     memory = peak_memory(step, sized_batches(sizing, sizing.steps, device), device)
@@ -540,7 +548,7 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, sizing
     (``host_ms_slowest``) shows that step apart."""
     from torch.profiler import record_function
 
-    sizing = sizing.for_shape(shape)
+    sizing = sizing.for_shape(shape).for_engine(engine)
     arms = {arm: overhead_model(workdir, engine, arm == "grit", device, shape, sizing,
                                 phase=lambda name: record_function(PHASE_RANGE + name))[1] for arm in ARMS}
     profiles = {}

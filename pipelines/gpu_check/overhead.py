@@ -49,12 +49,16 @@ ARMS = ("lora", "grit")
 ADAPTER_DTYPES = ("float32", "model")
 # grit.capture of the GRIT arm: the engine's (fused on Unsloth, hooks on PEFT), or either on both
 GRIT_CAPTURES = ("auto", "hooks", "fused")
+# The LoRA arm's forward and backward: the engine's own, or GRIT's fused functions without GRIT
+# (PEFT only), so that a GRIT arm through those functions is timed against the same arithmetic.
+LORA_FUNCTIONS = ("engine", "fused")
 
 
 @dataclass(frozen=True)
 class Sizing:
     """How the overhead and profile items size and set up their arms: timed steps per arm, the
-    batch (rows x tokens), ``lora.adapter_dtype`` of both arms and ``grit.capture`` of GRIT's.
+    batch (rows x tokens), ``lora.adapter_dtype`` of both arms, ``grit.capture`` of GRIT's and the
+    LoRA arm's functions (``lora_functions``).
     One value from the command line (both the check's and an item's) to the model an item
     builds, in place of five arguments passed on by hand through every signature between."""
 
@@ -63,6 +67,7 @@ class Sizing:
     length: int = 256
     adapter_dtype: str = "float32"
     grit_capture: str = "auto"
+    lora_functions: str = "engine"
 
     def for_shape(self, shape: str) -> Sizing:
         """This sizing at ``shape``: its own batch where it has one (``OVERHEAD_SIZES``: the 1B
@@ -72,10 +77,17 @@ class Sizing:
         batch, length = OVERHEAD_SIZES.get(shape, (self.batch, self.length))
         return replace(self, batch=batch, length=length)
 
+    def for_engine(self, engine: str) -> Sizing:
+        """This sizing on ``engine``: the LoRA arm's functions are Unsloth's own fused kernels on
+        Unsloth's, whatever ``lora_functions`` asks (it chooses between PEFT's forward and GRIT's
+        fused functions on PEFT's), so a check run over both engines records what each ran."""
+        return self if engine == "peft" else replace(self, lora_functions="engine")
+
     def argv(self) -> list[str]:
         """The options that give an item's process this sizing (:meth:`add_arguments`)."""
         return ["--steps", str(self.steps), "--batch", str(self.batch), "--length", str(self.length),
-                "--adapter-dtype", self.adapter_dtype, "--grit-capture", self.grit_capture]
+                "--adapter-dtype", self.adapter_dtype, "--grit-capture", self.grit_capture,
+                "--lora-functions", self.lora_functions]
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,15 +100,19 @@ class Sizing:
                                  "adapters)")
         parser.add_argument("--grit-capture", choices=GRIT_CAPTURES, default=default.grit_capture,
                             help="grit.capture of the GRIT arm in the overhead and profile items (auto: the engine's)")
+        parser.add_argument("--lora-functions", choices=LORA_FUNCTIONS, default=default.lora_functions,
+                            help="the LoRA arm's functions on the PEFT engine: PEFT's own (engine) or GRIT's fused "
+                                 "functions without GRIT (fused), the baseline of --grit-capture fused")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Sizing:
         return cls(steps=args.steps, batch=args.batch, length=args.length, adapter_dtype=args.adapter_dtype,
-                   grit_capture=args.grit_capture)
+                   grit_capture=args.grit_capture, lora_functions=args.lora_functions)
 
     def figures(self) -> dict[str, Any]:
         """What an item's figures record of its sizing."""
-        return {"adapter_dtype": self.adapter_dtype, "grit_capture": self.grit_capture, "steps": self.steps,
+        return {"adapter_dtype": self.adapter_dtype, "grit_capture": self.grit_capture,
+                "lora_functions": self.lora_functions, "steps": self.steps,
                 "batch": self.batch, "length": self.length}
 
 

@@ -209,6 +209,7 @@ def headline(item: ItemResult) -> str:
                             f"LoRA x{_fmt(r.get('grit_over_uncompiled_lora'))})" if r.get("compile_off_ratio") else "")
                          + (", adapters in the model's dtype" if r.get("adapter_dtype") == "model" else "")
                          + (f", GRIT capture {r['grit_capture']}" if r.get("grit_capture", "auto") != "auto" else "")
+                         + (", LoRA through GRIT's fused functions" if r.get("lora_functions") == "fused" else "")
                          + collections_note(r.get("garbage_collections"))
                          for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
     if item.name == "profile":

@@ -178,6 +178,37 @@ def test_the_profile_line_names_the_kernels_that_differ_most_whatever_order_the_
     assert "(most: c_negative -0.5, b_large +0.155)" in line
 
 
+def test_the_lora_arm_can_run_grits_fused_functions_without_grit(tmp_path: Path, monkeypatch):
+    """``--lora-functions fused``: GRIT through its fused functions on PEFT is timed against LoRA
+    through the same functions (they run fewer operations than PEFT's forward, which would flatter
+    GRIT's ratio). On Unsloth the LoRA arm is Unsloth's own fused kernels whatever was asked, and
+    the figures say what each engine ran."""
+    from pipelines.gpu_check.items import overhead_model, sized_batches
+    from pipelines.gpu_check.overhead import OVERHEAD_SHAPES, Sizing
+    from trainers.grit.layer import lora_layers
+
+    monkeypatch.setitem(OVERHEAD_SHAPES, "smollm2", {"hidden_size": 64, "intermediate_size": 128,
+                                                     "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                     "num_key_value_heads": 2})
+
+    def lora_arm(functions: str):
+        sizing = Sizing(steps=1, batch=1, length=16, lora_functions=functions)
+        model, step = overhead_model(tmp_path / functions, "peft", False, "cpu", "smollm2", sizing)
+        step(next(sized_batches(sizing, 1, "cpu")))
+        layers = [layer for _, layer, _ in lora_layers(model)]
+        return layers, [p.grad for p in model.parameters() if p.requires_grad]
+
+    fused, fused_grads = lora_arm("fused")
+    assert fused and all("forward" in layer.__dict__ for layer in fused), "every LoRA layer runs the fused function"
+    assert all(grad is None for grad in fused_grads), "the step ran to zero_grad"
+    engine, _ = lora_arm("engine")
+    assert not any("forward" in layer.__dict__ for layer in engine), "PEFT's own forward by default"
+    assert Sizing(lora_functions="fused").for_engine("unsloth").lora_functions == "engine"
+    assert Sizing(lora_functions="fused").for_engine("peft").figures()["lora_functions"] == "fused"
+    within = {"step_time_ratio": 1.0, "peak_memory_ratio": 1.0, "lora_functions": "fused"}
+    assert ", LoRA through GRIT's fused functions" in headline(judge("overhead", {"engines": {"peft": within}}))
+
+
 def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path, monkeypatch):
     """The profile item on CPU, PEFT engine, a few tokens, at a tiny width of SmolLM2's layout (the
     item's code path; the real width only makes it slower here): both arms' phases are measured,
