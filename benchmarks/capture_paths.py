@@ -18,9 +18,11 @@ which ends with the clipping, against LoRA's clipping): aten operations (a ``Tor
 Python-level calls (``sys.setprofile``) and the tensors handed to operations in lists (a
 ``_foreach_`` operation or a ``stack`` over 420 gradients checks each one on the host). Counts
 do not depend on the machine, so they can be taken beside other work; which path is faster on a
-GPU is for ``make gpu-check`` with ``--grit-capture fused`` to measure (docs/gpu.md).
+GPU is for ``make gpu-check`` with ``--grit-capture fused`` to measure (docs/gpu.md). ``--time``
+times the arms in pairs instead, side by side on this CPU (indicative: a quiet machine only).
 
     python benchmarks/capture_paths.py
+    python benchmarks/capture_paths.py --time
 """
 
 from __future__ import annotations
@@ -132,7 +134,42 @@ def collections_over(arm: str, steps: int = 200, warmup: int = 4) -> dict[str, o
             "held_after_backward": held}
 
 
+# Pairs timed side by side by ``--time``: (baseline, arm).
+TIMED_PAIRS = (("lora", "hooks"), ("lora", "fused"), ("fused_lora", "fused"), ("lora", "fused_lora"))
+
+
+def timed_pair(baseline: str, arm: str, steps: int = 150, warmup: int = 4):
+    """Median and mean step-time ratios of ``arm`` over ``baseline``, their steps interleaved on the
+    same batches in one process (``overhead.interleaved_step_times``), one thread. A CPU at tiny
+    width is host-bound as a GPU step at SmolLM2's size is, but it is not a GPU: indicative only,
+    and only on a machine running nothing else."""
+    from functools import partial
+
+    import torch
+
+    from pipelines.gpu_check.overhead import interleaved_step_times
+    from tests.tiny_lora import batches
+
+    def step(built, inputs) -> None:
+        model, manager, lora, optimizer = built
+        model(**inputs).loss.backward()
+        finish_step(manager, lora, optimizer)
+
+    torch.set_num_threads(1)
+    data = batches(8, batch_size=2, length=8)
+    return interleaved_step_times(partial(step, build_arm(baseline)), partial(step, build_arm(arm)),
+                                  [data[k % len(data)] for k in range(steps + warmup)], warmup)
+
+
 def main() -> int:
+    if "--time" in sys.argv[1:]:
+        print("host-bound step time, SmolLM2's 210 LoRA modules at tiny width (fp32, CPU, one thread), "
+              "150 steps interleaved per pair:")
+        for baseline, arm in TIMED_PAIRS:
+            timed = timed_pair(baseline, arm)
+            print(f"{arm:>10} / {baseline:<10} {1e3 * timed.grit_s:7.2f} / {1e3 * timed.lora_s:7.2f} ms   "
+                  f"median ratio {timed.ratio:.3f}   mean ratio {timed.mean_ratio:.3f}", flush=True)
+        return 0
     counters = ("operations", "calls", "tensors")
     counts = {arm: {name: tuple(counted[name] for counted in by_counter) for name in PHASES}
               for arm in ARMS for by_counter in [[counted_step(arm, counter) for counter in counters]]}

@@ -75,3 +75,13 @@ def test_grit_keeps_few_objects_alive_for_the_garbage_collector():
     assert 2 * MODULES <= collected["fused"]["held_after_backward"] <= 2.5 * MODULES, collected["fused"]
     assert 2 * MODULES <= collected["hooks"]["held_after_backward"] <= 6.5 * MODULES, collected["hooks"]
     assert collected["hooks"]["per_step"][0] <= collected["lora"]["per_step"][0] + 0.5, collected
+
+
+@pytest.mark.slow        # a few model steps per arm at SmolLM2's layout
+def test_the_timed_pairs_interleave_each_arm_with_its_baseline():
+    """``--time``'s plumbing (no speed is asserted: timing is for a quiet machine): each pair runs
+    its two arms on the same steps and reports both step times and their ratios."""
+    assert {arm for pair in capture_paths.TIMED_PAIRS for arm in pair} == set(capture_paths.ARMS)
+    timed = capture_paths.timed_pair("fused_lora", "fused", steps=3, warmup=1)
+    assert timed.steps == 3 and timed.lora_s > 0 and timed.grit_s > 0
+    assert timed.ratio == pytest.approx(timed.grit_s / timed.lora_s)
