@@ -364,7 +364,6 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, shape: s
     from trainers.grit.layer import lora_layers
     from trainers.grit.manager import GritManager
 
-
     files = random_llama(workdir / f"{shape}-shape", OVERHEAD_SHAPES[shape])
     params = check_params(files, "bfloat16" if device == "cuda" else "float32")
     params.lora = LoraParams(r=16, alpha=32, adapter_dtype=sizing.adapter_dtype)
