@@ -45,14 +45,13 @@ def build_arm(arm: str):
     from pipelines.gpu_check.overhead import random_lora_llama
     from tests.tiny_lora import VOCAB
     from trainers.grit import GritManager, GritParams
-    from trainers.grit.fused import attach_fused
-    from trainers.grit.layer import lora_layers
+    from trainers.grit.fused import attach_without_grit
 
     torch.manual_seed(0)
     model = random_lora_llama(30, 64, 128, 4, 2, VOCAB)
     manager = None if arm in ("lora", "fused_lora") else GritManager(model, GritParams(min_samples=8, capture=arm))
     if arm == "fused_lora":
-        attach_fused(model, {name: (layer, adapter) for name, layer, adapter in lora_layers(model)}, lambda key: None)
+        attach_without_grit(model)
     lora = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora, lr=1e-3)       # B leaves 0, so A's side can be inverted
     return model, manager, lora, optimizer

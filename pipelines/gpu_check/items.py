@@ -360,8 +360,7 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, shape: s
     LoRA arm is its own fused kernels, :meth:`Sizing.for_engine`)."""
     from trainers.engines import build_peft, build_unsloth
     from trainers.grit.doors import clip_gradients
-    from trainers.grit.fused import attach_fused
-    from trainers.grit.layer import lora_layers
+    from trainers.grit.fused import attach_without_grit
     from trainers.grit.manager import GritManager
 
     files = random_llama(workdir / f"{shape}-shape", OVERHEAD_SHAPES[shape])
@@ -385,8 +384,7 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, shape: s
     config = variant_grit(GritParams(capture=sizing.grit_capture), VariantParams(engine=engine, grit=True))
     manager = GritManager(model, config) if grit else None
     if not grit and sizing.for_engine(engine).lora_functions == "fused":
-        attach_fused(model, {name: (layer, adapter) for name, layer, adapter in lora_layers(model)},
-                     lambda _key: None, config.fused_lora_dtype)
+        attach_without_grit(model, config.fused_lora_dtype)
 
     mark = phase or (lambda _name: nullcontext())
 

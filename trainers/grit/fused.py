@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainers.grit.layer import lora_layers
+
 # A tap: called in backward with (u, dL/du) of one module as token rows, both [N, r], and the
 # leading shape of the module's input (whose product is N).
 Tap = Callable[[torch.Tensor, torch.Tensor, torch.Size], None]
@@ -290,3 +292,11 @@ def attach_fused(model: nn.Module, layers: dict[str, tuple[nn.Module, str]], tap
         _install(module, _swiglu_forward(keys, adapters, taps, lora_dtype), restore)
         fused.update({k: "swiglu" for k in keys})
     return FusedAttachment(fused, unfused, restore)
+
+
+def attach_without_grit(model: nn.Module, lora_dtype: str = "adapter") -> FusedAttachment:
+    """The fused functions on every LoRA layer of ``model``, with no tap: plain LoRA through the
+    same arithmetic GRIT's fused path runs (Unsloth-style LoRA), the baseline that leaves GRIT's
+    own cost alone."""
+    return attach_fused(model, {name: (layer, adapter) for name, layer, adapter in lora_layers(model)},
+                        lambda _key: None, lora_dtype)

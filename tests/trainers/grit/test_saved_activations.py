@@ -19,8 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipelines.gpu_check.overhead import LLAMA_PROJECTIONS, saved_activation_bytes
 from trainers.grit import GritManager, GritParams
-from trainers.grit.fused import attach_fused
-from trainers.grit.layer import lora_layers
+from trainers.grit.fused import attach_without_grit
 
 # (layers, hidden, intermediate, heads, kv heads, vocabulary)
 SHAPES = {"SmolLM2-135M": (30, 576, 1536, 9, 3, 49152), "Llama-3-8B": (32, 4096, 14336, 32, 8, 128256)}
@@ -44,8 +43,7 @@ def forward_saves(model) -> int:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_a_hybrid_grit_step_saves_what_unsloth_style_lora_saves(shape):
     model = meta_lora_llama(*SHAPES[shape])
-    lora = attach_fused(model, {name: (layer, adapter) for name, layer, adapter in lora_layers(model)},
-                        lambda key: None)
+    lora = attach_without_grit(model)
     assert not lora.unfused
     unsloth_style = forward_saves(model)
     lora.detach()
