@@ -140,8 +140,15 @@ def precondition_A(grad_A: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
 def graft(direction: torch.Tensor, magnitude_from: torch.Tensor) -> torch.Tensor:
     """``direction`` rescaled to the Frobenius norm of ``magnitude_from`` (0 stays 0). Branchless:
     a test of the norm on the host would wait for the device once per module and side."""
-    norm = direction.norm()
-    return torch.where(norm == 0, direction, direction * (magnitude_from.norm() / norm))
+    return direction * graft_scale(direction.norm(), magnitude_from.norm())
+
+
+def graft_scale(direction_norm: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """What grafting multiplies a direction by: ``magnitude / direction_norm``, and 1 where the
+    direction is 0 (which stays 0, sign included, where 0/0 would make it NaN). Chosen on the
+    norms, not on the grafted matrices: the same values bit for bit (x * 1 is x), one pass over
+    the gradients fewer."""
+    return (magnitude / direction_norm).masked_fill_(direction_norm == 0, 1.0)
 
 
 def precondition_batched(grads: torch.Tensor, inverses: torch.Tensor, side: str) -> torch.Tensor:
@@ -158,9 +165,8 @@ def graft_batched(directions: torch.Tensor, magnitudes_from: torch.Tensor) -> to
     """:func:`graft` of G matrices at once: each ``directions[g]`` rescaled to the Frobenius norm
     of ``magnitudes_from[g]`` (0 stays 0)."""
     dims = tuple(range(1, directions.dim()))
-    norms = torch.linalg.vector_norm(directions, dim=dims, keepdim=True)
-    scale = torch.linalg.vector_norm(magnitudes_from, dim=dims, keepdim=True) / norms
-    return torch.where(norms == 0, directions, directions * scale)
+    return directions * graft_scale(torch.linalg.vector_norm(directions, dim=dims, keepdim=True),
+                                    torch.linalg.vector_norm(magnitudes_from, dim=dims, keepdim=True))
 
 
 def stacked_norms(stacked: torch.Tensor) -> torch.Tensor:

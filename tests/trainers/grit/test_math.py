@@ -123,6 +123,20 @@ def test_graft_keeps_the_direction_and_takes_the_norm():
     assert torch.equal(gm.graft(torch.zeros(1, 2), raw), torch.zeros(1, 2))
 
 
+def test_batched_grafting_scales_each_matrix_by_its_norm_ratio_and_keeps_zero_matrices_as_they_are():
+    """Bit for bit ``direction * (raw norm / direction norm)`` per matrix, and a zero matrix
+    (negative zeros included) unchanged: the scale is chosen on the norms, so a 0/0 never reaches
+    a gradient."""
+    torch.manual_seed(0)
+    directions, raw = torch.randn(4, 5, 3), torch.randn(4, 5, 3)
+    directions[2] = -0.0
+    grafted = gm.graft_batched(directions, raw)
+    for g in (0, 1, 3):
+        assert torch.equal(grafted[g], directions[g] * (raw[g].norm() / directions[g].norm()))
+        assert torch.equal(gm.graft(directions[g], raw[g]), grafted[g])
+    assert torch.equal(grafted[2], directions[2]) and torch.signbit(grafted[2]).all()
+
+
 def test_batched_escalation_keeps_each_matrix_first_level_that_factorises_without_host_reads():
     """Every level is factorised at once and each matrix keeps its first success: bit for bit
     the one-by-one escalation, a non-finite factor is refused, and nothing is read on the host nor
