@@ -68,13 +68,16 @@ def test_grit_keeps_few_objects_alive_for_the_garbage_collector():
     u and what the hook leaves on u (6 objects on the hooks path, 2 on the fused one, which has
     no hook); with a record per module and a weak reference to it in the hook the hooks kept 8
     and the fused path 3, and GRIT's steps set off 2.87 young collections a step against LoRA's
-    1.83 (1.95 now). LoRA keeps none."""
+    1.83 (1.95 now). LoRA keeps none. The fused path's taps are made in each forward: as closures
+    (six tracked objects a module) they set off one young collection a step more than the same
+    functions without GRIT."""
     collected = {arm: capture_paths.collections_over(arm, steps=40) for arm in capture_paths.ARMS}
     assert collected["lora"]["held_after_backward"] <= 8, collected["lora"]
     assert collected["fused_lora"]["held_after_backward"] <= 8, collected["fused_lora"]
     assert 2 * MODULES <= collected["fused"]["held_after_backward"] <= 2.5 * MODULES, collected["fused"]
     assert 2 * MODULES <= collected["hooks"]["held_after_backward"] <= 6.5 * MODULES, collected["hooks"]
     assert collected["hooks"]["per_step"][0] <= collected["lora"]["per_step"][0] + 0.5, collected
+    assert collected["fused"]["per_step"][0] <= collected["fused_lora"]["per_step"][0] + 0.25, collected
 
 
 @pytest.mark.slow        # a few model steps per arm at SmolLM2's layout

@@ -16,6 +16,7 @@ and :meth:`GritManager.after_step`; the doors in ``doors.py`` call them)::
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections import OrderedDict
 from collections.abc import Collection
@@ -183,13 +184,16 @@ class GritManager:
         when backward reaches the module (None when this forward captures nothing)."""
         if not (self.capturing and torch.is_grad_enabled()):
             return None
-        state, forward_mask, forward_rows = self.modules[key], self._row_mask, self._row_count
+        # this forward's mask bound now (backward may follow another forward), in one partial: a
+        # closure was six objects the garbage collector tracks (its function, tuple and four cells)
+        # a module, 1,260 a forward on SmolLM2, which set off a young collection every step
+        return functools.partial(GritManager._stash_rows, self, self.modules[key], self._row_mask, self._row_count)
 
-        def tap(u: torch.Tensor, grad_u: torch.Tensor, lead: torch.Size) -> None:
-            mask, rows = row_weights(forward_mask, forward_rows, u, lead)
-            self._stash.add(state, u, mask, rows, grad_u)
-
-        return tap
+    def _stash_rows(self, state: ModuleState, forward_mask: torch.Tensor | None, forward_rows: Any,
+                    u: torch.Tensor, grad_u: torch.Tensor, lead: torch.Size) -> None:
+        """A tap's body: stash one module's rows u and dL/du with its forward's row weights."""
+        mask, rows = row_weights(forward_mask, forward_rows, u, lead)
+        self._stash.add(state, u, mask, rows, grad_u)
 
     def _remember_mask(self, _module, args, kwargs) -> None:
         mask = kwargs.get("attention_mask")
