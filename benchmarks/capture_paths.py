@@ -108,7 +108,8 @@ def counted_step(arm: str, counter: str, warmup: int = 4) -> dict[str, int]:
 def collections_over(arm: str, steps: int = 200, warmup: int = 4) -> dict[str, object]:
     """Python's garbage collections in ``steps`` steps of ``arm`` after ``warmup`` (counted, not
     timed: ``overhead.counting_collections``), and the objects the collector tracks that the
-    step holds after backward beyond what it held before the forward. GRIT's stash keeps u, the
+    step holds after backward beyond what it held before the forward (both counted after a full
+    collection, which also untracks what needs no tracking). GRIT's stash keeps u, the
     gradient at u and a record per module alive from the forward to its step: more collections
     of the young generations, and survivors that bring the full collection, which walks every
     object of the process, round sooner."""
@@ -127,6 +128,10 @@ def collections_over(arm: str, steps: int = 200, warmup: int = 4) -> dict[str, o
                 tracked = len(gc.get_objects())
             model(**data[k % len(data)]).loss.backward()        # nothing of the step held but GRIT's
             if k == warmup - 1:
+                # after a full collection, as before the step: what stays tracked, wherever the
+                # step's own young collections happened to fall (another thread's allocations
+                # move them, and with them which tuples the collector had untracked)
+                gc.collect()
                 held = len(gc.get_objects()) - tracked
             finish_step(manager, lora, optimizer)
     return {"per_step": [n / steps for n in tally.generations], "full": tally.generations[2], "steps": steps,
