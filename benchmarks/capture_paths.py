@@ -109,8 +109,8 @@ def collections_over(arm: str, steps: int = 200, warmup: int = 4) -> dict[str, o
     """Python's garbage collections in ``steps`` steps of ``arm`` after ``warmup`` (counted, not
     timed: ``overhead.counting_collections``), and the objects the collector tracks that the
     step holds after backward beyond what it held before the forward (both counted after a full
-    collection, which also untracks what needs no tracking). GRIT's stash keeps u, the
-    gradient at u and a record per module alive from the forward to its step: more collections
+    collection, which also untracks what needs no tracking). GRIT's stash keeps u and the
+    gradient at u of every module alive from the forward to its step: more collections
     of the young generations, and survivors that bring the full collection, which walks every
     object of the process, round sooner."""
     import gc

@@ -184,9 +184,10 @@ class GritManager:
         when backward reaches the module (None when this forward captures nothing)."""
         if not (self.capturing and torch.is_grad_enabled()):
             return None
-        # this forward's mask bound now (backward may follow another forward), in one partial: a
-        # closure was six objects the garbage collector tracks (its function, tuple and four cells)
-        # a module, 1,260 a forward on SmolLM2, which set off a young collection every step
+        # this forward's mask bound now (backward may follow another forward), in one partial of
+        # the plain function (a bound method would be a second object): a closure was six objects
+        # the garbage collector tracks (its function, tuple and four cells) a module, 1,260 a
+        # forward on SmolLM2, which set off a young collection every step
         return functools.partial(GritManager._stash_rows, self, self.modules[key], self._row_mask, self._row_count)
 
     def _stash_rows(self, state: ModuleState, forward_mask: torch.Tensor | None, forward_rows: Any,
