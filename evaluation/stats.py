@@ -252,12 +252,14 @@ def holm_adjust(p_values) -> list[float | None]:
 
 @dataclass(frozen=True)
 class SeedTest:
-    """A paired difference over training seeds: mean and t interval of the per-seed deltas, the
-    paired t (or sign) p-value, and its Holm adjustment within the family it was tested in."""
+    """A paired difference over training seeds: the mean of the deltas with its interval and
+    p-value (the paired t, or sign, test over seeds; the two-level bootstrap for per-prompt
+    deltas), and its Holm adjustment within the family it was tested in."""
 
     delta: Interval
     p_value: float
     p_adjusted: float | None
+    resamples: int | None = None    # the two-level bootstrap's draws; None for the paired t (or sign) test
 
     def significant(self, level: float = 0.05) -> bool:
         return self.p_adjusted is not None and self.p_adjusted < level
@@ -288,6 +290,15 @@ def two_level_bootstrap(differences: np.ndarray, resamples: int = 2000, level: f
     return Interval(float(d.mean()), float(low), float(high), n_seeds), min(1.0, 2 * min(below, above))
 
 
+def resolving_resamples(family: int, alpha: float, margin: float = 10.0) -> int:
+    """The fewest bootstrap resamples B whose smallest two-sided p-value, 2 / (B + 1), lies
+    ``margin`` times below Holm's smallest threshold, alpha / family. Below that a difference
+    every resample puts on one side of 0 still reads p = 2 / (B + 1), and Holm multiplies it by
+    the family's size: with B = 2,000 and 60 tests, 60 * 0.001 = 0.06, so no per-prompt
+    difference, however large, could be significant at 0.05 in the first rank."""
+    return max(1, math.ceil(2 * margin * family / alpha) - 1)
+
+
 def paired_over_seeds(deltas: Mapping[K, Sequence[float] | np.ndarray], level: float = 0.95,
                       resamples: int = 2000, seed: int = 0) -> dict[K, SeedTest]:
     """The one aggregation over seeds (evaluate, ``compare_all`` and the study): per key (what is
@@ -295,12 +306,24 @@ def paired_over_seeds(deltas: Mapping[K, Sequence[float] | np.ndarray], level: f
     p-value; Holm over the whole family, which is every key given. Per-seed differences (a
     sequence) get the Student-t interval and the paired t; per-seed-and-prompt differences (a
     [seeds, prompts] array) the two-level bootstrap over seeds and prompts. Keys with fewer than
-    two seeds get no test (NaN p, outside the family)."""
+    two seeds get no test (NaN p, outside the family).
+
+    A bootstrap test whose p-value from ``resamples`` draws is below alpha = 1 - ``level`` (only
+    those can pass Holm) is drawn again with enough resamples to resolve the family's smallest
+    threshold (:func:`resolving_resamples`); the same generator seed, so its first ``resamples``
+    draws are the same ones, and its interval and p-value are read from all of them."""
     tested: dict[K, tuple[Interval, float]] = {}
+    drawn: dict[K, int] = {}
     for key, values in deltas.items():
         if isinstance(values, np.ndarray) and values.ndim == 2:
-            tested[key] = two_level_bootstrap(values, resamples, level, seed)
+            tested[key], drawn[key] = two_level_bootstrap(values, resamples, level, seed), resamples
         else:
             tested[key] = (mean_over_seeds(values, level), paired_t_over_seeds(values))
+    family = sum(math.isfinite(p) for _, p in tested.values())
+    needed = resolving_resamples(family, 1 - level)
+    for key, count in drawn.items():
+        if tested[key][1] < 1 - level and needed > count:
+            tested[key], drawn[key] = two_level_bootstrap(deltas[key], needed, level, seed), needed
     adjusted = holm_adjust([p for _, p in tested.values()])
-    return {key: SeedTest(interval, p, a) for (key, (interval, p)), a in zip(tested.items(), adjusted, strict=True)}
+    return {key: SeedTest(interval, p, a, drawn.get(key))
+            for (key, (interval, p)), a in zip(tested.items(), adjusted, strict=True)}

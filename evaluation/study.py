@@ -71,9 +71,10 @@ class PairedTest:
     method: str
     control: str
     metric: str
-    delta: Interval          # mean over seeds of method - control, with its t interval
+    delta: Interval          # mean over seeds of method - control, with its interval
     p_value: float
     p_adjusted: float | None = None
+    resamples: int | None = None   # the two-level bootstrap's draws; None for the paired t over seeds
 
     def better(self) -> bool | None:
         """True / False when the method is significantly better / worse; None otherwise."""
@@ -138,7 +139,7 @@ def paired_tests(trials: Sequence[Trial], pairs: Sequence[tuple[str, str]], run_
                           if metric in ours[s].metrics and metric in theirs[s].metrics]
                 if len(values) >= 2:
                     deltas[(steps, method, control, metric)] = values
-    return [PairedTest(*key, t.delta, t.p_value, t.p_adjusted)
+    return [PairedTest(*key, t.delta, t.p_value, t.p_adjusted, t.resamples)
             for key, t in paired_over_seeds(deltas, level, resamples, seed).items()]
 
 

@@ -107,7 +107,10 @@ def test_table_rows(tests: Sequence[PairedTest]) -> list[list[str]]:
         better = t.better()
         return "n.s." if better is None else ("GRIT better" if better else "GRIT worse")
 
-    return [[str(t.steps), f"{t.method} vs {t.control}", get(t.metric).label, _interval(t.delta),
+    def test(t: PairedTest) -> str:
+        return "paired t" if t.resamples is None else f"bootstrap, {t.resamples:,} resamples"
+
+    return [[str(t.steps), f"{t.method} vs {t.control}", get(t.metric).label, _interval(t.delta), test(t),
              f"{t.p_value:.3g}", _number(t.p_adjusted, 3), judged(t)] for t in tests]
 
 
@@ -249,8 +252,11 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
           for b in run_lengths),
         "![test figures by run length](test_by_steps.png)\n\n![validation loss over steps](curves_by_steps.png)",
         "## Paired tests (pre-declared: over seeds, and over prompts for per-prompt figures; Holm over every row)\n\n"
-        + _table(["steps", "pair", "metric", "mean delta [95% CI]", "raw p", "Holm p", "verdict"],
-                 test_table_rows(tests)),
+        + _table(["steps", "pair", "metric", "mean delta [95% CI]", "test", "raw p", "Holm p", "verdict"],
+                 test_table_rows(tests))
+        + f"\n\nA per-prompt test draws {study.bootstrap_resamples:,} bootstrap resamples, and more where its "
+        "p-value falls below 0.05: enough that the smallest p-value they can give lies ten times below "
+        "Holm's smallest threshold (0.05 over the number of rows).",
         "## Trainable parameters at the end (mean over seeds)\n\n"
         + _table(["method", *(f"{b} steps" for b in run_lengths)], parameter_rows(trials, methods, run_lengths)),
         "## Compute (hours per run in its worker: training, evaluation and loading; summed over runs)\n\n"
@@ -292,7 +298,8 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
                                                         seed=study.seed)) for metric in endpoints()}
                     for m in study.methods for b in study.steps},
         "tests": [{"steps": t.steps, "method": t.method, "control": t.control, "metric": t.metric,
-                   "delta": plain(t.delta), "p": t.p_value, "p_holm": t.p_adjusted} for t in tests],
+                   "delta": plain(t.delta), "p": t.p_value, "p_holm": t.p_adjusted,
+                   "bootstrap_resamples": t.resamples} for t in tests],
         "compute_hours": {m: {k: v / 3600 for k, v in c.items()} for m, c in compute.items()},
         "compute_total_hours": sum(c["total"] for c in compute.values()) / 3600,
         "training_hours": sum(c["training"] for c in compute.values()) / 3600, "stage_hours": stage_seconds / 3600,

@@ -274,6 +274,11 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert capacity["grit_paper"] * 2 == capacity["peft_lora"]           # truncated from r 4 to k 2, then trained
     study_report = (repo / "reports/study/report.md").read_text()
     assert study["verdict"] in study_report and "Holm" in study_report and "pruner" in study_report
+    # each row names its test: the bootstrap's resamples for a per-prompt endpoint, none for the paired t
+    per_prompt = set(tested[0]["per_prompt"])
+    assert "retention_accuracy" in per_prompt and "test_loss" not in per_prompt
+    assert study["tests"] and all((t["bootstrap_resamples"] is None) == (t["metric"] not in per_prompt)
+                                  for t in study["tests"])
     # Compute counts each run's wall time (as the sittings do); training is the smaller part of it.
     assert study["compute_total_hours"] > study["training_hours"] > 0 and "of which training" in study_report
     assert study_report.count("the study widened it") == widened == sum("widened" in n for n in study["range_notes"])

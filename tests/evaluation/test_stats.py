@@ -171,3 +171,27 @@ def test_one_holm_family_mixes_seed_level_and_per_prompt_differences():
     assert tested["rate"].delta.n == 5 and tested["rate"].p_value < 0.01
     raw = sorted((t.p_value, k) for k, t in tested.items())
     assert tested[raw[0][1]].p_adjusted == pytest.approx(min(1.0, 3 * raw[0][0]))    # the whole family of 3
+
+
+def test_a_per_prompt_difference_every_resample_puts_above_zero_can_pass_holm_in_a_large_family():
+    """With 2,000 resamples a bootstrap p-value is at least 2/2001, and Holm over 60 rows makes it
+    0.06: a per-prompt difference no resample doubts could never be significant. It is drawn again
+    with enough resamples; a test that cannot pass Holm keeps its first draws."""
+    from evaluation.stats import paired_over_seeds, resolving_resamples, two_level_bootstrap
+
+    rng = np.random.default_rng(3)
+    clear = 0.3 + rng.normal(0, 0.05, (10, 100))            # every resample's mean is far above 0
+    null = rng.normal(0, 1, (10, 100))
+    null -= null.mean()
+    family = {"clear": clear, "null": null, **{f"seed-level {i}": list(rng.normal(0, 1, 10)) for i in range(58)}}
+    _, p_first = two_level_bootstrap(clear, 2000)
+    assert 60 * p_first > 0.05                               # what Holm made of it with the first draws alone
+
+    tested = paired_over_seeds(family, resamples=2000)
+    needed = resolving_resamples(60, 0.05)
+    assert needed == 23_999 and 2 / (needed + 1) * 60 == pytest.approx(0.005)
+    assert tested["clear"].resamples == needed and tested["clear"].significant()
+    assert tested["clear"].p_value == pytest.approx(2 / (needed + 1))
+    assert tested["null"].resamples == 2000
+    assert (tested["null"].delta, tested["null"].p_value) == two_level_bootstrap(null, 2000)
+    assert tested["seed-level 0"].resamples is None

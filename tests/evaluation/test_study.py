@@ -80,6 +80,7 @@ def test_per_prompt_figures_count_the_prompts_variance_too():
     assert per_prompt.delta.value == pytest.approx(over_seeds.delta.value, abs=1e-9)
     assert (per_prompt.delta.high - per_prompt.delta.low) > 2 * (over_seeds.delta.high - over_seeds.delta.low)
     assert over_seeds.p_value < 0.01 < per_prompt.p_value
+    assert per_prompt.resamples is not None and over_seeds.resamples is None      # each names its test
     interval = summary(trials, "grit", 8, "sampled_refusal_rate")
     assert 0 <= interval.low <= interval.value <= interval.high <= 1          # within the metric's range
 
