@@ -16,7 +16,8 @@ figures by the basic bootstrap's own p-value (the smallest level at which its in
 0), rates by the exact McNemar test on the discordant prompts, mean probabilities by the
 Wilcoxon signed-rank test on the per-prompt differences. A difference is significant when its
 Holm-adjusted p-value (over every metric and every pair of one seed) is below
-``significance``.
+``significance``; a bootstrap test that could pass is drawn with enough resamples to resolve
+Holm's smallest threshold (``compare``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from evaluation.stats import (
     mean_over_seeds,
     paired_over_seeds,
     resample_counts,
+    resolving_resamples,
     weighted_cluster_indices,
     wilson_interval,
 )
@@ -65,9 +67,10 @@ class ModelOutcomes:
         return {"chi": chi, "xb": xb, "separation": ratio, "aqi": aqi_from_arrays(chi, xb, gamma)}
 
 
-def _pair_weights(pairs: int, p: EvalParams) -> tuple[np.ndarray, np.ndarray]:
-    """(all pairs once, the bootstrap resamples): the same draws for every model (paired)."""
-    return np.ones((1, pairs)), resample_counts(pairs, p.bootstrap_resamples, p.seed)
+def _pair_weights(pairs: int, p: EvalParams, resamples: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(all pairs once, the bootstrap resamples): the same draws for every model (paired). More
+    ``resamples`` than ``p.bootstrap_resamples`` extend the same draws (same seed)."""
+    return np.ones((1, pairs)), resample_counts(pairs, resamples or p.bootstrap_resamples, p.seed)
 
 
 def intervals(m: ModelOutcomes, p: EvalParams) -> dict[str, Interval]:
@@ -129,30 +132,55 @@ def wilcoxon_p(differences: np.ndarray) -> float:
     return float(stats.wilcoxon(differences, zero_method="wilcox").pvalue)
 
 
-def compare(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams) -> list[PairedComparison]:
-    """``variant - reference`` on every compared metric, paired on the same prompts; ``significant``
-    here is the unadjusted verdict (``adjust_family`` replaces it)."""
+PAIRED_TESTS = {"rate": mcnemar_exact, "probability": lambda a, b: wilcoxon_p(a - b)}
+
+
+def tested_metrics(variant: ModelOutcomes, reference: ModelOutcomes) -> list[str]:
+    """What ``compare`` tests for this pair, in its order: every compared cluster figure, then
+    every compared per-prompt metric both models hold."""
+    return [*(m.name for m in compared_metrics("cluster")),
+            *(m.name for m in compared_metrics() if m.kind in PAIRED_TESTS
+              and m.name in variant.values and m.name in reference.values)]
+
+
+def cluster_comparisons(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams,
+                        resamples: int) -> list[PairedComparison]:
+    """``variant - reference`` on every compared cluster figure: basic bootstrap interval and
+    p-value over ``resamples`` resamples of the prompt pairs, the same for both models."""
     pairs = len(variant.states) // 2
-    full, resampled = _pair_weights(pairs, p)
+    full, resampled = _pair_weights(pairs, p, resamples)
     ours, theirs = variant.separation(full, p.gamma), reference.separation(full, p.gamma)
     ours_r, theirs_r = variant.separation(resampled, p.gamma), reference.separation(resampled, p.gamma)
     out = []
-    for metric in (m.name for m in compared_metrics("cluster")):
-        estimate, replicates = float(ours[metric][0] - theirs[metric][0]), ours_r[metric] - theirs_r[metric]
+    for m in compared_metrics("cluster"):
+        estimate, replicates = float(ours[m.name][0] - theirs[m.name][0]), ours_r[m.name] - theirs_r[m.name]
         delta = interval_from_replicates(estimate, replicates, pairs, p.confidence, "basic")
-        p_value = basic_bootstrap_p(estimate, replicates, p.bootstrap_resamples)
-        out.append(PairedComparison(metric, variant.name, reference.name, delta.value, delta.low, delta.high, p_value,
-                                    get(metric).test, p_value < p.significance, pairs))
-    tests = {"rate": mcnemar_exact, "probability": lambda a, b: wilcoxon_p(a - b)}
-    for m in compared_metrics():
-        if m.kind not in tests or m.name not in variant.values or m.name not in reference.values:
-            continue
-        metric, x, y, test_of, test = m.name, variant.values[m.name], reference.values[m.name], tests[m.kind], m.test
+        p_value = basic_bootstrap_p(estimate, replicates, resamples)
+        test = m.test if resamples == p.bootstrap_resamples else f"{m.test} ({resamples:,} resamples)"
+        out.append(PairedComparison(m.name, variant.name, reference.name, delta.value, delta.low, delta.high, p_value,
+                                    test, p_value < p.significance, pairs))
+    return out
+
+
+def compare(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams, family: int = 1) -> list[PairedComparison]:
+    """``variant - reference`` on every compared metric, paired on the same prompts; ``significant``
+    here is the unadjusted verdict (``adjust_family`` replaces it). ``family``: how many tests
+    Holm will adjust together with these. A cluster figure's bootstrap p-value cannot go below
+    2 / (R + 1), and Holm multiplies the smallest by the family's size (1,000 resamples and 48
+    tests: 0.002 can become 0.096), so one whose p-value is below ``p.significance`` is drawn again
+    with enough resamples (``stats.resolving_resamples``; the same first draws, then more)."""
+    out = cluster_comparisons(variant, reference, p, p.bootstrap_resamples)
+    needed = resolving_resamples(family, p.significance)
+    if needed > p.bootstrap_resamples and any(c.p_value < p.significance for c in out):
+        redrawn = {c.metric: c for c in cluster_comparisons(variant, reference, p, needed)}
+        out = [redrawn[c.metric] if c.p_value < p.significance else c for c in out]
+    for metric in tested_metrics(variant, reference)[len(out):]:
+        x, y, m = variant.values[metric], reference.values[metric], get(metric)
         d = bootstrap_ci(lambda idx, x=x, y=y: float(x[idx].mean() - y[idx].mean()), len(x), p.bootstrap_resamples,
                          p.confidence, p.seed)
-        p_value = test_of(x, y)
+        p_value = PAIRED_TESTS[m.kind](x, y)
         out.append(PairedComparison(metric, variant.name, reference.name, d.value, d.low, d.high, p_value,
-                                    test, p_value < p.significance, len(x)))
+                                    m.test, p_value < p.significance, len(x)))
     return out
 
 

@@ -140,16 +140,18 @@ def training_speed(root: Path, variant: str, seed: int) -> dict[str, float]:
 def paired_comparisons(params: Params, outcomes: dict) -> list[tuple[int, Any]]:
     """(seed, comparison) of every pair of every seed, named by variant (not replicate key);
     Holm's family is every metric of every pair of one seed."""
-    from evaluation.results import adjust_family, compare
+    from evaluation.results import adjust_family, compare, tested_metrics
 
     out = []
     for seed in params.train.seeds:
+        models = [(variant, reference, outcomes[model_key(variant, params, seed)],
+                   outcomes["base" if reference == "base" else model_key(reference, params, seed)])
+                  for variant, reference in comparison_pairs(params)]
+        size = sum(len(tested_metrics(ours, theirs)) for _, _, ours, theirs in models)
         family = []
-        for variant, reference in comparison_pairs(params):
-            ours = outcomes[model_key(variant, params, seed)]
-            theirs = outcomes["base" if reference == "base" else model_key(reference, params, seed)]
+        for variant, reference, ours, theirs in models:
             family += [dataclasses.replace(c, variant=variant, reference=reference)
-                       for c in compare(ours, theirs, params.eval)]
+                       for c in compare(ours, theirs, params.eval, size)]
         out += [(seed, c) for c in adjust_family(family, params.eval.significance)]
     return out
 

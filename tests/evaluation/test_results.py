@@ -7,7 +7,14 @@ import dataclasses
 import numpy as np
 
 from evaluation.config import EvalParams
-from evaluation.results import ModelOutcomes, adjust_family, basic_bootstrap_p, compare, intervals
+from evaluation.results import (
+    ModelOutcomes,
+    adjust_family,
+    basic_bootstrap_p,
+    cluster_comparisons,
+    compare,
+    intervals,
+)
 
 P = EvalParams(bootstrap_resamples=300)
 
@@ -77,3 +84,26 @@ def test_holm_judges_the_whole_family_so_a_lone_borderline_test_is_no_longer_sig
         assert after.p_adjusted >= after.p_value and after.significant == (after.p_adjusted < 0.05)
     borderline = [dataclasses.replace(raw[0], p_value=0.04), *[dataclasses.replace(raw[0], p_value=0.5)] * 3]
     assert not any(c.significant for c in adjust_family(borderline, 0.05))
+
+
+def test_a_cluster_difference_no_resample_doubts_survives_holm_in_a_large_family():
+    """With R resamples the bootstrap's p-value is at least 2 / (R + 1), and Holm multiplies the
+    smallest by the family's size: in the default run's 48 tests, 1,000 resamples made every
+    fine-tuned model's 1/XB gain over the base 'not significant' whatever its size. Such a test
+    is drawn again with enough resamples; one that cannot pass Holm keeps its first draws."""
+    base = outcomes("base", 0.5, np.array([False] * 30))
+    tuned = outcomes("tuned", 4.0, np.array([True] * 25 + [False] * 5))
+    first = {c.metric: c for c in cluster_comparisons(tuned, base, P, P.bootstrap_resamples)}
+    assert first["separation"].p_value == 2 / 301 and 48 * first["separation"].p_value > 0.05     # Holm: n.s.
+
+    rows = compare(tuned, base, P, family=48)
+    separation = next(c for c in rows if c.metric == "separation")
+    assert separation.p_value == 2 / 19_200
+    assert separation.test == "paired bootstrap over prompt pairs (19,199 resamples)"
+    assert separation.ci_low > 0 and separation.delta == first["separation"].delta
+    others = [dataclasses.replace(rows[-1], metric=f"other {i}", p_value=0.5) for i in range(48 - len(rows))]
+    judged = {c.metric: c for c in adjust_family(rows + others, 0.05)}
+    assert judged["separation"].significant and judged["separation"].p_adjusted <= 48 * 2 / 19_200
+
+    same = {c.metric: c for c in compare(base, base, P, family=48)}
+    assert same["separation"].p_value == 1.0 and same["separation"].test == "paired bootstrap over prompt pairs"
