@@ -46,6 +46,7 @@ from evaluation.stats import (
 )
 
 CLUSTER_FIGURES = ("aqi", "chi", "xb", "separation")    # every cluster figure, from the pooled states
+WEIGHT_ROWS = 4096      # resamples per block of the cluster indices (more than a run's usual 1,000: one block)
 
 
 @dataclass
@@ -60,8 +61,12 @@ class ModelOutcomes:
 
     def separation(self, weights: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
         """CHI, XB, the separation ratio 1/XB and the AQI-style index for each row of pair
-        weights (``weights[r, i]``: copies of pair i)."""
-        chi, xb = weighted_cluster_indices(self.states[0::2], self.states[1::2], weights)
+        weights (``weights[r, i]``: copies of pair i). In blocks of rows: a test drawn again
+        with tens of thousands of resamples would otherwise hold [resamples, hidden] sums at once
+        (over 1 GiB each at a hidden size of 4,096)."""
+        blocks = [weighted_cluster_indices(self.states[0::2], self.states[1::2], weights[i:i + WEIGHT_ROWS])
+                  for i in range(0, len(weights), WEIGHT_ROWS)]
+        chi, xb = (np.concatenate(parts) for parts in zip(*blocks, strict=True))
         with np.errstate(divide="ignore"):
             ratio = np.where(xb > 0, 1.0 / xb, np.inf)
         return {"chi": chi, "xb": xb, "separation": ratio, "aqi": aqi_from_arrays(chi, xb, gamma)}

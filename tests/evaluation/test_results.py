@@ -107,3 +107,16 @@ def test_a_cluster_difference_no_resample_doubts_survives_holm_in_a_large_family
 
     same = {c.metric: c for c in compare(base, base, P, family=48)}
     assert same["separation"].p_value == 1.0 and same["separation"].test == "paired bootstrap over prompt pairs"
+
+
+def test_cluster_figures_over_many_resamples_are_computed_in_blocks_with_the_same_values():
+    from evaluation.results import WEIGHT_ROWS
+    from evaluation.stats import resample_counts, weighted_cluster_indices
+
+    m = outcomes("tuned", 2.0, np.zeros(30, bool))
+    weights = resample_counts(40, WEIGHT_ROWS + 5, 0)
+    blocked = m.separation(weights, 0.5)
+    whole_chi, whole_xb = weighted_cluster_indices(m.states[0::2], m.states[1::2], weights)
+    assert blocked["chi"].shape == (WEIGHT_ROWS + 5,)
+    np.testing.assert_allclose(blocked["chi"], whole_chi, rtol=1e-12)
+    np.testing.assert_allclose(blocked["xb"], whole_xb, rtol=1e-12)
