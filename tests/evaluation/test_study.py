@@ -143,6 +143,20 @@ def test_the_compute_left_is_the_runs_left_at_the_pace_of_the_latest_trials():
     assert remaining_hours(finished, done_a) == 0
 
 
+def test_the_compute_left_prices_each_phase_at_its_own_pace_when_the_latest_trials_are_of_one_phase():
+    """Tuning steps cost more than test steps (the pruner's validation along the way). When the
+    latest trials are all test runs, the tuning runs left are priced at tuning's own pace."""
+    planned = planned_runs(configurations=4, finalists=1, finalist_seeds=1, seeds=2)
+
+    def run(phase, method, per_step):
+        return Trial(phase, method, 8, 0, {}, 1.0, train_seconds=per_step * 8, trial_seconds=per_step * 8)
+
+    done_a = [run("tune", "a", 6.0)] * 4 + [run("finalist", "a", 4.0)] * 2 + [run("test", "a", 2.0)] * 2
+    parts = study_progress(["a", "b"], [8], planned, done_a)
+    left = remaining_hours(parts, done_a, recent=2)                  # the latest two: test runs only
+    assert left * 3600 == pytest.approx(4 * 6.0 * 8 + 2 * 4.0 * 8 + 2 * 2.0 * 8)     # part (b, 8), each at its pace
+
+
 def test_the_pages_say_how_far_the_ledgers_study_is():
     from evaluation.study_report import ledger_parts_table, ledger_progress
 
