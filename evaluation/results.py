@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evaluation.config import EvalParams
-from evaluation.metrics import compared_metrics, get, within_range
+from evaluation.metrics import Metric, compared_metrics, get, within_range
 from evaluation.stats import (
     Interval,
     aqi_from_arrays,
@@ -140,12 +140,16 @@ def wilcoxon_p(differences: np.ndarray) -> float:
 PAIRED_TESTS = {"rate": mcnemar_exact, "probability": lambda a, b: wilcoxon_p(a - b)}
 
 
+def per_prompt_metrics(variant: ModelOutcomes, reference: ModelOutcomes) -> list[Metric]:
+    """The compared per-prompt metrics both models hold, each with a paired test of its kind."""
+    return [m for m in compared_metrics() if m.kind in PAIRED_TESTS
+            and m.name in variant.values and m.name in reference.values]
+
+
 def tested_metrics(variant: ModelOutcomes, reference: ModelOutcomes) -> list[str]:
-    """What ``compare`` tests for this pair, in its order: every compared cluster figure, then
-    every compared per-prompt metric both models hold."""
-    return [*(m.name for m in compared_metrics("cluster")),
-            *(m.name for m in compared_metrics() if m.kind in PAIRED_TESTS
-              and m.name in variant.values and m.name in reference.values)]
+    """What ``compare`` tests for this pair: every compared cluster figure and every per-prompt
+    metric of :func:`per_prompt_metrics` (the size of Holm's family is counted from it)."""
+    return [m.name for m in [*compared_metrics("cluster"), *per_prompt_metrics(variant, reference)]]
 
 
 def cluster_comparisons(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams,
@@ -179,8 +183,8 @@ def compare(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams, fam
     if needed > p.bootstrap_resamples and any(c.p_value < p.significance for c in out):
         redrawn = {c.metric: c for c in cluster_comparisons(variant, reference, p, needed)}
         out = [redrawn[c.metric] if c.p_value < p.significance else c for c in out]
-    for metric in tested_metrics(variant, reference)[len(out):]:
-        x, y, m = variant.values[metric], reference.values[metric], get(metric)
+    for m in per_prompt_metrics(variant, reference):
+        metric, x, y = m.name, variant.values[m.name], reference.values[m.name]
         d = bootstrap_ci(lambda idx, x=x, y=y: float(x[idx].mean() - y[idx].mean()), len(x), p.bootstrap_resamples,
                          p.confidence, p.seed)
         p_value = PAIRED_TESTS[m.kind](x, y)
