@@ -44,7 +44,7 @@ from db.config import StoreParams
 from db.models import Comparison, EvalMetric, Run, SpeedMetric
 from db.store import open_store, sqlite_file
 from evaluation.config import EvalParams
-from evaluation.metrics import REGISTRY, Metric, get, model_metrics, within_range
+from evaluation.metrics import REGISTRY, Metric, derived_keys, get, model_metrics, within_range
 from evaluation.stats import finite_or_none, mean_over_seeds, paired_over_seeds
 from export.config import ExportParams, ServeParams
 
@@ -134,7 +134,8 @@ class RunTables:
         if all(len(rows) == 1 for rows in groups.values()):
             return [Difference(c.variant, c.reference, c.metric, c.delta, c.ci_low, c.ci_high, c.p_value, c.test,
                                c.significant, 1, c.p_adjusted) for (c,) in groups.values()]
-        tests = paired_over_seeds({key: [c.delta for c in rows] for key, rows in groups.items()}, self.confidence)
+        deltas = {key: [c.delta for c in rows] for key, rows in groups.items()}
+        tests = paired_over_seeds(deltas, self.confidence, follows=derived_keys(deltas))
         return [Difference(*key, t.delta.value, t.delta.low, t.delta.high, t.p_value,
                            f"paired t over {t.delta.n} seeds", t.significant(self.significance), t.delta.n,
                            t.p_adjusted)
@@ -290,8 +291,11 @@ def _strength(c: Difference) -> float:
 def summary_line(tables: RunTables) -> str:
     """One plain sentence, weighing each GRIT-vs-control difference by its size and its
     uncertainty: only differences significant after Holm's adjustment and larger than the
-    negligible bound decide the headline, strongest first, each with its interval."""
+    negligible bound decide the headline, strongest first, each with its interval. A figure that
+    is a function of another (the AQI-style index of 1/XB) is named once, by its source."""
     rows = [c for c in tables.differences if tables.is_control_pair(c) and _shown(c.metric)]
+    followers = derived_keys((c.variant, c.reference, c.metric) for c in rows)
+    rows = [c for c in rows if (c.variant, c.reference, c.metric) not in followers]
     if not rows:
         return "No GRIT variant with a same-engine control in this run."
     decided = sorted((c for c in rows if verdict(tables, c) in ("GRIT better", "GRIT worse")), key=_strength,
@@ -385,8 +389,8 @@ def criteria_rows(tables: RunTables) -> list[list[str]]:
 
 
 def legend(tables: RunTables) -> str:
-    holm = ("significance is judged on Holm-adjusted p-values over every metric of every pair, "
-            f"at {tables.significance:g}")
+    holm = ("significance is judged on Holm-adjusted p-values over every distinct finding of every pair "
+            f"(AQI-style takes 1/XB's), at {tables.significance:g}")
     if tables.n_seeds > 1:
         return (f"Cells: mean over {tables.n_seeds} training seeds [95% Student-t interval across seeds] and Δ vs "
                 f"base; `*` = significant (paired t-test over seeds; {holm}).")

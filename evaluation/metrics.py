@@ -179,6 +179,18 @@ def distinct(metrics: Iterable[Metric]) -> list[Metric]:
     return [m for m in metrics if m.derived_from not in names]
 
 
+def derived_keys(keys: Iterable[tuple[str, ...]]) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Keys ``(..., metric)`` whose metric is a function of another metric with the same prefix
+    (the same pair of models) -> that key: one finding, tested once (``stats.holm_adjust_distinct``)."""
+    keys = set(keys)
+    out = {}
+    for key in keys:
+        source = REGISTRY[key[-1]].derived_from if key[-1] in REGISTRY else None
+        if source is not None and (*key[:-1], source) in keys:
+            out[key] = (*key[:-1], source)
+    return out
+
+
 def compared_metrics(kind: Kind | None = None) -> list[Metric]:
     return [m for m in METRICS if m.compared and (kind is None or m.kind == kind)]
 

@@ -15,9 +15,9 @@ Tests, each giving a p-value so the whole family can be adjusted (``adjust_famil
 figures by the basic bootstrap's own p-value (the smallest level at which its interval excludes
 0), rates by the exact McNemar test on the discordant prompts, mean probabilities by the
 Wilcoxon signed-rank test on the per-prompt differences. A difference is significant when its
-Holm-adjusted p-value (over every metric and every pair of one seed) is below
-``significance``; a bootstrap test that could pass is drawn with enough resamples to resolve
-Holm's smallest threshold (``compare``).
+Holm-adjusted p-value (over every distinct finding and every pair of one seed; the AQI-style
+index, a function of 1/XB, takes 1/XB's verdict) is below ``significance``; a bootstrap test
+that could pass is drawn with enough resamples to resolve Holm's smallest threshold (``compare``).
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evaluation.config import EvalParams
-from evaluation.metrics import Metric, compared_metrics, get, within_range
+from evaluation.metrics import Metric, compared_metrics, derived_keys, distinct, get, within_range
 from evaluation.stats import (
     Interval,
     aqi_from_arrays,
     bootstrap_ci,
     finite_or_none,
-    holm_adjust,
+    holm_adjust_distinct,
     interval_from_replicates,
     mcnemar_exact,
     mean_over_seeds,
@@ -147,9 +147,10 @@ def per_prompt_metrics(variant: ModelOutcomes, reference: ModelOutcomes) -> list
 
 
 def tested_metrics(variant: ModelOutcomes, reference: ModelOutcomes) -> list[str]:
-    """What ``compare`` tests for this pair: every compared cluster figure and every per-prompt
-    metric of :func:`per_prompt_metrics` (the size of Holm's family is counted from it)."""
-    return [m.name for m in [*compared_metrics("cluster"), *per_prompt_metrics(variant, reference)]]
+    """The distinct findings ``compare`` tests for this pair: every compared cluster figure and
+    every per-prompt metric of :func:`per_prompt_metrics`, less those that are a function of
+    another (the AQI-style index of 1/XB). The size of Holm's family is counted from it."""
+    return [m.name for m in distinct([*compared_metrics("cluster"), *per_prompt_metrics(variant, reference)])]
 
 
 def cluster_comparisons(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams,
@@ -194,11 +195,15 @@ def compare(variant: ModelOutcomes, reference: ModelOutcomes, p: EvalParams, fam
 
 
 def adjust_family(comparisons: list[PairedComparison], significance: float) -> list[PairedComparison]:
-    """Holm over the family (every metric x every pair, of one seed): each comparison gets its
-    adjusted p-value, and significance is judged on it."""
-    adjusted = holm_adjust([c.p_value for c in comparisons])
-    return [dataclasses.replace(c, p_adjusted=a, significant=a is not None and a < significance)
-            for c, a in zip(comparisons, adjusted, strict=True)]
+    """Holm over the family (every distinct finding x every pair, of one seed): each comparison
+    gets its adjusted p-value, and significance is judged on it. A figure that is a function of
+    another (the AQI-style index of 1/XB) is one finding with it: outside the family, with its
+    source's adjusted p-value and verdict."""
+    index = {(c.variant, c.reference, c.metric): i for i, c in enumerate(comparisons)}
+    follows = {index[key]: index[source] for key, source in derived_keys(index).items()}
+    adjusted = holm_adjust_distinct(dict(enumerate(c.p_value for c in comparisons)), follows)
+    return [dataclasses.replace(c, p_adjusted=adjusted[i], significant=adjusted[i] is not None
+                                and adjusted[i] < significance) for i, c in enumerate(comparisons)]
 
 
 def across_seeds(figures: dict[str, dict[str, Interval]], members: dict[str, list[str]],
@@ -219,7 +224,7 @@ def across_seeds(figures: dict[str, dict[str, Interval]], members: dict[str, lis
     deltas: dict[tuple[str, str, str], list[float]] = {}
     for c in comparisons:
         deltas.setdefault((c.variant, c.reference, c.metric), []).append(c.delta)
-    for (variant, reference, metric), t in paired_over_seeds(deltas, level).items():
+    for (variant, reference, metric), t in paired_over_seeds(deltas, level, follows=derived_keys(deltas)).items():
         out["comparisons"].append({"variant": variant, "reference": reference, "metric": metric, "delta": t.delta.value,
                                    "ci": bounds(t.delta), "p_value": finite_or_none(t.p_value),
                                    "p_adjusted": finite_or_none(t.p_adjusted),

@@ -250,6 +250,18 @@ def holm_adjust(p_values) -> list[float | None]:
     return adjusted
 
 
+def holm_adjust_distinct(p_values: Mapping[K, float], follows: Mapping[K, K] | None = None) -> dict[K, float | None]:
+    """Holm over the distinct findings among ``p_values``: a key in ``follows`` measures a
+    monotone function of its leader's figure (the AQI-style index of 1/XB), so it is one finding
+    with its leader, not a second one. It stays outside the family (counting it would make Holm
+    stricter on every other test for a finding already counted) and takes its leader's adjusted
+    p-value; its own raw p-value is still shown. A follower whose leader is absent is in the family."""
+    follows = {k: lead for k, lead in (follows or {}).items() if k in p_values and lead in p_values}
+    family = [k for k in p_values if k not in follows]
+    adjusted = dict(zip(family, holm_adjust([p_values[k] for k in family]), strict=True))
+    return {k: adjusted[follows.get(k, k)] for k in p_values}
+
+
 @dataclass(frozen=True)
 class SeedTest:
     """A paired difference over training seeds: the mean of the deltas with its interval and
@@ -300,13 +312,15 @@ def resolving_resamples(family: int, alpha: float, margin: float = 10.0) -> int:
 
 
 def paired_over_seeds(deltas: Mapping[K, Sequence[float] | np.ndarray], level: float = 0.95,
-                      resamples: int = 2000, seed: int = 0) -> dict[K, SeedTest]:
+                      resamples: int = 2000, seed: int = 0,
+                      follows: Mapping[K, K] | None = None) -> dict[K, SeedTest]:
     """The one aggregation over seeds (evaluate, ``compare_all`` and the study): per key (what is
     compared, e.g. (variant, reference, metric)), the paired differences' mean, interval and
     p-value; Holm over the whole family, which is every key given. Per-seed differences (a
     sequence) get the Student-t interval and the paired t; per-seed-and-prompt differences (a
     [seeds, prompts] array) the two-level bootstrap over seeds and prompts. Keys with fewer than
-    two seeds get no test (NaN p, outside the family).
+    two seeds get no test (NaN p, outside the family). ``follows``: keys that are one finding
+    with another key (:func:`holm_adjust_distinct`), outside the family.
 
     A bootstrap test whose p-value from ``resamples`` draws is below alpha = 1 - ``level`` (only
     those can pass Holm) is drawn again with enough resamples to resolve the family's smallest
@@ -319,11 +333,11 @@ def paired_over_seeds(deltas: Mapping[K, Sequence[float] | np.ndarray], level: f
             tested[key], drawn[key] = two_level_bootstrap(values, resamples, level, seed), resamples
         else:
             tested[key] = (mean_over_seeds(values, level), paired_t_over_seeds(values))
-    family = sum(math.isfinite(p) for _, p in tested.values())
+    outside = set(follows or {})
+    family = sum(math.isfinite(p) for key, (_, p) in tested.items() if key not in outside)
     needed = resolving_resamples(family, 1 - level)
     for key, count in drawn.items():
         if tested[key][1] < 1 - level and needed > count:
             tested[key], drawn[key] = two_level_bootstrap(deltas[key], needed, level, seed), needed
-    adjusted = holm_adjust([p for _, p in tested.values()])
-    return {key: SeedTest(interval, p, a, drawn.get(key))
-            for (key, (interval, p)), a in zip(tested.items(), adjusted, strict=True)}
+    adjusted = holm_adjust_distinct({key: p for key, (_, p) in tested.items()}, follows)
+    return {key: SeedTest(interval, p, adjusted[key], drawn.get(key)) for key, (interval, p) in tested.items()}

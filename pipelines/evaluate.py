@@ -139,7 +139,7 @@ def training_speed(root: Path, variant: str, seed: int) -> dict[str, float]:
 
 def paired_comparisons(params: Params, outcomes: dict) -> list[tuple[int, Any]]:
     """(seed, comparison) of every pair of every seed, named by variant (not replicate key);
-    Holm's family is every metric of every pair of one seed."""
+    Holm's family is every distinct finding of every pair of one seed."""
     from evaluation.results import adjust_family, compare, tested_metrics
 
     out = []

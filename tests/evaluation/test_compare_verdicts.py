@@ -46,6 +46,17 @@ def test_a_significant_but_tiny_aqi_gain_does_not_outweigh_a_large_refusal_loss(
     assert "decline_probability -0.400 [-0.4800, -0.3200]" in line and "significant but negligible: aqi" in line
 
 
+def test_the_summary_names_a_1_xb_finding_once_not_again_as_the_aqi_style_index():
+    """The AQI-style index is a function of 1/XB: a significant separation gain is one finding."""
+    metrics = {("peft_lora", "separation"): _figure(0.30), ("pure_grit", "separation"): _figure(0.36)}
+    tables = _tables([
+        _comparison("separation", "pure_grit", "peft_lora", 0.06, 0.03, 0.09, 1e-4, True),
+        _comparison("aqi", "pure_grit", "peft_lora", 0.04, 0.02, 0.06, 1e-4, True)], metrics=metrics)
+    line = summary_line(tables)
+    assert line.startswith("GRIT beats plain LoRA where listed") and "separation +0.060" in line
+    assert "aqi" not in line
+
+
 def test_without_a_decisive_difference_the_summary_says_so():
     tables = _tables([_comparison("decline_probability", "pure_grit", "peft_lora", 0.08, -0.01, 0.17, 0.09, False)])
     line = summary_line(tables)

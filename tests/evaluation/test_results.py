@@ -86,6 +86,29 @@ def test_holm_judges_the_whole_family_so_a_lone_borderline_test_is_no_longer_sig
     assert not any(c.significant for c in adjust_family(borderline, 0.05))
 
 
+def test_the_aqi_style_index_takes_the_verdict_of_1_xb_and_is_not_counted_in_holms_family():
+    """The AQI-style index is a monotone function of 1/XB (docs/metrics.md): one finding. Holm's
+    family counts 1/XB alone, and the index shows its own interval and raw p-value beside 1/XB's
+    adjusted p-value and verdict."""
+    from evaluation.results import tested_metrics
+    from evaluation.stats import holm_adjust
+
+    base = outcomes("base", 0.5, np.array([False] * 30))
+    tuned = outcomes("tuned", 4.0, np.array([True] * 25 + [False] * 5))
+    raw = compare(tuned, base, P)
+    assert {c.metric for c in raw} >= {"aqi", "separation"}
+    assert "aqi" not in tested_metrics(tuned, base) and "separation" in tested_metrics(tuned, base)
+    judged = {c.metric: c for c in adjust_family(raw, 0.05)}
+    assert judged["aqi"].p_adjusted == judged["separation"].p_adjusted
+    assert judged["aqi"].significant == judged["separation"].significant
+    assert judged["aqi"].p_value == next(c.p_value for c in raw if c.metric == "aqi")
+    distinct = sorted(c.p_value for c in raw if c.metric != "aqi")
+    assert min(c.p_adjusted for c in judged.values()) == min(1.0, len(distinct) * distinct[0])
+    other_pair = [dataclasses.replace(c, variant="other") for c in raw if c.metric != "separation"]
+    alone = adjust_family(other_pair, 0.05)       # without 1/XB in its pair the index is tested itself
+    assert [c.p_adjusted for c in alone] == holm_adjust([c.p_value for c in other_pair])
+
+
 def test_a_cluster_difference_no_resample_doubts_survives_holm_in_a_large_family():
     """With R resamples the bootstrap's p-value is at least 2 / (R + 1), and Holm multiplies the
     smallest by the family's size: in the default run's 48 tests, 1,000 resamples made every

@@ -141,6 +141,34 @@ def test_holm_adjusts_the_family_step_down_and_skips_missing_p_values():
     assert holm_adjust([0.9, 0.8]) == [1.0, 1.0]      # 0.8 * 2 capped at 1, then kept monotone
 
 
+def test_a_figure_that_is_a_function_of_another_is_one_finding_outside_holms_family():
+    """The AQI-style index is a monotone function of 1/XB: counted as a second test it would
+    multiply every other first-rank p-value by one more for nothing new. It takes its source's
+    adjusted p-value; without its source it is an ordinary member."""
+    from evaluation.stats import holm_adjust, holm_adjust_distinct
+
+    p = {"separation": 0.01, "aqi": 0.012, "refusal": 0.02}
+    adjusted = holm_adjust_distinct(p, {"aqi": "separation"})
+    assert adjusted["separation"] == pytest.approx(0.02) and adjusted["refusal"] == pytest.approx(0.02)   # family of 2
+    assert adjusted["aqi"] == adjusted["separation"]
+    assert holm_adjust(list(p.values()))[0] == pytest.approx(0.03)       # counted twice: a family of 3
+    alone = holm_adjust_distinct({"aqi": 0.012, "refusal": 0.02}, {"aqi": "separation"})
+    assert alone["aqi"] == pytest.approx(0.024)
+
+
+def test_over_seeds_a_follower_takes_its_sources_verdict_and_does_not_enlarge_the_family():
+    from evaluation.stats import paired_over_seeds
+
+    family = {("v", "r", "separation"): [0.10, 0.11, 0.09, 0.10, 0.12],
+              ("v", "r", "aqi"): [0.01, 0.012, 0.009, 0.01, 0.011],
+              ("v", "r", "rate"): [0.01, -0.02, 0.0, 0.015, -0.01]}
+    tested = paired_over_seeds(family, follows={("v", "r", "aqi"): ("v", "r", "separation")})
+    sep, rate = tested[("v", "r", "separation")], tested[("v", "r", "rate")]
+    assert tested[("v", "r", "aqi")].p_adjusted == sep.p_adjusted
+    assert sep.p_adjusted == pytest.approx(min(1.0, 2 * sep.p_value))     # the distinct family is 2, not 3
+    assert rate.p_adjusted == pytest.approx(max(sep.p_adjusted, rate.p_value))
+
+
 def test_the_two_level_bootstrap_counts_seeds_and_prompts_and_covers_about_95_percent():
     from evaluation.stats import two_level_bootstrap
 
