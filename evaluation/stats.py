@@ -333,7 +333,7 @@ def paired_over_seeds(deltas: Mapping[K, Sequence[float] | np.ndarray], level: f
             tested[key], drawn[key] = two_level_bootstrap(values, resamples, level, seed), resamples
         else:
             tested[key] = (mean_over_seeds(values, level), paired_t_over_seeds(values))
-    outside = set(follows or {})
+    outside = {key for key, lead in (follows or {}).items() if key in tested and lead in tested}   # as Holm counts
     family = sum(math.isfinite(p) for key, (_, p) in tested.items() if key not in outside)
     needed = resolving_resamples(family, 1 - level)
     for key, count in drawn.items():

@@ -167,6 +167,10 @@ def test_over_seeds_a_follower_takes_its_sources_verdict_and_does_not_enlarge_th
     assert tested[("v", "r", "aqi")].p_adjusted == sep.p_adjusted
     assert sep.p_adjusted == pytest.approx(min(1.0, 2 * sep.p_value))     # the distinct family is 2, not 3
     assert rate.p_adjusted == pytest.approx(max(sep.p_adjusted, rate.p_value))
+    orphan = paired_over_seeds({k: v for k, v in family.items() if k[2] != "separation"},
+                               follows={("v", "r", "aqi"): ("v", "r", "separation")})
+    aqi = orphan[("v", "r", "aqi")]                  # its source absent: an ordinary member of a family of 2
+    assert aqi.p_adjusted == pytest.approx(min(1.0, 2 * aqi.p_value))
 
 
 def test_the_two_level_bootstrap_counts_seeds_and_prompts_and_covers_about_95_percent():
