@@ -19,7 +19,7 @@ mean, k = 2 clusters.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -256,10 +256,16 @@ def holm_adjust_distinct(p_values: Mapping[K, float], follows: Mapping[K, K] | N
     with its leader, not a second one. It stays outside the family (counting it would make Holm
     stricter on every other test for a finding already counted) and takes its leader's adjusted
     p-value; its own raw p-value is still shown. A follower whose leader is absent is in the family."""
-    follows = {k: lead for k, lead in (follows or {}).items() if k in p_values and lead in p_values}
-    family = [k for k in p_values if k not in follows]
+    family = distinct_family(p_values, follows)
     adjusted = dict(zip(family, holm_adjust([p_values[k] for k in family]), strict=True))
-    return {k: adjusted[follows.get(k, k)] for k in p_values}
+    return {k: adjusted[k] if k in adjusted else adjusted[follows[k]] for k in p_values}
+
+
+def distinct_family(keys: Iterable[K], follows: Mapping[K, K] | None = None) -> list[K]:
+    """The keys Holm counts: all but those that follow another key present among them."""
+    keys = list(keys)
+    present = set(keys)
+    return [k for k in keys if not (k in (follows or {}) and follows[k] in present)]
 
 
 @dataclass(frozen=True)
@@ -333,8 +339,7 @@ def paired_over_seeds(deltas: Mapping[K, Sequence[float] | np.ndarray], level: f
             tested[key], drawn[key] = two_level_bootstrap(values, resamples, level, seed), resamples
         else:
             tested[key] = (mean_over_seeds(values, level), paired_t_over_seeds(values))
-    outside = {key for key, lead in (follows or {}).items() if key in tested and lead in tested}   # as Holm counts
-    family = sum(math.isfinite(p) for key, (_, p) in tested.items() if key not in outside)
+    family = sum(math.isfinite(tested[key][1]) for key in distinct_family(tested, follows))    # as Holm counts
     needed = resolving_resamples(family, 1 - level)
     for key, count in drawn.items():
         if tested[key][1] < 1 - level and needed > count:
