@@ -5,7 +5,8 @@ at a time. A worker claims a part nobody holds, beats while it runs it, and mark
 whose worker has not beaten for ``stale_after`` seconds (the worker was killed, or its machine
 went away) is claimed by the next worker that looks, which resumes it from the store. Claims are
 taken in a serialised transaction, so two workers never both win one part, on SQLite or on a
-PostgreSQL store that several machines share.
+PostgreSQL store that several machines share. The same claims serve a part's fixed runs (its
+finalist and test runs, one claim each), so that idle workers share them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from db.store import ResultsStore, serialise, utcnow
 
 
 def claim_cell(store: ResultsStore, run_id: str, cell: str, worker: str, stale_after: float) -> bool:
-    """Whether ``worker`` now holds ``cell``: nobody held it, it held it already, or its holder
+    """Whether ``worker`` now holds ``cell`` (a part or one run): nobody held it, it held it already, or its holder
     stopped beating ``stale_after`` seconds ago. A done part is never claimed again."""
     now = utcnow()
     with store.transaction() as session:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -86,6 +87,7 @@ class Sitting:
     deadline: float | None = None
     worker: str | None = None            # a study worker's name (host:pid); None: the study stage itself
     workers: int = 1                     # local study workers this sitting runs (said again in its end message)
+    stale_after: float = 120.0           # a claim whose worker has not beaten for this long is free again
 
     def over(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
@@ -274,13 +276,61 @@ def run_job(sitting: Sitting, job: dict) -> None:
 
 
 def run_fixed(sitting: Sitting, specs: list[dict]) -> None:
-    """Run the fixed trials of ``specs`` the store does not hold yet, one worker per method."""
+    """Run the fixed trials of ``specs`` the store does not hold yet: the study stage itself in
+    one worker process per method; a study worker run by run, each run claimed, so that a
+    worker with no part of its own left takes runs of a part another worker holds."""
     done = {identity(t) for t in recorded_trials(sitting.ctx)}
     todo = [{**spec, "position": f"{n + 1}/{len(specs)}"} for n, spec in enumerate(specs) if identity(spec) not in done]
     if specs and len(todo) < len(specs):
         print(f"[study] {len(specs) - len(todo)} of {len(specs)} {specs[0]['phase']} runs already recorded")
+    if sitting.worker is not None:
+        run_claimed(sitting, todo)
+        return
     for method in dict.fromkeys(spec["method"] for spec in todo):
         run_job(sitting, {"kind": "runs", "method": method, "runs": [s for s in todo if s["method"] == method]})
+
+
+def run_claim(spec: dict) -> str:
+    """The name of the claim on one fixed run (a finalist or test run) of a part."""
+    setting = hashlib.sha256(setting_key(spec["setting"]).encode()).hexdigest()[:12]
+    return f"{spec['method']}/{spec['steps']}/{spec['phase']}/{spec['seed']}/{setting}"
+
+
+def tuned_claim(method: str, steps: int) -> str:
+    """Done once the part's tuning is: from then on its runs are fixed, and any worker may take them."""
+    return f"{method}/{steps}/tuned"
+
+
+def run_claimed(sitting: Sitting, todo: list[dict]) -> None:
+    """A study worker's share of ``todo``: it claims a run nobody holds, trains it, and goes on
+    until every run of ``todo`` is recorded, whoever trained it (a selection or a report needs
+    them all)."""
+    ctx = sitting.ctx
+
+    def left() -> list[dict]:
+        done = {identity(t) for t in recorded_trials(ctx)}
+        return [spec for spec in todo if identity(spec) not in done]
+
+    def recorded(spec: dict) -> bool:
+        return identity(spec) in {identity(t) for t in recorded_trials(ctx)}
+
+    while runs := left():
+        spec = next((s for s in runs if claim_cell(ctx.store, ctx.run_id, run_claim(s), sitting.worker,
+                                                   sitting.stale_after)), None)
+        if spec is None:                  # the rest is in training on other workers: wait for it
+            stop_if_over(sitting)
+            time.sleep(min(10.0, sitting.stale_after / 4))
+            continue
+        name = run_claim(spec)
+        try:
+            if not recorded(spec):        # not recorded by another worker between the look and the claim
+                with Heartbeat(ctx.store, ctx.run_id, name, sitting.worker, every=sitting.stale_after / 4):
+                    run_job(sitting, {"kind": "runs", "method": spec["method"], "runs": [spec]})
+        finally:
+            if not recorded(spec):
+                release_cell(ctx.store, ctx.run_id, name, sitting.worker)    # the sitting ended first
+            else:
+                finish_cell(ctx.store, ctx.run_id, name, sitting.worker)
 
 
 def tuned(ctx: StageContext, method: str, steps: int) -> list[Trial]:
@@ -370,12 +420,20 @@ def study_cells(params: Params) -> list[tuple[str, int]]:
 def run_cell(sitting: Sitting, method: str, steps: int) -> tuple[list[str], dict[str, float]]:
     """Tune ``method`` at ``steps``, choose its setting on the selection seeds, run its test seeds;
     returns the range notes and the chosen setting. Whatever the store holds is not run again."""
-    params = sitting.ctx.params
     notes = tune_method(sitting, method, steps)
+    if sitting.worker is not None:
+        settle_cell(sitting.ctx.store, sitting.ctx.run_id, tuned_claim(method, steps), sitting.worker)
+    more, setting = select_and_test(sitting, method, steps)
+    return notes + more, setting
+
+
+def select_and_test(sitting: Sitting, method: str, steps: int) -> tuple[list[str], dict[str, float]]:
+    """The fixed runs of a tuned part: its finalists, its choice, its test seeds."""
+    params = sitting.ctx.params
     setting = choose_setting(sitting, method, steps)
-    notes += [f"{method} at {steps} steps: the chosen {d.name} {setting[d.name]:.3g} lies at the {side} edge of "
-              f"[{d.low:.3g}, {d.high:.3g}] (the study widens only the learning rate's range)"
-              for d, side in other_edges(method_space(params, method), setting, params.study.edge_margin)]
+    notes = [f"{method} at {steps} steps: the chosen {d.name} {setting[d.name]:.3g} lies at the {side} edge of "
+             f"[{d.low:.3g}, {d.high:.3g}] (the study widens only the learning rate's range)"
+             for d, side in other_edges(method_space(params, method), setting, params.study.edge_margin)]
     run_fixed(sitting, [{"phase": "test", "method": method, "steps": steps, "seed": seed, "setting": setting}
                         for seed in seeds_for_testing(params.study.test_seed, params.study.seeds)])
     return notes, setting
@@ -393,6 +451,7 @@ def work_as_worker(sitting: Sitting, stale_after: float) -> None:
         else:
             time.sleep(1.0)
     cells = {f"{method}/{steps}": (method, steps) for method, steps in study_cells(ctx.params)}
+    helped: set[str] = set()
     while open_ := open_cells(ctx.store, ctx.run_id, list(cells)):
         took = False
         for name in open_:
@@ -407,11 +466,26 @@ def work_as_worker(sitting: Sitting, stale_after: float) -> None:
                 release_cell(ctx.store, ctx.run_id, name, sitting.worker)   # the sitting ended, not the worker
                 raise
             finish_cell(ctx.store, ctx.run_id, name, sitting.worker)
-        if not took:                       # the rest is held by live workers: wait, then look again
-            stop_if_over(sitting)
+        if not took and not help_with(sitting, open_, cells, helped):
+            stop_if_over(sitting)          # the rest is held by live workers: wait, then look again
             time.sleep(min(10.0, stale_after / 4))
     print(f"[study] {sitting.worker}: every part of the study is done; `python -m pipelines.study` "
           "(or `dvc repro study`) writes the report", flush=True)
+
+
+def help_with(sitting: Sitting, open_: list[str], cells: dict[str, tuple[str, int]], helped: set[str]) -> bool:
+    """A worker with no part of its own takes runs of a tuned part another worker holds (the
+    finalist and test runs are claimed one by one); False when there is none to help with."""
+    ctx = sitting.ctx
+    tuned = [name for name in open_ if name not in helped
+             and not open_cells(ctx.store, ctx.run_id, [tuned_claim(*cells[name])])]
+    if not tuned:
+        return False
+    name = tuned[0]
+    helped.add(name)                       # once: it returns when every run of the part is recorded
+    print(f"[study] {sitting.worker} helps with the runs of {name}", flush=True)
+    select_and_test(sitting, *cells[name])
+    return True
 
 
 def run_workers(sitting: Sitting, workers: int, stale_after: float) -> None:
@@ -449,7 +523,8 @@ def study(ctx: StageContext, _checked, minutes: float | None = None, workers: in
     data = prepared_data(ctx.root)
     sitting = Sitting(ctx, open_ledger(ctx.root / LEDGER_DIR, declared_study_params(params, ctx.root), data),
                       None if minutes is None else time.time() + 60 * minutes,
-                      worker=f"{os.uname().nodename}:{os.getpid()}" if worker else None, workers=workers)
+                      worker=f"{os.uname().nodename}:{os.getpid()}" if worker else None, workers=workers,
+                      stale_after=stale_after)
     check_same_data(sitting.ledger, data)
     if worker:
         work_as_worker(sitting, stale_after)

@@ -20,6 +20,8 @@ from test_pipeline_smoke import _sh, repo_copy
 
 from db.models import StudyClaim, StudyTrial
 from db.store import open_store
+from pipelines.study import run_claim
+from pipelines.study_worker import stored_result
 
 pytestmark = pytest.mark.slow     # runs the smoke study four times
 
@@ -115,4 +117,23 @@ def test_two_workers_one_killed_mid_trial_give_the_one_worker_report(tmp_path_fa
     assert len(ledger) == len(trials)
     with open_store(postgres_url).reader() as session:
         claims = {c.cell: c for c in session.scalars(select(StudyClaim))}
-    assert set(claims) == {"ledger", "peft_lora/4", "grit_paper/4"} and all(c.done_at for c in claims.values())
+        fixed = [t for t in session.scalars(select(StudyTrial)) if t.phase != "tune"]
+    parts = {"ledger", "peft_lora/4", "grit_paper/4", "peft_lora/4/tuned", "grit_paper/4/tuned"}
+    runs = {run_claim(stored_result(t)) for t in fixed}
+    assert set(claims) == parts | runs and all(c.done_at for c in claims.values())   # one claim per fixed run
+
+
+def test_a_worker_with_no_part_left_takes_runs_of_the_part_another_holds(tmp_path_factory):
+    """One part (one method at one run length) and two workers: the second worker trains some of
+    the part's test runs (the store takes each run once: a run trained twice would fail its job)."""
+    repo, env = repo_copy(tmp_path_factory, ["smoke", "study.methods=[grit_paper]"])
+    _sh(["dvc", "repro", "prepare_data"], repo, env)
+    both = _study(repo, env, "--workers", "2", "--stale-after", "8")
+    out = both.communicate(timeout=1800)[0]
+    assert both.returncode == 0, out[-3000:]
+    assert out.count(" takes grit_paper/4") == 1 and out.count(" helps with the runs of grit_paper/4") == 1, out[-3000:]
+    with open_store(_url(repo), repo).reader() as session:
+        fixed = [t for t in session.scalars(select(StudyTrial)) if t.phase != "tune"]
+        claims = {c.cell: c.worker for c in session.scalars(select(StudyClaim))}
+    tests = [t for t in fixed if t.phase == "test"]
+    assert len(tests) == 2 and len({claims[run_claim(stored_result(t))] for t in tests}) == 2
