@@ -307,30 +307,32 @@ def run_claimed(sitting: Sitting, todo: list[dict]) -> None:
     them all)."""
     ctx = sitting.ctx
 
-    def left() -> list[dict]:
-        done = {identity(t) for t in recorded_trials(ctx)}
-        return [spec for spec in todo if identity(spec) not in done]
+    def recorded() -> set[tuple]:
+        return {identity(t) for t in recorded_trials(ctx)}
 
-    def recorded(spec: dict) -> bool:
-        return identity(spec) in {identity(t) for t in recorded_trials(ctx)}
-
-    while runs := left():
+    while runs := [spec for spec in todo if identity(spec) not in recorded()]:
         spec = next((s for s in runs if claim_cell(ctx.store, ctx.run_id, run_claim(s), sitting.worker,
                                                    sitting.stale_after)), None)
         if spec is None:                  # the rest is in training on other workers: wait for it
-            stop_if_over(sitting)
-            time.sleep(min(10.0, sitting.stale_after / 4))
+            wait_for_others(sitting)
             continue
         name = run_claim(spec)
         try:
-            if not recorded(spec):        # not recorded by another worker between the look and the claim
+            if identity(spec) not in recorded():     # not recorded by another worker between the look and the claim
                 with Heartbeat(ctx.store, ctx.run_id, name, sitting.worker, every=sitting.stale_after / 4):
                     run_job(sitting, {"kind": "runs", "method": spec["method"], "runs": [spec]})
         finally:
-            if not recorded(spec):
+            if identity(spec) not in recorded():
                 release_cell(ctx.store, ctx.run_id, name, sitting.worker)    # the sitting ended first
             else:
                 finish_cell(ctx.store, ctx.run_id, name, sitting.worker)
+
+
+def wait_for_others(sitting: Sitting) -> None:
+    """What is left is held by live workers: stop if the sitting is over, else wait a while
+    (a quarter of the stale time at most) before looking again."""
+    stop_if_over(sitting)
+    time.sleep(min(10.0, sitting.stale_after / 4))
 
 
 def tuned(ctx: StageContext, method: str, steps: int) -> list[Trial]:
@@ -439,13 +441,13 @@ def select_and_test(sitting: Sitting, method: str, steps: int) -> tuple[list[str
     return notes, setting
 
 
-def work_as_worker(sitting: Sitting, stale_after: float) -> None:
+def work_as_worker(sitting: Sitting) -> None:
     """A study worker: claim a part of the study nobody holds (or one whose worker stopped
-    beating for ``stale_after`` seconds), run it, and go on until every part is done."""
+    beating for ``sitting.stale_after`` seconds), run it, and go on until every part is done."""
     ctx = sitting.ctx
     # The committed ledger goes into the store once, by whichever worker comes first.
     while LEDGER_CELL in open_cells(ctx.store, ctx.run_id, [LEDGER_CELL]):
-        if claim_cell(ctx.store, ctx.run_id, LEDGER_CELL, sitting.worker, stale_after):
+        if claim_cell(ctx.store, ctx.run_id, LEDGER_CELL, sitting.worker, sitting.stale_after):
             restore(sitting)
             finish_cell(ctx.store, ctx.run_id, LEDGER_CELL, sitting.worker)
         else:
@@ -455,20 +457,19 @@ def work_as_worker(sitting: Sitting, stale_after: float) -> None:
     while open_ := open_cells(ctx.store, ctx.run_id, list(cells)):
         took = False
         for name in open_:
-            if not claim_cell(ctx.store, ctx.run_id, name, sitting.worker, stale_after):
+            if not claim_cell(ctx.store, ctx.run_id, name, sitting.worker, sitting.stale_after):
                 continue
             took = True
             print(f"[study] {sitting.worker} takes {name}", flush=True)
             try:
-                with Heartbeat(ctx.store, ctx.run_id, name, sitting.worker, every=stale_after / 4):
+                with Heartbeat(ctx.store, ctx.run_id, name, sitting.worker, every=sitting.stale_after / 4):
                     run_cell(sitting, *cells[name])
             except StoppedEarly:
                 release_cell(ctx.store, ctx.run_id, name, sitting.worker)   # the sitting ended, not the worker
                 raise
             finish_cell(ctx.store, ctx.run_id, name, sitting.worker)
         if not took and not help_with(sitting, open_, cells, helped):
-            stop_if_over(sitting)          # the rest is held by live workers: wait, then look again
-            time.sleep(min(10.0, stale_after / 4))
+            wait_for_others(sitting)
     print(f"[study] {sitting.worker}: every part of the study is done; `python -m pipelines.study` "
           "(or `dvc repro study`) writes the report", flush=True)
 
@@ -527,7 +528,7 @@ def study(ctx: StageContext, _checked, minutes: float | None = None, workers: in
                       stale_after=stale_after)
     check_same_data(sitting.ledger, data)
     if worker:
-        work_as_worker(sitting, stale_after)
+        work_as_worker(sitting)
         return {}
     busy = held_cells(ctx.store, ctx.run_id, stale_after)
     if busy:
