@@ -14,6 +14,7 @@ two-level bootstrap), Holm-adjusted over the whole family.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -91,6 +92,24 @@ def trial_from_record(record: dict) -> Trial:
                  record.get("train_seconds", 0.0), record.get("tokens_per_second"),
                  record.get("trainable_parameters"), per_prompt=record.get("per_prompt", {}),
                  stopped_at=record.get("stopped_at"), trial_seconds=record.get("trial_seconds"))
+
+
+def paired_test_record(test: PairedTest) -> dict:
+    """A paired test as ``metrics/study.json`` records it; :func:`paired_test_from_record` reads it back."""
+    delta = test.delta
+    return {"steps": test.steps, "method": test.method, "control": test.control, "metric": test.metric,
+            "delta": {"mean": delta.value, "low": delta.low if math.isfinite(delta.low) else None,
+                      "high": delta.high if math.isfinite(delta.high) else None, "n": delta.n},
+            "p": test.p_value, "p_holm": test.p_adjusted, "bootstrap_resamples": test.resamples}
+
+
+def paired_test_from_record(record: dict) -> PairedTest:
+    """A paired test as ``metrics/study.json`` records it (:func:`paired_test_record`)."""
+    delta = record["delta"]
+    low, high = (float("nan") if v is None else v for v in (delta["low"], delta["high"]))
+    return PairedTest(record["steps"], record["method"], record["control"], record["metric"],
+                      Interval(delta["mean"], low, high, delta["n"]), record["p"], record["p_holm"],
+                      record.get("bootstrap_resamples"))
 
 
 def by_seed(trials: Iterable[Trial], method: str, steps: int) -> dict[int, Trial]:
@@ -259,22 +278,34 @@ def remaining_note(parts: Sequence[PartProgress], trials: Sequence[Trial]) -> st
 
 
 def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
-    """The plain answer first (does GRIT beat LoRA here, by the pre-declared test?), then the
-    count of significant differences out of all paired tests, then which ones they are."""
+    """The plain answer first (:func:`headline`), then which differences are significant."""
     mine = [t for t in tests if t.method in grit_methods]
     wins = [t for t in mine if t.better() is True]
     losses = [t for t in mine if t.better() is False]
+    parts = [headline(tests, grit_methods)]
+    if wins:
+        parts.append(f"Better: {describe(wins)}{';' if losses else '.'}")
+    if losses:
+        parts.append(f"{'worse' if wins else 'Worse'}: {describe(losses)}.")
+    return " ".join(parts)
+
+
+def headline(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
+    """One sentence: does GRIT beat LoRA here, by the pre-declared test, and how many of the paired
+    tests differ significantly each way. The README leads with it."""
+    mine = [t for t in tests if t.method in grit_methods]
+    wins = sum(t.better() is True for t in mine)
+    losses = sum(t.better() is False for t in mine)
     rule = "paired over seeds, and over prompts for per-prompt figures; Holm-adjusted"
     if not wins and not losses:
         return (f"No: at each method's validation-tuned setting, no GRIT method differs significantly from "
                 f"LoRA on any metric at any run length ({len(mine)} paired tests; {rule}).")
     out_of = f"of {len(mine)} paired tests ({rule})"
     if wins and not losses:
-        return f"GRIT is better than LoRA in {len(wins)} {out_of} and worse in none. Better: {describe(wins)}."
+        return f"GRIT is better than LoRA in {wins} {out_of} and worse in none."
     if losses and not wins:
-        return f"No: GRIT is worse than LoRA in {len(losses)} {out_of} and better in none. Worse: {describe(losses)}."
-    return (f"Mixed: GRIT is better than LoRA in {len(wins)} and worse in {len(losses)} {out_of}. "
-            f"Better: {describe(wins)}; worse: {describe(losses)}.")
+        return f"No: GRIT is worse than LoRA in {losses} {out_of} and better in none."
+    return f"Mixed: GRIT is better than LoRA in {wins} and worse in {losses} {out_of}."
 
 
 def describe(tests: Sequence[PairedTest]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,9 @@ from evaluation.study import (
     Trial,
     compute_by_method,
     endpoints,
+    headline,
+    paired_test_from_record,
+    paired_test_record,
     paired_tests,
     planned_runs,
     remaining_note,
@@ -77,23 +81,35 @@ def tuning_rows(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Se
     return rows
 
 
+def finalists(trials: Sequence[Trial], method: str, steps: int, train_seed: int) -> list[tuple[dict, list[Trial]]]:
+    """Each finalist setting of a part with its selection runs in seed order: the finalist runs and
+    the tuning run that trained it to the end on the tuning seed (its first selection seed)."""
+    keys = {setting_key(t.setting) for t in trials if t.phase == "finalist" and t.method == method
+            and t.steps == steps}
+    found = []
+    for key in sorted(keys):
+        runs = sorted((t for t in trials if t.method == method and t.steps == steps
+                       and setting_key(t.setting) == key
+                       and (t.phase == "finalist" or (t.phase == "tune" and t.seed == train_seed
+                                                      and not t.pruned))), key=lambda t: t.seed)
+        found.append((runs[0].setting, runs))
+    return found
+
+
+def _mean_loss(runs: Sequence[Trial]) -> float | None:
+    losses = [t.val_loss for t in runs]
+    return sum(losses) / len(losses) if losses and all(v is not None for v in losses) else None
+
+
 def finalist_rows(trials: Sequence[Trial], chosen: dict[tuple[str, int], dict[str, float]],
                   train_seed: int) -> list[list[str]]:
     """Every finalist: its validation loss on each selection seed and the mean; the chosen marked."""
     rows = []
-    for (method, steps), setting in chosen.items():
-        keys = {setting_key(t.setting) for t in trials if t.phase == "finalist" and t.method == method
-                and t.steps == steps}
-        for key in sorted(keys):
-            runs = sorted((t for t in trials if t.method == method and t.steps == steps
-                           and setting_key(t.setting) == key
-                           and (t.phase == "finalist" or (t.phase == "tune" and t.seed == train_seed
-                                                          and not t.pruned))), key=lambda t: t.seed)
-            losses = [t.val_loss for t in runs]
-            mean = sum(losses) / len(losses) if losses and all(v is not None for v in losses) else None
-            mark = " **chosen**" if key == setting_key(setting) else ""
-            rows.append([str(steps), method, _setting(runs[0].setting) if runs else key,
-                         ", ".join(_number(v) for v in losses), _number(mean) + mark])
+    for (method, steps), picked in chosen.items():
+        for setting, runs in finalists(trials, method, steps, train_seed):
+            mark = " **chosen**" if setting_key(setting) == setting_key(picked) else ""
+            rows.append([str(steps), method, _setting(setting), ", ".join(_number(t.val_loss) for t in runs),
+                         _number(_mean_loss(runs)) + mark])
     return rows
 
 
@@ -143,24 +159,39 @@ def _save(plt, figure, path: Path) -> Path:
 
 
 def plot_sensitivity(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Sequence[int],
-                     chosen: dict[tuple[str, int], dict[str, float]], path: Path) -> Path:
-    """Validation loss of every tuning configuration trained to the end against its learning
-    rate, one panel per run length; a star marks each method's chosen setting."""
+                     chosen: dict[tuple[str, int], dict[str, float]], train_seed: int,
+                     learning_rates: tuple[float, float], path: Path) -> Path:
+    """Validation loss against the learning rate, one panel per run length: every tuning
+    configuration trained to the end (hollow), each finalist's mean over the selection seeds
+    (filled), the chosen one starred. The axis spans the declared learning-rate range (or more,
+    where the study widened it), so a choice at an edge shows as one."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(run_lengths), figsize=(5 * len(run_lengths), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(run_lengths), figsize=(5 * len(run_lengths) + 1.6, 3.8), squeeze=False)
     for axis, steps in zip(axes[0], run_lengths, strict=True):
+        shown = list(learning_rates)
         for method in methods:
-            ended = sorted((t for t in trials if t.phase == "tune" and t.method == method and t.steps == steps
-                            and not t.pruned and t.val_loss is not None), key=lambda t: t.setting["learning_rate"])
+            ended = [t for t in trials if t.phase == "tune" and t.method == method and t.steps == steps
+                     and not t.pruned and t.val_loss is not None]
             points = axis.plot([t.setting["learning_rate"] for t in ended], [t.val_loss for t in ended], "o",
-                               alpha=0.7, label=method)
-            best = [t for t in ended if t.setting == chosen.get((method, steps))]
-            axis.plot([t.setting["learning_rate"] for t in best], [t.val_loss for t in best], "*", markersize=14,
-                      color=points[0].get_color(), markeredgecolor="black", zorder=3)
+                               markerfacecolor="none", alpha=0.8, label=method)
+            color = points[0].get_color()
+            finals = [(setting, _mean_loss(runs)) for setting, runs in finalists(trials, method, steps, train_seed)]
+            finals = [(setting, loss) for setting, loss in finals if loss is not None]
+            axis.plot([s["learning_rate"] for s, _ in finals], [loss for _, loss in finals], "D", color=color,
+                      markersize=5)
+            best = [(s, loss) for s, loss in finals if setting_key(s) == setting_key(chosen.get((method, steps), {}))]
+            axis.plot([s["learning_rate"] for s, _ in best], [loss for _, loss in best], "*", markersize=15,
+                      color=color, markeredgecolor="black", zorder=3)
+            shown += [t.setting["learning_rate"] for t in ended] + [s["learning_rate"] for s, _ in finals]
         axis.set_xscale("log")
-        axis.set_xlabel("learning rate")
-        axis.set_title(f"validation loss after {steps} steps (tuning objective)", fontsize=10)
-    axes[0][0].legend(fontsize=8)
+        axis.set_xlim(min(shown) / 1.3, max(shown) * 1.3)
+        for edge in learning_rates:
+            axis.axvline(edge, color="grey", linestyle=":", linewidth=1)
+        axis.set_xlabel("learning rate (dotted: the declared range)")
+        axis.set_title(f"validation loss after {steps} steps", fontsize=10)
+    # beside the last panel, where it hides no point
+    axes[0][-1].legend(fontsize=8, title="o tuning run\n\u25c6 finalist mean\n\u2605 chosen", title_fontsize=8,
+                       loc="upper left", bbox_to_anchor=(1.02, 1.0))
     return _save(plt, figure, path)
 
 
@@ -186,8 +217,10 @@ def plot_test_by_steps(trials: Sequence[Trial], methods: Sequence[str], run_leng
     plt = _pyplot()
     columns = 3
     rows = -(-len(endpoints()) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(4 * columns, 3.2 * rows), squeeze=False)
+    figure, grid = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows), squeeze=False)
     axes = grid.ravel()
+    for unused in axes[len(endpoints()):]:
+        unused.remove()
     for axis, metric in zip(axes, endpoints(), strict=False):
         for offset, method in enumerate(methods):
             points = [(b, summary(trials, method, b, metric)) for b in run_lengths]
@@ -199,9 +232,50 @@ def plot_test_by_steps(trials: Sequence[Trial], methods: Sequence[str], run_leng
         axis.set_xscale("log")
         axis.minorticks_off()
         axis.set_xticks(list(run_lengths), [str(b) for b in run_lengths])
-        axis.set_title(get(metric).label, fontsize=9)
+        axis.set_title(textwrap.fill(get(metric).label, 46), fontsize=9)
         axis.set_xlabel("optimizer steps")
     axes[0].legend(fontsize=7)
+    return _save(plt, figure, path)
+
+
+def plot_differences(tests: Sequence[PairedTest], run_lengths: Sequence[int], path: Path) -> Path:
+    """The verdict as a picture: per endpoint, each method's paired difference from its control
+    (mean and 95% interval) against the run length; filled where Holm calls it significant, with
+    the side of zero that is better shaded."""
+    plt = _pyplot()
+    metrics = [m for m in endpoints() if any(t.metric == m for t in tests)]
+    methods = list(dict.fromkeys(t.method for t in tests))
+    columns = 3
+    rows = max(1, -(-len(metrics) // columns))
+    figure, grid = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows), squeeze=False)
+    axes = grid.ravel()
+    for unused in axes[len(metrics):]:
+        unused.remove()
+    for axis, metric in zip(axes, metrics, strict=False):
+        for offset, method in enumerate(methods):
+            mine = sorted((t for t in tests if t.metric == metric and t.method == method), key=lambda t: t.steps)
+            x = [t.steps * (1 + 0.03 * offset) for t in mine]
+            y = [t.delta.value for t in mine]
+            errors = [[t.delta.value - t.delta.low if math.isfinite(t.delta.low) else 0 for t in mine],
+                      [t.delta.high - t.delta.value if math.isfinite(t.delta.high) else 0 for t in mine]]
+            line = axis.errorbar(x, y, yerr=errors, fmt="-", capsize=3, label=method)
+            color = line.lines[0].get_color()
+            significant = [t.better() is not None for t in mine]
+            axis.scatter(x, y, s=30, zorder=3, edgecolors=color,
+                         facecolors=[color if sig else "white" for sig in significant])
+        axis.axhline(0, color="black", linewidth=0.8)
+        low, high = axis.get_ylim()
+        better_up = get(metric).better(1.0)
+        axis.axhspan(0, high if better_up else low, color="tab:green", alpha=0.07, linewidth=0)
+        axis.set_ylim(low, high)
+        axis.set_xscale("log")
+        axis.minorticks_off()
+        axis.set_xticks(list(run_lengths), [str(b) for b in run_lengths])
+        axis.set_title(textwrap.fill(get(metric).label, 46), fontsize=9)
+        axis.set_xlabel("optimizer steps")
+        axis.set_ylabel("method minus control", fontsize=8)
+    if metrics:
+        axes[0].legend(fontsize=7, title="filled: significant (Holm)\nshaded: the better side", title_fontsize=7)
     return _save(plt, figure, path)
 
 
@@ -223,11 +297,14 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     pairs = comparison_pairs(params)
     tests = paired_tests(trials, pairs, run_lengths, resamples=study.bootstrap_resamples, seed=study.seed)
     grit_methods = [m for m in methods if params.variants[m].grit]
-    sentence = verdict(tests, grit_methods) if pairs else "No GRIT-vs-LoRA pair in study.methods: nothing compared."
+    nothing = "No GRIT-vs-LoRA pair in study.methods: nothing compared."
+    sentence = verdict(tests, grit_methods) if pairs else nothing
     compute = compute_by_method(trials)
-    plots = {"sensitivity": plot_sensitivity(trials, methods, run_lengths, chosen, folder / "sensitivity.png"),
+    plots = {"sensitivity": plot_sensitivity(trials, methods, run_lengths, chosen, params.train.seed,
+                                             tuple(study.learning_rate_range), folder / "sensitivity.png"),
              "curves_by_steps": plot_curves_by_steps(trials, methods, run_lengths, folder / "curves_by_steps.png"),
-             "test_by_steps": plot_test_by_steps(trials, methods, run_lengths, folder / "test_by_steps.png")}
+             "test_by_steps": plot_test_by_steps(trials, methods, run_lengths, folder / "test_by_steps.png"),
+             "differences_by_steps": plot_differences(tests, run_lengths, folder / "differences_by_steps.png")}
     seeds = f"test seeds {study.test_seed}-{study.test_seed + study.seeds - 1}"
     sections = [
         f"# The fair study: does GRIT beat LoRA when each is tuned?\n\nRun `{run_id}`, profile `{params.profile}`, "
@@ -246,7 +323,8 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
         "## Selection (mean validation loss of the finalists over the selection seeds)\n\n"
         + _table(["steps", "method", "setting", "validation loss per seed", "mean"],
                  finalist_rows(trials, chosen, params.train.seed)),
-        "![sensitivity: validation loss against the learning rate; stars: chosen](sensitivity.png)",
+        "![sensitivity: validation loss against the learning rate; circles: tuning runs, diamonds: finalists' "
+        "means, stars: chosen](sensitivity.png)",
         *(f"## Test figures at {b} steps (mean [95% interval] over {study.seeds} seeds; per-prompt figures "
           "over seeds and prompts)\n\n" + _table(["metric", *methods], test_rows(trials, methods, b))
           for b in run_lengths),
@@ -254,6 +332,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
         "## Paired tests (pre-declared: over seeds, and over prompts for per-prompt figures; Holm over every row)\n\n"
         + _table(["steps", "pair", "metric", "mean delta [95% CI]", "test", "raw p", "Holm p", "verdict"],
                  test_table_rows(tests))
+        + "\n\n![paired differences from the control by run length](differences_by_steps.png)"
         + f"\n\nA per-prompt test draws {study.bootstrap_resamples:,} bootstrap resamples, and more where its "
         "p-value falls below 0.05: enough that the smallest p-value they can give lies ten times below "
         "Holm's smallest threshold (0.05 over the number of rows).",
@@ -279,6 +358,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
                              t.stopped_at, t.train_seconds, t.tokens_per_second, t.trainable_parameters,
                              *(t.metrics.get(m) for m in [*endpoints(), VALIDATION_DECLINE.name])])
     atomic_write_json(metrics_path, {**study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds),
+                                     "headline": headline(tests, grit_methods) if pairs else nothing,
                                      "profile": params.profile, "run_id": run_id, "range_notes": list(notes)})
     return {"report": report, "trials": table, **plots, "metrics": metrics_path}
 
@@ -297,9 +377,7 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
         "summary": {f"{m}@{b}": {metric: plain(summary(trials, m, b, metric, resamples=study.bootstrap_resamples,
                                                         seed=study.seed)) for metric in endpoints()}
                     for m in study.methods for b in study.steps},
-        "tests": [{"steps": t.steps, "method": t.method, "control": t.control, "metric": t.metric,
-                   "delta": plain(t.delta), "p": t.p_value, "p_holm": t.p_adjusted,
-                   "bootstrap_resamples": t.resamples} for t in tests],
+        "tests": [paired_test_record(t) for t in tests],
         "compute_hours": {m: {k: v / 3600 for k, v in c.items()} for m, c in compute.items()},
         "compute_total_hours": sum(c["total"] for c in compute.values()) / 3600,
         "training_hours": sum(c["training"] for c in compute.values()) / 3600, "stage_hours": stage_seconds / 3600,
@@ -410,8 +488,9 @@ def ledger_finished_parts(header: dict | None, records: Sequence[dict]) -> str:
 
 
 def readme_block(study: dict) -> str:
-    """The README's headline from ``metrics/study.json``: the verdict, each method's chosen
-    setting, the main figures at every run length, and where the full report is."""
+    """The README's headline from ``metrics/study.json``: the verdict in one sentence, where each
+    GRIT method differs significantly from LoRA (metric by run length), the main figures at the
+    longest run length, and where the full report is (chosen settings, every trial and test)."""
     if study.get("status") != "complete":
         return ("The fair study (each method tuned on validation loss, 5 seeds, two run lengths; "
                 "[docs/study.md](docs/study.md)) has not been completed in this repository yet, so the "
@@ -430,25 +509,52 @@ def readme_block(study: dict) -> str:
     # The endpoints this study measured (the registry may have moved on since), distinct ones only.
     measured = next(iter(study["summary"].values()))
     shown = [name for name in REGISTRY if name in measured and get(name).derived_from is None]
-    # "method@steps" keys: chosen per run length; a plain method key: a study tuned once (before
-    # each run length was tuned on its own), whose setting served every run length
-    picked = study["chosen"]
-    per_length = f"{methods[0]}@{study['steps'][0]}" in picked
-    chosen = _table(["method", "run length", "chosen setting (lowest validation loss)"],
-                    [[m, f"{steps} steps" if per_length else "all",
-                      _setting(picked[f"{m}@{steps}"] if per_length else picked[m])]
-                     for m in methods for steps in (study["steps"] if per_length else [None])])
-    by_steps = [
-        f"At {steps} steps (mean [95% interval] over {study['seeds']} seeds):\n\n"
-        + _table(["metric", *methods],
-                 [[get(metric).label, *(cell(metric, study["summary"][f"{m}@{steps}"].get(metric)) for m in methods)]
-                  for metric in shown])
-        for steps in study["steps"]]
+    # The figures at the longest run length only: the table above has every run length's
+    # differences, and the report every run length's figures.
+    steps = max(study["steps"])
+    others = [str(s) for s in study["steps"] if s != steps]
+    figures = (f"At {steps} steps (mean [95% interval] over {study['seeds']} seeds"
+               + (f"; at {' and '.join(others)} steps in the report" if others else "") + "):\n\n"
+               + _table(["metric", *methods],
+                        [[get(metric).label, *(cell(metric, study["summary"][f"{m}@{steps}"].get(metric))
+                                               for m in methods)] for metric in shown]))
     # Name the run and profile: a rehearsal profile (smoke) writes the same files, and a reader
     # must be able to tell its numbers from the study's.
     source = f"Study run `{study['run_id']}`, profile `{study['profile']}`. " if "run_id" in study else ""
-    return "\n\n".join([f"**{study['verdict']}**", chosen, *by_steps,
-                        f"{source}Every trial, test and plot: [reports/study/report.md](reports/study/report.md)."])
+    # A study recorded before the headline was kept apart has only the long verdict.
+    return "\n\n".join([f"**{study.get('headline', study['verdict'])}**",
+                         *significance_block([paired_test_from_record(t) for t in study.get("tests", [])],
+                                             shown, study["steps"]),
+                         figures,
+                         f"{source}Each method's chosen setting, every trial, test and plot: "
+                         "[reports/study/report.md](reports/study/report.md)."])
+
+
+def significance_block(tests: Sequence[PairedTest], metrics: Sequence[str], run_lengths: Sequence[int]) -> list[str]:
+    """Where a method differs significantly from its control, metric by run length, with the
+    direction and the mean difference: the findings of the verdict laid out so a reader can see
+    the pattern (one metric at every run length, or one method everywhere), then the same as a
+    picture (:func:`plot_differences`). Empty without tests."""
+    if not tests:
+        return []
+    controls = sorted({t.control for t in tests})
+
+    def cell(metric: str, steps: int) -> str:
+        found = {True: [], False: []}
+        for t in tests:
+            if t.metric == metric and t.steps == steps and t.better() is not None:
+                found[t.better()].append(f"{t.method} {t.delta.value:+.3g}")
+        words = [f"{'better' if way else 'worse'}: {', '.join(found[way])}" for way in (True, False) if found[way]]
+        return "; ".join(words) or "none"
+
+    intro = (f"Significant differences from {', '.join(f'`{c}`' for c in controls)}, each method at its "
+             f"validation-tuned setting for the run length (method minus control; Holm p < 0.05 over all "
+             f"{len(tests)} paired tests; \"none\": no method differs significantly):")
+    return [intro, _table(["metric", *(f"{steps} steps" for steps in run_lengths)],
+                          [[get(metric).label, *(cell(metric, steps) for steps in run_lengths)]
+                           for metric in metrics if any(t.metric == metric for t in tests)]),
+            "![each method's paired difference from its control by run length; filled: significant]"
+            "(reports/study/differences_by_steps.png)"]
 
 
 def _ledger(sources: Sources) -> tuple[dict | None, list[dict]]:

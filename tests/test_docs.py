@@ -79,7 +79,7 @@ def test_the_readme_headline_is_the_committed_study_or_says_it_is_missing():
     text = CommittedSources(REPO_ROOT).text("metrics/study.json")
     study = json.loads(text) if text else {}
     if study.get("status") == "complete":
-        assert study["verdict"] in headline and "reports/study/report.md" in headline
+        assert study["headline"] in headline and "reports/study/report.md" in headline
         # a smoke run writes the same files; the committed headline must be the real study's
         assert study["profile"] == "study" and "profile `study`" in headline
     else:
@@ -180,35 +180,69 @@ def test_the_figures_the_readme_quotes_in_prose_are_the_committed_metrics():
 
 
 def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study():
-    """The study's plain reading quotes deltas, p-values, parameter counts and ranges; they must
-    come from the committed metrics/study.json and reports/study/trials.csv."""
+    """The study's plain reading quotes differences, figures, settings and parameter counts; they
+    must come from the committed metrics/study.json and reports/study/trials.csv."""
     import csv
     import io
     import statistics
 
+    from evaluation.study import paired_test_from_record
+
     readme = (REPO_ROOT / "README.md").read_text()
-    prose = " ".join(readme.split("**Read plainly: no, GRIT does not beat plain LoRA here.**", 1)[1]
+    prose = " ".join(readme.split("**Read plainly: no consistent win.**", 1)[1]
                      .split("### The default run", 1)[0].split())
     study = json.loads(committed("metrics/study.json"))
-    tests = {(t["method"], t["steps"], t["metric"]): t for t in study["tests"]}
-    loss32, loss96 = tests[("pure_grit", 32, "val_loss")], tests[("pure_grit", 96, "val_loss")]
-    assert f"32 steps (+{loss32['delta']['mean']:.3f}, Holm p = {loss32['p_holm']:.3f})" in prose
-    assert f"shrinks to +{loss96['delta']['mean']:.3f}, not significant" in prose and loss96["p_holm"] > 0.05
-    assert f"validation loss at 96 steps (+{tests[('grit_paper', 96, 'val_loss')]['delta']['mean']:.3f})" in prose
-    assert f"{len(study['tests'])} paired tests" in prose
-    means = {key: figures for key, figures in study["summary"].items()}
-    harmful = [f["decline_probability"]["mean"] for f in means.values()]
-    benign = [f["overrefusal_decline_probability"]["mean"] for f in means.values()]
-    assert (f"({min(harmful):.2f}-{max(harmful):.2f} on held-out harmful prompts, "
-            f"{min(benign):.2f}-{max(benign):.2f} on edgy-benign ones)") in prose
-    assert "That is a diagnostic, not a refusal rate" in prose
+    tests = [paired_test_from_record(t) for t in study["tests"]]
+    figures = study["summary"]
+    assert f"{len(tests)} paired tests" in prose and f"with {study['seeds']} test seeds" in prose
+    assert f"({study['configurations']} Optuna configurations" in prose
+
+    def deltas(metric, steps, way):
+        found = [t.delta.value for t in tests if t.metric == metric and t.steps in steps and t.better() is way]
+        return found, len([t for t in tests if t.metric == metric and t.steps in steps])
+
+    # test loss: worse in every pair, the range at each run length
+    for steps in study["steps"]:
+        worse, pairs = deltas("test_loss", [steps], False)
+        assert len(worse) == pairs and f"+{min(worse):.3f} to +{max(worse):.3f} at {steps}" in prose
+    worse, pairs = deltas("test_loss", study["steps"], False)
+    assert f"({len(worse)} of {pairs} pairs)" in prose
+    assert f"where LoRA reaches {figures['peft_lora@192']['test_loss']['mean']:.3f}" in prose
+    # 1/XB: better in most pairs, every variant at the longest run length
+    better, pairs = deltas("separation", study["steps"], True)
+    assert f"1/XB is higher for GRIT in {len(better)} of {pairs} pairs" in prose
+    assert f"by +{min(better):.3f} to +{max(better):.3f}" in prose
+    assert len(deltas("separation", [192], True)[0]) == deltas("separation", [192], True)[1]
+    lora = [figures[f"peft_lora@{steps}"]["separation"]["mean"] for steps in study["steps"]]
+    assert f"LoRA's {min(lora):.3f}-{max(lora):.3f}" in prose
+    assert not [t for t in tests if t.metric == "retention_accuracy" and t.better() is not None]
+    # refusals: grit_paper at 32 steps shifts both rates; afterwards only edgy-benign ones move
+    paper, base = figures["grit_paper@32"], figures["peft_lora@32"]
+    assert f"(test loss {paper['test_loss']['mean']:.3f} against LoRA's {base['test_loss']['mean']:.3f})" in prose
+    harmful, edgy = "sampled_refusal_rate", "sampled_overrefusal_rate"
+    assert f"harmful prompts {paper[harmful]['mean']:.2f} against {base[harmful]['mean']:.2f} (worse)" in prose
+    assert f"edgy-benign ones {paper[edgy]['mean']:.2f} against {base[edgy]['mean']:.2f}" in prose
+    assert deltas(harmful, [32], False)[0] and deltas(edgy, [32], True)[0]
+    later = [figures[f"{m}@{steps}"][harmful]["mean"] for m in study["methods"] for steps in (96, 192)]
+    assert not [t for t in tests if t.metric == harmful and t.steps > 32 and t.better() is not None]
+    assert f"({min(later):.3f} to {max(later):.3f})" in prose
+    less = [t for t in tests if t.metric == edgy and t.steps > 32 and t.better() is True]
+    assert {t.method for t in less} == {"grit_paper", "grit_paper_grafted"}
+    sizes = [-t.delta.value for t in less]
+    lora_edgy = [figures[f"peft_lora@{steps}"][edgy]["mean"] for steps in (96, 192)]
+    assert (f"(-{min(sizes):.3f} to -{max(sizes):.3f}, against LoRA's "
+            f"{min(lora_edgy):.2f}-{max(lora_edgy):.2f})") in prose
+    # pure GRIT's damping at the top of its range
+    damping = [study["chosen"][f"pure_grit@{steps}"]["damping"] for steps in study["steps"]]
+    assert f"({min(damping):.3g}-{max(damping):.3g}, at most 0.1)" in prose
+    assert all(any(note.startswith(f"pure_grit at {steps} steps: the chosen damping") and "high edge" in note
+                   for note in study["range_notes"]) for steps in study["steps"])
     trials = [row for row in csv.DictReader(io.StringIO(committed("reports/study/trials.csv")))
-              if row["phase"] == "test" and row["steps"] == "96"]
+              if row["phase"] == "test" and row["steps"] == "192"]
     params = {m: statistics.mean(int(r["trainable_parameters"]) for r in trials if r["method"] == m)
               for m in ("grit_paper", "peft_lora")}
-    assert f"({params['grit_paper'] / 1e6:.2f} M against {params['peft_lora'] / 1e6:.2f} M at 96 steps)" in prose
-    assert f"{100 * (1 - params['grit_paper'] / params['peft_lora']):.0f}% fewer trainable parameters" in prose
-    assert f"{study['training_hours']:.2f} h of training" in " ".join(readme.split())
+    assert f"with {params['grit_paper'] / 1e6:.2f} M of LoRA's {params['peft_lora'] / 1e6:.2f} M" in prose
+    assert f"{study['training_hours']:.2f} h of training" in prose
 
 
 def _span(values, digits: int) -> str:

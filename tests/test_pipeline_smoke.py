@@ -283,7 +283,7 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert study["compute_total_hours"] > study["training_hours"] > 0 and "of which training" in study_report
     assert study_report.count("the study widened it") == widened == sum("widened" in n for n in study["range_notes"])
     assert all((repo / "reports/study" / f"{name}.png").is_file()
-               for name in ("sensitivity", "curves_by_steps", "test_by_steps"))
+               for name in ("sensitivity", "curves_by_steps", "test_by_steps", "differences_by_steps"))
 
     # A second repro with nothing changed runs no stage and leaves the store as it was.
     second = _sh(["dvc", "repro"], repo, env)

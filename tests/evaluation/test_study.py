@@ -184,28 +184,52 @@ def test_the_pages_say_how_far_the_ledgers_study_is():
     assert "`b` began again under a changed variant" in revised and "its trials since" in revised
 
 
-@pytest.mark.parametrize("chosen", [
-    {"grit_paper": {"learning_rate": 5e-4, "damping": 1e-3}, "peft_lora": {"learning_rate": 4e-4}},   # tuned once
-    {f"{m}@{b}": {"learning_rate": 4e-4} | ({"damping": 1e-3} if m == "grit_paper" else {})
-     for m in ("peft_lora", "grit_paper") for b in (32, 96)},                                           # per run length
-])
-def test_the_readme_headline_leads_with_the_verdict_and_keeps_the_declared_method_order(chosen):
+def test_the_readme_headline_leads_with_the_verdict_and_keeps_the_declared_method_order():
     from evaluation.metrics import get
     from evaluation.study_report import readme_block
 
     figure = {"mean": 1.0, "low": 0.9, "high": 1.1, "n": 5}
     study = {"status": "complete", "verdict": "No: nothing differs.", "methods": ["peft_lora", "grit_paper"],
-             "chosen": chosen, "seeds": 5, "steps": [32, 96],
+             "chosen": {}, "seeds": 5, "steps": [32, 96],
              "summary": {f"{m}@{b}": {"val_loss": figure, "aqi": figure, "decline_probability": figure}
                          for m in ("peft_lora", "grit_paper") for b in (32, 96)}}
     block = readme_block(study)
-    assert block.startswith("**No: nothing differs.**")
-    assert block.index("| peft_lora |") < block.index("| grit_paper |") and "damping 0.001" in block
-    assert "| metric | peft_lora | grit_paper |" in block and "At 96 steps" in block
+    assert block.startswith("**No: nothing differs.**")        # a study recorded before the headline was kept
+    assert "| metric | peft_lora | grit_paper |" in block
+    # the figures at the longest run length; the others are the report's
+    assert "At 96 steps (mean [95% interval] over 5 seeds; at 32 steps in the report)" in block
+    assert "At 32 steps (" not in block
     # the endpoints the study recorded, under today's labels; not the AQI-style index (a function of 1/XB)
     assert "1 [0.9, 1.1]" in block and f"| {get('decline_probability').label} | 1 [0.9, 1] |" in block
     assert get("aqi").label not in block
+    assert "Significant differences" not in block                # no tests recorded: no table of them
     assert "has not been completed" in readme_block({"status": "not run"})
+
+
+def test_the_readme_lays_the_significant_differences_out_by_metric_and_run_length():
+    """Every significant paired test appears in its metric's row and run length's column, with its
+    direction; a metric with none at a run length says so."""
+    from evaluation.study import paired_test_from_record, paired_test_record
+    from evaluation.study_report import readme_block
+
+    trials = []
+    for seed in range(5):
+        for steps, shift in ((8, -0.1), (16, 0.0)):        # GRIT's test loss lower at 8 steps only
+            trials += [trial(1e-4, 2.0 + 0.01 * seed, 0.5, "lora", seed=seed, steps=steps),
+                       trial(1e-4, 2.0 + shift + 0.01 * seed + 0.002 * (-1) ** seed, 0.5, "grit", seed=seed,
+                             steps=steps)]
+    tests = paired_tests(trials, [("grit", "lora")], [8, 16])
+    records = [paired_test_record(t) for t in tests]
+    assert [paired_test_from_record(r) for r in records] == tests            # the record reads back whole
+    summary_figures = {name: {"mean": 1.0, "low": 0.9, "high": 1.1, "n": 5} for name in {t.metric for t in tests}}
+    study = {"status": "complete", "verdict": "long", "headline": "GRIT is better.", "methods": ["lora", "grit"],
+             "chosen": {}, "seeds": 5, "steps": [8, 16], "tests": records,
+             "summary": {f"{m}@{b}": summary_figures for m in ("lora", "grit") for b in (8, 16)}}
+    block = readme_block(study)
+    assert block.startswith("**GRIT is better.**")
+    loss = next(t for t in tests if t.metric == "test_loss" and t.steps == 8)
+    assert f"| {loss_label()} | better: grit {loss.delta.value:+.3g} | none |" in block
+    assert f"Holm p < 0.05 over all {len(tests)} paired tests" in block
 
 
 def test_the_finished_parts_figures_are_shown_at_their_chosen_setting_within_each_metrics_range():
