@@ -277,11 +277,15 @@ def remaining_note(parts: Sequence[PartProgress], trials: Sequence[Trial]) -> st
         f"about {left:.2g} h more at the pace of its trials so far"
 
 
+def _findings(tests: Sequence[PairedTest], grit_methods: Sequence[str]):
+    """The GRIT methods' tests, and those among them where GRIT is significantly better / worse."""
+    mine = [t for t in tests if t.method in grit_methods]
+    return mine, [t for t in mine if t.better() is True], [t for t in mine if t.better() is False]
+
+
 def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
     """The plain answer first (:func:`headline`), then which differences are significant."""
-    mine = [t for t in tests if t.method in grit_methods]
-    wins = [t for t in mine if t.better() is True]
-    losses = [t for t in mine if t.better() is False]
+    _, wins, losses = _findings(tests, grit_methods)
     parts = [headline(tests, grit_methods)]
     if wins:
         parts.append(f"Better: {describe(wins)}{';' if losses else '.'}")
@@ -293,19 +297,17 @@ def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
 def headline(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
     """One sentence: does GRIT beat LoRA here, by the pre-declared test, and how many of the paired
     tests differ significantly each way. The README leads with it."""
-    mine = [t for t in tests if t.method in grit_methods]
-    wins = sum(t.better() is True for t in mine)
-    losses = sum(t.better() is False for t in mine)
+    mine, wins, losses = _findings(tests, grit_methods)
     rule = "paired over seeds, and over prompts for per-prompt figures; Holm-adjusted"
     if not wins and not losses:
         return (f"No: at each method's validation-tuned setting, no GRIT method differs significantly from "
                 f"LoRA on any metric at any run length ({len(mine)} paired tests; {rule}).")
     out_of = f"of {len(mine)} paired tests ({rule})"
     if wins and not losses:
-        return f"GRIT is better than LoRA in {wins} {out_of} and worse in none."
+        return f"GRIT is better than LoRA in {len(wins)} {out_of} and worse in none."
     if losses and not wins:
-        return f"No: GRIT is worse than LoRA in {losses} {out_of} and better in none."
-    return f"Mixed: GRIT is better than LoRA in {wins} and worse in {losses} {out_of}."
+        return f"No: GRIT is worse than LoRA in {len(losses)} {out_of} and better in none."
+    return f"Mixed: GRIT is better than LoRA in {len(wins)} and worse in {len(losses)} {out_of}."
 
 
 def describe(tests: Sequence[PairedTest]) -> str:

@@ -21,6 +21,7 @@ from core.doc_blocks import DocBlock, Sources
 from core.files import atomic_write_json, atomic_write_text
 from db.study_ledger import LEDGER_DIR, STUDY_FILE, TRIALS_FILE, jsonl_records
 from evaluation.metrics import REGISTRY, VALIDATION_DECLINE, get
+from evaluation.stats import Interval
 from evaluation.study import (
     PairedTest,
     Trial,
@@ -212,28 +213,43 @@ def plot_curves_by_steps(trials: Sequence[Trial], methods: Sequence[str], run_le
     return _save(plt, figure, path)
 
 
+def _metric_panels(plt, metrics: Sequence[str]):
+    """A grid of 3 panels a row, one per metric (at least one panel); the unused ones removed."""
+    columns = 3
+    rows = max(1, -(-len(metrics) // columns))
+    figure, grid = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows), squeeze=False)
+    axes = grid.ravel()
+    for unused in axes[len(metrics):]:
+        unused.remove()
+    return figure, axes
+
+
+def _by_run_length(axis, metric: str, run_lengths: Sequence[int]) -> None:
+    """A panel's x-axis in run lengths (log, each length a tick) and its metric's title."""
+    axis.set_xscale("log")
+    axis.minorticks_off()
+    axis.set_xticks(list(run_lengths), [str(b) for b in run_lengths])
+    axis.set_title(textwrap.fill(get(metric).label, 46), fontsize=9)
+    axis.set_xlabel("optimizer steps")
+
+
+def _error_bars(intervals: Sequence[Interval]) -> list[list[float]]:
+    """matplotlib's [below, above] distances of each interval from its value (0 where unbounded)."""
+    return [[i.value - i.low if math.isfinite(i.low) else 0 for i in intervals],
+            [i.high - i.value if math.isfinite(i.high) else 0 for i in intervals]]
+
+
 def plot_test_by_steps(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Sequence[int], path: Path) -> Path:
     """Each test figure against the run length in steps, mean and 95% interval over seeds, per method."""
     plt = _pyplot()
-    columns = 3
-    rows = -(-len(endpoints()) // columns)
-    figure, grid = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows), squeeze=False)
-    axes = grid.ravel()
-    for unused in axes[len(endpoints()):]:
-        unused.remove()
+    figure, axes = _metric_panels(plt, endpoints())
     for axis, metric in zip(axes, endpoints(), strict=False):
         for offset, method in enumerate(methods):
             points = [(b, summary(trials, method, b, metric)) for b in run_lengths]
             points = [(b, i) for b, i in points if i is not None]
-            errors = [[i.value - i.low if math.isfinite(i.low) else 0 for _, i in points],
-                      [i.high - i.value if math.isfinite(i.high) else 0 for _, i in points]]
-            axis.errorbar([b * (1 + 0.03 * offset) for b, _ in points], [i.value for _, i in points], yerr=errors,
-                          fmt="o-", capsize=3, label=method)
-        axis.set_xscale("log")
-        axis.minorticks_off()
-        axis.set_xticks(list(run_lengths), [str(b) for b in run_lengths])
-        axis.set_title(textwrap.fill(get(metric).label, 46), fontsize=9)
-        axis.set_xlabel("optimizer steps")
+            axis.errorbar([b * (1 + 0.03 * offset) for b, _ in points], [i.value for _, i in points],
+                          yerr=_error_bars([i for _, i in points]), fmt="o-", capsize=3, label=method)
+        _by_run_length(axis, metric, run_lengths)
     axes[0].legend(fontsize=7)
     return _save(plt, figure, path)
 
@@ -245,34 +261,21 @@ def plot_differences(tests: Sequence[PairedTest], run_lengths: Sequence[int], pa
     plt = _pyplot()
     metrics = [m for m in endpoints() if any(t.metric == m for t in tests)]
     methods = list(dict.fromkeys(t.method for t in tests))
-    columns = 3
-    rows = max(1, -(-len(metrics) // columns))
-    figure, grid = plt.subplots(rows, columns, figsize=(4.4 * columns, 3.4 * rows), squeeze=False)
-    axes = grid.ravel()
-    for unused in axes[len(metrics):]:
-        unused.remove()
+    figure, axes = _metric_panels(plt, metrics)
     for axis, metric in zip(axes, metrics, strict=False):
         for offset, method in enumerate(methods):
             mine = sorted((t for t in tests if t.metric == metric and t.method == method), key=lambda t: t.steps)
             x = [t.steps * (1 + 0.03 * offset) for t in mine]
             y = [t.delta.value for t in mine]
-            errors = [[t.delta.value - t.delta.low if math.isfinite(t.delta.low) else 0 for t in mine],
-                      [t.delta.high - t.delta.value if math.isfinite(t.delta.high) else 0 for t in mine]]
-            line = axis.errorbar(x, y, yerr=errors, fmt="-", capsize=3, label=method)
+            line = axis.errorbar(x, y, yerr=_error_bars([t.delta for t in mine]), fmt="-", capsize=3, label=method)
             color = line.lines[0].get_color()
-            significant = [t.better() is not None for t in mine]
             axis.scatter(x, y, s=30, zorder=3, edgecolors=color,
-                         facecolors=[color if sig else "white" for sig in significant])
+                         facecolors=[color if t.better() is not None else "white" for t in mine])
         axis.axhline(0, color="black", linewidth=0.8)
         low, high = axis.get_ylim()
-        better_up = get(metric).better(1.0)
-        axis.axhspan(0, high if better_up else low, color="tab:green", alpha=0.07, linewidth=0)
+        axis.axhspan(0, high if get(metric).better(1.0) else low, color="tab:green", alpha=0.07, linewidth=0)
         axis.set_ylim(low, high)
-        axis.set_xscale("log")
-        axis.minorticks_off()
-        axis.set_xticks(list(run_lengths), [str(b) for b in run_lengths])
-        axis.set_title(textwrap.fill(get(metric).label, 46), fontsize=9)
-        axis.set_xlabel("optimizer steps")
+        _by_run_length(axis, metric, run_lengths)
         axis.set_ylabel("method minus control", fontsize=8)
     if metrics:
         axes[0].legend(fontsize=7, title="filled: significant (Holm)\nshaded: the better side", title_fontsize=7)

@@ -212,7 +212,8 @@ def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study()
     better, pairs = deltas("separation", study["steps"], True)
     assert f"1/XB is higher for GRIT in {len(better)} of {pairs} pairs" in prose
     assert f"by +{min(better):.3f} to +{max(better):.3f}" in prose
-    assert len(deltas("separation", [192], True)[0]) == deltas("separation", [192], True)[1]
+    at_192, pairs_192 = deltas("separation", [192], True)
+    assert len(at_192) == pairs_192
     lora = [figures[f"peft_lora@{steps}"]["separation"]["mean"] for steps in study["steps"]]
     assert f"LoRA's {min(lora):.3f}-{max(lora):.3f}" in prose
     assert not [t for t in tests if t.metric == "retention_accuracy" and t.better() is not None]
