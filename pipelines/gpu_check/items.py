@@ -542,7 +542,8 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, sizing
     kernels that take longest, and GRIT's minus LoRA's for each (the kernels whose time differs
     most). Over 10 steps one of GRIT's steps inverts its factors (``update_freq`` 10), so the
     per-step figures carry a tenth of an inversion, as a run does; each phase's slowest step
-    (``host_ms_slowest``) shows that step apart."""
+    (``host_ms_slowest``) shows that step apart, and its operator calls per step (``host_ops``)
+    count what the host pays for in it, free of timing noise."""
     from torch.profiler import record_function
 
     sizing = sizing.for_shape(shape).for_engine(engine)
@@ -562,7 +563,7 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, sizing
         kernels = sorted((profiled.kernel_ms or {}).items(), key=lambda kv: -kv[1])
         top = None if profiled.kernel_ms is None else dict(kernels[:8])
         figures[arm] = {"host_ms": profiled.host_ms, "host_ms_total": profiled.host_ms_total,
-                        "host_ms_slowest": profiled.host_ms_slowest,
+                        "host_ms_slowest": profiled.host_ms_slowest, "host_ops": profiled.host_ops,
                         "garbage_collections": profiled.collections.figures(profiled.steps),
                         "device_ms": profiled.device_ms, "kernel_launches": profiled.kernel_launches,
                         "device_span_ms": profiled.device_span_ms, "top_kernels_ms": top}
@@ -570,6 +571,7 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, sizing
     figures["grit_minus_lora"] = {
         "host_ms": {name: grit.host_ms[name] - lora.host_ms[name] for name in lora.host_ms},
         "host_ms_total": grit.host_ms_total - lora.host_ms_total,
+        "host_ops": {name: grit.host_ops[name] - lora.host_ops[name] for name in STEP_PHASES},
         "device_ms": grit.device_ms - lora.device_ms if on_device else None,
         "kernel_launches": grit.kernel_launches - lora.kernel_launches if on_device else None,
         "device_span_ms": {name: grit.device_span_ms[name] - lora.device_span_ms[name] for name in STEP_PHASES}

@@ -14,8 +14,8 @@ functions, and time and weigh them here.
   reset starts it from the current use.
 - :func:`phase_profile`: where a step's time goes, per arm: the host's milliseconds in each
   phase of the step (``STEP_PHASES``), the device's kernel time (in all, by kernel) and the
-  kernel launches per step, each phase's span on the device, read from one ``torch.profiler``
-  session per arm.
+  kernel launches per step, each phase's span on the device and its operator calls, read from
+  one ``torch.profiler`` session per arm.
 
 A step function takes one batch and runs one whole training step (forward, backward, the
 optimizer, GRIT's work); what it returns is ignored.
@@ -24,6 +24,7 @@ optimizer, GRIT's work); what it returns is ignored.
 from __future__ import annotations
 
 import argparse
+import bisect
 import gc
 import statistics
 import time
@@ -246,7 +247,9 @@ class PhaseProfile:
     on the device (from its first kernel's start to its last one's end, gaps included) and the
     kernel milliseconds by kernel name (the device figures are None on CPU). ``host_ms_slowest``:
     each phase's slowest single step on the host, where a rare step shows that a mean spreads
-    out (GRIT's inverting step, one in ``update_freq``)."""
+    out (GRIT's inverting step, one in ``update_freq``). ``host_ops``: the operator calls each
+    phase makes per step (``operators_per_phase``), which a host-bound step pays for one by one
+    and which, unlike a phase's milliseconds, do not move with the machine's noise."""
 
     host_ms: dict[str, float]
     device_ms: float | None
@@ -256,6 +259,7 @@ class PhaseProfile:
     kernel_ms: dict[str, float] | None = None
     host_ms_slowest: dict[str, float] | None = None
     collections: Collections | None = None      # the garbage collections in the profiled steps
+    host_ops: dict[str, float] | None = None     # operator calls per step in each phase
 
     @property
     def host_ms_total(self) -> float:
@@ -270,12 +274,34 @@ KERNEL_NAME_CHARS = 90
 class ProfiledEvents:
     """A profile's events, sorted by what they say: ``ranges`` (name, host us) of the phase
     ranges on the host, ``kernels`` (name, device us) of each kernel, ``spans`` (name, device us)
-    of the phase ranges as the device saw them, ``host_calls`` the name of every host event."""
+    of the phase ranges as the device saw them, ``host_calls`` the name of every host event,
+    ``windows`` (name, start us, end us) of the phase ranges on the host and ``operator_starts``
+    the start (us) of every outermost operator call (``is_outermost_operator``)."""
 
     ranges: list[tuple[str, float]]
     kernels: list[tuple[str, float]]
     spans: list[tuple[str, float]]
     host_calls: list[str]
+    windows: list[tuple[str, float, float]] = field(default_factory=list)
+    operator_starts: list[float] = field(default_factory=list)
+
+
+# An operator call as the profiler names it on the host.
+OPERATOR_PREFIX = "aten::"
+
+
+def is_outermost_operator(event: Any) -> bool:
+    """Is ``event`` an operator called from outside any operator (``aten::linear``, not the
+    ``aten::mm`` it calls)? One such call is one trip through the dispatcher that the host pays
+    for whatever the operator does inside; the operators an operator calls are its own business."""
+    if not event.name.startswith(OPERATOR_PREFIX):
+        return False
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith(OPERATOR_PREFIX):
+            return False
+        parent = parent.cpu_parent
+    return True
 
 
 def sort_events(events: Iterable[Any]) -> ProfiledEvents:
@@ -292,6 +318,9 @@ def sort_events(events: Iterable[Any]) -> ProfiledEvents:
             sorted_events.host_calls.append(event.name)
             if event.name.startswith(PHASE_RANGE):
                 sorted_events.ranges.append((event.name, event.cpu_time_total))
+                sorted_events.windows.append((event.name, event.time_range.start, event.time_range.end))
+            elif is_outermost_operator(event):
+                sorted_events.operator_starts.append(event.time_range.start)
         elif getattr(event, "is_user_annotation", False):
             if event.name.startswith(PHASE_RANGE):
                 sorted_events.spans.append((event.name, event.device_time_total))
@@ -324,20 +353,35 @@ def slowest_per_phase(named: Iterable[tuple[str, float]]) -> dict[str, float]:
     return slowest
 
 
+def operators_per_phase(windows: Iterable[tuple[str, float, float]], operator_starts: Iterable[float],
+                        steps: int) -> dict[str, float]:
+    """Operator calls per step of each phase (``STEP_PHASES``): those that start inside one of
+    the phase's ranges (name, start, end), on whichever thread: on CUDA the autograd engine runs
+    backward's operators on its own thread, outside the range's tree of events."""
+    starts = sorted(operator_starts)
+    counts = dict.fromkeys(STEP_PHASES, 0.0)
+    for name, start, end in windows:
+        phase = name.removeprefix(PHASE_RANGE)
+        if name.startswith(PHASE_RANGE) and phase in STEP_PHASES:
+            counts[phase] += (bisect.bisect_right(starts, end) - bisect.bisect_left(starts, start)) / steps
+    return counts
+
+
 def summarise_phases(events: ProfiledEvents, steps: int, on_device: bool) -> PhaseProfile:
     """A :class:`PhaseProfile` from the sorted events of a profile of ``steps`` steps; on CPU
     there is no device time to read."""
     host = per_phase(events.ranges, steps)
     slowest = slowest_per_phase(events.ranges)
+    operators = operators_per_phase(events.windows, events.operator_starts, steps)
     if not on_device:
-        return PhaseProfile(host, None, None, steps, host_ms_slowest=slowest)
+        return PhaseProfile(host, None, None, steps, host_ms_slowest=slowest, host_ops=operators)
     by_kernel: dict[str, float] = {}
     for name, us in events.kernels:
         short = name[:KERNEL_NAME_CHARS]
         by_kernel[short] = by_kernel.get(short, 0.0) + us / 1000 / steps
     launches = sum(name in KERNEL_LAUNCHES for name in events.host_calls) / steps
     return PhaseProfile(host, sum(us for _, us in events.kernels) / 1000 / steps, launches, steps,
-                        per_phase(events.spans, steps), by_kernel, slowest)
+                        per_phase(events.spans, steps), by_kernel, slowest, host_ops=operators)
 
 
 def largest_first(differences: dict[str, float], top: int) -> list[tuple[str, float]]:

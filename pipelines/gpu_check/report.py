@@ -218,10 +218,15 @@ def headline(item: ItemResult) -> str:
 
 
 def profile_line(figures: dict[str, Any]) -> str:
-    """GRIT minus LoRA per step: host milliseconds by phase (the larger ones), device and launches."""
+    """GRIT minus LoRA per step: host milliseconds by phase (the larger ones), operator calls
+    (where the profile counted them), device and launches."""
     extra = figures.get("grit_minus_lora", {})
     phases = largest_first(extra.get("host_ms", {}), 3)
     line = f"host {_signed(extra.get('host_ms_total'))} ms (" + ", ".join(f"{n} {_signed(v)}" for n, v in phases) + ")"
+    if extra.get("host_ops"):
+        operators = largest_first(extra["host_ops"], 2)
+        line += (f", operator calls {_signed(sum(extra['host_ops'].values()))} ("
+                 + ", ".join(f"{n} {_signed(v)}" for n, v in operators) + ")")
     if extra.get("device_ms") is not None:
         line += f", device kernels {_signed(extra['device_ms'])} ms"
     if extra.get("kernel_launches") is not None:

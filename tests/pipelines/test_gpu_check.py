@@ -12,12 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from pipelines.gpu_check.overhead import (
     STEP_PHASES,
     interleaved_step_times,
+    is_outermost_operator,
     kernel_differences,
     sort_events,
     summarise_phases,
@@ -130,13 +132,39 @@ def test_only_synchronising_calls_count_as_host_syncs():
                                 "/pytorch/c10/cuda/CUDAFunctions.cpp:154.)")
 
 
-def profiler_event(name: str, on_device: bool, us: float, annotation: bool = False):
+def profiler_event(name: str, on_device: bool, us: float, annotation: bool = False, start: float = 0.0,
+                   parent: Any = None):
     """What ``sort_events`` reads of a ``torch.profiler`` event (``FunctionEvent``)."""
     from torch.autograd import DeviceType
 
     device = DeviceType.CUDA if on_device else DeviceType.CPU
     return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
-                           cpu_time_total=0.0 if on_device else us, device_time_total=us if on_device else 0.0)
+                           cpu_time_total=0.0 if on_device else us, device_time_total=us if on_device else 0.0,
+                           time_range=SimpleNamespace(start=start, end=start + us), cpu_parent=parent)
+
+
+def test_a_profile_counts_each_phases_outermost_operator_calls_on_any_thread():
+    """An operator an operator calls is not counted again (``aten::linear`` counts, its
+    ``aten::mm`` does not); an operator outside the phase's range in the event tree (backward's
+    operators on the autograd engine's thread, on CUDA) counts for the phase it started in; the
+    count is per step."""
+    forward = profiler_event("phase.forward", False, 100.0, start=0.0)
+    linear = profiler_event("aten::linear", False, 50.0, start=10.0, parent=forward)
+    nested = profiler_event("aten::mm", False, 40.0, start=15.0, parent=linear)
+    deeper = profiler_event("aten::resolve_conj", False, 1.0, start=16.0, parent=nested)
+    backward = profiler_event("phase.backward", False, 100.0, start=200.0)
+    engine = profiler_event("autograd::engine::evaluate_function: MmBackward0", False, 30.0, start=210.0)
+    on_engine_thread = profiler_event("aten::mm", False, 20.0, start=215.0, parent=engine)
+    outside = profiler_event("aten::add_", False, 1.0, start=150.0)
+    again = profiler_event("phase.forward", False, 100.0, start=400.0)
+    events = [forward, linear, nested, deeper, backward, engine, on_engine_thread, outside, again,
+              profiler_event("aten::relu", False, 5.0, start=450.0, parent=again),
+              profiler_event("aten::add", False, 5.0, start=460.0, parent=again)]
+    assert [is_outermost_operator(e) for e in (linear, nested, deeper, on_engine_thread, engine)] == \
+        [True, False, False, True, False]
+    summary = summarise_phases(sort_events(events), steps=2, on_device=False)
+    assert summary.host_ops == {"forward": 1.5, "backward": 0.5, "grit_before": 0.0, "optimizer": 0.0,
+                                "grit_after": 0.0, "zero_grad": 0.0}
 
 
 def test_a_profile_is_summarised_per_step_and_phase():
@@ -212,9 +240,10 @@ def test_the_lora_arm_can_run_grits_fused_functions_without_grit(tmp_path: Path,
 def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path, monkeypatch):
     """The profile item on CPU, PEFT engine, a few tokens, at a tiny width of SmolLM2's layout (the
     item's code path; the real width only makes it slower here): both arms' phases are measured,
-    GRIT's after_step is work LoRA does not do, and the report's line says what GRIT adds. Run
-    through the registry as the worker process runs it, with the adapter-dtype setting passed on,
-    and GRIT's fused functions on PEFT's engine (``--grit-capture fused``)."""
+    each phase's operator calls are counted, GRIT's before_step (not LoRA's clipping) runs in
+    GRIT's arm, and the report's line says what GRIT adds. Run through the registry as the worker
+    process runs it, with the adapter-dtype setting passed on, and GRIT's fused functions on
+    PEFT's engine (``--grit-capture fused``)."""
     from pipelines.gpu_check.items import REGISTRY
     from pipelines.gpu_check.overhead import OVERHEAD_SHAPES, Sizing
 
@@ -230,11 +259,19 @@ def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path
         assert all(figures[arm]["host_ms"][name] > 0 for name in ("forward", "backward", "grit_before", "optimizer"))
         assert figures[arm]["device_ms"] is None
         assert all(figures[arm]["host_ms_slowest"][name] >= figures[arm]["host_ms"][name] for name in STEP_PHASES)
-    assert figures["grit"]["host_ms"]["grit_after"] > figures["lora"]["host_ms"]["grit_after"]
+    # counted, not timed (a sub-0.1 ms wall-clock comparison of the after-step phases was noise):
+    # GRIT's before_step, not LoRA's clipping, ran in GRIT's arm; LoRA's after-step phase is empty
+    operators = {arm: figures[arm]["host_ops"] for arm in ("lora", "grit")}
+    assert set(operators["grit"]) == set(STEP_PHASES) and operators["lora"]["grit_after"] == 0
+    assert operators["grit"]["grit_before"] != operators["lora"]["grit_before"] > 0
+    assert all(operators[arm][name] > 0 for arm in operators for name in ("forward", "backward", "optimizer"))
+    assert figures["grit_minus_lora"]["host_ops"]["grit_before"] == \
+        operators["grit"]["grit_before"] - operators["lora"]["grit_before"]
     assert all(set(figures[arm]["garbage_collections"]) == {"per_step", "ms_per_step", "full"}
                for arm in ("lora", "grit"))
     item = judge("profile", {"engines": {"peft@smollm2": figures}})
     assert item.passed and headline(item).startswith("peft@smollm2: host ")
+    assert ", operator calls +" in headline(item)
     assert " per step, garbage collection GRIT " in headline(item)
     assert judge("profile", {"engines": {"peft@smollm2": {"lora": figures["lora"]}}}).failures == \
         ["peft@smollm2: grit arm not profiled"]
