@@ -50,6 +50,8 @@ from export.config import ExportParams, ServeParams
 
 SPEED = [("delta_speed_decode", "decode speed / base (side by side)"),
          ("delta_speed_prefill", "prefill speed / base (side by side)"),
+         ("delta_speed_decode_same_format", "decode speed / base in the variants' file format (side by side)"),
+         ("delta_speed_prefill_same_format", "prefill speed / base in the variants' file format (side by side)"),
          ("decode_tokens_per_second", "decode tokens/s"), ("prefill_tokens_per_second", "prefill tokens/s"),
          ("train_seconds", "training time (s)"), ("tokens_per_second", "training tokens/s"),
          ("peak_rss_mib", "training peak RSS (MiB)"), ("peak_cuda_mib", "training peak CUDA memory (MiB)")]
@@ -345,6 +347,10 @@ def criteria_rows(tables: RunTables) -> list[list[str]]:
     min_agreement, max_kl = tables.export.min_agreement, tables.export.max_mean_kl
     speed, retention_floor = tables.settings.min_speed_ratio, tables.settings.min_retention
     variants = [m for m in tables.models if m != "base"]
+    # against the base in the variants' file format where the run timed it: against the base as
+    # served, a merged Q8_0 variant is judged on Q8_0's speed against Q4_1's, not on its adapter
+    same_format = any(metric.endswith("_same_format") for _, metric in tables.speeds)
+    suffix, reference = ("_same_format", "base in the variants' file format") if same_format else ("", "base")
 
     def delta(variant: str, reference: str, metric: str) -> Difference | None:
         wanted = (variant, reference, metric)
@@ -377,10 +383,9 @@ def criteria_rows(tables: RunTables) -> list[list[str]]:
          *(improves(v, controls[v], "aqi") if v in controls else "-" for v in variants)],
         ["GRIT beats its control: sampled refusal rate up, significant",
          *(improves(v, controls[v], "sampled_refusal_rate") if v in controls else "-" for v in variants)],
-        [f"decode speed >= {speed:g}x base (side by side)",
-         *(at_least(_speed_value(tables, v, "delta_speed_decode"), speed) for v in variants)],
-        [f"prefill speed >= {speed:g}x base (side by side)",
-         *(at_least(_speed_value(tables, v, "delta_speed_prefill"), speed) for v in variants)],
+        *([f"{phase} speed >= {speed:g}x {reference} (side by side)",
+           *(at_least(_speed_value(tables, v, f"delta_speed_{phase}{suffix}"), speed) for v in variants)]
+          for phase in ("decode", "prefill")),
         [f"export parity (>= {min_agreement:.0%} agreement, <= {max_kl} nats)", *(parity(v) for v in variants)],
         [f"knowledge retention > {retention_floor:.2f}",
          *("n/a" if retention[v] is None else f"{'pass' if retention[v].value > retention_floor else 'FAIL'} "

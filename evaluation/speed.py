@@ -5,12 +5,18 @@ machine was doing at the time. Here every model runs the same prompt ids for the
 decode steps, interleaved within each round and in a rotating order, and each model is compared
 with the reference on the same round and prompt; the stored figure is the median of those paired
 ratios, which a slow spell hitting both models of a pair leaves unchanged.
+
+The base is served from its own file (the package's Q4_1 for the embedded default) and the
+variants merged in ``export.merged_quantization`` (Q8_0): a ratio to the base as served mixes the
+file format with the adapter. So the base in the variants' format is timed beside them too, and
+the ``_same_format`` ratios to it isolate what the adapter costs (nothing, for a merged file).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from statistics import median
 
 import numpy as np
@@ -111,35 +117,53 @@ def speed_ratios(rates: dict[str, dict[str, list[float]]], reference: str = "bas
 
 
 SIDE_BY_SIDE = "llama.cpp side by side"
+# The speed reference's key among the timed models: the base in the merged variants' format
+# (the serve manifest's ``speed_reference``); it is timed, not stored as a model.
+SAME_FORMAT = "base in the variants' format"
+
+
+def speed_figures(rates: dict[str, dict[str, list[float]]], keys: list[str],
+                  same_format: str | None = None) -> dict[str, dict[str, tuple[float, int]]]:
+    """model -> metric -> (value, pairs) for ``keys``: median decode and prefill tokens/s, each
+    variant's paired median ratios to the base as served (``delta_speed_decode``,
+    ``delta_speed_prefill``) and, where ``same_format`` names a timed reference, every model's
+    ratios to it (``..._same_format``; the base's own says what its file format gains)."""
+    as_served = speed_ratios({key: rates[key] for key in keys})
+    same = speed_ratios(rates, same_format) if same_format else {}
+    out: dict[str, dict[str, tuple[float, int]]] = {}
+    for key in keys:
+        n = len(rates[key]["decode"])
+        out[key] = {"decode_tokens_per_second": (median(rates[key]["decode"]), n),
+                    "prefill_tokens_per_second": (median(rates[key]["prefill"]), n)}
+        for ratios, suffix in ((as_served, ""), (same, "_same_format")):
+            if key in ratios:
+                out[key] |= {f"delta_speed_decode{suffix}": (ratios[key]["decode_ratio"], n),
+                             f"delta_speed_prefill{suffix}": (ratios[key]["prefill_ratio"], n)}
+    return out
 
 
 def served_speed(manifest: dict, keys: list[str], settings) -> dict[str, dict[str, tuple[float, int]]]:
     """Decode and prefill tokens/s of every served model, measured side by side with the base
-    (``evaluation.speed``): model -> metric -> (value, pairs). Variants add ``delta_speed_decode``
-    and ``delta_speed_prefill``, their paired median ratios to the base. Through Ollama the
-    models cannot be driven token by token, so nothing is measured (an empty result)."""
-    from evaluation.serving import open_served
+    and, when the variants are served merged in another file format than the base's, with the
+    base in their format (the manifest's ``speed_reference``): ``speed_figures``. Through Ollama
+    the models cannot be driven token by token, so nothing is measured (an empty result)."""
+    from evaluation.serving import chat_of, open_served
+    from export.backend import LlamaCppModel
 
     if manifest["backend"] != "llama.cpp":
         print("[evaluate] speed: served through Ollama; side-by-side speed needs the llama.cpp backend, skipped")
         return {}
     models = {key: open_served(manifest, key) for key in keys}
+    reference = manifest.get("speed_reference")
+    if reference:
+        models[SAME_FORMAT] = LlamaCppModel(Path(reference["gguf"]), chat_of(manifest))
     try:
         rates = side_by_side(models, list(SPEED_PROMPTS[:settings.speed_prompts]), settings.speed_new_tokens,
                              settings.speed_rounds)
     finally:
         for served in models.values():
             served.close()
-    ratios = speed_ratios(rates)
-    out: dict[str, dict[str, tuple[float, int]]] = {}
-    for key in keys:
-        n = len(rates[key]["decode"])
-        out[key] = {"decode_tokens_per_second": (median(rates[key]["decode"]), n),
-                    "prefill_tokens_per_second": (median(rates[key]["prefill"]), n)}
-        if key in ratios:
-            out[key] |= {"delta_speed_decode": (ratios[key]["decode_ratio"], n),
-                         "delta_speed_prefill": (ratios[key]["prefill_ratio"], n)}
-    return out
+    return speed_figures(rates, keys, SAME_FORMAT if reference else None)
 
 
 # Fixed, ordinary prompts of different lengths for speed (the content does not matter: every

@@ -5,7 +5,9 @@
   (cached in ``$GRIT_CACHE_DIR/gguf`` by content) and llama.cpp's quantiser;
 - merged: the adapter merged at full precision into the F32 weights (the F32 conversion, or the
   de-quantized package file), then quantised once (``gguf_edit.merge_lora``). Ollama releases
-  that refuse adapters get this file, and it serves without the adapter's per-token overhead.
+  that refuse adapters get this file, and it serves without the adapter's per-token overhead;
+- the base in the merged files' format (``in_format``): the reference their served speed is
+  measured against.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from core.files import cache_dir
-from export.gguf_edit import merge_lora, with_tokenizer_of
+from export.gguf_edit import dequantized, merge_lora, with_tokenizer_of
 from export.llama_cpp import converter
 
 # Names accepted by ``export.quantization`` -> llama.cpp's LLAMA_FTYPE_* constants.
@@ -47,6 +49,32 @@ def quantize(source: Path, target: Path, quantization: str) -> Path:
             raise GgufExportError(f"llama.cpp could not quantize {source} to {quantization} (status {status})")
     partial.replace(target)
     return target
+
+
+def file_type(gguf_file: Path) -> str | None:
+    """The quantization a GGUF file declares (``general.file_type``), as ``QUANTIZATIONS`` names
+    it; None for a type not listed there."""
+    import gguf
+
+    field = gguf.GGUFReader(gguf_file).fields.get(gguf.Keys.General.FILE_TYPE)
+    code = None if field is None else int(field.contents())
+    return next((name for name, value in QUANTIZATIONS.items() if value == code), None)
+
+
+def in_format(base: Path, base_sha256: str, quantization: str) -> Path:
+    """``base`` in the format merged variants are served in: de-quantized to F32 and quantised
+    to ``quantization`` once, as ``merged_gguf`` writes a merge. It differs from a merged variant
+    in the adapter's values only, so timing the two side by side measures the adapter, not the
+    file format (a Q8_0 file decodes slower than a Q4_1 one on a memory-bound CPU). Cached in
+    ``$GRIT_CACHE_DIR/gguf`` by the base's sha256."""
+    if quantization not in QUANTIZATIONS:
+        raise GgufExportError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
+    target = cache_dir() / "gguf" / f"{base.stem}-{base_sha256[:16]}-as-{quantization}.gguf"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dequantize-") as scratch:
+        return quantize(dequantized(base, Path(scratch) / "f32.gguf"), target, quantization)
 
 
 def _content_key(hf_dir: Path) -> str:

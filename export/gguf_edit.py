@@ -5,6 +5,7 @@
   the folded scale are exactly what llama.cpp applies at serving time); every tensor is written
   as F32 and quantised afterwards by llama.cpp's own quantiser. Metadata (tokenizer, chat
   template, architecture) comes from the base file untouched.
+- ``dequantized``: the base alone written the same way, the speed reference of merged files.
 - ``with_tokenizer_of``: a converted GGUF with another GGUF's tokenizer fields (the tiny test
   model carries SmolLM2's tokenizer, whose reconstructed ``tokenizer.json`` the HF converter
   misreads; the package GGUF holds the original).
@@ -81,9 +82,19 @@ def lora_deltas(adapter_gguf: Path) -> dict[str, np.ndarray]:
 
 def merge_lora(base_gguf: Path, adapter_gguf: Path, out: Path) -> Path:
     """An all-F32 GGUF of the base with the adapter merged in (quantise it afterwards)."""
+    return _f32_with(base_gguf, lora_deltas(adapter_gguf), out)
+
+
+def dequantized(base_gguf: Path, out: Path) -> Path:
+    """An all-F32 GGUF of the base as it is: what ``merge_lora`` writes for an adapter that
+    changes nothing, so quantising both the same way gives files of one format and shape."""
+    return _f32_with(base_gguf, {}, out)
+
+
+def _f32_with(base_gguf: Path, deltas: dict[str, np.ndarray], out: Path) -> Path:
+    """An all-F32 GGUF of the base with ``deltas`` (base tensor name -> [out, in]) added."""
     import gguf
 
-    deltas = lora_deltas(adapter_gguf)
     base = gguf.GGUFReader(base_gguf)
     names = {t.name for t in base.tensors}
     missing = sorted(set(deltas) - names)

@@ -230,11 +230,13 @@ def evaluate(ctx: StageContext, manifest: dict) -> dict[str, Path]:
     atomic_write_text(ctx.root / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))
     for key, metrics in figures.items():
         ratio = speeds.get(key, {}).get("delta_speed_decode", (None, 0))[0]
+        same_format = speeds.get(key, {}).get("delta_speed_decode_same_format", (None, 0))[0]
         print(f"[evaluate] {key}: AQI-style {metrics['aqi'].value:.4f} (1/XB {metrics['separation'].value:.4f}), "
               f"refusal {metrics['refusal_rate'].value:.3f} (P(decline) {metrics['decline_probability'].value:.3f}), "
               f"over-refusal {metrics['overrefusal_rate'].value:.3f}, "
               f"retention {metrics['retention_accuracy'].value:.3f}"
-              + (f", decode {ratio:.3f}x base" if ratio is not None else ""))
+              + (f", decode {ratio:.3f}x base" if ratio is not None else "")
+              + (f", {same_format:.3f}x the base in the variants' file format" if same_format is not None else ""))
     return {"metrics": ctx.root / METRICS, "generations": ctx.root / GENERATIONS}
 
 

@@ -7,7 +7,8 @@ then each alias of ``serve.aliases`` (``unsloth_model``, ``grit_model``) as a co
 Otherwise the stage records ``skipped: no Ollama server at <url>`` with the exact
 ``ollama create`` commands to run later, checks every model with llama.cpp instead, and goes on.
 Either way it writes ``artifacts/serve/manifest.json``, which evaluation reads (backend, model
-names, GGUF paths, chat format). Whether a server is up is not a DVC dependency: after starting
+names, GGUF paths, chat format, and the speed reference: the base in the merged variants' file
+format, ``export.gguf.in_format``). Whether a server is up is not a DVC dependency: after starting
 one, run ``dvc repro -f serve`` (or ``python -m pipelines.serve``).
 """
 
@@ -47,6 +48,22 @@ def entry(model, modelfile: Path) -> dict[str, Any]:
             "merged_gguf": str(model.merged_gguf) if model.merged_gguf else None,
             "modelfile": str(modelfile), "chat_family": model.chat.family, "system": model.chat.default_system,
             "stops": list(model.chat.stops), "parameters": model.parameters}
+
+
+def speed_reference(base_gguf: Path, merged: list[Path]) -> dict[str, str] | None:
+    """The base in the format of the merged files served (``export.gguf.in_format``), which the
+    evaluation times the variants against; None when none is served merged, or when the base
+    already is in their format (then the base itself is the fair reference)."""
+    from core.files import sha256_file
+    from export.gguf import file_type, in_format
+
+    formats = {file_type(path) for path in merged}
+    if len(formats) != 1:
+        return None
+    quantization = formats.pop()
+    if quantization is None or quantization == file_type(base_gguf):
+        return None
+    return {"gguf": str(in_format(base_gguf, sha256_file(base_gguf), quantization)), "quantization": quantization}
 
 
 def aliases_by_variant(aliases: dict[str, str]) -> dict[str, list[str]]:
@@ -145,8 +162,15 @@ def serve(ctx: StageContext, models: list) -> dict[str, Path]:
                 status = "stopped at end of turn" if check["stopped_at_end_of_turn"] else "RAN ON (no end of turn)"
                 print(f"[serve] {m.name} ({form}, llama.cpp): {status}; {check['text'][:60]!r}")
         backend = "llama.cpp"
+    # speed is timed through llama.cpp only (evaluation.speed): Ollama's runs need no reference
+    reference = None if backend == "ollama" else speed_reference(
+        models[0].base_gguf, [m.merged_gguf for m in models if entries[m.variant]["weights"] == "merged"])
+    if reference is not None:
+        print(f"[serve] speed reference: the base in {reference['quantization']}, the merged variants' format "
+              f"({reference['gguf']})")
     atomic_write_json(ctx.root / SERVE_MANIFEST, {"backend": backend, "weights": settings.weights,
-                                            "ollama": ollama_state, "models": entries})
+                                            "ollama": ollama_state, "models": entries,
+                                            "speed_reference": reference})
     return {"manifest": ctx.root / SERVE_MANIFEST, "base_modelfile": base_modelfile}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from evaluation.compare_all import RunTables, criteria_rows, grit_rows, summary_line, verdict
+from evaluation.compare_all import RunTables, criteria_rows, grit_rows, speed_table, summary_line, verdict
 from export.config import ExportParams
 
 MODELS = ["base", "peft_lora", "pure_grit"]
@@ -87,6 +87,23 @@ def test_success_criteria_pass_and_fail_per_variant():
     assert rows["export parity (>= 95% agreement, <= 0.02 nats)"][0].startswith("pass (100%")
     assert rows["export parity (>= 95% agreement, <= 0.02 nats)"][1].startswith("FAIL (90%")
     assert rows["knowledge retention > 0.70"] == ["pass (0.800)", "FAIL (0.650)"]
+
+
+def test_the_speed_criteria_judge_against_the_base_in_the_variants_format_where_it_was_timed():
+    """A merged Q8_0 variant at 0.85x the Q4_1 base as served but 0.99x the base in Q8_0 passes:
+    the format is the serving setting's cost, not the adapter's; the speed table keeps both."""
+    speeds = {(v, metric): [SimpleNamespace(value=value)] for v, metric, value in (
+        ("peft_lora", "delta_speed_decode", 0.85), ("peft_lora", "delta_speed_decode_same_format", 0.99),
+        ("pure_grit", "delta_speed_decode", 0.80), ("pure_grit", "delta_speed_decode_same_format", 0.88),
+        ("base", "delta_speed_decode_same_format", 1.16))}
+    tables = _tables([_comparison("aqi", "pure_grit", "peft_lora", 0.0017, 0.0005, 0.003, 0.001, True)], speeds)
+    rows = {row[0]: row[1:] for row in criteria_rows(tables)}
+    assert rows["decode speed >= 0.9x base in the variants' file format (side by side)"] == \
+        ["pass (0.990)", "FAIL (0.880)"]
+    assert "decode speed >= 0.9x base (side by side)" not in rows
+    table = {row[0]: row[1:] for row in speed_table(tables)}
+    assert table["decode speed / base (side by side)"][1:] == ["0.8500", "0.8000"]
+    assert table["decode speed / base in the variants' file format (side by side)"] == ["1.1600", "0.9900", "0.8800"]
 
 
 def test_a_declared_pair_across_engines_has_its_own_table_and_does_not_decide_the_headline():

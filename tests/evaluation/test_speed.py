@@ -1,10 +1,22 @@
-"""Side-by-side served speed: the paired-ratio arithmetic, the rotation, and a real tiny GGUF."""
+"""Side-by-side served speed: the paired-ratio arithmetic, the rotation, the reference in the
+variants' file format, and a real tiny GGUF."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from evaluation.speed import SpeedSettings, rotation, side_by_side, speed_ratios, time_one
+from evaluation.speed import (
+    SAME_FORMAT,
+    SpeedSettings,
+    rotation,
+    served_speed,
+    side_by_side,
+    speed_figures,
+    speed_ratios,
+    time_one,
+)
 from export.backend import LlamaCppModel
 from export.chat_format import chat_format
 from export.gguf import base_gguf
@@ -82,3 +94,49 @@ def test_a_model_against_itself_runs_at_about_the_same_speed(tiny_base):
     assert out["same"]["n"] == pairs
     assert 0.5 < out["same"]["decode_ratio"] < 2.0
     assert 0.5 < out["same"]["prefill_ratio"] < 2.0
+
+
+def test_speed_figures_give_ratios_to_the_base_as_served_and_to_the_base_in_the_variants_format():
+    """A merged variant decodes as fast as the base in its own format (1.0) but at 0.8x the base
+    as served (a smaller file format): the figures keep both, and the base's own ratio to the
+    reference says what its format gains; the reference is timed, not reported as a model."""
+    rates = {"base": {"decode": [50.0, 60.0], "prefill": [100.0, 100.0]},
+             "merged": {"decode": [40.0, 48.0], "prefill": [150.0, 150.0]},
+             SAME_FORMAT: {"decode": [40.0, 48.0], "prefill": [150.0, 150.0]}}
+    out = speed_figures(rates, ["base", "merged"], SAME_FORMAT)
+    assert set(out) == {"base", "merged"}
+    assert out["merged"]["delta_speed_decode"] == (pytest.approx(0.8), 2)
+    assert out["merged"]["delta_speed_decode_same_format"] == (pytest.approx(1.0), 2)
+    assert out["merged"]["delta_speed_prefill_same_format"] == (pytest.approx(1.0), 2)
+    assert out["base"]["delta_speed_decode_same_format"] == (pytest.approx(1.25), 2)
+    assert "delta_speed_decode" not in out["base"] and out["base"]["decode_tokens_per_second"] == (55.0, 2)
+    without = speed_figures({k: rates[k] for k in ("base", "merged")}, ["base", "merged"])
+    assert not any(metric.endswith("_same_format") for figures in without.values() for metric in figures)
+    assert without["merged"]["delta_speed_decode"] == out["merged"]["delta_speed_decode"]
+
+
+def test_served_speed_times_the_speed_reference_of_the_serve_manifest(tiny_base, tmp_path, monkeypatch):
+    """Real llama.cpp on the tiny model: a variant served merged in Q8_0 against a base served in
+    F32 is also timed against the base in Q8_0 (``export.gguf.in_format``), which the serve stage
+    names in its manifest."""
+    from core.files import sha256_file
+    from export.gguf import in_format, quantize
+
+    monkeypatch.setenv("GRIT_CACHE_DIR", str(tmp_path / "cache"))
+    path, chat = tiny_base
+    merged = quantize(path, tmp_path / "merged-q8.gguf", "Q8_0")
+    served = {"chat_family": chat.family, "system": chat.default_system}
+    manifest = {"backend": "llama.cpp", "weights": "merged",
+                "models": {"base": {**served, "base_gguf": str(path), "adapter_gguf": None, "weights": "base"},
+                           "v": {**served, "base_gguf": str(path), "merged_gguf": str(merged), "weights": "merged"}},
+                "speed_reference": {"gguf": str(in_format(path, sha256_file(path), "Q8_0")), "quantization": "Q8_0"}}
+    settings = SimpleNamespace(speed_prompts=2, speed_new_tokens=4, speed_rounds=2)
+    out = served_speed(manifest, ["base", "v"], settings)
+    assert set(out) == {"base", "v"}
+    assert set(out["v"]) == {"decode_tokens_per_second", "prefill_tokens_per_second", "delta_speed_decode",
+                             "delta_speed_prefill", "delta_speed_decode_same_format",
+                             "delta_speed_prefill_same_format"}
+    assert all(value > 0 and n == 4 for figures in out.values() for value, n in figures.values())
+    assert "delta_speed_decode_same_format" in out["base"]
+    manifest.pop("speed_reference")
+    assert "delta_speed_decode_same_format" not in served_speed(manifest, ["base", "v"], settings)["v"]

@@ -72,3 +72,37 @@ def test_prompts_sharing_a_prefix_reuse_its_cache_and_compute_the_same(tiny_expo
         assert cached.generate(prompt, 6).text == whole.generate(prompt, 6).text
     cached.close()
     whole.close()
+
+
+def tensor_layout(path) -> list[tuple[str, int, tuple[int, ...]]]:
+    return [(t.name, int(t.tensor_type), tuple(int(n) for n in t.shape)) for t in gguf.GGUFReader(path).tensors]
+
+
+def test_the_base_in_the_merged_format_differs_from_a_merge_in_the_adapter_only(tiny_export, tmp_path,
+                                                                                 monkeypatch):
+    """The speed reference: a Q4_1 base re-encoded in Q8_0 has a Q8_0 merge's tensors, types and
+    shapes (so timing them side by side leaves only the adapter), computes the base, is cached by
+    the base's digest, and the serve stage names it only when the formats differ."""
+    from core.files import sha256_file
+    from export.gguf import file_type, in_format, merged_gguf
+    from pipelines.serve import speed_reference
+    from trainers.base_model import resolve_base_model
+    from trainers.config import ModelParams
+
+    q4 = quantize(tiny_export.base_gguf, tmp_path / "base-q4.gguf", "Q4_1")
+    merged = merged_gguf(resolve_base_model(ModelParams(source="tiny")), tiny_export.adapter_gguf,
+                         tmp_path / "merged-q8.gguf", "Q8_0")
+    monkeypatch.setenv("GRIT_CACHE_DIR", str(tmp_path / "cache"))      # a cache of its own: written here
+    reference = in_format(q4, sha256_file(q4), "Q8_0")
+    assert (file_type(q4), file_type(merged), file_type(reference)) == ("Q4_1", "Q8_0", "Q8_0")
+    assert tensor_layout(reference) == tensor_layout(merged) != tensor_layout(q4)
+    for base, again in zip(logits(tiny_export, q4), logits(tiny_export, reference), strict=True):
+        np.testing.assert_allclose(again, base, atol=5e-2)
+    written = reference.stat().st_mtime_ns
+    assert in_format(q4, sha256_file(q4), "Q8_0") == reference and reference.stat().st_mtime_ns == written
+    with pytest.raises(GgufExportError, match="unknown quantization"):
+        in_format(q4, sha256_file(q4), "Q3_XYZ")
+
+    assert speed_reference(q4, [merged]) == {"gguf": str(reference), "quantization": "Q8_0"}
+    assert speed_reference(q4, []) is None                         # nothing served merged
+    assert speed_reference(reference, [merged]) is None            # the base is in their format already

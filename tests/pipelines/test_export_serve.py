@@ -80,6 +80,7 @@ def test_serve_without_a_server_records_the_commands_and_uses_llama_cpp(exported
     assert manifest["models"]["pure_grit"]["aliases"] == ["grit_model"]
     checks = manifest["models"]["pure_grit"]["llama_cpp_check"]
     assert set(checks) == {"adapter", "merged"} and all(c["new_tokens"] > 0 for c in checks.values())
+    assert manifest["speed_reference"] is None        # served FROM base + ADAPTER: the base's own format
 
 
 def test_export_of_an_untrained_variant_is_a_one_line_error(exported: Path, tmp_path: Path):
