@@ -156,6 +156,14 @@ def paired_comparisons(params: Params, outcomes: dict) -> list[tuple[int, Any]]:
     return out
 
 
+def speed_note(ratio: float | None, same_format: float | None) -> str:
+    """The progress line's decode ratios: to the base as served and to the base in the variants'
+    file format, where measured."""
+    parts = ([f"{ratio:.3f}x base"] if ratio is not None else []) + \
+        ([f"{same_format:.3f}x the base in the variants' file format"] if same_format is not None else [])
+    return ", decode " + ", ".join(parts) if parts else ""
+
+
 def record(ctx: StageContext, figures: dict, comparisons: list, speeds: dict) -> None:
     """Every figure, speed and comparison of this run into the store, in one transaction (the
     export parity figures are the export stage's rows, ``export_parity_<form>_<figure>``)."""
@@ -235,8 +243,7 @@ def evaluate(ctx: StageContext, manifest: dict) -> dict[str, Path]:
               f"refusal {metrics['refusal_rate'].value:.3f} (P(decline) {metrics['decline_probability'].value:.3f}), "
               f"over-refusal {metrics['overrefusal_rate'].value:.3f}, "
               f"retention {metrics['retention_accuracy'].value:.3f}"
-              + (f", decode {ratio:.3f}x base" if ratio is not None else "")
-              + (f", {same_format:.3f}x the base in the variants' file format" if same_format is not None else ""))
+              + speed_note(ratio, same_format))
     return {"metrics": ctx.root / METRICS, "generations": ctx.root / GENERATIONS}
 
 

@@ -175,8 +175,10 @@ def test_the_figures_the_readme_quotes_in_prose_are_the_committed_metrics():
             "not significant)") in prose
     cosines = {round(p["update_cosine_median"], 2) for p in probes.values()}
     assert len(cosines) == 1 and f"median cosine {cosines.pop():.2f} with the control's" in prose
-    decode = [evaluation[v]["speed"]["delta_speed_decode"] for v in (*lora, *grit)]
-    assert f"decodes at {span(decode, '{:.2f}', 'x')} the base" in prose
+    decode = {suffix: [evaluation[v]["speed"][f"delta_speed_decode{suffix}"] for v in (*lora, *grit)]
+              for suffix in ("", "_same_format")}
+    assert (f"decodes at {span(decode['_same_format'], '{:.2f}', 'x')} the base in Q8_0, side by side "
+            f"({span(decode[''], '{:.2f}', 'x')} the package's Q4_1 base: the format's cost;") in prose
 
 
 def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study():
@@ -287,8 +289,13 @@ def test_the_figures_docs_metrics_quotes_are_the_committed_run():
     assert (f"put {mass} of this mass on declining edgy-benign prompts that they did not decline in "
             f"{kept['lora']}% (LoRA) and {kept['grit']}% (GRIT)") in page
     assert f"with an AUC of {evaluation['decline_probability_vs_judge']['auc']:.2f}" in page
-    speed = {k: _span([evaluation[v]["speed"][f"delta_speed_{k}"] for v in variants], 2) for k in ("decode", "prefill")}
-    assert f"prefilled at {speed['prefill']}x the base" in page and f"decoded at {speed['decode']}x" in page
+    speed = {(k, suffix): _span([evaluation[v]["speed"][f"delta_speed_{k}{suffix}"] for v in variants], 2)
+             for k in ("decode", "prefill") for suffix in ("", "_same_format")}
+    assert (f"decoded at {speed['decode', '_same_format']}x and prefilled at {speed['prefill', '_same_format']}x "
+            "the base in Q8_0") in page
+    assert f"prefilled at {speed['prefill', '']}x the base and decoded at {speed['decode', '']}x" in page
+    base = {k: f"{evaluation['base']['speed'][f'delta_speed_{k}_same_format']:.2f}" for k in ("decode", "prefill")}
+    assert f"the Q4_1 base itself decoded at {base['decode']}x and prefilled at {base['prefill']}x" in page
 
 
 def test_the_parity_docs_serving_quotes_is_the_committed_run():
