@@ -27,6 +27,7 @@ times the arms in pairs instead, side by side on this CPU (indicative: a quiet m
 
 from __future__ import annotations
 
+import argparse
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -165,8 +166,11 @@ def timed_pair(baseline: str, arm: str, steps: int = 150, warmup: int = 4):
                                   [data[k % len(data)] for k in range(steps + warmup)], warmup)
 
 
-def main() -> int:
-    if "--time" in sys.argv[1:]:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--time", action="store_true",
+                        help="time the arms in pairs side by side instead of counting (a quiet machine only)")
+    if parser.parse_args(argv).time:
         print("host-bound step time, SmolLM2's 210 LoRA modules at tiny width (fp32, CPU, one thread), "
               "150 steps interleaved per pair:")
         for baseline, arm in TIMED_PAIRS:

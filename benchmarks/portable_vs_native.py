@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serving_speed import PROMPTS  # noqa: E402  (needs the path set above)
+from evaluation.speed import SPEED_PROMPTS as PROMPTS  # noqa: E402  (needs the path set above)
 
 
 def worker(tokens: int) -> int:
