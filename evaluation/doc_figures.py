@@ -132,9 +132,14 @@ def serving_speed_block(benchmark: dict) -> str:
     """docs/serving.md's side-by-side serving speeds: ``benchmarks/serving_speed.py --json``."""
     rows = [[form["label"], f"{form['decode']:.1f} ({form['decode_ratio']:.3f}x)",
              f"{form['prefill']:.1f} ({form['prefill_ratio']:.3f}x)"] for form in benchmark["forms"]]
+    fair = benchmark.get("merged_vs_same_format")
+    judged = "" if fair is None else (
+        f"\n\nThe merged file against the base in its own format (the evaluate stage's criterion): decode "
+        f"{fair['decode_ratio']:.3f}x, prefill {fair['prefill_ratio']:.3f}x, paired by round and prompt.")
     return (f"`python benchmarks/serving_speed.py` ({benchmark['adapter']}; llama.cpp, {benchmark['threads']} "
             f"threads, {benchmark['rounds']} interleaved rounds x {benchmark['prompts']} prompts, medians; rendered "
-            f"from `{SERVING_BENCHMARK}`):\n\n" + markdown(["", "decode tokens/s", "prefill tokens/s"], rows))
+            f"from `{SERVING_BENCHMARK}`):\n\n" + markdown(["", "decode tokens/s", "prefill tokens/s"], rows)
+            + judged)
 
 
 def _json(sources: Sources, relative: str) -> dict:

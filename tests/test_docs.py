@@ -67,6 +67,8 @@ def test_the_rendered_blocks_say_what_their_files_hold():
     merged = [f for f in serving["forms"] if f["form"] == "merged"][0]
     serving_page = (REPO_ROOT / "docs/serving.md").read_text()
     assert f"({merged['decode_ratio']:.3f}x)" in block("serving_speed").current(serving_page)
+    assert f"decode {serving['merged_vs_same_format']['decode_ratio']:.3f}x, prefill" in \
+        block("serving_speed").current(serving_page)
     gpu = block("gpu_check_h100").current((REPO_ROOT / "docs/gpu.md").read_text())
     overhead = json.loads(sources.text("benchmarks/results/gpu-check-h100-overhead-llama-1b.json"))["items"][0]
     assert overhead["failures"][0] in gpu and "| GRIT overhead over LoRA | FAIL |" in gpu
