@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             for model in models.values():
                 model.close()
     ratios = speed_ratios(rates)
-    fair = speed_ratios({name: rates[name] for name in ("merged", "base_same_format")}, "base_same_format")["merged"]
+    fair = speed_ratios(rates, "base_same_format")["merged"]
     print(f"llama.cpp, embedded SmolLM2-135M Q4_1, {origin}; {args.rounds} rounds x {len(prompts)} prompts, "
           "median tokens/s (median of the ratios to the base paired by round and prompt)")
     labels = {"base": "base (Q4_1)", "base+adapter": "base + adapter.gguf",

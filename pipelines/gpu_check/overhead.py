@@ -272,18 +272,22 @@ KERNEL_NAME_CHARS = 90
 
 @dataclass(frozen=True)
 class ProfiledEvents:
-    """A profile's events, sorted by what they say: ``ranges`` (name, host us) of the phase
-    ranges on the host, ``kernels`` (name, device us) of each kernel, ``spans`` (name, device us)
-    of the phase ranges as the device saw them, ``host_calls`` the name of every host event,
-    ``windows`` (name, start us, end us) of the phase ranges on the host and ``operator_starts``
-    the start (us) of every outermost operator call (``is_outermost_operator``)."""
+    """A profile's events, sorted by what they say: ``windows`` (name, start us, end us) of the
+    phase ranges on the host, ``kernels`` (name, device us) of each kernel, ``spans`` (name,
+    device us) of the phase ranges as the device saw them, ``host_calls`` the name of every host
+    event and ``operator_starts`` the start (us) of every outermost operator call
+    (``is_outermost_operator``)."""
 
-    ranges: list[tuple[str, float]]
+    windows: list[tuple[str, float, float]]
     kernels: list[tuple[str, float]]
     spans: list[tuple[str, float]]
     host_calls: list[str]
-    windows: list[tuple[str, float, float]] = field(default_factory=list)
     operator_starts: list[float] = field(default_factory=list)
+
+    @property
+    def ranges(self) -> list[tuple[str, float]]:
+        """(name, host us) of the phase ranges: a host event's time is its window's length."""
+        return [(name, end - start) for name, start, end in self.windows]
 
 
 # An operator call as the profiler names it on the host.
@@ -317,7 +321,6 @@ def sort_events(events: Iterable[Any]) -> ProfiledEvents:
         if on_host:
             sorted_events.host_calls.append(event.name)
             if event.name.startswith(PHASE_RANGE):
-                sorted_events.ranges.append((event.name, event.cpu_time_total))
                 sorted_events.windows.append((event.name, event.time_range.start, event.time_range.end))
             elif is_outermost_operator(event):
                 sorted_events.operator_starts.append(event.time_range.start)
@@ -329,11 +332,16 @@ def sort_events(events: Iterable[Any]) -> ProfiledEvents:
     return sorted_events
 
 
+def phase_of(name: str) -> str | None:
+    """The phase (``STEP_PHASES``) a range named ``phase.<name>`` marks; None for any other name."""
+    phase = name.removeprefix(PHASE_RANGE)
+    return phase if name.startswith(PHASE_RANGE) and phase in STEP_PHASES else None
+
+
 def phase_ranges(named: Iterable[tuple[str, float]]) -> Iterable[tuple[str, float]]:
     """(phase, milliseconds) of each range of a phase (``STEP_PHASES``) among (range name, microseconds)."""
     for name, us in named:
-        phase = name.removeprefix(PHASE_RANGE)
-        if name.startswith(PHASE_RANGE) and phase in STEP_PHASES:
+        if (phase := phase_of(name)) is not None:
             yield phase, us / 1000
 
 
@@ -361,8 +369,7 @@ def operators_per_phase(windows: Iterable[tuple[str, float, float]], operator_st
     starts = sorted(operator_starts)
     counts = dict.fromkeys(STEP_PHASES, 0.0)
     for name, start, end in windows:
-        phase = name.removeprefix(PHASE_RANGE)
-        if name.startswith(PHASE_RANGE) and phase in STEP_PHASES:
+        if (phase := phase_of(name)) is not None:
             counts[phase] += (bisect.bisect_right(starts, end) - bisect.bisect_left(starts, start)) / steps
     return counts
 
