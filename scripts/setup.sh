@@ -11,7 +11,8 @@ STAMP=$VENV/.setup-stamp
 # The llama.cpp build flavour (GRIT_LLAMA_BUILD: portable by default, or native) is part of the
 # stamp, so switching it re-runs the set-up, which installs the matching cached or new build; so
 # is the cache folder, which holds the converters: a new GRIT_CACHE_DIR gets them extracted.
-want=$( (cat requirements/lock.txt requirements/no-deps.txt requirements/test.txt scripts/setup.sh export/llama_cpp.py; \
+want=$( (cat requirements/lock.txt requirements/no-deps.txt requirements/test.txt scripts/setup.sh scripts/check_lock.py \
+           export/llama_cpp.py; \
          echo "llama-build=${GRIT_LLAMA_BUILD:-portable}"; echo "cache=${GRIT_CACHE_DIR:-$HOME/.cache/grit-lora}") \
        | sha256sum | cut -c1-16)
 
@@ -36,5 +37,7 @@ echo "[setup] installing what only the tests need (requirements/test.txt)"
 pip_quiet install --quiet --no-deps -r requirements/test.txt
 echo "[setup] llama.cpp runtime (${GRIT_LLAMA_BUILD:-portable} build) and converters (pinned sdist), then a smoke generation"
 "$VENV/bin/python" -m export.llama_cpp setup
+# What pip installed depends on its config too (find-links, an extra index): prove it is the lock.
+"$VENV/bin/python" scripts/check_lock.py
 echo "$want" > "$STAMP"
 echo "[setup] done in $(( $(date +%s) - started )) s"
