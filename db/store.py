@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import UserError
 from core.files import sha256_file
+from db.config import scrubbed, shown
 from db.models import Artifact, Base, Run, StageRun
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -70,7 +71,7 @@ def sqlite_file(url: str, root: Path | None = None) -> Path:
     a URI-style database names the file after ``file:``. An in-memory store is an error."""
     parsed = make_url(url)
     if parsed.database in (None, "", ":memory:"):
-        raise StoreError(f"store url {url!r}: an in-memory SQLite store cannot be shared; give a file")
+        raise StoreError(f"store url {shown(url)!r}: an in-memory SQLite store cannot be shared; give a file")
     name = parsed.database
     if _is_uri(parsed) and name.startswith("file:"):
         name = name.removeprefix("file:")
@@ -78,8 +79,9 @@ def sqlite_file(url: str, root: Path | None = None) -> Path:
     return path if path.is_absolute() else (root or Path.cwd()) / path
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def _first_line(error: BaseException, url: str) -> str:
+    """The first line of ``error``'s message, any password of ``url`` in it replaced by ``***``."""
+    return scrubbed((str(error).strip().splitlines() or [type(error).__name__])[0], url)
 
 
 def _can_make_folder_in(folder: Path) -> bool:
@@ -100,7 +102,7 @@ def check_store_writable(url: str, root: Path | None = None) -> None:
         parsed = make_url(url)
         parsed.get_dialect()
     except Exception as error:  # noqa: BLE001 - ArgumentError, NoSuchModuleError, ImportError
-        raise StoreError(f"store.url {url!r} is not a usable SQLAlchemy URL ({_first_line(error)}); "
+        raise StoreError(f"store.url {shown(url)!r} is not a usable SQLAlchemy URL ({_first_line(error, url)}); "
                          "for example sqlite:///outputs/centralized.db") from None
     if parsed.get_backend_name() != "sqlite":
         _check_server_writable(url)
@@ -116,20 +118,20 @@ def check_store_writable(url: str, root: Path | None = None) -> None:
         return
     if not path.is_file():
         raise StoreError(f"the results store {path} is not a file; fix store.url")
-    problem = _write_problem(create_store_engine(url, root))
+    problem = _write_problem(create_store_engine(url, root), url)
     if problem:
         raise StoreError(f"the results store {path} cannot be written ({problem}); fix its permissions or store.url")
 
 
 def _check_server_writable(url: str) -> None:
     """A database server's store: reachable, and a table can be made (then rolled back)."""
-    engine = create_store_engine(url)
-    problem = _write_problem(engine)
+    problem = _write_problem(create_store_engine(url), url)
     if problem:
-        raise StoreError(f"store.url: cannot write to {engine.url.render_as_string()} ({problem})")
+        raise StoreError(f"store.url: cannot write to {shown(server_url(url).render_as_string(hide_password=False))} "
+                         f"({problem})")
 
 
-def _write_problem(engine: Engine) -> str | None:
+def _write_problem(engine: Engine, url: str) -> str | None:
     """Why nothing can be written through ``engine`` (one line), or None: a table is made, then
     rolled back (BEGIN IMMEDIATE succeeds on a read-only SQLite file; only a real write tells)."""
     try:
@@ -137,7 +139,7 @@ def _write_problem(engine: Engine) -> str | None:
             connection.exec_driver_sql("CREATE TABLE _grit_write_probe (x INTEGER)")
             connection.rollback()
     except Exception as error:  # noqa: BLE001 - any driver's connection or permission error
-        return _first_line(error)
+        return _first_line(error, url)
     finally:
         engine.dispose()
     return None
@@ -271,7 +273,7 @@ def open_store(url: str, root: Path | None = None, migrate: bool = True) -> Resu
             upgrade_schema(engine)
         except Exception as error:  # noqa: BLE001 - reported as one line at the edge
             raise StoreError(
-                f"results store {url!r} could not be opened or migrated: {error}".splitlines()[0]
+                f"results store {shown(url)!r} could not be opened or migrated: {_first_line(error, url)}"
             ) from error
     return ResultsStore(engine)
 

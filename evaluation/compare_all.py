@@ -40,7 +40,7 @@ from sqlalchemy import select
 
 from core.errors import UserError
 from core.section import Section
-from db.config import StoreParams
+from db.config import WHERE_PASSWORDS_GO, StoreParams, has_password, store_url
 from db.models import Comparison, EvalMetric, Run, SpeedMetric
 from db.store import open_store, sqlite_file
 from evaluation.config import EvalParams
@@ -149,13 +149,22 @@ class RunTables:
 
 
 def default_store_url(root: Path) -> str:
-    """The store ``params.yaml`` names (its ``store`` section alone is read), else the default."""
+    """``$GRIT_STORE_URL``, else the store ``params.yaml`` names (its ``store`` section alone is
+    read), else the default."""
     params = root / "params.yaml"
     raw = (yaml.safe_load(params.read_text()) or {}) if params.is_file() else {}
     try:
-        return StoreParams.model_validate(raw.get("store") or {}).url
+        return store_url(StoreParams.model_validate(raw.get("store") or {}))
     except ValidationError as error:
-        raise UserError(f"{params}: store: {error.errors()[0]['msg']}; pass --store URL") from None
+        message = error.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UserError(f"{params}: store: {message}; pass --store URL") from None
+
+
+def given_store_url(url: str) -> str:
+    """A ``--store`` URL, which shell histories and process lists keep: never with a password."""
+    if has_password(url):
+        raise UserError(f"--store: the URL holds a password; remove it and {WHERE_PASSWORDS_GO}")
+    return url
 
 
 def existing_store(url: str, root: Path):
@@ -521,11 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", help="run id (default: the latest complete run)")
     parser.add_argument("--list", action="store_true", help="list the runs in the store and exit")
     parser.add_argument("--csv", type=Path, help="also write every figure to this CSV file")
-    parser.add_argument("--store", help="SQLAlchemy URL (default: store.url of params.yaml)")
+    parser.add_argument("--store", help="SQLAlchemy URL, without a password (default: $GRIT_STORE_URL, "
+                                        "else store.url of params.yaml)")
     args = parser.parse_args(argv)
     root = Path.cwd()
     try:
-        url = args.store or default_store_url(root)
+        url = given_store_url(args.store) if args.store else default_store_url(root)
         if args.list:
             print(run_listing(url, root))
             return 0

@@ -17,9 +17,11 @@ CSV = Path("reports/compare.csv")
 
 
 def compare(ctx: StageContext, _checked) -> dict[str, Path]:
+    from db.config import store_url
     from evaluation.compare_all import load_run, write_outputs
 
-    text, written = write_outputs(load_run(ctx.params.store.url, ctx.store_root, ctx.run_id), ctx.root,
+    # ctx.params records the URL without its password; $GRIT_STORE_URL may hold it.
+    text, written = write_outputs(load_run(store_url(ctx.params.store), ctx.store_root, ctx.run_id), ctx.root,
                                   ctx.root / CSV)
     print(text)
     return written

@@ -18,7 +18,7 @@ from pydantic import ValidationError, model_validator
 
 from core.errors import UserError
 from core.section import Section, content_hash
-from db.config import StoreParams
+from db.config import StoreParams, has_password
 from evaluation.config import EvalParams, StudyParams, check_disjoint, seeds_for_testing, tuning_seeds
 from export.config import ExportParams, ServeParams
 from trainers.config import (
@@ -211,7 +211,8 @@ def _one_line(error: ValidationError, source: str) -> str:
         message = "unknown key"
     else:
         message = first["msg"].removeprefix("Value error, ")
-        if "input" in first and not isinstance(first["input"], dict):
+        # A value that holds a password (a store URL given in place of its section) is not echoed.
+        if "input" in first and not isinstance(first["input"], dict) and not has_password(str(first["input"])):
             message += f" (got {first['input']!r})"
     more = len(error.errors()) - 1
     suffix = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""

@@ -7,7 +7,9 @@ Order, so that bad input never touches the store:
 
 A *run* is one validated parameter set: its id is a prefix of the params hash, so
 ``dvc repro`` of the same params re-records the same run (rows replaced, never duplicated),
-while ``dvc exp run -S key=value`` makes a new one.
+while ``dvc exp run -S key=value`` makes a new one. Its ``store.url`` is the URL the store was
+opened at (``$GRIT_STORE_URL`` or ``store.url``) less any password (``db/config.py``), so a
+password reaches neither the store, nor the run id, nor a file a stage writes from params.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import yaml
 from core.errors import StoppedEarly, UserError
 from core.quiet import silence_known_import_noise
 from core.threads import llama_threads
+from db.config import recorded_store, store_url
 from db.models import Run
 from db.store import ResultsStore, check_store_writable, open_store, utcnow
 from pipelines.params import DEFAULT_PARAMS_PATH, Params, load_params, params_hash
@@ -213,10 +216,12 @@ def run_stage(
     results_root = store_root(root)
     try:
         params = load_params(args.params)
+        url = store_url(params.store)       # $GRIT_STORE_URL, the one place a password may be, else store.url
+        params = params.model_copy(update={"store": recorded_store(url)})   # what the run records and hashes
         llama_threads()          # a bad $GRIT_LLAMA_THREADS is one line here, not after training
-        check_store_writable(params.store.url, results_root)   # before any work: results must be recordable
+        check_store_writable(url, results_root)   # before any work: results must be recordable
         checked = preflight(params) if preflight is not None else None
-        store = open_store(params.store.url, results_root)
+        store = open_store(url, results_root)
     except UserError as error:
         return _fail(str(error))
 

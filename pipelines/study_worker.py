@@ -213,12 +213,10 @@ def optuna_study(params: Params, root: Path, job: dict[str, Any]):
     interrupted (not counted) and its configuration queued to be asked again first."""
     import optuna
 
-    from db.store import open_store
     from db.tuning_journal import StoreJournal
-    from pipelines.stage import store_root
 
     study = params.study
-    store = open_store(params.store.url, store_root(root))     # the repository's, as the study process's
+    store = trial_store(params, root)
     storage = optuna.storages.JournalStorage(StoreJournal(store, job["tuning"]))
     sampler = (optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=study.startup) if study.sampler == "tpe"
                else optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=study.seed))
@@ -327,10 +325,13 @@ def run_summary(record: dict[str, Any]) -> str:
 
 
 def trial_store(params: Params, root: Path):
+    """The repository's store, as the study process's: the params handed over record its URL
+    without the password, which ``$GRIT_STORE_URL`` (inherited) or PGPASSWORD/~/.pgpass give."""
+    from db.config import store_url
     from db.store import open_store
     from pipelines.stage import store_root
 
-    return open_store(params.store.url, store_root(root))     # the repository's, as the study process's
+    return open_store(store_url(params.store), store_root(root))
 
 
 def provenance(record: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:

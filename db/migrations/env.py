@@ -23,9 +23,10 @@ def _engine():
     engine = config.attributes.get("engine")
     if engine is not None:
         return engine
+    from db.config import STORE_URL_VARIABLE
     from db.store import create_store_engine
 
-    url = os.environ.get("GRIT_STORE_URL") or config.get_main_option("sqlalchemy.url")
+    url = os.environ.get(STORE_URL_VARIABLE) or config.get_main_option("sqlalchemy.url")
     return create_store_engine(url)
 
 
