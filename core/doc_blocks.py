@@ -4,8 +4,9 @@ A page holds a block between two marker lines (``<!-- name:begin (python -m pipe
 ... ``<!-- name:end -->``); a :class:`DocBlock` says which page, which committed files the block
 is rendered from and how. ``python -m pipelines.docs`` rewrites every block, ``--check`` (and
 the test suite) fails when a page and its files disagree. Sources are read through a
-:class:`Sources`: the working tree when rendering, the commit when testing (``make run``
-rewrites the working copies of the metrics, and a page quotes the committed run).
+:class:`Sources`: the working tree when rendering, the commit alone when checking (``make run``
+rewrites the working copies of the metrics, and a page quotes the committed run): commit a
+re-measured file together with the pages rendered from it.
 """
 
 from __future__ import annotations
@@ -32,25 +33,43 @@ class Sources:
     def glob(self, pattern: str) -> list[str]:
         return sorted(str(p.relative_to(self.root)) for p in self.root.glob(pattern) if p.is_file())
 
+    def page(self, relative: str) -> str:
+        """A page that holds blocks, as these sources see it."""
+        return (self.root / relative).read_text()
+
 
 class CommittedSources(Sources):
-    """The files of commit ``rev`` of the git repository at ``root`` (a file the commit does not
-    hold is read from the working tree: a block about a file not yet committed is checked too)."""
+    """The files and pages of commit ``rev`` of the git repository at ``root``, and only those:
+    the committed pages are checked against the committed files, never against what a user's run
+    left in the working tree (``make run`` rewrites ``metrics/``; the smoke profile adds
+    ``metrics/train/grit_paper.json``, which a glob would otherwise pick up, and rewrites the
+    README's study lines). Outside a git repository, the working tree."""
 
     def __init__(self, root: Path, rev: str = "HEAD") -> None:
         super().__init__(root)
         self.rev = rev
+        listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", "--full-tree", rev], cwd=root,
+                                capture_output=True, text=True)
+        self.tracked = set(listed.stdout.splitlines()) if listed.returncode == 0 else None
 
     def text(self, relative: str) -> str | None:
+        if self.tracked is None:
+            return super().text(relative)
+        if relative not in self.tracked:
+            return None
         shown = subprocess.run(["git", "show", f"{self.rev}:{relative}"], cwd=self.root, capture_output=True,
-                               text=True)
-        return shown.stdout if shown.returncode == 0 else super().text(relative)
+                               text=True, check=True)
+        return shown.stdout
 
     def glob(self, pattern: str) -> list[str]:
-        listed = subprocess.run(["git", "ls-tree", "-r", "--name-only", self.rev], cwd=self.root,
-                                capture_output=True, text=True)
-        tracked = [n for n in listed.stdout.splitlines() if fnmatch.fnmatchcase(n, pattern)]
-        return sorted(set(tracked) | set(super().glob(pattern)))
+        if self.tracked is None:
+            return super().glob(pattern)
+        return sorted(name for name in self.tracked if fnmatch.fnmatchcase(name, pattern))
+
+    def page(self, relative: str) -> str:
+        """The committed page (a study sitting, or the smoke profile, rewrites the working copy's
+        study lines); a page the commit does not hold yet, from the working tree."""
+        return self.text(relative) or super().page(relative)
 
 
 @dataclass(frozen=True)
@@ -92,6 +111,6 @@ def render_pages(blocks: list[DocBlock], sources: Sources) -> dict[str, tuple[st
     for block in blocks:
         now, wanted = pages.get(block.page, (None, None))
         if now is None:
-            now = wanted = (sources.root / block.page).read_text()
+            now = wanted = sources.page(block.page)
         pages[block.page] = (now, block.rendered_into(wanted, sources))
     return pages

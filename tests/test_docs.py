@@ -1,5 +1,9 @@
 """The documentation stays true: the README's figures come from the committed metrics, every
-relative link resolves, and nothing points outside the repository."""
+relative link resolves, and nothing points outside the repository.
+
+Pages are checked against the *committed* files (``git show HEAD:path``), never against what a
+user's own run left in the working tree: ``make run`` rewrites ``metrics/``, and the smoke
+profile adds files such as ``metrics/train/grit_paper.json``."""
 
 from __future__ import annotations
 
@@ -17,12 +21,13 @@ OUTSIDE = ("REFERENCE" + ".md", "../" + "shared")
 
 
 def committed(relative: str) -> str:
-    """A pipeline output as the checked-out commit holds it: the README's figures are rendered
-    from the *committed* metrics, while ``make run`` rewrites the working copies (served speed and
-    greedy rates move between machines), so ``make run`` then ``make test`` must read the commit.
-    Re-measured metrics are therefore checked once they are committed."""
-    shown = subprocess.run(["git", "show", f"HEAD:{relative}"], cwd=REPO_ROOT, capture_output=True, text=True)
-    return shown.stdout if shown.returncode == 0 else (REPO_ROOT / relative).read_text()
+    """A file as the checked-out commit holds it: the pages quote the committed runs, while
+    ``make run`` rewrites the working copies (served speed and greedy rates move between
+    machines), so ``make run`` then ``make test`` must read the commit. Re-measured files are
+    therefore checked once they are committed."""
+    text = CommittedSources(REPO_ROOT).text(relative)
+    assert text is not None, f"{relative} is not committed"
+    return text
 
 
 def _tracked_text_files() -> list[Path]:
@@ -87,6 +92,44 @@ def test_the_readme_headline_is_the_committed_study_or_says_it_is_missing():
     else:
         assert "has not been completed" in headline
     assert readme.index(block("study").begin) < readme.index(block("results").begin)   # the study is the headline
+
+
+def test_the_check_reads_the_commit_not_what_a_run_left_in_the_working_tree(tmp_path: Path):
+    """Issue 65: after the smoke profile and ``make run``, the working tree holds rewritten metrics
+    and files the commit never had (``metrics/train/grit_paper.json``); the check must still
+    compare the committed pages with the committed files, so a user's own runs never fail it."""
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    def commit(message: str) -> None:
+        git("-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", "commit", "-q", "-am", message)
+
+    def trained(sources: Sources) -> str:
+        return ", ".join(f"{Path(n).stem}={sources.text(n).strip()}" for n in sources.glob("metrics/train/*.json"))
+
+    listing = DocBlock("trained", "docs/x.md", trained)
+    (tmp_path / "metrics/train").mkdir(parents=True)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "metrics/train/peft_lora.json").write_text("1\n")
+    (tmp_path / "docs/x.md").write_text(f"# x\n{listing.begin}\npeft_lora=1\n{listing.end}\n")
+    git("init", "-q")
+    git("add", ".")
+    commit("pages and files")
+    assert stale_pages(tmp_path, [listing]) == []
+    # a user's runs: a metric rewritten, a file of another profile added, a page block rewritten
+    (tmp_path / "metrics/train/peft_lora.json").write_text("2\n")
+    (tmp_path / "metrics/train/grit_paper.json").write_text("3\n")
+    (tmp_path / "docs/x.md").write_text(f"# x\n{listing.begin}\nsmoke figures\n{listing.end}\n")
+    assert stale_pages(tmp_path, [listing]) == []
+    assert CommittedSources(tmp_path).glob("metrics/train/*.json") == ["metrics/train/peft_lora.json"]
+    assert CommittedSources(tmp_path).text("metrics/train/grit_paper.json") is None
+    # rendering reads the working tree, as python -m pipelines.docs does
+    now, wanted = render_pages([listing], Sources(tmp_path))["docs/x.md"]
+    assert "grit_paper=3, peft_lora=2" in wanted
+    # a committed page that disagrees with its committed files still fails
+    (tmp_path / "docs/x.md").write_text(f"# x\n{listing.begin}\npeft_lora=9\n{listing.end}\n")
+    commit("a stale page")
+    assert stale_pages(tmp_path, [listing]) == ["docs/x.md"]
 
 
 def test_a_stale_block_is_detected_and_rewritten(tmp_path: Path):
