@@ -5,12 +5,15 @@
 
 The blocks (``core/doc_blocks.py``): the evaluation's (``evaluation/doc_figures.py``: the study
 headline, the default run's tables, the probe and training tables, stage times, serving speed)
-and the GPU check's (``docs/gpu.md``, from ``benchmarks/results/gpu-check-*.json``).
+and the GPU check's (from ``benchmarks/results/gpu-check-*.json``). The default run's tables
+live on ``docs/results.md`` (the README links to them) and the GPU sessions on the dated
+``docs/history.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,8 +33,14 @@ def _gpu(reports: str):
     return render
 
 
-BLOCKS: list[DocBlock] = [*EVALUATION_BLOCKS, *(DocBlock(f"gpu_check_{gpu}", "docs/gpu.md", _gpu(reports))
-                                                for gpu, reports in GPU_REPORTS.items())]
+# Where a block lives when not on the page evaluation/doc_figures.py names: the README keeps the
+# study and links to the default run's tables, which would double its length.
+PAGES = {"results": "docs/results.md"}
+
+BLOCKS: list[DocBlock] = [
+    *(dataclasses.replace(block, page=PAGES.get(block.name, block.page)) for block in EVALUATION_BLOCKS),
+    *(DocBlock(f"gpu_check_{gpu}", "docs/history.md", _gpu(reports)) for gpu, reports in GPU_REPORTS.items()),
+]
 
 
 def stale_pages(root: Path, blocks: list[DocBlock] = BLOCKS) -> list[str]:
