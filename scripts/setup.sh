@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or refresh .venv with the pinned environment. Idempotent: a second run with unchanged
 # requirements returns at once; the llama-cpp-python wheel is built once and cached
-# (GRIT_CACHE_DIR, default ~/.cache/grit-lora), so even a fresh .venv is quick the second time.
+# (GRIT_CACHE_DIR, default ~/.cache/grit-lora), and so is Ollama (built from its Go module), so
+# even a fresh .venv is quick the second time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,7 +13,7 @@ STAMP=$VENV/.setup-stamp
 # stamp, so switching it re-runs the set-up, which installs the matching cached or new build; so
 # is the cache folder, which holds the converters: a new GRIT_CACHE_DIR gets them extracted.
 want=$( (cat requirements/lock.txt requirements/no-deps.txt requirements/test.txt scripts/setup.sh scripts/check_lock.py \
-           export/llama_cpp.py; \
+           export/llama_cpp.py export/ollama_build.py; \
          echo "llama-build=${GRIT_LLAMA_BUILD:-portable}"; echo "cache=${GRIT_CACHE_DIR:-$HOME/.cache/grit-lora}") \
        | sha256sum | cut -c1-16)
 
@@ -37,6 +38,8 @@ echo "[setup] installing what only the tests need (requirements/test.txt)"
 pip_quiet install --quiet --no-deps -r requirements/test.txt
 echo "[setup] llama.cpp runtime (${GRIT_LLAMA_BUILD:-portable} build) and converters (pinned sdist), then a smoke generation"
 "$VENV/bin/python" -m export.llama_cpp setup
+echo "[setup] Ollama (built once from its Go module at the same instruction-set level, cached; about 2-3 min)"
+"$VENV/bin/python" -m export.ollama_build setup
 # What pip installed depends on its config too (find-links, an extra index): prove it is the lock.
 "$VENV/bin/python" scripts/check_lock.py
 echo "$want" > "$STAMP"
