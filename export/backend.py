@@ -2,7 +2,8 @@
 
 It loads exactly the files a Modelfile names (``FROM`` base GGUF, optional ``ADAPTER`` GGUF, or a
 merged GGUF), renders prompts with the same chat format as the Modelfile's ``TEMPLATE`` and stops
-at the same end-of-turn tokens. Decoding is greedy; speed comes from llama.cpp's own timers.
+at the same end-of-turn tokens. Decoding is greedy (``export.decoding``, which the Modelfiles
+state too); speed comes from llama.cpp's own timers.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from export.chat_format import ChatFormat
+from export.decoding import llama_cpp_sampling
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class LlamaCppModel:
         stopped = False
         self._evaluate_from_cache(tokens)
         # generate() sees the prompt already evaluated and samples from its logits at once.
-        for token in self.llm.generate(tokens, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        for token in self.llm.generate(tokens, reset=True, **llama_cpp_sampling()):
             if token in self.stop_ids:
                 stopped = True
                 break

@@ -10,6 +10,7 @@ from pathlib import Path
 from core.errors import UserError
 from core.files import sha256_file
 from export.chat_format import ChatFormat, modelfile_escape, served_chat_format
+from export.decoding import GREEDY
 
 
 class ExportIntegrityError(UserError):
@@ -57,6 +58,13 @@ class ServedModel:
                    merged_gguf=checked(manifest["merged_gguf"], "merged_gguf_sha256"),
                    parameters=manifest["parameters"])
 
+    @property
+    def options(self) -> dict[str, float | int]:
+        """Every PARAMETER but the stops: the export's (seed, context, reply length) and greedy
+        decoding exactly as the evaluation decodes (``export.decoding``; it overrides the export's
+        temperature, so ``ollama run`` answers what was measured)."""
+        return {**self.parameters, **GREEDY}
+
     def weights(self, prefer: str) -> tuple[Path, Path | None]:
         """(FROM file, ADAPTER file or None) for ``prefer`` = adapter | merged."""
         if prefer == "merged" and self.merged_gguf is not None:
@@ -73,7 +81,7 @@ class ServedModel:
         if self.chat.default_system:
             lines.append(f"SYSTEM {modelfile_escape(self.chat.default_system)}")
         lines += [f'PARAMETER stop "{stop}"' for stop in self.chat.stops]
-        lines += [f"PARAMETER {key} {value}" for key, value in self.parameters.items()]
+        lines += [f"PARAMETER {key} {value}" for key, value in self.options.items()]
         return "\n".join(lines) + "\n"
 
     def create_command(self, modelfile_path: Path) -> str:
@@ -83,7 +91,7 @@ class ServedModel:
         """Keyword arguments of ``ollama.Client.create`` (blobs uploaded beforehand)."""
         model, adapter = self.weights(prefer)
         payload = {"model": self.name, "files": {model.name: digests[model]}, "template": self.chat.ollama_template,
-                   "parameters": {"stop": list(self.chat.stops), **self.parameters}}
+                   "parameters": {"stop": list(self.chat.stops), **self.options}}
         if adapter is not None:
             payload["adapters"] = {adapter.name: digests[adapter]}
         if self.chat.default_system:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.files import sha256_file
+from export.decoding import GREEDY, ollama_options
 from export.modelfile import ServedModel
 
 DEFAULT_HOST = "http://127.0.0.1:11434"
@@ -101,8 +102,19 @@ def _adapter_refused(error: Exception) -> bool:
     return "adapter" in str(error).lower()
 
 
+def shown_parameters(text: str) -> dict[str, list[str]]:
+    """``show``'s parameters (one ``name value`` line each, a list parameter on several lines)."""
+    shown: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        name, _, value = line.strip().partition(" ")
+        if name:
+            shown.setdefault(name, []).append(value.strip())
+    return shown
+
+
 def check_shown(shown, served: ServedModel, weights: str) -> str:
-    """What the server holds must be what was sent: adapter (or merged weights), template, stops."""
+    """What the server holds must be what was sent: adapter (or merged weights), template, stops
+    and the greedy decoding options (``export.decoding``: Ollama's defaults are not greedy)."""
     modelfile = shown.modelfile or ""
     if weights == "adapter" and served.adapter_gguf is not None and "ADAPTER" not in modelfile:
         raise RegistrationError(f"{served.name}: the server's Modelfile has no ADAPTER line; the adapter was dropped")
@@ -111,7 +123,12 @@ def check_shown(shown, served: ServedModel, weights: str) -> str:
     missing = [stop for stop in served.chat.stops if stop not in (shown.parameters or "")]
     if missing:
         raise RegistrationError(f"{served.name}: stop parameter {missing[0]!r} is missing on the server")
-    return f"{_FORMS[weights]}, template and {len(served.chat.stops)} stops match"
+    held = shown_parameters(shown.parameters or "")
+    for name, value in GREEDY.items():
+        if [float(v) for v in held.get(name, [])] != [float(value)]:
+            raise RegistrationError(f"{served.name}: the server holds {name} {held.get(name) or 'unset'}, not "
+                                    f"{value}; its replies would differ from the evaluation's greedy ones")
+    return f"{_FORMS[weights]}, template, {len(served.chat.stops)} stops and greedy decoding match"
 
 
 _FORMS = {"adapter": "ADAPTER attached", "merged": "merged weights", "base": "base weights"}
@@ -131,7 +148,7 @@ def register(client, served: ServedModel, prefer: str, prompt: str, max_new_toke
         _create(client, served, weights, digests)
     check = check_shown(client.show(served.name), served, weights)
     reply = client.generate(model=served.name, prompt=prompt,
-                            options={"temperature": 0, "seed": 0, "num_predict": max_new_tokens})
+                            options=ollama_options(seed=0, num_predict=max_new_tokens))
     return Registration(
         name=served.name, weights=weights, show_check=check, reply=(reply.response or "").strip(),
         stopped_at_end_of_turn=reply.done_reason == "stop",
@@ -168,7 +185,7 @@ class OllamaModel:
         from export.backend import Generation
 
         reply = self.client.generate(model=self.name, prompt=prompt,
-                                     options={"temperature": 0, "seed": 0, "num_predict": max_new_tokens})
+                                     options=ollama_options(seed=0, num_predict=max_new_tokens))
         return Generation(text=(reply.response or "").strip(), stopped_at_end_of_turn=reply.done_reason == "stop",
                           prompt_tokens=reply.prompt_eval_count or 0, new_tokens=reply.eval_count or 0,
                           prefill_tokens_per_second=_rate(reply.prompt_eval_count, reply.prompt_eval_duration),

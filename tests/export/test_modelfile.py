@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from export.chat_format import CHATML
+from export.decoding import GREEDY, llama_cpp_sampling
 from export.modelfile import ServedModel
 
 CHAT = replace(CHATML, default_system="Be helpful.")
@@ -33,7 +34,21 @@ def test_create_payload_matches_the_modelfile():
     assert payload["files"] == {"base.gguf": "sha256:" + "a" * 64}
     assert payload["adapters"] == {"adapter.gguf": "sha256:" + "b" * 64}
     assert payload["template"] == CHATML.ollama_template and payload["system"] == "Be helpful."
-    assert payload["parameters"] == {"stop": list(CHATML.stops), "temperature": 0.0, "seed": 0}
+    assert payload["parameters"] == {"stop": list(CHATML.stops), "seed": 0, **GREEDY}
     merged = SERVED.create_payload(digests, "merged")
     assert merged["files"] == {"merged.gguf": "sha256:" + "c" * 64} and "adapters" not in merged
     assert SERVED.create_command(Path("/x/Modelfile")) == "ollama create pure_grit_model -f /x/Modelfile"
+
+
+def test_the_modelfile_states_the_greedy_decoding_the_evaluation_uses():
+    """Ollama's defaults (repeat_penalty 1.1, temperature 0.8, top_k 40) would answer otherwise
+    than the llama.cpp replies the evaluation measured; the export's temperature cannot override."""
+    text = SERVED.modelfile("merged")
+    for key, value in GREEDY.items():
+        assert text.count(f"PARAMETER {key} ") == 1 and f"PARAMETER {key} {value}\n" in text
+    assert "PARAMETER repeat_penalty 1.0\n" in text and "PARAMETER seed 0\n" in text
+    hot = replace(SERVED, parameters={"temperature": 0.7})
+    assert "PARAMETER temperature 0.0\n" in hot.modelfile() and hot.options["temperature"] == 0.0
+    sampling = llama_cpp_sampling()                 # the same options, as llama.cpp's generate takes them
+    assert sampling["temp"] == GREEDY["temperature"] and sampling["repeat_penalty"] == GREEDY["repeat_penalty"]
+    assert {k for k in sampling if k != "temp"} == set(GREEDY) - {"temperature"}
