@@ -1,7 +1,8 @@
 # The two commands of the README. Both create the environment first when needed.
 #   make run    -> dvc repro on the embedded default (params.yaml)
 #   make test   -> the whole test suite, slow real-model tests included
-.PHONY: setup run test smoke gpu-check clean-cache
+#   make ollama -> the last run's models on a private Ollama server, for `ollama run pure_grit_model`
+.PHONY: setup run test smoke gpu-check clean-cache ollama ollama-stop
 
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -12,6 +13,15 @@ setup:
 
 run: setup
 	dvc repro
+
+# A private Ollama server (127.0.0.1:11435, CPU only, models under outputs/ollama) with every model
+# the last run served, registered with `ollama create -f <Modelfile>`; prints the `ollama run`
+# line to use. It runs until `make ollama-stop` (docs/serving.md).
+ollama: setup
+	python -m pipelines.ollama start
+
+ollama-stop:
+	python -m pipelines.ollama stop
 
 # The whole suite; the 25 slowest tests are listed at the end (where the time goes).
 test: setup
