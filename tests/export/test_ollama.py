@@ -1,5 +1,6 @@
 """The Ollama HTTP contract, exercised with the official client against a STAND-IN server
-(``tests/ollama_standin.py``; not Ollama, which cannot be installed here)."""
+(``tests/ollama_standin.py``), for what a real server cannot be made to do on demand (refuse
+adapters, answer HTTP 500); ``test_ollama_server.py`` meets the real one."""
 
 from __future__ import annotations
 
