@@ -23,9 +23,10 @@ ollama: setup
 ollama-stop:
 	python -m pipelines.ollama stop
 
-# The whole suite; the 25 slowest tests are listed at the end (where the time goes).
+# The whole suite on two workers, each test file wholly on one (tests/conftest.py starts the longest
+# first); the 25 slowest tests are listed at the end (where the time goes).
 test: setup
-	python -m pytest --durations=25
+	python -m pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The fast tier, for a quick local loop: tiny models only, no DVC pipeline, no real-model load
 # (under 5 minutes on 2 cores).

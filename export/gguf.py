@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def quantize(source: Path, target: Path, quantization: str) -> Path:
 
     if quantization not in QUANTIZATIONS:
         raise GgufExportError(f"unknown quantization {quantization!r}; choose from {', '.join(QUANTIZATIONS)}")
-    partial = target.with_name(f".{target.name}.partial")
+    # one partial file per process: two processes filling the same cache entry never share one
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     if quantization == "F32":
         shutil.copyfile(source, partial)
     else:

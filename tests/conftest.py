@@ -67,3 +67,28 @@ def store_url(request, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
     return request.getfixturevalue("postgres_url")
+
+
+# The suite runs on two workers (Makefile: `pytest -n 2 --dist loadfile`), each test file wholly on
+# one worker so that its module fixtures are built once. The longest files go first, so that the
+# two workers start on them at once and the short files fill in behind; in collection order the
+# longest would start last and set the suite's wall time alone.
+LONGEST_FIRST = (
+    "tests/test_pipeline_smoke.py",
+    "tests/pipelines/test_study_workers.py",
+    "tests/test_study_sittings.py",
+    "tests/test_vlm_smoke.py",
+    "tests/pipelines/test_faults.py",
+    "tests/pipelines/test_export_serve.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    position = {id(item): n for n, item in enumerate(items)}
+
+    def key(item):
+        path = item.path.relative_to(REPO_ROOT).as_posix()
+        return rank.get(path, len(rank)), position[id(item)]
+
+    items.sort(key=key)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -119,8 +120,17 @@ def tokenizer_from_gguf(gguf_path: Path) -> PreTrainedTokenizerBase:
 
 
 def _publish(tmp: Path, final: Path) -> Path:
-    """Mark a fully written cache directory complete and put it in place."""
+    """Mark a fully written cache directory complete and put it in place. The cache is keyed by
+    content, so when another process published the same entry meanwhile, its copy stays (one
+    that a reader may be using) and this one is dropped: the first complete publisher wins."""
     (tmp / _COMPLETE_MARK).write_text("ok\n")
+    try:
+        tmp.rename(final)            # atomic; refused when the entry exists
+        return final
+    except OSError:
+        if _is_complete(final):
+            shutil.rmtree(tmp)
+            return final
     return publish_directory(tmp, final)
 
 

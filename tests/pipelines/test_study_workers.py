@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_copy import _sh, repo_copy
 from sqlalchemy import select
-from test_pipeline_smoke import _sh, repo_copy
 
 from db.models import StudyClaim, StudyTrial
 from db.store import open_store

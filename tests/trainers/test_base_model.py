@@ -100,3 +100,22 @@ def test_embedded_model_knows_the_capital_of_france():
         output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_a_cache_entry_published_twice_keeps_the_first_complete_copy(tmp_path):
+    """Two processes (two test workers, two stages) may build the same content-keyed entry at
+    once: the second publisher drops its copy instead of swapping out one a reader may be using."""
+    from trainers.base_model import _is_complete, _publish
+
+    final = tmp_path / "models" / "entry"
+    copies = []
+    for n, text in enumerate(("first", "second")):
+        staging = tmp_path / "models" / f".entry.tmp-{n}"
+        staging.mkdir(parents=True)
+        (staging / "weights").write_text(text)
+        copies.append(staging)
+    assert _publish(copies[0], final) == final and _is_complete(final)
+    published = final.stat().st_ino
+    assert _publish(copies[1], final) == final
+    assert (final / "weights").read_text() == "first" and final.stat().st_ino == published
+    assert not copies[1].exists()
