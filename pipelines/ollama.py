@@ -55,7 +55,7 @@ def ensure_server():
         port = DEFAULT_PORT if port_is_free(DEFAULT_PORT) else None
         server = start_server(installed_binary(), OLLAMA_DIR / "models", OLLAMA_DIR / "server.log", port)
         atomic_write_json(STATE, {"pid": server.pid, "address": server.address, "binary": str(server.binary),
-                                  "models": str(server.models), "log": str(server.log)})
+                                  "models": str(server.models.resolve()), "log": str(server.log.resolve())})
         print(f"[ollama] started Ollama on {server.address} (pid {server.pid}, log {server.log})")
     return server
 
