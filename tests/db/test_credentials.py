@@ -20,7 +20,9 @@ from db.store import ResultsStore
 from pipelines.params import ParamsError, load_params, parse_params
 from pipelines.stage import run_id_for, run_stage
 
-PASSWORD = f"pw-{uuid.uuid4().hex}-s3cr@t"      # '@' makes its URL-quoted form differ from the raw one
+# Fixed, so that the two test workers collect the same parametrized test ids (pytest-xdist), and
+# long enough never to occur by chance; '@' makes its URL-quoted form differ from the raw one.
+PASSWORD = "pw-5c0f7e2a9b14d3e8-s3cr@t"
 
 
 @pytest.fixture
