@@ -24,7 +24,7 @@ from db.models import EvalMetric
 from pipelines.params import Params, require_text_model
 from pipelines.paths import ADAPTERS, DATA_DIR, export_dir
 from pipelines.replicates import model_key, replicate_path
-from pipelines.stage import StageContext, declared_variant, run_stage, variant_argument
+from pipelines.stage import StageContext, declared_variant, run_stage, stage_arguments, variant_argument
 from trainers.config import variant_lora
 
 PARITY_SOURCE = DATA_DIR / "eval_aqi.jsonl"
@@ -160,8 +160,9 @@ def export(variant: str, ctx: StageContext, _checked) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    variant, rest = variant_argument(argv)
-    return run_stage(f"export@{variant}", partial(export, variant), preflight=partial(preflight, variant), argv=rest)
+    args = stage_arguments("export", argv, variant_argument)
+    return run_stage(f"export@{args.variant}", partial(export, args.variant),
+                     preflight=partial(preflight, args.variant), args=args)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from core.quiet import silence_known_import_noise
 from db.models import ProbeResult
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR, loss_curve
-from pipelines.stage import StageContext, run_stage
+from pipelines.stage import StageContext, run_stage, stage_arguments
 from trainers.base_model import check_optimizer_runtime
 
 DETAILS = Path("artifacts/probes")
@@ -75,14 +75,18 @@ def probe_variant(root: Path, params: Params, name: str) -> dict[str, Any]:
                      control_name if trajectory else None)
 
 
-def _worker(argv: list[str]) -> int:
+def worker_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the one-variant process the stage starts (:func:`_run_worker`)."""
+    parser.add_argument("--worker", action="store_true",
+                        help="probe one variant in this process (the stage starts one per variant)")
+    parser.add_argument("--variant", help="with --worker: the variant to probe")
+    parser.add_argument("--output", type=Path, help="with --worker: where its result is written (JSON)")
+
+
+def _worker(args: argparse.Namespace) -> int:
     silence_known_import_noise()     # a process of its own: the stage's silencing does not reach it
-    parser = argparse.ArgumentParser(prog="python -m pipelines.probe --worker")
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--variant", required=True)
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--params", type=Path, required=True)
-    args = parser.parse_args(argv)
+    if args.variant is None or args.output is None:
+        raise SystemExit("error: --worker takes --variant NAME and --output FILE")
     result = probe_variant(Path.cwd(), load_params(args.params), args.variant)
     atomic_write_json(args.output, result)
     return 0
@@ -212,11 +216,10 @@ def probe(params_path: Path, ctx: StageContext, names: list[str]) -> dict[str, P
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--worker" in argv:
-        return _worker(argv)
-    params_path = Path(argv[argv.index("--params") + 1]) if "--params" in argv else Path("params.yaml")
-    return run_stage("probe", partial(probe, params_path), preflight=preflight, argv=argv)
+    args = stage_arguments("probe", argv, worker_flags)
+    if args.worker:
+        return _worker(args)
+    return run_stage("probe", partial(probe, args.params), preflight=preflight, args=args)
 
 
 def _fmt(value: float | None) -> str:

@@ -174,12 +174,22 @@ def _refresh_run_status(store: ResultsStore, run_id: str, root: Path, params: Pa
         run.finished_at = utcnow() if complete or failed else None
 
 
-def variant_argument(argv: list[str] | None) -> tuple[str, list[str]]:
-    """The ``--variant NAME`` of a per-variant stage (``train@``, ``export@``) and the remaining arguments."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--variant", required=True)
-    known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
-    return known.variant, rest
+def stage_arguments(
+    module: str, argv: list[str] | None = None, add: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The command line of ``python -m pipelines.<module>``: ``--params`` and the flags ``add``
+    declares, on one parser, so that ``--help`` lists every flag the stage takes."""
+    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{module}")
+    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH,
+                        help=f"the params file (default: {DEFAULT_PARAMS_PATH})")
+    if add is not None:
+        add(parser)
+    return parser.parse_args(argv)
+
+
+def variant_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--variant NAME`` of a per-variant stage (``train@``, ``export@``)."""
+    parser.add_argument("--variant", required=True, help="the variant of params.variants this stage runs for")
 
 
 def declared_variant(params: Params, name: str):
@@ -199,19 +209,21 @@ def run_stage(
     work: Callable[[StageContext, Any], Mapping[str, Path] | None],
     preflight: Callable[[Params], Any] | None = None,
     argv: list[str] | None = None,
+    args: argparse.Namespace | None = None,
 ) -> int:
     """Run one stage's ``work`` with validation, run bookkeeping and one-line errors.
 
     ``preflight`` checks cheap things (packages present, input files well formed) before the
     store is opened; whatever it returns is handed to ``work`` so nothing is read twice.
     ``work`` returns the files it produced (name -> path); they are recorded as artifacts.
+    ``args``: the command line a stage with flags of its own parsed (:func:`stage_arguments`);
+    without it ``argv`` is parsed here (``--params`` only).
     """
+    if args is None:
+        args = stage_arguments(name, argv)
     # A native crash (a signal) past the up-front runtime checks still says where it happened.
     faulthandler.enable()
     silence_known_import_noise()     # before any work imports PEFT or Unsloth
-    parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}")
-    parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_PATH)
-    args = parser.parse_args(argv)
     root = Path.cwd()
     results_root = store_root(root)
     try:

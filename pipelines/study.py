@@ -67,7 +67,14 @@ from evaluation.tuning import (
 from pipelines import study_worker
 from pipelines.params import Params, require_text_model
 from pipelines.paths import DATA_DIR
-from pipelines.stage import EXIT_STOPPED_EARLY, StageContext, git_revision, run_stage, stage_params
+from pipelines.stage import (
+    EXIT_STOPPED_EARLY,
+    StageContext,
+    git_revision,
+    run_stage,
+    stage_arguments,
+    stage_params,
+)
 from pipelines.study_worker import configurations_finished, store_trial, stored_result
 from trainers.base_model import check_optimizer_runtime
 from trainers.config import variant_grit
@@ -553,33 +560,36 @@ def study(ctx: StageContext, _checked, minutes: float | None = None, workers: in
                         stage_seconds=time.perf_counter() - started, run_id=ctx.run_id)
 
 
-def study_arguments(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    """``--sitting MINUTES``: start no trial after that many minutes, then stop (exit 3) with the
-    ledger up to date; without it the study runs to its end. ``--workers N``: N local study
-    workers share the study; ``--worker``: this process is one study worker (start one per
-    machine, all with the same store.url); ``--stale-after SECONDS``: a part whose worker has not
-    beaten for that long is taken over."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--sitting", type=float, default=None, metavar="MINUTES")
-    parser.add_argument("--workers", type=int, default=1, metavar="N")
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--stale-after", type=float, default=120.0, metavar="SECONDS")
-    known, rest = parser.parse_known_args(argv if argv is not None else sys.argv[1:])
-    if known.sitting is not None and known.sitting <= 0:
+def study_flags(parser: argparse.ArgumentParser) -> None:
+    """The study's own flags, beside ``--params`` (``docs/study.md``)."""
+    parser.add_argument("--sitting", type=float, default=None, metavar="MINUTES",
+                        help="start no trial after that many minutes, then stop (exit 3) with the ledger "
+                             "up to date; without it the study runs to its end")
+    parser.add_argument("--workers", type=int, default=1, metavar="N", help="N local study workers share the study")
+    parser.add_argument("--worker", action="store_true",
+                        help="this process is one study worker (start one per machine, all with the same store.url)")
+    parser.add_argument("--stale-after", type=float, default=120.0, metavar="SECONDS",
+                        help="a part whose worker has not beaten for that long is taken over (default: 120)")
+
+
+def study_arguments(argv: list[str] | None) -> argparse.Namespace:
+    """The study's command line (:func:`study_flags`), its numbers checked."""
+    args = stage_arguments("study", argv, study_flags)
+    if args.sitting is not None and args.sitting <= 0:
         raise SystemExit("error: --sitting takes a positive number of minutes")
-    if known.workers < 1 or (known.worker and known.workers > 1):
+    if args.workers < 1 or (args.worker and args.workers > 1):
         raise SystemExit("error: --workers takes a positive number, and a --worker runs alone")
-    if known.stale_after <= 0:
+    if args.stale_after <= 0:
         raise SystemExit("error: --stale-after takes a positive number of seconds")
-    return known, rest
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    known, rest = study_arguments(argv)
-    work = functools.partial(study, minutes=known.sitting, workers=known.workers, worker=known.worker,
-                             stale_after=known.stale_after)
+    args = study_arguments(argv)
+    work = functools.partial(study, minutes=args.sitting, workers=args.workers, worker=args.worker,
+                             stale_after=args.stale_after)
     # A worker's run is recorded as a stage of its own: only the step that writes the report is `study`.
-    return run_stage("study_worker" if known.worker else "study", work, preflight=preflight, argv=rest)
+    return run_stage("study_worker" if args.worker else "study", work, preflight=preflight, args=args)
 
 
 def keep_last_report(ctx: StageContext) -> dict[str, Path]:

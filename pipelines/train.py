@@ -24,7 +24,7 @@ from db.models import TrainMetric, Variant
 from pipelines.params import Params
 from pipelines.paths import CHECKPOINTS, DATA_DIR, TRAIN_LIVE, TRAIN_METRICS, adapter_dir
 from pipelines.replicates import replicate_path, with_seed
-from pipelines.stage import StageContext, declared_variant, run_stage, variant_argument
+from pipelines.stage import StageContext, declared_variant, run_stage, stage_arguments, variant_argument
 from trainers.base_model import check_optimizer_runtime, check_runtime, resolve_base_model
 
 
@@ -156,9 +156,9 @@ def train(variant_name: str, ctx: StageContext, variant) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    variant_name, rest = variant_argument(argv)
-    return run_stage(f"train@{variant_name}", partial(train, variant_name),
-                     preflight=partial(preflight, variant_name), argv=rest)
+    args = stage_arguments("train", argv, variant_argument)
+    return run_stage(f"train@{args.variant}", partial(train, args.variant),
+                     preflight=partial(preflight, args.variant), args=args)
 
 
 if __name__ == "__main__":
