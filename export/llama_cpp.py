@@ -143,7 +143,10 @@ def extract_converters(sdist: Path) -> Path:
 # --- Build flavour: the CMake flags of the runtime, written once ---------------------------------
 
 BUILD_ENV = "GRIT_LLAMA_BUILD"
-BUILD_CHOICES = ("portable", "native")
+BUILD_CHOICES = ("portable", "native", "cuda")
+# The cuda flavour: the portable CPU flags plus CUDA kernels for named GPU generations (Ampere,
+# Ada, Hopper), never the build host's own GPU ("native"), so its wheel serves any of them.
+_CUDA = ("-DGGML_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=80;86;89;90")
 # x86-64-v3 in /proc/cpuinfo's names: what the portable build uses when the host has all of it.
 _X86_64_V3_FLAGS = frozenset({"avx", "avx2", "fma", "f16c", "bmi2"})
 # Never compiled into a portable build: a VM may advertise them through CPUID yet fault on them
@@ -183,7 +186,9 @@ def build_plan(flavour: str, machine: str, cpu_flags: frozenset[str]) -> BuildPl
     portable, x86_64: x86-64-v3 (AVX2, FMA, F16C, BMI2) when the host has it, else x86-64-v2
     (SSE4.2), never AVX-512 or AMX. portable, other machines: the compiler's generic target.
     native: llama.cpp's ``-march=native``; keyed by the host's CPU flags, so a shared cache
-    never hands it to another CPU model. Every flavour builds the text libraries only (no mtmd).
+    never hands it to another CPU model. cuda: the portable plan plus CUDA kernels for named GPU
+    generations (its own label, so its wheel is cached apart and never mixed with the CPU one;
+    needs the CUDA toolkit's nvcc at set-up). Every flavour builds the text libraries only.
     """
     if flavour not in BUILD_CHOICES:
         raise LlamaCppSetupError(f"{BUILD_ENV}={flavour!r} is not one of {', '.join(BUILD_CHOICES)}; "
@@ -191,6 +196,9 @@ def build_plan(flavour: str, machine: str, cpu_flags: frozenset[str]) -> BuildPl
     if flavour == "native":
         host = hashlib.sha256(" ".join(sorted(cpu_flags)).encode()).hexdigest()[:8]
         return BuildPlan(f"native-{machine}-{host}", ("-DGGML_NATIVE=ON", *_TEXT_ONLY))
+    if flavour == "cuda":
+        cpu = build_plan("portable", machine, cpu_flags)
+        return BuildPlan(f"{cpu.label}-cuda", cpu.cmake_args + _CUDA)
     if machine not in ("x86_64", "AMD64"):
         return BuildPlan(f"generic-{machine}", ("-DGGML_NATIVE=OFF", *_TEXT_ONLY))
     v3 = _X86_64_V3_FLAGS <= cpu_flags

@@ -72,6 +72,17 @@ def test_the_wheel_cache_key_holds_the_version_and_the_flags():
     assert BuildPlan("x", ("-DA=ON",)).key != BuildPlan("x", ("-DA=OFF",)).key
 
 
+def test_the_cuda_flavour_is_the_portable_plan_plus_cuda_flags_only_and_is_cached_apart():
+    """GRIT_LLAMA_BUILD=cuda (a GPU host's serving): the same pinned sdist and the same portable CPU
+    flags, plus CUDA kernels for named GPU generations, never the build host's own GPU."""
+    for flags in (X86_64_V3, frozenset({"sse4_2"})):
+        portable, cuda = build_plan("portable", "x86_64", flags), build_plan("cuda", "x86_64", flags)
+        assert cuda.cmake_args[:len(portable.cmake_args)] == portable.cmake_args
+        added = cuda.cmake_args[len(portable.cmake_args):]
+        assert added and all("CUDA" in arg for arg in added) and not any("native" in arg for arg in added)
+        assert cuda.label == f"{portable.label}-cuda" and cuda.key != portable.key
+
+
 def test_an_unknown_build_choice_is_one_line():
     with pytest.raises(llama_cpp.LlamaCppSetupError, match="GRIT_LLAMA_BUILD='fast' is not one of portable, native"):
         build_plan("fast", "x86_64", X86_64_V3)
