@@ -14,7 +14,8 @@ from db.models import Variant
 from pipelines.params import Params
 from pipelines.paths import BASE_MODEL_MANIFEST
 from pipelines.stage import StageContext, run_stage
-from trainers.base_model import check_runtime, resolve_base_model
+from trainers.base_model import resolve_base_model
+from trainers.hardware import check_hardware
 
 
 def architecture_summary(hf_dir: Path) -> dict[str, object]:
@@ -25,7 +26,8 @@ def architecture_summary(hf_dir: Path) -> dict[str, object]:
 
 
 def preflight(params: Params) -> None:
-    check_runtime(params.model)
+    # the first stage of `dvc repro`: every setting this machine cannot honour is refused here
+    check_hardware(params.model, params.train)
 
 
 def prepare_model(ctx: StageContext, _checked: None) -> dict[str, Path]:

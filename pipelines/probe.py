@@ -30,7 +30,7 @@ from db.models import ProbeResult
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR, loss_curve
 from pipelines.stage import StageContext, run_stage, stage_arguments
-from trainers.base_model import check_optimizer_runtime
+from trainers.hardware import check_hardware
 
 DETAILS = Path("artifacts/probes")
 METRICS = Path("metrics/probes.json")
@@ -168,7 +168,7 @@ def preflight(params: Params) -> list[str]:
     data_file = DATA_DIR / ("train_pairs.jsonl" if params.model.kind == "vlm" else "train.jsonl")
     if not data_file.is_file():
         raise UserError(f"{data_file} is missing; run `dvc repro prepare_data` first")
-    check_optimizer_runtime(params.train)
+    check_hardware(params.model, params.train)
     return grit_variants(params)
 
 

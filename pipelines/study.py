@@ -76,8 +76,8 @@ from pipelines.stage import (
     stage_params,
 )
 from pipelines.study_worker import configurations_finished, store_trial, stored_result
-from trainers.base_model import check_optimizer_runtime
 from trainers.config import variant_grit
+from trainers.hardware import check_hardware
 
 REPORT_DIR = Path("reports/study")
 METRICS = Path("metrics/study.json")
@@ -417,7 +417,7 @@ def preflight(params: Params) -> None:
                             "data.test_fraction above 0, then `dvc repro prepare_data`")
     if params.train.nproc_per_node > 1:
         raise UserError("study: trials train on one process; set train.nproc_per_node: 1 for the study")
-    check_optimizer_runtime(params.train)
+    check_hardware(params.model, params.train)
 
 
 def study_cells(params: Params) -> list[tuple[str, int]]:

@@ -25,7 +25,8 @@ from pipelines.params import Params
 from pipelines.paths import CHECKPOINTS, DATA_DIR, TRAIN_LIVE, TRAIN_METRICS, adapter_dir
 from pipelines.replicates import replicate_path, with_seed
 from pipelines.stage import StageContext, declared_variant, run_stage, stage_arguments, variant_argument
-from trainers.base_model import check_optimizer_runtime, check_runtime, resolve_base_model
+from trainers.base_model import resolve_base_model
+from trainers.hardware import check_hardware
 
 
 def training_log(directory: Path):
@@ -67,8 +68,7 @@ def check_same_trainer(ctx: StageContext, variant_name: str, seed: int, trainer_
 
 def preflight(variant_name: str, params: Params):
     variant = declared_variant(params, variant_name)
-    check_runtime(params.model)
-    check_optimizer_runtime(params.train)
+    check_hardware(params.model, params.train)
     data_file = DATA_DIR / ("train_pairs.jsonl" if params.model.kind == "vlm" else "train.jsonl")
     if not data_file.is_file():
         raise UserError(f"{data_file} is missing; run `dvc repro prepare_data` first")

@@ -18,6 +18,7 @@ from core.errors import UserError
 from core.files import cache_dir, fresh_staging_dir, publish_directory, sha256_file
 from trainers.config import ModelParams, TinyModelParams
 from trainers.grit_vlm.models import build_tiny_vlm
+from trainers.hardware import check_hardware
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -267,33 +268,9 @@ def _resolve_hf(model: ModelParams) -> BaseModelFiles:
     return BaseModelFiles("hf", model.model_id, Path(path), None, None)
 
 
-def check_runtime(model: ModelParams) -> None:
-    """Fail before any heavy work when the requested precision cannot run on this machine."""
-    if not (model.load_in_4bit or model.dtype != "float32"):
-        return
-    import torch
-
-    if model.load_in_4bit and not torch.cuda.is_available():
-        raise ModelSourceError(
-            "model.load_in_4bit: bitsandbytes NF4 needs a CUDA GPU and none is visible; "
-            "set model.load_in_4bit: false to train in full precision on CPU"
-        )
-    if model.dtype == "float16" and not torch.cuda.is_available():
-        raise ModelSourceError("model.dtype: float16 is not supported for training on CPU; use float32 or bfloat16")
-
-
-def check_optimizer_runtime(train) -> None:
-    """``train.optim`` must run here: bitsandbytes' 8-bit AdamW has no CPU kernels."""
-    import torch
-
-    if train.optim == "adamw_8bit" and not torch.cuda.is_available():
-        raise ModelSourceError("train.optim: adamw_8bit (bitsandbytes) needs a CUDA GPU and none is visible; "
-                               "use adamw_torch or sgd on CPU")
-
-
 def resolve_base_model(model: ModelParams) -> BaseModelFiles:
     """Locate (building and caching if needed) the base model described by ``model``."""
-    check_runtime(model)
+    check_hardware(model)
     if model.source == "embedded":
         return _resolve_embedded()
     if model.source == "tiny":

@@ -16,6 +16,7 @@ from trainers.base_model import (
     resolve_base_model,
 )
 from trainers.config import ModelParams, TinyModelParams
+from trainers.hardware import HardwareError
 
 TINY = ModelParams(source="tiny", tiny=TinyModelParams(num_hidden_layers=2, hidden_size=64))
 
@@ -66,7 +67,7 @@ def test_hf_source_errors_are_one_line(tmp_path: Path, monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal of NF4")
 def test_4bit_on_cpu_is_refused_before_loading():
-    with pytest.raises(ModelSourceError, match="load_in_4bit.*CUDA"):
+    with pytest.raises(HardwareError, match="load_in_4bit.*CUDA"):
         resolve_base_model(ModelParams(source="tiny", load_in_4bit=True))
 
 
