@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from core.errors import UserError
+from core.errors import UserError, exit_status
 from core.files import cache_dir, sha256_file
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -387,22 +387,14 @@ def main(argv: list[str] | None = None) -> int:
     generate = sub.add_parser("generate", help=argparse.SUPPRESS)
     generate.add_argument("model", type=Path)
     args = parser.parse_args(argv)
-    try:
-        if args.action == "setup":
-            setup()
-        elif args.action == "check":
-            print(smoke_check())
-        elif args.action == "plan":
-            plan = host_build_plan()
-            print(f"{plan.label}  {plan.key}\n{' '.join(plan.cmake_args)}")
-        elif args.action == "generate":
-            _smoke_generate(args.model)
-        else:
-            print(converters_dir())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    def plan() -> None:
+        chosen = host_build_plan()
+        print(f"{chosen.label}  {chosen.key}\n{' '.join(chosen.cmake_args)}")
+
+    actions = {"setup": setup, "check": lambda: print(smoke_check()), "where": lambda: print(converters_dir()),
+               "plan": plan, "generate": lambda: _smoke_generate(args.model)}
+    return exit_status(actions[args.action])
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.errors import UserError
+from core.errors import UserError, exit_status
 from core.files import cache_dir
 from export.llama_cpp import build_plan, host_cpu_flags
 
@@ -168,18 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("plan", help="print this host's build: level, cache key, compiler flags")
     sub.add_parser("where", help="print the linked binary")
     args = parser.parse_args(argv)
-    try:
-        if args.action == "setup":
-            setup()
-        elif args.action == "plan":
-            build = host_ollama_build(go_toolchain())
-            print(f"{build.label}  {build.key}\nCGO_CFLAGS=CGO_CXXFLAGS={build.cgo_flags!r} -ldflags {build.ldflags!r}")
-        else:
-            print(installed_binary())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+
+    def plan() -> None:
+        build = host_ollama_build(go_toolchain())
+        print(f"{build.label}  {build.key}\nCGO_CFLAGS=CGO_CXXFLAGS={build.cgo_flags!r} -ldflags {build.ldflags!r}")
+
+    return exit_status({"setup": setup, "plan": plan, "where": lambda: print(installed_binary())}[args.action])
 
 
 if __name__ == "__main__":

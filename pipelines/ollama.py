@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from core.errors import UserError
+from core.errors import UserError, exit_status
 from core.files import atomic_write_json
 from pipelines.paths import SERVE_MANIFEST
 
@@ -108,15 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.ollama", description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=("start", "stop"))
     args = parser.parse_args(argv)
-    try:
-        if args.action == "start":
-            start()
-        else:
-            stop()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status({"start": start, "stop": stop}[args.action])
 
 
 if __name__ == "__main__":
