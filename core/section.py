@@ -4,7 +4,8 @@ import hashlib
 import json
 import types
 import typing
-from typing import Annotated, Any, Union
+from collections.abc import Mapping
+from typing import Annotated, Any, Self, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
 
@@ -42,6 +43,14 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Self:
+        """This section with the fields ``overrides`` sets (nested as in ``params.yaml``) changed,
+        validated again (a bad value raises pydantic's ``ValidationError``): the one merge of a
+        variant's ``grit_overrides`` and ``lora_overrides`` and of ``vlm.overrides``."""
+        if not overrides:
+            return self
+        return type(self).model_validate(merged(self.model_dump(), overrides))
+
     @field_validator("*", mode="before")
     @classmethod
     def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
@@ -54,6 +63,16 @@ class Section(BaseModel):
             raise ValueError("must hold numbers, not booleans" if isinstance(value, (list, tuple, set, frozenset))
                              else "must be a number, not a boolean")
         return value
+
+
+def merged(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``changes``: mappings merge key by key, anything else (a list of patterns,
+    a number) replaces what was there."""
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = (merged(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+                    else value)
+    return out
 
 
 def content_hash(section: BaseModel) -> str:

@@ -170,19 +170,19 @@ def variant_grit(grit: GritParams, variant: VariantParams) -> GritParams:
     """The GRIT configuration ``variant`` trains with: ``grit`` with its overrides, validated, and
     ``capture: auto`` resolved by the variant's engine (fused on Unsloth's, hooks on PEFT's), and
     the fused functions' LoRA dtype too (the input's on Unsloth's, the adapter's on PEFT's)."""
-    merged = {**grit.model_dump(), **(variant.grit_overrides or {})}
-    if merged["capture"] == "auto":
-        merged["capture"] = "fused" if variant.engine == "unsloth" else "hooks"
-    if merged["fused_lora_dtype"] == "auto":
-        merged["fused_lora_dtype"] = "input" if variant.engine == "unsloth" else "adapter"
-    return GritParams.model_validate(merged)
+    settled = grit.with_overrides(variant.grit_overrides)
+    unsloth = variant.engine == "unsloth"
+    resolved = {}
+    if settled.capture == "auto":
+        resolved["capture"] = "fused" if unsloth else "hooks"
+    if settled.fused_lora_dtype == "auto":
+        resolved["fused_lora_dtype"] = "input" if unsloth else "adapter"
+    return settled.with_overrides(resolved)
 
 
 def variant_lora(lora: LoraParams, variant: VariantParams) -> LoraParams:
     """The LoRA settings ``variant`` trains with: ``lora`` with its overrides, validated."""
-    if not variant.lora_overrides:
-        return lora
-    return LoraParams.model_validate({**lora.model_dump(), **variant.lora_overrides})
+    return lora.with_overrides(variant.lora_overrides)
 
 
 def with_variant_lora(params, variant: VariantParams):

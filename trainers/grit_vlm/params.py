@@ -30,15 +30,6 @@ class VlmDataParams(Section):
         return self
 
 
-def merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``changes``: mappings merge key by key, anything else (a list of patterns,
-    a number) replaces what was there."""
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 class VlmParams(Section):
     """GRIT-VLM for ``model.kind: vlm``: a predefined configuration (``preset``, see
     ``trainers/grit_vlm/presets.py``) with the fields ``overrides`` changes, or a whole
@@ -71,7 +62,4 @@ class VlmParams(Section):
     def config(self) -> VlmGritParams:
         if self.custom is not None:
             return self.custom
-        chosen = PRESETS[self.preset]
-        if not self.overrides:
-            return chosen
-        return VlmGritParams.model_validate(merged(chosen.model_dump(exclude_unset=False), self.overrides))
+        return PRESETS[self.preset].with_overrides(self.overrides)
