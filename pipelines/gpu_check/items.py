@@ -264,7 +264,7 @@ def check_bf16(workdir: Path, device: str) -> dict[str, Any]:
         manager = GritManager(model, GritParams(min_samples=1, update_freq=1, graft_norm=False))
         model.train()
         model(**batch).loss.backward()
-        manager.precondition_step()
+        manager.before_step(None)
         gradients[label] = module_gradients(model)
         dtypes |= {str(t.dtype) for s in manager.modules.values()
                    for t in (s.u.total, s.v.total, *(i for i in s.inverse.values() if i is not None))}

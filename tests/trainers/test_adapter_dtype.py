@@ -27,7 +27,7 @@ def bf16_step(adapter_dtype: str, capture: str = "hooks"):
     manager = GritManager(model, GritParams(min_samples=1, update_freq=1, graft_norm=False, capture=capture))
     ids = torch.randint(0, 90, (2, 16), generator=torch.Generator().manual_seed(2))
     model(input_ids=ids, labels=ids).loss.backward()
-    manager.precondition_step()
+    manager.before_step(None)
     lora_dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
     statistics = {t.dtype for s in manager.modules.values()
                   for t in (s.u.total, s.v.total, *(i for i in s.inverse.values() if i is not None))}

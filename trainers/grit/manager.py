@@ -12,12 +12,14 @@ and :meth:`GritManager.after_step`; the doors in ``doors.py`` call them)::
         clip to max_grad_norm       # the trust region bounds the *preconditioned* step
     optimizer.step()
     after_step():                   # step counter, reprojection / truncation when due
+
+The manager is the policy (when to capture, invert, reproject, truncate); the work of a step on
+all modules at once is the batched engine's (``batched.py``).
 """
 
 from __future__ import annotations
 
 import functools
-import operator
 from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
@@ -26,15 +28,15 @@ import torch
 from torch import nn
 
 from trainers.grit import math as gm
+from trainers.grit.batched import BatchedEngine, Factor
 from trainers.grit.cadence import for_budget, reprojection_due
 from trainers.grit.config import GritParams
 from trainers.grit.distributed import allreduce_sum_, world_size
 from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, joint_gradient_norm
 from trainers.grit.fused import FusedAttachment, Tap, attach_fused
-from trainers.grit.host import DeferredCount, host_copy, read_host_copy
+from trainers.grit.host import DeferredCount
 from trainers.grit.layer import (
     FACTOR_STATS,
-    SIDES,
     FactorStats,
     GritError,
     ModuleState,
@@ -46,11 +48,9 @@ from trainers.grit.layer import (
     lora_layers,
     module_key,
     rank_pattern_key,
-    stacked_covariances,
 )
 
 __all__ = ["GritError", "GritManager", "ModuleState", "base_module_name", "lora_layers"]
-
 
 def row_weights(mask: torch.Tensor | None, rows: Any, u: torch.Tensor, lead: tuple[int, ...]
                 ) -> tuple[torch.Tensor | None, Any]:
@@ -63,6 +63,34 @@ def row_weights(mask: torch.Tensor | None, rows: Any, u: torch.Tensor, lead: tup
     return mask, rows
 
 
+def check_settings(requested: GritParams, total_steps: int | None) -> None:
+    """Refuse settings this run cannot honour, in one sentence each."""
+    if requested.cadence == "budget" and total_steps is None:
+        raise GritError("grit.cadence 'budget' needs the run's length (total_steps)")
+    if requested.truncate and world_size() > 1:
+        # A truncated factor is a new Parameter: DDP, which registered the old ones, would
+        # neither all-reduce its gradients nor keep the replicas equal.
+        raise GritError(f"grit.truncate cannot train data-parallel ({world_size()} processes): DDP does not "
+                        "synchronise truncated factors; set grit.truncate: false or train.nproc_per_node: 1")
+
+
+def module_states(layers: list[tuple[str, nn.Module, str]]
+                  ) -> tuple[OrderedDict[str, ModuleState], dict[str, str], dict[str, int]]:
+    """(module key -> its state, module key -> name in the base model, module key -> the rank the
+    model was built with) for PEFT's LoRA ``layers``."""
+    if not layers:
+        raise GritError("GRIT found no trainable LoRA layer in the model: applied to 0 layers")
+    several = len({a for _, _, a in layers}) > 1
+    states: OrderedDict[str, ModuleState] = OrderedDict()
+    base_names, built_ranks = {}, {}
+    for name, layer, adapter in layers:
+        rank = layer.lora_A[adapter].weight.shape[0]
+        key = module_key(name, adapter, several)
+        states[key] = ModuleState(key, layer, adapter, FactorStats(rank), FactorStats(rank))
+        base_names[key], built_ranks[key] = base_module_name(name), rank
+    return states, base_names, built_ranks
+
+
 class GritManager:
     """Attaches GRIT to every LoRA layer of ``peft_model`` (see the module docstring)."""
 
@@ -72,15 +100,7 @@ class GritManager:
         ``model.vision_model.encoder.layers.0.self_attn.q_proj``); all of them by default."""
         self.model = peft_model
         self.requested = config or GritParams()
-        if self.requested.cadence == "budget" and total_steps is None:
-            raise GritError("grit.cadence 'budget' needs the run's length (total_steps)")
-        self.config = self.requested
-        self.total_steps = total_steps
-        if self.config.truncate and world_size() > 1:
-            # A truncated factor is a new Parameter: DDP, which registered the old ones, would
-            # neither all-reduce its gradients nor keep the replicas equal.
-            raise GritError(f"grit.truncate cannot train data-parallel ({world_size()} processes): DDP does not "
-                            "synchronise truncated factors; set grit.truncate: false or train.nproc_per_node: 1")
+        check_settings(self.requested, total_steps)
         self.step = 0
         self.capturing = True
         self.optimizer: torch.optim.Optimizer | None = None
@@ -95,39 +115,14 @@ class GritManager:
         self._row_count: int | None = None
         self._handles: list[Any] = []
         self._stash = Stash()
-        # Inversions whose outcome (which matrices factorised) the host has not read yet: the
-        # step that inverts preconditions with them masked on the device; the next one settles
-        # them (settle) from a copy made without waiting. Entries: (sides, host copy of the damping
-        # each used, the copy's event or None).
-        self._unsettled: list[tuple[list[tuple[ModuleState, str]], torch.Tensor, Any]] = []
-        self._ok: dict[tuple[int, str], torch.Tensor] = {}      # (id(state), side) -> factorised, on the device
-        # precondition's stacked inverses per group (side, shape, device, dtype), with the inverses
-        # they stack
-        self._inverse_stacks: dict[tuple, tuple[list[torch.Tensor], torch.Tensor]] = {}
-        # per side ("u", "v"): the running sums stacked, and the row views the statistics hold
-        self._running_sums: dict[str, tuple[list[torch.Tensor], torch.Tensor]] = {}
-        # factors(): (the weights it was built from, its list); precondition's grouping of the
-        # factors with an inverse and a gradient, with what it was built from (_grouping)
-        self._factors: tuple[list[torch.nn.Parameter], list[tuple[ModuleState, str, torch.nn.Parameter]]] | None = None
-        self._groups: tuple[list, list, list[tuple[tuple, list[int]]]] | None = None
-        # the clip's order of the groups' norms (_clip_order), with the grouping it was made from
-        self._clip_positions: tuple[tuple, torch.Tensor] | None = None
         layers = lora_layers(peft_model)
         self.targeted = [base_module_name(name) for name, _, _ in layers]   # for rank_pattern keys
         if modules is not None:
             wanted = set(modules)
             layers = [layer for layer in layers if base_module_name(layer[0]) in wanted]
-        if not layers:
-            raise GritError("GRIT found no trainable LoRA layer in the model: applied to 0 layers")
-        several = len({a for _, _, a in layers}) > 1
-        self.modules: OrderedDict[str, ModuleState] = OrderedDict()
-        self.base_names: dict[str, str] = {}      # module key -> name in the base model
-        self.built_ranks: dict[str, int] = {}     # module key -> rank the model was built with
-        for name, layer, adapter in layers:
-            rank = layer.lora_A[adapter].weight.shape[0]
-            key = module_key(name, adapter, several)
-            self.modules[key] = ModuleState(key, layer, adapter, FactorStats(rank), FactorStats(rank))
-            self.base_names[key], self.built_ranks[key] = base_module_name(name), rank
+        self.modules, self.base_names, self.built_ranks = module_states(layers)
+        self.engine = BatchedEngine(self.modules, self.requested)
+        self.total_steps = total_steps
         # How each module hands GRIT its rows: "fused" (GRIT's fused LoRA function, rows from its
         # backward) or "hooks" (PEFT's forward, a forward hook on lora_A and a tensor hook).
         self.capture_paths = {key: "hooks" for key in self.modules}
@@ -136,6 +131,16 @@ class GritManager:
         if self.config.capture == "fused":
             self._attach_fused()
         self._attach_hooks()
+
+    @property
+    def config(self) -> GritParams:
+        """The settings in force (the requested ones, or with ``cadence: budget`` those for the
+        run's length); the engine works with the same."""
+        return self.engine.config
+
+    @config.setter
+    def config(self, config: GritParams) -> None:
+        self.engine.config = config
 
     # ------------------------------------------------------------------------------ capture
 
@@ -219,79 +224,10 @@ class GritManager:
         return hook
 
     def collect_captured(self, fold: bool = False) -> bool:
-        """Add the outer products of everything captured since the last call to each module's
-        pending statistics: per forward and shape, one batched masked product per side.
-        dL/du = s B^T g, so v = B^T g = (dL/du) / s and v v^T = (dL/du)(dL/du)^T / s^2.
-
-        ``fold``: the caller would fold the pending sums into the running sums right after, and
-        nothing else is pending. Then a lone group (one forward) is added to the running sums
-        directly, bit for bit what adding it to the zero pending sums and folding those gives,
-        in one operation per side on the stacked sums (:meth:`_stacked_sums`), where list
-        operations over every side added, folded and cleared (2,100 tensors a step on SmolLM2,
-        each costing a GPU step's host its own checks). Returns whether it folded so."""
+        """Fold what the hooks and taps stashed since the last call into the statistics
+        (:meth:`BatchedEngine.fold_captured`; ``fold``: straight into the running sums)."""
         stash, self._stash = self._stash, Stash()
-        all_states, us, masks, all_rows = stash.columns()
-        groups: dict[tuple, list[int]] = {}
-        for i, grad in enumerate(stash.grads):
-            if grad is not None:            # a forward whose output got no gradient counts nothing
-                state, u = all_states[i], us[i]
-                # the scaling as PEFT stores it (``state.scaling`` reads it through a Python property)
-                key = (id(masks[i]), u.shape, u.device, u.dtype, grad.dtype, state.layer.scaling[state.adapter])
-                groups.setdefault(key, []).append(i)
-        direct = fold and len(groups) == 1
-        with torch.no_grad():
-            for members in groups.values():
-                states = [all_states[i] for i in members]
-                mask, scaling = masks[members[0]], float(states[0].scaling)
-                outer_u = gm.masked_outer_sum_batched(torch.stack([us[i] for i in members]), mask)
-                outer_v = gm.masked_outer_sum_batched(torch.stack([stash.grads[i] for i in members]),
-                                                      mask) / scaling**2
-                device = outer_u.device
-                for state in [s for s in states if s.u.pending.device != device or s.v.pending.device != device]:
-                    state.u.place(device)
-                    state.v.place(device)
-                # One mask is one forward and one row count (a DeferredCount, its copy done by
-                # now); without a mask the count is the rows of u, whose shape the group shares.
-                rows = int(all_rows[members[0]])
-                if direct:
-                    for side, stats, outer in (("u", [s.u for s in states], outer_u),
-                                               ("v", [s.v for s in states], outer_v)):
-                        sums = self._stacked_sums(side, stats)
-                        if sums is None:
-                            torch._foreach_add_([s.total for s in stats], list(outer.unbind(0)))
-                        else:
-                            sums.add_(outer)
-                    for state in states:
-                        state.u.count += rows
-                        state.v.count += rows
-                    return True
-                torch._foreach_add_([s.u.pending for s in states], list(outer_u.unbind(0)))
-                torch._foreach_add_([s.v.pending for s in states], list(outer_v.unbind(0)))
-                for state in states:
-                    state.u.pending_count += rows
-                    state.v.pending_count += rows
-        return False
-
-    def _stacked_sums(self, side: str, stats: list[FactorStats]) -> torch.Tensor | None:
-        """One tensor whose rows are the running sums (``total``) of ``stats``, in order, so that a
-        step adds its products in one operation, not a list operation over every module. Kept while
-        every ``total`` is still the row it was pointed at (checked by identity); stacked again
-        when one was replaced (a move, a truncation's transform, a loaded state), and the totals
-        pointed at the new rows. None where a module ran twice in one forward: its rows would
-        alias."""
-        totals = [s.total for s in stats]
-        cached = self._running_sums.get(side)
-        if cached is not None and len(cached[0]) == len(totals) and all(map(operator.is_, totals, cached[0])):
-            return cached[1]
-        if len(set(map(id, stats))) != len(stats) or len({(t.shape, t.device, t.dtype) for t in totals}) != 1:
-            self._running_sums.pop(side, None)
-            return None
-        stacked = torch.stack(totals)
-        rows = list(stacked.unbind(0))
-        for stat, row in zip(stats, rows, strict=True):
-            stat.total = row
-        self._running_sums[side] = (rows, stacked)
-        return stacked
+        return self.engine.fold_captured(stash, fold)
 
     # ------------------------------------------------------------------------- factors
 
@@ -355,199 +291,20 @@ class GritManager:
             for state, side, stats in wanted:
                 state.set_inverse(side, invert(stats.covariance(cfg.statistics), cfg))
             return
-        # rank_kfac: the covariances and one batched Cholesky per (rank, device) group, instead
-        # of a few operations per matrix
-        groups: dict[tuple[int, torch.device], list[tuple[ModuleState, str, FactorStats]]] = {}
-        for item in wanted:
-            groups.setdefault((item[2].rank, item[2].total.device), []).append(item)
-        for items in groups.values():
-            sigmas = stacked_covariances([stats for _, _, stats in items], cfg.statistics)
-            dampings = gm.effective_damping(sigmas, cfg.damping, cfg.damping_mode)
-            inverses, used = gm.damped_inverse_batched(sigmas, dampings, cfg.damping_escalation)
-            # Which matrices factorised decides an inverse or None, but reading it now would stall
-            # the device: the inverses are set tentatively, this step masks the failed ones on the
-            # device (precondition), and the next step reads a copy made without waiting (settle).
-            for (state, side, _), inverse in zip(items, inverses.unbind(0), strict=True):
-                state.set_inverse(side, (inverse, float("nan")))
-            self._unsettled.append(([(state, side) for state, side, _ in items], *host_copy(used)))
-            for (state, side, _), ok in zip(items, (used > 0).unbind(0), strict=True):
-                self._ok[(id(state), side)] = ok
+        self.engine.invert(wanted)     # rank_kfac: one batched Cholesky per (rank, device) group
 
     def settle(self) -> None:
-        """Read what the last inversions found (the damping each factorisation used, 0 where none
-        did) and drop the inverses that failed, as if never set: the host learns it a step late,
-        without waiting for the device (the copy is long done by then)."""
-        for sides, copied, done in self._unsettled:
-            for (state, side), damping in zip(sides, read_host_copy(copied, done), strict=True):
-                if damping > 0:
-                    state.damping_used[side] = damping
-                else:
-                    state.set_inverse(side, None)
-        self._unsettled.clear()
-        self._ok.clear()
+        """Read what the last inversions found; drop the ones that failed (:meth:`BatchedEngine.settle`)."""
+        self.engine.settle()
 
     # -------------------------------------------------------------------- the GRIT step
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
         return [weight for _, _, weight in self.factors()]
 
-    def _current_weights(self) -> list[torch.nn.Parameter]:
-        """Every module's ``lora_A`` and ``lora_B`` weight now, in :meth:`factors` order, read from
-        the modules' own dictionaries: the objects ``state.lora_A.weight`` returns, without its
-        four Python calls per factor (``nn.Module.__getattr__`` and ``ModuleDict.__getitem__``),
-        which a host-bound GPU step pays for (840 factors on SmolLM2)."""
-        return [weight for state in self.modules.values() for weight in (
-            state.layer._modules["lora_A"]._modules[state.adapter]._parameters["weight"],
-            state.layer._modules["lora_B"]._modules[state.adapter]._parameters["weight"])]
-
-    def factors(self) -> list[tuple[ModuleState, str, torch.nn.Parameter]]:
-        """(state, side, weight) of every module's two factors, in ``lora_parameters`` order. Kept
-        from the last call while every weight is the same object as then (checked each call, by
-        identity, so a truncation or anything else that replaces a factor is seen at once); the
-        same list object then, which :meth:`_grouping` keys its kept grouping on."""
-        weights = self._current_weights()
-        cached = self._factors
-        if cached is None or len(cached[0]) != len(weights) or not all(map(operator.is_, weights, cached[0])):
-            states = [state for state in self.modules.values() for _ in SIDES]
-            cached = (weights, list(zip(states, SIDES * len(self.modules), weights, strict=True)))
-            self._factors = cached
-        return cached[1]
-
-    def _stacked_inverses(self, group: tuple, inverses: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-        """The group's inverses stacked on ``device``, stacked again only when one of them changed:
-        they change at inversions (every ``update_freq`` steps), the gradients every step. The
-        cache holds the inverses it stacked, so a new inverse is never mistaken for an old one
-        (they are replaced, never written in place)."""
-        cached = self._inverse_stacks.get(group)
-        if cached is None or len(cached[0]) != len(inverses) or not all(map(operator.is_, cached[0], inverses)):
-            cached = (inverses, torch.stack([inverse.to(device) for inverse in inverses]))
-            self._inverse_stacks[group] = cached
-        return cached[1]
-
-    def _grouping(self, factors: list, inverses: list, grads: list
-                  ) -> tuple[list[tuple[tuple, list[int]]], list[int]]:
-        """Which factors precondition together: (side, shape, device, dtype) -> their indices in
-        ``factors``, for those with an inverse and a gradient; and the indices of those with a
-        gradient but no inverse (left raw). Built again only when that changes (which factors,
-        which are ready, a gradient's shape, device or dtype): compared in one comprehension, no
-        Python call per factor, as the host-bound GPU step wants."""
-        signature = [None if grad is None else False if inverse is None else (grad.shape, grad.device, grad.dtype)
-                     for inverse, grad in zip(inverses, grads, strict=True)]
-        cached = self._groups
-        if cached is None or cached[0] is not factors or cached[1] != signature:
-            groups: dict[tuple, list[int]] = {}
-            raw_only = []
-            for i, ((_, side, _), key) in enumerate(zip(factors, signature, strict=True)):
-                if key:
-                    groups.setdefault((side, tuple(key[0]), key[1], key[2]), []).append(i)
-                elif key is False:
-                    raw_only.append(i)
-            cached = (factors, signature, (list(groups.items()), raw_only))
-            self._groups = cached
-        return cached[2]
-
-    def _natural_groups(self, factors: list, raw_norms: list[torch.Tensor] | None):
-        """Per group of :meth:`_grouping`: (its gradients, their natural gradients stacked (fp32),
-        how many of them were preconditioned). ``raw_norms`` gets the raw gradients' norms as
-        :meth:`precondition` says. Nothing is written to a gradient here."""
-        inverses = [state.inverse[side] for state, side, _ in factors]
-        grads = [weight.grad for _, _, weight in factors]
-        groups, raw_only = self._grouping(factors, inverses, grads)
-        if raw_norms is not None and raw_only:
-            raw_norms.extend(torch._foreach_norm([grads[i] for i in raw_only], dtype=torch.float32))
-        for group, members in groups:
-            side, device = group[0], group[2]
-            group_grads = [grads[i] for i in members]
-            # fp32 whatever the gradients' dtype (as the reference: the inverses are fp32).
-            raw = torch.stack(group_grads).float()
-            if raw_norms is not None:
-                raw_norms.append(torch.linalg.vector_norm(raw))
-            natural = gm.precondition_batched(raw, self._stacked_inverses(group, [inverses[i] for i in members],
-                                                                          device), side)
-            if self.config.graft_norm:
-                natural = gm.graft_batched(natural, raw)
-            # inverted this step, not settled: a matrix that did not factorise keeps its raw
-            # gradient, as a side without an inverse does (only an inverting step has flags)
-            flags = [self._ok.get((id(factors[i][0]), side)) for i in members] if self._ok else []
-            if any([flag is not None for flag in flags]):
-                # a flag is on the device already but for a model split across devices: a
-                # no-op .to() still costs a dispatch, one per factor on the inverting step
-                ok = torch.stack([torch.ones((), dtype=torch.bool, device=device) if flag is None
-                                  else flag if flag.device == device else flag.to(device) for flag in flags])
-                yield group_grads, torch.where(ok[:, None, None], natural, raw), ok.sum()
-            else:
-                yield group_grads, natural, len(members)
-
-    def precondition(self, factors: list[tuple[ModuleState, str, torch.nn.Parameter]] | None = None,
-                     raw_norms: list[torch.Tensor] | None = None) -> int | torch.Tensor:
-        """Natural gradient on every module's ready sides; how many tensors. The per-module step
-        (``ModuleState.precondition``, the reference) done for all modules of one shape at once:
-        one batched matmul per group of gradients of one side, shape, device and dtype, so the
-        host launches a handful of operations instead of a dozen per module. ``factors``: this
-        step's :meth:`factors`, when the caller has them. ``raw_norms``: a list that gets the
-        fp32 norms whose joint norm is the raw gradients' (one per group, taken from the group's
-        stack, and one per gradient left raw), so the report's raw norm needs no list operation
-        over every gradient of its own."""
-        applied: list[torch.Tensor | int] = []
-        with torch.no_grad():
-            for group_grads, natural, count in self._natural_groups(factors or self.factors(), raw_norms):
-                torch._foreach_copy_(group_grads, list(natural.unbind(0)))
-                applied.append(count)
-        return sum(applied)
-
-    def precondition_and_clip(self, factors: list[tuple[ModuleState, str, torch.nn.Parameter]],
-                              raw_norms: list[torch.Tensor] | None, max_grad_norm: float
-                              ) -> tuple[int | torch.Tensor, torch.Tensor | None]:
-        """:meth:`precondition`, then the clip to ``max_grad_norm`` of every factor's gradient, done
-        on the natural gradients' stacks before they are written back: (preconditioned tensors, the
-        joint norm before clipping). Bit for bit torch's ``clip_grad_norm_`` after
-        :meth:`precondition` on CPU (each norm taken in the gradients' dtype, joined in parameter
-        order, the same coefficient), but in a handful of operations: torch's clip hands every
-        gradient to three list operations (1,260 tensors on SmolLM2), each checked on the host of
-        a host-bound GPU step. The stacks of all groups are alive at once (one fp32 copy of the
-        LoRA gradients, for the moment of the step). The norm is None, and nothing clipped, where
-        the gradients do not share one device and dtype: the caller clips with torch's then."""
-        with torch.no_grad():
-            done = list(self._natural_groups(factors, raw_norms))
-            groups, raw_only = self._groups[2]
-            raw_grads = [factors[i][2].grad for i in raw_only]
-            # the groups' keys hold their gradients' device and dtype: no walk over every gradient
-            kinds = {(group[2], group[3]) for group, _ in groups} | {(g.device, g.dtype) for g in raw_grads}
-            if len(kinds) != 1:
-                for group_grads, natural, _ in done:
-                    torch._foreach_copy_(group_grads, list(natural.unbind(0)))
-                return sum([count for _, _, count in done]), None
-            device, dtype = kinds.pop()
-            # each gradient's norm as the clip takes it: of the gradient as written back (its dtype)
-            written = [natural.to(dtype) for _, natural, _ in done]
-            norms = [gm.stacked_norms(stack) for stack in written]
-            if raw_grads:
-                norms.append(torch.stack(torch._foreach_norm(raw_grads)))
-            total = torch.linalg.vector_norm(torch.cat(norms).index_select(0, self._clip_order(device)))
-            coefficient = gm.clip_coefficient(total, max_grad_norm)
-            for (group_grads, _, _), stack in zip(done, written, strict=True):
-                torch._foreach_copy_(group_grads, list((stack * coefficient).unbind(0)))
-            if raw_grads:
-                torch._foreach_mul_(raw_grads, coefficient)
-        return sum([count for _, _, count in done]), total
-
-    def _clip_order(self, device: torch.device) -> torch.Tensor:
-        """Where each gradient's norm sits among the groups' norms and the raw ones, in parameter
-        order (the order torch's clip joins them in, which the rounding of the joint norm depends
-        on); kept with the grouping it was made from. Made on the device from rows of an
-        ``arange`` (a tensor built from a Python list would be a copy from host memory, which
-        waits for a GPU), so it costs a list operation only when the grouping changes."""
-        grouping = self._groups[2]
-        cached = self._clip_positions
-        if cached is None or cached[0] is not grouping or cached[1].device != device:
-            groups, raw_only = grouping
-            stacked_order = [i for _, members in groups for i in members] + raw_only
-            rows = torch.arange(len(stacked_order), device=device).unbind(0)
-            positions = torch.stack([rows[k] for k in sorted(range(len(stacked_order)),
-                                                              key=stacked_order.__getitem__)])
-            cached = (grouping, positions)
-            self._clip_positions = cached
-        return cached[1]
+    def factors(self) -> list[Factor]:
+        """(state, side, weight) of every module's two factors, in ``lora_parameters`` order."""
+        return self.engine.factors()
 
     def _regularizer_scale(self) -> float:
         warmup = self.config.regularizer_warmup_steps
@@ -562,29 +319,12 @@ class GritManager:
         with torch.no_grad():
             return sum(state.add_regularizer_gradients(cfg, scale) for state in self.modules.values())
 
-    def before_step(self, max_grad_norm: float | None) -> dict[str, float]:
-        """Everything between backward and ``optimizer.step()``, in order (module docstring)."""
-        report, parameters, clipped = self._precondition_step(max_grad_norm)
-        # the clip's own total norm is the preconditioned gradients' joint norm: not computed twice
-        norm = clipped if clipped is not None else clip_gradients(parameters, max_grad_norm)
-        report["grad_norm_preconditioned"] = norm if norm is not None else joint_gradient_norm(parameters)
-        return report
 
-    def precondition_step(self) -> dict[str, torch.Tensor | float]:
-        """The GRIT part of :meth:`before_step` (everything but clipping): sync, invert,
-        regularise, precondition. Several managers sharing one optimizer (one per modality of a
-        VLM) each run this, then one clip bounds all their gradients together. The gradient norms
-        of the report stay on the device (:attr:`last_report` reads them)."""
-        report, parameters, _ = self._precondition_step(None)
-        report["grad_norm_preconditioned"] = joint_gradient_norm(parameters)
-        return report
-
-    def _precondition_step(self, max_grad_norm: float | None
-                           ) -> tuple[dict[str, torch.Tensor | float], list[torch.nn.Parameter], torch.Tensor | None]:
-        """:meth:`precondition_step` without the preconditioned norm, which :meth:`before_step`
-        takes from its clip; the factors that have a gradient; and, where the step preconditioned
-        and ``max_grad_norm`` asks for a clip, the joint norm of the clip done on the stacks
-        (:meth:`precondition_and_clip`; None: nothing clipped yet)."""
+    def before_step(self, max_grad_norm: float | None) -> dict[str, torch.Tensor | float]:
+        """GRIT's step: everything between backward and ``optimizer.step()``, in order (module
+        docstring). ``max_grad_norm`` None or 0: no clip; several managers sharing one optimizer
+        (one per modality of a VLM) each step so, then one clip bounds all their gradients. The
+        report's norms stay on the device (:attr:`last_report` reads them)."""
         factors = self.factors()
         parameters = [weight for _, _, weight in factors if weight.grad is not None]
         self.sync_factors()
@@ -592,20 +332,7 @@ class GritManager:
             self.check_capture_coverage()
         self.refresh_inverses()
         regularizer = self.add_regularizer_gradients()
-        # During the natural-gradient warm-up the factors fill and invert, but the step is plain.
-        warm = self.step >= self.config.ng_warmup_steps
-        clipped = None
-        if self.config.precondition and warm:
-            # the raw norm from the stacks preconditioning makes anyway (joint_gradient_norm's
-            # list operations over every gradient cost a host-bound GPU step 840 tensors)
-            norms: list[torch.Tensor] = []
-            if max_grad_norm and max_grad_norm > 0 and parameters:
-                applied, clipped = self.precondition_and_clip(factors, norms, max_grad_norm)
-            else:
-                applied = self.precondition(factors, norms)
-            raw_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
-        else:
-            applied, raw_norm = 0, joint_gradient_norm(parameters)
+        applied, raw_norm, clipped = self._natural_gradient(factors, parameters, max_grad_norm)
         rows = sum([s.u.count for s in self.modules.values()])
         self.report = {
             "grad_norm_raw": raw_norm, "preconditioned_tensors": applied, "regularizer": regularizer,
@@ -613,7 +340,30 @@ class GritManager:
             "inversions": float(self._inverted_now), "inversions_total": float(self.inversions),
             "capture_coverage": self._captured_modules / max(1, len(self.modules)),
         }
-        return self.report, parameters, clipped
+        # the clip's own total norm is the preconditioned gradients' joint norm: not computed twice
+        norm = clipped if clipped is not None else clip_gradients(parameters, max_grad_norm)
+        self.report["grad_norm_preconditioned"] = norm if norm is not None else joint_gradient_norm(parameters)
+        return self.report
+
+    def _natural_gradient(self, factors: list[Factor], parameters: list[torch.nn.Parameter],
+                          max_grad_norm: float | None
+                          ) -> tuple[int | torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Precondition (after ``ng_warmup_steps``; before, the factors fill and invert but the step
+        is plain): (tensors preconditioned, the raw joint norm, and, where ``max_grad_norm`` asks
+        for a clip, the joint norm of the clip done on the stacks; None: nothing clipped yet)."""
+        if not (self.config.precondition and self.step >= self.config.ng_warmup_steps):
+            return 0, joint_gradient_norm(parameters), None
+        # the raw norm from the stacks preconditioning makes anyway (joint_gradient_norm's list
+        # operations over every gradient cost a host-bound GPU step 840 tensors)
+        norms: list[torch.Tensor] = []
+        clipped = None
+        if max_grad_norm and max_grad_norm > 0 and parameters:
+            applied, clipped = self.engine.precondition_and_clip(factors, norms, max_grad_norm)
+        else:
+            applied = self.engine.precondition(factors, norms)
+        raw_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        return applied, raw_norm, clipped
+
 
     @property
     def last_report(self) -> dict[str, float]:
@@ -762,8 +512,7 @@ class GritManager:
         if shrinking and self.optimizer is not None:
             raise GritError(f"GRIT state: {shrinking[0]} was truncated, so its factors must be rebuilt before "
                             "the optimizer is; load the GRIT state before building the optimizer")
-        self._unsettled.clear()
-        self._ok.clear()
+        self.engine.forget_inversions()
         self.step = int(state["step"])
         self.inversions = int(state.get("inversions", 0))
         self.rank_events = list(state.get("rank_events", []))

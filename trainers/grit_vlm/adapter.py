@@ -8,7 +8,7 @@ Trainer callback) and the probe take it unchanged. One step::
 
     loss.backward()                      # each modality's hooks capture its own rows
     before_step(max_grad_norm):
-        for each modality: precondition_step()   # sync, invert, regularise, precondition
+        for each modality: before_step(None)    # sync, invert, regularise, precondition
         clip all modalities' gradients together  # one trust region for the whole adapter
     optimizer.step()
     after_step()                         # each modality: reprojection on its own schedule, or
@@ -123,7 +123,7 @@ class VlmGritAdapter:
         return [p for m in self.managers.values() for p in m.lora_parameters()]
 
     def before_step(self, max_grad_norm: float | None) -> dict[str, float]:
-        reports = {name: manager.precondition_step() for name, manager in self.managers.items()}
+        reports = {name: manager.before_step(None) for name, manager in self.managers.items()}
         parameters = self.lora_parameters()
         clip_gradients(parameters, max_grad_norm)
         report: dict[str, float] = {

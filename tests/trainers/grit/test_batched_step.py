@@ -35,7 +35,7 @@ def test_the_batched_step_equals_the_per_module_reference(graft_norm: bool, rand
     assert lora_grads(batched_model).keys() and all(
         torch.equal(a, b) for a, b in zip(lora_grads(batched_model).values(), lora_grads(reference_model).values(),
                                           strict=True))
-    applied = batched.precondition()
+    applied = batched.engine.precondition()
     with torch.no_grad():
         expected = sum(state.precondition(config) for state in reference.modules.values())
     assert applied == expected == (2 if random_B else 1) * len(batched.modules)
@@ -111,16 +111,16 @@ def test_a_failed_factorisation_keeps_its_raw_gradient_and_is_tried_again_the_ne
     no inverse, as before, so that side is inverted again as soon as it can be."""
     model, manager = captured(False, GritParams(min_samples=1))
     state = next(iter(manager.modules.values()))
-    assert state.inverse["A"] is not None and manager._unsettled          # not read yet
+    assert state.inverse["A"] is not None and manager.engine.unsettled          # not read yet
     with torch.no_grad():      # a gradient the failed (all-zero) inverse would wipe out if used
         state.weight("A").grad.normal_()
     raw = state.weight("A").grad.clone()
-    manager.precondition()
+    manager.engine.precondition()
     assert torch.equal(state.weight("A").grad, raw)                       # kept its raw gradient
     manager.settle()
     assert state.inverse["A"] is None and state.damping_used["A"] is None
     assert state.inverse["B"] is not None and state.damping_used["B"] > 0
-    assert not manager._unsettled and not manager.all_ready()
+    assert not manager.engine.unsettled and not manager.all_ready()
 
 
 def both_ways(manager: GritManager, config: GritParams) -> tuple[int, int, bool]:
@@ -128,7 +128,7 @@ def both_ways(manager: GritManager, config: GritParams) -> tuple[int, int, bool]
     the two left equal gradients), both from the same gradients and inverses."""
     parameters = [p for p in manager.lora_parameters() if p.grad is not None]
     before = [p.grad.clone() for p in parameters]
-    applied = manager.precondition()
+    applied = manager.engine.precondition()
     batched = [p.grad.clone() for p in parameters]
     for parameter, grad in zip(parameters, before, strict=True):
         parameter.grad.copy_(grad)
@@ -176,7 +176,7 @@ def test_a_replaced_factor_is_preconditioned_in_place_of_the_old_one():
     factors = manager.factors()
     looked_up = [w for s in manager.modules.values() for w in (s.lora_A.weight, s.lora_B.weight)]
     assert factors is not first and all(a is b for (_, _, a), b in zip(factors, looked_up, strict=True))
-    manager.precondition()
+    manager.engine.precondition()
     assert torch.equal(old.grad, raw) and not torch.equal(new.grad, raw)
 
 
@@ -238,16 +238,16 @@ def test_the_stacked_running_sums_follow_a_replaced_total():
     value, and what is added then reaches every statistic."""
     _, manager = captured(True, GritParams(min_samples=1))
     stats = [state.u for state in manager.modules.values()]
-    first = manager._stacked_sums("u", stats)
-    assert manager._stacked_sums("u", stats) is first and all(s.total._base is first for s in stats)
+    first = manager.engine.stacked_sums("u", stats)
+    assert manager.engine.stacked_sums("u", stats) is first and all(s.total._base is first for s in stats)
     replaced = torch.full_like(stats[0].total, 2.0)
     stats[0].total = replaced.clone()
-    again = manager._stacked_sums("u", stats)
+    again = manager.engine.stacked_sums("u", stats)
     assert again is not first and torch.equal(again[0], replaced) and torch.equal(again[1:], first[1:])
     before = [s.total.clone() for s in stats]
     again.add_(torch.ones_like(again))
     assert all(torch.equal(s.total, b + 1) for s, b in zip(stats, before, strict=True))
-    assert manager._stacked_sums("u", [stats[0], stats[0]]) is None     # a module twice: rows would alias
+    assert manager.engine.stacked_sums("u", [stats[0], stats[0]]) is None     # a module twice: rows would alias
 
 
 @pytest.mark.parametrize("random_B", [True, False])      # B = 0: A's gradients stay raw
@@ -285,11 +285,11 @@ def test_the_clip_on_the_stacks_equals_torchs_clip_after_preconditioning(random_
     (reference_model, reference), (plain_model, plain) = captured(random_B, config), captured(random_B, config)
     for manager in (reference, plain, *((clipped, counted) if settled else ())):
         manager.settle()
-    applied, norm = clipped.precondition_and_clip(clipped.factors(), None, max_norm)
-    expected = reference.precondition()
+    applied, norm = clipped.engine.precondition_and_clip(clipped.factors(), None, max_norm)
+    expected = reference.engine.precondition()
     expected_norm = torch.nn.utils.clip_grad_norm_([p for p in reference_model.parameters() if p.grad is not None],
                                                    max_norm)
-    plain.precondition()
+    plain.engine.precondition()
     assert int(applied) == int(expected) == (2 if random_B else 1) * len(clipped.modules)
     assert torch.equal(norm, expected_norm)
     after, wanted, unclipped = lora_grads(clipped_model), lora_grads(reference_model), lora_grads(plain_model)
@@ -297,12 +297,12 @@ def test_the_clip_on_the_stacks_equals_torchs_clip_after_preconditioning(random_
     scaled = [not torch.equal(after[n], unclipped[n]) for n in after if unclipped[n].any()]
     assert scaled and all(scaled) == (max_norm < 1) and any(scaled) == (max_norm < 1)   # it clipped when it had to
     # counted on a step after the first, which also puts the parameter order on the device
-    counted.precondition_and_clip(counted.factors(), None, max_norm)
+    counted.engine.precondition_and_clip(counted.factors(), None, max_norm)
     with counting_operations() as clip_counts:
-        counted.precondition_and_clip(counted.factors(), None, max_norm)
+        counted.engine.precondition_and_clip(counted.factors(), None, max_norm)
     with counting_operations() as precondition_counts:
-        counted.precondition()
-    groups, raw_only = counted._groups[2]
+        counted.engine.precondition()
+    groups, raw_only = counted.engine._groups[2]
     assert clip_counts.listed_tensors == precondition_counts.listed_tensors + len(groups) + (1 if raw_only else 0) \
         + 3 * len(raw_only), (clip_counts.listed_tensors, precondition_counts.listed_tensors, len(groups), raw_only)
 

@@ -87,7 +87,7 @@ def test_single_token_factors_are_the_exact_outer_products():
     grad_A = layer.lora_A["default"].weight.grad.clone()
     grad_B = layer.lora_B["default"].weight.grad.clone()
     manager.refresh_inverses(force=True)
-    manager.precondition()
+    manager.engine.precondition()
     eye = torch.eye(A.shape[0])
     expected_B = torch.linalg.solve(sigma_u + 0.1 * eye, grad_B.T).T   # grad_B (Su + lI)^-1
     expected_A = torch.linalg.solve(sigma_v + 0.1 * eye, grad_A)       # (Sv + lI)^-1 grad_A
@@ -233,7 +233,7 @@ def test_graft_norm_keeps_each_raw_gradient_norm():
     before = {id(p): p.grad.clone() for p in manager.lora_parameters()}
     manager.sync_factors()
     manager.refresh_inverses(force=True)
-    assert manager.precondition() == 2 * len(manager.modules)
+    assert manager.engine.precondition() == 2 * len(manager.modules)
     for parameter in manager.lora_parameters():
         assert parameter.grad.norm().item() == pytest.approx(raw[id(parameter)], rel=1e-5)
     assert any(gm.cosine(p.grad, before[id(p)]) < 0.999 for p in manager.lora_parameters())

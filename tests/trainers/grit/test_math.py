@@ -62,7 +62,7 @@ def test_one_module_is_preconditioned_bit_for_bit_as_in_a_batch(d: int, r: int):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, cols", [(4, 16), (16, 576), (576, 16), (16, 1536), (1536, 16), (4096, 16)])
 def test_a_stack_s_norms_are_each_matrix_s_own_norm_bit_for_bit(rows: int, cols: int, dtype: torch.dtype):
-    """The clip on the stacks (``GritManager.precondition_and_clip``) is torch's clip bit for bit
+    """The clip on the stacks (``BatchedEngine.precondition_and_clip``) is torch's clip bit for bit
     only if each matrix's norm taken from the stack is the one torch's clip takes of that matrix
     alone (its list norm, in the gradient's dtype): at SmolLM2's and Llama-3-8B's LoRA shapes."""
     torch.manual_seed(0)
