@@ -66,6 +66,9 @@ class Trial:
         return self.trial_seconds or self.train_seconds
 
 
+FINDINGS = ("better", "worse", "equivalent", "inconclusive")
+
+
 @dataclass(frozen=True)
 class PairedTest:
     steps: int
@@ -76,12 +79,30 @@ class PairedTest:
     p_value: float
     p_adjusted: float | None = None
     resamples: int | None = None   # the two-level bootstrap's draws; None for the paired t over seeds
+    reference: float | None = None          # the control's mean: a relative smallest effect is a share of it
+    equivalence: Interval | None = None     # the 90% interval of the difference, for the two one-sided tests
+
+    @property
+    def smallest_effect(self) -> float:
+        """The metric's smallest effect of interest here (the registry's ``negligible``)."""
+        return get(self.metric).negligible_below(self.reference)
+
+    def finding(self) -> str:
+        """One of :data:`FINDINGS`. better / worse: Holm p < 0.05 *and* a mean difference at least
+        the smallest effect of interest d (a significant shift smaller than d is no finding);
+        equivalent: the two one-sided tests at 0.05 reject both |difference| >= d, i.e. the 90%
+        interval lies inside (-d, d); otherwise inconclusive."""
+        d, mean = self.smallest_effect, self.delta.value
+        if self.p_adjusted is not None and self.p_adjusted < 0.05 and mean != 0 and abs(mean) >= d:
+            return "better" if get(self.metric).better(mean) else "worse"
+        band = self.equivalence
+        if d > 0 and band is not None and -d < band.low and band.high < d:
+            return "equivalent"
+        return "inconclusive"
 
     def better(self) -> bool | None:
-        """True / False when the method is significantly better / worse; None otherwise."""
-        if self.p_adjusted is None or self.p_adjusted >= 0.05 or self.delta.value == 0:
-            return None
-        return get(self.metric).better(self.delta.value)
+        """True / False when the method is better / worse by :meth:`finding`; None otherwise."""
+        return {"better": True, "worse": False}.get(self.finding())
 
 
 def trial_from_record(record: dict) -> Trial:
@@ -94,22 +115,30 @@ def trial_from_record(record: dict) -> Trial:
                  stopped_at=record.get("stopped_at"), trial_seconds=record.get("trial_seconds"))
 
 
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def paired_test_record(test: PairedTest) -> dict:
     """A paired test as ``metrics/study.json`` records it; :func:`paired_test_from_record` reads it back."""
-    delta = test.delta
+    delta, band = test.delta, test.equivalence
     return {"steps": test.steps, "method": test.method, "control": test.control, "metric": test.metric,
-            "delta": {"mean": delta.value, "low": delta.low if math.isfinite(delta.low) else None,
-                      "high": delta.high if math.isfinite(delta.high) else None, "n": delta.n},
-            "p": test.p_value, "p_holm": test.p_adjusted, "bootstrap_resamples": test.resamples}
+            "delta": {"mean": delta.value, "low": _finite(delta.low), "high": _finite(delta.high), "n": delta.n},
+            "p": test.p_value, "p_holm": test.p_adjusted, "bootstrap_resamples": test.resamples,
+            "reference": test.reference, "smallest_effect": test.smallest_effect,
+            "equivalence_90": None if band is None else {"low": _finite(band.low), "high": _finite(band.high)},
+            "finding": test.finding()}
 
 
 def paired_test_from_record(record: dict) -> PairedTest:
     """A paired test as ``metrics/study.json`` records it (:func:`paired_test_record`)."""
-    delta = record["delta"]
+    delta, band = record["delta"], record.get("equivalence_90")
     low, high = (float("nan") if v is None else v for v in (delta["low"], delta["high"]))
+    equivalence = None if band is None else Interval(
+        delta["mean"], *(float("nan") if band[k] is None else band[k] for k in ("low", "high")), delta["n"])
     return PairedTest(record["steps"], record["method"], record["control"], record["metric"],
                       Interval(delta["mean"], low, high, delta["n"]), record["p"], record["p_holm"],
-                      record.get("bootstrap_resamples"))
+                      record.get("bootstrap_resamples"), record.get("reference"), equivalence)
 
 
 def by_seed(trials: Iterable[Trial], method: str, steps: int) -> dict[int, Trial]:
@@ -158,8 +187,22 @@ def paired_tests(trials: Sequence[Trial], pairs: Sequence[tuple[str, str]], run_
                           if metric in ours[s].metrics and metric in theirs[s].metrics]
                 if len(values) >= 2:
                     deltas[(steps, method, control, metric)] = values
-    return [PairedTest(*key, t.delta, t.p_value, t.p_adjusted, t.resamples)
-            for key, t in paired_over_seeds(deltas, level, resamples, seed).items()]
+    tested = paired_over_seeds(deltas, level, resamples, seed)
+    # The two one-sided tests at 1 - level read the (2 * level - 1) interval: 90% for 95%.
+    bands = paired_over_seeds(deltas, 2 * level - 1, resamples, seed)
+    return [PairedTest(*key, t.delta, t.p_value, t.p_adjusted, t.resamples,
+                       control_mean(by_seed(trials, key[2], key[0]), key[3]), bands[key].delta)
+            for key, t in tested.items()]
+
+
+def control_mean(runs: dict[int, Trial], metric: str) -> float | None:
+    """The control's mean of ``metric`` over its test seeds (and prompts): what a relative
+    smallest effect of interest is a share of."""
+    matrix = per_prompt_matrix(runs, metric)
+    if matrix is not None:
+        return float(matrix.mean())
+    values = [t.metrics[metric] for t in runs.values() if metric in t.metrics]
+    return float(np.mean(values)) if values else None
 
 
 PHASES = ("tune", "finalist", "test")
@@ -278,14 +321,15 @@ def remaining_note(parts: Sequence[PartProgress], trials: Sequence[Trial]) -> st
 
 
 def _findings(tests: Sequence[PairedTest], grit_methods: Sequence[str]):
-    """The GRIT methods' tests, and those among them where GRIT is significantly better / worse."""
+    """The GRIT methods' tests, and those among them of each kind of :data:`FINDINGS`."""
     mine = [t for t in tests if t.method in grit_methods]
-    return mine, [t for t in mine if t.better() is True], [t for t in mine if t.better() is False]
+    return mine, {kind: [t for t in mine if t.finding() == kind] for kind in FINDINGS}
 
 
 def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
-    """The plain answer first (:func:`headline`), then which differences are significant."""
-    _, wins, losses = _findings(tests, grit_methods)
+    """The plain answer first (:func:`headline`), then which differences count."""
+    _, found = _findings(tests, grit_methods)
+    wins, losses = found["better"], found["worse"]
     parts = [headline(tests, grit_methods)]
     if wins:
         parts.append(f"Better: {describe(wins)}{';' if losses else '.'}")
@@ -294,20 +338,25 @@ def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
     return " ".join(parts)
 
 
+RULE = ("paired over seeds, and over prompts for per-prompt figures; better or worse: Holm-adjusted p < 0.05 and "
+        "at least the metric's smallest effect of interest; equivalent: the 90% interval inside it")
+
+
 def headline(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
-    """One sentence: does GRIT beat LoRA here, by the pre-declared test, and how many of the paired
-    tests differ significantly each way. The README leads with it."""
-    mine, wins, losses = _findings(tests, grit_methods)
-    rule = "paired over seeds, and over prompts for per-prompt figures; Holm-adjusted"
+    """One sentence: does GRIT beat LoRA here, by the pre-declared test, and how many of the
+    paired tests fall in each of the four kinds (:data:`FINDINGS`). The README leads with it."""
+    mine, found = _findings(tests, grit_methods)
+    wins, losses, rest = len(found["better"]), len(found["worse"]), \
+        f"equivalent in {len(found['equivalent'])} and inconclusive in {len(found['inconclusive'])}"
     if not wins and not losses:
-        return (f"No: at each method's validation-tuned setting, no GRIT method differs significantly from "
-                f"LoRA on any metric at any run length ({len(mine)} paired tests; {rule}).")
-    out_of = f"of {len(mine)} paired tests ({rule})"
-    if wins and not losses:
-        return f"GRIT is better than LoRA in {len(wins)} {out_of} and worse in none."
-    if losses and not wins:
-        return f"No: GRIT is worse than LoRA in {len(losses)} {out_of} and better in none."
-    return f"Mixed: GRIT is better than LoRA in {len(wins)} and worse in {len(losses)} {out_of}."
+        return (f"No: at each method's validation-tuned setting, GRIT is neither better nor worse than LoRA in "
+                f"any of {len(mine)} paired tests; {rest} ({RULE}).")
+    out_of = f"of {len(mine)} paired tests; {rest} ({RULE})."
+    if wins and losses:
+        return f"Mixed: GRIT is better than LoRA in {wins} and worse in {losses} {out_of}"
+    if wins:
+        return f"GRIT is better than LoRA in {wins} and worse in none {out_of}"
+    return f"No: GRIT is worse than LoRA in {losses} and better in none {out_of}"
 
 
 def describe(tests: Sequence[PairedTest]) -> str:

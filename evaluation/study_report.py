@@ -120,15 +120,15 @@ def test_rows(trials: Sequence[Trial], methods: Sequence[str], steps: int) -> li
 
 
 def test_table_rows(tests: Sequence[PairedTest]) -> list[list[str]]:
-    def judged(t: PairedTest) -> str:
-        better = t.better()
-        return "n.s." if better is None else ("GRIT better" if better else "GRIT worse")
-
     def test(t: PairedTest) -> str:
         return "paired t" if t.resamples is None else f"bootstrap, {t.resamples:,} resamples"
 
+    def band(t: PairedTest) -> str:
+        return "-" if t.equivalence is None else f"[{t.equivalence.low:.3g}, {t.equivalence.high:.3g}]"
+
     return [[str(t.steps), f"{t.method} vs {t.control}", get(t.metric).label, _interval(t.delta), test(t),
-             f"{t.p_value:.3g}", _number(t.p_adjusted, 3), judged(t)] for t in tests]
+             f"{t.p_value:.3g}", _number(t.p_adjusted, 3), f"±{t.smallest_effect:.3g}", band(t), t.finding()]
+            for t in tests]
 
 
 def parameter_rows(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Sequence[int]) -> list[list[str]]:
@@ -333,8 +333,12 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
           for b in run_lengths),
         "![test figures by run length](test_by_steps.png)\n\n![validation loss over steps](curves_by_steps.png)",
         "## Paired tests (pre-declared: over seeds, and over prompts for per-prompt figures; Holm over every row)\n\n"
-        + _table(["steps", "pair", "metric", "mean delta [95% CI]", "test", "raw p", "Holm p", "verdict"],
-                 test_table_rows(tests))
+        "A row is *better* or *worse* when its Holm-adjusted p is below 0.05 and its mean difference is at least "
+        "the metric's smallest effect of interest (the registry's, `evaluation/metrics.py`: 1% of the control's "
+        "test loss, 5% of its 1/XB, 0.05 on a rate), *equivalent* when its 90% interval lies inside that effect "
+        "either way (the two one-sided tests at 0.05), and *inconclusive* otherwise.\n\n"
+        + _table(["steps", "pair", "metric", "mean delta [95% CI]", "test", "raw p", "Holm p", "smallest effect",
+                  "90% interval", "finding"], test_table_rows(tests))
         + "\n\n![paired differences from the control by run length](differences_by_steps.png)"
         + f"\n\nA per-prompt test draws {study.bootstrap_resamples:,} bootstrap resamples, and more where its "
         "p-value falls below 0.05: enough that the smallest p-value they can give lies ten times below "
@@ -550,9 +554,10 @@ def significance_block(tests: Sequence[PairedTest], metrics: Sequence[str], run_
         words = [f"{'better' if way else 'worse'}: {', '.join(found[way])}" for way in (True, False) if found[way]]
         return "; ".join(words) or "none"
 
-    intro = (f"Significant differences from {', '.join(f'`{c}`' for c in controls)}, each method at its "
+    intro = (f"Differences from {', '.join(f'`{c}`' for c in controls)} that count, each method at its "
              f"validation-tuned setting for the run length (method minus control; Holm p < 0.05 over all "
-             f"{len(tests)} paired tests; \"none\": no method differs significantly):")
+             f"{len(tests)} paired tests and at least the metric's smallest effect of interest; \"none\": no "
+             "method differs by that much):")
     return [intro, _table(["metric", *(f"{steps} steps" for steps in run_lengths)],
                           [[get(metric).label, *(cell(metric, steps) for steps in run_lengths)]
                            for metric in metrics if any(t.metric == metric for t in tests)]),

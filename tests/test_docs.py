@@ -288,15 +288,19 @@ def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study()
     worse, pairs = deltas("test_loss", study["steps"], False)
     assert f"({len(worse)} of {pairs} pairs)" in prose
     assert f"where LoRA reaches {figures['peft_lora@192']['test_loss']['mean']:.3f}" in prose
-    # 1/XB: better in most pairs, every variant at the longest run length
-    better, pairs = deltas("separation", study["steps"], True)
-    assert f"1/XB is higher for GRIT in {len(better)} of {pairs} pairs" in prose
-    assert f"by +{min(better):.3f} to +{max(better):.3f}" in prose
-    at_192, pairs_192 = deltas("separation", [192], True)
-    assert len(at_192) == pairs_192
+    # 1/XB: significant in most pairs, but below the smallest effect of interest: equivalent
+    separation = [t for t in tests if t.metric == "separation"]
+    significant = [t.delta.value for t in separation if t.p_adjusted < 0.05 and t.delta.value > 0]
+    assert f"1/XB is higher for GRIT in {len(significant)} of {len(separation)} pairs by Holm's test alone" in prose
+    assert f"by +{min(significant):.3f} to +{max(significant):.3f}" in prose
+    equivalent = [t for t in separation if t.finding() == "equivalent"]
+    assert f"equivalent in {len(equivalent)} of {len(separation)}" in prose
+    (better,) = [t for t in separation if t.finding() == "better"]
+    assert f"only `{better.method}` at {better.steps} steps is better" in prose
     lora = [figures[f"peft_lora@{steps}"]["separation"]["mean"] for steps in study["steps"]]
     assert f"LoRA's {min(lora):.3f}-{max(lora):.3f}" in prose
-    assert not [t for t in tests if t.metric == "retention_accuracy" and t.better() is not None]
+    retention = [t.finding() for t in tests if t.metric == "retention_accuracy"]
+    assert set(retention) == {"equivalent"} and f"retention is equivalent in all {len(retention)}" in prose
     # refusals: grit_paper at 32 steps shifts both rates; afterwards only edgy-benign ones move
     paper, base = figures["grit_paper@32"], figures["peft_lora@32"]
     assert f"(test loss {paper['test_loss']['mean']:.3f} against LoRA's {base['test_loss']['mean']:.3f})" in prose
@@ -397,11 +401,14 @@ def test_the_readme_answer_and_the_study_page_are_the_committed_study():
     tests = [paired_test_from_record(t) for t in study["tests"]]
     better, worse = [t for t in tests if t.better() is True], [t for t in tests if t.better() is False]
     answer = " ".join(page("README.md").split("**The answer so far:", 1)[1].split("\n\n", 1)[0].split())
+    equivalent = [t for t in tests if t.finding() == "equivalent"]
     assert (f"tested over {study['seeds']} seeds, GRIT is better than LoRA in {len(better)} and worse in "
             f"{len(worse)} of {len(tests)} paired tests") in answer
+    assert f"equivalent to it in {len(equivalent)}" in answer
     assert all(t.better() is False for t in tests if t.metric == "test_loss")      # "worse ... at every run length"
-    separation = [t.better() for t in tests if t.metric == "separation"]
-    assert separation.count(True) > len(separation) / 2                          # "slightly better at separating"
+    for metric in ("separation", "retention_accuracy"):                           # "equivalent in separating ..."
+        findings = [t.finding() for t in tests if t.metric == metric]
+        assert findings.count("equivalent") > len(findings) / 2, metric
     assert f"for at most {max(study['steps'])} steps" in answer
     readme = " ".join(page("README.md").split())
     assert f"study `{ledger['key']}` is the study itself" in readme

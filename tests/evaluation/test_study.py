@@ -7,10 +7,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from evaluation.stats import Interval
 from evaluation.study import (
+    PairedTest,
     Trial,
     compute_by_method,
     endpoints,
+    headline,
+    paired_test_from_record,
+    paired_test_record,
     paired_tests,
     planned_runs,
     remaining_hours,
@@ -49,7 +54,7 @@ def test_the_paired_tests_are_holm_adjusted_over_every_endpoint_pair_and_run_len
     refusal = next(t for t in tests if t.metric == "sampled_refusal_rate")
     assert refusal.better() is None
     sentence = verdict(tests, ["grit"])
-    assert sentence.startswith(f"GRIT is better than LoRA in 1 of {len(tests)} paired tests")
+    assert sentence.startswith(f"GRIT is better than LoRA in 1 and worse in none of {len(tests)} paired tests")
     assert f"Better: {loss_label()} (grit vs lora, 8 steps, {loss.delta.value:+.3g})." in sentence
 
 
@@ -83,6 +88,47 @@ def test_per_prompt_figures_count_the_prompts_variance_too():
     assert per_prompt.resamples is not None and over_seeds.resamples is None      # each names its test
     interval = summary(trials, "grit", 8, "sampled_refusal_rate")
     assert 0 <= interval.low <= interval.value <= interval.high <= 1          # within the metric's range
+
+
+def _loss_test(delta: float, low: float, high: float, band: tuple[float, float], p_holm: float) -> PairedTest:
+    """A test-loss comparison against a control whose loss is 0.32 (smallest effect 1%: 0.0032)."""
+    return PairedTest(96, "grit", "lora", "test_loss", Interval(delta, low, high, 10), p_holm / 60, p_holm,
+                      reference=0.32, equivalence=Interval(delta, *band, 10))
+
+
+def test_four_findings_significance_and_size_together():
+    """better/worse needs Holm significance and the smallest effect of interest; equivalent needs
+    the 90% interval inside that effect (two one-sided tests); the rest is inconclusive."""
+    assert _loss_test(-0.004, -0.0055, -0.0025, (-0.0051, -0.0029), 0.001).finding() == "better"   # 1.25% lower
+    assert _loss_test(+0.010, 0.008, 0.012, (0.0085, 0.0115), 0.001).finding() == "worse"
+    # significant, but a 0.6% shift: below the smallest effect, and its interval reaches past it
+    small = _loss_test(+0.002, 0.0009, 0.0036, (0.0012, 0.0034), 0.001)
+    assert small.finding() == "inconclusive" and small.better() is None
+    # significant and small with an interval inside +-0.0032: equivalent, not "worse"
+    assert _loss_test(+0.0015, 0.0008, 0.0022, (0.0009, 0.0021), 0.001).finding() == "equivalent"
+    # not significant, interval inside the band: equivalent; reaching past it: inconclusive
+    assert _loss_test(0.0002, -0.0025, 0.0029, (-0.002, 0.0024), 0.9).finding() == "equivalent"
+    assert _loss_test(0.0002, -0.006, 0.0064, (-0.005, 0.0054), 0.9).finding() == "inconclusive"
+
+
+def test_the_headline_counts_the_four_kinds_and_a_record_keeps_each_finding():
+    tests = [_loss_test(-0.004, -0.0055, -0.0025, (-0.0051, -0.0029), 0.001),
+             _loss_test(+0.002, 0.0009, 0.0036, (0.0012, 0.0034), 0.001),
+             _loss_test(0.0002, -0.0025, 0.0029, (-0.002, 0.0024), 0.9)]
+    assert headline(tests, ["grit"]).startswith(
+        "GRIT is better than LoRA in 1 and worse in none of 3 paired tests; equivalent in 1 and inconclusive in 1")
+    for test in tests:
+        record = paired_test_record(test)
+        assert record["finding"] == test.finding() and record["smallest_effect"] == pytest.approx(0.0032)
+        assert paired_test_from_record(record).finding() == test.finding()
+
+
+def test_paired_tests_carry_the_controls_mean_and_a_narrower_equivalence_interval():
+    trials = [trial(1e-4, 2.0 + 0.01 * s, 0.5, m, seed=s) for s in range(5) for m in ("lora", "grit")]
+    loss = next(t for t in paired_tests(trials, [("grit", "lora")], [8]) if t.metric == "test_loss")
+    assert loss.reference == pytest.approx(2.02)
+    assert loss.delta.low <= loss.equivalence.low <= loss.equivalence.high <= loss.delta.high
+    assert loss.finding() == "equivalent"                       # identical losses: inside +-1% of 2.02
 
 
 def test_the_verdict_says_no_plainly_when_nothing_differs():
