@@ -13,13 +13,13 @@ and :meth:`GritManager.after_step`; the doors in ``doors.py`` call them)::
     optimizer.step()
     after_step():                   # step counter, reprojection / truncation when due
 
-The manager is the policy (when to capture, invert, reproject, truncate); the work of a step on
-all modules at once is the batched engine's (``batched.py``).
+The manager is the policy (when to capture, invert, reproject, truncate); the hooks and taps
+that capture rows are in ``capture.py``, the work of a step on all modules at once is the
+batched engine's (``batched.py``).
 """
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
@@ -30,17 +30,15 @@ from torch import nn
 from trainers.grit import math as gm
 from trainers.grit.batched import BatchedEngine, Factor
 from trainers.grit.cadence import for_budget, reprojection_due
+from trainers.grit.capture import Capture
 from trainers.grit.config import GritParams
 from trainers.grit.distributed import allreduce_sum_, world_size
 from trainers.grit.doors import GritCallback, GritOptimizer, clip_gradients, joint_gradient_norm
-from trainers.grit.fused import FusedAttachment, Tap, attach_fused
-from trainers.grit.host import DeferredCount
 from trainers.grit.layer import (
     FACTOR_STATS,
     FactorStats,
     GritError,
     ModuleState,
-    Stash,
     base_module_name,
     exact_patterns_first,
     fold_all,
@@ -51,16 +49,6 @@ from trainers.grit.layer import (
 )
 
 __all__ = ["GritError", "GritManager", "ModuleState", "base_module_name", "lora_layers"]
-
-def row_weights(mask: torch.Tensor | None, rows: Any, u: torch.Tensor, lead: tuple[int, ...]
-                ) -> tuple[torch.Tensor | None, Any]:
-    """(row weights, token rows) for a module's rows ``u`` in this forward, whose input had the
-    leading shape ``lead`` (u is [*lead, r], or its rows [N, r] from a fused function): the
-    forward's attention mask and its row count, or, without a mask or for packed/reshaped inputs
-    whose rows do not line up with it, no weights and every row counted."""
-    if mask is None or tuple(mask.shape) != tuple(lead):
-        return None, u.numel() // u.shape[-1]
-    return mask, rows
 
 
 def check_settings(requested: GritParams, total_steps: int | None) -> None:
@@ -102,7 +90,6 @@ class GritManager:
         self.requested = config or GritParams()
         check_settings(self.requested, total_steps)
         self.step = 0
-        self.capturing = True
         self.optimizer: torch.optim.Optimizer | None = None
         self.report: dict[str, torch.Tensor | float] = {}     # the last step's, on the device until read
         # Counters the GRIT paper logs (host integers, no device read): Fisher inversions, and
@@ -111,10 +98,6 @@ class GritManager:
         self._inverted_now = 0
         self._captured_modules = 0            # modules that captured rows in the last sync
         self.rank_events: list[dict[str, float | int]] = []
-        self._row_mask: torch.Tensor | None = None
-        self._row_count: int | None = None
-        self._handles: list[Any] = []
-        self._stash = Stash()
         layers = lora_layers(peft_model)
         self.targeted = [base_module_name(name) for name, _, _ in layers]   # for rank_pattern keys
         if modules is not None:
@@ -123,14 +106,12 @@ class GritManager:
         self.modules, self.base_names, self.built_ranks = module_states(layers)
         self.engine = BatchedEngine(self.modules, self.requested)
         self.total_steps = total_steps
-        # How each module hands GRIT its rows: "fused" (GRIT's fused LoRA function, rows from its
-        # backward) or "hooks" (PEFT's forward, a forward hook on lora_A and a tensor hook).
-        self.capture_paths = {key: "hooks" for key in self.modules}
-        self.notes: list[str] = []
-        self._fused: FusedAttachment | None = None
+        self.capture = Capture(peft_model, self.modules)
+        # how each module hands GRIT its rows ("fused-<kind>" or "hooks"), and why not fused
+        self.capture_paths, self.notes = self.capture.paths, self.capture.notes
         if self.config.capture == "fused":
-            self._attach_fused()
-        self._attach_hooks()
+            self.capture.attach_fused(self.config.fused_lora_dtype)
+        self.capture.attach_hooks()
 
     @property
     def config(self) -> GritParams:
@@ -142,92 +123,19 @@ class GritManager:
     def config(self, config: GritParams) -> None:
         self.engine.config = config
 
-    # ------------------------------------------------------------------------------ capture
-
-    def _attach_fused(self) -> None:
-        layers = {key: (state.layer, state.adapter) for key, state in self.modules.items()}
-        # A manager built without an engine (auto) takes PEFT's numerics, the forward its layers have.
-        lora_dtype = "adapter" if self.config.fused_lora_dtype == "auto" else self.config.fused_lora_dtype
-        self._fused = attach_fused(self.model, layers, self._tap, lora_dtype)
-        for key, kind in self._fused.fused.items():
-            self.capture_paths[key] = f"fused-{kind}"
-        if self._fused.unfused:
-            first, reason = next(iter(self._fused.unfused.items()))
-            self.notes.append(f"GRIT's fused LoRA functions cannot run on {len(self._fused.unfused)}/"
-                              f"{len(self.modules)} modules (first: {first}: {reason}); those capture through "
-                              "PEFT's forward and hooks, which keep more activations")
-
-    def _attach_hooks(self) -> None:
-        self._handles.append(self.model.register_forward_pre_hook(self._remember_mask, with_kwargs=True))
-        for key, state in self.modules.items():
-            if self.capture_paths[key] == "hooks":
-                self._handles.append(state.lora_A.register_forward_hook(self._capture_hook(state)))
-
-    def _detach_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    @property
+    def capturing(self) -> bool:
+        """Whether this step captures rows (``capture_every``)."""
+        return self.capture.capturing
 
     def detach(self) -> None:
         """Remove everything GRIT put on the model: hooks and fused forwards."""
-        self._detach_hooks()
-        if self._fused is not None:
-            self._fused.detach()
-            self._fused = None
-
-    def _set_capturing(self, capturing: bool) -> None:
-        """Hooks are attached only for steps that capture (``capture_every``): on the others no
-        hook runs, not even to return, and the fused functions get no tap."""
-        self.capturing = capturing
-        if capturing and not self._handles:
-            self._attach_hooks()
-        elif not capturing:
-            self._detach_hooks()
-
-    def _tap(self, key: str) -> Tap | None:
-        """The fused function's tap for module ``key`` in this forward: it stashes u and dL/du
-        when backward reaches the module (None when this forward captures nothing)."""
-        if not (self.capturing and torch.is_grad_enabled()):
-            return None
-        # this forward's mask bound now (backward may follow another forward), in one partial of
-        # the plain function (a bound method would be a second object): a closure was six objects
-        # the garbage collector tracks (its function, tuple and four cells) a module, 1,260 a
-        # forward on SmolLM2, which set off a young collection every step
-        return functools.partial(GritManager._stash_rows, self, self.modules[key], self._row_mask, self._row_count)
-
-    def _stash_rows(self, state: ModuleState, forward_mask: torch.Tensor | None, forward_rows: Any,
-                    u: torch.Tensor, grad_u: torch.Tensor, lead: torch.Size) -> None:
-        """A tap's body: stash one module's rows u and dL/du with its forward's row weights."""
-        mask, rows = row_weights(forward_mask, forward_rows, u, lead)
-        self._stash.add(state, u, mask, rows, grad_u)
-
-    def _remember_mask(self, _module, args, kwargs) -> None:
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            self._row_mask = mask.to(torch.float32)
-            # once per forward, not once per layer, and read at the GRIT step, not now (host.py)
-            self._row_count = DeferredCount(mask.sum())
-        else:
-            self._row_mask, self._row_count = None, None
-
-    def _capture_hook(self, state: ModuleState):
-        def hook(_module, _inputs, output: torch.Tensor) -> None:
-            # Only a forward whose output will receive a gradient counts; with gradient
-            # checkpointing the recomputed forward's tensors get none, so nothing is counted twice.
-            if not (self.capturing and torch.is_grad_enabled() and output.requires_grad):
-                return
-            mask, rows = row_weights(self._row_mask, self._row_count, output, output.shape[:-1])
-            # Only stashed here (no operation per module): u and, when backward reaches it, the
-            # gradient at u; collect_captured turns all of them into statistics at once.
-            output.register_hook(self._stash.add(state, output, mask, rows))
-
-        return hook
+        self.capture.detach()
 
     def collect_captured(self, fold: bool = False) -> bool:
         """Fold what the hooks and taps stashed since the last call into the statistics
         (:meth:`BatchedEngine.fold_captured`; ``fold``: straight into the running sums)."""
-        stash, self._stash = self._stash, Stash()
-        return self.engine.fold_captured(stash, fold)
+        return self.engine.fold_captured(self.capture.take_stash(), fold)
 
     # ------------------------------------------------------------------------- factors
 
@@ -383,7 +291,7 @@ class GritManager:
     def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """After ``optimizer.step()``: reprojection (and truncation) when due; advance the step."""
         self.step += 1
-        self._set_capturing(self.step % self.config.capture_every == 0)
+        self.capture.set_capturing(self.step % self.config.capture_every == 0)
         if optimizer is not None:
             self.optimizer = optimizer
         if reprojection_due(self.step, self.config, self.total_steps):
@@ -516,7 +424,7 @@ class GritManager:
         self.step = int(state["step"])
         self.inversions = int(state.get("inversions", 0))
         self.rank_events = list(state.get("rank_events", []))
-        self._set_capturing(bool(state["capturing"]))
+        self.capture.set_capturing(bool(state["capturing"]))
         for name, saved in state["modules"].items():
             self.modules[name].load(saved)
         self.record_ranks_in_peft_config()
