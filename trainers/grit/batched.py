@@ -22,22 +22,9 @@ from torch import nn
 from trainers.grit import math as gm
 from trainers.grit.config import GritParams
 from trainers.grit.host import host_copy, read_host_copy
-from trainers.grit.layer import SIDES, FactorStats, ModuleState, Stash, stacked_covariances
+from trainers.grit.layer import REGISTRATIONS, SIDES, FactorStats, ModuleState, Stash, stacked_covariances
 
 Factor = tuple[ModuleState, str, nn.Parameter]
-
-# Parameters registered anywhere in the process (a truncation's new factor, a loaded adapter):
-# the engine rebuilds its factor list when this changed, so a step need not look every factor up
-# through PEFT's module dictionaries (four Python calls a factor, 840 factors on SmolLM2).
-_registrations = [0]
-
-
-def _count_registration(_module: nn.Module, _name: str, _parameter: Any) -> None:
-    _registrations[0] += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
-
 
 def capture_groups(stash: Stash) -> dict[tuple, list[int]]:
     """The stash's entries that got a gradient, grouped by what one batched product shares: the
@@ -192,12 +179,14 @@ class BatchedEngine:
 
     def factors(self) -> list[Factor]:
         """(state, side, weight) of every module's two factors. Kept while no parameter has been
-        registered anywhere since it was built (a truncation or anything else that replaces a
-        factor registers its new weight, and is seen at the next call); the same list object
-        then, which :meth:`_grouping` keys its kept grouping on."""
+        registered anywhere since it was built (``layer.REGISTRATIONS``; a truncation or anything
+        else that replaces a factor registers its new weight, and is seen at the next call), so
+        a step looks no factor up through PEFT's module dictionaries (four Python calls a factor,
+        840 factors on SmolLM2); the same list object then, which :meth:`_grouping` keys its kept
+        grouping on."""
         cached = self._factors
-        if cached is None or cached[0] != _registrations[0]:
-            cached = (_registrations[0], [(state, side, state.weight(side))
+        if cached is None or cached[0] != REGISTRATIONS[0]:
+            cached = (REGISTRATIONS[0], [(state, side, state.weight(side))
                                           for state in self.modules.values() for side in SIDES])
             self._factors = cached
         return cached[1]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.grit.layer import lora_layers
+from trainers.grit.layer import REGISTRATIONS, lora_layers
 
 # A tap: called in backward with (u, dL/du) of one module as token rows, both [N, r], and the
 # leading shape of the module's input (whose product is N).
@@ -56,16 +56,30 @@ class LoraWeights:
 LORA_DTYPES = ("input", "adapter")
 
 
-def lora_weights(layer: nn.Module, adapter: str, lora_dtype: str = "adapter") -> LoraWeights:
-    """``lora_dtype``: "input" (Unsloth's numerics) or "adapter" (PEFT's: A's dtype)."""
-    # read from the modules' own dictionaries, at every call (truncation replaces A and B):
-    # nn.Module's attribute lookup is a Python call, seven a module here and 1,470 a forward on
-    # SmolLM2, on a host-bound GPU step
-    modules = layer._modules
-    base = modules["base_layer"]._parameters
-    A = modules["lora_A"]._modules[adapter]._parameters["weight"]
-    return LoraWeights(base["weight"], base.get("bias"), A, modules["lora_B"]._modules[adapter]._parameters["weight"],
-                       float(layer.scaling[adapter]), A.dtype if lora_dtype == "adapter" else None)
+class WeightReader:
+    """One LoRA layer's tensors for ``adapter`` (``LoraWeights``), read through the modules'
+    public attributes only when a parameter was registered since the last read (a truncation
+    replaces A and B by new Parameters): an attribute lookup is a Python call, seven a module
+    and 1,470 a forward on SmolLM2, on a host-bound GPU step. The scaling and the dtypes are
+    read at every call, and all of it again for another layer (a copy of the model shares the
+    forward it was given). ``lora_dtype``: "input" (Unsloth's numerics) or "adapter" (PEFT's: A's dtype)."""
+
+    __slots__ = ("adapter", "layer", "lora_dtype", "seen", "tensors")
+
+    def __init__(self, layer: nn.Module, adapter: str, lora_dtype: str = "adapter") -> None:
+        self.layer, self.adapter, self.lora_dtype = layer, adapter, lora_dtype
+        self.seen: int | None = None
+        self.tensors: tuple = ()
+
+    def __call__(self, layer: nn.Module) -> LoraWeights:
+        adapter = self.adapter
+        if self.seen != REGISTRATIONS[0] or layer is not self.layer:
+            self.layer, self.seen = layer, REGISTRATIONS[0]
+            self.tensors = (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A[adapter].weight,
+                            layer.lora_B[adapter].weight)
+        weight, bias, A, B = self.tensors
+        return LoraWeights(weight, bias, A, B, float(layer.scaling[adapter]),
+                           A.dtype if self.lora_dtype == "adapter" else None)
 
 
 def unfusable_reason(layer: nn.Module, adapter: str) -> str | None:
@@ -212,17 +226,18 @@ class FusedLoraSwiGLU(torch.autograd.Function):
 TapFactory = Callable[[str], "Tap | None"]   # module key -> the tap for this forward (None: no capture)
 
 
-def _linear_forward(key: str, adapter: str, taps: TapFactory, lora_dtype: str):
+def _linear_forward(key: str, read: WeightReader, taps: TapFactory):
     def forward(self, x, *args, **kwargs):
-        w = lora_weights(self, adapter, lora_dtype)
+        w = read(self)
         return FusedLoraLinear.apply(x, w.weight, w.bias, w.A, w.B, w.scaling, taps(key), w.lora_dtype)
     return forward
 
 
-def _swiglu_forward(keys: tuple[str, str, str], adapters: tuple[str, str, str], taps: TapFactory, lora_dtype: str):
+def _swiglu_forward(keys: tuple[str, str, str], reads: tuple[WeightReader, WeightReader, WeightReader],
+                    taps: TapFactory):
     def forward(self, x):
         layers = (self.gate_proj, self.up_proj, self.down_proj)
-        ws = [lora_weights(layer, adapter, lora_dtype) for layer, adapter in zip(layers, adapters, strict=True)]
+        ws = [read(layer) for read, layer in zip(reads, layers, strict=True)]
         flat = [t for w in ws for t in (w.weight, w.bias, w.A, w.B)]
         return FusedLoraSwiGLU.apply(x, *flat, tuple(w.scaling for w in ws), tuple(taps(k) for k in keys),
                                      tuple(w.lora_dtype for w in ws))
@@ -280,7 +295,7 @@ def attach_fused(model: nn.Module, layers: dict[str, tuple[nn.Module, str]], tap
     by_layer = {id(layer): key for key, (layer, _) in layers.items() if key in fused}
     for key in fused:
         layer, adapter = layers[key]
-        _install(layer, _linear_forward(key, adapter, taps, lora_dtype), restore)
+        _install(layer, _linear_forward(key, WeightReader(layer, adapter, lora_dtype), taps), restore)
     for module in model.modules():
         if not is_swiglu_mlp(module):
             continue
@@ -288,8 +303,8 @@ def attach_fused(model: nn.Module, layers: dict[str, tuple[nn.Module, str]], tap
         keys = tuple(by_layer.get(id(p)) for p in projections)
         if None in keys:
             continue
-        adapters = tuple(layers[k][1] for k in keys)
-        _install(module, _swiglu_forward(keys, adapters, taps, lora_dtype), restore)
+        reads = tuple(WeightReader(*layers[k], lora_dtype) for k in keys)
+        _install(module, _swiglu_forward(keys, reads, taps), restore)
         fused.update({k: "swiglu" for k in keys})
     return FusedAttachment(fused, unfused, restore)
 

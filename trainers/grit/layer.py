@@ -26,6 +26,17 @@ SIDES = ("A", "B")
 # s g u^T, so B's rank-side factor is E[u u^T]; A's is E[v v^T]) or the paper code's swapped ones.
 FACTOR_STATS = {"kfac": {"A": "v", "B": "u"}, "reference": {"A": "u", "B": "v"}}
 
+# How many parameters have been registered in this process (a truncation's new factor, a loaded
+# adapter): what GRIT reads of a module's factors each step is read again only when this changed.
+REGISTRATIONS = [0]
+
+
+def _count_registration(_module: nn.Module, _name: str, _parameter: object) -> None:
+    REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
 
 class GritError(RuntimeError):
     pass
