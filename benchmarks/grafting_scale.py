@@ -15,7 +15,8 @@ natural gradient is applied, what the optimizer then receives:
   AdamW's epsilon (``1e-8``), where AdamW's update is no longer scale-free and shrinks with it.
 
 It uses the pipeline's own training path (``trainers.recipe.train_variant``, the study's trial
-parameters) and only observes ``GritManager.precondition``.
+parameters) and only observes GRIT's preconditioning (``GritManager._natural_gradient``, asked
+not to clip, so that ``before_step`` clips with torch's clip: the same result, bit for bit on CPU).
 
     python -m pipelines.profile study && dvc repro prepare_data
     python benchmarks/grafting_scale.py [--steps 32] [--setting JSON] [--damping-mode MODE] [--json FILE]
@@ -108,22 +109,22 @@ def observe(method: str, steps: int, setting: dict[str, float], scratch: Path,
     run = run.model_copy(update={"train": run.train.model_copy(update={"eval_at": [steps]}),
                                  "variants": {**run.variants, method: variant}})
     scales: list[StepScale] = []
-    original = GritManager.precondition
+    original = GritManager._natural_gradient
 
-    def precondition(manager):
-        tensors = [p for p in manager.lora_parameters() if p.grad is not None]
+    def natural_gradient(manager, factors, tensors, _max_grad_norm):
         raw = [float(p.grad.norm()) for p in tensors]
-        applied = original(manager)
-        scales.append(step_scale(manager.step, raw, [float(p.grad.norm()) for p in tensors],
-                                 [p.numel() for p in tensors], run.train.max_grad_norm))
-        return applied
+        done = original(manager, factors, tensors, None)
+        if manager.config.precondition and manager.step >= manager.config.ng_warmup_steps:   # it preconditioned
+            scales.append(step_scale(manager.step, raw, [float(p.grad.norm()) for p in tensors],
+                                     [p.numel() for p in tensors], run.train.max_grad_norm))
+        return done
 
-    GritManager.precondition = precondition
+    GritManager._natural_gradient = natural_gradient
     try:
         result = train_variant(method, run.variants[method], run, resolve_base_model(run.model), ROOT / DATA_DIR,
                                scratch / method / "adapter", scratch / method / "checkpoints")
     finally:
-        GritManager.precondition = original
+        GritManager._natural_gradient = original
     meta = result.metadata
     return scales, {"final_val_loss": meta.get("final_val_loss"),
                     "trainable_parameters": meta.get("trainable_parameters")}
