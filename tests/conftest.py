@@ -32,20 +32,29 @@ def write_params(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory):
+def postgres_server():
     """A real PostgreSQL server (pgserver's binaries, installed by the test requirements) in a
-    temporary folder for the whole session, reached through its Unix socket."""
+    temporary folder for the whole session (one per test worker), reached through its Unix socket.
+
+    The folder is not under pytest's basetemp: running as root, pgserver runs the server as its
+    own user and opens every parent folder to it, and any other pytest process that starts (a
+    `make smoke` beside `make test`) makes /tmp/pytest-of-<user> private again, which locks the
+    server out of its data mid-run (PANIC: could not open pg_control: Permission denied)."""
+    import shutil
+    import tempfile
     import warnings
 
+    folder = Path(tempfile.mkdtemp(prefix="grit-postgres-"))
     with warnings.catch_warnings():
         # platformdirs notes that XDG_RUNTIME_DIR is unset (as on CI machines); pgserver only
         # keeps a lock file there.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
         import pgserver
 
-        server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+        server = pgserver.get_server(folder / "postgres", cleanup_mode="stop")
     yield server
     server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

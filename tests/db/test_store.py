@@ -244,3 +244,9 @@ def test_the_plans_results_table_is_a_view_over_the_recorded_figures(store_url: 
     assert by_name["pure_grit"].delta_aqi == pytest.approx(0.06) and by_name["pure_grit"].delta_speed == -10.0
     assert by_name["baseline_lora"].inference_speed == 101.0 and by_name["baseline_lora"].speed_ratio == 1.01
     assert all(r.refusal_rate == 0.8 and r.timestamp is not None for r in rows)
+
+
+def test_the_postgresql_server_lives_outside_pytests_private_temp_root(postgres_server):
+    """Another pytest process makes /tmp/pytest-of-<user> private (0700); the server, running as
+    its own user, must not keep its data below it (tests/conftest.py::postgres_server)."""
+    assert "pytest-of-" not in str(postgres_server.pgdata)
