@@ -61,7 +61,9 @@ def _use_store(repo: Path, url: str) -> None:
 
 def test_two_workers_one_killed_mid_trial_give_the_one_worker_report(tmp_path_factory, postgres_url: str):
     """The two workers share a PostgreSQL store, as workers on two machines would."""
-    alone, env = repo_copy(tmp_path_factory, ["smoke"])
+    # The smallest plan that still has two parts, a tuning to kill mid-trial, finalists and tests:
+    # the study runs four times here.
+    alone, env = repo_copy(tmp_path_factory, ["smoke", "study.configurations=2", "study.finalists=1"])
     _sh(["dvc", "repro", "prepare_data"], alone, env)
     # copied now, before the one-worker study below writes its trials into this repository
     (shared, shared_env), (pair, pair_env) = (_prepared_copy(tmp_path_factory, alone, env) for _ in range(2))
