@@ -11,20 +11,35 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
+from core.errors import exit_status
 from pipelines.params import CONF_DIR, available_profiles, load_params
 
 
 def compose_params(profile: str, output: Path, overrides: list[str] = ()) -> None:
-    """Write the composed params of ``profile`` (plus Hydra ``overrides``) to ``output``."""
+    """Write the composed params of ``profile`` (plus Hydra ``overrides``) to ``output``.
+
+    Composed into a private file beside ``output`` and moved over it only once it passes the
+    schema: a composition the schema refuses (a password in ``store.url``, say) leaves
+    ``output`` as it was and no copy of the refused values behind."""
     from dvc.utils.hydra import compose_and_dump
 
     if profile not in available_profiles():
         raise SystemExit(f"error: unknown profile {profile!r}; choose from {', '.join(available_profiles())}")
-    compose_and_dump(output, str(CONF_DIR), None, "config", str(CONF_DIR), [f"profile={profile}", *overrides])
-    load_params(output)  # a composed file must still pass the schema
+    output = Path(output)
+    handle, draft = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".yaml", dir=output.parent)
+    os.close(handle)
+    try:
+        compose_and_dump(Path(draft), str(CONF_DIR), None, "config", str(CONF_DIR),
+                         [f"profile={profile}", *overrides])
+        load_params(Path(draft))
+        os.replace(draft, output)
+    finally:
+        Path(draft).unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides such as train.max_steps=2")
     parser.add_argument("--output", type=Path, default=Path("params.yaml"))
     args = parser.parse_args(argv)
-    compose_params(args.profile, args.output, args.overrides)
-    print(f"wrote {args.output} for profile {args.profile}", file=sys.stderr)
-    return 0
+    status = exit_status(lambda: compose_params(args.profile, args.output, args.overrides))
+    if status == 0:
+        print(f"wrote {args.output} for profile {args.profile}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":
