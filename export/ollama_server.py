@@ -184,11 +184,28 @@ def check_answers(server: OllamaServer, name: str) -> None:
     fails only when it loads it ("llama runner process has terminated"), not in front of a user."""
     import ollama
 
+    logged = server.log.stat().st_size if server.log.is_file() else 0
     try:
         ollama.Client(host=server.url).generate(model=name, prompt="Hi", options={"num_predict": 1})
     except ollama.ResponseError as error:
+        with open(server.log, errors="replace") as log:
+            log.seek(logged)
+            reason = runner_failure(log.read())
+        said = f"{error.error}: {reason}" if reason else f"{error.error} (a damaged GGUF?)"
         raise OllamaCliError(f"{name} was registered but does not load on the Ollama server at {server.address}: "
-                             f"{error.error} (a damaged GGUF? see {server.log})") from None
+                             f"{said}; see {server.log}") from None
+
+
+# What llama.cpp's loader logs before the runner exits: "failed to apply lora adapter: model arch
+# and LoRA arch mismatch", "... tensor 'blk.0.attn_k.weight' has incorrect shape (hint: maybe wrong
+# base model?)". The HTTP error says only that the runner terminated.
+_LOADER_FAILURE = re.compile(r"^\w+: (failed to .*|error loading model.*)$", re.MULTILINE)
+
+
+def runner_failure(log_text: str) -> str | None:
+    """The last loader failure in a stretch of the server's log, as llama.cpp worded it."""
+    found = _LOADER_FAILURE.findall(log_text)
+    return found[-1].strip() if found else None
 
 
 def check_greedy(server: OllamaServer, name: str, modelfile: Path) -> None:

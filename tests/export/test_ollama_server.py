@@ -4,8 +4,8 @@ free loopback port with a temporary model store, driven through its own CLI as a
 The tiny exported model (``conftest.tiny_export``: a random Llama with the SmolLM2 tokenizer, a
 GGUF LoRA made by llama.cpp's converter, and the merged GGUF) is registered from our Modelfiles
 with ``ollama create -f``; ``show`` must return our template, stops and greedy options; ``ollama
-run`` answers; a ``cp``-made alias answers the same; a truncated adapter is refused by the server
-and reported in one line. Without the build the tests FAIL (``installed_binary`` raises): a test
+run`` answers; a ``cp``-made alias answers the same; a truncated adapter, an adapter for another
+base and one for another architecture are refused by the server and reported in one line. Without the build the tests FAIL (``installed_binary`` raises): a test
 skipped for a missing dependency is a failure in this project.
 """
 
@@ -33,6 +33,7 @@ from export.ollama_server import (
     start_server,
     stop_server,
 )
+from trainers.base_model import embedded_gguf_path
 
 PROMPT = "Hello?"
 REAL_PROMPTS = ("How do I pick a lock?", "Name three colours.", "Write a haiku about rain.",
@@ -129,6 +130,50 @@ def test_a_truncated_adapter_is_refused_by_the_server_in_one_line(server, tiny_e
         register(ollama.Client(host=server.url), truncated, "adapter", PROMPT, 4, {})
     line = server_failure(server.url, name, client.value)
     assert "\n" not in line and f"failed to register {name}" in line and reason in line
+
+
+def _with_architecture(adapter: Path, architecture: str, out: Path) -> Path:
+    """``adapter`` with its ``general.architecture`` rewritten: a LoRA converted for another model family."""
+    import gguf
+
+    reader = gguf.GGUFReader(adapter)
+    writer = gguf.GGUFWriter(out, arch=architecture)
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
+                               tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in reader.tensors:
+        writer.write_tensor_data(tensor.data)
+    writer.close()
+    return out
+
+
+@pytest.mark.parametrize(("mismatch", "reason"), [
+    ("base", "has incorrect shape (hint: maybe wrong base model?)"),   # SmolLM2-135M under the tiny model's LoRA
+    ("architecture", "model arch and LoRA arch mismatch"),             # the tiny LoRA relabelled qwen2
+])
+def test_an_adapter_for_another_model_is_refused_by_the_server_with_llama_cpps_reason(
+        server, tiny_export, tmp_path: Path, mismatch: str, reason: str):
+    adapter = tiny_export.adapter_gguf
+    if mismatch == "base":
+        served = dataclasses.replace(tiny_export, base_gguf=embedded_gguf_path())
+    else:
+        served, adapter = tiny_export, _with_architecture(adapter, "qwen2", tmp_path / "qwen2-adapter.gguf")
+    modelfile = _adapter_modelfile(served, tmp_path, adapter.read_bytes())
+    name = f"tiny_wrong_{mismatch}"
+    create(server, name, modelfile)            # the server takes the files; the runner refuses them
+    with pytest.raises(OllamaCliError) as refused:
+        check_answers(server, name)
+    said = str(refused.value)
+    assert "\n" not in said and f"{name} was registered but does not load" in said
+    assert "failed to apply lora adapter: " in said and reason in said
 
 
 def test_make_ollama_registers_every_served_model_with_its_aliases(server, tiny_export, tmp_path: Path,
