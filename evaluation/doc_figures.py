@@ -136,10 +136,16 @@ def serving_speed_block(benchmark: dict) -> str:
     judged = "" if fair is None else (
         f"\n\nThe merged file against the base in its own format (the evaluate stage's criterion): decode "
         f"{fair['decode_ratio']:.3f}x, prefill {fair['prefill_ratio']:.3f}x, paired by round and prompt.")
+    ollama = benchmark.get("ollama")
+    beside = "" if ollama is None else (
+        f"\n\nOllama {ollama['version']} (build `{ollama['build']}`) against llama-cpp-python on the same files, "
+        "decode tokens/s (Ollama's own counters), ratio paired by round and prompt: "
+        + "; ".join(f"{form} {f['ollama_decode']:.1f} against {f['llama_cpp_decode']:.1f} ({f['decode_ratio']:.3f}x)"
+                    for form, f in ollama["forms"].items()) + ".")
     return (f"`python benchmarks/serving_speed.py` ({benchmark['adapter']}; llama.cpp, {benchmark['threads']} "
             f"threads, {benchmark['rounds']} interleaved rounds x {benchmark['prompts']} prompts, medians; rendered "
             f"from `{SERVING_BENCHMARK}`):\n\n" + markdown(["", "decode tokens/s", "prefill tokens/s"], rows)
-            + judged)
+            + judged + beside)
 
 
 def _json(sources: Sources, relative: str) -> dict:
