@@ -143,3 +143,14 @@ def test_the_checks_see_a_missing_dep_and_an_unread_section():
     assert {"pipelines/stage.py", "db/store.py", "evaluation/stats.py", "export/backend.py"} <= files
     assert "trainers/grit/manager.py" in {str(p.relative_to(REPO_ROOT)) for p in closure("pipelines.probe").values()}
     assert "probe" not in sections_read(closure("pipelines.prepare_model").values())
+
+
+def test_every_setting_that_needs_cuda_reruns_the_first_stage_which_refuses_it():
+    """``prepare_model`` refuses a setting this machine cannot honour before any heavy work; an
+    experiment that changes only that setting must re-run it, so its params name every one."""
+    from trainers.hardware import CUDA_ONLY
+
+    declared = set(yaml.safe_load((REPO_ROOT / "dvc.yaml").read_text())["stages"]["prepare_model"]["params"])
+    missing = [f"{need.section}.{need.field}" for need in CUDA_ONLY
+               if need.section not in declared and f"{need.section}.{need.field}" not in declared]
+    assert not missing, f"prepare_model's params in dvc.yaml lack {', '.join(missing)}"
