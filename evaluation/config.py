@@ -8,6 +8,11 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from core.section import Section
+from evaluation.tuning import HARD_LIMITS
+
+# the study's declared ranges and the tuned dimension each bounds
+RANGE_DIMENSIONS = {"learning_rate_range": "learning_rate", "damping_range": "damping",
+                    "reprojection_warmup_range": "reprojection_warmup_fraction", "energy_range": "energy_threshold"}
 
 
 class EvalParams(Section):
@@ -69,7 +74,12 @@ class StudyParams(Section):
     configurations: Annotated[int, Field(gt=0, le=256)] = 16   # per method and run length
     sampler: Literal["tpe", "qmc"] = "tpe"
     startup: Annotated[int, Field(ge=0)] = 6               # TPE's quasi-random start before it models
-    min_steps: Annotated[int, Field(gt=0)] = 8             # the pruner's first rung
+    # The pruner's first rung is derived from the run length and every method's cadence
+    # (evaluation.tuning.first_rung): no configuration is judged before its natural gradient has
+    # shaped natural_gradient_share of the run and, reprojecting, trained after its first
+    # reprojection; never before min_steps. Then rung x reduction_factor, ... below the run length.
+    min_steps: Annotated[int, Field(gt=0)] = 8
+    natural_gradient_share: Annotated[float, Field(gt=0, lt=1)] = 0.25
     reduction_factor: Annotated[int, Field(ge=2)] = 3      # one in this many goes on at each rung
     learning_rate_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-2)
     damping_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-1)
@@ -103,6 +113,11 @@ class StudyParams(Section):
             low, high = getattr(self, name)
             if low >= high:
                 raise ValueError(f"{name}: the lower bound {low} is not below the upper bound {high}")
+        for name, dimension in RANGE_DIMENSIONS.items():
+            (low, high), (floor, ceiling) = getattr(self, name), HARD_LIMITS[dimension]
+            if low < floor or high > ceiling:
+                raise ValueError(f"{name}: [{low}, {high}] reaches beyond the hard limits [{floor}, {ceiling}] "
+                                 "of evaluation/tuning.py (docs/study.md says why each)")
         if sorted(set(self.steps)) != list(self.steps):
             raise ValueError("steps: list distinct run lengths in increasing order")
         if len(set(self.methods)) != len(self.methods):

@@ -98,11 +98,53 @@ class Scored:
         return self.val_loss is not None and math.isfinite(self.val_loss)
 
 
-def rungs(min_steps: int, reduction_factor: int, steps: int) -> list[int]:
+# The widest each tuned range may become, whatever the study declares or widens it to (why, each):
+HARD_LIMITS: dict[str, tuple[float, float]] = {
+    # below 1e-6 a LoRA run of a few hundred steps barely moves; above 0.1 AdamW diverges on any model
+    "learning_rate": (1e-6, 0.1),
+    # the paper code clamps its damping to [1e-6, 1e-2]; above 1 (relative: lambda at the factor's
+    # mean eigenvalue) the preconditioner is close to a scalar, which AdamW cancels: no longer GRIT
+    "damping": (1e-6, 1.0),
+    # reprojection from the first step (0) to half the run: later leaves too few steps for its
+    # reprojections and the training after them, and the pruner's first rung waits for it
+    "reprojection_warmup_fraction": (0.0, 0.5),
+    # tau: below 0.5 rank adaptation keeps a rank or two; 1 keeps every rank (no adaptation)
+    "energy_threshold": (0.5, 1.0),
+}
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """When a method's mechanism acts in a run of known length: the first step whose update its
+    natural gradient shapes (1-based; None: it has none, LoRA), the step after which it first
+    reprojects (None: it never does) and the steps between its reprojections."""
+
+    natural_gradient: int | None = None
+    reprojection: int | None = None
+    interval: int = 0
+
+
+def first_rung(steps: int, mechanisms: Iterable[Mechanism], natural_gradient_share: float, floor: int) -> int:
+    """The first step at which the pruner may judge a configuration of a run of ``steps``: the
+    same for every method, and late enough for every method's mechanism to have acted (docs/study.md):
+    its natural gradient has shaped at least ``natural_gradient_share`` of the run's steps, and a
+    reprojecting method has reprojected and trained half an interval (at least one step) since;
+    never before ``floor``. ``mechanisms``: every method's, at the latest any tuned configuration
+    may start them."""
+    rung = floor
+    for acts in mechanisms:
+        if acts.natural_gradient is not None:
+            rung = max(rung, acts.natural_gradient - 1 + math.ceil(natural_gradient_share * steps))
+        if acts.reprojection is not None:
+            rung = max(rung, acts.reprojection + max(1, math.ceil(acts.interval / 2)))
+    return rung
+
+
+def rungs(first: int, reduction_factor: int, steps: int) -> list[int]:
     """The steps below ``steps`` at which successive halving compares configurations:
-    ``min_steps`` x ``reduction_factor`` ** k. A trial's validation loss is needed there and at
+    ``first`` x ``reduction_factor`` ** k. A trial's validation loss is needed there and at
     its end only."""
-    found, rung = [], min_steps
+    found, rung = [], first
     while rung < steps:
         found.append(rung)
         rung *= reduction_factor

@@ -38,7 +38,7 @@ from typing import Any
 
 from core.jsonl import read_jsonl
 from core.quiet import silence_known_import_noise
-from evaluation.tuning import Dimension, rungs
+from evaluation.tuning import HARD_LIMITS, Dimension, Mechanism, first_rung, rungs
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR
 
@@ -52,13 +52,47 @@ def trial_params(params: Params, method: str, steps: int, seed: int, setting: di
     validation loss is measured at the pruner's rungs and at the end only."""
     train = params.train.model_copy(update={
         "max_steps": steps, "seed": seed, "save_steps": steps + 1, "learning_rate": setting["learning_rate"],
-        "eval_at": rungs(params.study.min_steps, params.study.reduction_factor, steps)})
+        "eval_at": study_rungs(params, steps)})
     variants = dict(params.variants)
     grit = {name: value for name, value in setting.items() if name != "learning_rate"}
     if grit:
         variant = variants[method]
         variants[method] = variant.model_copy(update={"grit_overrides": {**variant.grit_overrides, **grit}})
     return params.model_copy(update={"train": train, "variants": variants})
+
+
+def mechanisms(params: Params, method: str, steps: int) -> list[Mechanism]:
+    """When ``method``'s mechanism acts in a run of ``steps``, for every configuration the study
+    may give it: a tuned reprojection warm-up (cadence ``budget``) anywhere within its hard limits
+    (the first reprojection does not move monotonically with it: the interval shrinks as the
+    warm-up grows). LoRA has none."""
+    from trainers.config import variant_grit
+    from trainers.grit.cadence import for_budget, reprojection_steps
+
+    variant = params.variants[method]
+    if not variant.grit:
+        return []
+    grit = variant_grit(params.grit, variant)
+    fractions = [grit.reprojection_warmup_fraction]
+    if grit.cadence == "budget":              # its warm-up is tuned (evaluation.tuning.search_space)
+        latest = HARD_LIMITS["reprojection_warmup_fraction"][1]
+        fractions = [k / steps for k in range(round(latest * steps) + 1)]
+    found = []
+    for fraction in fractions:
+        run = for_budget(grit.model_copy(update={"reprojection_warmup_fraction": fraction}), steps)
+        reprojections = reprojection_steps(run, steps)
+        found.append(Mechanism(run.ng_warmup_steps + 1 if run.precondition else None,
+                               reprojections[0] if reprojections else None, run.reprojection_freq))
+    return found
+
+
+def study_rungs(params: Params, steps: int) -> list[int]:
+    """The pruner's rungs at a run length: the same for every method (LoRA's too), the first
+    where every method's mechanism has acted (``evaluation.tuning.first_rung``)."""
+    study = params.study
+    acting = [m for method in study.methods if method in params.variants for m in mechanisms(params, method, steps)]
+    return rungs(first_rung(steps, acting, study.natural_gradient_share, study.min_steps), study.reduction_factor,
+                 steps)
 
 
 def validation_harmful_prompts(data_dir: Path) -> list[str]:
@@ -186,14 +220,17 @@ def _without_interrupted(study):
     return Completed()
 
 
-def study_pruner(params: Params):
+def study_pruner(params: Params, steps: int):
+    """Successive halving at the study's rungs for a run of ``steps`` (:func:`study_rungs`); with
+    no rung below the run length it never prunes."""
     import optuna
 
     class Pruner(optuna.pruners.SuccessiveHalvingPruner):
         def prune(self, study, trial) -> bool:
             return super().prune(_without_interrupted(study), trial)
 
-    return Pruner(min_resource=params.study.min_steps, reduction_factor=params.study.reduction_factor)
+    first = (study_rungs(params, steps) or [steps + 1])[0]
+    return Pruner(min_resource=first, reduction_factor=params.study.reduction_factor)
 
 
 def reseed(tuned, params: Params) -> None:
@@ -221,7 +258,8 @@ def optuna_study(params: Params, root: Path, job: dict[str, Any]):
     sampler = (optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=study.startup) if study.sampler == "tpe"
                else optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=study.seed))
     tuned = optuna.create_study(study_name=job["tuning"], storage=storage, sampler=sampler,
-                                pruner=study_pruner(params), direction="minimize", load_if_exists=True)
+                                pruner=study_pruner(params, job["steps"]), direction="minimize",
+                                load_if_exists=True)
     for stale in tuned.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         storage.set_trial_user_attr(stale._trial_id, "interrupted", True)   # asked again, not counted
         storage.set_trial_state_values(stale._trial_id, optuna.trial.TrialState.FAIL)
@@ -281,7 +319,7 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
 
         def report(step: int, val_loss: float, trial=trial) -> bool:
             trial.report(val_loss, step)
-            return trial.should_prune()
+            return step < job["steps"] and trial.should_prune()       # a run at its end is done
 
         with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
             record = provenance(run_trial(params, spec, root, Path(scratch), on_validation=report), job)

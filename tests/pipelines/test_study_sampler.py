@@ -15,7 +15,7 @@ def test_a_resumed_tuning_does_not_ask_its_first_configuration_again(tmp_path: P
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     params = Params()
     params = params.model_copy(update={"store": params.store.model_copy(update={"url": f"sqlite:///{tmp_path}/s.db"})})
-    job = {"tuning": "key/pure_grit/32"}
+    job = {"tuning": "key/pure_grit/32", "method": "pure_grit", "steps": 32}
     asked = []
     for _ in range(2):                      # two workers, one after the other, on one study
         tuned = optuna_study(params, tmp_path, job)
@@ -23,6 +23,9 @@ def test_a_resumed_tuning_does_not_ask_its_first_configuration_again(tmp_path: P
         asked.append(trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True))
         tuned.tell(trial, 1.0)
     assert params.study.startup > 2 and asked[0] != asked[1]
+
+
+JOB = {"tuning": "k/m/4", "method": "m", "steps": 4}
 
 
 def _tune(params: Params, root: Path, job: dict, configurations: int, kill_at: int | None = None) -> list:
@@ -69,10 +72,10 @@ def test_a_tuning_killed_mid_trial_goes_on_as_if_it_had_not_been(tmp_path: Path)
     def at(url: str) -> Params:
         return params.model_copy(update={"store": params.store.model_copy(update={"url": url})})
 
-    whole = _tune(at(f"sqlite:///{tmp_path}/whole.db"), tmp_path, {"tuning": "k/m/4"}, 12)
+    whole = _tune(at(f"sqlite:///{tmp_path}/whole.db"), tmp_path, JOB, 12)
     assert any(state == optuna.trial.TrialState.PRUNED for _, state in whole)
     for kill_at in range(12):
-        killed = _tune(at(f"sqlite:///{tmp_path}/killed-{kill_at}.db"), tmp_path, {"tuning": "k/m/4"}, 12, kill_at)
+        killed = _tune(at(f"sqlite:///{tmp_path}/killed-{kill_at}.db"), tmp_path, JOB, 12, kill_at)
         assert killed == whole, f"killed after configuration {kill_at}"
 
 
@@ -90,8 +93,8 @@ def test_a_finished_tuning_is_read_as_finished_without_a_worker(tmp_path: Path):
     store = open_store(url, tmp_path)
     assert configurations_finished(store, "k/m/4") == 0
     assert journal_logs(store, "k/m/4") == []                                  # reading created nothing
-    _tune(params, tmp_path, {"tuning": "k/m/4"}, 3)
+    _tune(params, tmp_path, JOB, 3)
     assert configurations_finished(store, "k/m/4") == 3
-    optuna_study(params, tmp_path, {"tuning": "k/m/4"}).ask()                 # left running, as by a kill
+    optuna_study(params, tmp_path, JOB).ask()                 # left running, as by a kill
     assert configurations_finished(store, "k/m/4") == 3
     assert configurations_finished(store, "k/other/4") == 0
