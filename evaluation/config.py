@@ -82,6 +82,10 @@ class StudyParams(Section):
     natural_gradient_share: Annotated[float, Field(gt=0, lt=1)] = 0.25
     reduction_factor: Annotated[int, Field(ge=2)] = 3      # one in this many goes on at each rung
     learning_rate_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-2)
+    # Each tuning's first configuration is its method's published defaults, trained to the end:
+    # this learning rate (LoRA's customary one: QLoRA's and Unsloth's 2e-4) for every method, and a
+    # GRIT method's own damping, eigen-energy and reprojection warm-up (pipelines.study.published_defaults).
+    default_learning_rate: Annotated[float, Field(gt=0)] = 2e-4
     damping_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-1)
     # GRIT with the budget cadence (the paper variant) also tunes its reprojection and rank settings
     reprojection_warmup_range: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (

@@ -4,8 +4,9 @@ Reads the ``study`` section and, for every run length of ``study.steps`` and eve
 trains through ``pipelines/study_worker.py`` (one process per method and job):
 
 1. tuning: Optuna asks ``study.configurations`` configurations of the method's declared space
-   (``evaluation/tuning.py``), each trained on ``train.seed`` and judged on the validation split
-   only; the successive-halving pruner stops the weak ones early. A chosen learning rate at the
+   (``evaluation/tuning.py``), the first its published defaults (trained to the end), each
+   trained on ``train.seed`` and judged on the validation split only; the successive-halving
+   pruner stops the weak ones early, at rungs where every method's mechanism has acted. A chosen learning rate at the
    edge of its range widens the range and tunes again (``study.edge_extensions`` times at most);
 2. selection: the ``study.finalists`` best configurations re-run with ``study.finalist_seeds``
    more seeds; the method's setting is the finalist with the lowest mean validation loss;
@@ -141,6 +142,17 @@ def method_space(params: Params, method: str) -> list[Dimension]:
     budget_cadence = variant.grit and variant_grit(params.grit, variant).cadence == "budget"
     return search_space(variant.grit, budget_cadence, study.learning_rate_range, study.damping_range,
                         study.reprojection_warmup_range, study.energy_range)
+
+
+def published_defaults(params: Params, method: str, space: list[Dimension]) -> dict[str, float]:
+    """The setting ``method`` is published with, in its tuned dimensions: LoRA's customary learning
+    rate (``study.default_learning_rate``) and, for GRIT, the variant's own damping (the paper's
+    1e-3), eigen-energy (tau 0.99) and reprojection warm-up (the cadence rule's share of the run);
+    what is not tuned (two-sided reprojection, the minimum rank) the variant fixes."""
+    variant = params.variants[method]
+    grit = variant_grit(params.grit, variant) if variant.grit else None
+    return {d.name: params.study.default_learning_rate if d.name == "learning_rate" else float(getattr(grit, d.name))
+            for d in space}
 
 
 def tuning_name(prefix: str, steps: int, extension: int) -> str:
@@ -360,7 +372,8 @@ def tune_method(sitting: Sitting, method: str, steps: int) -> list[str]:
         else:
             run_job(sitting, {"kind": "tune", "method": method, "steps": steps, "seed": params.train.seed,
                               "tuning": name, "configurations": study.configurations,
-                              "space": [asdict(d) for d in space]})
+                              "space": [asdict(d) for d in space],
+                              "defaults": published_defaults(params, method, space) if extension == 0 else None})
         best = finalists([scored(t) for t in tuned(ctx, method, steps)], 1)[0]
         rate = next(d for d in space if d.name == "learning_rate")
         side = at_edge(rate, best["learning_rate"], study.edge_margin)

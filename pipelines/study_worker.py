@@ -7,8 +7,11 @@
 - ``tune``: Optuna tuning at one run length. The worker opens (or resumes) the Optuna study
   named in the job, whose journal lives in the results store (``db/tuning_journal.py``), and
   asks for configurations of the method's declared space until the study holds
-  ``configurations`` finished ones. Each trains on ``train.seed``, reports its validation loss
-  whenever it is measured, and stops when the successive-halving pruner says so.
+  ``configurations`` finished ones. The first is the method's published defaults (enqueued,
+  trained to the end: the pruner never stops it, though its losses at the rungs are the ones
+  later configurations must beat); the sampler draws the rest. Each trains on ``train.seed``,
+  reports its validation loss whenever it is measured, and stops when the successive-halving
+  pruner says so.
 - ``runs``: fixed trials (finalists, tests): each a (phase, steps, seed, setting).
 
 Every trial is trained with the recipe every variant trains with (``trainers.recipe``), reloaded
@@ -43,6 +46,7 @@ from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR
 
 PER_PROMPT_KINDS = ("rate", "probability")     # their values are one per prompt (or fact pair)
+DEFAULTS = "published_defaults"                 # the user attribute of a tuning's enqueued defaults
 
 
 def trial_params(params: Params, method: str, steps: int, seed: int, setting: dict[str, float]) -> Params:
@@ -227,7 +231,8 @@ def study_pruner(params: Params, steps: int):
 
     class Pruner(optuna.pruners.SuccessiveHalvingPruner):
         def prune(self, study, trial) -> bool:
-            return super().prune(_without_interrupted(study), trial)
+            stop = super().prune(_without_interrupted(study), trial)    # records its value at the rung
+            return stop and not trial.user_attrs.get(DEFAULTS)          # the defaults train to the end
 
     first = (study_rungs(params, steps) or [steps + 1])[0]
     return Pruner(min_resource=first, reduction_factor=params.study.reduction_factor)
@@ -260,11 +265,14 @@ def optuna_study(params: Params, root: Path, job: dict[str, Any]):
     tuned = optuna.create_study(study_name=job["tuning"], storage=storage, sampler=sampler,
                                 pruner=study_pruner(params, job["steps"]), direction="minimize",
                                 load_if_exists=True)
+    if job.get("defaults") and not tuned.get_trials(deepcopy=False):
+        tuned.enqueue_trial(job["defaults"], user_attrs={DEFAULTS: True})    # the first, trained to the end
     for stale in tuned.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         storage.set_trial_user_attr(stale._trial_id, "interrupted", True)   # asked again, not counted
         storage.set_trial_state_values(stale._trial_id, optuna.trial.TrialState.FAIL)
         if stale.params:
-            tuned.enqueue_trial(stale.params, user_attrs={"retry_of": stale.number})
+            kept = {DEFAULTS: True} if stale.user_attrs.get(DEFAULTS) else {}
+            tuned.enqueue_trial(stale.params, user_attrs={"retry_of": stale.number, **kept})
     reseed(tuned, params)
     return tuned
 
