@@ -43,7 +43,7 @@ def build_arm(arm: str):
     """(model, GRIT manager or None, LoRA parameters, optimizer) of ``arm`` on SmolLM2's layout at tiny width."""
     import torch
 
-    from pipelines.gpu_check.overhead import random_lora_llama
+    from profiling.lora_llama import random_lora_llama
     from tests.tiny_lora import VOCAB
     from trainers.grit import GritManager, GritParams
     from trainers.grit.fused import attach_without_grit
@@ -80,7 +80,7 @@ def counted_step(arm: str, counter: str, warmup: int = 4) -> dict[str, int]:
     counter is itself Python, and would be counted."""
     import torch
 
-    from pipelines.gpu_check.overhead import counting_operations, python_calls
+    from profiling.operations import counting_operations, python_calls
     from tests.tiny_lora import batches
     from trainers.grit.doors import clip_gradients
 
@@ -116,7 +116,7 @@ def collections_over(arm: str, steps: int = 200, warmup: int = 4) -> dict[str, o
     object of the process, round sooner."""
     import gc
 
-    from pipelines.gpu_check.overhead import Collections, counting_collections
+    from profiling.timing import Collections, counting_collections
     from tests.tiny_lora import batches
 
     model, manager, lora, optimizer = build_arm(arm)
@@ -152,7 +152,7 @@ def timed_pair(baseline: str, arm: str, steps: int = 150, warmup: int = 4):
 
     import torch
 
-    from pipelines.gpu_check.overhead import interleaved_step_times
+    from profiling.timing import interleaved_step_times
     from tests.tiny_lora import batches
 
     def step(built, inputs) -> None:

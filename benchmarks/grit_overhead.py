@@ -17,8 +17,8 @@ preconditioning (inversion) on *every* step — the most expensive GRIT setting.
   the aten operations and host reads of one step of each arm, and what GRIT adds (counted with a
   ``TorchDispatchMode``; a host read stalls a GPU's launch queue).
 
-The timing, memory and counting loops are the GPU check's (``pipelines/gpu_check/overhead.py``);
-this script builds the models and prints the figures.
+The timing, memory and counting loops are the ones the GPU check uses too (``profiling/``); this
+script builds the models and prints the figures.
 
     python benchmarks/grit_overhead.py [--steps 8] [--batch 4] [--seq 128]
 """
@@ -61,7 +61,7 @@ def build_host_bound(grit: bool):
     """SmolLM2's layout at tiny width (``random_lora_llama``), the same optimizer and GRIT setting."""
     import torch
 
-    from pipelines.gpu_check.overhead import random_lora_llama
+    from profiling.lora_llama import random_lora_llama
     from trainers.grit import GritManager, GritParams
 
     model = random_lora_llama(30, 64, 128, 4, 2, TINY_VOCAB)
@@ -95,7 +95,7 @@ def train_step(model, optimizer, manager, inputs) -> None:
 
 
 def memory_child(grit: bool, steps: int, size: int, length: int) -> None:
-    from pipelines.gpu_check.overhead import peak_memory
+    from profiling.memory import peak_memory
 
     step = partial(train_step, *build(grit))
     memory = peak_memory(step, (batch(k, size, length) for k in range(steps)), device="cpu")
@@ -123,7 +123,7 @@ def main() -> int:
         memory_child(args.memory_child == "grit", 3, args.batch, args.seq)
         return 0
 
-    from pipelines.gpu_check.overhead import interleaved_step_times
+    from profiling.timing import interleaved_step_times
 
     lora = build(grit=False)
     grit = build(grit=True)
@@ -154,7 +154,8 @@ def main() -> int:
 
 def host_bound(args) -> None:
     """The host-bound ratio and the operation counts on SmolLM2's layout at tiny width."""
-    from pipelines.gpu_check.overhead import interleaved_step_times, operation_counts
+    from profiling.operations import operation_counts
+    from profiling.timing import interleaved_step_times
 
     lora, grit = build_host_bound(grit=False), build_host_bound(grit=True)
     steps = 5 * args.steps          # a step is ~0.2 s here: more of them for a steadier median

@@ -1,6 +1,8 @@
 """The import graph runs one way: the ground package, then the owners, then the stage entry
 points on top; no module imports a higher floor, no two modules import each other in a circle,
-and no stage entry point imports another (what two stages share lives below them).
+and no stage entry point imports another (what two stages share lives below them). The
+benchmarks measure what lies below the stages: none imports a ``pipelines`` module but those that
+replay a stage's own work.
 
 ``python tests/test_architecture.py`` prints the counts this test checks.
 """
@@ -14,10 +16,14 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Lower floors first. An owner may import the ground and the owners before it: export turns what
-# trainers produce into served files, evaluation measures what export serves.
-FLOORS = {"core": 0, "db": 1, "trainers": 1, "export": 2, "evaluation": 3, "pipelines": 4}
-# A package that may not import its floor-mates (db and trainers stand side by side).
-SIDE_BY_SIDE = {("db", "trainers"), ("trainers", "db")}
+# trainers produce into served files, profiling measures the steps trainers run (for the GPU check
+# and the benchmarks), evaluation measures what export serves.
+FLOORS = {"core": 0, "db": 1, "trainers": 1, "export": 2, "profiling": 2, "evaluation": 3, "pipelines": 4}
+# Packages that may not import their floor-mates (db and trainers, export and profiling stand side by side).
+SIDE_BY_SIDE = {("db", "trainers"), ("trainers", "db"), ("export", "profiling"), ("profiling", "export")}
+# Benchmarks that replay a stage's own work and so import it: grafting_scale.py trains one study
+# trial as the study does (its params and ``study_worker.trial_params``).
+REPLAYS_A_STAGE = {"benchmarks/grafting_scale.py"}
 
 
 def project_modules() -> dict[str, Path]:
@@ -108,6 +114,18 @@ def stage_cross_imports() -> list[str]:
     return sorted(f"{a} imports {b}" for a in stages for b in graph()[a] if b in stages)
 
 
+def benchmark_stage_imports(folder: Path = REPO_ROOT / "benchmarks") -> dict[str, list[str]]:
+    """Benchmark file (relative to the repository) -> the ``pipelines`` modules it imports."""
+    modules = project_modules()
+    found = {}
+    for path in sorted(folder.rglob("*.py")):
+        stages = [f"{target} (line {line})" for target, line, _ in imports_of(path, modules)
+                  if target.split(".")[0] == "pipelines"]
+        if stages:
+            found[path.relative_to(folder.parent).as_posix()] = stages
+    return found
+
+
 def defined_names(path: Path) -> set[str]:
     """Names a module binds at its top level, including inside top-level ``if``/``try`` blocks."""
     names, pending = set(), list(ast.parse(path.read_text()).body)
@@ -160,6 +178,14 @@ def test_no_stage_imports_another_stage():
     assert not stage_cross_imports()
 
 
+def test_no_benchmark_imports_a_stage_module_but_those_that_replay_a_stage():
+    """What a benchmark measures with (``profiling/``) lives below the stages; the exceptions
+    still need their stage, or they leave the list."""
+    found = benchmark_stage_imports()
+    assert {name: imports for name, imports in found.items() if name not in REPLAYS_A_STAGE} == {}
+    assert set(found) >= REPLAYS_A_STAGE
+
+
 def test_the_checks_would_see_a_violation(tmp_path, monkeypatch):
     """A ground module importing a stage is reported (the checks are not vacuous)."""
     fake = tmp_path / "core"
@@ -170,6 +196,10 @@ def test_the_checks_would_see_a_violation(tmp_path, monkeypatch):
     assert FLOORS["pipelines"] > FLOORS["core"]
     assert "no_such_helper" not in defined_names(REPO_ROOT / "core" / "jsonl.py")
     assert "read_jsonl" in defined_names(REPO_ROOT / "core" / "jsonl.py")
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "timing.py").write_text("def main():\n    from pipelines.gpu_check.items import main\n")
+    assert benchmark_stage_imports(bench) == {"benchmarks/timing.py": ["pipelines.gpu_check.items (line 2)"]}
 
 
 if __name__ == "__main__":

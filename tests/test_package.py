@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("core", "db", "trainers", "export", "evaluation", "pipelines")
+PACKAGES = ("core", "db", "trainers", "export", "profiling", "evaluation", "pipelines")
 
 
 def _run(args: list, cwd: Path) -> str:

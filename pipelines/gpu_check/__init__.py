@@ -14,6 +14,7 @@ What only a CUDA machine can show, on a tiny model built from a config (no model
 ``cli.py`` (run by ``__main__.py``) is the orchestrator: one process per item, the verdicts, the
 table and the JSON report. ``report.py`` holds the pass/fail rules and the report (pure, tested
 on CPU); ``items.py`` the work, a registry of item kinds run one per process (importing Unsloth
-patches libraries for the whole process); ``overhead.py`` the step-timing and peak-memory
-harness the ``overhead`` item shares with ``benchmarks/grit_overhead.py``.
+patches libraries for the whole process); ``sizing.py`` the overhead and profile items' shapes
+and sizes. Their step-timing, peak-memory and profiling harness is ``profiling/``, shared with
+``benchmarks/grit_overhead.py``.
 """

@@ -27,8 +27,9 @@ import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipelines.gpu_check.overhead import ARMS, OVERHEAD_SHAPES, Sizing
 from pipelines.gpu_check.report import EXIT_NO_CUDA, TITLES, exit_code, judge, report, table
+from pipelines.gpu_check.sizing import OVERHEAD_SHAPES, Sizing
+from profiling.timing import ARMS
 
 ROOT = Path(__file__).resolve().parents[2]
 ITEMS = tuple(TITLES)

@@ -6,7 +6,7 @@ ITEM is ``hybrid``, ``truncation``, ``qlora``, ``bf16``, ``overhead-time:<engine
 ``overhead-memory:<engine>:<arm>:<shape>`` or ``overhead-profile:<engine>:<shape>`` (engine
 ``unsloth`` or ``peft``, arm ``lora`` or ``grit``, shape ``smollm2`` or ``llama-1b``):
 the kinds of :data:`REGISTRY`, each with the item of the check it serves (the overhead items'
-timing and memory loops are ``overhead.py``, shared with ``benchmarks/grit_overhead.py``).
+timing and memory loops are ``profiling/``'s, shared with ``benchmarks/grit_overhead.py``).
 Everything runs on a random Llama built from a config with a small word-level tokenizer, so
 nothing is downloaded and no model package is needed. Each worker writes its figures as JSON;
 ``report.py`` judges them. ``--device cpu`` rehearses the plumbing where no GPU is (the test
@@ -33,19 +33,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from pipelines.gpu_check.overhead import (
-    ARMS,
-    DEFAULT_SIZING,
-    OVERHEAD_SHAPES,
-    PHASE_RANGE,
-    STEP_PHASES,
-    Sizing,
-    counting_operations,
-    interleaved_step_times,
-    kernel_differences,
-    peak_memory,
-    phase_profile,
-)
+from pipelines.gpu_check.sizing import DEFAULT_SIZING, OVERHEAD_SHAPES, Sizing
+from profiling.memory import peak_memory
+from profiling.operations import counting_operations
+from profiling.phases import PHASE_RANGE, STEP_PHASES, kernel_differences, phase_profile
+from profiling.timing import ARMS, interleaved_step_times
 from trainers.base_model import BaseModelFiles
 from trainers.config import LoraParams, ModelParams, TrainParams, VariantParams, variant_grit
 from trainers.data.config import DataParams
@@ -62,7 +54,7 @@ SPECIALS = ["<|pad|>", "<unk>", "<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 # The check's tiny model (every dimension a multiple of 64, as NF4 blocks need); the overhead
-# item's shapes are in overhead.py (random weights: time does not depend on them).
+# item's shapes are in sizing.py (random weights: time does not depend on them).
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2}
 WORDS = 500
@@ -427,7 +419,7 @@ def is_host_sync_warning(message: str) -> bool:
 def host_syncs(device: str, counts: list[int] | None):
     """Count the host synchronisations inside the block into ``counts`` (nothing when None): on
     CUDA, each one torch's sync debug mode warns about; on CPU, the host reads the dispatcher
-    sees (``overhead.operation_counts``: a rehearsal of the same count)."""
+    sees (``profiling.operations.operation_counts``: a rehearsal of the same count)."""
     if counts is None:
         yield
         return
@@ -489,7 +481,7 @@ def sized_batches(sizing: Sizing, count: int, device: str, first: int = 0) -> It
 
 def overhead_time(workdir: Path, device: str, engine: str, shape: str, sizing: Sizing) -> dict[str, Any]:
     """Both arms in one process, steps interleaved (LoRA, GRIT, LoRA, ...) on the same batches,
-    so the machine's noise hits both alike; the ratio of median step times (``overhead.py``), and
+    so the machine's noise hits both alike; the ratio of median step times (``profiling/timing.py``), and
     what plain LoRA itself makes of the device: tokens/s and its share of the FLOP bound. On
     Unsloth the GRIT arm runs without Unsloth's per-layer compile, so LoRA is also timed without
     it (the same model, compiled and uncompiled steps interleaved): the ratio splits into leaving
@@ -521,7 +513,7 @@ def overhead_time(workdir: Path, device: str, engine: str, shape: str, sizing: S
 
 def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: str, sizing: Sizing) -> dict[str, Any]:
     """One arm alone in a fresh process: the peak CUDA memory of its whole training (weights,
-    activations, optimizer and GRIT state); on CPU the process's peak RSS (``overhead.py``). The
+    activations, optimizer and GRIT state); on CPU the process's peak RSS (``profiling/memory.py``). The
     GRIT arm also counts the host synchronisations of its GRIT steps (``host_syncs``)."""
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ARMS)}")
@@ -537,7 +529,7 @@ def overhead_memory(workdir: Path, device: str, engine: str, arm: str, shape: st
 
 def overhead_profile(workdir: Path, device: str, engine: str, shape: str, sizing: Sizing) -> dict[str, Any]:
     """Where GRIT's extra step time goes: each arm profiled over ``steps`` steps after the warm-up
-    (``overhead.phase_profile``), the host's milliseconds per phase of the step, the device's
+    (``profiling.phases.phase_profile``), the host's milliseconds per phase of the step, the device's
     kernel milliseconds and kernel launches per step, each phase's span on the device, the
     kernels that take longest, and GRIT's minus LoRA's for each (the kernels whose time differs
     most). Over 10 steps one of GRIT's steps inverts its factors (``update_freq`` 10), so the

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipelines.gpu_check.overhead import largest_first
+from profiling.phases import largest_first
 
 EXIT_PASSED, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
 

@@ -1,5 +1,5 @@
 """The GPU check's CPU side: its pass/fail rules and report, its one-line exit where no CUDA device
-is visible, its registry of items, the overhead harness it shares with
+is visible, its registry of items, the profiling harness (``profiling/``) it shares with
 ``benchmarks/grit_overhead.py``, and a CPU rehearsal of its plumbing (the real Unsloth engine, the
 probe, GRIT's fp32 statistics under a bf16 model) so a broken item is caught here, not on a
 rented GPU."""
@@ -11,19 +11,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
 import pytest
 
-from pipelines.gpu_check.overhead import (
-    STEP_PHASES,
-    interleaved_step_times,
-    is_outermost_operator,
-    kernel_differences,
-    sort_events,
-    summarise_phases,
-)
 from pipelines.gpu_check.report import (
     EXIT_FAILED,
     EXIT_NO_CUDA,
@@ -37,6 +27,8 @@ from pipelines.gpu_check.report import (
     report,
     table,
 )
+from profiling.phases import STEP_PHASES
+from profiling.timing import interleaved_step_times
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD_PROBE = {"verdict": "effective", "reasons": [], "modules": 14, "modules_covered_step1": 14,
@@ -132,69 +124,6 @@ def test_only_synchronising_calls_count_as_host_syncs():
                                 "/pytorch/c10/cuda/CUDAFunctions.cpp:154.)")
 
 
-def profiler_event(name: str, on_device: bool, us: float, annotation: bool = False, start: float = 0.0,
-                   parent: Any = None):
-    """What ``sort_events`` reads of a ``torch.profiler`` event (``FunctionEvent``)."""
-    from torch.autograd import DeviceType
-
-    device = DeviceType.CUDA if on_device else DeviceType.CPU
-    return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation,
-                           cpu_time_total=0.0 if on_device else us, device_time_total=us if on_device else 0.0,
-                           time_range=SimpleNamespace(start=start, end=start + us), cpu_parent=parent)
-
-
-def test_a_profile_counts_each_phases_outermost_operator_calls_on_any_thread():
-    """An operator an operator calls is not counted again (``aten::linear`` counts, its
-    ``aten::mm`` does not); an operator outside the phase's range in the event tree (backward's
-    operators on the autograd engine's thread, on CUDA) counts for the phase it started in; the
-    count is per step."""
-    forward = profiler_event("phase.forward", False, 100.0, start=0.0)
-    linear = profiler_event("aten::linear", False, 50.0, start=10.0, parent=forward)
-    nested = profiler_event("aten::mm", False, 40.0, start=15.0, parent=linear)
-    deeper = profiler_event("aten::resolve_conj", False, 1.0, start=16.0, parent=nested)
-    backward = profiler_event("phase.backward", False, 100.0, start=200.0)
-    engine = profiler_event("autograd::engine::evaluate_function: MmBackward0", False, 30.0, start=210.0)
-    on_engine_thread = profiler_event("aten::mm", False, 20.0, start=215.0, parent=engine)
-    outside = profiler_event("aten::add_", False, 1.0, start=150.0)
-    again = profiler_event("phase.forward", False, 100.0, start=400.0)
-    events = [forward, linear, nested, deeper, backward, engine, on_engine_thread, outside, again,
-              profiler_event("aten::relu", False, 5.0, start=450.0, parent=again),
-              profiler_event("aten::add", False, 5.0, start=460.0, parent=again)]
-    assert [is_outermost_operator(e) for e in (linear, nested, deeper, on_engine_thread, engine)] == \
-        [True, False, False, True, False]
-    summary = summarise_phases(sort_events(events), steps=2, on_device=False)
-    assert summary.host_ops == {"forward": 1.5, "backward": 0.5, "grit_before": 0.0, "optimizer": 0.0,
-                                "grit_after": 0.0, "zero_grad": 0.0}
-
-
-def test_a_profile_is_summarised_per_step_and_phase():
-    """Two profiled steps: each phase's host time is its host ranges' sum over the steps, per step;
-    the device's time sums kernels only: the phases' ranges mirrored on the device (user
-    annotations, which span their kernels) are spans, not kernels, which the first H100 profile
-    counted as kernel time; a CPU profile claims no device figures."""
-    events = [profiler_event(name, False, us) for name, us in (
-        ("phase.forward", 3000.0), ("phase.backward", 5000.0), ("phase.forward", 1000.0),
-        ("phase.grit_after", 400.0), ("aten::mm", 99.0), ("phase.unknown", 7.0))]
-    events += [profiler_event(name, False, 1.0) for name in ["cudaLaunchKernel"] * 6 + ["cudaMemcpyAsync"]]
-    events += [profiler_event("gemm", True, 100.0), profiler_event("gemm", True, 300.0),
-               profiler_event("potrf", True, 200.0), profiler_event("phase.forward", True, 4000.0, annotation=True),
-               profiler_event("phase.grit_before", True, 600.0, annotation=True)]
-    on_gpu = summarise_phases(sort_events(events), steps=2, on_device=True)
-    assert on_gpu.host_ms == {"forward": 2.0, "backward": 2.5, "grit_before": 0.0, "optimizer": 0.0,
-                              "grit_after": 0.2, "zero_grad": 0.0}
-    assert on_gpu.host_ms_total == 4.7 and on_gpu.device_ms == 0.3 and on_gpu.kernel_launches == 3
-    # the slowest step of each phase, not the mean: forward's first step took 3 ms, its mean 2
-    assert on_gpu.host_ms_slowest == {"forward": 3.0, "backward": 5.0, "grit_before": 0.0, "optimizer": 0.0,
-                                      "grit_after": 0.4, "zero_grad": 0.0}
-    assert on_gpu.kernel_ms == {"gemm": 0.2, "potrf": 0.1}
-    assert on_gpu.device_span_ms == {"forward": 2.0, "backward": 0.0, "grit_before": 0.3, "optimizer": 0.0,
-                                     "grit_after": 0.0, "zero_grad": 0.0}
-    on_cpu = summarise_phases(sort_events(events[:7]), steps=2, on_device=False)
-    assert on_cpu.host_ms == on_gpu.host_ms and on_cpu.device_ms is None and on_cpu.kernel_launches is None
-    assert kernel_differences({"gemm": 0.2, "potrf": 0.1}, {"gemm": 0.25, "trsm": 0.5, "x": 0.0}, top=2) == \
-        {"trsm": 0.5, "potrf": -0.1}
-
-
 def test_the_profile_line_names_the_kernels_that_differ_most_whatever_order_the_report_keeps():
     """The check writes its JSON with sorted keys, which orders the kernels by name: the line
     ranks them itself (the H200's line named a 0.016 ms kernel before a 0.155 ms one)."""
@@ -212,7 +141,7 @@ def test_the_lora_arm_can_run_grits_fused_functions_without_grit(tmp_path: Path,
     GRIT's ratio). On Unsloth the LoRA arm is Unsloth's own fused kernels whatever was asked, and
     the figures say what each engine ran."""
     from pipelines.gpu_check.items import overhead_model, sized_batches
-    from pipelines.gpu_check.overhead import OVERHEAD_SHAPES, Sizing
+    from pipelines.gpu_check.sizing import OVERHEAD_SHAPES, Sizing
     from trainers.grit.layer import lora_layers
 
     monkeypatch.setitem(OVERHEAD_SHAPES, "smollm2", {"hidden_size": 64, "intermediate_size": 128,
@@ -245,7 +174,7 @@ def test_a_cpu_rehearsal_of_the_profile_item_measures_every_phase(tmp_path: Path
     process runs it, with the adapter-dtype setting passed on, and GRIT's fused functions on
     PEFT's engine (``--grit-capture fused``)."""
     from pipelines.gpu_check.items import REGISTRY
-    from pipelines.gpu_check.overhead import OVERHEAD_SHAPES, Sizing
+    from pipelines.gpu_check.sizing import OVERHEAD_SHAPES, Sizing
 
     monkeypatch.setitem(OVERHEAD_SHAPES, "smollm2", {"hidden_size": 64, "intermediate_size": 128,
                                                      "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -361,44 +290,6 @@ def test_the_timed_steps_count_each_arm_s_garbage_collections():
     assert collections_note(None) == collections_note({"lora": figures["lora"]}) == ""
 
 
-def test_the_overhead_harness_times_interleaved_steps_and_weighs_one_arm():
-    """Two step functions on a test clock (no wall time: a busy machine cannot move it), GRIT's
-    step 10 units plus the batch, LoRA's 1: the harness runs them interleaved on the same batches,
-    leaves the warm-up out and takes the medians; a step that touches 64 MiB raises the peak RSS."""
-    seen: list[tuple[str, int]] = []
-    now = [0.0]
-
-    def fast(batch: int) -> None:
-        seen.append(("lora", batch))
-        now[0] += 1.0
-
-    def slow(batch: int) -> None:
-        seen.append(("grit", batch))
-        now[0] += 10.0 + batch + (30.0 if batch == 4 else 0.0)    # batch 4: an inverting step
-
-    prepared: list[str] = []
-    timed = interleaved_step_times(fast, slow, range(5), warmup=2, prepare=prepared.append, clock=lambda: now[0])
-    assert seen == [(arm, k) for k in range(5) for arm in ("lora", "grit")]
-    assert prepared == ["lora", "grit"] * 5
-    # timed batches 2, 3, 4: LoRA 1, 1, 1; GRIT 12, 13, 44 (the median leaves the inversion out)
-    assert (timed.steps, timed.lora_s, timed.grit_s, timed.ratio) == (3, 1.0, 13.0, 13.0)
-    assert (timed.lora_mean_s, timed.grit_mean_s, timed.mean_ratio) == (1.0, 23.0, 23.0)
-    with pytest.raises(ValueError, match="no step was timed"):
-        interleaved_step_times(fast, slow, range(2), warmup=2)
-
-    # one arm per fresh process, as the harness is used: in a long-lived process freed memory that
-    # is still resident can serve the step without raising the peak (a test suite's process is one)
-    weigh = ("from pipelines.gpu_check.overhead import peak_memory\n"
-             "held = []\n"
-             "m = peak_memory(lambda size: held.append(bytearray(size)), [64 * 2**20], device='cpu')\n"
-             "print(m.after_load_mib, m.added_mib)")
-    done = subprocess.run([sys.executable, "-c", weigh], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert done.returncode == 0, done.stderr[-2000:]
-    after_load, added = map(float, done.stdout.split())
-    assert after_load > 0 and added > 48
-
-
 @pytest.mark.slow
 def test_a_cpu_rehearsal_runs_the_real_items(tmp_path: Path):
     """The hybrid through the real Unsloth engine (CPU fallback: no fused kernels there) with GRIT's
@@ -433,7 +324,7 @@ def test_the_flop_estimate_agrees_with_torchs_flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     from pipelines.gpu_check.items import lora_step_flops
-    from pipelines.gpu_check.overhead import random_lora_llama
+    from profiling.lora_llama import random_lora_llama
 
     shape = {"hidden_size": 128, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4,
              "num_key_value_heads": 2}

@@ -8,8 +8,8 @@ them to pinned host memory as soon as they exist (an asynchronous copy and an ev
 copy later, when the device is long past that point: a read that does not wait.
 
 On CPU the copy is the tensor itself. Such host copies are recorded (``is_host_copy``) so that the
-operation counter of the overhead gates (``pipelines/gpu_check/overhead.py``) does not count their
-reads as synchronisations, as they are not on a GPU.
+operation counter of the overhead gates (``profiling/operations.py``) does not count their reads
+as synchronisations, as they are not on a GPU.
 """
 
 from __future__ import annotations

@@ -278,7 +278,7 @@ def test_the_clip_on_the_stacks_equals_torchs_clip_after_preconditioning(random_
     norm included. torch's clip hands every gradient to three list operations (its norms, their
     stack, its scaling); on the stacks the clip adds one list, of the groups' norms, beyond
     preconditioning alone, and keeps torch's three for the gradients left raw."""
-    from pipelines.gpu_check.overhead import counting_operations
+    from profiling.operations import counting_operations
 
     config = GritParams(min_samples=1)
     (clipped_model, clipped), (_, counted) = captured(random_B, config), captured(random_B, config)

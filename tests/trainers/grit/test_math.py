@@ -142,7 +142,7 @@ def test_batched_escalation_keeps_each_matrix_first_level_that_factorises_withou
     the one-by-one escalation, a non-finite factor is refused, and nothing is read on the host nor
     copied from it (the escalation's scales were a tensor made from a list: one copy to the GPU,
     which waited for it)."""
-    from pipelines.gpu_check.overhead import operation_counts
+    from profiling.operations import operation_counts
 
     torch.manual_seed(1)
     spd = torch.stack([m @ m.T for m in torch.randn(3, 4, 4)])

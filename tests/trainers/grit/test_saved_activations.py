@@ -17,7 +17,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipelines.gpu_check.overhead import LLAMA_PROJECTIONS, saved_activation_bytes
+from profiling.lora_llama import LLAMA_PROJECTIONS
+from profiling.memory import saved_activation_bytes
 from trainers.grit import GritManager, GritParams
 from trainers.grit.fused import attach_without_grit
 
@@ -69,7 +70,7 @@ UNSLOTH_BLOCKS = textwrap.dedent("""
     import torch, torch.nn.functional as F
     import unsloth  # noqa: F401
     from unsloth.kernels.fast_lora import LoRA_MLP, LoRA_QKV, LoRA_W
-    from pipelines.gpu_check.overhead import saved_activation_bytes
+    from profiling.memory import saved_activation_bytes
     from trainers.grit.fused import FusedLoraLinear, FusedLoraSwiGLU
 
     hidden, intermediate, r, tokens = json.loads(sys.argv[1])

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.gpu_check.overhead import operation_counts, random_lora_llama
+from profiling.lora_llama import random_lora_llama
+from profiling.operations import operation_counts
 from tests.tiny_lora import VOCAB, batches
 from trainers.grit import GritManager, GritParams
 from trainers.grit.fused import attach_fused
@@ -153,7 +154,7 @@ def test_a_grit_step_walks_the_modules_few_times():
     nothing they depend on changes, and the capture, fold and inversion checks done in
     comprehensions make it 1,280, and those left are C calls (a dictionary's ``setdefault``, an
     ``id``, a ``getattr``), no Python function per module. At most 1,500."""
-    from pipelines.gpu_check.overhead import python_calls
+    from profiling.operations import python_calls
     from trainers.grit.doors import clip_gradients
 
     model = random_lora_llama(30, 64, 128, 4, 2, VOCAB)
