@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
@@ -149,6 +150,15 @@ def rungs(first: int, reduction_factor: int, steps: int) -> list[int]:
         found.append(rung)
         rung *= reduction_factor
     return found
+
+
+def sampler_seed(seed: int, method: str, steps: int, extension: int = 0) -> int:
+    """The seed of one tuning's sampler: its own for every method, run length and range extension
+    (one seed for all drew the same sequence in every tuning: the 192-step search tried the 96-step
+    settings again), and stable across processes and machines (a hash of the text, not Python's
+    salted ``hash``)."""
+    text = f"{seed}/{method}/{steps}/{extension}"
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
 def setting_key(setting: dict[str, float]) -> str:

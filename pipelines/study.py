@@ -372,8 +372,9 @@ def tune_method(sitting: Sitting, method: str, steps: int) -> list[str]:
         else:
             run_job(sitting, {"kind": "tune", "method": method, "steps": steps, "seed": params.train.seed,
                               "tuning": name, "configurations": study.configurations,
-                              "space": [asdict(d) for d in space],
-                              "defaults": published_defaults(params, method, space) if extension == 0 else None})
+                              "space": [asdict(d) for d in space], "extension": extension,
+                              "defaults": published_defaults(params, method, space) if extension == 0 else None,
+                              "carried": incumbent(tuned(ctx, method, steps)) if extension else None})
         best = finalists([scored(t) for t in tuned(ctx, method, steps)], 1)[0]
         rate = next(d for d in space if d.name == "learning_rate")
         side = at_edge(rate, best["learning_rate"], study.edge_margin)
@@ -389,6 +390,14 @@ def tune_method(sitting: Sitting, method: str, steps: int) -> list[str]:
                      f"{side} edge of [{rate.low:.3g}, {rate.high:.3g}]; the study widened it to "
                      f"[{widened.low:.3g}, {widened.high:.3g}] and tuned {study.configurations} more configurations")
     return notes
+
+
+def incumbent(tuning: list[Trial]) -> dict[str, Any]:
+    """The best tuning trial so far as a range extension's study starts from it
+    (``pipelines.study_worker.carried_trial``)."""
+    best = setting_key(finalists([scored(t) for t in tuning], 1)[0])
+    trial = next(t for t in tuning if setting_key(t.setting) == best)
+    return {"setting": trial.setting, "curve": trial.curve, "val_loss": trial.val_loss, "stopped_at": trial.stopped_at}
 
 
 def choose_setting(sitting: Sitting, method: str, steps: int) -> dict[str, float]:

@@ -24,9 +24,11 @@ process's ledger. One process per method: importing Unsloth patches libraries fo
 process.
 
 A tuning is the same whoever runs it and however often it is interrupted: the configuration a
-killed worker was training is asked again first, the sampler is seeded by how many
-configurations the study has finished (not by its history of restarts), and the pruner ignores
-interrupted trials; so a study spread over workers chooses what one worker would.
+killed worker was training is asked again first, the sampler is seeded by the tuning's method,
+run length and range extension and by how many configurations it has finished (not by its history
+of restarts), and the pruner ignores interrupted trials; so a study spread over workers chooses
+what one worker would. No configuration goes to the end only for coming first: a tuning's first
+is the method's defaults, an extension's the best configuration so far (carried, not retrained).
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ from typing import Any
 
 from core.jsonl import read_jsonl
 from core.quiet import silence_known_import_noise
-from evaluation.tuning import HARD_LIMITS, Dimension, Mechanism, first_rung, rungs
+from evaluation.tuning import HARD_LIMITS, Dimension, Mechanism, first_rung, rungs, sampler_seed
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR
 
 PER_PROMPT_KINDS = ("rate", "probability")     # their values are one per prompt (or fact pair)
 DEFAULTS = "published_defaults"                 # the user attribute of a tuning's enqueued defaults
+CARRIED = "carried"                             # ... of the incumbent an extension starts from
 
 
 def trial_params(params: Params, method: str, steps: int, seed: int, setting: dict[str, float]) -> Params:
@@ -238,14 +241,21 @@ def study_pruner(params: Params, steps: int):
     return Pruner(min_resource=first, reduction_factor=params.study.reduction_factor)
 
 
-def reseed(tuned, params: Params) -> None:
-    """TPE seeded by how many configurations the study has finished: the k-th configuration is
-    drawn the same way in one worker, after a restart or in another worker (a TPE seeded once
-    per process asked a resumed study's start-up configurations again, or other ones)."""
+def tuning_seed(params: Params, job: dict[str, Any]) -> int:
+    """The sampler's seed for the job's tuning: the study's seed, the method, the run length and
+    the range extension together (``evaluation.tuning.sampler_seed``)."""
+    return sampler_seed(params.study.seed, job["method"], job["steps"], job.get("extension", 0))
+
+
+def reseed(tuned, params: Params, job: dict[str, Any]) -> None:
+    """TPE seeded by the tuning (:func:`tuning_seed`) and how many configurations it has finished:
+    the k-th configuration is drawn the same way in one worker, after a restart or in another
+    worker (a TPE seeded once per process asked a resumed study's start-up configurations again,
+    or other ones)."""
     import optuna
 
     if params.study.sampler == "tpe":
-        tuned.sampler = optuna.samplers.TPESampler(seed=params.study.seed + finished_configurations(tuned),
+        tuned.sampler = optuna.samplers.TPESampler(seed=tuning_seed(params, job) + finished_configurations(tuned),
                                                    n_startup_trials=params.study.startup)
 
 
@@ -260,21 +270,46 @@ def optuna_study(params: Params, root: Path, job: dict[str, Any]):
     study = params.study
     store = trial_store(params, root)
     storage = optuna.storages.JournalStorage(StoreJournal(store, job["tuning"]))
-    sampler = (optuna.samplers.TPESampler(seed=study.seed, n_startup_trials=study.startup) if study.sampler == "tpe"
-               else optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=study.seed))
+    seed = tuning_seed(params, job)
+    sampler = (optuna.samplers.TPESampler(seed=seed, n_startup_trials=study.startup) if study.sampler == "tpe"
+               else optuna.samplers.QMCSampler(qmc_type="sobol", scramble=True, seed=seed))
     tuned = optuna.create_study(study_name=job["tuning"], storage=storage, sampler=sampler,
                                 pruner=study_pruner(params, job["steps"]), direction="minimize",
                                 load_if_exists=True)
-    if job.get("defaults") and not tuned.get_trials(deepcopy=False):
-        tuned.enqueue_trial(job["defaults"], user_attrs={DEFAULTS: True})    # the first, trained to the end
+    if not tuned.get_trials(deepcopy=False):
+        if job.get("carried"):
+            tuned.add_trial(carried_trial(params, job))
+        if job.get("defaults"):
+            tuned.enqueue_trial(job["defaults"], user_attrs={DEFAULTS: True})   # the first, trained to the end
     for stale in tuned.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         storage.set_trial_user_attr(stale._trial_id, "interrupted", True)   # asked again, not counted
         storage.set_trial_state_values(stale._trial_id, optuna.trial.TrialState.FAIL)
         if stale.params:
             kept = {DEFAULTS: True} if stale.user_attrs.get(DEFAULTS) else {}
             tuned.enqueue_trial(stale.params, user_attrs={"retry_of": stale.number, **kept})
-    reseed(tuned, params)
+    reseed(tuned, params, job)
     return tuned
+
+
+def carried_trial(params: Params, job: dict[str, Any]):
+    """The best configuration of the tunings before a range extension, put into the extension's
+    study as it ended there (not trained again: the same setting on the same seed): the first
+    configuration the extension's pruner compares a draw with, so that no draw goes to the end
+    only for coming first (sequential successive halving promotes a lone first trial). It is not
+    one of the extension's configurations."""
+    import optuna
+
+    carried = job["carried"]
+    curve = {int(step): float(loss) for step, loss in carried["curve"]}
+    ended = carried["stopped_at"] is None
+    reached = {f"completed_rung_{n}": curve[step] for n, step in enumerate(study_rungs(params, job["steps"]))
+               if step in curve}
+    distributions = {d["name"]: optuna.distributions.FloatDistribution(d["low"], d["high"], log=d["log"])
+                     for d in job["space"]}
+    return optuna.trial.create_trial(
+        state=optuna.trial.TrialState.COMPLETE if ended else optuna.trial.TrialState.PRUNED,
+        value=carried["val_loss"] if ended else None, params=carried["setting"], distributions=distributions,
+        intermediate_values=curve, user_attrs={CARRIED: True}, system_attrs=reached)
 
 
 def finished_configurations(tuned) -> int:
@@ -283,7 +318,8 @@ def finished_configurations(tuned) -> int:
     import optuna
 
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-    return sum(not t.user_attrs.get("interrupted") for t in tuned.get_trials(deepcopy=False, states=states))
+    return sum(not (t.user_attrs.get("interrupted") or t.user_attrs.get(CARRIED))
+               for t in tuned.get_trials(deepcopy=False, states=states))
 
 
 def configurations_finished(store, tuning: str) -> int:
@@ -317,7 +353,7 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
     trained = 0
     while (finished := finished_configurations(tuned)) < job["configurations"] and not sitting_over(job, trained):
         trained += 1
-        reseed(tuned, params)
+        reseed(tuned, params, job)
         trial = tuned.ask()
         setting = {d.name: float(f"{trial.suggest_float(d.name, d.low, d.high, log=d.log):.4g}") for d in space}
         spec = {"phase": "tune", "method": job["method"], "steps": job["steps"], "seed": job["seed"],

@@ -36,7 +36,7 @@ def _tune(params: Params, root: Path, job: dict, configurations: int, kill_at: i
 
     tuned = optuna_study(params, root, job)
     while finished_configurations(tuned) < configurations:
-        reseed(tuned, params)
+        reseed(tuned, params, job)
         trial = tuned.ask()
         rate = trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
         loss = (rate * 1e5) % 1.0            # uneven: every rung has close calls
@@ -98,3 +98,66 @@ def test_a_finished_tuning_is_read_as_finished_without_a_worker(tmp_path: Path):
     optuna_study(params, tmp_path, JOB).ask()                 # left running, as by a kill
     assert configurations_finished(store, "k/m/4") == 3
     assert configurations_finished(store, "k/other/4") == 0
+
+
+def draws(params: Params, root: Path, job: dict, count: int) -> list[dict]:
+    tuned = optuna_study(params, root, job)
+    asked = []
+    for _ in range(count):
+        trial = tuned.ask()
+        asked.append({"learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
+                      "damping": trial.suggest_float("damping", 1e-4, 1e-1, log=True)})
+        tuned.tell(trial, 1.0)
+    return asked
+
+
+def test_each_method_and_run_length_draws_its_own_settings(tmp_path: Path):
+    """One seed for every tuning drew the same sequence everywhere (the 192-step search tried the
+    96-step settings again); the sampler's seed is now the tuning's, and stable: the same part
+    draws the same settings in another store, and the seed is a hash, not Python's salted one."""
+    from evaluation.tuning import sampler_seed
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params = Params()
+
+    def at(name: str) -> Params:
+        return params.model_copy(update={"store": params.store.model_copy(update={"url": f"sqlite:///{tmp_path}/{name}.db"})})
+
+    short = draws(at("a"), tmp_path, {"tuning": "k/pure_grit/96", "method": "pure_grit", "steps": 96}, 3)
+    long = draws(at("b"), tmp_path, {"tuning": "k/pure_grit/192", "method": "pure_grit", "steps": 192}, 3)
+    other = draws(at("c"), tmp_path, {"tuning": "k/grit_paper/96", "method": "grit_paper", "steps": 96}, 3)
+    again = draws(at("d"), tmp_path, {"tuning": "k/pure_grit/96", "method": "pure_grit", "steps": 96}, 3)
+    assert all(a != b for a, b in zip(short, long, strict=True))
+    assert all(a != b for a, b in zip(short, other, strict=True))
+    assert again == short
+    assert sampler_seed(0, "pure_grit", 96) == 1710004285 and sampler_seed(0, "pure_grit", 96, 1) != 1710004285
+
+
+def test_an_extension_starts_from_the_best_configuration_so_far_not_a_lone_first_draw(tmp_path: Path):
+    """An extension's study holds the best configuration of the tunings before it, as it ended
+    there (not one of its configurations, not trained again): a first draw worse than it at the
+    first rung is stopped there, where a lone first trial would always go on."""
+    from pipelines.study_worker import configurations_finished, study_rungs
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    params = Params()
+    params = params.model_copy(update={"store": params.store.model_copy(update={"url": f"sqlite:///{tmp_path}/s.db"}),
+                                       "study": params.study.model_copy(update={"methods": ["peft_lora"]})})
+    assert study_rungs(params, 32) == [8, 24]
+    space = [{"name": "learning_rate", "low": 1e-5, "high": 1e-2, "log": True, "target": "train"}]
+    job = {"tuning": "k/peft_lora/32/extended-1", "method": "peft_lora", "steps": 32, "extension": 1, "space": space,
+           "carried": {"setting": {"learning_rate": 1.2e-4}, "curve": [[8, 1.0], [24, 0.9], [32, 0.8]],
+                       "val_loss": 0.8, "stopped_at": None}}
+    tuned = optuna_study(params, tmp_path, job)
+    assert [t.params for t in tuned.trials] == [{"learning_rate": 1.2e-4}]
+    from db.store import open_store
+
+    assert configurations_finished(open_store(params.store.url, tmp_path), job["tuning"]) == 0
+    trial = tuned.ask()
+    trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True)
+    trial.report(1.5, 8)
+    assert trial.should_prune()
+    alone = optuna.create_study(pruner=optuna.pruners.SuccessiveHalvingPruner(min_resource=8, reduction_factor=3))
+    first = alone.ask()
+    first.report(1.5, 8)
+    assert not first.should_prune()                                      # the artefact it removes
