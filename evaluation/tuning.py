@@ -3,7 +3,8 @@
 - each method's declared search space (``Dimension``s: the learning rate for every method, the
   damping for GRIT, and for a GRIT run with the budget cadence its reprojection warm-up and the
   eigen-energy that sets its rank), searched jointly by Optuna, never paired by index;
-- a chosen learning rate at the edge of its range extends the range (the report says so);
+- a best setting at the edge of a range widens that range, any tuned dimension, within its hard
+  limits (``HARD_LIMITS``; the report names the edges that remain);
 - finalists: the best configurations on validation loss, re-run with more seeds and chosen on
   their mean validation loss;
 - seeds: tuning seeds (``train.seed`` and the finalists' extra seeds) and test seeds never meet
@@ -69,20 +70,39 @@ def at_edge(dimension: Dimension, value: float, margin: float) -> EdgeSide | Non
     return "low" if position < margin else "high" if position > 1 - margin else None
 
 
-def other_edges(space: Sequence[Dimension], setting: dict[str, float],
-                margin: float) -> list[tuple[Dimension, EdgeSide]]:
-    """The tuned dimensions of a chosen setting, other than the learning rate (the one range the
-    study widens), that lie at an edge of their range: the report says so, since the best value
-    may lie beyond it (a damping at its top edge, say, keeps GRIT close to plain LoRA)."""
-    return [(d, side) for d in space if d.name != "learning_rate" and d.name in setting
+def edges(space: Sequence[Dimension], setting: dict[str, float], margin: float) -> list[tuple[Dimension, EdgeSide]]:
+    """The tuned dimensions of ``setting`` that lie at an edge of their range: the best value may
+    lie beyond it (a damping at its top edge, say, keeps GRIT close to plain LoRA)."""
+    return [(d, side) for d in space if d.name in setting
             and (side := at_edge(d, setting[d.name], margin)) is not None]
 
 
+def widens(dimension: Dimension, side: EdgeSide) -> bool:
+    """Whether the range may still widen past ``side``: it has not reached its hard limit there."""
+    floor, ceiling = HARD_LIMITS.get(dimension.name, (-math.inf, math.inf))
+    return dimension.low > floor if side == "low" else dimension.high < ceiling
+
+
 def extended(dimension: Dimension, side: EdgeSide, factor: float) -> Dimension:
-    """The range widened past ``side`` by ``factor`` (log ranges) and kept on its other side."""
+    """The range widened past ``side`` (a log range ``factor``-fold, a linear one by its own width),
+    kept on its other side, and never past its hard limit (``HARD_LIMITS``)."""
+    floor, ceiling = HARD_LIMITS.get(dimension.name, (-math.inf, math.inf))
+    low, high = dimension.low, dimension.high
     if side == "high":
-        return Dimension(dimension.name, dimension.low, dimension.high * factor, dimension.log, dimension.target)
-    return Dimension(dimension.name, dimension.low / factor, dimension.high, dimension.log, dimension.target)
+        high = min(ceiling, high * factor if dimension.log else high + (high - low))
+    else:
+        low = max(floor, low / factor if dimension.log else low - (high - low))
+    return Dimension(dimension.name, low, high, dimension.log, dimension.target)
+
+
+def widen(space: Sequence[Dimension], setting: dict[str, float], margin: float,
+          factor: float) -> tuple[list[Dimension], list[tuple[Dimension, EdgeSide]]]:
+    """``space`` with every dimension at whose edge ``setting`` lies widened past that edge (the
+    learning rate, the damping, the reprojection warm-up, the eigen-energy alike), within its hard
+    limit; and the (old dimension, side) of each one widened. An edge at a hard limit stays."""
+    widened = [(d, side) for d, side in edges(space, setting, margin) if widens(d, side)]
+    sides = {d.name: side for d, side in widened}
+    return [extended(d, sides[d.name], factor) if d.name in sides else d for d in space], widened
 
 
 @dataclass(frozen=True)

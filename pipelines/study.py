@@ -6,8 +6,9 @@ trains through ``pipelines/study_worker.py`` (one process per method and job):
 1. tuning: Optuna asks ``study.configurations`` configurations of the method's declared space
    (``evaluation/tuning.py``), the first its published defaults (trained to the end), each
    trained on ``train.seed`` and judged on the validation split only; the successive-halving
-   pruner stops the weak ones early, at rungs where every method's mechanism has acted. A chosen learning rate at the
-   edge of its range widens the range and tunes again (``study.edge_extensions`` times at most);
+   pruner stops the weak ones early, at rungs where every method's mechanism has acted. A best
+   setting at the edge of any tuned range widens that range within its hard limit and tunes
+   again (``study.edge_extensions`` times at most);
 2. selection: the ``study.finalists`` best configurations re-run with ``study.finalist_seeds``
    more seeds; the method's setting is the finalist with the lowest mean validation loss;
 3. test: every method at its chosen setting, ``study.seeds`` seeds from ``study.test_seed`` on
@@ -55,15 +56,16 @@ from db.tuning_journal import append_journal, journal_logs, journals_under
 from evaluation.config import seeds_for_testing, tuning_seeds
 from evaluation.study import PHASES, Trial, planned_runs, remaining_note, study_progress, trial_from_record
 from evaluation.tuning import (
+    HARD_LIMITS,
     Dimension,
     Scored,
-    at_edge,
     choose_finalist,
-    extended,
+    edges,
     finalists,
-    other_edges,
     search_space,
     setting_key,
+    widen,
+    widens,
 )
 from pipelines import study_worker
 from pipelines.params import Params, require_text_model
@@ -358,9 +360,10 @@ def tuned(ctx: StageContext, method: str, steps: int) -> list[Trial]:
     return [t for t in recorded_trials(ctx) if t.phase == "tune" and t.method == method and t.steps == steps]
 
 
-def tune_method(sitting: Sitting, method: str, steps: int) -> list[str]:
-    """Optuna tuning of ``method`` at ``steps``, widening an edge learning-rate range; returns
-    what the report must say about the ranges."""
+def tune_method(sitting: Sitting, method: str, steps: int) -> tuple[list[str], list[Dimension]]:
+    """Optuna tuning of ``method`` at ``steps``; a best setting at the edge of any tuned range
+    widens that range (within its hard limit) and tunes again, ``study.edge_extensions`` times at
+    most. Returns what the report must say about the ranges, and the space as last searched."""
     ctx = sitting.ctx
     params, study = ctx.params, ctx.params.study
     space, notes = method_space(params, method), []
@@ -375,21 +378,35 @@ def tune_method(sitting: Sitting, method: str, steps: int) -> list[str]:
                               "space": [asdict(d) for d in space], "extension": extension,
                               "defaults": published_defaults(params, method, space) if extension == 0 else None,
                               "carried": incumbent(tuned(ctx, method, steps)) if extension else None})
-        best = finalists([scored(t) for t in tuned(ctx, method, steps)], 1)[0]
-        rate = next(d for d in space if d.name == "learning_rate")
-        side = at_edge(rate, best["learning_rate"], study.edge_margin)
-        if side is None:
-            break
         if extension == study.edge_extensions:
-            notes.append(f"{method} at {steps} steps: the chosen learning rate {best['learning_rate']:.3g} is still "
-                         f"at the {side} edge of [{rate.low:.3g}, {rate.high:.3g}] after {extension} extension(s)")
             break
-        space = [extended(d, side, study.edge_factor) if d.name == "learning_rate" else d for d in space]
-        widened = next(d for d in space if d.name == "learning_rate")
-        notes.append(f"{method} at {steps} steps: the best learning rate {best['learning_rate']:.3g} lay at the "
-                     f"{side} edge of [{rate.low:.3g}, {rate.high:.3g}]; the study widened it to "
-                     f"[{widened.low:.3g}, {widened.high:.3g}] and tuned {study.configurations} more configurations")
-    return notes
+        best = finalists([scored(t) for t in tuned(ctx, method, steps)], 1)[0]
+        wider, widened = widen(space, best, study.edge_margin, study.edge_factor)
+        if not widened:
+            break
+        new = {d.name: d for d in wider}
+        notes.append(f"{method} at {steps} steps: the best setting lay at an edge ("
+                     + "; ".join(f"{d.name} {best[d.name]:.3g} at the {side} edge of {span(d)}" for d, side in widened)
+                     + "); the study widened it (" + "; ".join(f"{d.name} to {span(new[d.name])}" for d, _ in widened)
+                     + f") and tuned {study.configurations} more configurations")
+        space = wider
+    return notes, space
+
+
+def span(dimension: Dimension) -> str:
+    return f"[{dimension.low:.3g}, {dimension.high:.3g}]"
+
+
+def remaining_edges(params: Params, method: str, steps: int, space: list[Dimension],
+                    setting: dict[str, float]) -> list[str]:
+    """The report's word on each tuned value of the chosen setting still at an edge of its range as
+    last searched: at its hard limit, or after the last extension the study allows."""
+    study = params.study
+    return [f"{method} at {steps} steps: the chosen {d.name} {setting[d.name]:.3g} lies at the {side} edge of "
+            f"{span(d)}, " + (f"its hard limit ({HARD_LIMITS[d.name][0 if side == 'low' else 1]:g}, "
+                              "evaluation/tuning.py)" if not widens(d, side)
+                              else f"after the {study.edge_extensions} extension(s) the study allows")
+            for d, side in edges(space, setting, study.edge_margin)]
 
 
 def incumbent(tuning: list[Trial]) -> dict[str, Any]:
@@ -451,23 +468,20 @@ def study_cells(params: Params) -> list[tuple[str, int]]:
 def run_cell(sitting: Sitting, method: str, steps: int) -> tuple[list[str], dict[str, float]]:
     """Tune ``method`` at ``steps``, choose its setting on the selection seeds, run its test seeds;
     returns the range notes and the chosen setting. Whatever the store holds is not run again."""
-    notes = tune_method(sitting, method, steps)
+    notes, space = tune_method(sitting, method, steps)
     if sitting.worker is not None:
         settle_cell(sitting.ctx.store, sitting.ctx.run_id, tuned_claim(method, steps), sitting.worker)
-    more, setting = select_and_test(sitting, method, steps)
-    return notes + more, setting
+    setting = select_and_test(sitting, method, steps)
+    return notes + remaining_edges(sitting.ctx.params, method, steps, space, setting), setting
 
 
-def select_and_test(sitting: Sitting, method: str, steps: int) -> tuple[list[str], dict[str, float]]:
-    """The fixed runs of a tuned part: its finalists, its choice, its test seeds."""
+def select_and_test(sitting: Sitting, method: str, steps: int) -> dict[str, float]:
+    """The fixed runs of a tuned part: its finalists, its choice (returned), its test seeds."""
     params = sitting.ctx.params
     setting = choose_setting(sitting, method, steps)
-    notes = [f"{method} at {steps} steps: the chosen {d.name} {setting[d.name]:.3g} lies at the {side} edge of "
-             f"[{d.low:.3g}, {d.high:.3g}] (the study widens only the learning rate's range)"
-             for d, side in other_edges(method_space(params, method), setting, params.study.edge_margin)]
     run_fixed(sitting, [{"phase": "test", "method": method, "steps": steps, "seed": seed, "setting": setting}
                         for seed in seeds_for_testing(params.study.test_seed, params.study.seeds)])
-    return notes, setting
+    return setting
 
 
 def work_as_worker(sitting: Sitting) -> None:

@@ -9,15 +9,18 @@ import pytest
 
 from evaluation.config import check_disjoint, seeds_for_testing, tuning_seeds
 from evaluation.tuning import (
+    HARD_LIMITS,
     Dimension,
     Scored,
     at_edge,
     choose_finalist,
+    edges,
     extended,
     finalists,
-    other_edges,
     rungs,
     search_space,
+    widen,
+    widens,
 )
 
 RANGES = dict(learning_rate=(1e-4, 1e-2), damping=(1e-4, 1e-1), reprojection_warmup=(0.1, 0.5), energy=(0.9, 0.999))
@@ -133,9 +136,45 @@ def test_measuring_only_at_the_rungs_prunes_exactly_as_measuring_every_few_steps
     assert stopped and all(e == r for e, r in stopped)           # stopped at the same rung
 
 
-def test_a_chosen_damping_at_the_edge_of_its_range_is_named_and_the_learning_rate_left_to_widening():
+def test_a_chosen_value_at_the_edge_of_any_range_is_found():
     space = search_space(True, False, learning_rate=RANGES["learning_rate"], damping=RANGES["damping"],
                          reprojection_warmup=RANGES["reprojection_warmup"], energy=RANGES["energy"])
-    edges = other_edges(space, {"learning_rate": 1.1e-4, "damping": 0.098}, margin=0.1)
-    assert [(d.name, side) for d, side in edges] == [("damping", "high")]
-    assert other_edges(space, {"learning_rate": 1e-3, "damping": 3e-3}, margin=0.1) == []
+    found = edges(space, {"learning_rate": 1.1e-4, "damping": 0.098}, margin=0.1)
+    assert [(d.name, side) for d, side in found] == [("learning_rate", "low"), ("damping", "high")]
+    assert edges(space, {"learning_rate": 1e-3, "damping": 3e-3}, margin=0.1) == []
+
+
+def test_every_dimension_at_its_edge_widens_within_its_hard_limit():
+    """Not only the learning rate: the damping at its top edge (pure_grit's in the committed
+    study), the reprojection warm-up at its bottom (two paper variants'), the eigen-energy at its
+    top; each stops at its hard limit, and an edge there stays (the report names it)."""
+    paper = search_space(True, True, **RANGES)
+    best = {"learning_rate": 1e-3, "damping": 0.098, "reprojection_warmup_fraction": 0.11, "energy_threshold": 0.998}
+    wider, widened = widen(paper, best, margin=0.1, factor=10.0)
+    assert [(d.name, side) for d, side in widened] == [("damping", "high"), ("reprojection_warmup_fraction", "low"),
+                                                       ("energy_threshold", "high")]
+    by_name = {d.name: d for d in wider}
+    assert (by_name["learning_rate"].low, by_name["learning_rate"].high) == RANGES["learning_rate"]   # interior: kept
+    assert (by_name["damping"].low, by_name["damping"].high) == (1e-4, HARD_LIMITS["damping"][1])   # 0.1 x 10
+    assert (by_name["reprojection_warmup_fraction"].low, by_name["reprojection_warmup_fraction"].high) == (0.0, 0.5)
+    assert (by_name["energy_threshold"].low, by_name["energy_threshold"].high) == (0.9, 1.0)
+    assert all(not widens(by_name[name], side) for name, side in (
+        ("damping", "high"), ("reprojection_warmup_fraction", "low"), ("energy_threshold", "high")))
+    # at its hard limits nothing widens again, and the edge stays for the report to name
+    again, more = widen(wider, {**best, "damping": 0.95, "reprojection_warmup_fraction": 0.01}, margin=0.1, factor=10)
+    assert again == wider and more == []
+    assert {d.name for d, _ in edges(again, {**best, "damping": 0.95, "reprojection_warmup_fraction": 0.01}, 0.1)} >= {
+        "damping", "reprojection_warmup_fraction"}
+    # a linear range widens by its own width; a log one by the factor
+    low_energy, _ = widen(paper, {**best, "damping": 3e-3, "reprojection_warmup_fraction": 0.3,
+                                  "energy_threshold": 0.905}, 0.1, 10.0)
+    assert {d.name: (d.low, d.high) for d in low_energy}["energy_threshold"] == (pytest.approx(0.801), 0.999)
+
+
+def test_the_declared_ranges_must_lie_within_the_hard_limits():
+    from evaluation.config import StudyParams
+
+    with pytest.raises(ValueError, match="beyond the hard limits"):
+        StudyParams(damping_range=(1e-4, 10.0))
+    with pytest.raises(ValueError, match="beyond the hard limits"):
+        StudyParams(reprojection_warmup_range=(0.1, 0.7))
