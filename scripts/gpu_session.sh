@@ -60,7 +60,7 @@ slug=$(echo "$gpu" | tr '[:upper:]' '[:lower:]' | sed -e 's/^nvidia //' -e 's/[^
 name="gpu-session-$slug-$(date -u +%Y%m%dT%H%M%SZ)"
 work=reports/$name
 mkdir -p "$work"
-items=${ITEMS:-$("$python" -c 'from pipelines.gpu_check.report import TITLES; print(",".join(TITLES))')}
+items=${ITEMS:-$("$python" -c 'from pipelines.gpu_check.report import CHECKS; print(",".join(CHECKS))')}
 
 status=0
 for item in ${items//,/ }; do

@@ -12,8 +12,9 @@ What only a CUDA machine can show, on a tiny model built from a config (no model
 5. ``overhead``: GRIT's step time and peak CUDA memory over plain LoRA, side by side.
 
 ``cli.py`` (run by ``__main__.py``) is the orchestrator: one process per item, the verdicts, the
-table and the JSON report. ``report.py`` holds the pass/fail rules and the report (pure, tested
-on CPU); ``items.py`` the work, a registry of item kinds run one per process (importing Unsloth
+table and the JSON report. ``report.py`` declares each item once (``CHECKS``) with its pass/fail
+rule, and renders the report (no torch, tested on CPU); ``processes.py`` starts the worker
+processes; ``items.py`` the work, a registry of item kinds run one per process (importing Unsloth
 patches libraries for the whole process); ``sizing.py`` the overhead and profile items' shapes
 and sizes. Their step-timing, peak-memory and profiling harness is ``profiling/``, shared with
 ``benchmarks/grit_overhead.py``.

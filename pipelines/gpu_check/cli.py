@@ -4,11 +4,11 @@
 
 Runs each item of ``pipelines/gpu_check`` in its own process (``items.py``: Unsloth patches
 libraries for the whole process), judges it (``report.py``), prints a table and writes one JSON
-report. The items are ``report.TITLES``'s, the ones ``items.REGISTRY`` serves (a test checks
-that they agree; this module does not import ``items.py``, which loads torch, transformers and
-the trainers). ``overhead`` is composed here from per-process items: the interleaved step
-times of both arms in one process, each arm's peak memory in a fresh one per arm; ``profile``
-(a diagnosis, no target) from one process per engine and shape that profiles both arms.
+report. The items are ``report.CHECKS``'s, each declared there once (title, judge, headline,
+whether it needs CUDA, how it runs), the ones ``items.REGISTRY`` serves (a test checks that they
+agree; this module does not import ``items.py``, which loads torch, transformers and the
+trainers). ``overhead`` and ``profile`` are composed of several worker processes
+(``processes.py``); every other item is one process of its own name.
 
 Exit 0 when every item passes, 1 when one fails, 2 for an unknown item, 3 when no CUDA device
 is visible (one line, nothing run). ``--device cpu`` rehearses the plumbing on a machine without
@@ -19,23 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipelines.gpu_check.report import EXIT_NO_CUDA, TITLES, exit_code, judge, report, table
+from pipelines.gpu_check.processes import ROOT
+from pipelines.gpu_check.report import CHECKS, EXIT_NO_CUDA, exit_code, judge, report, table
 from pipelines.gpu_check.sizing import OVERHEAD_SHAPES, Sizing
-from profiling.timing import ARMS
 
-ROOT = Path(__file__).resolve().parents[2]
-ITEMS = tuple(TITLES)
-ENGINES = ("unsloth", "peft")
-# Items that say nothing off CUDA: not run there (reported, never a pass).
-CUDA_ONLY = {"qlora": "bitsandbytes NF4 needs CUDA"}
+ITEMS = tuple(CHECKS)
 NO_CUDA = ("no CUDA device: make gpu-check needs an NVIDIA GPU that torch can see (torch.cuda.is_available() "
            "is False); see docs/gpu.md")
 
@@ -56,24 +50,6 @@ def environment(device: str) -> dict[str, object]:
                 "unsloth", "unsloth_zoo", "peft", "transformers", "trl", "bitsandbytes", "accelerate")}}
 
 
-def run_item(item: str, workdir: Path, device: str, sizes: list[str], timeout_s: int) -> tuple[dict | None, str | None]:
-    """(figures, None) or (None, the error that ended the item's process)."""
-    out = workdir / f"{item.replace(':', '-')}.json"
-    command = [sys.executable, "-m", "pipelines.gpu_check.items", item, "--workdir", str(workdir), "--out", str(out),
-               "--device", device, *sizes]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    try:
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return None, f"{item} did not finish in {timeout_s} s"
-    result = json.loads(out.read_text()) if out.is_file() else {}
-    if done.returncode != 0 or "error" in result:
-        last = next((line for line in reversed(done.stderr.splitlines()) if line.strip()), f"exit {done.returncode}")
-        (workdir / f"{item.replace(':', '-')}.log").write_text(done.stdout + done.stderr)
-        return None, result.get("error") or last.strip()
-    return result, None
-
-
 def keep_logs(workdir: Path, folder: Path) -> Path | None:
     """Copy the failed items' output out of the scratch folder (it is deleted at the end)."""
     logs = sorted(workdir.glob("*.log"))
@@ -83,49 +59,6 @@ def keep_logs(workdir: Path, folder: Path) -> Path | None:
     for log in logs:
         (folder / log.name).write_text(log.read_text())
     return folder
-
-
-def overhead(workdir: Path, device: str, sizes: list[str], timeout_s: int,
-             shapes: tuple[str, ...] = tuple(OVERHEAD_SHAPES)) -> tuple[dict | None, str | None]:
-    """Per engine and model shape: the step-time ratio (and LoRA's own throughput) from one
-    interleaved process, the peak-memory ratio from one fresh process per arm, which also counts
-    the GRIT steps' host synchronisations."""
-    engines: dict[str, dict] = {}
-    for shape in shapes:
-        for engine in ENGINES:
-            label = f"{engine}@{shape}"
-            timing, error = run_item(f"overhead-time:{engine}:{shape}", workdir, device, sizes, timeout_s)
-            if error:
-                return None, f"{label}: {error}"
-            memory = {}
-            for arm in ARMS:
-                memory[arm], error = run_item(f"overhead-memory:{engine}:{arm}:{shape}", workdir, device, sizes,
-                                              timeout_s)
-                if error:
-                    return None, f"{label} ({arm}): {error}"
-            peaks = {arm: memory[arm]["peak_mib"] for arm in ARMS}
-            ratio = peaks["grit"] / peaks["lora"] if peaks["lora"] and peaks["grit"] else None
-            engines[label] = timing | {"lora_peak_mib": peaks["lora"], "grit_peak_mib": peaks["grit"],
-                                       "peak_memory_ratio": ratio,
-                                       "grit_host_syncs": memory["grit"].get("grit_host_syncs"),
-                                       "grit_steps_watched": memory["grit"].get("grit_steps_watched")}
-    notes = ["unsloth: the LoRA arm runs Unsloth's fused kernels and compiled layers, the GRIT arm GRIT's own fused "
-             "LoRA functions uncompiled, so its ratio includes leaving Unsloth's per-layer compile",
-             "host syncs: counted by torch's CUDA sync debug mode around GRIT's before_step and after_step"]
-    return {"engines": engines, "notes": notes}, None
-
-
-def profile(workdir: Path, device: str, sizes: list[str], timeout_s: int,
-            shapes: tuple[str, ...] = tuple(OVERHEAD_SHAPES)) -> tuple[dict | None, str | None]:
-    """Per engine and model shape, one process profiling both arms (``overhead-profile``)."""
-    engines: dict[str, dict] = {}
-    for shape in shapes:
-        for engine in ENGINES:
-            engines[f"{engine}@{shape}"], error = run_item(f"overhead-profile:{engine}:{shape}", workdir, device,
-                                                          sizes, timeout_s)
-            if error:
-                return None, f"{engine}@{shape}: {error}"
-    return {"engines": engines}, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,14 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(scratch)
         for item in wanted:
             print(f"[gpu-check] {item} ...", flush=True)
-            if item in CUDA_ONLY and args.device != "cuda":
-                results.append(judge(item, None, not_run=CUDA_ONLY[item]))
+            check = CHECKS[item]
+            if check.cuda_only and args.device != "cuda":
+                results.append(judge(item, None, not_run=check.cuda_only))
                 continue
-            if item in ("overhead", "profile"):
-                run = overhead if item == "overhead" else profile
-                figures, error = run(workdir, args.device, sizes, args.timeout, shapes)
-            else:
-                figures, error = run_item(item, workdir, args.device, sizes, args.timeout)
+            figures, error = check.run(workdir, args.device, sizes, args.timeout, shapes)
             results.append(judge(item, figures, error))
         kept = keep_logs(workdir, args.out.with_name(args.out.stem + "_logs"))
     payload = report(results, environment(args.device))

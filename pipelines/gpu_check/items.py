@@ -578,7 +578,7 @@ def overhead_profile(workdir: Path, device: str, engine: str, shape: str, sizing
 class Item:
     """One kind of item a worker process runs: ``run(workdir, device, *arguments, **sizes)``.
 
-    ``part_of`` is the item of the check (``report.TITLES``) it serves; ``arguments`` names what
+    ``part_of`` is the item of the check (``report.CHECKS``) it serves; ``arguments`` names what
     follows the kind in the item's name, ``:``-separated (``overhead-memory:peft:grit``);
     ``sized``: it takes the command line's :class:`Sizing` last."""
 

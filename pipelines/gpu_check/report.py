@@ -1,16 +1,21 @@
-"""Pass/fail rules of the GPU check and its report (pure functions: no torch, no CUDA).
+"""The GPU check's items, their pass/fail rules and its report (no torch, no CUDA).
 
-Each item's worker returns its figures as a plain dict; :func:`judge` turns them into an
-:class:`ItemResult` with the failures spelled out, :func:`report` and :func:`table` render them.
+Each item is declared once, in :data:`CHECKS`: its title, the rule that judges its figures, the
+figures the table shows, whether it needs CUDA, how its processes run. Each item's worker
+returns its figures as a plain dict; :func:`judge` turns them into an :class:`ItemResult` with
+the failures spelled out, :func:`report` and :func:`table` render them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from pipelines.gpu_check.processes import overhead, profile, run_item
 from profiling.phases import largest_first
 
 EXIT_PASSED, EXIT_FAILED, EXIT_NO_CUDA = 0, 1, 3
@@ -26,15 +31,6 @@ BF16_MAX_RELATIVE_DIFFERENCE = 0.1
 # QLoRA: an adapter reloaded onto a freshly quantised base must compute what it did.
 RELOAD_MAX_LOGIT_DIFFERENCE = 1e-2
 
-TITLES = {
-    "hybrid": "Unsloth fused kernels + GRIT callback (hybrid)",
-    "truncation": "hybrid with GRIT's rank truncation, adapter reload",
-    "qlora": "NF4 base (bitsandbytes) + LoRA + GRIT",
-    "bf16": "bf16 model, fp32 GRIT statistics",
-    "overhead": "GRIT overhead over LoRA",
-    "profile": "where GRIT's extra step time goes (profiler)",
-}
-
 
 @dataclass
 class ItemResult:
@@ -48,7 +44,7 @@ class ItemResult:
 
     @property
     def title(self) -> str:
-        return TITLES.get(self.name, self.name)
+        return CHECKS[self.name].title if self.name in CHECKS else self.name
 
 
 def _probe_failures(figures: dict[str, Any]) -> list[str]:
@@ -155,10 +151,6 @@ def judge_profile(figures: dict[str, Any]) -> list[str]:
     return failures or ([] if figures.get("engines") else ["no engine was profiled"])
 
 
-JUDGES = {"hybrid": judge_hybrid, "truncation": judge_truncation, "qlora": judge_qlora, "bf16": judge_bf16,
-          "overhead": judge_overhead, "profile": judge_profile}
-
-
 def judge(name: str, figures: dict[str, Any] | None, error: str | None = None,
           not_run: str | None = None) -> ItemResult:
     """The verdict of one item from what its worker returned (or the error that ended it)."""
@@ -166,7 +158,7 @@ def judge(name: str, figures: dict[str, Any] | None, error: str | None = None,
         return ItemResult(name, None, notes=[not_run])
     if error is not None or figures is None:
         return ItemResult(name, False, figures or {}, [f"the check itself failed: {error or 'no result'}"])
-    failures = JUDGES[name](figures)
+    failures = CHECKS[name].judge(figures)
     return ItemResult(name, not failures, figures, failures, list(figures.get("notes", [])))
 
 
@@ -181,40 +173,53 @@ def _fmt(value: Any) -> str:
 
 
 def headline(item: ItemResult) -> str:
-    """The few figures that say what happened, for the table."""
-    f = item.figures
-    if item.name in ("hybrid", "qlora"):
-        kernels = f.get("fused_kernels", {})
-        fused = f"fused kernels {kernels.get('qkv', 0)} QKV / {kernels.get('o', 0)} O / {kernels.get('mlp', 0)} MLP; " \
-            if item.name == "hybrid" else ""
-        return (f"{fused}rows on {f.get('modules_covered_step1', 0)}/{f.get('modules', 0)} modules in step 1; "
-                f"verdict {f.get('verdict', 'n/a')}; update cosine vs control {_fmt(f.get('update_cosine_median'))}")
-    if item.name == "truncation":
-        return (f"{f.get('modules_truncated', 0)}/{f.get('modules', 0)} modules truncated at step "
-                f"{f.get('truncated_at_step')} (ranks {f.get('min_rank')}-{f.get('max_rank')} "
-                f"of {f.get('built_rank')}), "
-                f"{f.get('steps_after_truncation', 0)} steps after; reload logits within "
-                f"{_fmt(f.get('reload_max_logit_difference'))}")
-    if item.name == "bf16":
-        return (f"min cosine {_fmt(f.get('min_cosine'))}, max relative difference "
-                f"{_fmt(f.get('max_relative_difference'))} over {f.get('modules', 0)} modules")
-    if item.name == "overhead":
-        return "; ".join(f"{engine}: time x{_fmt(r.get('step_time_ratio'))}"
-                         + (f" (mean x{_fmt(r['mean_step_time_ratio'])})" if r.get("mean_step_time_ratio") else "")
-                         + f", memory x{_fmt(r.get('peak_memory_ratio'))}"
-                         + (f", LoRA {_fmt(r['lora_tokens_per_s'])} tokens/s" if r.get("lora_tokens_per_s") else "")
-                         + (f" ({_fmt(100 * r['lora_flop_fraction'])}% of the FLOP bound)"
-                            if r.get("lora_flop_fraction") else "")
-                         + (f" (leaving Unsloth's compile x{_fmt(r['compile_off_ratio'])}, GRIT over uncompiled "
-                            f"LoRA x{_fmt(r.get('grit_over_uncompiled_lora'))})" if r.get("compile_off_ratio") else "")
-                         + (", adapters in the model's dtype" if r.get("adapter_dtype") == "model" else "")
-                         + (f", GRIT capture {r['grit_capture']}" if r.get("grit_capture", "auto") != "auto" else "")
-                         + (", LoRA through GRIT's fused functions" if r.get("lora_functions") == "fused" else "")
-                         + collections_note(r.get("garbage_collections"))
-                         for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
-    if item.name == "profile":
-        return "; ".join(f"{engine}: {profile_line(r)}" for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
-    return ""
+    """The few figures that say what happened, for the table (its item's :attr:`Check.headline`)."""
+    return CHECKS[item.name].headline(item.figures) if item.name in CHECKS else ""
+
+
+def headline_probe(f: dict[str, Any]) -> str:
+    """GRIT's coverage in step 1 and the probe's verdict: the qlora item's headline, the hybrid's after its kernels."""
+    return (f"rows on {f.get('modules_covered_step1', 0)}/{f.get('modules', 0)} modules in step 1; "
+            f"verdict {f.get('verdict', 'n/a')}; update cosine vs control {_fmt(f.get('update_cosine_median'))}")
+
+
+def headline_hybrid(f: dict[str, Any]) -> str:
+    kernels = f.get("fused_kernels", {})
+    return (f"fused kernels {kernels.get('qkv', 0)} QKV / {kernels.get('o', 0)} O / {kernels.get('mlp', 0)} MLP; "
+            + headline_probe(f))
+
+
+def headline_truncation(f: dict[str, Any]) -> str:
+    return (f"{f.get('modules_truncated', 0)}/{f.get('modules', 0)} modules truncated at step "
+            f"{f.get('truncated_at_step')} (ranks {f.get('min_rank')}-{f.get('max_rank')} "
+            f"of {f.get('built_rank')}), "
+            f"{f.get('steps_after_truncation', 0)} steps after; reload logits within "
+            f"{_fmt(f.get('reload_max_logit_difference'))}")
+
+
+def headline_bf16(f: dict[str, Any]) -> str:
+    return (f"min cosine {_fmt(f.get('min_cosine'))}, max relative difference "
+            f"{_fmt(f.get('max_relative_difference'))} over {f.get('modules', 0)} modules")
+
+
+def headline_overhead(f: dict[str, Any]) -> str:
+    return "; ".join(f"{engine}: time x{_fmt(r.get('step_time_ratio'))}"
+                     + (f" (mean x{_fmt(r['mean_step_time_ratio'])})" if r.get("mean_step_time_ratio") else "")
+                     + f", memory x{_fmt(r.get('peak_memory_ratio'))}"
+                     + (f", LoRA {_fmt(r['lora_tokens_per_s'])} tokens/s" if r.get("lora_tokens_per_s") else "")
+                     + (f" ({_fmt(100 * r['lora_flop_fraction'])}% of the FLOP bound)"
+                        if r.get("lora_flop_fraction") else "")
+                     + (f" (leaving Unsloth's compile x{_fmt(r['compile_off_ratio'])}, GRIT over uncompiled "
+                        f"LoRA x{_fmt(r.get('grit_over_uncompiled_lora'))})" if r.get("compile_off_ratio") else "")
+                     + (", adapters in the model's dtype" if r.get("adapter_dtype") == "model" else "")
+                     + (f", GRIT capture {r['grit_capture']}" if r.get("grit_capture", "auto") != "auto" else "")
+                     + (", LoRA through GRIT's fused functions" if r.get("lora_functions") == "fused" else "")
+                     + collections_note(r.get("garbage_collections"))
+                     for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
+
+
+def headline_profile(f: dict[str, Any]) -> str:
+    return "; ".join(f"{engine}: {profile_line(r)}" for engine, r in sorted(f.get("engines", {}).items())) or "n/a"
 
 
 def profile_line(figures: dict[str, Any]) -> str:
@@ -251,6 +256,44 @@ def collections_note(collections: dict[str, Any] | None) -> str:
 
 def _signed(value: Any) -> str:
     return f"{value:+.3g}" if isinstance(value, (int, float)) else "n/a"
+
+
+Figures = dict[str, Any]
+Outcome = tuple[Figures | None, str | None]
+
+
+@dataclass(frozen=True)
+class Check:
+    """One item of the check, declared once: its ``title`` in the table, the rule that ``judge``s
+    its figures (the failures; none when it passes), the ``headline`` of figures the table shows
+    when it passes, why it is not run off CUDA (``cuda_only``; None: a CPU rehearsal runs it too),
+    and, for an item ``composed`` of several worker processes, the function that runs them
+    (``processes.py``; None: one process of the item's own name, ``items.py``)."""
+
+    name: str
+    title: str
+    judge: Callable[[Figures], list[str]]
+    headline: Callable[[Figures], str]
+    cuda_only: str | None = None
+    composed: Callable[[Path, str, list[str], int, tuple[str, ...]], Outcome] | None = None
+
+    def run(self, workdir: Path, device: str, sizes: list[str], timeout_s: int, shapes: tuple[str, ...]) -> Outcome:
+        """(figures, None), or (None, the error that ended one of the item's processes)."""
+        if self.composed is not None:
+            return self.composed(workdir, device, sizes, timeout_s, shapes)
+        return run_item(self.name, workdir, device, sizes, timeout_s)
+
+
+CHECKS: dict[str, Check] = {check.name: check for check in (
+    Check("hybrid", "Unsloth fused kernels + GRIT callback (hybrid)", judge_hybrid, headline_hybrid),
+    Check("truncation", "hybrid with GRIT's rank truncation, adapter reload", judge_truncation, headline_truncation),
+    Check("qlora", "NF4 base (bitsandbytes) + LoRA + GRIT", judge_qlora, headline_probe,
+          cuda_only="bitsandbytes NF4 needs CUDA"),
+    Check("bf16", "bf16 model, fp32 GRIT statistics", judge_bf16, headline_bf16),
+    Check("overhead", "GRIT overhead over LoRA", judge_overhead, headline_overhead, composed=overhead),
+    Check("profile", "where GRIT's extra step time goes (profiler)", judge_profile, headline_profile,
+          composed=profile),
+)}
 
 
 def table(items: list[ItemResult]) -> str:

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 
 from pipelines.gpu_check.report import (
+    CHECKS,
     EXIT_FAILED,
     EXIT_NO_CUDA,
     EXIT_PASSED,
     PEAK_MEMORY_TARGET,
     STEP_TIME_TARGET,
-    TITLES,
     exit_code,
     headline,
     judge,
@@ -238,16 +238,19 @@ def test_without_a_gpu_the_check_exits_with_one_line_and_its_own_code(tmp_path: 
     assert not (tmp_path / "report.json").exists()
     unknown = _check("--items", "hybrid,warp")
     assert unknown.returncode == 2
-    assert unknown.stderr.strip() == f"error: unknown item 'warp'; choose from {', '.join(TITLES)}"
+    assert unknown.stderr.strip() == f"error: unknown item 'warp'; choose from {', '.join(CHECKS)}"
 
 
 def test_the_registry_serves_every_item_of_the_check_and_nothing_else(tmp_path: Path):
-    """The orchestrator's items are report.TITLES' (it does not import the heavy items module):
+    """The orchestrator's items are report.CHECKS' (it does not import the heavy items module):
     the registry's kinds serve exactly those, in that order; an unknown kind stops the worker
     with its one message, a kind named without its arguments fails as the item's error."""
     from pipelines.gpu_check import cli, items
 
-    assert items.checked_items() == tuple(TITLES) == cli.ITEMS
+    assert items.checked_items() == tuple(CHECKS) == cli.ITEMS
+    # a check not composed of several processes (report.Check.composed) runs one of its own name
+    assert {name for name, check in CHECKS.items() if check.composed is None} == {
+        kind for kind, item in items.REGISTRY.items() if kind == item.part_of}
     assert {kind for kind, item in items.REGISTRY.items() if item.part_of == "overhead"} == {
         "overhead-time", "overhead-memory"}
     common = ["--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out.json"), "--device", "cpu"]
