@@ -20,7 +20,7 @@ import yaml
 from pipelines.params import Params
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("pipelines", "trainers", "evaluation", "export", "db")
+PACKAGES = ("pipelines", "trainers", "evaluation", "export", "db", "profiling")
 SECTIONS = frozenset(Params.model_fields)
 
 

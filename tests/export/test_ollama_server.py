@@ -5,8 +5,9 @@ The tiny exported model (``conftest.tiny_export``: a random Llama with the SmolL
 GGUF LoRA made by llama.cpp's converter, and the merged GGUF) is registered from our Modelfiles
 with ``ollama create -f``; ``show`` must return our template, stops and greedy options; ``ollama
 run`` answers; a ``cp``-made alias answers the same; a truncated adapter, an adapter for another
-base and one for another architecture are refused by the server and reported in one line. Without the build the tests FAIL (``installed_binary`` raises): a test
-skipped for a missing dependency is a failure in this project.
+base and one for another architecture are refused by the server and reported in one line.
+Without the build the tests FAIL (``installed_binary`` raises): a test skipped for a missing
+dependency is a failure in this project.
 """
 
 from __future__ import annotations
