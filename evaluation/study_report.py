@@ -291,6 +291,96 @@ def space_line(params) -> str:
             f"eigen-energy threshold in [{study.energy_range[0]:g}, {study.energy_range[1]:g}]")
 
 
+def _study_plots(folder: Path, params, trials: Sequence[Trial], chosen: dict[tuple[str, int], dict[str, float]],
+                 tests: Sequence[PairedTest]) -> dict[str, Path]:
+    """The four pictures the report embeds, by name (the names are the report's image links)."""
+    study, methods, run_lengths = params.study, params.study.methods, params.study.steps
+    return {"sensitivity": plot_sensitivity(trials, methods, run_lengths, chosen, params.train.seed,
+                                            tuple(study.learning_rate_range), folder / "sensitivity.png"),
+            "curves_by_steps": plot_curves_by_steps(trials, methods, run_lengths, folder / "curves_by_steps.png"),
+            "test_by_steps": plot_test_by_steps(trials, methods, run_lengths, folder / "test_by_steps.png"),
+            "differences_by_steps": plot_differences(tests, run_lengths, folder / "differences_by_steps.png")}
+
+
+def _opening_section(params, run_id: str, sentence: str) -> str:
+    """The title, what was run, and the verdict in bold: a reader who stops here has the answer."""
+    study, run_lengths = params.study, params.study.steps
+    seeds = f"test seeds {study.test_seed}-{study.test_seed + study.seeds - 1}"
+    return (f"# The fair study: does GRIT beat LoRA when each is tuned?\n\nRun `{run_id}`, profile `{params.profile}`, "
+            f"methods {', '.join(study.methods)}; {study.configurations} configurations per method and run length, "
+            f"{study.finalists} finalists over {1 + study.finalist_seeds} seeds, {study.seeds} {seeds}; runs of "
+            f"{', '.join(str(b) for b in run_lengths)} optimizer steps.\n\n**{sentence}**")
+
+
+def _tuning_section(params, trials: Sequence[Trial], notes: Sequence[str]) -> str:
+    """The search space, sampler and pruner, the configurations per part, and every widened range."""
+    study = params.study
+    return ("## Tuning (validation split only, seed " + str(params.train.seed) + ")\n\n"
+            f"Space: {space_line(params)}. Optuna's {study.sampler.upper()} sampler (seed {study.seed}"
+            + (f", {study.startup} quasi-random configurations first" if study.sampler == "tpe" else "")
+            + f") searches each method's space jointly; a successive-halving pruner (first rung {study.min_steps} "
+            f"steps, reduction factor {study.reduction_factor}) stops configurations whose validation loss falls "
+            "behind, the same for every method.\n\n"
+            + _table(["steps", "method", "configurations", "pruned", "best validation loss"],
+                     tuning_rows(trials, study.methods, study.steps))
+            + "".join(f"\n\n**Range:** {note}." for note in notes))
+
+
+def _selection_section(params, trials: Sequence[Trial], chosen: dict[tuple[str, int], dict[str, float]]) -> str:
+    return ("## Selection (mean validation loss of the finalists over the selection seeds)\n\n"
+            + _table(["steps", "method", "setting", "validation loss per seed", "mean"],
+                     finalist_rows(trials, chosen, params.train.seed)))
+
+
+def _test_figure_sections(params, trials: Sequence[Trial]) -> list[str]:
+    """One table of test figures per run length: the methods side by side at the same length."""
+    study = params.study
+    return [f"## Test figures at {b} steps (mean [95% interval] over {study.seeds} seeds; per-prompt figures "
+            "over seeds and prompts)\n\n" + _table(["metric", *study.methods], test_rows(trials, study.methods, b))
+            for b in study.steps]
+
+
+def _paired_tests_section(params, tests: Sequence[PairedTest]) -> str:
+    """The pre-declared tests with the rule that turns each row into a finding, stated before the table."""
+    study = params.study
+    return ("## Paired tests (pre-declared: over seeds, and over prompts for per-prompt figures; Holm over every "
+            "row)\n\n"
+            "A row is *better* or *worse* when its Holm-adjusted p is below 0.05 and its mean difference is at least "
+            "the metric's smallest effect of interest (the registry's, `evaluation/metrics.py`: 1% of the control's "
+            "test loss, 5% of its 1/XB, 0.05 on a rate), *equivalent* when its 90% interval lies inside that effect "
+            "either way (the two one-sided tests at 0.05), and *inconclusive* otherwise.\n\n"
+            + _table(["steps", "pair", "metric", "mean delta [95% CI]", "test", "raw p", "Holm p", "smallest effect",
+                      "90% interval", "finding"], test_table_rows(tests))
+            + "\n\n![paired differences from the control by run length](differences_by_steps.png)"
+            + f"\n\nA per-prompt test draws {study.bootstrap_resamples:,} bootstrap resamples, and more where its "
+            "p-value falls below 0.05: enough that the smallest p-value they can give lies ten times below "
+            "Holm's smallest threshold (0.05 over the number of rows).")
+
+
+def _compute_section(compute: dict[str, dict[str, float]], stage_seconds: float) -> str:
+    """Hours spent per method and phase; says why training speed is not compared from these runs."""
+    return ("## Compute (hours per run in its worker: training, evaluation and loading; summed over runs)\n\n"
+            + _table(["method", "tuning", "finalists", "test", "total", "of which training"],
+                     [[m, *(f"{c[k] / 3600:.2f}" for k in ("tune", "finalist", "test", "total", "training"))]
+                      for m, c in compute.items()])
+            + f"\n\nThis invocation of the stage took {stage_seconds / 3600:.2f} h. Training speed is not compared "
+            "here: runs of different methods trained at different times on a shared machine; the side-by-side "
+            "measurement is `benchmarks/grit_overhead.py`.")
+
+
+def write_trials_csv(path: Path, trials: Sequence[Trial]) -> Path:
+    """Every trial as one row, in a stable order (phase, method, steps, seed), for a reader's own analysis."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["phase", "method", "steps", "seed", "setting", "val_loss", "stopped_at", "train_seconds",
+                         "tokens_per_second", "trainable_parameters", *endpoints(), VALIDATION_DECLINE.name])
+        for t in sorted(trials, key=lambda t: (t.phase, t.method, t.steps, t.seed)):
+            writer.writerow([t.phase, t.method, t.steps, t.seed, json.dumps(t.setting, sort_keys=True), t.val_loss,
+                             t.stopped_at, t.train_seconds, t.tokens_per_second, t.trainable_parameters,
+                             *(t.metrics.get(m) for m in [*endpoints(), VALIDATION_DECLINE.name])])
+    return path
+
+
 def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Trial],
                  chosen: dict[tuple[str, int], dict[str, float]], notes: Sequence[str], stage_seconds: float,
                  run_id: str) -> dict[str, Path]:
@@ -303,67 +393,24 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     nothing = "No GRIT-vs-LoRA pair in study.methods: nothing compared."
     sentence = verdict(tests, grit_methods) if pairs else nothing
     compute = compute_by_method(trials)
-    plots = {"sensitivity": plot_sensitivity(trials, methods, run_lengths, chosen, params.train.seed,
-                                             tuple(study.learning_rate_range), folder / "sensitivity.png"),
-             "curves_by_steps": plot_curves_by_steps(trials, methods, run_lengths, folder / "curves_by_steps.png"),
-             "test_by_steps": plot_test_by_steps(trials, methods, run_lengths, folder / "test_by_steps.png"),
-             "differences_by_steps": plot_differences(tests, run_lengths, folder / "differences_by_steps.png")}
-    seeds = f"test seeds {study.test_seed}-{study.test_seed + study.seeds - 1}"
+    plots = _study_plots(folder, params, trials, chosen, tests)
+    # the order a reviewer asks in (module docstring): what was searched, chosen, measured, tested, spent
     sections = [
-        f"# The fair study: does GRIT beat LoRA when each is tuned?\n\nRun `{run_id}`, profile `{params.profile}`, "
-        f"methods {', '.join(methods)}; {study.configurations} configurations per method and run length, "
-        f"{study.finalists} finalists over {1 + study.finalist_seeds} seeds, {study.seeds} {seeds}; runs of "
-        f"{', '.join(str(b) for b in run_lengths)} optimizer steps.\n\n**{sentence}**",
-        "## Tuning (validation split only, seed " + str(params.train.seed) + ")\n\n"
-        f"Space: {space_line(params)}. Optuna's {study.sampler.upper()} sampler (seed {study.seed}"
-        + (f", {study.startup} quasi-random configurations first" if study.sampler == "tpe" else "")
-        + f") searches each method's space jointly; a successive-halving pruner (first rung {study.min_steps} "
-        f"steps, reduction factor {study.reduction_factor}) stops configurations whose validation loss falls "
-        "behind, the same for every method.\n\n"
-        + _table(["steps", "method", "configurations", "pruned", "best validation loss"],
-                 tuning_rows(trials, methods, run_lengths))
-        + "".join(f"\n\n**Range:** {note}." for note in notes),
-        "## Selection (mean validation loss of the finalists over the selection seeds)\n\n"
-        + _table(["steps", "method", "setting", "validation loss per seed", "mean"],
-                 finalist_rows(trials, chosen, params.train.seed)),
+        _opening_section(params, run_id, sentence),
+        _tuning_section(params, trials, notes),
+        _selection_section(params, trials, chosen),
         "![sensitivity: validation loss against the learning rate; circles: tuning runs, diamonds: finalists' "
         "means, stars: chosen](sensitivity.png)",
-        *(f"## Test figures at {b} steps (mean [95% interval] over {study.seeds} seeds; per-prompt figures "
-          "over seeds and prompts)\n\n" + _table(["metric", *methods], test_rows(trials, methods, b))
-          for b in run_lengths),
+        *_test_figure_sections(params, trials),
         "![test figures by run length](test_by_steps.png)\n\n![validation loss over steps](curves_by_steps.png)",
-        "## Paired tests (pre-declared: over seeds, and over prompts for per-prompt figures; Holm over every row)\n\n"
-        "A row is *better* or *worse* when its Holm-adjusted p is below 0.05 and its mean difference is at least "
-        "the metric's smallest effect of interest (the registry's, `evaluation/metrics.py`: 1% of the control's "
-        "test loss, 5% of its 1/XB, 0.05 on a rate), *equivalent* when its 90% interval lies inside that effect "
-        "either way (the two one-sided tests at 0.05), and *inconclusive* otherwise.\n\n"
-        + _table(["steps", "pair", "metric", "mean delta [95% CI]", "test", "raw p", "Holm p", "smallest effect",
-                  "90% interval", "finding"], test_table_rows(tests))
-        + "\n\n![paired differences from the control by run length](differences_by_steps.png)"
-        + f"\n\nA per-prompt test draws {study.bootstrap_resamples:,} bootstrap resamples, and more where its "
-        "p-value falls below 0.05: enough that the smallest p-value they can give lies ten times below "
-        "Holm's smallest threshold (0.05 over the number of rows).",
+        _paired_tests_section(params, tests),
         "## Trainable parameters at the end (mean over seeds)\n\n"
         + _table(["method", *(f"{b} steps" for b in run_lengths)], parameter_rows(trials, methods, run_lengths)),
-        "## Compute (hours per run in its worker: training, evaluation and loading; summed over runs)\n\n"
-        + _table(["method", "tuning", "finalists", "test", "total", "of which training"],
-                 [[m, *(f"{c[k] / 3600:.2f}" for k in ("tune", "finalist", "test", "total", "training"))]
-                  for m, c in compute.items()])
-        + f"\n\nThis invocation of the stage took {stage_seconds / 3600:.2f} h. Training speed is not compared "
-        "here: runs of different methods trained at different times on a shared machine; the side-by-side "
-        "measurement is `benchmarks/grit_overhead.py`.",
+        _compute_section(compute, stage_seconds),
     ]
     report = folder / "report.md"
     atomic_write_text(report, "\n\n".join(sections) + "\n")
-    table = folder / "trials.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["phase", "method", "steps", "seed", "setting", "val_loss", "stopped_at", "train_seconds",
-                         "tokens_per_second", "trainable_parameters", *endpoints(), VALIDATION_DECLINE.name])
-        for t in sorted(trials, key=lambda t: (t.phase, t.method, t.steps, t.seed)):
-            writer.writerow([t.phase, t.method, t.steps, t.seed, json.dumps(t.setting, sort_keys=True), t.val_loss,
-                             t.stopped_at, t.train_seconds, t.tokens_per_second, t.trainable_parameters,
-                             *(t.metrics.get(m) for m in [*endpoints(), VALIDATION_DECLINE.name])])
+    table = write_trials_csv(folder / "trials.csv", trials)
     atomic_write_json(metrics_path, {**study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds),
                                      "headline": headline(tests, grit_methods) if pairs else nothing,
                                      "profile": params.profile, "run_id": run_id, "range_notes": list(notes)})
