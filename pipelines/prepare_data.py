@@ -19,7 +19,8 @@ from export.llama_cpp import require_working_runtime
 from pipelines.params import Params
 from pipelines.paths import DATA_DIR
 from pipelines.stage import StageContext, run_stage
-from trainers.base_model import load_tokenizer, resolve_base_model
+from trainers.base_model import BaseModelFiles, load_tokenizer, resolve_base_model
+from trainers.config import ModelParams
 from trainers.data import sources
 from trainers.data.answers import base_model_answers
 from trainers.data.assemble import (
@@ -36,6 +37,7 @@ from trainers.data.assemble import (
     select_prompts,
     split,
 )
+from trainers.data.config import DataParams
 from trainers.hardware import check_hardware
 
 METRICS = Path("metrics/data.json")
@@ -83,45 +85,102 @@ def _counts_by(rows: list[dict], key: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
-    data, report = ctx.params.data, SelectionReport()
+def _selection_report() -> SelectionReport:
+    """A report in which every count the metrics file shows is present, zero or not, so that
+    ``dvc metrics diff`` compares the same keys on every run."""
+    report = SelectionReport()
     for always_reported in ("dropped_overlong", "truncated_prompt", "dropped_empty_response",
                             "harmful_dropped_not_a_harmful_request", "benign_dropped_answer_cut_at_token_limit"):
         report.add(always_reported, 0)
-    held_out = loaded.eval_sets.prompts()
-    files = resolve_base_model(ctx.params.model)
-    tokenizer = load_tokenizer(files, ctx.params.model)
+    return report
 
-    if data.task == "instruction":
-        chosen = select_prompts(loaded.benign, data.max_benign, data.seed, data.near_duplicate_threshold,
-                                held_out, "instruction", report)
-        rows = [{"id": p.id, "source": p.source, "kind": "instruction", "prompt": p.text,
-                 "response": p.response} for p in chosen]
-    else:
-        requests = harmful_requests(loaded.harmful, data.donotanswer_areas)
-        report.add("harmful_dropped_not_a_harmful_request", len(loaded.harmful) - len(requests))
-        harmful = select_prompts(requests, data.max_harmful, data.seed, data.near_duplicate_threshold,
-                                 held_out, "harmful", report)
-        benign = select_prompts(loaded.benign, data.max_benign, data.seed, data.near_duplicate_threshold,
-                                held_out, "benign", report)
 
-        def benign_answer(prompts: list[sources.Prompt]) -> list[str | None]:
-            if data.benign_answers == "corpus":
-                return [p.response or "" for p in prompts]
-            answers = base_model_answers([p.text for p in prompts], files, ctx.params.model,
-                                         data.answer_max_new_tokens)
-            report.add("benign_dropped_answer_cut_at_token_limit", sum(a is None for a in answers))
-            return answers
+def instruction_rows(loaded: LoadedSources, data: DataParams, held_out: list[str],
+                     report: SelectionReport) -> list[dict]:
+    """``task: instruction``: the chosen prompts with the responses their corpus gives."""
+    chosen = select_prompts(loaded.benign, data.max_benign, data.seed, data.near_duplicate_threshold,
+                            held_out, "instruction", report)
+    return [{"id": p.id, "source": p.source, "kind": "instruction", "prompt": p.text,
+             "response": p.response} for p in chosen]
 
-        rows = answer_examples(harmful, benign, benign_answer, data.seed)
 
-    rows = fit_examples(rows, tokenizer, data, report)
-    leaks = check_held_out(rows, loaded.eval_sets)
+def safety_rows(loaded: LoadedSources, data: DataParams, held_out: list[str], report: SelectionReport,
+                files: BaseModelFiles, model: ModelParams) -> list[dict]:
+    """``task: safety``: harmful requests answered with refusals, benign prompts answered by their
+    corpus or by the base model itself (so training changes refusals and keeps its benign
+    behaviour; ``trainers/data/answers.py`` says why)."""
+    requests = harmful_requests(loaded.harmful, data.donotanswer_areas)
+    report.add("harmful_dropped_not_a_harmful_request", len(loaded.harmful) - len(requests))
+    harmful = select_prompts(requests, data.max_harmful, data.seed, data.near_duplicate_threshold,
+                             held_out, "harmful", report)
+    benign = select_prompts(loaded.benign, data.max_benign, data.seed, data.near_duplicate_threshold,
+                            held_out, "benign", report)
+
+    def benign_answer(prompts: list[sources.Prompt]) -> list[str | None]:
+        if data.benign_answers == "corpus":
+            return [p.response or "" for p in prompts]
+        answers = base_model_answers([p.text for p in prompts], files, model, data.answer_max_new_tokens)
+        report.add("benign_dropped_answer_cut_at_token_limit", sum(a is None for a in answers))
+        return answers
+
+    return answer_examples(harmful, benign, benign_answer, data.seed)
+
+
+def checked_split(rows: list[dict], eval_sets: EvalSets, data: DataParams) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, validation, test) once no evaluation prompt is among the rows and training is not
+    empty: both are user errors caught before anything is written."""
+    leaks = check_held_out(rows, eval_sets)
     if leaks:
         raise LeakError(f"{len(leaks)} evaluation prompt(s) also appear in training, e.g. {leaks[0][:80]!r}")
     train, validation, test = split(rows, data.validation_fraction, data.seed, data.test_fraction)
     if not train:
         raise UserError("no training example is left after filtering; raise data.max_seq_length or the caps")
+    return train, validation, test
+
+
+def _set_counts(rows: list[dict], *keys: str) -> dict:
+    return {"total": len(rows), **{f"by_{key}": _counts_by(rows, key) for key in keys}}
+
+
+def data_manifest(data: DataParams, base_model: str, outputs: dict[str, list[dict]], report: SelectionReport,
+                  folder: Path) -> dict:
+    """What was written and why: the params, per-file counts, what filtering removed, and the
+    sha256 of every file in ``folder`` (the test split only where ``test_fraction`` asks for one)."""
+    counts = {
+        "train": _set_counts(outputs["train.jsonl"], "kind", "source"),
+        "validation": _set_counts(outputs["validation.jsonl"], "kind", "source"),
+        **({"test": _set_counts(outputs["test.jsonl"], "kind")} if data.test_fraction else {}),
+        "eval_aqi": _set_counts(outputs["eval_aqi.jsonl"], "label"),
+        "eval_overrefusal": _set_counts(outputs["eval_overrefusal.jsonl"]),
+        "eval_facts": _set_counts(outputs["eval_facts.jsonl"], "source"),
+    }
+    return {"task": data.task, "params": data.model_dump(mode="json"), "base_model": base_model, "counts": counts,
+            "filtering": dict(sorted(report.counts.items())), "overlong_policy": data.overlong,
+            "files": {name: sha256_file(folder / name) for name in outputs}}
+
+
+def data_metrics(data: DataParams, train: list[dict], validation: list[dict], test: list[dict],
+                 report: SelectionReport) -> dict:
+    """``metrics/data.json``: the sizes ``dvc metrics`` compares across experiments, and every
+    filtering count."""
+    return {"train_examples": len(train), "validation_examples": len(validation),
+            **({"test_examples": len(test)} if data.test_fraction else {}),
+            "train_tokens": sum(r["n_tokens"] for r in train),
+            **{k: v for k, v in sorted(report.counts.items())}}
+
+
+def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
+    """The text sets: the training rows selected, answered, fitted to the length and split, then
+    published with the evaluation sets and the manifest as one directory."""
+    data, report = ctx.params.data, _selection_report()
+    held_out = loaded.eval_sets.prompts()
+    files = resolve_base_model(ctx.params.model)
+    tokenizer = load_tokenizer(files, ctx.params.model)
+    if data.task == "instruction":
+        rows = instruction_rows(loaded, data, held_out, report)
+    else:
+        rows = safety_rows(loaded, data, held_out, report, files, ctx.params.model)
+    train, validation, test = checked_split(fit_examples(rows, tokenizer, data, report), loaded.eval_sets, data)
 
     outputs = {
         "train.jsonl": train,
@@ -135,33 +194,9 @@ def prepare_data(ctx: StageContext, loaded: LoadedSources) -> dict[str, Path]:
     tmp = fresh_staging_dir(final)
     for name, payload in outputs.items():
         _write_jsonl(tmp / name, payload)
-    manifest = {
-        "task": data.task,
-        "params": data.model_dump(mode="json"),
-        "base_model": files.name,
-        "counts": {
-            "train": {"total": len(train), "by_kind": _counts_by(train, "kind"),
-                      "by_source": _counts_by(train, "source")},
-            "validation": {"total": len(validation), "by_kind": _counts_by(validation, "kind"),
-                           "by_source": _counts_by(validation, "source")},
-            **({"test": {"total": len(test), "by_kind": _counts_by(test, "kind")}} if data.test_fraction else {}),
-            "eval_aqi": {"total": len(outputs["eval_aqi.jsonl"]),
-                         "by_label": _counts_by(outputs["eval_aqi.jsonl"], "label")},
-            "eval_overrefusal": {"total": len(outputs["eval_overrefusal.jsonl"])},
-            "eval_facts": {"total": len(outputs["eval_facts.jsonl"]),
-                           "by_source": _counts_by(outputs["eval_facts.jsonl"], "source")},
-        },
-        "filtering": dict(sorted(report.counts.items())),
-        "overlong_policy": data.overlong,
-        "files": {name: sha256_file(tmp / name) for name in outputs},
-    }
-    atomic_write_json(tmp / "manifest.json", manifest)
+    atomic_write_json(tmp / "manifest.json", data_manifest(data, files.name, outputs, report, tmp))
     publish_directory(tmp, final)  # only now, after every file is written
-    metrics = {"train_examples": len(train), "validation_examples": len(validation),
-               **({"test_examples": len(test)} if data.test_fraction else {}),
-               "train_tokens": sum(r["n_tokens"] for r in train),
-               **{k: v for k, v in sorted(report.counts.items())}}
-    atomic_write_json(ctx.root / METRICS, metrics)
+    atomic_write_json(ctx.root / METRICS, data_metrics(data, train, validation, test, report))
     print(f"[prepare_data] {len(train)} train / {len(validation)} validation examples; "
           f"eval: {len(outputs['eval_aqi.jsonl'])} AQI prompts, {len(outputs['eval_overrefusal.jsonl'])} "
           f"edgy-benign, {len(outputs['eval_facts.jsonl'])} facts")
