@@ -167,59 +167,51 @@ def build_trainer(
     )
 
 
-def train_variant(
-    name: str, variant: VariantParams, params: TrainingSections, files: BaseModelFiles, data_dir: Path,
-    adapter_dir: Path, checkpoint_dir: Path, live=None, on_trained=None, on_validation=None,
-) -> TrainResult:
-    """``on_trained(model, manager)`` runs on every rank right after training, before saving; what
-    it returns (a dict) is added to the metadata. ``on_validation(step, val_loss)`` sees every
-    validation loss as it is measured; returning True stops training there (``stopped_at``)."""
-    torch.manual_seed(params.train.seed)
-    built = variant_model(variant, params, files, data_dir)
+def _fair_trainer(built: VariantModel, params: TrainingSections, grit: GritAttachment, checkpoint_dir: Path,
+                  live, on_validation) -> tuple[Any, StepLog]:
+    """The Trainer and its step log. The log and the checkpoint callback read the Trainer through
+    ``trainer_ref``, filled once it exists (they are its callbacks, so they are built first)."""
     train = params.train
-    grit = attach_grit(built.model, variant_grit(params.grit, variant), grit_door(variant), train.max_steps,
-                       built.manager_factory)
-    manager = grit.manager
-
     trainer_ref: list = []
     validation = (ValidationLoss(built.validation, built.tokenizer.pad_token_id, train.eval_steps,
                                  train.per_device_batch_size, at=train.eval_at) if built.validation else None)
-    step_log = StepLog(trainer_ref, manager, live, validation, on_validation)
-    callbacks = [step_log, SaveExtraState(trainer_ref, manager, step_log)] if built.resumable else [step_log]
+    step_log = StepLog(trainer_ref, grit.manager, live, validation, on_validation)
+    callbacks = [step_log, SaveExtraState(trainer_ref, grit.manager, step_log)] if built.resumable else [step_log]
     trainer = build_trainer(built.model, built.tokenizer, built.examples, train, checkpoint_dir, grit, callbacks,
                             bf16=params.model.dtype == "bfloat16", checkpoints=built.resumable,
                             collator=built.collator)
     trainer_ref.append(trainer)
+    return trainer, step_log
 
-    resume_from = None
-    if built.resumable:
-        key = content_hash(params) + ":" + name
-        resume_from = _latest_checkpoint(checkpoint_dir, key)
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        (checkpoint_dir / RESUME_KEY).write_text(json.dumps({"key": key}))
-    if resume_from is not None:
-        extra = torch.load(resume_from / GRIT_STATE, weights_only=False)
-        trainer.batch_digests = list(extra["batch_digests"])
-        step_log.replay(extra.get("step_rows", []))   # the log restarts complete, not at the checkpoint
-        if manager is not None:
-            # Before trainer.train: modules truncated before the checkpoint are shrunk to their saved
-            # rank here, so the Trainer's load_adapter and the optimizer it builds find those shapes.
-            manager.load_state_dict(extra["grit"])
-        print(f"[train] {name}: resuming from {resume_from.name}")
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()   # this replicate's peak, not the process's so far
-    started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    seconds = time.perf_counter() - started
-    extra = (on_trained(trainer.model, manager) or {}) if on_trained is not None else {}
-    main_process = trainer.is_world_process_zero()
+def _resume_point(name: str, params: TrainingSections, checkpoint_dir: Path) -> Path | None:
+    """The checkpoint this run resumes from (None: a fresh start), after marking ``checkpoint_dir``
+    with this run's key so that a later run with other parameters discards its checkpoints."""
+    key = content_hash(params) + ":" + name
+    resume_from = _latest_checkpoint(checkpoint_dir, key)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir / RESUME_KEY).write_text(json.dumps({"key": key}))
+    return resume_from
 
-    if main_process:
-        adapter_dir.mkdir(parents=True, exist_ok=True)
-        trainer.model.save_pretrained(adapter_dir)
+
+def _restore_extra_state(checkpoint: Path, trainer, step_log: StepLog, manager) -> None:
+    """What the Trainer's own checkpoint lacks: the batch digests, the step log and GRIT's state."""
+    extra = torch.load(checkpoint / GRIT_STATE, weights_only=False)
+    trainer.batch_digests = list(extra["batch_digests"])
+    step_log.replay(extra.get("step_rows", []))   # the log restarts complete, not at the checkpoint
+    if manager is not None:
+        # Before trainer.train: modules truncated before the checkpoint are shrunk to their saved
+        # rank here, so the Trainer's load_adapter and the optimizer it builds find those shapes.
+        manager.load_state_dict(extra["grit"])
+
+
+def training_metadata(name: str, variant: VariantParams, built: VariantModel, trainer, step_log: StepLog,
+                      manager, output, seconds: float, resume_from: Path | None) -> dict[str, Any]:
+    """``grit_metadata.json``: what trained (engine, door, modules), on which batches, how the loss
+    went, how fast and in how much memory, and GRIT's own account; read after training and saving,
+    so the peak memory figures include the save."""
     losses = [row["loss"] for row in step_log.rows]
-    metadata = {
+    return {
         "variant": name, "engine": variant.engine, "grit": variant.grit,
         "grit_door": grit_door(variant), "trainer_class": trainer_lineage(trainer), "unsloth_state": unsloth_state(),
         "engine_notes": built.engine_notes, "target_modules": built.target_modules, **built.metadata,
@@ -238,8 +230,41 @@ def train_variant(
                                     if p.requires_grad and "lora_" in n),   # fewer once GRIT truncated
         **(built.report(trainer.model, manager) if built.report else {}),
         "resumed_from": resume_from.name if resume_from else None, "world_size": world_size(),
-        "stopped_at": step_log.stopped_at, **extra,
+        "stopped_at": step_log.stopped_at,
     }
+
+
+def train_variant(
+    name: str, variant: VariantParams, params: TrainingSections, files: BaseModelFiles, data_dir: Path,
+    adapter_dir: Path, checkpoint_dir: Path, live=None, on_trained=None, on_validation=None,
+) -> TrainResult:
+    """``on_trained(model, manager)`` runs on every rank right after training, before saving; what
+    it returns (a dict) is added to the metadata. ``on_validation(step, val_loss)`` sees every
+    validation loss as it is measured; returning True stops training there (``stopped_at``)."""
+    torch.manual_seed(params.train.seed)
+    built = variant_model(variant, params, files, data_dir)
+    grit = attach_grit(built.model, variant_grit(params.grit, variant), grit_door(variant), params.train.max_steps,
+                       built.manager_factory)
+    manager = grit.manager
+    trainer, step_log = _fair_trainer(built, params, grit, checkpoint_dir, live, on_validation)
+    resume_from = _resume_point(name, params, checkpoint_dir) if built.resumable else None
+    if resume_from is not None:
+        _restore_extra_state(resume_from, trainer, step_log, manager)
+        print(f"[train] {name}: resuming from {resume_from.name}")
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()   # this replicate's peak, not the process's so far
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    seconds = time.perf_counter() - started
+    extra = (on_trained(trainer.model, manager) or {}) if on_trained is not None else {}
+    main_process = trainer.is_world_process_zero()
+
+    if main_process:
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        trainer.model.save_pretrained(adapter_dir)
+    metadata = {**training_metadata(name, variant, built, trainer, step_log, manager, output, seconds, resume_from),
+                **extra}
     if main_process:
         (adapter_dir / "grit_metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
