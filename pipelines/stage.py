@@ -23,6 +23,7 @@ import sys
 import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,44 @@ def _fail(message: str) -> int:
     return EXIT_USER_ERROR
 
 
+def _checked_inputs(args: argparse.Namespace, results_root: Path,
+                    preflight: Callable[[Params], Any] | None) -> tuple[Params, Any, ResultsStore]:
+    """(params, what ``preflight`` returned, the open store), checking everything a user can get
+    wrong before the store records anything; a :class:`UserError` names the first problem."""
+    params = load_params(args.params)
+    url = store_url(params.store)       # $GRIT_STORE_URL, the one place a password may be, else store.url
+    params = params.model_copy(update={"store": recorded_store(url)})   # what the run records and hashes
+    llama_threads()          # a bad $GRIT_LLAMA_THREADS is one line here, not after training
+    check_store_writable(url, results_root)   # before any work: results must be recordable
+    checked = preflight(params) if preflight is not None else None
+    return params, checked, open_store(url, results_root)
+
+
+def _start_run(store: ResultsStore, params: Params, root: Path) -> tuple[str, datetime]:
+    """Register (or re-register: the same params give the same id) the run; (its id, when the stage started)."""
+    run_id = run_id_for(params)
+    started = utcnow()
+    store.start_run(Run(
+        id=run_id, git_revision=git_revision(root), params_hash=params_hash(params),
+        params_json=params.model_dump_json(), profile=params.profile,
+        host=os.uname().nodename, device=device_description(), started_at=started,
+    ))
+    return run_id, started
+
+
+def _stage_failed(ctx: StageContext, started: datetime, error: BaseException) -> int:
+    """Record ``error`` as the stage's failure, then report it: a user's error in one line, any
+    other with its traceback (called while the error is being handled)."""
+    is_user_error = isinstance(error, UserError)
+    message = str(error) if is_user_error else f"{type(error).__name__}: {error}"
+    ctx.store.record_stage(ctx.run_id, ctx.name, "failed", started, error=message.splitlines()[0] if message else None)
+    _refresh_run_status(ctx.store, ctx.run_id, ctx.root, ctx.params)
+    if is_user_error:
+        return _fail(message)
+    traceback.print_exc()
+    return 1
+
+
 def run_stage(
     name: str,
     work: Callable[[StageContext, Any], Mapping[str, Path] | None],
@@ -227,23 +266,11 @@ def run_stage(
     root = Path.cwd()
     results_root = store_root(root)
     try:
-        params = load_params(args.params)
-        url = store_url(params.store)       # $GRIT_STORE_URL, the one place a password may be, else store.url
-        params = params.model_copy(update={"store": recorded_store(url)})   # what the run records and hashes
-        llama_threads()          # a bad $GRIT_LLAMA_THREADS is one line here, not after training
-        check_store_writable(url, results_root)   # before any work: results must be recordable
-        checked = preflight(params) if preflight is not None else None
-        store = open_store(url, results_root)
+        params, checked, store = _checked_inputs(args, results_root, preflight)
     except UserError as error:
         return _fail(str(error))
 
-    run_id = run_id_for(params)
-    started = utcnow()
-    store.start_run(Run(
-        id=run_id, git_revision=git_revision(root), params_hash=params_hash(params),
-        params_json=params.model_dump_json(), profile=params.profile,
-        host=os.uname().nodename, device=device_description(), started_at=started,
-    ))
+    run_id, started = _start_run(store, params, root)
     context = StageContext(name=name, params=params, run_id=run_id, store=store, root=root, store_root=results_root)
     try:
         produced = work(context, checked) or {}
@@ -254,14 +281,7 @@ def run_stage(
         print(f"[{name}] {stop}")
         return EXIT_STOPPED_EARLY
     except BaseException as error:  # noqa: BLE001 - recorded as the stage's failure, then reported
-        is_user_error = isinstance(error, UserError)
-        message = str(error) if is_user_error else f"{type(error).__name__}: {error}"
-        store.record_stage(run_id, name, "failed", started, error=message.splitlines()[0] if message else None)
-        _refresh_run_status(store, run_id, root, params)
-        if is_user_error:
-            return _fail(message)
-        traceback.print_exc()
-        return 1
+        return _stage_failed(context, started, error)
     store.record_stage(run_id, name, "succeeded", started)
     _refresh_run_status(store, run_id, root, params)
     print(f"[{name}] done for run {run_id} ({params.profile} profile)")
