@@ -82,6 +82,15 @@ def tuning_rows(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Se
     return rows
 
 
+def rungs_line(trials: Sequence[Trial]) -> str:
+    """The pruner's rungs per run length as the tuning trials measured them (every step of a
+    tuning curve before its end is a rung: a trial measures its validation loss there only)."""
+    lengths = sorted({t.steps for t in trials if t.phase == "tune"})
+    found = {b: sorted({step for t in trials if t.phase == "tune" and t.steps == b for step, _ in t.curve if step < b})
+             for b in lengths}
+    return "; ".join(f"at step {', '.join(map(str, found[b])) or 'none'} of {b}" for b in lengths) or "none yet"
+
+
 def finalists(trials: Sequence[Trial], method: str, steps: int, train_seed: int) -> list[tuple[dict, list[Trial]]]:
     """Each finalist setting of a part with its selection runs in seed order: the finalist runs and
     the tuning run that trained it to the end on the tuning seed (its first selection seed)."""
@@ -316,10 +325,12 @@ def _tuning_section(params, trials: Sequence[Trial], notes: Sequence[str]) -> st
     """The search space, sampler and pruner, the configurations per part, and every widened range."""
     study = params.study
     return ("## Tuning (validation split only, seed " + str(params.train.seed) + ")\n\n"
-            f"Space: {space_line(params)}. Optuna's {study.sampler.upper()} sampler (seed {study.seed}"
+            f"Space: {space_line(params)}. Each tuning's first configuration is its method's published defaults, "
+            f"trained to the end. Optuna's {study.sampler.upper()} sampler (seeded by {study.seed}, the method, the "
+            "run length and the range extension"
             + (f", {study.startup} quasi-random configurations first" if study.sampler == "tpe" else "")
-            + f") searches each method's space jointly; a successive-halving pruner (first rung {study.min_steps} "
-            f"steps, reduction factor {study.reduction_factor}) stops configurations whose validation loss falls "
+            + f") searches each method's space jointly; a successive-halving pruner (rungs {rungs_line(trials)}, "
+            f"reduction factor {study.reduction_factor}) stops configurations whose validation loss falls "
             "behind, the same for every method.\n\n"
             + _table(["steps", "method", "configurations", "pruned", "best validation loss"],
                      tuning_rows(trials, study.methods, study.steps))

@@ -342,3 +342,17 @@ def test_a_trial_reads_the_same_from_the_store_as_from_the_ledger_and_costs_its_
     assert from_store.metrics == result["metrics"]               # the wall time is not a figure
     assert from_store.compute_seconds == 420.0                   # training, evaluation and loading
     assert trial_from_record({**result, "trial_seconds": None}).compute_seconds == 170.0
+
+
+def test_the_report_states_the_rungs_each_run_length_measured():
+    """The report's pruner sentence gives the rungs the tuning trials were measured at (every
+    step of a tuning curve before its end), per run length."""
+    from evaluation.study import Trial
+    from evaluation.study_report import rungs_line
+
+    trials = [Trial("tune", "peft_lora", 32, 42, {"learning_rate": 1e-3}, 1.0, [(18, 1.2), (32, 1.0)]),
+              Trial("tune", "pure_grit", 32, 42, {"learning_rate": 2e-3}, None, [(18, 1.4)], stopped_at=18),
+              Trial("tune", "peft_lora", 96, 42, {"learning_rate": 1e-3}, 1.0, [(59, 1.1), (96, 0.9)]),
+              Trial("test", "peft_lora", 96, 1000, {"learning_rate": 1e-3}, 1.0, [(59, 1.1), (96, 0.9), (7, 2.0)])]
+    assert rungs_line(trials) == "at step 18 of 32; at step 59 of 96"
+    assert rungs_line([]) == "none yet"
