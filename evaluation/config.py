@@ -8,7 +8,20 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from core.section import Section
-from evaluation.tuning import HARD_LIMITS
+
+# The widest each tuned range may become, whatever the study declares or widens it to (why, each):
+HARD_LIMITS: dict[str, tuple[float, float]] = {
+    # below 1e-6 a LoRA run of a few hundred steps barely moves; above 0.1 AdamW diverges on any model
+    "learning_rate": (1e-6, 0.1),
+    # the paper code clamps its damping to [1e-6, 1e-2]; above 1 (relative: lambda at the factor's
+    # mean eigenvalue) the preconditioner is close to a scalar, which AdamW cancels: no longer GRIT
+    "damping": (1e-6, 1.0),
+    # reprojection from the first step (0) to half the run: later leaves too few steps for its
+    # reprojections and the training after them, and the pruner's first rung waits for it
+    "reprojection_warmup_fraction": (0.0, 0.5),
+    # tau: below 0.5 rank adaptation keeps a rank or two; 1 keeps every rank (no adaptation)
+    "energy_threshold": (0.5, 1.0),
+}
 
 # the study's declared ranges and the tuned dimension each bounds
 RANGE_DIMENSIONS = {"learning_rate_range": "learning_rate", "damping_range": "damping",

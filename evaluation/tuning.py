@@ -4,7 +4,8 @@
   damping for GRIT, and for a GRIT run with the budget cadence its reprojection warm-up and the
   eigen-energy that sets its rank), searched jointly by Optuna, never paired by index;
 - a best setting at the edge of a range widens that range, any tuned dimension, within its hard
-  limits (``HARD_LIMITS``; the report names the edges that remain);
+  limits (``evaluation.config.HARD_LIMITS``, which the params check too; the report names the
+  edges that remain);
 - finalists: the best configurations on validation loss, re-run with more seeds and chosen on
   their mean validation loss;
 - seeds: tuning seeds (``train.seed`` and the finalists' extra seeds) and test seeds never meet
@@ -20,6 +21,8 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from evaluation.config import HARD_LIMITS
 
 Target = Literal["train", "grit"]
 
@@ -117,21 +120,6 @@ class Scored:
     @property
     def finite(self) -> bool:
         return self.val_loss is not None and math.isfinite(self.val_loss)
-
-
-# The widest each tuned range may become, whatever the study declares or widens it to (why, each):
-HARD_LIMITS: dict[str, tuple[float, float]] = {
-    # below 1e-6 a LoRA run of a few hundred steps barely moves; above 0.1 AdamW diverges on any model
-    "learning_rate": (1e-6, 0.1),
-    # the paper code clamps its damping to [1e-6, 1e-2]; above 1 (relative: lambda at the factor's
-    # mean eigenvalue) the preconditioner is close to a scalar, which AdamW cancels: no longer GRIT
-    "damping": (1e-6, 1.0),
-    # reprojection from the first step (0) to half the run: later leaves too few steps for its
-    # reprojections and the training after them, and the pruner's first rung waits for it
-    "reprojection_warmup_fraction": (0.0, 0.5),
-    # tau: below 0.5 rank adaptation keeps a rank or two; 1 keeps every rank (no adaptation)
-    "energy_threshold": (0.5, 1.0),
-}
 
 
 @dataclass(frozen=True)

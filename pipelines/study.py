@@ -53,10 +53,9 @@ from db.study_claims import (
 )
 from db.study_ledger import LEDGER_DIR, Ledger, data_fingerprint, open_ledger
 from db.tuning_journal import append_journal, journal_logs, journals_under
-from evaluation.config import seeds_for_testing, tuning_seeds
+from evaluation.config import HARD_LIMITS, seeds_for_testing, tuning_seeds
 from evaluation.study import PHASES, Trial, planned_runs, remaining_note, study_progress, trial_from_record
 from evaluation.tuning import (
-    HARD_LIMITS,
     Dimension,
     Scored,
     choose_finalist,

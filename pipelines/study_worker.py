@@ -43,7 +43,8 @@ from typing import Any
 
 from core.jsonl import read_jsonl
 from core.quiet import silence_known_import_noise
-from evaluation.tuning import HARD_LIMITS, Dimension, Mechanism, first_rung, rungs, sampler_seed
+from evaluation.config import HARD_LIMITS
+from evaluation.tuning import Dimension, Mechanism, first_rung, rungs, sampler_seed
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR
 
