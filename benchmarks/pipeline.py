@@ -70,7 +70,7 @@ def stage_durations(clone: Path) -> list[tuple[str, float]]:
         return db.execute("SELECT stage, duration_s FROM stage_runs ORDER BY started_at").fetchall()
 
 
-def main(argv: list[str] | None = None) -> int:
+def parsed(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cold-answers", action="store_true", help="regenerate the base model's answers")
     parser.add_argument("--cold", action="store_true",
@@ -78,39 +78,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, help="compose this profile into params.yaml first")
     parser.add_argument("--keep", type=Path, help="clone here and keep it (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def cloned_head(work: Path) -> tuple[Path, str]:
+    """(a fresh clone of this checkout's HEAD under ``work``, HEAD's short hash)."""
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.strip()
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
     if dirty:
         print(f"note: uncommitted changes are not benchmarked; cloning HEAD {head}", file=sys.stderr)
-    work = args.keep or Path(tempfile.mkdtemp(prefix="grit-pipeline-bench-"))
     clone = work / "repo"
     if clone.exists():
         raise SystemExit(f"error: {clone} exists; pass an empty --keep folder")
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+    return clone, head
 
-    venv_bin = ROOT / ".venv" / "bin"
-    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+
+def clone_env(args: argparse.Namespace, work: Path) -> dict[str, str]:
+    """This checkout's environment for the clone; with ``--cold``/``--cold-answers`` a cache
+    folder that hides what the pipeline would otherwise find already made."""
+    env = {**os.environ, "PATH": f"{ROOT / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)
     real_cache = Path(os.environ.get("GRIT_CACHE_DIR") or Path.home() / ".cache" / "grit-lora")
     if args.cold or args.cold_answers:
         hidden = PIPELINE_MADE if args.cold else ("answers",)
         env["GRIT_CACHE_DIR"] = str(cache_without(real_cache, work / "cache", hidden))
-    if args.profile:
-        subprocess.run([str(venv_bin / "python"), "-m", "pipelines.profile", args.profile], cwd=clone, env=env,
-                       check=True)
+    return env
 
-    log = work / "dvc-repro.log"
-    print(f"benchmarking `dvc repro` of {head} in {clone} (log: {log})", flush=True)
-    first, _ = timed(["dvc", "repro"], clone, env, log)
-    print(f"first dvc repro: {first:.1f} s", flush=True)
-    second, output = timed(["dvc", "repro"], clone, env, log)
-    ran = [line for line in output.splitlines() if line.startswith("Running stage")]
 
-    stages = stage_durations(clone)
+def report(args: argparse.Namespace, head: str, first: float, second: float, ran: list[str],
+           stages: list[tuple[str, float]]) -> dict:
+    """Print the stage durations and both times against their targets; the figures for ``--json``."""
     width = max(len(name) for name, _ in stages)
     print("\nstage durations (results store of the clone):")
     for name, seconds in stages:
@@ -127,6 +127,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{FIRST_TARGET_S // 60} min target)")
     print(f"second dvc repro: {second:8.1f} s  ({figures['second_vs_target']:.2f}x the "
           f"{SECOND_TARGET_S:.0f} s target), stages run: {len(ran)}")
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parsed(argv)
+    work = args.keep or Path(tempfile.mkdtemp(prefix="grit-pipeline-bench-"))
+    clone, head = cloned_head(work)
+    env = clone_env(args, work)
+    if args.profile:
+        subprocess.run([str(ROOT / ".venv" / "bin" / "python"), "-m", "pipelines.profile", args.profile], cwd=clone,
+                       env=env, check=True)
+
+    log = work / "dvc-repro.log"
+    print(f"benchmarking `dvc repro` of {head} in {clone} (log: {log})", flush=True)
+    first, _ = timed(["dvc", "repro"], clone, env, log)
+    print(f"first dvc repro: {first:.1f} s", flush=True)
+    second, output = timed(["dvc", "repro"], clone, env, log)
+    ran = [line for line in output.splitlines() if line.startswith("Running stage")]
+    figures = report(args, head, first, second, ran, stage_durations(clone))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if not args.keep:

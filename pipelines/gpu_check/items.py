@@ -350,8 +350,14 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, shape: s
     around each phase of the step (``STEP_PHASES``), for a profile. ``sizing.lora_functions``
     "fused": the LoRA arm runs GRIT's fused functions without GRIT (on PEFT's engine; Unsloth's
     LoRA arm is its own fused kernels, :meth:`Sizing.for_engine`)."""
+    model, lora, manager = _overhead_arm(workdir, engine, grit, device, shape, sizing)
+    return model, _arm_step(model, lora, manager, device, syncs, phase or (lambda _name: nullcontext()))
+
+
+def _overhead_arm(workdir: Path, engine: str, grit: bool, device: str, shape: str, sizing: Sizing):
+    """(model in training mode, its trainable LoRA parameters, its GritManager or None): the arm
+    :func:`overhead_model` times."""
     from trainers.engines import build_peft, build_unsloth
-    from trainers.grit.doors import clip_gradients
     from trainers.grit.fused import attach_without_grit
     from trainers.grit.manager import GritManager
 
@@ -370,15 +376,22 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, shape: s
         model = build_peft(files, params).model.to(device)
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(lora, lr=1e-4)
     # auto: the variant's own capture path, GRIT's fused functions on Unsloth (the hybrid), hooks
     # on PEFT; fused on PEFT runs the fused functions with PEFT's numerics (fused_lora_dtype)
     config = variant_grit(GritParams(capture=sizing.grit_capture), VariantParams(engine=engine, grit=True))
     manager = GritManager(model, config) if grit else None
     if not grit and sizing.for_engine(engine).lora_functions == "fused":
         attach_without_grit(model, config.fused_lora_dtype)
+    return model, lora, manager
 
-    mark = phase or (lambda _name: nullcontext())
+
+def _arm_step(model, lora: list, manager, device: str, syncs: list[int] | None,
+              mark: Callable[[str], Any]) -> Callable[[Any], None]:
+    """One optimizer step of the arm, each phase inside ``mark(phase)``; GRIT's host
+    synchronisations appended to ``syncs``."""
+    from trainers.grit.doors import clip_gradients
+
+    optimizer = torch.optim.AdamW(lora, lr=1e-4)
 
     def step(batch) -> None:
         with mark("forward"):
@@ -400,7 +413,7 @@ def overhead_model(workdir: Path, engine: str, grit: bool, device: str, shape: s
         with mark("zero_grad"):
             optimizer.zero_grad(set_to_none=True)
 
-    return model, step
+    return step
 
 
 # What torch's sync debug mode says at each synchronising call (c10/cuda). Its first switch in a
