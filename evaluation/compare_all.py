@@ -208,9 +208,9 @@ def load_run(url: str, root: Path, run_id: str | None) -> RunTables:
 def recorded_controls(params: dict) -> dict[str, str]:
     """GRIT variant -> its same-engine control, from a run's recorded params (the default
     variants' where none were recorded)."""
-    from trainers.config import DEFAULT_VARIANTS
+    from trainers.config import default_variants
 
-    variants = params.get("variants") or {name: v.model_dump() for name, v in DEFAULT_VARIANTS.items()}
+    variants = params.get("variants") or {name: v.model_dump() for name, v in default_variants().items()}
     return {name: v["control"] for name, v in variants.items() if v.get("control")}
 
 

@@ -11,6 +11,8 @@ is the metric registry's (``evaluation/metrics.py``), on the one measurement pat
 (``evaluation.measure``) the study's trials take too. Writes the store
 (``eval_metrics``, ``comparisons``, ``speed_metrics``), ``metrics/eval.json`` and
 ``artifacts/eval/generations.jsonl``. ``python -m evaluation.compare_all`` prints the comparison.
+A variant whose LoRA settings cannot be served (DoRA: ``trainers.config.lora_capabilities``) is
+measured on the fp32 model alone: no figures of greedy served replies, no speed.
 
 Seed replicates (``train.n_seeds > 1``): every replicate is measured like a variant and recorded
 under its training seed; comparisons pair replicates of the same seed (same initial adapter,
@@ -36,7 +38,7 @@ from evaluation.stats import finite_or_none
 from export.llama_cpp import require_working_runtime
 from pipelines.params import Params, declared_comparisons, require_text_model
 from pipelines.paths import ADAPTERS, DATA_DIR, SERVE_MANIFEST, TRAIN_METRICS
-from pipelines.replicates import model_key, replicate_path, replicates
+from pipelines.replicates import model_key, replicate_path, replicates, served_replicates
 from pipelines.stage import StageContext, run_stage
 
 METRICS = Path("metrics/eval.json")
@@ -45,8 +47,8 @@ GENERATIONS = Path("artifacts/eval/generations.jsonl")
 
 def export_parity(manifest: dict, key: str) -> dict[str, float] | None:
     """The parity figures of the form a variant is served in, from its ``export.json``."""
-    entry = manifest["models"][key]
-    if key == "base" or not entry.get("adapter_gguf"):
+    entry = manifest["models"].get(key)
+    if key == "base" or not entry or not entry.get("adapter_gguf"):
         return None
     path = Path(entry["adapter_gguf"]).parent / "export.json"
     if not path.is_file():
@@ -59,8 +61,8 @@ def export_parity(manifest: dict, key: str) -> dict[str, float] | None:
 def measure_every_model(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
     """The registry's per-model metrics of the base and every replicate, on the one measurement
     path (``evaluation.measure``): the fp32 PEFT model holds every adapter, the served model
-    (Ollama or llama.cpp) gives the judged greedy replies. Returns (model -> ModelOutcomes,
-    generation records)."""
+    (Ollama or llama.cpp) gives the judged greedy replies; a replicate that cannot be served (DoRA)
+    gets the fp32 figures only. Returns (model -> ModelOutcomes, generation records)."""
     from peft import PeftModel
 
     from evaluation.measure import Subject, measure, sampling_of
@@ -80,20 +82,22 @@ def measure_every_model(ctx: StageContext, manifest: dict) -> tuple[dict, list[d
         else:
             model.load_adapter(str(ctx.root / folder), adapter_name=key)
     tokenizer, chat = load_tokenizer(files, params.model), chat_of(manifest)
-    outcomes, records = {}, []
+    outcomes, records, served_keys = {}, [], served_model_keys(params)
     for key in ["base", *adapters]:
-        print(f"[evaluate] {key}: representations, facts, decline probabilities, sampled and greedy replies")
+        greedy = "and greedy replies" if key in served_keys else "replies (not served: no greedy replies)"
+        print(f"[evaluate] {key}: representations, facts, decline probabilities, sampled {greedy}")
         if key != "base":
             model.set_adapter(key)
-        served = open_served(manifest, key)
+        served = open_served(manifest, key) if key in served_keys else None
         subject = Subject(key, model, tokenizer, chat, sets, settings.aqi_layers, served, settings.max_new_tokens,
                           sampling=sampling_of(settings))
         try:
             with model.disable_adapter() if key == "base" else contextlib.nullcontext():
-                outcomes[key] = measure(subject, model_metrics())
+                outcomes[key] = measure(subject, [m for m in model_metrics() if served or m.source != "served"])
                 records += generation_records(subject) + subject.sampled_records
         finally:
-            served.close()
+            if served is not None:
+                served.close()
     return outcomes, records
 
 
@@ -115,6 +119,12 @@ def comparison_pairs(params: Params) -> list[tuple[str, str]]:
     pairs = [(name, "base") for name in params.variants]
     pairs += [(name, variant.control) for name, variant in params.variants.items() if variant.control]
     return pairs + declared_comparisons(params)
+
+
+def served_model_keys(params: Params) -> list[str]:
+    """The model keys the serve stage serves: the base and every replicate of a variant that can
+    be served (``pipelines.replicates.served_replicates``)."""
+    return ["base", *(model_key(v, params, s) for v, s in served_replicates(params))]
 
 
 def model_rows(params: Params) -> dict[str, tuple[str, int]]:
@@ -154,6 +164,19 @@ def paired_comparisons(params: Params, outcomes: dict) -> list[tuple[int, Any]]:
                        for c in compare(ours, theirs, params.eval, size)]
         out += [(seed, c) for c in adjust_family(family, params.eval.significance)]
     return out
+
+
+def progress_line(key: str, metrics: dict, speed: dict) -> str:
+    """The stage's line per model (one not served has no figures of greedy replies, nor speed)."""
+    def served(name: str) -> str:
+        return f"{metrics[name].value:.3f}" if name in metrics else "n/a (not served)"
+
+    ratio = speed.get("delta_speed_decode", (None, 0))[0]
+    same_format = speed.get("delta_speed_decode_same_format", (None, 0))[0]
+    return (f"[evaluate] {key}: AQI-style {metrics['aqi'].value:.4f} (1/XB {metrics['separation'].value:.4f}), "
+            f"refusal {served('refusal_rate')} (P(decline) {metrics['decline_probability'].value:.3f}), "
+            f"over-refusal {served('overrefusal_rate')}, retention {metrics['retention_accuracy'].value:.3f}"
+            + speed_note(ratio, same_format))
 
 
 def speed_note(ratio: float | None, same_format: float | None) -> str:
@@ -218,7 +241,7 @@ def preflight(params: Params) -> dict:
         if not (DATA_DIR / name).is_file():
             raise UserError(f"{DATA_DIR / name} is missing; run `dvc repro prepare_data` first")
     manifest = json.loads(SERVE_MANIFEST.read_text())
-    missing = [k for k in model_rows(params) if k not in manifest.get("models", {})]
+    missing = [k for k in served_model_keys(params) if k not in manifest.get("models", {})]
     if missing:
         raise UserError(f"{SERVE_MANIFEST} does not serve {missing[0]}; run `dvc repro serve` first")
     return manifest
@@ -231,19 +254,13 @@ def evaluate(ctx: StageContext, manifest: dict) -> dict[str, Path]:
     outcomes, records = measure_every_model(ctx, manifest)
     figures = {key: intervals(o, ctx.params.eval) for key, o in outcomes.items()}
     comparisons = paired_comparisons(ctx.params, outcomes)
-    speeds = served_speed(manifest, list(outcomes), ctx.params.eval)
+    speeds = served_speed(manifest, served_model_keys(ctx.params), ctx.params.eval)
     parity = {key: export_parity(manifest, key) for key in outcomes}
     record(ctx, figures, comparisons, speeds)
     atomic_write_json(ctx.root / METRICS, summary(ctx.params, figures, comparisons, speeds, parity, records))
     atomic_write_text(ctx.root / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))
     for key, metrics in figures.items():
-        ratio = speeds.get(key, {}).get("delta_speed_decode", (None, 0))[0]
-        same_format = speeds.get(key, {}).get("delta_speed_decode_same_format", (None, 0))[0]
-        print(f"[evaluate] {key}: AQI-style {metrics['aqi'].value:.4f} (1/XB {metrics['separation'].value:.4f}), "
-              f"refusal {metrics['refusal_rate'].value:.3f} (P(decline) {metrics['decline_probability'].value:.3f}), "
-              f"over-refusal {metrics['overrefusal_rate'].value:.3f}, "
-              f"retention {metrics['retention_accuracy'].value:.3f}"
-              + speed_note(ratio, same_format))
+        print(progress_line(key, metrics, speeds.get(key, {})))
     return {"metrics": ctx.root / METRICS, "generations": ctx.root / GENERATIONS}
 
 

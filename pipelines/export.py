@@ -7,6 +7,8 @@ converter), ``merged.gguf`` (adapter merged into the fp32 base, quantised per
 are compared with the PEFT model on held-out prompts (``export/parity.py``); an export that
 computes something else fails the stage and leaves the previous export as it was. Seed
 replicates (``train.n_seeds > 1``) are exported the same way into ``seed-<s>/`` subfolders.
+A variant whose LoRA settings have no GGUF form (DoRA: ``trainers.config.lora_capabilities``)
+is skipped with one line saying why; its folder holds only ``skipped.json``.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from core.errors import UserError
 from core.files import files_under, fresh_staging_dir, publish_directory, sha256_file
 from core.jsonl import read_jsonl
 from db.models import EvalMetric
-from pipelines.params import Params, require_text_model
+from pipelines.params import Params, capabilities, require_text_model
 from pipelines.paths import ADAPTERS, DATA_DIR, export_dir
 from pipelines.replicates import model_key, replicate_path
 from pipelines.stage import StageContext, declared_variant, run_stage, stage_arguments, variant_argument
-from trainers.config import variant_lora
+from trainers.config import Capabilities
 
 PARITY_SOURCE = DATA_DIR / "eval_aqi.jsonl"
+SKIPPED = "skipped.json"      # the export folder of a variant that cannot be served: why
 
 
 def ollama_name(variant: str) -> str:
@@ -41,15 +44,13 @@ def parity_prompts(root: Path, n: int) -> list[str]:
 
 
 def export_variant(ctx: StageContext, variant: str, seed: int, staging: Path) -> dict[str, Any]:
-    from peft import PeftModel
-
+    """One replicate's GGUF files and Modelfiles into ``staging``, checked against the PEFT model;
+    returns its ``export.json``."""
     from export.adapter import convert_adapter, folded_adapter
-    from export.backend import LlamaCppModel
     from export.chat_format import chat_format
     from export.gguf import base_gguf, merged_gguf
     from export.modelfile import ServedModel
-    from export.parity import next_token_parity, peft_next_token_logits
-    from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+    from trainers.base_model import load_tokenizer, resolve_base_model
 
     params, settings = ctx.params, ctx.params.export
     files = resolve_base_model(params.model)
@@ -65,20 +66,40 @@ def export_variant(ctx: StageContext, variant: str, seed: int, staging: Path) ->
         folded = folded_adapter(adapter_dir, Path(scratch) / "folded", metadata.get("scalings"))
         adapter = convert_adapter(folded, files.hf_dir, staging / "adapter.gguf")
     merged = (merged_gguf(files, adapter, staging / "merged.gguf", settings.merged_quantization)
-              if settings.merged else None)
+              if settings.merged and capabilities(params, variant).mergeable else None)
     served = ServedModel(
         name=ollama_name(label), variant=variant, base_gguf=base, chat=chat, adapter_gguf=adapter,
         merged_gguf=merged, parameters={"temperature": settings.temperature, "seed": settings.seed,
                                         "num_predict": settings.num_predict, "num_ctx": settings.num_ctx})
+    parity = served_parity(ctx, label, adapter_dir, (files, tokenizer, chat),
+                           {"adapter": (base, adapter), "merged": (merged, None)})
 
-    # Parity: the PEFT model (what was trained) against each served form of it.
+    (staging / "Modelfile").write_text(_relative(served.modelfile("adapter"), staging))
+    if merged is not None:
+        (staging / "Modelfile.merged").write_text(_relative(served.modelfile("merged"), staging))
+    return export_record(served, seed, settings, parity,
+                         "Q4_1 (package file)" if files.source == "embedded" else settings.quantization)
+
+
+def served_parity(ctx: StageContext, label: str, adapter_dir: Path, base: tuple, forms: dict) -> dict[str, Any]:
+    """The PEFT model (what was trained) against each served form of it (``base``: the base model's
+    files, tokenizer and chat format; ``forms``: form -> (model GGUF, adapter GGUF), a form whose
+    model is None was not written); a form that computes something else fails the stage."""
+    from peft import PeftModel
+
+    from export.backend import LlamaCppModel
+    from export.parity import next_token_parity, peft_next_token_logits
+    from trainers.base_model import load_causal_lm
+
+    params, settings = ctx.params, ctx.params.export
+    files, tokenizer, chat = base
     prompts = parity_prompts(ctx.root, settings.parity_prompts)
     fp32 = params.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
     reference_model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(adapter_dir))
     reference = peft_next_token_logits(reference_model, tokenizer, prompts, chat)
     del reference_model
     parity = {}
-    for form, (model_file, adapter_file) in {"adapter": (base, adapter), "merged": (merged, None)}.items():
+    for form, (model_file, adapter_file) in forms.items():
         if model_file is None:
             continue
         llm = LlamaCppModel(model_file, chat, adapter_file, n_ctx=settings.num_ctx)
@@ -90,19 +111,21 @@ def export_variant(ctx: StageContext, variant: str, seed: int, staging: Path) ->
         raise UserError(f"{label}: the exported GGUF does not compute what the PEFT model computes ("
                         + "; ".join(f"{form}: {p.describe()}" for form, p in failed.items())
                         + f"; need >= {settings.min_agreement:.0%} and <= {settings.max_mean_kl} nats)")
+    return parity
 
-    (staging / "Modelfile").write_text(_relative(served.modelfile("adapter"), staging))
-    if merged is not None:
-        (staging / "Modelfile.merged").write_text(_relative(served.modelfile("merged"), staging))
+
+def export_record(served, seed: int, settings, parity: dict, quantization: str) -> dict[str, Any]:
+    """``export.json`` of one replicate: its files with their sha256, chat format and parity."""
+    base, adapter, merged, chat = served.base_gguf, served.adapter_gguf, served.merged_gguf, served.chat
     return {
-        "variant": variant, "seed": seed, "ollama_name": served.name, "chat_family": chat.family,
+        "variant": served.variant, "seed": seed, "ollama_name": served.name, "chat_family": chat.family,
         "stops": list(chat.stops),
         "system": chat.default_system, "template": chat.ollama_template, "parameters": served.parameters,
         "base_gguf": str(base), "base_gguf_sha256": sha256_file(base),
         "adapter_gguf": adapter.name, "adapter_gguf_sha256": sha256_file(adapter),
         "merged_gguf": merged.name if merged else None,
         "merged_gguf_sha256": sha256_file(merged) if merged else None,
-        "quantization": "Q4_1 (package file)" if files.source == "embedded" else settings.quantization,
+        "quantization": quantization,
         "merged_quantization": settings.merged_quantization if merged else None,
         "parity": {form: vars(p) for form, p in parity.items()},
     }
@@ -114,14 +137,12 @@ def _relative(modelfile: str, folder: Path) -> str:
     return modelfile.replace(f" {folder}/", " ./")
 
 
-def preflight(variant: str, params: Params) -> None:
+def preflight(variant: str, params: Params) -> Capabilities:
     require_text_model(params, "export")
     declared_variant(params, variant)
-    lora = variant_lora(params.lora, params.variants[variant])
-    if lora.use_dora:
-        raise UserError(f"export@{variant}: DoRA adapters cannot be served: llama.cpp's LoRA converter takes "
-                        f"lora_A/lora_B tensors only, not DoRA's magnitude vectors; drop use_dora from "
-                        f"variants.{variant}.lora_overrides or remove the variant")
+    can = capabilities(params, variant)
+    if not can.servable:
+        return can          # nothing to convert or check: the stage records why (``skip``)
     from export.llama_cpp import converter, require_working_runtime
 
     require_working_runtime()  # quantize and parity run llama.cpp in this process
@@ -132,9 +153,24 @@ def preflight(variant: str, params: Params) -> None:
         raise UserError(f"{PARITY_SOURCE} is missing; run `dvc repro prepare_data` first")
     for name in ("lora", "hf"):   # a one-line setup hint when a converter is missing
         converter(name)
+    return can
 
 
-def export(variant: str, ctx: StageContext, _checked) -> dict[str, Path]:
+def skip(ctx: StageContext, variant: str, why: str) -> dict[str, Path]:
+    """A variant whose LoRA settings have no served form: one line, and its export folder (the
+    output dvc.yaml declares) holds only ``skipped.json`` with the reason, so that ``dvc repro``
+    goes on; serve and evaluate ask the same capabilities and leave it out of serving."""
+    final = ctx.root / export_dir(variant)
+    staging = fresh_staging_dir(final)
+    (staging / SKIPPED).write_text(json.dumps({"variant": variant, "skipped": why}, indent=2) + "\n")
+    publish_directory(staging, final)
+    print(f"[export@{variant}] skipped: {why}")
+    return files_under(final)
+
+
+def export(variant: str, ctx: StageContext, can: Capabilities) -> dict[str, Path]:
+    if not can.servable:
+        return skip(ctx, variant, can.why_not_served)
     final = ctx.root / export_dir(variant)
     staging = fresh_staging_dir(final)
     manifests = {}

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from core.errors import UserError
 from core.section import Section, content_hash
@@ -22,11 +22,13 @@ from db.config import StoreParams, has_password
 from evaluation.config import EvalParams, StudyParams, check_disjoint, seeds_for_testing, tuning_seeds
 from export.config import ExportParams, ServeParams
 from trainers.config import (
-    DEFAULT_VARIANTS,
+    Capabilities,
     LoraParams,
     ModelParams,
     TrainParams,
     VariantParams,
+    default_variants,
+    variant_capabilities,
     variant_grit,
     variant_lora,
 )
@@ -51,20 +53,21 @@ class ParamsError(UserError):
 
 
 def _check_variant(name: str, variant: VariantParams, variants: dict[str, VariantParams], lora: LoraParams) -> None:
-    """What a variant's own settings must agree with: DoRA trains on PEFT without GRIT; a GRIT
+    """What a variant's own settings must agree with: the engines and GRIT its LoRA settings allow
+    (``trainers.config.lora_capabilities``: DoRA trains on PEFT without GRIT); a GRIT
     variant names a declared control without GRIT, on its engine, with its LoRA settings (the probe
     replays both from one adapter on one engine; the evaluation pairs them), whenever the run
     declares a variant that could be one."""
-    own = variant_lora(lora, variant)
-    if own.use_dora and (variant.engine != "peft" or variant.grit):
-        raise ValueError(f"variants.{name}: DoRA (use_dora) trains on the peft engine without GRIT "
-                         "(GRIT preconditions the LoRA factors, not DoRA's magnitudes)")
+    own, can = variant_lora(lora, variant), variant_capabilities(lora, variant)
+    if variant.engine not in can.engines or (variant.grit and not can.grit):
+        raise ValueError(f"variants.{name}: {can.why_not_trained}")
     if not variant.grit:
         return
     if variant.control is None:
-        # Never picked for it: where a run declares a candidate, the variant must name one (a run
-        # of GRIT variants alone has nothing to compare them with).
-        plain = [other for other, v in variants.items() if not v.grit and v.engine == variant.engine]
+        # Never picked for it: where a run declares a candidate (same engine, same LoRA settings),
+        # the variant must name one (a run of GRIT variants alone has nothing to compare them with).
+        plain = [other for other, v in variants.items()
+                 if not v.grit and v.engine == variant.engine and variant_lora(lora, v) == own]
         if not plain:
             return
         raise ValueError(f"variants.{name}: a GRIT variant names its control, a declared variant without GRIT on "
@@ -181,7 +184,7 @@ class Params(Section):
     lora: LoraParams = LoraParams()
     train: TrainParams = TrainParams()
     grit: GritParams = GritParams()
-    variants: dict[str, VariantParams] = DEFAULT_VARIANTS
+    variants: dict[str, VariantParams] = Field(default_factory=default_variants)
     probe: ProbeParams = ProbeParams()
     export: ExportParams = ExportParams()
     serve: ServeParams = ServeParams()
@@ -189,6 +192,12 @@ class Params(Section):
     study: StudyParams = StudyParams()
     store: StoreParams = StoreParams()
     vlm: VlmParams = VlmParams()
+
+
+def capabilities(params: Params, variant: str) -> Capabilities:
+    """What a declared variant can do (``trainers.config.lora_capabilities`` of its LoRA settings):
+    export@ and serve skip a variant that cannot be served, evaluate measures it in fp32 only."""
+    return variant_capabilities(params.lora, params.variants[variant])
 
 
 def require_text_model(params: Params, stage: str) -> None:

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.params import Params
+from pipelines.params import Params, capabilities
 
 
 def replicates(params: Params) -> list[tuple[str, int]]:
     """(variant, seed) of every trained model of a run, variant by variant, primary seed first."""
     return [(variant, seed) for variant in params.variants for seed in params.train.seeds]
+
+
+def served_replicates(params: Params) -> list[tuple[str, int]]:
+    """The replicates export@ and serve turn into served models: those of every variant whose LoRA
+    settings can be served (``pipelines.params.capabilities``); the others are measured in fp32."""
+    return [(variant, seed) for variant, seed in replicates(params) if capabilities(params, variant).servable]
 
 
 def replicate_path(folder: Path, params: Params, seed: int) -> Path:

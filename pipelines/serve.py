@@ -9,7 +9,9 @@ Otherwise the stage records ``skipped: no Ollama server at <url>`` with the exac
 Either way it writes ``artifacts/serve/manifest.json``, which evaluation reads (backend, model
 names, GGUF paths, chat format, and the speed reference: the base in the merged variants' file
 format, ``export.gguf.in_format``). Whether a server is up is not a DVC dependency: after starting
-one, run ``dvc repro -f serve`` (or ``python -m pipelines.serve``).
+one, run ``dvc repro -f serve`` (or ``python -m pipelines.serve``). A variant whose LoRA settings
+cannot be served (DoRA, ``trainers.config.lora_capabilities``) is skipped with one line saying
+why, and named with the reason under the manifest's ``not_served``.
 """
 
 from __future__ import annotations
@@ -21,21 +23,22 @@ from typing import Any
 from core.errors import UserError
 from core.files import atomic_write_json, atomic_write_text
 from export.llama_cpp import require_working_runtime
-from pipelines.params import Params, require_text_model, served_aliases
+from pipelines.params import Params, capabilities, require_text_model, served_aliases
 from pipelines.paths import EXPORTS, SERVE_DIR, SERVE_MANIFEST, export_dir
-from pipelines.replicates import model_key, replicate_path, replicates
+from pipelines.replicates import model_key, replicate_path, served_replicates
 from pipelines.stage import StageContext, run_stage
 
 
 def served_models(root: Path, params: Params) -> list:
-    """The base model and every exported variant (each seed replicate), as ``ServedModel``
+    """The base model and every exported variant (each seed replicate of each variant that can
+    be served: ``served_replicates``), as ``ServedModel``
     descriptions whose GGUF files match the sha256 their export recorded;
     ``ServedModel.variant`` is the replicate's model key (``pipelines/replicates``)."""
     from export.modelfile import ServedModel
 
     models = [ServedModel.from_export(root / replicate_path(export_dir(variant), params, seed),
                                       model_key(variant, params, seed))
-              for variant, seed in replicates(params)]
+              for variant, seed in served_replicates(params)]
     first = models[0]
     base = ServedModel(name="base_model", variant="base", base_gguf=first.base_gguf, chat=first.chat,
                        parameters=first.parameters)
@@ -92,26 +95,18 @@ def check_with_llama_cpp(model, prompt: str, max_new_tokens: int) -> dict[str, A
 def preflight(params: Params) -> list:
     require_text_model(params, "serve")
     require_working_runtime()  # the llama.cpp check of each registered model runs in-process
-    missing = [v for v in params.variants if not (export_dir(v) / "export.json").is_file()]
+    served = {v for v, _ in served_replicates(params)}
+    if not served:
+        raise UserError("serve: no declared variant can be served (" + "; ".join(
+            f"{v}: {capabilities(params, v).why_not_served}" for v in params.variants) + "); declare one that can")
+    missing = [v for v in params.variants if v in served and not (export_dir(v) / "export.json").is_file()]
     if missing:
         raise UserError(f"{EXPORTS}/{missing[0]}/export.json is missing; run `dvc repro export@{missing[0]}` first")
     return served_models(Path.cwd(), params)   # every GGUF checked against its recorded sha256
 
 
 def serve(ctx: StageContext, models: list) -> dict[str, Path]:
-    import httpx
-    import ollama
-
-    from export.ollama import (
-        RegistrationError,
-        copy_command,
-        ollama_host,
-        reachable,
-        register,
-        register_alias,
-        registered_weights,
-        server_failure,
-    )
+    from export.ollama import ollama_host, reachable
 
     settings = ctx.params.serve
     base_modelfile = ctx.root / SERVE_DIR / "base" / "Modelfile"
@@ -125,43 +120,14 @@ def serve(ctx: StageContext, models: list) -> dict[str, Path]:
     aliases = aliases_by_variant(served_aliases(ctx.params))
     for m in models:
         entries[m.variant]["aliases"] = aliases.get(m.variant, [])
+    declared = {variant: capabilities(ctx.params, variant) for variant in ctx.params.variants}
+    not_served = {variant: can.why_not_served for variant, can in declared.items() if not can.servable}
+    for variant, why in not_served.items():
+        print(f"[serve] {variant}: skipped: {why}")
     if version is not None:
-        client = ollama.Client(host=host, timeout=max(settings.timeout_s, 600))
-        digests: dict[Path, str] = {}
-        for m in models:
-            try:
-                registration = register(client, m, settings.weights, settings.check_prompt,
-                                        settings.max_new_tokens, digests)
-            except (ollama.ResponseError, httpx.HTTPError, RegistrationError) as error:
-                raise UserError(server_failure(host, m.name, error)) from None
-            entries[m.variant]["ollama"] = asdict(registration)
-            entries[m.variant]["weights"] = registration.weights
-            print(f"[serve] {m.name}: registered ({registration.weights}); {registration.show_check}; "
-                  f"reply {registration.reply[:60]!r}")
-            for alias in aliases.get(m.variant, []):
-                try:
-                    check = register_alias(client, m, registration.weights, alias)
-                except (ollama.ResponseError, httpx.HTTPError, RegistrationError) as error:
-                    raise UserError(server_failure(host, alias, error)) from None
-                print(f"[serve] {alias}: another name of {m.name}; {check}")
-        ollama_state = {"host": host, "version": version, "registered": True}
-        backend = "ollama"
+        backend, ollama_state = "ollama", register_with_ollama(host, version, models, entries, aliases, settings)
     else:
-        commands = [m.create_command(modelfiles[m.name]) for m in models]
-        commands += [copy_command(m.name, alias) for m in models for alias in aliases.get(m.variant, [])]
-        ollama_state = {"host": host, "registered": False,
-                        "skipped": f"skipped: no Ollama server at {host}", "commands": commands}
-        print(f"[serve] skipped: no Ollama server at {host}; serving with llama.cpp. To register later:")
-        for command in commands:
-            print(f"[serve]   {command}")
-        for m in models:
-            entries[m.variant]["weights"] = registered_weights(m, settings.weights)
-            entries[m.variant]["llama_cpp_check"] = check_with_llama_cpp(m, settings.check_prompt,
-                                                                         settings.max_new_tokens)
-            for form, check in entries[m.variant]["llama_cpp_check"].items():
-                status = "stopped at end of turn" if check["stopped_at_end_of_turn"] else "RAN ON (no end of turn)"
-                print(f"[serve] {m.name} ({form}, llama.cpp): {status}; {check['text'][:60]!r}")
-        backend = "llama.cpp"
+        backend, ollama_state = "llama.cpp", serve_without_ollama(host, models, modelfiles, entries, aliases, settings)
     # speed is timed through llama.cpp only (evaluation.speed): Ollama's runs need no reference
     reference = None if backend == "ollama" else speed_reference(
         models[0].base_gguf, [m.merged_gguf for m in models if entries[m.variant]["weights"] == "merged"])
@@ -170,8 +136,58 @@ def serve(ctx: StageContext, models: list) -> dict[str, Path]:
               f"({reference['gguf']})")
     atomic_write_json(ctx.root / SERVE_MANIFEST, {"backend": backend, "weights": settings.weights,
                                             "ollama": ollama_state, "models": entries,
-                                            "speed_reference": reference})
+                                            "speed_reference": reference, "not_served": not_served})
     return {"manifest": ctx.root / SERVE_MANIFEST, "base_modelfile": base_modelfile}
+
+
+def register_with_ollama(host: str, version: str, models: list, entries: dict, aliases: dict,
+                         settings) -> dict[str, Any]:
+    """Every model and its aliases registered with the Ollama server at ``host``, each checked."""
+    import httpx
+    import ollama
+
+    from export.ollama import RegistrationError, register, register_alias, server_failure
+
+    client = ollama.Client(host=host, timeout=max(settings.timeout_s, 600))
+    digests: dict[Path, str] = {}
+    for m in models:
+        try:
+            registration = register(client, m, settings.weights, settings.check_prompt,
+                                    settings.max_new_tokens, digests)
+        except (ollama.ResponseError, httpx.HTTPError, RegistrationError) as error:
+            raise UserError(server_failure(host, m.name, error)) from None
+        entries[m.variant]["ollama"] = asdict(registration)
+        entries[m.variant]["weights"] = registration.weights
+        print(f"[serve] {m.name}: registered ({registration.weights}); {registration.show_check}; "
+              f"reply {registration.reply[:60]!r}")
+        for alias in aliases.get(m.variant, []):
+            try:
+                check = register_alias(client, m, registration.weights, alias)
+            except (ollama.ResponseError, httpx.HTTPError, RegistrationError) as error:
+                raise UserError(server_failure(host, alias, error)) from None
+            print(f"[serve] {alias}: another name of {m.name}; {check}")
+    return {"host": host, "version": version, "registered": True}
+
+
+def serve_without_ollama(host: str, models: list, modelfiles: dict, entries: dict, aliases: dict,
+                         settings) -> dict[str, Any]:
+    """No server: the exact ``ollama create`` commands to run later, and every model checked with
+    llama.cpp instead."""
+    from export.ollama import copy_command, registered_weights
+
+    commands = [m.create_command(modelfiles[m.name]) for m in models]
+    commands += [copy_command(m.name, alias) for m in models for alias in aliases.get(m.variant, [])]
+    print(f"[serve] skipped: no Ollama server at {host}; serving with llama.cpp. To register later:")
+    for command in commands:
+        print(f"[serve]   {command}")
+    for m in models:
+        entries[m.variant]["weights"] = registered_weights(m, settings.weights)
+        entries[m.variant]["llama_cpp_check"] = check_with_llama_cpp(m, settings.check_prompt, settings.max_new_tokens)
+        for form, check in entries[m.variant]["llama_cpp_check"].items():
+            status = "stopped at end of turn" if check["stopped_at_end_of_turn"] else "RAN ON (no end of turn)"
+            print(f"[serve] {m.name} ({form}, llama.cpp): {status}; {check['text'][:60]!r}")
+    return {"host": host, "registered": False, "skipped": f"skipped: no Ollama server at {host}",
+            "commands": commands}
 
 
 def main(argv: list[str] | None = None) -> int:

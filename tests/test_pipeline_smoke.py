@@ -28,13 +28,13 @@ def smoke_repo(tmp_path_factory):
 
 def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     repo, env = smoke_repo
-    _sh(["dvc", "repro"], repo, env)
+    repro = _sh(["dvc", "repro"], repo, env, timeout=2400).stdout      # seven variants, two seeds each
 
     params = load_params(repo / "params.yaml")
     declared = pipeline_stage_names(repo, params)
     assert {"prepare_model", "prepare_data", "train@baseline_lora", "train@hybrid_grit", "train@pure_grit",
-            "train@peft_lora", "probe", "export@pure_grit", "export@hybrid_grit", "serve", "evaluate",
-            "compare"} <= set(declared)
+            "train@peft_lora", "train@peft_dora", "probe", "export@pure_grit", "export@hybrid_grit",
+            "export@peft_dora", "serve", "evaluate", "compare"} <= set(declared)
     locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(declared) <= set(locked), f"stages that did not run: {set(declared) - set(locked)}"
 
@@ -86,14 +86,26 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
         assert probe["update_cosine_median"] < 0.99 and probe["loss_max_abs_difference"] > 0
     assert (repo / "plots/probe_update_divergence.png").is_file()
 
+    # peft_dora (DoRA, declared in the smoke profile's params only) trained like every variant, but
+    # has no GGUF form: export@peft_dora and serve each skip it in one line saying why, and its
+    # export folder holds only that reason.
+    served = [v for v in params.variants if v != "peft_dora"]
+    why = "DoRA adapters cannot be served: llama.cpp's LoRA converter takes lora_A/lora_B tensors only"
+    skips = [line for line in repro.splitlines() if "peft_dora" in line and "skipped" in line]
+    assert len(skips) == 2 and skips[0].startswith(f"[export@peft_dora] skipped: {why}") and \
+        skips[1].startswith(f"[serve] peft_dora: skipped: {why}"), skips
+    assert [p.name for p in (repo / "artifacts/export/peft_dora").iterdir()] == ["skipped.json"]
+    assert (repo / f"artifacts/adapters/peft_dora/seed-{seeds[1]}/adapter_model.safetensors").is_file()
+
     # Every replicate exported with proven parity; served by llama.cpp (no Ollama server in the test).
-    for variant in params.variants:
+    for variant in served:
         for folder in (f"artifacts/export/{variant}", f"artifacts/export/{variant}/seed-{seeds[1]}"):
             export = json.loads((repo / folder / "export.json").read_text())
             assert export["parity"]["adapter"]["agreement"] >= params.export.min_agreement, folder
     manifest = json.loads((repo / "artifacts/serve/manifest.json").read_text())
     assert manifest["backend"] == "llama.cpp"
-    assert set(manifest["models"]) == {"base", *params.variants, *(f"{v}_seed{seeds[1]}" for v in params.variants)}
+    assert set(manifest["models"]) == {"base", *served, *(f"{v}_seed{seeds[1]}" for v in served)}
+    assert set(manifest["not_served"]) == {"peft_dora"} and manifest["not_served"]["peft_dora"].startswith(why)
     assert f"ollama create pure_grit_seed{seeds[1]}_model" in " ".join(manifest["ollama"]["commands"])
 
     # compare_all prints the store's figures: with two seeds every (model, metric) cell is the mean
@@ -112,8 +124,11 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
         for m in session.scalars(select(EvalMetric).where(EvalMetric.run_id == run.id)):
             stored.setdefault((m.variant, m.metric), []).append(m)
         comparisons = session.scalars(select(Comparison).where(Comparison.run_id == run.id)).all()
-    for metric, label in ((m.name, m.label) for m in model_metrics()):
+    for metric, label, source in ((m.name, m.label, m.source) for m in model_metrics()):
         for model, printed in zip(models, lines[label], strict=True):
+            if model not in ("base", *served) and source == "served":   # peft_dora: its fp32 figures only
+                assert printed == "n/a" and (model, metric) not in stored, (metric, model, printed)
+                continue
             rows = stored[(model, metric)]
             if model == "base":
                 (row,) = rows
@@ -133,7 +148,7 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     with store.reader() as session:
         ratios = session.scalars(select(SpeedMetric).where(SpeedMetric.run_id == run.id,
                                                            SpeedMetric.metric == "delta_speed_decode")).all()
-    assert {(r.variant, r.seed) for r in ratios} == {(v, s) for v in params.variants for s in seeds}
+    assert {(r.variant, r.seed) for r in ratios} == {(v, s) for v in served for s in seeds}
     assert all(r.value > 0 and r.n == params.eval.speed_prompts * params.eval.speed_rounds for r in ratios)
     # parity is stored once, by the export stage, per form and seed; compare_all judges the served form
     form = params.serve.weights

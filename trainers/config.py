@@ -1,11 +1,16 @@
 """The trainers' params sections: the base model, the LoRA shape, the training budget and the
 variants. Every variant trains with the same ``lora`` and ``train``; only its engine and
-whether GRIT is attached differ."""
+whether GRIT is attached differ. What a variant's LoRA settings allow (served or not, and why)
+is one rule here: ``lora_capabilities``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
+import yaml
 from pydantic import Field, model_validator
 
 from core.section import Section
@@ -84,7 +89,7 @@ class LoraParams(Section):
     ]
     use_rslora: bool = False
     # DoRA (weight-decomposed LoRA): trains with PEFT; llama.cpp's converter has no DoRA
-    # magnitudes, so export refuses such a variant (docs/serving.md)
+    # magnitudes, so export and serve skip such a variant (``lora_capabilities``)
     use_dora: bool = False
     layers: LayerSelection = LayerSelection()
     # The adapters' dtype on the PEFT engine: float32 (PEFT's default: every LoRA input of a bf16
@@ -192,12 +197,54 @@ def with_variant_lora(params, variant: VariantParams):
     return params.model_copy(update={"lora": variant_lora(params.lora, variant)})
 
 
-DEFAULT_VARIANTS = {
-    "baseline_lora": VariantParams(engine="unsloth", grit=False),
-    "hybrid_grit": VariantParams(engine="unsloth", grit=True, control="baseline_lora"),
-    "pure_grit": VariantParams(engine="peft", grit=True, control="peft_lora"),
-    "peft_lora": VariantParams(engine="peft", grit=False),
-}
+@dataclass(frozen=True)
+class Capabilities:
+    """What an adapter of some LoRA settings can be trained with and turned into, as PEFT's
+    ``LoraVariant`` declares it per kind of LoRA layer. ``why_not_served`` and
+    ``why_not_trained`` say, in one clause each, why a capability is missing."""
+
+    servable: bool = True            # as a GGUF adapter, by llama.cpp and Ollama (export@, serve)
+    mergeable: bool = True           # merged into the base GGUF (export.merged)
+    grit: bool = True                # GRIT can precondition its factors
+    engines: tuple[str, ...] = ("unsloth", "peft")
+    why_not_served: str | None = None
+    why_not_trained: str | None = None
+
+
+DORA = Capabilities(
+    servable=False, mergeable=False, grit=False, engines=("peft",),
+    why_not_served="DoRA adapters cannot be served: llama.cpp's LoRA converter takes lora_A/lora_B tensors only, "
+                   "not DoRA's magnitude vectors",
+    why_not_trained="DoRA (use_dora) trains on the peft engine without GRIT (GRIT preconditions the LoRA "
+                    "factors, not DoRA's magnitudes)")
+
+
+def lora_capabilities(lora: LoraParams) -> Capabilities:
+    """The one rule for what LoRA settings allow: every setting trains anywhere and is served
+    (rsLoRA's and GRIT's truncated scales are folded into B on export) but DoRA, which trains on
+    PEFT without GRIT and has no GGUF form (the params check, export, serve and evaluate ask here)."""
+    return DORA if lora.use_dora else Capabilities()
+
+
+def variant_capabilities(lora: LoraParams, variant: VariantParams) -> Capabilities:
+    """What ``variant`` can do, from its own LoRA settings (``lora`` with its overrides)."""
+    return lora_capabilities(variant_lora(lora, variant))
+
+
+# The variants a params file that declares none trains: the default profile's, so that adding a
+# variant is a change of params only (conf/profile/default.yaml), never of this code.
+DEFAULT_PROFILE = Path(__file__).resolve().parent.parent / "conf" / "profile" / "default.yaml"
+
+
+@cache
+def _profile_variants() -> dict[str, VariantParams]:
+    raw = yaml.safe_load(DEFAULT_PROFILE.read_text())["variants"]
+    return {name: VariantParams.model_validate(variant) for name, variant in raw.items()}
+
+
+def default_variants() -> dict[str, VariantParams]:
+    """The default profile's variants (``variants:`` of ``conf/profile/default.yaml``)."""
+    return dict(_profile_variants())
 
 
 class TrainingSections(Protocol):

@@ -69,7 +69,7 @@ def validation_examples(data_dir: Path, tokenizer) -> list[dict]:
 
 
 def _lora_report(model, manager) -> dict[str, Any]:
-    layers = lora_layers(model)
+    layers = lora_layers(model, dora=manager is None)     # a DoRA variant trains without GRIT
     return {
         "effective_ranks": {module: int(layer.r[adapter]) for module, layer, adapter in layers},  # after truncation
         "scalings": {module: float(layer.scaling[adapter]) for module, layer, adapter in layers},

@@ -95,17 +95,29 @@ def test_export_of_an_untrained_variant_is_a_one_line_error(exported: Path, tmp_
         "error: artifacts/adapters/peft_lora holds no adapter; run `dvc repro train@peft_lora` first"]
 
 
-def test_export_refuses_a_dora_variant_in_one_line(exported: Path, tmp_path: Path):
-    """DoRA is a params change that trains (PEFT) but has no GGUF form: export says so up front."""
+def test_export_and_serve_skip_a_dora_variant_in_one_line_each(exported: Path, tmp_path: Path):
+    """DoRA is a params change that trains (PEFT) but has no GGUF form: export@ and serve each say
+    so in one line and go on, so that `dvc repro` finishes (evaluate measures it in fp32)."""
     params = tmp_path / "params.yaml"
     raw = yaml.safe_load((exported / "params.yaml").read_text())
-    keep_only(raw, {"peft_dora": {"engine": "peft", "lora_overrides": {"use_dora": True}}})
+    raw["variants"]["peft_dora"] = {"engine": "peft", "lora_overrides": {"use_dora": True}}
     params.write_text(yaml.safe_dump(raw))
+    why = "DoRA adapters cannot be served: llama.cpp's LoRA converter takes lora_A/lora_B tensors only"
+
     result = run(exported, "pipelines.export", "--variant", "peft_dora", "--params", str(params))
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: export@peft_dora: DoRA adapters cannot be served: llama.cpp's LoRA converter "
-                           "takes lora_A/lora_B tensors only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if "skipped" in line]
+    assert line.startswith(f"[export@peft_dora] skipped: {why}")
+    folder = exported / "artifacts/export/peft_dora"
+    assert [p.name for p in folder.iterdir()] == ["skipped.json"]            # the output dvc.yaml declares
+    assert json.loads((folder / "skipped.json").read_text())["skipped"].startswith(why)
+
+    result = run(exported, "pipelines.serve", "--params", str(params), env={"OLLAMA_HOST": "http://127.0.0.1:9"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    (line,) = [line for line in result.stdout.splitlines() if "peft_dora" in line]
+    assert line.startswith(f"[serve] peft_dora: skipped: {why}")
+    manifest = json.loads((exported / "artifacts/serve/manifest.json").read_text())
+    assert set(manifest["models"]) == {"base", "pure_grit"} and set(manifest["not_served"]) == {"peft_dora"}
 
 
 def _single_error(result: subprocess.CompletedProcess[str]) -> str:

@@ -178,6 +178,14 @@ def test_study_methods_must_be_declared_variants():
         parse_params({"study": {"methods": ["peft_lora", "peft_lora"]}}, "params.yaml")
 
 
+def test_a_variant_with_other_lora_settings_is_no_candidate_control():
+    """A DoRA (or rank-8) variant cannot be a GRIT variant's control, so declaring one beside a GRIT
+    variant asks for no control."""
+    params = parse_params({"variants": {"pure_grit": {"engine": "peft", "grit": True},
+                                        "peft_dora": {"engine": "peft", "lora_overrides": {"use_dora": True}}}})
+    assert params.variants["pure_grit"].control is None
+
+
 @pytest.mark.parametrize("variants, expected", [
     ({"pure_grit": {"engine": "peft", "grit": True}, "peft_lora": {"engine": "peft"}},
      "variants.pure_grit: a GRIT variant names its control, a declared variant without GRIT on the same engine "

@@ -392,8 +392,9 @@ def module_key(peft_name: str, adapter: str, several_adapters: bool) -> str:
     return f"{peft_name}[{adapter}]" if several_adapters else peft_name
 
 
-def lora_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str, nn.Module, str]]:
-    """(PEFT module name, layer, adapter) of every LoRA linear layer with a trainable adapter."""
+def lora_layers(model: nn.Module, adapter: str | None = None, dora: bool = False) -> list[tuple[str, nn.Module, str]]:
+    """(PEFT module name, layer, adapter) of every LoRA linear layer with a trainable adapter; a
+    DoRA adapter is an error unless ``dora`` (GRIT cannot precondition one; a report may list it)."""
     from peft.tuners.lora import LoraLayer
 
     found = []
@@ -403,7 +404,7 @@ def lora_layers(model: nn.Module, adapter: str | None = None) -> list[tuple[str,
         adapters = [adapter] if adapter else list(module.lora_A.keys())
         for name_of_adapter in adapters:
             if name_of_adapter in module.lora_A and module.lora_A[name_of_adapter].weight.requires_grad:
-                if getattr(module, "use_dora", {}).get(name_of_adapter, False):
+                if not dora and getattr(module, "use_dora", {}).get(name_of_adapter, False):
                     raise GritError(f"{name}: DoRA adapters are not supported by GRIT")
                 found.append((name, module, name_of_adapter))
     return found
