@@ -21,6 +21,7 @@ import ollama
 import pytest
 
 from export.decoding import GREEDY
+from export.gguf_edit import _copy_fields, _write
 from export.modelfile import ServedModel
 from export.ollama import check_shown, register, server_failure
 from export.ollama_build import OLLAMA_VERSION, installed_binary
@@ -139,20 +140,8 @@ def _with_architecture(adapter: Path, architecture: str, out: Path) -> Path:
 
     reader = gguf.GGUFReader(adapter)
     writer = gguf.GGUFWriter(out, arch=architecture)
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
-            continue
-        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
-    for tensor in reader.tensors:
-        writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes,
-                               tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for tensor in reader.tensors:
-        writer.write_tensor_data(tensor.data)
-    writer.close()
+    _copy_fields(reader, writer, skip=lambda _name: False)       # every field but the architecture
+    _write(writer, [(tensor.name, tensor.data, tensor.tensor_type) for tensor in reader.tensors])
     return out
 
 
