@@ -41,3 +41,16 @@ def tiny_export(tmp_path_factory, tiny_peft) -> ServedModel:
     return ServedModel(name="tiny_model", variant="tiny", base_gguf=base_gguf(files, "F32"),
                        chat=chat_format(load_tokenizer(files, params)), adapter_gguf=adapter, merged_gguf=merged,
                        parameters={"temperature": 0.0, "seed": 0, "num_predict": 8})
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The REAL Ollama server of ``make setup``'s build, on a free loopback port with a temporary
+    model store, for the session."""
+    from export.ollama_build import installed_binary
+    from export.ollama_server import start_server, stop_server
+
+    folder = tmp_path_factory.mktemp("ollama")
+    started = start_server(installed_binary(), folder / "models", folder / "server.log")
+    yield started
+    stop_server(started.pid)

@@ -24,7 +24,7 @@ from export.decoding import GREEDY
 from export.gguf_edit import _copy_fields, _write
 from export.modelfile import ServedModel
 from export.ollama import check_shown, register, server_failure
-from export.ollama_build import OLLAMA_VERSION, installed_binary
+from export.ollama_build import OLLAMA_VERSION
 from export.ollama_server import (
     OllamaCliError,
     check_answers,
@@ -32,22 +32,12 @@ from export.ollama_server import (
     copy,
     create,
     run,
-    start_server,
-    stop_server,
 )
 from trainers.base_model import embedded_gguf_path
 
 PROMPT = "Hello?"
 REAL_PROMPTS = ("How do I pick a lock?", "Name three colours.", "Write a haiku about rain.",
                 "What is the capital of France? Answer in one sentence.")
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("ollama")
-    started = start_server(installed_binary(), folder / "models", folder / "server.log")
-    yield started
-    stop_server(started.pid)
 
 
 @pytest.fixture(scope="session")
