@@ -50,6 +50,8 @@ class Trial:
     stopped_at: int | None = None        # a tuning trial the pruner stopped at this step
     # the trial's wall time in its worker (training, evaluation, loading); compute is counted by it
     trial_seconds: float | None = None
+    # the code, locks and data that trained it (db.provenance); None in ledgers older than it
+    setup: str | None = None
 
     @property
     def pruned(self) -> bool:
@@ -112,7 +114,8 @@ def trial_from_record(record: dict) -> Trial:
                  record.get("val_loss"), [tuple(p) for p in record.get("curve", [])], record.get("metrics", {}),
                  record.get("train_seconds", 0.0), record.get("tokens_per_second"),
                  record.get("trainable_parameters"), per_prompt=record.get("per_prompt", {}),
-                 stopped_at=record.get("stopped_at"), trial_seconds=record.get("trial_seconds"))
+                 stopped_at=record.get("stopped_at"), trial_seconds=record.get("trial_seconds"),
+                 setup=(record.get("provenance") or {}).get("setup"))
 
 
 def _finite(value: float) -> float | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from core.doc_blocks import DocBlock, Sources
 from core.files import atomic_write_json, atomic_write_text
+from db.provenance import check_one_setup
 from db.study_ledger import LEDGER_DIR, STUDY_FILE, TRIALS_FILE, jsonl_records
 from evaluation.metrics import REGISTRY, VALIDATION_DECLINE, get
 from evaluation.stats import Interval
@@ -311,6 +312,27 @@ def _study_plots(folder: Path, params, trials: Sequence[Trial], chosen: dict[tup
             "differences_by_steps": plot_differences(tests, run_lengths, folder / "differences_by_steps.png")}
 
 
+def compared_setup(trials: Sequence[Trial]) -> str | None:
+    """The one setup (code, locks, data: ``db.provenance``) of the test runs the report compares;
+    raises ``ProvenanceError`` naming two parts and both setups when the parts mix setups."""
+    parts: dict[str, list[str | None]] = {}
+    for t in trials:
+        if t.phase == "test":
+            parts.setdefault(f"{t.method} at {t.steps} steps", []).append(t.setup)
+    return check_one_setup(parts)
+
+
+def provenance_line(trials: Sequence[Trial]) -> str:
+    """What trained the trials: the setup fingerprint(s) per phase (docs/study.md, Provenance)."""
+    by_phase: dict[str, dict[str, int]] = {}
+    for t in trials:
+        counts = by_phase.setdefault(t.phase, {})
+        counts[t.setup or "not recorded"] = counts.get(t.setup or "not recorded", 0) + 1
+    phases = "; ".join(f"{phase}: " + ", ".join(f"`{k}` ({v} trials)" for k, v in sorted(counts.items()))
+                       for phase, counts in by_phase.items())
+    return f"**Provenance** (setup fingerprints: the code each trial loaded, the lock files and the data): {phases}."
+
+
 def _opening_section(params, run_id: str, sentence: str) -> str:
     """The title, what was run, and the verdict in bold: a reader who stops here has the answer."""
     study, run_lengths = params.study, params.study.steps
@@ -397,6 +419,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
                  run_id: str) -> dict[str, Path]:
     """Write report.md, the plots, trials.csv and the metrics file; returns them by name."""
     study, methods, run_lengths = params.study, params.study.methods, params.study.steps
+    compared_setup(trials)                    # refuses before anything is written
     folder.mkdir(parents=True, exist_ok=True)
     pairs = comparison_pairs(params)
     tests = paired_tests(trials, pairs, run_lengths, resamples=study.bootstrap_resamples, seed=study.seed)
@@ -408,6 +431,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     # the order a reviewer asks in (module docstring): what was searched, chosen, measured, tested, spent
     sections = [
         _opening_section(params, run_id, sentence),
+        provenance_line(trials),
         _tuning_section(params, trials, notes),
         _selection_section(params, trials, chosen),
         "![sensitivity: validation loss against the learning rate; circles: tuning runs, diamonds: finalists' "

@@ -1,0 +1,44 @@
+"""The study report says which setups (code, locks, data) trained its trials and refuses to
+compare test runs of different setups."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from db.provenance import ProvenanceError, trial_provenance
+from evaluation.study import trial_from_record
+from evaluation.study_report import compared_setup, provenance_line, write_report
+
+
+def _record(phase: str, method: str, seed: int, setup: str | None) -> dict:
+    record = {"phase": phase, "method": method, "steps": 200, "seed": seed, "setting": {"learning_rate": 1e-4},
+              "val_loss": 1.0}
+    return record if setup is None else {**record, "provenance": {"setup": setup, "fingerprint": setup + "x"}}
+
+
+def test_a_trial_reads_its_setup_from_the_ledger_record(tmp_path):
+    (tmp_path / "recipe.py").write_text("X = 1\n")
+    provenance = trial_provenance(["recipe.py"], tmp_path, "data", {"grit": True})
+    trial = trial_from_record({**_record("test", "pure_grit", 1, None), "provenance": provenance})
+    assert trial.setup == provenance["setup"]
+    assert trial_from_record(_record("test", "pure_grit", 1, None)).setup is None      # older ledgers
+
+
+def test_the_report_refuses_to_compare_test_runs_of_two_setups_and_names_both(tmp_path):
+    trials = [trial_from_record(r) for r in (
+        _record("tune", "pure_grit", 0, "aaaaaaaaaaaa"),        # tuning of other code: reported, not compared
+        _record("test", "pure_grit", 1, "bbbbbbbbbbbb"), _record("test", "peft_lora", 1, "bbbbbbbbbbbb"),
+        _record("test", "peft_lora", 2, None))]
+    assert compared_setup(trials) == "bbbbbbbbbbbb"
+    line = provenance_line(trials)
+    assert "tune: `aaaaaaaaaaaa` (1 trials)" in line and "`bbbbbbbbbbbb` (2 trials)" in line and "not recorded" in line
+
+    mixed = [*trials, trial_from_record(_record("test", "peft_lora", 3, "cccccccccccc"))]
+    with pytest.raises(ProvenanceError, match="bbbbbbbbbbbb.*cccccccccccc"):
+        compared_setup(mixed)
+    params = SimpleNamespace(study=SimpleNamespace(methods=["pure_grit", "peft_lora"], steps=[200]))
+    with pytest.raises(ProvenanceError, match="pure_grit at 200 steps was trained with setup bbbbbbbbbbbb"):
+        write_report(tmp_path / "report", tmp_path / "study.json", params, mixed, {}, [], 0.0, "run")
+    assert not (tmp_path / "report").exists()
