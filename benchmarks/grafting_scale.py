@@ -97,7 +97,7 @@ def observe(method: str, steps: int, setting: dict[str, float], scratch: Path,
     preconditioned step."""
     from pipelines.params import load_params
     from pipelines.paths import DATA_DIR
-    from pipelines.study_worker import trial_params
+    from pipelines.study.trial import trial_params
     from trainers.base_model import resolve_base_model
     from trainers.grit.manager import GritManager
     from trainers.recipe import train_variant

@@ -176,7 +176,7 @@ class SpeedMetric(Base):
 
 
 class StudyTrial(Base):
-    """One training run of the study (``pipelines/study.py``): a tuning trial (``phase`` tune: a
+    """One training run of the study (``pipelines/study/``): a tuning trial (``phase`` tune: a
     setting drawn from the method's search space, judged on validation loss) or a test run
     (``phase`` test: the method's chosen setting at one seed and run length, with test figures)."""
 
@@ -218,7 +218,7 @@ class StudyClaim(Base):
     __tablename__ = "study_claims"
 
     run_id: Mapped[str] = mapped_column(String(64), ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
-    cell: Mapped[str] = mapped_column(String(128), primary_key=True)
+    part: Mapped[str] = mapped_column(String(128), primary_key=True)
     worker: Mapped[str] = mapped_column(String(255))
     claimed_at: Mapped[datetime] = mapped_column(DateTime)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime)

@@ -74,7 +74,7 @@ class EvalParams(Section):
 
 
 class StudyParams(Section):
-    """The fair study (``pipelines/study.py``, docs/study.md): each method tuned on validation
+    """The fair study (``pipelines/study/``, docs/study.md): each method tuned on validation
     loss by Optuna with the same number of configurations and the same pruner at every run length,
     its finalists re-run with more seeds, then compared on the test sets at its chosen setting over
     test seeds that selection never saw. ``methods`` empty: the study is not run in this profile
@@ -97,7 +97,7 @@ class StudyParams(Section):
     learning_rate_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-2)
     # Each tuning's first configuration is its method's published defaults, trained to the end:
     # this learning rate (LoRA's customary one: QLoRA's and Unsloth's 2e-4) for every method, and a
-    # GRIT method's own damping, eigen-energy and reprojection warm-up (pipelines.study.published_defaults).
+    # GRIT method's own damping, eigen-energy and reprojection warm-up (pipelines.study.plan.published_defaults).
     default_learning_rate: Annotated[float, Field(gt=0)] = 2e-4
     damping_range: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (1e-4, 1e-1)
     # GRIT with the budget cadence (the paper variant) also tunes its reprojection and rank settings

@@ -109,7 +109,7 @@ class PairedTest:
 
 def trial_from_record(record: dict) -> Trial:
     """A trial as the study ledger (``reports/study/ledger/trials.jsonl``) records it, and as the
-    store holds it once read back (``pipelines.study_worker.stored_result``): one reading of both."""
+    store holds it once read back (``pipelines.study.trial.stored_result``): one reading of both."""
     return Trial(record["phase"], record["method"], record["steps"], record["seed"], record["setting"],
                  record.get("val_loss"), [tuple(p) for p in record.get("curve", [])], record.get("metrics", {}),
                  record.get("train_seconds", 0.0), record.get("tokens_per_second"),

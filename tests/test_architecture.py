@@ -22,7 +22,7 @@ FLOORS = {"core": 0, "db": 1, "trainers": 1, "export": 2, "profiling": 2, "evalu
 # Packages that may not import their floor-mates (db and trainers, export and profiling stand side by side).
 SIDE_BY_SIDE = {("db", "trainers"), ("trainers", "db"), ("export", "profiling"), ("profiling", "export")}
 # Benchmarks that replay a stage's own work and so import it: grafting_scale.py trains one study
-# trial as the study does (its params and ``study_worker.trial_params``).
+# trial as the study does (its params and ``pipelines.study.trial.trial_params``).
 REPLAYS_A_STAGE = {"benchmarks/grafting_scale.py"}
 
 

@@ -78,7 +78,7 @@ def closure(module: str) -> dict[str, Path]:
     """Every project module that running ``python -m module`` may execute, with its file
     (docstring-only package ``__init__`` files left out)."""
     seen: dict[str, Path] = {}
-    todo = [module]
+    todo = [module, f"{module}.__main__"]        # ``python -m package`` runs its ``__main__.py``
     while todo:
         parts = todo.pop().split(".")
         for i in range(1, len(parts) + 1):   # importing a.b.c runs a/__init__ and a/b/__init__ too

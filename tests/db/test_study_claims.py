@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from db.models import Run, StudyClaim
 from db.store import open_store, utcnow
-from db.study_claims import beat, claim_cell, finish_cell, held_cells, open_cells, release_cell, settle_cell
+from db.study_claims import beat, claim_part, finish_part, held_parts, open_parts, release_part, settle_part
 
 
 def _store(url: str):
@@ -20,51 +20,51 @@ def _store(url: str):
     return store
 
 
-def _silence(store, cell: str, seconds: float) -> None:
-    """As if the holder of ``cell`` last beat ``seconds`` ago."""
+def _silence(store, part: str, seconds: float) -> None:
+    """As if the holder of ``part`` last beat ``seconds`` ago."""
     with store.transaction() as session:
-        session.execute(update(StudyClaim).where(StudyClaim.cell == cell)
+        session.execute(update(StudyClaim).where(StudyClaim.part == part)
                         .values(heartbeat_at=utcnow() - timedelta(seconds=seconds)))
 
 
 def test_a_part_has_one_holder_until_it_goes_silent_and_is_never_claimed_once_done(store_url: str):
     store = _store(store_url)
-    assert claim_cell(store, "r", "peft_lora/32", "a", stale_after=60)
-    assert claim_cell(store, "r", "peft_lora/32", "a", stale_after=60)        # its own, again
-    assert not claim_cell(store, "r", "peft_lora/32", "b", stale_after=60)
-    assert held_cells(store, "r", stale_after=60) == ["peft_lora/32"]
+    assert claim_part(store, "r", "peft_lora/32", "a", stale_after=60)
+    assert claim_part(store, "r", "peft_lora/32", "a", stale_after=60)        # its own, again
+    assert not claim_part(store, "r", "peft_lora/32", "b", stale_after=60)
+    assert held_parts(store, "r", stale_after=60) == ["peft_lora/32"]
     _silence(store, "peft_lora/32", 61)
-    assert held_cells(store, "r", stale_after=60) == []
-    assert claim_cell(store, "r", "peft_lora/32", "b", stale_after=60)         # taken over
+    assert held_parts(store, "r", stale_after=60) == []
+    assert claim_part(store, "r", "peft_lora/32", "b", stale_after=60)         # taken over
     assert not beat(store, "r", "peft_lora/32", "a")                           # the old holder learns it
     assert beat(store, "r", "peft_lora/32", "b")
-    finish_cell(store, "r", "peft_lora/32", "b")
+    finish_part(store, "r", "peft_lora/32", "b")
     _silence(store, "peft_lora/32", 3600)
-    assert not claim_cell(store, "r", "peft_lora/32", "c", stale_after=60)
-    assert open_cells(store, "r", ["peft_lora/32", "pure_grit/32"]) == ["pure_grit/32"]
-    settle_cell(store, "r", "pure_grit/32")
-    assert open_cells(store, "r", ["peft_lora/32", "pure_grit/32"]) == []
+    assert not claim_part(store, "r", "peft_lora/32", "c", stale_after=60)
+    assert open_parts(store, "r", ["peft_lora/32", "pure_grit/32"]) == ["pure_grit/32"]
+    settle_part(store, "r", "pure_grit/32")
+    assert open_parts(store, "r", ["peft_lora/32", "pure_grit/32"]) == []
 
 
 def test_a_part_given_up_is_free_at_once_and_only_its_holder_gives_it_up(store_url: str):
     store = _store(store_url)
-    assert claim_cell(store, "r", "peft_lora/32", "a", stale_after=60)
-    release_cell(store, "r", "peft_lora/32", "b")                              # not b's to give up
-    assert held_cells(store, "r", stale_after=60) == ["peft_lora/32"]
-    release_cell(store, "r", "peft_lora/32", "a")                              # a's sitting ended
-    assert held_cells(store, "r", stale_after=60) == [] and open_cells(store, "r", ["peft_lora/32"]) == ["peft_lora/32"]
-    assert claim_cell(store, "r", "peft_lora/32", "b", stale_after=60)
-    finish_cell(store, "r", "peft_lora/32", "b")
-    release_cell(store, "r", "peft_lora/32", "b")                              # a done part stays done
-    assert open_cells(store, "r", ["peft_lora/32"]) == []
+    assert claim_part(store, "r", "peft_lora/32", "a", stale_after=60)
+    release_part(store, "r", "peft_lora/32", "b")                              # not b's to give up
+    assert held_parts(store, "r", stale_after=60) == ["peft_lora/32"]
+    release_part(store, "r", "peft_lora/32", "a")                              # a's sitting ended
+    assert held_parts(store, "r", stale_after=60) == [] and open_parts(store, "r", ["peft_lora/32"]) == ["peft_lora/32"]
+    assert claim_part(store, "r", "peft_lora/32", "b", stale_after=60)
+    finish_part(store, "r", "peft_lora/32", "b")
+    release_part(store, "r", "peft_lora/32", "b")                              # a done part stays done
+    assert open_parts(store, "r", ["peft_lora/32"]) == []
 
 
 def _claim(url: str, worker: int, barrier, wins) -> None:
     store = open_store(url)
     barrier.wait()
-    for cell in range(20):
-        if claim_cell(store, "r", f"cell{cell}", f"w{worker}", stale_after=600):
-            wins.append((cell, worker))
+    for part in range(20):
+        if claim_part(store, "r", f"part{part}", f"w{worker}", stale_after=600):
+            wins.append((part, worker))
 
 
 def test_concurrent_claimers_win_each_part_once(store_url: str):
@@ -77,4 +77,4 @@ def test_concurrent_claimers_win_each_part_once(store_url: str):
     for worker in workers:
         worker.join(timeout=300)
     assert [w.exitcode for w in workers] == [0] * 4
-    assert sorted(cell for cell, _ in wins) == list(range(20))
+    assert sorted(part for part, _ in wins) == list(range(20))

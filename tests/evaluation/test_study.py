@@ -304,7 +304,7 @@ def test_the_finished_parts_figures_are_shown_at_their_chosen_setting_within_eac
 
 
 def test_a_recorded_trial_is_recognised_as_its_planned_spec_so_a_resumed_study_skips_it():
-    from pipelines.study import identity
+    from pipelines.study.plan import identity
 
     spec = {"phase": "test", "method": "pure_grit", "steps": 32, "seed": 1003,
             "setting": {"learning_rate": 0.00178, "damping": 0.00572}, "position": "5/30"}
@@ -322,8 +322,8 @@ def test_a_trial_reads_the_same_from_the_store_as_from_the_ledger_and_costs_its_
     from db.models import Run, StudyTrial
     from db.store import open_store, utcnow
     from evaluation.study import trial_from_record
-    from pipelines.study import as_trial
-    from pipelines.study_worker import store_trial
+    from pipelines.study.sitting import as_trial
+    from pipelines.study.trial import store_trial
 
     result = {"phase": "test", "method": "pure_grit", "steps": 32, "seed": 1003, "tuning": "s/pure_grit/32",
               "setting": {"damping": 0.01398, "learning_rate": 0.001252}, "val_loss": 0.62,

@@ -38,7 +38,8 @@ def test_help_lists_every_flag_parsed(entry, monkeypatch, capsys):
         return parse_known_args(self, args, namespace)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", recording)
-    module = importlib.import_module(entry if entry != "pipelines.gpu_check" else "pipelines.gpu_check.__main__")
+    package_main = PIPELINES.parent.joinpath(*entry.split("."), "__main__.py").is_file()
+    module = importlib.import_module(f"{entry}.__main__" if package_main else entry)
     with pytest.raises(SystemExit) as stop:
         module.main(["--help"])
     assert stop.value.code in (0, None)

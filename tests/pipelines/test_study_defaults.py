@@ -10,10 +10,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from pipelines import study_worker
 from pipelines.params import Params, load_params
 from pipelines.profile import compose_params
-from pipelines.study import method_space, published_defaults
+from pipelines.study import job as trial_job
+from pipelines.study import tuning
+from pipelines.study.plan import method_space, published_defaults, study_rungs
 from trainers.config import variant_grit
 
 
@@ -44,7 +45,7 @@ def fake_trial(params: Params, spec: dict, root: Path, scratch: Path, on_validat
     2e-4 is far behind), reported at the study's rungs and at the end as the recipe reports it."""
     steps = spec["steps"]
     stopped, curve = None, []
-    for step in [*study_worker.study_rungs(params, steps), steps]:
+    for step in [*study_rungs(params, steps), steps]:
         loss = abs(math.log(spec["setting"]["learning_rate"] / 3e-3)) + 1 / step
         curve.append((step, loss))
         if on_validation is not None and on_validation(step, loss):
@@ -57,8 +58,8 @@ def fake_trial(params: Params, spec: dict, root: Path, scratch: Path, on_validat
 
 def test_the_defaults_are_the_first_trial_of_each_tuning_and_train_to_the_end(tmp_path: Path, monkeypatch):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    monkeypatch.setattr(study_worker, "run_trial", fake_trial)
-    monkeypatch.setattr(study_worker, "store_trial", lambda store, run_id, record: None)
+    monkeypatch.setattr(trial_job, "run_trial", fake_trial)
+    monkeypatch.setattr(trial_job, "store_trial", lambda store, run_id, record: None)
     params = Params()
     params = params.model_copy(update={
         "store": params.store.model_copy(update={"url": f"sqlite:///{tmp_path}/s.db"}),
@@ -69,7 +70,7 @@ def test_the_defaults_are_the_first_trial_of_each_tuning_and_train_to_the_end(tm
         job = {"kind": "tune", "method": "peft_lora", "steps": steps, "seed": 42, "tuning": f"k/peft_lora/{steps}",
                "configurations": 6, "space": [vars(d) for d in space], "run_id": "r",
                "defaults": published_defaults(params, "peft_lora", space)}
-        study_worker.tune(params, job, tmp_path, results)
+        trial_job.tune(params, job, tmp_path, results)
         records = [json.loads(line) for line in results.read_text().splitlines()]
         assert records[0]["setting"] == {"learning_rate": 2e-4} and records[0]["stopped_at"] is None
         assert any(r["stopped_at"] is not None for r in records)      # the pruner does prune the others
@@ -82,14 +83,14 @@ def test_the_pruner_never_stops_the_defaults_even_when_they_fall_behind(tmp_path
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     params = Params()
     params = params.model_copy(update={"study": params.study.model_copy(update={"methods": ["peft_lora"]})})
-    study = optuna.create_study(pruner=study_worker.study_pruner(params, 32))
+    study = optuna.create_study(pruner=tuning.study_pruner(params, 32))
     for value in (1.0, 1.1, 1.2):
         trial = study.ask()
         for step in (8, 24):
             trial.report(value, step)
             trial.should_prune()
         study.tell(trial, value)
-    study.enqueue_trial({"learning_rate": 2e-4}, user_attrs={study_worker.DEFAULTS: True})
+    study.enqueue_trial({"learning_rate": 2e-4}, user_attrs={tuning.DEFAULTS: True})
     trial = study.ask()
     trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)
     for step in (8, 24):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from evaluation.tuning import widen
 from pipelines.params import Params
-from pipelines.study import method_space, remaining_edges
+from pipelines.study.plan import method_space, remaining_edges
 
 
 def test_an_edge_at_a_hard_limit_and_one_after_the_last_extension_are_named_apart():

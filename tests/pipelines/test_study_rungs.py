@@ -11,7 +11,9 @@ import pytest
 from evaluation.tuning import HARD_LIMITS
 from pipelines.params import Params, load_params
 from pipelines.profile import compose_params
-from pipelines.study_worker import study_pruner, study_rungs, trial_params
+from pipelines.study.plan import study_rungs
+from pipelines.study.trial import trial_params
+from pipelines.study.tuning import study_pruner
 from trainers.config import variant_grit
 from trainers.grit.cadence import for_budget, reprojection_steps
 

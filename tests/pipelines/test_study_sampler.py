@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 
 from pipelines.params import Params
-from pipelines.study_worker import optuna_study
+from pipelines.study.tuning import optuna_study
 
 
 def test_a_resumed_tuning_does_not_ask_its_first_configuration_again(tmp_path: Path):
@@ -32,7 +32,7 @@ def _tune(params: Params, root: Path, job: dict, configurations: int, kill_at: i
     """Ask, report at steps 2 and 4 (pruning as told), tell; with ``kill_at``, the worker dies
     in the first configuration from number ``kill_at`` on that passes its first rung, and a new
     worker resumes."""
-    from pipelines.study_worker import finished_configurations, reseed
+    from pipelines.study.tuning import finished_configurations, reseed
 
     tuned = optuna_study(params, root, job)
     while finished_configurations(tuned) < configurations:
@@ -84,7 +84,7 @@ def test_a_finished_tuning_is_read_as_finished_without_a_worker(tmp_path: Path):
     trial a killed worker left running is not a finished configuration."""
     from db.store import open_store
     from db.tuning_journal import journal_logs
-    from pipelines.study_worker import configurations_finished
+    from pipelines.study.tuning import configurations_finished
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     params = Params()
@@ -137,7 +137,8 @@ def test_an_extension_starts_from_the_best_configuration_so_far_not_a_lone_first
     """An extension's study holds the best configuration of the tunings before it, as it ended
     there (not one of its configurations, not trained again): a first draw worse than it at the
     first rung is stopped there, where a lone first trial would always go on."""
-    from pipelines.study_worker import configurations_finished, study_rungs
+    from pipelines.study.plan import study_rungs
+    from pipelines.study.tuning import configurations_finished
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     params = Params()

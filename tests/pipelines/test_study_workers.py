@@ -20,8 +20,8 @@ from sqlalchemy import select
 
 from db.models import StudyClaim, StudyTrial
 from db.store import open_store
-from pipelines.study import run_claim
-from pipelines.study_worker import stored_result
+from pipelines.study.part import run_claim
+from pipelines.study.trial import stored_result
 
 pytestmark = pytest.mark.slow     # runs the smoke study four times
 
@@ -118,7 +118,7 @@ def test_two_workers_one_killed_mid_trial_give_the_one_worker_report(tmp_path_fa
     ledger = [json.loads(line) for line in (shared / "reports/study/ledger/trials.jsonl").read_text().splitlines()]
     assert len(ledger) == len(trials)
     with open_store(postgres_url).reader() as session:
-        claims = {c.cell: c for c in session.scalars(select(StudyClaim))}
+        claims = {c.part: c for c in session.scalars(select(StudyClaim))}
         fixed = [t for t in session.scalars(select(StudyTrial)) if t.phase != "tune"]
     parts = {"ledger", "peft_lora/4", "grit_paper/4", "peft_lora/4/tuned", "grit_paper/4/tuned"}
     runs = {run_claim(stored_result(t)) for t in fixed}
@@ -136,6 +136,6 @@ def test_a_worker_with_no_part_left_takes_runs_of_the_part_another_holds(tmp_pat
     assert out.count(" takes grit_paper/4") == 1 and out.count(" helps with the runs of grit_paper/4") == 1, out[-3000:]
     with open_store(_url(repo), repo).reader() as session:
         fixed = [t for t in session.scalars(select(StudyTrial)) if t.phase != "tune"]
-        claims = {c.cell: c.worker for c in session.scalars(select(StudyClaim))}
+        claims = {c.part: c.worker for c in session.scalars(select(StudyClaim))}
     tests = [t for t in fixed if t.phase == "test"]
     assert len(tests) == 2 and len({claims[run_claim(stored_result(t))] for t in tests}) == 2

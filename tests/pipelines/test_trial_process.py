@@ -15,7 +15,7 @@ MIDDLE = textwrap.dedent("""
     # as the study process starts a trial process: naming itself, so that a kill during the
     # child's imports is seen too
     child = subprocess.Popen([sys.executable, "-c",
-        "from pipelines.study_worker import end_with_parent; import time; end_with_parent(0.1); time.sleep(120)"],
+        "from pipelines.study.job import end_with_parent; import time; end_with_parent(0.1); time.sleep(120)"],
         env={**os.environ, "GRIT_STUDY_PARENT": str(os.getpid())})
     print(child.pid, flush=True)
     time.sleep(120)
@@ -48,7 +48,7 @@ def test_the_trial_process_ends_when_its_study_process_is_killed(repo_root):
 def test_a_finished_run_names_itself_and_prints_the_loss_its_phase_is_judged_on():
     """Two workers' lines interleave in a sitting's log, and a test run is judged on its held-out
     test loss, not on the validation loss the log used to print for every run."""
-    from pipelines.study_worker import run_summary
+    from pipelines.study.trial import run_summary
 
     record = {"method": "grit_paper", "steps": 96, "seed": 1008, "phase": "test", "val_loss": 0.3342,
               "metrics": {"test_loss": 0.3371, "val_loss": 0.3342}, "trial_seconds": 1713.1}
