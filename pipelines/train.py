@@ -26,6 +26,7 @@ from pipelines.paths import CHECKPOINTS, DATA_DIR, TRAIN_LIVE, TRAIN_METRICS, ad
 from pipelines.replicates import replicate_path, with_seed
 from pipelines.stage import StageContext, declared_variant, run_stage, stage_arguments, variant_argument
 from trainers.base_model import resolve_base_model
+from trainers.grit_vlm.presets import vlm_config
 from trainers.hardware import check_hardware
 
 
@@ -75,6 +76,8 @@ def preflight(variant_name: str, params: Params):
     if params.model.kind == "vlm" and params.train.nproc_per_node > 1:
         raise UserError("train.nproc_per_node: data-parallel training is built for language models only; "
                         "set it to 1 for model.kind: vlm")
+    if params.model.kind == "vlm":
+        vlm_config(params)   # the preset vlm.preset names, its overrides and the tiny model agree
     return variant
 
 

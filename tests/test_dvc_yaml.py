@@ -154,3 +154,34 @@ def test_every_setting_that_needs_cuda_reruns_the_first_stage_which_refuses_it()
     missing = [f"{need.section}.{need.field}" for need in CUDA_ONLY
                if need.section not in declared and f"{need.section}.{need.field}" not in declared]
     assert not missing, f"prepare_model's params in dvc.yaml lack {', '.join(missing)}"
+
+
+def _stage_files(name: str) -> set[str]:
+    module = stages()[name]["cmd"].split(" -m ", 1)[1].split()[0]
+    return {str(path.relative_to(REPO_ROOT)) for path in closure(module).values()}
+
+
+def test_the_params_schema_loads_no_vlm_presets_or_model_code():
+    """Every stage validates the whole params first, so whatever the schema imports is every
+    stage's dep: it holds the sections' types only, not the preset tables or the VLM models."""
+    files = _stage_files("compare") & {str(p.relative_to(REPO_ROOT)) for p in closure("pipelines.params").values()}
+    assert not {"trainers/grit_vlm/presets.py", "trainers/grit_vlm/models.py", "trainers/grit_vlm/data.py"} & files
+
+
+def test_no_text_stage_depends_on_the_vlm_presets():
+    """Editing a VLM preset re-runs no stage a VLM run never reaches (its entry point calls
+    ``require_text_model``). The study is one but trains through ``trainers.recipe``, whose one
+    dispatch imports the VLM variant too, so a training stage is left out here."""
+    presets = Path("trainers/grit_vlm/presets.py")
+    text = [name for name, stage in stages().items()
+            if "require_text_model(" in "".join(module_file(m).read_text() for m in closure_modules(stage))
+            and "trainers/recipe.py" not in _stage_files(name)]
+    assert {"export", "serve", "evaluate", "compare"} <= set(text)
+    depending = [name for name in text if any(presets.is_relative_to(str(dep)) for dep in stages()[name]["deps"])]
+    assert not depending, f"these text stages list trainers/grit_vlm/presets.py in their deps: {depending}"
+
+
+def closure_modules(stage: dict) -> list[str]:
+    """The stage's own entry module (and its package's, for a ``python -m package``)."""
+    module = stage["cmd"].split(" -m ", 1)[1].split()[0]
+    return [m for m in (module, f"{module}.__main__") if module_file(m) is not None]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from core.errors import UserError
 from core.files import cache_dir, fresh_staging_dir, publish_directory, sha256_file
 from trainers.config import ModelParams, TinyModelParams
-from trainers.grit_vlm.models import build_tiny_vlm
+from trainers.grit_vlm.tiny import build_tiny_vlm
 from trainers.hardware import check_hardware
 
 if TYPE_CHECKING:

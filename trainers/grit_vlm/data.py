@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import UserError
-from trainers.grit_vlm.models import ImageTextExample
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square", "triangle")
 PROMPT = "What is in the picture?"
+
+
+@dataclass(frozen=True)
+class ImageTextExample:
+    image: np.ndarray          # [H, W, 3] uint8
+    prompt: str
+    caption: str
 
 
 def draw_shape(shape: str, colour: tuple[int, int, int], size: int, rng: random.Random) -> np.ndarray:

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 from trainers.base_model import embedded_tokenizer_dir
 from trainers.grit.layer_selection import LayerSelectionError, candidate_linear_layers, select_target_modules
 from trainers.grit_vlm.config import Modality, TinyVisionParams, VlmGritParams, modality_selection
-from trainers.grit_vlm.models import build_tiny_vlm, load_vlm
+from trainers.grit_vlm.models import load_vlm
 from trainers.grit_vlm.presets import PRESETS, preset
+from trainers.grit_vlm.tiny import build_tiny_vlm
 
 if TYPE_CHECKING:
     from torch import nn

@@ -1,8 +1,9 @@
-"""Vision-language base models: tiny random ones built from configs, hub ones, and how each
-turns (image, prompt, caption) into model inputs.
+"""Vision-language base models: loading one, and how each turns (image, prompt, caption) into
+model inputs.
 
-Tiny VLMs (``model.kind: vlm``, ``model.source: tiny``) use the real SmolLM2 tokenizer with the
-architecture's image tokens added, and a small vision tower; nothing is downloaded. Their inputs
+Tiny VLMs (``model.kind: vlm``, ``model.source: tiny``, built by ``trainers/grit_vlm/tiny.py``)
+use the real SmolLM2 tokenizer with the architecture's image tokens added, and a small vision
+tower; nothing is downloaded. Their inputs
 are built here (``TinyEncoding``) exactly as the architecture expects them (the processors of
 transformers 5 need torchvision, which the CPU build of torch here cannot load). Hub VLMs use
 their own ``AutoProcessor`` (``ProcessorEncoding``).
@@ -13,8 +14,6 @@ image tokens and the prompt are masked with -100.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,57 +21,9 @@ import torch
 
 from core.errors import UserError
 from trainers.grit_vlm.config import TinyVisionParams
+from trainers.grit_vlm.data import ImageTextExample
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5
-_IMAGE_TOKENS: dict[str, list[str]] = {
-    "idefics3": ["<image>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"],
-    "qwen2_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
-    "llava": ["<image>"],
-}
-
-
-def build_tiny_vlm(text: dict, vision: TinyVisionParams, tokenizer_dir: Path, out_dir: Path, seed: int = 0) -> None:
-    """Save a random VLM of ``vision.architecture`` (decoder shape ``text``: hidden_size, layers,
-    heads, ...) with the SmolLM2 tokenizer plus the architecture's image tokens."""
-    from transformers import AutoModelForImageTextToText, AutoTokenizer, Idefics3Config, LlavaConfig, Qwen2VLConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tokenizer.add_special_tokens({"additional_special_tokens": _IMAGE_TOKENS[vision.architecture]})
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _IMAGE_TOKENS[vision.architecture]}
-    text_config = {**text, "vocab_size": len(tokenizer), "max_position_embeddings": 2048,
-                   "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-                   "pad_token_id": tokenizer.pad_token_id}
-    vit = {"hidden_size": vision.hidden_size, "intermediate_size": 2 * vision.hidden_size,
-           "num_hidden_layers": vision.num_hidden_layers, "num_attention_heads": vision.num_attention_heads,
-           "image_size": vision.image_size, "patch_size": vision.patch_size}
-    if vision.architecture == "idefics3":
-        config = Idefics3Config(vision_config=vit, text_config={"model_type": "llama", **text_config}, scale_factor=2,
-                                image_token_id=ids["<image>"], pad_token_id=tokenizer.pad_token_id)
-    elif vision.architecture == "llava":
-        config = LlavaConfig(vision_config={"model_type": "clip_vision_model",
-                                            "projection_dim": vision.hidden_size, **vit},
-                             text_config={"model_type": "llama", **text_config}, image_token_id=ids["<image>"],
-                             pad_token_id=tokenizer.pad_token_id)
-    else:
-        head_dim = text["hidden_size"] // text["num_attention_heads"]
-        # mrope splits each head's rotary half-dimension into (temporal, height, width) sections
-        half = head_dim // 2
-        sections = [half - 2 * (half // 3), half // 3, half // 3]
-        config = Qwen2VLConfig(
-            vision_config={"depth": vision.num_hidden_layers, "embed_dim": vision.hidden_size,
-                           "hidden_size": text["hidden_size"], "num_heads": vision.num_attention_heads, "mlp_ratio": 2,
-                           "patch_size": vision.patch_size // 2, "spatial_merge_size": 2, "temporal_patch_size": 2},
-            text_config={**text_config, "rope_scaling": {"type": "mrope", "mrope_section": sections}},
-            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        )
-    torch.manual_seed(seed)
-    model = AutoModelForImageTextToText.from_config(config).to(torch.float32)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "tiny_vlm.json").write_text(json.dumps(vision.model_dump(), indent=2))
-
-
 def load_vlm(hf_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     from transformers import AutoModelForImageTextToText
 
@@ -84,13 +35,6 @@ def load_vlm(hf_dir: Path, dtype: torch.dtype = torch.float32, trust_remote_code
 
 
 # ------------------------------------------------------------------------------- encodings
-
-
-@dataclass(frozen=True)
-class ImageTextExample:
-    image: np.ndarray          # [H, W, 3] uint8
-    prompt: str
-    caption: str
 
 
 def normalized_pixels(image: np.ndarray, size: int) -> torch.Tensor:
@@ -115,7 +59,7 @@ def qwen2_vl_patches(pixels: torch.Tensor, patch: int, temporal: int, merge: int
 
 
 class TinyEncoding:
-    """Model inputs for a tiny VLM built by :func:`build_tiny_vlm`, per architecture."""
+    """Model inputs for a tiny VLM built by :func:`trainers.grit_vlm.tiny.build_tiny_vlm`, per architecture."""
 
     def __init__(self, tokenizer, config, image_size: int) -> None:
         self.tokenizer, self.config, self.image_size = tokenizer, config, image_size

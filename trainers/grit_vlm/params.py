@@ -1,15 +1,18 @@
 """The ``vlm`` params section: which GRIT-VLM configuration (a preset or a custom one) and which
-image-text pairs a ``model.kind: vlm`` run uses."""
+image-text pairs a ``model.kind: vlm`` run uses.
+
+Every stage validates this section's shape; the preset it names is resolved (and its overrides
+applied) by ``trainers.grit_vlm.presets.vlm_config`` in the VLM stages only, so a text stage's
+code, and its DVC deps, never include the preset tables."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from core.section import Section
 from trainers.grit_vlm.config import VlmGritParams
-from trainers.grit_vlm.presets import PRESETS
 
 
 class VlmDataParams(Section):
@@ -46,20 +49,6 @@ class VlmParams(Section):
     def _one_config(self) -> VlmParams:
         if (self.preset is None) == (self.custom is None):
             raise ValueError("set exactly one of preset and custom")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"no preset named {self.preset!r}; presets: {', '.join(PRESETS)}")
         if self.overrides and self.custom is not None:
             raise ValueError("overrides change a preset; with custom, write the change into custom")
-        if self.overrides:
-            try:
-                self.config()
-            except ValidationError as error:
-                first = error.errors()[0]
-                where = ".".join(str(part) for part in first["loc"])
-                raise ValueError(f"overrides.{where}: {first['msg'].removeprefix('Value error, ')}") from None
         return self
-
-    def config(self) -> VlmGritParams:
-        if self.custom is not None:
-            return self.custom
-        return PRESETS[self.preset].with_overrides(self.overrides)

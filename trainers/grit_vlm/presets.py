@@ -20,9 +20,16 @@ phi3_5_vision      last 6 read blocks / last 8 / all           Phi-3.5-vision-in
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from pydantic import ValidationError
+
 from core.errors import UserError
 from trainers.grit.layer_selection import LayerSelection
 from trainers.grit_vlm.config import ModalityParams, VlmGritParams
+
+if TYPE_CHECKING:
+    from trainers.config import TrainingSections
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj")
 _DECODER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -140,3 +147,27 @@ def preset(name: str) -> VlmGritParams:
     if name not in PRESETS:
         raise UserError(f"no GRIT-VLM preset named {name!r}; presets: {', '.join(PRESETS)}")
     return PRESETS[name]
+
+
+def vlm_config(params: TrainingSections) -> VlmGritParams:
+    """The GRIT-VLM configuration ``params.vlm`` names: its ``custom`` one, or its preset with
+    ``overrides`` applied, checked against the tiny VLM ``params.model`` builds. Raises
+    :class:`UserError` with one line naming the key. The params schema checks only the section's
+    shape, so the VLM stages call this first (a text stage never loads these tables)."""
+    vlm = params.vlm
+    if vlm.custom is not None:
+        config = vlm.custom
+    else:
+        if vlm.preset not in PRESETS:
+            raise UserError(f"vlm.preset: no preset named {vlm.preset!r}; presets: {', '.join(PRESETS)}")
+        try:
+            config = PRESETS[vlm.preset].with_overrides(vlm.overrides)
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise UserError(f"vlm.overrides.{where}: {first['msg'].removeprefix('Value error, ')}") from None
+    model = params.model
+    if model.kind == "vlm" and model.source == "tiny" and config.architecture != model.vision.architecture:
+        raise UserError(f"vlm: the GRIT-VLM configuration is written for {config.architecture} but "
+                        f"model.vision.architecture is {model.vision.architecture}")
+    return config

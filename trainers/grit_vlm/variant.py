@@ -22,8 +22,9 @@ from trainers.grit.distributed import world_size
 from trainers.grit.layer import base_module_name
 from trainers.grit_vlm.adapter import VlmGritAdapter, build_vlm_peft
 from trainers.grit_vlm.config import Modality, VlmGritParams, modality_grit_config
-from trainers.grit_vlm.data import read_pairs
-from trainers.grit_vlm.models import ImageTextExample, encoding_for, load_vlm
+from trainers.grit_vlm.data import ImageTextExample, read_pairs
+from trainers.grit_vlm.models import encoding_for, load_vlm
+from trainers.grit_vlm.presets import vlm_config
 from trainers.probe.config import ProbeParams
 from trainers.probe.verdict import ProbeMeasurements, as_json, decide
 from trainers.sft import training_order
@@ -57,7 +58,7 @@ def ordered_pairs(pairs: list[ImageTextExample], train: TrainParams,
 
 def vision_language_model(variant: VariantParams, params: TrainingSections, files: BaseModelFiles, data_dir: Path,
                           steps: int | None = None) -> VariantModel:
-    config = params.vlm.config()
+    config = vlm_config(params)
     model = load_vlm(files.hf_dir, torch_dtype(params.model.dtype), params.model.trust_remote_code)
     encoding = encoding_for(files.hf_dir, model, params.model.trust_remote_code)
     peft_model, selected = build_vlm_peft(model, config)

@@ -14,14 +14,15 @@ from trainers.grit.config import GritParams
 from trainers.grit.doors import GritCallback, Preconditioner, trainer_clipping_norm
 from trainers.grit.manager import GritManager
 from trainers.grit_vlm.adapter import VlmGritAdapter, build_vlm_peft
+from trainers.grit_vlm.presets import vlm_config
 
 
 def test_both_managers_are_preconditioners():
     manager = GritManager(tiny_lora_model(), GritParams())
     assert isinstance(manager, Preconditioner)
     params = vlm_params("idefics3")
-    model, selected = build_vlm_peft(tiny_vlm("idefics3"), params.vlm.config())
-    adapter = VlmGritAdapter(model, params.vlm.config(), selected, params.grit)
+    model, selected = build_vlm_peft(tiny_vlm("idefics3"), vlm_config(params))
+    adapter = VlmGritAdapter(model, vlm_config(params), selected, params.grit)
     assert isinstance(adapter, Preconditioner)
     assert not isinstance(object(), Preconditioner)
     manager.detach()

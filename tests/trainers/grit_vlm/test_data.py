@@ -11,6 +11,7 @@ from core.errors import UserError
 from pipelines.params import ParamsError, parse_params
 from trainers.grit_vlm.data import COLOURS, SHAPES, read_pairs, synthetic_pairs, write_pairs
 from trainers.grit_vlm.models import encoding_for, qwen2_vl_patches
+from trainers.grit_vlm.presets import preset, vlm_config
 
 
 def test_synthetic_pairs_cover_every_colour_and_shape_and_show_them():
@@ -68,12 +69,20 @@ def test_tiny_encodings_put_one_image_token_per_image_feature_and_mask_all_but_t
 def test_vlm_params_are_checked_at_the_edge():
     with pytest.raises(ParamsError, match="kind 'vlm' needs source 'tiny' or 'hf'"):
         parse_params({"model": {"kind": "vlm"}})
-    with pytest.raises(ParamsError, match="written for idefics3 but model.vision.architecture is qwen2_vl"):
-        parse_params({"model": {"kind": "vlm", "source": "tiny", "vision": {"architecture": "qwen2_vl"}}})
-    with pytest.raises(ParamsError, match="no preset named 'smolvlm'"):
-        parse_params({"vlm": {"preset": "smolvlm"}})
     with pytest.raises(ParamsError, match="path is needed with source 'jsonl'"):
         parse_params({"vlm": {"data": {"source": "jsonl"}}})
+    with pytest.raises(ParamsError, match="overrides change a preset"):
+        parse_params({"vlm": {"preset": None, "custom": preset("smolvlm_fast").model_dump(), "overrides": {"r": 8}}})
+
+
+def test_the_vlm_stages_resolve_the_preset_and_check_it_against_the_tiny_model():
+    """The schema checks the section's shape only (no stage's code loads the preset tables for
+    it); the VLM stages resolve the preset first and refuse in one line."""
+    with pytest.raises(UserError, match="written for idefics3 but model.vision.architecture is qwen2_vl"):
+        vlm_config(parse_params({"model": {"kind": "vlm", "source": "tiny", "vision": {"architecture": "qwen2_vl"}}}))
+    with pytest.raises(UserError, match="vlm.preset: no preset named 'smolvlm'"):
+        vlm_config(parse_params({"vlm": {"preset": "smolvlm"}}))
+    assert vlm_config(parse_params({})).architecture == "idefics3"
 
 
 def test_the_hub_path_through_a_saved_processor_gives_the_same_inputs_as_the_tiny_encoding(tmp_path):

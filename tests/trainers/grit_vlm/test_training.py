@@ -10,6 +10,7 @@ import pytest
 import torch
 from tiny_vlm import tiny_vlm, tiny_vlm_files, vlm_params
 
+from core.errors import UserError
 from trainers.config import VariantParams
 from trainers.grit.config import GritParams
 from trainers.grit.layer import base_module_name, lora_layers
@@ -17,7 +18,7 @@ from trainers.grit_vlm.adapter import VlmGritAdapter, build_vlm_peft
 from trainers.grit_vlm.config import modality_grit_config
 from trainers.grit_vlm.data import synthetic_pairs, write_pairs
 from trainers.grit_vlm.models import encoding_for
-from trainers.grit_vlm.presets import preset
+from trainers.grit_vlm.presets import preset, vlm_config
 from trainers.probe.variant import probe_variant
 from trainers.recipe import train_variant
 
@@ -64,7 +65,7 @@ def test_a_modality_speaks_the_grit_sections_names_and_is_validated_as_it():
 @pytest.mark.parametrize("architecture", ["idefics3", "qwen2_vl"])
 def test_capture_and_preconditioning_act_in_every_modality(architecture):
     params = vlm_params(architecture)
-    config = params.vlm.config()
+    config = vlm_config(params)
     files = tiny_vlm_files(architecture)
     model, selected = build_vlm_peft(tiny_vlm(architecture), config)
     encoding = encoding_for(files.hf_dir, model)
@@ -154,16 +155,17 @@ def test_a_presets_declared_budgets_act_through_reprojection(tmp_path):
 def test_a_presets_layers_and_budgets_can_be_overridden_field_by_field():
     from trainers.grit_vlm.params import VlmParams
 
-    params = VlmParams(preset="smolvlm_256m", overrides={
+    params = vlm_params("idefics3", vlm={"preset": "smolvlm_256m", "overrides": {
         "vision": {"layers": {"strategy": "last_n", "n_layers": 2}, "grit": {"budget_end": 6}},
-        "language": {"patterns": ["model.text_model.layers.*.self_attn.q_proj"]}})
-    config, chosen = params.config(), preset("smolvlm_256m")
+        "language": {"patterns": ["model.text_model.layers.*.self_attn.q_proj"]}}})
+    config, chosen = vlm_config(params), preset("smolvlm_256m")
     assert (config.vision.layers.strategy, config.vision.layers.n_layers) == ("last_n", 2)
     assert config.vision.grit == {**chosen.vision.grit, "budget_end": 6}           # the rest of the preset stays
     assert config.language.patterns == ["model.text_model.layers.*.self_attn.q_proj"]
     assert config.language.grit == chosen.language.grit and config.connector == chosen.connector
-    with pytest.raises(ValueError, match=r"overrides\.vision: grit: 'budget_ends' is not a field"):
-        VlmParams(preset="smolvlm_256m", overrides={"vision": {"grit": {"budget_ends": 6}}})
+    with pytest.raises(UserError, match=r"vlm\.overrides\.vision: grit: 'budget_ends' is not a field"):
+        vlm_config(vlm_params("idefics3", vlm={"preset": "smolvlm_256m",
+                                               "overrides": {"vision": {"grit": {"budget_ends": 6}}}}))
     with pytest.raises(ValueError, match="overrides change a preset"):
         VlmParams(preset=None, custom=chosen, overrides={"r": 8})
 
@@ -182,7 +184,7 @@ def test_a_joint_projection_budget_is_shared_by_every_modality(pairs_dir, tmp_pa
     from trainers.grit.math import joint_budget
 
     params = _joint()
-    assert params.vlm.config().joint_budget.factor == 1.2
+    assert vlm_config(params).joint_budget.factor == 1.2
     adapters = []
     train_variant("pure_grit", PURE_GRIT, params, tiny_vlm_files("idefics3"), pairs_dir, tmp_path / "adapter",
                   tmp_path / "checkpoints", on_trained=lambda model, manager: adapters.append(manager) or {})
