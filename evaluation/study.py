@@ -52,6 +52,8 @@ class Trial:
     trial_seconds: float | None = None
     # the code, locks and data that trained it (db.provenance); None in ledgers older than it
     setup: str | None = None
+    # a tuning's first configuration: its method's published defaults, enqueued and never pruned
+    defaults: bool = False
 
     @property
     def pruned(self) -> bool:
@@ -115,7 +117,7 @@ def trial_from_record(record: dict) -> Trial:
                  record.get("train_seconds", 0.0), record.get("tokens_per_second"),
                  record.get("trainable_parameters"), per_prompt=record.get("per_prompt", {}),
                  stopped_at=record.get("stopped_at"), trial_seconds=record.get("trial_seconds"),
-                 setup=(record.get("provenance") or {}).get("setup"))
+                 setup=(record.get("provenance") or {}).get("setup"), defaults=bool(record.get("defaults")))
 
 
 def _finite(value: float) -> float | None:

@@ -83,6 +83,34 @@ def tuning_rows(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Se
     return rows
 
 
+def where_defaults_land(trials: Sequence[Trial], method: str, steps: int,
+                        chosen: dict[str, float] | None) -> dict[str, Any] | None:
+    """The published defaults of one part against its tuning: their validation loss, their rank
+    among the configurations trained to the end (1 is best) and whether selection chose them;
+    None before the defaults have run."""
+    tuned = [t for t in trials if t.phase == "tune" and t.method == method and t.steps == steps]
+    defaults = next((t for t in tuned if t.defaults), None)
+    if defaults is None:
+        return None
+    ended = sorted(t.val_loss for t in tuned if not t.pruned and t.val_loss is not None and math.isfinite(t.val_loss))
+    loss = defaults.val_loss if defaults.val_loss is not None and math.isfinite(defaults.val_loss) else None
+    return {"setting": defaults.setting, "val_loss": loss, "rank": None if loss is None else ended.index(loss) + 1,
+            "of": len(ended), "best_val_loss": ended[0] if ended else None, "chosen": chosen == defaults.setting}
+
+
+def defaults_rows(trials: Sequence[Trial], methods: Sequence[str], run_lengths: Sequence[int],
+                  chosen: dict[tuple[str, int], dict[str, float]]) -> list[list[str]]:
+    rows = []
+    for steps in run_lengths:
+        for method in methods:
+            landed = where_defaults_land(trials, method, steps, chosen.get((method, steps)))
+            if landed is not None:
+                rank = "failed" if landed["rank"] is None else f"{landed['rank']} of {landed['of']}"
+                rows.append([str(steps), method, _setting(landed["setting"]), _number(landed["val_loss"]), rank,
+                             _number(landed["best_val_loss"]), "yes" if landed["chosen"] else "no"])
+    return rows
+
+
 def rungs_line(trials: Sequence[Trial]) -> str:
     """The pruner's rungs per run length as the tuning trials measured them (every step of a
     tuning curve before its end is a rung: a trial measures its validation loss there only)."""
@@ -359,6 +387,16 @@ def _tuning_section(params, trials: Sequence[Trial], notes: Sequence[str]) -> st
             + "".join(f"\n\n**Range:** {note}." for note in notes))
 
 
+def _defaults_section(params, trials: Sequence[Trial], chosen: dict[tuple[str, int], dict[str, float]]) -> str:
+    """Where each method's published defaults landed in its own tuning (trained to the end there)."""
+    rows = defaults_rows(trials, params.study.methods, params.study.steps, chosen)
+    return ("## Where the published defaults land (validation loss; rank among the configurations trained to "
+            "the end, 1 is best)\n\n"
+            + (_table(["steps", "method", "defaults", "validation loss", "rank", "best validation loss", "chosen"],
+                      rows) if rows else "No tuning of this study has trained its defaults yet (ledgers before "
+               "the defaults were enqueued do not mark them)."))
+
+
 def _selection_section(params, trials: Sequence[Trial], chosen: dict[tuple[str, int], dict[str, float]]) -> str:
     return ("## Selection (mean validation loss of the finalists over the selection seeds)\n\n"
             + _table(["steps", "method", "setting", "validation loss per seed", "mean"],
@@ -433,6 +471,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
         _opening_section(params, run_id, sentence),
         provenance_line(trials),
         _tuning_section(params, trials, notes),
+        _defaults_section(params, trials, chosen),
         _selection_section(params, trials, chosen),
         "![sensitivity: validation loss against the learning rate; circles: tuning runs, diamonds: finalists' "
         "means, stars: chosen](sensitivity.png)",
@@ -461,6 +500,8 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
     return {
         "status": "complete", "verdict": sentence, "methods": list(study.methods),
         "chosen": {f"{m}@{steps}": setting for (m, steps), setting in chosen.items()},
+        "defaults": {f"{m}@{b}": landed for m in study.methods for b in study.steps
+                     if (landed := where_defaults_land(trials, m, b, chosen.get((m, b)))) is not None},
         "configurations": study.configurations, "finalists": study.finalists,
         "selection_seeds": 1 + study.finalist_seeds, "seeds": study.seeds, "steps": study.steps,
         "summary": {f"{m}@{b}": {metric: plain(summary(trials, m, b, metric, resamples=study.bootstrap_resamples,

@@ -30,7 +30,7 @@ from core.quiet import silence_known_import_noise
 from evaluation.tuning import Dimension
 from pipelines.params import Params, load_params
 from pipelines.study.trial import provenance, run_summary, run_trial, store_trial, trial_store
-from pipelines.study.tuning import finished_configurations, optuna_study, reseed
+from pipelines.study.tuning import DEFAULTS, finished_configurations, optuna_study, reseed
 
 
 def sitting_over(job: dict[str, Any], trained: int) -> bool:
@@ -54,7 +54,7 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
         trial = tuned.ask()
         setting = {d.name: float(f"{trial.suggest_float(d.name, d.low, d.high, log=d.log):.4g}") for d in space}
         spec = {"phase": "tune", "method": job["method"], "steps": job["steps"], "seed": job["seed"],
-                "setting": setting, "tuning": job["tuning"]}
+                "setting": setting, "tuning": job["tuning"], "defaults": bool(trial.user_attrs.get(DEFAULTS))}
         print(f"[study] tune {job['method']} at {job['steps']} steps, configuration {finished + 1}/"
               f"{job['configurations']}: {json.dumps(setting, sort_keys=True)}", flush=True)
 

@@ -125,6 +125,7 @@ def store_trial(store, run_id: str, result: dict) -> None:
             "metrics_json": json.dumps({"figures": {**result["metrics"], "trial_seconds": result.get("trial_seconds")},
                                         "per_prompt": result.get("per_prompt", {}),
                                         "stopped_at": result.get("stopped_at"), "tuning": result.get("tuning", ""),
+                                        "defaults": result.get("defaults", False),
                                         "revision": result.get("revision"), "host": result.get("host"),
                                         "data": result.get("data")}),
             "train_seconds": result["train_seconds"],
@@ -140,7 +141,8 @@ def stored_result(row) -> dict[str, Any]:
     figures = dict(extra.get("figures", {}))
     trial_seconds = figures.pop("trial_seconds", None)
     return {"phase": row.phase, "method": row.method, "steps": row.steps, "seed": row.seed,
-            "setting": json.loads(row.setting), "tuning": extra.get("tuning", ""), "val_loss": row.val_loss,
+            "setting": json.loads(row.setting), "tuning": extra.get("tuning", ""),
+            "defaults": extra.get("defaults", False), "val_loss": row.val_loss,
             "curve": json.loads(row.curve_json), "stopped_at": extra.get("stopped_at"), "metrics": figures,
             "per_prompt": extra.get("per_prompt", {}), "train_seconds": row.train_seconds,
             "tokens_per_second": row.tokens_per_second, "trainable_parameters": row.trainable_parameters,
