@@ -16,9 +16,9 @@ missing or holds no complete run.
 
 With several training seeds (``train.n_seeds``) a cell is the mean over seeds with a Student-t
 95% interval across seeds, and differences are judged by a paired t-test over seeds (seed s of
-a variant against seed s of its reference; ``evaluation.stats.paired_over_seeds``, the same
-aggregation the evaluate stage writes to ``metrics/eval.json``); with one seed, by the
-per-prompt tests.
+a variant against seed s of its reference; ``evaluation.metrics.figure_over_seeds`` and
+``differences_over_seeds``, the same aggregation the evaluate stage writes to
+``metrics/eval.json``); with one seed, by the per-prompt tests.
 
     python -m evaluation.compare_all [--run RUN_ID] [--csv reports/compare.csv] [--store URL]
     python -m evaluation.compare_all --list      # every run (experiment) in the store
@@ -44,17 +44,22 @@ from db.config import WHERE_PASSWORDS_GO, StoreParams, has_password, store_url
 from db.models import Comparison, EvalMetric, Run, SpeedMetric
 from db.store import open_store, sqlite_file
 from evaluation.config import EvalParams
-from evaluation.metrics import REGISTRY, Metric, derived_keys, get, model_metrics, within_range
-from evaluation.stats import finite_or_none, mean_over_seeds, paired_over_seeds
-from export.config import ExportParams, ServeParams
+from evaluation.metrics import (
+    SPEED_FIGURES,
+    TRAINING_FIGURES,
+    Metric,
+    derived_keys,
+    differences_over_seeds,
+    figure_over_seeds,
+    get,
+    model_metrics,
+    parity_metric,
+)
+from evaluation.stats import finite_or_none
+from export.config import ExportParams, ServeParams, served_form
 
-SPEED = [("delta_speed_decode", "decode speed / base (side by side)"),
-         ("delta_speed_prefill", "prefill speed / base (side by side)"),
-         ("delta_speed_decode_same_format", "decode speed / base in the variants' file format (side by side)"),
-         ("delta_speed_prefill_same_format", "prefill speed / base in the variants' file format (side by side)"),
-         ("decode_tokens_per_second", "decode tokens/s"), ("prefill_tokens_per_second", "prefill tokens/s"),
-         ("train_seconds", "training time (s)"), ("tokens_per_second", "training tokens/s"),
-         ("peak_rss_mib", "training peak RSS (MiB)"), ("peak_cuda_mib", "training peak CUDA memory (MiB)")]
+# The speed table's rows: the registry's served speed, then training cost.
+SPEED = [(f.name, f.label) for f in [*SPEED_FIGURES, *TRAINING_FIGURES]]
 REPORTS = Path("reports")
 
 
@@ -110,10 +115,12 @@ class RunTables:
 
     def served_parity(self, model: str, figure: str) -> Figure | None:
         """An export parity figure (``agreement``, ``mean_kl``) of the form the model is served in,
-        as the export stage recorded it: merged when serve.weights says so and a merged file was
-        checked, else the adapter."""
-        forms = ("merged", "adapter") if self.serve.weights == "merged" else ("adapter",)
-        return next(filter(None, (self.figure(model, f"export_parity_{form}_{figure}") for form in forms)), None)
+        as the export stage stored it (``export_parity_<form>_<figure>``), the form by the one rule
+        (``export.config.served_form``: merged when serve.weights asks for it and a merged file
+        was checked, else the adapter). The one way parity reaches the reports: ``doc_figures``
+        puts ``metrics/eval.json``'s parity into the same rows."""
+        merged = self.figure(model, parity_metric("merged", figure)) is not None
+        return self.figure(model, parity_metric(served_form(self.serve.weights, True, merged), figure))
 
     def figure(self, model: str, metric: str) -> Figure | None:
         rows = self.metrics.get((model, metric))
@@ -121,23 +128,21 @@ class RunTables:
             return None
         if len(rows) == 1:
             return Figure(rows[0].value, rows[0].ci_low, rows[0].ci_high, 1)
-        i = mean_over_seeds([r.value for r in rows], self.confidence)
-        if metric in REGISTRY:
-            i = within_range(metric, i)
+        i = figure_over_seeds(metric, [r.value for r in rows], self.confidence)
         return Figure(i.value, i.low, i.high, i.n)
 
     @cached_property
     def differences(self) -> list[Difference]:
         """Per (variant, reference, metric): the stored per-prompt test for one seed (with its
         stored Holm adjustment), a paired t-test over seeds for several (Holm over that family)."""
+        ordered = sorted(self.comparisons, key=lambda c: c.seed)
         groups: dict[tuple[str, str, str], list[Comparison]] = {}
-        for c in sorted(self.comparisons, key=lambda c: c.seed):
+        for c in ordered:
             groups.setdefault((c.variant, c.reference, c.metric), []).append(c)
         if all(len(rows) == 1 for rows in groups.values()):
             return [Difference(c.variant, c.reference, c.metric, c.delta, c.ci_low, c.ci_high, c.p_value, c.test,
                                c.significant, 1, c.p_adjusted) for (c,) in groups.values()]
-        deltas = {key: [c.delta for c in rows] for key, rows in groups.items()}
-        tests = paired_over_seeds(deltas, self.confidence, follows=derived_keys(deltas))
+        tests = differences_over_seeds(ordered, self.confidence)
         return [Difference(*key, t.delta.value, t.delta.low, t.delta.high, t.p_value,
                            f"paired t over {t.delta.n} seeds", t.significant(self.significance), t.delta.n,
                            t.p_adjusted)
@@ -243,13 +248,8 @@ def quality_table(tables: RunTables) -> list[list[str]]:
 
 
 def speed_table(tables: RunTables) -> list[list[str]]:
-    rows = []
-    for metric, label in SPEED:
-        values = [tables.speeds.get((model, metric)) for model in tables.models]
-        if any(values):
-            # mean over seeds (speeds are medians of one run each; no interval)
-            rows.append([label, *(_number(sum(r.value for r in v) / len(v)) if v else "n/a" for v in values)])
-    return rows
+    return [[label, *(_number(_speed_value(tables, model, metric)) for model in tables.models)]
+            for metric, label in SPEED if any(tables.speeds.get((model, metric)) for model in tables.models)]
 
 
 def negligible_below(tables: RunTables, c: Difference) -> float:
@@ -347,6 +347,7 @@ def _bounds_text() -> str:
 
 
 def _speed_value(tables: RunTables, model: str, metric: str) -> float | None:
+    """Mean over seeds (speeds are medians of one run each; no interval)."""
     rows = tables.speeds.get((model, metric))
     return sum(r.value for r in rows) / len(rows) if rows else None
 

@@ -11,12 +11,20 @@ test compares two models on it:
 | ``loss``      | one number per training run  | (over seeds only)        | (over seeds only)             |
 
 Over several seeds every metric is a mean with a Student-t interval, and differences are tested
-by the paired t over seeds (``evaluation.aggregate``).
+by the paired t over seeds (:func:`figure_over_seeds` and :func:`differences_over_seeds` below,
+the one aggregation ``metrics/eval.json`` and ``compare_all`` share).
 
 Adding a metric that is stored, compared and displayed: append a :class:`Metric` to
 ``METRICS`` with a ``measure`` that reads what it needs from the measured model
 (``evaluation.measure.Subject``; add a cached measurement there when none fits). The evaluate
 stage, ``compare_all``, the study, ``doc_figures`` (the README blocks) and the plots read the registry.
+
+The figures stored beside them that no paired test compares are registered here too, each with
+its unit, direction and description (:class:`StoredFigure`): the served speed measured side by
+side (``SPEED_FIGURES``, written by ``evaluation.speed``), the training figures the evaluate stage
+stores as speed rows (``TRAINING_FIGURES``, from ``trainers.recipe``'s summary through
+``pipelines/train.py``) and the export stage's parity of each served form (``PARITY_FIGURES``).
+The results store's ``evaluation_results`` view (migration 0007) reads registered names only.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from evaluation.stats import Interval
+from evaluation.stats import Interval, SeedTest, mean_over_seeds, paired_over_seeds
 
 Kind = Literal["cluster", "rate", "probability", "loss"]
 # What a measurement needs: the fp32 PEFT model, the served model's greedy replies (llama.cpp or
@@ -42,6 +50,7 @@ TESTS: dict[Kind, str] = {
 INTERVALS: dict[Kind, str] = {
     "cluster": "basic bootstrap", "rate": "Wilson", "probability": "percentile bootstrap", "loss": "t over seeds",
 }
+UNITS: dict[Kind, str] = {"cluster": "index", "rate": "fraction", "probability": "probability", "loss": "nats"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,10 @@ class Metric:
     @property
     def test(self) -> str:
         return TESTS[self.kind]
+
+    @property
+    def unit(self) -> str:
+        return UNITS[self.kind]
 
     @property
     def interval(self) -> str:
@@ -198,9 +211,88 @@ def derived_keys(keys: Iterable[tuple[str, ...]]) -> dict[tuple[str, ...], tuple
     return out
 
 
+def figure_over_seeds(metric: str, values: list[float], level: float) -> Interval:
+    """One figure over seeds: the mean with its Student-t interval, the bounds moved into a
+    registered metric's range (:func:`within_range`). The one aggregation of figures that
+    ``metrics/eval.json`` (``results.across_seeds``) and ``compare_all`` share."""
+    i = mean_over_seeds(values, level)
+    return within_range(metric, i) if metric in REGISTRY else i
+
+
+def differences_over_seeds(comparisons: Iterable, level: float) -> dict[tuple[str, str, str], SeedTest]:
+    """(variant, reference, metric) -> the paired t-test over seeds of its deltas (one per seed, in
+    the order given), Holm over every difference, a figure that is a function of another
+    (:func:`derived_keys`) following its source. The one aggregation of differences that
+    ``metrics/eval.json`` (``results.across_seeds``) and ``compare_all`` share."""
+    deltas: dict[tuple[str, str, str], list[float]] = {}
+    for c in comparisons:
+        deltas.setdefault((c.variant, c.reference, c.metric), []).append(c.delta)
+    return paired_over_seeds(deltas, level, follows=derived_keys(deltas))
+
+
 def compared_metrics(kind: Kind | None = None) -> list[Metric]:
     return [m for m in METRICS if m.compared and (kind is None or m.kind == kind)]
 
 
 # Name -> metric, in display order: every metric above and any registered later.
 REGISTRY: dict[str, Metric] = {m.name: m for m in [*METRICS, VALIDATION_DECLINE]}
+
+
+@dataclass(frozen=True)
+class StoredFigure:
+    """A stored figure that no paired test compares (speed, training cost, export parity): its
+    name in the store, unit, direction (``higher_is_better``) and description (``label``, as the
+    reports show it); ``table`` and ``backend`` say where the store keeps it."""
+
+    name: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    table: Literal["speed_metrics", "eval_metrics"] = "speed_metrics"
+    backend: str | None = None
+
+
+# Side by side through llama.cpp (``evaluation.speed``), in the order the speed table shows them.
+SIDE_BY_SIDE = "llama.cpp side by side"
+SPEED_FIGURES: list[StoredFigure] = [
+    StoredFigure(name, label, unit, True, backend=SIDE_BY_SIDE) for name, label, unit in (
+        ("delta_speed_decode", "decode speed / base (side by side)", "ratio"),
+        ("delta_speed_prefill", "prefill speed / base (side by side)", "ratio"),
+        ("delta_speed_decode_same_format", "decode speed / base in the variants' file format (side by side)",
+         "ratio"),
+        ("delta_speed_prefill_same_format", "prefill speed / base in the variants' file format (side by side)",
+         "ratio"),
+        ("decode_tokens_per_second", "decode tokens/s", "tokens/s"),
+        ("prefill_tokens_per_second", "prefill tokens/s", "tokens/s"))]
+# The training run's cost, stored by the evaluate stage as speed rows; peak CUDA memory only on a GPU.
+TRAINING_FIGURES: list[StoredFigure] = [
+    StoredFigure("train_seconds", "training time (s)", "s", False, backend="train"),
+    StoredFigure("tokens_per_second", "training tokens/s", "tokens/s", True, backend="train"),
+    StoredFigure("peak_rss_mib", "training peak RSS (MiB)", "MiB", False, backend="train"),
+    StoredFigure("peak_cuda_mib", "training peak CUDA memory (MiB)", "MiB", False, backend="train"),
+]
+# The export stage's check of each served form against the PEFT model (``export.parity.Parity``).
+PARITY_FORMS = ("adapter", "merged")
+PARITY_FIELDS: dict[str, tuple[str, str, bool]] = {
+    "agreement": ("greedy next token agrees with the PEFT model's (up to a near-tie)", "fraction", True),
+    "exact_agreement": ("greedy next token exactly the PEFT model's", "fraction", True),
+    "mean_kl": ("mean KL of the served next-token distribution from the PEFT model's", "nats", False),
+    "max_kl": ("largest KL of the served next-token distribution from the PEFT model's", "nats", False),
+}
+
+
+def parity_metric(form: str, field: str) -> str:
+    """The stored name of one parity figure of one served form: ``export_parity_<form>_<field>``."""
+    return f"export_parity_{form}_{field}"
+
+
+PARITY_FIGURES: list[StoredFigure] = [
+    StoredFigure(parity_metric(form, field), f"export parity ({form}): {label}", unit, higher, table="eval_metrics")
+    for form in PARITY_FORMS for field, (label, unit, higher) in PARITY_FIELDS.items()]
+# Name -> every stored figure that is not a metric above.
+STORED_FIGURES: dict[str, StoredFigure] = {f.name: f for f in [*SPEED_FIGURES, *TRAINING_FIGURES, *PARITY_FIGURES]}
+
+
+def registered(name: str) -> bool:
+    """Is ``name`` a registered metric or stored figure?"""
+    return name in REGISTRY or name in STORED_FIGURES

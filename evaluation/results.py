@@ -28,7 +28,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evaluation.config import EvalParams
-from evaluation.metrics import Metric, compared_metrics, derived_keys, distinct, get, within_range
+from evaluation.metrics import (
+    Metric,
+    compared_metrics,
+    derived_keys,
+    differences_over_seeds,
+    distinct,
+    figure_over_seeds,
+    get,
+)
 from evaluation.stats import (
     Interval,
     aqi_from_arrays,
@@ -37,8 +45,6 @@ from evaluation.stats import (
     holm_adjust_distinct,
     interval_from_replicates,
     mcnemar_exact,
-    mean_over_seeds,
-    paired_over_seeds,
     resample_counts,
     resolving_resamples,
     weighted_cluster_indices,
@@ -210,8 +216,8 @@ def across_seeds(figures: dict[str, dict[str, Interval]], members: dict[str, lis
                  comparisons: list[PairedComparison], n_seeds: int, level: float, significance: float) -> dict:
     """The figures and comparisons of seed replicates, aggregated over seeds: each figure's mean
     with its t interval (``members``: variant -> its replicates' model keys), and each paired
-    difference (variant, reference, metric) tested over seeds by the one aggregation
-    (``stats.paired_over_seeds``) with Holm over every such difference, as ``compare_all`` does."""
+    difference (variant, reference, metric) tested over seeds with Holm over every such
+    difference: :func:`figure_over_seeds` and :func:`differences_over_seeds`, as ``compare_all``."""
     def bounds(i: Interval) -> list[float | None]:
         return [finite_or_none(i.low), finite_or_none(i.high)]
 
@@ -219,12 +225,9 @@ def across_seeds(figures: dict[str, dict[str, Interval]], members: dict[str, lis
     for variant, keys in members.items():
         out["figures"][variant] = {}
         for metric in figures[keys[0]]:
-            i = within_range(metric, mean_over_seeds([figures[k][metric].value for k in keys], level))
+            i = figure_over_seeds(metric, [figures[k][metric].value for k in keys], level)
             out["figures"][variant][metric] = {"mean": i.value, "ci": bounds(i), "n_seeds": i.n}
-    deltas: dict[tuple[str, str, str], list[float]] = {}
-    for c in comparisons:
-        deltas.setdefault((c.variant, c.reference, c.metric), []).append(c.delta)
-    for (variant, reference, metric), t in paired_over_seeds(deltas, level, follows=derived_keys(deltas)).items():
+    for (variant, reference, metric), t in differences_over_seeds(comparisons, level).items():
         out["comparisons"].append({"variant": variant, "reference": reference, "metric": metric, "delta": t.delta.value,
                                    "ci": bounds(t.delta), "p_value": finite_or_none(t.p_value),
                                    "p_adjusted": finite_or_none(t.p_adjusted),

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import median
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from export.served import ServeManifest
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,6 @@ def speed_ratios(rates: dict[str, dict[str, list[float]]], reference: str = "bas
     }
 
 
-SIDE_BY_SIDE = "llama.cpp side by side"
 # The speed reference's key among the timed models: the base in the merged variants' format
 # (the serve manifest's ``speed_reference``); it is timed, not stored as a model.
 SAME_FORMAT = "base in the variants' format"
@@ -142,21 +144,21 @@ def speed_figures(rates: dict[str, dict[str, list[float]]], keys: list[str],
     return out
 
 
-def served_speed(manifest: dict, keys: list[str], settings) -> dict[str, dict[str, tuple[float, int]]]:
+def served_speed(manifest: ServeManifest, keys: list[str], settings) -> dict[str, dict[str, tuple[float, int]]]:
     """Decode and prefill tokens/s of every served model, measured side by side with the base
     and, when the variants are served merged in another file format than the base's, with the
     base in their format (the manifest's ``speed_reference``): ``speed_figures``. Through Ollama
     the models cannot be driven token by token, so nothing is measured (an empty result)."""
-    from evaluation.serving import chat_of, open_served
+    from evaluation.serving import open_served
     from export.backend import LlamaCppModel
 
-    if manifest["backend"] != "llama.cpp":
+    if manifest.backend != "llama.cpp":
         print("[evaluate] speed: served through Ollama; side-by-side speed needs the llama.cpp backend, skipped")
         return {}
     models = {key: open_served(manifest, key) for key in keys}
-    reference = manifest.get("speed_reference")
+    reference = manifest.speed_reference
     if reference:
-        models[SAME_FORMAT] = LlamaCppModel(Path(reference["gguf"]), chat_of(manifest))
+        models[SAME_FORMAT] = LlamaCppModel(reference.gguf, manifest.chat)
     try:
         rates = side_by_side(models, list(SPEED_PROMPTS[:settings.speed_prompts]), settings.speed_new_tokens,
                              settings.speed_rounds)

@@ -42,6 +42,21 @@ class ExportParams(Section):
     num_ctx: Annotated[int, Field(gt=0)] = 2048
 
 
+# What a served model's name stands for: the base with its adapter, the merged weights, or the
+# base model itself (which has neither).
+ServedForm = Literal["base", "adapter", "merged"]
+
+
+def served_form(prefer: str, adapter: bool, merged: bool) -> ServedForm:
+    """The one rule for which form of a model is served: its merged GGUF when ``serve.weights``
+    (``prefer``) asks for it and the export wrote one, else the base with its adapter, else (the
+    base model) the base. An Ollama server that refuses adapters is the one exception, and the
+    serve manifest records what it holds (``export.served.ServedEntry.weights``)."""
+    if prefer == "merged" and merged:
+        return "merged"
+    return "adapter" if adapter else "base"
+
+
 class ServeParams(Section):
     """Registration with Ollama when a server is reachable; llama.cpp serves otherwise."""
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from core.errors import UserError
 from core.files import sha256_file
 from export.chat_format import ChatFormat, modelfile_escape, served_chat_format
+from export.config import ServedForm, served_form
 from export.decoding import GREEDY
 
 
@@ -66,10 +67,14 @@ class ServedModel:
         return {**self.parameters, **GREEDY}
 
     def weights(self, prefer: str) -> tuple[Path, Path | None]:
-        """(FROM file, ADAPTER file or None) for ``prefer`` = adapter | merged."""
-        if prefer == "merged" and self.merged_gguf is not None:
-            return self.merged_gguf, None
-        return self.base_gguf, self.adapter_gguf
+        """(FROM file, ADAPTER file or None) for ``prefer`` = adapter | merged, by the one rule
+        (``export.config.served_form``)."""
+        return {"merged": (self.merged_gguf, None), "adapter": (self.base_gguf, self.adapter_gguf),
+                "base": (self.base_gguf, None)}[self.form(prefer)]
+
+    def form(self, prefer: str) -> ServedForm:
+        """What ``prefer`` = adapter | merged serves of this model (``export.config.served_form``)."""
+        return served_form(prefer, self.adapter_gguf is not None, self.merged_gguf is not None)
 
     def modelfile(self, prefer: str = "adapter") -> str:
         model, adapter = self.weights(prefer)

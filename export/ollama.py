@@ -82,15 +82,6 @@ def _upload(client, path: Path, known: dict[Path, str]) -> str:
     return known[path]
 
 
-def registered_weights(served: ServedModel, prefer: str) -> str:
-    """What ``served.weights(prefer)`` really sends: ``merged``, ``adapter`` (base + ADAPTER) or
-    ``base``; ``prefer`` merged falls back to base + adapter when no merged GGUF was exported."""
-    model, adapter = served.weights(prefer)
-    if adapter is not None:
-        return "adapter"
-    return "merged" if model == served.merged_gguf and served.merged_gguf is not None else "base"
-
-
 def _create(client, served: ServedModel, prefer: str, digests: dict[Path, str]) -> None:
     model, adapter = served.weights(prefer)
     for path in filter(None, (model, adapter)):
@@ -138,7 +129,7 @@ def register(client, served: ServedModel, prefer: str, prompt: str, max_new_toke
              digests: dict[Path, str]) -> Registration:
     import ollama
 
-    weights = registered_weights(served, prefer)
+    weights = served.form(prefer)      # export.config.served_form
     try:
         _create(client, served, weights, digests)
     except ollama.ResponseError as error:

@@ -36,6 +36,7 @@ from db.models import Comparison, EvalMetric, SpeedMetric
 from evaluation.held_out import held_out_sets
 from evaluation.stats import finite_or_none
 from export.llama_cpp import require_working_runtime
+from export.served import ServeManifest
 from pipelines.params import Params, declared_comparisons, require_text_model
 from pipelines.paths import ADAPTERS, DATA_DIR, SERVE_MANIFEST, TRAIN_METRICS
 from pipelines.replicates import model_key, replicate_path, replicates, served_replicates
@@ -45,20 +46,7 @@ METRICS = Path("metrics/eval.json")
 GENERATIONS = Path("artifacts/eval/generations.jsonl")
 
 
-def export_parity(manifest: dict, key: str) -> dict[str, float] | None:
-    """The parity figures of the form a variant is served in, from its ``export.json``."""
-    entry = manifest["models"].get(key)
-    if key == "base" or not entry or not entry.get("adapter_gguf"):
-        return None
-    path = Path(entry["adapter_gguf"]).parent / "export.json"
-    if not path.is_file():
-        return None
-    parity = json.loads(path.read_text()).get("parity", {})
-    form = "merged" if entry.get("weights", manifest.get("weights")) == "merged" and "merged" in parity else "adapter"
-    return parity.get(form)
-
-
-def measure_every_model(ctx: StageContext, manifest: dict) -> tuple[dict, list[dict]]:
+def measure_every_model(ctx: StageContext, manifest: ServeManifest) -> tuple[dict, list[dict]]:
     """The registry's per-model metrics of the base and every replicate, on the one measurement
     path (``evaluation.measure``): the fp32 PEFT model holds every adapter, the served model
     (Ollama or llama.cpp) gives the judged greedy replies; a replicate that cannot be served (DoRA)
@@ -67,7 +55,7 @@ def measure_every_model(ctx: StageContext, manifest: dict) -> tuple[dict, list[d
 
     from evaluation.measure import Subject, measure, sampling_of
     from evaluation.metrics import model_metrics
-    from evaluation.serving import chat_of, open_served
+    from evaluation.serving import open_served
     from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
 
     params, settings = ctx.params, ctx.params.eval
@@ -81,7 +69,7 @@ def measure_every_model(ctx: StageContext, manifest: dict) -> tuple[dict, list[d
             model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(ctx.root / folder), adapter_name=key)
         else:
             model.load_adapter(str(ctx.root / folder), adapter_name=key)
-    tokenizer, chat = load_tokenizer(files, params.model), chat_of(manifest)
+    tokenizer, chat = load_tokenizer(files, params.model), manifest.chat
     outcomes, records, served_keys = {}, [], served_model_keys(params)
     for key in ["base", *adapters]:
         greedy = "and greedy replies" if key in served_keys else "replies (not served: no greedy replies)"
@@ -134,17 +122,17 @@ def model_rows(params: Params) -> dict[str, tuple[str, int]]:
     return rows
 
 
-# Training figures stored as speed rows (backend "train"); peak CUDA memory only on a GPU.
-TRAINING_SPEED = ("train_seconds", "tokens_per_second", "peak_rss_mib", "peak_cuda_mib")
-
-
 def training_speed(root: Path, variant: str, seed: int) -> dict[str, float]:
+    """The registry's training figures (``evaluation.metrics.TRAINING_FIGURES``) of one replicate,
+    from its training summary; stored as speed rows (backend ``train``)."""
+    from evaluation.metrics import TRAINING_FIGURES
+
     path = root / TRAIN_METRICS / f"{variant}.json"
     if not path.is_file():
         return {}
     summary = json.loads(path.read_text())
     summary = summary.get("seeds", {}).get(str(seed), summary)
-    return {k: float(summary[k]) for k in TRAINING_SPEED if summary.get(k) is not None}
+    return {f.name: float(summary[f.name]) for f in TRAINING_FIGURES if summary.get(f.name) is not None}
 
 
 def paired_comparisons(params: Params, outcomes: dict) -> list[tuple[int, Any]]:
@@ -190,7 +178,7 @@ def speed_note(ratio: float | None, same_format: float | None) -> str:
 def record(ctx: StageContext, figures: dict, comparisons: list, speeds: dict) -> None:
     """Every figure, speed and comparison of this run into the store, in one transaction (the
     export parity figures are the export stage's rows, ``export_parity_<form>_<figure>``)."""
-    from evaluation.speed import SIDE_BY_SIDE
+    from evaluation.metrics import SIDE_BY_SIDE
 
     keys = model_rows(ctx.params)
     with ctx.store.transaction() as session:
@@ -232,7 +220,7 @@ def summary(params: Params, figures: dict, comparisons: list, speeds: dict, pari
     return out
 
 
-def preflight(params: Params) -> dict:
+def preflight(params: Params) -> ServeManifest:
     require_text_model(params, "evaluate")
     require_working_runtime()  # every served model is decoded by llama.cpp in-process
     if not SERVE_MANIFEST.is_file():
@@ -240,14 +228,14 @@ def preflight(params: Params) -> dict:
     for name in ("eval_aqi.jsonl", "eval_facts.jsonl", "eval_overrefusal.jsonl"):
         if not (DATA_DIR / name).is_file():
             raise UserError(f"{DATA_DIR / name} is missing; run `dvc repro prepare_data` first")
-    manifest = json.loads(SERVE_MANIFEST.read_text())
-    missing = [k for k in served_model_keys(params) if k not in manifest.get("models", {})]
+    manifest = ServeManifest.read(SERVE_MANIFEST)
+    missing = [k for k in served_model_keys(params) if k not in manifest.models]
     if missing:
         raise UserError(f"{SERVE_MANIFEST} does not serve {missing[0]}; run `dvc repro serve` first")
     return manifest
 
 
-def evaluate(ctx: StageContext, manifest: dict) -> dict[str, Path]:
+def evaluate(ctx: StageContext, manifest: ServeManifest) -> dict[str, Path]:
     from evaluation.results import intervals
     from evaluation.speed import served_speed
 
@@ -255,7 +243,7 @@ def evaluate(ctx: StageContext, manifest: dict) -> dict[str, Path]:
     figures = {key: intervals(o, ctx.params.eval) for key, o in outcomes.items()}
     comparisons = paired_comparisons(ctx.params, outcomes)
     speeds = served_speed(manifest, served_model_keys(ctx.params), ctx.params.eval)
-    parity = {key: export_parity(manifest, key) for key in outcomes}
+    parity = {key: manifest.export_parity(key) for key in outcomes}
     record(ctx, figures, comparisons, speeds)
     atomic_write_json(ctx.root / METRICS, summary(ctx.params, figures, comparisons, speeds, parity, records))
     atomic_write_text(ctx.root / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))

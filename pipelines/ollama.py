@@ -23,6 +23,7 @@ from pathlib import Path
 
 from core.errors import UserError, exit_status
 from core.files import atomic_write_json
+from export.served import ServeManifest
 from pipelines.paths import SERVE_MANIFEST
 
 OLLAMA_DIR = Path("outputs/ollama")
@@ -63,9 +64,8 @@ def served_models(manifest_path: Path = SERVE_MANIFEST) -> list[tuple[str, Path,
     """(name, Modelfile, aliases) of every model the last serve stage served."""
     if not manifest_path.is_file():
         raise UserError(f"{manifest_path} is missing: no models have been served yet; run `make run` first")
-    manifest = json.loads(manifest_path.read_text())
-    return [(entry["ollama_name"], Path(entry["modelfile"]), entry.get("aliases", []))
-            for entry in manifest["models"].values()]
+    return [(entry.ollama_name, entry.modelfile, entry.aliases)
+            for entry in ServeManifest.read(manifest_path).models.values()]
 
 
 def register(server, models: list[tuple[str, Path, list[str]]]) -> None:

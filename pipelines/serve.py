@@ -6,9 +6,10 @@ official client: blobs, create, ``show`` to check what the server holds, one sho
 then each alias of ``serve.aliases`` (``unsloth_model``, ``grit_model``) as a copy, checked too.
 Otherwise the stage records ``skipped: no Ollama server at <url>`` with the exact
 ``ollama create`` commands to run later, checks every model with llama.cpp instead, and goes on.
-Either way it writes ``artifacts/serve/manifest.json``, which evaluation reads (backend, model
-names, GGUF paths, chat format, and the speed reference: the base in the merged variants' file
-format, ``export.gguf.in_format``). Whether a server is up is not a DVC dependency: after starting
+Either way it writes ``artifacts/serve/manifest.json``, the typed record evaluation reads
+(``export.served.ServeManifest``: backend, model names, GGUF paths, chat format, the form each
+model is served in, and the speed reference: the base in the merged variants' file format,
+``export.gguf.in_format``). Whether a server is up is not a DVC dependency: after starting
 one, run ``dvc repro -f serve`` (or ``python -m pipelines.serve``). A variant whose LoRA settings
 cannot be served (DoRA, ``trainers.config.lora_capabilities``) is skipped with one line saying
 why, and named with the reason under the manifest's ``not_served``.
@@ -21,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from core.files import atomic_write_json, atomic_write_text
+from core.files import atomic_write_text
 from export.llama_cpp import require_working_runtime
+from export.served import ServedEntry, ServeManifest, SpeedReference
 from pipelines.params import Params, capabilities, require_text_model, served_aliases
 from pipelines.paths import EXPORTS, SERVE_DIR, SERVE_MANIFEST, export_dir
 from pipelines.replicates import model_key, replicate_path, served_replicates
@@ -45,15 +47,14 @@ def served_models(root: Path, params: Params) -> list:
     return [base, *models]
 
 
-def entry(model, modelfile: Path) -> dict[str, Any]:
-    return {"ollama_name": model.name, "base_gguf": str(model.base_gguf),
-            "adapter_gguf": str(model.adapter_gguf) if model.adapter_gguf else None,
-            "merged_gguf": str(model.merged_gguf) if model.merged_gguf else None,
-            "modelfile": str(modelfile), "chat_family": model.chat.family, "system": model.chat.default_system,
-            "stops": list(model.chat.stops), "parameters": model.parameters}
+def entry(model, modelfile: Path, aliases: list[str]) -> ServedEntry:
+    return ServedEntry(ollama_name=model.name, base_gguf=model.base_gguf, adapter_gguf=model.adapter_gguf,
+                       merged_gguf=model.merged_gguf, modelfile=modelfile, chat_family=model.chat.family,
+                       system=model.chat.default_system, stops=list(model.chat.stops),
+                       parameters=model.parameters, aliases=aliases)
 
 
-def speed_reference(base_gguf: Path, merged: list[Path]) -> dict[str, str] | None:
+def speed_reference(base_gguf: Path, merged: list[Path]) -> SpeedReference | None:
     """The base in the format of the merged files served (``export.gguf.in_format``), which the
     evaluation times the variants against; None when none is served merged, or when the base
     already is in their format (then the base itself is the fair reference)."""
@@ -66,7 +67,7 @@ def speed_reference(base_gguf: Path, merged: list[Path]) -> dict[str, str] | Non
     quantization = formats.pop()
     if quantization is None or quantization == file_type(base_gguf):
         return None
-    return {"gguf": str(in_format(base_gguf, sha256_file(base_gguf), quantization)), "quantization": quantization}
+    return SpeedReference(gguf=in_format(base_gguf, sha256_file(base_gguf), quantization), quantization=quantization)
 
 
 def aliases_by_variant(aliases: dict[str, str]) -> dict[str, list[str]]:
@@ -112,14 +113,12 @@ def serve(ctx: StageContext, models: list) -> dict[str, Path]:
     base_modelfile = ctx.root / SERVE_DIR / "base" / "Modelfile"
     atomic_write_text(base_modelfile, models[0].modelfile())
     modelfiles = {m.name: (base_modelfile if m.variant == "base" else m.adapter_gguf.parent /
-                           ("Modelfile.merged" if settings.weights == "merged" and m.merged_gguf else "Modelfile"))
+                           ("Modelfile.merged" if m.form(settings.weights) == "merged" else "Modelfile"))
                   for m in models}
     host = ollama_host(settings.ollama_host)
     version = reachable(host, settings.timeout_s)
-    entries = {m.variant: entry(m, modelfiles[m.name]) for m in models}
     aliases = aliases_by_variant(served_aliases(ctx.params))
-    for m in models:
-        entries[m.variant]["aliases"] = aliases.get(m.variant, [])
+    entries = {m.variant: entry(m, modelfiles[m.name], aliases.get(m.variant, [])) for m in models}
     declared = {variant: capabilities(ctx.params, variant) for variant in ctx.params.variants}
     not_served = {variant: can.why_not_served for variant, can in declared.items() if not can.servable}
     for variant, why in not_served.items():
@@ -130,13 +129,12 @@ def serve(ctx: StageContext, models: list) -> dict[str, Path]:
         backend, ollama_state = "llama.cpp", serve_without_ollama(host, models, modelfiles, entries, aliases, settings)
     # speed is timed through llama.cpp only (evaluation.speed): Ollama's runs need no reference
     reference = None if backend == "ollama" else speed_reference(
-        models[0].base_gguf, [m.merged_gguf for m in models if entries[m.variant]["weights"] == "merged"])
+        models[0].base_gguf, [m.merged_gguf for m in models if entries[m.variant].weights == "merged"])
     if reference is not None:
-        print(f"[serve] speed reference: the base in {reference['quantization']}, the merged variants' format "
-              f"({reference['gguf']})")
-    atomic_write_json(ctx.root / SERVE_MANIFEST, {"backend": backend, "weights": settings.weights,
-                                            "ollama": ollama_state, "models": entries,
-                                            "speed_reference": reference, "not_served": not_served})
+        print(f"[serve] speed reference: the base in {reference.quantization}, the merged variants' format "
+              f"({reference.gguf})")
+    ServeManifest(backend=backend, weights=settings.weights, ollama=ollama_state, models=entries,
+                  speed_reference=reference, not_served=not_served).write(ctx.root / SERVE_MANIFEST)
     return {"manifest": ctx.root / SERVE_MANIFEST, "base_modelfile": base_modelfile}
 
 
@@ -156,8 +154,8 @@ def register_with_ollama(host: str, version: str, models: list, entries: dict, a
                                     settings.max_new_tokens, digests)
         except (ollama.ResponseError, httpx.HTTPError, RegistrationError) as error:
             raise UserError(server_failure(host, m.name, error)) from None
-        entries[m.variant]["ollama"] = asdict(registration)
-        entries[m.variant]["weights"] = registration.weights
+        entries[m.variant].ollama = asdict(registration)
+        entries[m.variant].weights = registration.weights
         print(f"[serve] {m.name}: registered ({registration.weights}); {registration.show_check}; "
               f"reply {registration.reply[:60]!r}")
         for alias in aliases.get(m.variant, []):
@@ -173,7 +171,7 @@ def serve_without_ollama(host: str, models: list, modelfiles: dict, entries: dic
                          settings) -> dict[str, Any]:
     """No server: the exact ``ollama create`` commands to run later, and every model checked with
     llama.cpp instead."""
-    from export.ollama import copy_command, registered_weights
+    from export.ollama import copy_command
 
     commands = [m.create_command(modelfiles[m.name]) for m in models]
     commands += [copy_command(m.name, alias) for m in models for alias in aliases.get(m.variant, [])]
@@ -181,9 +179,9 @@ def serve_without_ollama(host: str, models: list, modelfiles: dict, entries: dic
     for command in commands:
         print(f"[serve]   {command}")
     for m in models:
-        entries[m.variant]["weights"] = registered_weights(m, settings.weights)
-        entries[m.variant]["llama_cpp_check"] = check_with_llama_cpp(m, settings.check_prompt, settings.max_new_tokens)
-        for form, check in entries[m.variant]["llama_cpp_check"].items():
+        entries[m.variant].weights = m.form(settings.weights)
+        entries[m.variant].llama_cpp_check = check_with_llama_cpp(m, settings.check_prompt, settings.max_new_tokens)
+        for form, check in entries[m.variant].llama_cpp_check.items():
             status = "stopped at end of turn" if check["stopped_at_end_of_turn"] else "RAN ON (no end of turn)"
             print(f"[serve] {m.name} ({form}, llama.cpp): {status}; {check['text'][:60]!r}")
     return {"host": host, "registered": False, "skipped": f"skipped: no Ollama server at {host}",

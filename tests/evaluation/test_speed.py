@@ -121,15 +121,17 @@ def test_served_speed_times_the_speed_reference_of_the_serve_manifest(tiny_base,
     names in its manifest."""
     from core.files import sha256_file
     from export.gguf import in_format, quantize
+    from export.served import ServeManifest
 
     monkeypatch.setenv("GRIT_CACHE_DIR", str(tmp_path / "cache"))
     path, chat = tiny_base
     merged = quantize(path, tmp_path / "merged-q8.gguf", "Q8_0")
     served = {"chat_family": chat.family, "system": chat.default_system}
-    manifest = {"backend": "llama.cpp", "weights": "merged",
-                "models": {"base": {**served, "base_gguf": str(path), "adapter_gguf": None, "weights": "base"},
-                           "v": {**served, "base_gguf": str(path), "merged_gguf": str(merged), "weights": "merged"}},
-                "speed_reference": {"gguf": str(in_format(path, sha256_file(path), "Q8_0")), "quantization": "Q8_0"}}
+    manifest = ServeManifest.model_validate({
+        "backend": "llama.cpp", "weights": "merged",
+        "models": {"base": {**served, "base_gguf": str(path), "adapter_gguf": None, "weights": "base"},
+                   "v": {**served, "base_gguf": str(path), "merged_gguf": str(merged), "weights": "merged"}},
+        "speed_reference": {"gguf": str(in_format(path, sha256_file(path), "Q8_0")), "quantization": "Q8_0"}})
     settings = SimpleNamespace(speed_prompts=2, speed_new_tokens=4, speed_rounds=2)
     out = served_speed(manifest, ["base", "v"], settings)
     assert set(out) == {"base", "v"}
@@ -138,5 +140,5 @@ def test_served_speed_times_the_speed_reference_of_the_serve_manifest(tiny_base,
                              "delta_speed_prefill_same_format"}
     assert all(value > 0 and n == 4 for figures in out.values() for value, n in figures.values())
     assert "delta_speed_decode_same_format" in out["base"]
-    manifest.pop("speed_reference")
-    assert "delta_speed_decode_same_format" not in served_speed(manifest, ["base", "v"], settings)["v"]
+    without = manifest.model_copy(update={"speed_reference": None})
+    assert "delta_speed_decode_same_format" not in served_speed(without, ["base", "v"], settings)["v"]

@@ -103,6 +103,6 @@ def test_the_base_in_the_merged_format_differs_from_a_merge_in_the_adapter_only(
     with pytest.raises(GgufExportError, match="unknown quantization"):
         in_format(q4, sha256_file(q4), "Q3_XYZ")
 
-    assert speed_reference(q4, [merged]) == {"gguf": str(reference), "quantization": "Q8_0"}
+    assert speed_reference(q4, [merged]).model_dump() == {"gguf": reference, "quantization": "Q8_0"}
     assert speed_reference(q4, []) is None                         # nothing served merged
     assert speed_reference(reference, [merged]) is None            # the base is in their format already

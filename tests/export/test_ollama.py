@@ -18,7 +18,6 @@ from export.ollama import (
     reachable,
     register,
     register_alias,
-    registered_weights,
     server_failure,
 )
 
@@ -119,9 +118,9 @@ def test_blobs_the_server_already_holds_are_not_uploaded_again(tiny_export, tmp_
 def test_the_registration_reports_the_weights_the_server_received(tiny_export, tmp_path: Path):
     """``serve.weights: merged`` without a merged GGUF registers base + ADAPTER, and says so."""
     no_merged = dataclasses.replace(tiny_export, merged_gguf=None)
-    assert registered_weights(no_merged, "merged") == "adapter"
-    assert (registered_weights(tiny_export, "merged") == "merged"
-            and registered_weights(tiny_export, "adapter") == "adapter")
+    assert no_merged.form("merged") == "adapter"
+    assert (tiny_export.form("merged") == "merged"
+            and tiny_export.form("adapter") == "adapter")
     with OllamaStandIn(tmp_path / "blobs") as server:
         result = register(ollama.Client(host=server.url), no_merged, "merged", "Hello?", 8, {})
         assert result.weights == "adapter" and "ADAPTER attached" in result.show_check

@@ -171,9 +171,10 @@ def test_make_ollama_registers_every_served_model_with_its_aliases(server, tiny_
         f"ADAPTER {tiny_export.adapter_gguf}\n", ""))
     manifest = tmp_path / "artifacts/serve/manifest.json"
     manifest.parent.mkdir(parents=True)
-    manifest.write_text(json.dumps({"models": {
-        "base": {"ollama_name": "base_model", "modelfile": "base.Modelfile", "aliases": []},
-        "pure_grit": {"ollama_name": "pure_grit_model", "modelfile": str(export / "Modelfile.merged"),
+    files = {"base_gguf": str(tiny_export.base_gguf), "chat_family": tiny_export.chat.family}
+    manifest.write_text(json.dumps({"backend": "ollama", "models": {
+        "base": {**files, "ollama_name": "base_model", "modelfile": "base.Modelfile", "aliases": []},
+        "pure_grit": {**files, "ollama_name": "pure_grit_model", "modelfile": str(export / "Modelfile.merged"),
                       "aliases": ["grit_model"]}}}))
     try:
         assert make_ollama.main(["start"]) == 0
