@@ -63,7 +63,7 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
             return step < job["steps"] and trial.should_prune()       # a run at its end is done
 
         with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
-            record = provenance(run_trial(params, spec, root, Path(scratch), on_validation=report), job)
+            record = provenance(run_trial(params, spec, root, Path(scratch), on_validation=report), job, params, root)
         store_trial(store, job["run_id"], record)          # before Optuna hears of it
         loss = record["val_loss"]
         if record["stopped_at"] is not None:
@@ -86,7 +86,7 @@ def runs(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
         print(f"[study] {spec['phase']} {spec.get('position', '?')}: {spec['method']}, {spec['steps']} steps, "
               f"seed {spec['seed']}, {json.dumps(spec['setting'], sort_keys=True)}", flush=True)
         with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
-            record = provenance(run_trial(params, spec, root, Path(scratch)), job)
+            record = provenance(run_trial(params, spec, root, Path(scratch)), job, params, root)
         store_trial(store, job["run_id"], record)
         append(results, record)
         print(run_summary(record), flush=True)

@@ -18,6 +18,7 @@ from sqlalchemy import select
 from core.errors import StoppedEarly
 from core.files import atomic_write_text
 from db.models import StudyTrial
+from db.provenance import check_sitting_may_start, working_tree_changes
 from db.study_ledger import LEDGER_DIR, Ledger, data_fingerprint, open_ledger
 from db.tuning_journal import append_journal, journal_logs, journals_under
 from evaluation.study import PHASES, Trial, planned_runs, remaining_note, study_progress, trial_from_record
@@ -71,6 +72,8 @@ def open_sitting(ctx: StageContext, minutes: float | None, workers: int = 1, wor
                       None if minutes is None else time.time() + 60 * minutes,
                       worker=f"{os.uname().nodename}:{os.getpid()}" if worker else None, workers=workers,
                       stale_after=stale_after)
+    # before any trial: a changed file that earlier trials loaded would mix two codes in one study
+    check_sitting_may_start(sitting.ledger.trials, working_tree_changes(ctx.root), sitting.ledger.key)
     check_same_data(sitting.ledger, data)
     return sitting
 

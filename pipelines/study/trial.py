@@ -127,7 +127,7 @@ def store_trial(store, run_id: str, result: dict) -> None:
                                         "stopped_at": result.get("stopped_at"), "tuning": result.get("tuning", ""),
                                         "defaults": result.get("defaults", False),
                                         "revision": result.get("revision"), "host": result.get("host"),
-                                        "data": result.get("data")}),
+                                        "data": result.get("data"), "provenance": result.get("provenance")}),
             "train_seconds": result["train_seconds"],
             "tokens_per_second": result["tokens_per_second"],
             "trainable_parameters": result["trainable_parameters"]}],
@@ -147,7 +147,7 @@ def stored_result(row) -> dict[str, Any]:
             "per_prompt": extra.get("per_prompt", {}), "train_seconds": row.train_seconds,
             "tokens_per_second": row.tokens_per_second, "trainable_parameters": row.trainable_parameters,
             "trial_seconds": trial_seconds, "revision": extra.get("revision"), "host": extra.get("host"),
-            "data": extra.get("data")}
+            "data": extra.get("data"), "provenance": extra.get("provenance")}
 
 
 def run_summary(record: dict[str, Any]) -> str:
@@ -171,8 +171,16 @@ def trial_store(params: Params, root: Path):
     return open_store(store_url(params.store), store_root(root))
 
 
-def provenance(record: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
-    """The code, host and data that trained a trial, kept with it in the store and the ledger."""
+def provenance(record: dict[str, Any], job: dict[str, Any], params: Params, root: Path) -> dict[str, Any]:
+    """The code, host and data that trained a trial, kept with it in the store and the ledger, and
+    its fingerprint (``db.provenance``): the project files this process has loaded, the lock
+    files, the data and the variant's params."""
     import os
+    import sys
 
-    return {**record, "revision": job.get("revision"), "host": os.uname().nodename, "data": job.get("data")}
+    from db.provenance import loaded_project_files, trial_provenance
+
+    loaded = loaded_project_files((getattr(m, "__file__", None) for m in list(sys.modules.values())), root)
+    variant = params.variants[record["method"]].model_dump(mode="json")
+    return {**record, "revision": job.get("revision"), "host": os.uname().nodename, "data": job.get("data"),
+            "provenance": trial_provenance(loaded, root, job.get("data"), variant)}

@@ -1,0 +1,62 @@
+"""A study trial records what determines its result (``db.provenance``), the store keeps it, and
+a sitting refuses to start on a working tree that changes a file earlier trials loaded."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from core.errors import exit_status
+from db.provenance import ProvenanceError, trial_provenance
+from db.study_ledger import LEDGER_DIR, open_ledger
+from pipelines.params import parse_params
+from pipelines.study.plan import declared_study_params
+from pipelines.study.sitting import open_sitting
+from pipelines.study.trial import provenance, stored_result
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_trial_records_the_project_files_its_process_loaded():
+    params = parse_params({})
+    record = provenance({"method": "peft_lora", "phase": "tune"}, {"data": "d1", "revision": "r"}, params, REPO_ROOT)
+    mine = record["provenance"]
+    assert {"pipelines/study/trial.py", "db/provenance.py", "pipelines/params.py"} <= set(mine["loaded"])
+    assert mine["loaded"] == sorted(mine["loaded"]) and mine["data"] == "d1"
+    variant = params.variants["peft_lora"].model_dump(mode="json")
+    assert mine == trial_provenance(mine["loaded"], REPO_ROOT, "d1", variant)
+    row = SimpleNamespace(phase="tune", method="peft_lora", steps=4, seed=0, setting="{}", val_loss=1.0,
+                          curve_json="[]", train_seconds=1.0, tokens_per_second=None, trainable_parameters=None,
+                          metrics_json=json.dumps({"figures": {}, "provenance": mine}))
+    assert stored_result(row)["provenance"] == mine          # the store gives it back to the ledger
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=root, check=True,
+                   capture_output=True)
+
+
+def test_a_sitting_refuses_a_working_tree_that_changes_a_file_earlier_trials_loaded(tmp_path, capsys):
+    (tmp_path / "trainers").mkdir()
+    (tmp_path / "trainers" / "recipe.py").write_text("ORDER = 'backward, capture, precondition'\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "code")
+    params = parse_params({})
+    ledger = open_ledger(tmp_path / LEDGER_DIR, declared_study_params(params, tmp_path))   # untracked: no change
+    ledger.add_trial({"phase": "tune", "method": "peft_lora", "steps": 4, "seed": 0, "setting": {},
+                      "provenance": trial_provenance(["trainers/recipe.py"], tmp_path, None, {})})
+    ctx = SimpleNamespace(root=tmp_path, params=params)
+    assert open_sitting(ctx, None).ledger.key == ledger.key                         # clean: it starts
+
+    (tmp_path / "trainers" / "recipe.py").write_text("ORDER = 'backward, precondition, capture'\n")
+    with pytest.raises(ProvenanceError, match=f"earlier trials of study {ledger.key} loaded "
+                                              r"\(trainers/recipe.py\)"):
+        open_sitting(ctx, None)
+    capsys.readouterr()
+    assert exit_status(lambda: open_sitting(ctx, None)) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1              # one error: line
