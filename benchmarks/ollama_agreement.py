@@ -33,18 +33,18 @@ from evaluation.refusals import is_refusal  # noqa: E402
 FORMS = {"adapter": "Modelfile", "merged": "Modelfile.merged"}
 
 
-def served_variants(manifest: dict) -> dict[str, dict]:
-    """The manifest's fine-tuned entries that have both forms on disk."""
-    return {key: entry for key, entry in manifest["models"].items()
-            if key != "base" and entry.get("adapter_gguf") and entry.get("merged_gguf")}
+def served_variants(manifest) -> dict:
+    """The serve record's fine-tuned entries that have both forms on disk."""
+    return {key: entry for key, entry in manifest.models.items()
+            if key != "base" and entry.adapter_gguf and entry.merged_gguf}
 
 
-def llama_cpp_engine(entry: dict, form: str, chat):
+def llama_cpp_engine(entry, form: str, chat):
     from export.backend import LlamaCppModel
 
     if form == "merged":
-        return LlamaCppModel(Path(entry["merged_gguf"]), chat)
-    return LlamaCppModel(Path(entry["base_gguf"]), chat, Path(entry["adapter_gguf"]))
+        return LlamaCppModel(entry.merged_gguf, chat)
+    return LlamaCppModel(entry.base_gguf, chat, entry.adapter_gguf)
 
 
 def replies(engine, prompts: list[str], tokens: int) -> list[str]:
@@ -58,12 +58,12 @@ def refusal_rate(texts: list[str]) -> float:
     return sum(map(is_refusal, texts)) / len(texts)
 
 
-def compare_form(server, key: str, entry: dict, form: str, chat, sets: dict, tokens: int) -> dict:
+def compare_form(server, key: str, entry, form: str, chat, sets: dict, tokens: int) -> dict:
     """Register one form from its Modelfile, check its options, ask both engines."""
     from export.ollama import OllamaModel
     from export.ollama_server import check_greedy, create
 
-    modelfile = Path(entry["adapter_gguf"]).parent / FORMS[form]
+    modelfile = entry.adapter_gguf.parent / FORMS[form]
     name = f"{key}_{form}"
     create(server, name, modelfile)
     check_greedy(server, name, modelfile)          # raises unless every greedy option is as stated
@@ -80,13 +80,13 @@ def compare_form(server, key: str, entry: dict, form: str, chat, sets: dict, tok
 
 
 def measure(root: Path, prompts: int) -> dict:
-    from evaluation.serving import chat_of
     from export.ollama_build import OLLAMA_VERSION, installed_binary
     from export.ollama_server import start_server, stop_server
+    from export.served import ServeManifest
 
-    manifest = json.loads((root / "artifacts/serve/manifest.json").read_text())
+    manifest = ServeManifest.read(root / "artifacts/serve/manifest.json")
     settings = EvalParams(refusal_prompts=prompts, overrefusal_prompts=prompts)
-    sets, chat = held_out_sets(root / "artifacts/data", settings), chat_of(manifest)
+    sets, chat = held_out_sets(root / "artifacts/data", settings), manifest.chat
     tokens = settings.max_new_tokens
     with tempfile.TemporaryDirectory(prefix="ollama-agreement-") as scratch:
         server = start_server(installed_binary(), Path(scratch) / "models", Path(scratch) / "server.log")
