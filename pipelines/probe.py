@@ -5,10 +5,12 @@ build the variant's model as training does, run the first ``probe.steps`` traini
 from the same initial adapter on the same batches, GRIT off (control) and GRIT attached as the
 variant attaches it, and measure what GRIT captured, inverted and changed
 (``trainers/probe``). The trained loss curves are compared with the same-engine control variant.
+GRIT's peers (a variant with a ``lora_optimizer`` of PEFT's: Riemannian-preconditioned LoRA,
+LoRA+) are probed the same way against plain LoRA's step (``trainers/probe/peers.py``).
 
 Writes ``metrics/probes.json`` (verdicts, reasons, headline figures), ``artifacts/probes/<variant>.json``
 (every module), ``plots/probe_update_divergence.png`` and the store's ``probe_results``. Exits
-non-zero when a GRIT variant is inert, unless ``probe.allow_inert: true``.
+non-zero when a probed variant is inert, unless ``probe.allow_inert: true``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from db.models import ProbeResult
 from pipelines.params import Params, load_params
 from pipelines.paths import DATA_DIR, loss_curve
 from pipelines.stage import StageContext, run_stage, stage_arguments
+from trainers.config import preconditioner
 from trainers.hardware import check_hardware
 
 DETAILS = Path("artifacts/probes")
@@ -37,8 +40,9 @@ METRICS = Path("metrics/probes.json")
 PLOT = Path("plots/probe_update_divergence.png")
 
 
-def grit_variants(params: Params) -> list[str]:
-    return [name for name, variant in params.variants.items() if variant.grit]
+def probed_variants(params: Params) -> list[str]:
+    """The variants whose step differs from plain LoRA's: GRIT's and its peers'."""
+    return [name for name, variant in params.variants.items() if preconditioner(variant) is not None]
 
 
 def read_loss_curve(root: Path, variant: str) -> dict[int, float] | None:
@@ -59,7 +63,7 @@ def common_steps(first: dict[int, float], second: dict[int, float]) -> tuple[lis
 # ---------------------------------------------------------------------------------- worker
 
 def probe_variant(root: Path, params: Params, name: str) -> dict[str, Any]:
-    """Both arms for one GRIT variant, and its verdict (runs in the worker process)."""
+    """Both arms for one probed variant, and its verdict (runs in the worker process)."""
     from trainers.base_model import resolve_base_model
     from trainers.probe.math import compare_curves
     from trainers.probe.variant import probe_variant as probe
@@ -104,6 +108,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     trajectory = result["measurements"]["trajectory"] or {}
     return {
         "verdict": result["verdict"], "reasons": result["reasons"],
+        "preconditioner": result["measurements"]["preconditioner"],
         "checks": {c["name"]: c["detail"] for c in result["checks"]},
         "modules": len(modules),
         "modules_ready": sum(m["usable_A"] and m["usable_B"] for m in modules),
@@ -169,16 +174,18 @@ def preflight(params: Params) -> list[str]:
     if not data_file.is_file():
         raise UserError(f"{data_file} is missing; run `dvc repro prepare_data` first")
     check_hardware(params.model, params.train)
-    return grit_variants(params)
+    return probed_variants(params)
 
 
 def probe(params_path: Path, ctx: StageContext, names: list[str]) -> dict[str, Path]:
     from trainers.probe.plot import plot_update_divergence
+    from trainers.probe.verdict import NAMES
 
     results = []
     with tempfile.TemporaryDirectory(prefix="probe-") as scratch:
         for name in names:
-            print(f"[probe] {name}: {ctx.params.probe.steps} steps with and without GRIT")
+            method = NAMES[preconditioner(ctx.params.variants[name])]
+            print(f"[probe] {name}: {ctx.params.probe.steps} steps with and without {method}")
             results.append(_run_worker(ctx, params_path.resolve(), name, Path(scratch) / f"{name}.json"))
     produced: dict[str, Path] = {}
     for result in results:
@@ -206,10 +213,12 @@ def probe(params_path: Path, ctx: StageContext, names: list[str]) -> dict[str, P
             print(f"[probe]   {modality} ({m['modules']} modules): {m['verdict'].upper()}"
                   + (f" ({', '.join(m['reasons'])})" if m["reasons"] else ""))
     if not names:
-        print("[probe] no variant has grit: true; nothing to probe")
+        print("[probe] no variant has grit: true or a lora_optimizer; nothing to probe")
     inert = [name for name, s in summaries.items() if s["verdict"] != "effective"]
     if inert and not ctx.params.probe.allow_inert:
-        raise UserError(f"GRIT is inert in {', '.join(inert)} (reasons: "
+        methods = sorted({NAMES[preconditioner(ctx.params.variants[n])] for n in inert})
+        raise UserError(f"{' and '.join(methods)} {'is' if len(methods) == 1 else 'are'} inert in {', '.join(inert)} "
+                        "(reasons: "
                         f"{'; '.join(', '.join(summaries[n]['reasons']) for n in inert)}); "
                         "see metrics/probes.json, or set probe.allow_inert: true to go on")
     return produced

@@ -28,13 +28,14 @@ def smoke_repo(tmp_path_factory):
 
 def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     repo, env = smoke_repo
-    repro = _sh(["dvc", "repro"], repo, env, timeout=2400).stdout      # seven variants, two seeds each
+    repro = _sh(["dvc", "repro"], repo, env, timeout=2400).stdout      # nine variants, two seeds each
 
     params = load_params(repo / "params.yaml")
     declared = pipeline_stage_names(repo, params)
     assert {"prepare_model", "prepare_data", "train@baseline_lora", "train@hybrid_grit", "train@pure_grit",
-            "train@peft_lora", "train@peft_dora", "probe", "export@pure_grit", "export@hybrid_grit",
-            "export@peft_dora", "serve", "evaluate", "compare"} <= set(declared)
+            "train@peft_lora", "train@peft_dora", "train@riemannian_lora", "train@loraplus", "probe",
+            "export@pure_grit", "export@hybrid_grit", "export@peft_dora", "export@riemannian_lora", "export@loraplus",
+            "serve", "evaluate", "compare"} <= set(declared)
     locked = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert set(declared) <= set(locked), f"stages that did not run: {set(declared) - set(locked)}"
 
@@ -79,11 +80,22 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert paper["trainable_parameters"] * 2 == lora["trainable_parameters"]
 
     # The probe ran every GRIT variant against its same-engine control: GRIT changed the updates.
+    # GRIT's peers (params only: a lora_optimizer of PEFT's, declared by the default profile) trained
+    # with that optimizer, and each one's step differs from plain LoRA's; the Riemannian one's beyond
+    # its scalar twin, LoRA+'s (a step size per factor by design) has none.
     probes = json.loads((repo / "metrics/probes.json").read_text())["variants"]
-    assert set(probes) == {"hybrid_grit", "pure_grit", "grit_paper"}
+    peers = {"riemannian_lora": "riemannian", "loraplus": "loraplus"}
+    assert set(probes) == {"hybrid_grit", "pure_grit", "grit_paper", *peers}
     for name, probe in probes.items():
         assert probe["verdict"] == "effective", (name, probe["checks"])
-        assert probe["update_cosine_median"] < 0.99 and probe["loss_max_abs_difference"] > 0
+        assert probe["update_cosine_median"] < 0.99 and probe["preconditioner"] == peers.get(name, "grit")
+        assert name in peers or probe["loss_max_abs_difference"] > 0
+    assert "turned by >= 0.2 from its scalar twin" in probes["riemannian_lora"]["checks"]["beyond_scalar"]
+    assert probes["loraplus"]["checks"]["beyond_scalar"].startswith("LoRA+ is a step size per factor")
+    for name, kind in peers.items():
+        trained = json.loads((repo / f"artifacts/adapters/{name}/grit_metadata.json").read_text())
+        assert trained["lora_optimizer"] == kind and trained["steps"] == params.train.max_steps, name
+    assert lora["lora_optimizer"] is None
     assert (repo / "plots/probe_update_divergence.png").is_file()
 
     # peft_dora (DoRA, declared in the smoke profile's params only) trained like every variant, but
@@ -104,6 +116,7 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
             assert export["parity"]["adapter"]["agreement"] >= params.export.min_agreement, folder
     manifest = json.loads((repo / "artifacts/serve/manifest.json").read_text())
     assert manifest["backend"] == "llama.cpp"
+    assert set(peers) <= set(served)               # plain LoRA adapters: exported, served, evaluated as any
     assert set(manifest["models"]) == {"base", *served, *(f"{v}_seed{seeds[1]}" for v in served)}
     assert set(manifest["not_served"]) == {"peft_dora"} and manifest["not_served"]["peft_dora"].startswith(why)
     assert f"ollama create pure_grit_seed{seeds[1]}_model" in " ".join(manifest["ollama"]["commands"])

@@ -1,7 +1,7 @@
 """The trainers' params sections: the base model, the LoRA shape, the training budget and the
-variants. Every variant trains with the same ``lora`` and ``train``; only its engine and
-whether GRIT is attached differ. What a variant's LoRA settings allow (served or not, and why)
-is one rule here: ``lora_capabilities``."""
+variants. Every variant trains with the same ``lora`` and ``train``; only its engine, whether
+GRIT is attached and which LoRA optimizer of PEFT's replaces the Trainer's differ. What a
+variant's LoRA settings allow (served or not, and why) is one rule here: ``lora_capabilities``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from core.section import Section
 from trainers.data.config import DataParams
@@ -139,6 +139,36 @@ class TrainParams(Section):
         return [self.seed + k for k in range(self.n_seeds)]
 
 
+class RiemannianParams(Section):
+    """Riemannian-preconditioned LoRA (Zhang & Pilanci 2024; PEFT's ``create_riemannian_optimizer``):
+    before each step of ``train.optim``'s optimizer, per LoRA module, ``g_A <- (B^T B + reg I)^-1 g_A``
+    [r, d_in] and ``g_B <- g_B (A A^T + reg I)^-1`` [d_out, r]: r x r preconditioners from the
+    factors themselves (no statistics, nothing to warm up)."""
+
+    kind: Literal["riemannian"]
+    reg: Annotated[float, Field(gt=0)] = 1e-2       # damping of the r x r matrices (PEFT's default)
+
+
+class LoraPlusParams(Section):
+    """LoRA+ (Hayou et al. 2024; PEFT's ``create_loraplus_optimizer``): ``train.optim``'s optimizer
+    with B's learning rate ``lr_ratio`` times A's (``train.learning_rate``)."""
+
+    kind: Literal["loraplus"]
+    lr_ratio: Annotated[float, Field(ge=1)] = 16.0  # eta_B / eta_A: the paper's published default
+
+
+def _optimizer_kind(value: Any) -> str | None:
+    return value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+
+
+# A LoRA optimizer of PEFT's (``peft.optimizers``) in place of the Trainer's (trainers/lora_optimizers.py),
+# told apart by ``kind`` (a callable discriminator: pydantic refuses a field one next to Section's
+# before-validator), so an error names the fields of the kind written
+LoraOptimizerParams = Annotated[
+    Annotated[RiemannianParams, Tag("riemannian")] | Annotated[LoraPlusParams, Tag("loraplus")],
+    Discriminator(_optimizer_kind)]
+
+
 class VariantParams(Section):
     """One trained variant. ``engine: unsloth`` trains through Unsloth's FastLanguageModel (GRIT
     enters as a Trainer callback: the hybrid); ``engine: peft`` through plain PEFT, never
@@ -154,12 +184,18 @@ class VariantParams(Section):
     grit_overrides: dict[str, Any] = {}
     # Fields of the ``lora`` section this variant sets differently (rank 8, DoRA, other modules).
     lora_overrides: dict[str, Any] = {}
+    # A LoRA optimizer of PEFT's in place of the Trainer's (a peer of GRIT: {kind: riemannian} or
+    # {kind: loraplus}); the adapter stays plain LoRA (served as any), the probe tests its step.
+    lora_optimizer: LoraOptimizerParams | None = None
 
     @model_validator(mode="after")
     def _overrides_need_grit(self) -> VariantParams:
         if self.grit_overrides and not self.grit:
             raise ValueError("grit_overrides is set but grit is false; GRIT settings of a variant without GRIT "
                              "would be ignored")
+        if self.lora_optimizer is not None and self.grit:
+            raise ValueError(f"lora_optimizer ({self.lora_optimizer.kind}) is set but grit is true; GRIT wraps the "
+                             "Trainer's optimizer, a variant has one preconditioner: set grit: false or drop it")
         if self.control is not None and not self.grit:
             raise ValueError("control is set but grit is false; only a GRIT variant is compared with a control")
         unknown = sorted(set(self.grit_overrides) - set(GritParams.model_fields))
@@ -169,6 +205,14 @@ class VariantParams(Section):
         if unknown:
             raise ValueError(f"lora_overrides: {unknown[0]!r} is not a field of the lora section")
         return self
+
+
+def preconditioner(variant: VariantParams) -> str | None:
+    """What changes this variant's LoRA step from plain LoRA's, which the probe tests: ``grit``,
+    the kind of its LoRA optimizer (``riemannian``, ``loraplus``), or None (plain LoRA)."""
+    if variant.grit:
+        return "grit"
+    return variant.lora_optimizer.kind if variant.lora_optimizer is not None else None
 
 
 def variant_grit(grit: GritParams, variant: VariantParams) -> GritParams:

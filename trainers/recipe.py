@@ -24,13 +24,21 @@ from transformers import TrainerCallback
 
 from core.section import content_hash
 from trainers.base_model import BaseModelFiles
-from trainers.config import TrainingSections, TrainParams, VariantParams, variant_grit, with_variant_lora
+from trainers.config import (
+    LoraOptimizerParams,
+    TrainingSections,
+    TrainParams,
+    VariantParams,
+    variant_grit,
+    with_variant_lora,
+)
 from trainers.grit.config import GritParams
 from trainers.grit.distributed import world_size
 from trainers.grit.doors import trainer_clipping_norm
 from trainers.grit.fused import capture_kinds
 from trainers.grit.manager import GritManager
 from trainers.grit_vlm.variant import vision_language_model
+from trainers.lora_optimizers import lora_optimizer_kind
 from trainers.sft import (
     PaddingCollator,
     StepLog,
@@ -130,10 +138,11 @@ def attach_grit(model, config: GritParams, door: str | None, total_steps: int, m
 def build_trainer(
     model, tokenizer, examples: list[dict], train: TrainParams, output_dir: Path, grit: GritAttachment,
     callbacks: list[Any], bf16: bool = False, max_steps: int | None = None, checkpoints: bool = True,
-    progress: bool = True, collator=None,
+    progress: bool = True, collator=None, lora_optimizer: LoraOptimizerParams | None = None,
 ):
     """TRL's SFTTrainer (as patched by Unsloth when the engine imported it) in the fair form:
-    sequential batches, one loss, GRIT's door. ``callbacks`` run before GRIT's own.
+    sequential batches, one loss, GRIT's door or a LoRA optimizer of PEFT's (``lora_optimizer``,
+    from ``train.optim``'s class). ``callbacks`` run before GRIT's own.
 
     ``collator``: examples that are not pre-tokenized text (a VLM's image-text pairs) are kept
     as they are and batched by it, in a plain ``transformers.Trainer`` (TRL's SFT preparation
@@ -163,12 +172,12 @@ def build_trainer(
     return fair_trainer_class(base)(
         model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
         data_collator=collator, callbacks=[*callbacks, *grit.callbacks],
-        grit_optimizer_door=door, grit_max_grad_norm=train.max_grad_norm,
+        grit_optimizer_door=door, grit_max_grad_norm=train.max_grad_norm, lora_optimizer=lora_optimizer,
     )
 
 
-def _fair_trainer(built: VariantModel, params: TrainingSections, grit: GritAttachment, checkpoint_dir: Path,
-                  live, on_validation) -> tuple[Any, StepLog]:
+def _fair_trainer(built: VariantModel, params: TrainingSections, variant: VariantParams, grit: GritAttachment,
+                  checkpoint_dir: Path, live, on_validation) -> tuple[Any, StepLog]:
     """The Trainer and its step log. The log and the checkpoint callback read the Trainer through
     ``trainer_ref``, filled once it exists (they are its callbacks, so they are built first)."""
     train = params.train
@@ -179,7 +188,7 @@ def _fair_trainer(built: VariantModel, params: TrainingSections, grit: GritAttac
     callbacks = [step_log, SaveExtraState(trainer_ref, grit.manager, step_log)] if built.resumable else [step_log]
     trainer = build_trainer(built.model, built.tokenizer, built.examples, train, checkpoint_dir, grit, callbacks,
                             bf16=params.model.dtype == "bfloat16", checkpoints=built.resumable,
-                            collator=built.collator)
+                            collator=built.collator, lora_optimizer=variant.lora_optimizer)
     trainer_ref.append(trainer)
     return trainer, step_log
 
@@ -213,7 +222,8 @@ def training_metadata(name: str, variant: VariantParams, built: VariantModel, tr
     losses = [row["loss"] for row in step_log.rows]
     return {
         "variant": name, "engine": variant.engine, "grit": variant.grit,
-        "grit_door": grit_door(variant), "trainer_class": trainer_lineage(trainer), "unsloth_state": unsloth_state(),
+        "grit_door": grit_door(variant), "lora_optimizer": lora_optimizer_kind(trainer.optimizer),
+        "trainer_class": trainer_lineage(trainer), "unsloth_state": unsloth_state(),
         "engine_notes": built.engine_notes, "target_modules": built.target_modules, **built.metadata,
         "batch_order_hash": order_hash(trainer.batch_digests), "batches_trained": len(trainer.batch_digests),
         "train_seconds": seconds, "first_loss": losses[0] if losses else None,
@@ -246,7 +256,7 @@ def train_variant(
     grit = attach_grit(built.model, variant_grit(params.grit, variant), grit_door(variant), params.train.max_steps,
                        built.manager_factory)
     manager = grit.manager
-    trainer, step_log = _fair_trainer(built, params, grit, checkpoint_dir, live, on_validation)
+    trainer, step_log = _fair_trainer(built, params, variant, grit, checkpoint_dir, live, on_validation)
     resume_from = _resume_point(name, params, checkpoint_dir) if built.resumable else None
     if resume_from is not None:
         _restore_extra_state(resume_from, trainer, step_log, manager)

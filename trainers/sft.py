@@ -21,6 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from trainers.data.formatting import TokenizedExample, pad_batch, tokenize_chat
+from trainers.lora_optimizers import build_lora_optimizer
 
 
 def training_order(n_examples: int, n_needed: int, seed: int) -> list[int]:
@@ -86,14 +87,17 @@ def unsloth_state() -> dict[str, bool]:
 
 def fair_trainer_class(base: type) -> type:
     """A subclass of ``base`` (TRL's SFTTrainer, as patched or not by Unsloth) that reads the
-    data in order, records what it trains on, and can hand the optimizer to GRIT."""
+    data in order, records what it trains on, and can hand the optimizer to GRIT or build a LoRA
+    optimizer of PEFT's (``lora_optimizer``) from the optimizer class ``train.optim`` chose."""
 
     class FairSFTTrainer(base):
-        def __init__(self, *args, grit_optimizer_door=None, grit_max_grad_norm: float | None = None, **kwargs):
+        def __init__(self, *args, grit_optimizer_door=None, grit_max_grad_norm: float | None = None,
+                     lora_optimizer=None, **kwargs):
             self.batch_digests: list[str] = []
             self.step_tokens = 0
             self._grit_manager = grit_optimizer_door
             self._grit_max_grad_norm = grit_max_grad_norm
+            self._lora_optimizer = lora_optimizer
             super().__init__(*args, **kwargs)
 
         def _get_train_sampler(self, *args, **kwargs):
@@ -113,7 +117,11 @@ def fair_trainer_class(base: type) -> type:
                                         num_items_in_batch=num_items_in_batch)
 
         def create_optimizer(self, *args, **kwargs):
-            optimizer = super().create_optimizer(*args, **kwargs)
+            if self._lora_optimizer is not None and self.optimizer is None:
+                optimizer_cls, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+                self.optimizer = build_lora_optimizer(self.model, self._lora_optimizer, optimizer_cls,
+                                                      optimizer_kwargs, self.args.weight_decay)
+            optimizer = super().create_optimizer(*args, **kwargs)   # keeps an optimizer already built
             if self._grit_manager is not None and not hasattr(self.optimizer, "manager"):
                 # Pure GRIT: the wrapper clips after preconditioning; the Trainer must not clip first.
                 self.optimizer = self._grit_manager.wrap_optimizer(optimizer, self._grit_max_grad_norm)

@@ -8,10 +8,15 @@ HF's order within one optimizer step, and what the instruments read at each poin
       ... GRIT callback (hybrid)
     optimizer.step()
       GritOptimizer (pure GRIT)   # sync, invert, precondition, clip
-      inner optimizer pre-hook    # the gradients the optimizer *consumes*
+      inner optimizer's step      # (PEFT's Riemannian optimizer preconditions inside it first)
+      inner optimizer post-hook   # the gradients the optimizer *consumed*
     on_optimizer_step             # Tail (last callback): the gradients after the step
     zero_grad
     on_step_end                   # Lead: the adapter after the step, GRIT's report
+
+An optimizer reads ``.grad`` and never writes it, so the gradients right after the innermost
+optimizer's step are the ones its update consumed, including what a subclass did to them inside
+``step()`` before updating (a pre-hook would run before that).
 """
 
 from __future__ import annotations
@@ -23,9 +28,10 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from trainers.config import TrainParams
+from trainers.config import LoraOptimizerParams, TrainParams
 from trainers.grit import math as gm
 from trainers.grit.layer import GritError, lora_layers, module_key
+from trainers.lora_optimizers import innermost_optimizer, lora_optimizer_kind
 from trainers.probe.math import UpdateComparison, compare_vectors
 from trainers.recipe import build_trainer
 
@@ -65,21 +71,13 @@ def module_gradients(model) -> dict[str, torch.Tensor]:
     return gradients
 
 
-def innermost_optimizer(optimizer):
-    """The torch optimizer under accelerate's and GRIT's wrappers: the one that updates weights."""
-    while True:
-        inner = getattr(optimizer, "inner", None) or getattr(optimizer, "optimizer", None)
-        if inner is None or inner is optimizer:
-            return optimizer
-        optimizer = inner
-
-
 @dataclass
 class ArmTrace:
     """What one arm did, step by step (index 0 of ``factors`` is the initial adapter)."""
 
     scalings: dict[str, float]
     factors: list[Factors]
+    lora_optimizer: str | None = None      # the kind of LoRA optimizer of PEFT's that stepped, if any
     losses: list[float] = field(default_factory=list)
     consumed_vs_raw: list[dict[str, UpdateComparison]] = field(default_factory=list)
     changed_after_step: list[float] = field(default_factory=list)   # max relative change per step
@@ -103,15 +101,19 @@ class _Lead(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         optimizer = innermost_optimizer(self.trainer.optimizer)
-        self._handle = optimizer.register_step_pre_hook(self._on_consume)
+        self.trace.lora_optimizer = lora_optimizer_kind(optimizer)
+        self._handle = optimizer.register_step_post_hook(self._on_consumed)
 
-    def _on_consume(self, _optimizer, _args, _kwargs) -> None:
+    def _on_consumed(self, _optimizer, _args, _kwargs) -> None:
+        # a subclass's step may run its base class's hooked step too: the last reading counts
         self.consumed = module_gradients(self.model)
-        self.trace.consumed_vs_raw.append(
-            {name: compare_vectors(self.consumed[name], self.raw[name]) for name in self.consumed})
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.raw = module_gradients(self.model)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trace.consumed_vs_raw.append(
+            {name: compare_vectors(self.consumed[name], self.raw[name]) for name in self.consumed})
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trace.factors.append(snapshot_factors(self.model))
@@ -143,14 +145,15 @@ class _Tail(TrainerCallback):
 
 
 def run_arm(model, tokenizer, examples: list, train: TrainParams, steps: int, attachment, workdir: Path,
-            bf16: bool = False, collator=None) -> ArmTrace:
+            bf16: bool = False, collator=None, lora_optimizer: LoraOptimizerParams | None = None) -> ArmTrace:
     """Train ``steps`` optimizer steps of the real schedule (``train.max_steps`` long) with GRIT
-    attached as ``attachment`` says (``recipe.GritAttachment``; empty for the control arm).
+    attached as ``attachment`` says (``recipe.GritAttachment``; empty for the control arm), or
+    with a LoRA optimizer of PEFT's (``lora_optimizer``) in place of the Trainer's.
     A ``GritError`` raised by GRIT ends the arm and is recorded, not raised: it is a finding."""
     trace = ArmTrace({name: s for name, (_, _, s) in lora_modules(model).items()}, [snapshot_factors(model)])
     lead = _Lead(trace, model, attachment.manager, steps)
     trainer = build_trainer(model, tokenizer, examples, train, workdir, attachment, [lead], bf16=bf16,
-                            checkpoints=False, progress=False, collator=collator)
+                            checkpoints=False, progress=False, collator=collator, lora_optimizer=lora_optimizer)
     trainer.add_callback(_Tail(lead))
     trainer.remove_callback(PrinterCallback)   # the stage prints one summary per arm instead
     lead.trainer = trainer

@@ -72,9 +72,10 @@ def make_scalar_twin(manager) -> None:
 
 def measurements(variant: str, door: str | None, control: ArmTrace, grit: ArmTrace, state: dict, steps: int,
                  trajectory: CurveComparison | None = None, trajectory_control: str | None = None,
-                 twin: ArmTrace | None = None) -> ProbeMeasurements:
-    """Per-module figures of one probe (``state`` from ``arms.grit_state``; ``twin``: the
-    scalar twin's trace, when it ran)."""
+                 twin: ArmTrace | None = None, preconditioner: str = "grit") -> ProbeMeasurements:
+    """Per-module figures of one probe (``state`` from ``arms.grit_state``, or for a peer
+    ``peers.peer_state``; ``twin``: the scalar twin's trace, when it ran; ``grit``: the arm of
+    whatever changes the step, ``preconditioner``)."""
     modules = []
     compared_steps = min(control.steps, grit.steps)
     twin_done = twin is not None and twin.steps >= steps and grit.steps >= steps
@@ -101,7 +102,7 @@ def measurements(variant: str, door: str | None, control: ArmTrace, grit: ArmTra
         grit_steps_run=state.get("steps_run", 0), claimed_ready=state.get("claimed_ready"),
         arm_steps=grit.steps, steps=steps, error=grit.error,
         max_changed_after_step=max(grit.changed_after_step, default=0.0), modules=modules,
-        trajectory=trajectory, trajectory_control=trajectory_control,
+        trajectory=trajectory, trajectory_control=trajectory_control, preconditioner=preconditioner,
     )
 
 

@@ -1,4 +1,5 @@
-"""The probe of one GRIT variant, built exactly as training builds it (``recipe.variant_model``).
+"""The probe of one GRIT variant, or of a peer (a LoRA optimizer of PEFT's: ``peers``), built
+exactly as training builds it (``recipe.variant_model``).
 
 Both arms start from the variant's initial adapter on its first ``probe.steps`` batches; the
 verdict covers the whole adapter and, for a model with parts (a VLM's modalities), each part: the
@@ -13,20 +14,29 @@ from typing import Any
 import torch
 
 from trainers.base_model import BaseModelFiles
-from trainers.config import TrainingSections, variant_grit
+from trainers.config import TrainingSections, VariantParams, variant_grit
+from trainers.probe.arms import ArmTrace
+from trainers.probe.config import ProbeParams
 from trainers.probe.math import CurveComparison
 from trainers.probe.measure import probe_setup
-from trainers.probe.verdict import EFFECTIVE, INERT, as_json, decide
+from trainers.probe.peers import peer_setup
+from trainers.probe.verdict import EFFECTIVE, INERT, ProbeMeasurements, as_json, decide
 from trainers.recipe import attach_grit, grit_door, variant_model
+from trainers.variant_model import VariantModel
 
 
 def probe_variant(name: str, params: TrainingSections, files: BaseModelFiles, data_dir: Path, workdir: Path,
                   trajectory: CurveComparison | None = None, trajectory_control: str | None = None) -> dict[str, Any]:
-    """Control arm vs GRIT arm for variant ``name``: its measurements and verdict as JSON, with
-    both arms' losses and (for a model with parts) a verdict per part under ``modalities``."""
+    """Control arm vs GRIT arm (or the peer's) for variant ``name``: its measurements and verdict as
+    JSON, with both arms' losses and (for a model with parts) a verdict per part under ``modalities``."""
     variant, settings = params.variants[name], params.probe
     torch.manual_seed(params.train.seed)  # the same initial adapter as the trained variant
     built = variant_model(variant, params, files, data_dir, settings.steps)
+    if variant.lora_optimizer is not None:
+        measured, control, grit = peer_setup(name, built.model, built.tokenizer, built.examples, params.train,
+                                             variant.lora_optimizer, settings, workdir,
+                                             bf16=params.model.dtype == "bfloat16", collator=built.collator)
+        return _verdict(measured, settings, variant, built, control, grit)
 
     def attach(model, config, door, total_steps):
         return attach_grit(model, config, door, total_steps, built.manager_factory)
@@ -40,11 +50,18 @@ def probe_variant(name: str, params: TrainingSections, files: BaseModelFiles, da
         grit_door(variant), settings,
         workdir, attach=attach, bf16=params.model.dtype == "bfloat16", trajectory=trajectory,
         trajectory_control=trajectory_control, collator=built.collator)
+    return _verdict(measured, settings, variant, built, control, grit)
+
+
+def _verdict(measured: ProbeMeasurements, settings: ProbeParams, variant: VariantParams, built: VariantModel,
+             control: ArmTrace, grit: ArmTrace) -> dict[str, Any]:
+    """The verdict as JSON, with both arms' losses and, for a model with parts, one per part (GRIT's:
+    a VLM's modalities are configured with GRIT per modality; a peer acts on the whole adapter)."""
     verdict, checks = decide(measured, settings)
     result = as_json(measured, verdict, checks)
     result.update(engine=variant.engine, engine_notes=built.engine_notes, control_losses=control.losses,
                   grit_losses=grit.losses)
-    if built.judge_parts is not None:
+    if built.judge_parts is not None and variant.grit:
         parts = built.judge_parts(measured, settings)
         inert = [part for part, r in parts.items() if r["verdict"] != EFFECTIVE and r["precondition"]]
         if inert:

@@ -1,7 +1,10 @@
-"""Measurements of one GRIT variant -> checks -> ``effective`` or ``inert`` (pure functions).
+"""Measurements of one GRIT variant (or of a peer: a LoRA optimizer of PEFT's, ``preconditioner``)
+-> checks -> ``effective`` or ``inert`` (pure functions).
 
 Each check answers one way GRIT was silently inert in the original experiment
-(docs/method.md) and carries the figures that decided it:
+(docs/method.md) and carries the figures that decided it; a check that does not apply to a peer
+(the Riemannian preconditioner captures nothing; LoRA+ inverts nothing and has no scalar twin)
+is reported as not evaluated, never failed:
 
 - ``not_attached``: GRIT configured but its step never ran (no callback, no optimizer door);
 - ``capture_bypassed``: a targeted module captured no rows (fused kernels skip the LoRA forward);
@@ -28,6 +31,8 @@ from trainers.probe.config import ProbeParams
 from trainers.probe.math import CurveComparison, UpdateComparison, median
 
 EFFECTIVE, INERT = "effective", "inert"
+# What changes the step, as a check's detail names it (``trainers.config.preconditioner``)
+NAMES = {"grit": "GRIT", "riemannian": "the Riemannian preconditioner", "loraplus": "LoRA+"}
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,7 @@ class ModuleMeasurement:
 class ProbeMeasurements:
     variant: str
     door: str | None
-    grit_present: bool                     # a GRIT manager exists on the model
+    grit_present: bool                     # a GRIT manager exists on the model (a peer: its optimizer stepped)
     grit_steps_run: int                    # optimizer steps GRIT's own sequence ran
     claimed_ready: bool | None             # the manager's own readiness flag
     arm_steps: int                         # optimizer steps the GRIT arm completed
@@ -59,6 +64,11 @@ class ProbeMeasurements:
     modules: list[ModuleMeasurement]
     trajectory: CurveComparison | None = None
     trajectory_control: str | None = None
+    preconditioner: str = "grit"           # grit | riemannian | loraplus (trainers.config.preconditioner)
+
+    @property
+    def method(self) -> str:
+        return NAMES[self.preconditioner]
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,8 @@ def _fraction(part: int, whole: int) -> float:
 
 
 def check_attached(m: ProbeMeasurements) -> Check:
+    if m.preconditioner != "grit":
+        return _check_optimizer_attached(m)
     if not m.grit_present:
         return Check("attached", False, "not_attached", "the variant is configured with GRIT but no GRIT "
                      "manager is on the model: no natural gradient at all")
@@ -84,7 +96,18 @@ def check_attached(m: ProbeMeasurements) -> Check:
                  f"({m.door or 'unknown door'})")
 
 
+def _check_optimizer_attached(m: ProbeMeasurements) -> Check:
+    """A peer is attached when the optimizer that stepped is PEFT's of its kind."""
+    if not m.grit_present:
+        return Check("attached", False, "not_attached", f"the variant is configured with {m.method} but the "
+                     "optimizer that stepped is the Trainer's own: plain LoRA's step")
+    return Check("attached", True, None, f"PEFT's {m.preconditioner} optimizer made all {m.arm_steps} steps")
+
+
 def check_capture(m: ProbeMeasurements, p: ProbeParams) -> Check:
+    if m.preconditioner != "grit":
+        how = "preconditions from the factors A and B" if m.preconditioner == "riemannian" else "scales B's step"
+        return Check("capture", None, None, f"{m.method} captures no activations: it {how}")
     if not m.grit_present:
         return Check("capture", None, None, "no GRIT manager, nothing captured")
     blind = [x.name for x in m.modules if (x.rows_captured or 0) < p.min_rows_per_module]
@@ -100,6 +123,8 @@ def check_capture(m: ProbeMeasurements, p: ProbeParams) -> Check:
 
 
 def check_readiness(m: ProbeMeasurements, p: ProbeParams) -> Check:
+    if m.preconditioner == "loraplus":
+        return Check("readiness", None, None, "LoRA+ inverts nothing: B's learning rate is a multiple of A's")
     if not m.grit_present:
         return Check("readiness", None, None, "no GRIT manager, no inverses")
     ready = sum(x.usable_A and x.usable_B for x in m.modules)
@@ -153,12 +178,15 @@ def check_update(m: ProbeMeasurements, p: ProbeParams) -> Check:
                f"{p.min_update_change:g} (median cosine {_fmt(cosine)}, median relative difference {_fmt(difference)})")
     if _fraction(changed, len(m.modules)) < p.min_changed_fraction:
         return Check("update", False, "update_unchanged", f"{figures}: the optimizer made the same updates "
-                     "with and without GRIT")
+                     f"with and without {m.method}")
     return Check("update", True, None, figures)
 
 
 def check_beyond_scalar(m: ProbeMeasurements, p: ProbeParams) -> Check:
     """Does GRIT's update point where no per-module step size could take it?"""
+    if m.preconditioner == "loraplus":
+        return Check("beyond_scalar", None, None, "LoRA+ is a step size per factor by design: no preconditioner "
+                     "matrix to replace by a multiple of I, no scalar twin")
     compared, changed = _turned([x.scalar_update for x in m.modules], p.min_scalar_twin_change)
     if not compared:
         return Check("beyond_scalar", None, None, "the scalar twin did not run to the end: not compared")

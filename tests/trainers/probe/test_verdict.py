@@ -73,3 +73,22 @@ def test_a_scalar_twin_that_did_not_run_is_reported_not_failed():
     verdict, checks = decide(measured(modules=[module(scalar_update=None)]), P)
     assert verdict == EFFECTIVE
     assert next(c for c in checks if c.name == "beyond_scalar").passed is None
+
+
+@pytest.mark.parametrize(("preconditioner", "not_evaluated"), [
+    ("riemannian", {"capture", "trajectory"}),
+    ("loraplus", {"capture", "readiness", "preconditioner_shape", "beyond_scalar", "trajectory"})])
+def test_a_peer_s_checks_that_do_not_apply_are_reported_not_failed(preconditioner, not_evaluated):
+    """GRIT's peers capture nothing; LoRA+ inverts nothing and has no scalar twin (a step size per factor)."""
+    plain = [module(f"layers.{i}.mlp.up_proj", rows_captured=None,
+                    **({} if preconditioner == "riemannian" else
+                       {"usable_A": False, "usable_B": False, "scalar_distance": None, "condition": None,
+                        "scalar_update": None})) for i in range(4)]
+    peer = measured(modules=plain, preconditioner=preconditioner, claimed_ready=None, trajectory=None,
+                    trajectory_control=None)
+    verdict, checks = decide(peer, P)
+    assert verdict == EFFECTIVE, reasons(checks)
+    assert {c.name for c in checks if c.passed is None} == not_evaluated
+    assert decide(replace(peer, grit_present=False), P)[0] == INERT          # the Trainer's own optimizer stepped
+    unchanged = [replace(m, update=UpdateComparison(1.0, 16.0, 15.0)) for m in plain]   # only rescaled
+    assert "update_unchanged" in reasons(decide(replace(peer, modules=unchanged), P)[1])
