@@ -346,3 +346,15 @@ def paired_over_seeds(deltas: Mapping[K, Sequence[float] | np.ndarray], level: f
             tested[key], drawn[key] = two_level_bootstrap(deltas[key], needed, level, seed), needed
     adjusted = holm_adjust_distinct({key: p for key, (_, p) in tested.items()}, follows)
     return {key: SeedTest(interval, p, adjusted[key], drawn.get(key)) for key, (interval, p) in tested.items()}
+
+
+def pooled_contributions(sums: Sequence[float], counts: Sequence[int]) -> tuple[float, list[float]]:
+    """A pooled mean over items of unequal size (a loss summed over each example's tokens) and one
+    value per item whose plain mean is that pooled mean: ``n * sum_i / sum(counts)``. Resampling
+    these values resamples the items with the pooled denominator held at its observed value (the
+    ratio estimator's linearisation), so a bootstrap over items keeps the figure's definition."""
+    tokens = sum(counts)
+    if tokens <= 0 or len(sums) != len(counts):
+        raise ValueError(f"pooled_contributions needs as many sums as counts and some tokens ({len(sums)}, "
+                         f"{len(counts)}, {tokens})")
+    return sum(sums) / tokens, [len(sums) * s / tokens for s in sums]

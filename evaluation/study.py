@@ -34,7 +34,7 @@ def endpoints() -> list[str]:
 class Trial:
     """One training run of the study and what was measured on it."""
 
-    phase: str                          # "tune", "finalist" or "test"
+    phase: str                          # "tune", "finalist", "test" or "probe" (PHASES)
     method: str
     steps: int
     seed: int
@@ -210,7 +210,8 @@ def control_mean(runs: dict[int, Trial], metric: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-PHASES = ("tune", "finalist", "test")
+# A probe run (``pipelines.study.trial.probe_run``) trains nothing: it probes a chosen setting.
+PHASES = ("tune", "finalist", "test", "probe")
 
 
 def compute_by_method(trials: Sequence[Trial]) -> dict[str, dict[str, float]]:

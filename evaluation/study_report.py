@@ -111,6 +111,29 @@ def defaults_rows(trials: Sequence[Trial], methods: Sequence[str], run_lengths: 
     return rows
 
 
+def probes_at_chosen(trials: Sequence[Trial], chosen: dict[tuple[str, int], dict[str, float]]) -> dict[str, dict]:
+    """Per part with a probe run at its chosen setting: the verdict and the median cosines of the
+    update against the control arm's and against the scalar twin's (``pipelines.study.trial``)."""
+    out = {}
+    for t in trials:
+        if t.phase == "probe" and chosen.get((t.method, t.steps)) == t.setting:
+            out[f"{t.method}@{t.steps}"] = {"verdict": "effective" if t.metrics.get("effective") else "inert",
+                                            **{k: v for k, v in t.metrics.items() if k != "effective"}}
+    return out
+
+
+def _probe_section(trials: Sequence[Trial], chosen: dict[tuple[str, int], dict[str, float]]) -> str:
+    probes = probes_at_chosen(trials, chosen)
+    rows = [[part.replace("@", " at "), p["verdict"], _number(p.get("update_cosine_median")),
+             _number(p.get("scalar_twin_cosine_median"))] for part, p in sorted(probes.items())]
+    return ("## Does the preconditioner still act at the chosen settings? (the probe at each chosen setting)\n\n"
+            "Cosine of the update with the preconditioner against the same step without it (1: unchanged "
+            "direction) and against its scalar twin (the plain step rescaled to the same norm), medians over "
+            "modules.\n\n"
+            + (_table(["part", "verdict", "update cosine vs control", "update cosine vs scalar twin"], rows)
+               if rows else "No chosen setting has been probed yet."))
+
+
 def rungs_line(trials: Sequence[Trial]) -> str:
     """The pruner's rungs per run length as the tuning trials measured them (every step of a
     tuning curve before its end is a rung: a trial measures its validation loss there only)."""
@@ -431,8 +454,8 @@ def _paired_tests_section(params, tests: Sequence[PairedTest]) -> str:
 def _compute_section(compute: dict[str, dict[str, float]], stage_seconds: float) -> str:
     """Hours spent per method and phase; says why training speed is not compared from these runs."""
     return ("## Compute (hours per run in its worker: training, evaluation and loading; summed over runs)\n\n"
-            + _table(["method", "tuning", "finalists", "test", "total", "of which training"],
-                     [[m, *(f"{c[k] / 3600:.2f}" for k in ("tune", "finalist", "test", "total", "training"))]
+            + _table(["method", "tuning", "finalists", "test", "probe", "total", "of which training"],
+                     [[m, *(f"{c[k] / 3600:.2f}" for k in ("tune", "finalist", "test", "probe", "total", "training"))]
                       for m, c in compute.items()])
             + f"\n\nThis invocation of the stage took {stage_seconds / 3600:.2f} h. Training speed is not compared "
             "here: runs of different methods trained at different times on a shared machine; the side-by-side "
@@ -473,6 +496,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
         _tuning_section(params, trials, notes),
         _defaults_section(params, trials, chosen),
         _selection_section(params, trials, chosen),
+        _probe_section(trials, chosen),
         "![sensitivity: validation loss against the learning rate; circles: tuning runs, diamonds: finalists' "
         "means, stars: chosen](sensitivity.png)",
         *_test_figure_sections(params, trials),
@@ -500,6 +524,7 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
     return {
         "status": "complete", "verdict": sentence, "methods": list(study.methods),
         "chosen": {f"{m}@{steps}": setting for (m, steps), setting in chosen.items()},
+        "probes": probes_at_chosen(trials, chosen),
         "defaults": {f"{m}@{b}": landed for m in study.methods for b in study.steps
                      if (landed := where_defaults_land(trials, m, b, chosen.get((m, b)))) is not None},
         "configurations": study.configurations, "finalists": study.finalists,

@@ -58,6 +58,11 @@ def test_a_study_goes_on_over_sittings_from_its_committed_ledger(tmp_path_factor
     _sh(["dvc", "repro", "study"], repo, env)
     done = json.loads((repo / "metrics/study.json").read_text())
     trials = ledger_trials()
+    # the GRIT method was probed at its chosen setting; each tuning trained its published defaults
+    assert done["probes"]["grit_paper@4"]["verdict"] in ("effective", "inert")
+    assert [t["setting"] for t in trials if t["phase"] == "probe"] == [done["chosen"]["grit_paper@4"]]
+    assert set(done["defaults"]) == {"peft_lora@4", "grit_paper@4"}
+    assert all(d["rank"] is not None for d in done["defaults"].values())
     readme = (repo / "README.md").read_text()
     assert f"{len(trials)} trials in its ledger" in readme and "every part is done" in readme
     assert "| done |" in (repo / "docs/study.md").read_text()

@@ -35,6 +35,7 @@ from pipelines.study.plan import (
 )
 from pipelines.study.sitting import Sitting, prepared_data, record, recorded_trials, stop_if_over
 from pipelines.study.tuning import configurations_finished
+from trainers.config import preconditioner
 
 
 def run_job(sitting: Sitting, job: dict) -> None:
@@ -202,4 +203,7 @@ def select_and_test(sitting: Sitting, method: str, steps: int) -> dict[str, floa
     setting = choose_setting(sitting, method, steps)
     run_fixed(sitting, [{"phase": "test", "method": method, "steps": steps, "seed": seed, "setting": setting}
                         for seed in seeds_for_testing(params.study.test_seed, params.study.seeds)])
+    if preconditioner(params.variants[method]) is not None:       # GRIT or a peer: probed where tuning put it
+        run_fixed(sitting, [{"phase": "probe", "method": method, "steps": steps, "seed": params.train.seed,
+                             "setting": setting}])
     return setting

@@ -62,29 +62,71 @@ def measure_trial(model, tokenizer, chat, params: Params, root: Path, phase: str
             "refusal_prompts": study.refusal_prompts, "overrefusal_prompts": study.overrefusal_prompts,
             "fact_pairs": study.fact_pairs, "aqi_pairs": study.aqi_pairs}))
         metrics += [m for m in study_endpoints() if m.source == "fp32"]
-        extra["test_loss"] = split_loss(model, tokenizer, root / DATA_DIR / "test.jsonl", params)
+        extra["test_loss"], per_example = split_loss(model, tokenizer, root / DATA_DIR / "test.jsonl")
     subject = Subject("trial", model, tokenizer, chat, sets, params.eval.aqi_layers, progress=False,
                       max_new_tokens=params.eval.max_new_tokens, sampling=sampling_of(params.eval))
     outcomes = measure(subject, metrics)
     figures = point_figures(outcomes, params.eval.gamma)
     per_prompt = {m.name: [float(v) for v in outcomes.values[m.name]] for m in metrics
                   if m.kind in PER_PROMPT_KINDS and m.name in outcomes.values and m is not VALIDATION_DECLINE}
+    if phase == "test":
+        per_prompt["test_loss"] = per_example
     return {VALIDATION_DECLINE.name: math.nan} | {m.name: figures[m.name] for m in metrics} | extra, per_prompt
 
 
-def split_loss(model, tokenizer, path: Path, params: Params) -> float:
-    """Mean token loss of the trained model on a held-out split (the test split: never selected on)."""
-    from trainers.sft import ValidationLoss, tokenized_examples
+def split_loss(model, tokenizer, path: Path) -> tuple[float, list[float]]:
+    """Mean response-token loss of the trained model on a held-out split (the test split: never
+    selected on), and one value per example whose mean is that loss
+    (``evaluation.stats.pooled_contributions``): the report resamples the examples as well as the
+    seeds, as it resamples prompts for the rates."""
+    import torch
+
+    from evaluation.stats import pooled_contributions
+    from trainers.sft import PaddingCollator, summed_token_loss, tokenized_examples
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the study's test loss needs data.test_fraction > 0")
-    examples = tokenized_examples(read_jsonl(path), tokenizer)
-    return ValidationLoss(examples, tokenizer.pad_token_id, 1, params.train.per_device_batch_size).measure(model)
+    collate, device = PaddingCollator(tokenizer.pad_token_id), next(model.parameters()).device
+    sums, counts = [], []
+    with torch.no_grad():
+        for example in tokenized_examples(read_jsonl(path), tokenizer):
+            batch = collate([example])
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            total, count = summed_token_loss(logits, batch["labels"].to(device))
+            sums.append(total)
+            counts.append(count)
+    return pooled_contributions(sums, counts)
+
+
+# What a probe run keeps of the probe's summary (``pipelines.probe.summary``), beside its verdict
+PROBE_FIGURES = ("update_cosine_median", "scalar_twin_cosine_median", "update_relative_difference_median")
+
+
+def probe_run(params: Params, spec: dict[str, Any], root: Path, scratch: Path) -> dict[str, Any]:
+    """The probe of ``spec``'s method at its chosen setting: does its preconditioner still change
+    the update where tuning put it (a damping at the top of its range can make GRIT's step a
+    rescaled LoRA step)? The probe stage's measurement (``trainers.probe``), on these params."""
+    from pipelines.probe import summary
+    from trainers.base_model import resolve_base_model
+    from trainers.probe.variant import probe_variant
+
+    run = trial_params(params, spec["method"], spec["steps"], spec["seed"], spec["setting"])
+    started = time.perf_counter()
+    probed = summary(probe_variant(spec["method"], run, resolve_base_model(run.model), root / DATA_DIR, scratch))
+    figures = {name: probed[name] for name in PROBE_FIGURES if probed.get(name) is not None}
+    return {**spec, "val_loss": None, "curve": [], "stopped_at": None, "per_prompt": {},
+            "metrics": {**figures, "effective": float(probed["verdict"] == "effective")},
+            "train_seconds": 0.0, "tokens_per_second": None, "trainable_parameters": None,
+            "trial_seconds": time.perf_counter() - started}
 
 
 def run_trial(params: Params, spec: dict[str, Any], root: Path, scratch: Path, on_validation=None) -> dict[str, Any]:
+    """One trial's result record: trained and measured, or for a ``probe`` spec, probed."""
     from peft import PeftModel
 
+    if spec["phase"] == "probe":
+        return probe_run(params, spec, root, scratch)
     from export.chat_format import chat_format
     from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
     from trainers.recipe import train_variant
@@ -154,6 +196,12 @@ def run_summary(record: dict[str, Any]) -> str:
     """The line a finished finalist or test run prints: which run it was (two workers' lines
     interleave) and the loss its phase is judged on, the held-out test loss for a test run."""
     name = f"{record['method']}, {record['steps']} steps, seed {record['seed']}"
+    if record.get("phase") == "probe":
+        figures = record["metrics"]
+        cosine = figures.get("update_cosine_median")
+        return (f"[study]   probe done: {name}: {'effective' if figures.get('effective') else 'inert'}"
+                + (f", update cosine against the control {cosine:.3f}" if cosine is not None else "")
+                + f" in {record['trial_seconds']:.0f} s")
     losses = f"validation loss {record['val_loss']:.4f}"
     test_loss = record.get("metrics", {}).get("test_loss")
     if record.get("phase") == "test" and test_loss is not None:

@@ -141,9 +141,11 @@ def test_compute_is_counted_per_method_and_phase():
     # were kept costs its training time. The training part is counted beside it.
     runs = [Trial("tune", "a", 8, 0, {}, 1.0, train_seconds=10, trial_seconds=14),
             Trial("finalist", "a", 8, 1, {}, 1.0, train_seconds=5, trial_seconds=6),
-            Trial("test", "a", 8, 1000, {}, 1.0, train_seconds=7), Trial("tune", "b", 8, 0, {}, 1.0, train_seconds=3)]
-    assert compute_by_method(runs) == {"a": {"tune": 14, "finalist": 6, "test": 7, "total": 27, "training": 22},
-                                       "b": {"tune": 3, "finalist": 0, "test": 0, "total": 3, "training": 3}}
+            Trial("test", "a", 8, 1000, {}, 1.0, train_seconds=7), Trial("tune", "b", 8, 0, {}, 1.0, train_seconds=3),
+            Trial("probe", "a", 8, 0, {}, None, trial_seconds=4)]        # a probe trains nothing
+    assert compute_by_method(runs) == {
+        "a": {"tune": 14, "finalist": 6, "test": 7, "probe": 4, "total": 31, "training": 22},
+        "b": {"tune": 3, "finalist": 0, "test": 0, "probe": 0, "total": 3, "training": 3}}
 
 
 def test_progress_counts_each_part_by_phase_and_says_where_it_is():
@@ -158,7 +160,8 @@ def test_progress_counts_each_part_by_phase_and_says_where_it_is():
     parts = study_progress(["a", "b"], [8, 16], planned, trials)
     assert [(p.method, p.steps, p.state) for p in parts] == [
         ("a", 8, "done"), ("b", 8, "finalists"), ("a", 16, "testing"), ("b", 16, "not started")]
-    assert parts[0].done == {"tune": 3, "finalist": 3, "test": 2} and parts[0].hours == pytest.approx(8 / 60)
+    assert parts[0].done == {"tune": 3, "finalist": 3, "test": 2, "probe": 0}
+    assert parts[0].hours == pytest.approx(8 / 60)
     assert parts[1].hours == pytest.approx(72 / 3600) and parts[2].hours == pytest.approx(3601 / 3600)
 
 

@@ -36,3 +36,15 @@ def test_a_ledger_record_keeps_the_defaults_flag():
     record = {"phase": "tune", "method": "pure_grit", "steps": 96, "seed": 42, "setting": DEFAULTS,
               "val_loss": 1.0, "defaults": True}
     assert trial_from_record(record).defaults and not trial_from_record({**record, "defaults": False}).defaults
+
+
+def test_the_probe_at_a_chosen_setting_is_reported_and_other_settings_are_not():
+    from evaluation.study_report import probes_at_chosen
+
+    chosen = {("grit_paper", 96): DEFAULTS}
+    probes = [Trial("probe", "grit_paper", 96, 42, DEFAULTS, None,
+                    metrics={"effective": 1.0, "update_cosine_median": 0.42, "scalar_twin_cosine_median": 0.40}),
+              Trial("probe", "grit_paper", 96, 42, {"learning_rate": 1.0}, None, metrics={"effective": 0.0}),
+              Trial("probe", "pure_grit", 192, 42, {"learning_rate": 1e-3}, None, metrics={"effective": 0.0})]
+    assert probes_at_chosen(probes, chosen) == {"grit_paper@96": {
+        "verdict": "effective", "update_cosine_median": 0.42, "scalar_twin_cosine_median": 0.40}}
