@@ -10,7 +10,11 @@ LoRA+) are probed the same way against plain LoRA's step (``trainers/probe/peers
 
 Writes ``metrics/probes.json`` (verdicts, reasons, headline figures), ``artifacts/probes/<variant>.json``
 (every module), ``plots/probe_update_divergence.png`` and the store's ``probe_results``. Exits
-non-zero when a probed variant is inert, unless ``probe.allow_inert: true``.
+non-zero when a GRIT variant is inert, unless ``probe.allow_inert: true``: the run's claim is
+about GRIT, and an inert GRIT is the failure this stage exists to catch. A peer's inert verdict is
+a finding about the control (PEFT's Riemannian preconditioner is exactly scalar on A while B is
+zero, so over the probe's first steps its step is mostly a rescaled LoRA step), reported and
+stored like any verdict, and the run goes on.
 """
 
 from __future__ import annotations
@@ -214,7 +218,7 @@ def probe(params_path: Path, ctx: StageContext, names: list[str]) -> dict[str, P
                   + (f" ({', '.join(m['reasons'])})" if m["reasons"] else ""))
     if not names:
         print("[probe] no variant has grit: true or a lora_optimizer; nothing to probe")
-    inert = [name for name, s in summaries.items() if s["verdict"] != "effective"]
+    inert = stopping_verdicts(ctx.params, summaries)
     if inert and not ctx.params.probe.allow_inert:
         methods = sorted({NAMES[preconditioner(ctx.params.variants[n])] for n in inert})
         raise UserError(f"{' and '.join(methods)} {'is' if len(methods) == 1 else 'are'} inert in {', '.join(inert)} "
@@ -222,6 +226,18 @@ def probe(params_path: Path, ctx: StageContext, names: list[str]) -> dict[str, P
                         f"{'; '.join(', '.join(summaries[n]['reasons']) for n in inert)}); "
                         "see metrics/probes.json, or set probe.allow_inert: true to go on")
     return produced
+
+
+def stopping_verdicts(params: Params, summaries: dict[str, dict[str, Any]]) -> list[str]:
+    """The inert variants that stop the run: GRIT's (module docstring); a peer's inert verdict is
+    printed as a finding."""
+    inert = [name for name, s in summaries.items() if s["verdict"] != "effective"]
+    for name in inert:
+        if not params.variants[name].grit:
+            print(f"[probe] {name}: its optimizer's step is inert against plain LoRA's over the probe's "
+                  f"{params.probe.steps} steps ({', '.join(summaries[name]['reasons'])}): a finding about this "
+                  "peer, recorded in metrics/probes.json; the run goes on")
+    return [name for name in inert if params.variants[name].grit]
 
 
 def main(argv: list[str] | None = None) -> int:

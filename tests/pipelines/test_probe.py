@@ -113,3 +113,17 @@ def test_probe_steps_beyond_the_training_budget_is_a_one_line_error(workdir: Pat
     assert result.stderr.strip().splitlines() == [
         f"error: {params}: probe.steps ({raw['probe']['steps']}) must not exceed train.max_steps "
         f"({raw['train']['max_steps']})"]
+
+
+def test_only_an_inert_grit_variant_stops_the_run_and_an_inert_peer_is_reported(capsys):
+    from pipelines.probe import stopping_verdicts
+
+    params = load_params(REPO / "params.yaml")
+    summaries = {"pure_grit": {"verdict": "inert", "reasons": ["update_unchanged"]},
+                 "riemannian_lora": {"verdict": "inert", "reasons": ["scalar_equivalent"]},
+                 "loraplus": {"verdict": "effective", "reasons": []}}
+    assert stopping_verdicts(params, summaries) == ["pure_grit"]
+    said = capsys.readouterr().out
+    assert "riemannian_lora: its optimizer's step is inert" in said and "scalar_equivalent" in said
+    assert "pure_grit" not in said and "loraplus" not in said
+    assert stopping_verdicts(params, {**summaries, "pure_grit": {"verdict": "effective", "reasons": []}}) == []
