@@ -191,7 +191,7 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     with store.reader() as session:
         trials = session.scalars(select(StudyTrial).where(StudyTrial.run_id == run.id)).all()
         assert session.scalar(select(func.count()).select_from(TuningJournal)) > 0
-    by_phase = {phase: [t for t in trials if t.phase == phase] for phase in ("tune", "finalist", "test")}
+    by_phase = {phase: [t for t in trials if t.phase == phase] for phase in ("tune", "finalist", "test", "probe")}
     runs_per_method = len(plan.steps)
     studies: dict[str, int] = {}                 # each Optuna study asked for the same number
     for t in by_phase["tune"]:
@@ -210,7 +210,7 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
         for steps in plan.steps:
             finalists = {t.setting for t in by_phase["finalist"] if t.method == method and t.steps == steps}
             runs = [t for t in trials if t.setting in finalists and t.method == method and t.steps == steps
-                    and (t.phase == "finalist" or (t.seed == params.train.seed
+                    and (t.phase == "finalist" or (t.phase == "tune" and t.seed == params.train.seed
                                                    and json.loads(t.metrics_json)["stopped_at"] is None))]
             assert {t.seed for t in runs if t.setting == next(iter(finalists))} == set(tuning_seeds(
                 params.train.seed, plan.finalist_seeds))            # every finalist ran on every selection seed
@@ -222,14 +222,22 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     tested = [json.loads(t.metrics_json) for t in by_phase["test"]]
     assert all("test_loss" in m["figures"] and len(m["per_prompt"]["sampled_refusal_rate"]) == plan.refusal_prompts
                for m in tested)
-    assert all(json.loads(t.metrics_json)["figures"]["trial_seconds"] > t.train_seconds > 0 for t in trials)
+    trained = [t for t in trials if t.phase != "probe"]
+    assert all(json.loads(t.metrics_json)["figures"]["trial_seconds"] > t.train_seconds > 0 for t in trained)
+    # each preconditioned method probed once per run length, at its chosen setting, training nothing
+    probed = [m for m in plan.methods if params.variants[m].grit or params.variants[m].lora_optimizer]
+    assert sorted((t.method, t.steps) for t in by_phase["probe"]) == sorted(
+        (m, s) for m in probed for s in plan.steps)
+    assert all(json.loads(t.setting) == study["chosen"][f"{t.method}@{t.steps}"] and t.train_seconds == 0
+               for t in by_phase["probe"])
+    assert set(study["probes"]) == {f"{m}@{s}" for m in probed for s in plan.steps}
     capacity = {t.method: t.trainable_parameters for t in by_phase["test"]}
     assert capacity["grit_paper"] * 2 == capacity["peft_lora"]           # truncated from r 4 to k 2, then trained
     study_report = (repo / "reports/study/report.md").read_text()
     assert study["verdict"] in study_report and "Holm" in study_report and "pruner" in study_report
     # each row names its test: the bootstrap's resamples for a per-prompt endpoint, none for the paired t
     per_prompt = set(tested[0]["per_prompt"])
-    assert "retention_accuracy" in per_prompt and "test_loss" not in per_prompt
+    assert "retention_accuracy" in per_prompt and "test_loss" in per_prompt       # resampled over examples too
     assert study["tests"] and all((t["bootstrap_resamples"] is None) == (t["metric"] not in per_prompt)
                                   for t in study["tests"])
     # Compute counts each run's wall time (as the sittings do); training is the smaller part of it.
