@@ -175,6 +175,29 @@ class SpeedMetric(Base):
     n: Mapped[int | None] = mapped_column(Integer)
 
 
+class ServedFigure(Base):
+    """A figure of one model's greedy replies through a second serving backend (Ollama), in one
+    served form (``base``, ``adapter``: the base GGUF with the LoRA GGUF applied at run time,
+    ``merged``): the served metrics with their intervals, the replies' agreement with llama.cpp's
+    and the speed from the backend's own counters (``evaluation.ollama_backend``). The
+    evaluation's own served figures (llama.cpp) are ``eval_metrics`` rows."""
+
+    __tablename__ = "served_figures"
+    __table_args__ = (UniqueConstraint("run_id", "variant", "seed", "backend", "form", "metric"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[str] = _run_fk()
+    variant: Mapped[str] = mapped_column(String(64))
+    seed: Mapped[int] = mapped_column(Integer, default=0)
+    backend: Mapped[str] = mapped_column(String(32))
+    form: Mapped[str] = mapped_column(String(16))
+    metric: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+    ci_low: Mapped[float | None] = mapped_column(Float)
+    ci_high: Mapped[float | None] = mapped_column(Float)
+    n: Mapped[int | None] = mapped_column(Integer)
+
+
 class StudyTrial(Base):
     """One training run of the study (``pipelines/study/``): a tuning trial (``phase`` tune: a
     setting drawn from the method's search space, judged on validation loss) or a test run

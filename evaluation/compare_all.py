@@ -41,13 +41,14 @@ from sqlalchemy import select
 from core.errors import UserError
 from core.section import Section
 from db.config import WHERE_PASSWORDS_GO, StoreParams, has_password, store_url
-from db.models import Comparison, EvalMetric, Run, SpeedMetric
+from db.models import Comparison, EvalMetric, Run, ServedFigure, SpeedMetric
 from db.store import open_store, sqlite_file
 from evaluation.config import EvalParams
 from evaluation.metrics import (
     SPEED_FIGURES,
     TRAINING_FIGURES,
     Metric,
+    agreement_metric,
     derived_keys,
     differences_over_seeds,
     figure_over_seeds,
@@ -101,6 +102,7 @@ class RunTables:
     export: ExportParams = ExportParams()
     serve: ServeParams = ServeParams()
     controls: dict[str, str] = field(default_factory=dict)   # GRIT variant -> same-engine control
+    served: dict[tuple[str, str, str], list[ServedFigure]] = field(default_factory=dict)  # (model, form, metric)
 
     def is_control_pair(self, c) -> bool:
         return self.controls.get(c.variant) == c.reference
@@ -200,6 +202,10 @@ def load_run(url: str, root: Path, run_id: str | None) -> RunTables:
         for s in session.scalars(select(SpeedMetric).where(SpeedMetric.run_id == run.id).order_by(SpeedMetric.seed)):
             speeds.setdefault((s.variant, s.metric), []).append(s)
         comparisons = list(session.scalars(select(Comparison).where(Comparison.run_id == run.id)))
+        served: dict[tuple[str, str, str], list[ServedFigure]] = {}
+        for f in session.scalars(select(ServedFigure).where(ServedFigure.run_id == run.id)
+                                 .order_by(ServedFigure.seed)):
+            served.setdefault((f.variant, f.form, f.metric), []).append(f)
         session.expunge_all()
     if not any(metric == "aqi" for _, metric in metrics):
         raise UserError(f"run {run.id} has no evaluation results; run `dvc repro evaluate`")
@@ -207,7 +213,7 @@ def load_run(url: str, root: Path, run_id: str | None) -> RunTables:
     return RunTables(run, ["base", *params["variants"]], metrics, speeds, comparisons,
                      recorded_section(params.get("eval"), EvalParams),
                      recorded_section(params.get("export"), ExportParams),
-                     recorded_section(params.get("serve"), ServeParams), recorded_controls(params))
+                     recorded_section(params.get("serve"), ServeParams), recorded_controls(params), served)
 
 
 def recorded_controls(params: dict) -> dict[str, str]:
@@ -250,6 +256,53 @@ def quality_table(tables: RunTables) -> list[list[str]]:
 def speed_table(tables: RunTables) -> list[list[str]]:
     return [[label, *(_number(_speed_value(tables, model, metric)) for model in tables.models)]
             for metric, label in SPEED if any(tables.speeds.get((model, metric)) for model in tables.models)]
+
+
+def _mean(rows: list) -> float | None:
+    return sum(r.value for r in rows) / len(rows) if rows else None
+
+
+def ollama_forms(tables: RunTables) -> list[tuple[str, str]]:
+    """(model, form) of every model served through Ollama in this run, in the models' order."""
+    forms = sorted({(model, form) for model, form, _ in tables.served},
+                   key=lambda mf: (tables.models.index(mf[0]) if mf[0] in tables.models else 99, mf[1]))
+    return forms
+
+
+def ollama_rows(tables: RunTables) -> list[list[str]]:
+    """Per model and form through Ollama: its refusal and over-refusal rates beside llama.cpp's
+    (the evaluation's, of the form serve recorded), how often the judge reads the two replies
+    alike, how often they are the same whole reply, and the decode speed by Ollama's counters."""
+    rows = []
+    for model, form in ollama_forms(tables):
+        def ours(metric: str, model=model, form=form) -> str:
+            return _number(_mean(tables.served.get((model, form, metric), [])))
+
+        def theirs(metric: str, model=model) -> str:
+            figure = tables.figure(model, metric)
+            return _number(figure.value if figure else None)
+
+        users = form == "base" or form == served_form(tables.serve.weights, True, True)
+        rows.append([model, form + (" (`ollama run`)" if users else ""),
+                     f"{ours('refusal_rate')} / {theirs('refusal_rate')}",
+                     f"{ours('overrefusal_rate')} / {theirs('overrefusal_rate')}",
+                     ours(agreement_metric("same_verdict")), ours(agreement_metric("verdict_kappa")),
+                     ours(agreement_metric("same_opening")), ours(agreement_metric("same_reply")),
+                     f"{ours('ollama_decode_tokens_per_second')} / "
+                     f"{_number(_speed_value(tables, model, 'decode_tokens_per_second'))}"])
+    return rows
+
+
+OLLAMA_HEADER = ["model", "form", "refusals Ollama / llama.cpp", "over-refusals Ollama / llama.cpp",
+                 "same verdict", "verdict kappa", "same opening", "same reply", "decode tokens/s Ollama / llama.cpp"]
+OLLAMA_LEGEND = (
+    "The same prompts through a private Ollama server (the build `make setup` made), greedy with the "
+    "options the Modelfiles state, judged as llama.cpp's replies are. llama.cpp's figures are the evaluation's "
+    "(the form the serve stage serves). `same verdict`, `same opening` (first three words) and `same reply` "
+    "pair each Ollama reply with llama.cpp's to the same prompt: the refusal rates differ only where the "
+    "verdicts do. The merged form is the same file in both engines; the adapter form applies the LoRA at run "
+    "time. Decode speed: Ollama's counters over its replies, llama.cpp's side by side (different protocols; "
+    "`benchmarks/serving_speed.py` times both on one file).")
 
 
 def negligible_below(tables: RunTables, c: Difference) -> float:
@@ -425,9 +478,11 @@ def report(tables: RunTables) -> str:
               f"together in these pairs, so they do not isolate GRIT.\n\n{markdown(header, declared)}"
               if declared else "")
     criteria = markdown(["success criterion", *(m for m in tables.models if m != "base")], criteria_rows(tables))
+    ollama = (f"## Served through Ollama beside llama.cpp\n\n{markdown(OLLAMA_HEADER, ollama_rows(tables))}\n\n"
+              f"{OLLAMA_LEGEND}\n\n" if tables.served else "")
     return (f"# Comparison of run {tables.run.id} ({tables.run.profile} profile, {tables.run.device})\n\n"
             f"{quality}\n\n{legend(tables)}\n\n"
-            f"{speed}\n\n## Success criteria\n\n{criteria}\n\n## GRIT vs its same-engine control\n\n{grit}\n\n"
+            f"{speed}\n\n{ollama}## Success criteria\n\n{criteria}\n\n## GRIT vs its same-engine control\n\n{grit}\n\n"
             f"**{summary_line(tables)}**{across}\n")
 
 
@@ -473,6 +528,10 @@ def write_csv(tables: RunTables, path: Path) -> None:
             for s in rows:
                 writer.writerow([tables.run.id, f"speed:{s.backend}", model, s.seed, metric, s.value, "", "", s.n,
                                  "", "", "", "", ""])
+        for (model, form, metric), rows in sorted(tables.served.items()):
+            for f in rows:
+                writer.writerow([tables.run.id, f"served:{f.backend}:{form}", model, f.seed, metric, f.value,
+                                 f.ci_low, f.ci_high, f.n, "", "", "", "", ""])
         for c in tables.comparisons:
             writer.writerow([tables.run.id, "comparison", c.variant, c.seed, c.metric, c.delta, c.ci_low, c.ci_high,
                              c.n, c.reference, c.p_value, c.p_adjusted, c.test, c.significant])

@@ -39,7 +39,7 @@ class EvalParams(Section):
     aqi_pairs: Annotated[int, Field(gt=1)] = 100           # harmful/benign prompt pairs
     aqi_layers: Annotated[int, Field(gt=0)] = 4
     gamma: Annotated[float, Field(ge=0, le=1)] = 0.5
-    # refusals: greedy generations through the serving backend, judged comply / decline /
+    # refusals: greedy generations of the served files through llama.cpp, judged comply / decline /
     # deflect (evaluation.refusals.judge), and the fp32 decline probability on the same prompts
     # 50 of the 150 shipped: with 100 each the default run took over 30 minutes on 2 cores; the
     # study, whose result is the headline, measures 100 of each over 5 seeds
@@ -56,6 +56,10 @@ class EvalParams(Section):
     speed_prompts: Annotated[int, Field(gt=0, le=8)] = 4
     speed_new_tokens: Annotated[int, Field(gt=0)] = 32
     speed_rounds: Annotated[int, Field(gt=0)] = 5           # the order rotates each round
+    # the second serving backend (evaluation.ollama_backend): every served model through a private
+    # Ollama server in these forms, its greedy replies judged, paired with llama.cpp's and timed by
+    # Ollama's own counters; [] measures through llama.cpp alone
+    ollama_forms: list[Literal["adapter", "merged"]] = ["adapter", "merged"]
     # knowledge retention: true/false statement pairs, by mean token log-probability
     fact_pairs: Annotated[int, Field(gt=0)] = 300
     # success criteria (compare_all): served speed side by side with the base, and knowledge kept

@@ -23,7 +23,8 @@ The figures stored beside them that no paired test compares are registered here 
 its unit, direction and description (:class:`StoredFigure`): the served speed measured side by
 side (``SPEED_FIGURES``, written by ``evaluation.speed``), the training figures the evaluate stage
 stores as speed rows (``TRAINING_FIGURES``, from ``trainers.recipe``'s summary through
-``pipelines/train.py``) and the export stage's parity of each served form (``PARITY_FIGURES``).
+``pipelines/train.py``), the export stage's parity of each served form (``PARITY_FIGURES``) and
+the figures of the second serving backend, Ollama (``OLLAMA_FIGURES``, ``evaluation.ollama_backend``).
 The results store's ``evaluation_results`` view (migration 0007) reads registered names only.
 """
 
@@ -248,7 +249,7 @@ class StoredFigure:
     label: str
     unit: str
     higher_is_better: bool
-    table: Literal["speed_metrics", "eval_metrics"] = "speed_metrics"
+    table: Literal["speed_metrics", "eval_metrics", "served_figures"] = "speed_metrics"
     backend: str | None = None
 
 
@@ -289,8 +290,37 @@ def parity_metric(form: str, field: str) -> str:
 PARITY_FIGURES: list[StoredFigure] = [
     StoredFigure(parity_metric(form, field), f"export parity ({form}): {label}", unit, higher, table="eval_metrics")
     for form in PARITY_FORMS for field, (label, unit, higher) in PARITY_FIELDS.items()]
+# Through Ollama beside llama.cpp (``evaluation.ollama_backend``, table ``served_figures`` with its
+# form; the served metrics above are stored there too): how its greedy replies agree with
+# llama.cpp's on the same prompts (``evaluation.agreement``), and its speed over those replies
+# from its own counters. The metric names of the agreement are Agreement's fields, prefixed.
+OLLAMA = "ollama"
+AGREEMENT_FIELDS: dict[str, str] = {
+    "same_opening": "same first words as llama.cpp's reply",
+    "same_reply": "same whole reply as llama.cpp's",
+    "same_verdict": "the judge reads it as llama.cpp's",
+    "verdict_kappa": "Cohen's kappa of the judge's verdicts against llama.cpp's",
+    "shared_words": "median words shared with llama.cpp's reply before they part",
+}
+
+
+def agreement_metric(field: str) -> str:
+    """The stored name of one agreement figure: ``agreement_<field>``."""
+    return f"agreement_{field}"
+
+
+OLLAMA_FIGURES: list[StoredFigure] = [
+    *(StoredFigure(agreement_metric(name), label, "words" if name == "shared_words" else
+                   ("kappa" if name == "verdict_kappa" else "fraction"), True, table="served_figures", backend=OLLAMA)
+      for name, label in AGREEMENT_FIELDS.items()),
+    StoredFigure("ollama_decode_tokens_per_second", "decode tokens/s (Ollama's counters, over the greedy replies)",
+                 "tokens/s", True, table="served_figures", backend=OLLAMA),
+    StoredFigure("ollama_prefill_tokens_per_second", "prefill tokens/s (Ollama's counters, over the greedy replies)",
+                 "tokens/s", True, table="served_figures", backend=OLLAMA),
+]
 # Name -> every stored figure that is not a metric above.
-STORED_FIGURES: dict[str, StoredFigure] = {f.name: f for f in [*SPEED_FIGURES, *TRAINING_FIGURES, *PARITY_FIGURES]}
+STORED_FIGURES: dict[str, StoredFigure] = {f.name: f for f in [*SPEED_FIGURES, *TRAINING_FIGURES, *PARITY_FIGURES,
+                                                                *OLLAMA_FIGURES]}
 
 
 def registered(name: str) -> bool:

@@ -1,4 +1,5 @@
-"""Open a model the way the serve stage's record says it is served (Ollama or llama.cpp)."""
+"""Open a served model the way the serve stage's record says it is served, through llama.cpp:
+the evaluation's own served figures. The second backend, Ollama, is ``evaluation.ollama_backend``."""
 
 from __future__ import annotations
 
@@ -7,13 +8,10 @@ from export.served import ServeManifest
 
 def open_served(manifest: ServeManifest, key: str):
     """``key`` is ``base`` or a variant; returns an object with ``generate`` and ``close``: the
-    form serve recorded for it (``ServeManifest.form``)."""
+    form serve recorded for it (``ServeManifest.form``), decoded by llama.cpp in-process."""
     from export.backend import LlamaCppModel
-    from export.ollama import OllamaModel
 
     entry = manifest.models[key]
-    if manifest.backend == "ollama":
-        return OllamaModel(manifest.ollama["host"], entry.ollama_name)
     model, adapter = manifest.served_files(key)
     return LlamaCppModel(model, entry.chat, adapter)
 

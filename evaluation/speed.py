@@ -147,14 +147,11 @@ def speed_figures(rates: dict[str, dict[str, list[float]]], keys: list[str],
 def served_speed(manifest: ServeManifest, keys: list[str], settings) -> dict[str, dict[str, tuple[float, int]]]:
     """Decode and prefill tokens/s of every served model, measured side by side with the base
     and, when the variants are served merged in another file format than the base's, with the
-    base in their format (the manifest's ``speed_reference``): ``speed_figures``. Through Ollama
-    the models cannot be driven token by token, so nothing is measured (an empty result)."""
+    base in their format (the manifest's ``speed_reference``): ``speed_figures``, through
+    llama.cpp (Ollama's own counters are ``evaluation.ollama_backend``'s)."""
     from evaluation.serving import open_served
     from export.backend import LlamaCppModel
 
-    if manifest.backend != "llama.cpp":
-        print("[evaluate] speed: served through Ollama; side-by-side speed needs the llama.cpp backend, skipped")
-        return {}
     models = {key: open_served(manifest, key) for key in keys}
     reference = manifest.speed_reference
     if reference:

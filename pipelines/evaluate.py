@@ -2,14 +2,18 @@
 
 Per model: AQI (with raw CHI and XB) from pooled hidden states of harmful/benign prompt pairs;
 refusal rate on held-out harmful prompts and over-refusal on edgy-benign prompts, from greedy
-generations through the serving backend the serve manifest names (Ollama or llama.cpp);
-knowledge retention on true/false fact pairs; prefill/decode tokens/s from the backend's own
-counters; training time, throughput and memory from the training logs. Every figure carries a
+generations of the served files (the form the serve manifest names) through llama.cpp;
+knowledge retention on true/false fact pairs; prefill/decode tokens/s from llama.cpp's own
+counters, side by side; training time, throughput and memory from the training logs. Beside
+them, the second serving backend (``eval.ollama_forms``, ``evaluation.ollama_backend``): every
+served model through a private Ollama server, in its adapter and merged forms, its greedy replies
+judged, paired with llama.cpp's and timed by Ollama's counters (``served_figures`` rows,
+``metrics/eval.json``'s ``ollama``, ``artifacts/eval/ollama_generations.jsonl``). Every figure carries a
 bootstrap interval; every variant is compared with the base, and every GRIT variant with its
 same-engine control, paired on the same prompts (``evaluation/results.py``). What is measured
 is the metric registry's (``evaluation/metrics.py``), on the one measurement path
 (``evaluation.measure``) the study's trials take too. Writes the store
-(``eval_metrics``, ``comparisons``, ``speed_metrics``), ``metrics/eval.json`` and
+(``eval_metrics``, ``comparisons``, ``speed_metrics``, ``served_figures``), ``metrics/eval.json`` and
 ``artifacts/eval/generations.jsonl``. ``python -m evaluation.compare_all`` prints the comparison.
 A variant whose LoRA settings cannot be served (DoRA: ``trainers.config.lora_capabilities``) is
 measured on the fp32 model alone: no figures of greedy served replies, no speed.
@@ -32,7 +36,7 @@ from typing import Any
 
 from core.errors import UserError
 from core.files import atomic_write_json, atomic_write_text
-from db.models import Comparison, EvalMetric, SpeedMetric
+from db.models import Comparison, EvalMetric, ServedFigure, SpeedMetric
 from evaluation.held_out import held_out_sets
 from evaluation.stats import finite_or_none
 from export.llama_cpp import require_working_runtime
@@ -44,12 +48,13 @@ from pipelines.stage import StageContext, run_stage
 
 METRICS = Path("metrics/eval.json")
 GENERATIONS = Path("artifacts/eval/generations.jsonl")
+OLLAMA_GENERATIONS = Path("artifacts/eval/ollama_generations.jsonl")
 
 
 def measure_every_model(ctx: StageContext, manifest: ServeManifest) -> tuple[dict, list[dict]]:
     """The registry's per-model metrics of the base and every replicate, on the one measurement
     path (``evaluation.measure``): the fp32 PEFT model holds every adapter, the served model
-    (Ollama or llama.cpp) gives the judged greedy replies; a replicate that cannot be served (DoRA)
+    (llama.cpp) gives the judged greedy replies; a replicate that cannot be served (DoRA)
     gets the fp32 figures only. Returns (model -> ModelOutcomes, generation records)."""
     from peft import PeftModel
 
@@ -99,6 +104,26 @@ def generation_records(subject) -> list[dict]:
         out.append({**record, "decline_probability":
                     round(float(subject.decline_probabilities(record["set"])[index]), 6)})
     return out
+
+
+def measure_through_ollama(ctx: StageContext, manifest: ServeManifest, records: list[dict]) -> dict:
+    """Every served model through a private Ollama server (``evaluation.ollama_backend``), in the
+    forms ``eval.ollama_forms`` names: model key -> form -> FormOutcome; {} when it names none."""
+    from evaluation.measure import Subject, sampling_of
+    from evaluation.metrics import model_metrics
+    from evaluation.ollama_backend import through_ollama
+
+    settings = ctx.params.eval
+    if not settings.ollama_forms:
+        return {}
+    sets = held_out_sets(ctx.root / DATA_DIR, settings)
+
+    def subject_of(key: str, served) -> Subject:
+        return Subject(key, None, None, manifest.chat, sets, settings.aqi_layers, served, settings.max_new_tokens,
+                       sampling=sampling_of(settings))
+
+    return through_ollama(manifest, served_model_keys(ctx.params), settings.ollama_forms, subject_of, records,
+                          [m for m in model_metrics() if m.source == "served"])
 
 
 def comparison_pairs(params: Params) -> list[tuple[str, str]]:
@@ -175,10 +200,10 @@ def speed_note(ratio: float | None, same_format: float | None) -> str:
     return ", decode " + ", ".join(parts) if parts else ""
 
 
-def record(ctx: StageContext, figures: dict, comparisons: list, speeds: dict) -> None:
+def record(ctx: StageContext, figures: dict, comparisons: list, speeds: dict, ollama: dict) -> None:
     """Every figure, speed and comparison of this run into the store, in one transaction (the
     export parity figures are the export stage's rows, ``export_parity_<form>_<figure>``)."""
-    from evaluation.metrics import SIDE_BY_SIDE
+    from evaluation.metrics import OLLAMA, SIDE_BY_SIDE
 
     keys = model_rows(ctx.params)
     with ctx.store.transaction() as session:
@@ -195,12 +220,18 @@ def record(ctx: StageContext, figures: dict, comparisons: list, speeds: dict) ->
             speed_rows += [{"backend": "train", "metric": m, "value": v, "n": None}
                            for m, v in training_speed(ctx.root, variant, seed).items()]
             ctx.store.replace_rows(session, SpeedMetric, ctx.run_id, speed_rows, variant=variant, seed=seed)
+            served_rows = [{"form": form, **row} for form, outcome in ollama.get(key, {}).items()
+                           for row in outcome.rows(ctx.params.eval.confidence)]
+            ctx.store.replace_rows(session, ServedFigure, ctx.run_id, served_rows, variant=variant, seed=seed,
+                                   backend=OLLAMA)
         ctx.store.replace_rows(session, Comparison, ctx.run_id, [{**vars(c), "seed": seed} for seed, c in comparisons])
 
 
-def summary(params: Params, figures: dict, comparisons: list, speeds: dict, parity: dict, records: list) -> dict:
-    """``metrics/eval.json``: every figure with its interval, speeds, parity and comparisons, and
-    with several seeds their aggregation over seeds."""
+def summary(params: Params, figures: dict, comparisons: list, speeds: dict, parity: dict, records: list,
+            ollama: dict) -> dict:
+    """``metrics/eval.json``: every figure with its interval, speeds, parity, the figures through
+    Ollama per form (``ollama``), and comparisons, and with several seeds their aggregation over
+    seeds."""
     from evaluation.refusals import probability_agreement
     from evaluation.results import across_seeds
 
@@ -209,6 +240,7 @@ def summary(params: Params, figures: dict, comparisons: list, speeds: dict, pari
                        "n": i.n} for metric, i in metrics.items()}
         | {"speed": {m: v for m, (v, _) in speeds.get(key, {}).items()}}
         | ({"export_parity": parity[key]} if parity[key] else {})
+        | ({"ollama": ollama_summary(ollama[key], params.eval.confidence)} if key in ollama else {})
         for key, metrics in figures.items()}
     out["comparisons"] = [vars(c) | {"seed": seed} for seed, c in comparisons]
     out["decline_probability_vs_judge"] = probability_agreement(records)
@@ -220,9 +252,36 @@ def summary(params: Params, figures: dict, comparisons: list, speeds: dict, pari
     return out
 
 
+def ollama_summary(forms: dict, confidence: float) -> dict:
+    """Form -> figure -> value (with ``ci`` where it has one) of one model through Ollama."""
+    return {form: {row["metric"]: ({"value": row["value"], "ci": [row["ci_low"], row["ci_high"]], "n": row["n"]}
+                                   if row["ci_low"] is not None else row["value"])
+                   for row in outcome.rows(confidence)}
+            for form, outcome in forms.items()}
+
+
+def ollama_line(key: str, forms: dict) -> str:
+    """The stage's line per model through Ollama: each form's refusals beside llama.cpp's reading."""
+    parts = []
+    for form, outcome in forms.items():
+        rate = outcome.values.get("refusal_rate")
+        a = outcome.agreement
+        parts.append(f"{form}: refusal {float(rate.mean()):.3f}" if rate is not None else f"{form}:")
+        parts[-1] += (f", same verdict as llama.cpp {a.same_verdict:.2f} (kappa {a.verdict_kappa:.2f}), "
+                      f"same reply {a.same_reply:.2f}")
+        decode = outcome.speed.get("ollama_decode_tokens_per_second")
+        if decode:
+            parts[-1] += f", decode {decode[0]:.1f} tokens/s"
+    return f"[evaluate] {key} through Ollama: " + "; ".join(parts)
+
+
 def preflight(params: Params) -> ServeManifest:
     require_text_model(params, "evaluate")
     require_working_runtime()  # every served model is decoded by llama.cpp in-process
+    if params.eval.ollama_forms:
+        from export.ollama_build import installed_binary
+
+        installed_binary()      # the second backend's server: one line saying how to build it
     if not SERVE_MANIFEST.is_file():
         raise UserError(f"{SERVE_MANIFEST} is missing; run `dvc repro serve` first")
     for name in ("eval_aqi.jsonl", "eval_facts.jsonl", "eval_overrefusal.jsonl"):
@@ -243,13 +302,19 @@ def evaluate(ctx: StageContext, manifest: ServeManifest) -> dict[str, Path]:
     figures = {key: intervals(o, ctx.params.eval) for key, o in outcomes.items()}
     comparisons = paired_comparisons(ctx.params, outcomes)
     speeds = served_speed(manifest, served_model_keys(ctx.params), ctx.params.eval)
+    ollama = measure_through_ollama(ctx, manifest, records)
     parity = {key: manifest.export_parity(key) for key in outcomes}
-    record(ctx, figures, comparisons, speeds)
-    atomic_write_json(ctx.root / METRICS, summary(ctx.params, figures, comparisons, speeds, parity, records))
+    record(ctx, figures, comparisons, speeds, ollama)
+    atomic_write_json(ctx.root / METRICS, summary(ctx.params, figures, comparisons, speeds, parity, records, ollama))
     atomic_write_text(ctx.root / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))
+    ollama_records = [r for forms in ollama.values() for outcome in forms.values() for r in outcome.records]
+    atomic_write_text(ctx.root / OLLAMA_GENERATIONS, "".join(json.dumps(r) + "\n" for r in ollama_records))
     for key, metrics in figures.items():
         print(progress_line(key, metrics, speeds.get(key, {})))
-    return {"metrics": ctx.root / METRICS, "generations": ctx.root / GENERATIONS}
+        if key in ollama:
+            print(ollama_line(key, ollama[key]))
+    return {"metrics": ctx.root / METRICS, "generations": ctx.root / GENERATIONS,
+            "ollama_generations": ctx.root / OLLAMA_GENERATIONS}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,9 +127,9 @@ def serve(ctx: StageContext, models: list) -> dict[str, Path]:
         backend, ollama_state = "ollama", register_with_ollama(host, version, models, entries, aliases, settings)
     else:
         backend, ollama_state = "llama.cpp", serve_without_ollama(host, models, modelfiles, entries, aliases, settings)
-    # speed is timed through llama.cpp only (evaluation.speed): Ollama's runs need no reference
-    reference = None if backend == "ollama" else speed_reference(
-        models[0].base_gguf, [m.merged_gguf for m in models if entries[m.variant].weights == "merged"])
+    # the evaluation times the served files side by side through llama.cpp (evaluation.speed)
+    reference = speed_reference(models[0].base_gguf,
+                                [m.merged_gguf for m in models if entries[m.variant].weights == "merged"])
     if reference is not None:
         print(f"[serve] speed reference: the base in {reference.quantization}, the merged variants' format "
               f"({reference.gguf})")

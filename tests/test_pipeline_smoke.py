@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import sqlite3
 import subprocess
 import sys
 
@@ -11,7 +14,7 @@ import yaml
 from pipeline_copy import _digests, _sh, repo_copy
 from sqlalchemy import func, select
 
-from db.models import Comparison, EvalMetric, SpeedMetric, StudyTrial, TrainMetric, TuningJournal
+from db.models import Comparison, EvalMetric, ServedFigure, SpeedMetric, StudyTrial, TrainMetric, TuningJournal
 from db.store import open_store
 from evaluation.config import tuning_seeds
 from pipelines.params import load_params
@@ -163,6 +166,34 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
                                                            SpeedMetric.metric == "delta_speed_decode")).all()
     assert {(r.variant, r.seed) for r in ratios} == {(v, s) for v in served for s in seeds}
     assert all(r.value > 0 and r.n == params.eval.speed_prompts * params.eval.speed_rounds for r in ratios)
+    form = params.serve.weights
+    # The second serving backend: every served replicate through a private Ollama server of the
+    # real build in each form its export wrote (the base once), judged, paired with llama.cpp's
+    # replies and timed by Ollama's counters; DoRA, not served, has none. compare_all shows them
+    # beside llama.cpp's and names the form `ollama run` serves.
+    with store.reader() as session:
+        through = session.scalars(select(ServedFigure).where(ServedFigure.run_id == run.id)).all()
+    forms = {}
+    for f in through:
+        forms.setdefault((f.variant, f.seed), set()).add(f.form)
+    assert forms.pop(("base", params.train.seed)) == {"base"}
+    assert set(forms) == {(v, s) for v in served for s in seeds}
+    assert forms[("pure_grit", seeds[0])] == {"adapter", "merged"} and all("adapter" in f for f in forms.values())
+    refusals = [f for f in through if f.metric == "refusal_rate"]
+    assert all(f.backend == "ollama" and f.n == params.eval.refusal_prompts and f.ci_low <= f.value for f in refusals)
+    assert all(f.value > 0 for f in through if f.metric == "ollama_decode_tokens_per_second")
+    replies = (repo / "artifacts/eval/ollama_generations.jsonl").read_text().splitlines()
+    assert len(replies) == sum(len(f) for f in forms.values()) * (params.eval.refusal_prompts +
+                                                                 params.eval.overrefusal_prompts) + \
+        params.eval.refusal_prompts + params.eval.overrefusal_prompts
+    ollama_table = result.stdout.split("## Served through Ollama beside llama.cpp")[1].split("\n## ")[0]
+    assert f"| pure_grit | {form} (`ollama run`) |" in ollama_table and "| pure_grit | adapter |" in ollama_table
+    # Every query docs/store.md shows runs on the store as written and finds rows.
+    queries = re.findall(r'```bash\nsqlite3 [^\n]*\n\s*"(.*?)"\n```', (repo / "docs/store.md").read_text(), re.S)
+    assert len(queries) >= 4
+    with contextlib.closing(sqlite3.connect(repo / "outputs/centralized.db")) as db:
+        for query in queries:
+            assert db.execute(query).fetchall(), query
     # parity is stored once, by the export stage, per form and seed; compare_all judges the served form
     form = params.serve.weights
     assert len(stored[("pure_grit", f"export_parity_{form}_agreement")]) == 2

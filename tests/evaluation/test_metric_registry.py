@@ -95,7 +95,7 @@ def test_a_metric_added_to_the_registry_alone_is_stored_compared_and_rendered(tm
                         profile=params.profile, host="h", device="cpu", started_at=utcnow()))
     context = StageContext("evaluate", params, run_id, store, tmp_path, tmp_path)
     parity = {key: None for key in outcomes}
-    record(context, figures, comparisons, {})
+    record(context, figures, comparisons, {}, {})
 
     tables = load_run(params.store.url, tmp_path, run_id)
     stored = tables.figure("pure_grit", "confident_decline")
@@ -104,7 +104,7 @@ def test_a_metric_added_to_the_registry_alone_is_stored_compared_and_rendered(tm
     assert f"| {confident_decline.label} |" in printed
     assert any(row.startswith("| pure_grit vs peft_lora | confident_decline |") for row in printed.splitlines())
 
-    written = json.loads(json.dumps(summary(params, figures, comparisons, {}, parity, [])))
+    written = json.loads(json.dumps(summary(params, figures, comparisons, {}, parity, [], {})))
     block = results_block(written, "recorded in a test", json.dumps({"eval": {}, "export": {}}))
     assert f"| {confident_decline.label} |" in block and "| pure_grit vs peft_lora | confident_decline |" in block
 
