@@ -348,6 +348,19 @@ def paired_over_seeds(deltas: Mapping[K, Sequence[float] | np.ndarray], level: f
     return {key: SeedTest(interval, p, adjusted[key], drawn.get(key)) for key, (interval, p) in tested.items()}
 
 
+def jackknife_contributions(full: float, leave_one_out: Sequence[float]) -> list[float]:
+    """One value per item whose plain mean is ``full``, a figure of all the items together (1/XB
+    over prompt pairs), from the figure with each item left out: ``full + (n - 1) * (mean_loo -
+    loo_i)``, the jackknife's linearisation. Their spread is the jackknife's, so resampling them over
+    the items (with the seeds) gives a figure that is not a mean of its items an interval that
+    counts the items' variance."""
+    loo = np.asarray(leave_one_out, dtype=np.float64)
+    if loo.ndim != 1 or len(loo) < 2 or not np.all(np.isfinite(loo)) or not math.isfinite(full):
+        raise ValueError(f"jackknife_contributions needs a finite figure and two or more finite leave-one-out "
+                         f"figures (got {full!r} and {len(loo)})")
+    return [float(full + (len(loo) - 1) * (loo.mean() - v)) for v in loo]
+
+
 def pooled_contributions(sums: Sequence[float], counts: Sequence[int]) -> tuple[float, list[float]]:
     """A pooled mean over items of unequal size (a loss summed over each example's tokens) and one
     value per item whose plain mean is that pooled mean: ``n * sum_i / sum(counts)``. Resampling

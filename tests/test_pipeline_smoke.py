@@ -268,7 +268,7 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert study["verdict"] in study_report and "Holm" in study_report and "pruner" in study_report
     # each row names its test: the bootstrap's resamples for a per-prompt endpoint, none for the paired t
     per_prompt = set(tested[0]["per_prompt"])
-    assert "retention_accuracy" in per_prompt and "test_loss" in per_prompt       # resampled over examples too
+    assert {"retention_accuracy", "test_loss", "separation"} <= per_prompt     # over examples and pairs too
     assert study["tests"] and all((t["bootstrap_resamples"] is None) == (t["metric"] not in per_prompt)
                                   for t in study["tests"])
     # Compute counts each run's wall time (as the sittings do); training is the smaller part of it.

@@ -71,7 +71,23 @@ def measure_trial(model, tokenizer, chat, params: Params, root: Path, phase: str
                   if m.kind in PER_PROMPT_KINDS and m.name in outcomes.values and m is not VALIDATION_DECLINE}
     if phase == "test":
         per_prompt["test_loss"] = per_example
+        per_prompt.update(pair_contributions(outcomes, figures, params.eval.gamma))
     return {VALIDATION_DECLINE.name: math.nan} | {m.name: figures[m.name] for m in metrics} | extra, per_prompt
+
+
+def pair_contributions(outcomes, figures: dict, gamma: float) -> dict[str, list[float]]:
+    """1/XB per prompt pair: the figure with each pair left out, linearised
+    (``evaluation.stats.jackknife_contributions``), so the report resamples the pairs with the
+    seeds, as it resamples the prompts of a rate; {} when no pooled states were measured."""
+    import numpy as np
+
+    from evaluation.stats import jackknife_contributions
+
+    pairs = len(outcomes.states) // 2
+    if pairs < 2 or "separation" not in figures:
+        return {}
+    left_out = outcomes.separation(1.0 - np.eye(pairs), gamma)["separation"]
+    return {"separation": jackknife_contributions(figures["separation"], left_out)}
 
 
 def split_loss(model, tokenizer, path: Path) -> tuple[float, list[float]]:
