@@ -4,7 +4,8 @@ Ollama server against llama-cpp-python's on the same GGUF files, prompt by promp
 Reads a finished run (``artifacts/serve/manifest.json``, the exported files and the held-out
 prompts of ``artifacts/data``). Starts a private server from the build ``make setup`` makes,
 registers every served variant twice from the Modelfiles the export wrote (base + ADAPTER, and
-the merged GGUF) with ``ollama create -f``, checks that ``ollama show`` holds exactly the greedy
+the merged GGUF; the evaluate stage's names and files, ``evaluation.ollama_backend``) with
+``ollama create -f``, checks that ``ollama show`` holds exactly the greedy
 options of ``export.decoding`` (the ones llama-cpp-python is called with), then asks both engines
 the first ``--prompts`` harmful and edgy-benign prompts of the evaluation's sets for
 ``eval.max_new_tokens`` greedy tokens. Printed and written (``--json``) per variant and form:
@@ -28,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 from evaluation.agreement import reply_agreement  # noqa: E402  (after the path is set)
 from evaluation.config import EvalParams  # noqa: E402
 from evaluation.held_out import held_out_sets  # noqa: E402
+from evaluation.ollama_backend import MODELFILES as FORMS  # noqa: E402
+from evaluation.ollama_backend import ollama_name  # noqa: E402
 from evaluation.refusals import is_refusal  # noqa: E402
-
-FORMS = {"adapter": "Modelfile", "merged": "Modelfile.merged"}
 
 
 def served_variants(manifest) -> dict:
@@ -64,7 +65,7 @@ def compare_form(server, key: str, entry, form: str, chat, sets: dict, tokens: i
     from export.ollama_server import check_greedy, create
 
     modelfile = entry.adapter_gguf.parent / FORMS[form]
-    name = f"{key}_{form}"
+    name = ollama_name(key, form)
     create(server, name, modelfile)
     check_greedy(server, name, modelfile)          # raises unless every greedy option is as stated
     prompts = sets["harmful"] + sets["edgy"]
