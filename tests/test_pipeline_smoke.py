@@ -304,15 +304,18 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     # every other stage as carried over from the first (same values of its own params), so it is
     # complete without training again; `dvc exp show` and `compare_all --list` both list it, and
     # compare_all reports it by id. (The single-seed path's per-prompt tests are covered by
-    # tests/evaluation/test_results.py and test_metric_registry.py.)
+    # tests/evaluation/test_results.py and test_metric_registry.py.) It measures through llama.cpp
+    # alone: the first run measured through Ollama too, and 33 forms again would double its cost.
     _sh(["dvc", "exp", "run", "-n", "more-resamples", "-S", "profile=smoke", "-S", "train.n_seeds=2",
-         "-S", "eval.bootstrap_resamples=300"], repo, env, timeout=2400)
+         "-S", "eval.bootstrap_resamples=300", "-S", "eval.ollama_forms=[]"], repo, env, timeout=2400)
     shown = _sh(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout
     assert "more-resamples" in shown and "300" in shown
     runs = store.runs()
     assert len(runs) == 2 and all(r.status == "complete" for r in runs)
     (experiment,) = [r for r in runs if r.id != run.id]
     assert json.loads(experiment.params_json)["eval"]["bootstrap_resamples"] == 300
+    with store.reader() as session:                                        # eval.ollama_forms: []
+        assert not session.scalars(select(ServedFigure).where(ServedFigure.run_id == experiment.id)).all()
     assert set(store.stages(experiment.id)) == {"evaluate", "compare"}      # nothing else ran again
     assert {n: s.finished_at for n, s in store.stages(run.id).items()} == {
         n: s.finished_at for n, s in stages.items()}                       # the first run is as it was

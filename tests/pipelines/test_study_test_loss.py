@@ -4,9 +4,8 @@ one per prompt pair whose mean is 1/XB (its jackknife linearisation)."""
 
 import json
 
-import pytest
-
 import numpy as np
+import pytest
 
 from evaluation.stats import jackknife_contributions, pooled_contributions
 
