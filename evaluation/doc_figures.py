@@ -5,7 +5,8 @@ the committed files (``core/doc_blocks.py``; ``python -m pipelines.docs`` writes
 - README ``study_progress`` and docs/study.md ``study_parts``: how far the study in the ledger
   (``reports/study/ledger/``) has come, in all and per part;
 - README ``results``: the default run's tables as ``compare_all`` prints them (value [interval],
-  delta vs base, GRIT vs its control, the success criteria, the plain summary), from
+  delta vs base, the figures through Ollama beside llama.cpp's, GRIT vs its control, the success
+  criteria, the plain summary), from
   ``metrics/eval.json`` judged with the thresholds of ``params.yaml``;
 - docs/method.md ``probe`` and ``training``: what the probe measured (``metrics/probes.json``)
   and how each variant trained (``metrics/train/<variant>.json``);
@@ -23,11 +24,14 @@ import yaml
 
 from core.doc_blocks import DocBlock, Sources
 from evaluation.compare_all import (
+    OLLAMA_HEADER,
+    OLLAMA_LEGEND,
     RunTables,
     criteria_rows,
     grit_rows,
     legend,
     markdown,
+    ollama_rows,
     quality_table,
     recorded_controls,
     recorded_section,
@@ -63,10 +67,13 @@ def tables_from_metrics(evaluation: dict, run_label: str, params_json: str = "{}
     seed = min((c["seed"] for c in evaluation.get("comparisons", [])), default=None)
     comparisons = [SimpleNamespace(**c) for c in evaluation.get("comparisons", []) if c["seed"] == seed
                    and c["metric"] in {m.name for m in model_metrics()}]
+    served = {(model, form, metric): [SimpleNamespace(value=value["value"] if isinstance(value, dict) else value)]
+              for model in models for form, figures in evaluation[model].get("ollama", {}).items()
+              for metric, value in figures.items()}
     return RunTables(SimpleNamespace(id=run_label, params_json=params_json), models, metrics, speeds, comparisons,
                      recorded_section(params.get("eval"), EvalParams),
                      recorded_section(params.get("export"), ExportParams),
-                     recorded_section(params.get("serve"), ServeParams), recorded_controls(params))
+                     recorded_section(params.get("serve"), ServeParams), recorded_controls(params), served)
 
 
 def results_block(evaluation: dict, run_label: str, params_json: str = "{}") -> str:
@@ -75,7 +82,9 @@ def results_block(evaluation: dict, run_label: str, params_json: str = "{}") -> 
     speed = markdown(["speed", *tables.models], speed_table(tables))
     criteria = markdown(["success criterion", *(m for m in tables.models if m != "base")], criteria_rows(tables))
     grit = markdown(["pair", "metric", "delta", "95% CI", "test (raw p, Holm p)", "verdict"], grit_rows(tables))
-    return (f"{quality}\n\n{legend(tables)}\n\n{speed}\n\n{criteria}\n\n{grit}\n\n"
+    ollama = (f"Served through Ollama beside llama.cpp:\n\n{markdown(OLLAMA_HEADER, ollama_rows(tables))}\n\n"
+              f"{OLLAMA_LEGEND}\n\n" if tables.served else "")
+    return (f"{quality}\n\n{legend(tables)}\n\n{speed}\n\n{ollama}{criteria}\n\n{grit}\n\n"
             f"**{summary_line(tables)}**")
 
 
