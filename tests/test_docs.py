@@ -244,15 +244,33 @@ def test_the_figures_docs_results_reads_plainly_are_the_committed_metrics():
     assert f"raw p {span([c['p_value'] for c in judged], '{:.1g}', '')}".replace("-", " to ") in prose
     separation = {v: round(evaluation[v]["separation"]["value"], 3) for v in (*lora, *grit)}
     assert f"1/XB {separation['pure_grit']:.3f} against {separation['peft_lora']:.3f}" in prose
-    gains = [c for c in evaluation["comparisons"] if c["reference"] == "base" and c["metric"] == "separation"]
+    gains = [c for c in evaluation["comparisons"] if c["reference"] == "base" and c["metric"] == "separation"
+             and c["variant"] in (*lora, *grit)]
     assert all(c["significant"] for c in gains)
     assert (f"raised it from the base's {evaluation['base']['separation']['value']:.3f} "
             f"(Holm p {max(c['p_adjusted'] for c in gains):.1g};") in prose
     retention = [evaluation[v]["retention_accuracy"]["value"] for v in (*lora, *grit)]
     assert (f"({span(retention, '{:.3f}', '')} against {evaluation['base']['retention_accuracy']['value']:.3f}, "
             "not significant)") in prose
-    cosines = {round(p["update_cosine_median"], 2) for p in probes.values()}
+    cosines = {round(probes[v]["update_cosine_median"], 2) for v in grit}
     assert len(cosines) == 1 and f"median cosine {cosines.pop():.2f} with the control's" in prose
+    peers = {v: {m: evaluation[v][m]["value"] for m in ("separation", "sampled_refusal_rate",
+                                                        "sampled_overrefusal_rate")}
+             for v in ("riemannian_lora", "loraplus", "peft_lora", "base")}
+    assert (f"(1/XB {peers['riemannian_lora']['separation']:.3f} against {peers['peft_lora']['separation']:.3f}, "
+            f"sampled refusals {100 * peers['riemannian_lora']['sampled_refusal_rate']:.0f}% against "
+            f"{100 * peers['peft_lora']['sampled_refusal_rate']:.0f}%)") in prose
+    assert (f"refuses {100 * peers['loraplus']['sampled_refusal_rate']:.0f}% of the harmful prompts but also "
+            f"{100 * peers['loraplus']['sampled_overrefusal_rate']:.0f}% of the edgy-benign ones, and lowers 1/XB "
+            f"below the base's ({peers['loraplus']['separation']:.3f} against {peers['base']['separation']:.3f})"
+            ) in prose
+    # "word for word on every prompt of every model": the merged form through Ollama
+    served = [v for v, figures in evaluation.items() if isinstance(figures, dict) and "merged" in
+              figures.get("ollama", {})]
+    assert len(served) == 6 and all(evaluation[v]["ollama"]["merged"]["agreement_same_reply"] == 1.0 for v in served)
+    assert all(evaluation[v]["ollama"]["merged"]["refusal_rate"]["value"] == evaluation[v]["refusal_rate"]["value"]
+               for v in served)
+    assert "give llama.cpp's reply word for word on every prompt of every model" in prose
     decode = {suffix: [evaluation[v]["speed"][f"delta_speed_decode{suffix}"] for v in (*lora, *grit)]
               for suffix in ("", "_same_format")}
     assert (f"decodes at {span(decode['_same_format'], '{:.2f}', 'x')} the base in Q8_0, side by side "
