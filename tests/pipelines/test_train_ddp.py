@@ -37,7 +37,9 @@ def test_data_parallel_training_keeps_every_rank_in_step(tmp_path: Path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     for stage in (["pipelines.prepare_data"], ["pipelines.train", "--variant", "pure_grit"]):
         result = run(tmp_path, *stage)
-        assert result.returncode == 0, (stage, result.stdout[-3000:], result.stderr[-3000:])
+        # the ranks' own log (torchrun's, on stderr) in full: a failure once under the suite's load
+        # left only its last line in a 3,000-character tail
+        assert result.returncode == 0, (stage, result.stdout[-3000:], result.stderr[-20000:])
 
     metadata = json.loads((tmp_path / "artifacts/adapters/pure_grit/grit_metadata.json").read_text())
     assert metadata["world_size"] == 2 and metadata["grit_all_ready"]
