@@ -258,15 +258,15 @@ def speed_table(tables: RunTables) -> list[list[str]]:
             for metric, label in SPEED if any(tables.speeds.get((model, metric)) for model in tables.models)]
 
 
-def _mean(rows: list) -> float | None:
+def _mean(rows: list | None) -> float | None:
+    """The mean of stored rows' values over seeds (no interval), None when there are none."""
     return sum(r.value for r in rows) / len(rows) if rows else None
 
 
 def ollama_forms(tables: RunTables) -> list[tuple[str, str]]:
     """(model, form) of every model served through Ollama in this run, in the models' order."""
-    forms = sorted({(model, form) for model, form, _ in tables.served},
-                   key=lambda mf: (tables.models.index(mf[0]) if mf[0] in tables.models else 99, mf[1]))
-    return forms
+    return sorted({(model, form) for model, form, _ in tables.served},
+                  key=lambda mf: (tables.models.index(mf[0]) if mf[0] in tables.models else 99, mf[1]))
 
 
 def ollama_rows(tables: RunTables) -> list[list[str]]:
@@ -276,7 +276,7 @@ def ollama_rows(tables: RunTables) -> list[list[str]]:
     rows = []
     for model, form in ollama_forms(tables):
         def ours(metric: str, model=model, form=form) -> str:
-            return _number(_mean(tables.served.get((model, form, metric), [])))
+            return _number(_mean(tables.served.get((model, form, metric))))
 
         def theirs(metric: str, model=model) -> str:
             figure = tables.figure(model, metric)
@@ -401,8 +401,7 @@ def _bounds_text() -> str:
 
 def _speed_value(tables: RunTables, model: str, metric: str) -> float | None:
     """Mean over seeds (speeds are medians of one run each; no interval)."""
-    rows = tables.speeds.get((model, metric))
-    return sum(r.value for r in rows) / len(rows) if rows else None
+    return _mean(tables.speeds.get((model, metric)))
 
 
 def criteria_rows(tables: RunTables) -> list[list[str]]:

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from evaluation.agreement import Agreement, reply_agreement
-from evaluation.metrics import AGREEMENT_FIELDS
+from evaluation.metrics import AGREEMENT_FIELDS, agreement_metric
+from evaluation.stats import wilson_interval
 from export.served import ServeManifest
 
 # The Modelfile the export wrote for each form of a variant (``pipelines/export.py``).
@@ -123,9 +124,6 @@ class FormOutcome:
     def rows(self, confidence: float) -> list[dict[str, Any]]:
         """Its ``served_figures`` rows: each served metric with its Wilson interval, each agreement
         figure (n: the replies paired), each speed figure (n: the replies timed)."""
-        from evaluation.metrics import agreement_metric
-        from evaluation.stats import wilson_interval
-
         out = []
         for metric, values in self.values.items():
             i = wilson_interval(int(np.sum(values)), len(values), confidence)
