@@ -19,13 +19,16 @@ parameters) and only observes GRIT's preconditioning (``GritManager._natural_gra
 not to clip, so that ``before_step`` clips with torch's clip: the same result, bit for bit on CPU).
 
     python -m pipelines.profile study && dvc repro prepare_data
-    python benchmarks/grafting_scale.py [--steps 32] [--setting JSON] [--damping-mode MODE] [--json FILE]
+    python benchmarks/grafting_scale.py [--steps 32] [--setting JSON | --ledger DIR] [--damping-mode MODE]
+                                        [--json FILE]
 
 ``--damping-mode`` sets the damping rule of both arms: ``absolute`` as the paper's code applies it
 (lambda as is; the study's paper arms now use it), ``relative`` as the pipeline's default does
 (lambda scaled by each factor's mean eigenvalue; the paper arms used it until this measurement).
 Without it each arm keeps its variant's rule. The setting is read from the ledger only once the
-study has run ``grit_paper``'s finalists at that run length; before that pass ``--setting``.
+study has run ``grit_paper``'s finalists at that run length; before that pass ``--setting``. The
+figures in docs/study.md came from the superseded study's 32-step choice: ``--ledger
+reports/study/superseded/da5b7eb144ec/ledger``.
 
 It times nothing, so it may run beside other work.
 """
@@ -77,16 +80,18 @@ def step_scale(step: int, raw: list[float], natural: list[float], sizes: list[in
                      starved)
 
 
-def chosen_setting(root: Path, method: str, steps: int) -> dict[str, float]:
-    """The setting the study chose for ``method`` at ``steps`` (its finalists' lowest mean validation loss)."""
-    from db.study_ledger import jsonl_records
+def chosen_setting(ledger: Path, method: str, steps: int) -> dict[str, float]:
+    """The setting the study in ``ledger`` chose for ``method`` at ``steps`` (its finalists'
+    lowest mean validation loss)."""
+    from db.study_ledger import TRIALS_FILE, jsonl_records
     from evaluation.tuning import Scored, choose_finalist
 
-    trials = jsonl_records((root / "reports/study/ledger/trials.jsonl").read_text())
+    trials = jsonl_records((ledger / TRIALS_FILE).read_text())
     runs = [Scored(t["setting"], t["seed"], t["val_loss"]) for t in trials
             if t["method"] == method and t["steps"] == steps and t["phase"] == "finalist"]
     if not runs:
-        raise SystemExit(f"error: the study ledger has no finalist runs of {method} at {steps} steps; pass --setting")
+        raise SystemExit(f"error: the study ledger {ledger} has no finalist runs of {method} at {steps} steps; "
+                         "pass --setting or another --ledger")
     return choose_finalist(runs)[0]
 
 
@@ -145,10 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--setting", help="JSON setting (default: grit_paper's chosen one at --steps in the ledger)")
+    parser.add_argument("--ledger", type=Path, default=ROOT / "reports/study/ledger",
+                        help="the study ledger to read the setting from (the superseded study's, which ran "
+                             "32 steps: reports/study/superseded/da5b7eb144ec/ledger)")
     parser.add_argument("--damping-mode", choices=["relative", "absolute"])
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    setting = json.loads(args.setting) if args.setting else chosen_setting(ROOT, METHODS[0], args.steps)
+    setting = json.loads(args.setting) if args.setting else chosen_setting(args.ledger, METHODS[0], args.steps)
     grit = {"damping_mode": args.damping_mode} if args.damping_mode else {}
     print(f"setting for both: {json.dumps(setting | grit, sort_keys=True)}, {args.steps} steps", flush=True)
     out: dict[str, dict] = {}

@@ -409,11 +409,20 @@ def test_the_parity_docs_serving_quotes_is_the_committed_run():
     assert (f"agree on {agreed} of {parity[0]['prompts']} prompts ({', '.join(order)}; mean KL {kl} nats" in page)
 
 
+# The study whose report the README leads with: the superseded one while its successor's sittings
+# go on (its metrics are metrics/study.json byte for byte until the new report replaces them).
+HEADLINE_STUDY = "reports/study/superseded/da5b7eb144ec"
+
+
 def test_the_readme_answer_and_the_study_page_are_the_committed_study():
     """The README's one-sentence answer, its two identifiers and docs/study.md's counts."""
     study = json.loads(committed("metrics/study.json"))
-    ledger = json.loads(committed("reports/study/ledger/study.json"))
-    trials = committed("reports/study/ledger/trials.jsonl").splitlines()
+    assert committed("metrics/study.json") == committed(f"{HEADLINE_STUDY}/study.json")
+    ledger = json.loads(committed(f"{HEADLINE_STUDY}/ledger/study.json"))
+    trials = committed(f"{HEADLINE_STUDY}/ledger/trials.jsonl").splitlines()
+    assert ledger["key"] in HEADLINE_STUDY
+    for name in ("report.md", "trials.csv"):
+        assert committed(f"{HEADLINE_STUDY}/{name}") == committed(f"reports/study/{name}"), name
     from evaluation.study import paired_test_from_record
 
     tests = [paired_test_from_record(t) for t in study["tests"]]
@@ -441,6 +450,34 @@ def test_the_readme_answer_and_the_study_page_are_the_committed_study():
                for f in ("params.yaml", "conf/profile/study.yaml")}
     assert len(samples) == 1 and f"({samples.pop()}, in the default run and in the study)" in " ".join(
         page("docs/metrics.md").split())
+
+
+def test_the_superseded_study_is_summarised_from_its_kept_files():
+    """docs/results.md's summary of the superseded study: its counts, verdict and the flaws it
+    names, from the ledger, metrics and report kept in its folder."""
+    from evaluation.study import paired_test_from_record
+
+    study = json.loads(committed(f"{HEADLINE_STUDY}/study.json"))
+    ledger = json.loads(committed(f"{HEADLINE_STUDY}/ledger/study.json"))
+    trials = [json.loads(line) for line in committed(f"{HEADLINE_STUDY}/ledger/trials.jsonl").splitlines()]
+    findings = [paired_test_from_record(t).finding() for t in study["tests"]]
+    prose = section(page("docs/results.md"), "## The superseded study")
+    assert (f"study `{ledger['key']}`: {len(study['methods'])} methods" in prose
+            and f"at {', '.join(map(str, study['steps'][:-1]))} and {study['steps'][-1]} steps, {len(trials)} trials, "
+                f"{study['compute_total_hours']:.1f} h of compute" in prose)
+    assert (f"better than LoRA in {findings.count('better')} and worse in {findings.count('worse')} of "
+            f"{len(findings)} paired tests, equivalent in {findings.count('equivalent')} and inconclusive in "
+            f"{findings.count('inconclusive')}") in prose
+    paper = [t for t in trials if t["method"].startswith("grit_paper") and t["phase"] == "tune"
+             and t["steps"] in (96, 192)]
+    first_rung = min(t["stopped_at"] for t in trials if t["stopped_at"] is not None)
+    assert (f"first rung was step {first_rung} at every run length" in prose
+            and f"{sum(t['stopped_at'] == first_rung for t in paper)} of the {len(paper)} paper-variant tuning "
+                "trials at 96 and 192 steps were stopped there" in prose)
+    revisions = {t["revision"] for t in trials}
+    assert all(r.endswith("-dirty") for r in revisions)          # "from uncommitted working trees"
+    assert f"uncommitted working trees across {len(revisions)} revisions" in prose
+    assert f"[reports/study/superseded/{ledger['key']}/](../{HEADLINE_STUDY}/README.md)" in prose
 
 
 def test_the_default_run_figures_the_other_pages_quote_are_the_committed_run():
