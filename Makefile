@@ -2,7 +2,7 @@
 #   make run    -> dvc repro on the embedded default (params.yaml)
 #   make test   -> the whole test suite, slow real-model tests included
 #   make ollama -> the last run's models on a private Ollama server, for `ollama run pure_grit_model`
-.PHONY: setup run test smoke gpu-check clean-cache ollama ollama-stop
+.PHONY: setup run test smoke gpu-check clean-cache ollama ollama-stop sitting
 
 VENV := .venv
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
@@ -22,6 +22,24 @@ ollama: setup
 
 ollama-stop:
 	python -m pipelines.ollama stop
+
+# One sitting of the study (docs/study.md, Sittings) on a clean checkout, so that every trial
+# records a clean commit: the study's params are composed into outputs/ (params.yaml stays the
+# default), its data prepared for them outside DVC (dvc.lock stays as committed) and
+# metrics/data.json, which that preparation rewrites, restored; then two study workers start no
+# trial after MINUTES (the stop when time is up, exit 3, counts as success). Afterwards commit
+# reports/study/ledger, README.md and docs/study.md.
+MINUTES ?= 100
+STUDY_PARAMS := outputs/study-params.yaml
+sitting: setup
+	@git diff --quiet HEAD -- . ':(exclude)reports/study/ledger' ':(exclude)README.md' ':(exclude)docs/study.md' \
+		|| { echo "error: the working tree changes tracked files; a sitting starts from a clean checkout (commit or stash them)"; exit 2; }
+	@mkdir -p outputs
+	python -m pipelines.profile study --output $(STUDY_PARAMS)
+	python -m pipelines.prepare_model --params $(STUDY_PARAMS)
+	python -m pipelines.prepare_data --params $(STUDY_PARAMS)
+	git checkout -- metrics/data.json
+	python -m pipelines.study --params $(STUDY_PARAMS) --workers 2 --sitting $(MINUTES) || test $$? -eq 3
 
 # The whole suite on two workers, each test file wholly on one (tests/conftest.py starts the longest
 # first); the 25 slowest tests are listed at the end (where the time goes).

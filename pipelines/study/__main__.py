@@ -48,7 +48,7 @@ def preflight(params: Params) -> None:
 
 
 def study(ctx: StageContext, _checked, minutes: float | None = None, workers: int = 1,
-          worker: bool = False, stale_after: float = 120.0) -> dict[str, Path]:
+          worker: bool = False, stale_after: float = 120.0, params_file: Path | None = None) -> dict[str, Path]:
     """The whole study, or as much of it as fits in ``minutes`` (a sitting); every sitting
     begins where the ledger says the last one stopped. ``workers`` > 1 first runs that many
     local study workers; ``worker``: this process is one (it writes no report)."""
@@ -58,7 +58,7 @@ def study(ctx: StageContext, _checked, minutes: float | None = None, workers: in
     if not params.study.methods:
         return keep_last_report(ctx)
     started = time.perf_counter()
-    sitting = open_sitting(ctx, minutes, workers, worker, stale_after)
+    sitting = open_sitting(ctx, minutes, workers, worker, stale_after, params_file)
     if worker:
         work_as_worker(sitting)
         return {}
@@ -112,7 +112,7 @@ def study_arguments(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = study_arguments(argv)
     work = functools.partial(study, minutes=args.sitting, workers=args.workers, worker=args.worker,
-                             stale_after=args.stale_after)
+                             stale_after=args.stale_after, params_file=args.params.resolve())
     # A worker's run is recorded as a stage of its own: only the step that writes the report is `study`.
     return run_stage("study_worker" if args.worker else "study", work, preflight=preflight, args=args)
 

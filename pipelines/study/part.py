@@ -21,7 +21,7 @@ from db.study_claims import Heartbeat, claim_part, finish_part, release_part, se
 from evaluation.config import seeds_for_testing, tuning_seeds
 from evaluation.study import Trial
 from evaluation.tuning import Dimension, Scored, choose_finalist, finalists, setting_key, widen
-from pipelines.stage import StageContext, git_revision
+from pipelines.stage import StageContext
 from pipelines.study import job as trial_job
 from pipelines.study.plan import (
     identity,
@@ -33,7 +33,7 @@ from pipelines.study.plan import (
     span,
     tuning_name,
 )
-from pipelines.study.sitting import Sitting, prepared_data, record, recorded_trials, stop_if_over
+from pipelines.study.sitting import Sitting, prepared_data, record, recorded_trials, sitting_revision, stop_if_over
 from pipelines.study.tuning import configurations_finished
 from trainers.config import preconditioner
 
@@ -44,7 +44,7 @@ def run_job(sitting: Sitting, job: dict) -> None:
     import yaml
 
     ctx = sitting.ctx
-    job = {**job, "deadline": sitting.deadline, "run_id": ctx.run_id, "revision": git_revision(ctx.root),
+    job = {**job, "deadline": sitting.deadline, "run_id": ctx.run_id, "revision": sitting_revision(ctx.root),
            "data": prepared_data(ctx.root)}
     with tempfile.TemporaryDirectory(prefix=f"study-{job['method']}-") as scratch:
         params_file, job_file, results_file = (Path(scratch) / n for n in ("params.yaml", "job.json", "results.jsonl"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from sqlalchemy import select
 from core.errors import StoppedEarly
 from core.files import atomic_write_text
 from db.models import StudyTrial
-from db.provenance import check_sitting_may_start, working_tree_changes
+from db.provenance import changed_paths, check_sitting_may_start, working_tree_changes
 from db.study_ledger import LEDGER_DIR, Ledger, data_fingerprint, open_ledger
 from db.tuning_journal import append_journal, journal_logs, journals_under
 from evaluation.study import PHASES, Trial, planned_runs, remaining_note, study_progress, trial_from_record
@@ -41,9 +42,35 @@ class Sitting:
     worker: str | None = None            # a study worker's name (host:pid); None: the study stage itself
     workers: int = 1                     # local study workers this sitting runs (said again in its end message)
     stale_after: float = 120.0           # a claim whose worker has not beaten for this long is free again
+    params_file: Path | None = None      # the params the stage read, handed on to its study workers
 
     def over(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
+
+
+def own_files() -> tuple[str, ...]:
+    """What a sitting itself rewrites in the tree: the ledger's files and the pages whose
+    progress blocks follow it (``show_progress``)."""
+    from evaluation.study_report import PROGRESS_BLOCKS
+
+    return (LEDGER_DIR.as_posix() + "/", *dict.fromkeys(block.page for block in PROGRESS_BLOCKS))
+
+
+def sitting_revision(root: Path) -> str | None:
+    """The commit a sitting's trials train on: HEAD, with ``-dirty`` only when a tracked file
+    other than the sitting's own (:func:`own_files`) differs from it, so a sitting on a clean
+    checkout records a clean revision however far its ledger has moved. Untracked files are left
+    out as in ``pipelines.stage.git_revision``; what determines a result is each trial's
+    provenance fingerprint (``db.provenance``). None where ``root`` is no git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "-z", "--untracked-files=no"], cwd=root,
+                                capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    ledger, *pages = own_files()
+    foreign = [path for path in changed_paths(status.stdout) if not path.startswith(ledger) and path not in pages]
+    return head.stdout.strip() + ("-dirty" if foreign else "")
 
 
 def prepared_data(root: Path) -> str | None:
@@ -63,7 +90,7 @@ def check_same_data(ledger: Ledger, data: str | None) -> None:
 
 
 def open_sitting(ctx: StageContext, minutes: float | None, workers: int = 1, worker: bool = False,
-                 stale_after: float = 120.0) -> Sitting:
+                 stale_after: float = 120.0, params_file: Path | None = None) -> Sitting:
     """Where a sitting starts: the study's ledger opened (or begun) on the declared params and
     the prepared data, the deadline ``minutes`` from now, and a word if this host prepared other
     data than the study began on. ``worker``: this process is a study worker (host:pid)."""
@@ -71,7 +98,7 @@ def open_sitting(ctx: StageContext, minutes: float | None, workers: int = 1, wor
     sitting = Sitting(ctx, open_ledger(ctx.root / LEDGER_DIR, declared_study_params(ctx.params, ctx.root), data),
                       None if minutes is None else time.time() + 60 * minutes,
                       worker=f"{os.uname().nodename}:{os.getpid()}" if worker else None, workers=workers,
-                      stale_after=stale_after)
+                      stale_after=stale_after, params_file=params_file)
     # before any trial: a changed file that earlier trials loaded would mix two codes in one study
     check_sitting_may_start(sitting.ledger.trials, working_tree_changes(ctx.root), sitting.ledger.key)
     check_same_data(sitting.ledger, data)

@@ -67,6 +67,17 @@ def help_with(sitting: Sitting, open_: list[str], parts: dict[str, tuple[str, in
     return True
 
 
+def worker_command(sitting: Sitting, stale_after: float) -> list[str]:
+    """The command line of one local study worker: the params the stage read (a ``--params``
+    file outside the tree included) and the minutes left of the sitting."""
+    argv = [sys.executable, "-m", "pipelines.study", "--worker", "--stale-after", str(stale_after)]
+    if sitting.params_file is not None:
+        argv += ["--params", str(sitting.params_file)]
+    if sitting.deadline is not None:
+        argv += ["--sitting", str(max(0.001, (sitting.deadline - time.time()) / 60))]
+    return argv
+
+
 def run_workers(sitting: Sitting, workers: int, stale_after: float) -> None:
     """``workers`` local study workers, each on its share of the CPUs (torch's and llama.cpp's
     threads; never more than an ``OMP_NUM_THREADS`` already set); returns when they end.
@@ -78,9 +89,7 @@ def run_workers(sitting: Sitting, workers: int, stale_after: float) -> None:
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():          # a cap the user set still holds
         share = max(1, min(share, int(os.environ["OMP_NUM_THREADS"])))
     env = {**os.environ, "OMP_NUM_THREADS": str(share), "GRIT_LLAMA_THREADS": str(share)}
-    argv = [sys.executable, "-m", "pipelines.study", "--worker", "--stale-after", str(stale_after)]
-    if sitting.deadline is not None:
-        argv += ["--sitting", str(max(0.001, (sitting.deadline - time.time()) / 60))]
+    argv = worker_command(sitting, stale_after)
     print(f"[study] {workers} study workers, {share} CPU(s) each", flush=True)
     started = [subprocess.Popen(argv, cwd=sitting.ctx.root, env=env) for _ in range(workers)]
     codes = [process.wait() for process in started]

@@ -60,3 +60,36 @@ def test_a_sitting_refuses_a_working_tree_that_changes_a_file_earlier_trials_loa
     capsys.readouterr()
     assert exit_status(lambda: open_sitting(ctx, None)) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1              # one error: line
+
+
+def test_a_sitting_records_a_clean_commit_however_far_its_own_files_have_moved(tmp_path):
+    """The ledger and the pages whose progress blocks follow it are the sitting's own: changing
+    them keeps the trials' revision clean; any other tracked change marks it dirty."""
+    from pipelines.study.sitting import own_files, sitting_revision
+
+    ledger, *pages = own_files()
+    assert ledger == f"{LEDGER_DIR.as_posix()}/" and {"README.md", "docs/study.md"} <= set(pages)
+    for name in (f"{ledger}trials.jsonl", *pages, "params.yaml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("committed\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-qm", "code")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    for name in (f"{ledger}trials.jsonl", *pages):
+        (tmp_path / name).write_text("a sitting moved it\n")
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert sitting_revision(tmp_path) == head
+    (tmp_path / "params.yaml").write_text("profile: study\n")           # the old procedure's composed params
+    assert sitting_revision(tmp_path) == f"{head}-dirty"
+
+
+def test_study_workers_read_the_params_file_the_stage_read(tmp_path):
+    """A sitting run with ``--params`` outside the tree hands that file to its workers (they
+    would otherwise read params.yaml, another profile)."""
+    from pipelines.study.worker import worker_command
+
+    sitting = SimpleNamespace(params_file=tmp_path / "study-params.yaml", deadline=None)
+    argv = worker_command(sitting, 120.0)
+    assert argv[argv.index("--params") + 1] == str(tmp_path / "study-params.yaml") and "--sitting" not in argv
+    assert "--params" not in worker_command(SimpleNamespace(params_file=None, deadline=None), 120.0)
