@@ -530,6 +530,9 @@ def _numbers(text: str | None) -> set[float]:
     return {abs(float(n)) for n in NUMBER.findall(text.replace(",", ""))}
 
 
+BINARY = (".png", ".svg", ".gguf", ".db")
+
+
 def _cited_numbers(unit: str) -> tuple[list[str], set[float]]:
     revs = [c.strip("`") for c in re.findall(r"`[0-9a-f]{7,40}`", " ".join(COMMITS.findall(unit)))] or ["HEAD"]
     cited, pool = [], set()
@@ -539,6 +542,7 @@ def _cited_numbers(unit: str) -> tuple[list[str], set[float]]:
             pattern = re.sub(r"<[^>]+>", "*", citation)
             pattern = pattern + "*" if pattern.endswith("/") else pattern
             names = sources.glob(pattern) if "*" in pattern else [pattern]
+            names = [n for n in names if not n.endswith(BINARY)]       # a cited folder holds plots too
             texts = [text for text in map(sources.text, names) if text is not None]
             if texts:             # a file the commit lacks is a mention (a smoke output), not a source
                 cited.append(f"{citation}@{rev}")
