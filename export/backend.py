@@ -27,6 +27,15 @@ class Generation:
     decode_tokens_per_second: float | None
 
 
+def serving_device() -> str:
+    """"gpu" where the installed llama.cpp runtime can offload (the ``GRIT_LLAMA_BUILD=cuda``
+    build, ``export.llama_cpp``) and then every layer goes to the GPU, else "cpu" (the portable
+    and native builds: nothing changes)."""
+    from llama_cpp import llama_supports_gpu_offload
+
+    return "gpu" if llama_supports_gpu_offload() else "cpu"
+
+
 class LlamaCppModel:
     def __init__(self, model_path: Path, chat: ChatFormat, adapter_path: Path | None = None, n_ctx: int = 2048,
                  n_threads: int | None = None, prompt_cache: bool = True) -> None:
@@ -39,9 +48,10 @@ class LlamaCppModel:
         # core/threads.py: decoding on half the usable CPUs, prompts on all of them
         threads = llama_threads() if n_threads is None else LlamaThreads(n_threads, n_threads)
         self.chat, self.prompt_cache = chat, prompt_cache
+        self.device = serving_device()
         self.llm = Llama(model_path=str(model_path), lora_path=str(adapter_path) if adapter_path else None,
                          n_ctx=n_ctx, logits_all=False, seed=0, verbose=False, n_threads=threads.decode,
-                         n_threads_batch=threads.batch)
+                         n_threads_batch=threads.batch, n_gpu_layers=-1 if self.device == "gpu" else 0)
         self.stop_ids = {self._single_token(stop) for stop in chat.stops} | {self.llm.token_eos()}
 
     def _single_token(self, text: str) -> int:

@@ -4,8 +4,9 @@
     python -m pipelines.docs --check    # exit 1 when a block differs from the committed files
 
 The blocks (``core/doc_blocks.py``): the evaluation's (``evaluation/doc_figures.py``: the study
-headline, the default run's tables, the probe and training tables, stage times, serving speed)
-and the GPU check's (from ``benchmarks/results/gpu-check-*.json``). The default run's tables
+headline, the default run's tables, the probe and training tables, stage times, serving speed),
+the GPU check's (from ``benchmarks/results/gpu-check-*.json``) and the Llama-3-8B profile's
+estimates (``pipelines/gpu_check/estimates.py``, arithmetic on its shapes). The default run's tables
 live on ``docs/results.md`` (the README links to them) and the GPU sessions on the dated
 ``docs/history.md``.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from core.doc_blocks import CommittedSources, DocBlock, Sources, render_pages
 from evaluation.doc_figures import BLOCKS as EVALUATION_BLOCKS
+from pipelines.gpu_check import estimates
 from pipelines.gpu_check.report import docs_block
 
 GPU_REPORTS = {"h100": "benchmarks/results/gpu-check-h100-*.json", "h200": "benchmarks/results/gpu-check-h200-*.json",
@@ -40,6 +42,7 @@ PAGES = {"results": "docs/results.md"}
 BLOCKS: list[DocBlock] = [
     *(dataclasses.replace(block, page=PAGES.get(block.name, block.page)) for block in EVALUATION_BLOCKS),
     *(DocBlock(f"gpu_check_{gpu}", "docs/history.md", _gpu(reports)) for gpu, reports in GPU_REPORTS.items()),
+    DocBlock("gpu_estimates", "docs/gpu.md", lambda _sources: estimates.render()),
 ]
 
 

@@ -55,23 +55,27 @@ def measure_every_model(ctx: StageContext, manifest: ServeManifest) -> tuple[dic
     """The registry's per-model metrics of the base and every replicate, on the one measurement
     path (``evaluation.measure``): the fp32 PEFT model holds every adapter, the served model
     (llama.cpp) gives the judged greedy replies; a replicate that cannot be served (DoRA)
-    gets the fp32 figures only. Returns (model -> ModelOutcomes, generation records)."""
+    gets the fp32 figures only. The model lives where ``pipelines.placement`` puts it (fp32 on
+    the CPU; on a CUDA host, as it trained). Returns (model -> ModelOutcomes, generation records)."""
     from peft import PeftModel
 
     from evaluation.measure import Subject, measure, sampling_of
     from evaluation.metrics import model_metrics
     from evaluation.serving import open_served
-    from trainers.base_model import load_causal_lm, load_tokenizer, resolve_base_model
+    from pipelines.placement import host_placement, load_measured_base
+    from trainers.base_model import load_tokenizer, resolve_base_model
 
     params, settings = ctx.params, ctx.params.eval
     sets = held_out_sets(ctx.root / DATA_DIR, settings)
     files = resolve_base_model(params.model)
-    fp32 = params.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
+    placement = host_placement(params.model)
+    print(f"[evaluate] the base model and its adapters on {placement.describe()}")
     adapters = {model_key(v, params, s): replicate_path(ADAPTERS / v, params, s) for v, s in replicates(params)}
     model = None
     for key, folder in adapters.items():
         if model is None:
-            model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(ctx.root / folder), adapter_name=key)
+            model = PeftModel.from_pretrained(load_measured_base(files, placement), str(ctx.root / folder),
+                                              adapter_name=key)
         else:
             model.load_adapter(str(ctx.root / folder), adapter_name=key)
     tokenizer, chat = load_tokenizer(files, params.model), manifest.chat
@@ -297,10 +301,12 @@ def preflight(params: Params) -> ServeManifest:
 def evaluate(ctx: StageContext, manifest: ServeManifest) -> dict[str, Path]:
     from evaluation.results import intervals
     from evaluation.speed import served_speed
+    from export.backend import serving_device
 
     outcomes, records = measure_every_model(ctx, manifest)
     figures = {key: intervals(o, ctx.params.eval) for key, o in outcomes.items()}
     comparisons = paired_comparisons(ctx.params, outcomes)
+    print(f"[evaluate] served speed: llama.cpp on the {serving_device()}, every model side by side")
     speeds = served_speed(manifest, served_model_keys(ctx.params), ctx.params.eval)
     ollama = measure_through_ollama(ctx, manifest, records)
     parity = {key: manifest.export_parity(key) for key in outcomes}

@@ -89,13 +89,13 @@ def served_parity(ctx: StageContext, label: str, adapter_dir: Path, base: tuple,
 
     from export.backend import LlamaCppModel
     from export.parity import next_token_parity, peft_next_token_logits
-    from trainers.base_model import load_causal_lm
+    from pipelines.placement import host_placement, load_measured_base
 
     params, settings = ctx.params, ctx.params.export
     files, tokenizer, chat = base
     prompts = parity_prompts(ctx.root, settings.parity_prompts)
-    fp32 = params.model.model_copy(update={"dtype": "float32", "load_in_4bit": False})
-    reference_model = PeftModel.from_pretrained(load_causal_lm(files, fp32), str(adapter_dir))
+    placement = host_placement(params.model)           # fp32 on the CPU; on a CUDA host, as it trained
+    reference_model = PeftModel.from_pretrained(load_measured_base(files, placement), str(adapter_dir))
     reference = peft_next_token_logits(reference_model, tokenizer, prompts, chat)
     del reference_model
     parity = {}

@@ -4,7 +4,7 @@
 
 ITEM is ``hybrid``, ``truncation``, ``qlora``, ``bf16``, ``overhead-time:<engine>:<shape>``,
 ``overhead-memory:<engine>:<arm>:<shape>`` or ``overhead-profile:<engine>:<shape>`` (engine
-``unsloth`` or ``peft``, arm ``lora`` or ``grit``, shape ``smollm2`` or ``llama-1b``):
+``unsloth`` or ``peft``, arm ``lora`` or ``grit``, shape ``smollm2``, ``llama-1b`` or ``llama-8b-layers``):
 the kinds of :data:`REGISTRY`, each with the item of the check it serves (the overhead items'
 timing and memory loops are ``profiling/``'s, shared with ``benchmarks/grit_overhead.py``).
 Everything runs on a random Llama built from a config with a small word-level tokenizer, so

@@ -8,15 +8,22 @@ import argparse
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipelines.gpu_check.estimates import LLAMA_3_8B
+
 # The overhead item's model shapes: SmolLM2-135M's (a GPU step bound by the host) and
 SMOLLM2_SHAPE = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
                  "num_key_value_heads": 3}
 # a 1B-class Llama (Llama-3.2-1B's blocks, a step bound by compute).
 LLAMA_1B_SHAPE = {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
                   "num_key_value_heads": 8, "max_position_embeddings": 4096}
-OVERHEAD_SHAPES = {"smollm2": SMOLLM2_SHAPE, "llama-1b": LLAMA_1B_SHAPE}
-# (batch, length) a shape is timed at whatever the command line says: the 1B shape at 8k tokens
-OVERHEAD_SIZES = {"llama-1b": (4, 2048)}
+# Llama-3-8B's blocks (the 8B profile's layer shapes), four of them: each GRIT and LoRA module at
+# the size the 8B profile trains, in a model that fits any card.
+LLAMA_8B_LAYERS_SHAPE = {"hidden_size": LLAMA_3_8B.hidden, "intermediate_size": LLAMA_3_8B.mlp, "num_hidden_layers": 4,
+                         "num_attention_heads": LLAMA_3_8B.heads, "num_key_value_heads": LLAMA_3_8B.kv_heads,
+                         "max_position_embeddings": 4096}
+OVERHEAD_SHAPES = {"smollm2": SMOLLM2_SHAPE, "llama-1b": LLAMA_1B_SHAPE, "llama-8b-layers": LLAMA_8B_LAYERS_SHAPE}
+# (batch, length) a shape is timed at whatever the command line says: the larger shapes at 8k tokens
+OVERHEAD_SIZES = {"llama-1b": (4, 2048), "llama-8b-layers": (4, 2048)}
 # lora.adapter_dtype of both arms: PEFT's fp32 adapters, or the model's dtype (bf16 on a GPU)
 ADAPTER_DTYPES = ("float32", "model")
 # grit.capture of the GRIT arm: the engine's (fused on Unsloth, hooks on PEFT), or either on both
@@ -43,7 +50,7 @@ class Sizing:
 
     def for_shape(self, shape: str) -> Sizing:
         """This sizing at ``shape``: its own batch where it has one (``OVERHEAD_SIZES``: the 1B
-        shape at 8k tokens), the command line's otherwise."""
+        and 8B-layer shapes at 8k tokens), the command line's otherwise."""
         if shape not in OVERHEAD_SHAPES:
             raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(OVERHEAD_SHAPES)}")
         batch, length = OVERHEAD_SIZES.get(shape, (self.batch, self.length))

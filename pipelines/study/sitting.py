@@ -164,6 +164,7 @@ def stop_if_over(sitting: Sitting) -> None:
         raise StoppedEarly(f"the sitting's time is up: {progress(sitting)}. The ledger ({LEDGER_DIR}/) holds "
                            f"every finished trial, and README.md and docs/study.md say how far the study is: "
                            f"commit them (`git add {LEDGER_DIR} README.md docs/study.md`), then run "
+                           f"`make sitting MINUTES=N` (a sitting on a clean checkout) or "
                            f"`{again_command(sitting.workers)}` (or `dvc repro study`) again, on any machine, to go on")
 
 

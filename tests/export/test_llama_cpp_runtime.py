@@ -101,6 +101,16 @@ def test_the_installed_runtime_is_the_portable_build_of_this_host():
     assert llama_cpp.installed_plan_key() == plan.key, "the installed llama.cpp runtime is not the portable build"
 
 
+def test_served_models_offload_to_a_gpu_exactly_when_the_runtime_is_the_cuda_build():
+    """export.backend asks the runtime itself whether it can offload: only the cuda flavour's
+    wheel can, so with the portable build every served model stays on the CPU (n_gpu_layers 0,
+    as before the cuda flavour existed)."""
+    from export.backend import serving_device
+
+    cuda = build_plan("cuda", platform.machine(), host_cpu_flags())
+    assert serving_device() == ("gpu" if llama_cpp.installed_plan_key() == cuda.key else "cpu") == "cpu"
+
+
 def test_the_installed_cpu_backend_has_no_amx_or_avx512_instructions():
     """A regression to native flags fails here on any host with AVX-512 or AMX."""
     import llama_cpp as runtime

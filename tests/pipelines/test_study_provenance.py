@@ -84,6 +84,19 @@ def test_a_sitting_records_a_clean_commit_however_far_its_own_files_have_moved(t
     assert sitting_revision(tmp_path) == f"{head}-dirty"
 
 
+def test_make_sitting_lets_through_exactly_the_sittings_own_files():
+    """``make sitting`` refuses a tree with tracked changes before it prepares anything; the files
+    it lets through are the ones whose changes leave the trials' revision clean."""
+    import re
+
+    from pipelines.study.sitting import own_files
+
+    recipe = (REPO_ROOT / "Makefile").read_text().split("\nsitting:", 1)[1].split("\n\n", 1)[0]
+    excluded = re.findall(r"':\(exclude\)([^']+)'", recipe)
+    ledger, *pages = own_files()
+    assert sorted(excluded) == sorted([ledger.rstrip("/"), *pages])
+
+
 def test_study_workers_read_the_params_file_the_stage_read(tmp_path):
     """A sitting run with ``--params`` outside the tree hands that file to its workers (they
     would otherwise read params.yaml, another profile)."""
