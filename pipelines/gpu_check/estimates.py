@@ -149,7 +149,7 @@ def shape_note(shape: LlamaShape, s: ProfileSettings) -> str:
     h, kv = shape.hidden, shape.kv_width
     attention = sum(i * o for name, (i, o) in shape.projections().items() if name in ATTENTION)
     mlp = shape.block_weights() - attention
-    lora_block = s.r * sum(i + o for i, o in shape.projections().values())
+    lora_block = shape.lora_weights(s.r) // shape.blocks
     return (f"{shape.name}: {shape.blocks} blocks, hidden size {h}, MLP {shape.mlp}, {shape.kv_heads} key/value "
             f"heads of {h // shape.heads} (k and v project {h} to {kv}), vocabulary {shape.vocab:,}. Per block "
             f"{_m(attention)} attention and {_m(mlp)} MLP weights, so {shape.blocks} x {_m(shape.block_weights())} "
