@@ -362,7 +362,10 @@ def _overhead_arm(workdir: Path, engine: str, grit: bool, device: str, shape: st
     from trainers.grit.manager import GritManager
 
     files = random_llama(workdir / f"{shape}-shape", OVERHEAD_SHAPES[shape])
-    params = check_params(files, "bfloat16" if device == "cuda" else "float32")
+    nf4 = sizing.base == "nf4"
+    if nf4 and device != "cuda":
+        raise ValueError("an NF4 base needs CUDA: bitsandbytes loads it onto the GPU")
+    params = check_params(files, "bfloat16" if device == "cuda" else "float32", load_in_4bit=nf4)
     params.lora = LoraParams(r=16, alpha=32, adapter_dtype=sizing.adapter_dtype)
     # Unsloth sizes its rotary cache by max_seq_length: longer batches index past it (a CUDA assert).
     params.data = DataParams(max_seq_length=max(params.data.max_seq_length, sizing.length))
@@ -373,7 +376,8 @@ def _overhead_arm(workdir: Path, engine: str, grit: bool, device: str, shape: st
         model = build_unsloth(files, params, VariantParams(engine="unsloth", grit=grit)).model
         FastLanguageModel.for_training(model)
     else:
-        model = build_peft(files, params).model.to(device)
+        model = build_peft(files, params).model
+        model = model if nf4 else model.to(device)          # bitsandbytes placed the NF4 base already
     model.train()
     lora = [p for p in model.parameters() if p.requires_grad]
     # auto: the variant's own capture path, GRIT's fused functions on Unsloth (the hybrid), hooks

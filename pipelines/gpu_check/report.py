@@ -211,6 +211,7 @@ def headline_overhead(f: dict[str, Any]) -> str:
                         if r.get("lora_flop_fraction") else "")
                      + (f" (leaving Unsloth's compile x{_fmt(r['compile_off_ratio'])}, GRIT over uncompiled "
                         f"LoRA x{_fmt(r.get('grit_over_uncompiled_lora'))})" if r.get("compile_off_ratio") else "")
+                     + (", base in NF4" if r.get("base") == "nf4" else "")
                      + (", adapters in the model's dtype" if r.get("adapter_dtype") == "model" else "")
                      + (f", GRIT capture {r['grit_capture']}" if r.get("grit_capture", "auto") != "auto" else "")
                      + (", LoRA through GRIT's fused functions" if r.get("lora_functions") == "fused" else "")

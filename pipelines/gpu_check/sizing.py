@@ -31,13 +31,17 @@ GRIT_CAPTURES = ("auto", "hooks", "fused")
 # The LoRA arm's forward and backward: the engine's own, or GRIT's fused functions without GRIT
 # (PEFT only), so that a GRIT arm through those functions is timed against the same arithmetic.
 LORA_FUNCTIONS = ("engine", "fused")
+# The base both arms train on: the model's dtype (bf16 on a GPU), or NF4 through bitsandbytes, where
+# GRIT's fused functions cannot run (they need a plain Linear) and the hybrid's GRIT captures through
+# PEFT's forward and hooks: the named fallback whose memory this measures. CUDA only.
+BASES = ("model", "nf4")
 
 
 @dataclass(frozen=True)
 class Sizing:
     """How the overhead and profile items size and set up their arms: timed steps per arm, the
     batch (rows x tokens), ``lora.adapter_dtype`` of both arms, ``grit.capture`` of GRIT's and the
-    LoRA arm's functions (``lora_functions``).
+    LoRA arm's functions (``lora_functions``), and the base both arms train on (``base``).
     One value from the command line (both the check's and an item's) to the model an item
     builds, in place of five arguments passed on by hand through every signature between."""
 
@@ -47,6 +51,7 @@ class Sizing:
     adapter_dtype: str = "float32"
     grit_capture: str = "auto"
     lora_functions: str = "engine"
+    base: str = "model"
 
     def for_shape(self, shape: str) -> Sizing:
         """This sizing at ``shape``: its own batch where it has one (``OVERHEAD_SIZES``: the 1B
@@ -66,7 +71,7 @@ class Sizing:
         """The options that give an item's process this sizing (:meth:`add_arguments`)."""
         return ["--steps", str(self.steps), "--batch", str(self.batch), "--length", str(self.length),
                 "--adapter-dtype", self.adapter_dtype, "--grit-capture", self.grit_capture,
-                "--lora-functions", self.lora_functions]
+                "--lora-functions", self.lora_functions, "--base", self.base]
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -82,16 +87,19 @@ class Sizing:
         parser.add_argument("--lora-functions", choices=LORA_FUNCTIONS, default=default.lora_functions,
                             help="the LoRA arm's functions on the PEFT engine: PEFT's own (engine) or GRIT's fused "
                                  "functions without GRIT (fused), the baseline of --grit-capture fused")
+        parser.add_argument("--base", choices=BASES, default=default.base,
+                            help="the base both arms of the overhead and profile items train on: the model's dtype, "
+                                 "or nf4 (bitsandbytes, CUDA only; the hybrid's GRIT then captures through hooks)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Sizing:
         return cls(steps=args.steps, batch=args.batch, length=args.length, adapter_dtype=args.adapter_dtype,
-                   grit_capture=args.grit_capture, lora_functions=args.lora_functions)
+                   grit_capture=args.grit_capture, lora_functions=args.lora_functions, base=args.base)
 
     def figures(self) -> dict[str, Any]:
         """What an item's figures record of its sizing."""
         return {"adapter_dtype": self.adapter_dtype, "grit_capture": self.grit_capture,
-                "lora_functions": self.lora_functions, "steps": self.steps,
+                "lora_functions": self.lora_functions, "base": self.base, "steps": self.steps,
                 "batch": self.batch, "length": self.length}
 
 

@@ -241,6 +241,30 @@ def test_without_a_gpu_the_check_exits_with_one_line_and_its_own_code(tmp_path: 
     assert unknown.stderr.strip() == f"error: unknown item 'warp'; choose from {', '.join(CHECKS)}"
 
 
+def test_an_nf4_base_reaches_every_arms_process_and_is_refused_without_cuda(tmp_path: Path):
+    """``--base nf4`` (the hybrid's named fallback on a 4-bit base, whose memory the overhead item
+    measures) travels to each item process with the rest of the sizing, the figures and the
+    table say it, and a CPU rehearsal refuses it in one line, before anything runs."""
+    import argparse
+
+    from pipelines.gpu_check.sizing import Sizing
+
+    sizing = Sizing(steps=3, batch=2, length=64, base="nf4")
+    parser = argparse.ArgumentParser()
+    Sizing.add_arguments(parser)
+    assert Sizing.from_args(parser.parse_args(sizing.argv())) == sizing
+    assert Sizing.from_args(parser.parse_args([])).base == "model"
+    assert sizing.for_shape("llama-8b-layers").for_engine("unsloth").figures()["base"] == "nf4"
+    within = {"step_time_ratio": 1.0, "peak_memory_ratio": 1.0, "base": "nf4"}
+    assert ", base in NF4" in headline(judge("overhead", {"engines": {"unsloth": within}}))
+    refused = _check("--device", "cpu", "--items", "overhead", "--base", "nf4", "--out", str(tmp_path / "r.json"))
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines() == [
+        "error: --base nf4 needs CUDA (bitsandbytes loads the NF4 base onto the GPU); "
+        "a cpu rehearsal runs --base model"]
+    assert not (tmp_path / "r.json").exists()
+
+
 def test_the_registry_serves_every_item_of_the_check_and_nothing_else(tmp_path: Path):
     """The orchestrator's items are report.CHECKS' (it does not import the heavy items module):
     the registry's kinds serve exactly those, in that order; an unknown kind stops the worker

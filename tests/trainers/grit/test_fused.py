@@ -215,6 +215,73 @@ def test_a_layer_that_cannot_be_fused_keeps_the_hooks_and_says_so():
     assert all(state.u.count > 0 for state in manager.modules.values())
 
 
+def _nf4_base_and_its_dequantized_twin(seed: int = 0):
+    """The tiny Llama with every projection GRIT targets in bitsandbytes' NF4 (quantised on the
+    CPU), and the same Llama whose projections are plain Linears holding the dequantised NF4
+    weights: the per-module reference the NF4 path must reproduce."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    nf4, twin = tiny_base_model(seed), tiny_base_model(seed)
+    for name, linear in [(n, m) for n, m in nf4.named_modules() if n.rsplit(".", 1)[-1] in TARGETS]:
+        quantised = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=torch.float32, quant_type="nf4")
+        quantised.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+        quantised = quantised.to("cpu")                      # the move quantises
+        parent, child = name.rsplit(".", 1)
+        setattr(nf4.get_submodule(parent), child, quantised)
+        twin.get_submodule(name).weight.data = dequantize_4bit(quantised.weight.data, quantised.weight.quant_state)
+    return nf4, twin
+
+
+def _hybrid_grit_step(base):
+    """One GRIT step as the hybrid attaches it (the Unsloth engine's capture: fused, Unsloth's
+    numerics), on LoRA adapters seeded alike whatever the base's layers are."""
+    from trainers.config import VariantParams, variant_grit
+
+    torch.manual_seed(1)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(parameter, std=0.05)
+    config = variant_grit(GritParams(min_samples=8, update_freq=1), VariantParams(engine="unsloth", grit=True))
+    manager = GritManager(model, config)
+    manager.wrap_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), 1.0)
+    loss = model(**batches(1)[0]).loss
+    loss.backward()
+    manager.before_step(1.0)
+    return loss, manager
+
+
+def test_on_an_nf4_base_the_hybrids_grit_takes_the_named_fallback_and_matches_the_dequantized_reference():
+    """GRIT's fused functions need a plain Linear base; on bitsandbytes' NF4 layers the hybrid's
+    GRIT falls back to PEFT's forward and hooks, says so in its notes, and its statistics and
+    preconditioned gradients are those of the fused path on the dequantised weights (fp32 on
+    the CPU: the two differ only in how each sums its products)."""
+    nf4, twin = _nf4_base_and_its_dequantized_twin()
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert not torch.equal(twin.get_submodule(q_proj).weight, tiny_base_model(0).get_submodule(q_proj).weight), \
+        "the reference holds the NF4 weights, not the fp32 ones"
+    loss, fallback = _hybrid_grit_step(nf4)
+    reference_loss, reference = _hybrid_grit_step(twin)
+    assert set(fallback.capture_paths.values()) == {"hooks"}
+    assert set(reference.capture_paths.values()) == {"fused-linear", "fused-swiglu"}
+    assert len(fallback.notes) == 1 and "cannot run on 14/14 modules" in fallback.notes[0]
+    assert "base layer is Linear4bit, not a plain Linear" in fallback.notes[0]
+    assert torch.allclose(loss, reference_loss, rtol=1e-6)
+    assert fallback.report["preconditioned_tensors"] == reference.report["preconditioned_tensors"] == 28
+
+    def near(a, b):
+        return float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+
+    for key, state in fallback.modules.items():
+        expected = reference.modules[key]
+        assert state.u.count == expected.u.count > 0
+        assert near(state.u.total, expected.u.total) and near(state.v.total, expected.v.total), key
+        for side in ("A", "B"):
+            assert near(state.weight(side).grad, expected.weight(side).grad), (key, side)
+
+
 @pytest.mark.parametrize("engine, expected, lora_dtype", [("unsloth", "fused", "input"), ("peft", "hooks", "adapter")])
 def test_capture_auto_is_fused_for_the_hybrid_and_hooks_for_pure_grit(engine, expected, lora_dtype):
     from trainers.config import VariantParams, variant_grit
