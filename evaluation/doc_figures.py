@@ -43,7 +43,7 @@ from evaluation.metrics import model_metrics
 from evaluation.study_report import PROGRESS_BLOCKS
 from export.config import ExportParams, ServeParams
 
-NOT_MODELS = ("comparisons", "across_seeds", "decline_probability_vs_judge")
+NOT_MODELS = ("comparisons", "across_seeds", "decline_probability_vs_judge", "served_speed_device")
 
 PIPELINE_BENCHMARK = "benchmarks/results/pipeline-default-2cpu.json"
 SERVING_BENCHMARK = "benchmarks/results/serving-speed-2cpu.json"

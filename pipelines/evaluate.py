@@ -232,10 +232,11 @@ def record(ctx: StageContext, figures: dict, comparisons: list, speeds: dict, ol
 
 
 def summary(params: Params, figures: dict, comparisons: list, speeds: dict, parity: dict, records: list,
-            ollama: dict) -> dict:
+            ollama: dict, served_device: str) -> dict:
     """``metrics/eval.json``: every figure with its interval, speeds, parity, the figures through
     Ollama per form (``ollama``), and comparisons, and with several seeds their aggregation over
-    seeds."""
+    seeds. ``served_device``: where llama.cpp decoded the served models whose speed it records
+    (``export.backend.serving_device``)."""
     from evaluation.refusals import probability_agreement
     from evaluation.results import across_seeds
 
@@ -248,6 +249,7 @@ def summary(params: Params, figures: dict, comparisons: list, speeds: dict, pari
         for key, metrics in figures.items()}
     out["comparisons"] = [vars(c) | {"seed": seed} for seed, c in comparisons]
     out["decline_probability_vs_judge"] = probability_agreement(records)
+    out["served_speed_device"] = served_device
     if params.train.n_seeds > 1:
         keys = model_rows(params)
         members = {v: [k for k, (variant, _) in keys.items() if variant == v] for v in params.variants}
@@ -306,12 +308,14 @@ def evaluate(ctx: StageContext, manifest: ServeManifest) -> dict[str, Path]:
     outcomes, records = measure_every_model(ctx, manifest)
     figures = {key: intervals(o, ctx.params.eval) for key, o in outcomes.items()}
     comparisons = paired_comparisons(ctx.params, outcomes)
-    print(f"[evaluate] served speed: llama.cpp on the {serving_device()}, every model side by side")
+    device = serving_device()
+    print(f"[evaluate] served speed: llama.cpp on the {device}, every model side by side")
     speeds = served_speed(manifest, served_model_keys(ctx.params), ctx.params.eval)
     ollama = measure_through_ollama(ctx, manifest, records)
     parity = {key: manifest.export_parity(key) for key in outcomes}
     record(ctx, figures, comparisons, speeds, ollama)
-    atomic_write_json(ctx.root / METRICS, summary(ctx.params, figures, comparisons, speeds, parity, records, ollama))
+    atomic_write_json(ctx.root / METRICS, summary(ctx.params, figures, comparisons, speeds, parity, records, ollama,
+                                                     device))
     atomic_write_text(ctx.root / GENERATIONS, "".join(json.dumps(r) + "\n" for r in records))
     ollama_records = [r for forms in ollama.values() for outcome in forms.values() for r in outcome.records]
     atomic_write_text(ctx.root / OLLAMA_GENERATIONS, "".join(json.dumps(r) + "\n" for r in ollama_records))

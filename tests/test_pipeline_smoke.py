@@ -202,6 +202,7 @@ def test_smoke_dvc_repro_runs_every_stage_and_completes_the_run(smoke_repo):
     assert "decode speed >= 0.9x base" in criteria and ("pass (" in criteria or "FAIL (" in criteria)
     eval_summary = json.loads((repo / "metrics/eval.json").read_text())
     assert eval_summary["across_seeds"]["n_seeds"] == 2
+    assert eval_summary["served_speed_device"] == "cpu"      # the portable llama.cpp build offloads nothing
     # metrics/eval.json and compare_all aggregate the same store over seeds the same way: the same
     # differences, the same Holm-adjusted p-values, the same verdicts.
     written = {(c["variant"], c["reference"], c["metric"]): c for c in eval_summary["across_seeds"]["comparisons"]}

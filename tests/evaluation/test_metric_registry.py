@@ -116,8 +116,9 @@ def test_a_metric_added_to_the_registry_alone_is_stored_compared_and_rendered(tm
     assert tables.served[("pure_grit", "merged", "agreement_same_reply")][0].value == 0.75
     assert through_ollama in printed
 
-    written = json.loads(json.dumps(summary(params, figures, comparisons, {}, parity, [], ollama)))
+    written = json.loads(json.dumps(summary(params, figures, comparisons, {}, parity, [], ollama, "gpu")))
     assert written["pure_grit"]["ollama"]["merged"]["refusal_rate"]["value"] == 0.75
+    assert written["served_speed_device"] == "gpu"           # where llama.cpp's speeds were decoded
     block = results_block(written, "recorded in a test", json.dumps({"eval": {}, "export": {}}))
     assert f"| {confident_decline.label} |" in block and "| pure_grit vs peft_lora | confident_decline |" in block
     assert through_ollama in block
