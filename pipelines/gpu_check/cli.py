@@ -81,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown item {unknown[0]!r}; choose from {', '.join(ITEMS)}", file=sys.stderr)
         return 2
-    if args.base == "nf4" and args.device != "cuda":
-        print("error: --base nf4 needs CUDA (bitsandbytes loads the NF4 base onto the GPU); "
-              "a cpu rehearsal runs --base model", file=sys.stderr)
+    refusal = Sizing.from_args(args).refusal(args.device)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
     import torch
 

@@ -362,9 +362,9 @@ def _overhead_arm(workdir: Path, engine: str, grit: bool, device: str, shape: st
     from trainers.grit.manager import GritManager
 
     files = random_llama(workdir / f"{shape}-shape", OVERHEAD_SHAPES[shape])
+    if refusal := sizing.refusal(device):
+        raise ValueError(refusal)
     nf4 = sizing.base == "nf4"
-    if nf4 and device != "cuda":
-        raise ValueError("an NF4 base needs CUDA: bitsandbytes loads it onto the GPU")
     params = check_params(files, "bfloat16" if device == "cuda" else "float32", load_in_4bit=nf4)
     params.lora = LoraParams(r=16, alpha=32, adapter_dtype=sizing.adapter_dtype)
     # Unsloth sizes its rotary cache by max_seq_length: longer batches index past it (a CUDA assert).

@@ -67,6 +67,14 @@ class Sizing:
         fused functions on PEFT's), so a check run over both engines records what each ran."""
         return self if engine == "peft" else replace(self, lora_functions="engine")
 
+    def refusal(self, device: str) -> str | None:
+        """Why this sizing cannot run on ``device`` (None: it can); one rule for the check's
+        command line and an item's process run alone."""
+        if self.base == "nf4" and device != "cuda":
+            return ("--base nf4 needs CUDA (bitsandbytes loads the NF4 base onto the GPU); "
+                    "a cpu rehearsal runs --base model")
+        return None
+
     def argv(self) -> list[str]:
         """The options that give an item's process this sizing (:meth:`add_arguments`)."""
         return ["--steps", str(self.steps), "--batch", str(self.batch), "--length", str(self.length),
