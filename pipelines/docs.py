@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -35,6 +36,30 @@ def _gpu(reports: str):
     return render
 
 
+SITTING_START = "benchmarks/results/sitting-start-2cpu.json"
+
+
+def sitting_start(measured: dict) -> str:
+    """docs/study.md's sentence on what a sitting spends before its first trial on a fresh host,
+    from the committed measurement (not counted in the study's compute, which is trials only)."""
+    setup, start = measured["setup"], measured["sitting_start"]
+    return (f"On a fresh host a sitting spends time before its first trial that the study's hours of "
+            f"compute do not count. Measured on {measured['cpu_count']} CPU cores ({measured['date']}): "
+            f"`make setup` with a new `GRIT_CACHE_DIR` took {setup['seconds']:,} s, then `make sitting` "
+            f"took {start['seconds_to_first_trial']:,} s to its first trial, {start['answers_seconds']:,} s "
+            f"of it the base model's greedy answers to the {start['answers']} benign training prompts "
+            f"(up to {start['answer_max_new_tokens']} tokens each, through llama.cpp). Both are cached in "
+            f"`GRIT_CACHE_DIR` (and the environment in `.venv`), so a later sitting on the same host "
+            f"generates no answer and builds nothing. On a fresh host, plan about "
+            f"{math.ceil((setup['seconds'] + start['seconds_to_first_trial']) / 60)} minutes on top of "
+            f"`MINUTES`, plus the last trial's own length.")
+
+
+def _sitting_start(sources: Sources) -> str:
+    text = sources.text(SITTING_START)
+    return sitting_start(json.loads(text)) if text else "No sitting's start has been measured yet."
+
+
 # Where a block lives when not on the page evaluation/doc_figures.py names: the README keeps the
 # study and links to the default run's tables, which would double its length.
 PAGES = {"results": "docs/results.md"}
@@ -43,6 +68,7 @@ BLOCKS: list[DocBlock] = [
     *(dataclasses.replace(block, page=PAGES.get(block.name, block.page)) for block in EVALUATION_BLOCKS),
     *(DocBlock(f"gpu_check_{gpu}", "docs/history.md", _gpu(reports)) for gpu, reports in GPU_REPORTS.items()),
     DocBlock("gpu_estimates", "docs/gpu.md", lambda _sources: estimates.render()),
+    DocBlock("sitting_start", "docs/study.md", _sitting_start),
 ]
 
 

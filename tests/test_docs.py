@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from core.doc_blocks import CommittedSources, DocBlock, Sources, render_pages
-from pipelines.docs import BLOCKS, main, stale_pages
+from pipelines.docs import BLOCKS, SITTING_START, main, sitting_start, stale_pages
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Spelled in parts so this file does not match itself.
@@ -89,10 +89,23 @@ def test_the_rendered_blocks_say_what_their_files_hold():
     assert f"({merged['decode_ratio']:.3f}x)" in block("serving_speed").current(serving_page)
     assert f"decode {serving['merged_vs_same_format']['decode_ratio']:.3f}x, prefill" in \
         block("serving_speed").current(serving_page)
+    sitting = json.loads(sources.text(SITTING_START))
+    start = block("sitting_start").current(page("docs/study.md"))
+    assert f"took {sitting['setup']['seconds']:,} s" in start
+    assert f"{sitting['sitting_start']['seconds_to_first_trial']:,} s to its first trial" in start
     gpu = block("gpu_check_h100").current(page("docs/history.md"))
     overhead = json.loads(sources.text("benchmarks/results/gpu-check-h100-overhead-llama-1b.json"))["items"][0]
     assert overhead["failures"][0] in gpu and "| GRIT overhead over LoRA | FAIL |" in gpu
     assert page("docs/method.md").rstrip().endswith(".")   # ends with a whole sentence
+
+
+def test_a_sitting_on_a_fresh_host_is_planned_with_its_set_up_and_answers_rounded_up_to_minutes():
+    measured = {"date": "d", "cpu_count": 2, "setup": {"seconds": 600},
+                "sitting_start": {"seconds_to_first_trial": 1201, "answers": 300, "answers_seconds": 1100,
+                                  "answer_max_new_tokens": 256}}
+    text = sitting_start(measured)
+    assert "plan about 31 minutes on top of `MINUTES`" in text     # 1,801 s is 30.02 min
+    assert "took 600 s" in text and "1,201 s to its first trial, 1,100 s of it" in text
 
 
 def test_the_readme_headline_is_the_committed_study_or_says_it_is_missing():
