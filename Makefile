@@ -25,10 +25,11 @@ ollama-stop:
 
 # One sitting of the study (docs/study.md, Sittings) on a clean checkout, so that every trial
 # records a clean commit: the study's params are composed into outputs/ (params.yaml stays the
-# default), its data prepared for them outside DVC (dvc.lock stays as committed) and
-# metrics/data.json, which that preparation rewrites, restored; then two study workers start no
-# trial after MINUTES (the stop when time is up, exit 3, counts as success). Afterwards commit
-# reports/study/ledger, README.md and docs/study.md.
+# default), the study's kept base-model answers put into the cache (reports/study/answers: every
+# sitting trains on the same answers and generates none), its data prepared for them outside DVC
+# (dvc.lock stays as committed) and metrics/data.json, which that preparation rewrites, restored;
+# then two study workers start no trial after MINUTES (the stop when time is up, exit 3, counts as
+# success). Afterwards commit reports/study/ledger, README.md and docs/study.md.
 MINUTES ?= 100
 STUDY_PARAMS := outputs/study-params.yaml
 sitting: setup
@@ -37,6 +38,7 @@ sitting: setup
 	@mkdir -p outputs
 	python -m pipelines.profile study --output $(STUDY_PARAMS)
 	python -m pipelines.prepare_model --params $(STUDY_PARAMS)
+	python -m pipelines.answer_cache restore reports/study/answers
 	python -m pipelines.prepare_data --params $(STUDY_PARAMS)
 	git checkout -- metrics/data.json
 	python -m pipelines.study --params $(STUDY_PARAMS) --workers 2 --sitting $(MINUTES) || test $$? -eq 3

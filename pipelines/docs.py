@@ -40,19 +40,27 @@ SITTING_START = "benchmarks/results/sitting-start-2cpu.json"
 
 
 def sitting_start(measured: dict) -> str:
-    """docs/study.md's sentence on what a sitting spends before its first trial on a fresh host,
-    from the committed measurement (not counted in the study's compute, which is trials only)."""
+    """docs/study.md's sentences on what a sitting spends before its first trial on a fresh host,
+    from the committed measurement (the study's compute counts trials only). A measurement that
+    still generated the base model's answers plans without them: sittings now restore the
+    study's kept answers (``pipelines/answer_cache.py``)."""
     setup, start = measured["setup"], measured["sitting_start"]
-    return (f"On a fresh host a sitting spends time before its first trial that the study's hours of "
-            f"compute do not count. Measured on {measured['cpu_count']} CPU cores ({measured['date']}): "
-            f"`make setup` with a new `GRIT_CACHE_DIR` took {setup['seconds']:,} s, then `make sitting` "
-            f"took {start['seconds_to_first_trial']:,} s to its first trial, {start['answers_seconds']:,} s "
-            f"of it the base model's greedy answers to the {start['answers']} benign training prompts "
-            f"(up to {start['answer_max_new_tokens']} tokens each, through llama.cpp). Both are cached in "
-            f"`GRIT_CACHE_DIR` (and the environment in `.venv`), so a later sitting on the same host "
-            f"generates no answer and builds nothing. On a fresh host, plan about "
-            f"{math.ceil((setup['seconds'] + start['seconds_to_first_trial']) / 60)} minutes on top of "
-            f"`MINUTES`, plus the last trial's own length.")
+    generated = start.get("answers_generated", True)
+    measured_text = (f"On a fresh host a sitting spends time before its first trial that the study's hours of "
+                     f"compute do not count. Measured on {measured['cpu_count']} CPU cores ({measured['date']}): "
+                     f"`make setup` with a new `GRIT_CACHE_DIR` took {setup['seconds']:,} s, then `make sitting` "
+                     f"took {start['seconds_to_first_trial']:,} s to its first trial")
+    if not generated:
+        minutes = math.ceil((setup["seconds"] + start["seconds_to_first_trial"]) / 60)
+        return (f"{measured_text}, with the study's kept answers put into the cache. On a fresh host, plan "
+                f"about {minutes} minutes on top of `MINUTES`, plus the last trial's own length.")
+    minutes = math.ceil((setup["seconds"] + start["seconds_to_first_trial"] - start["answers_seconds"]) / 60)
+    return (f"{measured_text}, {start['answers_seconds']:,} s of it generating the base model's greedy "
+            f"answers to the {start['answers']} benign training prompts (up to "
+            f"{start['answer_max_new_tokens']} tokens each, through llama.cpp). Sittings since put the "
+            f"study's kept answers into the cache first and generate none, so on a fresh host plan about "
+            f"{minutes} minutes on top of `MINUTES` (the measured times less the generation; not yet "
+            f"measured as a whole), plus the last trial's own length.")
 
 
 def _sitting_start(sources: Sources) -> str:

@@ -99,13 +99,18 @@ def test_the_rendered_blocks_say_what_their_files_hold():
     assert page("docs/method.md").rstrip().endswith(".")   # ends with a whole sentence
 
 
-def test_a_sitting_on_a_fresh_host_is_planned_with_its_set_up_and_answers_rounded_up_to_minutes():
+def test_a_sitting_on_a_fresh_host_is_planned_from_its_measured_start_rounded_up_to_minutes():
     measured = {"date": "d", "cpu_count": 2, "setup": {"seconds": 600},
                 "sitting_start": {"seconds_to_first_trial": 1201, "answers": 300, "answers_seconds": 1100,
                                   "answer_max_new_tokens": 256}}
-    text = sitting_start(measured)
-    assert "plan about 31 minutes on top of `MINUTES`" in text     # 1,801 s is 30.02 min
-    assert "took 600 s" in text and "1,201 s to its first trial, 1,100 s of it" in text
+    generated = sitting_start(measured)
+    # measured while it still generated the answers, which sittings now restore: 701 s planned
+    assert "took 600 s" in generated and "1,201 s to its first trial, 1,100 s of it generating" in generated
+    assert "plan about 12 minutes on top of `MINUTES`" in generated and "not yet measured" in generated
+    measured["sitting_start"]["answers_generated"] = False
+    restored = sitting_start(measured)
+    assert "plan about 31 minutes on top of `MINUTES`" in restored    # 1,801 s is 30.02 min
+    assert "generating" not in restored and "not yet measured" not in restored
 
 
 def test_the_readme_headline_is_the_committed_study_or_says_it_is_missing():
