@@ -110,6 +110,19 @@ def _answer_file_name(params_path: Path) -> str:
     return f"{model_key(resolve_base_model(params.model))}-{params.data.answer_max_new_tokens}.jsonl"
 
 
+def restore_into_cache(folder: Path) -> None:
+    """``restore``: the kept answers into ``GRIT_CACHE_DIR``, one line per file."""
+    for name, (added, replaced) in restore(folder, cache_dir()).items():
+        print(f"[answers] {name}: {added} kept answers put into the cache"
+              + (f", {replaced} of them in place of a different cached answer" if replaced else ""))
+
+
+def keep_from_cache(folder: Path, params_path: Path) -> None:
+    """``keep``: the cache's answers of the params' model and token limit into the folder."""
+    name = _answer_file_name(params_path)
+    print(f"[answers] {keep(folder, cache_dir(), name)} answers kept in {folder / name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.answer_cache", description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["restore", "keep"])
@@ -117,17 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"),
                         help="keep: the params whose model and token limit name the answers (default: params.yaml)")
     args = parser.parse_args(argv)
-
-    def restore_all() -> None:
-        for name, (added, replaced) in restore(args.folder, cache_dir()).items():
-            print(f"[answers] {name}: {added} kept answers put into the cache"
-                  + (f", {replaced} of them in place of a different cached answer" if replaced else ""))
-
-    def keep_one() -> None:
-        name = _answer_file_name(args.params)
-        print(f"[answers] {keep(args.folder, cache_dir(), name)} answers kept in {args.folder / name}")
-
-    return exit_status(restore_all if args.action == "restore" else keep_one)
+    if args.action == "restore":
+        return exit_status(lambda: restore_into_cache(args.folder))
+    return exit_status(lambda: keep_from_cache(args.folder, args.params))
 
 
 if __name__ == "__main__":
