@@ -31,6 +31,7 @@ def compose_params(profile: str, output: Path, overrides: list[str] = ()) -> Non
     if profile not in available_profiles():
         raise SystemExit(f"error: unknown profile {profile!r}; choose from {', '.join(available_profiles())}")
     output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)    # outputs/ does not exist in a fresh clone
     handle, draft = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".yaml", dir=output.parent)
     os.close(handle)
     try:

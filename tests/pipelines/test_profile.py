@@ -35,6 +35,12 @@ def test_a_valid_composition_replaces_the_file(tmp_path: Path, capsys):
     assert "wrote" in capsys.readouterr().err
 
 
+def test_a_composition_into_a_folder_not_made_yet_makes_it(tmp_path: Path):
+    output = tmp_path / "outputs" / "study-params.yaml"      # a fresh clone has no outputs/
+    assert main(["smoke", "--output", str(output)]) == 0
+    assert "profile: smoke" in output.read_text()
+
+
 def test_an_unknown_profile_is_refused_by_the_parser(tmp_path: Path):
     with pytest.raises(SystemExit) as stopped:
         main(["no-such-profile", "--output", str(tmp_path / "params.yaml")])
