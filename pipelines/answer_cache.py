@@ -59,7 +59,7 @@ def rows_to_add(kept: Mapping[str, dict], cached: Mapping[str, dict]) -> tuple[l
     """The kept rows the cache must append to read them (absent or different there), and how many
     of those replace a different cached answer."""
     added = [row for key, row in sorted(kept.items()) if key not in cached or not _same(row, cached[key])]
-    return added, sum(key in cached for key in (row["prompt_sha256"] for row in added))
+    return added, sum(row["prompt_sha256"] in cached for row in added)
 
 
 def _answer_files(folder: Path) -> list[Path]:

@@ -50,11 +50,12 @@ def sitting_start(measured: dict) -> str:
                      f"compute do not count. Measured on {measured['cpu_count']} CPU cores ({measured['date']}): "
                      f"`make setup` with a new `GRIT_CACHE_DIR` took {setup['seconds']:,} s, then `make sitting` "
                      f"took {start['seconds_to_first_trial']:,} s to its first trial")
+    # A start that generated the answers is planned without them: sittings now restore them.
+    minutes = math.ceil((setup["seconds"] + start["seconds_to_first_trial"]
+                         - (start["answers_seconds"] if generated else 0)) / 60)
     if not generated:
-        minutes = math.ceil((setup["seconds"] + start["seconds_to_first_trial"]) / 60)
         return (f"{measured_text}, with the study's kept answers put into the cache. On a fresh host, plan "
                 f"about {minutes} minutes on top of `MINUTES`, plus the last trial's own length.")
-    minutes = math.ceil((setup["seconds"] + start["seconds_to_first_trial"] - start["answers_seconds"]) / 60)
     return (f"{measured_text}, {start['answers_seconds']:,} s of it generating the base model's greedy "
             f"answers to the {start['answers']} benign training prompts (up to "
             f"{start['answer_max_new_tokens']} tokens each, through llama.cpp). Sittings since put the "

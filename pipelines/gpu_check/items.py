@@ -361,9 +361,9 @@ def _overhead_arm(workdir: Path, engine: str, grit: bool, device: str, shape: st
     from trainers.grit.fused import attach_without_grit
     from trainers.grit.manager import GritManager
 
-    files = random_llama(workdir / f"{shape}-shape", OVERHEAD_SHAPES[shape])
-    if refusal := sizing.refusal(device):
+    if refusal := sizing.refusal(device):          # before the random model is built
         raise ValueError(refusal)
+    files = random_llama(workdir / f"{shape}-shape", OVERHEAD_SHAPES[shape])
     nf4 = sizing.base == "nf4"
     params = check_params(files, "bfloat16" if device == "cuda" else "float32", load_in_4bit=nf4)
     params.lora = LoraParams(r=16, alpha=32, adapter_dtype=sizing.adapter_dtype)
