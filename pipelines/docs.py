@@ -43,7 +43,8 @@ def sitting_start(measured: dict) -> str:
     """docs/study.md's sentences on what a sitting spends before its first trial on a fresh host,
     from the committed measurement (the study's compute counts trials only). A measurement that
     still generated the base model's answers plans without them: sittings now restore the
-    study's kept answers (``pipelines/answer_cache.py``)."""
+    study's kept answers (``pipelines/answer_cache.py``). A measured start on a host that kept its
+    set-up and cache (``warm_start``, optional) adds one sentence."""
     setup, start = measured["setup"], measured["sitting_start"]
     generated = start.get("answers_generated", True)
     measured_text = (f"On a fresh host a sitting spends time before its first trial that the study's hours of "
@@ -54,14 +55,21 @@ def sitting_start(measured: dict) -> str:
     minutes = math.ceil((setup["seconds"] + start["seconds_to_first_trial"]
                          - (start["answers_seconds"] if generated else 0)) / 60)
     if not generated:
-        return (f"{measured_text}, with the study's kept answers put into the cache. On a fresh host, plan "
+        text = (f"{measured_text}, with the study's kept answers put into the cache. On a fresh host, plan "
                 f"about {minutes} minutes on top of `MINUTES`, plus the last trial's own length.")
-    return (f"{measured_text}, {start['answers_seconds']:,} s of it generating the base model's greedy "
-            f"answers to the {start['answers']} benign training prompts (up to "
-            f"{start['answer_max_new_tokens']} tokens each, through llama.cpp). Sittings since put the "
-            f"study's kept answers into the cache first and generate none, so on a fresh host plan about "
-            f"{minutes} minutes on top of `MINUTES` (the measured times less the generation; not yet "
-            f"measured as a whole), plus the last trial's own length.")
+    else:
+        text = (f"{measured_text}, {start['answers_seconds']:,} s of it generating the base model's greedy "
+                f"answers to the {start['answers']} benign training prompts (up to "
+                f"{start['answer_max_new_tokens']} tokens each, through llama.cpp). Sittings since put the "
+                f"study's kept answers into the cache first and generate none, so on a fresh host plan about "
+                f"{minutes} minutes on top of `MINUTES` (the measured times less the generation; not yet "
+                f"measured as a whole), plus the last trial's own length.")
+    warm = measured.get("warm_start")
+    if warm:
+        text += (f" On a host that kept its set-up and its `GRIT_CACHE_DIR` from an earlier sitting "
+                 f"(measured {warm['date']}), `make sitting` reached its first trial in "
+                 f"{warm['seconds_to_first_trial']:,} s.")
+    return text
 
 
 def _sitting_start(sources: Sources) -> str:

@@ -93,6 +93,7 @@ def test_the_rendered_blocks_say_what_their_files_hold():
     start = block("sitting_start").current(page("docs/study.md"))
     assert f"took {sitting['setup']['seconds']:,} s" in start
     assert f"{sitting['sitting_start']['seconds_to_first_trial']:,} s to its first trial" in start
+    assert f"reached its first trial in {sitting['warm_start']['seconds_to_first_trial']:,} s" in start
     gpu = block("gpu_check_h100").current(page("docs/history.md"))
     overhead = json.loads(sources.text("benchmarks/results/gpu-check-h100-overhead-llama-1b.json"))["items"][0]
     assert overhead["failures"][0] in gpu and "| GRIT overhead over LoRA | FAIL |" in gpu
@@ -111,6 +112,10 @@ def test_a_sitting_on_a_fresh_host_is_planned_from_its_measured_start_rounded_up
     restored = sitting_start(measured)
     assert "plan about 31 minutes on top of `MINUTES`" in restored    # 1,801 s is 30.02 min
     assert "generating" not in restored and "not yet measured" not in restored
+    assert "kept its set-up" not in restored     # no warm start measured: no sentence on one
+    measured["warm_start"] = {"date": "d2", "seconds_to_first_trial": 1033}
+    assert restored + " On a host that kept its set-up and its `GRIT_CACHE_DIR` from an earlier sitting " \
+        "(measured d2), `make sitting` reached its first trial in 1,033 s." == sitting_start(measured)
 
 
 def test_the_readme_headline_is_the_committed_study_or_says_it_is_missing():
