@@ -118,6 +118,17 @@ def test_a_sitting_on_a_fresh_host_is_planned_from_its_measured_start_rounded_up
         "(measured d2), `make sitting` reached its first trial in 1,033 s." == sitting_start(measured)
 
 
+def test_the_fingerprint_blemish_the_study_page_describes_is_the_ledgers():
+    """docs/study.md (Provenance) says a tuning trial pruned first in its process lists 71 loaded
+    files instead of 75, and that every test run lists the same files: read from the ledger."""
+    trials = [json.loads(line) for line in
+              CommittedSources(REPO_ROOT).text("reports/study/ledger/trials.jsonl").splitlines()]
+    loaded = {phase: {len(t["provenance"]["loaded"]) for t in trials if t["phase"] == phase and t.get("provenance")}
+              for phase in ("tune", "test")}
+    assert "so it lists 71\nfiles instead of 75" in page("docs/study.md")
+    assert loaded["tune"] == {71, 75} and loaded["test"] == {75}
+
+
 def test_the_readme_headline_is_the_committed_study_or_says_it_is_missing():
     readme = page("README.md")
     headline = block("study").current(readme)
