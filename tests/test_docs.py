@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from core.doc_blocks import CommittedSources, DocBlock, Sources, render_pages
+from db.study_ledger import jsonl_records
 from pipelines.docs import BLOCKS, SITTING_START, main, sitting_start, stale_pages
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -121,8 +122,7 @@ def test_a_sitting_on_a_fresh_host_is_planned_from_its_measured_start_rounded_up
 def test_the_fingerprint_blemish_the_study_page_describes_is_the_ledgers():
     """docs/study.md (Provenance) says a tuning trial pruned first in its process lists 71 loaded
     files instead of 75, and that every test run lists the same files: read from the ledger."""
-    trials = [json.loads(line) for line in
-              CommittedSources(REPO_ROOT).text("reports/study/ledger/trials.jsonl").splitlines()]
+    trials = jsonl_records(committed("reports/study/ledger/trials.jsonl"))
     loaded = {phase: {len(t["provenance"]["loaded"]) for t in trials if t["phase"] == phase and t.get("provenance")}
               for phase in ("tune", "test")}
     assert "so it lists 71\nfiles instead of 75" in page("docs/study.md")
@@ -493,7 +493,7 @@ def test_the_superseded_study_is_summarised_from_its_kept_files():
 
     study = json.loads(committed(f"{HEADLINE_STUDY}/study.json"))
     ledger = json.loads(committed(f"{HEADLINE_STUDY}/ledger/study.json"))
-    trials = [json.loads(line) for line in committed(f"{HEADLINE_STUDY}/ledger/trials.jsonl").splitlines()]
+    trials = jsonl_records(committed(f"{HEADLINE_STUDY}/ledger/trials.jsonl"))
     findings = [paired_test_from_record(t).finding() for t in study["tests"]]
     prose = section(page("docs/results.md"), "## The superseded study")
     assert (f"study `{ledger['key']}`: {len(study['methods'])} methods" in prose
