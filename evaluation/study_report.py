@@ -129,7 +129,8 @@ def _probe_section(trials: Sequence[Trial], chosen: dict[tuple[str, int], dict[s
     return ("## Does the preconditioner still act at the chosen settings? (the probe at each chosen setting)\n\n"
             "Cosine of the update with the preconditioner against the same step without it (1: unchanged "
             "direction) and against its scalar twin (the plain step rescaled to the same norm), medians over "
-            "modules.\n\n"
+            "modules, over the probe's steps after the method's natural-gradient warm-up (docs/method.md, "
+            "the probe).\n\n"
             + (_table(["part", "verdict", "update cosine vs control", "update cosine vs scalar twin"], rows)
                if rows else "No chosen setting has been probed yet."))
 
@@ -373,6 +374,17 @@ def compared_setup(trials: Sequence[Trial]) -> str | None:
     return check_one_setup(parts)
 
 
+def probed_setup(trials: Sequence[Trial]) -> str | None:
+    """The one setup of the probe runs the report shows; raises ``ProvenanceError`` when two
+    probes ran on different probe code (a fix to the probe re-runs every probe the ledger holds:
+    docs/study.md, Corrections)."""
+    parts: dict[str, list[str | None]] = {}
+    for t in trials:
+        if t.phase == "probe":
+            parts.setdefault(f"the probe of {t.method} at {t.steps} steps", []).append(t.setup)
+    return check_one_setup(parts)
+
+
 def provenance_line(trials: Sequence[Trial]) -> str:
     """What trained the trials: the setup fingerprint(s) per phase (docs/study.md, Provenance)."""
     by_phase: dict[str, dict[str, int]] = {}
@@ -481,6 +493,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     """Write report.md, the plots, trials.csv and the metrics file; returns them by name."""
     study, methods, run_lengths = params.study, params.study.methods, params.study.steps
     compared_setup(trials)                    # refuses before anything is written
+    probed_setup(trials)
     folder.mkdir(parents=True, exist_ok=True)
     pairs = comparison_pairs(params)
     tests = paired_tests(trials, pairs, run_lengths, resamples=study.bootstrap_resamples, seed=study.seed)

@@ -1,9 +1,10 @@
 """DVC stage ``probe``: does GRIT's preconditioning change the updates? (docs/method.md)
 
 For every variant with ``grit: true``, in its own process (Unsloth patches libraries globally):
-build the variant's model as training does, run the first ``probe.steps`` training steps twice
-from the same initial adapter on the same batches, GRIT off (control) and GRIT attached as the
-variant attaches it, and measure what GRIT captured, inverted and changed
+build the variant's model as training does, run its first training steps twice from the same
+initial adapter on the same batches, GRIT off (control) and GRIT attached as the variant attaches
+it, and measure over the ``probe.steps`` after GRIT's natural-gradient warm-up (none in the
+default run's variants; ``trainers/probe/measure.py::probe_start``) what GRIT captured, inverted and changed
 (``trainers/probe``). The trained loss curves are compared with the same-engine control variant.
 GRIT's peers (a variant with a ``lora_optimizer`` of PEFT's: Riemannian-preconditioned LoRA,
 LoRA+) are probed the same way against plain LoRA's step (``trainers/probe/peers.py``).
@@ -113,6 +114,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
     return {
         "verdict": result["verdict"], "reasons": result["reasons"],
         "preconditioner": result["measurements"]["preconditioner"],
+        # the measured steps follow this many (GRIT's natural-gradient warm-up), trained alike
+        "start_step": result.get("start_step", 0), "start_difference": result.get("start_difference"),
         "checks": {c["name"]: c["detail"] for c in result["checks"]},
         "modules": len(modules),
         "modules_ready": sum(m["usable_A"] and m["usable_B"] for m in modules),
@@ -134,9 +137,10 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def store_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """ProbeResult rows: per module (step = K, per-step cosines at their step) and the verdict
-    and checks under module ``*``."""
+    """ProbeResult rows: per module (step: the measured window's last, per-step cosines at their
+    step of training) and the verdict and checks under module ``*``."""
     m = result["measurements"]
+    start = result.get("start_step", 0)
     rows: list[dict[str, Any]] = [{"module": "*", "metric": "verdict", "step": 0,
                                    "value": 1.0 if result["verdict"] == "effective" else 0.0,
                                    "text": ", ".join(result["reasons"]) or "every check passed"}]
@@ -154,13 +158,13 @@ def store_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         for kind in ("update", "gradient", "scalar_update"):
             for key, value in (module[kind] or {}).items():
                 figures[f"{kind}_{key}"] = value
-        rows += [{"module": module["name"], "metric": key, "step": m["steps"], "value": value, "text": None}
+        rows += [{"module": module["name"], "metric": key, "step": start + m["steps"], "value": value, "text": None}
                  for key, value in figures.items() if value is not None]
         if module.get("capture_path"):      # which path captured its rows: fused functions or hooks
-            rows.append({"module": module["name"], "metric": "capture_path", "step": m["steps"], "value": None,
-                         "text": module["capture_path"]})
+            rows.append({"module": module["name"], "metric": "capture_path", "step": start + m["steps"],
+                         "value": None, "text": module["capture_path"]})
         rows += [{"module": module["name"], "metric": "step_update_cosine", "step": k, "value": cosine, "text": None}
-                 for k, cosine in enumerate(module["step_update_cosines"], start=1) if cosine is not None]
+                 for k, cosine in enumerate(module["step_update_cosines"], start=start + 1) if cosine is not None]
     return rows
 
 
@@ -208,6 +212,8 @@ def probe(params_path: Path, ctx: StageContext, names: list[str]) -> dict[str, P
     for name, s in summaries.items():
         print(f"[probe] {name}: {s['verdict'].upper()}"
               + (f" ({', '.join(s['reasons'])})" if s["reasons"] else "")
+              + (f"; measured after its {s['start_step']}-step natural-gradient warm-up (arms "
+                 f"{_fmt(s['start_difference'])} apart there)" if s["start_step"] else "")
               + f"; update cosine vs control median {_fmt(s['update_cosine_median'])}, "
               f"vs its scalar twin {_fmt(s['scalar_twin_cosine_median'])}, "
               f"loss-curve correlation {_fmt(s['loss_correlation'])}")

@@ -101,3 +101,14 @@ def pytest_collection_modifyitems(config, items):
         return rank.get(path, len(rank)), position[id(item)]
 
     items.sort(key=key)
+
+
+@pytest.fixture(scope="module")
+def study_profile(tmp_path_factory):
+    """The params of the ``study`` profile, composed as ``make sitting`` composes them."""
+    from pipelines.params import load_params
+    from pipelines.profile import compose_params
+
+    path = tmp_path_factory.mktemp("study") / "params.yaml"
+    compose_params("study", path)
+    return load_params(path)

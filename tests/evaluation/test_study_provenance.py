@@ -9,7 +9,7 @@ import pytest
 
 from db.provenance import ProvenanceError, trial_provenance
 from evaluation.study import trial_from_record
-from evaluation.study_report import compared_setup, provenance_line, write_report
+from evaluation.study_report import compared_setup, probed_setup, provenance_line, write_report
 
 
 def _record(phase: str, method: str, seed: int, setup: str | None) -> dict:
@@ -40,5 +40,20 @@ def test_the_report_refuses_to_compare_test_runs_of_two_setups_and_names_both(tm
         compared_setup(mixed)
     params = SimpleNamespace(study=SimpleNamespace(methods=["pure_grit", "peft_lora"], steps=[200]))
     with pytest.raises(ProvenanceError, match="pure_grit at 200 steps was trained with setup bbbbbbbbbbbb"):
+        write_report(tmp_path / "report", tmp_path / "study.json", params, mixed, {}, [], 0.0, "run")
+    assert not (tmp_path / "report").exists()
+
+
+def test_the_report_refuses_probes_of_two_probe_codes(tmp_path):
+    """Probe runs load probe code no tuning or test run loads: a fix to it re-runs every probe,
+    and a ledger holding probes of both codes is refused before anything is written."""
+    tests = [trial_from_record(_record("test", m, 1, "bbbbbbbbbbbb")) for m in ("pure_grit", "peft_lora")]
+    probes = [trial_from_record(_record("probe", m, 0, "dddddddddddd")) for m in ("pure_grit", "grit_paper")]
+    assert probed_setup([*tests, *probes]) == "dddddddddddd"
+    mixed = [*tests, *probes, trial_from_record(_record("probe", "riemannian_lora", 0, "eeeeeeeeeeee"))]
+    with pytest.raises(ProvenanceError, match="the probe of pure_grit at 200 steps .*dddddddddddd.*eeeeeeeeeeee"):
+        probed_setup(mixed)
+    params = SimpleNamespace(study=SimpleNamespace(methods=["pure_grit", "peft_lora"], steps=[200]))
+    with pytest.raises(ProvenanceError, match="eeeeeeeeeeee"):
         write_report(tmp_path / "report", tmp_path / "study.json", params, mixed, {}, [], 0.0, "run")
     assert not (tmp_path / "report").exists()

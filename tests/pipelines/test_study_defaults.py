@@ -8,21 +8,12 @@ import math
 from pathlib import Path
 
 import optuna
-import pytest
 
-from pipelines.params import Params, load_params
-from pipelines.profile import compose_params
+from pipelines.params import Params
 from pipelines.study import job as trial_job
 from pipelines.study import tuning
 from pipelines.study.plan import method_space, published_defaults, study_rungs
 from trainers.config import variant_grit
-
-
-@pytest.fixture(scope="module")
-def study_profile(tmp_path_factory) -> Params:
-    path = tmp_path_factory.mktemp("study") / "params.yaml"
-    compose_params("study", path)
-    return load_params(path)
 
 
 def test_the_defaults_are_the_papers_and_loras_customary_ones(study_profile):

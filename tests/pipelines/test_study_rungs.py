@@ -6,23 +6,14 @@ from __future__ import annotations
 import math
 
 import optuna
-import pytest
 
 from evaluation.tuning import HARD_LIMITS
-from pipelines.params import Params, load_params
-from pipelines.profile import compose_params
+from pipelines.params import Params
 from pipelines.study.plan import study_rungs
 from pipelines.study.trial import trial_params
 from pipelines.study.tuning import study_pruner
 from trainers.config import variant_grit
 from trainers.grit.cadence import for_budget, reprojection_steps
-
-
-@pytest.fixture(scope="module")
-def study_profile(tmp_path_factory) -> Params:
-    path = tmp_path_factory.mktemp("study") / "params.yaml"
-    compose_params("study", path)
-    return load_params(path)
 
 
 def warmups(params: Params, steps: int) -> list[float]:

@@ -90,10 +90,12 @@ class ArmTrace:
 
 
 class _Lead(TrainerCallback):
-    """First callback: raw gradients, then the adapter after each step; stops at K steps."""
+    """First callback: raw gradients, then the adapter after each step; stops at ``steps``;
+    empties the optimizer's moments before step ``fresh_after`` + 1, when given."""
 
-    def __init__(self, trace: ArmTrace, model, manager, steps: int) -> None:
+    def __init__(self, trace: ArmTrace, model, manager, steps: int, fresh_after: int = 0) -> None:
         self.trace, self.model, self.manager, self.steps = trace, model, manager, steps
+        self.fresh_after = fresh_after
         self.trainer = None
         self.raw: dict[str, torch.Tensor] = {}
         self.consumed: dict[str, torch.Tensor] = {}
@@ -107,6 +109,10 @@ class _Lead(TrainerCallback):
     def _on_consumed(self, _optimizer, _args, _kwargs) -> None:
         # a subclass's step may run its base class's hooked step too: the last reading counts
         self.consumed = module_gradients(self.model)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.fresh_after and state.global_step == self.fresh_after:
+            innermost_optimizer(self.trainer.optimizer).state.clear()   # re-created at the next step
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.raw = module_gradients(self.model)
@@ -145,13 +151,15 @@ class _Tail(TrainerCallback):
 
 
 def run_arm(model, tokenizer, examples: list, train: TrainParams, steps: int, attachment, workdir: Path,
-            bf16: bool = False, collator=None, lora_optimizer: LoraOptimizerParams | None = None) -> ArmTrace:
+            bf16: bool = False, collator=None, lora_optimizer: LoraOptimizerParams | None = None,
+            fresh_after: int = 0) -> ArmTrace:
     """Train ``steps`` optimizer steps of the real schedule (``train.max_steps`` long) with GRIT
     attached as ``attachment`` says (``recipe.GritAttachment``; empty for the control arm), or
-    with a LoRA optimizer of PEFT's (``lora_optimizer``) in place of the Trainer's.
+    with a LoRA optimizer of PEFT's (``lora_optimizer``) in place of the Trainer's; the
+    optimizer's moments start afresh after step ``fresh_after`` (``measure.probe_setup``).
     A ``GritError`` raised by GRIT ends the arm and is recorded, not raised: it is a finding."""
     trace = ArmTrace({name: s for name, (_, _, s) in lora_modules(model).items()}, [snapshot_factors(model)])
-    lead = _Lead(trace, model, attachment.manager, steps)
+    lead = _Lead(trace, model, attachment.manager, steps, fresh_after)
     trainer = build_trainer(model, tokenizer, examples, train, workdir, attachment, [lead], bf16=bf16,
                             checkpoints=False, progress=False, collator=collator, lora_optimizer=lora_optimizer)
     trainer.add_callback(_Tail(lead))

@@ -63,7 +63,9 @@ def plot_update_divergence(results: list[dict[str, Any]], threshold: float, path
         per_step = [m["step_update_cosines"] for m in result["measurements"]["modules"] if m["step_update_cosines"]]
         if per_step:
             values = np.array([[np.nan if v is None else v for v in steps] for steps in per_step], dtype=float)
-            trend.plot(range(1, values.shape[1] + 1), median_per_step(values), marker="o", label=result["variant"])
+            first = result.get("start_step", 0) + 1     # the window's first step of training
+            trend.plot(range(first, first + values.shape[1]), median_per_step(values), marker="o",
+                       label=result["variant"])
     trend.axhline(1.0, color="grey", linestyle="--", linewidth=1, label="no change (cosine 1)")
     trend.set_xlabel("optimizer step")
     trend.set_ylabel("median cosine of the step's update\nGRIT vs control")
