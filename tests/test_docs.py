@@ -624,3 +624,30 @@ def test_every_figure_a_paragraph_quotes_is_in_the_files_it_cites():
                 if not _quoted(match.group(0), match.group(2), pool):
                     wrong.append(f"{path.relative_to(REPO_ROOT)}: {match.group(0)} is not in {', '.join(cited)}")
     assert not wrong, "\n".join(wrong)
+
+
+RETIRED_PROBES = "reports/study/retired/probes-of-the-first-steps.jsonl"
+
+
+def test_the_study_page_s_correction_is_the_retired_probe_records_and_the_probe_s_window(study_profile):
+    """docs/study.md, Corrections: the figures of the retired probe records, the paper variants'
+    warm-up, and a ledger that keeps no probe of the old probe code."""
+    from trainers.config import variant_grit
+    from trainers.grit.cadence import for_budget
+
+    retired = jsonl_records(committed(RETIRED_PROBES))
+    assert sorted(r["method"] for r in retired) == ["grit_paper", "pure_grit", "riemannian_lora"]
+    assert {r["phase"] for r in retired} == {"probe"} and {r["steps"] for r in retired} == {96}
+    old_code = {r["provenance"]["setup"] for r in retired}
+    ledger = jsonl_records(committed("reports/study/ledger/trials.jsonl"))
+    assert not [t for t in ledger if t["phase"] == "probe" and t["provenance"]["setup"] in old_code]
+    paper = next(r["metrics"] for r in retired if r["method"] == "grit_paper")
+    prose = section(page("docs/study.md"), "## Corrections")
+    assert (paper["effective"], paper["update_cosine_median"], paper["update_relative_difference_median"]) == (0, 1, 0)
+    assert "inert with an update cosine of 1.0 and a relative difference of 0.0" in prose
+    params = study_profile
+    paper_grit = variant_grit(params.grit, params.variants["grit_paper"])
+    warmup = for_budget(paper_grit, 96).ng_warmup_steps
+    assert f"first `probe.steps` ({params.probe.steps})" in prose and f"at step {warmup + 1} of 96" in prose
+    assert warmup >= params.probe.steps and "after a tenth of the run" in prose and paper_grit.ng_warmup_fraction == 0.1
+    assert f"`{RETIRED_PROBES}`" in prose
