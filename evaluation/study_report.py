@@ -655,6 +655,25 @@ def ledger_finished_parts(header: dict | None, records: Sequence[dict]) -> str:
     return _table(["part", "test seeds"] + [get(name).label for name in names], rows)
 
 
+def ledger_probes(header: dict | None, records: Sequence[dict]) -> str:
+    """docs/study.md's table of the probes the ledger holds, one per part at its chosen setting
+    (``probe`` runs: after the part's test runs), with the probe code's setup fingerprint."""
+    from pipelines.study.trial import PROBE_FIGURES  # the figures a probe run keeps, in the columns' order
+
+    if header is None:
+        return "No study has begun: the ledger is empty."
+    probes = [trial_from_record(r) for r in records if r["phase"] == "probe"]
+    if not probes:
+        return "No chosen setting has been probed yet."
+    probed_setup(probes)                      # one probe code, or no table
+    return _table(["part", "chosen setting", "verdict", "update cosine vs control", "vs scalar twin",
+                   "relative difference", "probe setup"],
+                  [[f"{t.method}, {t.steps} steps", _setting(t.setting),
+                    "effective" if t.metrics.get("effective") else "inert",
+                    *(_number(t.metrics.get(name), 3) for name in PROBE_FIGURES), f"`{t.setup}`"] for t in probes])
+
+
+
 def readme_block(study: dict) -> str:
     """The README's headline from ``metrics/study.json``: the verdict in one sentence, where each
     GRIT method differs significantly from LoRA (metric by run length), the main figures at the
@@ -737,4 +756,5 @@ PROGRESS_BLOCKS = (
     DocBlock("study_progress", "README.md", lambda s: ledger_progress(*_ledger(s))),
     DocBlock("study_parts", "docs/study.md", lambda s: ledger_parts_table(*_ledger(s))),
     DocBlock("study_finished", "docs/study.md", lambda s: ledger_finished_parts(*_ledger(s))),
+    DocBlock("study_probes", "docs/study.md", lambda s: ledger_probes(*_ledger(s))),
 )

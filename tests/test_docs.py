@@ -650,4 +650,27 @@ def test_the_study_page_s_correction_is_the_retired_probe_records_and_the_probe_
     warmup = for_budget(paper_grit, 96).ng_warmup_steps
     assert f"first `probe.steps` ({params.probe.steps})" in prose and f"at step {warmup + 1} of 96" in prose
     assert warmup >= params.probe.steps and "after a tenth of the run" in prose and paper_grit.ng_warmup_fraction == 0.1
+    assert f"now over steps {warmup + 1}-{warmup + params.probe.steps}" in prose
     assert f"`{RETIRED_PROBES}`" in prose
+
+
+def test_the_probes_run_again_on_the_new_code_are_the_retired_ones_where_the_window_did_not_move(study_profile):
+    """docs/study.md, Corrections: pure GRIT and the Riemannian peer have no warm-up, so their
+    probes on the new code equal the retired ones to the last digit; grit_paper's, now after its
+    warm-up, turns its update from the scalar twin's by less than the verdict asks."""
+    retired = {r["method"]: r for r in jsonl_records(committed(RETIRED_PROBES))}
+    probes = {t["method"]: t for t in jsonl_records(committed("reports/study/ledger/trials.jsonl"))
+              if t["phase"] == "probe"}
+    for method in ("pure_grit", "riemannian_lora"):
+        assert probes[method]["setting"] == retired[method]["setting"]
+        assert probes[method]["metrics"] == retired[method]["metrics"], method
+    paper = probes["grit_paper"]
+    assert paper["setting"] == retired["grit_paper"]["setting"] and not paper["metrics"]["effective"]
+    turn = (2 - 2 * paper["metrics"]["scalar_twin_cosine_median"]) ** 0.5
+    threshold = study_profile.probe.min_scalar_twin_change
+    assert turn < threshold
+    prose = section(page("docs/study.md"), "## Corrections")
+    assert (f"update cosine {paper['metrics']['update_cosine_median']:.3f} against the control's and "
+            f"{paper['metrics']['scalar_twin_cosine_median']:.3f} against its scalar twin's") in prose
+    assert "turns from the twin's by less than the verdict asks beyond a step size" in prose
+    assert f"damping {paper['setting']['damping']:.2f}" in prose

@@ -9,7 +9,7 @@ import pytest
 
 from db.provenance import ProvenanceError, trial_provenance
 from evaluation.study import trial_from_record
-from evaluation.study_report import compared_setup, probed_setup, provenance_line, write_report
+from evaluation.study_report import compared_setup, ledger_probes, probed_setup, provenance_line, write_report
 
 
 def _record(phase: str, method: str, seed: int, setup: str | None) -> dict:
@@ -57,3 +57,21 @@ def test_the_report_refuses_probes_of_two_probe_codes(tmp_path):
     with pytest.raises(ProvenanceError, match="eeeeeeeeeeee"):
         write_report(tmp_path / "report", tmp_path / "study.json", params, mixed, {}, [], 0.0, "run")
     assert not (tmp_path / "report").exists()
+
+
+def test_the_study_page_lists_the_ledger_s_probes_of_one_probe_code():
+    def probe(method: str, setup: str, effective: float, cosine: float) -> dict:
+        return {**_record("probe", method, 0, setup), "metrics": {
+            "effective": effective, "update_cosine_median": cosine, "scalar_twin_cosine_median": cosine + 0.001,
+            "update_relative_difference_median": 0.25}}
+
+    header = {"key": "k"}
+    records = [_record("test", "pure_grit", 1, "bbbbbbbbbbbb"), probe("pure_grit", "dddddddddddd", 1.0, 0.638),
+               probe("grit_paper", "dddddddddddd", 0.0, 0.984)]
+    table = ledger_probes(header, records)
+    row = "| pure_grit, 200 steps | learning_rate 0.0001 | effective | 0.638 | 0.639 | 0.25 | `dddddddddddd` |"
+    assert row in table
+    assert "| grit_paper, 200 steps | learning_rate 0.0001 | inert | 0.984 | 0.985 | 0.25 |" in table
+    assert ledger_probes(header, records[:1]) == "No chosen setting has been probed yet."
+    with pytest.raises(ProvenanceError, match="dddddddddddd.*eeeeeeeeeeee"):
+        ledger_probes(header, [*records, probe("riemannian_lora", "eeeeeeeeeeee", 0.0, 0.98)])
