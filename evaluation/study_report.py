@@ -655,11 +655,14 @@ def ledger_finished_parts(header: dict | None, records: Sequence[dict]) -> str:
     return _table(["part", "test seeds"] + [get(name).label for name in names], rows)
 
 
+# The figures a study probe run keeps, in the probe table's order: pipelines.study.trial's
+# PROBE_FIGURES (a floor above this module; tests/evaluation/test_study_provenance.py ties them).
+PROBE_COLUMNS = ("update_cosine_median", "scalar_twin_cosine_median", "update_relative_difference_median")
+
+
 def ledger_probes(header: dict | None, records: Sequence[dict]) -> str:
     """docs/study.md's table of the probes the ledger holds, one per part at its chosen setting
     (``probe`` runs: after the part's test runs), with the probe code's setup fingerprint."""
-    from pipelines.study.trial import PROBE_FIGURES  # the figures a probe run keeps, in the columns' order
-
     if header is None:
         return "No study has begun: the ledger is empty."
     probes = [trial_from_record(r) for r in records if r["phase"] == "probe"]
@@ -670,7 +673,7 @@ def ledger_probes(header: dict | None, records: Sequence[dict]) -> str:
                    "relative difference", "probe setup"],
                   [[f"{t.method}, {t.steps} steps", _setting(t.setting),
                     "effective" if t.metrics.get("effective") else "inert",
-                    *(_number(t.metrics.get(name), 3) for name in PROBE_FIGURES), f"`{t.setup}`"] for t in probes])
+                    *(_number(t.metrics.get(name), 3) for name in PROBE_COLUMNS), f"`{t.setup}`"] for t in probes])
 
 
 

@@ -9,7 +9,15 @@ import pytest
 
 from db.provenance import ProvenanceError, trial_provenance
 from evaluation.study import trial_from_record
-from evaluation.study_report import compared_setup, ledger_probes, probed_setup, provenance_line, write_report
+from evaluation.study_report import (
+    PROBE_COLUMNS,
+    compared_setup,
+    ledger_probes,
+    probed_setup,
+    provenance_line,
+    write_report,
+)
+from pipelines.study.trial import PROBE_FIGURES
 
 
 def _record(phase: str, method: str, seed: int, setup: str | None) -> dict:
@@ -73,5 +81,6 @@ def test_the_study_page_lists_the_ledger_s_probes_of_one_probe_code():
     assert row in table
     assert "| grit_paper, 200 steps | learning_rate 0.0001 | inert | 0.984 | 0.985 | 0.25 |" in table
     assert ledger_probes(header, records[:1]) == "No chosen setting has been probed yet."
+    assert PROBE_COLUMNS == PROBE_FIGURES                  # the table shows what a probe run keeps
     with pytest.raises(ProvenanceError, match="dddddddddddd.*eeeeeeeeeeee"):
         ledger_probes(header, [*records, probe("riemannian_lora", "eeeeeeeeeeee", 0.0, 0.98)])
