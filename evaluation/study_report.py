@@ -676,7 +676,6 @@ def ledger_probes(header: dict | None, records: Sequence[dict]) -> str:
                     *(_number(t.metrics.get(name), 3) for name in PROBE_COLUMNS), f"`{t.setup}`"] for t in probes])
 
 
-
 def readme_block(study: dict) -> str:
     """The README's headline from ``metrics/study.json``: the verdict in one sentence, where each
     GRIT method differs significantly from LoRA (metric by run length), the main figures at the
