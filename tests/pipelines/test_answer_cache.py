@@ -82,3 +82,19 @@ def test_the_studys_kept_answers_are_at_the_study_profiles_token_limit_one_per_b
     lines = kept[0].read_text().splitlines()
     assert len(rows) == len(lines) == data["max_benign"]
     assert [json.loads(line)["prompt_sha256"] for line in lines] == sorted(rows)   # keep's stable order
+
+
+def test_the_kept_file_name_is_the_name_the_answer_cache_itself_reads(tmp_path: Path):
+    # answer_cache names files the way trainers/data/answers.py does without importing its private
+    # helper: this pins the two namings together, so a rename on either side fails here, not as a
+    # sitting that silently generates its answers again.
+    from pipelines.answer_cache import _answer_file_name
+    from pipelines.params import load_params
+    from trainers.base_model import resolve_base_model
+    from trainers.data.answers import _cache_path
+
+    compose_params("study", tmp_path / "study-params.yaml")
+    params = load_params(tmp_path / "study-params.yaml")
+    name = _answer_file_name(tmp_path / "study-params.yaml")
+    assert name == _cache_path(resolve_base_model(params.model), params.data.answer_max_new_tokens).name
+    assert [p.name for p in (REPO_ROOT / "reports/study/answers").glob("*.jsonl")] == [name]
