@@ -674,3 +674,24 @@ def test_the_probes_run_again_on_the_new_code_are_the_retired_ones_where_the_win
             f"{paper['metrics']['scalar_twin_cosine_median']:.3f} against its scalar twin's") in prose
     assert "turns from the twin's by less than the verdict asks beyond a step size" in prose
     assert f"damping {paper['setting']['damping']:.2f}" in prose
+
+
+def test_the_scalar_twin_reading_the_study_page_gives_is_the_ledgers_probes(study_profile):
+    """docs/study.md (after the probes table): the twin's and the control's cosines agree to 1e-4
+    in every probe of the ledger, and the 96-step inert turns it quotes are the ledger's, below the
+    twin check's bar and above the update check's."""
+    probes = [t for t in jsonl_records(committed("reports/study/ledger/trials.jsonl")) if t["phase"] == "probe"]
+    assert probes and max(abs(t["metrics"]["update_cosine_median"] - t["metrics"]["scalar_twin_cosine_median"])
+                          for t in probes) < 1e-4
+    prose = " ".join(page("docs/study.md").split())
+    assert "in every probe of this study so far they agree to within 1e-4" in prose
+    turn = {t["method"]: (2 - 2 * t["metrics"]["scalar_twin_cosine_median"]) ** 0.5
+            for t in probes if t["steps"] == 96 and not t["metrics"]["effective"]}
+    assert sorted(turn) == ["grit_paper", "riemannian_lora"]
+    assert (f"at 96 steps: {turn['grit_paper']:.2f} for `grit_paper`, {turn['riemannian_lora']:.2f} for "
+            "`riemannian_lora`") in prose
+    probe, train = study_profile.probe, study_profile.train
+    assert probe.min_update_change < min(turn.values()) <= max(turn.values()) < probe.min_scalar_twin_change
+    assert (f"(`probe.min_scalar_twin_change`, {probe.min_scalar_twin_change:g})" in prose
+            and f"(`probe.min_update_change`, {probe.min_update_change:g})" in prose)
+    assert f"the study trains with `{train.optim}`" in prose and train.optim == "adamw_torch"
