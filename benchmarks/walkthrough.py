@@ -20,6 +20,8 @@ what a newcomer reads; a page that no longer holds one is an error before anythi
 ``GRIT_CACHE_DIR`` is new: pip's download cache and Go's caches are the host's, and their sizes at
 the start are recorded (a warm pip cache saves the 6.4 GB download, not the install). Time it with
 nothing else running: the 1-minute load average at the start is recorded beside the figures.
+With ``--keep``, the clone's ``dvc.lock`` and ``metrics/`` are a whole default run of the committed
+code on a fresh host: copy them back and commit them when that run should replace the committed one.
 """
 
 from __future__ import annotations
@@ -172,12 +174,13 @@ def main(argv: list[str] | None = None) -> int:
     steps = [run_step(name, command, clone, env, logs) for name, command in (
         ("setup", "make setup"), ("run", "make run"), ("test", "make test"),
         ("summary", ".venv/bin/python -m evaluation.compare_all"), ("query", query),
-        ("ollama", f"make ollama && {{ {chat}; status=$?; make ollama-stop; exit $status; }}"),
+        ("ollama", f"make ollama && {chat}; status=$?; make ollama-stop; exit $status"),
     )]
     record = {
         "commit": head, "date": datetime.date.today().isoformat(), "cpu_count": os.cpu_count(),
         "load_1min_at_start": round(load, 2), "host_cache_mib_at_start": caches,
         "tests": pytest_counts((logs / "test.log").read_text(errors="replace")),
+        "left_behind_mib": {"venv": cache_mib(clone / ".venv"), "grit_cache": cache_mib(work / "cache")},
         "steps": [asdict(step) for step in steps],
     }
     print("\n".join(f"  {s.name:<8} {s.seconds:8.1f} s  exit {s.exit}" for s in steps))
