@@ -659,8 +659,10 @@ def test_the_probes_run_again_on_the_new_code_are_the_retired_ones_where_the_win
     probes on the new code equal the retired ones to the last digit; grit_paper's, now after its
     warm-up, turns its update from the scalar twin's by less than the verdict asks."""
     retired = {r["method"]: r for r in jsonl_records(committed(RETIRED_PROBES))}
+    # the retired probes are of the 96-step parts; the ledger also probes each part at 192 steps
+    assert {r["steps"] for r in retired.values()} == {96}
     probes = {t["method"]: t for t in jsonl_records(committed("reports/study/ledger/trials.jsonl"))
-              if t["phase"] == "probe"}
+              if t["phase"] == "probe" and t["steps"] == 96}
     for method in ("pure_grit", "riemannian_lora"):
         assert probes[method]["setting"] == retired[method]["setting"]
         assert probes[method]["metrics"] == retired[method]["metrics"], method
