@@ -40,7 +40,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as ``python benchmarks/walkthrough.py``: the project is importable
 TAIL_LINES = 12
+
+from benchmarks.pipeline import cloned_head  # noqa: E402  (after the path is set; the same fresh clone of HEAD)
 
 
 @dataclass(frozen=True)
@@ -127,19 +130,6 @@ def run_step(name: str, command: str, clone: Path, env: dict[str, str], logs: Pa
     tail = "\n".join(log.read_text(errors="replace").splitlines()[-TAIL_LINES:])
     print(f"[walkthrough] {name}: exit {done.returncode} after {seconds:.0f} s (log {log})", flush=True)
     return Step(name, command, round(seconds, 1), done.returncode, tail)
-
-
-def cloned_head(work: Path) -> tuple[Path, str]:
-    """(a fresh clone of this checkout's committed HEAD under ``work``, HEAD's short hash)."""
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.strip()
-    if dirty:
-        print(f"note: uncommitted changes are not walked through; cloning HEAD {head}", file=sys.stderr)
-    clone = work / "repo"
-    subprocess.run(["git", "clone", "--quiet", "--no-local", str(ROOT), str(clone)], check=True)
-    return clone, head
 
 
 def parsed(argv: list[str] | None) -> argparse.Namespace:
