@@ -20,6 +20,8 @@ import math
 import sys
 from pathlib import Path
 
+import yaml
+
 from core.doc_blocks import CommittedSources, DocBlock, Sources, render_pages
 from evaluation.doc_figures import BLOCKS as EVALUATION_BLOCKS
 from pipelines.gpu_check import estimates
@@ -77,6 +79,73 @@ def _sitting_start(sources: Sources) -> str:
     return sitting_start(json.loads(text)) if text else "No sitting's start has been measured yet."
 
 
+WALKTHROUGH = "benchmarks/results/walkthrough-2cpu.json"
+PIPELINE_RUN = "benchmarks/results/pipeline-default-2cpu.json"
+
+# benchmarks/walkthrough.py's steps as the getting-started page names them (its multi-line query and
+# the Ollama step's three commands would not fit a table cell).
+WALK_STEPS = {"setup": "`make setup`, a new `GRIT_CACHE_DIR`", "run": "`make run` after the set-up (`dvc repro`)",
+              "test": "`make test` after the set-up (two test workers)",
+              "summary": "`python -m evaluation.compare_all`", "query": "the first query of [store.md](store.md)",
+              "ollama": "`make ollama`, `ollama run pure_grit_model ...`, `make ollama-stop`"}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:,.0f} s ({seconds / 60:.1f} min)" if seconds >= 60 else f"{seconds:.1f} s"
+
+
+def walkthrough_times(walk: dict) -> str:
+    """docs/getting-started.md's time table from one newcomer walk-through
+    (``benchmarks/walkthrough.py --json``): every step on one fresh clone, one after the other."""
+    tests = walk.get("tests", {})
+    rows = []
+    for step in walk["steps"]:
+        time = _duration(step["seconds"])
+        if step["name"] == "test" and tests:
+            time += ": " + ", ".join(f"{n:,} {word}" for word, n in tests.items())
+        rows.append(f"| {WALK_STEPS.get(step['name'], step['name'])} | {time} | "
+                    f"{'ok' if step['exit'] == 0 else 'exit ' + str(step['exit'])} |")
+    caches = walk.get("host_cache_mib_at_start", {})
+    warm = ", ".join(f"{name.replace('_', ' ')} {mib:,.0f} MiB" for name, mib in caches.items()) or "not recorded"
+    left = walk.get("left_behind_mib", {})
+    return (f"Measured by `python benchmarks/walkthrough.py` at commit `{walk['commit']}` ({walk['date']}, "
+            f"{walk['cpu_count']} CPU cores, 1-minute load {walk['load_1min_at_start']:.2f} at the start): a "
+            f"fresh clone, a new `GRIT_CACHE_DIR`, pip with an empty config, each step after the one before; "
+            f"the host's caches at the start: {warm} (rendered from `{WALKTHROUGH}`).\n\n"
+            "| step | time | ended |\n|---|---|---|\n" + "\n".join(rows)
+            + (f"\n\nLeft behind: `.venv` {left['venv'] / 1024:.1f} GiB, `$GRIT_CACHE_DIR` {left['grit_cache']:,.0f} MiB."
+               if left else ""))
+
+
+def committed_times(sitting: dict, pipeline: dict, variants_now: int) -> str:
+    """The time table before any walk-through is committed: the figures other committed
+    measurements hold, each with its date or commit, and the one none holds named as missing. A
+    pipeline measured when the default trained fewer variants than ``variants_now`` says so."""
+    setup = sitting["setup"]
+    conditions = setup["conditions"].replace("GRIT_CACHE_DIR", "`GRIT_CACHE_DIR`")
+    trained = sum(stage.startswith("train@") for stage in pipeline["stages"])
+    fewer = (f", when the default trained {trained} variants (it trains {variants_now} now: expect longer)"
+             if trained != variants_now else "")
+    return (f"No newcomer walk-through is committed yet (`python benchmarks/walkthrough.py --json {WALKTHROUGH}` "
+            "measures every row on one fresh clone); until then, the committed measurements:\n\n"
+            "| step | time |\n|---|---|\n"
+            f"| `make setup` on a fresh {sitting['cpu_count']}-core host ({conditions}) | "
+            f"{_duration(setup['seconds'])}, {sitting['date']} (`{SITTING_START}`) |\n"
+            f"| `dvc repro` on the default, a fresh clone with every cache the pipeline makes hidden | "
+            f"{_duration(pipeline['first_repro_s'])} at commit `{pipeline['commit']}`{fewer} (`{PIPELINE_RUN}`; "
+            f"its stages: [pipeline.md](pipeline.md#what-make-run-does)) |\n"
+            "| `make test` after the set-up | no committed measurement |")
+
+
+def _times(sources: Sources) -> str:
+    walk = sources.text(WALKTHROUGH)
+    if walk:
+        return walkthrough_times(json.loads(walk))
+    variants = yaml.safe_load(sources.text("params.yaml"))["variants"]
+    return committed_times(json.loads(sources.text(SITTING_START)), json.loads(sources.text(PIPELINE_RUN)),
+                           len(variants))
+
+
 # Where a block lives when not on the page evaluation/doc_figures.py names: the README keeps the
 # study and links to the default run's tables, which would double its length.
 PAGES = {"results": "docs/results.md"}
@@ -86,6 +155,7 @@ BLOCKS: list[DocBlock] = [
     *(DocBlock(f"gpu_check_{gpu}", "docs/history.md", _gpu(reports)) for gpu, reports in GPU_REPORTS.items()),
     DocBlock("gpu_estimates", "docs/gpu.md", lambda _sources: estimates.render()),
     DocBlock("sitting_start", "docs/study.md", _sitting_start),
+    DocBlock("times", "docs/getting-started.md", _times),
 ]
 
 

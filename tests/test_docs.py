@@ -17,7 +17,8 @@ import yaml
 
 from core.doc_blocks import CommittedSources, DocBlock, Sources, render_pages
 from db.study_ledger import jsonl_records
-from pipelines.docs import BLOCKS, SITTING_START, main, sitting_start, stale_pages
+from pipelines.docs import (BLOCKS, PIPELINE_RUN, SITTING_START, committed_times, main, sitting_start, stale_pages,
+                            walkthrough_times)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Spelled in parts so this file does not match itself.
@@ -117,6 +118,42 @@ def test_a_sitting_on_a_fresh_host_is_planned_from_its_measured_start_rounded_up
     measured["warm_start"] = {"date": "d2", "seconds_to_first_trial": 1033}
     assert restored + " On a host that kept its set-up and its `GRIT_CACHE_DIR` from an earlier sitting " \
         "(measured d2), `make sitting` reached its first trial in 1,033 s." == sitting_start(measured)
+
+
+def test_the_getting_started_times_come_from_one_walkthrough_and_name_a_failed_step():
+    walk = {"commit": "abc1234", "date": "d", "cpu_count": 2, "load_1min_at_start": 0.12,
+            "host_cache_mib_at_start": {"pip": 0.0, "go_modules": 512.4},
+            "tests": {"failed": 1, "passed": 811}, "left_behind_mib": {"venv": 6553.6, "grit_cache": 812.0},
+            "steps": [{"name": "setup", "seconds": 626.4, "exit": 0}, {"name": "run", "seconds": 3100.0, "exit": 0},
+                      {"name": "test", "seconds": 1500.0, "exit": 1}, {"name": "query", "seconds": 0.31, "exit": 0}]}
+    table = walkthrough_times(walk)
+    assert "| `make setup`, a new `GRIT_CACHE_DIR` | 626 s (10.4 min) | ok |" in table
+    assert "| `make test` after the set-up (two test workers) | 1,500 s (25.0 min): 1 failed, 811 passed | exit 1 |" \
+        in table
+    assert "| the first query of [store.md](store.md) | 0.3 s | ok |" in table
+    assert "commit `abc1234`" in table and "go modules 512 MiB" in table
+    assert "`.venv` 6.4 GiB, `$GRIT_CACHE_DIR` 812 MiB" in table
+
+
+def test_before_a_walkthrough_the_times_are_the_committed_measurements_with_what_none_measured():
+    sitting = {"date": "d", "cpu_count": 2, "setup": {"seconds": 626, "conditions": "new GRIT_CACHE_DIR"}}
+    pipeline = {"commit": "6a3f84f", "first_repro_s": 1934.6, "stages": {"prepare_data": 1.0, "train@a": 2.0,
+                                                                        "train@b": 2.0}}
+    table = committed_times(sitting, pipeline, variants_now=6)
+    assert "(new `GRIT_CACHE_DIR`) | 626 s (10.4 min), d" in table
+    assert "1,935 s (32.2 min) at commit `6a3f84f`, when the default trained 2 variants (it trains 6 now" in table
+    assert "| `make test` after the set-up | no committed measurement |" in table
+    assert "when the default trained" not in committed_times(sitting, pipeline, variants_now=2)
+    # the committed page: the same figures from the committed files
+    sources = CommittedSources(REPO_ROOT)
+    committed = block("times").current(page("docs/getting-started.md"))
+    if sources.text("benchmarks/results/walkthrough-2cpu.json") is None:
+        measured = json.loads(sources.text(SITTING_START))["setup"]["seconds"]
+        repro = json.loads(sources.text(PIPELINE_RUN))["first_repro_s"]
+        assert f"{measured:,} s" in committed and f"{repro:,.0f} s" in committed
+    else:
+        walk = json.loads(sources.text("benchmarks/results/walkthrough-2cpu.json"))
+        assert all(f"{step['seconds']:,.0f} s" in committed for step in walk["steps"] if step["seconds"] >= 60)
 
 
 def test_the_fingerprint_blemish_the_study_page_describes_is_the_ledgers():
