@@ -24,11 +24,13 @@ from db.study_ledger import LEDGER_DIR, STUDY_FILE, TRIALS_FILE, jsonl_records
 from evaluation.metrics import REGISTRY, VALIDATION_DECLINE, get
 from evaluation.stats import Interval
 from evaluation.study import (
+    FINDINGS,
+    RULE,
     PairedTest,
     Trial,
     compute_by_method,
+    describe,
     endpoints,
-    headline,
     paired_test_from_record,
     paired_test_record,
     paired_tests,
@@ -37,7 +39,6 @@ from evaluation.study import (
     study_progress,
     summary,
     trial_from_record,
-    verdict,
 )
 from evaluation.tuning import setting_key
 
@@ -64,6 +65,69 @@ def comparison_pairs(params) -> list[tuple[str, str]]:
     methods = params.study.methods
     grit = [m for m in methods if params.variants[m].grit]
     return [(g, c) for g in grit for c in methods if not params.variants[c].grit]
+
+
+# How a headline names a peer: by the preconditioner its LoRA optimizer applies (trainers/config.py).
+PEER_NAMES = {"riemannian": "Riemannian-preconditioned LoRA", "loraplus": "LoRA+"}
+
+
+def control_names(params, controls: Sequence[str]) -> dict[str, str]:
+    """The study's controls as its headline names them, plain LoRA first (the question the study
+    answers is GRIT against LoRA; a peer answers a second one): "LoRA", or the peer's
+    preconditioner with its method name. Two plain controls are told apart by their names."""
+    plain = [c for c in controls if params.variants[c].lora_optimizer is None]
+    names = {c: "LoRA" if len(plain) == 1 else f"LoRA (`{c}`)" for c in plain}
+    for c in controls:
+        if c not in names:
+            kind = params.variants[c].lora_optimizer.kind
+            names[c] = f"{PEER_NAMES.get(kind, kind)} (`{c}`)"
+    return names
+
+
+def _tally(tests: Sequence[PairedTest]) -> dict[str, int]:
+    return {kind: sum(t.finding() == kind for t in tests) for kind in FINDINGS}
+
+
+def study_headline(tests: Sequence[PairedTest], grit_methods: Sequence[str], names: dict[str, str]) -> str:
+    """One sentence: does GRIT beat LoRA, by the pre-declared rule, counting each of the four kinds
+    of finding; then, for each peer in ``names`` (control -> name, plain LoRA first), the same
+    counts against it. Counts against different controls are never added up: "better than LoRA
+    in 4" must not hold a win over a peer."""
+    def counts(control: str) -> tuple[dict[str, int], int]:
+        mine = [t for t in tests if t.method in grit_methods and t.control == control]
+        return _tally(mine), len(mine)
+
+    (first, name), *peers = names.items()
+    found, n = counts(first)
+    wins, losses = found["better"], found["worse"]
+    rest = f"equivalent in {found['equivalent']} and inconclusive in {found['inconclusive']}"
+    if not wins and not losses:
+        lead = (f"No: at each method's validation-tuned setting, GRIT is neither better nor worse than {name} in "
+                f"any of {n} paired tests; {rest}")
+    elif wins and losses:
+        lead = f"Mixed: GRIT is better than {name} in {wins} and worse in {losses} of {n} paired tests; {rest}"
+    elif wins:
+        lead = f"GRIT is better than {name} in {wins} and worse in none of {n} paired tests; {rest}"
+    else:
+        lead = f"No: GRIT is worse than {name} in {losses} and better in none of {n} paired tests; {rest}"
+    for control, peer in peers:
+        found, n = counts(control)
+        lead += (f"; against {peer}: better in {found['better'] or 'none'} and worse in {found['worse'] or 'none'} "
+                 f"of {n}, equivalent in {found['equivalent']} and inconclusive in {found['inconclusive']}")
+    return f"{lead} ({RULE})."
+
+
+def study_verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str], names: dict[str, str]) -> str:
+    """The headline, then every finding that counts, each naming its control."""
+    mine = [t for t in tests if t.method in grit_methods and t.control in names]
+    wins = [t for t in mine if t.finding() == "better"]
+    losses = [t for t in mine if t.finding() == "worse"]
+    parts = [study_headline(tests, grit_methods, names)]
+    if wins:
+        parts.append(f"Better: {describe(wins)}{';' if losses else '.'}")
+    if losses:
+        parts.append(f"{'worse' if wins else 'Worse'}: {describe(losses)}.")
+    return " ".join(parts)
 
 
 def _setting(setting: dict[str, float]) -> str:
@@ -317,22 +381,31 @@ def plot_test_by_steps(trials: Sequence[Trial], methods: Sequence[str], run_leng
 
 
 def plot_differences(tests: Sequence[PairedTest], run_lengths: Sequence[int], path: Path) -> Path:
-    """The verdict as a picture: per endpoint, each method's paired difference from its control
-    (mean and 95% interval) against the run length; filled where Holm calls it significant, with
-    the side of zero that is better shaded."""
+    """The verdict as a picture: per endpoint, each method's paired difference from each of its
+    controls (mean and 95% interval; a marker per control) against the run length; filled where
+    the finding counts (better or worse), with the side of zero that is better shaded."""
     plt = _pyplot()
     metrics = [m for m in endpoints() if any(t.metric == m for t in tests)]
     methods = list(dict.fromkeys(t.method for t in tests))
+    # A method's differences from each control: one colour per method, one marker and line style
+    # per control, side by side at a run length.
+    controls = list(dict.fromkeys(t.control for t in tests))
+    styles = dict(zip(controls, (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")), strict=False))
+    series = [(method, control) for method in methods for control in controls]
+    colors = {method: f"C{i % 10}" for i, method in enumerate(methods)}
     figure, axes = _metric_panels(plt, metrics)
     for axis, metric in zip(axes, metrics, strict=False):
-        for offset, method in enumerate(methods):
-            mine = sorted((t for t in tests if t.metric == metric and t.method == method), key=lambda t: t.steps)
-            x = [t.steps * (1 + 0.03 * offset) for t in mine]
+        for offset, (method, control) in enumerate(series):
+            mine = sorted((t for t in tests if t.metric == metric and t.method == method and t.control == control),
+                          key=lambda t: t.steps)
+            if not mine:
+                continue
+            marker, style = styles.get(control, ("o", "-"))
+            x = [t.steps * (1 + 0.02 * offset) for t in mine]
             y = [t.delta.value for t in mine]
-            line = axis.errorbar(x, y, yerr=_error_bars([t.delta for t in mine]), fmt="-", capsize=3, label=method)
-            color = line.lines[0].get_color()
-            axis.scatter(x, y, s=30, zorder=3, edgecolors=color,
-                         facecolors=[color if t.better() is not None else "white" for t in mine])
+            axis.errorbar(x, y, yerr=_error_bars([t.delta for t in mine]), fmt=style, color=colors[method], capsize=3)
+            axis.scatter(x, y, s=30, zorder=3, marker=marker, edgecolors=colors[method],
+                         facecolors=[colors[method] if t.better() is not None else "white" for t in mine])
         axis.axhline(0, color="black", linewidth=0.8)
         low, high = axis.get_ylim()
         axis.axhspan(0, high if get(metric).better(1.0) else low, color="tab:green", alpha=0.07, linewidth=0)
@@ -340,7 +413,19 @@ def plot_differences(tests: Sequence[PairedTest], run_lengths: Sequence[int], pa
         _by_run_length(axis, metric, run_lengths)
         axis.set_ylabel("method minus control", fontsize=8)
     if metrics:
-        axes[0].legend(fontsize=7, title="filled: significant (Holm)\nshaded: the better side", title_fontsize=7)
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=colors[m], label=m) for m in methods]
+        if len(controls) > 1:
+            handles += [Line2D([], [], color="black", marker=styles.get(c, ("o", "-"))[0],
+                               linestyle=styles.get(c, ("o", "-"))[1], markerfacecolor="white", label=f"vs {c}")
+                        for c in controls]
+        legend = dict(handles=handles, title="filled: better or worse (counts)\nshaded: the better side")
+        if len(metrics) % 3:      # a free cell in the grid (_metric_panels): the legend there, off the points
+            figure.legend(**legend, loc="center", bbox_to_anchor=((len(metrics) % 3 + 0.5) / 3, 0.25), fontsize=8,
+                          title_fontsize=8)
+        else:
+            axes[0].legend(**legend, fontsize=7, title_fontsize=7)
     return _save(plt, figure, path)
 
 
@@ -498,8 +583,9 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     pairs = comparison_pairs(params)
     tests = paired_tests(trials, pairs, run_lengths, resamples=study.bootstrap_resamples, seed=study.seed)
     grit_methods = [m for m in methods if params.variants[m].grit]
+    names = control_names(params, list(dict.fromkeys(c for _, c in pairs)))
     nothing = "No GRIT-vs-LoRA pair in study.methods: nothing compared."
-    sentence = verdict(tests, grit_methods) if pairs else nothing
+    sentence = study_verdict(tests, grit_methods, names) if pairs else nothing
     compute = compute_by_method(trials)
     plots = _study_plots(folder, params, trials, chosen, tests)
     # the order a reviewer asks in (module docstring): what was searched, chosen, measured, tested, spent
@@ -523,7 +609,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     atomic_write_text(report, "\n\n".join(sections) + "\n")
     table = write_trials_csv(folder / "trials.csv", trials)
     atomic_write_json(metrics_path, {**study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds),
-                                     "headline": headline(tests, grit_methods) if pairs else nothing,
+                                     "headline": study_headline(tests, grit_methods, names) if pairs else nothing,
                                      "profile": params.profile, "run_id": run_id, "range_notes": list(notes)})
     return {"report": report, "trials": table, **plots, "metrics": metrics_path}
 
@@ -727,12 +813,13 @@ def significance_block(tests: Sequence[PairedTest], metrics: Sequence[str], run_
     if not tests:
         return []
     controls = sorted({t.control for t in tests})
+    against = (lambda t: f" vs {t.control}") if len(controls) > 1 else (lambda t: "")
 
     def cell(metric: str, steps: int) -> str:
         found = {True: [], False: []}
         for t in tests:
             if t.metric == metric and t.steps == steps and t.better() is not None:
-                found[t.better()].append(f"{t.method} {t.delta.value:+.3g}")
+                found[t.better()].append(f"{t.method}{against(t)} {t.delta.value:+.3g}")
         words = [f"{'better' if way else 'worse'}: {', '.join(found[way])}" for way in (True, False) if found[way]]
         return "; ".join(words) or "none"
 
