@@ -20,7 +20,7 @@ from typing import Any
 from core.doc_blocks import DocBlock, Sources
 from core.files import atomic_write_json, atomic_write_text
 from db.provenance import check_one_setup
-from db.study_ledger import LEDGER_DIR, STUDY_FILE, TRIALS_FILE, jsonl_records
+from db.study_ledger import JOURNAL_FILE, LEDGER_DIR, STUDY_FILE, TRIALS_FILE, jsonl_records
 from evaluation.metrics import REGISTRY, VALIDATION_DECLINE, get
 from evaluation.stats import Interval
 from evaluation.study import (
@@ -481,6 +481,10 @@ def provenance_line(trials: Sequence[Trial]) -> str:
     return f"**Provenance** (setup fingerprints: the code each trial loaded, the lock files and the data): {phases}."
 
 
+def _read(path: Path) -> str | None:
+    return path.read_text() if path.is_file() else None
+
+
 def _opening_section(params, run_id: str, sentence: str) -> str:
     """The title, what was run, and the verdict in bold: a reader who stops here has the answer."""
     study, run_lengths = params.study, params.study.steps
@@ -491,7 +495,48 @@ def _opening_section(params, run_id: str, sentence: str) -> str:
             f"{', '.join(str(b) for b in run_lengths)} optimizer steps.\n\n**{sentence}**")
 
 
-def _tuning_section(params, trials: Sequence[Trial], notes: Sequence[str]) -> str:
+# Optuna's journal operations that carry a parameter's distribution: a trial created with its
+# parameters (an enqueued or carried configuration) and a parameter set on a trial (a draw).
+_CREATE_TRIAL, _SET_TRIAL_PARAM = 4, 5
+
+
+def searched_ranges(journal: Sequence[dict]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Each tuning's range per parameter, as Optuna's journal (the ledger's ``journal.jsonl``)
+    recorded the distributions its configurations were drawn from."""
+    ranges: dict[str, dict[str, tuple[float, float]]] = {}
+
+    def note(tuning: str, name: str, distribution: str) -> None:
+        bounds = json.loads(distribution)["attributes"]
+        low, high = ranges.setdefault(tuning, {}).get(name, (bounds["low"], bounds["high"]))
+        ranges[tuning][name] = (min(low, bounds["low"]), max(high, bounds["high"]))
+
+    for entry in journal:
+        log = entry["log"]
+        if log.get("op_code") == _SET_TRIAL_PARAM:
+            note(entry["tuning"], log["param_name"], log["distribution"])
+        elif log.get("op_code") == _CREATE_TRIAL:
+            for name, distribution in (log.get("distributions") or {}).items():
+                note(entry["tuning"], name, distribution)
+    return ranges
+
+
+def widened_lines(ranges: dict[str, dict[str, tuple[float, float]]]) -> list[str]:
+    """One line per range extension (a tuning named ``.../extended-K``): each range it widened
+    against the tuning before it, from and to."""
+    lines = []
+    for tuning, space in sorted(ranges.items()):
+        base, extended, k = tuning.rpartition("/extended-")
+        if not extended or not k.isdigit():
+            continue
+        before = ranges.get(base if k == "1" else f"{base}/extended-{int(k) - 1}", {})
+        changed = [f"{name} [{before[name][0]:g}, {before[name][1]:g}] to [{low:g}, {high:g}]"
+                   for name, (low, high) in sorted(space.items()) if name in before and before[name] != (low, high)]
+        part = base.split("/", 1)[1] if "/" in base else base        # the study's key left out
+        lines.append(f"{part}, extension {k}: " + (", ".join(changed) or "no range changed"))
+    return lines
+
+
+def _tuning_section(params, trials: Sequence[Trial], notes: Sequence[str], widened: Sequence[str] = ()) -> str:
     """The search space, sampler and pruner, the configurations per part, and every widened range."""
     study = params.study
     return ("## Tuning (validation split only, seed " + str(params.train.seed) + ")\n\n"
@@ -504,6 +549,9 @@ def _tuning_section(params, trials: Sequence[Trial], notes: Sequence[str]) -> st
             "behind, the same for every method.\n\n"
             + _table(["steps", "method", "configurations", "pruned", "best validation loss"],
                      tuning_rows(trials, study.methods, study.steps))
+            + ("\n\n**Widened** (a chosen value at an edge of a range tunes the part again, "
+               f"{study.configurations} more configurations, in a wider range; from Optuna's journal in the ledger):\n\n"
+               + "\n".join(f"- {line}" for line in widened) if widened else "")
             + "".join(f"\n\n**Range:** {note}." for note in notes))
 
 
@@ -592,7 +640,8 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     sections = [
         _opening_section(params, run_id, sentence),
         provenance_line(trials),
-        _tuning_section(params, trials, notes),
+        _tuning_section(params, trials, notes, widened_lines(searched_ranges(jsonl_records(
+            _read(folder / LEDGER_DIR.name / JOURNAL_FILE))))),       # the ledger: in the report's folder
         _defaults_section(params, trials, chosen),
         _selection_section(params, trials, chosen),
         _probe_section(trials, chosen),

@@ -1,4 +1,8 @@
-"""The report shows where each method's published defaults landed in its own tuning (issue 60)."""
+"""The report shows where each method's published defaults landed in its own tuning, and which ranges
+were widened (issue 60)."""
+
+import json
+from pathlib import Path
 
 from evaluation.study import Trial, trial_from_record
 from evaluation.study_report import defaults_rows, where_defaults_land
@@ -48,3 +52,39 @@ def test_the_probe_at_a_chosen_setting_is_reported_and_other_settings_are_not():
               Trial("probe", "pure_grit", 192, 42, {"learning_rate": 1e-3}, None, metrics={"effective": 0.0})]
     assert probes_at_chosen(probes, chosen) == {"grit_paper@96": {
         "verdict": "effective", "update_cosine_median": 0.42, "scalar_twin_cosine_median": 0.40}}
+
+
+def _draw(tuning: str, name: str, low: float, high: float) -> dict:
+    distribution = json.dumps({"name": "FloatDistribution", "attributes": {"step": None, "low": low, "high": high,
+                                                                           "log": True}})
+    return {"tuning": tuning, "log": {"op_code": 5, "param_name": name, "distribution": distribution}}
+
+
+def test_the_report_names_each_widened_range_from_optunas_journal():
+    from evaluation.study_report import searched_ranges, widened_lines
+
+    carried = {"tuning": "k/grit_paper/96/extended-1", "log": {"op_code": 4, "distributions": {
+        "damping": _draw("", "damping", 1e-4, 1.0)["log"]["distribution"]}}}
+    journal = [_draw("k/grit_paper/96", "damping", 1e-4, 0.1), _draw("k/grit_paper/96", "learning_rate", 1e-4, 1e-2),
+               carried, _draw("k/grit_paper/96/extended-1", "learning_rate", 1e-4, 1e-2),
+               _draw("k/grit_paper/96/extended-2", "damping", 1e-4, 1.0),
+               _draw("k/grit_paper/96/extended-2", "learning_rate", 1e-5, 1e-2),
+               _draw("k/peft_lora/96", "learning_rate", 1e-4, 1e-2)]
+    ranges = searched_ranges(journal)
+    assert ranges["k/grit_paper/96/extended-1"] == {"damping": (1e-4, 1.0), "learning_rate": (1e-4, 1e-2)}
+    assert widened_lines(ranges) == ["grit_paper/96, extension 1: damping [0.0001, 0.1] to [0.0001, 1]",
+                                     "grit_paper/96, extension 2: learning_rate [0.0001, 0.01] to [1e-05, 0.01]"]
+
+
+def test_the_committed_ledgers_extensions_are_the_ones_its_tuning_table_counts():
+    """Every part the ledger tuned with more than one tuning has a widened line, and no other."""
+    from db.study_ledger import jsonl_records
+    from evaluation.study_report import searched_ranges, widened_lines
+
+    root = Path(__file__).resolve().parents[2] / "reports" / "study" / "ledger"
+    lines = widened_lines(searched_ranges(jsonl_records((root / "journal.jsonl").read_text())))
+    extended = sorted({r["tuning"].split("/", 1)[1] for r in jsonl_records((root / "trials.jsonl").read_text())
+                       if r["phase"] == "tune" and "/extended-" in r["tuning"]})
+    assert [line.split(":", 1)[0] for line in lines] == [
+        f"{name.split('/extended-')[0]}, extension {name.split('/extended-')[1]}" for name in extended]
+    assert all(" to [" in line for line in lines)       # each widened something
