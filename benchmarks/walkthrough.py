@@ -20,9 +20,10 @@ what a newcomer reads; a page that no longer holds one is an error before anythi
 ``GRIT_CACHE_DIR`` is new: pip's download cache and Go's caches are the host's, and their sizes at
 the start are recorded (a warm pip cache saves the 6.4 GB download, not the install). Time it with
 nothing else running: the 1-minute load average at the start is recorded beside the figures.
-Commit the JSON as ``benchmarks/results/walkthrough-2cpu.json``: ``python -m pipelines.docs`` renders
-docs/getting-started.md's time table from it. With ``--keep``, the clone's ``dvc.lock`` and ``metrics/`` are a whole default run of the committed
-code on a fresh host: copy them back and commit them when that run should replace the committed one.
+Commit the JSON as ``benchmarks/results/walkthrough-2cpu.json``: ``python -m pipelines.docs``
+renders docs/getting-started.md's time table from it. With ``--keep``, the clone's ``dvc.lock`` and
+``metrics/`` are a whole default run of the committed code on a fresh host: copy them back and
+commit them when that run should replace the committed one.
 """
 
 from __future__ import annotations

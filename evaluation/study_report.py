@@ -550,7 +550,8 @@ def _tuning_section(params, trials: Sequence[Trial], notes: Sequence[str], widen
             + _table(["steps", "method", "configurations", "pruned", "best validation loss"],
                      tuning_rows(trials, study.methods, study.steps))
             + ("\n\n**Widened** (a chosen value at an edge of a range tunes the part again, "
-               f"{study.configurations} more configurations, in a wider range; from Optuna's journal in the ledger):\n\n"
+               f"{study.configurations} more configurations, in a wider range; from Optuna's journal in the "
+               "ledger):\n\n"
                + "\n".join(f"- {line}" for line in widened) if widened else "")
             + "".join(f"\n\n**Range:** {note}." for note in notes))
 

@@ -113,8 +113,8 @@ def walkthrough_times(walk: dict) -> str:
             f"fresh clone, a new `GRIT_CACHE_DIR`, pip with an empty config, each step after the one before; "
             f"the host's caches at the start: {warm} (rendered from `{WALKTHROUGH}`).\n\n"
             "| step | time | ended |\n|---|---|---|\n" + "\n".join(rows)
-            + (f"\n\nLeft behind: `.venv` {left['venv'] / 1024:.1f} GiB, `$GRIT_CACHE_DIR` {left['grit_cache']:,.0f} MiB."
-               if left else ""))
+            + (f"\n\nLeft behind: `.venv` {left['venv'] / 1024:.1f} GiB, `$GRIT_CACHE_DIR` "
+               f"{left['grit_cache']:,.0f} MiB." if left else ""))
 
 
 def committed_times(sitting: dict, pipeline: dict, variants_now: int) -> str:

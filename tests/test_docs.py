@@ -17,8 +17,16 @@ import yaml
 
 from core.doc_blocks import CommittedSources, DocBlock, Sources, render_pages
 from db.study_ledger import jsonl_records
-from pipelines.docs import (BLOCKS, PIPELINE_RUN, SITTING_START, committed_times, main, sitting_start, stale_pages,
-                            walkthrough_times)
+from pipelines.docs import (
+    BLOCKS,
+    PIPELINE_RUN,
+    SITTING_START,
+    committed_times,
+    main,
+    sitting_start,
+    stale_pages,
+    walkthrough_times,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Spelled in parts so this file does not match itself.
