@@ -506,7 +506,9 @@ def searched_ranges(journal: Sequence[dict]) -> dict[str, dict[str, tuple[float,
     ranges: dict[str, dict[str, tuple[float, float]]] = {}
 
     def note(tuning: str, name: str, distribution: str) -> None:
-        bounds = json.loads(distribution)["attributes"]
+        bounds = json.loads(distribution).get("attributes", {})
+        if "low" not in bounds or "high" not in bounds:        # a categorical parameter has no range
+            return
         low, high = ranges.setdefault(tuning, {}).get(name, (bounds["low"], bounds["high"]))
         ranges[tuning][name] = (min(low, bounds["low"]), max(high, bounds["high"]))
 
