@@ -10,6 +10,7 @@ the trainable parameters at the end, and the compute spent per method.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import textwrap
@@ -390,7 +391,7 @@ def plot_differences(tests: Sequence[PairedTest], run_lengths: Sequence[int], pa
     # A method's differences from each control: one colour per method, one marker and line style
     # per control, side by side at a run length.
     controls = list(dict.fromkeys(t.control for t in tests))
-    styles = dict(zip(controls, (("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")), strict=False))
+    styles = dict(zip(controls, itertools.cycle((("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."))), strict=False))
     series = [(method, control) for method in methods for control in controls]
     colors = {method: f"C{i % 10}" for i, method in enumerate(methods)}
     figure, axes = _metric_panels(plt, metrics)
@@ -400,7 +401,7 @@ def plot_differences(tests: Sequence[PairedTest], run_lengths: Sequence[int], pa
                           key=lambda t: t.steps)
             if not mine:
                 continue
-            marker, style = styles.get(control, ("o", "-"))
+            marker, style = styles[control]
             x = [t.steps * (1 + 0.02 * offset) for t in mine]
             y = [t.delta.value for t in mine]
             axis.errorbar(x, y, yerr=_error_bars([t.delta for t in mine]), fmt=style, color=colors[method], capsize=3)
@@ -417,9 +418,8 @@ def plot_differences(tests: Sequence[PairedTest], run_lengths: Sequence[int], pa
 
         handles = [Line2D([], [], color=colors[m], label=m) for m in methods]
         if len(controls) > 1:
-            handles += [Line2D([], [], color="black", marker=styles.get(c, ("o", "-"))[0],
-                               linestyle=styles.get(c, ("o", "-"))[1], markerfacecolor="white", label=f"vs {c}")
-                        for c in controls]
+            handles += [Line2D([], [], color="black", marker=styles[c][0], linestyle=styles[c][1],
+                               markerfacecolor="white", label=f"vs {c}") for c in controls]
         legend = dict(handles=handles, title="filled: better or worse (counts)\nshaded: the better side")
         if len(metrics) % 3:      # a free cell in the grid (_metric_panels): the legend there, off the points
             figure.legend(**legend, loc="center", bbox_to_anchor=((len(metrics) % 3 + 0.5) / 3, 0.25), fontsize=8,
@@ -479,10 +479,6 @@ def provenance_line(trials: Sequence[Trial]) -> str:
     phases = "; ".join(f"{phase}: " + ", ".join(f"`{k}` ({v} trials)" for k, v in sorted(counts.items()))
                        for phase, counts in by_phase.items())
     return f"**Provenance** (setup fingerprints: the code each trial loaded, the lock files and the data): {phases}."
-
-
-def _read(path: Path) -> str | None:
-    return path.read_text() if path.is_file() else None
 
 
 def _opening_section(params, run_id: str, sentence: str) -> str:
@@ -644,7 +640,7 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
         _opening_section(params, run_id, sentence),
         provenance_line(trials),
         _tuning_section(params, trials, notes, widened_lines(searched_ranges(jsonl_records(
-            _read(folder / LEDGER_DIR.name / JOURNAL_FILE))))),       # the ledger: in the report's folder
+            Sources(folder).text(f"{LEDGER_DIR.name}/{JOURNAL_FILE}"))))),    # the ledger: in the report's folder
         _defaults_section(params, trials, chosen),
         _selection_section(params, trials, chosen),
         _probe_section(trials, chosen),

@@ -21,6 +21,7 @@ from pipelines.docs import (
     BLOCKS,
     PIPELINE_RUN,
     SITTING_START,
+    WALKTHROUGH,
     committed_times,
     main,
     sitting_start,
@@ -155,12 +156,12 @@ def test_before_a_walkthrough_the_times_are_the_committed_measurements_with_what
     # the committed page: the same figures from the committed files
     sources = CommittedSources(REPO_ROOT)
     committed = block("times").current(page("docs/getting-started.md"))
-    if sources.text("benchmarks/results/walkthrough-2cpu.json") is None:
+    if sources.text(WALKTHROUGH) is None:
         measured = json.loads(sources.text(SITTING_START))["setup"]["seconds"]
         repro = json.loads(sources.text(PIPELINE_RUN))["first_repro_s"]
         assert f"{measured:,} s" in committed and f"{repro:,.0f} s" in committed
     else:
-        walk = json.loads(sources.text("benchmarks/results/walkthrough-2cpu.json"))
+        walk = json.loads(sources.text(WALKTHROUGH))
         assert all(f"{step['seconds']:,.0f} s" in committed for step in walk["steps"] if step["seconds"] >= 60)
 
 
