@@ -534,7 +534,7 @@ def widened_lines(ranges: dict[str, dict[str, tuple[float, float]]]) -> list[str
     return lines
 
 
-def _tuning_section(params, trials: Sequence[Trial], notes: Sequence[str], widened: Sequence[str] = ()) -> str:
+def _tuning_section(params, trials: Sequence[Trial], notes: Sequence[str], widened: Sequence[str]) -> str:
     """The search space, sampler and pruner, the configurations per part, and every widened range."""
     study = params.study
     return ("## Tuning (validation split only, seed " + str(params.train.seed) + ")\n\n"
