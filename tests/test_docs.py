@@ -725,14 +725,25 @@ def test_the_probes_run_again_on_the_new_code_are_the_retired_ones_where_the_win
 
 
 def test_the_scalar_twin_reading_the_study_page_gives_is_the_ledgers_probes(study_profile):
-    """docs/study.md (after the probes table): the twin's and the control's cosines agree to 1e-4
-    in every probe of the ledger, and the 96-step inert turns it quotes are the ledger's, below the
-    twin check's bar and above the update check's."""
+    """docs/study.md (after the probes table): the twin's and the control's cosines agree to 2e-4
+    in every probe of the ledger, to 1e-7 in the grafted methods' (graft_norm in the study profile),
+    the largest gap is the ungrafted 192-step grit_paper's and rounds to the 2e-4 quoted, and the
+    96-step inert turns it quotes are the ledger's, below the twin check's bar and above the update
+    check's."""
     probes = [t for t in jsonl_records(committed("reports/study/ledger/trials.jsonl")) if t["phase"] == "probe"]
-    assert probes and max(abs(t["metrics"]["update_cosine_median"] - t["metrics"]["scalar_twin_cosine_median"])
-                          for t in probes) < 1e-4
+    gap = {(t["method"], t["steps"]): abs(t["metrics"]["update_cosine_median"]
+                                          - t["metrics"]["scalar_twin_cosine_median"]) for t in probes}
+    grafted = {m for m, v in study_profile.variants.items()
+               if v.grit and v.grit_overrides.get("graft_norm", study_profile.grit.graft_norm)}
+    assert probes and max(gap.values()) < 2e-4 and f"{max(gap.values()):.0e}" == "2e-04"
+    assert max(gap, key=gap.get) == ("grit_paper", 192)
+    assert max(g for (m, _), g in gap.items() if m in grafted) < 1e-7
+    assert {m for m, _ in gap} & grafted == {"pure_grit", "grit_paper_grafted"}
     prose = " ".join(page("docs/study.md").split())
-    assert "in every probe of this study so far they agree to within 1e-4" in prose
+    assert "in every probe of this study so far they agree to within 2e-4" in prose
+    assert ("Norm grafting (`pure_grit`, `grit_paper_grafted`) gives the gradient its raw norm back, which "
+            "removes that number before the optimizer sees it (their two cosines agree to within 1e-7)") in prose
+    assert "the ungrafted probes' gaps reach 2e-4, `grit_paper` at 192 steps" in prose
     turn = {t["method"]: (2 - 2 * t["metrics"]["scalar_twin_cosine_median"]) ** 0.5
             for t in probes if t["steps"] == 96 and not t["metrics"]["effective"]}
     assert sorted(turn) == ["grit_paper", "riemannian_lora"]
