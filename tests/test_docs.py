@@ -733,12 +733,13 @@ def test_the_scalar_twin_reading_the_study_page_gives_is_the_ledgers_probes(stud
     from trainers.config import variant_grit
 
     probes = [t for t in jsonl_records(committed("reports/study/ledger/trials.jsonl")) if t["phase"] == "probe"]
+    assert probes
     gaps = [(abs(t["metrics"]["update_cosine_median"] - t["metrics"]["scalar_twin_cosine_median"]),
              t["method"], t["steps"]) for t in probes]
     grafted = {m for m, v in study_profile.variants.items()
                if v.grit and variant_grit(study_profile.grit, v).graft_norm}
     largest = max(gaps)
-    assert probes and largest[0] < 2e-4 and f"{largest[0]:.0e}" == "2e-04" and largest[1:] == ("grit_paper", 192)
+    assert largest[0] < 2e-4 and f"{largest[0]:.0e}" == "2e-04" and largest[1:] == ("grit_paper", 192)
     assert max(g for g, m, _ in gaps if m in grafted) < 1e-7
     assert {m for _, m, _ in gaps} & grafted == {"pure_grit", "grit_paper_grafted"}
     prose = " ".join(page("docs/study.md").split())
