@@ -725,9 +725,9 @@ def test_the_probes_run_again_on_the_new_code_are_the_retired_ones_where_the_win
 
 
 def test_the_scalar_twin_reading_the_study_page_gives_is_the_ledgers_probes(study_profile):
-    """docs/study.md (after the probes table): the twin's and the control's cosines agree to 2e-4
+    """docs/study.md (after the probes table): the twin's and the control's cosines agree to 6e-4
     in every probe of the ledger, to 1e-7 in the grafted methods' (graft_norm in the study profile),
-    the largest gap is the ungrafted 192-step grit_paper's and rounds to the 2e-4 quoted, and the
+    the largest gap is the ungrafted 192-step grit_paper_full_rank's and rounds to the 6e-4 quoted, and the
     96-step inert turns it quotes are the ledger's, below the twin check's bar and above the update
     check's."""
     from trainers.config import variant_grit
@@ -739,14 +739,14 @@ def test_the_scalar_twin_reading_the_study_page_gives_is_the_ledgers_probes(stud
     grafted = {m for m, v in study_profile.variants.items()
                if v.grit and variant_grit(study_profile.grit, v).graft_norm}
     largest = max(gaps)
-    assert largest[0] < 2e-4 and f"{largest[0]:.0e}" == "2e-04" and largest[1:] == ("grit_paper", 192)
+    assert largest[0] < 6e-4 and f"{largest[0]:.0e}" == "6e-04" and largest[1:] == ("grit_paper_full_rank", 192)
     assert max(g for g, m, _ in gaps if m in grafted) < 1e-7
     assert {m for _, m, _ in gaps} & grafted == {"pure_grit", "grit_paper_grafted"}
     prose = " ".join(page("docs/study.md").split())
-    assert "in every probe of this study so far they agree to within 2e-4" in prose
+    assert "in every probe of this study they agree to within 6e-4" in prose
     assert ("Norm grafting (`pure_grit`, `grit_paper_grafted`) gives the gradient its raw norm back, which "
             "removes that number before the optimizer sees it (their two cosines agree to within 1e-7)") in prose
-    assert "the ungrafted probes' gaps reach 2e-4, `grit_paper` at 192 steps" in prose
+    assert "the ungrafted probes' gaps reach 6e-4, `grit_paper_full_rank` at 192 steps" in prose
     turn = {t["method"]: (2 - 2 * t["metrics"]["scalar_twin_cosine_median"]) ** 0.5
             for t in probes if t["steps"] == 96 and not t["metrics"]["effective"]}
     assert sorted(turn) == ["grit_paper", "riemannian_lora"]
