@@ -658,7 +658,8 @@ def write_report(folder: Path, metrics_path: Path, params, trials: Sequence[Tria
     table = write_trials_csv(folder / "trials.csv", trials)
     atomic_write_json(metrics_path, {**study_metrics(params, trials, chosen, tests, sentence, compute, stage_seconds),
                                      "headline": study_headline(tests, grit_methods, names) if pairs else nothing,
-                                     "profile": params.profile, "run_id": run_id, "range_notes": list(notes)})
+                                     "profile": params.profile, "run_id": run_id, "range_notes": list(notes),
+                                     "study": ledger_key(Sources(folder))})
     return {"report": report, "trials": table, **plots, "metrics": metrics_path}
 
 
@@ -695,15 +696,27 @@ def _ledger_parts(header: dict, records: Sequence[dict]):
     return planned, study_progress(plan["methods"], plan["steps"], planned, map(trial_from_record, records))
 
 
-def ledger_progress(header: dict | None, records: Sequence[dict], parts_link: str = SITTINGS_DOC) -> str:
+def ledger_key(sources: Sources) -> str | None:
+    """The key of the study whose ledger lies in ``sources`` (``ledger/study.json`` under the
+    report's folder), which the metrics file records so that a page can tell whose report it is."""
+    header = sources.text(f"{LEDGER_DIR.name}/{STUDY_FILE}")
+    return json.loads(header)["key"] if header else None
+
+
+def ledger_progress(header: dict | None, records: Sequence[dict], parts_link: str = SITTINGS_DOC,
+                    reported: dict | None = None) -> str:
     """The README's word on the study the ledger holds (``reports/study/ledger/``), so that the
-    page says a study is under way, and how far, while its sittings go on."""
+    page says a study is under way, and how far, while its sittings go on; ``reported``, the
+    metrics file, says whether the headline above is already this study's report."""
     if header is None:
         return "No study of the current design has begun in this repository (its ledger is empty)."
     _, parts = _ledger_parts(header, records)
     finished = sum(p.state == "done" for p in parts)
     trials = f"{len(records)} trial" + ("" if len(records) == 1 else "s")
-    if finished == len(parts):
+    if finished == len(parts) and (reported or {}).get("study") == header["key"]:
+        then = (f"every part is done, and its report (run `{reported.get('run_id')}`) is the headline "
+                "above.")
+    elif finished == len(parts):
         then = "every part is done: `dvc repro study` (profile `study`) trains nothing more and writes the report."
     else:
         then = "the headline above stays the earlier study's until every part is done and the report is written."
@@ -887,10 +900,15 @@ def _ledger(sources: Sources) -> tuple[dict | None, list[dict]]:
     return json.loads(header) if header else None, jsonl_records(sources.text(f"{LEDGER_DIR}/{TRIALS_FILE}"))
 
 
+def _reported(sources: Sources) -> dict:
+    text = sources.text("metrics/study.json")
+    return json.loads(text) if text else {}
+
+
 # Here rather than with the other page blocks (evaluation/doc_figures.py): the study stage
 # rewrites them after each trial, and must not depend on what renders the default run's pages.
 PROGRESS_BLOCKS = (
-    DocBlock("study_progress", "README.md", lambda s: ledger_progress(*_ledger(s))),
+    DocBlock("study_progress", "README.md", lambda s: ledger_progress(*_ledger(s), reported=_reported(s))),
     DocBlock("study_parts", "docs/study.md", lambda s: ledger_parts_table(*_ledger(s))),
     DocBlock("study_finished", "docs/study.md", lambda s: ledger_finished_parts(*_ledger(s))),
     DocBlock("study_probes", "docs/study.md", lambda s: ledger_probes(*_ledger(s))),

@@ -58,6 +58,7 @@ def test_a_study_goes_on_over_sittings_from_its_committed_ledger(tmp_path_factor
     _sh(["dvc", "repro", "study"], repo, env)
     done = json.loads((repo / "metrics/study.json").read_text())
     trials = ledger_trials()
+    assert done["study"] == key                          # the metrics name the ledger's study they report
     # the GRIT method was probed at its chosen setting; each tuning trained its published defaults
     assert done["probes"]["grit_paper@4"]["verdict"] in ("effective", "inert")
     assert [t["setting"] for t in trials if t["phase"] == "probe"] == [done["chosen"]["grit_paper@4"]]
