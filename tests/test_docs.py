@@ -357,75 +357,74 @@ def test_the_figures_docs_results_reads_plainly_are_the_committed_metrics():
             f"({span(decode[''], '{:.2f}', 'x')} the package's Q4_1 base: the format's cost;") in prose
 
 
-def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study():
-    """The study's plain reading quotes differences, figures, settings and parameter counts; they
-    must come from the committed metrics/study.json and reports/study/trials.csv."""
-    import csv
-    import io
-    import statistics
-
+def _study_tests(study: dict) -> list:
     from evaluation.study import paired_test_from_record
 
+    return [paired_test_from_record(t) for t in study["tests"]]
+
+
+def test_the_figures_the_readme_quotes_about_the_study_are_the_committed_study():
+    """The study's plain reading quotes findings, differences, figures and probes; they must come
+    from the committed metrics/study.json."""
     readme = page("README.md")
     prose = " ".join(readme.split("**Read plainly: no consistent win.**", 1)[1]
-                     .split("## The default run", 1)[0].split())
+                     .split("Two identifiers name it", 1)[0].split())
     study = json.loads(committed("metrics/study.json"))
-    tests = [paired_test_from_record(t) for t in study["tests"]]
-    figures = study["summary"]
-    assert f"{len(tests)} paired tests" in prose and f"with {study['seeds']} test seeds" in prose
-    assert f"({study['configurations']} Optuna configurations" in prose
+    tests, figures = _study_tests(study), study["summary"]
+    against = {c: [t for t in tests if t.control == c] for c in ("peft_lora", "riemannian_lora")}
+    counts = f"{len(against['peft_lora'])} paired tests against LoRA and {len(against['riemannian_lora'])} against"
+    assert counts in prose
 
-    def deltas(metric, steps, way):
-        found = [t.delta.value for t in tests if t.metric == metric and t.steps in steps and t.better() is way]
-        return found, len([t for t in tests if t.metric == metric and t.steps in steps])
+    def found(control, metric, steps, kind=None):
+        return [t for t in against[control] if t.metric == metric and t.steps == steps
+                and (kind is None or t.finding() == kind)]
 
-    # test loss: worse in every pair, the range at each run length
-    for steps in study["steps"]:
-        worse, pairs = deltas("test_loss", [steps], False)
-        assert len(worse) == pairs and f"+{min(worse):.3f} to +{max(worse):.3f} at {steps}" in prose
-    worse, pairs = deltas("test_loss", study["steps"], False)
-    assert f"({len(worse)} of {pairs} pairs)" in prose
-    assert f"where LoRA reaches {figures['peft_lora@192']['test_loss']['mean']:.3f}" in prose
-    # 1/XB: significant in most pairs, but below the smallest effect of interest: equivalent
-    separation = [t for t in tests if t.metric == "separation"]
-    significant = [t.delta.value for t in separation if t.p_adjusted < 0.05 and t.delta.value > 0]
-    assert f"1/XB is higher for GRIT in {len(significant)} of {len(separation)} pairs by Holm's test alone" in prose
-    assert f"by +{min(significant):.3f} to +{max(significant):.3f}" in prose
-    equivalent = [t for t in separation if t.finding() == "equivalent"]
-    assert f"equivalent in {len(equivalent)} of {len(separation)}" in prose
-    (better,) = [t for t in separation if t.finding() == "better"]
-    assert f"only `{better.method}` at {better.steps} steps is better" in prose
-    lora = [figures[f"peft_lora@{steps}"]["separation"]["mean"] for steps in study["steps"]]
-    assert f"LoRA's {min(lora):.3f}-{max(lora):.3f}" in prose
-    retention = [t.finding() for t in tests if t.metric == "retention_accuracy"]
-    assert set(retention) == {"equivalent"} and f"retention is equivalent in all {len(retention)}" in prose
-    # refusals: grit_paper at 32 steps shifts both rates; afterwards only edgy-benign ones move
-    paper, base = figures["grit_paper@32"], figures["peft_lora@32"]
-    assert f"(test loss {paper['test_loss']['mean']:.3f} against LoRA's {base['test_loss']['mean']:.3f})" in prose
-    harmful, edgy = "sampled_refusal_rate", "sampled_overrefusal_rate"
-    assert f"harmful prompts {paper[harmful]['mean']:.2f} against {base[harmful]['mean']:.2f} (worse)" in prose
-    assert f"edgy-benign ones {paper[edgy]['mean']:.2f} against {base[edgy]['mean']:.2f}" in prose
-    assert deltas(harmful, [32], False)[0] and deltas(edgy, [32], True)[0]
-    later = [figures[f"{m}@{steps}"][harmful]["mean"] for m in study["methods"] for steps in (96, 192)]
-    assert not [t for t in tests if t.metric == harmful and t.steps > 32 and t.better() is not None]
-    assert f"({min(later):.3f} to {max(later):.3f})" in prose
-    less = [t for t in tests if t.metric == edgy and t.steps > 32 and t.better() is True]
-    assert {t.method for t in less} == {"grit_paper", "grit_paper_grafted"}
-    sizes = [-t.delta.value for t in less]
-    lora_edgy = [figures[f"peft_lora@{steps}"][edgy]["mean"] for steps in (96, 192)]
-    assert (f"(-{min(sizes):.3f} to -{max(sizes):.3f}, against LoRA's "
-            f"{min(lora_edgy):.2f}-{max(lora_edgy):.2f})") in prose
-    # pure GRIT's damping at the top of its range
-    damping = [study["chosen"][f"pure_grit@{steps}"]["damping"] for steps in study["steps"]]
-    assert f"({min(damping):.3g}-{max(damping):.3g}, at most 0.1)" in prose
-    assert all(any(note.startswith(f"pure_grit at {steps} steps: the chosen damping") and "high edge" in note
-                   for note in study["range_notes"]) for steps in study["steps"])
-    trials = [row for row in csv.DictReader(io.StringIO(committed("reports/study/trials.csv")))
-              if row["phase"] == "test" and row["steps"] == "192"]
-    params = {m: statistics.mean(int(r["trainable_parameters"]) for r in trials if r["method"] == m)
-              for m in ("grit_paper", "peft_lora")}
-    assert f"with {params['grit_paper'] / 1e6:.2f} M of LoRA's {params['peft_lora'] / 1e6:.2f} M" in prose
-    assert f"{study['training_hours']:.2f} h of it was training" in prose
+    # test loss: worse at 96 steps for three variants, nothing that counts at 192
+    worse = sorted(found("peft_lora", "test_loss", 96, "worse"), key=lambda t: -t.delta.value)
+    assert [t.method for t in worse] == ["pure_grit", "grit_paper_full_rank", "grit_paper_grafted"]
+    assert (f"`pure_grit` (+{worse[0].delta.value:.4f}), `grit_paper_full_rank` (+{worse[1].delta.value:.4f}) and "
+            f"`grit_paper_grafted` (+{worse[2].delta.value:.4f}) are worse than LoRA's "
+            f"{figures['peft_lora@96']['test_loss']['mean']:.3f}") in prose
+    (paper,) = found("peft_lora", "test_loss", 96, "inconclusive")
+    assert paper.method == "grit_paper" and f"`grit_paper` (+{paper.delta.value:.4f}) is inconclusive" in prose
+    late = found("peft_lora", "test_loss", 192)
+    assert {t.finding() for t in late} == {"inconclusive"}
+    deltas = [t.delta.value for t in late]
+    assert (f"(+{min(deltas):.4f} to +{max(deltas):.4f} against LoRA's "
+            f"{figures['peft_lora@192']['test_loss']['mean']:.3f}, all inconclusive)") in prose
+    # equivalent in 1/XB, harmful refusals and retention; two 1/XB pairs significant by Holm alone
+    for metric, words in (("separation", "1/XB"), ("sampled_refusal_rate", "harmful refusals"),
+                          ("retention_accuracy", "knowledge retention")):
+        pairs = [t for t in against["peft_lora"] if t.metric == metric]
+        assert {t.finding() for t in pairs} == {"equivalent"}
+        assert f"{words} ({len(pairs)} of {len(pairs)}" in prose, words
+    holm = {(t.method, t.steps) for t in against["peft_lora"] if t.metric == "separation" and t.p_adjusted < 0.05}
+    assert holm == {("pure_grit", 192), ("grit_paper_full_rank", 192)}
+    # the one win against LoRA
+    (win,) = [t for t in against["peft_lora"] if t.finding() == "better"]
+    assert (win.method, win.steps, win.metric) == ("grit_paper_grafted", 96, "sampled_overrefusal_rate")
+    assert (f"refuses fewer ({win.delta.value:.3f} against LoRA's "
+            f"{figures['peft_lora@96']['sampled_overrefusal_rate']['mean']:.3f})") in prose
+    # against the peer: test loss at 96 for the paper variants, edgy-benign refusals at 192
+    peer = [t for t in against["riemannian_lora"] if t.finding() == "better"]
+    loss = sorted(t.delta.value for t in peer if t.metric == "test_loss")
+    assert {t.method for t in peer if t.metric == "test_loss"} == {"grit_paper", "grit_paper_grafted",
+                                                                   "grit_paper_full_rank"}
+    assert {t.steps for t in peer if t.metric == "test_loss"} == {96}
+    assert f"better at 96 steps ({max(loss):.3f} to {min(loss):.3f};" in prose
+    assert f"the peer's own test loss there, {figures['riemannian_lora@96']['test_loss']['mean']:.3f}" in prose
+    assert [(t.method, t.steps) for t in peer if t.metric != "test_loss"] == [("grit_paper_grafted", 192)]
+    assert not [t for t in against["riemannian_lora"] if t.finding() == "worse"]
+    # the probes at the chosen settings
+    probes = study["probes"]
+    grit = {k: v for k, v in probes.items() if not k.startswith("riemannian_lora")}
+    effective = [v["update_cosine_median"] for v in grit.values() if v["verdict"] == "effective"]
+    assert f"{len(effective)} of {len(grit)} chosen GRIT settings' probes say effective" in prose
+    assert f"(update cosine against the control {min(effective):.2f} to {max(effective):.2f})" in prose
+    inert = probes["grit_paper@96"]
+    assert inert["verdict"] == "inert" and f"is inert ({inert['update_cosine_median']:.3f})" in prose
+    assert f"damping {study['chosen']['grit_paper@96']['damping']:.2f}" in prose
+    assert {v["verdict"] for k, v in probes.items() if k.startswith("riemannian_lora")} == {"inert"}
 
 
 def _span(values, digits: int) -> str:
@@ -489,42 +488,43 @@ def test_the_parity_docs_serving_quotes_is_the_committed_run():
     assert (f"agree on {agreed} of {parity[0]['prompts']} prompts ({', '.join(order)}; mean KL {kl} nats" in page)
 
 
-# The study whose report the README leads with: the superseded one while its successor's sittings
-# go on (its metrics are metrics/study.json byte for byte until the new report replaces them).
-HEADLINE_STUDY = "reports/study/superseded/da5b7eb144ec"
+# The committed study's ledger, and the study it superseded, kept whole in its own folder (docs/results.md).
+LEDGER = "reports/study/ledger"
+SUPERSEDED_STUDY = "reports/study/superseded/da5b7eb144ec"
 
 
 def test_the_readme_answer_and_the_study_page_are_the_committed_study():
-    """The README's one-sentence answer, its two identifiers and docs/study.md's counts."""
+    """The README's answer, its two identifiers and docs/study.md's counts are the committed
+    study's, and the committed metrics report the study whose ledger is committed beside them."""
     study = json.loads(committed("metrics/study.json"))
-    assert committed("metrics/study.json") == committed(f"{HEADLINE_STUDY}/study.json")
-    ledger = json.loads(committed(f"{HEADLINE_STUDY}/ledger/study.json"))
-    trials = committed(f"{HEADLINE_STUDY}/ledger/trials.jsonl").splitlines()
-    assert ledger["key"] in HEADLINE_STUDY
-    for name in ("report.md", "trials.csv"):
-        assert committed(f"{HEADLINE_STUDY}/{name}") == committed(f"reports/study/{name}"), name
-    from evaluation.study import paired_test_from_record
-
-    tests = [paired_test_from_record(t) for t in study["tests"]]
-    better, worse = [t for t in tests if t.better() is True], [t for t in tests if t.better() is False]
+    ledger = json.loads(committed(f"{LEDGER}/study.json"))
+    trials = committed(f"{LEDGER}/trials.jsonl").splitlines()
+    assert study["status"] == "complete" and study["profile"] == "study" and study["study"] == ledger["key"]
+    tests = _study_tests(study)
     answer = " ".join(page("README.md").split("**The answer so far:", 1)[1].split("\n\n", 1)[0].split())
-    equivalent = [t for t in tests if t.finding() == "equivalent"]
-    assert (f"tested over {study['seeds']} seeds, GRIT is better than LoRA in {len(better)} and worse in "
-            f"{len(worse)} of {len(tests)} paired tests") in answer
-    assert f"equivalent to it in {len(equivalent)}" in answer
-    assert all(t.better() is False for t in tests if t.metric == "test_loss")      # "worse ... at every run length"
-    for metric in ("separation", "retention_accuracy"):                           # "equivalent in separating ..."
-        findings = [t.finding() for t in tests if t.metric == metric]
-        assert findings.count("equivalent") > len(findings) / 2, metric
+    lora = [t.finding() for t in tests if t.control == "peft_lora"]
+    peer = [t.finding() for t in tests if t.control == "riemannian_lora"]
+    assert (f"tested over {study['seeds']} seeds, GRIT is better than plain LoRA in {lora.count('better')} and "
+            f"worse in {lora.count('worse')} of {len(lora)} paired tests") in answer
+    assert (f"equivalent to it in {lora.count('equivalent')} (inconclusive in {lora.count('inconclusive')})"
+            in answer)
+    assert (f"Riemannian-preconditioned LoRA it is better in {peer.count('better')} of {len(peer)} and worse in "
+            f"{'none' if not peer.count('worse') else peer.count('worse')}") in answer
+    worse = {(t.method, t.steps, t.metric) for t in tests if t.control == "peft_lora" and t.finding() == "worse"}
+    assert {m for m, s, metric in worse} and all(s == 96 and metric == "test_loss" for _, s, metric in worse)
+    words = ["no", "one", "two", "three", "four"]
+    assert f"worse on held-out loss at 96 steps for {words[len(worse)]} of its" in answer
     assert f"for at most {max(study['steps'])} steps" in answer
     readme = " ".join(page("README.md").split())
     assert f"study `{ledger['key']}` is the study itself" in readme
-    assert f"run `{study['run_id']}` is the `dvc repro study` run that wrote the report" in readme
+    assert f"run `{study['run_id']}` is the study stage's run that wrote the report" in readme
+    assert f"{study['training_hours']:.1f} h of it was training" in readme
     study_page = " ".join(page("docs/study.md").split())
+    hours = f"{study['compute_total_hours']:.1f} h"
     assert (f"study `{ledger['key']}` (its ledger's key), {len(trials)} trials in its ledger, "
-            f"{study['compute_total_hours']:.1f} h of compute of which {study['training_hours']:.1f} h training"
-            ) in study_page
+            f"{hours} of compute of which {study['training_hours']:.1f} h training") in study_page
     assert f"its report was written by run `{study['run_id']}`" in study_page
+    assert f"(they took {hours})" in study_page and f"per test run: {hours} of compute over sittings" in study_page
     # docs/metrics.md: how many sampled replies the default run and the study judge per prompt
     samples = {yaml.safe_load(committed(f))["eval"]["refusal_samples"]
                for f in ("params.yaml", "conf/profile/study.yaml")}
@@ -537,9 +537,9 @@ def test_the_superseded_study_is_summarised_from_its_kept_files():
     names, from the ledger, metrics and report kept in its folder."""
     from evaluation.study import paired_test_from_record
 
-    study = json.loads(committed(f"{HEADLINE_STUDY}/study.json"))
-    ledger = json.loads(committed(f"{HEADLINE_STUDY}/ledger/study.json"))
-    trials = jsonl_records(committed(f"{HEADLINE_STUDY}/ledger/trials.jsonl"))
+    study = json.loads(committed(f"{SUPERSEDED_STUDY}/study.json"))
+    ledger = json.loads(committed(f"{SUPERSEDED_STUDY}/ledger/study.json"))
+    trials = jsonl_records(committed(f"{SUPERSEDED_STUDY}/ledger/trials.jsonl"))
     findings = [paired_test_from_record(t).finding() for t in study["tests"]]
     prose = section(page("docs/results.md"), "## The superseded study")
     assert (f"study `{ledger['key']}`: {len(study['methods'])} methods" in prose
@@ -548,6 +548,14 @@ def test_the_superseded_study_is_summarised_from_its_kept_files():
     assert (f"better than LoRA in {findings.count('better')} and worse in {findings.count('worse')} of "
             f"{len(findings)} paired tests, equivalent in {findings.count('equivalent')} and inconclusive in "
             f"{findings.count('inconclusive')}") in prose
+    per_metric = {metric: [paired_test_from_record(t).finding() for t in study["tests"] if t["metric"] == metric]
+                  for metric in ("test_loss", "separation", "retention_accuracy", "sampled_overrefusal_rate")}
+    loss, separation = per_metric["test_loss"], per_metric["separation"]
+    retention, edgy = per_metric["retention_accuracy"], per_metric["sampled_overrefusal_rate"]
+    assert f"worse on held-out test loss in {loss.count('worse')} of {len(loss)} pairs" in prose
+    assert (f"equivalent on 1/XB in {separation.count('equivalent')} of {len(separation)} and on knowledge "
+            f"retention in {retention.count('equivalent')} of {len(retention)}") in prose
+    assert f"better (fewer refusals) on edgy-benign prompts in {edgy.count('better')} of {len(edgy)}" in prose
     paper = [t for t in trials if t["method"].startswith("grit_paper") and t["phase"] == "tune"
              and t["steps"] in (96, 192)]
     first_rung = min(t["stopped_at"] for t in trials if t["stopped_at"] is not None)
@@ -557,7 +565,9 @@ def test_the_superseded_study_is_summarised_from_its_kept_files():
     revisions = {t["revision"] for t in trials}
     assert all(r.endswith("-dirty") for r in revisions)          # "from uncommitted working trees"
     assert f"uncommitted working trees across {len(revisions)} revisions" in prose
-    assert f"[reports/study/superseded/{ledger['key']}/](../{HEADLINE_STUDY}/README.md)" in prose
+    assert f"[reports/study/superseded/{ledger['key']}/](../{SUPERSEDED_STUDY}/README.md)" in prose
+    assert (f"study `{ledger['key']}`, {len(trials)} trials, {study['compute_total_hours']:.1f} h of compute, its "
+            f"report written by run `{study['run_id']}`") in " ".join(page("docs/study.md").split())
 
 
 def test_the_default_run_figures_the_other_pages_quote_are_the_committed_run():
