@@ -170,10 +170,9 @@ def _params_sections(sources: Sources) -> str:
 
 
 def _study(sources: Sources) -> str:
-    from evaluation.study_report import readme_block
+    from evaluation.study_report import readme_block, reported_study
 
-    text = sources.text("metrics/study.json")
-    return readme_block(json.loads(text) if text else {})
+    return readme_block(reported_study(sources))
 
 
 def _trained(sources: Sources) -> dict[str, dict]:

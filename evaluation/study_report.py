@@ -900,7 +900,8 @@ def _ledger(sources: Sources) -> tuple[dict | None, list[dict]]:
     return json.loads(header) if header else None, jsonl_records(sources.text(f"{LEDGER_DIR}/{TRIALS_FILE}"))
 
 
-def _reported(sources: Sources) -> dict:
+def reported_study(sources: Sources) -> dict:
+    """The committed study metrics (``metrics/study.json``), empty when there are none."""
     text = sources.text("metrics/study.json")
     return json.loads(text) if text else {}
 
@@ -908,7 +909,7 @@ def _reported(sources: Sources) -> dict:
 # Here rather than with the other page blocks (evaluation/doc_figures.py): the study stage
 # rewrites them after each trial, and must not depend on what renders the default run's pages.
 PROGRESS_BLOCKS = (
-    DocBlock("study_progress", "README.md", lambda s: ledger_progress(*_ledger(s), reported=_reported(s))),
+    DocBlock("study_progress", "README.md", lambda s: ledger_progress(*_ledger(s), reported=reported_study(s))),
     DocBlock("study_parts", "docs/study.md", lambda s: ledger_parts_table(*_ledger(s))),
     DocBlock("study_finished", "docs/study.md", lambda s: ledger_finished_parts(*_ledger(s))),
     DocBlock("study_probes", "docs/study.md", lambda s: ledger_probes(*_ledger(s))),

@@ -535,12 +535,11 @@ def test_the_readme_answer_and_the_study_page_are_the_committed_study():
 def test_the_superseded_study_is_summarised_from_its_kept_files():
     """docs/results.md's summary of the superseded study: its counts, verdict and the flaws it
     names, from the ledger, metrics and report kept in its folder."""
-    from evaluation.study import paired_test_from_record
-
     study = json.loads(committed(f"{SUPERSEDED_STUDY}/study.json"))
     ledger = json.loads(committed(f"{SUPERSEDED_STUDY}/ledger/study.json"))
     trials = jsonl_records(committed(f"{SUPERSEDED_STUDY}/ledger/trials.jsonl"))
-    findings = [paired_test_from_record(t).finding() for t in study["tests"]]
+    tests = _study_tests(study)
+    findings = [t.finding() for t in tests]
     prose = section(page("docs/results.md"), "## The superseded study")
     assert (f"study `{ledger['key']}`: {len(study['methods'])} methods" in prose
             and f"at {', '.join(map(str, study['steps'][:-1]))} and {study['steps'][-1]} steps, {len(trials)} trials, "
@@ -548,7 +547,7 @@ def test_the_superseded_study_is_summarised_from_its_kept_files():
     assert (f"better than LoRA in {findings.count('better')} and worse in {findings.count('worse')} of "
             f"{len(findings)} paired tests, equivalent in {findings.count('equivalent')} and inconclusive in "
             f"{findings.count('inconclusive')}") in prose
-    per_metric = {metric: [paired_test_from_record(t).finding() for t in study["tests"] if t["metric"] == metric]
+    per_metric = {metric: [t.finding() for t in tests if t.metric == metric]
                   for metric in ("test_loss", "separation", "retention_accuracy", "sampled_overrefusal_rate")}
     loss, separation = per_metric["test_loss"], per_metric["separation"]
     retention, edgy = per_metric["retention_accuracy"], per_metric["sampled_overrefusal_rate"]

@@ -221,10 +221,10 @@ def test_the_pages_say_how_far_the_ledgers_study_is():
     table = ledger_parts_table(header, half)
     assert "| a, 8 steps | done | 1 | 0 | 1 | 1.00 |" in table
     assert "| b, 8 steps | not started | 0 | 0 | 0 | 0.00 |" in table
-    whole = ledger_progress(header, [record | {"phase": "test"}, record | {"phase": "test", "method": "b"}])
+    done = [record | {"phase": "test"}, record | {"phase": "test", "method": "b"}]
+    whole = ledger_progress(header, done)
     assert "[2 of 2 parts done]" in whole and "every part is done" in whole and "writes the report" in whole
     # once the report is this ledger's, the line says so; another study's report does not count
-    done = [record | {"phase": "test"}, record | {"phase": "test", "method": "b"}]
     reported = ledger_progress(header, done, reported={"study": "k1", "run_id": "r9"})
     assert "its report (run `r9`) is the headline above" in reported and "writes the report" not in reported
     assert "writes the report" in ledger_progress(header, done, reported={"study": "k0", "run_id": "r8"})
