@@ -15,7 +15,7 @@ two-level bootstrap), Holm-adjusted over the whole family.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -247,9 +247,10 @@ class PartProgress:
 
     @property
     def state(self) -> str:
-        # A part runs its phases in order, so the furthest phase with a run says where it is.
+        # A part runs its phases in order, so the furthest phase with a run says where it is; a
+        # probed part (GRIT or a peer) is done once its probe at the chosen setting is recorded too.
         if self.done["test"] >= self.planned["test"]:
-            return "done"
+            return "done" if self.done["probe"] >= self.planned.get("probe", 0) else "probing"
         if self.done["test"]:
             return "testing"
         if self.done["finalist"]:
@@ -258,16 +259,18 @@ class PartProgress:
 
 
 def study_progress(methods: Sequence[str], run_lengths: Sequence[int], planned: dict[str, int],
-                   trials: Iterable[Trial]) -> list[PartProgress]:
+                   trials: Iterable[Trial], probed: Collection[str] = ()) -> list[PartProgress]:
     """Per part, in plan order (run length, then method): runs done per phase and the hours they
-    cost (``Trial.compute_seconds``)."""
+    cost (``Trial.compute_seconds``); the parts of ``probed`` methods (GRIT and the peers: those
+    with a preconditioner) plan one probe each."""
     done = {(m, s): dict.fromkeys(PHASES, 0) for s in run_lengths for m in methods}
     seconds = dict.fromkeys(done, 0.0)
     for t in trials:
         if (t.method, t.steps) in done:
             done[(t.method, t.steps)][t.phase] += 1
             seconds[(t.method, t.steps)] += t.compute_seconds
-    return [PartProgress(m, s, done[(m, s)], dict(planned), seconds[(m, s)] / 3600) for (m, s) in done]
+    return [PartProgress(m, s, done[(m, s)], {**planned, "probe": int(m in probed)}, seconds[(m, s)] / 3600)
+            for (m, s) in done]
 
 
 def _median(values: Sequence[float], default: float = 0.0) -> float:
@@ -284,7 +287,8 @@ def remaining_hours(parts: Sequence[PartProgress], trials: Sequence[Trial], rece
     (workers, threads, what shared the machine), not the run length; a phase with no recent
     trial takes its pace from all of its trials. A tuning run trains the share of its steps that
     the pruner let tuning runs of that length train (of the longest length measured, for one not
-    yet begun); a part expects as many finalist runs as the parts past that phase needed."""
+    yet begun); a part expects as many finalist runs as the parts past that phase needed. A probe
+    left costs the median wall time of the probes so far (none yet: nothing)."""
     trained = [t for t in trials if t.train_seconds > 0 and t.steps_trained > 0]
     if not trained:
         return None
@@ -302,10 +306,11 @@ def remaining_hours(parts: Sequence[PartProgress], trials: Sequence[Trial], rece
     for steps in sorted({t.steps for t in trained if t.phase == "tune"}):
         tuned = [t for t in trained if t.phase == "tune" and t.steps == steps]
         shares[steps] = sum(t.steps_trained for t in tuned) / (steps * len(tuned))
-    past = [p.done["finalist"] for p in parts if p.state in ("testing", "done")]
+    past = [p.done["finalist"] for p in parts if p.state in ("testing", "probing", "done")]
+    probe_seconds = _median([t.compute_seconds for t in trials if t.phase == "probe"])
     seconds = 0.0
     for part in (p for p in parts if p.state != "done"):       # a done part needs nothing more
-        finalists = part.done["finalist"] if part.state == "testing" else \
+        finalists = part.done["finalist"] if part.state in ("testing", "probing") else \
             min(round(float(np.mean(past))) if past else part.planned["finalist"], part.planned["finalist"])
         left = {"tune": max(0, part.planned["tune"] - part.done["tune"]),
                 "finalist": max(0, finalists - part.done["finalist"]),
@@ -313,6 +318,7 @@ def remaining_hours(parts: Sequence[PartProgress], trials: Sequence[Trial], rece
         tune_share = shares.get(part.steps, shares[max(shares)] if shares else 1.0)
         share = {"tune": tune_share, "finalist": 1.0, "test": 1.0}
         seconds += sum(n * (per_step[phase] * part.steps * share[phase] + outside[phase]) for phase, n in left.items())
+        seconds += max(0, part.planned.get("probe", 0) - part.done["probe"]) * probe_seconds
     return seconds / 3600
 
 
@@ -326,43 +332,8 @@ def remaining_note(parts: Sequence[PartProgress], trials: Sequence[Trial]) -> st
         f"about {left:.2g} h more at the pace of its trials so far"
 
 
-def _findings(tests: Sequence[PairedTest], grit_methods: Sequence[str]):
-    """The GRIT methods' tests, and those among them of each kind of :data:`FINDINGS`."""
-    mine = [t for t in tests if t.method in grit_methods]
-    return mine, {kind: [t for t in mine if t.finding() == kind] for kind in FINDINGS}
-
-
-def verdict(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
-    """The plain answer first (:func:`headline`), then which differences count."""
-    _, found = _findings(tests, grit_methods)
-    wins, losses = found["better"], found["worse"]
-    parts = [headline(tests, grit_methods)]
-    if wins:
-        parts.append(f"Better: {describe(wins)}{';' if losses else '.'}")
-    if losses:
-        parts.append(f"{'worse' if wins else 'Worse'}: {describe(losses)}.")
-    return " ".join(parts)
-
-
 RULE = ("paired over seeds, and over prompts for per-prompt figures; better or worse: Holm-adjusted p < 0.05 and "
         "at least the metric's smallest effect of interest; equivalent: the 90% interval inside it")
-
-
-def headline(tests: Sequence[PairedTest], grit_methods: Sequence[str]) -> str:
-    """One sentence: does GRIT beat LoRA here, by the pre-declared test, and how many of the
-    paired tests fall in each of the four kinds (:data:`FINDINGS`). The README leads with it."""
-    mine, found = _findings(tests, grit_methods)
-    wins, losses, rest = len(found["better"]), len(found["worse"]), \
-        f"equivalent in {len(found['equivalent'])} and inconclusive in {len(found['inconclusive'])}"
-    if not wins and not losses:
-        return (f"No: at each method's validation-tuned setting, GRIT is neither better nor worse than LoRA in "
-                f"any of {len(mine)} paired tests; {rest} ({RULE}).")
-    out_of = f"of {len(mine)} paired tests; {rest} ({RULE})."
-    if wins and losses:
-        return f"Mixed: GRIT is better than LoRA in {wins} and worse in {losses} {out_of}"
-    if wins:
-        return f"GRIT is better than LoRA in {wins} and worse in none {out_of}"
-    return f"No: GRIT is worse than LoRA in {losses} and better in none {out_of}"
 
 
 def describe(tests: Sequence[PairedTest]) -> str:

@@ -690,10 +690,19 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
 SITTINGS_DOC = "docs/study.md#sittings-one-study-over-several-machines-and-days"
 
 
+def probed_methods(methods: Sequence[str], variants: dict[str, dict]) -> list[str]:
+    """The methods whose parts end with a probe: those whose declared variant (as a ledger's header
+    keeps it) has a preconditioner, GRIT or a peer's (``trainers.config.preconditioner``)."""
+    from trainers.config import VariantParams, preconditioner
+
+    return [m for m in methods if m in variants and preconditioner(VariantParams.model_validate(variants[m]))]
+
+
 def _ledger_parts(header: dict, records: Sequence[dict]):
     plan = header["declared"]["study"]
     planned = planned_runs(plan["configurations"], plan["finalists"], plan["finalist_seeds"], plan["seeds"])
-    return planned, study_progress(plan["methods"], plan["steps"], planned, map(trial_from_record, records))
+    probed = probed_methods(plan["methods"], header["declared"].get("variants", {}))
+    return planned, study_progress(plan["methods"], plan["steps"], planned, map(trial_from_record, records), probed)
 
 
 def ledger_key(sources: Sources) -> str | None:
@@ -802,9 +811,13 @@ def ledger_finished_parts(header: dict | None, records: Sequence[dict]) -> str:
     return _table(["part", "test seeds"] + [get(name).label for name in names], rows)
 
 
-# The figures a study probe run keeps, in the probe table's order: pipelines.study.trial's
-# PROBE_FIGURES (a floor above this module; tests/evaluation/test_study_provenance.py ties them).
-PROBE_COLUMNS = ("update_cosine_median", "scalar_twin_cosine_median", "update_relative_difference_median")
+# The figures a study probe run keeps, in the probe table's order, with their headings:
+# pipelines.study.trial's PROBE_FIGURES (a floor above this module; tests/evaluation/
+# test_study_provenance.py ties them). A column no probe of the ledger recorded is left out (the
+# twin against the control came after study f6fd98fb4b02).
+PROBE_COLUMNS = {"update_cosine_median": "update cosine vs control", "scalar_twin_cosine_median": "vs scalar twin",
+                 "update_relative_difference_median": "relative difference",
+                 "twin_control_cosine_median": "twin vs control"}
 
 
 def ledger_probes(header: dict | None, records: Sequence[dict]) -> str:
@@ -816,11 +829,11 @@ def ledger_probes(header: dict | None, records: Sequence[dict]) -> str:
     if not probes:
         return "No chosen setting has been probed yet."
     probed_setup(probes)                      # one probe code, or no table
-    return _table(["part", "chosen setting", "verdict", "update cosine vs control", "vs scalar twin",
-                   "relative difference", "probe setup"],
+    shown = [name for name in PROBE_COLUMNS if any(t.metrics.get(name) is not None for t in probes)]
+    return _table(["part", "chosen setting", "verdict", *(PROBE_COLUMNS[name] for name in shown), "probe setup"],
                   [[f"{t.method}, {t.steps} steps", _setting(t.setting),
                     "effective" if t.metrics.get("effective") else "inert",
-                    *(_number(t.metrics.get(name), 3) for name in PROBE_COLUMNS), f"`{t.setup}`"] for t in probes])
+                    *(_number(t.metrics.get(name), 3) for name in shown), f"`{t.setup}`"] for t in probes])
 
 
 def readme_block(study: dict) -> str:

@@ -58,14 +58,15 @@ def sitting_start(measured: dict) -> str:
                          - (start["answers_seconds"] if generated else 0)) / 60)
     if not generated:
         text = (f"{measured_text}, with the study's kept answers put into the cache. On a fresh host, plan "
-                f"about {minutes} minutes on top of `MINUTES`, plus the last trial's own length.")
+                f"about {minutes} minutes on top of `MINUTES`, plus at most one trial's length "
+                "(`pipelines.study.job.sitting_over`).")
     else:
         text = (f"{measured_text}, {start['answers_seconds']:,} s of it generating the base model's greedy "
                 f"answers to the {start['answers']} benign training prompts (up to "
                 f"{start['answer_max_new_tokens']} tokens each, through llama.cpp). Sittings since put the "
                 f"study's kept answers into the cache first and generate none, so on a fresh host plan about "
                 f"{minutes} minutes on top of `MINUTES` (the measured times less the generation; not yet "
-                f"measured as a whole), plus the last trial's own length.")
+                f"measured as a whole), plus at most one trial's length (`pipelines.study.job.sitting_over`).")
     warm = measured.get("warm_start")
     if warm:
         text += (f" On a host that kept its set-up and its `GRIT_CACHE_DIR` from an earlier sitting "

@@ -123,6 +123,8 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         "update_cosine_min": min((u["cosine"] for u in updates if u["cosine"] is not None), default=None),
         "update_relative_difference_median": median([u["relative_difference"] for u in updates]),
         "scalar_twin_cosine_median": median([m["scalar_update"]["cosine"] for m in modules if m["scalar_update"]]),
+        # the twin against plain LoRA: what a step size alone does to the update (records before: absent)
+        "twin_control_cosine_median": median([m["twin_update"]["cosine"] for m in modules if m.get("twin_update")]),
         "gradient_cosine_median": median([g["cosine"] for g in gradients]),
         "gradient_norm_ratio_median": median([g["norm_ratio"] for g in gradients]),
         "scalar_distance_median": median([m["scalar_distance"] for m in modules]),
@@ -155,8 +157,8 @@ def store_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     for module in m["modules"]:
         figures = {"rows_captured": module["rows_captured"], "ready": float(module["usable_A"] and module["usable_B"]),
                    "scalar_distance": module["scalar_distance"], "condition_number": module["condition"]}
-        for kind in ("update", "gradient", "scalar_update"):
-            for key, value in (module[kind] or {}).items():
+        for kind in ("update", "gradient", "scalar_update", "twin_update"):
+            for key, value in (module.get(kind) or {}).items():
                 figures[f"{kind}_{key}"] = value
         rows += [{"module": module["name"], "metric": key, "step": start + m["steps"], "value": value, "text": None}
                  for key, value in figures.items() if value is not None]
@@ -215,7 +217,8 @@ def probe(params_path: Path, ctx: StageContext, names: list[str]) -> dict[str, P
               + (f"; measured after its {s['start_step']}-step natural-gradient warm-up (arms "
                  f"{_fmt(s['start_difference'])} apart there)" if s["start_step"] else "")
               + f"; update cosine vs control median {_fmt(s['update_cosine_median'])}, "
-              f"vs its scalar twin {_fmt(s['scalar_twin_cosine_median'])}, "
+              f"vs its scalar twin {_fmt(s['scalar_twin_cosine_median'])} (the twin vs control "
+              f"{_fmt(s.get('twin_control_cosine_median'))}), "
               f"loss-curve correlation {_fmt(s['loss_correlation'])}")
         for detail in s["checks"].values():
             print(f"[probe]   - {detail}")

@@ -167,12 +167,18 @@ def test_before_a_walkthrough_the_times_are_the_committed_measurements_with_what
 
 def test_the_fingerprint_blemish_the_study_page_describes_is_the_ledgers():
     """docs/study.md (Provenance) says a tuning trial pruned first in its process lists 71 loaded
-    files instead of 75, and that every test run lists the same files: read from the ledger."""
+    files instead of 75, and that every test run lists the same files: read from the ledger; and
+    how many files a trial needs now: the closure of the trial's entry module."""
+    from db.provenance import needed_files
+    from pipelines.study.trial import TRIAL_ENTRY
+
     trials = jsonl_records(committed("reports/study/ledger/trials.jsonl"))
     loaded = {phase: {len(t["provenance"]["loaded"]) for t in trials if t["phase"] == phase and t.get("provenance")}
               for phase in ("tune", "test")}
-    assert "so it lists 71\nfiles instead of 75" in page("docs/study.md")
+    text = " ".join(page("docs/study.md").split())
+    assert "so it lists 71 files instead of 75" in text
     assert loaded["tune"] == {71, 75} and loaded["test"] == {75}
+    assert f"`db.provenance.needed_files`, {len(needed_files([TRIAL_ENTRY], REPO_ROOT))} files today" in text
 
 
 def test_the_readme_headline_is_the_committed_study_or_says_it_is_missing():

@@ -32,8 +32,8 @@ GRIT_CAPTURES = ("auto", "hooks", "fused")
 # (PEFT only), so that a GRIT arm through those functions is timed against the same arithmetic.
 LORA_FUNCTIONS = ("engine", "fused")
 # The base both arms train on: the model's dtype (bf16 on a GPU), or NF4 through bitsandbytes, where
-# GRIT's fused functions cannot run (they need a plain Linear) and the hybrid's GRIT captures through
-# PEFT's forward and hooks: the named fallback whose memory this measures. CUDA only.
+# the hybrid's GRIT runs its fused functions over the packed 4-bit weights (de-quantised per product,
+# as Unsloth's 4-bit kernels do) against Unsloth's own 4-bit LoRA. CUDA only.
 BASES = ("model", "nf4")
 
 
@@ -97,7 +97,7 @@ class Sizing:
                                  "functions without GRIT (fused), the baseline of --grit-capture fused")
         parser.add_argument("--base", choices=BASES, default=default.base,
                             help="the base both arms of the overhead and profile items train on: the model's dtype, "
-                                 "or nf4 (bitsandbytes, CUDA only; the hybrid's GRIT then captures through hooks)")
+                                 "or nf4 (bitsandbytes, CUDA only; GRIT's fused functions de-quantise per product)")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Sizing:

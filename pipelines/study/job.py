@@ -33,10 +33,24 @@ from pipelines.study.trial import provenance, run_summary, run_trial, store_tria
 from pipelines.study.tuning import DEFAULTS, finished_configurations, optuna_study, reseed
 
 
-def sitting_over(job: dict[str, Any], trained: int) -> bool:
-    """Past the sitting's deadline, start no new trial (the study process then stops the sitting);
-    a job trains at least one, so every sitting moves the study on, however short."""
-    return trained > 0 and job.get("deadline") is not None and time.time() >= job["deadline"]
+def sitting_over(job: dict[str, Any], lengths: list[float], now: float | None = None) -> bool:
+    """Start no new trial that would end past the sitting's deadline at the length of this job's
+    longest trial so far (``lengths``, seconds): a 192-step trial is 20-25 minutes on 2 cores,
+    and a sitting that let one start a minute before its end ran that much past it. The study
+    process then stops the sitting. A job trains at least one trial, so every sitting moves the
+    study on, however short."""
+    if not lengths or job.get("deadline") is None:
+        return False
+    return (time.time() if now is None else now) + max(lengths) > job["deadline"]
+
+
+def tuning_line(job: dict[str, Any], finished: int, setting: dict[str, float]) -> str:
+    """The log line of the configuration a tuning job trains next: which of its ``configurations``
+    and, in an extension (a tuning run again over a widened range), which extension, since each
+    extension counts its configurations from 1 again."""
+    extension = f", extension {job['extension']} (widened ranges)" if job.get("extension") else ""
+    return (f"[study] tune {job['method']} at {job['steps']} steps{extension}, configuration {finished + 1}/"
+            f"{job['configurations']}: {json.dumps(setting, sort_keys=True)}")
 
 
 def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None:
@@ -47,16 +61,14 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
     tuned = optuna_study(params, root, job)
     store = trial_store(params, root)
     space = [Dimension(**d) for d in job["space"]]
-    trained = 0
-    while (finished := finished_configurations(tuned)) < job["configurations"] and not sitting_over(job, trained):
-        trained += 1
+    lengths: list[float] = []          # this job's trials' wall times, seconds
+    while (finished := finished_configurations(tuned)) < job["configurations"] and not sitting_over(job, lengths):
         reseed(tuned, params, job)
         trial = tuned.ask()
         setting = {d.name: float(f"{trial.suggest_float(d.name, d.low, d.high, log=d.log):.4g}") for d in space}
         spec = {"phase": "tune", "method": job["method"], "steps": job["steps"], "seed": job["seed"],
                 "setting": setting, "tuning": job["tuning"], "defaults": bool(trial.user_attrs.get(DEFAULTS))}
-        print(f"[study] tune {job['method']} at {job['steps']} steps, configuration {finished + 1}/"
-              f"{job['configurations']}: {json.dumps(setting, sort_keys=True)}", flush=True)
+        print(tuning_line(job, finished, setting), flush=True)
 
         def report(step: int, val_loss: float, trial=trial) -> bool:
             trial.report(val_loss, step)
@@ -65,6 +77,7 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
         with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
             record = provenance(run_trial(params, spec, root, Path(scratch), on_validation=report), job, params, root)
         store_trial(store, job["run_id"], record)          # before Optuna hears of it
+        lengths.append(record["trial_seconds"])
         loss = record["val_loss"]
         if record["stopped_at"] is not None:
             tuned.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -80,14 +93,16 @@ def tune(params: Params, job: dict[str, Any], root: Path, results: Path) -> None
 
 def runs(params: Params, job: dict[str, Any], root: Path, results: Path) -> None:
     store = trial_store(params, root)
-    for trained, spec in enumerate(job["runs"]):
-        if sitting_over(job, trained):
+    lengths: list[float] = []
+    for spec in job["runs"]:
+        if sitting_over(job, lengths):
             return
         print(f"[study] {spec['phase']} {spec.get('position', '?')}: {spec['method']}, {spec['steps']} steps, "
               f"seed {spec['seed']}, {json.dumps(spec['setting'], sort_keys=True)}", flush=True)
         with tempfile.TemporaryDirectory(prefix="study-trial-") as scratch:
             record = provenance(run_trial(params, spec, root, Path(scratch)), job, params, root)
         store_trial(store, job["run_id"], record)
+        lengths.append(record["trial_seconds"])
         append(results, record)
         print(run_summary(record), flush=True)
 

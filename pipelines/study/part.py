@@ -40,7 +40,8 @@ from trainers.config import preconditioner
 
 def run_job(sitting: Sitting, job: dict) -> None:
     """One worker process for ``job``; its trials are recorded as they land, so a kill loses at
-    most the trial in progress. The worker starts no trial after the sitting's deadline."""
+    most the trial in progress. The worker starts no trial that would end past the sitting's
+    deadline at the length of its longest so far (``job.sitting_over``)."""
     import yaml
 
     ctx = sitting.ctx

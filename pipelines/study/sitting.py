@@ -27,6 +27,7 @@ from pipelines.paths import DATA_DIR
 from pipelines.stage import StageContext
 from pipelines.study.plan import declared_study_params, identity
 from pipelines.study.trial import store_trial, stored_result
+from trainers.config import preconditioner
 
 LEDGER_PART = "ledger"            # the claim on restoring the committed ledger into the store
 
@@ -99,7 +100,7 @@ def open_sitting(ctx: StageContext, minutes: float | None, workers: int = 1, wor
                       None if minutes is None else time.time() + 60 * minutes,
                       worker=f"{os.uname().nodename}:{os.getpid()}" if worker else None, workers=workers,
                       stale_after=stale_after, params_file=params_file)
-    # before any trial: a changed file that earlier trials loaded would mix two codes in one study
+    # before any trial: a changed file that earlier trials needed would mix two codes in one study
     check_sitting_may_start(sitting.ledger.trials, working_tree_changes(ctx.root), sitting.ledger.key)
     check_same_data(sitting.ledger, data)
     return sitting
@@ -179,7 +180,8 @@ def progress(sitting: Sitting) -> str:
     study = sitting.ctx.params.study
     planned = planned_runs(study.configurations, study.finalists, study.finalist_seeds, study.seeds)
     trials = recorded_trials(sitting.ctx)
-    parts = study_progress(study.methods, study.steps, planned, trials)
+    probed = [m for m in study.methods if preconditioner(sitting.ctx.params.variants[m]) is not None]
+    parts = study_progress(study.methods, study.steps, planned, trials, probed)
     done = {phase: sum(p.done[phase] for p in parts) for phase in PHASES}
     left = remaining_note(parts, trials)
     return (f"{sum(p.state == 'done' for p in parts)} of {len(parts)} parts done; {done['tune']} tuning "

@@ -20,6 +20,9 @@ from pipelines.params import Params
 from pipelines.paths import DATA_DIR
 from pipelines.study.plan import study_rungs
 
+# The module every trial process runs (``python -m``, pipelines/study/part.py): its import closure
+# is what a trial's code fingerprint hashes (``provenance``). Named, not imported: it imports this.
+TRIAL_ENTRY = "pipelines.study.job"
 PER_PROMPT_KINDS = ("rate", "probability")     # their values are one per prompt (or fact pair)
 
 
@@ -116,7 +119,8 @@ def split_loss(model, tokenizer, path: Path) -> tuple[float, list[float]]:
 
 
 # What a probe run keeps of the probe's summary (``pipelines.probe.summary``), beside its verdict
-PROBE_FIGURES = ("update_cosine_median", "scalar_twin_cosine_median", "update_relative_difference_median")
+PROBE_FIGURES = ("update_cosine_median", "scalar_twin_cosine_median", "update_relative_difference_median",
+                 "twin_control_cosine_median")
 
 
 def probe_run(params: Params, spec: dict[str, Any], root: Path, scratch: Path) -> dict[str, Any]:
@@ -237,14 +241,13 @@ def trial_store(params: Params, root: Path):
 
 def provenance(record: dict[str, Any], job: dict[str, Any], params: Params, root: Path) -> dict[str, Any]:
     """The code, host and data that trained a trial, kept with it in the store and the ledger, and
-    its fingerprint (``db.provenance``): the project files this process has loaded, the lock
-    files, the data and the variant's params."""
+    its fingerprint (``db.provenance``): the project files a trial needs (the import closure of
+    the trial process's entry module, ``TRIAL_ENTRY``), the lock files, the data and the
+    variant's params."""
     import os
-    import sys
 
-    from db.provenance import loaded_project_files, trial_provenance
+    from db.provenance import needed_files, trial_provenance
 
-    loaded = loaded_project_files((getattr(m, "__file__", None) for m in list(sys.modules.values())), root)
     variant = params.variants[record["method"]].model_dump(mode="json")
     return {**record, "revision": job.get("revision"), "host": os.uname().nodename, "data": job.get("data"),
-            "provenance": trial_provenance(loaded, root, job.get("data"), variant)}
+            "provenance": trial_provenance(needed_files([TRIAL_ENTRY], root), root, job.get("data"), variant)}

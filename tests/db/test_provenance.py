@@ -1,11 +1,10 @@
-"""A trial's provenance: the code it loaded, the locks and the data, as one fingerprint; a sitting
-refuses a working tree that changes what earlier trials loaded, and the report will not compare
-parts of different setups."""
+"""A trial's provenance: the code it needs, the locks and the data, as one fingerprint; a sitting
+refuses a working tree that changes what earlier trials needed (or, in older records, loaded),
+and the report will not compare parts of different setups."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from db.provenance import (
     check_sitting_may_start,
     code_fingerprint,
     dirty_loaded_files,
-    loaded_project_files,
+    needed_files,
     trial_provenance,
     working_tree_changes,
 )
@@ -44,28 +43,32 @@ def test_the_code_fingerprint_changes_with_a_loaded_files_content_only(tmp_path)
     assert code_fingerprint(files[:1], tmp_path) != code_fingerprint(files, tmp_path)
 
 
-def test_the_loaded_project_files_are_the_repositorys_own(tmp_path):
-    files = _project(tmp_path)
-    (tmp_path / ".venv" / "lib").mkdir(parents=True)
-    (tmp_path / ".venv" / "lib" / "torch.py").write_text("")
-    (tmp_path / "unsloth_compiled_cache").mkdir()
-    (tmp_path / "unsloth_compiled_cache" / "UnslothSFTTrainer.py").write_text("")
-    seen = [str(tmp_path / f) for f in reversed(files)] + [
-        str(tmp_path / ".venv" / "lib" / "torch.py"), str(tmp_path / "unsloth_compiled_cache" / "UnslothSFTTrainer.py"),
-        "/usr/lib/python3.11/json/__init__.py", None, str(tmp_path / "core.py")]
-    assert loaded_project_files(seen, tmp_path) == files
-    # this process: the test itself and the module under test are among its project files
-    mine = loaded_project_files((getattr(m, "__file__", None) for m in list(sys.modules.values())), REPO_ROOT)
-    assert {"db/provenance.py", "tests/db/test_provenance.py"} <= set(mine)
-    assert not any(name.startswith(".venv") for name in mine)
-
+def test_a_trial_needs_the_import_closure_of_its_entry_whatever_its_process_imported(tmp_path):
+    """The files a trial needs are the closure of its entry module's imports, those inside
+    functions and relative ones included, each parent package's __init__ with them; a module from
+    outside the project and a file nothing imports are not among them."""
+    files = {
+        "job.py": "import json\nfrom trainers import recipe\n\ndef run():\n    from evaluation.measure import m\n",
+        "trainers/__init__.py": "",
+        "trainers/recipe.py": "from . import optim\nfrom .steps import *\n",
+        "trainers/optim.py": "import torch\n",
+        "trainers/steps.py": "",
+        "evaluation/__init__.py": "from evaluation.stats import t\n",
+        "evaluation/measure.py": "from .stats import t\n",
+        "evaluation/stats.py": "",
+        "unused.py": "import job\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert needed_files(["job"], tmp_path) == sorted(set(files) - {"unused.py"})
 
 def test_a_trials_fingerprint_covers_code_locks_data_and_params(tmp_path):
     files = _project(tmp_path)
     (tmp_path / "requirements").mkdir()
     (tmp_path / "requirements" / "lock.txt").write_text("torch==2.5.1\n")
     base = trial_provenance(files, tmp_path, "data1", {"engine": "peft", "grit": True})
-    assert base["loaded"] == files and base["data"] == "data1"
+    assert base["files"] == files and base["data"] == "data1"
     other_params = trial_provenance(files, tmp_path, "data1", {"engine": "peft", "grit": False})
     assert other_params["setup"] == base["setup"] and other_params["fingerprint"] != base["fingerprint"]
     assert trial_provenance(files, tmp_path, "data2", {"engine": "peft", "grit": True})["setup"] != base["setup"]
@@ -115,10 +118,14 @@ def test_a_change_to_a_loaded_training_file_refuses_the_sitting_and_the_mixed_re
 
     (tmp_path / "trainers" / "recipe.py").write_text("STEP = 'precondition'\n")
     (tmp_path / "scratch.txt").write_text("untracked, loaded by nobody\n")
-    with pytest.raises(ProvenanceError, match=r"changes 1 file that earlier trials of study abc123 loaded "
+    with pytest.raises(ProvenanceError, match=r"changes 1 file that earlier trials of study abc123 needed "
                                               r"\(trainers/recipe.py\)") as refused:
         check_sitting_may_start([earlier, {"method": "peft_lora"}], working_tree_changes(tmp_path), "abc123")
     assert "\n" not in str(refused.value)
+    # a record from before the closure names what its process had loaded: it refuses the same
+    before = {"method": "pure_grit", "provenance": {"setup": "s", "loaded": ["trainers/recipe.py"]}}
+    with pytest.raises(ProvenanceError, match=r"\(trainers/recipe.py\)"):
+        check_sitting_may_start([before], working_tree_changes(tmp_path), "abc123")
 
     later = trial_provenance(files, tmp_path, "d", {"grit": False})
     assert later["setup"] != earlier["provenance"]["setup"]

@@ -13,7 +13,6 @@ from evaluation.study import (
     Trial,
     compute_by_method,
     endpoints,
-    headline,
     paired_test_from_record,
     paired_test_record,
     paired_tests,
@@ -21,8 +20,10 @@ from evaluation.study import (
     remaining_hours,
     study_progress,
     summary,
-    verdict,
 )
+from evaluation.study_report import study_headline, study_verdict
+
+LORA = {"lora": "LoRA"}       # the one control these tests compare against, as the report names it
 
 
 def trial(lr: float, test_loss: float, refusal: float, method: str = "m", phase: str = "test", seed: int = 0,
@@ -53,7 +54,7 @@ def test_the_paired_tests_are_holm_adjusted_over_every_endpoint_pair_and_run_len
     assert loss.better() is True                                                      # lower loss is better
     refusal = next(t for t in tests if t.metric == "sampled_refusal_rate")
     assert refusal.better() is None
-    sentence = verdict(tests, ["grit"])
+    sentence = study_verdict(tests, ["grit"], LORA)
     assert sentence.startswith(f"GRIT is better than LoRA in 1 and worse in none of {len(tests)} paired tests")
     assert f"Better: {loss_label()} (grit vs lora, 8 steps, {loss.delta.value:+.3g})." in sentence
 
@@ -115,7 +116,7 @@ def test_the_headline_counts_the_four_kinds_and_a_record_keeps_each_finding():
     tests = [_loss_test(-0.004, -0.0055, -0.0025, (-0.0051, -0.0029), 0.001),
              _loss_test(+0.002, 0.0009, 0.0036, (0.0012, 0.0034), 0.001),
              _loss_test(0.0002, -0.0025, 0.0029, (-0.002, 0.0024), 0.9)]
-    assert headline(tests, ["grit"]).startswith(
+    assert study_headline(tests, ["grit"], LORA).startswith(
         "GRIT is better than LoRA in 1 and worse in none of 3 paired tests; equivalent in 1 and inconclusive in 1")
     for test in tests:
         record = paired_test_record(test)
@@ -133,7 +134,7 @@ def test_paired_tests_carry_the_controls_mean_and_a_narrower_equivalence_interva
 
 def test_the_verdict_says_no_plainly_when_nothing_differs():
     trials = [trial(1e-4, 2.0 + 0.01 * s, 0.5, m, seed=s) for s in range(5) for m in ("lora", "grit")]
-    assert verdict(paired_tests(trials, [("grit", "lora")], [8]), ["grit"]).startswith("No: ")
+    assert study_verdict(paired_tests(trials, [("grit", "lora")], [8]), ["grit"], LORA).startswith("No: ")
 
 
 def test_compute_is_counted_per_method_and_phase():
@@ -163,6 +164,25 @@ def test_progress_counts_each_part_by_phase_and_says_where_it_is():
     assert parts[0].done == {"tune": 3, "finalist": 3, "test": 2, "probe": 0}
     assert parts[0].hours == pytest.approx(8 / 60)
     assert parts[1].hours == pytest.approx(72 / 3600) and parts[2].hours == pytest.approx(3601 / 3600)
+
+
+def test_a_probed_part_is_done_only_once_its_probe_is_recorded_and_the_probe_left_is_priced():
+    """GRIT's and the peers' parts end with a probe at the chosen setting: with every test run done
+    and no probe such a part is "probing", not "done", and the compute left counts one probe at
+    the median wall time of the probes so far; a part of plain LoRA is done with its tests."""
+    planned = planned_runs(configurations=1, finalists=1, finalist_seeds=0, seeds=1)
+
+    def run(phase, method, seconds=10.0):
+        return Trial(phase, method, 8, 0, {}, 1.0, train_seconds=seconds, trial_seconds=seconds)
+
+    tested = [run(phase, method) for method in ("lora", "grit", "peer") for phase in ("tune", "finalist", "test")]
+    probes = [run("probe", "peer", 300.0), run("probe", "peer", 500.0)]      # median 400 s
+    parts = study_progress(["lora", "grit", "peer"], [8], planned, tested + probes, probed=["grit", "peer"])
+    assert [(p.method, p.state, p.planned["probe"]) for p in parts] == [
+        ("lora", "done", 0), ("grit", "probing", 1), ("peer", "done", 1)]
+    assert remaining_hours(parts, tested + probes) * 3600 == pytest.approx(400.0)
+    finished = study_progress(["lora", "grit"], [8], planned, tested + [run("probe", "grit")], probed=["grit"])
+    assert {p.state for p in finished} == {"done"} and remaining_hours(finished, tested) == 0
 
 
 def test_the_compute_left_is_the_runs_left_at_the_pace_of_the_latest_trials():
@@ -236,6 +256,12 @@ def test_the_pages_say_how_far_the_ledgers_study_is():
     assert "began again" not in line
     revised = ledger_progress(header | {"revisions": {"b": "abcd1234"}}, half)
     assert "`b` began again under a changed variant" in revised and "its trials since" in revised
+    # a GRIT method's part is done once its probe is recorded too (the declared variants say which)
+    variants = {"a": {"engine": "peft", "grit": False}, "b": {"engine": "peft", "grit": True}}
+    probed = header | {"declared": header["declared"] | {"variants": variants}}
+    assert "[1 of 2 parts done]" in ledger_progress(probed, done)
+    assert "| b, 8 steps | probing | 0 | 0 | 1 |" in ledger_parts_table(probed, done)
+    assert "[2 of 2 parts done]" in ledger_progress(probed, done + [record | {"phase": "probe", "method": "b"}])
 
 
 def test_the_readme_headline_leads_with_the_verdict_and_keeps_the_declared_method_order():

@@ -81,6 +81,9 @@ def test_the_study_page_lists_the_ledger_s_probes_of_one_probe_code():
     assert row in table
     assert "| grit_paper, 200 steps | learning_rate 0.0001 | inert | 0.984 | 0.985 | 0.25 |" in table
     assert ledger_probes(header, records[:1]) == "No chosen setting has been probed yet."
-    assert PROBE_COLUMNS == PROBE_FIGURES                  # the table shows what a probe run keeps
+    assert tuple(PROBE_COLUMNS) == PROBE_FIGURES           # the table shows what a probe run keeps
+    assert "twin vs control" not in table, "a column no probe recorded is left out"
+    later = [*records[:2], {**records[1], "metrics": {**records[1]["metrics"], "twin_control_cosine_median": 0.9991}}]
+    assert "| twin vs control |" in ledger_probes(header, later) and "| 0.999 |" in ledger_probes(header, later)
     with pytest.raises(ProvenanceError, match="dddddddddddd.*eeeeeeeeeeee"):
         ledger_probes(header, [*records, probe("riemannian_lora", "eeeeeeeeeeee", 0.0, 0.98)])

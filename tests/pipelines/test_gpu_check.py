@@ -242,9 +242,10 @@ def test_without_a_gpu_the_check_exits_with_one_line_and_its_own_code(tmp_path: 
 
 
 def test_an_nf4_base_reaches_every_arms_process_and_is_refused_without_cuda(tmp_path: Path):
-    """``--base nf4`` (the hybrid's named fallback on a 4-bit base, whose memory the overhead item
-    measures) travels to each item process with the rest of the sizing, the figures and the
-    table say it, and a CPU rehearsal refuses it in one line, before anything runs."""
+    """``--base nf4`` (the hybrid on a 4-bit base, GRIT's fused functions de-quantising per
+    product, whose memory the overhead item measures against Unsloth's own 4-bit LoRA) travels to
+    each item process with the rest of the sizing, the figures and the table say it, and a CPU
+    rehearsal refuses it in one line, before anything runs."""
     import argparse
 
     from pipelines.gpu_check.sizing import Sizing

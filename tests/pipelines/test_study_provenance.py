@@ -1,5 +1,5 @@
 """A study trial records what determines its result (``db.provenance``), the store keeps it, and
-a sitting refuses to start on a working tree that changes a file earlier trials loaded."""
+a sitting refuses to start on a working tree that changes a file earlier trials needed."""
 
 from __future__ import annotations
 
@@ -11,24 +11,33 @@ from types import SimpleNamespace
 import pytest
 
 from core.errors import exit_status
-from db.provenance import ProvenanceError, trial_provenance
+from db.provenance import ProvenanceError, needed_files, trial_provenance
 from db.study_ledger import LEDGER_DIR, open_ledger
 from pipelines.params import parse_params
+from pipelines.study import job as trial_job
 from pipelines.study.plan import declared_study_params
 from pipelines.study.sitting import open_sitting
-from pipelines.study.trial import provenance, stored_result
+from pipelines.study.trial import TRIAL_ENTRY, provenance, stored_result
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_a_trial_records_the_project_files_its_process_loaded():
+def test_a_trial_records_the_project_files_a_trial_needs_whatever_its_process_imported():
+    """Every trial records the import closure of the trial process's entry: the measurement
+    modules a tuning trial pruned early never imports are in it, so a pruned trial and a measured
+    one of the same code record one setup."""
     params = parse_params({})
+    assert TRIAL_ENTRY == trial_job.__name__, "the fingerprint hashes the closure of the module trials run"
     record = provenance({"method": "peft_lora", "phase": "tune"}, {"data": "d1", "revision": "r"}, params, REPO_ROOT)
     mine = record["provenance"]
-    assert {"pipelines/study/trial.py", "db/provenance.py", "pipelines/params.py"} <= set(mine["loaded"])
-    assert mine["loaded"] == sorted(mine["loaded"]) and mine["data"] == "d1"
+    assert {"pipelines/study/job.py", "pipelines/study/trial.py", "db/provenance.py", "pipelines/params.py",
+            "evaluation/measure.py", "evaluation/refusals.py", "trainers/grit/fused.py"} <= set(mine["files"])
+    assert mine["files"] == sorted(mine["files"]) and mine["data"] == "d1"
+    assert not any(name.startswith((".venv", "tests/", "unsloth_compiled_cache")) for name in mine["files"])
     variant = params.variants["peft_lora"].model_dump(mode="json")
-    assert mine == trial_provenance(mine["loaded"], REPO_ROOT, "d1", variant)
+    assert mine == trial_provenance(needed_files([TRIAL_ENTRY], REPO_ROOT), REPO_ROOT, "d1", variant)
+    probe = provenance({"method": "pure_grit", "phase": "probe"}, {"data": "d1"}, params, REPO_ROOT)["provenance"]
+    assert probe["setup"] == mine["setup"], "every phase of one checkout records one setup"
     row = SimpleNamespace(phase="tune", method="peft_lora", steps=4, seed=0, setting="{}", val_loss=1.0,
                           curve_json="[]", train_seconds=1.0, tokens_per_second=None, trainable_parameters=None,
                           metrics_json=json.dumps({"figures": {}, "provenance": mine}))
@@ -40,7 +49,7 @@ def _git(root: Path, *args: str) -> None:
                    capture_output=True)
 
 
-def test_a_sitting_refuses_a_working_tree_that_changes_a_file_earlier_trials_loaded(tmp_path, capsys):
+def test_a_sitting_refuses_a_working_tree_that_changes_a_file_earlier_trials_needed(tmp_path, capsys):
     (tmp_path / "trainers").mkdir()
     (tmp_path / "trainers" / "recipe.py").write_text("ORDER = 'backward, capture, precondition'\n")
     _git(tmp_path, "init", "-q")
@@ -54,7 +63,7 @@ def test_a_sitting_refuses_a_working_tree_that_changes_a_file_earlier_trials_loa
     assert open_sitting(ctx, None).ledger.key == ledger.key                         # clean: it starts
 
     (tmp_path / "trainers" / "recipe.py").write_text("ORDER = 'backward, precondition, capture'\n")
-    with pytest.raises(ProvenanceError, match=f"earlier trials of study {ledger.key} loaded "
+    with pytest.raises(ProvenanceError, match=f"earlier trials of study {ledger.key} needed "
                                               r"\(trainers/recipe.py\)"):
         open_sitting(ctx, None)
     capsys.readouterr()

@@ -22,3 +22,4 @@ def test_an_edge_at_a_hard_limit_and_one_after_the_last_extension_are_named_apar
     inner = remaining_edges(params, "pure_grit", 96, space, {"learning_rate": 9.5e-3, "damping": 3e-3})
     assert inner == ["pure_grit at 96 steps: the chosen learning_rate 0.0095 lies at the high edge of [0.0001, 0.01], "
                      "after the 1 extension(s) the study allows"]
+

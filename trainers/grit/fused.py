@@ -11,6 +11,11 @@ input, and in the MLP the gate and up outputs e and g, recomputing h = silu(e) g
 computes u and dL/du in backward where the LoRA gradients need them anyway, and stashes them for
 the manager (``tap``): no added saved activation, no added operation in the step.
 
+On a 4-bit base (bitsandbytes' NF4 or FP4 ``Linear4bit``, ``model.load_in_4bit``) the functions
+take the packed weight and de-quantise it for each product that needs it, in the forward and
+again in the backward, as Unsloth's 4-bit kernels do: the dense matrix is a temporary, never
+saved, so the hybrid on an NF4 base saves what Unsloth's 4-bit LoRA saves.
+
 Shapes: x [..., d_in], W [d_out, d_in], A [r, d_in], B [d_out, r], s the LoRA scaling;
 u = x A^T [..., r], y = x W^T + s u B^T, dL/du = s dL/dy B, dL/dA = (dL/du)^T x,
 dL/dB = s (dL/dy)^T u.
@@ -50,6 +55,23 @@ class LoraWeights:
     B: torch.Tensor
     scaling: float
     lora_dtype: torch.dtype | None = None      # the LoRA path's dtype; None: the input's
+    quant_state: object | None = None          # bitsandbytes' QuantState of a 4-bit ``weight``; None: dense
+
+
+def dense_weight(weight: torch.Tensor, quant_state: object | None, dtype: torch.dtype) -> torch.Tensor:
+    """The base weight [d_out, d_in] as a dense matrix in ``dtype``: a dense weight cast only where
+    its dtype differs; bitsandbytes' packed 4-bit codes de-quantised for this one product (as
+    bitsandbytes' own 4-bit matmul does, then cast to the product's dtype)."""
+    if quant_state is None:
+        return weight if weight.dtype == dtype else weight.to(dtype)
+    from bitsandbytes.functional import dequantize_4bit  # only a 4-bit base imports bitsandbytes
+
+    return dequantize_4bit(weight, quant_state).to(dtype)
+
+
+def quant_state_of(weight: torch.Tensor) -> object | None:
+    """bitsandbytes' QuantState of a 4-bit ``Params4bit`` weight (None: a dense weight)."""
+    return getattr(weight, "quant_state", None)
 
 
 # How the fused functions pick the LoRA path's dtype (GritParams.fused_lora_dtype).
@@ -75,20 +97,22 @@ class WeightReader:
         adapter = self.adapter
         if self.seen != REGISTRATIONS[0] or layer is not self.layer:
             self.layer, self.seen = layer, REGISTRATIONS[0]
-            self.tensors = (layer.base_layer.weight, layer.base_layer.bias, layer.lora_A[adapter].weight,
-                            layer.lora_B[adapter].weight)
-        weight, bias, A, B = self.tensors
+            weight = layer.base_layer.weight
+            self.tensors = (weight, layer.base_layer.bias, layer.lora_A[adapter].weight,
+                            layer.lora_B[adapter].weight, quant_state_of(weight))
+        weight, bias, A, B, quant_state = self.tensors
         return LoraWeights(weight, bias, A, B, float(layer.scaling[adapter]),
-                           A.dtype if self.lora_dtype == "adapter" else None)
+                           A.dtype if self.lora_dtype == "adapter" else None, quant_state)
 
 
 def unfusable_reason(layer: nn.Module, adapter: str) -> str | None:
     """Why this PEFT LoRA layer cannot take the fused function (None: it can). The fused
-    function covers what Unsloth's does: a plain ``nn.Linear`` base, one unmerged adapter,
-    no dropout, no DoRA, no LoRA bias."""
+    function covers what Unsloth's does: a plain ``nn.Linear`` or bitsandbytes 4-bit base, one
+    unmerged adapter, no dropout, no DoRA, no LoRA bias."""
     base = getattr(layer, "base_layer", None)
-    if type(base) is not nn.Linear:
-        return f"base layer is {type(base).__name__}, not a plain Linear"
+    four_bit = type(base).__name__ == "Linear4bit" and quant_state_of(base.weight) is not None
+    if type(base) is not nn.Linear and not four_bit:
+        return f"base layer is {type(base).__name__}, not a plain Linear nor a quantised 4-bit Linear"
     if getattr(layer, "merged_adapters", None):
         return "adapter merged"
     if getattr(layer, "disable_adapters", False):
@@ -116,9 +140,14 @@ def unfusable_reason(layer: nn.Module, adapter: str) -> str | None:
 def lora_linear(x: torch.Tensor, w: LoraWeights) -> torch.Tensor:
     """y = x W^T + b + s (x A^T) B^T on rows x [N, d_in], the LoRA path in ``w.lora_dtype`` (None: x's)
     and y in the base's output dtype; the same operations as PEFT's forward (which casts x to
-    the adapter's dtype)."""
+    the adapter's dtype). A 4-bit base's product runs in x's dtype (bitsandbytes' compute dtype
+    where the loader sets it to the model's, as ``trainers/base_model.py`` does)."""
     dtype = x.dtype if w.lora_dtype is None else w.lora_dtype
-    base = F.linear(x, w.weight, w.bias)
+    if w.quant_state is None:
+        base = F.linear(x, w.weight, w.bias)
+    else:
+        bias = None if w.bias is None else w.bias.to(x.dtype)
+        base = F.linear(x, dense_weight(w.weight, w.quant_state, x.dtype), bias)
     # Casts only where a dtype differs, checked inline: a ``.to`` that changes nothing is still a
     # call through the dispatcher, which a GPU step's host pays (and a Python helper is a call).
     if x.dtype == w.A.dtype == w.B.dtype == base.dtype == dtype:
@@ -150,8 +179,8 @@ def lora_linear_backward(grad_out: torch.Tensor, x: torch.Tensor, w: LoraWeights
     if needs[0]:
         lora_dx = grad_u @ A if uniform else (grad_u @ A).to(grad_out.dtype)
         dx = lora_dx if dx_so_far is None else dx_so_far + lora_dx
-        dx = dx + grad_out @ (w.weight if uniform else w.weight.to(grad_out.dtype))
-    dW = grad_out.t() @ x if needs[1] else None
+        dx = dx + grad_out @ (w.weight if uniform else dense_weight(w.weight, w.quant_state, grad_out.dtype))
+    dW = grad_out.t() @ x if needs[1] else None     # a 4-bit weight is frozen: never needed
     db = grad_out.sum(0) if needs[2] and w.bias is not None else None
     dA = grad_u.t() @ x_lora if needs[3] else None
     dB = (g_lora.t() @ u) * w.scaling if needs[4] else None
@@ -170,21 +199,24 @@ class FusedLoraLinear(torch.autograd.Function):
     save the same x, so one copy, as Unsloth's ``LoRA_QKV``)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling: float, tap: Tap | None, lora_dtype: torch.dtype | None = None):
-        w = LoraWeights(weight, bias, A, B, scaling, lora_dtype)
+    def forward(ctx, x, weight, bias, A, B, scaling: float, tap: Tap | None, lora_dtype: torch.dtype | None = None,
+                quant_state: object | None = None):
+        w = LoraWeights(weight, bias, A, B, scaling, lora_dtype, quant_state)
         # x itself, not its rows: a reshape of a non-contiguous x would be a copy, saved once per
-        # projection where q, k and v share x's storage
+        # projection where q, k and v share x's storage. A 4-bit weight is saved packed, its
+        # QuantState (``quant_state``, from the caller's WeightReader) kept on ctx.
         ctx.save_for_backward(x, weight, bias, A, B)
         ctx.scaling, ctx.tap, ctx.lora_dtype, ctx.lead = scaling, tap, lora_dtype, x.shape[:-1]
+        ctx.quant_state = quant_state
         y = lora_linear(_rows(x), w)
         return y.view(*ctx.lead, y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, A, B = ctx.saved_tensors
-        w = LoraWeights(weight, bias, A, B, ctx.scaling, ctx.lora_dtype)
+        w = LoraWeights(weight, bias, A, B, ctx.scaling, ctx.lora_dtype, ctx.quant_state)
         dx, *grads = lora_linear_backward(_rows(grad_out), _rows(x), w, ctx.needs_input_grad[:5], ctx.tap, ctx.lead)
-        return (None if dx is None else dx.view(*ctx.lead, dx.shape[-1]), *grads, None, None, None)
+        return (None if dx is None else dx.view(*ctx.lead, dx.shape[-1]), *grads, None, None, None, None)
 
 
 class FusedLoraSwiGLU(torch.autograd.Function):
@@ -192,14 +224,16 @@ class FusedLoraSwiGLU(torch.autograd.Function):
     Unsloth's ``LoRA_MLP``; h = silu(e) g is recomputed in backward."""
 
     @staticmethod
-    def forward(ctx, x, gW, gb, gA, gB, uW, ub, uA, uB, dW, db, dA, dB, scalings, taps, lora_dtypes=(None,) * 3):
-        gate, up, down = (LoraWeights(*t, s, d) for t, s, d in zip(((gW, gb, gA, gB), (uW, ub, uA, uB),
-                                                                     (dW, db, dA, dB)), scalings, lora_dtypes,
-                                                                    strict=True))
+    def forward(ctx, x, gW, gb, gA, gB, uW, ub, uA, uB, dW, db, dA, dB, scalings, taps, lora_dtypes=(None,) * 3,
+                quant_states=(None,) * 3):
+        gate, up, down = (LoraWeights(*t, s, d, q)
+                          for t, s, d, q in zip(((gW, gb, gA, gB), (uW, ub, uA, uB), (dW, db, dA, dB)), scalings,
+                                                lora_dtypes, quant_states, strict=True))
         rows = _rows(x)
         e, g = lora_linear(rows, gate), lora_linear(rows, up)
         ctx.save_for_backward(x, e, g, gW, gb, gA, gB, uW, ub, uA, uB, dW, db, dA, dB)
         ctx.scalings, ctx.taps, ctx.lora_dtypes, ctx.lead = scalings, taps, lora_dtypes, x.shape[:-1]
+        ctx.quant_states = quant_states
         y = lora_linear(F.silu(e) * g, down)
         return y.view(*ctx.lead, y.shape[-1])
 
@@ -207,8 +241,9 @@ class FusedLoraSwiGLU(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, e, g, *tensors = ctx.saved_tensors
         x = _rows(x)
-        gate, up, down = (LoraWeights(*tensors[4 * i:4 * i + 4], s, d)
-                          for i, (s, d) in enumerate(zip(ctx.scalings, ctx.lora_dtypes, strict=True)))
+        gate, up, down = (LoraWeights(*tensors[4 * i:4 * i + 4], s, d, q)
+                          for i, (s, d, q) in enumerate(zip(ctx.scalings, ctx.lora_dtypes, ctx.quant_states,
+                                                            strict=True)))
         needs, lead = ctx.needs_input_grad, ctx.lead
         act = F.silu(e)
         dh, *d_down = lora_linear_backward(_rows(grad_out), act * g, down, (True, *needs[9:13]), ctx.taps[2], lead)
@@ -218,7 +253,7 @@ class FusedLoraSwiGLU(torch.autograd.Function):
         # up first: autograd reaches the later-created branch first
         dx_up, *d_up = lora_linear_backward(dg, x, up, (needs[0], *needs[5:9]), ctx.taps[1], lead)
         dx, *d_gate = lora_linear_backward(de, x, gate, (needs[0], *needs[1:5]), ctx.taps[0], lead, dx_up)
-        return (None if dx is None else dx.view(*lead, dx.shape[-1]), *d_gate, *d_up, *d_down, None, None, None)
+        return (None if dx is None else dx.view(*lead, dx.shape[-1]), *d_gate, *d_up, *d_down, None, None, None, None)
 
 
 # ------------------------------------------------------------------------- attaching to a model
@@ -229,7 +264,7 @@ TapFactory = Callable[[str], "Tap | None"]   # module key -> the tap for this fo
 def _linear_forward(key: str, read: WeightReader, taps: TapFactory):
     def forward(self, x, *args, **kwargs):
         w = read(self)
-        return FusedLoraLinear.apply(x, w.weight, w.bias, w.A, w.B, w.scaling, taps(key), w.lora_dtype)
+        return FusedLoraLinear.apply(x, w.weight, w.bias, w.A, w.B, w.scaling, taps(key), w.lora_dtype, w.quant_state)
     return forward
 
 
@@ -240,7 +275,7 @@ def _swiglu_forward(keys: tuple[str, str, str], reads: tuple[WeightReader, Weigh
         ws = [read(layer) for read, layer in zip(reads, layers, strict=True)]
         flat = [t for w in ws for t in (w.weight, w.bias, w.A, w.B)]
         return FusedLoraSwiGLU.apply(x, *flat, tuple(w.scaling for w in ws), tuple(taps(k) for k in keys),
-                                     tuple(w.lora_dtype for w in ws))
+                                     tuple(w.lora_dtype for w in ws), tuple(w.quant_state for w in ws))
     return forward
 
 

@@ -133,6 +133,9 @@ def measurements(variant: str, door: str | None, control: ArmTrace, grit: ArmTra
             update=update, step_update_cosines=per_step,
             scalar_update=compare_updates(update_between(grit, name, start, end),
                                           update_between(twin, name, start, end)) if twin_done else None,
+            twin_update=compare_updates(update_between(twin, name, start, end),
+                                        update_between(control, name, start, end))
+            if twin_done and control.steps >= end else None,
             capture_path=info.get("capture_path"),
         ))
     return ProbeMeasurements(

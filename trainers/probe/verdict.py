@@ -47,6 +47,9 @@ class ModuleMeasurement:
     update: UpdateComparison | None        # K-step update, GRIT arm vs control arm
     step_update_cosines: list[float | None] = field(default_factory=list)
     scalar_update: UpdateComparison | None = None   # K-step update, GRIT arm vs its scalar twin
+    # K-step update, the scalar twin vs the control arm: how far a step size alone turns plain
+    # LoRA's update (under Adam, which normalises each coordinate, hardly at all)
+    twin_update: UpdateComparison | None = None
     capture_path: str | None = None        # how the rows came: "fused-linear", "fused-swiglu" or "hooks"
 
 

@@ -1,6 +1,7 @@
 """GRIT's fused LoRA functions (trainers/grit/fused.py): correct gradients (gradcheck), bit for bit
 PEFT's own LoRA gradients and GRIT's statistics in fp32 on CPU, the rows GRIT captures from
-their backward, and the fallback to hooks where a layer cannot be fused."""
+their backward, the same on bitsandbytes' NF4 base, and the fallback to hooks where a layer cannot
+be fused."""
 
 from __future__ import annotations
 
@@ -234,9 +235,9 @@ def _nf4_base_and_its_dequantized_twin(seed: int = 0):
     return nf4, twin
 
 
-def _hybrid_grit_step(base):
-    """One GRIT step as the hybrid attaches it (the Unsloth engine's capture: fused, Unsloth's
-    numerics), on LoRA adapters seeded alike whatever the base's layers are."""
+def _hybrid_grit_step(base, capture: str = "auto"):
+    """One GRIT step as the hybrid attaches it (the Unsloth engine's capture, "auto": fused,
+    Unsloth's numerics), on LoRA adapters seeded alike whatever the base's layers are."""
     from trainers.config import VariantParams, variant_grit
 
     torch.manual_seed(1)
@@ -244,7 +245,8 @@ def _hybrid_grit_step(base):
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             nn.init.normal_(parameter, std=0.05)
-    config = variant_grit(GritParams(min_samples=8, update_freq=1), VariantParams(engine="unsloth", grit=True))
+    config = variant_grit(GritParams(min_samples=8, update_freq=1, capture=capture),
+                          VariantParams(engine="unsloth", grit=True))
     manager = GritManager(model, config)
     manager.wrap_optimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), 1.0)
     loss = model(**batches(1)[0]).loss
@@ -253,33 +255,89 @@ def _hybrid_grit_step(base):
     return loss, manager
 
 
-def test_on_an_nf4_base_the_hybrids_grit_takes_the_named_fallback_and_matches_the_dequantized_reference():
-    """GRIT's fused functions need a plain Linear base; on bitsandbytes' NF4 layers the hybrid's
-    GRIT falls back to PEFT's forward and hooks, says so in its notes, and its statistics and
-    preconditioned gradients are those of the fused path on the dequantised weights (fp32 on
-    the CPU: the two differ only in how each sums its products)."""
+def test_on_an_nf4_base_the_hybrids_grit_runs_its_fused_functions_as_on_the_dequantized_weights():
+    """On bitsandbytes' NF4 layers the hybrid's GRIT runs its fused functions, de-quantising the
+    packed weight for each product: loss, statistics and preconditioned gradients are bit for bit
+    those of the fused path on a plain Linear base holding the de-quantised weights (fp32, CPU),
+    and agree with PEFT's own 4-bit forward with GRIT's hooks (the per-module reference, which
+    sums its products in another order)."""
     nf4, twin = _nf4_base_and_its_dequantized_twin()
     q_proj = "model.layers.0.self_attn.q_proj"
     assert not torch.equal(twin.get_submodule(q_proj).weight, tiny_base_model(0).get_submodule(q_proj).weight), \
         "the reference holds the NF4 weights, not the fp32 ones"
-    loss, fallback = _hybrid_grit_step(nf4)
-    reference_loss, reference = _hybrid_grit_step(twin)
-    assert set(fallback.capture_paths.values()) == {"hooks"}
-    assert set(reference.capture_paths.values()) == {"fused-linear", "fused-swiglu"}
-    assert len(fallback.notes) == 1 and "cannot run on 14/14 modules" in fallback.notes[0]
-    assert "base layer is Linear4bit, not a plain Linear" in fallback.notes[0]
-    assert torch.allclose(loss, reference_loss, rtol=1e-6)
-    assert fallback.report["preconditioned_tensors"] == reference.report["preconditioned_tensors"] == 28
+    loss, fused = _hybrid_grit_step(nf4)
+    twin_loss, on_twin = _hybrid_grit_step(twin)
+    hooks_loss, hooks = _hybrid_grit_step(_nf4_base_and_its_dequantized_twin()[0], capture="hooks")
+    assert type(fused.model.get_submodule(f"base_model.model.{q_proj}").base_layer).__name__ == "Linear4bit"
+    assert set(fused.capture_paths.values()) == set(on_twin.capture_paths.values()) == {"fused-linear", "fused-swiglu"}
+    assert fused.notes == [] and set(hooks.capture_paths.values()) == {"hooks"}
+    assert torch.equal(loss, twin_loss) and torch.allclose(loss, hooks_loss, rtol=1e-6)
+    assert fused.report["preconditioned_tensors"] == on_twin.report["preconditioned_tensors"] == 28
 
     def near(a, b):
         return float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
 
-    for key, state in fallback.modules.items():
-        expected = reference.modules[key]
-        assert state.u.count == expected.u.count > 0
-        assert near(state.u.total, expected.u.total) and near(state.v.total, expected.v.total), key
+    for key, state in fused.modules.items():
+        assert state.u.count == on_twin.modules[key].u.count == hooks.modules[key].u.count > 0
+        for mine, twins, reference in ((state.u.total, on_twin.modules[key].u.total, hooks.modules[key].u.total),
+                                       (state.v.total, on_twin.modules[key].v.total, hooks.modules[key].v.total)):
+            assert torch.equal(mine, twins) and near(mine, reference), key
         for side in ("A", "B"):
-            assert near(state.weight(side).grad, expected.weight(side).grad), (key, side)
+            grad = state.weight(side).grad
+            assert torch.equal(grad, on_twin.modules[key].weight(side).grad), (key, side)
+            assert near(grad, hooks.modules[key].weight(side).grad), (key, side)
+
+
+def test_a_fused_projection_on_an_nf4_weight_is_peft_4bit_layer_with_no_dense_weight_saved():
+    """One NF4 projection through the fused function: output and every gradient equal PEFT's
+    4-bit LoRA layer (bitsandbytes' own matmul), and what autograd saves is the packed codes, not
+    a de-quantised copy (the memory the fallback used to cost)."""
+    nf4, _ = _nf4_base_and_its_dequantized_twin()
+    torch.manual_seed(2)
+    model = get_peft_model(nf4, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    x = torch.randn(2, 5, layer.base_layer.in_features, requires_grad=True)
+    reference = layer(x)
+    reference.square().sum().backward()
+    expected_dx = x.grad.clone()
+    expected = {side: getattr(layer, f"lora_{side}")["default"].weight.grad.clone() for side in ("A", "B")}
+    model.zero_grad(), x.grad.zero_()
+    weight = layer.base_layer.weight
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fused = FusedLoraLinear.apply(x, weight, None, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                                      float(layer.scaling["default"]), None, None, weight.quant_state)
+    fused.square().sum().backward()
+    assert torch.equal(fused, reference) and torch.equal(x.grad, expected_dx)
+    assert all(torch.equal(getattr(layer, f"lora_{side}")["default"].weight.grad, expected[side]) for side in "AB")
+    dense = layer.base_layer.out_features * layer.base_layer.in_features
+    assert weight.dtype == torch.uint8 and weight.numel() == dense // 2
+    assert not any(t.numel() == dense and t.dtype.is_floating_point for t in saved), "no dense weight saved"
+
+
+def test_on_an_nf4_base_the_hybrids_forward_saves_what_it_saves_on_a_plain_base():
+    """What the hybrid's forward saves for backward on an NF4 base is what it saves on the plain
+    base of the de-quantised weights, byte for byte: the dense weight is de-quantised per product,
+    never kept (the packed codes are a parameter, there anyway)."""
+    from profiling.memory import saved_activation_bytes
+
+    def saves(base) -> int:
+        _, manager = _hybrid_grit_step(base)
+        return saved_activation_bytes(lambda: manager.model(**batches(1)[0]).loss)
+
+    nf4, twin = _nf4_base_and_its_dequantized_twin()
+    assert saves(nf4) == saves(twin) > 0
+
+
+def test_a_base_neither_linear_nor_4bit_keeps_the_hooks_and_says_why():
+    class Scaled(nn.Linear):
+        pass
+
+    model = _peft_layer(_One())
+    layer = model.base_model.model.proj
+    layer.base_layer.__class__ = Scaled
+    assert unfusable_reason(layer, "default") == "base layer is Scaled, not a plain Linear nor a quantised 4-bit Linear"
 
 
 @pytest.mark.parametrize("engine, expected, lora_dtype", [("unsloth", "fused", "input"), ("peft", "hooks", "adapter")])

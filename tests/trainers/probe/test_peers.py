@@ -41,8 +41,10 @@ def test_each_peer_changes_plain_lora_s_update(config, tmp_path: Path):
     passed = {c.name for c in checks if c.passed}
     if config.kind == "riemannian":
         assert {"attached", "readiness", "preconditioner_shape", "update", "beyond_scalar"} <= passed
-        # Adam cancels a scalar preconditioner: the twin steps (almost) where plain LoRA does
+        # Adam cancels a scalar preconditioner: the twin steps (almost) where plain LoRA does, as
+        # the twin's own update against the control's says directly
         assert all(abs(m.scalar_update.cosine - m.update.cosine) < 0.01 for m in measured.modules)
+        assert all(m.twin_update.cosine > 0.99 for m in measured.modules)
     else:
         assert passed == {"attached", "optimizer_window", "update"}
         assert all(m.update.norm_ratio > 2 for m in measured.modules)      # B steps 16 times as far
