@@ -690,18 +690,14 @@ def study_metrics(params, trials, chosen, tests, sentence, compute, stage_second
 SITTINGS_DOC = "docs/study.md#sittings-one-study-over-several-machines-and-days"
 
 
-def probed_methods(methods: Sequence[str], variants: dict[str, dict]) -> list[str]:
-    """The methods whose parts end with a probe: those whose declared variant (as a ledger's header
-    keeps it) has a preconditioner, GRIT or a peer's (``trainers.config.preconditioner``)."""
-    from trainers.config import VariantParams, preconditioner
-
-    return [m for m in methods if m in variants and preconditioner(VariantParams.model_validate(variants[m]))]
-
-
 def _ledger_parts(header: dict, records: Sequence[dict]):
+    from trainers.config import VariantParams, probed_methods
+
     plan = header["declared"]["study"]
     planned = planned_runs(plan["configurations"], plan["finalists"], plan["finalist_seeds"], plan["seeds"])
-    probed = probed_methods(plan["methods"], header["declared"].get("variants", {}))
+    # the variants as the ledger's header declared them: which parts end with a probe
+    variants = {m: VariantParams.model_validate(v) for m, v in header["declared"].get("variants", {}).items()}
+    probed = probed_methods(plan["methods"], variants)
     return planned, study_progress(plan["methods"], plan["steps"], planned, map(trial_from_record, records), probed)
 
 

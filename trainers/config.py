@@ -5,6 +5,7 @@ variant's LoRA settings allow (served or not, and why) is one rule here: ``lora_
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -213,6 +214,12 @@ def preconditioner(variant: VariantParams) -> str | None:
     if variant.grit:
         return "grit"
     return variant.lora_optimizer.kind if variant.lora_optimizer is not None else None
+
+
+def probed_methods(methods: Sequence[str], variants: Mapping[str, VariantParams]) -> list[str]:
+    """The ``methods`` the probe tests, in their order: those whose variant has a
+    :func:`preconditioner` (a study part of one ends with a probe at its chosen setting)."""
+    return [m for m in methods if m in variants and preconditioner(variants[m]) is not None]
 
 
 def variant_grit(grit: GritParams, variant: VariantParams) -> GritParams:

@@ -27,7 +27,7 @@ from pipelines.paths import DATA_DIR
 from pipelines.stage import StageContext
 from pipelines.study.plan import declared_study_params, identity
 from pipelines.study.trial import store_trial, stored_result
-from trainers.config import preconditioner
+from trainers.config import probed_methods
 
 LEDGER_PART = "ledger"            # the claim on restoring the committed ledger into the store
 
@@ -180,8 +180,8 @@ def progress(sitting: Sitting) -> str:
     study = sitting.ctx.params.study
     planned = planned_runs(study.configurations, study.finalists, study.finalist_seeds, study.seeds)
     trials = recorded_trials(sitting.ctx)
-    probed = [m for m in study.methods if preconditioner(sitting.ctx.params.variants[m]) is not None]
-    parts = study_progress(study.methods, study.steps, planned, trials, probed)
+    parts = study_progress(study.methods, study.steps, planned, trials,
+                           probed_methods(study.methods, sitting.ctx.params.variants))
     done = {phase: sum(p.done[phase] for p in parts) for phase in PHASES}
     left = remaining_note(parts, trials)
     return (f"{sum(p.state == 'done' for p in parts)} of {len(parts)} parts done; {done['tune']} tuning "

@@ -13,7 +13,7 @@ from peft.optimizers.riemannian import _collect_lora_pairs
 from pipelines.params import parse_params
 from tests.tiny_lora import batches, tiny_lora_model
 from trainers.base_model import resolve_base_model
-from trainers.config import LoraPlusParams, RiemannianParams, VariantParams, preconditioner
+from trainers.config import LoraPlusParams, RiemannianParams, VariantParams, preconditioner, probed_methods
 from trainers.engines import build_peft
 from trainers.lora_optimizers import build_lora_optimizer, innermost_optimizer, lora_optimizer_kind
 from trainers.recipe import GritAttachment, build_trainer
@@ -94,6 +94,9 @@ def test_a_variant_declares_its_peer_in_params_and_not_with_grit():
     assert variant.lora_optimizer == LORAPLUS and preconditioner(variant) == "loraplus"
     assert preconditioner(VariantParams(engine="peft")) is None
     assert preconditioner(VariantParams(engine="peft", grit=True)) == "grit"
+    # the methods whose study parts end with a probe: a preconditioner, in the methods' order
+    variants = {"plain": VariantParams(engine="peft"), "peer": variant, "grit": VariantParams(engine="peft", grit=True)}
+    assert probed_methods(["grit", "plain", "peer", "undeclared"], variants) == ["grit", "peer"]
     with pytest.raises(ValueError, match="GRIT wraps the Trainer's optimizer"):
         VariantParams.model_validate({"engine": "peft", "grit": True, "lora_optimizer": {"kind": "riemannian"}})
     with pytest.raises(ValueError, match="lr_ratio"):
